@@ -1,0 +1,14 @@
+//! gcg — Weakly supervised Gaussian contrastive grounding with large multimodal models for
+//! video question answering, in Rust on candle.
+//!
+//! The library is organised along the data flow of `DESIGN.md`: `nn` (trainable building blocks),
+//! `models` (ViT, Q-Former, T5, CLIP branch, the video LMM), `weights` (checkpoints and
+//! tokenizers).
+
+pub mod models;
+pub mod nn;
+pub mod rng;
+pub mod util;
+pub mod weights;
+
+pub use rng::SeededRng;

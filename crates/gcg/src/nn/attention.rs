@@ -1,0 +1,143 @@
+//! Multi-head attention: head splitting, scaled dot-product attention with additive biases
+//! (padding masks, causal masks, T5's relative position bias), and a q/k/v/o module.
+
+use super::{dropout::Dropout, linear::Linear, ops::softmax_last_dim, Ctx};
+use crate::weights::Loader;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+
+/// The additive value that removes a key from attention (HF uses the dtype's minimum).
+pub fn mask_value(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -65504.0,
+        DType::BF16 => -3.3895e38,
+        DType::F64 => f32::MIN as f64,
+        _ => f32::MIN as f64,
+    }
+}
+
+/// [B, L, H·D] → [B, H, L, D] (contiguous).
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, l, hd) = x.dims3()?;
+    if hd % heads != 0 {
+        bail!("split_heads: width {hd} is not divisible by {heads} heads");
+    }
+    Ok(x.reshape((b, l, heads, hd / heads))?.transpose(1, 2)?.contiguous()?)
+}
+
+/// [B, H, L, D] → [B, L, H·D].
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, l, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.contiguous()?.reshape((b, l, h * d))?)
+}
+
+/// A padding mask [B, Lk] (1 = attend, 0 = padding; any numeric dtype) as an additive bias
+/// [B, 1, 1, Lk] in `dtype`.
+pub fn padding_bias(mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, lk) = mask.dims2()?;
+    let m = mask.to_dtype(DType::F32)?;
+    let bias = ((m.affine(-1.0, 1.0))? * mask_value(dtype))?; // 0 where kept, min where padded
+    Ok(bias.to_dtype(dtype)?.reshape((b, 1, 1, lk))?)
+}
+
+/// A causal bias [1, 1, Lq, Lk] for queries at positions `offset..offset+Lq` over keys `0..Lk`:
+/// key j is visible to query i when j ≤ offset + i.
+pub fn causal_bias(lq: usize, lk: usize, offset: usize, dtype: DType, dev: &Device) -> Result<Tensor> {
+    let neg = mask_value(dtype) as f32;
+    let v: Vec<f32> = (0..lq)
+        .flat_map(|i| (0..lk).map(move |j| if j <= offset + i { 0.0 } else { neg }))
+        .collect();
+    Ok(Tensor::from_vec(v, (1, 1, lq, lk), dev)?.to_dtype(dtype)?)
+}
+
+/// softmax(q·kᵀ·scale + bias) · v for q [B, H, Lq, D], k/v [B, H, Lk, D]; `bias` broadcasts to
+/// [B, H, Lq, Lk]. `scale = None` means no scaling (T5). Dropout acts on the attention weights.
+pub fn scaled_dot_product_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: Option<f64>,
+    bias: Option<&Tensor>,
+    dropout: Option<(Dropout, Ctx)>,
+) -> Result<Tensor> {
+    let q = match scale {
+        Some(s) => (q * s)?,
+        None => q.clone(),
+    };
+    let mut scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?; // [B, H, Lq, Lk]
+    if let Some(b) = bias {
+        let b = if b.dtype() == scores.dtype() { b.clone() } else { b.to_dtype(scores.dtype())? };
+        scores = scores.broadcast_add(&b)?;
+    }
+    let mut probs = softmax_last_dim(&scores)?;
+    if let Some((d, ctx)) = dropout {
+        probs = d.forward(&probs, ctx)?;
+    }
+    Ok(probs.matmul(&v.contiguous()?)?)
+}
+
+/// Attention with separate query/key/value/output projections (BERT, T5, the grounding encoder).
+#[derive(Debug, Clone)]
+pub struct MultiHeadAttention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub heads: usize,
+    /// `None`: no 1/sqrt(d) scaling (T5 folds it into its initialisation).
+    pub scale: Option<f64>,
+    pub dropout: Dropout,
+}
+
+/// Tensor names of the four projections inside a checkpoint.
+pub struct ProjNames<'a> {
+    pub q: &'a str,
+    pub k: &'a str,
+    pub v: &'a str,
+    pub o: &'a str,
+}
+
+impl MultiHeadAttention {
+    /// `dim`: query width; `kv_dim`: key/value source width (≠ dim for cross-attention);
+    /// `inner`: heads × head_dim.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        lb: &Loader,
+        names: ProjNames,
+        dim: usize,
+        kv_dim: usize,
+        inner: usize,
+        heads: usize,
+        bias: bool,
+        scaled: bool,
+        dropout: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            q: Linear::load(&lb.pp(names.q), dim, inner, bias)?,
+            k: Linear::load(&lb.pp(names.k), kv_dim, inner, bias)?,
+            v: Linear::load(&lb.pp(names.v), kv_dim, inner, bias)?,
+            o: Linear::load(&lb.pp(names.o), inner, dim, bias)?,
+            heads,
+            scale: if scaled { Some(1.0 / ((inner / heads) as f64).sqrt()) } else { None },
+            dropout: Dropout::new(dropout),
+        })
+    }
+
+    /// Project keys and values once (e.g. to cache them): [B, Lk, kv_dim] → two [B, H, Lk, D].
+    pub fn project_kv(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((split_heads(&self.k.forward(kv)?, self.heads)?, split_heads(&self.v.forward(kv)?, self.heads)?))
+    }
+
+    /// x: [B, Lq, dim]; kv: [B, Lk, kv_dim] (= x for self-attention); bias broadcastable to
+    /// [B, H, Lq, Lk]. Returns [B, Lq, dim] after the output projection.
+    pub fn forward(&self, x: &Tensor, kv: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
+        let (k, v) = self.project_kv(kv)?;
+        self.forward_with_kv(x, &k, &v, bias, ctx)
+    }
+
+    pub fn forward_with_kv(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
+        let q = split_heads(&self.q.forward(x)?, self.heads)?;
+        let out = scaled_dot_product_attention(&q, k, v, self.scale, bias, Some((self.dropout, ctx)))?;
+        self.o.forward(&merge_heads(&out)?)
+    }
+}

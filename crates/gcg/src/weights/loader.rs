@@ -1,0 +1,282 @@
+//! Building networks from a tensor source with shape checks, and the store of trainable variables.
+//!
+//! A network's `load(lb: &Loader, ...)` asks for each tensor by name and shape. The loader
+//! * reads it from the source (checking the shape, converting the dtype), or creates it with the
+//!   given [`Init`] when the loader has no source (benchmarks, tests, new trainable modules);
+//! * turns it into a trainable [`Var`] (f32 master copy) when its full name is trainable, else a
+//!   plain tensor in the frozen compute dtype — frozen tensors never take part in autograd;
+//! * records which source tensors were used, so [`Loader::finish`] can reject a checkpoint whose
+//!   tensors the model did not consume.
+
+use super::source::TensorSource;
+use crate::nn::init::Init;
+use crate::rng::SeededRng;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+type Pred = Box<dyn Fn(&str) -> bool>;
+
+struct Shared {
+    source: Option<Arc<dyn TensorSource + Send + Sync>>,
+    device: Device,
+    frozen_dtype: DType,
+    trainable: Pred,
+    ignored: Pred,
+    vars: RefCell<VarStore>,
+    used: RefCell<BTreeSet<String>>,
+    rng: RefCell<SeededRng>,
+}
+
+/// A cursor into the parameter namespace (`lb.pp("encoder").pp("layer.0")`).
+#[derive(Clone)]
+pub struct Loader {
+    shared: Rc<Shared>,
+    prefix: String,
+}
+
+impl Loader {
+    fn build(source: Option<Arc<dyn TensorSource + Send + Sync>>, device: &Device, dtype: DType, seed: u64) -> Self {
+        Self {
+            shared: Rc::new(Shared {
+                source,
+                device: device.clone(),
+                frozen_dtype: dtype,
+                trainable: Box::new(|_| false),
+                ignored: Box::new(|_| false),
+                vars: RefCell::new(VarStore::default()),
+                used: RefCell::new(BTreeSet::new()),
+                rng: RefCell::new(SeededRng::new(seed)),
+            }),
+            prefix: String::new(),
+        }
+    }
+
+    /// Load every tensor from `source`; frozen tensors are converted to `dtype`.
+    pub fn from_source(source: Arc<dyn TensorSource + Send + Sync>, device: &Device, dtype: DType) -> Self {
+        Self::build(Some(source), device, dtype, 0)
+    }
+
+    /// No checkpoint: every tensor is initialised from its [`Init`] with a seeded generator.
+    pub fn random(device: &Device, dtype: DType, seed: u64) -> Self {
+        Self::build(None, device, dtype, seed)
+    }
+
+    fn shared_mut(&mut self) -> &mut Shared {
+        Rc::get_mut(&mut self.shared).expect("configure a Loader before cloning it")
+    }
+
+    /// Which full tensor names become trainable variables.
+    pub fn with_trainable(mut self, pred: impl Fn(&str) -> bool + 'static) -> Self {
+        self.shared_mut().trainable = Box::new(pred);
+        self
+    }
+
+    /// Source tensors that may stay unused without error (e.g. saved buffers like `position_ids`).
+    pub fn with_ignored(mut self, pred: impl Fn(&str) -> bool + 'static) -> Self {
+        self.shared_mut().ignored = Box::new(pred);
+        self
+    }
+
+    /// A loader for the names under `{prefix}.{name}`.
+    pub fn pp(&self, name: impl AsRef<str>) -> Self {
+        let name = name.as_ref();
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else if name.is_empty() {
+            self.prefix.clone()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        Self { shared: self.shared.clone(), prefix }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    pub fn device(&self) -> &Device {
+        &self.shared.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.shared.frozen_dtype
+    }
+    pub fn has_source(&self) -> bool {
+        self.shared.source.is_some()
+    }
+
+    pub fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else if name.is_empty() {
+            self.prefix.clone()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// Does the source hold `{prefix}.{name}`? (Always false without a source.)
+    pub fn contains(&self, name: &str) -> bool {
+        self.shared.source.as_ref().is_some_and(|s| s.contains(&self.full_name(name)))
+    }
+
+    /// The shape the source stores for `{prefix}.{name}`, if any.
+    pub fn stored_shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shared.source.as_ref().and_then(|s| s.meta(&self.full_name(name))).map(|m| m.shape)
+    }
+
+    /// Get a tensor of the given shape.
+    pub fn get(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
+        self.get_any(shape, &[name], init)
+    }
+
+    /// Get a tensor stored under the first of several alternative names (checkpoints saved by
+    /// different library versions name some tensors differently).
+    pub fn get_any(&self, shape: impl Into<Shape>, names: &[&str], init: Init) -> Result<Tensor> {
+        let shape: Shape = shape.into();
+        let full: Vec<String> = names.iter().map(|n| self.full_name(n)).collect();
+        let canonical = full[0].clone();
+        let raw = match &self.shared.source {
+            None => {
+                let mut rng = self.shared.rng.borrow_mut();
+                init.make(&shape, DType::F32, &self.shared.device, &mut rng)?
+            }
+            Some(src) => {
+                let found = full.iter().find(|n| src.contains(n)).ok_or_else(|| {
+                    let alts = if full.len() > 1 { format!(" (also looked for {})", full[1..].join(", ")) } else { String::new() };
+                    anyhow!("missing tensor '{canonical}'{alts} of shape {:?} in {}", shape.dims(), src.describe())
+                })?;
+                let meta = src.meta(found).expect("contains() implies meta()");
+                if meta.shape != shape.dims() {
+                    bail!(
+                        "tensor {} has shape {:?}, but the model expects {:?} (does the checkpoint match the config?)",
+                        src.origin(found),
+                        meta.shape,
+                        shape.dims()
+                    );
+                }
+                self.shared.used.borrow_mut().insert(found.clone());
+                src.load(found, &self.shared.device).with_context(|| format!("loading {}", src.origin(found)))?
+            }
+        };
+        self.finish_tensor(&canonical, raw)
+    }
+
+    /// Register an already computed tensor (e.g. assembled from pieces) under `name`, trainable or
+    /// frozen by the same rule as loaded tensors.
+    pub fn adopt(&self, name: &str, t: Tensor) -> Result<Tensor> {
+        self.finish_tensor(&self.full_name(name), t)
+    }
+
+    /// Mark a source tensor as consumed without building a parameter from it.
+    pub fn mark_used(&self, name: &str) {
+        self.shared.used.borrow_mut().insert(self.full_name(name));
+    }
+
+    /// Load a source tensor as stored (no shape check, no variable), marking it used.
+    pub fn raw(&self, name: &str) -> Result<Tensor> {
+        let full = self.full_name(name);
+        let src = self.shared.source.as_ref().ok_or_else(|| anyhow!("no checkpoint to read '{full}' from"))?;
+        if !src.contains(&full) {
+            bail!("missing tensor '{full}' in {}", src.describe());
+        }
+        self.shared.used.borrow_mut().insert(full.clone());
+        src.load(&full, &self.shared.device)
+    }
+
+    fn finish_tensor(&self, full: &str, raw: Tensor) -> Result<Tensor> {
+        if (self.shared.trainable)(full) {
+            let mut vars = self.shared.vars.borrow_mut();
+            if let Some(v) = vars.vars.get(full) {
+                return Ok(v.as_tensor().clone());
+            }
+            let v = Var::from_tensor(&raw.to_dtype(DType::F32)?)?;
+            let t = v.as_tensor().clone();
+            vars.vars.insert(full.to_string(), v);
+            Ok(t)
+        } else {
+            Ok(raw.to_dtype(self.shared.frozen_dtype)?)
+        }
+    }
+
+    /// Check that the model consumed every tensor of the source (except ignored ones).
+    pub fn finish(&self) -> Result<()> {
+        let Some(src) = &self.shared.source else { return Ok(()) };
+        let used = self.shared.used.borrow();
+        let extra: Vec<String> = src
+            .names()
+            .into_iter()
+            .filter(|n| !used.contains(n) && !(self.shared.ignored)(n))
+            .collect();
+        if !extra.is_empty() {
+            let shown: Vec<String> = extra.iter().take(8).map(|n| src.origin(n)).collect();
+            bail!(
+                "{} tensor(s) of the checkpoint are not used by the model: {}{} (wrong checkpoint, or a config that does not match it?)",
+                extra.len(),
+                shown.join(", "),
+                if extra.len() > 8 { ", ..." } else { "" }
+            );
+        }
+        Ok(())
+    }
+
+    /// The trainable variables created so far.
+    pub fn vars(&self) -> VarStore {
+        self.shared.vars.borrow().clone()
+    }
+
+    /// Draw from the loader's generator (for initialisations computed outside [`Init`]).
+    pub fn with_rng<T>(&self, f: impl FnOnce(&mut SeededRng) -> T) -> T {
+        f(&mut self.shared.rng.borrow_mut())
+    }
+}
+
+/// Trainable variables by full name.
+#[derive(Clone, Default)]
+pub struct VarStore {
+    pub vars: BTreeMap<String, Var>,
+}
+
+impl VarStore {
+    pub fn get(&self, name: &str) -> Option<&Var> {
+        self.vars.get(name)
+    }
+    pub fn len(&self) -> usize {
+        self.vars.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.vars.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Var)> {
+        self.vars.iter()
+    }
+    pub fn num_params(&self) -> usize {
+        self.vars.values().map(|v| v.elem_count()).sum()
+    }
+    pub fn extend(&mut self, other: VarStore) {
+        self.vars.extend(other.vars);
+    }
+
+    /// Save as safetensors (atomically: written to a temporary name, then renamed).
+    pub fn save_safetensors(&self, path: &Path) -> Result<()> {
+        let tensors: BTreeMap<String, Tensor> = self.vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().detach())).collect();
+        crate::util::save_safetensors_atomic(&tensors, path)
+    }
+
+    /// Overwrite the variables' values from a source (resume / load fine-tuned weights).
+    /// Every variable must be present with its shape.
+    pub fn load_from(&self, src: &dyn TensorSource) -> Result<()> {
+        for (name, var) in &self.vars {
+            let meta = src.meta(name).ok_or_else(|| anyhow!("missing trainable tensor '{name}' in {}", src.describe()))?;
+            if meta.shape != var.dims() {
+                bail!("tensor {} has shape {:?}, expected {:?}", src.origin(name), meta.shape, var.dims());
+            }
+            let t = src.load(name, var.device())?.to_dtype(var.dtype())?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+}
