@@ -1,1 +1,2 @@
 //! One file per network.
+pub mod qformer;
