@@ -1,1 +1,51 @@
-fn main() {}
+//! `gcg` — the command-line tool: one subcommand per stage of the pipeline.
+
+mod bench;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "gcg", version, about = "Grounded VideoQA with Gaussian contrastive grounding (GCG) on InstructBLIP-FlanT5", long_about = None)]
+struct Cli {
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure speed; prints JSON.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Load a checkpoint (HF snapshot or GCG release directory), check every tensor against the
+    /// model's shapes and report what it holds.
+    CheckWeights(bench::CheckWeightsArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e}");
+        for cause in e.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Bench(b) => bench::run(b),
+        Command::CheckWeights(a) => bench::check_weights(a),
+    }
+}

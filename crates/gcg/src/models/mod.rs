@@ -1,2 +1,3 @@
 //! One file per network.
+pub mod qformer;
 pub mod t5;

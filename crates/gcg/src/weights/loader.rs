@@ -82,6 +82,12 @@ impl Loader {
         self
     }
 
+    /// Seed of the generator that initialises tensors the source does not hold.
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.shared_mut().rng = RefCell::new(SeededRng::new(seed));
+        self
+    }
+
     /// A loader for the names under `{prefix}.{name}`.
     pub fn pp(&self, name: impl AsRef<str>) -> Self {
         let name = name.as_ref();
@@ -163,6 +169,24 @@ impl Loader {
             }
         };
         self.finish_tensor(&canonical, raw)
+    }
+
+    /// Like [`Loader::get`], but a tensor the source does not hold is initialised from `init`
+    /// instead of being an error (modules GCG adds on top of a pretrained checkpoint, e.g. the
+    /// frame-position embedding, which a fine-tuned checkpoint holds and a pretrained one does not).
+    pub fn get_or_init(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
+        let shape: Shape = shape.into();
+        let full = self.full_name(name);
+        match &self.shared.source {
+            Some(src) if !src.contains(&full) => {
+                let raw = {
+                    let mut rng = self.shared.rng.borrow_mut();
+                    init.make(&shape, DType::F32, &self.shared.device, &mut rng)?
+                };
+                self.finish_tensor(&full, raw)
+            }
+            _ => self.get(shape, name, init),
+        }
     }
 
     /// Register an already computed tensor (e.g. assembled from pieces) under `name`, trainable or

@@ -2,6 +2,7 @@
 //! checkpoints, in-memory maps), the name layouts of the published checkpoints, the [`Loader`]
 //! that builds networks from them with shape checks, and the tokenizers.
 
+pub mod checkpoints;
 pub mod loader;
 pub mod pth;
 pub mod source;

@@ -1,0 +1,1086 @@
+//! InstructBLIP's Q-Former: a BERT encoder whose learned query tokens read the image through
+//! cross-attention, while the instruction text shares their self-attention.
+//!
+//! One forward pass, top to bottom (B batch, Q queries, L instruction tokens, N image tokens):
+//!
+//! ```text
+//! query_tokens [B, Q, H] ─┐
+//! input_ids [B, L] ─ word + position(0..L) embeddings ─ concat ─ LayerNorm ─ dropout ─▶ x [B, Q+L, H]
+//! for each layer i:
+//!     x  = PostLN(x + SelfAttention(x, mask = [1]*Q ++ attention_mask))
+//!     xq = x[:, :Q]           (the queries)        xt = x[:, Q:]   (the instruction tokens)
+//!     if i % cross_attention_frequency == 0:
+//!         xq = PostLN(xq + CrossAttention(xq, image_embeds, image_mask))
+//!     x  = [FFN_query(xq) ; FFN_text(xt)]      (separate feed-forward weights)
+//! query_output = x[:, :Q]                                               [B, Q, H]
+//! ```
+//!
+//! PostLN(x + f) is BERT's residual: `LayerNorm(dropout(dense(f)) + x)`. The text tokens never see
+//! the image; they reach the queries only through self-attention. Without instruction text the
+//! queries run alone (BLIP-2 style).
+//!
+//! Weights are named as in the published HF checkpoint (`Salesforce/instructblip-flan-t5-xl`,
+//! under the prefix `qformer.`); [`gcg_qformer_name`] maps the names of GCG's release file
+//! `qformer_t5.pth` (LAVIS' `BertLMHeadModel` without its LM head) onto them. The learned query
+//! tokens (`query_tokens` [1, Q, H] in both checkpoints) are a parameter of the caller, passed to
+//! [`QFormer::forward`].
+
+use crate::nn::attention::{padding_bias, MultiHeadAttention, ProjNames};
+use crate::nn::{Activation, Ctx, Dropout, Embedding, LayerNorm, Linear};
+use crate::weights::Loader;
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+/// The Q-Former's sizes (HF `InstructBlipQFormerConfig` plus the number of query tokens).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QFormerConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: Activation,
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: usize,
+    pub layer_norm_eps: f64,
+    /// Layer i has cross-attention to the image when `i % cross_attention_frequency == 0`.
+    pub cross_attention_frequency: usize,
+    /// Width of the image tokens (the ViT's width).
+    pub encoder_hidden_size: usize,
+    /// Number of learned query tokens (the caller's `query_tokens` is [1, Q, hidden_size]).
+    pub num_query_tokens: usize,
+}
+
+impl QFormerConfig {
+    /// The tiny Q-Former of the parity fixtures (`make_parity.py --preset tiny`).
+    pub fn tiny() -> Self {
+        Self {
+            vocab_size: 120,
+            hidden_size: 32,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            intermediate_size: 64,
+            hidden_act: Activation::Gelu,
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: 64,
+            layer_norm_eps: 1e-12,
+            cross_attention_frequency: 2,
+            encoder_hidden_size: 48,
+            num_query_tokens: 8,
+        }
+    }
+
+    /// InstructBLIP's Q-Former: BERT-base (vocab 30522 + `[DEC]`), cross-attention to the
+    /// 1408-wide EVA ViT-g tokens in layers 0, 2, 4, ..., 32 query tokens.
+    pub fn instructblip() -> Self {
+        Self {
+            vocab_size: 30523,
+            hidden_size: 768,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            intermediate_size: 3072,
+            hidden_act: Activation::Gelu,
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: 512,
+            layer_norm_eps: 1e-12,
+            cross_attention_frequency: 2,
+            encoder_hidden_size: 1408,
+            num_query_tokens: 32,
+        }
+    }
+
+    /// From the `qformer_config` object of an HF InstructBLIP `config.json` and the top-level
+    /// `num_query_tokens`. Fields the file leaves out take `InstructBlipQFormerConfig`'s defaults
+    /// (transformers writes only non-default values).
+    pub fn from_hf_config(v: &serde_json::Value, num_query_tokens: usize) -> Result<Self> {
+        ensure!(
+            v.is_object(),
+            "qformer_config: expected a JSON object, got {v}"
+        );
+        let usize_or = |key: &str, default: usize| -> Result<usize> {
+            match v.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(x) => x.as_u64().map(|n| n as usize).with_context(|| {
+                    format!("qformer_config.{key}: expected a non-negative integer, got {x}")
+                }),
+            }
+        };
+        let f64_or = |key: &str, default: f64| -> Result<f64> {
+            match v.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(default),
+                Some(x) => x
+                    .as_f64()
+                    .with_context(|| format!("qformer_config.{key}: expected a number, got {x}")),
+            }
+        };
+        let str_or = |key: &str, default: &'static str| -> Result<String> {
+            match v.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(default.to_string()),
+                Some(x) => x
+                    .as_str()
+                    .map(str::to_string)
+                    .with_context(|| format!("qformer_config.{key}: expected a string, got {x}")),
+            }
+        };
+        let pos = str_or("position_embedding_type", "absolute")?;
+        ensure!(
+            pos == "absolute",
+            "qformer_config.position_embedding_type = {pos:?}: only \"absolute\" is supported"
+        );
+        let act = str_or("hidden_act", "gelu")?;
+        let cfg = Self {
+            vocab_size: usize_or("vocab_size", 30522)?,
+            hidden_size: usize_or("hidden_size", 768)?,
+            num_hidden_layers: usize_or("num_hidden_layers", 12)?,
+            num_attention_heads: usize_or("num_attention_heads", 12)?,
+            intermediate_size: usize_or("intermediate_size", 3072)?,
+            hidden_act: Activation::from_hf(&act).context("qformer_config.hidden_act")?,
+            hidden_dropout_prob: f64_or("hidden_dropout_prob", 0.1)?,
+            attention_probs_dropout_prob: f64_or("attention_probs_dropout_prob", 0.1)?,
+            max_position_embeddings: usize_or("max_position_embeddings", 512)?,
+            layer_norm_eps: f64_or("layer_norm_eps", 1e-12)?,
+            cross_attention_frequency: usize_or("cross_attention_frequency", 2)?,
+            encoder_hidden_size: usize_or("encoder_hidden_size", 1408)?,
+            num_query_tokens,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.num_attention_heads > 0,
+            "qformer: num_attention_heads must be positive"
+        );
+        ensure!(
+            self.hidden_size % self.num_attention_heads == 0,
+            "qformer: hidden_size {} is not divisible by num_attention_heads {}",
+            self.hidden_size,
+            self.num_attention_heads
+        );
+        ensure!(
+            self.cross_attention_frequency > 0,
+            "qformer: cross_attention_frequency must be positive"
+        );
+        ensure!(
+            self.num_query_tokens > 0,
+            "qformer: num_query_tokens must be positive"
+        );
+        Ok(())
+    }
+
+    pub fn has_cross_attention(&self, layer: usize) -> bool {
+        layer % self.cross_attention_frequency == 0
+    }
+}
+
+/// An attention block with BERT's post-LN residual: `LayerNorm(dropout(dense(attn(x, kv))) + x)`.
+/// Checkpoint names: `attention.{query,key,value}`, `output.dense`, `output.LayerNorm`.
+#[derive(Debug, Clone)]
+pub struct QFormerAttention {
+    pub attention: MultiHeadAttention,
+    pub layernorm: LayerNorm,
+    pub dropout: Dropout,
+}
+
+impl QFormerAttention {
+    fn load(lb: &Loader, cfg: &QFormerConfig, kv_dim: usize) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let names = ProjNames {
+            q: "attention.query",
+            k: "attention.key",
+            v: "attention.value",
+            o: "output.dense",
+        };
+        let attention = MultiHeadAttention::load(
+            lb,
+            names,
+            h,
+            kv_dim,
+            h,
+            cfg.num_attention_heads,
+            true,
+            true,
+            cfg.attention_probs_dropout_prob,
+        )?;
+        Ok(Self {
+            attention,
+            layernorm: LayerNorm::load(&lb.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+            dropout: Dropout::new(cfg.hidden_dropout_prob),
+        })
+    }
+
+    /// x: [B, Lq, H]; kv: [B, Lk, kv_dim]; bias broadcastable to [B, heads, Lq, Lk].
+    fn forward(&self, x: &Tensor, kv: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
+        let a = self.attention.forward(x, kv, bias, ctx)?;
+        let a = self.dropout.forward(&a, ctx)?;
+        self.layernorm.forward(&(a + x)?)
+    }
+}
+
+/// BERT's feed-forward block: `LayerNorm(dropout(output(act(intermediate(x)))) + x)`.
+/// Checkpoint names: `{intermediate}.dense`, `{output}.dense`, `{output}.LayerNorm`.
+#[derive(Debug, Clone)]
+pub struct QFormerFeedForward {
+    pub intermediate: Linear,
+    pub output: Linear,
+    pub layernorm: LayerNorm,
+    pub act: Activation,
+    pub dropout: Dropout,
+}
+
+impl QFormerFeedForward {
+    fn load(lb: &Loader, cfg: &QFormerConfig, intermediate: &str, output: &str) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            intermediate: Linear::load(&lb.pp(intermediate).pp("dense"), h, i, true)?,
+            output: Linear::load(&lb.pp(output).pp("dense"), i, h, true)?,
+            layernorm: LayerNorm::load(&lb.pp(output).pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            act: cfg.hidden_act,
+            dropout: Dropout::new(cfg.hidden_dropout_prob),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let y = self.act.forward(&self.intermediate.forward(x)?)?;
+        let y = self.dropout.forward(&self.output.forward(&y)?, ctx)?;
+        self.layernorm.forward(&(y + x)?)
+    }
+}
+
+/// One Q-Former layer (`encoder.layer.{i}`).
+#[derive(Debug, Clone)]
+pub struct QFormerLayer {
+    /// Self-attention over [queries ; text].
+    pub attention: QFormerAttention,
+    /// Queries → image tokens (layers with `i % cross_attention_frequency == 0`).
+    pub crossattention: Option<QFormerAttention>,
+    /// Feed-forward of the text positions (`intermediate`, `output`).
+    pub feed_forward: QFormerFeedForward,
+    /// Feed-forward of the query positions (`intermediate_query`, `output_query`).
+    pub feed_forward_query: QFormerFeedForward,
+}
+
+impl QFormerLayer {
+    fn load(lb: &Loader, cfg: &QFormerConfig, index: usize) -> Result<Self> {
+        let crossattention = if cfg.has_cross_attention(index) {
+            Some(QFormerAttention::load(
+                &lb.pp("crossattention"),
+                cfg,
+                cfg.encoder_hidden_size,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            attention: QFormerAttention::load(&lb.pp("attention"), cfg, cfg.hidden_size)?,
+            crossattention,
+            feed_forward: QFormerFeedForward::load(lb, cfg, "intermediate", "output")?,
+            feed_forward_query: QFormerFeedForward::load(
+                lb,
+                cfg,
+                "intermediate_query",
+                "output_query",
+            )?,
+        })
+    }
+
+    /// x: [B, Q+L, H]; `self_bias`: [B, 1, 1, Q+L] or None; image: [B, N, Dv];
+    /// `image_bias`: [B, 1, 1, N] or None.
+    fn forward(
+        &self,
+        x: &Tensor,
+        num_queries: usize,
+        self_bias: Option<&Tensor>,
+        image: &Tensor,
+        image_bias: Option<&Tensor>,
+        ctx: Ctx,
+    ) -> Result<Tensor> {
+        let total = x.dim(1)?;
+        let x = self.attention.forward(x, x, self_bias, ctx)?; // [B, Q+L, H]
+        let mut queries = x.narrow(1, 0, num_queries)?; // [B, Q, H]
+        if let Some(cross) = &self.crossattention {
+            queries = cross.forward(&queries, image, image_bias, ctx)?;
+        }
+        let queries = self.feed_forward_query.forward(&queries, ctx)?;
+        if total == num_queries {
+            return Ok(queries);
+        }
+        let text = self
+            .feed_forward
+            .forward(&x.narrow(1, num_queries, total - num_queries)?, ctx)?; // [B, L, H]
+        Ok(Tensor::cat(&[&queries, &text], 1)?)
+    }
+}
+
+/// Word and absolute position embeddings of the instruction text, prefixed by the query tokens.
+#[derive(Debug, Clone)]
+pub struct QFormerEmbeddings {
+    pub word_embeddings: Embedding,     // [V, H]
+    pub position_embeddings: Embedding, // [P, H]
+    pub layernorm: LayerNorm,
+    pub dropout: Dropout,
+}
+
+impl QFormerEmbeddings {
+    fn load(lb: &Loader, cfg: &QFormerConfig) -> Result<Self> {
+        let h = cfg.hidden_size;
+        // transformers ≤ 4.3x saved the constant buffer `position_ids` (the published checkpoint
+        // has it); it is arange(P) by construction and carries no information.
+        if lb.contains("position_ids") {
+            lb.mark_used("position_ids");
+        }
+        Ok(Self {
+            word_embeddings: Embedding::load(&lb.pp("word_embeddings"), cfg.vocab_size, h)?,
+            position_embeddings: Embedding::load(
+                &lb.pp("position_embeddings"),
+                cfg.max_position_embeddings,
+                h,
+            )?,
+            layernorm: LayerNorm::load_named(
+                lb,
+                h,
+                cfg.layer_norm_eps,
+                &["layernorm.weight", "LayerNorm.weight"],
+                &["layernorm.bias", "LayerNorm.bias"],
+            )?,
+            dropout: Dropout::new(cfg.hidden_dropout_prob),
+        })
+    }
+
+    /// queries: [B, Q, H] (in the compute dtype); input_ids: [B, L] → [B, Q+L, H].
+    fn forward(&self, queries: &Tensor, input_ids: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
+        let x = match input_ids {
+            None => queries.clone(),
+            Some(ids) => {
+                let l = ids.dim(1)?;
+                let words = self.word_embeddings.forward(ids)?; // [B, L, H]
+                let positions = self.position_embeddings.weight.narrow(0, 0, l)?; // [L, H]
+                let text = words.broadcast_add(&positions)?.to_dtype(queries.dtype())?;
+                Tensor::cat(&[queries, &text], 1)?
+            }
+        };
+        self.dropout.forward(&self.layernorm.forward(&x)?, ctx)
+    }
+}
+
+/// What a Q-Former pass returns.
+#[derive(Debug, Clone)]
+pub struct QFormerOutput {
+    /// The query positions of the last layer: the visual tokens. [B, Q, H]
+    pub query_output: Tensor,
+    /// All positions of the last layer (queries, then text). [B, Q+L, H]
+    pub last_hidden_state: Tensor,
+}
+
+/// The Q-Former (`qformer.*` in the HF checkpoint).
+#[derive(Debug, Clone)]
+pub struct QFormer {
+    pub cfg: QFormerConfig,
+    pub embeddings: QFormerEmbeddings,
+    pub layers: Vec<QFormerLayer>,
+}
+
+impl QFormer {
+    /// `lb` points at the Q-Former's namespace (e.g. `root.pp("qformer")`).
+    pub fn load(lb: &Loader, cfg: &QFormerConfig) -> Result<Self> {
+        cfg.validate()?;
+        let embeddings = QFormerEmbeddings::load(&lb.pp("embeddings"), cfg)?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| QFormerLayer::load(&lb.pp("encoder.layer").pp(i.to_string()), cfg, i))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embeddings,
+            layers,
+        })
+    }
+
+    /// The dtype the pass computes in: the dtype of the model's weights (f32 when trained).
+    pub fn dtype(&self) -> DType {
+        self.embeddings.word_embeddings.weight.dtype()
+    }
+
+    /// One pass.
+    ///
+    /// * `query_tokens`: [B or 1, Q, H] — the learned queries (1 is broadcast over the batch);
+    /// * `input_ids`: [B, L] instruction tokens (positions 0..L), or None for queries only;
+    /// * `attention_mask`: [B, L] text mask (1 = token, 0 = padding; None = all tokens); the
+    ///   queries are always attended;
+    /// * `image_embeds`: [B, N, Dv] image tokens (the post-LayerNorm ViT output);
+    /// * `image_mask`: [B, N] (None = all image tokens);
+    /// * `ctx`: dropout in training.
+    ///
+    /// Inputs are cast to the model's dtype ([`QFormer::dtype`]).
+    pub fn forward(
+        &self,
+        query_tokens: &Tensor,
+        input_ids: Option<&Tensor>,
+        attention_mask: Option<&Tensor>,
+        image_embeds: &Tensor,
+        image_mask: Option<&Tensor>,
+        ctx: Ctx,
+    ) -> Result<QFormerOutput> {
+        let cfg = &self.cfg;
+        let dt = self.dtype();
+        let (b, n, dv) = image_embeds.dims3().with_context(|| {
+            format!(
+                "qformer: image_embeds must be [B, N, {}], got {:?}",
+                cfg.encoder_hidden_size,
+                image_embeds.dims()
+            )
+        })?;
+        ensure!(
+            dv == cfg.encoder_hidden_size,
+            "qformer: image_embeds {:?} have width {dv}, the config's encoder_hidden_size is {}",
+            image_embeds.dims(),
+            cfg.encoder_hidden_size
+        );
+        let (bq, q, h) = query_tokens.dims3().with_context(|| {
+            format!(
+                "qformer: query_tokens must be [B or 1, Q, {}], got {:?}",
+                cfg.hidden_size,
+                query_tokens.dims()
+            )
+        })?;
+        ensure!(
+            h == cfg.hidden_size && (bq == 1 || bq == b) && q > 0,
+            "qformer: query_tokens {:?} do not fit hidden_size {} and batch {b} (expected [1 or {b}, Q, {}])",
+            query_tokens.dims(),
+            cfg.hidden_size,
+            cfg.hidden_size
+        );
+        let queries = query_tokens
+            .to_dtype(dt)?
+            .broadcast_as((b, q, h))?
+            .contiguous()?; // [B, Q, H]
+        let text_len = match input_ids {
+            None => {
+                ensure!(
+                    attention_mask.is_none(),
+                    "qformer: an attention_mask was given without input_ids"
+                );
+                0
+            }
+            Some(ids) => {
+                let (bi, l) = ids.dims2().with_context(|| {
+                    format!("qformer: input_ids must be [B, L], got {:?}", ids.dims())
+                })?;
+                ensure!(
+                    bi == b,
+                    "qformer: input_ids {:?} have batch {bi}, image_embeds {:?} have batch {b}",
+                    ids.dims(),
+                    image_embeds.dims()
+                );
+                ensure!(
+                    l <= cfg.max_position_embeddings,
+                    "qformer: {l} instruction tokens exceed max_position_embeddings {}",
+                    cfg.max_position_embeddings
+                );
+                if let Some(m) = attention_mask {
+                    ensure!(
+                        m.dims() == [b, l],
+                        "qformer: attention_mask {:?} does not match input_ids [{b}, {l}]",
+                        m.dims()
+                    );
+                }
+                l
+            }
+        };
+        // Self-attention bias over [queries ; text]: queries always visible.
+        let self_bias = match attention_mask {
+            Some(m) if text_len > 0 => {
+                let ones = Tensor::ones((b, q), DType::F32, m.device())?;
+                let full = Tensor::cat(&[&ones, &m.to_dtype(DType::F32)?], 1)?; // [B, Q+L]
+                Some(padding_bias(&full, dt)?) // [B, 1, 1, Q+L]
+            }
+            _ => None,
+        };
+        let image_bias = match image_mask {
+            Some(m) => {
+                ensure!(
+                    m.dims() == [b, n],
+                    "qformer: image_mask {:?} does not match image_embeds [{b}, {n}, ..]",
+                    m.dims()
+                );
+                Some(padding_bias(m, dt)?) // [B, 1, 1, N]
+            }
+            None => None,
+        };
+        let image = image_embeds.to_dtype(dt)?;
+
+        let mut x = self.embeddings.forward(&queries, input_ids, ctx)?; // [B, Q+L, H]
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer
+                .forward(&x, q, self_bias.as_ref(), &image, image_bias.as_ref(), ctx)
+                .with_context(|| format!("qformer layer {i}"))?;
+        }
+        Ok(QFormerOutput {
+            query_output: x.narrow(1, 0, q)?,
+            last_hidden_state: x,
+        })
+    }
+}
+
+/// Map a tensor name of GCG's `qformer_t5.pth` (LAVIS `BertLMHeadModel` state dict without `cls`)
+/// to its canonical HF name under `qformer.`:
+///
+/// * `bert.embeddings.LayerNorm.*` → `qformer.embeddings.layernorm.*`
+/// * `bert.encoder.layer.{i}.attention.self.*` → `qformer.encoder.layer.{i}.attention.attention.*`
+/// * `bert.encoder.layer.{i}.crossattention.self.*` → `...crossattention.attention.*`
+/// * every other `bert.X` → `qformer.X`
+/// * `bert.embeddings.position_ids` (a constant buffer) → None (dropped)
+///
+/// A name outside `bert.` is returned unchanged, so a loader that consumes `qformer.*` reports it
+/// as an unexpected tensor instead of silently ignoring it.
+pub fn gcg_qformer_name(lavis_name: &str) -> Option<String> {
+    let Some(rest) = lavis_name.strip_prefix("bert.") else {
+        return Some(lavis_name.to_string());
+    };
+    if rest == "embeddings.position_ids" {
+        return None;
+    }
+    if let Some(ln) = rest.strip_prefix("embeddings.LayerNorm.") {
+        return Some(format!("qformer.embeddings.layernorm.{ln}"));
+    }
+    let renamed = rest
+        .replacen(".attention.self.", ".attention.attention.", 1)
+        .replacen(".crossattention.self.", ".crossattention.attention.", 1);
+    Some(format!("qformer.{renamed}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SeededRng;
+    use crate::weights::{MapSource, TensorMeta, TensorSource};
+    use candle_core::{Device, Var};
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    fn names_fixture(file: &str) -> BTreeMap<String, Vec<usize>> {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/qformer")
+            .join(file);
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let (name, shape) = l
+                    .split_once(' ')
+                    .unwrap_or_else(|| panic!("bad line {l:?} in {file}"));
+                (
+                    name.to_string(),
+                    shape
+                        .split(',')
+                        .map(|d| d.parse().expect("dimension"))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Every name of the LAVIS state dict (written by GCG's own `models/Qformer.py`, see
+    /// `tools/fixtures/qformer_names.py`) maps onto the HF name with the same shape, one to one.
+    fn check_lavis_mapping(preset: &str) {
+        let lavis = names_fixture(&format!("lavis_names_{preset}.txt"));
+        let hf = names_fixture(&format!("hf_names_{preset}.txt"));
+        let mut mapped = BTreeMap::new();
+        let mut dropped = Vec::new();
+        for (name, shape) in &lavis {
+            match gcg_qformer_name(name) {
+                None => dropped.push(name.clone()),
+                Some(m) => assert!(
+                    mapped.insert(m.clone(), shape.clone()).is_none(),
+                    "two LAVIS names map to {m}"
+                ),
+            }
+        }
+        assert_eq!(dropped, vec!["bert.embeddings.position_ids".to_string()]);
+        let only_lavis: Vec<_> = mapped
+            .iter()
+            .filter(|(k, v)| hf.get(*k) != Some(*v))
+            .collect();
+        let only_hf: Vec<_> = hf
+            .iter()
+            .filter(|(k, v)| mapped.get(*k) != Some(*v))
+            .collect();
+        assert!(
+            only_lavis.is_empty() && only_hf.is_empty(),
+            "{preset}: mapped LAVIS names without an HF twin {only_lavis:?}; HF names without a LAVIS twin {only_hf:?}"
+        );
+        assert_eq!(mapped.len(), hf.len());
+    }
+
+    #[test]
+    fn lavis_names_map_onto_hf_names_tiny() {
+        check_lavis_mapping("tiny");
+    }
+
+    #[test]
+    fn lavis_names_map_onto_hf_names_instructblip() {
+        check_lavis_mapping("instructblip");
+    }
+
+    #[test]
+    fn unknown_lavis_names_pass_through() {
+        assert_eq!(
+            gcg_qformer_name("cls.predictions.bias").as_deref(),
+            Some("cls.predictions.bias")
+        );
+        assert_eq!(
+            gcg_qformer_name("bert.encoder.layer.3.crossattention.self.value.bias").as_deref(),
+            Some("qformer.encoder.layer.3.crossattention.attention.value.bias")
+        );
+    }
+
+    /// Serves zeros of the listed shapes without allocating (a broadcast scalar), so the full
+    /// BERT-base Q-Former can be "loaded" in a test.
+    struct ShapeSource(BTreeMap<String, Vec<usize>>);
+
+    impl TensorSource for ShapeSource {
+        fn names(&self) -> Vec<String> {
+            self.0.keys().cloned().collect()
+        }
+        fn meta(&self, name: &str) -> Option<TensorMeta> {
+            self.0.get(name).map(|s| TensorMeta {
+                shape: s.clone(),
+                dtype: DType::F32,
+            })
+        }
+        fn load(&self, name: &str, dev: &Device) -> Result<Tensor> {
+            let shape = self
+                .0
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("no {name}"))?;
+            Ok(Tensor::zeros((), DType::F32, dev)?.broadcast_as(shape.as_slice())?)
+        }
+        fn origin(&self, name: &str) -> String {
+            format!("'{name}' in the name list")
+        }
+        fn describe(&self) -> String {
+            "the name list".into()
+        }
+    }
+
+    /// The model asks for exactly the names and shapes transformers writes (and accepts the
+    /// `position_ids` buffer of the published checkpoint).
+    fn check_load_names(preset: &str, cfg: &QFormerConfig) {
+        let mut names = names_fixture(&format!("hf_names_{preset}.txt"));
+        names.insert(
+            "qformer.embeddings.position_ids".into(),
+            vec![1, cfg.max_position_embeddings],
+        );
+        let lb = Loader::from_source(Arc::new(ShapeSource(names)), &Device::Cpu, DType::F32);
+        let qf = QFormer::load(&lb.pp("qformer"), cfg).expect("load");
+        lb.finish().expect("every checkpoint tensor is used");
+        assert_eq!(
+            qf.layers
+                .iter()
+                .filter(|l| l.crossattention.is_some())
+                .count(),
+            cfg.num_hidden_layers.div_ceil(2)
+        );
+    }
+
+    #[test]
+    fn load_uses_exactly_the_hf_names_tiny() {
+        check_load_names("tiny", &QFormerConfig::tiny());
+    }
+
+    #[test]
+    fn load_uses_exactly_the_hf_names_instructblip() {
+        check_load_names("instructblip", &QFormerConfig::instructblip());
+    }
+
+    #[test]
+    fn load_accepts_the_old_layernorm_spelling() {
+        let mut names = names_fixture("hf_names_tiny.txt");
+        for suffix in ["weight", "bias"] {
+            let shape = names
+                .remove(&format!("qformer.embeddings.layernorm.{suffix}"))
+                .expect("layernorm");
+            names.insert(format!("qformer.embeddings.LayerNorm.{suffix}"), shape);
+        }
+        let lb = Loader::from_source(Arc::new(ShapeSource(names)), &Device::Cpu, DType::F32);
+        QFormer::load(&lb.pp("qformer"), &QFormerConfig::tiny()).expect("load");
+        lb.finish().expect("all used");
+    }
+
+    #[test]
+    fn config_from_hf_json() {
+        // transformers writes only the values that differ from the defaults.
+        let published =
+            serde_json::json!({"model_type": "instructblip_qformer", "vocab_size": 30523});
+        assert_eq!(
+            QFormerConfig::from_hf_config(&published, 32).unwrap(),
+            QFormerConfig::instructblip()
+        );
+        let tiny = serde_json::json!({
+            "vocab_size": 120, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "intermediate_size": 64, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+            "attention_probs_dropout_prob": 0.1, "max_position_embeddings": 64, "initializer_range": 0.02,
+            "layer_norm_eps": 1e-12, "pad_token_id": 0, "position_embedding_type": "absolute",
+            "cross_attention_frequency": 2, "encoder_hidden_size": 48, "model_type": "instructblip_qformer"
+        });
+        assert_eq!(
+            QFormerConfig::from_hf_config(&tiny, 8).unwrap(),
+            QFormerConfig::tiny()
+        );
+        let bad = serde_json::json!({"hidden_act": "swish"});
+        assert!(
+            format!("{:#}", QFormerConfig::from_hf_config(&bad, 32).unwrap_err())
+                .contains("hidden_act")
+        );
+        let bad = serde_json::json!({"hidden_size": "768"});
+        assert!(
+            format!("{:#}", QFormerConfig::from_hf_config(&bad, 32).unwrap_err())
+                .contains("hidden_size")
+        );
+        let bad = serde_json::json!({"hidden_size": 100});
+        assert!(QFormerConfig::from_hf_config(&bad, 32).is_err());
+        let s = serde_json::to_string(&QFormerConfig::tiny()).unwrap();
+        assert_eq!(
+            serde_json::from_str::<QFormerConfig>(&s).unwrap(),
+            QFormerConfig::tiny()
+        );
+    }
+
+    // ---- gradients against finite differences (f64, independent of torch) ----
+
+    fn randn(rng: &mut SeededRng, shape: &[usize], std: f64) -> Tensor {
+        let n = shape.iter().product();
+        Tensor::from_vec(rng.normal_vec(n, 0.0, std), shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+    }
+
+    /// A random f64 checkpoint for `cfg` with every tensor non-trivial (LayerNorm weights near 1).
+    fn random_checkpoint(cfg: &QFormerConfig, seed: u64) -> MapSource {
+        let lb = Loader::random(&Device::Cpu, DType::F32, seed).with_trainable(|_| true);
+        QFormer::load(&lb, cfg).unwrap();
+        let mut rng = SeededRng::new(seed + 1);
+        let mut map = MapSource::default();
+        for (name, var) in lb.vars().iter() {
+            let t = randn(&mut rng, var.dims(), 0.2);
+            let t = if name.contains("ayer") && name.ends_with("weight") && var.rank() == 1 {
+                (t + 1.0).unwrap()
+            } else {
+                t
+            };
+            map.insert(name.clone(), t);
+        }
+        map
+    }
+
+    struct Inputs {
+        query_tokens: Tensor,
+        input_ids: Tensor,
+        mask: Tensor,
+        image: Tensor,
+        r: Tensor,
+    }
+
+    fn inputs(cfg: &QFormerConfig, seed: u64) -> Inputs {
+        let mut rng = SeededRng::new(seed);
+        let dev = Device::Cpu;
+        let ids: Vec<u32> = (0..10)
+            .map(|_| 1 + rng.below(cfg.vocab_size - 1) as u32)
+            .collect();
+        let mut ids = ids;
+        ids[8] = 0;
+        ids[9] = 0; // second row: 3 tokens, 2 padding
+        Inputs {
+            query_tokens: randn(&mut rng, &[1, cfg.num_query_tokens, cfg.hidden_size], 1.0),
+            input_ids: Tensor::from_vec(ids, (2, 5), &dev).unwrap(),
+            mask: Tensor::from_vec(vec![1u32, 1, 1, 1, 1, 1, 1, 1, 0, 0], (2, 5), &dev).unwrap(),
+            image: randn(&mut rng, &[2, 6, cfg.encoder_hidden_size], 1.0),
+            r: randn(&mut rng, &[2, cfg.num_query_tokens, cfg.hidden_size], 1.0),
+        }
+    }
+
+    fn loss(qf: &QFormer, qt: &Tensor, image: &Tensor, x: &Inputs) -> Tensor {
+        let out = qf
+            .forward(
+                qt,
+                Some(&x.input_ids),
+                Some(&x.mask),
+                image,
+                None,
+                Ctx::eval(),
+            )
+            .unwrap();
+        (out.query_output * &x.r).unwrap().sum_all().unwrap()
+    }
+
+    fn param_mut<'a>(qf: &'a mut QFormer, name: &str) -> &'a mut Tensor {
+        match name {
+            "embeddings.layernorm.weight" => &mut qf.embeddings.layernorm.weight,
+            "embeddings.word_embeddings.weight" => &mut qf.embeddings.word_embeddings.weight,
+            "embeddings.position_embeddings.weight" => {
+                &mut qf.embeddings.position_embeddings.weight
+            }
+            "encoder.layer.0.crossattention.attention.key.weight" => {
+                &mut qf.layers[0]
+                    .crossattention
+                    .as_mut()
+                    .expect("cross layer")
+                    .attention
+                    .k
+                    .weight
+            }
+            "encoder.layer.0.intermediate.dense.weight" => {
+                &mut qf.layers[0].feed_forward.intermediate.weight
+            }
+            "encoder.layer.1.output_query.dense.weight" => {
+                &mut qf.layers[1].feed_forward_query.output.weight
+            }
+            "encoder.layer.2.attention.output.LayerNorm.bias" => {
+                &mut qf.layers[2].attention.layernorm.bias
+            }
+            other => panic!("no accessor for {other}"),
+        }
+    }
+
+    fn perturb(t: &Tensor, index: usize, delta: f64) -> Tensor {
+        let mut v = t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        v[index] += delta;
+        Tensor::from_vec(v, t.dims(), t.device()).unwrap()
+    }
+
+    fn assert_fd(what: &str, analytic: &Tensor, indices: &[usize], f: impl Fn(usize, f64) -> f64) {
+        let a = analytic.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let scale = a.iter().fold(0f64, |m, x| m.max(x.abs()));
+        assert!(scale > 1e-6, "{what}: analytic gradient is zero");
+        let h = 1e-5;
+        for &i in indices {
+            let fd = (f(i, h) - f(i, -h)) / (2.0 * h);
+            let err = (fd - a[i]).abs() / scale;
+            assert!(
+                err < 1e-6,
+                "{what}[{i}]: finite difference {fd:.9e} vs analytic {:.9e} (rel {err:.2e})",
+                a[i]
+            );
+        }
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_f64() {
+        let cfg = QFormerConfig::tiny();
+        let ck = random_checkpoint(&cfg, 7);
+        let x = inputs(&cfg, 11);
+        let build = |ck: &MapSource| {
+            QFormer::load(
+                &Loader::from_source(Arc::new(ck.clone()), &Device::Cpu, DType::F64),
+                &cfg,
+            )
+            .unwrap()
+        };
+        let params = [
+            "embeddings.layernorm.weight",
+            "embeddings.word_embeddings.weight",
+            "embeddings.position_embeddings.weight",
+            "encoder.layer.0.crossattention.attention.key.weight",
+            "encoder.layer.0.intermediate.dense.weight",
+            "encoder.layer.1.output_query.dense.weight",
+            "encoder.layer.2.attention.output.LayerNorm.bias",
+        ];
+        let mut qf = build(&ck);
+        let mut vars = Vec::new();
+        for p in params {
+            let v = Var::from_tensor(param_mut(&mut qf, p)).unwrap();
+            *param_mut(&mut qf, p) = v.as_tensor().clone();
+            vars.push(v);
+        }
+        let qt = Var::from_tensor(&x.query_tokens).unwrap();
+        let image = Var::from_tensor(&x.image).unwrap();
+        let grads = loss(&qf, qt.as_tensor(), image.as_tensor(), &x)
+            .backward()
+            .unwrap();
+
+        let g_qt = grads.get(qt.as_tensor()).expect("query_tokens gradient");
+        assert_fd("query_tokens", g_qt, &[0, 5, 37, 100, 255], |i, d| {
+            loss(&qf, &perturb(&x.query_tokens, i, d), &x.image, &x)
+                .to_scalar::<f64>()
+                .unwrap()
+        });
+        let g_img = grads.get(image.as_tensor()).expect("image gradient");
+        assert_fd("image_embeds", g_img, &[0, 49, 300, 575], |i, d| {
+            loss(&qf, &x.query_tokens, &perturb(&x.image, i, d), &x)
+                .to_scalar::<f64>()
+                .unwrap()
+        });
+        let ids = x.input_ids.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        for (p, v) in params.iter().zip(&vars) {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {p}"));
+            let dims = g.dims().to_vec();
+            let n = g.elem_count();
+            // Elements that matter: for the embedding tables, the rows of the tokens / positions used.
+            let idx: Vec<usize> = match *p {
+                "embeddings.word_embeddings.weight" => vec![
+                    ids[0] as usize * dims[1] + 3,
+                    ids[6] as usize * dims[1] + 17,
+                ],
+                "embeddings.position_embeddings.weight" => vec![2 * dims[1] + 1, 4 * dims[1] + 30],
+                _ => vec![0, n / 3, n - 1],
+            };
+            let base = ck.clone();
+            let stored = base.load(p, &Device::Cpu).unwrap();
+            assert_fd(p, g, &idx, |i, d| {
+                let mut ck2 = base.clone();
+                ck2.insert(*p, perturb(&stored, i, d));
+                loss(&build(&ck2), &x.query_tokens, &x.image, &x)
+                    .to_scalar::<f64>()
+                    .unwrap()
+            });
+        }
+    }
+
+    #[test]
+    fn padding_is_invisible_to_the_queries() {
+        let cfg = QFormerConfig::tiny();
+        let qf = QFormer::load(
+            &Loader::from_source(
+                Arc::new(random_checkpoint(&cfg, 3)),
+                &Device::Cpu,
+                DType::F64,
+            ),
+            &cfg,
+        )
+        .unwrap();
+        let x = inputs(&cfg, 5);
+        let run = |ids: &Tensor| {
+            qf.forward(
+                &x.query_tokens,
+                Some(ids),
+                Some(&x.mask),
+                &x.image,
+                None,
+                Ctx::eval(),
+            )
+            .unwrap()
+            .query_output
+        };
+        let a = run(&x.input_ids);
+        // Change the ids at the two padded positions of row 1.
+        let mut ids = x.input_ids.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        ids[8] = 17;
+        ids[9] = 42;
+        let b = run(&Tensor::from_vec(ids.clone(), (2, 5), &Device::Cpu).unwrap());
+        let diff = (a.clone() - &b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            diff < 1e-12,
+            "padded ids changed the query output by {diff}"
+        );
+        // A visible token does change it (the check above can fail).
+        ids[7] = 1 + (ids[7] % 100);
+        let c = run(&Tensor::from_vec(ids, (2, 5), &Device::Cpu).unwrap());
+        let diff = (a - c)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(
+            diff > 1e-6,
+            "a visible token did not change the query output"
+        );
+    }
+
+    #[test]
+    fn dropout_only_in_training_and_seeded() {
+        let cfg = QFormerConfig::tiny();
+        let qf = QFormer::load(&Loader::random(&Device::Cpu, DType::F32, 1), &cfg).unwrap();
+        let x = inputs(&cfg, 2);
+        let qt = x.query_tokens.to_dtype(DType::F32).unwrap();
+        let img = x.image.to_dtype(DType::F32).unwrap();
+        let run = |ctx: Ctx| {
+            qf.forward(&qt, Some(&x.input_ids), Some(&x.mask), &img, None, ctx)
+                .unwrap()
+                .query_output
+        };
+        let max_diff = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let e1 = run(Ctx::eval());
+        assert_eq!(max_diff(&e1, &run(Ctx::eval())), 0.0);
+        let r1 = std::cell::RefCell::new(SeededRng::new(9));
+        let r2 = std::cell::RefCell::new(SeededRng::new(9));
+        let t1 = run(Ctx::train(&r1));
+        assert_eq!(
+            max_diff(&t1, &run(Ctx::train(&r2))),
+            0.0,
+            "same seed, same masks"
+        );
+        assert!(
+            max_diff(&t1, &e1) > 1e-3,
+            "dropout had no effect in training"
+        );
+        assert!(
+            max_diff(&t1, &run(Ctx::train(&r1))) > 1e-3,
+            "successive masks are equal"
+        );
+    }
+
+    #[test]
+    fn shape_errors_are_reported() {
+        let cfg = QFormerConfig::tiny();
+        let qf = QFormer::load(&Loader::random(&Device::Cpu, DType::F32, 1), &cfg).unwrap();
+        let dev = Device::Cpu;
+        let qt = Tensor::zeros((1, 8, 32), DType::F32, &dev).unwrap();
+        let img = Tensor::zeros((2, 6, 48), DType::F32, &dev).unwrap();
+        let err = |r: Result<QFormerOutput>| format!("{:#}", r.unwrap_err());
+        let wide = Tensor::zeros((2, 6, 40), DType::F32, &dev).unwrap();
+        assert!(err(qf.forward(&qt, None, None, &wide, None, Ctx::eval()))
+            .contains("encoder_hidden_size is 48"));
+        let ids = Tensor::zeros((3, 4), DType::U32, &dev).unwrap();
+        assert!(
+            err(qf.forward(&qt, Some(&ids), None, &img, None, Ctx::eval())).contains("batch 3")
+        );
+        let long = Tensor::zeros((2, 65), DType::U32, &dev).unwrap();
+        assert!(
+            err(qf.forward(&qt, Some(&long), None, &img, None, Ctx::eval()))
+                .contains("max_position_embeddings")
+        );
+        let ids = Tensor::zeros((2, 4), DType::U32, &dev).unwrap();
+        let mask = Tensor::ones((2, 5), DType::U32, &dev).unwrap();
+        assert!(
+            err(qf.forward(&qt, Some(&ids), Some(&mask), &img, None, Ctx::eval()))
+                .contains("attention_mask")
+        );
+        let big = Tensor::full(120u32, (2, 4), &dev).unwrap();
+        assert!(err(qf.forward(&qt, Some(&big), None, &img, None, Ctx::eval())).contains("id 120"));
+        let q3 = Tensor::zeros((3, 8, 32), DType::F32, &dev).unwrap();
+        assert!(err(qf.forward(&q3, None, None, &img, None, Ctx::eval())).contains("query_tokens"));
+        let out = qf
+            .forward(&qt, None, None, &img, None, Ctx::eval())
+            .unwrap();
+        assert_eq!(out.query_output.dims(), [2, 8, 32]);
+        assert_eq!(out.last_hidden_state.dims(), [2, 8, 32]);
+    }
+}
