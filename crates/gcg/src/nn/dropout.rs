@@ -24,11 +24,11 @@ impl Dropout {
         }
         let n = x.elem_count();
         let scale = 1.0 / (1.0 - self.p);
-        let mask: Vec<f32> = {
+        let keep: Vec<u8> = {
             let mut r = rng.borrow_mut();
-            (0..n).map(|_| if r.uniform() < self.p { 0.0 } else { scale as f32 }).collect()
+            (0..n).map(|_| u8::from(r.uniform() >= self.p)).collect()
         };
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        Ok(x.mul(&mask)?)
+        let keep = Tensor::from_vec(keep, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        Ok(x.mul(&keep)?.affine(scale, 0.0)?)
     }
 }
