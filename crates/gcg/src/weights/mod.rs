@@ -6,6 +6,7 @@ pub mod checkpoints;
 pub mod loader;
 pub mod pth;
 pub mod source;
+pub mod tokenizers;
 
 pub use loader::{Loader, VarStore};
 pub use source::{MapSource, MergedSource, RenamedSource, SafetensorsSource, TensorMeta, TensorSource};

@@ -1,0 +1,617 @@
+//! The frozen image encoder: BLIP-2's EVA ViT-g/14, as HF `InstructBlipVisionModel` and GCG's
+//! `models/eva_vit.py`.
+//!
+//! ```text
+//! pixels [B, 3, 224, 224] ─ conv 14×14 / 14 ─▶ 16×16 patches ─▶ [CLS; patches] + positions  [B, 257, 1408]
+//!   ─▶ 39 × pre-LN block: x + attn(LN(x)); x + mlp(LN(x))   (fused qkv, bias [q; 0; v], exact GELU)
+//!   ─▶ hidden_wo_norm (what the feature store keeps) ─ post_layernorm ─▶ hidden
+//! ```
+//!
+//! Tensor names are those of the published HF checkpoint under `vision_model.`:
+//! `embeddings.{class_embedding, patch_embedding.{weight,bias}, position_embedding}`,
+//! `encoder.layers.{i}.{layer_norm1, self_attn.{qkv, projection}, layer_norm2, mlp.{fc1, fc2}}`,
+//! `post_layernorm`. The qkv bias is read as one tensor `self_attn.qkv.bias` [3D] (HF's and GCG's
+//! `eva_vit_g.pth` layout, whose k third is zero) or as `self_attn.q_bias` + `self_attn.v_bias`
+//! [D] each (the original EVA/LAVIS layout). [`VisionModel::gcg_source`] exposes GCG's release files
+//! (`eva_vit_g.pth`, `eva_vit_post_layernorm.pth`) under these names.
+//!
+//! [`PackedSelfAttention`] (self-attention with one packed q/k/v projection) is shared with the
+//! EVA-CLIP towers (`clip_text`, `clip_branch`).
+
+use crate::nn::{init::Init, softmax_last_dim, Activation, LayerNorm, Linear};
+use crate::weights::{pth::PthSource, Loader, MergedSource, RenamedSource, TensorSource};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Sizes of the vision transformer (HF `InstructBlipVisionConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VitConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub num_channels: usize,
+    pub layer_norm_eps: f64,
+    pub qkv_bias: bool,
+    pub hidden_act: Activation,
+}
+
+impl VitConfig {
+    /// EVA ViT-g/14 of BLIP-2 / InstructBLIP (also HF's defaults for a missing field).
+    pub fn eva_vit_g() -> Self {
+        Self {
+            hidden_size: 1408,
+            intermediate_size: 6144,
+            num_hidden_layers: 39,
+            num_attention_heads: 16,
+            image_size: 224,
+            patch_size: 14,
+            num_channels: 3,
+            layer_norm_eps: 1e-6,
+            qkv_bias: true,
+            hidden_act: Activation::Gelu,
+        }
+    }
+
+    /// The test preset (equal to the fixture driver's `tiny` vision config).
+    pub fn tiny() -> Self {
+        Self {
+            hidden_size: 48,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            image_size: 42,
+            patch_size: 14,
+            ..Self::eva_vit_g()
+        }
+    }
+
+    /// Read an HF `vision_config` object (or a whole InstructBLIP config holding one). Fields the
+    /// file omits take HF's defaults, which are the EVA ViT-g values.
+    pub fn from_hf_config(v: &Value) -> Result<Self> {
+        let v = v.get("vision_config").unwrap_or(v);
+        if !v.is_object() {
+            bail!("vision config is not a JSON object");
+        }
+        let mut c = Self::eva_vit_g();
+        let usize_field = |name: &str, dst: &mut usize| -> Result<()> {
+            if let Some(x) = v.get(name) {
+                *dst = x.as_u64().ok_or_else(|| {
+                    anyhow!("vision_config.{name} is not a non-negative integer: {x}")
+                })? as usize;
+            }
+            Ok(())
+        };
+        usize_field("hidden_size", &mut c.hidden_size)?;
+        usize_field("intermediate_size", &mut c.intermediate_size)?;
+        usize_field("num_hidden_layers", &mut c.num_hidden_layers)?;
+        usize_field("num_attention_heads", &mut c.num_attention_heads)?;
+        usize_field("num_channels", &mut c.num_channels)?;
+        for (name, dst) in [
+            ("image_size", &mut c.image_size),
+            ("patch_size", &mut c.patch_size),
+        ] {
+            match v.get(name) {
+                None => {}
+                Some(Value::Array(a)) => {
+                    let sides: Vec<u64> = a.iter().filter_map(|x| x.as_u64()).collect();
+                    match sides.as_slice() {
+                        [h, w] if h == w => *dst = *h as usize,
+                        _ => bail!(
+                            "vision_config.{name} must be one integer or a square [n, n], got {}",
+                            Value::Array(a.clone())
+                        ),
+                    }
+                }
+                Some(x) => {
+                    *dst = x
+                        .as_u64()
+                        .ok_or_else(|| anyhow!("vision_config.{name} is not an integer: {x}"))?
+                        as usize
+                }
+            }
+        }
+        if let Some(x) = v.get("layer_norm_eps") {
+            c.layer_norm_eps = x
+                .as_f64()
+                .ok_or_else(|| anyhow!("vision_config.layer_norm_eps is not a number: {x}"))?;
+        }
+        if let Some(x) = v.get("qkv_bias") {
+            c.qkv_bias = x
+                .as_bool()
+                .ok_or_else(|| anyhow!("vision_config.qkv_bias is not a boolean: {x}"))?;
+        }
+        if let Some(x) = v.get("hidden_act") {
+            let s = x
+                .as_str()
+                .ok_or_else(|| anyhow!("vision_config.hidden_act is not a string: {x}"))?;
+            c.hidden_act = Activation::from_hf(s).context("vision_config.hidden_act")?;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.hidden_size.checked_rem(self.num_attention_heads) != Some(0) {
+            bail!(
+                "vision config: hidden_size {} is not divisible by {} heads",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        if self.image_size.checked_rem(self.patch_size) != Some(0) {
+            bail!(
+                "vision config: image_size {} is not a multiple of patch_size {}",
+                self.image_size,
+                self.patch_size
+            );
+        }
+        Ok(())
+    }
+
+    pub fn grid(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
+    /// Tokens per image: patches + CLS (257 for ViT-g/14 at 224).
+    pub fn num_positions(&self) -> usize {
+        self.grid() * self.grid() + 1
+    }
+}
+
+/// Self-attention whose q, k, v come from one packed projection `[q; k; v]` (weight [3D, D]) and
+/// whose heads are contiguous slices of width D/H — the layout of BLIP-2's ViT, EVA's blocks and
+/// `nn.MultiheadAttention`. The 1/sqrt(head_dim) scale is folded into the q rows at load.
+#[derive(Debug, Clone)]
+pub struct PackedSelfAttention {
+    qkv: Linear,     // [3D, D], q rows pre-scaled
+    q: Linear,       // view of the q rows of `qkv`
+    kv: Linear,      // view of the k, v rows of `qkv`
+    pub out: Linear, // [D, D]
+    pub heads: usize,
+}
+
+impl PackedSelfAttention {
+    /// `qkv_weight` [3D, D], `qkv_bias` [3D] (None: no bias), `out` the output projection.
+    pub fn new(
+        qkv_weight: Tensor,
+        qkv_bias: Option<Tensor>,
+        out: Linear,
+        heads: usize,
+    ) -> Result<Self> {
+        let (three_d, d) = qkv_weight.dims2()?;
+        if three_d != 3 * d || d.checked_rem(heads) != Some(0) {
+            bail!(
+                "packed attention: qkv weight {:?} does not fit {heads} heads of a width-{d} model",
+                qkv_weight.dims()
+            );
+        }
+        let scale = 1.0 / ((d / heads) as f64).sqrt();
+        let fold = |t: &Tensor| -> Result<Tensor> {
+            let dt = t.dtype();
+            let f = t.to_dtype(DType::F32)?;
+            let q = (f.narrow(0, 0, d)? * scale)?;
+            Ok(Tensor::cat(&[&q, &f.narrow(0, d, 2 * d)?], 0)?.to_dtype(dt)?)
+        };
+        let w = fold(&qkv_weight)?;
+        let b = qkv_bias.as_ref().map(&fold).transpose()?;
+        let q = Linear::new(
+            w.narrow(0, 0, d)?,
+            b.as_ref().map(|b| b.narrow(0, 0, d)).transpose()?,
+        );
+        let kv = Linear::new(
+            w.narrow(0, d, 2 * d)?,
+            b.as_ref().map(|b| b.narrow(0, d, 2 * d)).transpose()?,
+        );
+        Ok(Self {
+            qkv: Linear::new(w, b),
+            q,
+            kv,
+            out,
+            heads,
+        })
+    }
+
+    fn width(&self) -> usize {
+        self.out.out_dim()
+    }
+
+    /// softmax(q·kᵀ + bias)·v over heads, q [B, H, Lq, hd] (pre-scaled), k/v [B, H, Lk, hd]
+    /// → merged and projected [B, Lq, D].
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (b, _, lq, _) = q.dims4()?;
+        let mut scores = q.matmul(&k.t()?)?; // [B, H, Lq, Lk]
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
+        }
+        let probs = softmax_last_dim(&scores)?;
+        let ctx = probs
+            .matmul(v)?
+            .transpose(1, 2)?
+            .reshape((b, lq, self.width()))?; // [B, Lq, D]
+        self.out.forward(&ctx)
+    }
+
+    /// x: [B, L, D]; `bias` broadcastable to [B, H, L, L] (e.g. a causal mask) → [B, L, D].
+    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        let qkv = self
+            .qkv
+            .forward(x)? // [B, L, 3D]
+            .reshape((b, l, 3, self.heads, d / self.heads))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?; // [3, B, H, L, hd]
+        self.attend(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, bias)
+    }
+
+    /// Attention output for the first token only (the CLS query over all keys): [B, L, D] → [B, 1, D].
+    pub fn forward_first_query(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        let hd = d / self.heads;
+        let q = self
+            .q
+            .forward(&x.narrow(1, 0, 1)?)?
+            .reshape((b, self.heads, 1, hd))?; // [B, H, 1, hd]
+        let kv = self
+            .kv
+            .forward(x)? // [B, L, 2D]
+            .reshape((b, l, 2, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?; // [2, B, H, L, hd]
+        self.attend(&q, &kv.get(0)?, &kv.get(1)?, None)
+    }
+}
+
+/// Patch, class and position embeddings.
+#[derive(Debug, Clone)]
+pub struct VitEmbeddings {
+    patch_weight: Tensor,           // [D, C·p·p] (the conv kernel flattened)
+    patch_bias: Tensor,             // [D]
+    pub class_embedding: Tensor,    // [1, 1, D]
+    pub position_embedding: Tensor, // [1, N, D]
+    patch_size: usize,
+    image_size: usize,
+    channels: usize,
+}
+
+impl VitEmbeddings {
+    pub fn load(lb: &Loader, cfg: &VitConfig) -> Result<Self> {
+        let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
+        let std = Init::TruncNormal { std: 0.02 };
+        let w = lb.get(
+            (d, c, p, p),
+            "patch_embedding.weight",
+            Init::Normal { std: 0.02 },
+        )?;
+        Ok(Self {
+            patch_weight: w.reshape((d, c * p * p))?,
+            patch_bias: lb.get(d, "patch_embedding.bias", Init::Zeros)?,
+            class_embedding: lb.get((1, 1, d), "class_embedding", std)?,
+            position_embedding: lb.get((1, cfg.num_positions(), d), "position_embedding", std)?,
+            patch_size: p,
+            image_size: cfg.image_size,
+            channels: c,
+        })
+    }
+
+    /// pixel_values [B, C, S, S] → [B, 1 + (S/p)², D].
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixel_values.dims4()?;
+        if c != self.channels || h != self.image_size || w != self.image_size {
+            bail!(
+                "vision model: pixel_values have shape {:?}, expected [B, {}, {}, {}] (images must be pre-processed to the model's size)",
+                pixel_values.dims(),
+                self.channels,
+                self.image_size,
+                self.image_size
+            );
+        }
+        let (p, g) = (self.patch_size, self.image_size / self.patch_size);
+        let d = self.patch_weight.dim(0)?;
+        // A stride-p, p×p convolution is a matmul over non-overlapping patches, each flattened in
+        // the kernel's (channel, row, column) order.
+        let patches = pixel_values
+            .to_dtype(self.patch_weight.dtype())?
+            .reshape((b, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))? // [B, gy, gx, C, p, p]
+            .contiguous()?
+            .reshape((b * g * g, c * p * p))?;
+        let patch_embeds = patches
+            .matmul(&self.patch_weight.t()?)?
+            .broadcast_add(&self.patch_bias)?
+            .reshape((b, g * g, d))?; // [B, g², D]
+        let cls = self.class_embedding.broadcast_as((b, 1, d))?;
+        Ok(Tensor::cat(&[&cls, &patch_embeds], 1)?.broadcast_add(&self.position_embedding)?)
+    }
+}
+
+/// One pre-LN encoder layer.
+#[derive(Debug, Clone)]
+pub struct VitLayer {
+    pub layer_norm1: LayerNorm,
+    pub self_attn: PackedSelfAttention,
+    pub layer_norm2: LayerNorm,
+    pub fc1: Linear,
+    pub fc2: Linear,
+    pub act: Activation,
+}
+
+impl VitLayer {
+    pub fn load(lb: &Loader, cfg: &VitConfig) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let attn = lb.pp("self_attn");
+        let qkv_weight = attn.get((3 * d, d), "qkv.weight", Init::Normal { std: 0.02 })?;
+        let qkv_bias = if attn.contains("qkv.bias")
+            || (cfg.qkv_bias && !attn.contains("q_bias") && !attn.contains("v_bias"))
+        {
+            // HF / GCG layout (and the layout a random model is built with).
+            if !cfg.qkv_bias {
+                bail!(
+                    "{} holds a qkv bias, but the config says qkv_bias = false",
+                    attn.full_name("qkv.bias")
+                );
+            }
+            Some(attn.get(3 * d, "qkv.bias", Init::Zeros)?)
+        } else if cfg.qkv_bias {
+            // EVA / LAVIS layout: separate q and v biases, no k bias.
+            let q = attn.get(d, "q_bias", Init::Zeros)?;
+            let v = attn.get(d, "v_bias", Init::Zeros)?;
+            Some(Tensor::cat(&[&q, &q.zeros_like()?, &v], 0)?)
+        } else {
+            None
+        };
+        let projection = Linear::load(&attn.pp("projection"), d, d, true)?;
+        Ok(Self {
+            layer_norm1: LayerNorm::load(&lb.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
+            self_attn: PackedSelfAttention::new(
+                qkv_weight,
+                qkv_bias,
+                projection,
+                cfg.num_attention_heads,
+            )?,
+            layer_norm2: LayerNorm::load(&lb.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
+            fc1: Linear::load(&lb.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
+            fc2: Linear::load(&lb.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
+            act: cfg.hidden_act,
+        })
+    }
+
+    /// x: [B, N, D] → [B, N, D]
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = (x + self
+            .self_attn
+            .forward(&self.layer_norm1.forward(x)?, None)?)?;
+        let h = self.fc2.forward(
+            &self
+                .act
+                .forward(&self.fc1.forward(&self.layer_norm2.forward(&x)?)?)?,
+        )?;
+        Ok((x + h)?)
+    }
+}
+
+/// The vision model's outputs.
+#[derive(Debug, Clone)]
+pub struct VitOutput {
+    /// Last hidden state before the post-LayerNorm — GCG's cached "features without norm". [B, N, D]
+    pub hidden_wo_norm: Tensor,
+    /// After the post-LayerNorm (HF's `last_hidden_state`). [B, N, D]
+    pub hidden: Tensor,
+}
+
+/// EVA ViT-g/14 with its post-LayerNorm.
+#[derive(Debug, Clone)]
+pub struct VisionModel {
+    pub embeddings: VitEmbeddings,
+    pub layers: Vec<VitLayer>,
+    pub post_layernorm: LayerNorm,
+    pub config: VitConfig,
+}
+
+impl VisionModel {
+    /// Load from a loader positioned at the vision model's names (e.g. `lb.pp("vision_model")`
+    /// for an HF InstructBLIP snapshot).
+    pub fn load(lb: &Loader, cfg: &VitConfig) -> Result<Self> {
+        cfg.validate()?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| VitLayer::load(&lb.pp(format!("encoder.layers.{i}")), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            embeddings: VitEmbeddings::load(&lb.pp("embeddings"), cfg)?,
+            layers,
+            post_layernorm: LayerNorm::load(
+                &lb.pp("post_layernorm"),
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+            )?,
+            config: cfg.clone(),
+        })
+    }
+
+    /// The un-normalised last hidden state: pixel_values [B, C, S, S] → [B, N, D].
+    pub fn forward_wo_norm(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let mut x = self.embeddings.forward(pixel_values)?;
+        for layer in &self.layers {
+            x = layer.forward(&x)?;
+        }
+        Ok(x)
+    }
+
+    /// pixel_values [B, C, S, S] → both last hidden states.
+    pub fn forward(&self, pixel_values: &Tensor) -> Result<VitOutput> {
+        let hidden_wo_norm = self.forward_wo_norm(pixel_values)?;
+        let hidden = self.post_layernorm(&hidden_wo_norm)?;
+        Ok(VitOutput {
+            hidden_wo_norm,
+            hidden,
+        })
+    }
+
+    /// The post-LayerNorm alone, for cached un-normalised features [..., D].
+    pub fn post_layernorm(&self, x: &Tensor) -> Result<Tensor> {
+        self.post_layernorm.forward(x)
+    }
+
+    /// GCG's release files in `dir` under the canonical names (`vision_model.*`):
+    /// `eva_vit_g.pth` (the vision model's state dict, no prefix; qkv bias packed) and
+    /// `eva_vit_post_layernorm.pth` (`weight`, `bias`). GCG applies the separate post-LayerNorm to
+    /// the cached features, so when both files hold one, the separate file's is used and the copy
+    /// inside `eva_vit_g.pth` is hidden.
+    pub fn gcg_source(dir: &Path) -> Result<Arc<dyn TensorSource + Send + Sync>> {
+        let vit_path = dir.join("eva_vit_g.pth");
+        let ln_path = dir.join("eva_vit_post_layernorm.pth");
+        let vit: Arc<dyn TensorSource + Send + Sync> =
+            Arc::new(PthSource::open(&vit_path, None, "eva_vit_g")?);
+        if !ln_path.exists() {
+            if !vit.contains("post_layernorm.weight") {
+                bail!(
+                    "{} has no post_layernorm and {} does not exist",
+                    vit_path.display(),
+                    ln_path.display()
+                );
+            }
+            return Ok(Arc::new(RenamedSource::prefixed(vit, "vision_model.")?));
+        }
+        let vit = RenamedSource::new(vit, |n| {
+            (!n.starts_with("post_layernorm.")).then(|| format!("vision_model.{n}"))
+        })?;
+        let ln = RenamedSource::prefixed(
+            Arc::new(PthSource::open(&ln_path, None, "eva_vit_post_layernorm")?),
+            "vision_model.post_layernorm.",
+        )?;
+        Ok(Arc::new(MergedSource::new(vec![
+            Arc::new(vit),
+            Arc::new(ln),
+        ])?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::MapSource;
+    use candle_core::Device;
+
+    /// A tiny checkpoint under the canonical names, built from a seeded random model.
+    fn tiny_checkpoint() -> MapSource {
+        let cfg = VitConfig::tiny();
+        let d = cfg.hidden_size;
+        let dev = Device::Cpu;
+        let mut m = MapSource::new(Vec::new(), "test checkpoint");
+        let mut rng = crate::rng::SeededRng::new(0);
+        let mut put = |name: &str, shape: &[usize]| {
+            let t = Init::Normal { std: 0.1 }
+                .make(&shape.into(), DType::F32, &dev, &mut rng)
+                .unwrap();
+            m.insert(format!("vision_model.{name}"), t);
+        };
+        put("embeddings.class_embedding", &[1, 1, d]);
+        put("embeddings.patch_embedding.weight", &[d, 3, 14, 14]);
+        put("embeddings.patch_embedding.bias", &[d]);
+        put("embeddings.position_embedding", &[1, 10, d]);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("encoder.layers.{i}");
+            put(&format!("{p}.self_attn.qkv.weight"), &[3 * d, d]);
+            put(&format!("{p}.self_attn.qkv.bias"), &[3 * d]);
+            put(&format!("{p}.self_attn.projection.weight"), &[d, d]);
+            put(&format!("{p}.self_attn.projection.bias"), &[d]);
+            for ln in ["layer_norm1", "layer_norm2"] {
+                put(&format!("{p}.{ln}.weight"), &[d]);
+                put(&format!("{p}.{ln}.bias"), &[d]);
+            }
+            put(&format!("{p}.mlp.fc1.weight"), &[cfg.intermediate_size, d]);
+            put(&format!("{p}.mlp.fc1.bias"), &[cfg.intermediate_size]);
+            put(&format!("{p}.mlp.fc2.weight"), &[d, cfg.intermediate_size]);
+            put(&format!("{p}.mlp.fc2.bias"), &[d]);
+        }
+        put("post_layernorm.weight", &[d]);
+        put("post_layernorm.bias", &[d]);
+        m
+    }
+
+    fn load(src: MapSource) -> Result<VisionModel> {
+        let lb = Loader::from_source(Arc::new(src), &Device::Cpu, DType::F32);
+        let vm = VisionModel::load(&lb.pp("vision_model"), &VitConfig::tiny())?;
+        lb.finish()?;
+        Ok(vm)
+    }
+
+    #[test]
+    fn complete_checkpoint_loads_and_runs() -> Result<()> {
+        let vm = load(tiny_checkpoint())?;
+        let px = Init::Normal { std: 1.0 }.make(
+            &(2, 3, 42, 42).into(),
+            DType::F32,
+            &Device::Cpu,
+            &mut crate::rng::SeededRng::new(1),
+        )?;
+        let out = vm.forward(&px)?;
+        assert_eq!(out.hidden_wo_norm.dims(), &[2, 10, 48]);
+        assert_eq!(out.hidden.dims(), &[2, 10, 48]);
+        Ok(())
+    }
+
+    #[test]
+    fn misshaped_tensor_is_named_with_both_shapes() {
+        let mut src = tiny_checkpoint();
+        let bad = "vision_model.encoder.layers.1.mlp.fc1.weight";
+        src.insert(
+            bad,
+            Tensor::zeros((130, 48), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let err = format!("{:#}", load(src).unwrap_err());
+        assert!(err.contains(bad), "error does not name the tensor: {err}");
+        assert!(
+            err.contains("[130, 48]"),
+            "error does not give the stored shape: {err}"
+        );
+        assert!(
+            err.contains("[128, 48]"),
+            "error does not give the expected shape: {err}"
+        );
+
+        let mut src = tiny_checkpoint();
+        let bad = "vision_model.encoder.layers.0.self_attn.qkv.bias";
+        src.insert(bad, Tensor::zeros(48, DType::F32, &Device::Cpu).unwrap());
+        let err = format!("{:#}", load(src).unwrap_err());
+        assert!(
+            err.contains(bad) && err.contains("[48]") && err.contains("[144]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn wrong_image_size_is_an_error() -> Result<()> {
+        let vm = load(tiny_checkpoint())?;
+        let px = Tensor::zeros((1, 3, 56, 56), DType::F32, &Device::Cpu)?;
+        let err = format!("{:#}", vm.forward(&px).unwrap_err());
+        assert!(
+            err.contains("[1, 3, 56, 56]") && err.contains("42"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn hf_config_fields_and_defaults() -> Result<()> {
+        // A saved config keeps only the fields that differ from the defaults (EVA ViT-g's).
+        let c = VitConfig::from_hf_config(
+            &serde_json::json!({"vision_config": {"model_type": "instructblip_vision_model"}}),
+        )?;
+        assert_eq!(c, VitConfig::eva_vit_g());
+        let c = VitConfig::from_hf_config(&serde_json::json!({
+            "hidden_size": 48, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "image_size": [42, 42], "patch_size": 14, "layer_norm_eps": 1e-6, "qkv_bias": true, "hidden_act": "gelu"
+        }))?;
+        assert_eq!(c, VitConfig::tiny());
+        assert!(VitConfig::from_hf_config(&serde_json::json!({"hidden_size": 50})).is_err());
+        assert!(VitConfig::from_hf_config(&serde_json::json!({"hidden_act": "swish"})).is_err());
+        Ok(())
+    }
+}
