@@ -8,9 +8,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{assert_close, get, load_io};
-use gcg::models::t5::{
-    relative_position_bucket, EarlyStopping, GenerateConfig, SelfKvCache, T5Config, T5Model,
-};
+use gcg::models::t5::{relative_position_bucket, EarlyStopping, GenerateConfig, SelfKvCache, T5Config, T5Model};
 use gcg::nn::{Activation, Ctx, Linear};
 use gcg::weights::{Loader, SafetensorsSource};
 use std::collections::HashMap;
@@ -18,8 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 fn read_json(path: &Path) -> serde_json::Value {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
 
@@ -32,8 +29,7 @@ fn load_t5(dir: &Path, prefix: &str) -> T5Model {
     let lb = if prefix.is_empty() {
         Loader::from_source(Arc::new(src), &Device::Cpu, DType::F32)
     } else {
-        Loader::from_source(Arc::new(src), &Device::Cpu, DType::F32)
-            .with_ignored(move |n| !n.starts_with(&owned))
+        Loader::from_source(Arc::new(src), &Device::Cpu, DType::F32).with_ignored(move |n| !n.starts_with(&owned))
     };
     let model = T5Model::load(&lb.pp(prefix), &cfg).unwrap();
     lb.finish().unwrap();
@@ -61,14 +57,8 @@ fn models(dir: &Path) -> Vec<(String, T5Model)> {
         plain.display()
     );
     vec![
-        (
-            format!("{} [hf]", dir.display()),
-            load_t5(&dir.join("hf"), "language_model"),
-        ),
-        (
-            format!("{} [gcg/flan-t5]", dir.display()),
-            load_t5(&plain, ""),
-        ),
+        (format!("{} [hf]", dir.display()), load_t5(&dir.join("hf"), "language_model")),
+        (format!("{} [gcg/flan-t5]", dir.display()), load_t5(&plain, "")),
     ]
 }
 
@@ -112,12 +102,7 @@ fn relative_position_buckets_match_hf() {
         for (key, bidir) in [("bucket_bidirectional", true), ("bucket_causal", false)] {
             let want = get(&fx.io, key).unwrap().to_vec1::<i64>().unwrap();
             for (r, w) in rel.iter().zip(&want) {
-                let got = relative_position_bucket(
-                    *r,
-                    bidir,
-                    cfg.relative_attention_num_buckets,
-                    cfg.relative_attention_max_distance,
-                );
+                let got = relative_position_bucket(*r, bidir, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance);
                 assert_eq!(got as i64, *w, "{key}: relative position {r}");
             }
         }
@@ -134,42 +119,22 @@ fn encoder_logits_loss_and_gradient_match_hf() {
         for (tag, m) in models(&dir) {
             let x = Var::from_tensor(get(io, "inputs_embeds").unwrap()).unwrap();
             let enc = m.encode(x.as_tensor(), mask, Ctx::eval()).unwrap();
-            assert_close(
-                &format!("{tag} encoder_hidden"),
-                &enc,
-                get(io, "encoder_hidden").unwrap(),
-                1e-4,
-            );
+            assert_close(&format!("{tag} encoder_hidden"), &enc, get(io, "encoder_hidden").unwrap(), 1e-4);
 
             let dec_ids = m.shift_right(labels).unwrap();
-            let want_ids = get(io, "decoder_input_ids")
-                .unwrap()
-                .to_dtype(DType::U32)
-                .unwrap();
+            let want_ids = get(io, "decoder_input_ids").unwrap().to_dtype(DType::U32).unwrap();
             assert_eq!(
                 dec_ids.to_vec2::<u32>().unwrap(),
                 want_ids.to_vec2::<u32>().unwrap(),
                 "{tag}: shifted labels"
             );
             let logits = m.forward_logits(&enc, mask, &dec_ids).unwrap();
-            assert_close(
-                &format!("{tag} logits"),
-                &logits,
-                get(io, "logits").unwrap(),
-                1e-4,
-            );
+            assert_close(&format!("{tag} logits"), &logits, get(io, "logits").unwrap(), 1e-4);
 
             let loss = m.loss(&enc, mask, labels, Ctx::eval()).unwrap();
-            assert_close(
-                &format!("{tag} loss"),
-                &loss.reshape(1).unwrap(),
-                get(io, "loss").unwrap(),
-                1e-4,
-            );
+            assert_close(&format!("{tag} loss"), &loss.reshape(1).unwrap(), get(io, "loss").unwrap(), 1e-4);
             let grads = loss.backward().unwrap();
-            let g = grads
-                .get(x.as_tensor())
-                .expect("the loss must reach inputs_embeds");
+            let g = grads.get(x.as_tensor()).expect("the loss must reach inputs_embeds");
             assert_close(
                 &format!("{tag} grad_inputs_embeds"),
                 g,
@@ -184,20 +149,9 @@ fn generate_config(settings: &serde_json::Value) -> GenerateConfig {
     GenerateConfig {
         max_new_tokens: settings["max_new_tokens"].as_u64().unwrap() as usize,
         num_beams: settings["num_beams"].as_u64().unwrap() as usize,
-        length_penalty: settings
-            .get("length_penalty")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(1.0),
-        early_stopping: EarlyStopping::from_hf(
-            settings
-                .get("early_stopping")
-                .unwrap_or(&serde_json::Value::Bool(false)),
-        )
-        .unwrap(),
-        min_new_tokens: settings
-            .get("min_new_tokens")
-            .and_then(|v| v.as_u64())
-            .unwrap_or(0) as usize,
+        length_penalty: settings.get("length_penalty").and_then(|v| v.as_f64()).unwrap_or(1.0),
+        early_stopping: EarlyStopping::from_hf(settings.get("early_stopping").unwrap_or(&serde_json::Value::Bool(false))).unwrap(),
+        min_new_tokens: settings.get("min_new_tokens").and_then(|v| v.as_u64()).unwrap_or(0) as usize,
     }
 }
 
@@ -215,10 +169,7 @@ fn check_ids(what: &str, got: &[u32], hf_row: &[i64], cfg: &T5Config, max_new: u
         "{what}: HF row starts with the decoder start"
     );
     let body = &hf_row[1..];
-    assert!(
-        got.len() <= body.len(),
-        "{what}: {got:?} longer than HF's {hf_row:?}"
-    );
+    assert!(got.len() <= body.len(), "{what}: {got:?} longer than HF's {hf_row:?}");
     let same = got.iter().zip(body).all(|(a, b)| *a as i64 == *b);
     let rest_pad = body[got.len()..].iter().all(|&t| t == fill);
     assert!(same && rest_pad, "{what}: got {got:?}, HF {hf_row:?}");
@@ -260,21 +211,13 @@ fn greedy_and_beam_search_ids_match_hf() {
                 ),
             ] {
                 m.lm_head = head;
-                let enc = m
-                    .encode(get(io, "gen_inputs_embeds").unwrap(), mask, Ctx::eval())
-                    .unwrap();
+                let enc = m.encode(get(io, "gen_inputs_embeds").unwrap(), mask, Ctx::eval()).unwrap();
                 let gens = fx.meta[group].as_object().unwrap();
-                assert!(
-                    gens.len() >= 8,
-                    "expected greedy and several beam-search cases"
-                );
+                assert!(gens.len() >= 8, "expected greedy and several beam-search cases");
                 for (name, case) in gens {
                     let gc = generate_config(&case["settings"]);
                     let got = m.generate(&enc, mask, &gc).unwrap();
-                    let hf = get(io, &format!("{key}.{name}"))
-                        .unwrap()
-                        .to_vec2::<i64>()
-                        .unwrap();
+                    let hf = get(io, &format!("{key}.{name}")).unwrap().to_vec2::<i64>().unwrap();
                     assert_eq!(got.len(), hf.len(), "{tag} {key}.{name}: rows");
                     for (r, (g, h)) in got.iter().zip(&hf).enumerate() {
                         check_ids(
@@ -300,27 +243,14 @@ fn option_scores_match_hf() {
         let fx = fixture(&dir);
         let io = &fx.io;
         let mask = get(io, "attention_mask").unwrap();
-        let options: Vec<Vec<Vec<u32>>> =
-            serde_json::from_value(fx.meta["options"].clone()).unwrap();
+        let options: Vec<Vec<Vec<u32>>> = serde_json::from_value(fx.meta["options"].clone()).unwrap();
         for (tag, m) in models(&dir) {
-            let enc = m
-                .encode(get(io, "inputs_embeds").unwrap(), mask, Ctx::eval())
-                .unwrap();
+            let enc = m.encode(get(io, "inputs_embeds").unwrap(), mask, Ctx::eval()).unwrap();
             let sums = m.score_options(&enc, mask, &options).unwrap();
             let means = m.score_options_mean(&enc, mask, &options).unwrap();
             let to_t = |v: Vec<Vec<f32>>| Tensor::new(v, &Device::Cpu).unwrap();
-            assert_close(
-                &format!("{tag} option sums"),
-                &to_t(sums),
-                get(io, "option_sums").unwrap(),
-                1e-4,
-            );
-            assert_close(
-                &format!("{tag} option means"),
-                &to_t(means),
-                get(io, "option_means").unwrap(),
-                1e-4,
-            );
+            assert_close(&format!("{tag} option sums"), &to_t(sums), get(io, "option_sums").unwrap(), 1e-4);
+            assert_close(&format!("{tag} option means"), &to_t(means), get(io, "option_means").unwrap(), 1e-4);
         }
     }
 }
@@ -338,10 +268,7 @@ fn random_t5(dtype: DType, seed: u64, act: Activation) -> T5Model {
 fn randn(shape: &[usize], dtype: DType, seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
     let v = gcg::SeededRng::new(seed).normal_vec(n, 0.0, 1.0);
-    Tensor::from_vec(v, shape, &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
 }
 
 #[test]
@@ -387,15 +314,11 @@ fn loss_gradient_matches_finite_differences_f64() {
             max_g = max_g.max(fd.abs());
         }
         let rel = max_err / max_g;
-        eprintln!(
-            "{act:?}: finite differences vs backward: max |diff| {max_err:.3e}, rel {rel:.3e}"
-        );
+        eprintln!("{act:?}: finite differences vs backward: max |diff| {max_err:.3e}, rel {rel:.3e}");
         assert!(max_g > 1e-3, "the gradient should not vanish");
         assert!(rel < 1e-6, "{act:?}: gradient relative error {rel:.3e}");
         // padded encoder positions do not influence the loss
-        let pad_grad: f64 = (0..d)
-            .map(|k| grad[(l + 4) * d + k].abs() + grad[(l + 5) * d + k].abs())
-            .sum();
+        let pad_grad: f64 = (0..d).map(|k| grad[(l + 4) * d + k].abs() + grad[(l + 5) * d + k].abs()).sum();
         assert!(pad_grad < 1e-12, "padded positions got gradient {pad_grad}");
     }
 }
@@ -406,75 +329,39 @@ fn cached_decoding_equals_uncached_forwards() {
     let (b, l) = (3, 7);
     let x = randn(&[b, l, m.cfg.d_model], DType::F32, 5);
     let mask = Tensor::new(
-        &[
-            [1u8, 1, 1, 1, 1, 1, 1],
-            [1, 1, 1, 1, 1, 0, 0],
-            [1, 1, 1, 0, 0, 0, 0],
-        ],
+        &[[1u8, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0]],
         &Device::Cpu,
     )
     .unwrap();
     let enc = m.encode(&x, &mask, Ctx::eval()).unwrap();
 
     // Step-by-step hidden states through the cache equal one causal pass over the same ids.
-    let ids: Vec<u32> = vec![
-        0, 17, 4, 88, 23, 9, 61, 2, 0, 35, 12, 70, 5, 44, 0, 0, 93, 8, 27, 66, 31,
-    ];
+    let ids: Vec<u32> = vec![0, 17, 4, 88, 23, 9, 61, 2, 0, 35, 12, 70, 5, 44, 0, 0, 93, 8, 27, 66, 31];
     let ids = Tensor::from_vec(ids, (b, 7), &Device::Cpu).unwrap();
     let cross = m.cross_kv(&enc).unwrap();
     let bias = gcg::nn::padding_bias(&mask, DType::F32).unwrap();
-    let full = m
-        .run_decoder(&ids, &cross, &bias, None, Ctx::eval())
-        .unwrap();
+    let full = m.run_decoder(&ids, &cross, &bias, None, Ctx::eval()).unwrap();
     let mut cache = SelfKvCache::new(m.decoder.blocks.len());
     let mut steps = Vec::new();
     for t in 0..7 {
         let h = m
-            .run_decoder(
-                &ids.narrow(1, t, 1).unwrap(),
-                &cross,
-                &bias,
-                Some(&mut cache),
-                Ctx::eval(),
-            )
+            .run_decoder(&ids.narrow(1, t, 1).unwrap(), &cross, &bias, Some(&mut cache), Ctx::eval())
             .unwrap();
         steps.push(h);
     }
     // and a two-token prefill followed by single steps
     let mut cache2 = SelfKvCache::new(m.decoder.blocks.len());
     let mut mixed = vec![m
-        .run_decoder(
-            &ids.narrow(1, 0, 3).unwrap(),
-            &cross,
-            &bias,
-            Some(&mut cache2),
-            Ctx::eval(),
-        )
+        .run_decoder(&ids.narrow(1, 0, 3).unwrap(), &cross, &bias, Some(&mut cache2), Ctx::eval())
         .unwrap()];
     for t in 3..7 {
         mixed.push(
-            m.run_decoder(
-                &ids.narrow(1, t, 1).unwrap(),
-                &cross,
-                &bias,
-                Some(&mut cache2),
-                Ctx::eval(),
-            )
-            .unwrap(),
+            m.run_decoder(&ids.narrow(1, t, 1).unwrap(), &cross, &bias, Some(&mut cache2), Ctx::eval())
+                .unwrap(),
         );
     }
-    assert_close(
-        "cached steps vs full pass",
-        &Tensor::cat(&steps, 1).unwrap(),
-        &full,
-        1e-5,
-    );
-    assert_close(
-        "prefill + steps vs full pass",
-        &Tensor::cat(&mixed, 1).unwrap(),
-        &full,
-        1e-5,
-    );
+    assert_close("cached steps vs full pass", &Tensor::cat(&steps, 1).unwrap(), &full, 1e-5);
+    assert_close("prefill + steps vs full pass", &Tensor::cat(&mixed, 1).unwrap(), &full, 1e-5);
 
     // Greedy generation (cached) equals the argmax of uncached teacher-forced logits.
     let gc = GenerateConfig {
@@ -490,19 +377,9 @@ fn cached_decoding_equals_uncached_forwards() {
         prefix.extend_from_slice(&seq[..seq.len() - 1]);
         let n = prefix.len();
         let logits = m
-            .forward_logits(
-                &er,
-                &mr,
-                &Tensor::from_vec(prefix, (1, n), &Device::Cpu).unwrap(),
-            )
+            .forward_logits(&er, &mr, &Tensor::from_vec(prefix, (1, n), &Device::Cpu).unwrap())
             .unwrap();
-        let argmax = logits
-            .squeeze(0)
-            .unwrap()
-            .argmax(1)
-            .unwrap()
-            .to_vec1::<u32>()
-            .unwrap();
+        let argmax = logits.squeeze(0).unwrap().argmax(1).unwrap().to_vec1::<u32>().unwrap();
         assert_eq!(&argmax, seq, "row {r}: cached greedy vs uncached argmax");
         assert!(seq.last() == Some(&m.cfg.eos_token_id) || seq.len() == gc.max_new_tokens);
     }
@@ -522,10 +399,7 @@ fn checkpoint_aliases_and_tied_head() {
             format!("{sname}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
             &st.relative_attention_bias,
         );
-        push(
-            format!("{sname}.final_layer_norm.weight"),
-            &st.final_layer_norm.weight,
-        );
+        push(format!("{sname}.final_layer_norm.weight"), &st.final_layer_norm.weight);
         for (i, blk) in st.blocks.iter().enumerate() {
             let p = format!("{sname}.block.{i}.layer");
             for (n, lin) in [
@@ -536,10 +410,7 @@ fn checkpoint_aliases_and_tied_head() {
             ] {
                 push(format!("{p}.0.SelfAttention.{n}.weight"), &lin.weight);
             }
-            push(
-                format!("{p}.0.layer_norm.weight"),
-                &blk.self_attn_norm.weight,
-            );
+            push(format!("{p}.0.layer_norm.weight"), &blk.self_attn_norm.weight);
             let ff = if let Some((ca, norm)) = &blk.cross_attn {
                 for (n, lin) in [("q", &ca.q), ("k", &ca.k), ("v", &ca.v), ("o", &ca.o)] {
                     push(format!("{p}.1.EncDecAttention.{n}.weight"), &lin.weight);
@@ -549,18 +420,12 @@ fn checkpoint_aliases_and_tied_head() {
             } else {
                 1
             };
-            push(
-                format!("{p}.{ff}.DenseReluDense.wi_0.weight"),
-                &blk.ff.wi_0.weight,
-            );
+            push(format!("{p}.{ff}.DenseReluDense.wi_0.weight"), &blk.ff.wi_0.weight);
             push(
                 format!("{p}.{ff}.DenseReluDense.wi_1.weight"),
                 &blk.ff.wi_1.as_ref().unwrap().weight,
             );
-            push(
-                format!("{p}.{ff}.DenseReluDense.wo.weight"),
-                &blk.ff.wo.weight,
-            );
+            push(format!("{p}.{ff}.DenseReluDense.wo.weight"), &blk.ff.wo.weight);
             push(format!("{p}.{ff}.layer_norm.weight"), &blk.ff_norm.weight);
         }
     }
@@ -601,10 +466,7 @@ fn dropout_only_in_training() {
     let labels = Tensor::new(&[[4i64, 9, 1], [7, 1, -100]], &Device::Cpu).unwrap();
     let loss = |m: &T5Model, ctx: Ctx| -> f32 {
         let enc = m.encode(&x, &mask, ctx).unwrap();
-        m.loss(&enc, &mask, &labels, ctx)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        m.loss(&enc, &mask, &labels, ctx).unwrap().to_scalar::<f32>().unwrap()
     };
     let rng = std::cell::RefCell::new(gcg::SeededRng::new(1));
     let m = random_t5(DType::F32, 4, Activation::Gelu);
