@@ -118,14 +118,32 @@ fn forward(a: ForwardArgs) -> Result<()> {
     drop(feats);
 
     // One grounded answer: K selected frames + the spatial pass over T frames + greedy decoding.
-    let feats = Tensor::from_vec(rng.normal_vec(a.batch * a.frames * n * dv, 0.0, 1.0), (a.batch, a.frames, n, dv), &dev)?.to_dtype(dtype)?;
-    let qids = random_ids(&mut rng, a.batch, a.prompt_tokens.min(cfg.qformer.max_position_embeddings), 1, cfg.qformer.vocab_size, &dev)?;
+    let feats = Tensor::from_vec(
+        rng.normal_vec(a.batch * a.frames * n * dv, 0.0, 1.0),
+        (a.batch, a.frames, n, dv),
+        &dev,
+    )?
+    .to_dtype(dtype)?;
+    let qids = random_ids(
+        &mut rng,
+        a.batch,
+        a.prompt_tokens.min(cfg.qformer.max_position_embeddings),
+        1,
+        cfg.qformer.vocab_size,
+        &dev,
+    )?;
     let qmask = qids.ones_like()?;
     let ids = random_ids(&mut rng, a.batch, a.prompt_tokens, 2, cfg.t5.vocab_size, &dev)?;
     let mask = ids.ones_like()?;
-    let sel: Vec<u32> = (0..a.k).map(|i| ((i * (a.frames - 1)) as f64 / (a.k.max(2) - 1) as f64).round() as u32).collect();
+    let sel: Vec<u32> = (0..a.k)
+        .map(|i| ((i * (a.frames - 1)) as f64 / (a.k.max(2) - 1) as f64).round() as u32)
+        .collect();
     let sel = Tensor::new(sel.as_slice(), &dev)?;
-    let gen = GenerateConfig { max_new_tokens: a.new_tokens, min_new_tokens: a.new_tokens, ..Default::default() };
+    let gen = GenerateConfig {
+        max_new_tokens: a.new_tokens,
+        min_new_tokens: a.new_tokens,
+        ..Default::default()
+    };
     let answer = || -> Result<Vec<Vec<u32>>> {
         let normed = model.normalize_features(&feats)?;
         let chosen = normed.index_select(&sel, 1)?;

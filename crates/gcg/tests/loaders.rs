@@ -26,7 +26,9 @@ fn copy_dir(src: &Path, dst: &Path) {
 
 fn load_hf(dir: &Path) -> anyhow::Result<()> {
     let (src, cfg) = open_hf_snapshot(dir)?;
-    let lb = Loader::from_source(src, &Device::Cpu, DType::F32).with_trainable(is_trainable).with_ignored(is_buffer);
+    let lb = Loader::from_source(src, &Device::Cpu, DType::F32)
+        .with_trainable(is_trainable)
+        .with_ignored(is_buffer);
     VideoLmm::load(&lb, &cfg, true)?;
     lb.finish()
 }
@@ -58,7 +60,11 @@ fn both_layouts_load_completely_and_agree() {
         // Every canonical tensor of the GCG layout equals the HF one (both were written from one model).
         for name in gcg.names() {
             let a = gcg.load(&name, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-            let canonical = if hf.contains(&name) { name.clone() } else { name.replace("language_model.encoder.embed_tokens", "language_model.shared") };
+            let canonical = if hf.contains(&name) {
+                name.clone()
+            } else {
+                name.replace("language_model.encoder.embed_tokens", "language_model.shared")
+            };
             let b = hf.load(&canonical, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
             let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert_eq!(d, 0.0, "{}: GCG and HF layouts differ for {name}", dir.display());
@@ -79,16 +85,36 @@ fn renamed_tensor_is_reported_as_missing_and_unused() {
     });
     // The index must follow, or the index check (correctly) complains first.
     let idx = tmp.path().join("model.safetensors.index.json");
-    let text = std::fs::read_to_string(&idx).unwrap().replace(&format!("\"{old}\""), &format!("\"{new}\""));
+    let text = std::fs::read_to_string(&idx)
+        .unwrap()
+        .replace(&format!("\"{old}\""), &format!("\"{new}\""));
     std::fs::write(&idx, text).unwrap();
     let err = format!("{:#}", load_hf(tmp.path()).unwrap_err());
     assert!(err.contains(old) && err.contains("missing"), "{err}");
-    // Loaded without that layer, the renamed tensor is an unused one, named with its file.
-    let (src, _) = open_hf_snapshot(tmp.path()).unwrap();
-    let lb = Loader::from_source(src, &Device::Cpu, DType::F32);
-    lb.get((32, 32), "qformer.encoder.layer.0.attention.output.dense.weight", gcg::nn::init::Init::Zeros).unwrap();
-    let err = format!("{:#}", lb.finish().unwrap_err());
-    assert!(err.contains(new) && err.contains(shard) && err.contains("not used"), "{err}");
+}
+
+#[test]
+fn extra_tensor_is_reported_as_unused_with_its_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&first_dir().join("hf"), tmp.path());
+    let shard = "model-00001-of-00002.safetensors";
+    let extra = "qformer.encoder.layer.0.attention.output.dense.extra";
+    edit_shard(tmp.path(), shard, |t| {
+        let v = t["language_projection.bias"].clone();
+        t.insert(extra.to_string(), v);
+    });
+    let idx = tmp.path().join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&idx).unwrap().replacen(
+        "\"weight_map\": {",
+        &format!("\"weight_map\": {{\n  \"{extra}\": \"{shard}\","),
+        1,
+    );
+    std::fs::write(&idx, text).unwrap();
+    let err = format!("{:#}", load_hf(tmp.path()).unwrap_err());
+    assert!(
+        err.contains(extra) && err.contains(shard) && err.contains("not used") && err.starts_with("1 tensor"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -107,7 +133,10 @@ fn wrong_shape_names_tensor_file_and_both_shapes() {
     let err = format!("{:#}", load_hf(tmp.path()).unwrap_err());
     let actual = format!("[{}, {}]", want[0], want[1] - 1);
     let expected = format!("[{}, {}]", want[0], want[1]);
-    assert!(err.contains(name) && err.contains(shard) && err.contains(&actual) && err.contains(&expected), "{err}");
+    assert!(
+        err.contains(name) && err.contains(shard) && err.contains(&actual) && err.contains(&expected),
+        "{err}"
+    );
 }
 
 #[test]
@@ -118,7 +147,10 @@ fn truncated_safetensors_names_the_file() {
     let bytes = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &bytes[..bytes.len() - 100]).unwrap();
     let err = format!("{:#}", load_hf(tmp.path()).unwrap_err());
-    assert!(err.contains("model-00002-of-00002.safetensors") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("model-00002-of-00002.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
     // A file that is not safetensors at all.
     std::fs::write(&shard, b"hello, this is not a checkpoint").unwrap();
     let err = format!("{:#}", SafetensorsSource::open(&shard).err().unwrap());
@@ -131,7 +163,10 @@ fn index_naming_a_missing_shard_is_an_error() {
     copy_dir(&first_dir().join("hf"), tmp.path());
     std::fs::remove_file(tmp.path().join("model-00001-of-00002.safetensors")).unwrap();
     let err = format!("{:#}", load_hf(tmp.path()).unwrap_err());
-    assert!(err.contains("model-00001-of-00002.safetensors") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("model-00001-of-00002.safetensors") && err.contains("does not exist"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -141,11 +176,17 @@ fn broken_pth_files_name_the_file() {
     let p = tmp.path().join("qformer_t5.pth");
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
-    let err = format!("{:#}", GcgRelease::new(tmp.path(), tmp.path().join("flan-t5")).open().err().unwrap());
+    let err = format!(
+        "{:#}",
+        GcgRelease::new(tmp.path(), tmp.path().join("flan-t5")).open().err().unwrap()
+    );
     assert!(err.contains("qformer_t5.pth"), "{err}");
     std::fs::remove_file(tmp.path().join("llm_proj_t5.pth")).unwrap();
     std::fs::write(tmp.path().join("qformer_t5.pth"), &bytes).unwrap();
-    let err = format!("{:#}", GcgRelease::new(tmp.path(), tmp.path().join("flan-t5")).open().err().unwrap());
+    let err = format!(
+        "{:#}",
+        GcgRelease::new(tmp.path(), tmp.path().join("flan-t5")).open().err().unwrap()
+    );
     assert!(err.contains("llm_proj_t5.pth") && err.contains("missing"), "{err}");
 }
 
@@ -165,7 +206,10 @@ fn half_precision_checkpoints_load_exactly() {
         assert_eq!(gcg.meta(name).unwrap().dtype, DType::F16);
         let a = hf.load(name, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
         let b = gcg.load(name, &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-        assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
     assert!(seen, "no bf16 fixture directory found");
 }
@@ -174,7 +218,9 @@ fn half_precision_checkpoints_load_exactly() {
 fn trainable_parameters_are_exactly_the_gcg_set() {
     let dir = first_dir();
     let (src, cfg): (Arc<dyn TensorSource + Send + Sync>, LmmConfig) = open_hf_snapshot(&dir.join("hf")).unwrap();
-    let lb = Loader::from_source(src, &Device::Cpu, DType::F32).with_trainable(is_trainable).with_ignored(is_buffer);
+    let lb = Loader::from_source(src, &Device::Cpu, DType::F32)
+        .with_trainable(is_trainable)
+        .with_ignored(is_buffer);
     VideoLmm::load(&lb, &cfg, false).unwrap();
     let vars = lb.vars();
     assert!(vars.get("query_tokens").is_some());
@@ -182,5 +228,7 @@ fn trainable_parameters_are_exactly_the_gcg_set() {
     assert!(vars.get("language_projection.weight").is_some());
     assert!(vars.iter().all(|(n, _)| is_trainable(n)));
     assert!(vars.iter().any(|(n, _)| n.starts_with("qformer.")));
-    assert!(!vars.iter().any(|(n, _)| n.starts_with("language_model.") || n.starts_with("vision_model.")));
+    assert!(!vars
+        .iter()
+        .any(|(n, _)| n.starts_with("language_model.") || n.starts_with("vision_model.")));
 }

@@ -53,35 +53,59 @@ fn check_grads(name: &str, xs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) {
 
 #[test]
 fn linear_grad() {
-    check_grads("linear", &[randn(&[2, 3, 5], 1, 1.0), randn(&[4, 5], 2, 0.5), randn(&[4], 3, 0.5)], &|t| {
-        Linear::new(t[1].clone(), Some(t[2].clone())).forward(&t[0]).unwrap()
-    });
+    check_grads(
+        "linear",
+        &[randn(&[2, 3, 5], 1, 1.0), randn(&[4, 5], 2, 0.5), randn(&[4], 3, 0.5)],
+        &|t| Linear::new(t[1].clone(), Some(t[2].clone())).forward(&t[0]).unwrap(),
+    );
 }
 
 #[test]
 fn layer_norm_grad() {
-    check_grads("layer_norm", &[randn(&[3, 4, 8], 4, 2.0), randn(&[8], 5, 1.0), randn(&[8], 6, 1.0)], &|t| {
-        LayerNorm { weight: t[1].clone(), bias: t[2].clone(), eps: 1e-5 }.forward(&t[0]).unwrap()
-    });
+    check_grads(
+        "layer_norm",
+        &[randn(&[3, 4, 8], 4, 2.0), randn(&[8], 5, 1.0), randn(&[8], 6, 1.0)],
+        &|t| {
+            LayerNorm {
+                weight: t[1].clone(),
+                bias: t[2].clone(),
+                eps: 1e-5,
+            }
+            .forward(&t[0])
+            .unwrap()
+        },
+    );
 }
 
 #[test]
 fn rms_norm_grad() {
     check_grads("rms_norm", &[randn(&[3, 4, 8], 7, 2.0), randn(&[8], 8, 1.0)], &|t| {
-        RmsNorm { weight: t[1].clone(), eps: 1e-6 }.forward(&t[0]).unwrap()
+        RmsNorm {
+            weight: t[1].clone(),
+            eps: 1e-6,
+        }
+        .forward(&t[0])
+        .unwrap()
     });
 }
 
 #[test]
 fn softmax_and_log_softmax_grad() {
     check_grads("softmax", &[randn(&[3, 7], 9, 3.0)], &|t| nn::softmax_last_dim(&t[0]).unwrap());
-    check_grads("log_softmax", &[randn(&[3, 7], 10, 3.0)], &|t| nn::log_softmax_last_dim(&t[0]).unwrap());
+    check_grads("log_softmax", &[randn(&[3, 7], 10, 3.0)], &|t| {
+        nn::log_softmax_last_dim(&t[0]).unwrap()
+    });
 }
 
 #[test]
 fn activations_grad() {
-    for (i, act) in [Activation::Gelu, Activation::GeluTanh, Activation::QuickGelu].into_iter().enumerate() {
-        check_grads(&format!("{act:?}"), &[randn(&[5, 6], 11 + i as u64, 2.0)], &|t| act.forward(&t[0]).unwrap());
+    for (i, act) in [Activation::Gelu, Activation::GeluTanh, Activation::QuickGelu]
+        .into_iter()
+        .enumerate()
+    {
+        check_grads(&format!("{act:?}"), &[randn(&[5, 6], 11 + i as u64, 2.0)], &|t| {
+            act.forward(&t[0]).unwrap()
+        });
     }
 }
 
@@ -92,7 +116,12 @@ fn attention_with_masks_and_bias_grad() {
     let mask = Tensor::new(&[[1f64, 1., 1., 1.], [1., 1., 1., 0.]], &dev).unwrap();
     let pad = padding_bias(&mask, DType::F64).unwrap();
     let causal = causal_bias(4, 4, 0, DType::F64, &dev).unwrap();
-    let xs = [randn(&[2, 2, 4, 3], 20, 1.0), randn(&[2, 2, 4, 3], 21, 1.0), randn(&[2, 2, 4, 3], 22, 1.0), randn(&[1, 2, 4, 4], 23, 1.0)];
+    let xs = [
+        randn(&[2, 2, 4, 3], 20, 1.0),
+        randn(&[2, 2, 4, 3], 21, 1.0),
+        randn(&[2, 2, 4, 3], 22, 1.0),
+        randn(&[1, 2, 4, 4], 23, 1.0),
+    ];
     check_grads("sdpa", &xs, &|t| {
         let bias = t[3].broadcast_add(&pad).unwrap().broadcast_add(&causal).unwrap();
         scaled_dot_product_attention(&t[0], &t[1], &t[2], Some(0.5), Some(&bias), None).unwrap()
@@ -119,7 +148,12 @@ fn causal_and_padding_masks_hide_keys() {
         assert_eq!(w[row * 3 + 1], 0.0, "padded key got weight: {w:?}");
     }
     // A KV-cache style offset: query at position 2 of 3 sees all keys.
-    let c = causal_bias(1, 3, 2, DType::F64, &dev).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let c = causal_bias(1, 3, 2, DType::F64, &dev)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     assert_eq!(c, vec![0.0, 0.0, 0.0]);
 }
 
@@ -127,8 +161,29 @@ fn causal_and_padding_masks_hide_keys() {
 fn multi_head_attention_grad() {
     let dev = Device::Cpu;
     let lb = Loader::random(&dev, DType::F64, 5);
-    let mha = MultiHeadAttention::load(&lb, ProjNames { q: "q", k: "k", v: "v", o: "o" }, 6, 4, 6, 2, true, true, 0.0).unwrap();
-    let xs = [randn(&[2, 3, 6], 40, 1.0), randn(&[2, 5, 4], 41, 1.0), mha.q.weight.clone(), mha.k.weight.clone()];
+    let mha = MultiHeadAttention::load(
+        &lb,
+        ProjNames {
+            q: "q",
+            k: "k",
+            v: "v",
+            o: "o",
+        },
+        6,
+        4,
+        6,
+        2,
+        true,
+        true,
+        0.0,
+    )
+    .unwrap();
+    let xs = [
+        randn(&[2, 3, 6], 40, 1.0),
+        randn(&[2, 5, 4], 41, 1.0),
+        mha.q.weight.clone(),
+        mha.k.weight.clone(),
+    ];
     check_grads("mha", &xs, &|t| {
         let mut m = mha.clone();
         m.q.weight = t[2].clone();
@@ -140,7 +195,9 @@ fn multi_head_attention_grad() {
 #[test]
 fn embedding_grad_and_range_error() {
     let ids = Tensor::new(&[[0u32, 2, 2], [3, 1, 0]], &Device::Cpu).unwrap();
-    check_grads("embedding", &[randn(&[4, 5], 50, 1.0)], &|t| Embedding::new(t[0].clone()).forward(&ids).unwrap());
+    check_grads("embedding", &[randn(&[4, 5], 50, 1.0)], &|t| {
+        Embedding::new(t[0].clone()).forward(&ids).unwrap()
+    });
     let bad = Tensor::new(&[[4u32]], &Device::Cpu).unwrap();
     let err = Embedding::new(randn(&[4, 5], 51, 1.0)).forward(&bad).unwrap_err().to_string();
     assert!(err.contains("id 4") && err.contains("4 rows"), "{err}");
@@ -149,7 +206,9 @@ fn embedding_grad_and_range_error() {
 #[test]
 fn cross_entropy_grad_and_value() {
     let targets = Tensor::new(&[2i64, -100, 0, 4], &Device::Cpu).unwrap();
-    check_grads("cross_entropy", &[randn(&[4, 5], 60, 2.0)], &|t| nn::cross_entropy(&t[0], &targets, -100).unwrap());
+    check_grads("cross_entropy", &[randn(&[4, 5], 60, 2.0)], &|t| {
+        nn::cross_entropy(&t[0], &targets, -100).unwrap()
+    });
     // Value against a direct computation: mean of -log softmax at the kept targets.
     let logits = randn(&[4, 5], 61, 2.0);
     let l = nn::cross_entropy(&logits, &targets, -100).unwrap().to_scalar::<f64>().unwrap();
@@ -191,12 +250,31 @@ fn fused_and_composed_paths_agree_in_f32() {
     let w = randn(&[16], 81, 1.0).to_dtype(DType::F32).unwrap();
     let b = randn(&[16], 82, 1.0).to_dtype(DType::F32).unwrap();
     let xv = Var::from_tensor(&x).unwrap();
-    let ln = LayerNorm { weight: w.clone(), bias: b, eps: 1e-6 };
-    let d = (ln.forward(&x).unwrap() - ln.forward(xv.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+    let ln = LayerNorm {
+        weight: w.clone(),
+        bias: b,
+        eps: 1e-6,
+    };
+    let d = (ln.forward(&x).unwrap() - ln.forward(xv.as_tensor()).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
     let rms = RmsNorm { weight: w, eps: 1e-6 };
-    let d = (rms.forward(&x).unwrap() - rms.forward(xv.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+    let d = (rms.forward(&x).unwrap() - rms.forward(xv.as_tensor()).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
-    let d = (nn::softmax_last_dim(&x).unwrap() - nn::softmax_last_dim(xv.as_tensor()).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
+    let d = (nn::softmax_last_dim(&x).unwrap() - nn::softmax_last_dim(xv.as_tensor()).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
 }

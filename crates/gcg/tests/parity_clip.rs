@@ -15,39 +15,18 @@ fn clip_branch_matches_pytorch() -> Result<()> {
     for dir in parity_dirs() {
         let io = load_io(&dir.join("io/clip.safetensors"))?;
         let json = dir.join("io/clip.json");
-        let cfg: ClipConfig = serde_json::from_str(
-            &std::fs::read_to_string(&json)
-                .with_context(|| format!("reading {}", json.display()))?,
-        )
-        .with_context(|| format!("{} is not a ClipConfig", json.display()))?;
-        if dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("tiny"))
-        {
-            assert_eq!(
-                cfg,
-                ClipConfig::tiny(),
-                "the tiny preset must equal the fixture's CLIP sizes"
-            );
+        let cfg: ClipConfig = serde_json::from_str(&std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?)
+            .with_context(|| format!("{} is not a ClipConfig", json.display()))?;
+        if dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("tiny")) {
+            assert_eq!(cfg, ClipConfig::tiny(), "the tiny preset must equal the fixture's CLIP sizes");
         }
         let branch = ClipBranch::load_gcg_dir(&dir.join("gcg"), &cfg, &Device::Cpu, DType::F32)?;
 
         let text = branch.encode_text(get(&io, "text_ids")?)?;
-        assert_close(
-            &format!("{}: text_embeds", dir.display()),
-            &text,
-            get(&io, "text_embeds")?,
-            TOL,
-        );
+        assert_close(&format!("{}: text_embeds", dir.display()), &text, get(&io, "text_embeds")?, TOL);
 
         let image = branch.encode_image(get(&io, "frame_features")?)?;
-        assert_close(
-            &format!("{}: image_embeds", dir.display()),
-            &image,
-            get(&io, "image_embeds")?,
-            TOL,
-        );
+        assert_close(&format!("{}: image_embeds", dir.display()), &image, get(&io, "image_embeds")?, TOL);
 
         // One row at a time (other padding lengths) gives the same embeddings.
         let ids = get(&io, "text_ids")?;

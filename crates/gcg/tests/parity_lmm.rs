@@ -21,11 +21,16 @@ fn video_lmm_matches_reference() {
         let (src, mut cfg) = open_hf_snapshot(&dir.join("hf")).unwrap();
         let t = meta["frames"].as_u64().unwrap() as usize;
         cfg.max_frames = t;
-        let lb = Loader::from_source(src, &Device::Cpu, DType::F32).with_trainable(is_trainable).with_ignored(is_buffer);
+        let lb = Loader::from_source(src, &Device::Cpu, DType::F32)
+            .with_trainable(is_trainable)
+            .with_ignored(is_buffer);
         let mut model = VideoLmm::load(&lb, &cfg, true).unwrap();
         lb.finish().unwrap();
         let vars = lb.vars();
-        vars.get("frame_embeds.weight").unwrap().set(get(&io, "frame_pos").unwrap()).unwrap();
+        vars.get("frame_embeds.weight")
+            .unwrap()
+            .set(get(&io, "frame_pos").unwrap())
+            .unwrap();
 
         let feats = get(&io, "features").unwrap();
         let (b, t, n, dv) = feats.dims4().unwrap();
@@ -41,19 +46,41 @@ fn video_lmm_matches_reference() {
             let what = format!("{} {tag}", dir.display());
             model.cfg.spatial = spatial;
             let normed = model.normalize_features(feats).unwrap(); // [B, T, N, Dv]
-            let mixed = sel.as_tensor().matmul(&normed.reshape((b, t, n * dv)).unwrap()).unwrap().reshape((b, k, n, dv)).unwrap();
+            let mixed = sel
+                .as_tensor()
+                .matmul(&normed.reshape((b, t, n * dv)).unwrap())
+                .unwrap()
+                .reshape((b, k, n, dv))
+                .unwrap();
             let visual = model.visual_tokens(&mixed, Some(&normed), qids, qmask, Ctx::eval()).unwrap();
-            assert_close(&format!("{what} visual tokens"), &visual, get(&io, &format!("{tag}.visual_tokens")).unwrap(), 1e-4);
+            assert_close(
+                &format!("{what} visual tokens"),
+                &visual,
+                get(&io, &format!("{tag}.visual_tokens")).unwrap(),
+                1e-4,
+            );
             let inputs = model.llm_inputs(&visual, ids, mask).unwrap();
             let loss = model.loss(&inputs, labels, Ctx::eval()).unwrap();
             assert_close(&format!("{what} loss"), &loss, get(&io, &format!("{tag}.loss")).unwrap(), 1e-4);
             let grads = loss.backward().unwrap();
             let g = |v: &Var| grads.get(v).cloned().unwrap_or_else(|| v.zeros_like().unwrap());
-            assert_close(&format!("{what} grad selection"), &g(&sel), get(&io, &format!("{tag}.grad.selection")).unwrap(), 1e-3);
-            assert_close(&format!("{what} grad frame_pos"), &g(vars.get("frame_embeds.weight").unwrap()).narrow(0, 0, t).unwrap(), get(&io, &format!("{tag}.grad.frame_pos")).unwrap(), 1e-3);
+            assert_close(
+                &format!("{what} grad selection"),
+                &g(&sel),
+                get(&io, &format!("{tag}.grad.selection")).unwrap(),
+                1e-3,
+            );
+            assert_close(
+                &format!("{what} grad frame_pos"),
+                &g(vars.get("frame_embeds.weight").unwrap()).narrow(0, 0, t).unwrap(),
+                get(&io, &format!("{tag}.grad.frame_pos")).unwrap(),
+                1e-3,
+            );
             let mut checked = 0;
             for (key, want) in io.iter() {
-                let Some(name) = key.strip_prefix(&format!("{tag}.grad.")) else { continue };
+                let Some(name) = key.strip_prefix(&format!("{tag}.grad.")) else {
+                    continue;
+                };
                 if name == "selection" || name == "frame_pos" {
                     continue;
                 }
@@ -66,20 +93,53 @@ fn video_lmm_matches_reference() {
             let m = &meta[tag];
             let max_new = m["max_new_tokens"].as_u64().unwrap() as usize;
             let ids_of = |v: &serde_json::Value| -> Vec<Vec<u32>> {
-                v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()).collect()
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect())
+                    .collect()
             };
             let inputs = model.llm_inputs(&visual.detach(), ids, mask).unwrap();
-            let greedy = model.generate(&inputs, &GenerateConfig { max_new_tokens: max_new, ..Default::default() }).unwrap();
+            let greedy = model
+                .generate(
+                    &inputs,
+                    &GenerateConfig {
+                        max_new_tokens: max_new,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
             assert_eq!(greedy, ids_of(&m["greedy"]), "{what}: greedy ids");
-            let beam = model.generate(&inputs, &GenerateConfig { max_new_tokens: max_new, num_beams: 3, ..Default::default() }).unwrap();
+            let beam = model
+                .generate(
+                    &inputs,
+                    &GenerateConfig {
+                        max_new_tokens: max_new,
+                        num_beams: 3,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
             assert_eq!(beam, ids_of(&m["beam3"]), "{what}: beam ids");
             let options: Vec<Vec<Vec<u32>>> = m["options"].as_array().unwrap().iter().map(ids_of).collect();
             let scores = model.score_options(&inputs, &options).unwrap();
             let scores = Tensor::new(scores, &Device::Cpu).unwrap();
-            assert_close(&format!("{what} option scores"), &scores, get(&io, &format!("{tag}.option_scores")).unwrap(), 1e-4);
+            assert_close(
+                &format!("{what} option scores"),
+                &scores,
+                get(&io, &format!("{tag}.option_scores")).unwrap(),
+                1e-4,
+            );
         }
 
-        let img = model.image_language_inputs(get(&io, "image.pixel_values").unwrap(), qids, qmask).unwrap();
-        assert_close(&format!("{} image path", dir.display()), &img, get(&io, "image.language_inputs").unwrap(), 1e-4);
+        let img = model
+            .image_language_inputs(get(&io, "image.pixel_values").unwrap(), qids, qmask)
+            .unwrap();
+        assert_close(
+            &format!("{} image path", dir.display()),
+            &img,
+            get(&io, "image.language_inputs").unwrap(),
+            1e-4,
+        );
     }
 }

@@ -22,12 +22,9 @@ const GRAD_TOL: f64 = 1e-3;
 
 fn config(dir: &Path) -> Result<QFormerConfig> {
     let path = dir.join("hf/config.json");
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
-    )?;
-    let q = v["num_query_tokens"]
-        .as_u64()
-        .context("config.json: num_query_tokens")? as usize;
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)?;
+    let q = v["num_query_tokens"].as_u64().context("config.json: num_query_tokens")? as usize;
     QFormerConfig::from_hf_config(&v["qformer_config"], q)
 }
 
@@ -45,15 +42,9 @@ fn gcg_source(dir: &Path) -> Result<Option<Arc<dyn TensorSource + Send + Sync>>>
     if !qformer.exists() {
         return Ok(None);
     }
-    let q = RenamedSource::new(
-        Arc::new(PthSource::open(&qformer, None, "qformer")?),
-        gcg_qformer_name,
-    )?;
+    let q = RenamedSource::new(Arc::new(PthSource::open(&qformer, None, "qformer")?), gcg_qformer_name)?;
     let t = PthSource::open(&queries, None, "query_tokens")?;
-    Ok(Some(Arc::new(MergedSource::new(vec![
-        Arc::new(q),
-        Arc::new(t),
-    ])?)))
+    Ok(Some(Arc::new(MergedSource::new(vec![Arc::new(q), Arc::new(t)])?)))
 }
 
 struct Model {
@@ -62,27 +53,15 @@ struct Model {
     lb: Loader,
 }
 
-fn load(
-    src: Arc<dyn TensorSource + Send + Sync>,
-    cfg: &QFormerConfig,
-    trainable: bool,
-) -> Result<Model> {
+fn load(src: Arc<dyn TensorSource + Send + Sync>, cfg: &QFormerConfig, trainable: bool) -> Result<Model> {
     let mut lb = Loader::from_source(src, &Device::Cpu, DType::F32);
     if trainable {
         lb = lb.with_trainable(|_| true);
     }
     let qformer = QFormer::load(&lb.pp("qformer"), cfg)?;
-    let query_tokens = lb.get(
-        (1, cfg.num_query_tokens, cfg.hidden_size),
-        "query_tokens",
-        Init::Zeros,
-    )?;
+    let query_tokens = lb.get((1, cfg.num_query_tokens, cfg.hidden_size), "query_tokens", Init::Zeros)?;
     lb.finish()?;
-    Ok(Model {
-        qformer,
-        query_tokens,
-        lb,
-    })
+    Ok(Model { qformer, query_tokens, lb })
 }
 
 fn check_outputs(what: &str, m: &Model, io: &HashMap<String, Tensor>) -> Result<()> {
@@ -90,9 +69,7 @@ fn check_outputs(what: &str, m: &Model, io: &HashMap<String, Tensor>) -> Result<
     let mask = get(io, "attention_mask")?;
     let image = get(io, "image_embeds")?;
     let ctx = Ctx::eval();
-    let out = m
-        .qformer
-        .forward(&m.query_tokens, Some(ids), Some(mask), image, None, ctx)?;
+    let out = m.qformer.forward(&m.query_tokens, Some(ids), Some(mask), image, None, ctx)?;
     assert_close(
         &format!("{what} query_output"),
         &out.query_output,
@@ -105,9 +82,7 @@ fn check_outputs(what: &str, m: &Model, io: &HashMap<String, Tensor>) -> Result<
         get(io, "last_hidden_state")?,
         OUT_TOL,
     );
-    let out = m
-        .qformer
-        .forward(&m.query_tokens, None, None, image, None, ctx)?;
+    let out = m.qformer.forward(&m.query_tokens, None, None, image, None, ctx)?;
     assert_close(
         &format!("{what} query_output_notext"),
         &out.query_output,
@@ -115,14 +90,9 @@ fn check_outputs(what: &str, m: &Model, io: &HashMap<String, Tensor>) -> Result<
         OUT_TOL,
     );
     let image_mask = get(io, "image_attention_mask")?;
-    let out = m.qformer.forward(
-        &m.query_tokens,
-        Some(ids),
-        Some(mask),
-        image,
-        Some(image_mask),
-        ctx,
-    )?;
+    let out = m
+        .qformer
+        .forward(&m.query_tokens, Some(ids), Some(mask), image, Some(image_mask), ctx)?;
     assert_close(
         &format!("{what} query_output_imgmask"),
         &out.query_output,
@@ -151,19 +121,14 @@ fn check_gradients(what: &str, m: &Model, io: &HashMap<String, Tensor>) -> Resul
         let actual = if name == "image_embeds" {
             grads.get(image.as_tensor())
         } else {
-            let var = vars
-                .get(name)
-                .with_context(|| format!("{what}: no trainable variable '{name}'"))?;
+            let var = vars.get(name).with_context(|| format!("{what}: no trainable variable '{name}'"))?;
             grads.get(var.as_tensor())
         };
         let actual = actual.with_context(|| format!("{what}: no gradient reached '{name}'"))?;
         assert_close(&format!("{what} {key}"), actual, expected, GRAD_TOL);
         checked += 1;
     }
-    anyhow::ensure!(
-        checked >= 4,
-        "{what}: the fixture has only {checked} gradients"
-    );
+    anyhow::ensure!(checked >= 4, "{what}: the fixture has only {checked} gradients");
     Ok(())
 }
 
@@ -172,10 +137,7 @@ fn qformer_matches_transformers_hf_layout() -> Result<()> {
     for dir in parity_dirs() {
         let io = load_io(&dir.join("io/qformer.safetensors"))?;
         let cfg = config(&dir)?;
-        let label = dir
-            .file_name()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
+        let label = dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
         // Frozen (inference kernels) and trainable (differentiable ops) paths.
         let frozen = load(hf_source(&dir)?, &cfg, false)?;
         check_outputs(&format!("{label} hf frozen"), &frozen, &io)?;
@@ -195,10 +157,7 @@ fn qformer_matches_transformers_gcg_layout() -> Result<()> {
         };
         let io = load_io(&dir.join("io/qformer.safetensors"))?;
         let cfg = config(&dir)?;
-        let label = dir
-            .file_name()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default();
+        let label = dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
         let m = load(src, &cfg, true)?;
         check_outputs(&format!("{label} gcg"), &m, &io)?;
         check_gradients(&format!("{label} gcg"), &m, &io)?;

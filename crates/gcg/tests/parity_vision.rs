@@ -17,39 +17,24 @@ const TOL: f64 = 1e-4;
 
 fn vit_config(dir: &Path) -> Result<VitConfig> {
     let path = dir.join("hf/config.json");
-    let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
-    )?;
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)?;
     let cfg = VitConfig::from_hf_config(&v)?;
-    if dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with("tiny"))
-    {
-        assert_eq!(
-            cfg,
-            VitConfig::tiny(),
-            "the tiny preset must equal the fixture's vision_config"
-        );
+    if dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("tiny")) {
+        assert_eq!(cfg, VitConfig::tiny(), "the tiny preset must equal the fixture's vision_config");
     }
     Ok(cfg)
 }
 
 /// The HF snapshot's `vision_model.*` tensors only (the snapshot also holds the Q-Former and T5).
 fn hf_vision_source(dir: &Path) -> Result<Arc<dyn TensorSource + Send + Sync>> {
-    let all: Arc<dyn TensorSource + Send + Sync> =
-        Arc::new(SafetensorsSource::open_dir(dir.join("hf"))?);
+    let all: Arc<dyn TensorSource + Send + Sync> = Arc::new(SafetensorsSource::open_dir(dir.join("hf"))?);
     Ok(Arc::new(RenamedSource::new(all, |n| {
         n.starts_with("vision_model.").then(|| n.to_string())
     })?))
 }
 
-fn check(
-    what: &str,
-    src: Arc<dyn TensorSource + Send + Sync>,
-    cfg: &VitConfig,
-    io: &HashMap<String, Tensor>,
-) -> Result<()> {
+fn check(what: &str, src: Arc<dyn TensorSource + Send + Sync>, cfg: &VitConfig, io: &HashMap<String, Tensor>) -> Result<()> {
     let lb = Loader::from_source(src, &Device::Cpu, DType::F32);
     let vm = VisionModel::load(&lb.pp("vision_model"), cfg)?;
     lb.finish()?;
@@ -60,19 +45,9 @@ fn check(
         get(io, "hidden_wo_norm")?,
         TOL,
     );
-    assert_close(
-        &format!("{what}: hidden"),
-        &out.hidden,
-        get(io, "hidden")?,
-        TOL,
-    );
+    assert_close(&format!("{what}: hidden"), &out.hidden, get(io, "hidden")?, TOL);
     let cached = vm.post_layernorm(get(io, "hidden_wo_norm")?)?;
-    assert_close(
-        &format!("{what}: post_layernorm(cached)"),
-        &cached,
-        get(io, "hidden")?,
-        TOL,
-    );
+    assert_close(&format!("{what}: post_layernorm(cached)"), &cached, get(io, "hidden")?, TOL);
     Ok(())
 }
 
@@ -80,12 +55,7 @@ fn check(
 fn vision_model_hf_layout_matches_transformers() -> Result<()> {
     for dir in parity_dirs() {
         let io = load_io(&dir.join("io/vision.safetensors"))?;
-        check(
-            &format!("{} [hf]", dir.display()),
-            hf_vision_source(&dir)?,
-            &vit_config(&dir)?,
-            &io,
-        )?;
+        check(&format!("{} [hf]", dir.display()), hf_vision_source(&dir)?, &vit_config(&dir)?, &io)?;
     }
     Ok(())
 }
@@ -95,12 +65,7 @@ fn vision_model_gcg_release_files_match_transformers() -> Result<()> {
     for dir in parity_dirs() {
         let io = load_io(&dir.join("io/vision.safetensors"))?;
         let src = VisionModel::gcg_source(&dir.join("gcg"))?;
-        check(
-            &format!("{} [gcg]", dir.display()),
-            src,
-            &vit_config(&dir)?,
-            &io,
-        )?;
+        check(&format!("{} [gcg]", dir.display()), src, &vit_config(&dir)?, &io)?;
     }
     Ok(())
 }
@@ -114,10 +79,7 @@ fn vision_model_separate_q_v_bias_layout_matches_transformers() -> Result<()> {
         let cfg = vit_config(&dir)?;
         let hf = hf_vision_source(&dir)?;
         let d = cfg.hidden_size;
-        let mut map = MapSource::new(
-            Vec::new(),
-            "EVA layout (q_bias, v_bias) rebuilt from the HF snapshot",
-        );
+        let mut map = MapSource::new(Vec::new(), "EVA layout (q_bias, v_bias) rebuilt from the HF snapshot");
         let mut split = 0;
         for name in hf.names() {
             let t = hf.load(&name, &Device::Cpu)?;
@@ -130,16 +92,8 @@ fn vision_model_separate_q_v_bias_layout_matches_transformers() -> Result<()> {
                 None => map.insert(name, t),
             }
         }
-        assert_eq!(
-            split, cfg.num_hidden_layers,
-            "every layer has a packed qkv bias to split"
-        );
-        check(
-            &format!("{} [q_bias/v_bias]", dir.display()),
-            Arc::new(map),
-            &cfg,
-            &io,
-        )?;
+        assert_eq!(split, cfg.num_hidden_layers, "every layer has a packed qkv bias to split");
+        check(&format!("{} [q_bias/v_bias]", dir.display()), Arc::new(map), &cfg, &io)?;
     }
     Ok(())
 }

@@ -92,10 +92,7 @@ impl ClipImageHead {
     pub fn load(lb: &Loader, cfg: &ClipImageConfig) -> Result<Self> {
         let (d, eps) = (cfg.width, cfg.layer_norm_eps);
         if d.checked_rem(cfg.heads) != Some(0) {
-            bail!(
-                "CLIP image config: width {d} is not divisible by {} heads",
-                cfg.heads
-            );
+            bail!("CLIP image config: width {d} is not divisible by {} heads", cfg.heads);
         }
         let blk = lb.pp("last_vision_block");
         let a = blk.pp("attn");
@@ -127,8 +124,7 @@ impl ClipImageHead {
             );
         }
         let x = features.to_dtype(self.norm1.weight.dtype())?;
-        let cls =
-            (x.narrow(1, 0, 1)? + self.attn.forward_first_query(&self.norm1.forward(&x)?)?)?; // [T, 1, D]
+        let cls = (x.narrow(1, 0, 1)? + self.attn.forward_first_query(&self.norm1.forward(&x)?)?)?; // [T, 1, D]
         let h = self
             .fc2
             .forward(&Activation::Gelu.forward(&self.fc1.forward(&self.norm2.forward(&cls)?)?)?)?;
@@ -157,8 +153,7 @@ impl ClipBranch {
     /// tensor in them is used.
     pub fn load_gcg_dir(dir: &Path, cfg: &ClipConfig, dev: &Device, dtype: DType) -> Result<Self> {
         let lb = Loader::from_source(load_gcg_clip_files(dir)?, dev, dtype);
-        let branch = Self::load(&lb, cfg)
-            .with_context(|| format!("loading the CLIP branch from {}", dir.display()))?;
+        let branch = Self::load(&lb, cfg).with_context(|| format!("loading the CLIP branch from {}", dir.display()))?;
         lb.finish()?;
         Ok(branch)
     }
@@ -188,7 +183,11 @@ pub fn load_gcg_clip_files(dir: &Path) -> Result<Arc<dyn TensorSource + Send + S
     for (file, prefix) in files {
         let path = dir.join(file);
         if !path.exists() {
-            bail!("GCG CLIP branch file {} does not exist (expected the four eva_clip_*.pth files of the GCG release in {})", path.display(), dir.display());
+            bail!(
+                "GCG CLIP branch file {} does not exist (expected the four eva_clip_*.pth files of the GCG release in {})",
+                path.display(),
+                dir.display()
+            );
         }
         let src = Arc::new(PthSource::open(&path, None, file.trim_end_matches(".pth"))?);
         parts.push(Arc::new(RenamedSource::prefixed(src, prefix)?));

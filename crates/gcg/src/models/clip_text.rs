@@ -64,11 +64,7 @@ impl ClipTextConfig {
 
     pub fn validate(&self) -> Result<()> {
         if self.width.checked_rem(self.heads) != Some(0) {
-            bail!(
-                "CLIP text config: width {} is not divisible by {} heads",
-                self.width,
-                self.heads
-            );
+            bail!("CLIP text config: width {} is not divisible by {} heads", self.width, self.heads);
         }
         Ok(())
     }
@@ -143,11 +139,7 @@ impl ClipTextModel {
         };
         Ok(Self {
             token_embedding: Embedding::load(&lb.pp("token_embedding"), cfg.vocab_size, w)?,
-            positional_embedding: lb.get(
-                (cfg.context_length, w),
-                "positional_embedding",
-                Init::Normal { std: 0.01 },
-            )?,
+            positional_embedding: lb.get((cfg.context_length, w), "positional_embedding", Init::Normal { std: 0.01 })?,
             blocks,
             ln_final: LayerNorm::load(&lb.pp("ln_final"), w, cfg.layer_norm_eps)?,
             text_projection: lb.get(
@@ -167,10 +159,7 @@ impl ClipTextModel {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         if l == 0 || l > self.config.context_length {
-            bail!(
-                "CLIP text: {l} tokens per row, expected 1..={}",
-                self.config.context_length
-            );
+            bail!("CLIP text: {l} tokens per row, expected 1..={}", self.config.context_length);
         }
         let rows = ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
         let mut eot = Vec::with_capacity(b);
@@ -180,7 +169,10 @@ impl ClipTextModel {
                 .enumerate()
                 .find(|(_, &id)| id < 0 || id as usize >= self.config.vocab_size)
             {
-                bail!("CLIP text: token id {id} at row {r}, position {j} is outside the vocabulary of {}", self.config.vocab_size);
+                bail!(
+                    "CLIP text: token id {id} at row {r}, position {j} is outside the vocabulary of {}",
+                    self.config.vocab_size
+                );
             }
             // The end-of-text token has the largest id; the first occurrence, as torch.argmax.
             let mut best = 0;
@@ -203,14 +195,8 @@ impl ClipTextModel {
             x = block.forward(&x, &mask)?;
         }
         let w = self.config.width;
-        let pick: Vec<u32> = eot
-            .iter()
-            .enumerate()
-            .map(|(r, &j)| (r * len + j) as u32)
-            .collect();
-        let pooled = x
-            .reshape((b * len, w))?
-            .index_select(&Tensor::new(pick.as_slice(), dev)?, 0)?; // [B, W]
+        let pick: Vec<u32> = eot.iter().enumerate().map(|(r, &j)| (r * len + j) as u32).collect();
+        let pooled = x.reshape((b * len, w))?.index_select(&Tensor::new(pick.as_slice(), dev)?, 0)?; // [B, W]
         Ok(self
             .ln_final
             .forward(&pooled)?
@@ -224,10 +210,7 @@ mod tests {
     use candle_core::Device;
 
     fn tiny() -> Result<ClipTextModel> {
-        ClipTextModel::load(
-            &Loader::random(&Device::Cpu, DType::F32, 7),
-            &ClipTextConfig::tiny(),
-        )
+        ClipTextModel::load(&Loader::random(&Device::Cpu, DType::F32, 7), &ClipTextConfig::tiny())
     }
 
     #[test]
@@ -235,10 +218,7 @@ mod tests {
         let m = tiny()?;
         let ids = Tensor::new(&[[198i64, 5, 200, 0]], &Device::Cpu)?;
         let err = format!("{:#}", m.forward(&ids).unwrap_err());
-        assert!(
-            err.contains("200") && err.contains("row 0") && err.contains("position 2"),
-            "{err}"
-        );
+        assert!(err.contains("200") && err.contains("row 0") && err.contains("position 2"), "{err}");
         let ids = Tensor::new(&[[198i64, -1, 199, 0]], &Device::Cpu)?;
         assert!(m.forward(&ids).is_err());
         let ids = Tensor::zeros((1, 78), DType::I64, &Device::Cpu)?;

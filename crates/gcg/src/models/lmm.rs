@@ -112,7 +112,7 @@ pub struct VideoLmm {
     /// BLIP-2's `ln_vision` (`vision_model.post_layernorm`), applied to cached features.
     pub post_layernorm: LayerNorm,
     pub qformer: QFormer,
-    pub query_tokens: Tensor, // [1, Q, Dq]
+    pub query_tokens: Tensor,            // [1, Q, Dq]
     pub frame_embeds: Option<Embedding>, // [T, Dq]
     pub language_projection: Linear,
     pub t5: T5Model,
@@ -131,7 +131,11 @@ impl VideoLmm {
     /// see [`is_vit_trunk`]).
     pub fn load(lb: &Loader, cfg: &LmmConfig, with_vision: bool) -> Result<Self> {
         let vlb = lb.pp("vision_model");
-        let vision = if with_vision { Some(VisionModel::load(&vlb, &cfg.vision)?) } else { None };
+        let vision = if with_vision {
+            Some(VisionModel::load(&vlb, &cfg.vision)?)
+        } else {
+            None
+        };
         let post_layernorm = match &vision {
             Some(v) => v.post_layernorm.clone(),
             None => LayerNorm::load(&vlb.pp("post_layernorm"), cfg.vision.hidden_size, cfg.vision.layer_norm_eps)?,
@@ -146,13 +150,26 @@ impl VideoLmm {
         let query_tokens = lb.get((1, cfg.num_query_tokens, dq), "query_tokens", Init::Normal { std: 0.02 })?;
         let qformer = QFormer::load(&lb.pp("qformer"), &cfg.qformer)?;
         let frame_embeds = if cfg.frame_positions {
-            Some(Embedding::new(lb.get_or_init((cfg.max_frames, dq), "frame_embeds.weight", Init::Sinusoidal)?))
+            Some(Embedding::new(lb.get_or_init(
+                (cfg.max_frames, dq),
+                "frame_embeds.weight",
+                Init::Sinusoidal,
+            )?))
         } else {
             None
         };
         let language_projection = Linear::load(&lb.pp("language_projection"), dq, cfg.t5.d_model, true)?;
         let t5 = T5Model::load(&lb.pp("language_model"), &cfg.t5)?;
-        Ok(Self { cfg: cfg.clone(), vision, post_layernorm, qformer, query_tokens, frame_embeds, language_projection, t5 })
+        Ok(Self {
+            cfg: cfg.clone(),
+            vision,
+            post_layernorm,
+            qformer,
+            query_tokens,
+            frame_embeds,
+            language_projection,
+            t5,
+        })
     }
 
     /// Un-normalised ViT features [..., N, Dv] → the Q-Former's image input (post-LayerNorm).
@@ -162,20 +179,33 @@ impl VideoLmm {
 
     /// Pixels [F, 3, S, S] → un-normalised features [F, N, Dv] (needs the ViT).
     pub fn encode_pixels(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        let vit = self.vision.as_ref().ok_or_else(|| anyhow!("this model was built without the ViT; pass cached features"))?;
+        let vit = self
+            .vision
+            .as_ref()
+            .ok_or_else(|| anyhow!("this model was built without the ViT; pass cached features"))?;
         vit.forward_wo_norm(pixel_values)
     }
 
     /// Q-Former queries for a batch of images: image_embeds [M, N, Dv] (normalised), the
     /// instruction of each image [M, L] → [M, Q, Dq].
     pub fn query_outputs(&self, image_embeds: &Tensor, qformer_ids: &Tensor, qformer_mask: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        Ok(self.qformer.forward(&self.query_tokens, Some(qformer_ids), Some(qformer_mask), image_embeds, None, ctx)?.query_output)
+        Ok(self
+            .qformer
+            .forward(&self.query_tokens, Some(qformer_ids), Some(qformer_mask), image_embeds, None, ctx)?
+            .query_output)
     }
 
     /// Visual tokens for the LLM, projected: frames [B, K, N, Dv] (normalised, already selected or
     /// softly mixed), all T normalised frames [B, T, N, Dv] for the spatial pass, and the Q-Former
     /// instruction [B, L] → [B, K·Q (+ Q), d_model].
-    pub fn visual_tokens(&self, frames: &Tensor, all_frames: Option<&Tensor>, qformer_ids: &Tensor, qformer_mask: &Tensor, ctx: Ctx) -> Result<Tensor> {
+    pub fn visual_tokens(
+        &self,
+        frames: &Tensor,
+        all_frames: Option<&Tensor>,
+        qformer_ids: &Tensor,
+        qformer_mask: &Tensor,
+        ctx: Ctx,
+    ) -> Result<Tensor> {
         let (b, k, n, dv) = frames.dims4().context("visual_tokens: frames must be [B, K, N, Dv]")?;
         let (bi, l) = qformer_ids.dims2().context("visual_tokens: qformer_ids must be [B, L]")?;
         ensure!(bi == b, "visual_tokens: {b} samples of frames but {bi} instructions");
@@ -196,7 +226,12 @@ impl VideoLmm {
         if self.cfg.spatial {
             let all = all_frames.ok_or_else(|| anyhow!("the spatial pass needs all T frames (all_frames)"))?;
             let (ba, t, na, dva) = all.dims4().context("visual_tokens: all_frames must be [B, T, N, Dv]")?;
-            ensure!(ba == b && na == n && dva == dv, "visual_tokens: all_frames {:?} do not match frames {:?}", all.dims(), frames.dims());
+            ensure!(
+                ba == b && na == n && dva == dv,
+                "visual_tokens: all_frames {:?} do not match frames {:?}",
+                all.dims(),
+                frames.dims()
+            );
             let sp = self.query_outputs(&all.reshape((b, t * n, dv))?, qformer_ids, qformer_mask, ctx)?; // [B, Q, Dq]
             tokens = Tensor::cat(&[&tokens, &sp.to_dtype(tokens.dtype())?], 1)?;
         }

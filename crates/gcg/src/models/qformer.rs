@@ -97,16 +97,14 @@ impl QFormerConfig {
     /// `num_query_tokens`. Fields the file leaves out take `InstructBlipQFormerConfig`'s defaults
     /// (transformers writes only non-default values).
     pub fn from_hf_config(v: &serde_json::Value, num_query_tokens: usize) -> Result<Self> {
-        ensure!(
-            v.is_object(),
-            "qformer_config: expected a JSON object, got {v}"
-        );
+        ensure!(v.is_object(), "qformer_config: expected a JSON object, got {v}");
         let usize_or = |key: &str, default: usize| -> Result<usize> {
             match v.get(key) {
                 None | Some(serde_json::Value::Null) => Ok(default),
-                Some(x) => x.as_u64().map(|n| n as usize).with_context(|| {
-                    format!("qformer_config.{key}: expected a non-negative integer, got {x}")
-                }),
+                Some(x) => x
+                    .as_u64()
+                    .map(|n| n as usize)
+                    .with_context(|| format!("qformer_config.{key}: expected a non-negative integer, got {x}")),
             }
         };
         let f64_or = |key: &str, default: f64| -> Result<f64> {
@@ -152,10 +150,7 @@ impl QFormerConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        ensure!(
-            self.num_attention_heads > 0,
-            "qformer: num_attention_heads must be positive"
-        );
+        ensure!(self.num_attention_heads > 0, "qformer: num_attention_heads must be positive");
         ensure!(
             self.hidden_size % self.num_attention_heads == 0,
             "qformer: hidden_size {} is not divisible by num_attention_heads {}",
@@ -166,10 +161,7 @@ impl QFormerConfig {
             self.cross_attention_frequency > 0,
             "qformer: cross_attention_frequency must be positive"
         );
-        ensure!(
-            self.num_query_tokens > 0,
-            "qformer: num_query_tokens must be positive"
-        );
+        ensure!(self.num_query_tokens > 0, "qformer: num_query_tokens must be positive");
         Ok(())
     }
 
@@ -268,11 +260,7 @@ pub struct QFormerLayer {
 impl QFormerLayer {
     fn load(lb: &Loader, cfg: &QFormerConfig, index: usize) -> Result<Self> {
         let crossattention = if cfg.has_cross_attention(index) {
-            Some(QFormerAttention::load(
-                &lb.pp("crossattention"),
-                cfg,
-                cfg.encoder_hidden_size,
-            )?)
+            Some(QFormerAttention::load(&lb.pp("crossattention"), cfg, cfg.encoder_hidden_size)?)
         } else {
             None
         };
@@ -280,12 +268,7 @@ impl QFormerLayer {
             attention: QFormerAttention::load(&lb.pp("attention"), cfg, cfg.hidden_size)?,
             crossattention,
             feed_forward: QFormerFeedForward::load(lb, cfg, "intermediate", "output")?,
-            feed_forward_query: QFormerFeedForward::load(
-                lb,
-                cfg,
-                "intermediate_query",
-                "output_query",
-            )?,
+            feed_forward_query: QFormerFeedForward::load(lb, cfg, "intermediate_query", "output_query")?,
         })
     }
 
@@ -310,9 +293,7 @@ impl QFormerLayer {
         if total == num_queries {
             return Ok(queries);
         }
-        let text = self
-            .feed_forward
-            .forward(&x.narrow(1, num_queries, total - num_queries)?, ctx)?; // [B, L, H]
+        let text = self.feed_forward.forward(&x.narrow(1, num_queries, total - num_queries)?, ctx)?; // [B, L, H]
         Ok(Tensor::cat(&[&queries, &text], 1)?)
     }
 }
@@ -336,11 +317,7 @@ impl QFormerEmbeddings {
         }
         Ok(Self {
             word_embeddings: Embedding::load(&lb.pp("word_embeddings"), cfg.vocab_size, h)?,
-            position_embeddings: Embedding::load(
-                &lb.pp("position_embeddings"),
-                cfg.max_position_embeddings,
-                h,
-            )?,
+            position_embeddings: Embedding::load(&lb.pp("position_embeddings"), cfg.max_position_embeddings, h)?,
             layernorm: LayerNorm::load_named(
                 lb,
                 h,
@@ -454,22 +431,16 @@ impl QFormer {
             cfg.hidden_size,
             cfg.hidden_size
         );
-        let queries = query_tokens
-            .to_dtype(dt)?
-            .broadcast_as((b, q, h))?
-            .contiguous()?; // [B, Q, H]
+        let queries = query_tokens.to_dtype(dt)?.broadcast_as((b, q, h))?.contiguous()?; // [B, Q, H]
         let text_len = match input_ids {
             None => {
-                ensure!(
-                    attention_mask.is_none(),
-                    "qformer: an attention_mask was given without input_ids"
-                );
+                ensure!(attention_mask.is_none(), "qformer: an attention_mask was given without input_ids");
                 0
             }
             Some(ids) => {
-                let (bi, l) = ids.dims2().with_context(|| {
-                    format!("qformer: input_ids must be [B, L], got {:?}", ids.dims())
-                })?;
+                let (bi, l) = ids
+                    .dims2()
+                    .with_context(|| format!("qformer: input_ids must be [B, L], got {:?}", ids.dims()))?;
                 ensure!(
                     bi == b,
                     "qformer: input_ids {:?} have batch {bi}, image_embeds {:?} have batch {b}",
@@ -547,9 +518,9 @@ pub fn gcg_qformer_name(lavis_name: &str) -> Option<String> {
     if let Some(ln) = rest.strip_prefix("embeddings.LayerNorm.") {
         return Some(format!("qformer.embeddings.layernorm.{ln}"));
     }
-    let renamed = rest
-        .replacen(".attention.self.", ".attention.attention.", 1)
-        .replacen(".crossattention.self.", ".crossattention.attention.", 1);
+    let renamed =
+        rest.replacen(".attention.self.", ".attention.attention.", 1)
+            .replacen(".crossattention.self.", ".crossattention.attention.", 1);
     Some(format!("qformer.{renamed}"))
 }
 
@@ -567,21 +538,12 @@ mod tests {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/fixtures/qformer")
             .join(file);
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         text.lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| {
-                let (name, shape) = l
-                    .split_once(' ')
-                    .unwrap_or_else(|| panic!("bad line {l:?} in {file}"));
-                (
-                    name.to_string(),
-                    shape
-                        .split(',')
-                        .map(|d| d.parse().expect("dimension"))
-                        .collect(),
-                )
+                let (name, shape) = l.split_once(' ').unwrap_or_else(|| panic!("bad line {l:?} in {file}"));
+                (name.to_string(), shape.split(',').map(|d| d.parse().expect("dimension")).collect())
             })
             .collect()
     }
@@ -596,21 +558,12 @@ mod tests {
         for (name, shape) in &lavis {
             match gcg_qformer_name(name) {
                 None => dropped.push(name.clone()),
-                Some(m) => assert!(
-                    mapped.insert(m.clone(), shape.clone()).is_none(),
-                    "two LAVIS names map to {m}"
-                ),
+                Some(m) => assert!(mapped.insert(m.clone(), shape.clone()).is_none(), "two LAVIS names map to {m}"),
             }
         }
         assert_eq!(dropped, vec!["bert.embeddings.position_ids".to_string()]);
-        let only_lavis: Vec<_> = mapped
-            .iter()
-            .filter(|(k, v)| hf.get(*k) != Some(*v))
-            .collect();
-        let only_hf: Vec<_> = hf
-            .iter()
-            .filter(|(k, v)| mapped.get(*k) != Some(*v))
-            .collect();
+        let only_lavis: Vec<_> = mapped.iter().filter(|(k, v)| hf.get(*k) != Some(*v)).collect();
+        let only_hf: Vec<_> = hf.iter().filter(|(k, v)| mapped.get(*k) != Some(*v)).collect();
         assert!(
             only_lavis.is_empty() && only_hf.is_empty(),
             "{preset}: mapped LAVIS names without an HF twin {only_lavis:?}; HF names without a LAVIS twin {only_hf:?}"
@@ -630,10 +583,7 @@ mod tests {
 
     #[test]
     fn unknown_lavis_names_pass_through() {
-        assert_eq!(
-            gcg_qformer_name("cls.predictions.bias").as_deref(),
-            Some("cls.predictions.bias")
-        );
+        assert_eq!(gcg_qformer_name("cls.predictions.bias").as_deref(), Some("cls.predictions.bias"));
         assert_eq!(
             gcg_qformer_name("bert.encoder.layer.3.crossattention.self.value.bias").as_deref(),
             Some("qformer.encoder.layer.3.crossattention.attention.value.bias")
@@ -655,10 +605,7 @@ mod tests {
             })
         }
         fn load(&self, name: &str, dev: &Device) -> Result<Tensor> {
-            let shape = self
-                .0
-                .get(name)
-                .ok_or_else(|| anyhow::anyhow!("no {name}"))?;
+            let shape = self.0.get(name).ok_or_else(|| anyhow::anyhow!("no {name}"))?;
             Ok(Tensor::zeros((), DType::F32, dev)?.broadcast_as(shape.as_slice())?)
         }
         fn origin(&self, name: &str) -> String {
@@ -673,18 +620,12 @@ mod tests {
     /// `position_ids` buffer of the published checkpoint).
     fn check_load_names(preset: &str, cfg: &QFormerConfig) {
         let mut names = names_fixture(&format!("hf_names_{preset}.txt"));
-        names.insert(
-            "qformer.embeddings.position_ids".into(),
-            vec![1, cfg.max_position_embeddings],
-        );
+        names.insert("qformer.embeddings.position_ids".into(), vec![1, cfg.max_position_embeddings]);
         let lb = Loader::from_source(Arc::new(ShapeSource(names)), &Device::Cpu, DType::F32);
         let qf = QFormer::load(&lb.pp("qformer"), cfg).expect("load");
         lb.finish().expect("every checkpoint tensor is used");
         assert_eq!(
-            qf.layers
-                .iter()
-                .filter(|l| l.crossattention.is_some())
-                .count(),
+            qf.layers.iter().filter(|l| l.crossattention.is_some()).count(),
             cfg.num_hidden_layers.div_ceil(2)
         );
     }
@@ -703,9 +644,7 @@ mod tests {
     fn load_accepts_the_old_layernorm_spelling() {
         let mut names = names_fixture("hf_names_tiny.txt");
         for suffix in ["weight", "bias"] {
-            let shape = names
-                .remove(&format!("qformer.embeddings.layernorm.{suffix}"))
-                .expect("layernorm");
+            let shape = names.remove(&format!("qformer.embeddings.layernorm.{suffix}")).expect("layernorm");
             names.insert(format!("qformer.embeddings.LayerNorm.{suffix}"), shape);
         }
         let lb = Loader::from_source(Arc::new(ShapeSource(names)), &Device::Cpu, DType::F32);
@@ -716,8 +655,7 @@ mod tests {
     #[test]
     fn config_from_hf_json() {
         // transformers writes only the values that differ from the defaults.
-        let published =
-            serde_json::json!({"model_type": "instructblip_qformer", "vocab_size": 30523});
+        let published = serde_json::json!({"model_type": "instructblip_qformer", "vocab_size": 30523});
         assert_eq!(
             QFormerConfig::from_hf_config(&published, 32).unwrap(),
             QFormerConfig::instructblip()
@@ -729,27 +667,15 @@ mod tests {
             "layer_norm_eps": 1e-12, "pad_token_id": 0, "position_embedding_type": "absolute",
             "cross_attention_frequency": 2, "encoder_hidden_size": 48, "model_type": "instructblip_qformer"
         });
-        assert_eq!(
-            QFormerConfig::from_hf_config(&tiny, 8).unwrap(),
-            QFormerConfig::tiny()
-        );
+        assert_eq!(QFormerConfig::from_hf_config(&tiny, 8).unwrap(), QFormerConfig::tiny());
         let bad = serde_json::json!({"hidden_act": "swish"});
-        assert!(
-            format!("{:#}", QFormerConfig::from_hf_config(&bad, 32).unwrap_err())
-                .contains("hidden_act")
-        );
+        assert!(format!("{:#}", QFormerConfig::from_hf_config(&bad, 32).unwrap_err()).contains("hidden_act"));
         let bad = serde_json::json!({"hidden_size": "768"});
-        assert!(
-            format!("{:#}", QFormerConfig::from_hf_config(&bad, 32).unwrap_err())
-                .contains("hidden_size")
-        );
+        assert!(format!("{:#}", QFormerConfig::from_hf_config(&bad, 32).unwrap_err()).contains("hidden_size"));
         let bad = serde_json::json!({"hidden_size": 100});
         assert!(QFormerConfig::from_hf_config(&bad, 32).is_err());
         let s = serde_json::to_string(&QFormerConfig::tiny()).unwrap();
-        assert_eq!(
-            serde_json::from_str::<QFormerConfig>(&s).unwrap(),
-            QFormerConfig::tiny()
-        );
+        assert_eq!(serde_json::from_str::<QFormerConfig>(&s).unwrap(), QFormerConfig::tiny());
     }
 
     // ---- gradients against finite differences (f64, independent of torch) ----
@@ -791,9 +717,7 @@ mod tests {
     fn inputs(cfg: &QFormerConfig, seed: u64) -> Inputs {
         let mut rng = SeededRng::new(seed);
         let dev = Device::Cpu;
-        let ids: Vec<u32> = (0..10)
-            .map(|_| 1 + rng.below(cfg.vocab_size - 1) as u32)
-            .collect();
+        let ids: Vec<u32> = (0..10).map(|_| 1 + rng.below(cfg.vocab_size - 1) as u32).collect();
         let mut ids = ids;
         ids[8] = 0;
         ids[9] = 0; // second row: 3 tokens, 2 padding
@@ -807,16 +731,7 @@ mod tests {
     }
 
     fn loss(qf: &QFormer, qt: &Tensor, image: &Tensor, x: &Inputs) -> Tensor {
-        let out = qf
-            .forward(
-                qt,
-                Some(&x.input_ids),
-                Some(&x.mask),
-                image,
-                None,
-                Ctx::eval(),
-            )
-            .unwrap();
+        let out = qf.forward(qt, Some(&x.input_ids), Some(&x.mask), image, None, Ctx::eval()).unwrap();
         (out.query_output * &x.r).unwrap().sum_all().unwrap()
     }
 
@@ -824,27 +739,13 @@ mod tests {
         match name {
             "embeddings.layernorm.weight" => &mut qf.embeddings.layernorm.weight,
             "embeddings.word_embeddings.weight" => &mut qf.embeddings.word_embeddings.weight,
-            "embeddings.position_embeddings.weight" => {
-                &mut qf.embeddings.position_embeddings.weight
-            }
+            "embeddings.position_embeddings.weight" => &mut qf.embeddings.position_embeddings.weight,
             "encoder.layer.0.crossattention.attention.key.weight" => {
-                &mut qf.layers[0]
-                    .crossattention
-                    .as_mut()
-                    .expect("cross layer")
-                    .attention
-                    .k
-                    .weight
+                &mut qf.layers[0].crossattention.as_mut().expect("cross layer").attention.k.weight
             }
-            "encoder.layer.0.intermediate.dense.weight" => {
-                &mut qf.layers[0].feed_forward.intermediate.weight
-            }
-            "encoder.layer.1.output_query.dense.weight" => {
-                &mut qf.layers[1].feed_forward_query.output.weight
-            }
-            "encoder.layer.2.attention.output.LayerNorm.bias" => {
-                &mut qf.layers[2].attention.layernorm.bias
-            }
+            "encoder.layer.0.intermediate.dense.weight" => &mut qf.layers[0].feed_forward.intermediate.weight,
+            "encoder.layer.1.output_query.dense.weight" => &mut qf.layers[1].feed_forward_query.output.weight,
+            "encoder.layer.2.attention.output.LayerNorm.bias" => &mut qf.layers[2].attention.layernorm.bias,
             other => panic!("no accessor for {other}"),
         }
     }
@@ -876,13 +777,7 @@ mod tests {
         let cfg = QFormerConfig::tiny();
         let ck = random_checkpoint(&cfg, 7);
         let x = inputs(&cfg, 11);
-        let build = |ck: &MapSource| {
-            QFormer::load(
-                &Loader::from_source(Arc::new(ck.clone()), &Device::Cpu, DType::F64),
-                &cfg,
-            )
-            .unwrap()
-        };
+        let build = |ck: &MapSource| QFormer::load(&Loader::from_source(Arc::new(ck.clone()), &Device::Cpu, DType::F64), &cfg).unwrap();
         let params = [
             "embeddings.layernorm.weight",
             "embeddings.word_embeddings.weight",
@@ -901,35 +796,24 @@ mod tests {
         }
         let qt = Var::from_tensor(&x.query_tokens).unwrap();
         let image = Var::from_tensor(&x.image).unwrap();
-        let grads = loss(&qf, qt.as_tensor(), image.as_tensor(), &x)
-            .backward()
-            .unwrap();
+        let grads = loss(&qf, qt.as_tensor(), image.as_tensor(), &x).backward().unwrap();
 
         let g_qt = grads.get(qt.as_tensor()).expect("query_tokens gradient");
         assert_fd("query_tokens", g_qt, &[0, 5, 37, 100, 255], |i, d| {
-            loss(&qf, &perturb(&x.query_tokens, i, d), &x.image, &x)
-                .to_scalar::<f64>()
-                .unwrap()
+            loss(&qf, &perturb(&x.query_tokens, i, d), &x.image, &x).to_scalar::<f64>().unwrap()
         });
         let g_img = grads.get(image.as_tensor()).expect("image gradient");
         assert_fd("image_embeds", g_img, &[0, 49, 300, 575], |i, d| {
-            loss(&qf, &x.query_tokens, &perturb(&x.image, i, d), &x)
-                .to_scalar::<f64>()
-                .unwrap()
+            loss(&qf, &x.query_tokens, &perturb(&x.image, i, d), &x).to_scalar::<f64>().unwrap()
         });
         let ids = x.input_ids.flatten_all().unwrap().to_vec1::<u32>().unwrap();
         for (p, v) in params.iter().zip(&vars) {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("no gradient for {p}"));
+            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {p}"));
             let dims = g.dims().to_vec();
             let n = g.elem_count();
             // Elements that matter: for the embedding tables, the rows of the tokens / positions used.
             let idx: Vec<usize> = match *p {
-                "embeddings.word_embeddings.weight" => vec![
-                    ids[0] as usize * dims[1] + 3,
-                    ids[6] as usize * dims[1] + 17,
-                ],
+                "embeddings.word_embeddings.weight" => vec![ids[0] as usize * dims[1] + 3, ids[6] as usize * dims[1] + 17],
                 "embeddings.position_embeddings.weight" => vec![2 * dims[1] + 1, 4 * dims[1] + 30],
                 _ => vec![0, n / 3, n - 1],
             };
@@ -938,9 +822,7 @@ mod tests {
             assert_fd(p, g, &idx, |i, d| {
                 let mut ck2 = base.clone();
                 ck2.insert(*p, perturb(&stored, i, d));
-                loss(&build(&ck2), &x.query_tokens, &x.image, &x)
-                    .to_scalar::<f64>()
-                    .unwrap()
+                loss(&build(&ck2), &x.query_tokens, &x.image, &x).to_scalar::<f64>().unwrap()
             });
         }
     }
@@ -949,26 +831,15 @@ mod tests {
     fn padding_is_invisible_to_the_queries() {
         let cfg = QFormerConfig::tiny();
         let qf = QFormer::load(
-            &Loader::from_source(
-                Arc::new(random_checkpoint(&cfg, 3)),
-                &Device::Cpu,
-                DType::F64,
-            ),
+            &Loader::from_source(Arc::new(random_checkpoint(&cfg, 3)), &Device::Cpu, DType::F64),
             &cfg,
         )
         .unwrap();
         let x = inputs(&cfg, 5);
         let run = |ids: &Tensor| {
-            qf.forward(
-                &x.query_tokens,
-                Some(ids),
-                Some(&x.mask),
-                &x.image,
-                None,
-                Ctx::eval(),
-            )
-            .unwrap()
-            .query_output
+            qf.forward(&x.query_tokens, Some(ids), Some(&x.mask), &x.image, None, Ctx::eval())
+                .unwrap()
+                .query_output
         };
         let a = run(&x.input_ids);
         // Change the ids at the two padded positions of row 1.
@@ -984,25 +855,12 @@ mod tests {
             .unwrap()
             .to_scalar::<f64>()
             .unwrap();
-        assert!(
-            diff < 1e-12,
-            "padded ids changed the query output by {diff}"
-        );
+        assert!(diff < 1e-12, "padded ids changed the query output by {diff}");
         // A visible token does change it (the check above can fail).
         ids[7] = 1 + (ids[7] % 100);
         let c = run(&Tensor::from_vec(ids, (2, 5), &Device::Cpu).unwrap());
-        let diff = (a - c)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
-        assert!(
-            diff > 1e-6,
-            "a visible token did not change the query output"
-        );
+        let diff = (a - c).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff > 1e-6, "a visible token did not change the query output");
     }
 
     #[test]
@@ -1017,34 +875,15 @@ mod tests {
                 .unwrap()
                 .query_output
         };
-        let max_diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let max_diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         let e1 = run(Ctx::eval());
         assert_eq!(max_diff(&e1, &run(Ctx::eval())), 0.0);
         let r1 = std::cell::RefCell::new(SeededRng::new(9));
         let r2 = std::cell::RefCell::new(SeededRng::new(9));
         let t1 = run(Ctx::train(&r1));
-        assert_eq!(
-            max_diff(&t1, &run(Ctx::train(&r2))),
-            0.0,
-            "same seed, same masks"
-        );
-        assert!(
-            max_diff(&t1, &e1) > 1e-3,
-            "dropout had no effect in training"
-        );
-        assert!(
-            max_diff(&t1, &run(Ctx::train(&r1))) > 1e-3,
-            "successive masks are equal"
-        );
+        assert_eq!(max_diff(&t1, &run(Ctx::train(&r2))), 0.0, "same seed, same masks");
+        assert!(max_diff(&t1, &e1) > 1e-3, "dropout had no effect in training");
+        assert!(max_diff(&t1, &run(Ctx::train(&r1))) > 1e-3, "successive masks are equal");
     }
 
     #[test]
@@ -1056,30 +895,19 @@ mod tests {
         let img = Tensor::zeros((2, 6, 48), DType::F32, &dev).unwrap();
         let err = |r: Result<QFormerOutput>| format!("{:#}", r.unwrap_err());
         let wide = Tensor::zeros((2, 6, 40), DType::F32, &dev).unwrap();
-        assert!(err(qf.forward(&qt, None, None, &wide, None, Ctx::eval()))
-            .contains("encoder_hidden_size is 48"));
+        assert!(err(qf.forward(&qt, None, None, &wide, None, Ctx::eval())).contains("encoder_hidden_size is 48"));
         let ids = Tensor::zeros((3, 4), DType::U32, &dev).unwrap();
-        assert!(
-            err(qf.forward(&qt, Some(&ids), None, &img, None, Ctx::eval())).contains("batch 3")
-        );
+        assert!(err(qf.forward(&qt, Some(&ids), None, &img, None, Ctx::eval())).contains("batch 3"));
         let long = Tensor::zeros((2, 65), DType::U32, &dev).unwrap();
-        assert!(
-            err(qf.forward(&qt, Some(&long), None, &img, None, Ctx::eval()))
-                .contains("max_position_embeddings")
-        );
+        assert!(err(qf.forward(&qt, Some(&long), None, &img, None, Ctx::eval())).contains("max_position_embeddings"));
         let ids = Tensor::zeros((2, 4), DType::U32, &dev).unwrap();
         let mask = Tensor::ones((2, 5), DType::U32, &dev).unwrap();
-        assert!(
-            err(qf.forward(&qt, Some(&ids), Some(&mask), &img, None, Ctx::eval()))
-                .contains("attention_mask")
-        );
+        assert!(err(qf.forward(&qt, Some(&ids), Some(&mask), &img, None, Ctx::eval())).contains("attention_mask"));
         let big = Tensor::full(120u32, (2, 4), &dev).unwrap();
         assert!(err(qf.forward(&qt, Some(&big), None, &img, None, Ctx::eval())).contains("id 120"));
         let q3 = Tensor::zeros((3, 8, 32), DType::F32, &dev).unwrap();
         assert!(err(qf.forward(&q3, None, None, &img, None, Ctx::eval())).contains("query_tokens"));
-        let out = qf
-            .forward(&qt, None, None, &img, None, Ctx::eval())
-            .unwrap();
+        let out = qf.forward(&qt, None, None, &img, None, Ctx::eval()).unwrap();
         assert_eq!(out.query_output.dims(), [2, 8, 32]);
         assert_eq!(out.last_hidden_state.dims(), [2, 8, 32]);
     }

@@ -82,9 +82,9 @@ impl VitConfig {
         let mut c = Self::eva_vit_g();
         let usize_field = |name: &str, dst: &mut usize| -> Result<()> {
             if let Some(x) = v.get(name) {
-                *dst = x.as_u64().ok_or_else(|| {
-                    anyhow!("vision_config.{name} is not a non-negative integer: {x}")
-                })? as usize;
+                *dst = x
+                    .as_u64()
+                    .ok_or_else(|| anyhow!("vision_config.{name} is not a non-negative integer: {x}"))? as usize;
             }
             Ok(())
         };
@@ -93,10 +93,7 @@ impl VitConfig {
         usize_field("num_hidden_layers", &mut c.num_hidden_layers)?;
         usize_field("num_attention_heads", &mut c.num_attention_heads)?;
         usize_field("num_channels", &mut c.num_channels)?;
-        for (name, dst) in [
-            ("image_size", &mut c.image_size),
-            ("patch_size", &mut c.patch_size),
-        ] {
+        for (name, dst) in [("image_size", &mut c.image_size), ("patch_size", &mut c.patch_size)] {
             match v.get(name) {
                 None => {}
                 Some(Value::Array(a)) => {
@@ -109,12 +106,7 @@ impl VitConfig {
                         ),
                     }
                 }
-                Some(x) => {
-                    *dst = x
-                        .as_u64()
-                        .ok_or_else(|| anyhow!("vision_config.{name} is not an integer: {x}"))?
-                        as usize
-                }
+                Some(x) => *dst = x.as_u64().ok_or_else(|| anyhow!("vision_config.{name} is not an integer: {x}"))? as usize,
             }
         }
         if let Some(x) = v.get("layer_norm_eps") {
@@ -123,14 +115,10 @@ impl VitConfig {
                 .ok_or_else(|| anyhow!("vision_config.layer_norm_eps is not a number: {x}"))?;
         }
         if let Some(x) = v.get("qkv_bias") {
-            c.qkv_bias = x
-                .as_bool()
-                .ok_or_else(|| anyhow!("vision_config.qkv_bias is not a boolean: {x}"))?;
+            c.qkv_bias = x.as_bool().ok_or_else(|| anyhow!("vision_config.qkv_bias is not a boolean: {x}"))?;
         }
         if let Some(x) = v.get("hidden_act") {
-            let s = x
-                .as_str()
-                .ok_or_else(|| anyhow!("vision_config.hidden_act is not a string: {x}"))?;
+            let s = x.as_str().ok_or_else(|| anyhow!("vision_config.hidden_act is not a string: {x}"))?;
             c.hidden_act = Activation::from_hf(s).context("vision_config.hidden_act")?;
         }
         c.validate()?;
@@ -179,12 +167,7 @@ pub struct PackedSelfAttention {
 
 impl PackedSelfAttention {
     /// `qkv_weight` [3D, D], `qkv_bias` [3D] (None: no bias), `out` the output projection.
-    pub fn new(
-        qkv_weight: Tensor,
-        qkv_bias: Option<Tensor>,
-        out: Linear,
-        heads: usize,
-    ) -> Result<Self> {
+    pub fn new(qkv_weight: Tensor, qkv_bias: Option<Tensor>, out: Linear, heads: usize) -> Result<Self> {
         let (three_d, d) = qkv_weight.dims2()?;
         if three_d != 3 * d || d.checked_rem(heads) != Some(0) {
             bail!(
@@ -201,14 +184,8 @@ impl PackedSelfAttention {
         };
         let w = fold(&qkv_weight)?;
         let b = qkv_bias.as_ref().map(&fold).transpose()?;
-        let q = Linear::new(
-            w.narrow(0, 0, d)?,
-            b.as_ref().map(|b| b.narrow(0, 0, d)).transpose()?,
-        );
-        let kv = Linear::new(
-            w.narrow(0, d, 2 * d)?,
-            b.as_ref().map(|b| b.narrow(0, d, 2 * d)).transpose()?,
-        );
+        let q = Linear::new(w.narrow(0, 0, d)?, b.as_ref().map(|b| b.narrow(0, 0, d)).transpose()?);
+        let kv = Linear::new(w.narrow(0, d, 2 * d)?, b.as_ref().map(|b| b.narrow(0, d, 2 * d)).transpose()?);
         Ok(Self {
             qkv: Linear::new(w, b),
             q,
@@ -231,10 +208,7 @@ impl PackedSelfAttention {
             scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
         }
         let probs = softmax_last_dim(&scores)?;
-        let ctx = probs
-            .matmul(v)?
-            .transpose(1, 2)?
-            .reshape((b, lq, self.width()))?; // [B, Lq, D]
+        let ctx = probs.matmul(v)?.transpose(1, 2)?.reshape((b, lq, self.width()))?; // [B, Lq, D]
         self.out.forward(&ctx)
     }
 
@@ -254,10 +228,7 @@ impl PackedSelfAttention {
     pub fn forward_first_query(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         let hd = d / self.heads;
-        let q = self
-            .q
-            .forward(&x.narrow(1, 0, 1)?)?
-            .reshape((b, self.heads, 1, hd))?; // [B, H, 1, hd]
+        let q = self.q.forward(&x.narrow(1, 0, 1)?)?.reshape((b, self.heads, 1, hd))?; // [B, H, 1, hd]
         let kv = self
             .kv
             .forward(x)? // [B, L, 2D]
@@ -284,11 +255,7 @@ impl VitEmbeddings {
     pub fn load(lb: &Loader, cfg: &VitConfig) -> Result<Self> {
         let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
         let std = Init::TruncNormal { std: 0.02 };
-        let w = lb.get(
-            (d, c, p, p),
-            "patch_embedding.weight",
-            Init::Normal { std: 0.02 },
-        )?;
+        let w = lb.get((d, c, p, p), "patch_embedding.weight", Init::Normal { std: 0.02 })?;
         Ok(Self {
             patch_weight: w.reshape((d, c * p * p))?,
             patch_bias: lb.get(d, "patch_embedding.bias", Init::Zeros)?,
@@ -347,9 +314,7 @@ impl VitLayer {
         let d = cfg.hidden_size;
         let attn = lb.pp("self_attn");
         let qkv_weight = attn.get((3 * d, d), "qkv.weight", Init::Normal { std: 0.02 })?;
-        let qkv_bias = if attn.contains("qkv.bias")
-            || (cfg.qkv_bias && !attn.contains("q_bias") && !attn.contains("v_bias"))
-        {
+        let qkv_bias = if attn.contains("qkv.bias") || (cfg.qkv_bias && !attn.contains("q_bias") && !attn.contains("v_bias")) {
             // HF / GCG layout (and the layout a random model is built with).
             if !cfg.qkv_bias {
                 bail!(
@@ -369,12 +334,7 @@ impl VitLayer {
         let projection = Linear::load(&attn.pp("projection"), d, d, true)?;
         Ok(Self {
             layer_norm1: LayerNorm::load(&lb.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
-            self_attn: PackedSelfAttention::new(
-                qkv_weight,
-                qkv_bias,
-                projection,
-                cfg.num_attention_heads,
-            )?,
+            self_attn: PackedSelfAttention::new(qkv_weight, qkv_bias, projection, cfg.num_attention_heads)?,
             layer_norm2: LayerNorm::load(&lb.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
             fc1: Linear::load(&lb.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
             fc2: Linear::load(&lb.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
@@ -384,14 +344,10 @@ impl VitLayer {
 
     /// x: [B, N, D] → [B, N, D]
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self
-            .self_attn
-            .forward(&self.layer_norm1.forward(x)?, None)?)?;
-        let h = self.fc2.forward(
-            &self
-                .act
-                .forward(&self.fc1.forward(&self.layer_norm2.forward(&x)?)?)?,
-        )?;
+        let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?, None)?)?;
+        let h = self
+            .fc2
+            .forward(&self.act.forward(&self.fc1.forward(&self.layer_norm2.forward(&x)?)?)?)?;
         Ok((x + h)?)
     }
 }
@@ -425,11 +381,7 @@ impl VisionModel {
         Ok(Self {
             embeddings: VitEmbeddings::load(&lb.pp("embeddings"), cfg)?,
             layers,
-            post_layernorm: LayerNorm::load(
-                &lb.pp("post_layernorm"),
-                cfg.hidden_size,
-                cfg.layer_norm_eps,
-            )?,
+            post_layernorm: LayerNorm::load(&lb.pp("post_layernorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
             config: cfg.clone(),
         })
     }
@@ -447,10 +399,7 @@ impl VisionModel {
     pub fn forward(&self, pixel_values: &Tensor) -> Result<VitOutput> {
         let hidden_wo_norm = self.forward_wo_norm(pixel_values)?;
         let hidden = self.post_layernorm(&hidden_wo_norm)?;
-        Ok(VitOutput {
-            hidden_wo_norm,
-            hidden,
-        })
+        Ok(VitOutput { hidden_wo_norm, hidden })
     }
 
     /// The post-LayerNorm alone, for cached un-normalised features [..., D].
@@ -466,8 +415,7 @@ impl VisionModel {
     pub fn gcg_source(dir: &Path) -> Result<Arc<dyn TensorSource + Send + Sync>> {
         let vit_path = dir.join("eva_vit_g.pth");
         let ln_path = dir.join("eva_vit_post_layernorm.pth");
-        let vit: Arc<dyn TensorSource + Send + Sync> =
-            Arc::new(PthSource::open(&vit_path, None, "eva_vit_g")?);
+        let vit: Arc<dyn TensorSource + Send + Sync> = Arc::new(PthSource::open(&vit_path, None, "eva_vit_g")?);
         if !ln_path.exists() {
             if !vit.contains("post_layernorm.weight") {
                 bail!(
@@ -478,17 +426,12 @@ impl VisionModel {
             }
             return Ok(Arc::new(RenamedSource::prefixed(vit, "vision_model.")?));
         }
-        let vit = RenamedSource::new(vit, |n| {
-            (!n.starts_with("post_layernorm.")).then(|| format!("vision_model.{n}"))
-        })?;
+        let vit = RenamedSource::new(vit, |n| (!n.starts_with("post_layernorm.")).then(|| format!("vision_model.{n}")))?;
         let ln = RenamedSource::prefixed(
             Arc::new(PthSource::open(&ln_path, None, "eva_vit_post_layernorm")?),
             "vision_model.post_layernorm.",
         )?;
-        Ok(Arc::new(MergedSource::new(vec![
-            Arc::new(vit),
-            Arc::new(ln),
-        ])?))
+        Ok(Arc::new(MergedSource::new(vec![Arc::new(vit), Arc::new(ln)])?))
     }
 }
 
@@ -506,9 +449,7 @@ mod tests {
         let mut m = MapSource::new(Vec::new(), "test checkpoint");
         let mut rng = crate::rng::SeededRng::new(0);
         let mut put = |name: &str, shape: &[usize]| {
-            let t = Init::Normal { std: 0.1 }
-                .make(&shape.into(), DType::F32, &dev, &mut rng)
-                .unwrap();
+            let t = Init::Normal { std: 0.1 }.make(&shape.into(), DType::F32, &dev, &mut rng).unwrap();
             m.insert(format!("vision_model.{name}"), t);
         };
         put("embeddings.class_embedding", &[1, 1, d]);
@@ -545,12 +486,7 @@ mod tests {
     #[test]
     fn complete_checkpoint_loads_and_runs() -> Result<()> {
         let vm = load(tiny_checkpoint())?;
-        let px = Init::Normal { std: 1.0 }.make(
-            &(2, 3, 42, 42).into(),
-            DType::F32,
-            &Device::Cpu,
-            &mut crate::rng::SeededRng::new(1),
-        )?;
+        let px = Init::Normal { std: 1.0 }.make(&(2, 3, 42, 42).into(), DType::F32, &Device::Cpu, &mut crate::rng::SeededRng::new(1))?;
         let out = vm.forward(&px)?;
         assert_eq!(out.hidden_wo_norm.dims(), &[2, 10, 48]);
         assert_eq!(out.hidden.dims(), &[2, 10, 48]);
@@ -561,29 +497,17 @@ mod tests {
     fn misshaped_tensor_is_named_with_both_shapes() {
         let mut src = tiny_checkpoint();
         let bad = "vision_model.encoder.layers.1.mlp.fc1.weight";
-        src.insert(
-            bad,
-            Tensor::zeros((130, 48), DType::F32, &Device::Cpu).unwrap(),
-        );
+        src.insert(bad, Tensor::zeros((130, 48), DType::F32, &Device::Cpu).unwrap());
         let err = format!("{:#}", load(src).unwrap_err());
         assert!(err.contains(bad), "error does not name the tensor: {err}");
-        assert!(
-            err.contains("[130, 48]"),
-            "error does not give the stored shape: {err}"
-        );
-        assert!(
-            err.contains("[128, 48]"),
-            "error does not give the expected shape: {err}"
-        );
+        assert!(err.contains("[130, 48]"), "error does not give the stored shape: {err}");
+        assert!(err.contains("[128, 48]"), "error does not give the expected shape: {err}");
 
         let mut src = tiny_checkpoint();
         let bad = "vision_model.encoder.layers.0.self_attn.qkv.bias";
         src.insert(bad, Tensor::zeros(48, DType::F32, &Device::Cpu).unwrap());
         let err = format!("{:#}", load(src).unwrap_err());
-        assert!(
-            err.contains(bad) && err.contains("[48]") && err.contains("[144]"),
-            "{err}"
-        );
+        assert!(err.contains(bad) && err.contains("[48]") && err.contains("[144]"), "{err}");
     }
 
     #[test]
@@ -591,19 +515,14 @@ mod tests {
         let vm = load(tiny_checkpoint())?;
         let px = Tensor::zeros((1, 3, 56, 56), DType::F32, &Device::Cpu)?;
         let err = format!("{:#}", vm.forward(&px).unwrap_err());
-        assert!(
-            err.contains("[1, 3, 56, 56]") && err.contains("42"),
-            "{err}"
-        );
+        assert!(err.contains("[1, 3, 56, 56]") && err.contains("42"), "{err}");
         Ok(())
     }
 
     #[test]
     fn hf_config_fields_and_defaults() -> Result<()> {
         // A saved config keeps only the fields that differ from the defaults (EVA ViT-g's).
-        let c = VitConfig::from_hf_config(
-            &serde_json::json!({"vision_config": {"model_type": "instructblip_vision_model"}}),
-        )?;
+        let c = VitConfig::from_hf_config(&serde_json::json!({"vision_config": {"model_type": "instructblip_vision_model"}}))?;
         assert_eq!(c, VitConfig::eva_vit_g());
         let c = VitConfig::from_hf_config(&serde_json::json!({
             "hidden_size": 48, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,

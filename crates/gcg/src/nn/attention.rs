@@ -66,7 +66,11 @@ pub fn scaled_dot_product_attention(
     };
     let mut scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?; // [B, H, Lq, Lk]
     if let Some(b) = bias {
-        let b = if b.dtype() == scores.dtype() { b.clone() } else { b.to_dtype(scores.dtype())? };
+        let b = if b.dtype() == scores.dtype() {
+            b.clone()
+        } else {
+            b.to_dtype(scores.dtype())?
+        };
         scores = scores.broadcast_add(&b)?;
     }
     let mut probs = softmax_last_dim(&scores)?;
@@ -118,14 +122,21 @@ impl MultiHeadAttention {
             v: Linear::load(&lb.pp(names.v), kv_dim, inner, bias)?,
             o: Linear::load(&lb.pp(names.o), inner, dim, bias)?,
             heads,
-            scale: if scaled { Some(1.0 / ((inner / heads) as f64).sqrt()) } else { None },
+            scale: if scaled {
+                Some(1.0 / ((inner / heads) as f64).sqrt())
+            } else {
+                None
+            },
             dropout: Dropout::new(dropout),
         })
     }
 
     /// Project keys and values once (e.g. to cache them): [B, Lk, kv_dim] → two [B, H, Lk, D].
     pub fn project_kv(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((split_heads(&self.k.forward(kv)?, self.heads)?, split_heads(&self.v.forward(kv)?, self.heads)?))
+        Ok((
+            split_heads(&self.k.forward(kv)?, self.heads)?,
+            split_heads(&self.v.forward(kv)?, self.heads)?,
+        ))
     }
 
     /// x: [B, Lq, dim]; kv: [B, Lk, kv_dim] (= x for self-attention); bias broadcastable to

@@ -16,7 +16,9 @@ impl Embedding {
     }
 
     pub fn load(lb: &Loader, num: usize, dim: usize) -> Result<Self> {
-        Ok(Self { weight: lb.get((num, dim), "weight", Init::Normal { std: 0.02 })? })
+        Ok(Self {
+            weight: lb.get((num, dim), "weight", Init::Normal { std: 0.02 })?,
+        })
     }
 
     pub fn num(&self) -> usize {

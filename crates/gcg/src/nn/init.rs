@@ -10,9 +10,16 @@ pub enum Init {
     Zeros,
     Ones,
     Const(f64),
-    Normal { std: f64 },
-    TruncNormal { std: f64 },
-    Uniform { lo: f64, hi: f64 },
+    Normal {
+        std: f64,
+    },
+    TruncNormal {
+        std: f64,
+    },
+    Uniform {
+        lo: f64,
+        hi: f64,
+    },
     /// Sinusoidal position table [n_pos, dim] as GCG's `create_sinusoidal_embeddings`.
     Sinusoidal,
 }

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor, // [out, in]
+    pub weight: Tensor,       // [out, in]
     pub bias: Option<Tensor>, // [out]
 }
 
@@ -42,10 +42,18 @@ impl Linear {
         let in_dim = *dims.last().ok_or_else(|| anyhow::anyhow!("Linear on a scalar"))?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let w = if self.weight.dtype() == x.dtype() { self.weight.clone() } else { self.weight.to_dtype(x.dtype())? };
+        let w = if self.weight.dtype() == x.dtype() {
+            self.weight.clone()
+        } else {
+            self.weight.to_dtype(x.dtype())?
+        };
         let mut y = x2.matmul(&w.t()?)?;
         if let Some(b) = &self.bias {
-            let b = if b.dtype() == y.dtype() { b.clone() } else { b.to_dtype(y.dtype())? };
+            let b = if b.dtype() == y.dtype() {
+                b.clone()
+            } else {
+                b.to_dtype(y.dtype())?
+            };
             y = y.broadcast_add(&b)?;
         }
         let mut out_dims = dims;

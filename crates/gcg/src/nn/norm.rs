@@ -68,7 +68,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(lb: &Loader, dim: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: lb.get(dim, "weight", Init::Ones)?, eps })
+        Ok(Self {
+            weight: lb.get(dim, "weight", Init::Ones)?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -31,7 +31,8 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 /// An HF InstructBLIP snapshot: its tensors and its config.
 pub fn open_hf_snapshot(dir: &Path) -> Result<(Source, LmmConfig)> {
     let cfg_path = dir.join("config.json");
-    let cfg = LmmConfig::from_hf_config(&read_json(&cfg_path)?).with_context(|| format!("reading the model config {}", cfg_path.display()))?;
+    let cfg =
+        LmmConfig::from_hf_config(&read_json(&cfg_path)?).with_context(|| format!("reading the model config {}", cfg_path.display()))?;
     let src: Source = Arc::new(SafetensorsSource::open_dir(dir)?);
     Ok((src, cfg))
 }
@@ -47,7 +48,10 @@ pub struct GcgRelease {
 
 impl GcgRelease {
     pub fn new(dir: impl Into<PathBuf>, t5_dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), t5_dir: t5_dir.into() }
+        Self {
+            dir: dir.into(),
+            t5_dir: t5_dir.into(),
+        }
     }
 
     fn file(&self, name: &str) -> Result<PathBuf> {
@@ -89,7 +93,8 @@ impl GcgRelease {
         parts.push(Arc::new(RenamedSource::new(qt, |_| Some("query_tokens".to_string()))?));
         let proj = PthSource::open(self.file("llm_proj_t5.pth")?, None, "llm_proj")?;
         parts.push(Arc::new(RenamedSource::prefixed(Arc::new(proj), "language_projection.")?));
-        let t5 = SafetensorsSource::open_dir(&self.t5_dir).with_context(|| format!("opening the Flan-T5 snapshot {}", self.t5_dir.display()))?;
+        let t5 =
+            SafetensorsSource::open_dir(&self.t5_dir).with_context(|| format!("opening the Flan-T5 snapshot {}", self.t5_dir.display()))?;
         parts.push(Arc::new(RenamedSource::prefixed(Arc::new(t5), "language_model.")?));
         Ok(Arc::new(MergedSource::new(parts)?))
     }

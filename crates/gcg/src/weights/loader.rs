@@ -98,7 +98,10 @@ impl Loader {
         } else {
             format!("{}.{}", self.prefix, name)
         };
-        Self { shared: self.shared.clone(), prefix }
+        Self {
+            shared: self.shared.clone(),
+            prefix,
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -131,7 +134,11 @@ impl Loader {
 
     /// The shape the source stores for `{prefix}.{name}`, if any.
     pub fn stored_shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.shared.source.as_ref().and_then(|s| s.meta(&self.full_name(name))).map(|m| m.shape)
+        self.shared
+            .source
+            .as_ref()
+            .and_then(|s| s.meta(&self.full_name(name)))
+            .map(|m| m.shape)
     }
 
     /// Get a tensor of the given shape.
@@ -152,8 +159,16 @@ impl Loader {
             }
             Some(src) => {
                 let found = full.iter().find(|n| src.contains(n)).ok_or_else(|| {
-                    let alts = if full.len() > 1 { format!(" (also looked for {})", full[1..].join(", ")) } else { String::new() };
-                    anyhow!("missing tensor '{canonical}'{alts} of shape {:?} in {}", shape.dims(), src.describe())
+                    let alts = if full.len() > 1 {
+                        format!(" (also looked for {})", full[1..].join(", "))
+                    } else {
+                        String::new()
+                    };
+                    anyhow!(
+                        "missing tensor '{canonical}'{alts} of shape {:?} in {}",
+                        shape.dims(),
+                        src.describe()
+                    )
                 })?;
                 let meta = src.meta(found).expect("contains() implies meta()");
                 if meta.shape != shape.dims() {
@@ -165,7 +180,8 @@ impl Loader {
                     );
                 }
                 self.shared.used.borrow_mut().insert(found.clone());
-                src.load(found, &self.shared.device).with_context(|| format!("loading {}", src.origin(found)))?
+                src.load(found, &self.shared.device)
+                    .with_context(|| format!("loading {}", src.origin(found)))?
             }
         };
         self.finish_tensor(&canonical, raw)
@@ -203,7 +219,11 @@ impl Loader {
     /// Load a source tensor as stored (no shape check, no variable), marking it used.
     pub fn raw(&self, name: &str) -> Result<Tensor> {
         let full = self.full_name(name);
-        let src = self.shared.source.as_ref().ok_or_else(|| anyhow!("no checkpoint to read '{full}' from"))?;
+        let src = self
+            .shared
+            .source
+            .as_ref()
+            .ok_or_else(|| anyhow!("no checkpoint to read '{full}' from"))?;
         if !src.contains(&full) {
             bail!("missing tensor '{full}' in {}", src.describe());
         }
@@ -294,7 +314,9 @@ impl VarStore {
     /// Every variable must be present with its shape.
     pub fn load_from(&self, src: &dyn TensorSource) -> Result<()> {
         for (name, var) in &self.vars {
-            let meta = src.meta(name).ok_or_else(|| anyhow!("missing trainable tensor '{name}' in {}", src.describe()))?;
+            let meta = src
+                .meta(name)
+                .ok_or_else(|| anyhow!("missing trainable tensor '{name}' in {}", src.describe()))?;
             if meta.shape != var.dims() {
                 bail!("tensor {} has shape {:?}, expected {:?}", src.origin(name), meta.shape, var.dims());
             }

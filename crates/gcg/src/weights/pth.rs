@@ -22,12 +22,13 @@ fn unwrap_module(obj: Object) -> Object {
     // TorchScript modules wrap their state in Build(Reduce(__torch__.Module)).
     match obj {
         Object::Build { callable, args } => match *callable {
-            Object::Reduce { callable: inner, .. }
-                if matches!(&*inner, Object::Class { module_name, class_name } if module_name == "__torch__" && class_name == "Module") =>
-            {
+            Object::Reduce { callable: inner, .. } if matches!(&*inner, Object::Class { module_name, class_name } if module_name == "__torch__" && class_name == "Module") => {
                 *args
             }
-            other => Object::Build { callable: Box::new(other), args },
+            other => Object::Build {
+                callable: Box::new(other),
+                args,
+            },
         },
         obj => obj,
     }
@@ -72,7 +73,13 @@ impl PthSource {
                             }
                         }
                     }
-                    obj = found.ok_or_else(|| anyhow!("{}: no entry '{key}' at the top level (it has: {})", path.display(), keys.join(", ")))?;
+                    obj = found.ok_or_else(|| {
+                        anyhow!(
+                            "{}: no entry '{key}' at the top level (it has: {})",
+                            path.display(),
+                            keys.join(", ")
+                        )
+                    })?;
                 }
                 _ => bail!("{}: asked for entry '{key}', but the checkpoint is not a dict", path.display()),
             }
@@ -110,10 +117,16 @@ impl TensorSource for PthSource {
         self.infos.keys().cloned().collect()
     }
     fn meta(&self, name: &str) -> Option<TensorMeta> {
-        self.infos.get(name).map(|i| TensorMeta { shape: i.layout.dims().to_vec(), dtype: i.dtype })
+        self.infos.get(name).map(|i| TensorMeta {
+            shape: i.layout.dims().to_vec(),
+            dtype: i.dtype,
+        })
     }
     fn load(&self, name: &str, dev: &Device) -> Result<Tensor> {
-        let info = self.infos.get(name).ok_or_else(|| anyhow!("no tensor '{name}' in {}", self.path.display()))?;
+        let info = self
+            .infos
+            .get(name)
+            .ok_or_else(|| anyhow!("no tensor '{name}' in {}", self.path.display()))?;
         let ctx = || format!("reading tensor '{name}' from {}", self.path.display());
         let file = std::fs::File::open(&self.path).with_context(ctx)?;
         let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).with_context(ctx)?;
@@ -129,7 +142,8 @@ impl TensorSource for PthSource {
                 info.storage_size * esize
             );
         }
-        let storage = Tensor::from_raw_buffer(&bytes[..info.storage_size * esize], info.dtype, &[info.storage_size], &Device::Cpu).with_context(ctx)?;
+        let storage = Tensor::from_raw_buffer(&bytes[..info.storage_size * esize], info.dtype, &[info.storage_size], &Device::Cpu)
+            .with_context(ctx)?;
         // Rebuild the (possibly strided, offset) view torch saved, then make it contiguous.
         let layout = &info.layout;
         let dims = layout.dims();
@@ -140,7 +154,11 @@ impl TensorSource for PthSource {
         } else if layout.is_contiguous() {
             let n: usize = dims.iter().product();
             if offset + n > info.storage_size {
-                bail!("tensor '{name}' in {}: view of {n} elements at {offset} exceeds a storage of {}", self.path.display(), info.storage_size);
+                bail!(
+                    "tensor '{name}' in {}: view of {n} elements at {offset} exceeds a storage of {}",
+                    self.path.display(),
+                    info.storage_size
+                );
             }
             storage.narrow(0, offset, n)?.reshape(dims)?
         } else {
@@ -150,7 +168,11 @@ impl TensorSource for PthSource {
             for _ in 0..n {
                 let lin: usize = offset + counter.iter().zip(strides).map(|(c, s)| c * s).sum::<usize>();
                 if lin >= info.storage_size {
-                    bail!("tensor '{name}' in {}: view reaches element {lin} of a storage of {}", self.path.display(), info.storage_size);
+                    bail!(
+                        "tensor '{name}' in {}: view reaches element {lin} of a storage of {}",
+                        self.path.display(),
+                        info.storage_size
+                    );
                 }
                 idx.push(lin as u32);
                 for d in (0..dims.len()).rev() {

@@ -64,8 +64,7 @@ impl SafetensorsSource {
             let file = std::fs::File::open(path).with_context(|| format!("cannot open safetensors file {}", path.display()))?;
             // SAFETY: the file is opened read-only; a concurrent writer would corrupt our view of
             // it, as with any memory-mapped reader (we never write in place ourselves).
-            let mmap = unsafe { memmap2::Mmap::map(&file) }
-                .with_context(|| format!("cannot memory-map {}", path.display()))?;
+            let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
             let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
                 anyhow!(
                     "{} is not a valid safetensors file ({e}); it may be truncated or not a safetensors file at all ({} bytes)",
@@ -74,7 +73,10 @@ impl SafetensorsSource {
                 )
             })?;
             for (name, view) in st.tensors() {
-                let meta = TensorMeta { shape: view.shape().to_vec(), dtype: st_dtype(view.dtype()).with_context(|| format!("tensor '{name}' in {}", path.display()))? };
+                let meta = TensorMeta {
+                    shape: view.shape().to_vec(),
+                    dtype: st_dtype(view.dtype()).with_context(|| format!("tensor '{name}' in {}", path.display()))?,
+                };
                 if let Some((other, _)) = index.insert(name.clone(), (fi, meta)) {
                     bail!("tensor '{name}' appears both in {} and {}", paths[other].display(), path.display());
                 }
@@ -83,7 +85,11 @@ impl SafetensorsSource {
         }
         let label = match paths {
             [one] => one.display().to_string(),
-            many => format!("{} safetensors files in {}", many.len(), many[0].parent().map(|p| p.display().to_string()).unwrap_or_default()),
+            many => format!(
+                "{} safetensors files in {}",
+                many.len(),
+                many[0].parent().map(|p| p.display().to_string()).unwrap_or_default()
+            ),
         };
         Ok(Self { files, index, label })
     }
@@ -99,14 +105,19 @@ impl SafetensorsSource {
         let index_path = dir.join("model.safetensors.index.json");
         if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).with_context(|| format!("reading {}", index_path.display()))?;
-            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index_path.display()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index_path.display()))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| anyhow!("{} has no \"weight_map\" object", index_path.display()))?;
             let mut shards: Vec<String> = map
                 .values()
-                .map(|f| f.as_str().map(str::to_string).ok_or_else(|| anyhow!("{}: a weight_map value is not a string", index_path.display())))
+                .map(|f| {
+                    f.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| anyhow!("{}: a weight_map value is not a string", index_path.display()))
+                })
                 .collect::<Result<_>>()?;
             shards.sort();
             shards.dedup();
@@ -120,18 +131,31 @@ impl SafetensorsSource {
             for (name, file) in map {
                 let file = file.as_str().unwrap_or_default();
                 match src.index.get(name) {
-                    None => bail!("{} assigns tensor '{name}' to {file}, but that file does not contain it", index_path.display()),
+                    None => bail!(
+                        "{} assigns tensor '{name}' to {file}, but that file does not contain it",
+                        index_path.display()
+                    ),
                     Some((fi, _)) if src.files[*fi].path.file_name().and_then(|f| f.to_str()) != Some(file) => {
-                        bail!("{} assigns tensor '{name}' to {file}, but it is in {}", index_path.display(), src.files[*fi].path.display())
+                        bail!(
+                            "{} assigns tensor '{name}' to {file}, but it is in {}",
+                            index_path.display(),
+                            src.files[*fi].path.display()
+                        )
                     }
                     _ => {}
                 }
             }
-            return Ok(Self { label: format!("HF snapshot {}", dir.display()), ..src });
+            return Ok(Self {
+                label: format!("HF snapshot {}", dir.display()),
+                ..src
+            });
         }
         let single = dir.join("model.safetensors");
         if single.exists() {
-            return Ok(Self { label: format!("HF snapshot {}", dir.display()), ..Self::open(&single)? });
+            return Ok(Self {
+                label: format!("HF snapshot {}", dir.display()),
+                ..Self::open(&single)?
+            });
         }
         bail!("{} holds neither model.safetensors.index.json nor model.safetensors", dir.display())
     }
@@ -145,12 +169,18 @@ impl TensorSource for SafetensorsSource {
         self.index.get(name).map(|(_, m)| m.clone())
     }
     fn load(&self, name: &str, dev: &Device) -> Result<Tensor> {
-        let (fi, _) = self.index.get(name).ok_or_else(|| anyhow!("no tensor '{name}' in {}", self.label))?;
+        let (fi, _) = self
+            .index
+            .get(name)
+            .ok_or_else(|| anyhow!("no tensor '{name}' in {}", self.label))?;
         let f = &self.files[*fi];
         let st = safetensors::SafeTensors::deserialize(&f.mmap).map_err(|e| anyhow!("{}: {e}", f.path.display()))?;
-        let view = st.tensor(name).map_err(|e| anyhow!("tensor '{name}' in {}: {e}", f.path.display()))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| anyhow!("tensor '{name}' in {}: {e}", f.path.display()))?;
         use candle_core::safetensors::Load;
-        view.load(dev).with_context(|| format!("loading tensor '{name}' from {}", f.path.display()))
+        view.load(dev)
+            .with_context(|| format!("loading tensor '{name}' from {}", f.path.display()))
     }
     fn origin(&self, name: &str) -> String {
         match self.index.get(name) {
@@ -172,7 +202,10 @@ pub struct MapSource {
 
 impl MapSource {
     pub fn new(tensors: impl IntoIterator<Item = (String, Tensor)>, label: impl Into<String>) -> Self {
-        Self { tensors: tensors.into_iter().collect(), label: label.into() }
+        Self {
+            tensors: tensors.into_iter().collect(),
+            label: label.into(),
+        }
     }
     pub fn insert(&mut self, name: impl Into<String>, t: Tensor) {
         self.tensors.insert(name.into(), t);
@@ -187,10 +220,16 @@ impl TensorSource for MapSource {
         self.tensors.keys().cloned().collect()
     }
     fn meta(&self, name: &str) -> Option<TensorMeta> {
-        self.tensors.get(name).map(|t| TensorMeta { shape: t.dims().to_vec(), dtype: t.dtype() })
+        self.tensors.get(name).map(|t| TensorMeta {
+            shape: t.dims().to_vec(),
+            dtype: t.dtype(),
+        })
     }
     fn load(&self, name: &str, dev: &Device) -> Result<Tensor> {
-        let t = self.tensors.get(name).ok_or_else(|| anyhow!("no tensor '{name}' in {}", self.label))?;
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("no tensor '{name}' in {}", self.label))?;
         Ok(t.to_device(dev)?)
     }
     fn origin(&self, name: &str) -> String {
@@ -234,7 +273,10 @@ impl TensorSource for RenamedSource {
         self.outer_to_inner.get(name).and_then(|n| self.inner.meta(n))
     }
     fn load(&self, name: &str, dev: &Device) -> Result<Tensor> {
-        let n = self.outer_to_inner.get(name).ok_or_else(|| anyhow!("no tensor '{name}' in {}", self.inner.describe()))?;
+        let n = self
+            .outer_to_inner
+            .get(name)
+            .ok_or_else(|| anyhow!("no tensor '{name}' in {}", self.inner.describe()))?;
         self.inner.load(n, dev)
     }
     fn origin(&self, name: &str) -> String {
@@ -279,7 +321,10 @@ impl TensorSource for MergedSource {
         self.owner.get(name).and_then(|&i| self.parts[i].meta(name))
     }
     fn load(&self, name: &str, dev: &Device) -> Result<Tensor> {
-        let i = self.owner.get(name).ok_or_else(|| anyhow!("no tensor '{name}' in {}", self.describe()))?;
+        let i = self
+            .owner
+            .get(name)
+            .ok_or_else(|| anyhow!("no tensor '{name}' in {}", self.describe()))?;
         self.parts[*i].load(name, dev)
     }
     fn origin(&self, name: &str) -> String {

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 
 /// The repository root (tests run with the crate directory as working directory).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
 }
 
 pub fn fixtures_dir() -> PathBuf {
