@@ -201,10 +201,14 @@ pub struct CheckWeightsArgs {
     /// Skip the ViT trunk (when working from cached features).
     #[arg(long)]
     no_vit: bool,
+    /// Model sizes for a GCG release directory, which carries no config of its own
+    /// (an HF snapshot's config.json always wins).
+    #[arg(long, default_value = "instructblip-flan-t5-xl")]
+    preset: String,
 }
 
 pub fn check_weights(a: CheckWeightsArgs) -> Result<()> {
-    let (src, cfg) = open_any(&a.weights, a.t5.as_deref())?;
+    let (src, cfg) = open_any(&a.weights, a.t5.as_deref(), &a.preset)?;
     let no_vit = a.no_vit;
     let lb = Loader::from_source(src.clone(), &Device::Cpu, DType::F32)
         .with_trainable(is_trainable)

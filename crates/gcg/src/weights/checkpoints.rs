@@ -102,15 +102,17 @@ impl GcgRelease {
 
 /// A checkpoint location given on the command line: an HF snapshot directory, or a GCG release
 /// directory (with the Flan-T5 snapshot in `flan-t5/` inside it unless given separately).
-pub fn open_any(dir: &Path, t5_dir: Option<&Path>) -> Result<(Source, LmmConfig)> {
+/// A GCG release directory carries no config: `preset` names the sizes of its ViT and Q-Former
+/// (the T5 config comes from the Flan-T5 snapshot, with the official code's exact GELU).
+pub fn open_any(dir: &Path, t5_dir: Option<&Path>, preset: &str) -> Result<(Source, LmmConfig)> {
     if dir.join("config.json").exists() && (dir.join("model.safetensors.index.json").exists() || dir.join("model.safetensors").exists()) {
         return open_hf_snapshot(dir);
     }
     if dir.join("qformer_t5.pth").exists() {
         let t5 = t5_dir.map(Path::to_path_buf).unwrap_or_else(|| dir.join("flan-t5"));
         let rel = GcgRelease::new(dir, t5);
-        let mut cfg = LmmConfig::instructblip_flan_t5_xl();
-        cfg.t5 = rel.t5_config()?;
+        let mut cfg = LmmConfig::preset(preset)?;
+        cfg.t5 = rel.t5_config()?.with_activation(crate::nn::Activation::Gelu);
         return Ok((rel.open()?, cfg));
     }
     Err(anyhow!(
