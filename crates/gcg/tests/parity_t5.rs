@@ -185,19 +185,21 @@ fn greedy_and_beam_search_ids_match_hf() {
         let fx = fixture(&dir);
         let io = &fx.io;
         let mask = get(io, "gen_attention_mask").unwrap();
-        assert!(
-            fx.meta["decodes_nontrivial"].as_bool().unwrap(),
-            "{}: the reference decodes are trivial",
-            dir.display()
-        );
-        // The fixture module checked (by altering transformers' beam search) that these decodes
-        // depend on each stopping rule, so a port that gets one wrong fails here.
+        // The committed fixtures must exercise every stopping rule (the fixture module checked, by
+        // altering transformers' beam search, that these decodes depend on each rule, so a port
+        // that gets one wrong fails here). Extra directories from GCG_PARITY_DIRS made with other
+        // seeds may not: their ids are still compared, with a note.
+        let committed = dir.starts_with(common::fixtures_dir());
+        let mut coverage = vec![("nontrivial decodes".to_string(), fx.meta["decodes_nontrivial"].as_bool().unwrap())];
         for (rule, hit) in fx.meta["beam_rules_exercised"].as_object().unwrap() {
-            assert!(
-                hit.as_bool().unwrap(),
-                "{}: the reference decodes do not exercise the beam rule {rule}",
-                dir.display()
-            );
+            coverage.push((format!("beam rule {rule}"), hit.as_bool().unwrap()));
+        }
+        for (what, ok) in coverage {
+            if committed {
+                assert!(ok, "{}: the reference decodes do not exercise {what}", dir.display());
+            } else if !ok {
+                eprintln!("note: {}: the reference decodes do not exercise {what}", dir.display());
+            }
         }
         for (tag, mut m) in models(&dir) {
             let natural_head = m.lm_head.clone();
