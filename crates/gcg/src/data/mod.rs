@@ -92,3 +92,30 @@ pub fn target(sample: &QaSample) -> String {
         Answer::Text(t) => t.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_matches_the_official_template() {
+        let s = QaSample {
+            dataset: Dataset::NextQa,
+            key: "1_0".into(),
+            qid: "0".into(),
+            video: "1".into(),
+            question: "why did the boy pick up the present".into(),
+            options: ["share", "unwrap it", "c", "d", "e"].iter().map(|x| x.to_string()).collect(),
+            answer: Answer::Choice(1),
+            qtype: "CW".into(),
+        };
+        // finetune_ans.py: 'Question: ' + question + '?' + f'\nOptions: \nA: {a0} \nB: {a1} \nC: {a2} \nD: {a3} \nE: {a4}' + '\nAnswer: '
+        let want = "Question: why did the boy pick up the present?\nOptions: \nA: share \nB: unwrap it \nC: c \nD: d \nE: e\nAnswer: ";
+        assert_eq!(prompt(&s), want);
+        assert_eq!(target(&s), "B");
+        assert_eq!(s.answer_text(), "unwrap it");
+        let open = QaSample { options: vec![], answer: Answer::Text("dog".into()), ..s };
+        assert_eq!(prompt(&open), "Question: why did the boy pick up the present?\nAnswer: ");
+        assert_eq!(target(&open), "dog");
+    }
+}
