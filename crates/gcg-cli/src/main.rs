@@ -1,6 +1,9 @@
 //! `gcg` — the command-line tool: one subcommand per stage of the pipeline.
 
 mod bench;
+mod bench_store;
+mod features;
+mod labels;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -23,6 +26,12 @@ enum Command {
     /// Load a checkpoint (HF snapshot or GCG release directory), check every tensor against the
     /// model's shapes and report what it holds.
     CheckWeights(bench::CheckWeightsArgs),
+    /// Compute (or import) the frozen ViT features and CLIP frame embeddings of videos into a
+    /// feature store; resumable, parallel over videos.
+    Features(features::FeaturesArgs),
+    /// CLIP text embeddings and pseudo-labels (top-K frames for the event text) of a dataset's
+    /// questions, into the feature store.
+    Labels(labels::LabelsArgs),
 }
 
 fn main() {
@@ -50,5 +59,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(b) => bench::run(b),
         Command::CheckWeights(a) => bench::check_weights(a),
+        Command::Features(a) => features::run(a),
+        Command::Labels(a) => labels::run(a),
     }
 }

@@ -1,0 +1,312 @@
+//! `gcg features`: videos → frozen ViT features and CLIP frame embeddings in a feature store.
+//!
+//! Test hooks (environment variables, for simulating a kill):
+//! * `GCG_FEATURES_ABORT_AFTER=N` aborts the process (no clean-up, like `kill -9`) once N videos
+//!   have been computed in this run, whether or not their shard was written yet;
+//! * `GCG_STORE_FAULT=point:N[:abort|error]` crashes the store writer the N-th time it reaches
+//!   `shard-written`, `shard-renamed` or `index-written` (see `gcg::store::Fault`).
+
+use crate::bench::{parse_device, parse_dtype};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use candle_core::{DType, Device};
+use clap::Args;
+use gcg::store::extract::{extract_features, safetensors_frames, ExtractOptions, ExtractProgress, FeatureModels, VideoJob};
+use gcg::store::{frozen, Fault, WriterOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct FeaturesArgs {
+    /// The videos: a directory (every file in it; the id is the file name without extension) or a
+    /// text file with one video per line (`path` or `id<TAB>path`; relative to the list's folder).
+    /// Pre-decoded frames are read from `.safetensors` files (`pixel_values` [T, 3, S, S], CLIP
+    /// pre-processed; optional `timestamps`, `duration`, `fps`).
+    #[arg(long, required_unless_present = "import_h5")]
+    videos: Option<PathBuf>,
+    /// The feature store directory (created when missing).
+    #[arg(long)]
+    store: PathBuf,
+    /// Frames sampled per video (T).
+    #[arg(long, default_value_t = 32)]
+    num_frames: usize,
+    /// The ViT weights: an HF InstructBLIP snapshot or a GCG release directory (eva_vit_g.pth).
+    #[arg(long, required_unless_present_any = ["random_weights", "import_h5"])]
+    weights: Option<PathBuf>,
+    /// The GCG CLIP branch files (eva_clip_*.pth); default: the --weights directory.
+    #[arg(long)]
+    clip: Option<PathBuf>,
+    /// Network sizes: instructblip-flan-t5-xl (EVA ViT-g + EVA-CLIP-g) or tiny.
+    #[arg(long, default_value = "instructblip-flan-t5-xl")]
+    preset: String,
+    /// Seeded random weights instead of checkpoints (tests, benchmarks).
+    #[arg(long)]
+    random_weights: bool,
+    /// Seed of --random-weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Decoding threads.
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// cpu | cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype of the networks: f32 | bf16 | f16 (default: f32 on cpu, f16 on cuda as the
+    /// official extraction's autocast).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Frames per ViT forward pass.
+    #[arg(long, default_value_t = 32)]
+    frame_batch: usize,
+    /// Shard size in MiB (a shard is written when this much is buffered).
+    #[arg(long, default_value_t = 512.0)]
+    shard_mb: f64,
+    /// Write buffered videos at least this often (seconds), bounding the work a kill loses.
+    #[arg(long, default_value_t = 120.0)]
+    flush_secs: f64,
+    /// Recompute videos already in the store.
+    #[arg(long)]
+    overwrite: bool,
+    /// NExT-QA's map_vid_vidorID.json (video id → file path without extension): files are stored
+    /// under the video ids the annotations use.
+    #[arg(long)]
+    id_map: Option<PathBuf>,
+    /// Import the official feature file (`feats_wo_norm_32.h5`, datasets `{video}_frame_{i}`)
+    /// instead of computing features (needs a build with `--features hdf5`).
+    #[arg(long)]
+    import_h5: Option<PathBuf>,
+    /// With --import-h5: NExT-GQA's frame2time_*.json ({video: [seconds, ...]}) for the frame times.
+    #[arg(long)]
+    frame2time: Option<PathBuf>,
+    /// With --import-h5: NExT-GQA's gsub_*.json ({video: {duration, fps, ...}}) for duration and fps.
+    #[arg(long)]
+    gsub: Option<PathBuf>,
+}
+
+/// Videos of a directory or a list file.
+pub fn video_jobs(spec: &Path, id_map: Option<&Path>) -> Result<Vec<VideoJob>> {
+    let mut jobs = Vec::new();
+    if spec.is_dir() {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(spec)
+            .with_context(|| format!("listing {}", spec.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .collect();
+        paths.sort();
+        for p in paths {
+            let id = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .ok_or_else(|| anyhow!("{} has no file name", p.display()))?;
+            jobs.push(VideoJob { id, path: p });
+        }
+    } else {
+        let text = std::fs::read_to_string(spec).with_context(|| format!("reading the video list {}", spec.display()))?;
+        let base = spec.parent().unwrap_or(Path::new("."));
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (id, path) = match line.split_once('\t') {
+                Some((id, p)) => (Some(id.trim().to_string()), p.trim()),
+                None => (None, line),
+            };
+            let path = base.join(path);
+            let id = match id {
+                Some(id) if !id.is_empty() => id,
+                Some(_) => bail!("{} line {}: empty video id", spec.display(), i + 1),
+                None => path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .ok_or_else(|| anyhow!("{} line {}: {} has no file name", spec.display(), i + 1, path.display()))?,
+            };
+            jobs.push(VideoJob { id, path });
+        }
+    }
+    if let Some(map) = id_map {
+        let text = std::fs::read_to_string(map).with_context(|| format!("reading {}", map.display()))?;
+        let m: HashMap<String, String> =
+            serde_json::from_str(&text).with_context(|| format!("{} should map video ids to paths", map.display()))?;
+        let by_stem: HashMap<String, String> = m
+            .into_iter()
+            .map(|(id, p)| (Path::new(&p).file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or(p), id))
+            .collect();
+        for j in &mut jobs {
+            if let Some(id) = by_stem.get(&j.id) {
+                j.id = id.clone();
+            }
+        }
+    }
+    ensure!(!jobs.is_empty(), "no videos found in {}", spec.display());
+    Ok(jobs)
+}
+
+/// Pre-processed frames of one video: `.safetensors` frame files.
+fn frames_of(job: &VideoJob, num_frames: usize) -> Result<gcg::store::extract::VideoFrames> {
+    let ext = job.path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+    match ext.as_str() {
+        "safetensors" => safetensors_frames(job, num_frames),
+        _ => bail!(
+            "{}: decoding .{ext} videos is not available in this build; give pre-decoded frames as .safetensors files",
+            job.path.display()
+        ),
+    }
+}
+
+pub fn writer_options(shard_mb: f64, flush_secs: f64) -> Result<WriterOptions> {
+    ensure!(shard_mb >= 0.0, "--shard-mb must not be negative");
+    let fault = match std::env::var("GCG_STORE_FAULT") {
+        Ok(s) if !s.is_empty() => Some(Fault::parse(&s).context("GCG_STORE_FAULT")?),
+        _ => None,
+    };
+    Ok(WriterOptions {
+        shard_bytes: (shard_mb * (1 << 20) as f64) as u64,
+        max_pending_secs: flush_secs,
+        fault,
+    })
+}
+
+fn abort_after() -> Result<Option<usize>> {
+    match std::env::var("GCG_FEATURES_ABORT_AFTER") {
+        Ok(s) if !s.is_empty() => Ok(Some(s.parse().with_context(|| format!("GCG_FEATURES_ABORT_AFTER={s:?}"))?)),
+        _ => Ok(None),
+    }
+}
+
+fn compute_dtype(name: Option<&str>, dev: &Device) -> Result<DType> {
+    match name {
+        None if dev.is_cuda() => Ok(DType::F16),
+        other => parse_dtype(other, dev),
+    }
+}
+
+pub fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {what} ({{per_sec}}, eta {{eta}}) {{msg}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+pub fn run(a: FeaturesArgs) -> Result<()> {
+    let dev = parse_device(&a.device)?;
+    let dtype = compute_dtype(a.dtype.as_deref(), &dev)?;
+    let (vit_cfg, clip_cfg) = frozen::preset(&a.preset)?;
+    let writer = writer_options(a.shard_mb, a.flush_secs)?;
+
+    let clip_dir = a.clip.clone().or_else(|| a.weights.clone());
+    let clip = if a.random_weights {
+        frozen::random_clip_image(&clip_cfg, &dev, dtype, a.seed)?
+    } else {
+        let dir = clip_dir.ok_or_else(|| anyhow!("--clip (the GCG eva_clip_*.pth files) is needed without --random-weights"))?;
+        frozen::load_clip_image(&dir, &clip_cfg, &dev, dtype)?
+    };
+
+    if let Some(h5) = &a.import_h5 {
+        return import_h5(&a, h5, &clip, writer);
+    }
+
+    let videos = a.videos.as_ref().ok_or_else(|| anyhow!("--videos is required"))?;
+    let jobs = video_jobs(videos, a.id_map.as_deref())?;
+    let vit = if a.random_weights {
+        frozen::random_vit(&vit_cfg, &dev, dtype, a.seed)?
+    } else {
+        let dir = a
+            .weights
+            .as_ref()
+            .ok_or_else(|| anyhow!("--weights is needed without --random-weights"))?;
+        frozen::load_vit(dir, &vit_cfg, &dev, dtype)?
+    };
+    let models = FeatureModels {
+        vit: &vit,
+        clip: &clip,
+        frame_batch: a.frame_batch,
+    };
+    let opts = ExtractOptions {
+        num_frames: a.num_frames,
+        jobs: a.jobs,
+        overwrite: a.overwrite,
+        writer,
+    };
+    let abort = abort_after()?;
+    let pb = bar(0, "videos");
+    let mut done = 0usize;
+    let report = extract_features(&a.store, &jobs, &frames_of, &models, &opts, &mut |ev| match ev {
+        ExtractProgress::Start { total, skipped } => {
+            pb.set_length((total - skipped) as u64);
+            if skipped > 0 {
+                pb.println(format!("{skipped} of {total} videos are already in the store"));
+            }
+        }
+        ExtractProgress::Done { video, .. } => {
+            pb.inc(1);
+            pb.set_message(video.to_string());
+            done += 1;
+            if abort == Some(done) {
+                eprintln!("GCG_FEATURES_ABORT_AFTER={done}: aborting");
+                std::process::abort();
+            }
+        }
+        ExtractProgress::Failed { video, error } => {
+            pb.inc(1);
+            pb.println(format!("failed: {video}: {error}"));
+        }
+    })?;
+    pb.finish_and_clear();
+    finish_report(report.done, report.skipped, &report.failed, "videos")
+}
+
+/// Prints a summary and the failures; an error (non-zero exit) if anything failed.
+pub fn finish_report(done: usize, skipped: usize, failed: &[(String, String)], what: &str) -> Result<()> {
+    eprintln!("{done} {what} done, {skipped} already stored, {} failed", failed.len());
+    if failed.is_empty() {
+        return Ok(());
+    }
+    for (id, err) in failed {
+        eprintln!("  {id}: {err}");
+    }
+    bail!("{} {what} failed (listed above); the others are stored", failed.len())
+}
+
+#[cfg(not(feature = "hdf5"))]
+fn import_h5(_a: &FeaturesArgs, h5: &Path, _clip: &gcg::models::clip_branch::ClipImageHead, _w: WriterOptions) -> Result<()> {
+    bail!(
+        "--import-h5 {}: this gcg was built without HDF5 support (rebuild with `--features hdf5`, which needs libhdf5-dev)",
+        h5.display()
+    )
+}
+
+#[cfg(feature = "hdf5")]
+fn import_h5(a: &FeaturesArgs, h5: &Path, clip: &gcg::models::clip_branch::ClipImageHead, writer: WriterOptions) -> Result<()> {
+    use gcg::store::h5import::{import_official_h5, ImportOptions, VideoTimes};
+    let times = VideoTimes::from_files(a.frame2time.as_deref(), a.gsub.as_deref())?;
+    let pb = bar(0, "videos");
+    let report = import_official_h5(
+        h5,
+        &a.store,
+        clip,
+        &times,
+        &ImportOptions {
+            num_frames: a.num_frames,
+            overwrite: a.overwrite,
+            writer,
+        },
+        &mut |ev| match ev {
+            ExtractProgress::Start { total, skipped } => pb.set_length((total - skipped) as u64),
+            ExtractProgress::Done { video, .. } => {
+                pb.inc(1);
+                pb.set_message(video.to_string());
+            }
+            ExtractProgress::Failed { video, error } => {
+                pb.inc(1);
+                pb.println(format!("failed: {video}: {error}"));
+            }
+        },
+    )?;
+    pb.finish_and_clear();
+    finish_report(report.done, report.skipped, &report.failed, "videos")
+}

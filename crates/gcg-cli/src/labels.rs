@@ -1,0 +1,212 @@
+//! `gcg labels`: CLIP text embeddings of each question's texts and its pseudo-labels, into the
+//! feature store (which must already hold the videos' features, `gcg features`).
+
+use crate::bench::{parse_device, parse_dtype};
+use crate::features::{bar, finish_report, writer_options};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use clap::Args;
+use gcg::data::{Answer, Dataset, QaSample};
+use gcg::store::frozen;
+use gcg::store::labels::{label_questions, ClipTextEncoder, EventSource, LabelOptions, LabelProgress};
+use gcg::weights::tokenizers::ClipTokenizer;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct LabelsArgs {
+    /// The feature store directory.
+    #[arg(long)]
+    store: PathBuf,
+    /// The annotation file (e.g. NExT-QA's val.csv).
+    #[arg(long)]
+    annotations: PathBuf,
+    /// Its format: nextqa | nextgqa | json (a JSON array, or JSON lines, of gcg QaSample objects).
+    #[arg(long)]
+    dataset: String,
+    /// The event text: `answer` (the official choice for NExT-QA), `question-answer`, or
+    /// `statements FILE` (a JSON object: question key → declarative sentence).
+    #[arg(long, num_args = 1..=2, value_names = ["MODE", "FILE"], default_values_t = ["answer".to_string()])]
+    event: Vec<String>,
+    /// K, the pseudo-labelled frames per question.
+    #[arg(long, default_value_t = 4)]
+    top_k: usize,
+    /// The GCG CLIP branch files (eva_clip_*.pth).
+    #[arg(long, required_unless_present = "random_weights")]
+    clip: Option<PathBuf>,
+    /// The CLIP BPE: a tokenizer.json or the merges file (bpe_simple_vocab_16e6.txt.gz);
+    /// default: bpe_simple_vocab_16e6.txt.gz in the --clip directory.
+    #[arg(long)]
+    clip_tokenizer: Option<PathBuf>,
+    /// Network sizes: instructblip-flan-t5-xl (EVA-CLIP-g) or tiny.
+    #[arg(long, default_value = "instructblip-flan-t5-xl")]
+    preset: String,
+    /// Seeded random weights (tests); the text vocabulary is sized to the tokenizer.
+    #[arg(long)]
+    random_weights: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// cpu | cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32 | bf16 | f16 (default: f32 on cpu, bf16 on cuda).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Texts per CLIP forward pass.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Relabel questions already labelled the same way.
+    #[arg(long)]
+    overwrite: bool,
+    /// Shard size in MiB.
+    #[arg(long, default_value_t = 64.0)]
+    shard_mb: f64,
+}
+
+fn event_source(spec: &[String]) -> Result<EventSource> {
+    match spec {
+        [m] if m == "answer" => Ok(EventSource::Answer),
+        [m] if m == "question-answer" => Ok(EventSource::QuestionAnswer),
+        [m, file] if m == "statements" => EventSource::statements_file(Path::new(file)),
+        [m] if m == "statements" => bail!("--event statements needs the statements file: --event statements FILE"),
+        other => bail!("--event {}: expected answer, question-answer or statements FILE", other.join(" ")),
+    }
+}
+
+/// Reads the annotations as samples.
+pub fn read_samples(path: &Path, dataset: &str) -> Result<Vec<QaSample>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the annotations {}", path.display()))?;
+    match dataset {
+        "json" => {
+            let t = text.trim_start();
+            if t.starts_with('[') {
+                serde_json::from_str(t).with_context(|| format!("{}: expected a JSON array of QaSample objects", path.display()))
+            } else {
+                t.lines()
+                    .enumerate()
+                    .filter(|(_, l)| !l.trim().is_empty())
+                    .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}: not a QaSample", path.display(), i + 1)))
+                    .collect()
+            }
+        }
+        "nextqa" => read_next_csv(&text, path, Dataset::NextQa),
+        "nextgqa" => read_next_csv(&text, path, Dataset::NextGqa),
+        other => bail!("unknown --dataset {other:?} (expected nextqa, nextgqa or json)"),
+    }
+}
+
+/// The NExT-QA / NExT-GQA multiple-choice CSV (no quoted fields in the published files).
+fn read_next_csv(text: &str, path: &Path, dataset: Dataset) -> Result<Vec<QaSample>> {
+    let mut lines = text.lines().enumerate();
+    let (_, header) = lines.next().ok_or_else(|| anyhow!("{} is empty", path.display()))?;
+    let cols: Vec<&str> = header.trim_end_matches('\r').split(',').collect();
+    let col = |name: &str| {
+        cols.iter()
+            .position(|c| *c == name)
+            .ok_or_else(|| anyhow!("{}: no column {name:?} in the header {header:?}", path.display()))
+    };
+    let video_col = col("video").or_else(|_| col("video_id"))?;
+    let (q_col, a_col, qid_col, type_col) = (col("question")?, col("answer")?, col("qid")?, col("type")?);
+    let opt_cols = (0..5).map(|i| col(&format!("a{i}"))).collect::<Result<Vec<_>>>()?;
+    let mut out = Vec::new();
+    for (i, line) in lines {
+        let line = line.trim_end_matches('\r');
+        if line.is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split(',').collect();
+        ensure!(
+            f.len() == cols.len(),
+            "{} line {}: {} fields, the header has {}",
+            path.display(),
+            i + 1,
+            f.len(),
+            cols.len()
+        );
+        let options: Vec<String> = opt_cols.iter().map(|&c| f[c].trim().to_string()).collect();
+        let answer = match f[a_col].trim().parse::<usize>() {
+            Ok(a) if dataset == Dataset::NextQa => a,
+            _ => options
+                .iter()
+                .position(|o| o == f[a_col].trim())
+                .ok_or_else(|| anyhow!("{} line {}: answer {:?} is not one of the options", path.display(), i + 1, f[a_col]))?,
+        };
+        ensure!(
+            answer < options.len(),
+            "{} line {}: answer index {answer} out of range",
+            path.display(),
+            i + 1
+        );
+        let (video, qid) = (f[video_col].trim().to_string(), f[qid_col].trim().to_string());
+        out.push(QaSample {
+            dataset,
+            key: format!("{video}_{qid}"),
+            qid,
+            video,
+            question: f[q_col].trim().trim_end_matches('?').to_string(),
+            options,
+            answer: Answer::Choice(answer),
+            qtype: f[type_col].trim().to_string(),
+        });
+    }
+    Ok(out)
+}
+
+fn tokenizer(a: &LabelsArgs) -> Result<ClipTokenizer> {
+    let path = match (&a.clip_tokenizer, &a.clip) {
+        (Some(p), _) => p.clone(),
+        (None, Some(dir)) => dir.join("bpe_simple_vocab_16e6.txt.gz"),
+        (None, None) => bail!("--clip-tokenizer is required with --random-weights"),
+    };
+    if path.extension().is_some_and(|e| e == "json") {
+        ClipTokenizer::from_file(&path)
+    } else {
+        ClipTokenizer::from_bpe_file(&path)
+    }
+}
+
+pub fn run(a: LabelsArgs) -> Result<()> {
+    let dev = parse_device(&a.device)?;
+    let dtype = parse_dtype(a.dtype.as_deref(), &dev)?;
+    let event = event_source(&a.event)?;
+    let samples = read_samples(&a.annotations, &a.dataset)?;
+    let tok = tokenizer(&a)?;
+    let (_, mut clip_cfg) = frozen::preset(&a.preset)?;
+    let model = if a.random_weights {
+        clip_cfg.text.vocab_size = tok.vocab_size();
+        frozen::random_clip_text(&clip_cfg, &dev, dtype, a.seed)?
+    } else {
+        let dir = a
+            .clip
+            .as_ref()
+            .ok_or_else(|| anyhow!("--clip is needed without --random-weights"))?;
+        frozen::load_clip_text(dir, &clip_cfg, &dev, dtype)?
+    };
+    let encoder = ClipTextEncoder {
+        model: &model,
+        tokenizer: &tok,
+        device: dev.clone(),
+        batch_size: a.batch,
+    };
+    let opts = LabelOptions {
+        event,
+        top_k: a.top_k,
+        skip_existing: !a.overwrite,
+        writer: writer_options(a.shard_mb, 120.0)?,
+        ..Default::default()
+    };
+    let pb = bar(0, "questions");
+    let report = label_questions(&a.store, &samples, &encoder, &opts, &mut |ev| match ev {
+        LabelProgress::Start { total, skipped } => {
+            pb.set_length((total - skipped) as u64);
+            if skipped > 0 {
+                pb.println(format!("{skipped} of {total} questions are already labelled this way"));
+            }
+        }
+        LabelProgress::Done { .. } => pb.inc(1),
+        LabelProgress::Failed { key, error } => {
+            pb.inc(1);
+            pb.println(format!("failed: {key}: {error}"));
+        }
+    })?;
+    pb.finish_and_clear();
+    finish_report(report.labelled, report.skipped, &report.failed, "questions")
+}

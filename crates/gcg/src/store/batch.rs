@@ -1,0 +1,409 @@
+//! Training batches from the store: collation, seeded shuffling and prefetching workers.
+//!
+//! The order of an epoch depends only on the seed and the epoch number: the sample indices are
+//! shuffled by `SeededRng::new(seed).fork(epoch)` and cut into batches; batch `i` is collated by
+//! worker `i mod W` and handed out in order `0, 1, 2, …` whatever W is. Each worker keeps at most
+//! `prefetch` finished batches ahead (a bounded channel), so memory stays bounded and the model
+//! does not wait on the disk once the workers are ahead.
+
+use super::reader::{f16_to_bf16, Snapshot};
+use crate::data::{Answer, QaSample};
+use crate::rng::SeededRng;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use half::f16;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// How batches are made.
+#[derive(Debug, Clone)]
+pub struct BatchOptions {
+    pub batch_size: usize,
+    pub shuffle: bool,
+    pub seed: u64,
+    /// Drop the last, smaller batch of an epoch.
+    pub drop_last: bool,
+    /// Collating threads (0: collate on the caller's thread).
+    pub workers: usize,
+    /// Finished batches each worker may hold ahead.
+    pub prefetch: usize,
+    /// dtype of the frame features (F16 as stored, F32 or BF16); `None` leaves them out.
+    pub features: Option<DType>,
+    /// Where the batch tensors go (moved there on the caller's thread).
+    pub device: Device,
+}
+
+impl Default for BatchOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 4,
+            shuffle: true,
+            seed: 0,
+            drop_last: false,
+            workers: 2,
+            prefetch: 2,
+            features: Some(DType::F32),
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// One batch of B questions.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Position of the batch in its epoch.
+    pub index: usize,
+    pub samples: Vec<QaSample>,
+    /// Un-normalised ViT features [B, T, N, D].
+    pub features: Option<Tensor>,
+    /// CLIP frame embeddings [B, T, E] (f32).
+    pub frame_embeds: Tensor,
+    /// CLIP text embeddings of the question and each option [B, 1 + O, E] (f32).
+    pub text_embeds: Tensor,
+    /// CLIP text embedding of the answer [B, E].
+    pub answer_embeds: Tensor,
+    /// CLIP text embedding of the event text [B, E].
+    pub event_embeds: Tensor,
+    /// Pseudo-labels: the top-K frame indices sorted by time [B, K] (u32).
+    pub pseudo_labels: Tensor,
+    /// s_t [B, T] (f32).
+    pub curves: Tensor,
+    /// The answer's option index [B] (u32), for multiple-choice batches.
+    pub answers: Option<Tensor>,
+    /// Frame times in seconds, per sample (empty when unknown).
+    pub timestamps: Vec<Vec<f64>>,
+}
+
+impl Batch {
+    fn to_device(self, dev: &Device) -> Result<Self> {
+        if dev.is_cpu() {
+            return Ok(self);
+        }
+        let mv = |t: Tensor| t.to_device(dev);
+        Ok(Self {
+            features: self.features.map(mv).transpose()?,
+            frame_embeds: mv(self.frame_embeds)?,
+            text_embeds: mv(self.text_embeds)?,
+            answer_embeds: mv(self.answer_embeds)?,
+            event_embeds: mv(self.event_embeds)?,
+            pseudo_labels: mv(self.pseudo_labels)?,
+            curves: mv(self.curves)?,
+            answers: self.answers.map(mv).transpose()?,
+            ..self
+        })
+    }
+}
+
+/// Makes batches of `samples` from a store snapshot.
+#[derive(Clone)]
+pub struct BatchLoader {
+    snap: Arc<Snapshot>,
+    samples: Arc<Vec<QaSample>>,
+    opts: BatchOptions,
+}
+
+impl BatchLoader {
+    /// Checks up front that every sample has features and labels in the snapshot, and that the
+    /// frame counts, option counts and K agree (a batch is stacked).
+    pub fn new(snap: Arc<Snapshot>, samples: Vec<QaSample>, opts: BatchOptions) -> Result<Self> {
+        ensure!(opts.batch_size > 0, "batch size must be at least 1");
+        ensure!(!samples.is_empty(), "no samples to batch");
+        if let Some(dt) = opts.features {
+            ensure!(
+                matches!(dt, DType::F16 | DType::F32 | DType::BF16),
+                "batch features dtype {dt:?}: expected f16, f32 or bf16"
+            );
+        }
+        let mut missing = Vec::new();
+        let mut shape: Option<(usize, usize, usize, String)> = None;
+        for s in &samples {
+            let (Some(v), Some(q)) = (snap.index().videos.get(&s.video), snap.index().questions.get(&s.key)) else {
+                missing.push(s.key.as_str());
+                continue;
+            };
+            ensure!(
+                q.video == s.video,
+                "sample {}: the store labelled this key for video {}, the annotations say video {}",
+                s.key,
+                q.video,
+                s.video
+            );
+            ensure!(
+                q.num_options == s.options.len(),
+                "sample {}: {} options in the annotations, {} in the store",
+                s.key,
+                s.options.len(),
+                q.num_options
+            );
+            let this = (v.num_frames, q.num_options, q.pseudo_labels.len());
+            match &shape {
+                None => shape = Some((this.0, this.1, this.2, s.key.clone())),
+                Some((t, o, k, first)) => ensure!(
+                    (*t, *o, *k) == this,
+                    "samples {first} and {} cannot share a batch: (frames, options, K) = {:?} vs {:?}",
+                    s.key,
+                    (t, o, k),
+                    this
+                ),
+            }
+        }
+        if !missing.is_empty() {
+            bail!(
+                "{} of {} samples are missing from the feature store {} (features or labels), e.g. {}",
+                missing.len(),
+                samples.len(),
+                snap.dir().display(),
+                missing.iter().take(5).copied().collect::<Vec<_>>().join(", ")
+            );
+        }
+        Ok(Self {
+            snap,
+            samples: Arc::new(samples),
+            opts,
+        })
+    }
+
+    pub fn samples(&self) -> &[QaSample] {
+        &self.samples
+    }
+
+    pub fn options(&self) -> &BatchOptions {
+        &self.opts
+    }
+
+    pub fn num_batches(&self) -> usize {
+        let n = self.samples.len();
+        if self.opts.drop_last {
+            n / self.opts.batch_size
+        } else {
+            n.div_ceil(self.opts.batch_size)
+        }
+    }
+
+    /// The sample indices of each batch of `epoch`.
+    pub fn epoch_batches(&self, epoch: u64) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..self.samples.len()).collect();
+        if self.opts.shuffle {
+            SeededRng::new(self.opts.seed).fork(epoch).shuffle(&mut order);
+        }
+        let mut batches: Vec<Vec<usize>> = order.chunks(self.opts.batch_size).map(<[usize]>::to_vec).collect();
+        if self.opts.drop_last && batches.last().is_some_and(|b| b.len() < self.opts.batch_size) {
+            batches.pop();
+        }
+        batches
+    }
+
+    /// Collates the samples at `indices` (on this thread, on the CPU).
+    pub fn collate(&self, index: usize, indices: &[usize]) -> Result<Batch> {
+        collate(&self.snap, &self.samples, index, indices, self.opts.features)
+    }
+
+    /// The batches of `epoch`, in order, collated by the workers ahead of the caller.
+    pub fn epoch(&self, epoch: u64) -> EpochIter {
+        let batches = Arc::new(self.epoch_batches(epoch));
+        let stop = Arc::new(AtomicBool::new(false));
+        let w = self.opts.workers;
+        let mut receivers = Vec::with_capacity(w);
+        let mut handles = Vec::with_capacity(w);
+        for worker in 0..w {
+            let (tx, rx) = sync_channel::<Result<Batch>>(self.opts.prefetch.max(1));
+            let (w_snap, w_samples, w_batches, w_stop, features) = (
+                self.snap.clone(),
+                self.samples.clone(),
+                batches.clone(),
+                stop.clone(),
+                self.opts.features,
+            );
+            let h = std::thread::Builder::new().name(format!("gcg-batch-{worker}")).spawn(move || {
+                for i in (worker..w_batches.len()).step_by(w) {
+                    if w_stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let b = collate(&w_snap, &w_samples, i, &w_batches[i], features);
+                    if tx.send(b).is_err() {
+                        return;
+                    }
+                }
+            });
+            match h {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    return EpochIter {
+                        loader: self.clone(),
+                        batches,
+                        next: 0,
+                        receivers: Vec::new(),
+                        handles,
+                        stop,
+                        error: Some(anyhow!("starting batch worker {worker}: {e}")),
+                    };
+                }
+            }
+            receivers.push(rx);
+        }
+        EpochIter {
+            loader: self.clone(),
+            batches,
+            next: 0,
+            receivers,
+            handles,
+            stop,
+            error: None,
+        }
+    }
+}
+
+/// The batches of one epoch, in order.
+pub struct EpochIter {
+    loader: BatchLoader,
+    batches: Arc<Vec<Vec<usize>>>,
+    next: usize,
+    receivers: Vec<Receiver<Result<Batch>>>,
+    handles: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    error: Option<anyhow::Error>,
+}
+
+impl EpochIter {
+    pub fn len(&self) -> usize {
+        self.batches.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if let Some(e) = self.error.take() {
+            self.next = self.batches.len();
+            return Some(Err(e));
+        }
+        if self.next >= self.batches.len() {
+            return None;
+        }
+        let i = self.next;
+        self.next += 1;
+        let b = if self.receivers.is_empty() {
+            self.loader.collate(i, &self.batches[i])
+        } else {
+            let w = self.receivers.len();
+            self.receivers[i % w]
+                .recv()
+                .map_err(|_| anyhow!("batch worker {} stopped before batch {i}", i % w))
+                .and_then(|b| b)
+        };
+        Some(b.and_then(|b| b.to_device(&self.loader.opts.device)))
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.receivers.clear(); // unblocks workers waiting to send
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn collate(snap: &Snapshot, samples: &[QaSample], index: usize, indices: &[usize], features: Option<DType>) -> Result<Batch> {
+    let b = indices.len();
+    ensure!(b > 0, "batch {index} is empty");
+    let first = &samples[indices[0]];
+    let q0 = snap.question(&first.key)?;
+    let (t, o, k) = (q0.num_frames, q0.num_options, q0.pseudo_labels.len());
+    let meta = snap.meta().ok_or_else(|| anyhow!("the feature store has no videos"))?;
+    let (n, d, e) = (meta.tokens, meta.width, meta.embed_dim);
+
+    let per_video = t * n * d;
+    let mut f16_buf: Vec<f16> = Vec::new();
+    let mut f32_buf: Vec<f32> = Vec::new();
+    match features {
+        Some(DType::F32) => f32_buf = vec![0f32; b * per_video],
+        Some(_) => f16_buf = Vec::with_capacity(b * per_video),
+        None => {}
+    }
+    let mut frame_embeds = Vec::with_capacity(b * t * e);
+    let mut text = vec![0f32; b * (1 + o) * e];
+    let mut answer = vec![0f32; b * e];
+    let mut event = vec![0f32; b * e];
+    let mut labels = Vec::with_capacity(b * k);
+    let mut curves = Vec::with_capacity(b * t);
+    let mut answers = Vec::with_capacity(b);
+    let mut timestamps = Vec::with_capacity(b);
+    let mut rows = vec![0f32; (o + 3) * e];
+    let mut out_samples = Vec::with_capacity(b);
+    for (j, &si) in indices.iter().enumerate() {
+        let s = samples
+            .get(si)
+            .ok_or_else(|| anyhow!("batch {index}: sample index {si} out of range"))?;
+        let q = snap.question(&s.key)?;
+        let v = snap.video(&s.video)?;
+        ensure!(
+            (v.num_frames, q.num_options, q.pseudo_labels.len()) == (t, o, k),
+            "batch {index}: sample {} has (frames, options, K) = {:?}, the batch {:?}",
+            s.key,
+            (v.num_frames, q.num_options, q.pseudo_labels.len()),
+            (t, o, k)
+        );
+        if features.is_some() {
+            let m = snap.features(&s.video)?;
+            let src = m.as_f16()?;
+            ensure!(
+                src.len() == per_video,
+                "video {}: {} feature values, expected {per_video}",
+                s.video,
+                src.len()
+            );
+            if features == Some(DType::F32) {
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&src[..], &mut f32_buf[j * per_video..(j + 1) * per_video]);
+            } else {
+                f16_buf.extend_from_slice(&src);
+            }
+        }
+        frame_embeds.extend(snap.frame_embeds(&s.video)?.to_f32()?);
+        snap.question_rows_into(q, &mut rows).with_context(|| format!("sample {}", s.key))?;
+        text[j * (1 + o) * e..(j + 1) * (1 + o) * e].copy_from_slice(&rows[..(1 + o) * e]);
+        answer[j * e..(j + 1) * e].copy_from_slice(&rows[(1 + o) * e..(2 + o) * e]);
+        event[j * e..(j + 1) * e].copy_from_slice(&rows[(2 + o) * e..]);
+        labels.extend(q.pseudo_labels.iter().map(|&x| x as u32));
+        curves.extend(snap.curve(&s.key)?);
+        answers.push(match s.answer {
+            Answer::Choice(i) => Some(i as u32),
+            Answer::Text(_) => None,
+        });
+        timestamps.push(v.timestamps.clone());
+        out_samples.push(s.clone());
+    }
+    let cpu = Device::Cpu;
+    let features = match features {
+        None => None,
+        Some(DType::F32) => Some(Tensor::from_vec(f32_buf, (b, t, n, d), &cpu)?),
+        Some(DType::BF16) => Some(Tensor::from_vec(f16_to_bf16(&f16_buf), (b, t, n, d), &cpu)?),
+        Some(_) => Some(Tensor::from_vec(f16_buf, (b, t, n, d), &cpu)?),
+    };
+    let answers = if answers.iter().all(Option::is_some) {
+        Some(Tensor::from_vec(answers.into_iter().flatten().collect::<Vec<u32>>(), b, &cpu)?)
+    } else {
+        None
+    };
+    Ok(Batch {
+        index,
+        samples: out_samples,
+        features,
+        frame_embeds: Tensor::from_vec(frame_embeds, (b, t, e), &cpu)?,
+        text_embeds: Tensor::from_vec(text, (b, 1 + o, e), &cpu)?,
+        answer_embeds: Tensor::from_vec(answer, (b, e), &cpu)?,
+        event_embeds: Tensor::from_vec(event, (b, e), &cpu)?,
+        pseudo_labels: Tensor::from_vec(labels, (b, k), &cpu)?,
+        curves: Tensor::from_vec(curves, (b, t), &cpu)?,
+        answers,
+        timestamps,
+    })
+}

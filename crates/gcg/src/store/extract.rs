@@ -1,0 +1,336 @@
+//! Frames → frozen ViT → store, for many videos: decoding in worker threads while the model runs
+//! on the caller's thread, shards written by a writer thread, resumable and failure-tolerant.
+//!
+//! ```text
+//! jobs ─▶ W decode threads (FrameSource: frames, pre-processed) ─▶ bounded channel
+//!      ─▶ caller: ViT (un-normalised last hidden state, rounded to f16) ─▶ CLIP image head on the
+//!         f16-rounded features (as the official code computes them from the cache)
+//!      ─▶ bounded channel ─▶ writer thread (StoreWriter: shards + index)
+//! ```
+//!
+//! Videos already in the store are skipped, so a run stopped at any point is resumed by running
+//! it again; records buffered but not yet written are redone. A video that fails (unreadable,
+//! too short, a model error) is reported in [`ExtractReport::failed`] and the others go on.
+
+use super::writer::{StoreWriter, VideoRecord, WriterOptions};
+use crate::models::clip_branch::ClipImageHead;
+use crate::models::vit::VisionModel;
+use anyhow::{anyhow, ensure, Context, Result};
+use candle_core::{DType, Tensor};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::sync_channel;
+
+/// One video to process.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoJob {
+    /// The id the store files it under (the annotations' video id).
+    pub id: String,
+    pub path: PathBuf,
+}
+
+/// The sampled, model-ready frames of one video.
+#[derive(Debug, Clone)]
+pub struct VideoFrames {
+    /// CLIP-pre-processed pixels [T, 3, S, S] (f32, on the CPU).
+    pub pixel_values: Tensor,
+    /// Time of each frame in seconds (empty when unknown).
+    pub timestamps: Vec<f64>,
+    pub duration: Option<f64>,
+    pub fps: Option<f64>,
+}
+
+/// Gives the T pre-processed frames of a video (decoding, sampling, resizing, normalising).
+/// Called from several threads at once.
+pub trait FrameSource: Send + Sync {
+    fn frames(&self, job: &VideoJob, num_frames: usize) -> Result<VideoFrames>;
+}
+
+impl<F> FrameSource for F
+where
+    F: Fn(&VideoJob, usize) -> Result<VideoFrames> + Send + Sync,
+{
+    fn frames(&self, job: &VideoJob, num_frames: usize) -> Result<VideoFrames> {
+        self(job, num_frames)
+    }
+}
+
+/// The frozen networks: the ViT and the CLIP branch's image head.
+pub struct FeatureModels<'a> {
+    pub vit: &'a VisionModel,
+    pub clip: &'a ClipImageHead,
+    /// Frames per ViT forward pass.
+    pub frame_batch: usize,
+}
+
+impl FeatureModels<'_> {
+    /// Pixels [T, 3, S, S] → (features [T, N, D] rounded to f16, CLIP frame embeddings [T, E]).
+    pub fn encode(&self, pixel_values: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dev = self.vit.post_layernorm.weight.device();
+        let dtype = self.vit.post_layernorm.weight.dtype();
+        let t = pixel_values.dim(0)?;
+        let mut parts = Vec::new();
+        let step = self.frame_batch.max(1);
+        for start in (0..t).step_by(step) {
+            let px = pixel_values
+                .narrow(0, start, step.min(t - start))?
+                .to_device(dev)?
+                .to_dtype(dtype)?;
+            parts.push(self.vit.forward_wo_norm(&px)?.to_dtype(DType::F16)?);
+        }
+        let features = Tensor::cat(&parts, 0)?; // [T, N, D] f16
+        let embeds = self.clip.forward(&features.to_dtype(dtype)?)?; // [T, E]
+        Ok((features, embeds))
+    }
+}
+
+/// Settings of [`extract_features`].
+#[derive(Debug, Clone)]
+pub struct ExtractOptions {
+    /// T, frames sampled per video.
+    pub num_frames: usize,
+    /// Decoding threads.
+    pub jobs: usize,
+    /// Recompute videos that are already stored.
+    pub overwrite: bool,
+    pub writer: WriterOptions,
+}
+
+impl Default for ExtractOptions {
+    fn default() -> Self {
+        Self {
+            num_frames: 32,
+            jobs: 2,
+            overwrite: false,
+            writer: WriterOptions::default(),
+        }
+    }
+}
+
+/// Progress of [`extract_features`].
+#[derive(Debug)]
+pub enum ExtractProgress<'a> {
+    /// `total` videos given, `skipped` of them already stored.
+    Start {
+        total: usize,
+        skipped: usize,
+    },
+    /// A video's features were computed and handed to the writer.
+    Done {
+        video: &'a str,
+        frames: usize,
+    },
+    Failed {
+        video: &'a str,
+        error: &'a str,
+    },
+}
+
+/// What [`extract_features`] did.
+#[derive(Debug, Clone, Default)]
+pub struct ExtractReport {
+    pub done: usize,
+    pub skipped: usize,
+    /// (video id, error) per failed video.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Computes and stores the features of every job not yet in the store at `store_dir`.
+pub fn extract_features(
+    store_dir: &Path,
+    jobs: &[VideoJob],
+    source: &dyn FrameSource,
+    models: &FeatureModels<'_>,
+    opts: &ExtractOptions,
+    progress: &mut dyn FnMut(ExtractProgress<'_>),
+) -> Result<ExtractReport> {
+    ensure!(opts.num_frames > 0, "--num-frames must be at least 1");
+    let mut ids = std::collections::HashSet::new();
+    for j in jobs {
+        ensure!(
+            ids.insert(j.id.as_str()),
+            "video id {} is given twice (e.g. {})",
+            j.id,
+            j.path.display()
+        );
+    }
+    let writer = StoreWriter::open(store_dir, opts.writer.clone())?;
+    let todo: Vec<&VideoJob> = jobs.iter().filter(|j| opts.overwrite || !writer.has_video(&j.id)).collect();
+    let mut report = ExtractReport {
+        skipped: jobs.len() - todo.len(),
+        ..Default::default()
+    };
+    progress(ExtractProgress::Start {
+        total: jobs.len(),
+        skipped: report.skipped,
+    });
+    if todo.is_empty() {
+        writer.finish()?;
+        return Ok(report);
+    }
+
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let workers = opts.jobs.max(1).min(todo.len());
+    let result = std::thread::scope(|scope| -> Result<()> {
+        // Decoders.
+        let (frames_tx, frames_rx) = sync_channel::<(usize, Result<VideoFrames>)>(workers);
+        for w in 0..workers {
+            let tx = frames_tx.clone();
+            let (next, stop, todo) = (&next, &stop, &todo);
+            std::thread::Builder::new()
+                .name(format!("gcg-decode-{w}"))
+                .spawn_scoped(scope, move || loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(job) = todo.get(i) else { return };
+                    let frames = source
+                        .frames(job, opts.num_frames)
+                        .and_then(|f| check_frames(f, opts.num_frames))
+                        .with_context(|| format!("reading the frames of {}", job.path.display()));
+                    if tx.send((i, frames)).is_err() {
+                        return;
+                    }
+                })
+                .context("starting a decoding thread")?;
+        }
+        drop(frames_tx);
+
+        // Writer.
+        let (rec_tx, rec_rx) = sync_channel::<VideoRecord>(2);
+        let write_thread = std::thread::Builder::new()
+            .name("gcg-store-writer".into())
+            .spawn_scoped(scope, move || -> Result<()> {
+                let mut writer = writer;
+                for rec in rec_rx {
+                    writer.add_video(rec)?;
+                }
+                writer.finish()?;
+                Ok(())
+            })
+            .context("starting the store writer thread")?;
+
+        // The model, on this thread.
+        let mut run = || -> Result<()> {
+            for (i, frames) in frames_rx.iter() {
+                let job = todo[i];
+                let rec = frames.and_then(|f| {
+                    let (features, embeds) = models
+                        .encode(&f.pixel_values)
+                        .with_context(|| format!("encoding video {}", job.id))?;
+                    let mut rec = VideoRecord::from_tensors(job.id.clone(), &features, &embeds, f.timestamps)?;
+                    rec.duration = f.duration;
+                    rec.fps = f.fps;
+                    rec.source = Some(job.path.display().to_string());
+                    Ok(rec)
+                });
+                match rec {
+                    Ok(rec) => {
+                        let frames = rec.num_frames();
+                        rec_tx.send(rec).map_err(|_| anyhow!("the store writer stopped (see its error)"))?;
+                        report.done += 1;
+                        progress(ExtractProgress::Done { video: &job.id, frames });
+                    }
+                    Err(e) => {
+                        let err = format!("{e:#}");
+                        progress(ExtractProgress::Failed {
+                            video: &job.id,
+                            error: &err,
+                        });
+                        report.failed.push((job.id.clone(), err));
+                    }
+                }
+            }
+            Ok(())
+        };
+        let ran = run();
+        stop.store(true, Ordering::Relaxed);
+        drop(frames_rx);
+        drop(rec_tx);
+        let wrote = write_thread.join().map_err(|_| anyhow!("the store writer thread panicked"))?;
+        // A writer error explains a failed send; report it first.
+        wrote.and(ran)
+    });
+    result?;
+    Ok(report)
+}
+
+/// T frames with matching timestamps, or an error.
+fn check_frames(f: VideoFrames, t: usize) -> Result<VideoFrames> {
+    let dims = f.pixel_values.dims();
+    ensure!(
+        dims.len() == 4 && dims[0] == t && dims[1] == 3,
+        "frames of shape {dims:?}, expected [{t}, 3, S, S]"
+    );
+    ensure!(
+        f.timestamps.is_empty() || f.timestamps.len() == t,
+        "{} timestamps for {t} frames",
+        f.timestamps.len()
+    );
+    Ok(f)
+}
+
+/// Frame indices `round(linspace(0, n - 1, t))` (uniform sampling of t out of n).
+pub fn uniform_indices(n: usize, t: usize) -> Vec<usize> {
+    if t == 1 {
+        return vec![0];
+    }
+    (0..t)
+        .map(|i| ((i as f64) * (n.saturating_sub(1)) as f64 / (t - 1) as f64).round() as usize)
+        .collect()
+}
+
+/// A [`FrameSource`] for pre-decoded frames saved as safetensors: `pixel_values` [T', 3, S, S]
+/// (CLIP-pre-processed, any float dtype), optionally `timestamps` [T'] (seconds) and scalar
+/// `duration`, `fps` tensors. When T' > T, T frames are taken uniformly.
+pub fn safetensors_frames(job: &VideoJob, num_frames: usize) -> Result<VideoFrames> {
+    let tensors = candle_core::safetensors::load(&job.path, &candle_core::Device::Cpu)
+        .with_context(|| format!("reading frames file {}", job.path.display()))?;
+    let px = tensors
+        .get("pixel_values")
+        .ok_or_else(|| anyhow!("frames file {} has no pixel_values tensor", job.path.display()))?
+        .to_dtype(DType::F32)?;
+    let n = px.dim(0)?;
+    ensure!(
+        n >= num_frames,
+        "frames file {} has {n} frames, fewer than the {num_frames} asked for",
+        job.path.display()
+    );
+    let idx = uniform_indices(n, num_frames);
+    let sel = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), &candle_core::Device::Cpu)?;
+    let pixel_values = if n == num_frames { px } else { px.index_select(&sel, 0)? };
+    let timestamps = match tensors.get("timestamps") {
+        Some(t) => {
+            let all = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            ensure!(
+                all.len() == n,
+                "frames file {}: {} timestamps for {n} frames",
+                job.path.display(),
+                all.len()
+            );
+            idx.iter().map(|&i| all[i]).collect()
+        }
+        None => Vec::new(),
+    };
+    let scalar = |name: &str| -> Result<Option<f64>> {
+        tensors
+            .get(name)
+            .map(|t| -> Result<f64> {
+                Ok(t.to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?
+                    .first()
+                    .copied()
+                    .unwrap_or(f64::NAN))
+            })
+            .transpose()
+    };
+    Ok(VideoFrames {
+        pixel_values,
+        timestamps,
+        duration: scalar("duration")?,
+        fps: scalar("fps")?,
+    })
+}

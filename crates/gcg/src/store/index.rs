@@ -1,0 +1,308 @@
+//! The store's index: what is where (parsed once per snapshot, never per read).
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// File name of the index inside a store directory.
+pub const INDEX_FILE: &str = "index.json";
+/// Lock file taken (exclusively) while the index is rewritten.
+pub const LOCK_FILE: &str = "index.lock";
+/// Sub-directory holding the shards.
+pub const SHARD_DIR: &str = "shards";
+/// `format` field of the index.
+pub const FORMAT: &str = "gcg-feature-store";
+/// On-disk format version.
+pub const VERSION: u32 = 1;
+
+/// Element types a shard holds (safetensors names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StoreDType {
+    F16,
+    F32,
+    F64,
+    I64,
+}
+
+impl StoreDType {
+    pub fn size(self) -> usize {
+        match self {
+            Self::F16 => 2,
+            Self::F32 => 4,
+            Self::F64 | Self::I64 => 8,
+        }
+    }
+
+    pub fn candle(self) -> DType {
+        match self {
+            Self::F16 => DType::F16,
+            Self::F32 => DType::F32,
+            Self::F64 => DType::F64,
+            Self::I64 => DType::I64,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F16 => "F16",
+            Self::F32 => "F32",
+            Self::F64 => "F64",
+            Self::I64 => "I64",
+        }
+    }
+}
+
+/// Where one tensor lives in a shard: its name in the safetensors header, type, shape and the
+/// absolute byte range `[start, end)` in the shard file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorLoc {
+    pub name: String,
+    pub dtype: StoreDType,
+    pub shape: Vec<usize>,
+    pub offsets: [u64; 2],
+}
+
+impl TensorLoc {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn byte_len(&self) -> u64 {
+        self.offsets[1] - self.offsets[0]
+    }
+
+    /// Checks that the byte range matches dtype × shape.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.offsets[1] >= self.offsets[0] && self.byte_len() == (self.numel() * self.dtype.size()) as u64,
+            "tensor {}: byte range {:?} does not hold {:?} {:?}",
+            self.name,
+            self.offsets,
+            self.dtype,
+            self.shape
+        );
+        Ok(())
+    }
+}
+
+/// Sizes shared by every video of a store (fixed by the first video written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreMeta {
+    /// ViT tokens per frame (257 for EVA ViT-g/14 at 224 px).
+    pub tokens: usize,
+    /// ViT width (1408).
+    pub width: usize,
+    /// CLIP embedding width (1024).
+    pub embed_dim: usize,
+}
+
+/// What a shard holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardKind {
+    /// Per-video features, frame embeddings and timestamps.
+    Videos,
+    /// Packed per-question text embeddings, similarity curves and pseudo-labels.
+    Questions,
+}
+
+/// One shard file under `shards/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub kind: ShardKind,
+    /// File size in bytes.
+    pub bytes: u64,
+    /// The packed tensors of a question shard (`text_embeds`, `curves`, `pseudo_labels`); empty
+    /// for video shards, whose tensors are listed per video.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tensors: BTreeMap<String, TensorLoc>,
+}
+
+/// One video: T frames of features and CLIP embeddings, with their times.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VideoEntry {
+    pub shard: String,
+    /// T, the sampled frames.
+    pub num_frames: usize,
+    /// Time of each frame in seconds (empty when unknown, e.g. imported features).
+    pub timestamps: Vec<f64>,
+    pub duration: Option<f64>,
+    pub fps: Option<f64>,
+    /// Where the frames came from (a path), for information.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Un-normalised ViT features, F16 [T, tokens, width].
+    pub features: TensorLoc,
+    /// CLIP frame embeddings, F32 [T, embed_dim].
+    pub frame_embeds: TensorLoc,
+}
+
+/// One question's CLIP text embeddings and pseudo-labels.
+///
+/// Its text embeddings are the rows `text_row ..` of its shard's `text_embeds` [rows, E]:
+/// the question, the `num_options` options, the answer, the event text, in that order
+/// ([`QuestionEntry::num_text_rows`] rows). Its similarity curve s_t is `curves[curve_start ..
+/// curve_start + num_frames]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuestionEntry {
+    pub shard: String,
+    pub video: String,
+    pub num_options: usize,
+    pub text_row: usize,
+    pub curve_start: usize,
+    pub num_frames: usize,
+    /// The K frames with the highest s_t, sorted by time.
+    pub pseudo_labels: Vec<usize>,
+    /// How the event text was made: `answer`, `question-answer` or `statements`.
+    pub event_mode: String,
+    /// The event text whose similarity to the frames gave the pseudo-labels.
+    pub event: String,
+}
+
+impl QuestionEntry {
+    pub fn num_text_rows(&self) -> usize {
+        self.num_options + 3
+    }
+    pub fn question_row(&self) -> usize {
+        self.text_row
+    }
+    pub fn option_row(&self, i: usize) -> usize {
+        self.text_row + 1 + i
+    }
+    pub fn answer_row(&self) -> usize {
+        self.text_row + 1 + self.num_options
+    }
+    pub fn event_row(&self) -> usize {
+        self.text_row + 2 + self.num_options
+    }
+}
+
+/// The whole index (`index.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Index {
+    pub format: String,
+    pub version: u32,
+    /// Incremented by every commit.
+    pub generation: u64,
+    pub meta: Option<StoreMeta>,
+    pub shards: BTreeMap<String, ShardInfo>,
+    pub videos: BTreeMap<String, VideoEntry>,
+    pub questions: BTreeMap<String, QuestionEntry>,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Self {
+            format: FORMAT.to_string(),
+            version: VERSION,
+            generation: 0,
+            meta: None,
+            shards: BTreeMap::new(),
+            videos: BTreeMap::new(),
+            questions: BTreeMap::new(),
+        }
+    }
+}
+
+impl Index {
+    /// Parses and checks an index read from `path` (for messages).
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let index: Index =
+            serde_json::from_slice(bytes).with_context(|| format!("{} is not a valid feature-store index", path.display()))?;
+        if index.format != FORMAT {
+            bail!("{}: format {:?}, expected {:?}", path.display(), index.format, FORMAT);
+        }
+        if index.version != VERSION {
+            bail!(
+                "{}: feature-store version {}, this build reads version {}",
+                path.display(),
+                index.version,
+                VERSION
+            );
+        }
+        index.validate().with_context(|| format!("checking the index {}", path.display()))?;
+        Ok(index)
+    }
+
+    /// Every entry points at a listed shard of the right kind, with consistent byte ranges.
+    pub fn validate(&self) -> Result<()> {
+        for (id, v) in &self.videos {
+            let shard = self
+                .shards
+                .get(&v.shard)
+                .with_context(|| format!("video {id}: shard {} is not listed", v.shard))?;
+            ensure!(
+                shard.kind == ShardKind::Videos,
+                "video {id}: shard {} is not a video shard",
+                v.shard
+            );
+            for t in [&v.features, &v.frame_embeds] {
+                t.validate().with_context(|| format!("video {id}"))?;
+                ensure!(
+                    t.offsets[1] <= shard.bytes,
+                    "video {id}: tensor {} ends at byte {} past the end of shard {} ({} bytes)",
+                    t.name,
+                    t.offsets[1],
+                    v.shard,
+                    shard.bytes
+                );
+            }
+            ensure!(
+                v.timestamps.is_empty() || v.timestamps.len() == v.num_frames,
+                "video {id}: {} timestamps for {} frames",
+                v.timestamps.len(),
+                v.num_frames
+            );
+        }
+        for (name, s) in &self.shards {
+            for t in s.tensors.values() {
+                t.validate().with_context(|| format!("shard {name}"))?;
+                ensure!(t.offsets[1] <= s.bytes, "shard {name}: tensor {} ends past the file end", t.name);
+            }
+        }
+        for (key, q) in &self.questions {
+            let shard = self
+                .shards
+                .get(&q.shard)
+                .with_context(|| format!("question {key}: shard {} is not listed", q.shard))?;
+            ensure!(
+                shard.kind == ShardKind::Questions,
+                "question {key}: shard {} is not a question shard",
+                q.shard
+            );
+            let text = shard
+                .tensors
+                .get("text_embeds")
+                .with_context(|| format!("question shard {} has no text_embeds", q.shard))?;
+            ensure!(
+                text.shape.len() == 2 && q.text_row + q.num_text_rows() <= text.shape[0],
+                "question {key}: text rows {}..{} outside text_embeds {:?} of shard {}",
+                q.text_row,
+                q.text_row + q.num_text_rows(),
+                text.shape,
+                q.shard
+            );
+            let curves = shard
+                .tensors
+                .get("curves")
+                .with_context(|| format!("question shard {} has no curves", q.shard))?;
+            ensure!(
+                q.curve_start + q.num_frames <= curves.numel(),
+                "question {key}: curve {}..{} outside curves {:?} of shard {}",
+                q.curve_start,
+                q.curve_start + q.num_frames,
+                curves.shape,
+                q.shard
+            );
+            ensure!(
+                q.pseudo_labels.iter().all(|&t| t < q.num_frames),
+                "question {key}: pseudo-labels {:?} outside {} frames",
+                q.pseudo_labels,
+                q.num_frames
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,299 @@
+//! CLIP text embeddings and pseudo-labels per question (SPEC §3).
+//!
+//! For each question: the EVA-CLIP text embeddings of the question (`"{question}?"`, as the
+//! official code feeds it), of each option, of the answer and of the *event text*; the
+//! similarity curve s_t = cos(F_t, text(event)) against the video's stored CLIP frame embeddings
+//! F; and the pseudo-labels, the K frames with the highest s_t sorted by time (ties: the earlier
+//! frame first).
+//!
+//! The event text ([`EventSource`]): the answer text (what the official code uses for NExT-QA),
+//! the question and answer as one sentence (`"{question}? {answer}"`), or a declarative
+//! statement per question written offline (a JSON map sample key → sentence).
+
+use super::reader::Store;
+use super::writer::{QuestionRecord, StoreWriter, WriterOptions};
+use crate::data::QaSample;
+use crate::models::clip_text::ClipTextModel;
+use crate::weights::tokenizers::ClipTokenizer;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use candle_core::{DType, Device};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Where the event text of a question comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventSource {
+    /// The answer text.
+    Answer,
+    /// `"{question}? {answer}"`.
+    QuestionAnswer,
+    /// A declarative sentence per sample key.
+    Statements(HashMap<String, String>),
+}
+
+impl EventSource {
+    /// The name stored with each question (`answer`, `question-answer`, `statements`).
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Self::Answer => "answer",
+            Self::QuestionAnswer => "question-answer",
+            Self::Statements(_) => "statements",
+        }
+    }
+
+    /// Reads a statements file: a JSON object mapping sample keys (`QaSample::key`) to sentences.
+    pub fn statements_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading the statements file {}", path.display()))?;
+        let map: HashMap<String, String> = serde_json::from_str(&text)
+            .with_context(|| format!("{} should be a JSON object mapping question keys to sentences", path.display()))?;
+        Ok(Self::Statements(map))
+    }
+
+    /// The event text of one question.
+    pub fn event_text(&self, s: &QaSample) -> Result<String> {
+        let answer = s.answer_text();
+        ensure!(!answer.trim().is_empty(), "question {}: the answer text is empty", s.key);
+        Ok(match self {
+            Self::Answer => answer.to_string(),
+            Self::QuestionAnswer => question_answer_sentence(s),
+            Self::Statements(m) => m
+                .get(&s.key)
+                .cloned()
+                .ok_or_else(|| anyhow!("question {}: the statements file has no sentence for this key", s.key))?,
+        })
+    }
+}
+
+/// The question as the official code gives it to CLIP: with its question mark.
+pub fn question_text(s: &QaSample) -> String {
+    format!("{}?", s.question.trim_end().trim_end_matches('?'))
+}
+
+/// Question and answer as one sentence: `"{question}? {answer}"`.
+pub fn question_answer_sentence(s: &QaSample) -> String {
+    format!("{} {}", question_text(s), s.answer_text().trim())
+}
+
+/// The K indices of the largest values, sorted by index (ties: the smaller index wins).
+pub fn top_k_sorted(curve: &[f32], k: usize) -> Result<Vec<usize>> {
+    ensure!(k <= curve.len(), "top-{k} of a curve of {} frames", curve.len());
+    ensure!(
+        curve.iter().all(|x| x.is_finite()),
+        "the similarity curve has a non-finite value: {curve:?}"
+    );
+    let mut idx: Vec<usize> = (0..curve.len()).collect();
+    idx.sort_by(|&a, &b| curve[b].total_cmp(&curve[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx.sort_unstable();
+    Ok(idx)
+}
+
+/// s_t = cos(F_t, event) for frame embeddings `frames` [T, E] (row-major) and the event's
+/// embedding [E], and the top-K frames of s sorted by time.
+pub fn pseudo_labels(frames: &[f32], event: &[f32], k: usize) -> Result<(Vec<f32>, Vec<usize>)> {
+    let e = event.len();
+    ensure!(
+        e > 0 && frames.len() % e == 0 && !frames.is_empty(),
+        "frame embeddings of {} values do not split into rows of the event width {e}",
+        frames.len()
+    );
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+    let ne = norm(event);
+    let curve: Vec<f32> = frames
+        .chunks_exact(e)
+        .map(|f| {
+            let dot: f64 = f.iter().zip(event).map(|(a, b)| *a as f64 * *b as f64).sum();
+            (dot / (norm(f) * ne).max(1e-12)) as f32
+        })
+        .collect();
+    let top = top_k_sorted(&curve, k)?;
+    Ok((curve, top))
+}
+
+/// EVA-CLIP text embeddings of strings.
+pub struct ClipTextEncoder<'a> {
+    pub model: &'a ClipTextModel,
+    pub tokenizer: &'a ClipTokenizer,
+    pub device: Device,
+    /// Texts per forward pass.
+    pub batch_size: usize,
+}
+
+impl ClipTextEncoder<'_> {
+    /// One embedding [E] (f32) per text.
+    pub fn encode<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(self.batch_size.max(1)) {
+            let ids = self.tokenizer.tokenize(chunk)?.ids_tensor(&self.device)?;
+            let emb = self.model.forward(&ids)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            out.extend(emb);
+        }
+        Ok(out)
+    }
+}
+
+/// Settings of [`label_questions`].
+#[derive(Debug, Clone)]
+pub struct LabelOptions {
+    pub event: EventSource,
+    /// K.
+    pub top_k: usize,
+    /// Keep questions already labelled with the same event text, K and options.
+    pub skip_existing: bool,
+    /// Questions whose texts are encoded together (texts repeated inside are encoded once).
+    pub chunk: usize,
+    pub writer: WriterOptions,
+}
+
+impl Default for LabelOptions {
+    fn default() -> Self {
+        Self {
+            event: EventSource::Answer,
+            top_k: 4,
+            skip_existing: true,
+            chunk: 512,
+            writer: WriterOptions {
+                shard_bytes: 64 << 20,
+                ..Default::default()
+            },
+        }
+    }
+}
+
+/// Progress of [`label_questions`].
+#[derive(Debug)]
+pub enum LabelProgress<'a> {
+    Start { total: usize, skipped: usize },
+    Done { key: &'a str },
+    Failed { key: &'a str, error: &'a str },
+}
+
+/// What [`label_questions`] did.
+#[derive(Debug, Clone, Default)]
+pub struct LabelReport {
+    pub labelled: usize,
+    pub skipped: usize,
+    /// (sample key, error) of each question that could not be labelled.
+    pub failed: Vec<(String, String)>,
+}
+
+/// The texts of one question, in the order of the store's rows.
+struct QuestionTextsToEncode {
+    question: String,
+    options: Vec<String>,
+    answer: String,
+    event: String,
+}
+
+/// Embeds the texts of `samples` and computes their pseudo-labels from the frame embeddings in
+/// the store at `store_dir`; writes them into the store. A question that fails (its video is not
+/// in the store, no statement, K larger than T) is reported and the others go on.
+pub fn label_questions(
+    store_dir: &Path,
+    samples: &[QaSample],
+    encoder: &ClipTextEncoder<'_>,
+    opts: &LabelOptions,
+    progress: &mut dyn FnMut(LabelProgress<'_>),
+) -> Result<LabelReport> {
+    ensure!(opts.top_k > 0, "--top-k must be at least 1");
+    let mut writer = StoreWriter::open(store_dir, opts.writer.clone())?;
+    let store = Store::open(store_dir)?;
+    let snap = store.snapshot();
+    let mut report = LabelReport::default();
+
+    let mut seen = std::collections::HashSet::new();
+    let mut todo: Vec<(&QaSample, QuestionTextsToEncode)> = Vec::new();
+    let mut failed_early = Vec::new();
+    for s in samples {
+        if !seen.insert(s.key.as_str()) {
+            bail!("question key {} appears twice in the annotations", s.key);
+        }
+        let texts = opts.event.event_text(s).map(|event| QuestionTextsToEncode {
+            question: question_text(s),
+            options: s.options.clone(),
+            answer: s.answer_text().to_string(),
+            event,
+        });
+        match texts {
+            Ok(t) => {
+                if opts.skip_existing {
+                    if let Some(q) = snap.index().questions.get(&s.key) {
+                        let k = snap.index().videos.get(&s.video).map(|v| opts.top_k.min(v.num_frames));
+                        if q.event_mode == opts.event.mode()
+                            && q.event == t.event
+                            && q.video == s.video
+                            && q.num_options == s.options.len()
+                            && Some(q.pseudo_labels.len()) == k
+                            && q.num_frames == snap.index().videos.get(&s.video).map_or(0, |v| v.num_frames)
+                        {
+                            report.skipped += 1;
+                            continue;
+                        }
+                    }
+                }
+                todo.push((s, t));
+            }
+            Err(e) => failed_early.push((s.key.clone(), format!("{e:#}"))),
+        }
+    }
+    progress(LabelProgress::Start {
+        total: samples.len(),
+        skipped: report.skipped,
+    });
+    for (key, err) in failed_early {
+        progress(LabelProgress::Failed { key: &key, error: &err });
+        report.failed.push((key, err));
+    }
+
+    for chunk in todo.chunks(opts.chunk.max(1)) {
+        // Unique texts of the chunk, encoded once each.
+        let mut rows: HashMap<&str, usize> = HashMap::new();
+        let mut unique: Vec<&str> = Vec::new();
+        for (_, t) in chunk {
+            for s in std::iter::once(&t.question).chain(&t.options).chain([&t.answer, &t.event]) {
+                rows.entry(s.as_str()).or_insert_with(|| {
+                    unique.push(s.as_str());
+                    unique.len() - 1
+                });
+            }
+        }
+        let emb = encoder.encode(&unique)?;
+        let get = |s: &str| emb[rows[s]].clone();
+        for (s, t) in chunk {
+            let result = (|| -> Result<QuestionRecord> {
+                let frames = snap
+                    .frame_embeds(&s.video)
+                    .with_context(|| format!("question {}: no CLIP frame embeddings", s.key))?
+                    .to_f32()?;
+                let event = get(&t.event);
+                let (curve, top) = pseudo_labels(&frames, &event, opts.top_k).with_context(|| format!("question {}", s.key))?;
+                Ok(QuestionRecord {
+                    key: s.key.clone(),
+                    video: s.video.clone(),
+                    question: get(&t.question),
+                    options: t.options.iter().flat_map(|o| get(o)).collect(),
+                    num_options: t.options.len(),
+                    answer: get(&t.answer),
+                    event,
+                    event_mode: opts.event.mode().to_string(),
+                    event_text: t.event.clone(),
+                    curve,
+                    pseudo_labels: top,
+                })
+            })();
+            match result.and_then(|rec| writer.add_question(rec)) {
+                Ok(_) => {
+                    report.labelled += 1;
+                    progress(LabelProgress::Done { key: &s.key });
+                }
+                Err(e) => {
+                    let err = format!("{e:#}");
+                    progress(LabelProgress::Failed { key: &s.key, error: &err });
+                    report.failed.push((s.key.clone(), err));
+                }
+            }
+        }
+    }
+    writer.finish()?;
+    Ok(report)
+}

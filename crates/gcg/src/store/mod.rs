@@ -1,0 +1,89 @@
+//! The feature store: everything frozen that training and evaluation read instead of videos.
+//!
+//! Per video: the un-normalised ViT features E ∈ R^{T×257×1408} (f16, as the official code
+//! caches them), the CLIP frame embeddings F ∈ R^{T×1024} (f32), the frame times and the video's
+//! duration and fps. Per question: the CLIP text embeddings of the question, the options, the
+//! answer and the event text, the similarity curve s_t = cos(F_t, text(event)) and the
+//! pseudo-labels (the K frames with the highest s_t, sorted by time).
+//!
+//! # On-disk format (version 1)
+//!
+//! ```text
+//! STORE/
+//!   index.json        the index (below); replaced atomically on every commit
+//!   index.lock        locked (flock) by a writer while it rewrites the index
+//!   shards/
+//!     videos-<ms>-<pid>-<n>.safetensors      per-video tensors
+//!     questions-<ms>-<pid>-<n>.safetensors   packed per-question tensors
+//! ```
+//!
+//! Shards are ordinary safetensors files (readable by `safetensors.safe_open` in Python); their
+//! `__metadata__` says `{"format": "gcg-feature-store", "kind": "videos"|"questions"}`. Tensors
+//! are laid out by descending element size after an 8-byte-aligned header, so every tensor is
+//! aligned to its element size in the file (and in a memory map of it).
+//!
+//! * A **video shard** holds, for each video `V` in it, `V/features` F16 [T, 257, 1408],
+//!   `V/frame_embeds` F32 [T, 1024] and (when known) `V/timestamps` F64 [T].
+//! * A **question shard** holds three packed tensors: `text_embeds` F32 [rows, 1024] (per
+//!   question, consecutive rows: question, each option, answer, event text), `curves` F32 [Σ T]
+//!   (each question's s_t) and `pseudo_labels` I64 [Σ K].
+//!
+//! `index.json` (see [`Index`]):
+//!
+//! ```json
+//! { "format": "gcg-feature-store", "version": 1, "generation": 7,
+//!   "meta": { "tokens": 257, "width": 1408, "embed_dim": 1024 },
+//!   "shards": { "videos-…": { "kind": "videos", "bytes": 185000000 },
+//!               "questions-…": { "kind": "questions", "bytes": 9000000,
+//!                                "tensors": { "text_embeds": { "name": "text_embeds", "dtype": "F32",
+//!                                                              "shape": [2400, 1024], "offsets": [136, 9830536] }, … } } },
+//!   "videos": { "4010069381": { "shard": "videos-…", "num_frames": 32, "timestamps": [0.5, …],
+//!                               "duration": 12.3, "fps": 29.97, "source": "…/4010069381.mp4",
+//!                               "features": { "name": "4010069381/features", "dtype": "F16",
+//!                                             "shape": [32, 257, 1408], "offsets": [4096, 23162880] },
+//!                               "frame_embeds": { … } } },
+//!   "questions": { "4010069381_6": { "shard": "questions-…", "video": "4010069381",
+//!                                    "num_options": 5, "text_row": 0, "curve_start": 0, "num_frames": 32,
+//!                                    "pseudo_labels": [3, 4, 17, 30], "event_mode": "answer",
+//!                                    "event": "roll the handle" } } }
+//! ```
+//!
+//! `offsets` are absolute byte ranges in the shard file, so a read is a map lookup and a slice
+//! of a memory map: no JSON is parsed after the index, no header is read per access.
+//!
+//! # Writing, atomically
+//!
+//! A [`StoreWriter`] buffers records and commits them as one shard: write it to
+//! `shards/.<name>.tmp-<pid>`, fsync, rename to `<name>`, fsync the directory; then, holding
+//! `index.lock`, re-read `index.json` (other writers may have committed), add the entries,
+//! write `.index.json.tmp-<pid>`, fsync, rename over `index.json`, fsync the directory. So the
+//! index only ever names complete shards; a crash leaves at worst a temporary file (removed by
+//! the next writer once its process is gone) or a complete shard the index does not name
+//! ([`Snapshot::unlisted_shards`]); the records in it are simply redone. Shards are never
+//! modified or deleted once named, so a reader's snapshot stays valid while writers append.
+//!
+//! # Reading
+//!
+//! [`Store::open`] parses the index once into a [`Snapshot`]; [`Store::refresh`] swaps in a new
+//! one when `index.json` changed. Shards are memory-mapped once and shared by all snapshots. F16
+//! features are borrowed straight from the map ([`MappedTensor::as_f16`]) and copied once into
+//! a tensor (converted to f32 / bf16 on the way when asked). [`batch`] collates training batches
+//! with prefetching workers.
+
+pub mod batch;
+pub mod extract;
+mod format;
+pub mod frozen;
+pub mod h5import;
+mod index;
+pub mod labels;
+mod reader;
+mod writer;
+
+pub use format::read_header;
+pub use index::{
+    Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, TensorLoc, VideoEntry, FORMAT, INDEX_FILE, LOCK_FILE, SHARD_DIR,
+    VERSION,
+};
+pub use reader::{MappedTensor, QuestionTexts, Snapshot, Store};
+pub use writer::{Fault, FaultAction, FaultPoint, QuestionRecord, StoreWriter, VideoRecord, WriterOptions};

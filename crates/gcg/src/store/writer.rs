@@ -1,0 +1,706 @@
+//! Appending to a store: records are buffered, then written as one shard (temp name, fsync,
+//! rename) and published by rewriting the index (under the lock, temp name, fsync, rename).
+
+use super::format::{f16_bytes, f32_bytes, f64_bytes, i64_bytes, write_safetensors, RawTensor};
+use super::index::{Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, VideoEntry, INDEX_FILE, LOCK_FILE, SHARD_DIR};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use candle_core::{DType, Tensor};
+use half::f16;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// One video's features as computed: un-normalised ViT features (f16) and CLIP frame embeddings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VideoRecord {
+    pub id: String,
+    /// [T, tokens, width] row-major.
+    pub features: Vec<f16>,
+    /// (T, tokens, width).
+    pub features_shape: [usize; 3],
+    /// [T, embed_dim] row-major.
+    pub frame_embeds: Vec<f32>,
+    pub embed_dim: usize,
+    /// Seconds, one per frame (or empty when unknown).
+    pub timestamps: Vec<f64>,
+    pub duration: Option<f64>,
+    pub fps: Option<f64>,
+    pub source: Option<String>,
+}
+
+impl VideoRecord {
+    /// From tensors: features [T, N, D] (any float dtype, rounded to f16) and frame embeddings
+    /// [T, E] (to f32).
+    pub fn from_tensors(id: impl Into<String>, features: &Tensor, frame_embeds: &Tensor, timestamps: Vec<f64>) -> Result<Self> {
+        let id = id.into();
+        let (t, n, d) = features
+            .dims3()
+            .with_context(|| format!("video {id}: features of shape {:?}, expected [T, N, D]", features.dims()))?;
+        let (t2, e) = frame_embeds
+            .dims2()
+            .with_context(|| format!("video {id}: frame embeddings of shape {:?}, expected [T, E]", frame_embeds.dims()))?;
+        ensure!(t == t2, "video {id}: {t} frames of features but {t2} frame embeddings");
+        Ok(Self {
+            features: features.to_dtype(DType::F16)?.flatten_all()?.to_vec1::<f16>()?,
+            features_shape: [t, n, d],
+            frame_embeds: frame_embeds.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            embed_dim: e,
+            timestamps,
+            duration: None,
+            fps: None,
+            source: None,
+            id,
+        })
+    }
+
+    pub fn num_frames(&self) -> usize {
+        self.features_shape[0]
+    }
+
+    pub fn meta(&self) -> StoreMeta {
+        StoreMeta {
+            tokens: self.features_shape[1],
+            width: self.features_shape[2],
+            embed_dim: self.embed_dim,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let id = &self.id;
+        ensure!(!id.is_empty(), "a video record has an empty id");
+        let [t, n, d] = self.features_shape;
+        ensure!(
+            t > 0 && n > 0 && d > 0,
+            "video {id}: features shape {:?} has a zero size",
+            self.features_shape
+        );
+        ensure!(
+            self.features.len() == t * n * d,
+            "video {id}: {} feature values for shape {:?}",
+            self.features.len(),
+            self.features_shape
+        );
+        ensure!(
+            self.embed_dim > 0 && self.frame_embeds.len() == t * self.embed_dim,
+            "video {id}: {} frame-embedding values, expected {t} × {}",
+            self.frame_embeds.len(),
+            self.embed_dim
+        );
+        ensure!(
+            self.timestamps.is_empty() || self.timestamps.len() == t,
+            "video {id}: {} timestamps for {t} frames",
+            self.timestamps.len()
+        );
+        Ok(())
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.features.len() * 2 + self.frame_embeds.len() * 4 + self.timestamps.len() * 8) as u64
+    }
+}
+
+/// One question's CLIP text embeddings and pseudo-labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuestionRecord {
+    /// The sample key (`QaSample::key`).
+    pub key: String,
+    pub video: String,
+    /// [E] each; `options` is [num_options, E] row-major.
+    pub question: Vec<f32>,
+    pub options: Vec<f32>,
+    pub num_options: usize,
+    pub answer: Vec<f32>,
+    pub event: Vec<f32>,
+    pub event_mode: String,
+    pub event_text: String,
+    /// s_t = cos(F_t, text(event)), one per frame of the video.
+    pub curve: Vec<f32>,
+    /// Top-K frame indices of the curve, sorted by time.
+    pub pseudo_labels: Vec<usize>,
+}
+
+impl QuestionRecord {
+    fn validate(&self, e: usize, frames: usize) -> Result<()> {
+        let key = &self.key;
+        for (what, v) in [("question", &self.question), ("answer", &self.answer), ("event", &self.event)] {
+            ensure!(
+                v.len() == e,
+                "question {key}: {what} embedding has {} values, the store's CLIP width is {e}",
+                v.len()
+            );
+        }
+        ensure!(
+            self.options.len() == self.num_options * e,
+            "question {key}: {} option-embedding values for {} options of width {e}",
+            self.options.len(),
+            self.num_options
+        );
+        ensure!(
+            self.curve.len() == frames,
+            "question {key}: a curve of {} values but video {} has {frames} frames",
+            self.curve.len(),
+            self.video
+        );
+        ensure!(
+            self.pseudo_labels.iter().all(|&t| t < frames) && self.pseudo_labels.windows(2).all(|w| w[0] < w[1]),
+            "question {key}: pseudo-labels {:?} are not increasing frame indices below {frames}",
+            self.pseudo_labels
+        );
+        Ok(())
+    }
+
+    fn bytes(&self) -> u64 {
+        ((self.question.len() + self.options.len() + self.answer.len() + self.event.len() + self.curve.len()) * 4
+            + self.pseudo_labels.len() * 8) as u64
+    }
+}
+
+/// A point in a commit where a crash can be simulated (tests of atomicity and resumption).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// The shard is complete under its temporary name, not yet renamed.
+    ShardWritten,
+    /// The shard has its final name; the index does not list it yet.
+    ShardRenamed,
+    /// The new index is complete under its temporary name, not yet renamed.
+    IndexWritten,
+}
+
+/// What a simulated crash does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultAction {
+    /// `std::process::abort()`: no destructor runs, as with a kill.
+    Abort,
+    /// The commit returns an error and leaves the files as they are.
+    Error,
+}
+
+/// Crash at the `nth` (1-based) time the writer reaches `point`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fault {
+    pub point: FaultPoint,
+    pub nth: usize,
+    pub action: FaultAction,
+}
+
+impl Fault {
+    /// Parses `point:nth[:abort|error]` with point `shard-written | shard-renamed | index-written`
+    /// (the form the `GCG_STORE_FAULT` environment variable of the CLI takes).
+    pub fn parse(s: &str) -> Result<Self> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let point = match parts.first().copied() {
+            Some("shard-written") => FaultPoint::ShardWritten,
+            Some("shard-renamed") => FaultPoint::ShardRenamed,
+            Some("index-written") => FaultPoint::IndexWritten,
+            _ => bail!("fault {s:?}: expected shard-written|shard-renamed|index-written:N[:abort|error]"),
+        };
+        let nth = parts
+            .get(1)
+            .and_then(|n| n.parse::<usize>().ok())
+            .filter(|&n| n > 0)
+            .ok_or_else(|| anyhow!("fault {s:?}: expected a count >= 1 after the point"))?;
+        let action = match parts.get(2).copied() {
+            None | Some("abort") => FaultAction::Abort,
+            Some("error") => FaultAction::Error,
+            Some(other) => bail!("fault {s:?}: unknown action {other:?} (abort or error)"),
+        };
+        Ok(Self { point, nth, action })
+    }
+}
+
+/// How the writer groups records into shards.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// A shard is written once the buffered records reach this many bytes.
+    pub shard_bytes: u64,
+    /// Also write once the oldest buffered record is this old (bounds the work a kill loses).
+    pub max_pending_secs: f64,
+    /// Simulated crash, for tests.
+    pub fault: Option<Fault>,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        Self {
+            shard_bytes: 512 << 20,
+            max_pending_secs: 120.0,
+            fault: None,
+        }
+    }
+}
+
+/// Appends videos and questions to a store directory.
+///
+/// Several writers (threads or processes) may append to one store at the same time: each
+/// writes its own shards and merges its entries into the current index under the lock. A record
+/// whose id is already in the index replaces the old entry (the old bytes stay in their shard).
+pub struct StoreWriter {
+    dir: PathBuf,
+    opts: WriterOptions,
+    index: Index,
+    lock: std::fs::File,
+    pending_videos: Vec<VideoRecord>,
+    pending_questions: Vec<QuestionRecord>,
+    pending_bytes: u64,
+    pending_since: Option<Instant>,
+    shards_written: u64,
+    fault_hits: HashMap<&'static str, usize>,
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing directory {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Whether process `pid` still runs (Linux /proc; elsewhere assume it does).
+fn pid_alive(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return true;
+    }
+    proc.join(pid.to_string()).exists()
+}
+
+/// Temporary files end in `.tmp-{pid}`; remove those of processes that no longer run.
+fn remove_stale_temps(dir: &Path) -> Result<()> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Ok(()) };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some((_, pid)) = name.rsplit_once(".tmp-") else { continue };
+        if !name.starts_with('.') {
+            continue;
+        }
+        if let Ok(pid) = pid.parse::<u32>() {
+            if pid != std::process::id() && !pid_alive(pid) {
+                tracing::info!("removing {} left by a stopped writer", e.path().display());
+                std::fs::remove_file(e.path()).with_context(|| format!("removing stale temporary file {}", e.path().display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads `index.json` of `dir` (an empty index when there is none).
+pub(crate) fn read_index(dir: &Path) -> Result<(Index, Option<super::reader::Stamp>)> {
+    let path = dir.join(INDEX_FILE);
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Index::default(), None)),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    let stamp = super::reader::Stamp::of(&f.metadata()?);
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).with_context(|| format!("reading {}", path.display()))?;
+    Ok((Index::from_bytes(&bytes, &path)?, Some(stamp)))
+}
+
+impl StoreWriter {
+    /// Opens (creating when needed) the store in `dir`.
+    pub fn open(dir: impl AsRef<Path>, opts: WriterOptions) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(dir.join(SHARD_DIR)).with_context(|| format!("creating the store directory {}", dir.display()))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
+        let index = (|| -> Result<Index> {
+            remove_stale_temps(&dir)?;
+            remove_stale_temps(&dir.join(SHARD_DIR))?;
+            let (index, stamp) = read_index(&dir)?;
+            if stamp.is_none() {
+                write_index(&dir, &index, None, &mut |_| Ok(()))?;
+            }
+            Ok(index)
+        })();
+        lock.unlock().with_context(|| format!("unlocking {}", lock_path.display()))?;
+        Ok(Self {
+            dir,
+            opts,
+            index: index?,
+            lock,
+            pending_videos: Vec::new(),
+            pending_questions: Vec::new(),
+            pending_bytes: 0,
+            pending_since: None,
+            shards_written: 0,
+            fault_hits: HashMap::new(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The index as of this writer's last commit (or opening).
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Whether the video is committed or buffered.
+    pub fn has_video(&self, id: &str) -> bool {
+        self.index.videos.contains_key(id) || self.pending_videos.iter().any(|v| v.id == id)
+    }
+
+    /// Whether the question is committed or buffered.
+    pub fn has_question(&self, key: &str) -> bool {
+        self.index.questions.contains_key(key) || self.pending_questions.iter().any(|q| q.key == key)
+    }
+
+    /// Re-reads the index (to see other writers' commits).
+    pub fn reload(&mut self) -> Result<()> {
+        self.index = read_index(&self.dir)?.0;
+        Ok(())
+    }
+
+    pub fn pending_bytes(&self) -> u64 {
+        self.pending_bytes
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.pending_videos.len() + self.pending_questions.len()
+    }
+
+    fn meta(&self) -> Option<StoreMeta> {
+        self.index.meta.or_else(|| self.pending_videos.first().map(VideoRecord::meta))
+    }
+
+    /// Buffers a video (replacing a buffered one with the same id); writes a shard when the
+    /// buffer is full. Returns whether a shard was written.
+    pub fn add_video(&mut self, rec: VideoRecord) -> Result<bool> {
+        rec.validate()?;
+        if let Some(meta) = self.meta() {
+            ensure!(
+                rec.meta() == meta,
+                "video {}: features [T, {}, {}] with CLIP width {}, but the store holds [T, {}, {}] with CLIP width {}",
+                rec.id,
+                rec.features_shape[1],
+                rec.features_shape[2],
+                rec.embed_dim,
+                meta.tokens,
+                meta.width,
+                meta.embed_dim
+            );
+        }
+        self.pending_videos.retain(|v| v.id != rec.id);
+        self.pending_bytes += rec.bytes();
+        self.pending_videos.push(rec);
+        self.pending_since.get_or_insert_with(Instant::now);
+        self.maybe_flush()
+    }
+
+    /// Buffers a question's embeddings and pseudo-labels. Its video must be committed.
+    pub fn add_question(&mut self, rec: QuestionRecord) -> Result<bool> {
+        let video = self.index.videos.get(&rec.video).ok_or_else(|| {
+            anyhow!(
+                "question {}: video {} has no features in the store {} (run `gcg features` first)",
+                rec.key,
+                rec.video,
+                self.dir.display()
+            )
+        })?;
+        let meta = self
+            .index
+            .meta
+            .ok_or_else(|| anyhow!("the store {} has no videos", self.dir.display()))?;
+        rec.validate(meta.embed_dim, video.num_frames)?;
+        self.pending_questions.retain(|q| q.key != rec.key);
+        self.pending_bytes += rec.bytes();
+        self.pending_questions.push(rec);
+        self.pending_since.get_or_insert_with(Instant::now);
+        self.maybe_flush()
+    }
+
+    fn maybe_flush(&mut self) -> Result<bool> {
+        let old = self
+            .pending_since
+            .is_some_and(|t| t.elapsed().as_secs_f64() >= self.opts.max_pending_secs);
+        if self.pending_bytes >= self.opts.shard_bytes || old {
+            self.flush()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Writes everything buffered (one shard per kind) and publishes it in the index.
+    pub fn flush(&mut self) -> Result<()> {
+        if !self.pending_videos.is_empty() {
+            let videos = std::mem::take(&mut self.pending_videos);
+            self.commit_videos(&videos)?;
+        }
+        if !self.pending_questions.is_empty() {
+            let questions = std::mem::take(&mut self.pending_questions);
+            self.commit_questions(&questions)?;
+        }
+        self.pending_bytes = 0;
+        self.pending_since = None;
+        Ok(())
+    }
+
+    /// Flushes and returns the index as committed.
+    pub fn finish(mut self) -> Result<Index> {
+        self.flush()?;
+        Ok(std::mem::take(&mut self.index))
+    }
+
+    fn fault(&mut self, point: FaultPoint) -> Result<()> {
+        let Some(f) = self.opts.fault else { return Ok(()) };
+        if f.point != point {
+            return Ok(());
+        }
+        let key = match point {
+            FaultPoint::ShardWritten => "shard-written",
+            FaultPoint::ShardRenamed => "shard-renamed",
+            FaultPoint::IndexWritten => "index-written",
+        };
+        let hits = self.fault_hits.entry(key).or_insert(0);
+        *hits += 1;
+        if *hits == f.nth {
+            match f.action {
+                FaultAction::Abort => {
+                    tracing::error!("injected fault: aborting at {key} #{hits}");
+                    std::process::abort()
+                }
+                FaultAction::Error => bail!("injected fault at {key} #{hits}"),
+            }
+        }
+        Ok(())
+    }
+
+    fn shard_name(&mut self, kind: ShardKind) -> String {
+        static SHARDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        self.shards_written += 1;
+        let n = SHARDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let prefix = match kind {
+            ShardKind::Videos => "videos",
+            ShardKind::Questions => "questions",
+        };
+        format!("{prefix}-{ms:013}-{}-{n:05}.safetensors", std::process::id())
+    }
+
+    /// Writes the shard (temp, fsync, rename), then merges `entries` into the current index.
+    fn commit(
+        &mut self,
+        kind: ShardKind,
+        tensors: &[RawTensor<'_>],
+        entries: impl FnOnce(&str, &[super::index::TensorLoc], &mut Index) -> Result<()>,
+    ) -> Result<()> {
+        let name = self.shard_name(kind);
+        let shard_dir = self.dir.join(SHARD_DIR);
+        let final_path = shard_dir.join(&name);
+        let tmp = shard_dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let mut meta = BTreeMap::new();
+        meta.insert("format".to_string(), super::index::FORMAT.to_string());
+        meta.insert("kind".to_string(), format!("{kind:?}").to_lowercase());
+        let locs = write_safetensors(&tmp, tensors, &meta)?;
+        let bytes = std::fs::metadata(&tmp)?.len();
+        self.fault(FaultPoint::ShardWritten)?;
+        std::fs::rename(&tmp, &final_path).with_context(|| format!("renaming {} to {}", tmp.display(), final_path.display()))?;
+        fsync_dir(&shard_dir)?;
+        self.fault(FaultPoint::ShardRenamed)?;
+
+        let lock_path = self.dir.join(LOCK_FILE);
+        self.lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
+        let result = (|| -> Result<Index> {
+            let (mut index, _) = read_index(&self.dir)?;
+            index.shards.insert(
+                name.clone(),
+                ShardInfo {
+                    kind,
+                    bytes,
+                    tensors: BTreeMap::new(),
+                },
+            );
+            entries(&name, &locs, &mut index)?;
+            index.generation += 1;
+            index.validate().context("the merged index")?;
+            let dir = self.dir.clone();
+            let fault = &mut |p| self.fault(p);
+            write_index(&dir, &index, Some(&name), fault)?;
+            Ok(index)
+        })();
+        self.lock.unlock().with_context(|| format!("unlocking {}", lock_path.display()))?;
+        self.index = result?;
+        tracing::debug!("committed shard {name} ({bytes} bytes), index generation {}", self.index.generation);
+        Ok(())
+    }
+
+    fn commit_videos(&mut self, videos: &[VideoRecord]) -> Result<()> {
+        let mut tensors = Vec::with_capacity(videos.len() * 3);
+        for v in videos {
+            let [t, n, d] = v.features_shape;
+            tensors.push(RawTensor {
+                name: format!("{}/features", v.id),
+                dtype: StoreDType::F16,
+                shape: vec![t, n, d],
+                data: f16_bytes(&v.features),
+            });
+            tensors.push(RawTensor {
+                name: format!("{}/frame_embeds", v.id),
+                dtype: StoreDType::F32,
+                shape: vec![t, v.embed_dim],
+                data: f32_bytes(&v.frame_embeds),
+            });
+            if !v.timestamps.is_empty() {
+                tensors.push(RawTensor {
+                    name: format!("{}/timestamps", v.id),
+                    dtype: StoreDType::F64,
+                    shape: vec![t],
+                    data: f64_bytes(&v.timestamps),
+                });
+            }
+        }
+        let meta = videos[0].meta();
+        self.commit(ShardKind::Videos, &tensors, |shard, locs, index| {
+            match index.meta {
+                Some(m) if m != meta => bail!(
+                    "the store holds features [T, {}, {}] with CLIP width {}, this writer has [T, {}, {}] with width {}",
+                    m.tokens,
+                    m.width,
+                    m.embed_dim,
+                    meta.tokens,
+                    meta.width,
+                    meta.embed_dim
+                ),
+                _ => index.meta = Some(meta),
+            }
+            let by_name: HashMap<&str, &super::index::TensorLoc> = locs.iter().map(|l| (l.name.as_str(), l)).collect();
+            for v in videos {
+                let get = |suffix: &str| {
+                    by_name
+                        .get(format!("{}/{suffix}", v.id).as_str())
+                        .map(|l| (*l).clone())
+                        .ok_or_else(|| anyhow!("shard {shard}: no {suffix} for video {}", v.id))
+                };
+                index.videos.insert(
+                    v.id.clone(),
+                    VideoEntry {
+                        shard: shard.to_string(),
+                        num_frames: v.num_frames(),
+                        timestamps: v.timestamps.clone(),
+                        duration: v.duration,
+                        fps: v.fps,
+                        source: v.source.clone(),
+                        features: get("features")?,
+                        frame_embeds: get("frame_embeds")?,
+                    },
+                );
+            }
+            Ok(())
+        })
+    }
+
+    fn commit_questions(&mut self, questions: &[QuestionRecord]) -> Result<()> {
+        let e = self.index.meta.map(|m| m.embed_dim).unwrap_or(0);
+        let rows: usize = questions.iter().map(|q| q.num_options + 3).sum();
+        let mut text = Vec::with_capacity(rows * e);
+        let mut curves = Vec::new();
+        let mut labels = Vec::new();
+        let mut entries = Vec::with_capacity(questions.len());
+        for q in questions {
+            let text_row = text.len() / e.max(1);
+            text.extend_from_slice(&q.question);
+            text.extend_from_slice(&q.options);
+            text.extend_from_slice(&q.answer);
+            text.extend_from_slice(&q.event);
+            let curve_start = curves.len();
+            curves.extend_from_slice(&q.curve);
+            labels.extend(q.pseudo_labels.iter().map(|&t| t as i64));
+            entries.push((text_row, curve_start));
+        }
+        let tensors = [
+            RawTensor {
+                name: "text_embeds".into(),
+                dtype: StoreDType::F32,
+                shape: vec![rows, e],
+                data: f32_bytes(&text),
+            },
+            RawTensor {
+                name: "curves".into(),
+                dtype: StoreDType::F32,
+                shape: vec![curves.len()],
+                data: f32_bytes(&curves),
+            },
+            RawTensor {
+                name: "pseudo_labels".into(),
+                dtype: StoreDType::I64,
+                shape: vec![labels.len()],
+                data: i64_bytes(&labels),
+            },
+        ];
+        self.commit(ShardKind::Questions, &tensors, |shard, locs, index| {
+            let info = index
+                .shards
+                .get_mut(shard)
+                .ok_or_else(|| anyhow!("shard {shard} vanished from the merged index"))?;
+            for l in locs {
+                info.tensors.insert(l.name.clone(), l.clone());
+            }
+            for (q, (text_row, curve_start)) in questions.iter().zip(entries) {
+                let frames = index.videos.get(&q.video).map(|v| v.num_frames);
+                ensure!(
+                    frames == Some(q.curve.len()),
+                    "question {}: video {} is no longer in the store with {} frames",
+                    q.key,
+                    q.video,
+                    q.curve.len()
+                );
+                index.questions.insert(
+                    q.key.clone(),
+                    QuestionEntry {
+                        shard: shard.to_string(),
+                        video: q.video.clone(),
+                        num_options: q.num_options,
+                        text_row,
+                        curve_start,
+                        num_frames: q.curve.len(),
+                        pseudo_labels: q.pseudo_labels.clone(),
+                        event_mode: q.event_mode.clone(),
+                        event: q.event_text.clone(),
+                    },
+                );
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Drop for StoreWriter {
+    fn drop(&mut self) {
+        if self.pending_len() > 0 {
+            tracing::warn!(
+                "feature-store writer for {} dropped with {} unwritten records (call flush/finish)",
+                self.dir.display(),
+                self.pending_len()
+            );
+        }
+    }
+}
+
+/// Writes `index.json` atomically: temp name, fsync, (fault point), rename, fsync the directory.
+fn write_index(dir: &Path, index: &Index, _shard: Option<&str>, fault: &mut dyn FnMut(FaultPoint) -> Result<()>) -> Result<()> {
+    let path = dir.join(INDEX_FILE);
+    let tmp = dir.join(format!(".{INDEX_FILE}.tmp-{}", std::process::id()));
+    let bytes = serde_json::to_vec(index)?;
+    {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(&bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    }
+    fault(FaultPoint::IndexWritten)?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    fsync_dir(dir)
+}

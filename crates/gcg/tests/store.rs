@@ -1,0 +1,913 @@
+//! The feature store: round trips, atomic commits, concurrent readers and writers, feature
+//! extraction, pseudo-labels and batches.
+
+mod common;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use gcg::data::{Answer, Dataset, QaSample};
+use gcg::store::batch::{Batch, BatchLoader, BatchOptions};
+use gcg::store::extract::{extract_features, ExtractOptions, FeatureModels, VideoFrames, VideoJob};
+use gcg::store::labels::{label_questions, pseudo_labels, top_k_sorted, ClipTextEncoder, EventSource, LabelOptions};
+use gcg::store::{
+    frozen, read_header, Fault, FaultAction, FaultPoint, QuestionRecord, Store, StoreWriter, VideoRecord, WriterOptions, SHARD_DIR,
+};
+use gcg::weights::tokenizers::ClipTokenizer;
+use gcg::SeededRng;
+use half::{bf16, f16};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+fn seed_of(id: &str) -> u64 {
+    id.bytes()
+        .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// A video whose f16 features are arbitrary bit patterns (NaNs with payloads, infinities,
+/// subnormals): a round trip must keep every bit.
+fn video(id: &str, t: usize, n: usize, d: usize, e: usize) -> VideoRecord {
+    let mut rng = SeededRng::new(seed_of(id));
+    VideoRecord {
+        id: id.to_string(),
+        features: (0..t * n * d).map(|_| f16::from_bits(rng.next_u64() as u16)).collect(),
+        features_shape: [t, n, d],
+        frame_embeds: rng.normal_vec(t * e, 0.0, 1.0),
+        embed_dim: e,
+        timestamps: (0..t).map(|i| 0.25 + i as f64 * 1.5).collect(),
+        duration: Some(t as f64 * 1.5),
+        fps: Some(29.97),
+        source: Some(format!("/videos/{id}.mp4")),
+    }
+}
+
+fn question(key: &str, video: &str, t: usize, e: usize, o: usize, k: usize) -> QuestionRecord {
+    let mut rng = SeededRng::new(seed_of(key));
+    let curve = rng.normal_vec(t, 0.0, 1.0);
+    let labels = top_k_sorted(&curve, k).unwrap();
+    QuestionRecord {
+        key: key.to_string(),
+        video: video.to_string(),
+        question: rng.normal_vec(e, 0.0, 1.0),
+        options: rng.normal_vec(o * e, 0.0, 1.0),
+        num_options: o,
+        answer: rng.normal_vec(e, 0.0, 1.0),
+        event: rng.normal_vec(e, 0.0, 1.0),
+        event_mode: "answer".into(),
+        event_text: format!("event of {key}"),
+        curve,
+        pseudo_labels: labels,
+    }
+}
+
+fn bits(xs: &[f16]) -> Vec<u16> {
+    xs.iter().map(|x| x.to_bits()).collect()
+}
+
+fn small_shards() -> WriterOptions {
+    WriterOptions {
+        shard_bytes: 0,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn round_trip_is_bit_exact() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let recs: Vec<VideoRecord> = (0..5).map(|i| video(&format!("vid{i}"), 3 + i % 2, 5, 6, 4)).collect();
+    let mut w = StoreWriter::open(
+        dir.path(),
+        WriterOptions {
+            shard_bytes: 400, // two or three videos per shard
+            ..Default::default()
+        },
+    )?;
+    for r in &recs {
+        w.add_video(r.clone())?;
+    }
+    let index = w.finish()?;
+    assert!(index.shards.len() >= 2, "expected several shards, got {}", index.shards.len());
+
+    let store = Store::open(dir.path())?;
+    let snap = store.snapshot();
+    snap.verify()?;
+    assert!(snap.unlisted_shards()?.is_empty());
+    for r in &recs {
+        let v = snap.video(&r.id)?;
+        assert_eq!(v.num_frames, r.num_frames());
+        assert_eq!(v.timestamps, r.timestamps);
+        assert_eq!((v.duration, v.fps, v.source.clone()), (r.duration, r.fps, r.source.clone()));
+        let f = snap.features(&r.id)?;
+        assert_eq!(f.shape(), &r.features_shape[..]);
+        assert_eq!(bits(&f.as_f16()?), bits(&r.features), "features of {}", r.id);
+        let t = snap.features_tensor(&r.id, DType::F16, &Device::Cpu)?;
+        assert_eq!(t.dims(), &r.features_shape[..]);
+        assert_eq!(bits(&t.flatten_all()?.to_vec1::<f16>()?), bits(&r.features));
+        // f32: each value converted exactly (NaN stays NaN).
+        let t32 = snap
+            .features_tensor(&r.id, DType::F32, &Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for (a, b) in t32.iter().zip(&r.features) {
+            let want = b.to_f32();
+            assert!(a.to_bits() == want.to_bits() || (a.is_nan() && want.is_nan()), "{a} vs {want}");
+        }
+        let e = snap.frame_embeds(&r.id)?;
+        assert_eq!(e.shape(), &[r.num_frames(), 4]);
+        let got: Vec<u32> = e.to_f32()?.iter().map(|x| x.to_bits()).collect();
+        let want: Vec<u32> = r.frame_embeds.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(got, want);
+    }
+
+    // The shards are standard safetensors: an independent parser finds the same bytes.
+    for (name, _) in &snap.index().shards {
+        let bytes = std::fs::read(dir.path().join(SHARD_DIR).join(name))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)?;
+        let (_, meta) = read_header(&dir.path().join(SHARD_DIR).join(name))?;
+        assert_eq!(meta.get("kind").map(String::as_str), Some("videos"));
+        for (tname, view) in st.tensors() {
+            let (id, what) = tname.split_once('/').unwrap();
+            let r = recs.iter().find(|r| r.id == id).unwrap();
+            match what {
+                "features" => {
+                    assert_eq!(view.dtype(), safetensors::Dtype::F16);
+                    let want: Vec<u8> = r.features.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    assert_eq!(view.data(), &want[..]);
+                }
+                "frame_embeds" => {
+                    let want: Vec<u8> = r.frame_embeds.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    assert_eq!(view.data(), &want[..]);
+                }
+                "timestamps" => {
+                    let want: Vec<u8> = r.timestamps.iter().flat_map(|x| x.to_le_bytes()).collect();
+                    assert_eq!(view.data(), &want[..]);
+                }
+                other => panic!("unexpected tensor {other}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn questions_round_trip() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    w.add_video(video("a", 6, 2, 3, 8))?;
+    w.add_video(video("b", 6, 2, 3, 8))?;
+    w.flush()?;
+    let qs = vec![
+        question("a_1", "a", 6, 8, 5, 4),
+        question("a_2", "a", 6, 8, 5, 2),
+        question("b_1", "b", 6, 8, 0, 3),
+    ];
+    for q in &qs {
+        w.add_question(q.clone())?;
+    }
+    w.flush()?;
+    // A second question shard, replacing one entry.
+    let mut replaced = question("a_2", "a", 6, 8, 5, 2);
+    replaced.event_text = "replaced".into();
+    replaced.event[0] = 42.0;
+    w.add_question(replaced.clone())?;
+    w.finish()?;
+
+    let snap = Store::open(dir.path())?.snapshot();
+    snap.verify()?;
+    for q in [&qs[0], &qs[2], &replaced] {
+        let entry = snap.question(&q.key)?;
+        assert_eq!(entry.video, q.video);
+        assert_eq!(entry.pseudo_labels, q.pseudo_labels);
+        assert_eq!(entry.event, q.event_text);
+        let t = snap.question_texts(&q.key)?;
+        assert_eq!((t.dim, t.num_options), (8, q.num_options));
+        assert_eq!(t.question, q.question);
+        assert_eq!(t.options, q.options);
+        assert_eq!(t.answer, q.answer);
+        assert_eq!(t.event, q.event);
+        assert_eq!(snap.curve(&q.key)?, q.curve);
+    }
+    assert_eq!(snap.index().questions.len(), 3);
+    Ok(())
+}
+
+#[test]
+fn writer_rejects_inconsistent_records() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    w.add_video(video("a", 4, 2, 3, 8))?;
+    let err = w.add_video(video("b", 4, 3, 3, 8)).unwrap_err().to_string();
+    assert!(
+        err.contains("video b") && err.contains("[T, 3, 3]") && err.contains("[T, 2, 3]"),
+        "{err}"
+    );
+    let mut bad = video("c", 4, 2, 3, 8);
+    bad.timestamps.pop();
+    assert!(w.add_video(bad).unwrap_err().to_string().contains("3 timestamps for 4 frames"));
+    // Questions need their video committed.
+    let err = w.add_question(question("a_1", "a", 4, 8, 5, 2)).unwrap_err().to_string();
+    assert!(err.contains("video a has no features"), "{err}");
+    w.flush()?;
+    let err = w.add_question(question("a_1", "a", 5, 8, 5, 2)).unwrap_err().to_string();
+    assert!(err.contains("curve of 5 values") && err.contains("4 frames"), "{err}");
+    let mut q = question("a_1", "a", 4, 8, 5, 2);
+    q.pseudo_labels = vec![3, 1];
+    assert!(w.add_question(q).unwrap_err().to_string().contains("not increasing"));
+    let err = w.add_question(question("a_1", "a", 4, 7, 5, 2)).unwrap_err().to_string();
+    assert!(err.contains("CLIP width is 8"), "{err}");
+    w.finish()?;
+    // A store of another feature size refuses the video at commit time too (second writer).
+    let mut w2 = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    w2.reload()?;
+    assert!(w2.add_video(video("z", 4, 9, 9, 8)).is_err());
+    Ok(())
+}
+
+fn listed(dir: &Path) -> Vec<String> {
+    let snap = Store::open(dir).unwrap().snapshot();
+    snap.index().videos.keys().cloned().collect()
+}
+
+#[test]
+fn a_crash_at_any_commit_point_never_publishes_a_partial_shard() -> Result<()> {
+    for point in [FaultPoint::ShardWritten, FaultPoint::ShardRenamed, FaultPoint::IndexWritten] {
+        let dir = tempfile::tempdir()?;
+        let mut w = StoreWriter::open(
+            dir.path(),
+            WriterOptions {
+                fault: Some(Fault {
+                    point,
+                    nth: 2,
+                    action: FaultAction::Error,
+                }),
+                ..Default::default()
+            },
+        )?;
+        w.add_video(video("first", 3, 2, 4, 4))?;
+        w.flush()?;
+        w.add_video(video("second", 3, 2, 4, 4))?;
+        let err = w.flush().unwrap_err().to_string();
+        assert!(err.contains("injected fault"), "{point:?}: {err}");
+        drop(w);
+
+        // The index still names only the first video, and every listed shard is complete.
+        assert_eq!(listed(dir.path()), vec!["first".to_string()], "{point:?}");
+        let snap = Store::open(dir.path())?.snapshot();
+        snap.verify()?;
+        let files: Vec<String> = std::fs::read_dir(dir.path().join(SHARD_DIR))?
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        match point {
+            FaultPoint::ShardWritten => {
+                assert!(files.iter().any(|f| f.starts_with('.') && f.contains(".tmp-")), "{files:?}");
+                assert!(snap.unlisted_shards()?.is_empty());
+            }
+            FaultPoint::ShardRenamed => assert_eq!(snap.unlisted_shards()?.len(), 1),
+            FaultPoint::IndexWritten => {
+                assert_eq!(snap.unlisted_shards()?.len(), 1);
+                let tmp_index = std::fs::read_dir(dir.path())?
+                    .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(".index.json.tmp-"))
+                    .count();
+                assert_eq!(tmp_index, 1);
+            }
+        }
+        // A new writer redoes the lost record; the store is whole again.
+        let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+        assert!(!w.has_video("second"));
+        w.add_video(video("second", 3, 2, 4, 4))?;
+        w.finish()?;
+        assert_eq!(listed(dir.path()), vec!["first".to_string(), "second".to_string()]);
+        let snap = Store::open(dir.path())?.snapshot();
+        snap.verify()?;
+        assert_eq!(
+            bits(&snap.features("second")?.as_f16()?),
+            bits(&video("second", 3, 2, 4, 4).features)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn concurrent_readers_see_consistent_snapshots_while_a_writer_appends() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let n_videos = 24;
+    // The store exists (empty) before the readers start.
+    drop(StoreWriter::open(dir.path(), WriterOptions::default())?);
+    let store = Store::open(dir.path())?;
+    let done = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let (store, done, reads) = (store.clone(), done.clone(), reads.clone());
+        readers.push(std::thread::spawn(move || -> Result<usize> {
+            let mut last_gen = 0;
+            let mut last_count = 0;
+            let mut max_seen = 0;
+            loop {
+                let finished = done.load(Ordering::SeqCst);
+                store.refresh()?;
+                let snap = store.snapshot();
+                assert!(snap.generation() >= last_gen, "generation went back");
+                assert!(snap.index().videos.len() >= last_count, "videos disappeared");
+                last_gen = snap.generation();
+                last_count = snap.index().videos.len();
+                for (id, _) in snap.index().videos.iter() {
+                    let want = video(id, 2, 3, 4, 4);
+                    assert_eq!(bits(&snap.features(id)?.as_f16()?), bits(&want.features), "video {id}");
+                    assert_eq!(snap.frame_embeds(id)?.to_f32()?, want.frame_embeds);
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+                max_seen = max_seen.max(last_count);
+                if finished {
+                    return Ok(max_seen);
+                }
+            }
+        }));
+    }
+    let writer_dir = dir.path().to_path_buf();
+    let writer = std::thread::spawn(move || -> Result<()> {
+        let mut w = StoreWriter::open(&writer_dir, small_shards())?;
+        for i in 0..n_videos {
+            w.add_video(video(&format!("v{i:02}"), 2, 3, 4, 4))?; // a shard and an index commit each
+        }
+        w.finish()?;
+        Ok(())
+    });
+    writer.join().expect("writer thread")?;
+    done.store(true, Ordering::SeqCst);
+    for r in readers {
+        // The last pass of each reader started after the writer finished: it sees everything.
+        assert_eq!(r.join().expect("reader thread")?, n_videos);
+    }
+    assert!(reads.load(Ordering::Relaxed) >= n_videos * 3);
+    Store::open(dir.path())?.snapshot().verify()?;
+    Ok(())
+}
+
+#[test]
+fn concurrent_writers_merge_their_entries() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let handles: Vec<_> = (0..3)
+        .map(|w| {
+            let dir = dir.path().to_path_buf();
+            std::thread::spawn(move || -> Result<()> {
+                let mut wr = StoreWriter::open(&dir, small_shards())?;
+                for i in 0..8 {
+                    wr.add_video(video(&format!("w{w}-{i}"), 2, 3, 4, 4))?;
+                }
+                wr.finish()?;
+                Ok(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("writer thread")?;
+    }
+    let snap = Store::open(dir.path())?.snapshot();
+    snap.verify()?;
+    assert_eq!(snap.index().videos.len(), 24);
+    assert_eq!(snap.index().shards.len(), 24);
+    assert_eq!(snap.generation(), 24);
+    for (id, _) in snap.index().videos.iter() {
+        assert_eq!(bits(&snap.features(id)?.as_f16()?), bits(&video(id, 2, 3, 4, 4).features));
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Extraction with the tiny frozen networks
+// ------------------------------------------------------------------------------------------
+
+const T: usize = 4;
+
+/// Deterministic pre-processed frames of a video id (tiny preset: 42×42 pixels).
+fn pixels(id: &str) -> Tensor {
+    let mut rng = SeededRng::new(seed_of(id) ^ 7);
+    Tensor::from_vec(rng.normal_vec(T * 3 * 42 * 42, 0.0, 1.0), (T, 3, 42, 42), &Device::Cpu).unwrap()
+}
+
+fn source(job: &VideoJob, num_frames: usize) -> Result<VideoFrames> {
+    anyhow::ensure!(num_frames == T, "asked for {num_frames} frames");
+    if job.id == "broken" {
+        anyhow::bail!("cannot decode {}", job.path.display());
+    }
+    Ok(VideoFrames {
+        pixel_values: pixels(&job.id),
+        timestamps: (0..T).map(|i| i as f64 * 2.0 + 1.0).collect(),
+        duration: Some(8.0),
+        fps: Some(25.0),
+    })
+}
+
+fn jobs() -> Vec<VideoJob> {
+    ["v1", "v2", "broken", "v3", "v4", "v5"]
+        .iter()
+        .map(|id| VideoJob {
+            id: id.to_string(),
+            path: format!("/videos/{id}.mp4").into(),
+        })
+        .collect()
+}
+
+#[test]
+fn extraction_matches_the_models_skips_stored_videos_and_resumes_after_a_crash() -> Result<()> {
+    let (vit_cfg, clip_cfg) = frozen::preset("tiny")?;
+    let vit = frozen::random_vit(&vit_cfg, &Device::Cpu, DType::F32, 11)?;
+    let clip = frozen::random_clip_image(&clip_cfg, &Device::Cpu, DType::F32, 11)?;
+    let models = FeatureModels {
+        vit: &vit,
+        clip: &clip,
+        frame_batch: T,
+    };
+    let opts = ExtractOptions {
+        num_frames: T,
+        jobs: 2,
+        overwrite: false,
+        writer: WriterOptions {
+            shard_bytes: 20_000, // a few videos per shard
+            ..Default::default()
+        },
+    };
+    let dir = tempfile::tempdir()?;
+    let mut failed_events = Vec::new();
+    let report = extract_features(dir.path(), &jobs(), &source, &models, &opts, &mut |ev| {
+        if let gcg::store::extract::ExtractProgress::Failed { video, .. } = ev {
+            failed_events.push(video.to_string())
+        }
+    })?;
+    assert_eq!(report.done, 5);
+    assert_eq!(failed_events, vec!["broken".to_string()]);
+    assert_eq!(report.failed.len(), 1);
+    assert!(
+        report.failed[0].1.contains("cannot decode /videos/broken.mp4"),
+        "{:?}",
+        report.failed
+    );
+
+    let snap = Store::open(dir.path())?.snapshot();
+    for id in ["v1", "v2", "v3", "v4", "v5"] {
+        // The direct computation: ViT on all frames, rounded to f16; the CLIP head on those.
+        let direct = vit.forward_wo_norm(&pixels(id))?.to_dtype(DType::F16)?;
+        let got = snap.features_tensor(id, DType::F16, &Device::Cpu)?;
+        assert_eq!(
+            bits(&got.flatten_all()?.to_vec1::<f16>()?),
+            bits(&direct.flatten_all()?.to_vec1::<f16>()?),
+            "features of {id}"
+        );
+        let emb = clip.forward(&direct.to_dtype(DType::F32)?)?;
+        let stored = snap.frame_embeds(id)?;
+        assert_eq!(stored.shape(), &[T, 24]);
+        let stored = Tensor::from_vec(stored.to_f32()?, (T, 24), &Device::Cpu)?;
+        assert!(common::rel_err(&stored, &emb)? <= 1e-6, "frame embeddings of {id}");
+        let v = snap.video(id)?;
+        assert_eq!(v.timestamps, vec![1.0, 3.0, 5.0, 7.0]);
+        assert_eq!((v.duration, v.fps), (Some(8.0), Some(25.0)));
+        assert_eq!(v.source.as_deref(), Some(format!("/videos/{id}.mp4").as_str()));
+    }
+
+    // Run again: stored videos are skipped, only the failed one is tried.
+    let calls = AtomicUsize::new(0);
+    let counting = |job: &VideoJob, t: usize| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        source(job, t)
+    };
+    let again = extract_features(dir.path(), &jobs(), &counting, &models, &opts, &mut |_| {})?;
+    assert_eq!((again.done, again.skipped, again.failed.len()), (0, 5, 1));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Frames in chunks of 3 give the same features up to f16 rounding.
+    let chunked = FeatureModels { frame_batch: 3, ..models };
+    let (f3, _) = chunked.encode(&pixels("v1"))?;
+    let direct = vit.forward_wo_norm(&pixels("v1"))?;
+    assert!(common::rel_err(&f3.to_dtype(DType::F32)?, &direct)? <= 1e-3);
+
+    // A crash in the middle (the third shard renamed but not published), then a rerun: the
+    // result equals the uninterrupted store.
+    let dir2 = tempfile::tempdir()?;
+    let crashing = ExtractOptions {
+        writer: WriterOptions {
+            shard_bytes: 0,
+            fault: Some(Fault {
+                point: FaultPoint::ShardRenamed,
+                nth: 3,
+                action: FaultAction::Error,
+            }),
+            ..Default::default()
+        },
+        ..opts.clone()
+    };
+    let err = extract_features(dir2.path(), &jobs(), &source, &models, &crashing, &mut |_| {}).unwrap_err();
+    assert!(format!("{err:#}").contains("injected fault"), "{err:#}");
+    let partial = listed(dir2.path());
+    assert_eq!(partial.len(), 2, "{partial:?}");
+    let resumed = extract_features(dir2.path(), &jobs(), &source, &models, &opts, &mut |_| {})?;
+    assert_eq!((resumed.done, resumed.skipped, resumed.failed.len()), (3, 2, 1));
+    let snap2 = Store::open(dir2.path())?.snapshot();
+    snap2.verify()?;
+    assert_eq!(snap2.unlisted_shards()?.len(), 1);
+    for id in ["v1", "v2", "v3", "v4", "v5"] {
+        assert_eq!(bits(&snap2.features(id)?.as_f16()?), bits(&snap.features(id)?.as_f16()?), "{id}");
+        assert_eq!(snap2.frame_embeds(id)?.to_f32()?, snap.frame_embeds(id)?.to_f32()?);
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Pseudo-labels
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn top_k_is_sorted_by_time_and_ties_go_to_the_earlier_frame() -> Result<()> {
+    assert_eq!(top_k_sorted(&[0.1, 0.9, 0.3, 0.9, 0.5], 2)?, vec![1, 3]);
+    assert_eq!(top_k_sorted(&[0.7, 0.2, 0.7, 0.7], 2)?, vec![0, 2]);
+    assert_eq!(top_k_sorted(&[0.5, 0.4, 0.3, 0.2, 0.6], 3)?, vec![0, 1, 4]);
+    assert!(top_k_sorted(&[0.1, 0.2], 3).is_err());
+    assert!(top_k_sorted(&[0.1, f32::NAN], 1).is_err());
+    // cos: frames [1,0], [1,1], [0,1], [-1,0] against [1,0] → 1, 1/√2, 0, -1.
+    let (curve, top) = pseudo_labels(&[1.0, 0.0, 1.0, 1.0, 0.0, 2.0, -3.0, 0.0], &[2.0, 0.0], 2)?;
+    let want = [1.0, std::f32::consts::FRAC_1_SQRT_2, 0.0, -1.0];
+    for (a, b) in curve.iter().zip(want) {
+        assert!((a - b).abs() < 1e-6, "{curve:?}");
+    }
+    assert_eq!(top, vec![0, 1]);
+    Ok(())
+}
+
+fn tokenizer() -> ClipTokenizer {
+    ClipTokenizer::from_bpe_file(common::fixtures_dir().join("tokenizers/clip/bpe_first3000.txt.gz")).unwrap()
+}
+
+fn sample(video: &str, qid: &str, question: &str, options: &[&str], answer: usize) -> QaSample {
+    QaSample {
+        dataset: Dataset::NextQa,
+        key: format!("{video}_{qid}"),
+        qid: qid.into(),
+        video: video.into(),
+        question: question.into(),
+        options: options.iter().map(|s| s.to_string()).collect(),
+        answer: Answer::Choice(answer),
+        qtype: "CW".into(),
+    }
+}
+
+fn samples() -> Vec<QaSample> {
+    let opts = [
+        "roll the handle",
+        "tap their feet",
+        "strum the string",
+        "hit with sticks",
+        "pat with hand",
+    ];
+    vec![
+        sample("v1", "0", "how do the two man play the instrument", &opts, 2),
+        sample("v1", "1", "what does the man do after sitting down", &opts, 0),
+        sample("v2", "0", "why did the boy pick up one present", &opts, 4),
+        sample("v3", "4", "where are the people", &opts, 1),
+    ]
+}
+
+/// A store with three videos whose frame embeddings are given directly.
+fn label_store(dir: &Path, t: usize, e: usize) -> Result<()> {
+    let mut w = StoreWriter::open(dir, WriterOptions::default())?;
+    for id in ["v1", "v2", "v3"] {
+        w.add_video(video(id, t, 2, 3, e))?;
+    }
+    w.finish()?;
+    Ok(())
+}
+
+/// The reference: an independent cosine (f64, normalise first) and top-K by repeated arg-max.
+fn reference_labels(frames: &[f32], event: &[f32], k: usize) -> (Vec<f64>, Vec<usize>) {
+    let unit = |v: &[f32]| {
+        let n = v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        v.iter().map(|x| *x as f64 / n).collect::<Vec<f64>>()
+    };
+    let ev = unit(event);
+    let s: Vec<f64> = frames
+        .chunks(event.len())
+        .map(|f| unit(f).iter().zip(&ev).map(|(a, b)| a * b).sum())
+        .collect();
+    let mut taken = vec![false; s.len()];
+    let mut top = Vec::new();
+    for _ in 0..k {
+        let mut best: Option<usize> = None;
+        for t in 0..s.len() {
+            if !taken[t] && best.is_none_or(|b| s[t] > s[b]) {
+                best = Some(t);
+            }
+        }
+        taken[best.unwrap()] = true;
+        top.push(best.unwrap());
+    }
+    top.sort();
+    (s, top)
+}
+
+#[test]
+fn pseudo_labels_equal_a_direct_computation_with_the_tiny_clip() -> Result<()> {
+    let tok = tokenizer();
+    let (_, mut cfg) = frozen::preset("tiny")?;
+    cfg.text.vocab_size = tok.vocab_size();
+    let model = frozen::random_clip_text(&cfg, &Device::Cpu, DType::F32, 5)?;
+    let e = cfg.text.embed_dim;
+    let t = 7;
+    let dir = tempfile::tempdir()?;
+    label_store(dir.path(), t, e)?;
+    let enc = ClipTextEncoder {
+        model: &model,
+        tokenizer: &tok,
+        device: Device::Cpu,
+        batch_size: 3,
+    };
+    let embed = |text: &str| -> Vec<f32> {
+        let ids = tok.tokenize(&[text]).unwrap().ids_tensor(&Device::Cpu).unwrap();
+        model.forward(&ids).unwrap().to_vec2::<f32>().unwrap().remove(0)
+    };
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(a.len() == b.len() && diff / scale <= 1e-5, "{what}: rel err {}", diff / scale);
+    };
+
+    for (mode, k) in [
+        (EventSource::Answer, 3),
+        (EventSource::QuestionAnswer, 2),
+        (
+            EventSource::Statements(
+                [
+                    ("v1_0", "the two men strum the string"),
+                    ("v1_1", "the man rolls the handle"),
+                    ("v2_0", "the boy picks up a present to pat it"),
+                    ("v3_4", "the people are in a park"),
+                ]
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+            ),
+            4,
+        ),
+    ] {
+        let opts = LabelOptions {
+            event: mode.clone(),
+            top_k: k,
+            chunk: 3,
+            ..Default::default()
+        };
+        let report = label_questions(dir.path(), &samples(), &enc, &opts, &mut |_| {})?;
+        assert_eq!((report.labelled, report.skipped, report.failed.len()), (4, 0, 0), "{mode:?}");
+        let snap = Store::open(dir.path())?.snapshot();
+        for s in samples() {
+            let event = match &mode {
+                EventSource::Answer => s.options[match s.answer {
+                    Answer::Choice(i) => i,
+                    _ => unreachable!(),
+                }]
+                .clone(),
+                EventSource::QuestionAnswer => format!("{}? {}", s.question, s.answer_text()),
+                EventSource::Statements(m) => m[&s.key].clone(),
+            };
+            let q = snap.question(&s.key)?;
+            assert_eq!(q.event, event);
+            assert_eq!(q.event_mode, mode.mode());
+            let frames = video(&s.video, t, 2, 3, e).frame_embeds;
+            let (want_curve, want_top) = reference_labels(&frames, &embed(&event), k);
+            assert_eq!(q.pseudo_labels, want_top, "{}: {mode:?}", s.key);
+            let curve = snap.curve(&s.key)?;
+            for (a, b) in curve.iter().zip(&want_curve) {
+                assert!((*a as f64 - b).abs() < 1e-5, "{}: curve {curve:?} vs {want_curve:?}", s.key);
+            }
+            let texts = snap.question_texts(&s.key)?;
+            close(&texts.question, &embed(&format!("{}?", s.question)), "question");
+            for (i, o) in s.options.iter().enumerate() {
+                close(&texts.options[i * e..(i + 1) * e], &embed(o), "option");
+            }
+            close(&texts.answer, &embed(s.answer_text()), "answer");
+            close(&texts.event, &embed(&event), "event");
+        }
+        // Labelled the same way again: nothing to do.
+        let again = label_questions(dir.path(), &samples(), &enc, &opts, &mut |_| {})?;
+        assert_eq!((again.labelled, again.skipped), (0, 4));
+    }
+
+    // Failures are per question: a missing statement, a video without features, K > T.
+    let mut bad = samples();
+    bad.push(sample("nope", "1", "what happens", &["a", "b"], 0));
+    let only_two = EventSource::Statements(
+        [("v1_0", "x"), ("v2_0", "y"), ("nope_1", "z"), ("v3_4", "w")]
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect(),
+    );
+    let opts = LabelOptions {
+        event: only_two,
+        top_k: 2,
+        ..Default::default()
+    };
+    let report = label_questions(dir.path(), &bad, &enc, &opts, &mut |_| {})?;
+    let failed: HashMap<String, String> = report.failed.into_iter().collect();
+    assert_eq!(report.labelled, 3);
+    assert!(failed["v1_1"].contains("no sentence"), "{failed:?}");
+    assert!(failed["nope_1"].contains("nope"), "{failed:?}");
+    let opts = LabelOptions {
+        top_k: t + 1,
+        skip_existing: false,
+        ..Default::default()
+    };
+    let report = label_questions(dir.path(), &samples(), &enc, &opts, &mut |_| {})?;
+    assert_eq!(report.failed.len(), 4);
+    assert!(
+        report.failed[0].1.contains(&format!("top-{} of a curve of {t} frames", t + 1)),
+        "{:?}",
+        report.failed
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Batches
+// ------------------------------------------------------------------------------------------
+
+/// A store with 7 videos (T = 5, tokens 3, width 4, E = 6) and 11 labelled questions.
+fn batch_store(dir: &Path) -> Result<Vec<QaSample>> {
+    let mut w = StoreWriter::open(
+        dir,
+        WriterOptions {
+            shard_bytes: 1000,
+            ..Default::default()
+        },
+    )?;
+    for v in 0..7 {
+        w.add_video(video(&format!("bv{v}"), 5, 3, 4, 6))?;
+    }
+    w.flush()?;
+    let mut samples = Vec::new();
+    for i in 0..11 {
+        let vid = format!("bv{}", i % 7);
+        let s = sample(&vid, &i.to_string(), "q", &["a", "b", "c"], i % 3);
+        w.add_question(question(&s.key, &vid, 5, 6, 3, 2))?;
+        samples.push(s);
+    }
+    w.finish()?;
+    Ok(samples)
+}
+
+fn batch_signature(b: &Batch) -> Result<(Vec<String>, Vec<Vec<u32>>)> {
+    let f32_bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|x| x.to_bits())
+            .collect())
+    };
+    let mut parts = vec![
+        f32_bits(&b.frame_embeds)?,
+        f32_bits(&b.text_embeds)?,
+        f32_bits(&b.answer_embeds)?,
+        f32_bits(&b.event_embeds)?,
+        f32_bits(&b.curves)?,
+        b.pseudo_labels.flatten_all()?.to_vec1::<u32>()?,
+        b.answers.as_ref().unwrap().to_vec1::<u32>()?,
+    ];
+    if let Some(f) = &b.features {
+        parts.push(f32_bits(f)?);
+    }
+    Ok((b.samples.iter().map(|s| s.key.clone()).collect(), parts))
+}
+
+#[test]
+fn batches_are_deterministic_for_a_seed_whatever_the_number_of_workers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let samples = batch_store(dir.path())?;
+    let snap = Store::open(dir.path())?.snapshot();
+    let run = |workers: usize, seed: u64, epoch: u64| -> Result<Vec<(Vec<String>, Vec<Vec<u32>>)>> {
+        let loader = BatchLoader::new(
+            snap.clone(),
+            samples.clone(),
+            BatchOptions {
+                batch_size: 3,
+                seed,
+                workers,
+                prefetch: 1,
+                features: Some(DType::F32),
+                ..Default::default()
+            },
+        )?;
+        loader.epoch(epoch).map(|b| batch_signature(&b?)).collect()
+    };
+    let reference = run(0, 3407, 0)?;
+    assert_eq!(reference.len(), 4);
+    assert_eq!(reference.iter().map(|b| b.0.len()).collect::<Vec<_>>(), vec![3, 3, 3, 2]);
+    for workers in [1, 2, 3, 5] {
+        assert_eq!(run(workers, 3407, 0)?, reference, "{workers} workers");
+    }
+    let keys = |r: &[(Vec<String>, Vec<Vec<u32>>)]| r.iter().flat_map(|b| b.0.clone()).collect::<Vec<_>>();
+    // Every sample once per epoch; other epochs and seeds give other orders.
+    let mut all = keys(&reference);
+    all.sort();
+    let mut want: Vec<String> = samples.iter().map(|s| s.key.clone()).collect();
+    want.sort();
+    assert_eq!(all, want);
+    assert_ne!(keys(&run(2, 3407, 1)?), keys(&reference));
+    assert_ne!(keys(&run(2, 1, 0)?), keys(&reference));
+    assert_eq!(keys(&run(3, 3407, 1)?), keys(&run(0, 3407, 1)?));
+    Ok(())
+}
+
+#[test]
+fn batches_hold_the_stored_values() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let samples = batch_store(dir.path())?;
+    let snap = Store::open(dir.path())?.snapshot();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let loader = BatchLoader::new(
+            snap.clone(),
+            samples.clone(),
+            BatchOptions {
+                batch_size: 4,
+                shuffle: false,
+                drop_last: true,
+                workers: 2,
+                features: Some(dtype),
+                ..Default::default()
+            },
+        )?;
+        let batches: Vec<Batch> = loader.epoch(0).collect::<Result<_>>()?;
+        assert_eq!(batches.len(), 2); // 11 samples, the last 3 dropped
+        for (bi, b) in batches.iter().enumerate() {
+            assert_eq!(b.index, bi);
+            let f = b.features.as_ref().unwrap();
+            assert_eq!(f.dims(), &[4, 5, 3, 4]);
+            assert_eq!(f.dtype(), dtype);
+            assert_eq!(b.frame_embeds.dims(), &[4, 5, 6]);
+            assert_eq!(b.text_embeds.dims(), &[4, 4, 6]);
+            assert_eq!(b.pseudo_labels.dims(), &[4, 2]);
+            let text = b.text_embeds.to_vec3::<f32>()?;
+            let answer = b.answer_embeds.to_vec2::<f32>()?;
+            let event = b.event_embeds.to_vec2::<f32>()?;
+            let labels = b.pseudo_labels.to_vec2::<u32>()?;
+            let curves = b.curves.to_vec2::<f32>()?;
+            let frames = b.frame_embeds.to_vec3::<f32>()?;
+            let answers = b.answers.as_ref().unwrap().to_vec1::<u32>()?;
+            for (j, s) in b.samples.iter().enumerate() {
+                assert_eq!(s, &samples[bi * 4 + j]);
+                let v = video(&s.video, 5, 3, 4, 6);
+                let q = question(&s.key, &s.video, 5, 6, 3, 2);
+                let got = f.get(j)?.flatten_all()?;
+                match dtype {
+                    DType::F16 => assert_eq!(bits(&got.to_vec1::<f16>()?), bits(&v.features)),
+                    DType::F32 => {
+                        for (a, b) in got.to_vec1::<f32>()?.iter().zip(&v.features) {
+                            assert!(a.to_bits() == b.to_f32().to_bits() || (a.is_nan() && b.is_nan()));
+                        }
+                    }
+                    _ => {
+                        for (a, b) in got.to_vec1::<bf16>()?.iter().zip(&v.features) {
+                            let want = bf16::from_f32(b.to_f32());
+                            assert!(a.to_bits() == want.to_bits() || (a.is_nan() && want.is_nan()));
+                        }
+                    }
+                }
+                assert_eq!(frames[j].concat(), v.frame_embeds);
+                assert_eq!(text[j][0], q.question);
+                assert_eq!(text[j][1..].concat(), q.options);
+                assert_eq!(answer[j], q.answer);
+                assert_eq!(event[j], q.event);
+                assert_eq!(curves[j], q.curve);
+                assert_eq!(labels[j].iter().map(|&x| x as usize).collect::<Vec<_>>(), q.pseudo_labels);
+                assert_eq!(Answer::Choice(answers[j] as usize), s.answer);
+                assert_eq!(b.timestamps[j], v.timestamps);
+            }
+        }
+    }
+    // Without features; stopping early does not hang.
+    let loader = BatchLoader::new(
+        snap.clone(),
+        samples.clone(),
+        BatchOptions {
+            batch_size: 2,
+            workers: 3,
+            features: None,
+            ..Default::default()
+        },
+    )?;
+    let mut it = loader.epoch(0);
+    assert_eq!(it.len(), 6);
+    assert!(it.next().unwrap()?.features.is_none());
+    drop(it);
+
+    // Samples the store does not have are named up front.
+    let mut missing = samples.clone();
+    missing.push(sample("bv1", "99", "q", &["a", "b", "c"], 0));
+    let err = BatchLoader::new(snap.clone(), missing, BatchOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("1 of 12 samples") && err.contains("bv1_99"), "{err}");
+    let mut wrong = samples.clone();
+    wrong[0].options.pop();
+    let err = BatchLoader::new(snap, wrong, BatchOptions::default()).err().unwrap().to_string();
+    assert!(err.contains("2 options in the annotations, 3 in the store"), "{err}");
+    Ok(())
+}
