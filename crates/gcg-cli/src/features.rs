@@ -269,7 +269,11 @@ pub fn finish_report(done: usize, skipped: usize, failed: &[(String, String)], w
     for (id, err) in failed {
         eprintln!("  {id}: {err}");
     }
-    bail!("{} {what} failed (listed above); the others are stored", failed.len())
+    bail!(
+        "{} of {} {what} failed (listed above); the others are stored",
+        failed.len(),
+        done + skipped + failed.len()
+    )
 }
 
 #[cfg(not(feature = "hdf5"))]

@@ -121,7 +121,7 @@ fn round_trip_is_bit_exact() -> Result<()> {
     }
 
     // The shards are standard safetensors: an independent parser finds the same bytes.
-    for (name, _) in &snap.index().shards {
+    for name in snap.index().shards.keys() {
         let bytes = std::fs::read(dir.path().join(SHARD_DIR).join(name))?;
         let st = safetensors::SafeTensors::deserialize(&bytes)?;
         let (_, meta) = read_header(&dir.path().join(SHARD_DIR).join(name))?;
@@ -752,7 +752,10 @@ fn batch_store(dir: &Path) -> Result<Vec<QaSample>> {
     Ok(samples)
 }
 
-fn batch_signature(b: &Batch) -> Result<(Vec<String>, Vec<Vec<u32>>)> {
+/// The keys of a batch and the bits of its tensors.
+type Signature = (Vec<String>, Vec<Vec<u32>>);
+
+fn batch_signature(b: &Batch) -> Result<Signature> {
     let f32_bits = |t: &Tensor| -> Result<Vec<u32>> {
         Ok(t.to_dtype(DType::F32)?
             .flatten_all()?
@@ -781,7 +784,7 @@ fn batches_are_deterministic_for_a_seed_whatever_the_number_of_workers() -> Resu
     let dir = tempfile::tempdir()?;
     let samples = batch_store(dir.path())?;
     let snap = Store::open(dir.path())?.snapshot();
-    let run = |workers: usize, seed: u64, epoch: u64| -> Result<Vec<(Vec<String>, Vec<Vec<u32>>)>> {
+    let run = |workers: usize, seed: u64, epoch: u64| -> Result<Vec<Signature>> {
         let loader = BatchLoader::new(
             snap.clone(),
             samples.clone(),
@@ -802,7 +805,7 @@ fn batches_are_deterministic_for_a_seed_whatever_the_number_of_workers() -> Resu
     for workers in [1, 2, 3, 5] {
         assert_eq!(run(workers, 3407, 0)?, reference, "{workers} workers");
     }
-    let keys = |r: &[(Vec<String>, Vec<Vec<u32>>)]| r.iter().flat_map(|b| b.0.clone()).collect::<Vec<_>>();
+    let keys = |r: &[Signature]| r.iter().flat_map(|b| b.0.clone()).collect::<Vec<_>>();
     // Every sample once per epoch; other epochs and seeds give other orders.
     let mut all = keys(&reference);
     all.sort();
@@ -909,5 +912,19 @@ fn batches_hold_the_stored_values() -> Result<()> {
     wrong[0].options.pop();
     let err = BatchLoader::new(snap, wrong, BatchOptions::default()).err().unwrap().to_string();
     assert!(err.contains("2 options in the annotations, 3 in the store"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn official_feature_names_group_by_video() -> Result<()> {
+    use gcg::store::h5import::{group_frame_datasets, select_frames};
+    let names = ["7_frame_10", "7_frame_2", "a_b_frame_0", "7_frame_0", "a_b_frame_1"].map(String::from);
+    let g = group_frame_datasets(names)?;
+    assert_eq!(g.keys().cloned().collect::<Vec<_>>(), vec!["7".to_string(), "a_b".to_string()]);
+    assert_eq!(g["7"].iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 2, 10]);
+    assert_eq!(select_frames("7", &g["7"], 2)?, vec![0, 2]);
+    assert!(select_frames("7", &g["7"], 4).unwrap_err().to_string().contains("3 frames"));
+    assert!(group_frame_datasets(["7_frame_x".to_string()]).is_err());
+    assert!(group_frame_datasets(["7_frame_1".to_string(), "7_frame_01".to_string()]).is_err());
     Ok(())
 }

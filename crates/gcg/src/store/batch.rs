@@ -77,7 +77,7 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn to_device(self, dev: &Device) -> Result<Self> {
+    fn into_device(self, dev: &Device) -> Result<Self> {
         if dev.is_cpu() {
             return Ok(self);
         }
@@ -298,7 +298,7 @@ impl Iterator for EpochIter {
                 .map_err(|_| anyhow!("batch worker {} stopped before batch {i}", i % w))
                 .and_then(|b| b)
         };
-        Some(b.and_then(|b| b.to_device(&self.loader.opts.device)))
+        Some(b.and_then(|b| b.into_device(&self.loader.opts.device)))
     }
 }
 
@@ -362,7 +362,7 @@ fn collate(snap: &Snapshot, samples: &[QaSample], index: usize, indices: &[usize
                 src.len()
             );
             if features == Some(DType::F32) {
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&src[..], &mut f32_buf[j * per_video..(j + 1) * per_video]);
+                super::format::f16_to_f32(&src, &mut f32_buf[j * per_video..(j + 1) * per_video]);
             } else {
                 f16_buf.extend_from_slice(&src);
             }

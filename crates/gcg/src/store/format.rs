@@ -184,3 +184,9 @@ pub(crate) fn f16_from_bytes(b: &[u8]) -> Cow<'_, [half::f16]> {
     }
     Cow::Owned(b.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]])).collect())
 }
+
+/// f16 → f32 over a whole slice (`half` uses F16C when the CPU has it; the conversion is exact).
+/// Producing a fresh f32 buffer costs more in page faults than in the conversion itself.
+pub(crate) fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, dst);
+}

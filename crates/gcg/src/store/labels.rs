@@ -93,7 +93,7 @@ pub fn top_k_sorted(curve: &[f32], k: usize) -> Result<Vec<usize>> {
 pub fn pseudo_labels(frames: &[f32], event: &[f32], k: usize) -> Result<(Vec<f32>, Vec<usize>)> {
     let e = event.len();
     ensure!(
-        e > 0 && frames.len() % e == 0 && !frames.is_empty(),
+        e > 0 && frames.len().is_multiple_of(e) && !frames.is_empty(),
         "frame embeddings of {} values do not split into rows of the event width {e}",
         frames.len()
     );

@@ -62,6 +62,9 @@
 //! ([`Snapshot::unlisted_shards`]); the records in it are simply redone. Shards are never
 //! modified or deleted once named, so a reader's snapshot stays valid while writers append.
 //!
+//! For tests, [`WriterOptions::fault`] simulates a crash at each of these points ([`Fault`];
+//! the CLI reads it from `GCG_STORE_FAULT=shard-written|shard-renamed|index-written:N[:abort]`).
+//!
 //! # Reading
 //!
 //! [`Store::open`] parses the index once into a [`Snapshot`]; [`Store::refresh`] swaps in a new

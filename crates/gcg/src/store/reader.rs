@@ -1,6 +1,6 @@
 //! Reading a store: an immutable snapshot of the index plus memory-mapped shards.
 
-use super::format::{f16_from_bytes, f32_from_bytes};
+use super::format::{f16_from_bytes, f16_to_f32, f32_from_bytes};
 use super::index::{Index, QuestionEntry, StoreDType, StoreMeta, TensorLoc, VideoEntry, INDEX_FILE, SHARD_DIR};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -95,7 +95,7 @@ impl MappedTensor {
             StoreDType::F16 => {
                 let src = self.as_f16()?;
                 let mut out = vec![0f32; src.len()];
-                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&src[..], &mut out);
+                f16_to_f32(&src, &mut out);
                 Ok(out)
             }
             other => bail!("tensor {} is {other:?}, not a float tensor", self.loc.name),
@@ -120,7 +120,7 @@ impl MappedTensor {
 /// f16 → bf16 through f32 (exact in f32, then rounded to nearest even).
 pub(crate) fn f16_to_bf16(src: &[f16]) -> Vec<bf16> {
     let mut tmp = vec![0f32; src.len()];
-    half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, &mut tmp);
+    f16_to_f32(src, &mut tmp);
     tmp.into_iter().map(bf16::from_f32).collect()
 }
 
@@ -311,9 +311,9 @@ impl Snapshot {
         Ok(())
     }
 
-    /// Shard files in the directory that the index does not list (left by a writer stopped
-    /// between renaming a shard and publishing it, or superseded entries' old shards are NOT
-    /// included: those stay listed).
+    /// Shard files in the directory that the index does not list: left by a writer stopped
+    /// between renaming a shard and publishing it (harmless; their records were redone or will
+    /// be). Shards whose entries were all superseded stay listed and are not counted here.
     pub fn unlisted_shards(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
         let dir = self.dir.join(SHARD_DIR);

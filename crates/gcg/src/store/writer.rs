@@ -318,7 +318,7 @@ impl StoreWriter {
             remove_stale_temps(&dir.join(SHARD_DIR))?;
             let (index, stamp) = read_index(&dir)?;
             if stamp.is_none() {
-                write_index(&dir, &index, None, &mut |_| Ok(()))?;
+                write_index(&dir, &index, &mut |_| Ok(()))?;
             }
             Ok(index)
         })();
@@ -529,7 +529,7 @@ impl StoreWriter {
             index.validate().context("the merged index")?;
             let dir = self.dir.clone();
             let fault = &mut |p| self.fault(p);
-            write_index(&dir, &index, Some(&name), fault)?;
+            write_index(&dir, &index, fault)?;
             Ok(index)
         })();
         self.lock.unlock().with_context(|| format!("unlocking {}", lock_path.display()))?;
@@ -691,7 +691,7 @@ impl Drop for StoreWriter {
 }
 
 /// Writes `index.json` atomically: temp name, fsync, (fault point), rename, fsync the directory.
-fn write_index(dir: &Path, index: &Index, _shard: Option<&str>, fault: &mut dyn FnMut(FaultPoint) -> Result<()>) -> Result<()> {
+fn write_index(dir: &Path, index: &Index, fault: &mut dyn FnMut(FaultPoint) -> Result<()>) -> Result<()> {
     let path = dir.join(INDEX_FILE);
     let tmp = dir.join(format!(".{INDEX_FILE}.tmp-{}", std::process::id()));
     let bytes = serde_json::to_vec(index)?;

@@ -1,0 +1,261 @@
+//! `gcg features`, `gcg labels` and `gcg bench store` end to end with the tiny random networks:
+//! killed runs resume to the same store, failures are listed, labels equal a direct computation.
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use gcg::store::{frozen, Store};
+use gcg::weights::tokenizers::ClipTokenizer;
+use gcg::SeededRng;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const SEED: u64 = 9;
+const FILE_FRAMES: usize = 6;
+const T: usize = 4;
+
+fn gcg() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gcg"))
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn bpe() -> PathBuf {
+    repo_root().join("tests/fixtures/tokenizers/clip/bpe_first3000.txt.gz")
+}
+
+fn pixels(i: u64) -> Tensor {
+    let mut rng = SeededRng::new(100 + i);
+    Tensor::from_vec(
+        rng.normal_vec(FILE_FRAMES * 3 * 42 * 42, 0.0, 1.0),
+        (FILE_FRAMES, 3, 42, 42),
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// Five pre-decoded videos (6 frames each) and one unreadable file.
+fn videos(dir: &Path) -> Result<()> {
+    for i in 0..5u64 {
+        let ts = Tensor::new((0..FILE_FRAMES).map(|t| t as f64 * 0.5).collect::<Vec<f64>>(), &Device::Cpu)?;
+        let map: HashMap<String, Tensor> = [("pixel_values".to_string(), pixels(i)), ("timestamps".to_string(), ts)].into();
+        candle_core::safetensors::save(&map, dir.join(format!("vid{i}.safetensors")))?;
+    }
+    std::fs::write(dir.join("bad.safetensors"), b"not a safetensors file")?;
+    Ok(())
+}
+
+fn features_cmd(videos: &Path, store: &Path) -> Command {
+    let mut c = gcg();
+    c.args(["features", "--videos"]).arg(videos).arg("--store").arg(store);
+    c.args([
+        "--preset",
+        "tiny",
+        "--random-weights",
+        "--seed",
+        &SEED.to_string(),
+        "--num-frames",
+        &T.to_string(),
+    ]);
+    c.args(["--shard-mb", "0", "--jobs", "2"]);
+    c
+}
+
+fn run(mut c: Command) -> Output {
+    c.output().expect("running gcg")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn stored(store: &Path) -> Vec<String> {
+    Store::open(store).unwrap().snapshot().index().videos.keys().cloned().collect()
+}
+
+fn temp_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in [dir.to_path_buf(), dir.join("shards")] {
+        for e in std::fs::read_dir(d).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().to_string();
+            if name.contains(".tmp-") {
+                out.push(name);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn features_survive_kills_and_report_failures() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let vids = tmp.path().join("videos");
+    std::fs::create_dir(&vids)?;
+    videos(&vids)?;
+    let store = tmp.path().join("store");
+
+    // Killed after 3 videos were computed (some may not be written yet).
+    let mut c = features_cmd(&vids, &store);
+    c.env("GCG_FEATURES_ABORT_AFTER", "3");
+    let o = run(c);
+    assert!(!o.status.success(), "{}", stderr(&o));
+    #[cfg(unix)]
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&o.status), Some(6), "{}", stderr(&o));
+    let after_kill = stored(&store);
+    assert!(after_kill.len() <= 3, "{after_kill:?}");
+
+    // Killed while publishing the first new shard: the index is unchanged, a temp file stays.
+    let mut c = features_cmd(&vids, &store);
+    c.env("GCG_STORE_FAULT", "index-written:1:abort");
+    let o = run(c);
+    assert!(!o.status.success());
+    assert_eq!(stored(&store), after_kill);
+    assert_eq!(temp_files(&store).len(), 1, "{:?}", temp_files(&store));
+    Store::open(&store)?.snapshot().verify()?;
+
+    // The third run finishes the job; the unreadable file is listed and the exit code says so.
+    let o = run(features_cmd(&vids, &store));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("1 failed") && err.contains("bad:") && err.contains("bad.safetensors"),
+        "{err}"
+    );
+    let ids: Vec<String> = (0..5).map(|i| format!("vid{i}")).collect();
+    assert_eq!(stored(&store), ids);
+    assert!(temp_files(&store).is_empty(), "stale temp files: {:?}", temp_files(&store));
+
+    // The same store as one uninterrupted run, and the same features as the model directly.
+    let clean = tmp.path().join("clean");
+    let o = run(features_cmd(&vids, &clean));
+    assert_eq!(o.status.code(), Some(1));
+    let (a, b) = (Store::open(&store)?.snapshot(), Store::open(&clean)?.snapshot());
+    let (vit_cfg, clip_cfg) = frozen::preset("tiny")?;
+    let vit = frozen::random_vit(&vit_cfg, &Device::Cpu, DType::F32, SEED)?;
+    let clip = frozen::random_clip_image(&clip_cfg, &Device::Cpu, DType::F32, SEED)?;
+    for (i, id) in ids.iter().enumerate() {
+        let fa: Vec<u16> = a.features(id)?.as_f16()?.iter().map(|x| x.to_bits()).collect();
+        let fb: Vec<u16> = b.features(id)?.as_f16()?.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(fa, fb, "{id}");
+        // Frames 0, 2, 3, 5 of 6 (round(linspace(0, 5, 4))).
+        let sel = Tensor::new(&[0u32, 2, 3, 5], &Device::Cpu)?;
+        let direct = vit
+            .forward_wo_norm(&pixels(i as u64).index_select(&sel, 0)?)?
+            .to_dtype(DType::F16)?;
+        let want: Vec<u16> = direct.flatten_all()?.to_vec1::<half::f16>()?.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(fa, want, "{id} against the ViT");
+        let emb = clip.forward(&direct.to_dtype(DType::F32)?)?.flatten_all()?.to_vec1::<f32>()?;
+        let got = a.frame_embeds(id)?.to_f32()?;
+        let scale = emb.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = emb.iter().zip(&got).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-6 * scale, "{id}: frame embeddings differ by {diff}");
+        assert_eq!(a.video(id)?.timestamps, vec![0.0, 1.0, 1.5, 2.5]);
+    }
+    Ok(())
+}
+
+#[test]
+fn labels_and_bench_on_a_small_store() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let vids = tmp.path().join("videos");
+    std::fs::create_dir(&vids)?;
+    videos(&vids)?;
+    std::fs::remove_file(vids.join("bad.safetensors"))?;
+    let store = tmp.path().join("store");
+    let o = run(features_cmd(&vids, &store));
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // NExT-QA columns; one question's video is not in the store.
+    let csv = "video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4\n\
+               vid0,369,640,480,how do the two man play the instrument,2,6,CH,roll the handle,tap their feet,strum the string,hit with sticks,pat with hand\n\
+               vid1,2697,640,480,why did the boy pick up one present,4,1,CW,share with the girl,approach lady,unwrap it,playing with toy train,gesture something\n\
+               vid3,100,640,480,what does the dog do,0,2,TN,run away,sleep,bark,eat,jump\n\
+               missing,100,640,480,what happens,1,3,TN,a,b,c,d,e\n";
+    let ann = tmp.path().join("val.csv");
+    std::fs::write(&ann, csv)?;
+    let labels = |extra: &[&str]| {
+        let mut c = gcg();
+        c.args(["labels", "--store"]).arg(&store).arg("--annotations").arg(&ann);
+        c.args([
+            "--dataset",
+            "nextqa",
+            "--preset",
+            "tiny",
+            "--random-weights",
+            "--seed",
+            "3",
+            "--top-k",
+            "2",
+        ]);
+        c.arg("--clip-tokenizer").arg(bpe());
+        c.args(extra);
+        run(c)
+    };
+    let o = labels(&[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("missing_3"), "{}", stderr(&o));
+
+    let tok = ClipTokenizer::from_bpe_file(bpe())?;
+    let (_, mut cfg) = frozen::preset("tiny")?;
+    cfg.text.vocab_size = tok.vocab_size();
+    let model = frozen::random_clip_text(&cfg, &Device::Cpu, DType::F32, 3)?;
+    let snap = Store::open(&store)?.snapshot();
+    assert_eq!(snap.index().questions.len(), 3);
+    for (key, video, answer) in [
+        ("vid0_6", "vid0", "strum the string"),
+        ("vid1_1", "vid1", "gesture something"),
+        ("vid3_2", "vid3", "run away"),
+    ] {
+        let q = snap.question(key)?;
+        assert_eq!((q.event.as_str(), q.event_mode.as_str()), (answer, "answer"));
+        let ids = tok.tokenize(&[answer])?.ids_tensor(&Device::Cpu)?;
+        let ev = model.forward(&ids)?.to_vec2::<f32>()?.remove(0);
+        let frames = snap.frame_embeds(video)?.to_f32()?;
+        let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let s: Vec<f64> = frames
+            .chunks(ev.len())
+            .map(|f| f.iter().zip(&ev).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (norm(f) * norm(&ev)))
+            .collect();
+        let mut order: Vec<usize> = (0..s.len()).collect();
+        order.sort_by(|&a, &b| s[b].partial_cmp(&s[a]).unwrap());
+        let mut top = order[..2].to_vec();
+        top.sort();
+        assert_eq!(q.pseudo_labels, top, "{key}: s = {s:?}");
+        for (a, b) in snap.curve(key)?.iter().zip(&s) {
+            assert!((*a as f64 - b).abs() < 1e-5);
+        }
+    }
+    // The same again: all skipped (the missing video still fails).
+    let o = labels(&[]);
+    assert!(stderr(&o).contains("3 already stored"), "{}", stderr(&o));
+    // Question + answer as the event.
+    let o = labels(&["--event", "question-answer"]);
+    assert_eq!(o.status.code(), Some(1));
+    let snap = Store::open(&store)?.snapshot();
+    assert_eq!(
+        snap.question("vid0_6")?.event,
+        "how do the two man play the instrument? strum the string"
+    );
+
+    // Bench on the store and on a synthetic one.
+    let store_arg = store.to_string_lossy().to_string();
+    for args in [
+        vec!["bench", "store", "--store", store_arg.as_str(), "--batch", "2"],
+        vec![
+            "bench", "store", "--preset", "tiny", "--videos", "3", "--frames", "4", "--batch", "2", "--dtype", "bf16",
+        ],
+    ] {
+        let mut c = gcg();
+        c.args(&args);
+        let o = run(c);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+        assert_eq!(v["bench"], "store");
+        assert!(v["read_features"]["f32"]["mb_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(v["batches"]["samples_per_s"].as_f64().unwrap() > 0.0, "{v}");
+        assert_eq!(v["batches"]["samples"], v["questions"]);
+    }
+    Ok(())
+}
