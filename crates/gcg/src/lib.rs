@@ -9,6 +9,7 @@ pub mod data;
 pub mod models;
 pub mod nn;
 pub mod rng;
+pub mod train;
 pub mod util;
 pub mod weights;
 

@@ -114,7 +114,11 @@ mod tests {
         assert_eq!(prompt(&s), want);
         assert_eq!(target(&s), "B");
         assert_eq!(s.answer_text(), "unwrap it");
-        let open = QaSample { options: vec![], answer: Answer::Text("dog".into()), ..s };
+        let open = QaSample {
+            options: vec![],
+            answer: Answer::Text("dog".into()),
+            ..s
+        };
         assert_eq!(prompt(&open), "Question: why did the boy pick up the present?\nAnswer: ");
         assert_eq!(target(&open), "dog");
     }

@@ -1,0 +1,9 @@
+//! Training: the optimiser with parameter groups, the learning-rate schedule, gradient clipping
+//! and accumulation, checkpoints that resume exactly.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod schedule;
+
+pub use optim::{AdamW, AdamWConfig, Grads, GroupConfig};
+pub use schedule::Schedule;
