@@ -6,6 +6,7 @@
 //! tokenizers).
 
 pub mod data;
+pub mod gcg;
 pub mod grounding;
 pub mod models;
 pub mod nn;

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;
 
 pub use optim::{AdamW, AdamWConfig, Grads, GroupConfig};
 pub use schedule::Schedule;
