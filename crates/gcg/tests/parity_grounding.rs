@@ -54,7 +54,7 @@ fn fixtures() -> Vec<(String, Fixture)> {
 
 fn load_model(dir: &str, cfg: &GroundingConfig) -> Result<(Grounding, Loader)> {
     let src = SafetensorsSource::open(Path::new(dir).join("io/grounding_weights.safetensors"))?;
-    let lb = Loader::from_source(Arc::new(src), &Device::Cpu, DType::F32).with_trainable(|n| gcg::grounding::is_trainable(n));
+    let lb = Loader::from_source(Arc::new(src), &Device::Cpu, DType::F32).with_trainable(gcg::grounding::is_trainable);
     let g = Grounding::load(&lb.pp("grounding"), cfg)?;
     lb.finish()?;
     Ok((g, lb))

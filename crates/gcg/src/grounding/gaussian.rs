@@ -37,8 +37,13 @@ pub fn gaussians(centres: &Tensor, frames: usize, width: f64) -> Result<Tensor> 
 }
 
 /// The normalised mixture p(t): centres [B, K] → [B, T] with max_t p = 1.
+///
+/// The maximum is taken at one frame, the first argmax, and the gradient flows through that frame
+/// only, as with `torch.max(dim)` (a plain max reduction would send it to every tied frame, e.g.
+/// to both ends when saturated centres sit at 0 and 1).
 pub fn gaussian_mixture(centres: &Tensor, frames: usize, width: f64) -> Result<Tensor> {
     let p = gaussians(centres, frames, width)?.sum(1)?; // [B, T]
-    let max = p.max_keepdim(D::Minus1)?; // [B, 1]
+    let argmax = p.detach().argmax_keepdim(D::Minus1)?; // [B, 1]
+    let max = p.gather(&argmax, D::Minus1)?; // [B, 1]
     Ok(p.broadcast_div(&max)?)
 }
