@@ -192,7 +192,11 @@ pub fn uniform_indices(t: usize, k: usize, rule: UniformRule) -> Vec<usize> {
             // ATen's integral linspace: the first half counts up from the start, the second half
             // down from the end, and the value is truncated.
             UniformRule::OfficialTruncate => {
-                let x = if i < k / 2 { i as f64 * step } else { end - step * (k - 1 - i) as f64 };
+                let x = if i < k / 2 {
+                    i as f64 * step
+                } else {
+                    end - step * (k - 1 - i) as f64
+                };
                 x.trunc() as usize
             }
         })
@@ -213,7 +217,12 @@ impl GcgModel {
             Mode::Grounding => Some(Grounding::load(&lb.pp("grounding"), &cfg.grounding)?),
             _ => None,
         };
-        Ok(Self { cfg: cfg.clone(), lmm, grounding, tokenizers })
+        Ok(Self {
+            cfg: cfg.clone(),
+            lmm,
+            grounding,
+            tokenizers,
+        })
     }
 
     fn device(&self) -> Device {
@@ -222,9 +231,21 @@ impl GcgModel {
 
     fn check_batch(&self, batch: &GcgBatch) -> Result<(usize, usize)> {
         let (b, t, _, _) = batch.features.dims4().context("batch features must be [B, T, N, Dv]")?;
-        ensure!(b == batch.samples.len(), "batch: {} samples but features for {b}", batch.samples.len());
-        ensure!(t == self.cfg.frames(), "batch: {t} frames per video, the model is configured for T = {}", self.cfg.frames());
-        ensure!(batch.timestamps.len() == b, "batch: {} timestamp rows for {b} samples", batch.timestamps.len());
+        ensure!(
+            b == batch.samples.len(),
+            "batch: {} samples but features for {b}",
+            batch.samples.len()
+        );
+        ensure!(
+            t == self.cfg.frames(),
+            "batch: {t} frames per video, the model is configured for T = {}",
+            self.cfg.frames()
+        );
+        ensure!(
+            batch.timestamps.len() == b,
+            "batch: {} timestamp rows for {b} samples",
+            batch.timestamps.len()
+        );
         Ok((b, t))
     }
 
@@ -238,7 +259,14 @@ impl GcgModel {
             Mode::Uniform => {
                 let idx = uniform_indices(t, k, self.cfg.uniform_rule);
                 let rows = vec![idx; b];
-                Ok(Selection { matrix: one_hot(&rows, t, &dev)?, frames: rows, curve: None, centres: None, reg: None, con: None })
+                Ok(Selection {
+                    matrix: one_hot(&rows, t, &dev)?,
+                    frames: rows,
+                    curve: None,
+                    centres: None,
+                    reg: None,
+                    con: None,
+                })
             }
             Mode::Oracle => {
                 // Gaussians at the top-K pseudo-label frames, then their hard top-K.
@@ -247,10 +275,20 @@ impl GcgModel {
                 let centres = Tensor::from_vec(centres, (b, k), &dev)?;
                 let p = gaussian_mixture(&centres, t, self.cfg.grounding.width)?;
                 let (frames, matrix) = hard_selection(&p, k)?;
-                Ok(Selection { matrix, frames, curve: Some(p), centres: Some(centres), reg: None, con: None })
+                Ok(Selection {
+                    matrix,
+                    frames,
+                    curve: Some(p),
+                    centres: Some(centres),
+                    reg: None,
+                    con: None,
+                })
             }
             Mode::Grounding => {
-                let g = self.grounding.as_ref().ok_or_else(|| anyhow!("grounding mode without a grounding module"))?;
+                let g = self
+                    .grounding
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("grounding mode without a grounding module"))?;
                 let answer_ids = answer_indices(&batch.samples);
                 let inputs = GroundingInputs {
                     frames: &batch.clip_frames,
@@ -301,7 +339,12 @@ impl GcgModel {
             m.matmul(&normed.reshape((b, t, n * dv))?)?.reshape((b, k, n, dv))?
         } else {
             // Hard selection: gather the frames.
-            let idx: Vec<u32> = sel.frames.iter().enumerate().flat_map(|(bi, r)| r.iter().map(move |&f| (bi * t + f) as u32)).collect();
+            let idx: Vec<u32> = sel
+                .frames
+                .iter()
+                .enumerate()
+                .flat_map(|(bi, r)| r.iter().map(move |&f| (bi * t + f) as u32))
+                .collect();
             let idx = Tensor::from_vec(idx, b * k, normed.device())?;
             normed.reshape((b * t, n, dv))?.index_select(&idx, 0)?.reshape((b, k, n, dv))?
         };
@@ -326,7 +369,12 @@ impl GcgModel {
         let targets: Vec<String> = batch.samples.iter().map(data::target).collect();
         let tb = self.tokenizers.t5.encode_targets(&targets)?;
         let pad = self.tokenizers.t5.pad_id() as i64;
-        let labels: Vec<i64> = tb.input_ids.iter().flatten().map(|&x| if x as i64 == pad { -100 } else { x as i64 }).collect();
+        let labels: Vec<i64> = tb
+            .input_ids
+            .iter()
+            .flatten()
+            .map(|&x| if x as i64 == pad { -100 } else { x as i64 })
+            .collect();
         let labels = Tensor::from_vec(labels, (tb.batch_size(), tb.seq_len()), &self.device())?;
         let vqa = self.lmm.loss(&inputs, &labels, ctx)?.to_dtype(DType::F32)?;
         let mut total = vqa.clone();
@@ -336,7 +384,12 @@ impl GcgModel {
         if let Some(c) = &sel.con {
             total = (total + (c.to_dtype(DType::F32)? * self.cfg.alpha_con)?)?;
         }
-        Ok(Losses { vqa, reg: sel.reg, con: sel.con, total })
+        Ok(Losses {
+            vqa,
+            reg: sel.reg,
+            con: sel.con,
+            total,
+        })
     }
 
     /// Deterministic answers with their grounding.
@@ -358,13 +411,24 @@ impl GcgModel {
                     .iter()
                     .map(|s| {
                         (0..s.options.len())
-                            .map(|i| self.tokenizers.t5.encode(data::OPTION_LETTERS[i.min(4)], crate::weights::tokenizers::TruncationSide::Right, 8))
+                            .map(|i| {
+                                self.tokenizers.t5.encode(
+                                    data::OPTION_LETTERS[i.min(4)],
+                                    crate::weights::tokenizers::TruncationSide::Right,
+                                    8,
+                                )
+                            })
                             .collect::<Result<Vec<_>>>()
                     })
                     .collect::<Result<_>>()?;
                 let scores = self.lmm.score_options(&inputs, &options)?;
                 for row in scores {
-                    let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+                    let best = row
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1))
+                        .map(|(i, _)| i)
+                        .unwrap_or(0);
                     preds.push((data::Answer::Choice(best), None, Some(row)));
                 }
             }
@@ -373,7 +437,11 @@ impl GcgModel {
                     AnswerMethod::Generate { num_beams, max_new_tokens } => (*num_beams, *max_new_tokens),
                     AnswerMethod::OptionScoring => (1, 30),
                 };
-                let gen = GenerateConfig { max_new_tokens, num_beams, ..Default::default() };
+                let gen = GenerateConfig {
+                    max_new_tokens,
+                    num_beams,
+                    ..Default::default()
+                };
                 let out = self.lmm.generate(&inputs, &gen)?;
                 let vocab = self.tokenizers.t5.vocab_size() as u32;
                 for (s, ids) in batch.samples.iter().zip(out) {
@@ -403,7 +471,10 @@ impl GcgModel {
         let mut out = Vec::with_capacity(b);
         for (i, (s, (prediction, generated, option_scores))) in batch.samples.iter().zip(preds).enumerate() {
             let frames = sel.frames[i].clone();
-            let seconds = frames.iter().map(|&f| batch.timestamps[i].get(f).copied().unwrap_or(f64::NAN)).collect();
+            let seconds = frames
+                .iter()
+                .map(|&f| batch.timestamps[i].get(f).copied().unwrap_or(f64::NAN))
+                .collect();
             out.push(Answered {
                 key: s.key.clone(),
                 prediction,
@@ -432,7 +503,10 @@ struct Selection {
 }
 
 fn answer_indices(samples: &[QaSample]) -> Vec<usize> {
-    samples.iter().map(|s| if let data::Answer::Choice(i) = s.answer { i } else { 0 }).collect()
+    samples
+        .iter()
+        .map(|s| if let data::Answer::Choice(i) = s.answer { i } else { 0 })
+        .collect()
 }
 
 /// One-hot [B, K, T] rows.
@@ -601,7 +675,7 @@ mod tests {
             (128, 6, vec![0, 25, 50, 76, 101, 127]),
             (128, 7, vec![0, 21, 42, 63, 84, 105, 127]),
             (128, 8, vec![0, 18, 36, 54, 72, 90, 108, 127]),
-            (128, 9, vec![0, 15, 31, 47, 63, 79, 95, 111, 127])
+            (128, 9, vec![0, 15, 31, 47, 63, 79, 95, 111, 127]),
         ];
         for (t, k, want) in cases {
             assert_eq!(uniform_indices(t, k, UniformRule::OfficialTruncate), want, "T={t} K={k}");

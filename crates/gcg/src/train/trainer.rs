@@ -84,7 +84,11 @@ impl TrainConfig {
             bail!("batch_size and grad_accum must be at least 1");
         }
         if !(self.lr > 0.0 && self.grounding_lr > 0.0) {
-            bail!("learning rates must be positive (lr {}, grounding_lr {})", self.lr, self.grounding_lr);
+            bail!(
+                "learning rates must be positive (lr {}, grounding_lr {})",
+                self.lr,
+                self.grounding_lr
+            );
         }
         match self.schedule.as_str() {
             "constant" | "warmup-cosine" => Ok(()),
@@ -107,12 +111,27 @@ impl TrainConfig {
     /// The two parameter groups of the official code: everything, and the grounding module.
     pub fn optimizer(&self, vars: &VarStore) -> Result<AdamW> {
         let groups = vec![
-            GroupConfig { name: "base".into(), lr: self.lr, weight_decay: self.weight_decay },
-            GroupConfig { name: "grounding".into(), lr: self.grounding_lr, weight_decay: self.weight_decay },
+            GroupConfig {
+                name: "base".into(),
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+            },
+            GroupConfig {
+                name: "grounding".into(),
+                lr: self.grounding_lr,
+                weight_decay: self.weight_decay,
+            },
         ];
-        AdamW::new(vars, groups, AdamWConfig { beta1: self.beta1, beta2: self.beta2, eps: self.eps }, |n| {
-            usize::from(crate::grounding::is_trainable(n))
-        })
+        AdamW::new(
+            vars,
+            groups,
+            AdamWConfig {
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+            },
+            |n| usize::from(crate::grounding::is_trainable(n)),
+        )
     }
 }
 
@@ -239,7 +258,9 @@ pub fn train(
         bail!("the training set yields no batches");
     }
     let steps_per_epoch = per_epoch.div_ceil(cfg.grad_accum as u64);
-    let total_steps = cfg.max_steps.unwrap_or(steps_per_epoch * cfg.epochs).min(steps_per_epoch * cfg.epochs);
+    // The schedule spans the whole run; `max_steps` only stops early (a smoke run or a
+    // simulated kill must not change the learning rates).
+    let total_steps = steps_per_epoch * cfg.epochs;
     let schedule = cfg.schedule(total_steps);
     let rng = RefCell::new(state.rng.clone());
 
@@ -263,7 +284,11 @@ pub fn train(
             if !loss.is_finite() {
                 if cfg.skip_nonfinite {
                     state.skipped_nonfinite += 1;
-                    on_event(Event::SkippedNonFinite { step: state.step, epoch, batch: state.batch_in_epoch - 1 });
+                    on_event(Event::SkippedNonFinite {
+                        step: state.step,
+                        epoch,
+                        batch: state.batch_in_epoch - 1,
+                    });
                     continue;
                 }
                 bail!(
@@ -337,7 +362,11 @@ pub fn train(
                 checkpoint::save(&run.best(), vars, &opt, &state, run_config)?;
             }
             run.log(&serde_json::json!({"split": "val", "epoch": epoch, "step": state.step, "accuracy": acc, "best": best}))?;
-            on_event(Event::Validation { epoch, accuracy: acc, best });
+            on_event(Event::Validation {
+                epoch,
+                accuracy: acc,
+                best,
+            });
         }
         checkpoint::save(&run.last(), vars, &opt, &state, run_config)?;
         on_event(Event::Checkpoint(&run.last()));

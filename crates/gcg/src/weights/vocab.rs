@@ -14,9 +14,9 @@ use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::normalizers::replace::{Replace, ReplacePattern};
 use tokenizers::normalizers::utils::Sequence as NormalizerSequence;
-use tokenizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::NormalizerWrapper;
 use tokenizers::{AddedToken, Tokenizer};
 
 /// Punctuation the prompts use.
@@ -43,7 +43,10 @@ pub fn closed_vocab_tokenizers(texts: &[&str], dir: &Path) -> Result<(QFormerTok
         bail!("closed_vocab_tokenizers: no words in the given texts");
     }
     // Q-Former: BERT-style lower-casing WordPiece over whole words.
-    let mut bert: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"].iter().map(|s| s.to_string()).collect();
+    let mut bert: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     let lower: BTreeSet<String> = words.iter().map(|w| w.to_lowercase()).collect();
     bert.extend(PUNCT.iter().map(|s| s.to_string()));
     bert.extend(lower.into_iter().filter(|w| !PUNCT.contains(&w.as_str())));
@@ -56,12 +59,14 @@ pub fn closed_vocab_tokenizers(texts: &[&str], dir: &Path) -> Result<(QFormerTok
         .build()
         .map_err(|e| anyhow!("building the WordPiece model from {}: {e}", vocab_txt.display()))?;
     let mut qtok = Tokenizer::new(wp);
-    qtok.with_normalizer(Some(BertNormalizer::new(true, true, None, true))).map_err(|e| anyhow!("{e}"))?;
+    qtok.with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
+        .map_err(|e| anyhow!("{e}"))?;
     qtok.with_pre_tokenizer(Some(BertPreTokenizer));
     qtok.with_decoder(Some(WordPieceDecoder::default()));
     qtok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"].map(|t| AddedToken::from(t, true)))
         .map_err(|e| anyhow!("adding the BERT special tokens: {e}"))?;
-    qtok.save(qdir.join("tokenizer.json"), false).map_err(|e| anyhow!("writing {}: {e}", qdir.display()))?;
+    qtok.save(qdir.join("tokenizer.json"), false)
+        .map_err(|e| anyhow!("writing {}: {e}", qdir.display()))?;
 
     // T5: unigram over "▁word" pieces (+ punctuation); ids 0, 1, 2 are <pad>, </s>, <unk>.
     let mut pieces: Vec<(String, f64)> = vec![("<pad>".into(), 0.0), ("</s>".into(), 0.0), ("<unk>".into(), 0.0)];
@@ -77,15 +82,22 @@ pub fn closed_vocab_tokenizers(texts: &[&str], dir: &Path) -> Result<(QFormerTok
     let mut ttok = Tokenizer::new(uni);
     // As SentencePiece's nmt normalisation: line breaks and tabs are spaces, runs of spaces one.
     let ws = |from: ReplacePattern| -> Result<NormalizerWrapper> { Ok(Replace::new(from, " ").map_err(|e| anyhow!("{e}"))?.into()) };
-    ttok.with_normalizer(Some(NormalizerSequence::new(vec![ws(ReplacePattern::Regex("[\\n\\t\\r]".into()))?, ws(ReplacePattern::Regex(" {2,}".into()))?])))
-        .map_err(|e| anyhow!("{e}"))?;
+    ttok.with_normalizer(Some(NormalizerSequence::new(vec![
+        ws(ReplacePattern::Regex("[\\n\\t\\r]".into()))?,
+        ws(ReplacePattern::Regex(" {2,}".into()))?,
+    ])))
+    .map_err(|e| anyhow!("{e}"))?;
     ttok.with_pre_tokenizer(Some(Metaspace::new('\u{2581}', PrependScheme::Always, true)));
     ttok.with_decoder(Some(MetaspaceDecoder::new('\u{2581}', PrependScheme::Always, true)));
     ttok.add_special_tokens(["<pad>", "</s>", "<unk>"].map(|t| AddedToken::from(t, true)))
         .map_err(|e| anyhow!("adding the T5 special tokens: {e}"))?;
-    ttok.save(dir.join("tokenizer.json"), false).map_err(|e| anyhow!("writing {}: {e}", dir.join("tokenizer.json").display()))?;
+    ttok.save(dir.join("tokenizer.json"), false)
+        .map_err(|e| anyhow!("writing {}: {e}", dir.join("tokenizer.json").display()))?;
 
-    Ok((QFormerTokenizer::from_file(qdir.join("tokenizer.json"))?, T5Tokenizer::from_file(dir.join("tokenizer.json"))?))
+    Ok((
+        QFormerTokenizer::from_file(qdir.join("tokenizer.json"))?,
+        T5Tokenizer::from_file(dir.join("tokenizer.json"))?,
+    ))
 }
 
 #[cfg(test)]
@@ -95,7 +107,11 @@ mod tests {
     #[test]
     fn round_trip_of_a_closed_vocabulary() {
         let tmp = tempfile::tempdir().unwrap();
-        let texts = ["Question: what colour was the square that appeared?\nOptions: \nA: red \nB: blue\nAnswer: ", "A", "B"];
+        let texts = [
+            "Question: what colour was the square that appeared?\nOptions: \nA: red \nB: blue\nAnswer: ",
+            "A",
+            "B",
+        ];
         let (q, t) = closed_vocab_tokenizers(&texts, tmp.path()).unwrap();
         let ids = t.encode_inputs(&texts[..1]).unwrap();
         let row = &ids.input_ids[0];
