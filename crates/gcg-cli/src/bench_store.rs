@@ -127,6 +127,7 @@ fn samples_of(store: &Store) -> Vec<QaSample> {
             options: vec![String::new(); q.num_options],
             answer: Answer::Choice(0),
             qtype: String::new(),
+            extra: Default::default(),
         })
         .collect()
 }

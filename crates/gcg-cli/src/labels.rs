@@ -5,7 +5,7 @@ use crate::bench::{parse_device, parse_dtype};
 use crate::features::{bar, finish_report, writer_options};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Args;
-use gcg::data::{Answer, Dataset, QaSample};
+use gcg::data::{read_annotations, Dataset, QaSample, ReadOptions};
 use gcg::store::frozen;
 use gcg::store::labels::{label_questions, ClipTextEncoder, EventSource, LabelOptions, LabelProgress};
 use gcg::weights::tokenizers::ClipTokenizer;
@@ -19,9 +19,13 @@ pub struct LabelsArgs {
     /// The annotation file (e.g. NExT-QA's val.csv).
     #[arg(long)]
     annotations: PathBuf,
-    /// Its format: nextqa | nextgqa | json (a JSON array, or JSON lines, of gcg QaSample objects).
+    /// Its format: nextqa | nextgqa | intentqa | causalvidqa | open-ended (the published files), or
+    /// json (a JSON array, or JSON lines, of gcg QaSample objects).
     #[arg(long)]
     dataset: String,
+    /// Skip malformed annotation rows (listed) instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_rows: bool,
     /// The event text: `answer` (the official choice for NExT-QA), `question-answer`, or
     /// `statements FILE` (a JSON object: question key → declarative sentence).
     #[arg(long, num_args = 1..=2, value_names = ["MODE", "FILE"], default_values_t = ["answer".to_string()])]
@@ -71,83 +75,35 @@ fn event_source(spec: &[String]) -> Result<EventSource> {
     }
 }
 
-/// Reads the annotations as samples.
-pub fn read_samples(path: &Path, dataset: &str) -> Result<Vec<QaSample>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading the annotations {}", path.display()))?;
-    match dataset {
-        "json" => {
-            let t = text.trim_start();
-            if t.starts_with('[') {
-                serde_json::from_str(t).with_context(|| format!("{}: expected a JSON array of QaSample objects", path.display()))
-            } else {
-                t.lines()
-                    .enumerate()
-                    .filter(|(_, l)| !l.trim().is_empty())
-                    .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}: not a QaSample", path.display(), i + 1)))
-                    .collect()
-            }
-        }
-        "nextqa" => read_next_csv(&text, path, Dataset::NextQa),
-        "nextgqa" => read_next_csv(&text, path, Dataset::NextGqa),
-        other => bail!("unknown --dataset {other:?} (expected nextqa, nextgqa or json)"),
-    }
-}
-
-/// The NExT-QA / NExT-GQA multiple-choice CSV (no quoted fields in the published files).
-fn read_next_csv(text: &str, path: &Path, dataset: Dataset) -> Result<Vec<QaSample>> {
-    let mut lines = text.lines().enumerate();
-    let (_, header) = lines.next().ok_or_else(|| anyhow!("{} is empty", path.display()))?;
-    let cols: Vec<&str> = header.trim_end_matches('\r').split(',').collect();
-    let col = |name: &str| {
-        cols.iter()
-            .position(|c| *c == name)
-            .ok_or_else(|| anyhow!("{}: no column {name:?} in the header {header:?}", path.display()))
-    };
-    let video_col = col("video").or_else(|_| col("video_id"))?;
-    let (q_col, a_col, qid_col, type_col) = (col("question")?, col("answer")?, col("qid")?, col("type")?);
-    let opt_cols = (0..5).map(|i| col(&format!("a{i}"))).collect::<Result<Vec<_>>>()?;
-    let mut out = Vec::new();
-    for (i, line) in lines {
-        let line = line.trim_end_matches('\r');
-        if line.is_empty() {
-            continue;
-        }
-        let f: Vec<&str> = line.split(',').collect();
-        ensure!(
-            f.len() == cols.len(),
-            "{} line {}: {} fields, the header has {}",
-            path.display(),
-            i + 1,
-            f.len(),
-            cols.len()
-        );
-        let options: Vec<String> = opt_cols.iter().map(|&c| f[c].trim().to_string()).collect();
-        let answer = match f[a_col].trim().parse::<usize>() {
-            Ok(a) if dataset == Dataset::NextQa => a,
-            _ => options
-                .iter()
-                .position(|o| o == f[a_col].trim())
-                .ok_or_else(|| anyhow!("{} line {}: answer {:?} is not one of the options", path.display(), i + 1, f[a_col]))?,
+/// Reads the annotations as samples: a benchmark's files through `gcg::data`, or `json` (an
+/// array or JSON lines of `QaSample` objects).
+pub fn read_samples(path: &Path, dataset: &str, skip_bad_rows: bool) -> Result<Vec<QaSample>> {
+    if dataset == "json" {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading the annotations {}", path.display()))?;
+        let t = text.trim_start();
+        return if t.starts_with('[') {
+            serde_json::from_str(t).with_context(|| format!("{}: expected a JSON array of QaSample objects", path.display()))
+        } else {
+            t.lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}: not a QaSample", path.display(), i + 1)))
+                .collect()
         };
-        ensure!(
-            answer < options.len(),
-            "{} line {}: answer index {answer} out of range",
-            path.display(),
-            i + 1
-        );
-        let (video, qid) = (f[video_col].trim().to_string(), f[qid_col].trim().to_string());
-        out.push(QaSample {
-            dataset,
-            key: format!("{video}_{qid}"),
-            qid,
-            video,
-            question: f[q_col].trim().trim_end_matches('?').to_string(),
-            options,
-            answer: Answer::Choice(answer),
-            qtype: f[type_col].trim().to_string(),
-        });
     }
-    Ok(out)
+    let ds = Dataset::from_name(dataset)
+        .ok_or_else(|| anyhow!("unknown --dataset {dataset:?} (expected nextqa, nextgqa, intentqa, causalvidqa, open-ended or json)"))?;
+    let opts = if skip_bad_rows {
+        ReadOptions::skip_bad_rows()
+    } else {
+        ReadOptions::strict()
+    };
+    let ann = read_annotations(ds, path, &opts)?;
+    for bad in &ann.bad_rows {
+        eprintln!("skipped: {bad}");
+    }
+    ensure!(!ann.samples.is_empty(), "no questions in {}", path.display());
+    Ok(ann.samples)
 }
 
 fn tokenizer(a: &LabelsArgs) -> Result<ClipTokenizer> {
@@ -167,7 +123,7 @@ pub fn run(a: LabelsArgs) -> Result<()> {
     let dev = parse_device(&a.device)?;
     let dtype = parse_dtype(a.dtype.as_deref(), &dev)?;
     let event = event_source(&a.event)?;
-    let samples = read_samples(&a.annotations, &a.dataset)?;
+    let samples = read_samples(&a.annotations, &a.dataset, a.skip_bad_rows)?;
     let tok = tokenizer(&a)?;
     let (_, mut clip_cfg) = frozen::preset(&a.preset)?;
     let model = if a.random_weights {

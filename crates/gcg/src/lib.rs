@@ -6,10 +6,13 @@
 //! tokenizers).
 
 pub mod data;
+pub mod gcg;
+pub mod grounding;
 pub mod models;
 pub mod nn;
 pub mod rng;
 pub mod store;
+pub mod train;
 pub mod util;
 pub mod weights;
 

@@ -10,8 +10,20 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeededRng {
     s: [u64; 4],
-    /// The second normal of the last Box–Muller pair, not yet handed out.
+    /// The second normal of the last Box–Muller pair, not yet handed out (stored as its bit
+    /// pattern so that a JSON round trip is exact).
+    #[serde(with = "f64_bits")]
     spare_normal: Option<f64>,
+}
+
+mod f64_bits {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    pub fn serialize<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+        v.map(f64::to_bits).serialize(s)
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(f64::from_bits))
+    }
 }
 
 fn splitmix64(state: &mut u64) -> u64 {

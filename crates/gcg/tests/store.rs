@@ -548,6 +548,7 @@ fn sample(video: &str, qid: &str, question: &str, options: &[&str], answer: usiz
         options: options.iter().map(|s| s.to_string()).collect(),
         answer: Answer::Choice(answer),
         qtype: "CW".into(),
+        extra: Default::default(),
     }
 }
 

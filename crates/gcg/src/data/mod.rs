@@ -3,8 +3,26 @@
 //! Readers for the published annotation formats (NExT-QA, NExT-GQA, IntentQA, Causal-VidQA, the
 //! open-ended JSON sets) turn files into samples; batching turns samples + the feature store into
 //! model inputs.
+//!
+//! Every reader has a strict form (`read`: the first malformed row is an error naming the file,
+//! line and column, see [`BadRow`]) and `read_with(.., &ReadOptions)`, which with
+//! `skip_bad_rows` collects the malformed rows into [`Annotations::bad_rows`] and goes on.
 
+pub mod causalvidqa;
+pub mod intentqa;
+mod mc_csv;
+pub mod nextgqa;
+pub mod nextqa;
+pub mod open_ended;
+pub mod read;
+
+pub use mc_csv::{NEXTQA_TYPES, NUM_OPTIONS};
+pub use read::{Annotations, BadRow, ReadOptions};
+
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
 
 /// The benchmarks gcg reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -42,8 +60,14 @@ pub struct QaSample {
     /// The candidate answers (empty for open-ended questions).
     pub options: Vec<String>,
     pub answer: Answer,
-    /// The question type as annotated (NExT-QA: CW, CH, TN, TC, TP, DC, DL, DO; ...).
+    /// The question type as annotated (NExT-QA: CW, CH, TN, TC, TP, DC, DL, DO; Causal-VidQA:
+    /// D, E, PA, PR, CA, CR; open-ended: the category / type id, or empty).
     pub qtype: String,
+    /// Further columns of the annotation: `frame_count`, `width`, `height` (NExT family),
+    /// `action`, `lemma`, `lemma_id` (IntentQA), `category`, `part` and, for reason questions,
+    /// `given_answer` (Causal-VidQA).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, String>,
 }
 
 impl QaSample {
@@ -57,6 +81,45 @@ impl QaSample {
 
     pub fn is_multiple_choice(&self) -> bool {
         !self.options.is_empty()
+    }
+}
+
+impl Dataset {
+    /// The name used on the command line and in files: `nextqa`, `nextgqa`, `intentqa`,
+    /// `causalvidqa`, `open-ended`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dataset::NextQa => "nextqa",
+            Dataset::NextGqa => "nextgqa",
+            Dataset::IntentQa => "intentqa",
+            Dataset::CausalVidQa => "causalvidqa",
+            Dataset::OpenEnded => "open-ended",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        let n = name.to_ascii_lowercase().replace(['-', '_'], "");
+        Some(match n.as_str() {
+            "nextqa" => Dataset::NextQa,
+            "nextgqa" => Dataset::NextGqa,
+            "intentqa" => Dataset::IntentQa,
+            "causalvidqa" => Dataset::CausalVidQa,
+            "openended" | "msvdqa" | "msrvttqa" | "activitynetqa" => Dataset::OpenEnded,
+            _ => return None,
+        })
+    }
+}
+
+/// Read the annotations of any benchmark: a CSV file for the NExT family, the QA directory for
+/// Causal-VidQA (all its videos; use [`causalvidqa::read_with`] for a split), a JSON file for
+/// the open-ended sets.
+pub fn read_annotations(dataset: Dataset, path: &Path, opts: &ReadOptions) -> Result<Annotations> {
+    match dataset {
+        Dataset::NextQa => nextqa::read_with(path, opts),
+        Dataset::NextGqa => nextgqa::read_with(path, opts),
+        Dataset::IntentQa => intentqa::read_with(path, opts),
+        Dataset::CausalVidQa => causalvidqa::read_with(path, None, opts),
+        Dataset::OpenEnded => open_ended::read_with(path, opts),
     }
 }
 
@@ -108,6 +171,7 @@ mod tests {
             options: ["share", "unwrap it", "c", "d", "e"].iter().map(|x| x.to_string()).collect(),
             answer: Answer::Choice(1),
             qtype: "CW".into(),
+            extra: Default::default(),
         };
         // finetune_ans.py: 'Question: ' + question + '?' + f'\nOptions: \nA: {a0} \nB: {a1} \nC: {a2} \nD: {a3} \nE: {a4}' + '\nAnswer: '
         let want = "Question: why did the boy pick up the present?\nOptions: \nA: share \nB: unwrap it \nC: c \nD: d \nE: e\nAnswer: ";

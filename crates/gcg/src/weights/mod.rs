@@ -7,6 +7,7 @@ pub mod loader;
 pub mod pth;
 pub mod source;
 pub mod tokenizers;
+pub mod vocab;
 
 pub use loader::{Loader, VarStore};
 pub use source::{MapSource, MergedSource, RenamedSource, SafetensorsSource, TensorMeta, TensorSource};

@@ -1,0 +1,280 @@
+//! The multiple-choice CSV format of the NExT-QA family (NExT-QA, NExT-GQA, IntentQA):
+//! `video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4[,extra...]`.
+
+use super::read::{Annotations, BadRow, ReadOptions, RowSink};
+use super::{Answer, Dataset, QaSample};
+use anyhow::{Context, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Number of candidate answers in the NExT family.
+pub const NUM_OPTIONS: usize = 5;
+
+/// The question types of NExT-QA: causal why / how, temporal next / previous / present,
+/// descriptive count / location / other.
+pub const NEXTQA_TYPES: [&str; 8] = ["CW", "CH", "TN", "TP", "TC", "DC", "DL", "DO"];
+
+/// How the `answer` column is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AnswerColumn {
+    /// The index of the correct option (NExT-QA, IntentQA).
+    Index,
+    /// The text of the correct option (NExT-GQA); mapped to the first option equal to it, as
+    /// the official NExT-GQA loaders do (`choices.index(answer)`).
+    Text,
+}
+
+pub(crate) struct McCsvFormat {
+    pub dataset: Dataset,
+    /// The name of the video column (`video` in NExT-QA, `video_id` in NExT-GQA / IntentQA);
+    /// the first one the header has is used.
+    pub video_columns: &'static [&'static str],
+    pub answer: AnswerColumn,
+    /// More columns the format requires; copied into `QaSample::extra`.
+    pub extra_required: &'static [&'static str],
+    /// Columns copied into `QaSample::extra` when the header has them.
+    pub extra_optional: &'static [&'static str],
+    pub types: &'static [&'static str],
+}
+
+/// Column positions found in the header.
+struct Columns {
+    names: Vec<String>,
+    video: usize,
+    frame_count: usize,
+    width: usize,
+    height: usize,
+    question: usize,
+    answer: usize,
+    qid: usize,
+    qtype: usize,
+    options: [usize; NUM_OPTIONS],
+    extra: Vec<(String, usize)>,
+}
+
+impl Columns {
+    fn label(&self, i: usize) -> String {
+        match self.names.get(i) {
+            Some(n) => format!("{} ({n})", i + 1),
+            None => format!("{}", i + 1),
+        }
+    }
+}
+
+pub(crate) fn read_mc_csv(path: &Path, fmt: &McCsvFormat, opts: &ReadOptions) -> Result<Annotations> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening annotation file {}", path.display()))?;
+    let mut rdr = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .flexible(true)
+        .from_reader(std::io::BufReader::new(file));
+    let header = rdr
+        .byte_headers()
+        .with_context(|| format!("reading the header of {}", path.display()))?
+        .clone();
+    let names: Vec<String> = header.iter().map(|h| String::from_utf8_lossy(h).trim().to_string()).collect();
+    let cols = find_columns(path, fmt, names)?;
+
+    let mut sink = RowSink::new(opts);
+    let mut samples = Vec::new();
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut record = csv::ByteRecord::new();
+    loop {
+        match rdr.read_byte_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => {
+                let line = e.position().map(|p| p.line());
+                let mut row = BadRow::new(path, format!("unreadable CSV: {e}"));
+                row.line = line;
+                return Err(anyhow::Error::new(row));
+            }
+        }
+        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        match parse_row(path, fmt, &cols, &record, line) {
+            Ok(sample) => {
+                if let Some(first) = seen.get(&sample.key) {
+                    sink.reject(
+                        BadRow::new(path, format!("duplicate question {} (first at line {first})", sample.key))
+                            .line(line)
+                            .column(cols.label(cols.qid)),
+                    )?;
+                    continue;
+                }
+                seen.insert(sample.key.clone(), line);
+                samples.push(sample);
+            }
+            Err(bad) => sink.reject(bad)?,
+        }
+    }
+    Ok(Annotations {
+        samples,
+        bad_rows: sink.bad,
+    })
+}
+
+fn find_columns(path: &Path, fmt: &McCsvFormat, names: Vec<String>) -> Result<Columns> {
+    let pos = |n: &str| names.iter().position(|h| h == n);
+    let mut missing: Vec<String> = Vec::new();
+    if !fmt.video_columns.iter().any(|c| pos(c).is_some()) {
+        missing.push(fmt.video_columns.join(" or "));
+    }
+    let video = fmt.video_columns.iter().find_map(|c| pos(c)).unwrap_or(0);
+    let mut need = |n: &str| -> usize {
+        pos(n).unwrap_or_else(|| {
+            missing.push(n.to_string());
+            0
+        })
+    };
+    let frame_count = need("frame_count");
+    let width = need("width");
+    let height = need("height");
+    let question = need("question");
+    let answer = need("answer");
+    let qid = need("qid");
+    let qtype = need("type");
+    let mut options = [0usize; NUM_OPTIONS];
+    for (i, o) in options.iter_mut().enumerate() {
+        *o = need(&format!("a{i}"));
+    }
+    let mut extra: Vec<(String, usize)> = fmt.extra_required.iter().map(|n| (n.to_string(), need(n))).collect();
+    for n in fmt.extra_optional {
+        if let Some(i) = pos(n) {
+            extra.push((n.to_string(), i));
+        }
+    }
+    if !missing.is_empty() {
+        let mut expected = vec![fmt.video_columns[0].to_string()];
+        expected.extend(["frame_count", "width", "height", "question", "answer", "qid", "type"].map(String::from));
+        expected.extend((0..NUM_OPTIONS).map(|i| format!("a{i}")));
+        expected.extend(fmt.extra_required.iter().map(|s| s.to_string()));
+        return Err(anyhow::Error::new(
+            BadRow::new(
+                path,
+                format!(
+                    "the header lacks column(s) {}; a {:?} annotation file has the columns {} (found: {})",
+                    missing.join(", "),
+                    fmt.dataset,
+                    expected.join(","),
+                    names.join(",")
+                ),
+            )
+            .line(1)
+            .column(missing.join(", ")),
+        ));
+    }
+    Ok(Columns {
+        names,
+        video,
+        frame_count,
+        width,
+        height,
+        question,
+        answer,
+        qid,
+        qtype,
+        options,
+        extra,
+    })
+}
+
+fn parse_row(path: &Path, fmt: &McCsvFormat, cols: &Columns, rec: &csv::ByteRecord, line: u64) -> Result<QaSample, BadRow> {
+    let bad = |col: usize, reason: String| BadRow::new(path, reason).line(line).column(cols.label(col));
+    if rec.len() != cols.names.len() {
+        let col = rec.len().min(cols.names.len());
+        let what = if rec.len() < cols.names.len() {
+            "is missing"
+        } else {
+            "is not in the header"
+        };
+        return Err(bad(
+            col,
+            format!(
+                "expected {} fields (as the header), found {}: column {} {what}",
+                cols.names.len(),
+                rec.len(),
+                cols.label(col)
+            ),
+        ));
+    }
+    let field = |i: usize| -> Result<&str, BadRow> {
+        let raw = rec.get(i).unwrap_or(b"");
+        std::str::from_utf8(raw)
+            .map(str::trim)
+            .map_err(|e| bad(i, format!("not valid UTF-8: {e}")))
+    };
+    let non_empty = |i: usize, what: &str| -> Result<String, BadRow> {
+        let v = field(i)?;
+        if v.is_empty() {
+            Err(bad(i, format!("expected {what}, found an empty field")))
+        } else {
+            Ok(v.to_string())
+        }
+    };
+    let integer = |i: usize| -> Result<u64, BadRow> {
+        let v = field(i)?;
+        v.parse::<u64>()
+            .map_err(|_| bad(i, format!("expected a non-negative integer, found `{v}`")))
+    };
+
+    let video = non_empty(cols.video, "a video id")?;
+    let frame_count = integer(cols.frame_count)?;
+    let width = integer(cols.width)?;
+    let height = integer(cols.height)?;
+    let question = non_empty(cols.question, "a question")?;
+    let question = question.trim_end_matches('?').trim_end().to_string();
+    let qid = integer(cols.qid)?.to_string();
+    let qtype = non_empty(cols.qtype, "a question type")?;
+    if !fmt.types.contains(&qtype.as_str()) {
+        return Err(bad(
+            cols.qtype,
+            format!("expected a question type among {}, found `{qtype}`", fmt.types.join(", ")),
+        ));
+    }
+    let mut options = Vec::with_capacity(NUM_OPTIONS);
+    for (i, &c) in cols.options.iter().enumerate() {
+        options.push(non_empty(c, &format!("the text of option a{i}"))?);
+    }
+    let answer_raw = field(cols.answer)?;
+    let answer = match fmt.answer {
+        AnswerColumn::Index => match answer_raw.parse::<usize>() {
+            Ok(i) if i < NUM_OPTIONS => i,
+            _ => {
+                return Err(bad(
+                    cols.answer,
+                    format!("expected an option index 0-{}, found `{answer_raw}`", NUM_OPTIONS - 1),
+                ))
+            }
+        },
+        AnswerColumn::Text => match options.iter().position(|o| o == answer_raw) {
+            Some(i) => i,
+            None => {
+                return Err(bad(
+                    cols.answer,
+                    format!(
+                        "the answer `{answer_raw}` equals none of the options a0-a{}: {:?}",
+                        NUM_OPTIONS - 1,
+                        options
+                    ),
+                ))
+            }
+        },
+    };
+    let mut extra = BTreeMap::new();
+    extra.insert("frame_count".to_string(), frame_count.to_string());
+    extra.insert("width".to_string(), width.to_string());
+    extra.insert("height".to_string(), height.to_string());
+    for (name, i) in &cols.extra {
+        extra.insert(name.clone(), field(*i)?.to_string());
+    }
+    Ok(QaSample {
+        dataset: fmt.dataset,
+        key: format!("{video}_{qid}"),
+        qid,
+        video,
+        question,
+        options,
+        answer: Answer::Choice(answer),
+        qtype,
+        extra,
+    })
+}

@@ -1,0 +1,684 @@
+//! The whole GCG model: the video LMM plus the Gaussian grounding module, in three modes.
+//!
+//! * `uniform` — the LLM sees K frames at evenly spaced indices of the T sampled frames;
+//! * `oracle` — it sees the hard top-K of a Gaussian mixture centred on the top-K pseudo-label
+//!   frames (an upper bound: the pseudo-labels peek at the answer);
+//! * `grounding` — GCG: the Gaussian generator predicts K centres from the frames and the question
+//!   (+ options); training mixes the frames with the perturbed top-k TopK_σ(p, K) so L_vqa also
+//!   trains the generator, and adds L_reg and L_con; inference takes the hard top-K of p.
+//!
+//! Training returns L_vqa, L_reg, L_con and L = L_vqa + α1·L_reg + α2·L_con; answering returns the
+//! answer (option scoring or generation), the K selected frames, their timestamps and p(t).
+
+use crate::data::{self, QaSample};
+use crate::grounding::{gaussian_mixture, hard_selection, Grounding, GroundingConfig, GroundingInputs, TopkNoises};
+use crate::models::lmm::{LmmConfig, VideoLmm};
+use crate::models::t5::GenerateConfig;
+use crate::nn::Ctx;
+use crate::rng::SeededRng;
+use crate::weights::tokenizers::{QFormerTokenizer, T5Tokenizer};
+use crate::weights::Loader;
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    Uniform,
+    Oracle,
+    Grounding,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "uniform" => Ok(Self::Uniform),
+            "oracle" => Ok(Self::Oracle),
+            "grounding" => Ok(Self::Grounding),
+            other => bail!("unknown mode {other:?} (expected uniform, oracle or grounding)"),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Uniform => "uniform",
+            Mode::Oracle => "oracle",
+            Mode::Grounding => "grounding",
+        })
+    }
+}
+
+/// How the uniform mode spaces its K frames over T.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UniformRule {
+    /// round(linspace(0, T−1, K)) (SPEC §6).
+    Round,
+    /// `torch.linspace(0, T−1, K, dtype=torch.int)` as the official code: truncation
+    /// (T = 32, K = 4 → 0, 10, 20, 31 instead of 0, 10, 21, 31).
+    OfficialTruncate,
+}
+
+/// How a multiple-choice answer is produced at evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum AnswerMethod {
+    /// The option whose letter has the highest log-likelihood (deterministic; the default).
+    OptionScoring,
+    /// Decode (greedy when `num_beams` = 1) and match the letter (or the text, open-ended).
+    Generate { num_beams: usize, max_new_tokens: usize },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GcgConfig {
+    pub lmm: LmmConfig,
+    pub grounding: GroundingConfig,
+    pub mode: Mode,
+    /// α1 (L_reg) and α2 (L_con).
+    pub alpha_reg: f64,
+    pub alpha_con: f64,
+    pub uniform_rule: UniformRule,
+    pub answer: AnswerMethod,
+}
+
+impl GcgConfig {
+    /// T sampled frames.
+    pub fn frames(&self) -> usize {
+        self.grounding.frames
+    }
+    /// K selected moments.
+    pub fn moments(&self) -> usize {
+        self.grounding.moments
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.grounding.validate()?;
+        ensure!(
+            self.lmm.max_frames >= self.moments(),
+            "the frame-position table has {} rows but K = {}",
+            self.lmm.max_frames,
+            self.moments()
+        );
+        Ok(())
+    }
+}
+
+/// The trainable names of the whole model: the LMM's (Q-Former, query tokens, projection, frame
+/// positions) and the grounding module's.
+pub fn is_trainable(name: &str) -> bool {
+    crate::models::lmm::is_trainable(name) || crate::grounding::is_trainable(name)
+}
+
+/// One batch of questions with what the feature store holds for their videos.
+pub struct GcgBatch {
+    pub samples: Vec<QaSample>,
+    /// Un-normalised ViT features. [B, T, N, Dv]
+    pub features: Tensor,
+    /// CLIP frame embeddings F. [B, T, d]
+    pub clip_frames: Tensor,
+    /// CLIP text embedding of each question. [B, d]
+    pub clip_question: Tensor,
+    /// CLIP text embeddings of the options (multiple choice). [B, O, d]
+    pub clip_options: Option<Tensor>,
+    /// CLIP text embedding of the event (the contrastive anchor; the answer by default). [B, d]
+    pub clip_event: Tensor,
+    /// Pseudo-label scores s_t = cos(F_t, text(event)). [B, T]
+    pub pseudo_label_scores: Tensor,
+    /// Seconds of each of the T frames, per sample.
+    pub timestamps: Vec<Vec<f64>>,
+}
+
+impl GcgBatch {
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+}
+
+/// The losses of a training step (scalars).
+pub struct Losses {
+    pub vqa: Tensor,
+    pub reg: Option<Tensor>,
+    pub con: Option<Tensor>,
+    pub total: Tensor,
+}
+
+/// An answered question.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answered {
+    pub key: String,
+    /// Option index (multiple choice) or text (open-ended).
+    pub prediction: data::Answer,
+    /// The decoded text, when the answer was generated.
+    pub generated: Option<String>,
+    /// Per-option log-likelihoods, when scored.
+    pub option_scores: Option<Vec<f32>>,
+    /// The K frames the LLM saw, sorted by time, and their seconds.
+    pub frames: Vec<usize>,
+    pub seconds: Vec<f64>,
+    /// p(t) over the T frames (grounding and oracle modes).
+    pub curve: Option<Vec<f32>>,
+}
+
+pub struct TextTokenizers {
+    pub qformer: QFormerTokenizer,
+    pub t5: T5Tokenizer,
+}
+
+pub struct GcgModel {
+    pub cfg: GcgConfig,
+    pub lmm: VideoLmm,
+    pub grounding: Option<Grounding>,
+    pub tokenizers: TextTokenizers,
+}
+
+/// Evenly spaced frame indices.
+pub fn uniform_indices(t: usize, k: usize, rule: UniformRule) -> Vec<usize> {
+    if k == 1 {
+        return vec![0];
+    }
+    let end = (t - 1) as f64;
+    let step = end / (k - 1) as f64;
+    (0..k)
+        .map(|i| match rule {
+            UniformRule::Round => (i as f64 * step).round() as usize,
+            // ATen's integral linspace: the first half counts up from the start, the second half
+            // down from the end, and the value is truncated.
+            UniformRule::OfficialTruncate => {
+                let x = if i < k / 2 {
+                    i as f64 * step
+                } else {
+                    end - step * (k - 1 - i) as f64
+                };
+                x.trunc() as usize
+            }
+        })
+        .collect()
+}
+
+impl GcgModel {
+    /// Build from a loader at the checkpoint root (`with_vision`: also the ViT trunk).
+    pub fn load(lb: &Loader, cfg: &GcgConfig, tokenizers: TextTokenizers, with_vision: bool) -> Result<Self> {
+        cfg.validate()?;
+        let mut lmm_cfg = cfg.lmm.clone();
+        if cfg.mode == Mode::Uniform {
+            // The official uniform mode has no frame-position embedding.
+            lmm_cfg.frame_positions = false;
+        }
+        let lmm = VideoLmm::load(lb, &lmm_cfg, with_vision)?;
+        let grounding = match cfg.mode {
+            Mode::Grounding => Some(Grounding::load(&lb.pp("grounding"), &cfg.grounding)?),
+            _ => None,
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            lmm,
+            grounding,
+            tokenizers,
+        })
+    }
+
+    fn device(&self) -> Device {
+        self.lmm.query_tokens.device().clone()
+    }
+
+    fn check_batch(&self, batch: &GcgBatch) -> Result<(usize, usize)> {
+        let (b, t, _, _) = batch.features.dims4().context("batch features must be [B, T, N, Dv]")?;
+        ensure!(
+            b == batch.samples.len(),
+            "batch: {} samples but features for {b}",
+            batch.samples.len()
+        );
+        ensure!(
+            t == self.cfg.frames(),
+            "batch: {t} frames per video, the model is configured for T = {}",
+            self.cfg.frames()
+        );
+        ensure!(
+            batch.timestamps.len() == b,
+            "batch: {} timestamp rows for {b} samples",
+            batch.timestamps.len()
+        );
+        Ok((b, t))
+    }
+
+    /// The frames the LLM sees: a [B, K, T] selection (soft in grounding training, one-hot
+    /// otherwise), the per-sample hard frame indices, and p(t) where there is one.
+    fn select(&self, batch: &GcgBatch, train: Option<(&RefCell<SeededRng>, Ctx)>) -> Result<Selection> {
+        let (b, t) = self.check_batch(batch)?;
+        let k = self.cfg.moments();
+        let dev = self.device();
+        match self.cfg.mode {
+            Mode::Uniform => {
+                let idx = uniform_indices(t, k, self.cfg.uniform_rule);
+                let rows = vec![idx; b];
+                Ok(Selection {
+                    matrix: one_hot(&rows, t, &dev)?,
+                    frames: rows,
+                    curve: None,
+                    centres: None,
+                    reg: None,
+                    con: None,
+                })
+            }
+            Mode::Oracle => {
+                // Gaussians at the top-K pseudo-label frames, then their hard top-K.
+                let (peaks, _) = hard_selection(&batch.pseudo_label_scores, k)?;
+                let centres: Vec<f32> = peaks.iter().flatten().map(|&i| i as f32 / (t - 1) as f32).collect();
+                let centres = Tensor::from_vec(centres, (b, k), &dev)?;
+                let p = gaussian_mixture(&centres, t, self.cfg.grounding.width)?;
+                let (frames, matrix) = hard_selection(&p, k)?;
+                Ok(Selection {
+                    matrix,
+                    frames,
+                    curve: Some(p),
+                    centres: Some(centres),
+                    reg: None,
+                    con: None,
+                })
+            }
+            Mode::Grounding => {
+                let g = self
+                    .grounding
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("grounding mode without a grounding module"))?;
+                let answer_ids = answer_indices(&batch.samples);
+                let inputs = GroundingInputs {
+                    frames: &batch.clip_frames,
+                    question: &batch.clip_question,
+                    options: batch.clip_options.as_ref(),
+                    answer_ids: batch.clip_options.as_ref().map(|_| answer_ids.as_slice()),
+                    answer: &batch.clip_event,
+                    pseudo_label_scores: &batch.pseudo_label_scores,
+                };
+                match train {
+                    Some((rng, ctx)) => {
+                        let out = g.forward_train(&inputs, TopkNoises::from_rng(rng), ctx)?;
+                        let (frames, _) = hard_selection(&out.frame_scores.detach(), k)?;
+                        Ok(Selection {
+                            matrix: out.selection,
+                            frames,
+                            curve: Some(out.frame_scores),
+                            centres: Some(out.gaussian_centres),
+                            reg: Some(out.regression.total()?),
+                            con: Some(out.contrastive),
+                        })
+                    }
+                    None => {
+                        let pred = g.predict(&batch.clip_frames, &batch.clip_question, batch.clip_options.as_ref())?;
+                        Ok(Selection {
+                            matrix: pred.selection,
+                            frames: pred.moments,
+                            curve: Some(pred.frame_scores),
+                            centres: Some(pred.gaussian_centres),
+                            reg: None,
+                            con: None,
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Visual tokens for the LLM from a selection.
+    fn visual_tokens(&self, batch: &GcgBatch, sel: &Selection, qids: &Tensor, qmask: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let (b, t, n, dv) = batch.features.dims4()?;
+        let k = self.cfg.moments();
+        let dt = self.lmm.post_layernorm.weight.dtype();
+        let normed = self.lmm.normalize_features(&batch.features.to_dtype(dt)?)?; // [B, T, N, Dv]
+        let chosen = if sel.matrix.track_op() {
+            // Soft selection: mix the T frames (gradients reach p through the perturbed top-k).
+            let m = sel.matrix.to_dtype(normed.dtype())?;
+            m.matmul(&normed.reshape((b, t, n * dv))?)?.reshape((b, k, n, dv))?
+        } else {
+            // Hard selection: gather the frames.
+            let idx: Vec<u32> = sel
+                .frames
+                .iter()
+                .enumerate()
+                .flat_map(|(bi, r)| r.iter().map(move |&f| (bi * t + f) as u32))
+                .collect();
+            let idx = Tensor::from_vec(idx, b * k, normed.device())?;
+            normed.reshape((b * t, n, dv))?.index_select(&idx, 0)?.reshape((b, k, n, dv))?
+        };
+        self.lmm.visual_tokens(&chosen, Some(&normed), qids, qmask, ctx)
+    }
+
+    fn prompts(&self, batch: &GcgBatch) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+        let dev = self.device();
+        let prompts: Vec<String> = batch.samples.iter().map(data::prompt).collect();
+        let q = self.tokenizers.qformer.encode_batch(&prompts)?;
+        let t = self.tokenizers.t5.encode_inputs(&prompts)?;
+        Ok((q.ids_tensor(&dev)?, q.mask_tensor(&dev)?, t.ids_tensor(&dev)?, t.mask_tensor(&dev)?))
+    }
+
+    /// A training step's forward: the three losses and their weighted sum.
+    pub fn forward_train(&self, batch: &GcgBatch, rng: &RefCell<SeededRng>) -> Result<Losses> {
+        let ctx = Ctx::train(rng);
+        let sel = self.select(batch, Some((rng, ctx)))?;
+        let (qids, qmask, ids, mask) = self.prompts(batch)?;
+        let visual = self.visual_tokens(batch, &sel, &qids, &qmask, ctx)?;
+        let inputs = self.lmm.llm_inputs(&visual, &ids, &mask)?;
+        let targets: Vec<String> = batch.samples.iter().map(data::target).collect();
+        let tb = self.tokenizers.t5.encode_targets(&targets)?;
+        let pad = self.tokenizers.t5.pad_id() as i64;
+        let labels: Vec<i64> = tb
+            .input_ids
+            .iter()
+            .flatten()
+            .map(|&x| if x as i64 == pad { -100 } else { x as i64 })
+            .collect();
+        let labels = Tensor::from_vec(labels, (tb.batch_size(), tb.seq_len()), &self.device())?;
+        let vqa = self.lmm.loss(&inputs, &labels, ctx)?.to_dtype(DType::F32)?;
+        let mut total = vqa.clone();
+        if let Some(r) = &sel.reg {
+            total = (total + (r.to_dtype(DType::F32)? * self.cfg.alpha_reg)?)?;
+        }
+        if let Some(c) = &sel.con {
+            total = (total + (c.to_dtype(DType::F32)? * self.cfg.alpha_con)?)?;
+        }
+        Ok(Losses {
+            vqa,
+            reg: sel.reg,
+            con: sel.con,
+            total,
+        })
+    }
+
+    /// Deterministic answers with their grounding.
+    pub fn answer(&self, batch: &GcgBatch) -> Result<Vec<Answered>> {
+        let ctx = Ctx::eval();
+        let sel = self.select(batch, None)?;
+        let (qids, qmask, ids, mask) = self.prompts(batch)?;
+        let visual = self.visual_tokens(batch, &sel, &qids, &qmask, ctx)?;
+        let inputs = self.lmm.llm_inputs(&visual, &ids, &mask)?;
+        let b = batch.len();
+        let mc = batch.samples.iter().all(|s| s.is_multiple_choice());
+        let open = batch.samples.iter().all(|s| !s.is_multiple_choice());
+        ensure!(mc || open, "a batch mixes multiple-choice and open-ended questions");
+        let mut preds: Vec<(data::Answer, Option<String>, Option<Vec<f32>>)> = Vec::with_capacity(b);
+        match (&self.cfg.answer, mc) {
+            (AnswerMethod::OptionScoring, true) => {
+                let options: Vec<Vec<Vec<u32>>> = batch
+                    .samples
+                    .iter()
+                    .map(|s| {
+                        (0..s.options.len())
+                            .map(|i| {
+                                self.tokenizers.t5.encode(
+                                    data::OPTION_LETTERS[i.min(4)],
+                                    crate::weights::tokenizers::TruncationSide::Right,
+                                    8,
+                                )
+                            })
+                            .collect::<Result<Vec<_>>>()
+                    })
+                    .collect::<Result<_>>()?;
+                let scores = self.lmm.score_options(&inputs, &options)?;
+                for row in scores {
+                    let best = row
+                        .iter()
+                        .enumerate()
+                        .max_by(|a, b| a.1.total_cmp(b.1))
+                        .map(|(i, _)| i)
+                        .unwrap_or(0);
+                    preds.push((data::Answer::Choice(best), None, Some(row)));
+                }
+            }
+            (method, _) => {
+                let (num_beams, max_new_tokens) = match method {
+                    AnswerMethod::Generate { num_beams, max_new_tokens } => (*num_beams, *max_new_tokens),
+                    AnswerMethod::OptionScoring => (1, 30),
+                };
+                let gen = GenerateConfig {
+                    max_new_tokens,
+                    num_beams,
+                    ..Default::default()
+                };
+                let out = self.lmm.generate(&inputs, &gen)?;
+                let vocab = self.tokenizers.t5.vocab_size() as u32;
+                for (s, ids) in batch.samples.iter().zip(out) {
+                    let ids: Vec<u32> = ids.into_iter().filter(|&i| i < vocab).collect();
+                    let text = self.tokenizers.t5.decode(&ids, true)?;
+                    let pred = if s.is_multiple_choice() {
+                        let letter = text.trim();
+                        match data::OPTION_LETTERS.iter().position(|l| *l == letter) {
+                            Some(i) if i < s.options.len() => data::Answer::Choice(i),
+                            // Not a letter: the option whose text it is, else no valid choice.
+                            _ => match s.options.iter().position(|o| o.trim() == letter) {
+                                Some(i) => data::Answer::Choice(i),
+                                None => data::Answer::Text(text.clone()),
+                            },
+                        }
+                    } else {
+                        data::Answer::Text(text.clone())
+                    };
+                    preds.push((pred, Some(text), None));
+                }
+            }
+        }
+        let curves: Option<Vec<Vec<f32>>> = match &sel.curve {
+            Some(p) => Some(p.detach().to_dtype(DType::F32)?.to_vec2::<f32>()?),
+            None => None,
+        };
+        let mut out = Vec::with_capacity(b);
+        for (i, (s, (prediction, generated, option_scores))) in batch.samples.iter().zip(preds).enumerate() {
+            let frames = sel.frames[i].clone();
+            let seconds = frames
+                .iter()
+                .map(|&f| batch.timestamps[i].get(f).copied().unwrap_or(f64::NAN))
+                .collect();
+            out.push(Answered {
+                key: s.key.clone(),
+                prediction,
+                generated,
+                option_scores,
+                frames,
+                seconds,
+                curve: curves.as_ref().map(|c| c[i].clone()),
+            });
+        }
+        Ok(out)
+    }
+}
+
+struct Selection {
+    /// [B, K, T]
+    matrix: Tensor,
+    /// Hard frame indices per sample, sorted by time.
+    frames: Vec<Vec<usize>>,
+    /// p(t) [B, T]
+    curve: Option<Tensor>,
+    #[allow(dead_code)]
+    centres: Option<Tensor>,
+    reg: Option<Tensor>,
+    con: Option<Tensor>,
+}
+
+fn answer_indices(samples: &[QaSample]) -> Vec<usize> {
+    samples
+        .iter()
+        .map(|s| if let data::Answer::Choice(i) = s.answer { i } else { 0 })
+        .collect()
+}
+
+/// One-hot [B, K, T] rows.
+fn one_hot(rows: &[Vec<usize>], t: usize, dev: &Device) -> Result<Tensor> {
+    let b = rows.len();
+    let k = rows.first().map(Vec::len).unwrap_or(0);
+    let mut v = vec![0f32; b * k * t];
+    for (bi, r) in rows.iter().enumerate() {
+        for (ki, &f) in r.iter().enumerate() {
+            v[(bi * k + ki) * t + f] = 1.0;
+        }
+    }
+    Ok(Tensor::from_vec(v, (b, k, t), dev)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_rules() {
+        assert_eq!(uniform_indices(32, 4, UniformRule::OfficialTruncate), vec![0, 10, 20, 31]);
+        assert_eq!(uniform_indices(32, 4, UniformRule::Round), vec![0, 10, 21, 31]);
+        assert_eq!(uniform_indices(8, 1, UniformRule::Round), vec![0]);
+    }
+
+    #[test]
+    fn official_truncation_equals_torch_linspace_int() {
+        // torch.linspace(0, T-1, K, dtype=torch.int).tolist(), printed by PyTorch 2.15.
+        let cases: Vec<(usize, usize, Vec<usize>)> = vec![
+            (2, 1, vec![0]),
+            (2, 2, vec![0, 1]),
+            (3, 1, vec![0]),
+            (3, 2, vec![0, 2]),
+            (3, 3, vec![0, 1, 2]),
+            (5, 1, vec![0]),
+            (5, 2, vec![0, 4]),
+            (5, 3, vec![0, 2, 4]),
+            (5, 4, vec![0, 1, 2, 4]),
+            (5, 5, vec![0, 1, 2, 3, 4]),
+            (6, 1, vec![0]),
+            (6, 2, vec![0, 5]),
+            (6, 3, vec![0, 2, 5]),
+            (6, 4, vec![0, 1, 3, 5]),
+            (6, 5, vec![0, 1, 2, 3, 5]),
+            (6, 6, vec![0, 1, 2, 3, 4, 5]),
+            (7, 1, vec![0]),
+            (7, 2, vec![0, 6]),
+            (7, 3, vec![0, 3, 6]),
+            (7, 4, vec![0, 2, 4, 6]),
+            (7, 5, vec![0, 1, 3, 4, 6]),
+            (7, 6, vec![0, 1, 2, 3, 4, 6]),
+            (7, 7, vec![0, 1, 2, 3, 4, 5, 6]),
+            (8, 1, vec![0]),
+            (8, 2, vec![0, 7]),
+            (8, 3, vec![0, 3, 7]),
+            (8, 4, vec![0, 2, 4, 7]),
+            (8, 5, vec![0, 1, 3, 5, 7]),
+            (8, 6, vec![0, 1, 2, 4, 5, 7]),
+            (8, 7, vec![0, 1, 2, 3, 4, 5, 7]),
+            (8, 8, vec![0, 1, 2, 3, 4, 5, 6, 7]),
+            (9, 1, vec![0]),
+            (9, 2, vec![0, 8]),
+            (9, 3, vec![0, 4, 8]),
+            (9, 4, vec![0, 2, 5, 8]),
+            (9, 5, vec![0, 2, 4, 6, 8]),
+            (9, 6, vec![0, 1, 3, 4, 6, 8]),
+            (9, 7, vec![0, 1, 2, 4, 5, 6, 8]),
+            (9, 8, vec![0, 1, 2, 3, 4, 5, 6, 8]),
+            (9, 9, vec![0, 1, 2, 3, 4, 5, 6, 7, 8]),
+            (10, 1, vec![0]),
+            (10, 2, vec![0, 9]),
+            (10, 3, vec![0, 4, 9]),
+            (10, 4, vec![0, 3, 6, 9]),
+            (10, 5, vec![0, 2, 4, 6, 9]),
+            (10, 6, vec![0, 1, 3, 5, 7, 9]),
+            (10, 7, vec![0, 1, 3, 4, 6, 7, 9]),
+            (10, 8, vec![0, 1, 2, 3, 5, 6, 7, 9]),
+            (10, 9, vec![0, 1, 2, 3, 4, 5, 6, 7, 9]),
+            (12, 1, vec![0]),
+            (12, 2, vec![0, 11]),
+            (12, 3, vec![0, 5, 11]),
+            (12, 4, vec![0, 3, 7, 11]),
+            (12, 5, vec![0, 2, 5, 8, 11]),
+            (12, 6, vec![0, 2, 4, 6, 8, 11]),
+            (12, 7, vec![0, 1, 3, 5, 7, 9, 11]),
+            (12, 8, vec![0, 1, 3, 4, 6, 7, 9, 11]),
+            (12, 9, vec![0, 1, 2, 4, 5, 6, 8, 9, 11]),
+            (16, 1, vec![0]),
+            (16, 2, vec![0, 15]),
+            (16, 3, vec![0, 7, 15]),
+            (16, 4, vec![0, 5, 10, 15]),
+            (16, 5, vec![0, 3, 7, 11, 15]),
+            (16, 6, vec![0, 3, 6, 9, 12, 15]),
+            (16, 7, vec![0, 2, 5, 7, 10, 12, 15]),
+            (16, 8, vec![0, 2, 4, 6, 8, 10, 12, 15]),
+            (16, 9, vec![0, 1, 3, 5, 7, 9, 11, 13, 15]),
+            (20, 1, vec![0]),
+            (20, 2, vec![0, 19]),
+            (20, 3, vec![0, 9, 19]),
+            (20, 4, vec![0, 6, 12, 19]),
+            (20, 5, vec![0, 4, 9, 14, 19]),
+            (20, 6, vec![0, 3, 7, 11, 15, 19]),
+            (20, 7, vec![0, 3, 6, 9, 12, 15, 19]),
+            (20, 8, vec![0, 2, 5, 8, 10, 13, 16, 19]),
+            (20, 9, vec![0, 2, 4, 7, 9, 11, 14, 16, 19]),
+            (24, 1, vec![0]),
+            (24, 2, vec![0, 23]),
+            (24, 3, vec![0, 11, 23]),
+            (24, 4, vec![0, 7, 15, 23]),
+            (24, 5, vec![0, 5, 11, 17, 23]),
+            (24, 6, vec![0, 4, 9, 13, 18, 23]),
+            (24, 7, vec![0, 3, 7, 11, 15, 19, 23]),
+            (24, 8, vec![0, 3, 6, 9, 13, 16, 19, 23]),
+            (24, 9, vec![0, 2, 5, 8, 11, 14, 17, 20, 23]),
+            (32, 1, vec![0]),
+            (32, 2, vec![0, 31]),
+            (32, 3, vec![0, 15, 31]),
+            (32, 4, vec![0, 10, 20, 31]),
+            (32, 5, vec![0, 7, 15, 23, 31]),
+            (32, 6, vec![0, 6, 12, 18, 24, 31]),
+            (32, 7, vec![0, 5, 10, 15, 20, 25, 31]),
+            (32, 8, vec![0, 4, 8, 13, 17, 22, 26, 31]),
+            (32, 9, vec![0, 3, 7, 11, 15, 19, 23, 27, 31]),
+            (33, 1, vec![0]),
+            (33, 2, vec![0, 32]),
+            (33, 3, vec![0, 16, 32]),
+            (33, 4, vec![0, 10, 21, 32]),
+            (33, 5, vec![0, 8, 16, 24, 32]),
+            (33, 6, vec![0, 6, 12, 19, 25, 32]),
+            (33, 7, vec![0, 5, 10, 16, 21, 26, 32]),
+            (33, 8, vec![0, 4, 9, 13, 18, 22, 27, 32]),
+            (33, 9, vec![0, 4, 8, 12, 16, 20, 24, 28, 32]),
+            (48, 1, vec![0]),
+            (48, 2, vec![0, 47]),
+            (48, 3, vec![0, 23, 47]),
+            (48, 4, vec![0, 15, 31, 47]),
+            (48, 5, vec![0, 11, 23, 35, 47]),
+            (48, 6, vec![0, 9, 18, 28, 37, 47]),
+            (48, 7, vec![0, 7, 15, 23, 31, 39, 47]),
+            (48, 8, vec![0, 6, 13, 20, 26, 33, 40, 47]),
+            (48, 9, vec![0, 5, 11, 17, 23, 29, 35, 41, 47]),
+            (64, 1, vec![0]),
+            (64, 2, vec![0, 63]),
+            (64, 3, vec![0, 31, 63]),
+            (64, 4, vec![0, 21, 42, 63]),
+            (64, 5, vec![0, 15, 31, 47, 63]),
+            (64, 6, vec![0, 12, 25, 37, 50, 63]),
+            (64, 7, vec![0, 10, 21, 31, 42, 52, 63]),
+            (64, 8, vec![0, 9, 18, 27, 36, 45, 54, 63]),
+            (64, 9, vec![0, 7, 15, 23, 31, 39, 47, 55, 63]),
+            (100, 1, vec![0]),
+            (100, 2, vec![0, 99]),
+            (100, 3, vec![0, 49, 99]),
+            (100, 4, vec![0, 33, 66, 99]),
+            (100, 5, vec![0, 24, 49, 74, 99]),
+            (100, 6, vec![0, 19, 39, 59, 79, 99]),
+            (100, 7, vec![0, 16, 33, 49, 66, 82, 99]),
+            (100, 8, vec![0, 14, 28, 42, 56, 70, 84, 99]),
+            (100, 9, vec![0, 12, 24, 37, 49, 61, 74, 86, 99]),
+            (128, 1, vec![0]),
+            (128, 2, vec![0, 127]),
+            (128, 3, vec![0, 63, 127]),
+            (128, 4, vec![0, 42, 84, 127]),
+            (128, 5, vec![0, 31, 63, 95, 127]),
+            (128, 6, vec![0, 25, 50, 76, 101, 127]),
+            (128, 7, vec![0, 21, 42, 63, 84, 105, 127]),
+            (128, 8, vec![0, 18, 36, 54, 72, 90, 108, 127]),
+            (128, 9, vec![0, 15, 31, 47, 63, 79, 95, 111, 127]),
+        ];
+        for (t, k, want) in cases {
+            assert_eq!(uniform_indices(t, k, UniformRule::OfficialTruncate), want, "T={t} K={k}");
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Checkpoints: a directory holding the trainable weights (`weights.safetensors`, under the
+//! canonical names, loadable by PyTorch's `safetensors.torch.load_file`), the optimiser moments
+//! (`optimizer.safetensors`), the loop position and generator state (`state.json`) and the run
+//! config (`config.json`). A checkpoint is written into a temporary directory and renamed into
+//! place, so a crash never leaves a half-written checkpoint under the final name.
+
+use super::optim::AdamW;
+use crate::rng::SeededRng;
+use crate::util::{save_safetensors_atomic, write_atomic};
+use crate::weights::{SafetensorsSource, TensorSource, VarStore};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// Where the training loop is, and everything random it will draw next.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimiser updates done.
+    pub step: u64,
+    /// The epoch in progress (0-based) and the micro-batches of it already consumed.
+    pub epoch: u64,
+    pub batch_in_epoch: u64,
+    /// The generator for dropout and the perturbation noise, as it is after the last update.
+    pub rng: SeededRng,
+    /// The best validation score so far and the step it was reached at.
+    pub best_metric: Option<f64>,
+    pub best_step: Option<u64>,
+    /// Batches skipped because their loss was not finite (`--skip-nonfinite`).
+    pub skipped_nonfinite: u64,
+}
+
+impl TrainState {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            rng: SeededRng::new(seed),
+            best_metric: None,
+            best_step: None,
+            skipped_nonfinite: 0,
+        }
+    }
+}
+
+pub const WEIGHTS: &str = "weights.safetensors";
+pub const OPTIMIZER: &str = "optimizer.safetensors";
+pub const STATE: &str = "state.json";
+pub const CONFIG: &str = "config.json";
+
+/// Write a checkpoint directory atomically (replacing an existing one of the same name).
+pub fn save(dir: &Path, vars: &VarStore, opt: &AdamW, state: &TrainState, config: &serde_json::Value) -> Result<()> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = dir
+        .file_name()
+        .ok_or_else(|| anyhow!("bad checkpoint path {}", dir.display()))?
+        .to_string_lossy()
+        .to_string();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    vars.save_safetensors(&tmp.join(WEIGHTS))?;
+    save_safetensors_atomic(&opt.state_tensors()?, &tmp.join(OPTIMIZER))?;
+    write_atomic(&tmp.join(STATE), serde_json::to_string_pretty(state)?.as_bytes())?;
+    write_atomic(&tmp.join(CONFIG), serde_json::to_string_pretty(config)?.as_bytes())?;
+    // Swap in: the old checkpoint moves aside first, so one complete checkpoint always exists.
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::rename(dir, &old).with_context(|| format!("moving aside {}", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).ok();
+    }
+    Ok(())
+}
+
+/// A checkpoint read back.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub weights: SafetensorsSource,
+    pub optimizer: BTreeMap<String, Tensor>,
+    pub state: TrainState,
+    pub config: serde_json::Value,
+}
+
+pub fn load(dir: &Path, dev: &Device) -> Result<Loaded> {
+    if !dir.join(STATE).exists() {
+        bail!("{} is not a checkpoint directory (no {STATE})", dir.display());
+    }
+    let weights = SafetensorsSource::open(dir.join(WEIGHTS))?;
+    let opt_src = SafetensorsSource::open(dir.join(OPTIMIZER))?;
+    let mut optimizer = BTreeMap::new();
+    for n in opt_src.names() {
+        optimizer.insert(n.clone(), opt_src.load(&n, dev)?);
+    }
+    let read =
+        |f: &str| -> Result<String> { std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display())) };
+    let state: TrainState = serde_json::from_str(&read(STATE)?).with_context(|| format!("parsing {}", dir.join(STATE).display()))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&read(CONFIG)?).with_context(|| format!("parsing {}", dir.join(CONFIG).display()))?;
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        weights,
+        optimizer,
+        state,
+        config,
+    })
+}
+
+impl Loaded {
+    /// Put the weights into the variables and the moments into the optimiser.
+    pub fn restore(&self, vars: &VarStore, opt: &mut AdamW) -> Result<()> {
+        vars.load_from(&self.weights)
+            .with_context(|| format!("restoring weights from {}", self.dir.display()))?;
+        opt.load_state(&self.optimizer, self.state.step)
+            .with_context(|| format!("restoring the optimizer from {}", self.dir.display()))
+    }
+}

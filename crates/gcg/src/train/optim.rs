@@ -1,0 +1,237 @@
+//! AdamW with parameter groups (as `torch.optim.AdamW`), gradient clipping by global norm
+//! (as `torch.nn.utils.clip_grad_norm_`), and gradient accumulation.
+
+use crate::weights::VarStore;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One group of parameters with its own learning rate and weight decay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupConfig {
+    pub name: String,
+    /// Base learning rate (the schedule multiplies it).
+    pub lr: f64,
+    pub weight_decay: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    group: usize,
+    m: Tensor,
+    v: Tensor,
+    /// Updates this parameter received (torch keeps the step per parameter: a parameter without a
+    /// gradient in some step keeps its own, smaller bias correction afterwards).
+    step: u64,
+}
+
+/// AdamW over named variables split into groups. The update of each parameter p with gradient g
+/// at step t (1-based), learning rate lr and weight decay λ is torch's:
+/// p ← p·(1 − lr·λ); m ← β1 m + (1−β1) g; v ← β2 v + (1−β2) g²;
+/// p ← p − (lr / (1−β1ᵗ)) · m / (√v / √(1−β2ᵗ) + ε).
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    pub groups: Vec<GroupConfig>,
+    slots: Vec<Slot>,
+    step: u64,
+}
+
+impl AdamW {
+    /// `assign(name) -> group index` places every variable in a group.
+    pub fn new(vars: &VarStore, groups: Vec<GroupConfig>, cfg: AdamWConfig, assign: impl Fn(&str) -> usize) -> Result<Self> {
+        if groups.is_empty() {
+            bail!("AdamW needs at least one parameter group");
+        }
+        let mut slots = Vec::new();
+        for (name, var) in vars.iter() {
+            let group = assign(name);
+            if group >= groups.len() {
+                bail!(
+                    "parameter {name} assigned to group {group}, but there are only {} groups",
+                    groups.len()
+                );
+            }
+            if var.dtype() != DType::F32 && var.dtype() != DType::F64 {
+                bail!("parameter {name} is {:?}; trainable parameters are kept in f32", var.dtype());
+            }
+            slots.push(Slot {
+                name: name.clone(),
+                var: var.clone(),
+                group,
+                m: var.zeros_like()?,
+                v: var.zeros_like()?,
+                step: 0,
+            });
+        }
+        Ok(Self {
+            cfg,
+            groups,
+            slots,
+            step: 0,
+        })
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Number of parameters per group.
+    pub fn group_sizes(&self) -> Vec<usize> {
+        let mut n = vec![0; self.groups.len()];
+        for s in &self.slots {
+            n[s.group] += s.var.elem_count();
+        }
+        n
+    }
+
+    /// Apply one update with the gradients in `grads` and the group learning rates
+    /// `base lr × lr_scale`. Parameters without a gradient are left unchanged (as torch does for
+    /// `p.grad is None`), and their moments too.
+    pub fn step(&mut self, grads: &Grads, lr_scale: f64) -> Result<()> {
+        self.step += 1;
+        let (b1, b2, eps) = (self.cfg.beta1, self.cfg.beta2, self.cfg.eps);
+        for s in &mut self.slots {
+            let Some(g) = grads.get(&s.name) else { continue };
+            s.step += 1;
+            let bc1 = 1.0 - b1.powi(s.step as i32);
+            let bc2 = 1.0 - b2.powi(s.step as i32);
+            let g = g.to_dtype(s.var.dtype())?;
+            let gc = &self.groups[s.group];
+            let lr = gc.lr * lr_scale;
+            let p = s.var.as_tensor();
+            let decayed = if gc.weight_decay != 0.0 {
+                p.affine(1.0 - lr * gc.weight_decay, 0.0)?
+            } else {
+                p.clone()
+            };
+            s.m = ((&s.m * b1)? + (&g * (1.0 - b1))?)?;
+            s.v = ((&s.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let denom = ((s.v.sqrt()? / bc2.sqrt())? + eps)?;
+            let update = ((&s.m / denom)? * (lr / bc1))?;
+            s.var.set(&(decayed - update)?)?;
+        }
+        Ok(())
+    }
+
+    /// The optimiser state as named tensors (`exp_avg.{name}`, `exp_avg_sq.{name}`, and the
+    /// per-parameter update count `step.{name}` as an f64 scalar) for a checkpoint.
+    pub fn state_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        let mut out = BTreeMap::new();
+        for s in &self.slots {
+            out.insert(format!("exp_avg.{}", s.name), s.m.clone());
+            out.insert(format!("exp_avg_sq.{}", s.name), s.v.clone());
+            out.insert(format!("step.{}", s.name), Tensor::new(s.step as f64, &candle_core::Device::Cpu)?);
+        }
+        Ok(out)
+    }
+
+    /// Restore moments and the step counter saved by [`AdamW::state_tensors`].
+    pub fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>, step: u64) -> Result<()> {
+        for s in &mut self.slots {
+            for (key, slot) in [("exp_avg", &mut s.m), ("exp_avg_sq", &mut s.v)] {
+                let k = format!("{key}.{}", s.name);
+                let t = tensors.get(&k).ok_or_else(|| anyhow!("optimizer state has no '{k}'"))?;
+                if t.dims() != s.var.dims() {
+                    bail!("optimizer state '{k}' has shape {:?}, the parameter {:?}", t.dims(), s.var.dims());
+                }
+                *slot = t.to_dtype(s.var.dtype())?.to_device(s.var.device())?;
+            }
+            let k = format!("step.{}", s.name);
+            let t = tensors.get(&k).ok_or_else(|| anyhow!("optimizer state has no '{k}'"))?;
+            s.step = t.to_dtype(DType::F64)?.to_scalar::<f64>()? as u64;
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Gradients by parameter name, accumulated over micro-batches.
+#[derive(Default)]
+pub struct Grads {
+    by_name: BTreeMap<String, Tensor>,
+}
+
+impl Grads {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.by_name.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// Add the gradients a backward pass computed for the variables of `vars`, times `scale`
+    /// (1/accumulation steps). Only trainable variables are read: the frozen networks have none.
+    pub fn accumulate(&mut self, store: &GradStore, vars: &VarStore, scale: f64) -> Result<()> {
+        for (name, var) in vars.iter() {
+            let Some(g) = store.get(var.as_tensor()) else { continue };
+            let g = if scale == 1.0 { g.clone() } else { (g * scale)? };
+            let entry = match self.by_name.remove(name) {
+                Some(prev) => (prev + g).with_context(|| format!("accumulating the gradient of {name}"))?,
+                None => g,
+            };
+            self.by_name.insert(name.clone(), entry);
+        }
+        Ok(())
+    }
+
+    /// Insert a gradient directly (tests, other sources).
+    pub fn insert(&mut self, name: impl Into<String>, g: Tensor) {
+        self.by_name.insert(name.into(), g);
+    }
+
+    /// √(Σ‖g‖²) over all gradients.
+    pub fn global_norm(&self) -> Result<f64> {
+        let mut total = 0f64;
+        for g in self.by_name.values() {
+            total += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        }
+        Ok(total.sqrt())
+    }
+
+    /// Are all gradients finite?
+    pub fn all_finite(&self) -> Result<bool> {
+        Ok(self.global_norm()?.is_finite())
+    }
+
+    /// `clip_grad_norm_(max_norm)`: scale all gradients by max_norm / (norm + 1e-6) when that is
+    /// below 1. Returns the norm before clipping.
+    pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let norm = self.global_norm()?;
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in self.by_name.values_mut() {
+                *g = (&*g * coef)?;
+            }
+        }
+        Ok(norm)
+    }
+}

@@ -1,0 +1,377 @@
+//! The training loop: epochs over cached features with seeded shuffling, gradient accumulation,
+//! clipping, AdamW groups and the schedule; validation each epoch with deterministic answering;
+//! the best-on-validation checkpoint kept; test evaluated only at the end; metrics to a JSONL log;
+//! resumable to the identical loss sequence.
+
+use super::checkpoint::{self, TrainState};
+use super::optim::{AdamW, AdamWConfig, Grads, GroupConfig};
+use super::schedule::Schedule;
+use crate::gcg::{Answered, GcgBatch, GcgModel};
+use crate::weights::VarStore;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The optimisation settings of a run (the `[train]` table of run.toml).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub seed: u64,
+    pub epochs: u64,
+    /// Questions per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
+    /// Learning rate of the Q-Former, query tokens, projection and frame positions.
+    pub lr: f64,
+    /// Learning rate of the grounding module.
+    pub grounding_lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// `constant` or `warmup-cosine`.
+    pub schedule: String,
+    /// Warm-up as a fraction of all optimiser steps (warmup-cosine).
+    pub warmup_fraction: f64,
+    /// Warm-up start and final learning rate, as fractions of the base rates.
+    pub warmup_start_factor: f64,
+    pub min_lr_factor: f64,
+    /// Clip gradients to this global norm (none when absent).
+    pub max_grad_norm: Option<f64>,
+    /// Skip a batch whose loss is not finite (counted) instead of stopping with an error.
+    pub skip_nonfinite: bool,
+    /// Write the `last` checkpoint every this many optimiser steps (and at each epoch end).
+    pub checkpoint_every: u64,
+    /// Stop after this many optimiser steps (for smoke runs and tests).
+    pub max_steps: Option<u64>,
+    /// Log a metrics row every this many optimiser steps.
+    pub log_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seed: 3407,
+            epochs: 10,
+            batch_size: 4,
+            grad_accum: 1,
+            lr: 1e-5,
+            grounding_lr: 7e-5,
+            weight_decay: 0.02,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            schedule: "constant".into(),
+            warmup_fraction: 0.025,
+            warmup_start_factor: 1e-3,
+            min_lr_factor: 0.5,
+            max_grad_norm: None,
+            skip_nonfinite: false,
+            checkpoint_every: 500,
+            max_steps: None,
+            log_every: 1,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("batch_size and grad_accum must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.grounding_lr > 0.0) {
+            bail!(
+                "learning rates must be positive (lr {}, grounding_lr {})",
+                self.lr,
+                self.grounding_lr
+            );
+        }
+        match self.schedule.as_str() {
+            "constant" | "warmup-cosine" => Ok(()),
+            other => bail!("unknown schedule {other:?} (expected constant or warmup-cosine)"),
+        }
+    }
+
+    pub fn schedule(&self, total_steps: u64) -> Schedule {
+        match self.schedule.as_str() {
+            "warmup-cosine" => Schedule::WarmupCosine {
+                warmup_steps: (self.warmup_fraction * total_steps as f64).round() as u64,
+                total_steps,
+                warmup_start_factor: self.warmup_start_factor,
+                min_factor: self.min_lr_factor,
+            },
+            _ => Schedule::Constant,
+        }
+    }
+
+    /// The two parameter groups of the official code: everything, and the grounding module.
+    pub fn optimizer(&self, vars: &VarStore) -> Result<AdamW> {
+        let groups = vec![
+            GroupConfig {
+                name: "base".into(),
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+            },
+            GroupConfig {
+                name: "grounding".into(),
+                lr: self.grounding_lr,
+                weight_decay: self.weight_decay,
+            },
+        ];
+        AdamW::new(
+            vars,
+            groups,
+            AdamWConfig {
+                beta1: self.beta1,
+                beta2: self.beta2,
+                eps: self.eps,
+            },
+            |n| usize::from(crate::grounding::is_trainable(n)),
+        )
+    }
+}
+
+/// Batches of a split in a deterministic order for (seed, epoch).
+pub trait BatchSource {
+    /// Number of micro-batches per epoch.
+    fn num_batches(&self) -> usize;
+    /// The epoch's batches in order; `skip` leading batches are not produced (resume).
+    fn batches(&self, epoch: u64, skip: usize) -> Result<Box<dyn Iterator<Item = Result<GcgBatch>> + '_>>;
+}
+
+/// One row of the metrics log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub vqa: f64,
+    pub reg: Option<f64>,
+    pub con: Option<f64>,
+    pub lr: f64,
+    pub grad_norm: Option<f64>,
+    pub samples_per_s: f64,
+}
+
+/// What the loop tells its caller (progress bars, logs).
+pub enum Event<'a> {
+    Step(&'a StepMetrics),
+    SkippedNonFinite { step: u64, epoch: u64, batch: u64 },
+    Validation { epoch: u64, accuracy: f64, best: bool },
+    Checkpoint(&'a Path),
+}
+
+/// Accuracy of answers against their samples (multiple choice or exact match).
+pub fn accuracy(batches: &[(GcgBatch, Vec<Answered>)]) -> f64 {
+    let mut n = 0usize;
+    let mut right = 0usize;
+    for (b, answers) in batches {
+        for (s, a) in b.samples.iter().zip(answers) {
+            n += 1;
+            let ok = match (&s.answer, &a.prediction) {
+                (crate::data::Answer::Choice(x), crate::data::Answer::Choice(y)) => x == y,
+                (crate::data::Answer::Text(x), crate::data::Answer::Text(y)) => x.trim().eq_ignore_ascii_case(y.trim()),
+                _ => false,
+            };
+            right += usize::from(ok);
+        }
+    }
+    if n == 0 {
+        0.0
+    } else {
+        100.0 * right as f64 / n as f64
+    }
+}
+
+/// Answer every batch of a source (deterministic).
+pub fn answer_all(model: &GcgModel, source: &dyn BatchSource) -> Result<Vec<(GcgBatch, Vec<Answered>)>> {
+    let mut out = Vec::new();
+    for b in source.batches(0, 0)? {
+        let b = b?;
+        let a = model.answer(&b)?;
+        out.push((b, a));
+    }
+    Ok(out)
+}
+
+/// A run directory: `config.json`, `metrics.jsonl`, `checkpoints/{last,best}`.
+pub struct RunDir {
+    pub root: PathBuf,
+}
+
+impl RunDir {
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(root.join("checkpoints")).with_context(|| format!("creating run directory {}", root.display()))?;
+        Ok(Self { root })
+    }
+    pub fn last(&self) -> PathBuf {
+        self.root.join("checkpoints/last")
+    }
+    pub fn best(&self) -> PathBuf {
+        self.root.join("checkpoints/best")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+    /// Append one JSON row to the metrics log (one write per line; flushed).
+    pub fn log(&self, row: &serde_json::Value) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(self.metrics())?;
+        writeln!(f, "{}", serde_json::to_string(row)?)?;
+        f.flush()?;
+        Ok(())
+    }
+}
+
+/// Train `model` (whose trainable variables are `vars`). Resumes from `run/checkpoints/last`
+/// when `resume` and it exists. Returns the final state.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    model: &GcgModel,
+    vars: &VarStore,
+    cfg: &TrainConfig,
+    run: &RunDir,
+    train_set: &dyn BatchSource,
+    val_set: Option<&dyn BatchSource>,
+    run_config: &serde_json::Value,
+    resume: bool,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<TrainState> {
+    cfg.validate()?;
+    let mut opt = cfg.optimizer(vars)?;
+    let mut state = TrainState::new(cfg.seed);
+    if resume && run.last().exists() {
+        let loaded = checkpoint::load(&run.last(), &model.lmm.query_tokens.device().clone())?;
+        loaded.restore(vars, &mut opt)?;
+        state = loaded.state;
+        tracing::info!("resumed from {} at step {}", run.last().display(), state.step);
+    } else if run.metrics().exists() {
+        // A fresh run starts a fresh log.
+        std::fs::remove_file(run.metrics())?;
+    }
+    let per_epoch = train_set.num_batches() as u64;
+    if per_epoch == 0 {
+        bail!("the training set yields no batches");
+    }
+    let steps_per_epoch = per_epoch.div_ceil(cfg.grad_accum as u64);
+    // The schedule spans the whole run; `max_steps` only stops early (a smoke run or a
+    // simulated kill must not change the learning rates).
+    let total_steps = steps_per_epoch * cfg.epochs;
+    let schedule = cfg.schedule(total_steps);
+    let rng = RefCell::new(state.rng.clone());
+
+    'epochs: while state.epoch < cfg.epochs {
+        let epoch = state.epoch;
+        let mut batches = train_set.batches(epoch, state.batch_in_epoch as usize)?;
+        let mut grads = Grads::new();
+        let mut micro = 0usize;
+        let mut sums = (0f64, 0f64, 0f64, 0f64, 0usize); // loss, vqa, reg, con, samples
+        let mut has = (false, false);
+        let mut t0 = Instant::now();
+        loop {
+            if cfg.max_steps.is_some_and(|m| state.step >= m) {
+                break 'epochs;
+            }
+            let Some(batch) = batches.next() else { break };
+            let batch = batch.with_context(|| format!("reading training batch {} of epoch {epoch}", state.batch_in_epoch))?;
+            let losses = model.forward_train(&batch, &rng)?;
+            let loss = losses.total.to_scalar::<f32>()? as f64;
+            state.batch_in_epoch += 1;
+            if !loss.is_finite() {
+                if cfg.skip_nonfinite {
+                    state.skipped_nonfinite += 1;
+                    on_event(Event::SkippedNonFinite {
+                        step: state.step,
+                        epoch,
+                        batch: state.batch_in_epoch - 1,
+                    });
+                    continue;
+                }
+                bail!(
+                    "non-finite loss {loss} at step {} (epoch {epoch}, batch {}); the last good checkpoint is {} (use --skip-nonfinite to skip such batches)",
+                    state.step + 1,
+                    state.batch_in_epoch - 1,
+                    run.last().display()
+                );
+            }
+            let store = losses.total.backward()?;
+            grads.accumulate(&store, vars, 1.0 / cfg.grad_accum as f64)?;
+            micro += 1;
+            sums.0 += loss;
+            sums.1 += losses.vqa.to_scalar::<f32>()? as f64;
+            if let Some(r) = &losses.reg {
+                sums.2 += r.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
+                has.0 = true;
+            }
+            if let Some(c) = &losses.con {
+                sums.3 += c.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
+                has.1 = true;
+            }
+            sums.4 += batch.len();
+            let end_of_epoch = state.batch_in_epoch >= per_epoch;
+            if micro < cfg.grad_accum && !end_of_epoch {
+                continue;
+            }
+            let grad_norm = match cfg.max_grad_norm {
+                Some(m) => Some(grads.clip_global_norm(m)?),
+                None => None,
+            };
+            let factor = schedule.factor(state.step);
+            opt.step(&grads, factor)?;
+            state.step += 1;
+            state.rng = rng.borrow().clone();
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            let m = StepMetrics {
+                step: state.step,
+                epoch,
+                loss: sums.0 / micro as f64,
+                vqa: sums.1 / micro as f64,
+                reg: has.0.then(|| sums.2 / micro as f64),
+                con: has.1.then(|| sums.3 / micro as f64),
+                lr: cfg.lr * factor,
+                grad_norm,
+                samples_per_s: sums.4 as f64 / secs,
+            };
+            if state.step % cfg.log_every.max(1) == 0 {
+                run.log(&serde_json::to_value(&m)?)?;
+            }
+            on_event(Event::Step(&m));
+            grads = Grads::new();
+            micro = 0;
+            sums = (0.0, 0.0, 0.0, 0.0, 0);
+            t0 = Instant::now();
+            if state.step % cfg.checkpoint_every.max(1) == 0 && !end_of_epoch {
+                checkpoint::save(&run.last(), vars, &opt, &state, run_config)?;
+                on_event(Event::Checkpoint(&run.last()));
+            }
+        }
+        // End of the epoch: validate, keep the best, move on.
+        state.epoch += 1;
+        state.batch_in_epoch = 0;
+        if let Some(val) = val_set {
+            let answered = answer_all(model, val)?;
+            let acc = accuracy(&answered);
+            let best = state.best_metric.is_none_or(|b| acc > b);
+            if best {
+                state.best_metric = Some(acc);
+                state.best_step = Some(state.step);
+                checkpoint::save(&run.best(), vars, &opt, &state, run_config)?;
+            }
+            run.log(&serde_json::json!({"split": "val", "epoch": epoch, "step": state.step, "accuracy": acc, "best": best}))?;
+            on_event(Event::Validation {
+                epoch,
+                accuracy: acc,
+                best,
+            });
+        }
+        checkpoint::save(&run.last(), vars, &opt, &state, run_config)?;
+        on_event(Event::Checkpoint(&run.last()));
+    }
+    // A stop at max_steps mid-epoch also leaves a resumable checkpoint.
+    checkpoint::save(&run.last(), vars, &opt, &state, run_config)?;
+    Ok(state)
+}
