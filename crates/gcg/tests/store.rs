@@ -929,3 +929,73 @@ fn official_feature_names_group_by_video() -> Result<()> {
     assert!(group_frame_datasets(["7_frame_1".to_string(), "7_frame_01".to_string()]).is_err());
     Ok(())
 }
+
+/// The store's loaders on the committed PyTorch fixtures (both checkpoint layouts): features
+/// equal HF's `hidden_wo_norm` up to the f16 rounding, CLIP embeddings and pseudo-labels equal
+/// those of the reference embeddings.
+#[test]
+fn frozen_networks_from_checkpoints_match_pytorch() -> Result<()> {
+    use gcg::models::vit::VitConfig;
+    for dir in common::parity_dirs() {
+        let vision = common::load_io(&dir.join("io/vision.safetensors"))?;
+        let clip_io = common::load_io(&dir.join("io/clip.safetensors"))?;
+        let hf_cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("hf/config.json"))?)?;
+        let vit_cfg = VitConfig::from_hf_config(&hf_cfg["vision_config"])?;
+        let clip_cfg: gcg::models::clip_branch::ClipConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("io/clip.json"))?)?;
+        let cpu = Device::Cpu;
+        let vit_hf = frozen::load_vit(&dir.join("hf"), &vit_cfg, &cpu, DType::F32)?;
+        let vit_gcg = frozen::load_vit(&dir.join("gcg"), &vit_cfg, &cpu, DType::F32)?;
+        let clip = frozen::load_clip_image(&dir.join("gcg"), &clip_cfg, &cpu, DType::F32)?;
+        let text = frozen::load_clip_text(&dir.join("gcg"), &clip_cfg, &cpu, DType::F32)?;
+
+        let px = common::get(&vision, "pixel_values")?;
+        let want = common::get(&vision, "hidden_wo_norm")?;
+        for (name, vit) in [("hf", &vit_hf), ("gcg", &vit_gcg)] {
+            common::assert_close(&format!("{}: {name} ViT", dir.display()), &vit.forward_wo_norm(px)?, want, 1e-4);
+            let models = FeatureModels {
+                vit,
+                clip: &clip,
+                frame_batch: 1,
+            };
+            let (features, embeds) = models.encode(px)?;
+            assert_eq!(features.dtype(), DType::F16);
+            // f16 keeps 11 significant bits: relative rounding error <= 2^-11.
+            common::assert_close(&format!("{}: {name} f16 features", dir.display()), &features, want, 5e-4);
+            let from_f16 = clip.forward(&features.to_dtype(DType::F32)?)?;
+            assert!(common::rel_err(&embeds, &from_f16)? <= 1e-6);
+        }
+        let frame_features = common::get(&clip_io, "frame_features")?;
+        let image = clip.forward(frame_features)?;
+        common::assert_close(
+            &format!("{}: CLIP image", dir.display()),
+            &image,
+            common::get(&clip_io, "image_embeds")?,
+            1e-4,
+        );
+        let txt = text.forward(common::get(&clip_io, "text_ids")?)?;
+        common::assert_close(
+            &format!("{}: CLIP text", dir.display()),
+            &txt,
+            common::get(&clip_io, "text_embeds")?,
+            1e-4,
+        );
+
+        // Pseudo-labels from our embeddings equal those of PyTorch's.
+        let ref_frames = common::get(&clip_io, "image_embeds")?.flatten_all()?.to_vec1::<f32>()?;
+        let ref_text = common::get(&clip_io, "text_embeds")?.to_vec2::<f32>()?;
+        let frames = image.flatten_all()?.to_vec1::<f32>()?;
+        for (r, ev) in txt.to_vec2::<f32>()?.iter().enumerate() {
+            let (curve, top) = pseudo_labels(&frames, ev, 2)?;
+            let (want_curve, want_top) = reference_labels(&ref_frames, &ref_text[r], 2);
+            assert_eq!(top, want_top, "{}: text {r}", dir.display());
+            for (a, b) in curve.iter().zip(&want_curve) {
+                assert!(
+                    (*a as f64 - b).abs() < 1e-4,
+                    "{}: text {r}: {curve:?} vs {want_curve:?}",
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
