@@ -6,6 +6,7 @@
 //! tokenizers).
 
 pub mod data;
+pub mod eval;
 pub mod models;
 pub mod nn;
 pub mod rng;
