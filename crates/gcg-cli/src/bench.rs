@@ -20,6 +20,36 @@ pub enum BenchCommand {
     Forward(ForwardArgs),
     /// The feature store's write and read speed (MB/s, samples/s) on a synthetic store or a given one.
     Store(crate::bench_store::StoreArgs),
+    /// One GCG training step (grounding mode: generator + perturbed top-k + Q-Former + T5 loss,
+    /// backward, AdamW) on random weights of the preset's shapes and random cached features.
+    TrainStep(TrainStepArgs),
+}
+
+#[derive(Args)]
+pub struct TrainStepArgs {
+    /// Model sizes: tiny | instructblip-flan-t5-xl.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Questions per step.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// cpu | cuda.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype of the frozen networks (default: f32 on cpu, bf16 on cuda).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// uniform | oracle | grounding.
+    #[arg(long, default_value = "grounding")]
+    mode: String,
+    /// Frames sampled per video (T).
+    #[arg(long, default_value_t = 32)]
+    frames: usize,
+    /// Timed steps (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -186,10 +216,134 @@ fn forward(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn train_step(a: TrainStepArgs) -> Result<()> {
+    use gcg::data::{Answer, Dataset, QaSample};
+    use gcg::gcg::{AnswerMethod, GcgBatch, GcgConfig, GcgModel, TextTokenizers, UniformRule};
+    use gcg::grounding::GroundingConfig;
+    use gcg::train::Grads;
+    let dev = parse_device(&a.device)?;
+    let dtype = parse_dtype(a.dtype.as_deref(), &dev)?;
+    let mut lmm = LmmConfig::preset(&a.preset)?;
+    lmm.max_frames = lmm.max_frames.max(a.frames);
+    let mut grounding = if a.preset == "tiny" {
+        GroundingConfig::tiny()
+    } else {
+        GroundingConfig::gcg()
+    };
+    grounding.frames = a.frames;
+    let clip_dim = grounding.dim;
+    // A closed-vocabulary tokenizer pair for the NExT-QA prompt (real tokenizers are downloads).
+    let tmp = std::env::temp_dir().join(format!("gcg-bench-tok-{}", std::process::id()));
+    let prompt = "Question: why did the boy pick up one present from the group of them and move to the sofa?\nOptions: \nA: share with the girl \nB: approach lady sitting there \nC: unwrap it \nD: playing with toy train \nE: gesture something\nAnswer: ";
+    let (qformer, t5) = gcg::weights::vocab::closed_vocab_tokenizers(&[prompt, "A B C D E"], &tmp)?;
+    std::fs::remove_dir_all(&tmp).ok();
+    let cfg = GcgConfig {
+        lmm,
+        grounding,
+        mode: a.mode.parse()?,
+        alpha_reg: 1.0,
+        alpha_con: 1.0,
+        uniform_rule: UniformRule::OfficialTruncate,
+        answer: AnswerMethod::OptionScoring,
+    };
+    let t0 = Instant::now();
+    let lb = Loader::random(&dev, dtype, a.seed).with_trainable(gcg::gcg::is_trainable);
+    let model = GcgModel::load(&lb, &cfg, TextTokenizers { qformer, t5 }, false)?;
+    let vars = lb.vars();
+    let tc = gcg::train::trainer::TrainConfig::default();
+    let mut opt = tc.optimizer(&vars)?;
+    let build_s = t0.elapsed().as_secs_f64();
+    let mut rng = SeededRng::new(a.seed + 1);
+    let (b, t) = (a.batch, a.frames);
+    let n = cfg.lmm.vision.num_positions();
+    let dv = cfg.lmm.vision.hidden_size;
+    let randn = |rng: &mut SeededRng, shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::from_vec(rng.normal_vec(shape.iter().product(), 0.0, 1.0), shape, &dev)?)
+    };
+    let sample = QaSample {
+        dataset: Dataset::NextQa,
+        key: "bench".into(),
+        qid: "0".into(),
+        video: "bench".into(),
+        question: "why did the boy pick up one present from the group of them and move to the sofa".into(),
+        options: [
+            "share with the girl",
+            "approach lady sitting there",
+            "unwrap it",
+            "playing with toy train",
+            "gesture something",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        answer: Answer::Choice(2),
+        qtype: "CW".into(),
+        extra: Default::default(),
+    };
+    let batch = GcgBatch {
+        samples: vec![sample; b],
+        features: randn(&mut rng, &[b, t, n, dv])?.to_dtype(dtype)?,
+        clip_frames: randn(&mut rng, &[b, t, clip_dim])?,
+        clip_question: randn(&mut rng, &[b, clip_dim])?,
+        clip_options: Some(randn(&mut rng, &[b, 5, clip_dim])?),
+        clip_event: randn(&mut rng, &[b, clip_dim])?,
+        pseudo_label_scores: randn(&mut rng, &[b, t])?,
+        timestamps: vec![(0..t).map(|i| i as f64).collect(); b],
+    };
+    let step_rng = std::cell::RefCell::new(SeededRng::new(a.seed + 2));
+    let mut step = || -> Result<f64> {
+        let losses = model.forward_train(&batch, &step_rng)?;
+        let mut grads = Grads::new();
+        grads.accumulate(&losses.total.backward()?, &vars, 1.0)?;
+        opt.step(&grads, 1.0)?;
+        sync(&dev)?;
+        Ok(losses.total.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64)
+    };
+    step()?; // warm-up
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for _ in 0..a.iters.max(1) {
+        let t = Instant::now();
+        losses.push(step()?);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(|x, y| x.total_cmp(y));
+    let median = sorted[sorted.len() / 2];
+    let out = json!({
+        "bench": "train-step",
+        "preset": a.preset,
+        "mode": a.mode,
+        "device": a.device,
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "batch": b,
+        "frames": t,
+        "moments": cfg.grounding.moments,
+        "trainable_params": vars.num_params(),
+        "build_seconds": build_s,
+        "seconds_per_step_median": median,
+        "seconds_per_step_all": times,
+        "samples_per_s": b as f64 / median,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "losses": losses,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Forward(a) => forward(a),
         BenchCommand::Store(a) => crate::bench_store::run(a),
+        BenchCommand::TrainStep(a) => train_step(a),
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_store;
+mod eval;
 mod features;
 mod labels;
 
@@ -32,6 +33,8 @@ enum Command {
     /// CLIP text embeddings and pseudo-labels (top-K frames for the event text) of a dataset's
     /// questions, into the feature store.
     Labels(labels::LabelsArgs),
+    /// Score a prediction file (JSONL) with a benchmark's official metrics.
+    Eval(eval::EvalArgs),
 }
 
 fn main() {
@@ -61,5 +64,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::CheckWeights(a) => bench::check_weights(a),
         Command::Features(a) => features::run(a),
         Command::Labels(a) => labels::run(a),
+        Command::Eval(a) => eval::run(a),
     }
 }

@@ -1,0 +1,169 @@
+//! `gcg eval`: score a prediction file against a benchmark's annotations with its official
+//! metrics; prints a table and optionally writes the metrics as JSON.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use gcg::data::nextgqa::Grounding;
+use gcg::data::{causalvidqa, read_annotations, Dataset, ReadOptions};
+use gcg::eval::{evaluate, read_predictions, Evaluation, Metrics};
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum DatasetArg {
+    Nextqa,
+    Nextgqa,
+    Intentqa,
+    Causalvidqa,
+    OpenEnded,
+}
+
+impl From<DatasetArg> for Dataset {
+    fn from(d: DatasetArg) -> Self {
+        match d {
+            DatasetArg::Nextqa => Dataset::NextQa,
+            DatasetArg::Nextgqa => Dataset::NextGqa,
+            DatasetArg::Intentqa => Dataset::IntentQa,
+            DatasetArg::Causalvidqa => Dataset::CausalVidQa,
+            DatasetArg::OpenEnded => Dataset::OpenEnded,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The benchmark.
+    #[arg(long, value_enum)]
+    dataset: DatasetArg,
+    /// The annotations: the split's CSV (NExT-QA, NExT-GQA, IntentQA), the QA directory
+    /// (Causal-VidQA), the JSON file (open-ended; ActivityNet-QA: the `_q.json`).
+    #[arg(long)]
+    annotations: PathBuf,
+    /// NExT-GQA: `gsub_{val,test}.json`, for the grounding metrics.
+    #[arg(long)]
+    grounding: Option<PathBuf>,
+    /// Causal-VidQA: the split's video list (`.pkl` as released, `.json` or `.txt`); default:
+    /// every video folder of the QA directory.
+    #[arg(long)]
+    split: Option<PathBuf>,
+    /// The JSONL prediction file.
+    #[arg(long)]
+    predictions: PathBuf,
+    /// Write the metrics as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Skip malformed annotation rows (reported) instead of failing.
+    #[arg(long)]
+    skip_bad_rows: bool,
+    /// Fail (exit 1) when the prediction file has problems (malformed rows, duplicates, unknown
+    /// questions, invalid predictions) or misses questions.
+    #[arg(long)]
+    strict: bool,
+    /// How many prediction problems to list (all are counted).
+    #[arg(long, default_value_t = 20)]
+    show_problems: usize,
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let dataset: Dataset = a.dataset.into();
+    let opts = ReadOptions {
+        skip_bad_rows: a.skip_bad_rows,
+    };
+    if a.grounding.is_some() && dataset != Dataset::NextGqa {
+        bail!("--grounding is for --dataset nextgqa");
+    }
+    if a.split.is_some() && dataset != Dataset::CausalVidQa {
+        bail!("--split is for --dataset causalvidqa");
+    }
+    let ann = match (&a.split, dataset) {
+        (Some(split), Dataset::CausalVidQa) => {
+            let videos = causalvidqa::read_split(split)?;
+            causalvidqa::read_with(&a.annotations, Some(&videos), &opts)?
+        }
+        _ => read_annotations(dataset, &a.annotations, &opts)?,
+    };
+    for b in &ann.bad_rows {
+        eprintln!("skipped annotation row: {b}");
+    }
+    let grounding = match &a.grounding {
+        Some(p) => {
+            let g = Grounding::read_with(p, &opts)?;
+            for b in &g.bad_rows {
+                eprintln!("skipped grounding entry: {b}");
+            }
+            Some(g)
+        }
+        None => None,
+    };
+    let preds = read_predictions(&a.predictions)?;
+    let Evaluation { metrics, problems } = evaluate(dataset, &ann.samples, &preds, grounding.as_ref())?;
+
+    if !problems.is_empty() {
+        eprintln!("{}: {} problem(s):", a.predictions.display(), problems.len());
+        for p in problems.iter().take(a.show_problems) {
+            eprintln!("  {p}");
+        }
+        if problems.len() > a.show_problems {
+            eprintln!("  ... and {} more", problems.len() - a.show_problems);
+        }
+    }
+    println!("{}", table(&metrics, &a));
+
+    if let Some(path) = &a.json {
+        let mut j = metrics.to_json();
+        if let Some(o) = j.as_object_mut() {
+            o.insert("problems".into(), serde_json::to_value(&problems)?);
+            o.insert("skipped_annotation_rows".into(), serde_json::to_value(&ann.bad_rows)?);
+        }
+        let text = serde_json::to_string_pretty(&j)? + "\n";
+        gcg::util::write_atomic(path, text.as_bytes()).with_context(|| format!("writing metrics to {}", path.display()))?;
+    }
+    if a.strict && (!problems.is_empty() || metrics.missing > 0) {
+        bail!(
+            "{} prediction problem(s), {} question(s) without a prediction (--strict)",
+            problems.len(),
+            metrics.missing
+        );
+    }
+    Ok(())
+}
+
+/// A readable table: one row per metric with its count.
+fn table(m: &Metrics, a: &EvalArgs) -> String {
+    let mut out = format!(
+        "{} — {} ({} questions, {} without a prediction, counted wrong)\n",
+        m.dataset.name(),
+        a.predictions.display(),
+        m.questions,
+        m.missing
+    );
+    out.push_str(&format!("{:<10} {:>8} {:>14}\n", "metric", "%", "correct/total"));
+    for s in &m.scores {
+        out.push_str(&format!(
+            "{:<10} {:>8.2} {:>14}\n",
+            s.name,
+            s.value,
+            format!("{}/{}", s.correct, s.total)
+        ));
+    }
+    if !m.by_type.is_empty() {
+        out.push_str("by type:\n");
+        for s in &m.by_type {
+            out.push_str(&format!(
+                "  {:<8} {:>8.2} {:>14}\n",
+                s.name,
+                s.value,
+                format!("{}/{}", s.correct, s.total)
+            ));
+        }
+    }
+    if let Some(g) = &m.grounding {
+        out.push_str(&format!(
+            "grounding ({} questions with a span, {} without, skipped):\n",
+            g.evaluated, g.missing
+        ));
+        for (n, v) in g.named() {
+            out.push_str(&format!("{n:<10} {v:>8.2}\n"));
+        }
+    }
+    out.trim_end().to_string()
+}

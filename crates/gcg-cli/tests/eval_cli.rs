@@ -1,0 +1,208 @@
+//! `gcg eval` end to end: the official NExT-QA / NExT-GQA numbers from a JSONL prediction file,
+//! the JSON it writes, problem reports and `--strict`.
+
+use serde_json::Value;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn gunzip(rel: &str) -> String {
+    let mut s = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(fixtures().join(rel)).unwrap())
+        .read_to_string(&mut s)
+        .unwrap();
+    s
+}
+
+fn gcg(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_gcg")).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The JSONL rows of a committed compact prediction set (one digit per annotation row, spans),
+/// written by hand from the CSV so the binary is tested on its own.
+fn jsonl_from_compact(csv_text: &str, preds: &Value, video_col: &str) -> String {
+    let mut rdr = csv::Reader::from_reader(csv_text.as_bytes());
+    let headers = rdr.headers().unwrap().clone();
+    let col = |n: &str| headers.iter().position(|h| h == n).unwrap();
+    let digits = preds["prediction"].as_str().unwrap().as_bytes();
+    let mut out = String::new();
+    for (i, rec) in rdr.records().enumerate() {
+        let rec = rec.unwrap();
+        let answer = rec.get(col("answer")).unwrap();
+        let answer: usize = answer
+            .parse()
+            .unwrap_or_else(|_| (0..5).position(|k| rec.get(col(&format!("a{k}"))).unwrap() == answer).unwrap());
+        let mut row = serde_json::json!({
+            "qid": rec.get(col("qid")).unwrap(),
+            "video": rec.get(col(video_col)).unwrap(),
+            "type": rec.get(col("type")).unwrap(),
+            "prediction": (digits[i] - b'0') as usize,
+            "answer": answer,
+        });
+        if let Some(s) = preds.get("span").and_then(|s| s[i].as_array()) {
+            row["span"] = Value::Array(s.clone());
+        }
+        out.push_str(&row.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+#[test]
+fn eval_reproduces_official_numbers_on_real_files() {
+    let refs: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(fixtures().join("eval/refs.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["nextqa_val_partial", "nextgqa_test_partial_mixed"] {
+        let r = refs.iter().find(|r| r["name"] == name).unwrap();
+        let ann_rel = r["annotations"].as_str().unwrap();
+        let csv_text = gunzip(&format!("{ann_rel}.gz"));
+        let ann = tmp.path().join(format!("{name}.csv"));
+        std::fs::write(&ann, &csv_text).unwrap();
+        let preds: Value = serde_json::from_str(&gunzip(&format!("eval/{}", r["predictions"].as_str().unwrap()))).unwrap();
+        let video_col = if r["dataset"] == "nextqa" { "video" } else { "video_id" };
+        let jsonl = tmp.path().join(format!("{name}.jsonl"));
+        std::fs::write(&jsonl, jsonl_from_compact(&csv_text, &preds, video_col)).unwrap();
+        let json_out = tmp.path().join(format!("{name}.metrics.json"));
+        let mut args = vec![
+            "eval",
+            "--dataset",
+            r["dataset"].as_str().unwrap(),
+            "--annotations",
+            ann.to_str().unwrap(),
+            "--predictions",
+            jsonl.to_str().unwrap(),
+            "--json",
+            json_out.to_str().unwrap(),
+            "--strict",
+        ];
+        let gsub;
+        if let Some(g) = r.get("grounding") {
+            gsub = tmp.path().join(format!("{name}.gsub.json"));
+            std::fs::write(&gsub, gunzip(&format!("{}.gz", g.as_str().unwrap()))).unwrap();
+            args.extend(["--grounding", gsub.to_str().unwrap()]);
+        }
+        let (code, stdout, stderr) = gcg(&args);
+        assert_eq!(code, 0, "{name}: {stderr}");
+        let m: Value = serde_json::from_str(&std::fs::read_to_string(&json_out).unwrap()).unwrap();
+        for (metric, text) in r["printed"].as_object().unwrap() {
+            let text = text.as_str().unwrap();
+            let decimals = text.split('.').nth(1).map(str::len).unwrap_or(0);
+            let ours = m[metric].as_f64().unwrap_or_else(|| panic!("{name}: {metric} missing in {m}"));
+            assert_eq!(format!("{ours:.decimals$}"), text, "{name} {metric}");
+            assert_eq!(ours, r["raw"][metric].as_f64().unwrap(), "{name} {metric}");
+            // The table shows every metric with two decimals.
+            let shown = format!("{ours:.2}");
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(metric) && l.contains(&shown)),
+                "{name} {metric}:\n{stdout}"
+            );
+        }
+        assert_eq!(m["missing"], 0);
+        assert_eq!(m["dataset"], r["dataset"]);
+        if r.get("grounding").is_some() {
+            assert_eq!(m["grounding_missing"], r["span_kinds"]["none"]);
+        }
+    }
+}
+
+#[test]
+fn eval_reports_problems_and_strict_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    std::fs::write(
+        d.join("val.csv"),
+        "video_id,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4\n\
+         v1,100,640,480,why did he jump,to catch it,0,CW,to run,to catch it,to sit,to eat,to sleep\n\
+         v1,100,640,480,what did he do after jumping,fall,1,TP,fall,smile,run,sit,wave\n\
+         v2,200,640,480,how did she open it,pull,0,CH,push,pull,kick,cut,bite\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("gsub.json"), r#"{"v1": {"duration": 10, "fps": 30, "location": {"0": [[2, 4]], "1": [[5, 9]]}}, "v2": {"duration": 8, "fps": 30, "location": {"0": [[0, 4]]}}}"#).unwrap();
+    std::fs::write(
+        d.join("preds.jsonl"),
+        [
+            r#"{"qid": "0", "video": "v1", "type": "CW", "prediction": 1, "answer": 1, "span": [2.0, 3.0]}"#,
+            r#"{"qid": "1", "video": "v1", "type": "TP", "prediction": 0, "answer": 0, "span": [7.0, 7.0]}"#,
+            r#"{"qid": "1", "video": "v1", "type": "TP", "prediction": 3, "answer": 0}"#,
+            r#"not json"#,
+            r#"{"qid": "5", "video": "v7", "type": "CW", "prediction": 0, "answer": 0}"#,
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let p = |f: &str| d.join(f).to_str().unwrap().to_string();
+    let base = [
+        "eval",
+        "--dataset",
+        "nextgqa",
+        "--annotations",
+        &p("val.csv"),
+        "--grounding",
+        &p("gsub.json"),
+        "--predictions",
+        &p("preds.jsonl"),
+    ];
+    let mut args: Vec<&str> = base.to_vec();
+    let json_path = p("m.json");
+    args.extend(["--json", &json_path]);
+    let (code, stdout, stderr) = gcg(&args);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("3 problem(s)"), "{stderr}");
+    assert!(stderr.contains("line 3: duplicate"), "{stderr}");
+    assert!(stderr.contains("line 4: malformed"), "{stderr}");
+    assert!(stderr.contains("line 5: unknown question: video v7 qid 5"), "{stderr}");
+    assert!(stdout.contains("1 without a prediction"), "{stdout}");
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    // v1_0 right, v1_1 (TP) right, v2_0 missing: CW 100, TN 100, CH 0, overall 2/3.
+    assert_eq!(m["CW"], 100.0);
+    assert_eq!(m["TN"], 100.0);
+    assert_eq!(m["CH"], 0.0);
+    assert_eq!(m["overall"].as_f64().unwrap(), 200.0 / 3.0);
+    // Spans: v1_0 [2,3] in [2,4]: IoU 0.5, IoP 1; v1_1 point 7 inside [5,9]: IoP 1; v2_0 none.
+    assert_eq!(m["grounding_missing"], 1);
+    assert_eq!(m["mIoU"], 25.0);
+    assert_eq!(m["mIoP"], 100.0);
+    assert_eq!(m["IoU@0.5"], 50.0);
+    assert_eq!(m["Acc@GQA"], 100.0);
+    assert_eq!(m["problems"].as_array().unwrap().len(), 3);
+    assert_eq!(m["problems"][0]["line"], 3);
+    assert_eq!(m["problems"][0]["kind"], "duplicate");
+
+    let mut strict = base.to_vec();
+    strict.push("--strict");
+    let (code, _, stderr) = gcg(&strict);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--strict"), "{stderr}");
+
+    // A malformed annotation row fails with its place, or is skipped and reported.
+    let csv = std::fs::read_to_string(d.join("val.csv")).unwrap().replace("pull,0,CH", "tug,0,CH");
+    std::fs::write(d.join("bad.csv"), csv).unwrap();
+    let mut bad = base.to_vec();
+    let bad_path = p("bad.csv");
+    bad[4] = &bad_path;
+    let (code, _, stderr) = gcg(&bad);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("bad.csv:4, column 6 (answer): the answer `tug` equals none of the options"),
+        "{stderr}"
+    );
+    bad.push("--skip-bad-rows");
+    let (code, stdout, stderr) = gcg(&bad);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("skipped annotation row: ") && stderr.contains("bad.csv:4"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("(2 questions"), "{stdout}");
+}

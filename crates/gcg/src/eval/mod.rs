@@ -1,0 +1,372 @@
+//! Official metrics of the benchmarks, in percent, and prediction files.
+//!
+//! * NExT-QA (`eval_mc.py`): accuracy per type CW, CH, TN (TP counted as TN), TC, DC, DL, DO,
+//!   per group C, T, D (first letter) and overall; groups without questions are left out (as
+//!   NExT-GQA's `eval_next.py` does; NExT-GQA has no D questions).
+//! * NExT-GQA: the same QA accuracies over the questions with a ground-truth entry
+//!   (`eval_next.py`'s grounded subset) and the grounding metrics of [`grounding`].
+//! * IntentQA (`eval_intentqa.py`): CW, CH, TN&TP (TN with TP), C, T, overall.
+//! * Causal-VidQA (`eval_mc.py` of bcmi/Causal-VidQA): per video D, E, PA, PR, CA, CR; P (and C)
+//!   count when answer AND reason are right; overall = mean of D, E, P, C over videos.
+//! * Open-ended: exact match of the predicted text (compared after trimming, lower-casing and
+//!   collapsing runs of white space), overall and per annotated type.
+//!
+//! Where the official scripts read the `answer` of the prediction file, gcg uses the
+//! annotation's answer (a disagreeing row is reported); a question without a usable prediction
+//! counts as wrong and in `missing` (the official scripts fail on it).
+
+pub mod grounding;
+pub mod predictions;
+
+pub use grounding::{grounding_metrics, iou_iop, GroundingMetrics};
+pub use predictions::{read_predictions, Moments, PredictionFile, PredictionRow, PredictionWriter, Problem, ProblemKind};
+
+use crate::data::nextgqa::Grounding;
+use crate::data::{Answer, Dataset, QaSample};
+use anyhow::{bail, Result};
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap};
+
+/// One accuracy: `correct` of `total`, in percent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Score {
+    pub name: String,
+    pub correct: usize,
+    pub total: usize,
+    pub value: f64,
+}
+
+impl Score {
+    fn new(name: &str, correct: usize, total: usize) -> Self {
+        // The official scripts: acc * 100.0 / cnt.
+        Self {
+            name: name.to_string(),
+            correct,
+            total,
+            value: correct as f64 * 100.0 / total as f64,
+        }
+    }
+}
+
+/// The metrics of one evaluation.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub dataset: Dataset,
+    /// In display order; `overall` last.
+    pub scores: Vec<Score>,
+    /// Open-ended: accuracy per annotated type (empty types left out).
+    pub by_type: Vec<Score>,
+    pub grounding: Option<GroundingMetrics>,
+    /// Questions evaluated (for Causal-VidQA: questions, 6 per video).
+    pub questions: usize,
+    /// Of those, questions without a usable prediction (counted as wrong).
+    pub missing: usize,
+}
+
+impl Metrics {
+    pub fn get(&self, name: &str) -> Option<f64> {
+        if let Some(s) = self.scores.iter().find(|s| s.name == name) {
+            return Some(s.value);
+        }
+        self.grounding.as_ref()?.named().iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+
+    pub fn overall(&self) -> f64 {
+        self.get("overall").unwrap_or(f64::NAN)
+    }
+
+    /// `{"dataset", "overall", <type / group names>, <grounding names>, "missing",
+    /// "grounding_missing", "counts": {name: total}, "by_type"?}`.
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("dataset".into(), json!(self.dataset.name()));
+        for s in &self.scores {
+            m.insert(s.name.clone(), json!(s.value));
+        }
+        if let Some(g) = &self.grounding {
+            for (n, v) in g.named() {
+                m.insert(n.into(), if v.is_finite() { json!(v) } else { Value::Null });
+            }
+            m.insert("grounding_evaluated".into(), json!(g.evaluated));
+            m.insert("grounding_missing".into(), json!(g.missing));
+        }
+        m.insert("questions".into(), json!(self.questions));
+        m.insert("missing".into(), json!(self.missing));
+        let counts: Map<String, Value> = self.scores.iter().map(|s| (s.name.clone(), json!(s.total))).collect();
+        m.insert("counts".into(), Value::Object(counts));
+        if !self.by_type.is_empty() {
+            let by: Map<String, Value> = self
+                .by_type
+                .iter()
+                .map(|s| (s.name.clone(), json!({"accuracy": s.value, "correct": s.correct, "total": s.total})))
+                .collect();
+            m.insert("by_type".into(), Value::Object(by));
+        }
+        Value::Object(m)
+    }
+}
+
+/// Metrics and what was wrong with the prediction file.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub metrics: Metrics,
+    /// From reading (malformed, duplicate) and from joining with the annotations (unknown
+    /// question, invalid prediction, answer mismatch), sorted by line.
+    pub problems: Vec<Problem>,
+}
+
+/// Evaluate `preds` against `samples` (the annotations of `dataset`). For NExT-GQA,
+/// `grounding` (gsub) adds the grounding metrics and restricts QA accuracy to its questions.
+pub fn evaluate(dataset: Dataset, samples: &[QaSample], preds: &PredictionFile, grounding: Option<&Grounding>) -> Result<Evaluation> {
+    if grounding.is_some() && dataset != Dataset::NextGqa {
+        bail!("grounding annotations are only evaluated for NExT-GQA, not {}", dataset.name());
+    }
+    let mut problems = preds.problems.clone();
+    let index: HashMap<(&str, &str), usize> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ((s.video.as_str(), s.qid.as_str()), i))
+        .collect();
+    let mut joined: Vec<Option<&PredictionRow>> = vec![None; samples.len()];
+    for (line, row) in &preds.rows {
+        let Some(&i) = index.get(&(row.video.as_str(), row.qid.as_str())) else {
+            problems.push(Problem {
+                line: *line,
+                kind: ProblemKind::Unknown,
+                message: format!("video {} qid {} is not in the annotations", row.video, row.qid),
+            });
+            continue;
+        };
+        let s = &samples[i];
+        if let Err(m) = fits(s, &row.prediction) {
+            problems.push(Problem {
+                line: *line,
+                kind: ProblemKind::Invalid,
+                message: format!("{}: {m}", s.key),
+            });
+            continue;
+        }
+        if row.answer != s.answer {
+            problems.push(Problem {
+                line: *line,
+                kind: ProblemKind::AnswerMismatch,
+                message: format!(
+                    "{}: the row's answer {:?} differs from the annotation's {:?}",
+                    s.key, row.answer, s.answer
+                ),
+            });
+        }
+        joined[i] = Some(row);
+    }
+    problems.sort_by_key(|p| p.line);
+
+    let metrics = match dataset {
+        Dataset::NextQa | Dataset::NextGqa | Dataset::IntentQa => {
+            let keep: Vec<usize> = match grounding {
+                Some(g) => (0..samples.len())
+                    .filter(|&i| g.segments(&samples[i].video, &samples[i].qid).is_some())
+                    .collect(),
+                None => (0..samples.len()).collect(),
+            };
+            let sub: Vec<(&QaSample, Option<&PredictionRow>)> = keep.iter().map(|&i| (&samples[i], joined[i])).collect();
+            let mut m = nextqa_family(dataset, &sub)?;
+            if let Some(g) = grounding {
+                let by_key: HashMap<(&str, &str), usize> = index.clone();
+                m.grounding = Some(grounding_metrics(g, |video, qid| {
+                    let i = *by_key.get(&(video, qid))?;
+                    let row = joined[i]?;
+                    let span = row.span?;
+                    Some((span, row.prediction == samples[i].answer))
+                }));
+            }
+            m
+        }
+        Dataset::CausalVidQa => causal_vidqa(samples, &joined)?,
+        Dataset::OpenEnded => open_ended(samples, &joined)?,
+    };
+    Ok(Evaluation { metrics, problems })
+}
+
+/// Whether a prediction can answer the question at all.
+fn fits(s: &QaSample, p: &Answer) -> std::result::Result<(), String> {
+    match (s.is_multiple_choice(), p) {
+        (true, Answer::Choice(i)) if *i < s.options.len() => Ok(()),
+        (true, Answer::Choice(i)) => Err(format!(
+            "option index {i} out of range (the question has {} options)",
+            s.options.len()
+        )),
+        (true, Answer::Text(t)) => Err(format!(
+            "expected an option index for a multiple-choice question, found the text {t:?}"
+        )),
+        (false, Answer::Text(_)) => Ok(()),
+        (false, Answer::Choice(i)) => Err(format!("expected an answer text for an open-ended question, found the index {i}")),
+    }
+}
+
+fn is_right(s: &QaSample, p: Option<&PredictionRow>) -> bool {
+    p.is_some_and(|r| r.prediction == s.answer)
+}
+
+/// NExT-QA / NExT-GQA / IntentQA accuracies.
+fn nextqa_family(dataset: Dataset, items: &[(&QaSample, Option<&PredictionRow>)]) -> Result<Metrics> {
+    const GROUPS: [&str; 7] = ["CW", "CH", "TN", "TC", "DC", "DL", "DO"];
+    let mut acc = [0usize; 7];
+    let mut cnt = [0usize; 7];
+    let mut missing = 0;
+    for (s, p) in items {
+        let t = if s.qtype == "TP" { "TN" } else { s.qtype.as_str() };
+        let Some(g) = GROUPS.iter().position(|x| *x == t) else {
+            bail!("{}: question type `{}` is none of CW, CH, TN, TP, TC, DC, DL, DO", s.key, s.qtype);
+        };
+        cnt[g] += 1;
+        if p.is_none() {
+            missing += 1;
+        }
+        if is_right(s, *p) {
+            acc[g] += 1;
+        }
+    }
+    let mut scores = Vec::new();
+    for (g, name) in GROUPS.iter().enumerate() {
+        if cnt[g] > 0 {
+            let shown = if dataset == Dataset::IntentQa && *name == "TN" {
+                "TN&TP"
+            } else {
+                name
+            };
+            scores.push(Score::new(shown, acc[g], cnt[g]));
+        }
+    }
+    for letter in ["C", "T", "D"] {
+        let (a, c) = GROUPS
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.starts_with(letter))
+            .fold((0, 0), |(a, c), (g, _)| (a + acc[g], c + cnt[g]));
+        if c > 0 {
+            scores.push(Score::new(letter, a, c));
+        }
+    }
+    let total: usize = cnt.iter().sum();
+    if total == 0 {
+        bail!("no questions to evaluate");
+    }
+    scores.push(Score::new("overall", acc.iter().sum(), total));
+    Ok(Metrics {
+        dataset,
+        scores,
+        by_type: Vec::new(),
+        grounding: None,
+        questions: total,
+        missing,
+    })
+}
+
+/// Causal-VidQA: six questions a video.
+fn causal_vidqa(samples: &[QaSample], joined: &[Option<&PredictionRow>]) -> Result<Metrics> {
+    const TYPES: [&str; 6] = ["D", "E", "PA", "PR", "CA", "CR"];
+    let mut videos: Vec<&str> = Vec::new();
+    let mut per_video: HashMap<&str, [Option<usize>; 6]> = HashMap::new();
+    for (i, s) in samples.iter().enumerate() {
+        let Some(t) = TYPES.iter().position(|x| *x == s.qtype) else {
+            bail!("{}: question type `{}` is none of D, E, PA, PR, CA, CR", s.key, s.qtype);
+        };
+        let slot = per_video.entry(s.video.as_str()).or_insert_with(|| {
+            videos.push(s.video.as_str());
+            [None; 6]
+        });
+        if slot[t].is_some() {
+            bail!("video {} has two {} questions", s.video, s.qtype);
+        }
+        slot[t] = Some(i);
+    }
+    let mut right = [0usize; 6];
+    let (mut p_both, mut c_both, mut all) = (0usize, 0usize, 0usize);
+    let mut missing = 0;
+    for v in &videos {
+        let slot = per_video[v];
+        let mut ok = [false; 6];
+        for t in 0..6 {
+            let Some(i) = slot[t] else {
+                bail!(
+                    "video {v} lacks its {} question (Causal-VidQA is evaluated per video, six questions each)",
+                    TYPES[t]
+                );
+            };
+            if joined[i].is_none() {
+                missing += 1;
+            }
+            ok[t] = is_right(&samples[i], joined[i]);
+            if ok[t] {
+                right[t] += 1;
+            }
+        }
+        let p = ok[2] && ok[3];
+        let c = ok[4] && ok[5];
+        p_both += p as usize;
+        c_both += c as usize;
+        all += ok[0] as usize + ok[1] as usize + p as usize + c as usize;
+    }
+    let n = videos.len();
+    if n == 0 {
+        bail!("no questions to evaluate");
+    }
+    let scores = vec![
+        Score::new("D", right[0], n),
+        Score::new("E", right[1], n),
+        Score::new("PA", right[2], n),
+        Score::new("PR", right[3], n),
+        Score::new("P", p_both, n),
+        Score::new("CA", right[4], n),
+        Score::new("CR", right[5], n),
+        Score::new("C", c_both, n),
+        Score::new("overall", all, 4 * n),
+    ];
+    Ok(Metrics {
+        dataset: Dataset::CausalVidQa,
+        scores,
+        by_type: Vec::new(),
+        grounding: None,
+        questions: 6 * n,
+        missing,
+    })
+}
+
+/// The form in which open-ended answers are compared.
+pub fn normalize_answer(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+}
+
+fn open_ended(samples: &[QaSample], joined: &[Option<&PredictionRow>]) -> Result<Metrics> {
+    if samples.is_empty() {
+        bail!("no questions to evaluate");
+    }
+    let mut types: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    let (mut right, mut missing) = (0usize, 0usize);
+    for (s, p) in samples.iter().zip(joined) {
+        let ok = match (p, &s.answer) {
+            (Some(row), Answer::Text(a)) => match &row.prediction {
+                Answer::Text(t) => normalize_answer(t) == normalize_answer(a),
+                Answer::Choice(_) => false,
+            },
+            _ => false,
+        };
+        missing += p.is_none() as usize;
+        right += ok as usize;
+        if !s.qtype.is_empty() {
+            let e = types.entry(s.qtype.as_str()).or_insert((0, 0));
+            e.0 += ok as usize;
+            e.1 += 1;
+        }
+    }
+    let by_type = types.iter().map(|(t, (r, n))| Score::new(t, *r, *n)).collect();
+    let scores = vec![Score::new("overall", right, samples.len())];
+    Ok(Metrics {
+        dataset: Dataset::OpenEnded,
+        scores,
+        by_type,
+        grounding: None,
+        questions: samples.len(),
+        missing,
+    })
+}

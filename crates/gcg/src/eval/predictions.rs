@@ -1,0 +1,304 @@
+//! Prediction files: JSONL, one question a line —
+//! `{"qid", "video", "type", "prediction", "answer", "span"?, "moments"?, "curve"?}`.
+//!
+//! `prediction` / `answer` are an option index (multiple choice) or a text (open-ended); `span` is
+//! the predicted evidence `[start, end]` in seconds; `moments` the selected frames (indices into
+//! the sampled frames and their times); `curve` the grounding curve p(t) over the sampled frames.
+//! A question is identified by `(video, qid)`.
+
+use crate::data::{Answer, QaSample};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+/// The key moments the model selected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Moments {
+    /// Indices into the sampled frames.
+    pub frames: Vec<usize>,
+    /// Their times in seconds.
+    pub seconds: Vec<f64>,
+}
+
+/// One line of a prediction file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictionRow {
+    #[serde(deserialize_with = "string_or_int")]
+    pub qid: String,
+    #[serde(deserialize_with = "string_or_int")]
+    pub video: String,
+    #[serde(rename = "type", default)]
+    pub qtype: String,
+    pub prediction: Answer,
+    pub answer: Answer,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span: Option<[f64; 2]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moments: Option<Moments>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curve: Option<Vec<f64>>,
+}
+
+impl PredictionRow {
+    /// A row for `sample` with its annotated answer and type; grounding fields unset.
+    pub fn for_sample(sample: &QaSample, prediction: Answer) -> Self {
+        Self {
+            qid: sample.qid.clone(),
+            video: sample.video.clone(),
+            qtype: sample.qtype.clone(),
+            prediction,
+            answer: sample.answer.clone(),
+            span: None,
+            moments: None,
+            curve: None,
+        }
+    }
+
+    /// `(video, qid)`, the key that joins predictions and annotations.
+    pub fn key(&self) -> (String, String) {
+        (self.video.clone(), self.qid.clone())
+    }
+
+    /// What makes a row unusable whatever the annotations say.
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.qid.is_empty() || self.video.is_empty() {
+            return Err("empty qid or video".into());
+        }
+        if let Some([a, b]) = self.span {
+            if !a.is_finite() || !b.is_finite() {
+                return Err(format!("span [{a}, {b}] is not finite"));
+            }
+        }
+        if let Some(m) = &self.moments {
+            if m.frames.len() != m.seconds.len() {
+                return Err(format!("moments: {} frames but {} times", m.frames.len(), m.seconds.len()));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn string_or_int<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        S(String),
+        I(i64),
+    }
+    Ok(match Id::deserialize(d)? {
+        Id::S(s) => s,
+        Id::I(i) => i.to_string(),
+    })
+}
+
+/// A line of a prediction file that could not be used, or that disagrees with the annotations.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Problem {
+    /// 1-based line in the prediction file.
+    pub line: u64,
+    pub kind: ProblemKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProblemKind {
+    /// Not a valid row (JSON, fields, values); ignored.
+    Malformed,
+    /// A second row for a question; ignored (the first one counts).
+    Duplicate,
+    /// The question is not in the annotations; ignored.
+    Unknown,
+    /// The prediction does not fit the question (text for multiple choice, index out of range);
+    /// ignored, so the question counts as missing.
+    Invalid,
+    /// The row's `answer` differs from the annotation; the annotation is used.
+    AnswerMismatch,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            ProblemKind::Malformed => "malformed",
+            ProblemKind::Duplicate => "duplicate",
+            ProblemKind::Unknown => "unknown question",
+            ProblemKind::Invalid => "invalid prediction",
+            ProblemKind::AnswerMismatch => "answer mismatch",
+        };
+        write!(f, "line {}: {kind}: {}", self.line, self.message)
+    }
+}
+
+/// A prediction file as read: the usable rows with their line numbers, and the problems.
+#[derive(Debug, Clone, Default)]
+pub struct PredictionFile {
+    pub path: PathBuf,
+    pub rows: Vec<(u64, PredictionRow)>,
+    pub problems: Vec<Problem>,
+}
+
+/// Read a JSONL prediction file. Malformed lines and duplicates are reported in `problems`
+/// (with line numbers), not errors; only I/O failures are.
+pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
+    let mut text = String::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .with_context(|| format!("reading prediction file {}", path.display()))?;
+    let mut out = PredictionFile {
+        path: path.to_path_buf(),
+        ..Default::default()
+    };
+    let mut seen: HashMap<(String, String), u64> = HashMap::new();
+    for (i, line) in text.split('\n').enumerate() {
+        let n = i as u64 + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row = match serde_json::from_str::<PredictionRow>(line) {
+            Ok(r) => r,
+            Err(e) => {
+                out.problems.push(Problem {
+                    line: n,
+                    kind: ProblemKind::Malformed,
+                    message: e.to_string(),
+                });
+                continue;
+            }
+        };
+        if let Err(m) = row.check() {
+            out.problems.push(Problem {
+                line: n,
+                kind: ProblemKind::Malformed,
+                message: m,
+            });
+            continue;
+        }
+        if let Some(first) = seen.get(&row.key()) {
+            out.problems.push(Problem {
+                line: n,
+                kind: ProblemKind::Duplicate,
+                message: format!("video {} qid {} already predicted at line {first}", row.video, row.qid),
+            });
+            continue;
+        }
+        seen.insert(row.key(), n);
+        out.rows.push((n, row));
+    }
+    Ok(out)
+}
+
+/// Appends prediction rows to a JSONL file, one `write` per complete line, flushed after each,
+/// and resumes: rows already in the file are known and not written again.
+pub struct PredictionWriter {
+    path: PathBuf,
+    file: File,
+    done: HashSet<(String, String)>,
+}
+
+impl PredictionWriter {
+    /// Start a new file (an existing one is truncated).
+    pub fn create(path: &Path) -> Result<Self> {
+        Self::make_dir(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .with_context(|| format!("creating prediction file {}", path.display()))?;
+        drop(file);
+        Self::resume(path)
+    }
+
+    /// Open for appending, keeping what is there. An incomplete last line (a run killed while
+    /// writing) is cut off; a malformed complete line is an error (the file is not ours to fix).
+    pub fn resume(path: &Path) -> Result<Self> {
+        Self::make_dir(path)?;
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening prediction file {}", path.display()))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map(|i| i + 1).unwrap_or(0);
+        if complete < bytes.len() {
+            tracing::warn!(
+                "{}: dropping an incomplete last line ({} bytes)",
+                path.display(),
+                bytes.len() - complete
+            );
+            file.set_len(complete as u64)
+                .with_context(|| format!("truncating {}", path.display()))?;
+            file.seek(SeekFrom::End(0))?;
+        }
+        let text = std::str::from_utf8(&bytes[..complete]).with_context(|| format!("{} is not UTF-8", path.display()))?;
+        let mut done = HashSet::new();
+        for (i, line) in text.split('\n').enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let row: PredictionRow = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not a prediction row; refusing to append to it", path.display(), i + 1))?;
+            done.insert(row.key());
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            done,
+        })
+    }
+
+    fn make_dir(path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the question already has a row.
+    pub fn contains(&self, video: &str, qid: &str) -> bool {
+        self.done.contains(&(video.to_string(), qid.to_string()))
+    }
+
+    /// Number of rows in the file.
+    pub fn len(&self) -> usize {
+        self.done.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.done.is_empty()
+    }
+
+    /// Append one row (an error if the question already has one).
+    pub fn write(&mut self, row: &PredictionRow) -> Result<()> {
+        if let Err(m) = row.check() {
+            bail!("refusing to write a malformed prediction row: {m}");
+        }
+        let key = row.key();
+        if self.done.contains(&key) {
+            bail!("video {} qid {} already has a prediction in {}", key.0, key.1, self.path.display());
+        }
+        let mut line = serde_json::to_vec(row)?;
+        line.push(b'\n');
+        self.file
+            .write_all(&line)
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("appending to {}", self.path.display()))?;
+        self.done.insert(key);
+        Ok(())
+    }
+
+    /// fsync the file (call at checkpoints; every row is already flushed to the OS).
+    pub fn sync(&mut self) -> Result<()> {
+        self.file.sync_data().with_context(|| format!("syncing {}", self.path.display()))
+    }
+}
