@@ -196,8 +196,9 @@ pub fn label_questions(
     progress: &mut dyn FnMut(LabelProgress<'_>),
 ) -> Result<LabelReport> {
     ensure!(opts.top_k > 0, "--top-k must be at least 1");
-    let mut writer = StoreWriter::open(store_dir, opts.writer.clone())?;
+    // The store must exist already (a mistyped path is an error, not a new empty store).
     let store = Store::open(store_dir)?;
+    let mut writer = StoreWriter::open(store_dir, opts.writer.clone())?;
     let snap = store.snapshot();
     let mut report = LabelReport::default();
 
