@@ -18,6 +18,8 @@ pub enum BenchCommand {
     /// The frozen backbone's speed on random weights of the preset's real shapes: ViT frames/s and
     /// one grounded answer's latency (K frames through the Q-Former + the spatial pass + T5 greedy).
     Forward(ForwardArgs),
+    /// Video decoding (ffmpeg, T sampled frames) and CLIP pre-processing throughput.
+    Decode(crate::frames::DecodeBenchArgs),
 }
 
 #[derive(Args)]
@@ -187,6 +189,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Forward(a) => forward(a),
+        BenchCommand::Decode(a) => crate::frames::run_bench_decode(a),
     }
 }
 

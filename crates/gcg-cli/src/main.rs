@@ -1,6 +1,7 @@
 //! `gcg` — the command-line tool: one subcommand per stage of the pipeline.
 
 mod bench;
+mod frames;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -23,6 +24,8 @@ enum Command {
     /// Load a checkpoint (HF snapshot or GCG release directory), check every tensor against the
     /// model's shapes and report what it holds.
     CheckWeights(bench::CheckWeightsArgs),
+    /// Sample T frames from a video (or frame folder) into frame_{i}.jpg + frames.json.
+    Frames(frames::FramesArgs),
 }
 
 fn main() {
@@ -50,5 +53,6 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(b) => bench::run(b),
         Command::CheckWeights(a) => bench::check_weights(a),
+        Command::Frames(a) => frames::run_frames(a),
     }
 }

@@ -10,6 +10,7 @@ pub mod models;
 pub mod nn;
 pub mod rng;
 pub mod util;
+pub mod video;
 pub mod weights;
 
 pub use rng::SeededRng;
