@@ -600,14 +600,20 @@ fn jpeg_frames_decode_like_pil() {
     let bytes = std::fs::read(&path).unwrap();
     let bad = dir.path().join("broken.jpg");
     std::fs::write(&bad, &bytes[..bytes.len() * 2 / 3]).unwrap();
-    let e = format!("{:#}", video::read_image(&bad).unwrap_err());
+    let e = video::read_image(&bad)
+        .err()
+        .map(|e| format!("{e:#}"))
+        .expect("a truncated JPEG must be an error");
     assert!(e.contains("broken.jpg") && e.contains("truncated"), "{e}");
     let garbage = dir.path().join("garbage.jpg");
     let mut g = vec![0xFF, 0xD8, 0xFF, 0xE0];
     g.extend(std::iter::repeat_n(0x55u8, 100));
     std::fs::write(&garbage, &g).unwrap();
-    let e = video::read_image(&garbage).unwrap_err();
-    assert!(format!("{e:#}").contains("garbage.jpg"), "{e:#}");
+    let e = video::read_image(&garbage)
+        .err()
+        .map(|e| format!("{e:#}"))
+        .expect("a garbage JPEG must be an error");
+    assert!(e.contains("garbage.jpg"), "{e}");
 }
 
 #[test]
@@ -633,4 +639,18 @@ fn clip_batch_stacks_frames() {
             .unwrap();
         assert_eq!(diff, 0.0);
     }
+}
+
+#[test]
+fn frames_are_encoded_like_opencv_and_pil() {
+    // GCG's extract_frames.py writes frames with cv2.imwrite (libjpeg-turbo, quality 95, default
+    // settings); PIL's save(quality=95) uses the same encoder and settings. Same bytes expected.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(preprocess_dir().join("manifest.json")).unwrap()).unwrap();
+    let name = manifest["jpeg_encode_ref"].as_str().unwrap();
+    let src = video::read_image(&preprocess_dir().join(format!("{name}.png"))).unwrap();
+    let ours = video::encode_jpeg_like_opencv(&src).unwrap();
+    let want = std::fs::read(preprocess_dir().join(format!("{name}.q95.jpg"))).unwrap();
+    assert_eq!(ours.len(), want.len());
+    assert!(ours == want, "JPEG bytes differ from PIL's quality-95 output");
 }

@@ -191,14 +191,6 @@ pub fn list_frame_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Decode a JPEG with libjpeg-turbo's decoder (through `mozjpeg`), with the settings Pillow uses
 /// (accurate integer IDCT, "fancy" chroma up-sampling): the pixels equal `Image.open(f).convert("RGB")`.
 fn decode_jpeg_like_pil(bytes: &[u8]) -> Result<RgbImage> {
-    // libjpeg only warns about a premature end of data (and pads the image); PIL refuses such
-    // files ("image file is truncated"). A complete file has an end-of-image marker after its last
-    // start-of-scan marker (scan data cannot contain FF D9: 0xFF bytes are stuffed).
-    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
-    let has_eoi = last_sos.is_some_and(|p| bytes[p..].windows(2).any(|w| w == [0xFF, 0xD9]));
-    if last_sos.is_some() && !has_eoi {
-        bail!("truncated JPEG (no end-of-image marker after the image data)");
-    }
     // libjpeg errors unwind (without the panic hook) through the C code; catch them here.
     let result = std::panic::catch_unwind(|| -> std::io::Result<(usize, usize, Vec<u8>)> {
         let mut d = mozjpeg::Decompress::new_mem(bytes)?;
@@ -229,6 +221,14 @@ fn decode_jpeg_like_pil(bytes: &[u8]) -> Result<RgbImage> {
 pub fn read_image(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
     if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        // libjpeg only warns about a premature end of data (and pads the image); PIL refuses such
+        // files ("image file is truncated"). A complete file has an end-of-image marker after its last
+        // start-of-scan marker (scan data cannot contain FF D9: 0xFF bytes are stuffed).
+        let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+        let has_eoi = last_sos.is_some_and(|p| bytes[p..].windows(2).any(|w| w == [0xFF, 0xD9]));
+        if last_sos.is_some() && !has_eoi {
+            bail!("{}: truncated JPEG (no end-of-image marker after the image data)", path.display());
+        }
         match decode_jpeg_like_pil(&bytes) {
             Ok(img) => return Ok(img),
             Err(e) => {
@@ -332,7 +332,33 @@ pub fn load_frames(path: &Path, t: usize, sampling: Sampling, ffmpeg: &Ffmpeg) -
     }
 }
 
-/// Write `frame_{i}.jpg` (JPEG quality 95, as OpenCV's default in GCG's extractor) and
+/// Encode RGB as a baseline JPEG of quality 95 with libjpeg-turbo's standard settings (4:2:0,
+/// Annex K tables, no optimised Huffman tables): what `cv2.imwrite(f, frame)` in GCG's
+/// `extract_frames.py` writes (OpenCV's defaults), and byte-identical to PIL's `save(quality=95)`.
+pub fn encode_jpeg_like_opencv(img: &RgbImage) -> Result<Vec<u8>> {
+    let (w, h) = img.dimensions();
+    let result = std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
+        let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+        c.set_fastest_defaults(); // libjpeg-turbo behaviour: no trellis, no progressive scans
+        c.set_size(w as usize, h as usize);
+        c.set_quality(95.0);
+        let mut started = c.start_compress(Vec::new())?;
+        started.write_scanlines(img.as_raw())?;
+        started.finish()
+    });
+    match result {
+        Ok(r) => Ok(r?),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()));
+            bail!("libjpeg: {}", msg.unwrap_or_else(|| "encoding failed".into()))
+        }
+    }
+}
+
+/// Write `frame_{i}.jpg` (JPEG quality 95, see [`encode_jpeg_like_opencv`]) and
 /// `frames.json` into `out`, atomically: everything goes to a temporary sibling folder that is
 /// renamed into place. An existing `out` is replaced only when `overwrite` is set.
 pub fn write_frames(frames: &SampledFrames, out: &Path, overwrite: bool) -> Result<()> {
@@ -354,12 +380,8 @@ pub fn write_frames(frames: &SampledFrames, out: &Path, overwrite: bool) -> Resu
     let result = (|| -> Result<()> {
         for (i, f) in frames.frames.iter().enumerate() {
             let path = tmp.join(format!("frame_{i}.jpg"));
-            let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
-            let mut w = std::io::BufWriter::new(file);
-            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut w, 95)
-                .encode_image(&f.image)
-                .with_context(|| format!("writing {}", path.display()))?;
-            std::io::Write::flush(&mut w).with_context(|| format!("writing {}", path.display()))?;
+            let bytes = encode_jpeg_like_opencv(&f.image).with_context(|| format!("encoding {}", path.display()))?;
+            std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
         }
         let meta = FramesJson {
             video: frames.source.display().to_string(),
