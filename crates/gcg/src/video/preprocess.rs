@@ -19,9 +19,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 
-/// CLIP (OpenAI) normalisation mean, RGB.
+/// CLIP (OpenAI) normalisation mean, RGB (the published constants, verbatim).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// CLIP (OpenAI) normalisation std, RGB.
+/// CLIP (OpenAI) normalisation std, RGB (the published constants, verbatim).
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 /// The ViT input size of InstructBLIP / EVA ViT-g.
 pub const CLIP_SIZE: u32 = 224;
