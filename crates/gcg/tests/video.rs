@@ -164,6 +164,12 @@ fn h264_with_b_frames_uniform_and_official() {
     // load_frames dispatches files to ffmpeg.
     let s = video::load_frames(&path, 4, Sampling::Uniform, &ff).unwrap();
     check_frames(&s, &[11, 33, 56, 78], 30.0);
+    // Pixels for the ViT: each frame through the CLIP pre-processing.
+    let dev = candle_core::Device::Cpu;
+    let px = s.clip_pixels(2, &dev).unwrap();
+    assert_eq!(px.dims(), &[4, 3, 224, 224]);
+    let third = preprocess::clip_preprocess(&s.frames[2].image).unwrap();
+    assert_eq!(px.get(2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), third);
 }
 
 #[test]
@@ -377,6 +383,11 @@ fn unreadable_files_are_errors_naming_the_file() {
     };
     let s = lenient.sample(&cut, 4, Sampling::Uniform).unwrap();
     assert!(s.num_source_frames < 90 && s.num_source_frames > 4, "{}", s.num_source_frames);
+    assert!(
+        (s.duration.unwrap() - s.num_source_frames as f64 / 30.0).abs() < 1e-9,
+        "{:?}",
+        s.duration
+    );
     for f in &s.frames {
         assert_eq!(frame_number(&f.image), f.index);
     }

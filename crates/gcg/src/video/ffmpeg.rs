@@ -471,7 +471,8 @@ impl Ffmpeg {
                 }
                 if n < claimed && !decoded.error_lines.is_empty() && self.strict {
                     bail!(
-                        "{}: truncated or corrupt video: the container promises {claimed} frames but only {n} decode; ffmpeg said:\n{}",
+                        "{}: truncated or corrupt video: the container promises {claimed} frames but only {n} decode \
+(to use them anyway: non-strict decoding, `--lenient`); ffmpeg said:\n{}",
                         path.display(),
                         tail(&decoded.error_lines.join("\n"), 8)
                     );
@@ -483,6 +484,12 @@ impl Ffmpeg {
                 );
                 info.num_frames = n;
                 info.count_source = CountSource::Decoded;
+                if n < claimed {
+                    // The container's duration covers frames that do not decode.
+                    if let Some(f) = info.fps {
+                        info.duration = Some(info.duration.map_or(n as f64 / f, |d| d.min(n as f64 / f)));
+                    }
+                }
                 let new_indices = super::sample_indices(n, t, sampling);
                 if unique(&new_indices) != unique(&indices) {
                     decoded = self.decode_indices(path, &unique(&new_indices))?;

@@ -100,6 +100,11 @@ impl SampledFrames {
     pub fn indices(&self) -> Vec<usize> {
         self.frames.iter().map(|f| f.index).collect()
     }
+    /// The frames CLIP-pre-processed for the ViT: `[T, 3, 224, 224]` f32 on `dev`
+    /// (see [`preprocess::clip_batch`]).
+    pub fn clip_pixels(&self, threads: usize, dev: &candle_core::Device) -> Result<candle_core::Tensor> {
+        preprocess::clip_batch_refs(&self.frames.iter().map(|f| &f.image).collect::<Vec<_>>(), threads, dev)
+    }
     /// All timestamps, or None if any frame has none.
     pub fn timestamps(&self) -> Option<Vec<f64>> {
         self.frames.iter().map(|f| f.timestamp).collect()

@@ -254,6 +254,11 @@ pub fn clip_tensor(img: &RgbImage, dev: &Device) -> Result<Tensor> {
 /// Pre-process a batch of frames into `[N, 3, 224, 224]` (f32) on `dev`. Frames are processed on
 /// up to `threads` worker threads (1 = in the calling thread).
 pub fn clip_batch(imgs: &[RgbImage], threads: usize, dev: &Device) -> Result<Tensor> {
+    clip_batch_refs(&imgs.iter().collect::<Vec<_>>(), threads, dev)
+}
+
+/// [`clip_batch`] over borrowed images.
+pub fn clip_batch_refs(imgs: &[&RgbImage], threads: usize, dev: &Device) -> Result<Tensor> {
     let s = CLIP_SIZE as usize;
     let per = 3 * s * s;
     if imgs.is_empty() {
