@@ -665,3 +665,49 @@ fn frames_are_encoded_like_opencv_and_pil() {
     assert_eq!(ours.len(), want.len());
     assert!(ours == want, "JPEG bytes differ from PIL's quality-95 output");
 }
+
+#[test]
+fn official_sampling_reproduces_gcg_extract_frames() {
+    // tools/fixtures/make_official_frames.py ran GCG's extract_frames rule with OpenCV on this
+    // video: the same frame numbers, pixels and JPEG bytes are expected from `gcg frames
+    // --sampling official` (decode with ffmpeg → encode_jpeg_like_opencv).
+    let dir = common::fixtures_dir().join("video");
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("official_frames_8.json")).unwrap()).unwrap();
+    let want_indices: Vec<usize> = meta["indices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let ff = Ffmpeg::from_env();
+    let video = dir.join("official.mp4");
+    let info = ff.probe(&video).unwrap();
+    assert_eq!(info.num_frames as u64, meta["frame_count"].as_u64().unwrap());
+    let s = ff.sample(&video, 8, Sampling::Official).unwrap();
+    assert_eq!(s.indices(), want_indices);
+    let mut max_diff = 0;
+    for (i, f) in s.frames.iter().enumerate() {
+        let cv_file = dir.join(format!("official_frames_8/frame_{i}.jpg"));
+        let cv_pixels = video::read_image(&cv_file).unwrap();
+        // Round trip through our JPEG writer and decoder vs OpenCV's file decoded the same way.
+        let ours = video::encode_jpeg_like_opencv(&f.image).unwrap();
+        let dir_tmp = tempfile::tempdir().unwrap();
+        let ours_path = dir_tmp.path().join("ours.jpg");
+        std::fs::write(&ours_path, &ours).unwrap();
+        let ours_pixels = video::read_image(&ours_path).unwrap();
+        let d = ours_pixels
+            .as_raw()
+            .iter()
+            .zip(cv_pixels.as_raw())
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        max_diff = max_diff.max(d);
+        assert_eq!(
+            ours,
+            std::fs::read(&cv_file).unwrap(),
+            "frame {i}: JPEG bytes differ from OpenCV's (max pixel difference {d})"
+        );
+    }
+    assert_eq!(max_diff, 0);
+}
