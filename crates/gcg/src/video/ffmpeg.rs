@@ -18,9 +18,11 @@
 use super::{Frame, SampledFrames, Sampling};
 use anyhow::{anyhow, bail, Context, Result};
 use image::RgbImage;
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 
 /// How the frame count of a video was obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -313,6 +315,34 @@ impl Ffmpeg {
             .with_context(|| format!("{}: cannot read ffprobe's frame count from {:?}", path.display(), out.trim()))
     }
 
+    /// The option that passes frames through without rate conversion: `-fps_mode` from FFmpeg
+    /// 5.1 on (where `-vsync` is deprecated), `-vsync` before. Cached per executable.
+    fn passthrough_option(&self) -> &'static str {
+        static CACHE: OnceLock<Mutex<HashMap<PathBuf, &'static str>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        if let Some(v) = cache.lock().ok().and_then(|c| c.get(&self.ffmpeg).copied()) {
+            return v;
+        }
+        let version = Command::new(&self.ffmpeg)
+            .arg("-version")
+            .stdin(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_string())
+            .unwrap_or_default();
+        let opt = if has_fps_mode(&version) { "-fps_mode" } else { "-vsync" };
+        if let Ok(mut c) = cache.lock() {
+            c.insert(self.ffmpeg.clone(), opt);
+        }
+        opt
+    }
+
+    /// Output options: frames passed through unchanged (no duplication/dropping to a constant
+    /// rate), as RGB PPM images on stdout.
+    fn ppm_output(&self, cmd: &mut Command) {
+        cmd.args([self.passthrough_option(), "passthrough"]);
+        cmd.args(["-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"]);
+    }
+
     fn base_command(&self) -> Command {
         let mut cmd = Command::new(&self.ffmpeg);
         cmd.args(["-nostdin", "-hide_banner", "-nostats", "-loglevel", "level+verbose"]);
@@ -336,18 +366,7 @@ impl Ffmpeg {
         let mut cmd = self.base_command();
         cmd.arg("-i").arg(path);
         cmd.args(["-map", "0:v:0", "-an", "-sn", "-dn", "-vf", &filter]);
-        // Pass frames through without duplicating/dropping to a constant rate.
-        cmd.args([
-            "-vsync",
-            "passthrough",
-            "-f",
-            "image2pipe",
-            "-c:v",
-            "ppm",
-            "-pix_fmt",
-            "rgb24",
-            "pipe:1",
-        ]);
+        self.ppm_output(&mut cmd);
         let (images, stderr, status) = self.run_ppm(cmd)?;
         if !status.success() {
             bail!(
@@ -389,17 +408,7 @@ impl Ffmpeg {
             let mut cmd = self.base_command();
             cmd.args(["-ss", &format!("{:.6}", t.max(0.0))]).arg("-i").arg(path);
             cmd.args(["-map", "0:v:0", "-an", "-sn", "-dn", "-frames:v", "1", "-vf", "showinfo"]);
-            cmd.args([
-                "-vsync",
-                "passthrough",
-                "-f",
-                "image2pipe",
-                "-c:v",
-                "ppm",
-                "-pix_fmt",
-                "rgb24",
-                "pipe:1",
-            ]);
+            self.ppm_output(&mut cmd);
             let (mut images, stderr, status) = self.run_ppm(cmd)?;
             if !status.success() || images.is_empty() {
                 bail!(
@@ -537,6 +546,22 @@ impl Ffmpeg {
     }
 }
 
+/// Whether an `ffmpeg -version` line names a release with `-fps_mode` (5.1+); development builds
+/// (`N-…`, `git-…`) and unparsable versions are taken as recent.
+fn has_fps_mode(version_line: &str) -> bool {
+    let Some(v) = version_line.split_whitespace().nth(2) else {
+        return true;
+    };
+    let v = v.trim_start_matches('n');
+    let mut parts = v.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse::<u32>().ok());
+    let minor = parts.next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
+    match major {
+        Some(m) => (m, minor) >= (5, 1),
+        None => true,
+    }
+}
+
 fn unique(indices: &[usize]) -> Vec<usize> {
     let mut u = indices.to_vec();
     u.sort_unstable();
@@ -669,6 +694,18 @@ mod tests {
         assert_eq!(parse_total_decoded(log), Some(1799));
         let v7 = "[verbose]   Input stream #0:0 (video): 12 packets read (100 bytes); 11 frames decoded; 0 decode errors; \n";
         assert_eq!(parse_total_decoded(v7), Some(11));
+    }
+
+    #[test]
+    fn picks_the_passthrough_option_by_version() {
+        assert!(has_fps_mode(
+            "ffmpeg version 5.1.9-0+deb12u1 Copyright (c) 2000-2026 the FFmpeg developers"
+        ));
+        assert!(has_fps_mode("ffmpeg version n7.1 Copyright"));
+        assert!(has_fps_mode("ffmpeg version 6.0-static https://johnvansickle.com/ffmpeg/"));
+        assert!(has_fps_mode("ffmpeg version N-112233-gabcdef Copyright"));
+        assert!(!has_fps_mode("ffmpeg version 4.4.2-0ubuntu0.22.04.1 Copyright"));
+        assert!(!has_fps_mode("ffmpeg version 5.0.1 Copyright"));
     }
 
     #[test]
