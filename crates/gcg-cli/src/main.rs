@@ -2,6 +2,7 @@
 
 mod bench;
 mod eval;
+mod frames;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ enum Command {
     CheckWeights(bench::CheckWeightsArgs),
     /// Score a prediction file (JSONL) with a benchmark's official metrics.
     Eval(eval::EvalArgs),
+    /// Sample T frames from a video (or frame folder) into frame_{i}.jpg + frames.json.
+    Frames(frames::FramesArgs),
 }
 
 fn main() {
@@ -54,5 +57,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(b) => bench::run(b),
         Command::CheckWeights(a) => bench::check_weights(a),
         Command::Eval(a) => eval::run(a),
+        Command::Frames(a) => frames::run_frames(a),
     }
 }

@@ -14,6 +14,7 @@ pub mod nn;
 pub mod rng;
 pub mod train;
 pub mod util;
+pub mod video;
 pub mod weights;
 
 pub use rng::SeededRng;
