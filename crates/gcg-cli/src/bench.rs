@@ -23,6 +23,8 @@ pub enum BenchCommand {
     /// One GCG training step (grounding mode: generator + perturbed top-k + Q-Former + T5 loss,
     /// backward, AdamW) on random weights of the preset's shapes and random cached features.
     TrainStep(TrainStepArgs),
+    /// Video decoding (ffmpeg, T sampled frames) and CLIP pre-processing throughput.
+    Decode(crate::frames::DecodeBenchArgs),
 }
 
 #[derive(Args)]
@@ -344,6 +346,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Forward(a) => forward(a),
         BenchCommand::Store(a) => crate::bench_store::run(a),
         BenchCommand::TrainStep(a) => train_step(a),
+        BenchCommand::Decode(a) => crate::frames::run_bench_decode(a),
     }
 }
 

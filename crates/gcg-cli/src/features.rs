@@ -10,18 +10,23 @@ use crate::bench::{parse_device, parse_dtype};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
-use gcg::store::extract::{extract_features, safetensors_frames, ExtractOptions, ExtractProgress, FeatureModels, VideoJob};
+use gcg::store::extract::{
+    decoded_frames, extract_features, safetensors_frames, ExtractOptions, ExtractProgress, FeatureModels, FrameSource, VideoFrames,
+    VideoJob,
+};
 use gcg::store::{frozen, Fault, WriterOptions};
+use gcg::video::{Ffmpeg, Sampling};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct FeaturesArgs {
-    /// The videos: a directory (every file in it; the id is the file name without extension) or a
-    /// text file with one video per line (`path` or `id<TAB>path`; relative to the list's folder).
-    /// Pre-decoded frames are read from `.safetensors` files (`pixel_values` [T, 3, S, S], CLIP
-    /// pre-processed; optional `timestamps`, `duration`, `fps`).
+    /// The videos: a directory (every video file or frame folder in it; the id is the name without
+    /// extension) or a text file with one video per line (`path` or `id<TAB>path`; relative to the
+    /// list's folder). Videos are decoded with ffmpeg; frame folders hold `frame_{i}.jpg|png`
+    /// (the official `frames_32/{video}`); `.safetensors` files hold pre-decoded frames
+    /// (`pixel_values` [T, 3, S, S], CLIP pre-processed; optional `timestamps`, `duration`, `fps`).
     #[arg(long, required_unless_present = "import_h5")]
     videos: Option<PathBuf>,
     /// The feature store directory (created when missing).
@@ -48,6 +53,12 @@ pub struct FeaturesArgs {
     /// Decoding threads.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
+    /// Frame sampling: uniform (centres of T equal segments) | official (GCG's extract_frames.py rule).
+    #[arg(long, default_value = "uniform")]
+    sampling: Sampling,
+    /// Use the decodable part of truncated or corrupt videos instead of failing them.
+    #[arg(long)]
+    lenient: bool,
     /// cpu | cuda.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -90,12 +101,12 @@ pub fn video_jobs(spec: &Path, id_map: Option<&Path>) -> Result<Vec<VideoJob>> {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(spec)
             .with_context(|| format!("listing {}", spec.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
             .collect();
         paths.sort();
         for p in paths {
-            let id = p
-                .file_stem()
+            let id = if p.is_dir() { p.file_name() } else { p.file_stem() };
+            let id = id
                 .map(|s| s.to_string_lossy().to_string())
                 .ok_or_else(|| anyhow!("{} has no file name", p.display()))?;
             jobs.push(VideoJob { id, path: p });
@@ -116,8 +127,7 @@ pub fn video_jobs(spec: &Path, id_map: Option<&Path>) -> Result<Vec<VideoJob>> {
             let id = match id {
                 Some(id) if !id.is_empty() => id,
                 Some(_) => bail!("{} line {}: empty video id", spec.display(), i + 1),
-                None => path
-                    .file_stem()
+                None => (if path.is_dir() { path.file_name() } else { path.file_stem() })
                     .map(|s| s.to_string_lossy().to_string())
                     .ok_or_else(|| anyhow!("{} line {}: {} has no file name", spec.display(), i + 1, path.display()))?,
             };
@@ -142,15 +152,21 @@ pub fn video_jobs(spec: &Path, id_map: Option<&Path>) -> Result<Vec<VideoJob>> {
     Ok(jobs)
 }
 
-/// Pre-processed frames of one video: `.safetensors` frame files.
-fn frames_of(job: &VideoJob, num_frames: usize) -> Result<gcg::store::extract::VideoFrames> {
-    let ext = job.path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
-    match ext.as_str() {
-        "safetensors" => safetensors_frames(job, num_frames),
-        _ => bail!(
-            "{}: decoding .{ext} videos is not available in this build; give pre-decoded frames as .safetensors files",
-            job.path.display()
-        ),
+/// Pre-processed frames of one video: pre-decoded `.safetensors` frame files as they are,
+/// videos and frame folders through the decoder and the CLIP pre-processing.
+struct Frames {
+    ffmpeg: Ffmpeg,
+    sampling: Sampling,
+    image_size: usize,
+}
+
+impl FrameSource for Frames {
+    fn frames(&self, job: &VideoJob, num_frames: usize) -> Result<VideoFrames> {
+        if job.path.is_file() && job.path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors")) {
+            safetensors_frames(job, num_frames)
+        } else {
+            decoded_frames(job, num_frames, self.sampling, &self.ffmpeg, self.image_size)
+        }
     }
 }
 
@@ -235,7 +251,15 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
     let abort = abort_after()?;
     let pb = bar(0, "videos");
     let mut done = 0usize;
-    let report = extract_features(&a.store, &jobs, &frames_of, &models, &opts, &mut |ev| match ev {
+    let source = Frames {
+        ffmpeg: Ffmpeg {
+            strict: !a.lenient,
+            ..Ffmpeg::from_env()
+        },
+        sampling: a.sampling,
+        image_size: vit.config.image_size,
+    };
+    let report = extract_features(&a.store, &jobs, &source, &models, &opts, &mut |ev| match ev {
         ExtractProgress::Start { total, skipped } => {
             pb.set_length((total - skipped) as u64);
             if skipped > 0 {

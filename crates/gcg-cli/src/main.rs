@@ -4,6 +4,7 @@ mod bench;
 mod bench_store;
 mod eval;
 mod features;
+mod frames;
 mod labels;
 
 use anyhow::Result;
@@ -35,6 +36,8 @@ enum Command {
     Labels(labels::LabelsArgs),
     /// Score a prediction file (JSONL) with a benchmark's official metrics.
     Eval(eval::EvalArgs),
+    /// Sample T frames from a video (or frame folder) into frame_{i}.jpg + frames.json.
+    Frames(frames::FramesArgs),
 }
 
 fn main() {
@@ -65,5 +68,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Features(a) => features::run(a),
         Command::Labels(a) => labels::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Frames(a) => frames::run_frames(a),
     }
 }

@@ -259,3 +259,73 @@ fn labels_and_bench_on_a_small_store() -> Result<()> {
     }
     Ok(())
 }
+
+fn ffmpeg(args: &[&str]) {
+    let out = Command::new(std::env::var("GCG_FFMPEG").unwrap_or_else(|_| "ffmpeg".into()))
+        .args(["-hide_banner", "-loglevel", "error", "-y"])
+        .args(args)
+        .output()
+        .expect("ffmpeg must be installed to run this test (apt-get install ffmpeg)");
+    assert!(out.status.success(), "ffmpeg {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn features_from_video_files_and_frame_folders() -> Result<()> {
+    use gcg::store::extract::{decoded_frames, VideoJob};
+    use gcg::video::{Ffmpeg, Sampling};
+    let tmp = tempfile::tempdir()?;
+    let vids = tmp.path().join("videos");
+    std::fs::create_dir(&vids)?;
+    // Two 2-second 10 fps clips and a folder of 8 frames (frame_0.jpg ... frame_7.jpg).
+    for (name, src) in [
+        ("clipA.mp4", "testsrc=size=64x48:rate=10:duration=2"),
+        ("clipB.mkv", "testsrc2=size=80x40:rate=10:duration=2"),
+    ] {
+        let out = vids.join(name);
+        ffmpeg(&["-f", "lavfi", "-i", src, "-pix_fmt", "yuv420p", out.to_str().unwrap()]);
+    }
+    let folder = vids.join("folder9");
+    std::fs::create_dir(&folder)?;
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=64x64:rate=4:duration=2",
+        "-start_number",
+        "0",
+        folder.join("frame_%d.jpg").to_str().unwrap(),
+    ]);
+    let store = tmp.path().join("store");
+    let o = run(features_cmd(&vids, &store));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let snap = Store::open(&store)?.snapshot();
+    assert_eq!(stored(&store), vec!["clipA", "clipB", "folder9"]);
+
+    let (vit_cfg, _) = frozen::preset("tiny")?;
+    let vit = frozen::random_vit(&vit_cfg, &Device::Cpu, DType::F32, SEED)?;
+    for (id, path) in [
+        ("clipA", vids.join("clipA.mp4")),
+        ("clipB", vids.join("clipB.mkv")),
+        ("folder9", folder.clone()),
+    ] {
+        let job = VideoJob { id: id.into(), path };
+        let frames = decoded_frames(&job, T, Sampling::Uniform, &Ffmpeg::from_env(), vit_cfg.image_size)?;
+        let direct = vit.forward_wo_norm(&frames.pixel_values)?.to_dtype(DType::F16)?;
+        let want: Vec<u16> = direct.flatten_all()?.to_vec1::<half::f16>()?.iter().map(|x| x.to_bits()).collect();
+        let got: Vec<u16> = snap.features(id)?.as_f16()?.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(got, want, "{id}");
+    }
+    // Uniform sampling of 4 out of 20 frames at 10 fps: frames 2, 7, 12, 17.
+    for id in ["clipA", "clipB"] {
+        let v = snap.video(id)?;
+        assert_eq!(v.timestamps.len(), T);
+        for (t, want) in v.timestamps.iter().zip([0.2, 0.7, 1.2, 1.7]) {
+            assert!((t - want).abs() < 1e-6, "{id}: {:?}", v.timestamps);
+        }
+        assert!(
+            (v.fps.unwrap() - 10.0).abs() < 1e-6 && (v.duration.unwrap() - 2.0).abs() < 0.05,
+            "{v:?}"
+        );
+    }
+    Ok(())
+}

@@ -15,6 +15,7 @@ pub mod rng;
 pub mod store;
 pub mod train;
 pub mod util;
+pub mod video;
 pub mod weights;
 
 pub use rng::SeededRng;

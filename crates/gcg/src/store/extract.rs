@@ -282,6 +282,36 @@ pub fn uniform_indices(n: usize, t: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The frames of a video file or frame folder ([`crate::video::load_frames`]), CLIP
+/// pre-processed at the ViT's input size (`image_size`, 224 for EVA ViT-g; the tiny test models
+/// take smaller frames: the same resize + centre crop + normalisation at that size).
+pub fn decoded_frames(
+    job: &VideoJob,
+    num_frames: usize,
+    sampling: crate::video::Sampling,
+    ffmpeg: &crate::video::Ffmpeg,
+    image_size: usize,
+) -> Result<VideoFrames> {
+    use crate::video::preprocess::{normalize_chw, resize_and_crop, CLIP_MEAN, CLIP_SIZE, CLIP_STD};
+    let sampled = crate::video::load_frames(&job.path, num_frames, sampling, ffmpeg)?;
+    let cpu = candle_core::Device::Cpu;
+    let pixel_values = if image_size == CLIP_SIZE as usize {
+        sampled.clip_pixels(1, &cpu)?
+    } else {
+        let mut data = Vec::with_capacity(sampled.frames.len() * 3 * image_size * image_size);
+        for f in &sampled.frames {
+            data.extend(normalize_chw(&resize_and_crop(&f.image, image_size as u32)?, CLIP_MEAN, CLIP_STD));
+        }
+        Tensor::from_vec(data, (sampled.frames.len(), 3, image_size, image_size), &cpu)?
+    };
+    Ok(VideoFrames {
+        pixel_values,
+        timestamps: sampled.timestamps().unwrap_or_default(),
+        duration: sampled.duration,
+        fps: sampled.fps,
+    })
+}
+
 /// A [`FrameSource`] for pre-decoded frames saved as safetensors: `pixel_values` [T', 3, S, S]
 /// (CLIP-pre-processed, any float dtype), optionally `timestamps` [T'] (seconds) and scalar
 /// `duration`, `fps` tensors. When T' > T, T frames are taken uniformly.

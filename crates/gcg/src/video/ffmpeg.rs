@@ -1,0 +1,725 @@
+//! Video decoding through the `ffmpeg` / `ffprobe` command-line tools (subprocesses).
+//!
+//! * [`Ffmpeg::probe`]: `ffprobe -show_streams -show_format` (JSON) → size, fps, duration and the
+//!   container's frame count (`nb_frames`), or a packet count (demuxing only) when the container
+//!   has none (WebM/Matroska) or one that disagrees with duration × fps.
+//! * [`Ffmpeg::decode_indices`]: ONE ffmpeg process per video; a `select` filter keeps the wanted
+//!   frame numbers (counted in presentation order after decoding), `showinfo` reports their
+//!   timestamps, and the frames come back as PPM images over a pipe (the PPM header carries the
+//!   size, so rotated or resized streams need no guessing). ffmpeg's final statistics
+//!   (`-v verbose`) give the number of frames actually decoded, which checks the container's
+//!   claim in the same pass.
+//! * [`Ffmpeg::decode_seek`]: one process per frame with an input seek — kept for comparison
+//!   (`gcg bench decode`); it is slower for typical GOP lengths.
+//!
+//! Timestamps are the frames' presentation times in seconds from the start of the file (ffmpeg's
+//! default time shift), computed from the integer pts and the filter time base.
+
+use super::{Frame, SampledFrames, Sampling};
+use anyhow::{anyhow, bail, Context, Result};
+use image::RgbImage;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+
+/// How the frame count of a video was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CountSource {
+    /// The container's `nb_frames` (consistent with duration × fps).
+    Container,
+    /// Number of video packets (demuxed, not decoded).
+    Packets,
+    /// Frames actually decoded.
+    Decoded,
+}
+
+/// What `ffprobe` says about the first video stream of a file.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct VideoInfo {
+    pub path: PathBuf,
+    pub codec: String,
+    pub width: u32,
+    pub height: u32,
+    /// Average frame rate (`avg_frame_rate`, else `r_frame_rate`); None when unknown.
+    pub fps: Option<f64>,
+    /// Duration in seconds (stream, else container); None when unknown.
+    pub duration: Option<f64>,
+    /// The container's frame count (`nb_frames`), when it has one.
+    pub container_frames: Option<usize>,
+    /// The frame count used for sampling.
+    pub num_frames: usize,
+    pub count_source: CountSource,
+}
+
+/// Frames decoded by [`Ffmpeg::decode_indices`], in increasing frame order.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// `(frame index, image, timestamp in seconds)` for each requested index that exists.
+    pub frames: Vec<(usize, RgbImage, Option<f64>)>,
+    /// Frames the decoder produced in total (from ffmpeg's final statistics), when reported.
+    pub total_decoded: Option<usize>,
+    /// Error-level lines ffmpeg printed (demuxer/decoder problems), without the process failing.
+    pub error_lines: Vec<String>,
+}
+
+/// The `ffmpeg` and `ffprobe` executables and decoding options.
+#[derive(Debug, Clone)]
+pub struct Ffmpeg {
+    pub ffmpeg: PathBuf,
+    pub ffprobe: PathBuf,
+    /// Decoder threads (`-threads`); None lets ffmpeg choose.
+    pub threads: Option<usize>,
+    /// Refuse videos that decode to fewer frames than the container promises while ffmpeg
+    /// reports errors (truncated or corrupt files). With `false` the decodable part is used.
+    pub strict: bool,
+    /// Always count frames by decoding (slow, exact) instead of trusting the container.
+    pub exact_count: bool,
+}
+
+impl Default for Ffmpeg {
+    fn default() -> Self {
+        Self::from_env()
+    }
+}
+
+const INSTALL_HINT: &str = "install FFmpeg (Debian/Ubuntu: `apt-get install ffmpeg`; Fedora: `dnf install ffmpeg`; \
+macOS: `brew install ffmpeg`; conda: `conda install -c conda-forge ffmpeg`) or point GCG_FFMPEG / GCG_FFPROBE at the executables";
+
+/// Keep the last `n` lines of a tool's stderr (for error messages).
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].join("\n")
+}
+
+fn is_error_line(line: &str) -> bool {
+    line.contains("[error]") || line.contains("[fatal]") || line.contains("[panic]")
+}
+
+/// Parse `"30000/1001"` or `"25"`; None for `0/0`, zero or garbage.
+fn parse_rate(s: &str) -> Option<f64> {
+    let v = match s.split_once('/') {
+        Some((a, b)) => {
+            let (a, b): (f64, f64) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+            if b == 0.0 {
+                return None;
+            }
+            a / b
+        }
+        None => s.trim().parse().ok()?,
+    };
+    (v.is_finite() && v > 0.0).then_some(v)
+}
+
+/// Parse `"12.345"` or `"00:01:02.5"` (Matroska's DURATION tag) as seconds.
+fn parse_seconds(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let v = if s.contains(':') {
+        let mut total = 0.0;
+        for part in s.split(':') {
+            total = total * 60.0 + part.parse::<f64>().ok()?;
+        }
+        total
+    } else {
+        s.parse().ok()?
+    };
+    (v.is_finite() && v > 0.0).then_some(v)
+}
+
+fn json_str<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(|x| x.as_str())
+}
+
+impl Ffmpeg {
+    /// `ffmpeg`/`ffprobe` from `$GCG_FFMPEG`/`$GCG_FFPROBE` or the `PATH`; strict, container counts.
+    pub fn from_env() -> Self {
+        let get = |var: &str, default: &str| std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| PathBuf::from(default));
+        Self {
+            ffmpeg: get("GCG_FFMPEG", "ffmpeg"),
+            ffprobe: get("GCG_FFPROBE", "ffprobe"),
+            threads: None,
+            strict: true,
+            exact_count: false,
+        }
+    }
+
+    fn spawn_error(&self, tool: &Path, e: std::io::Error) -> anyhow::Error {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            anyhow!("`{}` was not found: {INSTALL_HINT}", tool.display())
+        } else {
+            anyhow!("cannot run `{}`: {e}", tool.display())
+        }
+    }
+
+    /// Check that both tools run; returns ffmpeg's version line.
+    pub fn check(&self) -> Result<String> {
+        let mut version = String::new();
+        for tool in [&self.ffmpeg, &self.ffprobe] {
+            let out = Command::new(tool)
+                .arg("-version")
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| self.spawn_error(tool, e))?;
+            if !out.status.success() {
+                bail!("`{} -version` failed ({}): {INSTALL_HINT}", tool.display(), out.status);
+            }
+            if version.is_empty() {
+                version = String::from_utf8_lossy(&out.stdout).lines().next().unwrap_or_default().to_string();
+            }
+        }
+        Ok(version)
+    }
+
+    /// Run ffprobe with `args` followed by the file; stdout on success, a descriptive error naming
+    /// the file (with ffprobe's stderr tail) otherwise.
+    fn ffprobe_run(&self, path: &Path, args: &[&str]) -> Result<(String, String)> {
+        let out = Command::new(&self.ffprobe)
+            .args(["-v", "error", "-hide_banner"])
+            .args(args)
+            .arg(path)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| self.spawn_error(&self.ffprobe, e))?;
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if !out.status.success() {
+            bail!(
+                "{}: not a readable video (ffprobe {}): {}",
+                path.display(),
+                out.status,
+                tail(&stderr, 8)
+            );
+        }
+        Ok((String::from_utf8_lossy(&out.stdout).to_string(), stderr))
+    }
+
+    /// Probe a video file: size, fps, duration and a frame count (see [`CountSource`]).
+    pub fn probe(&self, path: &Path) -> Result<VideoInfo> {
+        if !path.is_file() {
+            bail!("{}: no such video file", path.display());
+        }
+        let (stdout, stderr) = self.ffprobe_run(path, &["-of", "json", "-show_streams", "-show_format", "-select_streams", "v:0"])?;
+        let v: serde_json::Value =
+            serde_json::from_str(&stdout).with_context(|| format!("{}: cannot parse ffprobe's JSON output", path.display()))?;
+        let stream = v
+            .get("streams")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.first())
+            .ok_or_else(|| anyhow!("{}: no video stream found (ffprobe: {})", path.display(), tail(&stderr, 4)))?;
+        let codec = json_str(stream, "codec_name").unwrap_or("unknown").to_string();
+        let width = stream.get("width").and_then(|x| x.as_u64()).unwrap_or(0) as u32;
+        let height = stream.get("height").and_then(|x| x.as_u64()).unwrap_or(0) as u32;
+        if width == 0 || height == 0 {
+            bail!(
+                "{}: video stream ({codec}) has no picture size; not a decodable video",
+                path.display()
+            );
+        }
+        let fps = json_str(stream, "avg_frame_rate")
+            .and_then(parse_rate)
+            .or_else(|| json_str(stream, "r_frame_rate").and_then(parse_rate));
+        let tag_duration = stream.get("tags").and_then(|t| t.as_object()).and_then(|t| {
+            t.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case("duration"))
+                .and_then(|(_, v)| v.as_str())
+                .and_then(parse_seconds)
+        });
+        let duration = json_str(stream, "duration")
+            .and_then(parse_seconds)
+            .or(tag_duration)
+            .or_else(|| v.get("format").and_then(|f| json_str(f, "duration")).and_then(parse_seconds));
+        let container_frames = json_str(stream, "nb_frames")
+            .and_then(|s| s.parse::<usize>().ok())
+            .filter(|&n| n > 0);
+        let expected = match (duration, fps) {
+            (Some(d), Some(f)) => Some(d * f),
+            _ => None,
+        };
+        let plausible = |n: usize| match expected {
+            Some(e) => (n as f64 - e).abs() <= (0.02 * e).max(2.0),
+            None => true,
+        };
+        let (num_frames, count_source) = if self.exact_count {
+            (self.count_decoded(path)?, CountSource::Decoded)
+        } else {
+            match container_frames {
+                Some(n) if plausible(n) => (n, CountSource::Container),
+                _ => {
+                    if let Some(n) = container_frames {
+                        tracing::warn!(
+                            "{}: container says {n} frames but duration × fps = {:.1}; counting packets",
+                            path.display(),
+                            expected.unwrap_or(f64::NAN)
+                        );
+                    }
+                    (self.count_packets(path)?, CountSource::Packets)
+                }
+            }
+        };
+        if num_frames == 0 {
+            bail!("{}: the video stream has no frames", path.display());
+        }
+        Ok(VideoInfo {
+            path: path.to_path_buf(),
+            codec,
+            width,
+            height,
+            fps,
+            duration,
+            container_frames,
+            num_frames,
+            count_source,
+        })
+    }
+
+    /// Number of video packets (demuxing only; equals the frame count for common codecs).
+    pub fn count_packets(&self, path: &Path) -> Result<usize> {
+        let (out, _) = self.ffprobe_run(
+            path,
+            &[
+                "-count_packets",
+                "-select_streams",
+                "v:0",
+                "-show_entries",
+                "stream=nb_read_packets",
+                "-of",
+                "csv=p=0",
+            ],
+        )?;
+        out.trim()
+            .trim_end_matches(',')
+            .parse()
+            .with_context(|| format!("{}: cannot read ffprobe's packet count from {:?}", path.display(), out.trim()))
+    }
+
+    /// Number of frames by decoding the whole stream (exact, slower). Fails on decoder errors
+    /// when `strict` is set and the count falls short of the container's claim.
+    pub fn count_decoded(&self, path: &Path) -> Result<usize> {
+        let (out, _) = self.ffprobe_run(
+            path,
+            &[
+                "-count_frames",
+                "-select_streams",
+                "v:0",
+                "-show_entries",
+                "stream=nb_read_frames",
+                "-of",
+                "csv=p=0",
+            ],
+        )?;
+        out.trim()
+            .trim_end_matches(',')
+            .parse()
+            .with_context(|| format!("{}: cannot read ffprobe's frame count from {:?}", path.display(), out.trim()))
+    }
+
+    /// The option that passes frames through without rate conversion: `-fps_mode` from FFmpeg
+    /// 5.1 on (where `-vsync` is deprecated), `-vsync` before. Cached per executable.
+    fn passthrough_option(&self) -> &'static str {
+        static CACHE: OnceLock<Mutex<HashMap<PathBuf, &'static str>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        if let Some(v) = cache.lock().ok().and_then(|c| c.get(&self.ffmpeg).copied()) {
+            return v;
+        }
+        let version = Command::new(&self.ffmpeg)
+            .arg("-version")
+            .stdin(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_string())
+            .unwrap_or_default();
+        let opt = if has_fps_mode(&version) { "-fps_mode" } else { "-vsync" };
+        if let Ok(mut c) = cache.lock() {
+            c.insert(self.ffmpeg.clone(), opt);
+        }
+        opt
+    }
+
+    /// Output options: frames passed through unchanged (no duplication/dropping to a constant
+    /// rate), as RGB PPM images on stdout.
+    fn ppm_output(&self, cmd: &mut Command) {
+        cmd.args([self.passthrough_option(), "passthrough"]);
+        cmd.args(["-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"]);
+    }
+
+    fn base_command(&self) -> Command {
+        let mut cmd = Command::new(&self.ffmpeg);
+        cmd.args(["-nostdin", "-hide_banner", "-nostats", "-loglevel", "level+verbose"]);
+        if let Some(t) = self.threads {
+            cmd.args(["-threads", &t.to_string()]);
+        }
+        cmd
+    }
+
+    /// Decode the frames with the given indices (presentation order, 0-based) in one ffmpeg
+    /// process. Indices past the end of the stream are simply absent from the result.
+    pub fn decode_indices(&self, path: &Path, indices: &[usize]) -> Result<Decoded> {
+        let mut wanted: Vec<usize> = indices.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        if wanted.is_empty() {
+            bail!("decode_indices: no frame indices requested for {}", path.display());
+        }
+        let select: Vec<String> = wanted.iter().map(|i| format!("eq(n\\,{i})")).collect();
+        let filter = format!("select='{}',showinfo", select.join("+"));
+        let mut cmd = self.base_command();
+        cmd.arg("-i").arg(path);
+        cmd.args(["-map", "0:v:0", "-an", "-sn", "-dn", "-vf", &filter]);
+        self.ppm_output(&mut cmd);
+        let (images, stderr, status) = self.run_ppm(cmd)?;
+        if !status.success() {
+            bail!(
+                "{}: ffmpeg could not decode the video ({status}): {}",
+                path.display(),
+                tail(&filter_log(&stderr), 10)
+            );
+        }
+        let info = parse_showinfo(&stderr);
+        if info.len() != images.len() {
+            bail!(
+                "{}: ffmpeg returned {} frames but reported {} timestamps",
+                path.display(),
+                images.len(),
+                info.len()
+            );
+        }
+        if images.len() > wanted.len() {
+            bail!(
+                "{}: ffmpeg returned {} frames for {} requested indices",
+                path.display(),
+                images.len(),
+                wanted.len()
+            );
+        }
+        let frames = wanted.iter().zip(images).zip(info).map(|((&i, img), ts)| (i, img, ts)).collect();
+        Ok(Decoded {
+            frames,
+            total_decoded: parse_total_decoded(&stderr),
+            error_lines: stderr.lines().filter(|l| is_error_line(l)).map(String::from).collect(),
+        })
+    }
+
+    /// Decode one frame at each timestamp by seeking (one ffmpeg process per frame; the frame
+    /// shown at `t`, i.e. the first with pts ≥ t). For comparison with [`Ffmpeg::decode_indices`].
+    pub fn decode_seek(&self, path: &Path, timestamps: &[f64]) -> Result<Vec<(RgbImage, Option<f64>)>> {
+        let mut out = Vec::with_capacity(timestamps.len());
+        for &t in timestamps {
+            let mut cmd = self.base_command();
+            cmd.args(["-ss", &format!("{:.6}", t.max(0.0))]).arg("-i").arg(path);
+            cmd.args(["-map", "0:v:0", "-an", "-sn", "-dn", "-frames:v", "1", "-vf", "showinfo"]);
+            self.ppm_output(&mut cmd);
+            let (mut images, stderr, status) = self.run_ppm(cmd)?;
+            if !status.success() || images.is_empty() {
+                bail!(
+                    "{}: ffmpeg could not decode a frame at {t:.3}s ({status}): {}",
+                    path.display(),
+                    tail(&filter_log(&stderr), 10)
+                );
+            }
+            // With an input seek, showinfo's times are relative to the seek point.
+            let ts = parse_showinfo(&stderr).first().copied().flatten().map(|r| r + t);
+            out.push((images.swap_remove(0), ts));
+        }
+        Ok(out)
+    }
+
+    /// Run an ffmpeg command whose stdout is a PPM stream; returns the images, stderr and status.
+    fn run_ppm(&self, mut cmd: Command) -> Result<(Vec<RgbImage>, String, std::process::ExitStatus)> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| self.spawn_error(&self.ffmpeg, e))?;
+        let mut stderr_pipe = child.stderr.take().context("ffmpeg stderr pipe")?;
+        let err_thread = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = stderr_pipe.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).to_string()
+        });
+        let stdout = child.stdout.take().context("ffmpeg stdout pipe")?;
+        let mut reader = BufReader::with_capacity(1 << 20, stdout);
+        let mut images = Vec::new();
+        let read_result = (|| -> Result<()> {
+            while let Some(img) = read_ppm(&mut reader)? {
+                images.push(img);
+            }
+            Ok(())
+        })();
+        if read_result.is_err() {
+            let _ = child.kill();
+        }
+        let status = child.wait().context("waiting for ffmpeg")?;
+        let stderr = err_thread.join().map_err(|_| anyhow!("ffmpeg stderr reader panicked"))?;
+        read_result.with_context(|| format!("reading ffmpeg's frames: {}", tail(&filter_log(&stderr), 6)))?;
+        Ok((images, stderr, status))
+    }
+
+    /// Probe, sample `t` frames with `sampling` and decode them (see the module docs). The
+    /// container's frame count is checked against the decoder's in the same pass; when they differ
+    /// the indices are recomputed from the real count and decoded again. Fewer frames than `t`
+    /// are padded by repetition (with a warning).
+    pub fn sample(&self, path: &Path, t: usize, sampling: Sampling) -> Result<SampledFrames> {
+        if t == 0 {
+            bail!("{}: asked for 0 frames", path.display());
+        }
+        let mut info = self.probe(path)?;
+        let mut indices = super::sample_indices(info.num_frames, t, sampling);
+        let mut decoded = self.decode_indices(path, &unique(&indices))?;
+        let mut total = decoded.total_decoded;
+        if total.is_none() && decoded.frames.len() < unique(&indices).len() {
+            // This ffmpeg does not print decode statistics: count by decoding.
+            total = Some(self.count_decoded(path)?);
+        }
+        if let Some(n) = total {
+            if n != info.num_frames {
+                let claimed = info.num_frames;
+                if n == 0 {
+                    bail!(
+                        "{}: no frame could be decoded: {}",
+                        path.display(),
+                        tail(&decoded.error_lines.join("\n"), 8)
+                    );
+                }
+                if n < claimed && !decoded.error_lines.is_empty() && self.strict {
+                    bail!(
+                        "{}: truncated or corrupt video: the container promises {claimed} frames but only {n} decode \
+(to use them anyway: non-strict decoding, `--lenient`); ffmpeg said:\n{}",
+                        path.display(),
+                        tail(&decoded.error_lines.join("\n"), 8)
+                    );
+                }
+                tracing::warn!(
+                    "{}: {:?} frame count {claimed} is wrong, {n} frames decode; resampling",
+                    path.display(),
+                    info.count_source
+                );
+                info.num_frames = n;
+                info.count_source = CountSource::Decoded;
+                if n < claimed {
+                    // The container's duration covers frames that do not decode.
+                    if let Some(f) = info.fps {
+                        info.duration = Some(info.duration.map_or(n as f64 / f, |d| d.min(n as f64 / f)));
+                    }
+                }
+                let new_indices = super::sample_indices(n, t, sampling);
+                if unique(&new_indices) != unique(&indices) {
+                    decoded = self.decode_indices(path, &unique(&new_indices))?;
+                }
+                indices = new_indices;
+            }
+        }
+        let by_index: std::collections::HashMap<usize, (RgbImage, Option<f64>)> =
+            decoded.frames.into_iter().map(|(i, img, ts)| (i, (img, ts))).collect();
+        let mut frames = Vec::with_capacity(t);
+        for &i in &indices {
+            let (img, ts) = by_index.get(&i).ok_or_else(|| {
+                anyhow!(
+                    "{}: frame {i} of {} could not be decoded; ffmpeg said: {}",
+                    path.display(),
+                    info.num_frames,
+                    tail(&decoded.error_lines.join("\n"), 6)
+                )
+            })?;
+            let ts = ts.or_else(|| info.fps.map(|f| i as f64 / f));
+            frames.push(Frame {
+                index: i,
+                image: img.clone(),
+                timestamp: ts,
+            });
+        }
+        let padded = t - unique(&indices).len();
+        if padded > 0 {
+            tracing::warn!(
+                "{}: only {} frames for {t} requested; padded by repeating frames",
+                path.display(),
+                unique(&indices).len()
+            );
+        }
+        let duration = info.duration.or_else(|| info.fps.map(|f| info.num_frames as f64 / f));
+        Ok(SampledFrames {
+            source: path.to_path_buf(),
+            frames,
+            duration,
+            fps: info.fps,
+            num_source_frames: info.num_frames,
+            padded,
+            sampling,
+        })
+    }
+}
+
+/// Whether an `ffmpeg -version` line names a release with `-fps_mode` (5.1+); development builds
+/// (`N-…`, `git-…`) and unparsable versions are taken as recent.
+fn has_fps_mode(version_line: &str) -> bool {
+    let Some(v) = version_line.split_whitespace().nth(2) else {
+        return true;
+    };
+    let v = v.trim_start_matches('n');
+    let mut parts = v.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse::<u32>().ok());
+    let minor = parts.next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(0);
+    match major {
+        Some(m) => (m, minor) >= (5, 1),
+        None => true,
+    }
+}
+
+fn unique(indices: &[usize]) -> Vec<usize> {
+    let mut u = indices.to_vec();
+    u.sort_unstable();
+    u.dedup();
+    u
+}
+
+/// stderr without the per-frame `showinfo` chatter and verbose lines (for error messages).
+fn filter_log(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter(|l| !l.contains("Parsed_showinfo") && !l.contains("[verbose]"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Timestamps (seconds) of the frames that passed `showinfo`, in order: `pts × time_base`, with
+/// the time base from showinfo's `config in time_base: a/b` line.
+fn parse_showinfo(stderr: &str) -> Vec<Option<f64>> {
+    let mut time_base: Option<f64> = None;
+    let mut out = Vec::new();
+    for line in stderr.lines() {
+        if !line.contains("Parsed_showinfo") {
+            continue;
+        }
+        if let Some(rest) = line.split("config in time_base:").nth(1) {
+            let tb = rest.split(',').next().unwrap_or("").trim();
+            time_base = tb
+                .split_once('/')
+                .and_then(|(a, b)| Some(a.trim().parse::<f64>().ok()? / b.trim().parse::<f64>().ok()?));
+            continue;
+        }
+        if line.contains(" n:") && line.contains(" pts:") {
+            let pts = line
+                .split(" pts:")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|s| s.parse::<i64>().ok());
+            let pts_time = line
+                .split("pts_time:")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|s| s.parse::<f64>().ok());
+            let ts = match (pts, time_base) {
+                (Some(p), Some(tb)) if tb.is_finite() && tb > 0.0 => Some(p as f64 * tb),
+                _ => pts_time,
+            };
+            out.push(ts);
+        }
+    }
+    out
+}
+
+/// `N frames decoded` from ffmpeg's verbose final statistics for input stream 0.
+fn parse_total_decoded(stderr: &str) -> Option<usize> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("Input stream #0:") && l.contains("frames decoded"))
+        .find_map(|l| {
+            let before = l.split("frames decoded").next()?;
+            before.split(';').next_back()?.split_whitespace().last()?.parse().ok()
+        })
+}
+
+fn read_token<R: BufRead>(r: &mut R) -> Result<Option<String>> {
+    let mut tok = Vec::new();
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        let b = buf[0];
+        if b.is_ascii_whitespace() {
+            r.consume(1);
+            if tok.is_empty() {
+                continue;
+            }
+            break;
+        }
+        tok.push(b);
+        r.consume(1);
+    }
+    Ok((!tok.is_empty()).then(|| String::from_utf8_lossy(&tok).to_string()))
+}
+
+/// Read one binary PPM (`P6`, maxval 255) image; None at a clean end of stream. The single
+/// whitespace byte after maxval is consumed by `read_token`.
+fn read_ppm<R: BufRead>(r: &mut R) -> Result<Option<RgbImage>> {
+    let Some(magic) = read_token(r)? else { return Ok(None) };
+    if magic != "P6" {
+        bail!("unexpected data in ffmpeg's PPM stream (magic {magic:?})");
+    }
+    let mut num = || -> Result<u32> {
+        let t = read_token(r)?.ok_or_else(|| anyhow!("truncated PPM header"))?;
+        t.parse().with_context(|| format!("bad PPM header field {t:?}"))
+    };
+    let (w, h, maxval) = (num()?, num()?, num()?);
+    if maxval != 255 {
+        bail!("PPM maxval {maxval} (expected 255)");
+    }
+    let mut data = vec![0u8; w as usize * h as usize * 3];
+    r.read_exact(&mut data).context("truncated PPM frame data")?;
+    RgbImage::from_raw(w, h, data).map(Some).context("PPM frame of inconsistent size")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rates_and_durations() {
+        assert_eq!(parse_rate("25/1"), Some(25.0));
+        assert!((parse_rate("30000/1001").unwrap() - 29.97).abs() < 1e-3);
+        assert_eq!(parse_rate("0/0"), None);
+        assert_eq!(parse_seconds("00:00:04.000000000"), Some(4.0));
+        assert_eq!(parse_seconds("01:02:03.5"), Some(3723.5));
+        assert_eq!(parse_seconds("N/A"), None);
+    }
+
+    #[test]
+    fn parses_ffmpeg_logs() {
+        let log = "[Parsed_showinfo_1 @ 0x1] [info] config in time_base: 1/15360, frame_rate: 30/1\n\
+[Parsed_showinfo_1 @ 0x1] [info] n:   0 pts:   1536 pts_time:0.1     pos:     8184 fmt:rgb24\n\
+[Parsed_showinfo_1 @ 0x1] [info] n:   1 pts: 102400 pts_time:6.66667 pos:   612227 fmt:rgb24\n\
+[verbose]   Input stream #0:0 (video): 1800 packets read (5435172 bytes); 1799 frames decoded; \n";
+        let ts = parse_showinfo(log);
+        assert_eq!(ts.len(), 2);
+        assert!((ts[0].unwrap() - 0.1).abs() < 1e-12);
+        assert!((ts[1].unwrap() - 102400.0 / 15360.0).abs() < 1e-12);
+        assert_eq!(parse_total_decoded(log), Some(1799));
+        let v7 = "[verbose]   Input stream #0:0 (video): 12 packets read (100 bytes); 11 frames decoded; 0 decode errors; \n";
+        assert_eq!(parse_total_decoded(v7), Some(11));
+    }
+
+    #[test]
+    fn picks_the_passthrough_option_by_version() {
+        assert!(has_fps_mode(
+            "ffmpeg version 5.1.9-0+deb12u1 Copyright (c) 2000-2026 the FFmpeg developers"
+        ));
+        assert!(has_fps_mode("ffmpeg version n7.1 Copyright"));
+        assert!(has_fps_mode("ffmpeg version 6.0-static https://johnvansickle.com/ffmpeg/"));
+        assert!(has_fps_mode("ffmpeg version N-112233-gabcdef Copyright"));
+        assert!(!has_fps_mode("ffmpeg version 4.4.2-0ubuntu0.22.04.1 Copyright"));
+        assert!(!has_fps_mode("ffmpeg version 5.0.1 Copyright"));
+    }
+
+    #[test]
+    fn reads_ppm_streams() {
+        let mut bytes = b"P6\n2 1\n255\n".to_vec();
+        bytes.extend_from_slice(&[1, 2, 3, 4, 5, 6]);
+        bytes.extend_from_slice(b"P6\n1 1\n255\n");
+        bytes.extend_from_slice(&[10, 32, 9]); // data bytes that look like whitespace
+        let mut r = std::io::Cursor::new(bytes);
+        let a = read_ppm(&mut r).unwrap().unwrap();
+        assert_eq!(a.dimensions(), (2, 1));
+        assert_eq!(a.as_raw(), &vec![1, 2, 3, 4, 5, 6]);
+        let b = read_ppm(&mut r).unwrap().unwrap();
+        assert_eq!(b.as_raw(), &vec![10, 32, 9]);
+        assert!(read_ppm(&mut r).unwrap().is_none());
+    }
+}

@@ -1,0 +1,450 @@
+//! From videos to frames: decoding (through the `ffmpeg`/`ffprobe` tools), frame sampling, frame
+//! folders and the CLIP pre-processing of frames.
+//!
+//! Entry points:
+//! * [`load_frames`] — a video file or a folder of `frame_{i}.jpg|png` → T RGB frames + timestamps;
+//! * [`Ffmpeg`] — the decoder (probe, count, decode selected frame numbers);
+//! * [`sample_indices`] — the uniform (segment centres) and official (GCG `extract_frames.py`) rules;
+//! * [`write_frames`] — `frame_{i}.jpg` + `frames.json`, written atomically;
+//! * [`preprocess`] — CLIP pre-processing bit-compatible with PIL + torchvision.
+//!
+//! # Sampling rules
+//! With N frames in the video and T wanted:
+//! * **uniform**: frame `⌊(2i+1)·N / (2T)⌋` for i = 0..T — the centre of the i-th of T equal
+//!   segments. When N < T the same formula repeats frames in temporal order (padding).
+//! * **official**: GCG's `utils/extract_frames.py` reads frame 0 and discards it, then keeps every
+//!   `k = max(⌊(N−1)/T⌋, 1)`-th frame starting at frame 1: indices `1 + j·k` for j = 0..T−1 (those
+//!   < N). Note the off-by-one of the original: frame 0 is never used and the interval uses N−1,
+//!   so the last `N−1−T·k` frames are never reached. N comes from OpenCV's
+//!   `CAP_PROP_FRAME_COUNT` there (the container's claim); here it is the checked count. When fewer
+//!   than T frames result (N ≤ T; the original then writes fewer files and its loader fails),
+//!   they are padded by repetition like the uniform rule.
+//!
+//! For a frame folder (the official `frames_32/{video}/frame_{i}.jpg`) with M frames, the official
+//! rule is `utils/utils.py::get_frames(lst, T)`: fixed index tables for M ∈ {32, 16} and
+//! T ∈ {16, 8, 4, 1}, all M frames otherwise when M is 32 or 16; other (M, T) fall back to the
+//! uniform rule (with a warning). The uniform rule is the same formula as for videos.
+
+pub mod ffmpeg;
+pub mod preprocess;
+
+pub use ffmpeg::{CountSource, Decoded, Ffmpeg, VideoInfo};
+
+use anyhow::{anyhow, bail, Context, Result};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+
+/// How T frames are chosen from a video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampling {
+    /// Centres of T equal segments.
+    #[default]
+    Uniform,
+    /// GCG's `extract_frames.py` rule for videos (`get_frames` for frame folders).
+    Official,
+}
+
+impl std::str::FromStr for Sampling {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "uniform" => Ok(Self::Uniform),
+            "official" => Ok(Self::Official),
+            other => bail!("unknown sampling {other:?} (expected uniform or official)"),
+        }
+    }
+}
+
+impl std::fmt::Display for Sampling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Uniform => "uniform",
+            Self::Official => "official",
+        })
+    }
+}
+
+/// One sampled frame.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Index of the frame in the source (video frame number in presentation order, or position
+    /// in the numerically sorted frame folder).
+    pub index: usize,
+    pub image: RgbImage,
+    /// Presentation time in seconds from the start of the video (None for a frame folder without
+    /// a `frames.json`).
+    pub timestamp: Option<f64>,
+}
+
+/// T frames sampled from one video (or frame folder), in temporal order.
+#[derive(Debug, Clone)]
+pub struct SampledFrames {
+    pub source: PathBuf,
+    pub frames: Vec<Frame>,
+    /// Video duration in seconds, when known.
+    pub duration: Option<f64>,
+    /// Average frame rate, when known.
+    pub fps: Option<f64>,
+    /// Frames in the source (video frames after checking, or files in the folder).
+    pub num_source_frames: usize,
+    /// How many of the T frames are repeats (source shorter than T).
+    pub padded: usize,
+    pub sampling: Sampling,
+}
+
+impl SampledFrames {
+    pub fn images(&self) -> Vec<RgbImage> {
+        self.frames.iter().map(|f| f.image.clone()).collect()
+    }
+    pub fn indices(&self) -> Vec<usize> {
+        self.frames.iter().map(|f| f.index).collect()
+    }
+    /// The frames CLIP-pre-processed for the ViT: `[T, 3, 224, 224]` f32 on `dev`
+    /// (see [`preprocess::clip_batch`]).
+    pub fn clip_pixels(&self, threads: usize, dev: &candle_core::Device) -> Result<candle_core::Tensor> {
+        preprocess::clip_batch_refs(&self.frames.iter().map(|f| &f.image).collect::<Vec<_>>(), threads, dev)
+    }
+    /// All timestamps, or None if any frame has none.
+    pub fn timestamps(&self) -> Option<Vec<f64>> {
+        self.frames.iter().map(|f| f.timestamp).collect()
+    }
+}
+
+/// Repeat `avail` (in order) to length `t`: element `⌊(2i+1)·m/(2t)⌋` (nearest in time).
+fn pad_to(avail: &[usize], t: usize) -> Vec<usize> {
+    let m = avail.len();
+    if m >= t {
+        return avail[..t].to_vec();
+    }
+    (0..t).map(|i| avail[(2 * i + 1) * m / (2 * t)]).collect()
+}
+
+/// Frame indices for T frames out of N (see the module docs). Always returns T indices in
+/// non-decreasing order (repeats when N is too small); empty when N = 0.
+pub fn sample_indices(n: usize, t: usize, sampling: Sampling) -> Vec<usize> {
+    if n == 0 || t == 0 {
+        return Vec::new();
+    }
+    match sampling {
+        Sampling::Uniform => (0..t).map(|i| (2 * i + 1) * n / (2 * t)).collect(),
+        Sampling::Official => {
+            let k = ((n - 1) / t).max(1);
+            let avail: Vec<usize> = (0..t).map(|j| 1 + j * k).take_while(|&i| i < n).collect();
+            if avail.is_empty() {
+                // N = 1: the original skips frame 0 and gets nothing; use the only frame.
+                vec![0; t]
+            } else {
+                pad_to(&avail, t)
+            }
+        }
+    }
+}
+
+/// GCG's `get_frames(lst, T)` index table for a folder of M frames, when it defines one.
+pub fn official_folder_indices(m: usize, t: usize) -> Option<Vec<usize>> {
+    Some(match (m, t) {
+        (32, 16) => (0..16).map(|i| 2 * i).collect(),
+        (32, 8) => (0..8).map(|i| 4 * i + 2).collect(),
+        (32, 4) => vec![4, 12, 20, 28],
+        (32, 1) => vec![16],
+        (16, 8) => vec![0, 2, 4, 6, 8, 10, 12, 15],
+        (16, 4) => vec![2, 6, 10, 14],
+        (16, 1) => vec![7],
+        (32, 32) | (16, 16) => (0..m).collect(),
+        _ => return None,
+    })
+}
+
+/// Numeric key of `frame_{i}.{jpg,jpeg,png}`.
+fn frame_number(name: &str) -> Option<usize> {
+    let stem = name.strip_prefix("frame_")?;
+    let (num, ext) = stem.rsplit_once('.')?;
+    let ext = ext.to_ascii_lowercase();
+    if !matches!(ext.as_str(), "jpg" | "jpeg" | "png") {
+        return None;
+    }
+    num.parse().ok()
+}
+
+/// The `frame_{i}` image files of a folder, sorted numerically (`frame_10` after `frame_9`).
+pub fn list_frame_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading frame folder {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("reading frame folder {}", dir.display()))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(i) = frame_number(&name) {
+            files.push((i, entry.path()));
+        }
+    }
+    files.sort_by_key(|(i, _)| *i);
+    if let Some(w) = files.windows(2).find(|w| w[0].0 == w[1].0) {
+        bail!(
+            "{}: two files for frame {} ({} and {})",
+            dir.display(),
+            w[0].0,
+            w[0].1.display(),
+            w[1].1.display()
+        );
+    }
+    if files.is_empty() {
+        bail!("{}: no frame_{{i}}.jpg / .png files in the folder", dir.display());
+    }
+    Ok(files.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Decode a JPEG with libjpeg-turbo's decoder (through `mozjpeg`), with the settings Pillow uses
+/// (accurate integer IDCT, "fancy" chroma up-sampling): the pixels equal `Image.open(f).convert("RGB")`.
+fn decode_jpeg_like_pil(bytes: &[u8]) -> Result<RgbImage> {
+    // libjpeg errors unwind (without the panic hook) through the C code; catch them here.
+    let result = std::panic::catch_unwind(|| -> std::io::Result<(usize, usize, Vec<u8>)> {
+        let mut d = mozjpeg::Decompress::new_mem(bytes)?;
+        d.dct_method(mozjpeg::DctMethod::IntegerSlow);
+        d.do_fancy_upsampling(true);
+        let mut started = d.rgb()?;
+        let (w, h) = (started.width(), started.height());
+        let data = started.read_scanlines::<u8>()?;
+        started.finish()?;
+        Ok((w, h, data))
+    });
+    let (w, h, data) = match result {
+        Ok(r) => r?,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()));
+            bail!("libjpeg: {}", msg.unwrap_or_else(|| "decoding failed".into()));
+        }
+    };
+    RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| anyhow!("libjpeg returned a buffer of the wrong size for {w}x{h}"))
+}
+
+/// Decode one image file as RGB. JPEGs are decoded exactly as PIL (libjpeg-turbo) decodes them;
+/// other formats (PNG, ...) through the `image` crate; grey or RGBA become RGB like PIL's
+/// `convert('RGB')`.
+pub fn read_image(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        // libjpeg only warns about a premature end of data (and pads the image); PIL refuses such
+        // files ("image file is truncated"). A complete file has an end-of-image marker after its last
+        // start-of-scan marker (scan data cannot contain FF D9: 0xFF bytes are stuffed).
+        let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+        let has_eoi = last_sos.is_some_and(|p| bytes[p..].windows(2).any(|w| w == [0xFF, 0xD9]));
+        if last_sos.is_some() && !has_eoi {
+            bail!("{}: truncated JPEG (no end-of-image marker after the image data)", path.display());
+        }
+        match decode_jpeg_like_pil(&bytes) {
+            Ok(img) => return Ok(img),
+            Err(e) => {
+                // e.g. CMYK JPEGs, which libjpeg does not convert to RGB: try the image crate.
+                if let Ok(img) = image::load_from_memory(&bytes) {
+                    return Ok(img.to_rgb8());
+                }
+                return Err(e.context(format!("decoding JPEG image {}", path.display())));
+            }
+        }
+    }
+    let img = image::load_from_memory(&bytes).with_context(|| format!("decoding image {}", path.display()))?;
+    Ok(img.to_rgb8())
+}
+
+/// The metadata file written next to the frames.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FramesJson {
+    pub video: String,
+    pub duration: Option<f64>,
+    pub fps: Option<f64>,
+    pub timestamps: Vec<Option<f64>>,
+    #[serde(default)]
+    pub indices: Vec<usize>,
+    #[serde(default)]
+    pub num_source_frames: Option<usize>,
+    #[serde(default)]
+    pub sampling: Option<Sampling>,
+}
+
+/// Read T frames from a folder of `frame_{i}` images. Timestamps (and duration/fps) come from a
+/// `frames.json` in the folder when there is one (as written by [`write_frames`]).
+pub fn read_frame_dir(dir: &Path, t: usize, sampling: Sampling) -> Result<SampledFrames> {
+    if t == 0 {
+        bail!("{}: asked for 0 frames", dir.display());
+    }
+    let files = list_frame_files(dir)?;
+    let m = files.len();
+    let meta_path = dir.join("frames.json");
+    let meta: Option<FramesJson> = if meta_path.is_file() {
+        let text = std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?;
+        let meta: FramesJson = serde_json::from_str(&text).with_context(|| format!("parsing {}", meta_path.display()))?;
+        if meta.timestamps.len() != m {
+            bail!("{}: {} timestamps for {m} frame files", meta_path.display(), meta.timestamps.len());
+        }
+        Some(meta)
+    } else {
+        None
+    };
+    let indices = match sampling {
+        Sampling::Uniform => sample_indices(m, t, Sampling::Uniform),
+        Sampling::Official => match official_folder_indices(m, t) {
+            Some(ix) => ix,
+            None => {
+                tracing::warn!(
+                    "{}: GCG's get_frames has no rule for {m} frames → {t}; using uniform sampling",
+                    dir.display()
+                );
+                sample_indices(m, t, Sampling::Uniform)
+            }
+        },
+    };
+    let mut distinct = indices.clone();
+    distinct.dedup();
+    let padded = t - distinct.len();
+    if padded > 0 {
+        tracing::warn!("{}: only {m} frames for {t} requested; padded by repeating frames", dir.display());
+    }
+    let mut frames: Vec<Frame> = Vec::with_capacity(t);
+    for &i in &indices {
+        let image = match frames.iter().rev().find(|f| f.index == i) {
+            Some(prev) => prev.image.clone(),
+            None => read_image(&files[i])?,
+        };
+        let timestamp = meta.as_ref().and_then(|m| m.timestamps[i]);
+        frames.push(Frame {
+            index: i,
+            image,
+            timestamp,
+        });
+    }
+    Ok(SampledFrames {
+        source: dir.to_path_buf(),
+        frames,
+        duration: meta.as_ref().and_then(|m| m.duration),
+        fps: meta.as_ref().and_then(|m| m.fps),
+        num_source_frames: m,
+        padded,
+        sampling,
+    })
+}
+
+/// T frames from a video file (decoded with `ffmpeg`) or a frame folder.
+pub fn load_frames(path: &Path, t: usize, sampling: Sampling, ffmpeg: &Ffmpeg) -> Result<SampledFrames> {
+    if path.is_dir() {
+        read_frame_dir(path, t, sampling)
+    } else if path.exists() {
+        ffmpeg.sample(path, t, sampling)
+    } else {
+        Err(anyhow!("{}: no such video file or frame folder", path.display()))
+    }
+}
+
+/// Encode RGB as a baseline JPEG of quality 95 with libjpeg-turbo's standard settings (4:2:0,
+/// Annex K tables, no optimised Huffman tables): what `cv2.imwrite(f, frame)` in GCG's
+/// `extract_frames.py` writes (OpenCV's defaults), and byte-identical to PIL's `save(quality=95)`.
+pub fn encode_jpeg_like_opencv(img: &RgbImage) -> Result<Vec<u8>> {
+    let (w, h) = img.dimensions();
+    let result = std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
+        let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+        c.set_fastest_defaults(); // libjpeg-turbo behaviour: no trellis, no progressive scans
+        c.set_size(w as usize, h as usize);
+        c.set_quality(95.0);
+        let mut started = c.start_compress(Vec::new())?;
+        started.write_scanlines(img.as_raw())?;
+        started.finish()
+    });
+    match result {
+        Ok(r) => Ok(r?),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()));
+            bail!("libjpeg: {}", msg.unwrap_or_else(|| "encoding failed".into()))
+        }
+    }
+}
+
+/// Write `frame_{i}.jpg` (JPEG quality 95, see [`encode_jpeg_like_opencv`]) and
+/// `frames.json` into `out`, atomically: everything goes to a temporary sibling folder that is
+/// renamed into place. An existing `out` is replaced only when `overwrite` is set.
+pub fn write_frames(frames: &SampledFrames, out: &Path, overwrite: bool) -> Result<()> {
+    if out.exists() && !overwrite {
+        bail!("{} already exists (use overwrite to replace it)", out.display());
+    }
+    let name = out
+        .file_name()
+        .ok_or_else(|| anyhow!("{}: not a folder name", out.display()))?
+        .to_string_lossy()
+        .to_string();
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = (|| -> Result<()> {
+        for (i, f) in frames.frames.iter().enumerate() {
+            let path = tmp.join(format!("frame_{i}.jpg"));
+            let bytes = encode_jpeg_like_opencv(&f.image).with_context(|| format!("encoding {}", path.display()))?;
+            std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        }
+        let meta = FramesJson {
+            video: frames.source.display().to_string(),
+            duration: frames.duration,
+            fps: frames.fps,
+            timestamps: frames.frames.iter().map(|f| f.timestamp).collect(),
+            indices: frames.indices(),
+            num_source_frames: Some(frames.num_source_frames),
+            sampling: Some(frames.sampling),
+        };
+        let json = serde_json::to_string_pretty(&meta)?;
+        std::fs::write(tmp.join("frames.json"), json).with_context(|| format!("writing {}", tmp.join("frames.json").display()))?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if out.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
+        std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing the old {}", old.display()))?;
+    } else {
+        std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_is_segment_centres() {
+        assert_eq!(sample_indices(32, 4, Sampling::Uniform), vec![4, 12, 20, 28]);
+        assert_eq!(sample_indices(10, 10, Sampling::Uniform), (0..10).collect::<Vec<_>>());
+        assert_eq!(sample_indices(5, 8, Sampling::Uniform), vec![0, 0, 1, 2, 2, 3, 4, 4]);
+        assert_eq!(sample_indices(0, 8, Sampling::Uniform), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn official_skips_frame_zero() {
+        // N = 100, T = 32: k = 99 / 32 = 3 → 1, 4, ..., 94.
+        let ix = sample_indices(100, 32, Sampling::Official);
+        assert_eq!(ix.len(), 32);
+        assert_eq!(ix[0], 1);
+        assert_eq!(ix[31], 94);
+        // N = 5, T = 8: k = 1 → 1..4, padded.
+        assert_eq!(sample_indices(5, 8, Sampling::Official), vec![1, 1, 2, 2, 3, 3, 4, 4]);
+        assert_eq!(sample_indices(1, 3, Sampling::Official), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn frame_names_sort_numerically() {
+        assert_eq!(frame_number("frame_10.jpg"), Some(10));
+        assert_eq!(frame_number("frame_2.PNG"), Some(2));
+        assert_eq!(frame_number("frames.json"), None);
+        assert_eq!(frame_number("frame_x.jpg"), None);
+    }
+}

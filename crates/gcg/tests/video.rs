@@ -1,0 +1,713 @@
+//! Video decoding, frame sampling, frame folders and CLIP pre-processing.
+//!
+//! The videos are made at test time with the `ffmpeg` tool (CI installs it; without it these tests
+//! FAIL with an install hint). Their frames encode their own frame number as a flat colour
+//! (R = 16·(n mod 16) + 8, B = 16·⌊n/16⌋ + 8), so a test can read back which frame it was given.
+//! Pre-processing is compared with torchvision outputs written by `tools/fixtures/make_preprocess.py`.
+
+mod common;
+
+use gcg::video::preprocess::{self, CLIP_MEAN, CLIP_STD};
+use gcg::video::{self, CountSource, Ffmpeg, Sampling};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Run ffmpeg to make a test video; fails the test (never skips) when ffmpeg is missing.
+fn ffmpeg(args: &[&str]) {
+    let out = Command::new("ffmpeg")
+        .args(["-nostdin", "-v", "error", "-y"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "the video tests need the `ffmpeg` command-line tool ({e}); install it with `apt-get install ffmpeg` (CI's .ci/run does)"
+            )
+        });
+    assert!(
+        out.status.success(),
+        "ffmpeg {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A lavfi source of `n`... frames whose colour encodes the frame number.
+fn indexed_source(w: u32, h: u32, rate: &str, duration: &str) -> String {
+    format!("color=c=black:s={w}x{h}:r={rate}:d={duration},format=rgb24,geq=r='16*mod(N\\,16)+8':g='128':b='16*floor(N/16)+8'")
+}
+
+/// The frame number a decoded frame shows (mean colour of its centre).
+fn frame_number(img: &RgbImage) -> usize {
+    let (w, h) = img.dimensions();
+    let (mut r, mut b, mut n) = (0f64, 0f64, 0f64);
+    for y in h / 4..3 * h / 4 {
+        for x in w / 4..3 * w / 4 {
+            let p = img.get_pixel(x, y).0;
+            r += p[0] as f64;
+            b += p[2] as f64;
+            n += 1.0;
+        }
+    }
+    let (r, b) = (r / n, b / n);
+    let lo = ((r - 8.0) / 16.0).round();
+    let hi = ((b - 8.0) / 16.0).round();
+    assert!(
+        (r - (16.0 * lo + 8.0)).abs() < 6.0 && (b - (16.0 * hi + 8.0)).abs() < 6.0,
+        "frame colour ({r:.1}, {b:.1}) is not a frame code"
+    );
+    (16.0 * hi + lo) as usize
+}
+
+struct Videos {
+    dir: tempfile::TempDir,
+}
+
+impl Videos {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+    /// H.264 in MP4 with B-frames: 320x240, 30 fps, 90 frames.
+    fn h264(&self) -> PathBuf {
+        let p = self.path("bframes.mp4");
+        if !p.exists() {
+            let src = indexed_source(320, 240, "30", "3");
+            ffmpeg(&[
+                "-f",
+                "lavfi",
+                "-i",
+                &src,
+                "-c:v",
+                "libx264",
+                "-bf",
+                "3",
+                "-g",
+                "30",
+                "-pix_fmt",
+                "yuv420p",
+                p.to_str().unwrap(),
+            ]);
+        }
+        p
+    }
+}
+
+fn ffprobe_pict_types(path: &Path) -> String {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "frame=pict_type",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(path)
+        .output()
+        .expect("ffprobe (install ffmpeg)");
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn check_frames(s: &video::SampledFrames, expected_indices: &[usize], fps: f64) {
+    assert_eq!(s.indices(), expected_indices, "{}", s.source.display());
+    for f in &s.frames {
+        assert_eq!(
+            frame_number(&f.image),
+            f.index,
+            "{}: frame content differs from its index",
+            s.source.display()
+        );
+        let ts = f.timestamp.expect("timestamp");
+        assert!(
+            (ts - f.index as f64 / fps).abs() < 1e-6,
+            "frame {}: timestamp {ts} != {}",
+            f.index,
+            f.index as f64 / fps
+        );
+    }
+}
+
+#[test]
+fn h264_with_b_frames_uniform_and_official() {
+    let v = Videos::new();
+    let path = v.h264();
+    assert!(ffprobe_pict_types(&path).contains('B'), "the test video should contain B-frames");
+    let ff = Ffmpeg::from_env();
+    let info = ff.probe(&path).unwrap();
+    assert_eq!((info.width, info.height, info.num_frames), (320, 240, 90));
+    assert_eq!(info.count_source, CountSource::Container);
+    assert!(
+        (info.fps.unwrap() - 30.0).abs() < 1e-9 && (info.duration.unwrap() - 3.0).abs() < 1e-6,
+        "{info:?}"
+    );
+
+    let s = ff.sample(&path, 8, Sampling::Uniform).unwrap();
+    // Centres of 8 segments of 90 frames: ⌊(2i+1)·90/16⌋.
+    check_frames(&s, &[5, 16, 28, 39, 50, 61, 73, 84], 30.0);
+    assert_eq!((s.padded, s.num_source_frames), (0, 90));
+    assert_eq!(s.frames[0].image.dimensions(), (320, 240));
+
+    // Official rule: k = ⌊89 / 8⌋ = 11, frames 1, 12, 23, ...
+    let s = ff.sample(&path, 8, Sampling::Official).unwrap();
+    check_frames(&s, &[1, 12, 23, 34, 45, 56, 67, 78], 30.0);
+
+    // T = N: every frame, in order.
+    let s = ff.sample(&path, 90, Sampling::Uniform).unwrap();
+    check_frames(&s, &(0..90).collect::<Vec<_>>(), 30.0);
+
+    // load_frames dispatches files to ffmpeg.
+    let s = video::load_frames(&path, 4, Sampling::Uniform, &ff).unwrap();
+    check_frames(&s, &[11, 33, 56, 78], 30.0);
+    // Pixels for the ViT: each frame through the CLIP pre-processing.
+    let dev = candle_core::Device::Cpu;
+    let px = s.clip_pixels(2, &dev).unwrap();
+    assert_eq!(px.dims(), &[4, 3, 224, 224]);
+    let third = preprocess::clip_preprocess(&s.frames[2].image).unwrap();
+    assert_eq!(px.get(2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), third);
+}
+
+#[test]
+fn vp9_webm_odd_size_without_frame_count() {
+    let v = Videos::new();
+    let path = v.path("odd.webm");
+    let src = indexed_source(321, 239, "25", "2");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        &src,
+        "-c:v",
+        "libvpx-vp9",
+        "-pix_fmt",
+        "yuv420p",
+        "-deadline",
+        "realtime",
+        "-cpu-used",
+        "8",
+        "-b:v",
+        "300k",
+        path.to_str().unwrap(),
+    ]);
+    let ff = Ffmpeg::from_env();
+    let info = ff.probe(&path).unwrap();
+    assert_eq!(info.container_frames, None, "WebM stores no frame count");
+    assert_eq!(info.count_source, CountSource::Packets);
+    assert_eq!(
+        (info.width, info.height, info.num_frames, info.codec.as_str()),
+        (321, 239, 50, "vp9")
+    );
+    let s = ff.sample(&path, 6, Sampling::Uniform).unwrap();
+    check_frames(&s, &[4, 12, 20, 29, 37, 45], 25.0);
+    assert!(s.frames.iter().all(|f| f.image.dimensions() == (321, 239)));
+
+    // H.264 4:4:4 at the same odd size in MP4.
+    let mp4 = v.path("odd.mp4");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        &src,
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv444p",
+        mp4.to_str().unwrap(),
+    ]);
+    let s = ff.sample(&mp4, 5, Sampling::Uniform).unwrap();
+    check_frames(&s, &[5, 15, 25, 35, 45], 25.0);
+    assert!(s.frames.iter().all(|f| f.image.dimensions() == (321, 239)));
+}
+
+#[test]
+fn short_clip_is_padded_by_repetition() {
+    let v = Videos::new();
+    let path = v.path("five.mp4");
+    let src = indexed_source(64, 48, "10", "0.5");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        &src,
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        path.to_str().unwrap(),
+    ]);
+    let ff = Ffmpeg::from_env();
+    assert_eq!(ff.probe(&path).unwrap().num_frames, 5);
+    let s = ff.sample(&path, 8, Sampling::Uniform).unwrap();
+    assert_eq!(s.frames.len(), 8);
+    assert_eq!(s.padded, 3);
+    check_frames(&s, &[0, 0, 1, 2, 2, 3, 4, 4], 10.0);
+    let s = ff.sample(&path, 8, Sampling::Official).unwrap();
+    assert_eq!(s.padded, 4);
+    check_frames(&s, &[1, 1, 2, 2, 3, 3, 4, 4], 10.0);
+    let s = ff.sample(&path, 5, Sampling::Uniform).unwrap();
+    check_frames(&s, &[0, 1, 2, 3, 4], 10.0);
+    assert_eq!(s.padded, 0);
+}
+
+#[test]
+fn variable_frame_rate_timestamps_are_real_presentation_times() {
+    let v = Videos::new();
+    let path = v.path("vfr.mp4");
+    // 30 frames at 30 fps (0..1 s) then 30 frames at 10 fps (1..4 s).
+    let src = format!(
+        "{},setpts='if(lt(N\\,30)\\,N/30\\,1+(N-30)/10)/TB'",
+        indexed_source(160, 120, "30", "2")
+    );
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        &src,
+        "-vsync",
+        "vfr",
+        "-c:v",
+        "libx264",
+        "-bf",
+        "2",
+        "-pix_fmt",
+        "yuv420p",
+        path.to_str().unwrap(),
+    ]);
+    let ff = Ffmpeg::from_env();
+    let s = ff.sample(&path, 6, Sampling::Uniform).unwrap();
+    assert_eq!(s.num_source_frames, 60);
+    assert_eq!(s.indices(), vec![5, 15, 25, 35, 45, 55]);
+    for f in &s.frames {
+        assert_eq!(frame_number(&f.image), f.index);
+        let expected = if f.index < 30 {
+            f.index as f64 / 30.0
+        } else {
+            1.0 + (f.index - 30) as f64 / 10.0
+        };
+        let ts = f.timestamp.unwrap();
+        assert!((ts - expected).abs() < 1e-3, "frame {}: {ts} vs {expected}", f.index);
+    }
+}
+
+#[test]
+fn container_frame_count_that_lies_is_corrected_by_decoding() {
+    // A stream copy cut at 0.5 s keeps the packets from the previous key frame and an edit list:
+    // the container says 90 frames, 75 are presented.
+    let v = Videos::new();
+    let src = v.h264();
+    let cut = v.path("cut.mp4");
+    ffmpeg(&["-ss", "0.5", "-i", src.to_str().unwrap(), "-c", "copy", cut.to_str().unwrap()]);
+    let ff = Ffmpeg::from_env();
+    let info = ff.probe(&cut).unwrap();
+    assert_eq!(
+        info.container_frames,
+        Some(90),
+        "the fixture should have a lying container count: {info:?}"
+    );
+    let s = ff.sample(&cut, 5, Sampling::Uniform).unwrap();
+    assert_eq!(s.num_source_frames, 75);
+    assert_eq!(s.indices(), vec![7, 22, 37, 52, 67]);
+    for f in &s.frames {
+        // Presented frame i of the cut is frame i + 15 of the original.
+        assert_eq!(frame_number(&f.image), f.index + 15);
+        assert!((f.timestamp.unwrap() - f.index as f64 / 30.0).abs() < 1e-6, "{:?}", f.timestamp);
+    }
+    // Counting by decoding from the start gives the same.
+    let exact = Ffmpeg {
+        exact_count: true,
+        ..Ffmpeg::from_env()
+    };
+    let info = exact.probe(&cut).unwrap();
+    assert_eq!((info.num_frames, info.count_source), (75, CountSource::Decoded));
+}
+
+fn err_text(e: anyhow::Error) -> String {
+    format!("{e:#}")
+}
+
+#[test]
+fn unreadable_files_are_errors_naming_the_file() {
+    let v = Videos::new();
+    let ff = Ffmpeg::from_env();
+
+    // Text named .mp4.
+    let text = v.path("notes.mp4");
+    std::fs::write(&text, "this is not a video\n").unwrap();
+    let e = err_text(ff.sample(&text, 4, Sampling::Uniform).unwrap_err());
+    assert!(e.contains("notes.mp4") && e.contains("Invalid data"), "{e}");
+
+    // MP4 truncated before its index (moov at the end): unreadable.
+    let full = std::fs::read(v.h264()).unwrap();
+    let cut = v.path("truncated.mp4");
+    std::fs::write(&cut, &full[..full.len() / 2]).unwrap();
+    let e = err_text(ff.sample(&cut, 4, Sampling::Uniform).unwrap_err());
+    assert!(e.contains("truncated.mp4") && e.contains("moov atom not found"), "{e}");
+
+    // Fast-start MP4 (index first) truncated: the container promises 90 frames, fewer decode.
+    let fs = v.path("faststart.mp4");
+    let src = indexed_source(320, 240, "30", "3");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        &src,
+        "-c:v",
+        "libx264",
+        "-bf",
+        "3",
+        "-g",
+        "30",
+        "-pix_fmt",
+        "yuv420p",
+        "-movflags",
+        "+faststart",
+        fs.to_str().unwrap(),
+    ]);
+    let full = std::fs::read(&fs).unwrap();
+    let cut = v.path("faststart_truncated.mp4");
+    std::fs::write(&cut, &full[..full.len() / 2]).unwrap();
+    let e = err_text(ff.sample(&cut, 4, Sampling::Uniform).unwrap_err());
+    assert!(
+        e.contains("faststart_truncated.mp4") && e.contains("truncated or corrupt") && e.contains("90 frames"),
+        "{e}"
+    );
+    // Not strict: the decodable part is sampled.
+    let lenient = Ffmpeg {
+        strict: false,
+        ..Ffmpeg::from_env()
+    };
+    let s = lenient.sample(&cut, 4, Sampling::Uniform).unwrap();
+    assert!(s.num_source_frames < 90 && s.num_source_frames > 4, "{}", s.num_source_frames);
+    assert!(
+        (s.duration.unwrap() - s.num_source_frames as f64 / 30.0).abs() < 1e-9,
+        "{:?}",
+        s.duration
+    );
+    for f in &s.frames {
+        assert_eq!(frame_number(&f.image), f.index);
+    }
+
+    // Missing file, empty file.
+    let e = err_text(ff.sample(&v.path("missing.mp4"), 4, Sampling::Uniform).unwrap_err());
+    assert!(e.contains("missing.mp4"), "{e}");
+    let empty = v.path("empty.webm");
+    std::fs::write(&empty, b"").unwrap();
+    let e = err_text(ff.sample(&empty, 4, Sampling::Uniform).unwrap_err());
+    assert!(e.contains("empty.webm"), "{e}");
+}
+
+#[test]
+fn missing_ffmpeg_says_how_to_install_it() {
+    let v = Videos::new();
+    let path = v.h264();
+    let ff = Ffmpeg {
+        ffmpeg: "/nonexistent/bin/ffmpeg".into(),
+        ffprobe: "/nonexistent/bin/ffprobe".into(),
+        ..Ffmpeg::from_env()
+    };
+    for e in [ff.sample(&path, 4, Sampling::Uniform).unwrap_err(), ff.check().unwrap_err()] {
+        let e = err_text(e);
+        assert!(
+            e.contains("not found") && e.contains("apt-get install ffmpeg") && e.contains("brew install ffmpeg"),
+            "{e}"
+        );
+    }
+    assert!(Ffmpeg::from_env().check().unwrap().starts_with("ffmpeg version"));
+}
+
+#[test]
+fn frame_folders_round_trip_and_sort_numerically() {
+    let v = Videos::new();
+    let ff = Ffmpeg::from_env();
+    let s = ff.sample(&v.h264(), 12, Sampling::Uniform).unwrap();
+    let out = v.path("frames/vid0");
+    video::write_frames(&s, &out, false).unwrap();
+    // Refuses to overwrite unless asked; no temporary folder is left behind.
+    assert!(video::write_frames(&s, &out, false).is_err());
+    video::write_frames(&s, &out, true).unwrap();
+    let names: Vec<String> = std::fs::read_dir(v.path("frames"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(names, vec!["vid0".to_string()]);
+
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("frames.json")).unwrap()).unwrap();
+    assert!(meta["video"].as_str().unwrap().ends_with("bframes.mp4"));
+    assert!((meta["duration"].as_f64().unwrap() - 3.0).abs() < 1e-6 && (meta["fps"].as_f64().unwrap() - 30.0).abs() < 1e-9);
+    let ts: Vec<f64> = meta["timestamps"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    assert_eq!(ts, s.timestamps().unwrap());
+
+    // 12 files: frame_10 / frame_11 must sort after frame_9.
+    let back = video::load_frames(&out, 12, Sampling::Uniform, &ff).unwrap();
+    assert_eq!(back.num_source_frames, 12);
+    assert_eq!(back.indices(), (0..12).collect::<Vec<_>>());
+    assert_eq!(back.timestamps().unwrap(), s.timestamps().unwrap());
+    for (a, b) in back.frames.iter().zip(&s.frames) {
+        assert_eq!(frame_number(&a.image), b.index, "JPEG round trip keeps the frame");
+    }
+    // Subsampling a folder: uniform centres over the 12 files, padding past 12.
+    let sub = video::read_frame_dir(&out, 4, Sampling::Uniform).unwrap();
+    assert_eq!(sub.indices(), vec![1, 4, 7, 10]);
+    assert_eq!(sub.timestamps().unwrap(), vec![ts[1], ts[4], ts[7], ts[10]]);
+    let pad = video::read_frame_dir(&out, 16, Sampling::Uniform).unwrap();
+    assert_eq!(pad.padded, 4);
+    assert_eq!(pad.frames.len(), 16);
+
+    // A GCG-style folder: 32 PNGs, no frames.json, official get_frames tables.
+    let gcg = v.path("gcg_frames");
+    std::fs::create_dir(&gcg).unwrap();
+    for i in 0..32u32 {
+        let code = [16 * (i % 16) as u8 + 8, 128, 16 * (i / 16) as u8 + 8];
+        RgbImage::from_pixel(40, 30, image::Rgb(code))
+            .save(gcg.join(format!("frame_{i}.png")))
+            .unwrap();
+    }
+    std::fs::write(gcg.join("notes.txt"), "ignored").unwrap();
+    for (t, expected) in [
+        (4, vec![4, 12, 20, 28]),
+        (8, vec![2, 6, 10, 14, 18, 22, 26, 30]),
+        (1, vec![16]),
+        (16, (0..16).map(|i| 2 * i).collect()),
+    ] {
+        let s = video::read_frame_dir(&gcg, t, Sampling::Official).unwrap();
+        assert_eq!(s.indices(), expected);
+        assert!(s.timestamps().is_none());
+        for f in &s.frames {
+            assert_eq!(frame_number(&f.image), f.index);
+        }
+    }
+    let s = video::read_frame_dir(&gcg, 4, Sampling::Uniform).unwrap();
+    assert_eq!(s.indices(), vec![4, 12, 20, 28]);
+    // Errors name the folder.
+    let empty = v.path("empty_dir");
+    std::fs::create_dir(&empty).unwrap();
+    let e = err_text(video::read_frame_dir(&empty, 4, Sampling::Uniform).unwrap_err());
+    assert!(e.contains("empty_dir") && e.contains("frame_"), "{e}");
+    std::fs::write(gcg.join("frame_3.jpg"), "not a jpeg").unwrap();
+    let e = err_text(video::read_frame_dir(&gcg, 32, Sampling::Uniform).unwrap_err());
+    assert!(e.contains("frame_3"), "{e}");
+}
+
+#[test]
+fn official_folder_tables_match_get_frames() {
+    // utils/utils.py::get_frames, transcribed.
+    assert_eq!(video::official_folder_indices(16, 8).unwrap(), vec![0, 2, 4, 6, 8, 10, 12, 15]);
+    assert_eq!(video::official_folder_indices(16, 4).unwrap(), vec![2, 6, 10, 14]);
+    assert_eq!(video::official_folder_indices(16, 1).unwrap(), vec![7]);
+    assert_eq!(video::official_folder_indices(32, 1).unwrap(), vec![16]);
+    assert_eq!(video::official_folder_indices(32, 32).unwrap(), (0..32).collect::<Vec<_>>());
+    assert!(video::official_folder_indices(20, 4).is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pre-processing parity with torchvision (GCG's image_transform on PIL images).
+
+fn preprocess_dir() -> PathBuf {
+    common::fixtures_dir().join("preprocess")
+}
+
+struct FixtureImage {
+    name: String,
+    file: String,
+}
+
+fn fixture_images() -> (Vec<FixtureImage>, usize, usize) {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(preprocess_dir().join("manifest.json")).unwrap()).unwrap();
+    let images = manifest["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| FixtureImage {
+            name: m["name"].as_str().unwrap().to_string(),
+            file: m["file"].as_str().unwrap().to_string(),
+        })
+        .collect();
+    (
+        images,
+        manifest["sub_offset"].as_u64().unwrap() as usize,
+        manifest["sub_stride"].as_u64().unwrap() as usize,
+    )
+}
+
+#[test]
+fn clip_preprocessing_matches_torchvision() {
+    let (images, offset, stride) = fixture_images();
+    assert!(images.len() >= 7, "fixture should cover several sizes");
+    let values = common::load_io(&preprocess_dir().join("expected.safetensors")).unwrap();
+    let mut pngs = 0;
+    for img in &images {
+        let input = video::read_image(&preprocess_dir().join(&img.file)).unwrap();
+        if img.file.ends_with(".jpg") {
+            continue; // decoder comparison below
+        }
+        pngs += 1;
+        let expected = video::read_image(&preprocess_dir().join(format!("{}.expected.png", img.name))).unwrap();
+        // 8-bit levels after Resize(224, BICUBIC) + CenterCrop(224): byte-identical to PIL.
+        let crop = preprocess::resize_and_crop(&input, 224).unwrap();
+        assert_eq!(crop.dimensions(), (224, 224));
+        let diff = crop
+            .as_raw()
+            .iter()
+            .zip(expected.as_raw())
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        let n_diff = crop.as_raw().iter().zip(expected.as_raw()).filter(|(a, b)| a != b).count();
+        eprintln!(
+            "{}: max level difference {diff}, {n_diff} of {} values differ",
+            img.name,
+            3 * 224 * 224
+        );
+        assert_eq!(
+            diff, 0,
+            "{}: resampling differs from PIL (max {diff} levels, {n_diff} values)",
+            img.name
+        );
+
+        // Normalised f32 values: the full chain against torchvision's f32 output.
+        let x = preprocess::clip_preprocess(&input).unwrap();
+        assert_eq!(x.len(), 3 * 224 * 224);
+        let want = values.get(&format!("{}.values", img.name)).unwrap().to_vec1::<f32>().unwrap();
+        let got: Vec<f32> = x.iter().skip(offset).step_by(stride).copied().collect();
+        assert_eq!(got.len(), want.len());
+        let max_err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        eprintln!("{}: max |normalised - torchvision| = {max_err:e}", img.name);
+        assert!(max_err <= 1e-6, "{}: normalised values differ by {max_err}", img.name);
+        // The level image normalised the same way is torchvision's output at every position.
+        let full = preprocess::normalize_chw(&expected, CLIP_MEAN, CLIP_STD);
+        assert_eq!(full, x, "{}", img.name);
+    }
+    assert!(pngs >= 6);
+}
+
+#[test]
+fn jpeg_frames_decode_like_pil() {
+    // GCG's frames are JPEGs decoded by PIL (libjpeg-turbo): read_image must give the same pixels,
+    // and the whole chain from the JPEG file must equal torchvision's output.
+    let (images, _, _) = fixture_images();
+    let img = images.iter().find(|i| i.file.ends_with(".jpg")).expect("a JPEG fixture");
+    let path = preprocess_dir().join(&img.file);
+    let ours = video::read_image(&path).unwrap();
+    let pil = video::read_image(&preprocess_dir().join(format!("{}.pil.png", img.name))).unwrap();
+    assert_eq!(ours.dimensions(), pil.dimensions());
+    let max = ours
+        .as_raw()
+        .iter()
+        .zip(pil.as_raw())
+        .map(|(a, b)| (*a as i32 - *b as i32).abs())
+        .max()
+        .unwrap();
+    assert_eq!(max, 0, "JPEG decoding differs from PIL by up to {max} levels");
+    let expected = video::read_image(&preprocess_dir().join(format!("{}.expected.png", img.name))).unwrap();
+    assert_eq!(preprocess::resize_and_crop(&ours, 224).unwrap().as_raw(), expected.as_raw());
+    // A corrupt JPEG is an error naming the file.
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let bad = dir.path().join("broken.jpg");
+    std::fs::write(&bad, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let e = video::read_image(&bad)
+        .err()
+        .map(|e| format!("{e:#}"))
+        .expect("a truncated JPEG must be an error");
+    assert!(e.contains("broken.jpg") && e.contains("truncated"), "{e}");
+    let garbage = dir.path().join("garbage.jpg");
+    let mut g = vec![0xFF, 0xD8, 0xFF, 0xE0];
+    g.extend(std::iter::repeat_n(0x55u8, 100));
+    std::fs::write(&garbage, &g).unwrap();
+    let e = video::read_image(&garbage)
+        .err()
+        .map(|e| format!("{e:#}"))
+        .expect("a garbage JPEG must be an error");
+    assert!(e.contains("garbage.jpg"), "{e}");
+}
+
+#[test]
+fn clip_batch_stacks_frames() {
+    let (images, _, _) = fixture_images();
+    let imgs: Vec<RgbImage> = images
+        .iter()
+        .take(3)
+        .map(|i| video::read_image(&preprocess_dir().join(&i.file)).unwrap())
+        .collect();
+    let dev = candle_core::Device::Cpu;
+    let batch = preprocess::clip_batch(&imgs, 2, &dev).unwrap();
+    assert_eq!(batch.dims(), &[3, 3, 224, 224]);
+    for (i, img) in imgs.iter().enumerate() {
+        let one = preprocess::clip_tensor(img, &dev).unwrap();
+        let diff = (batch.get(i).unwrap() - one)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+    }
+}
+
+#[test]
+fn frames_are_encoded_like_opencv_and_pil() {
+    // GCG's extract_frames.py writes frames with cv2.imwrite (libjpeg-turbo, quality 95, default
+    // settings); PIL's save(quality=95) uses the same encoder and settings. Same bytes expected.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(preprocess_dir().join("manifest.json")).unwrap()).unwrap();
+    let name = manifest["jpeg_encode_ref"].as_str().unwrap();
+    let src = video::read_image(&preprocess_dir().join(format!("{name}.png"))).unwrap();
+    let ours = video::encode_jpeg_like_opencv(&src).unwrap();
+    let want = std::fs::read(preprocess_dir().join(format!("{name}.q95.jpg"))).unwrap();
+    assert_eq!(ours.len(), want.len());
+    assert!(ours == want, "JPEG bytes differ from PIL's quality-95 output");
+}
+
+#[test]
+fn official_sampling_reproduces_gcg_extract_frames() {
+    // tools/fixtures/make_official_frames.py ran GCG's extract_frames rule with OpenCV on this
+    // video: the same frame numbers, pixels and JPEG bytes are expected from `gcg frames
+    // --sampling official` (decode with ffmpeg → encode_jpeg_like_opencv).
+    let dir = common::fixtures_dir().join("video");
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("official_frames_8.json")).unwrap()).unwrap();
+    let want_indices: Vec<usize> = meta["indices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as usize)
+        .collect();
+    let ff = Ffmpeg::from_env();
+    let video = dir.join("official.mp4");
+    let info = ff.probe(&video).unwrap();
+    assert_eq!(info.num_frames as u64, meta["frame_count"].as_u64().unwrap());
+    let s = ff.sample(&video, 8, Sampling::Official).unwrap();
+    assert_eq!(s.indices(), want_indices);
+    let mut max_diff = 0;
+    for (i, f) in s.frames.iter().enumerate() {
+        let cv_file = dir.join(format!("official_frames_8/frame_{i}.jpg"));
+        let cv_pixels = video::read_image(&cv_file).unwrap();
+        // Round trip through our JPEG writer and decoder vs OpenCV's file decoded the same way.
+        let ours = video::encode_jpeg_like_opencv(&f.image).unwrap();
+        let dir_tmp = tempfile::tempdir().unwrap();
+        let ours_path = dir_tmp.path().join("ours.jpg");
+        std::fs::write(&ours_path, &ours).unwrap();
+        let ours_pixels = video::read_image(&ours_path).unwrap();
+        let d = ours_pixels
+            .as_raw()
+            .iter()
+            .zip(cv_pixels.as_raw())
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        max_diff = max_diff.max(d);
+        assert_eq!(
+            ours,
+            std::fs::read(&cv_file).unwrap(),
+            "frame {i}: JPEG bytes differ from OpenCV's (max pixel difference {d})"
+        );
+    }
+    assert_eq!(max_diff, 0);
+}
