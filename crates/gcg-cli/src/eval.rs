@@ -106,7 +106,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             eprintln!("  ... and {} more", problems.len() - a.show_problems);
         }
     }
-    println!("{}", table(&metrics, &a));
+    println!("{}", table(&metrics, &a.predictions));
 
     if let Some(path) = &a.json {
         let mut j = metrics.to_json();
@@ -128,11 +128,11 @@ pub fn run(a: EvalArgs) -> Result<()> {
 }
 
 /// A readable table: one row per metric with its count.
-fn table(m: &Metrics, a: &EvalArgs) -> String {
+pub fn table(m: &Metrics, predictions: &std::path::Path) -> String {
     let mut out = format!(
         "{} — {} ({} questions, {} without a prediction, counted wrong)\n",
         m.dataset.name(),
-        a.predictions.display(),
+        predictions.display(),
         m.questions,
         m.missing
     );

@@ -6,6 +6,7 @@ mod eval;
 mod features;
 mod frames;
 mod labels;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -38,6 +39,10 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Sample T frames from a video (or frame folder) into frame_{i}.jpg + frames.json.
     Frames(frames::FramesArgs),
+    /// Train GCG (uniform, oracle or grounding mode) from a run config; resumable.
+    Train(train::TrainArgs),
+    /// Answer a split with a trained run (or a pretrained model): predictions JSONL + metrics.
+    Predict(train::PredictArgs),
 }
 
 fn main() {
@@ -69,5 +74,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Labels(a) => labels::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Frames(a) => frames::run_frames(a),
+        Command::Train(a) => train::run_train(a),
+        Command::Predict(a) => train::run_predict(a),
     }
 }

@@ -11,6 +11,7 @@ pub mod gcg;
 pub mod grounding;
 pub mod models;
 pub mod nn;
+pub mod pipeline;
 pub mod rng;
 pub mod store;
 pub mod train;

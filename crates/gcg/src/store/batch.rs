@@ -169,6 +169,11 @@ impl BatchLoader {
         &self.samples
     }
 
+    /// The store snapshot the batches are read from.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snap.clone()
+    }
+
     pub fn options(&self) -> &BatchOptions {
         &self.opts
     }

@@ -1,0 +1,214 @@
+//! `gcg train` and `gcg predict`.
+
+use anyhow::{anyhow, bail, Result};
+use clap::Args;
+use gcg::pipeline::{self, RunConfig};
+use gcg::train::trainer::Event;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// The run config (TOML: run_dir, [model], [data], [train]; see README).
+    #[arg(long, conflicts_with = "resume")]
+    config: Option<PathBuf>,
+    /// Continue the run in this directory from its last checkpoint (its config.json is used).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Override a config field, e.g. `--set train.lr=2e-5 --set model.mode=\"uniform\"`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Skip batches whose loss is not finite (counted in the log) instead of stopping.
+    #[arg(long)]
+    skip_nonfinite: bool,
+    /// No progress bar (log lines only).
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn bar(total: u64, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(total);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+/// Predict a split of a run with its best (or last) checkpoint and score it.
+fn predict_and_score(cfg: &RunConfig, split: &str, which: &str, quiet: bool) -> Result<()> {
+    let (ann, grounding) = match split {
+        "val" => (cfg.data.val.clone(), cfg.data.val_grounding.clone()),
+        "test" => (cfg.data.test.clone(), cfg.data.test_grounding.clone()),
+        other => bail!("unknown split {other:?} (val or test)"),
+    };
+    let ann = ann.ok_or_else(|| anyhow!("[data] {split} is not set"))?;
+    let mut cfg = cfg.clone();
+    cfg.model.init = Some(pipeline::checkpoint_weights(&cfg.run_dir, which)?);
+    let out = cfg.run_dir.join(format!("predictions-{split}.jsonl"));
+    let metrics = cfg.run_dir.join(format!("metrics-{split}.json"));
+    predict_to(&cfg, &ann, grounding.as_deref(), &out, Some(&metrics), quiet)
+}
+
+fn predict_to(cfg: &RunConfig, ann: &Path, grounding: Option<&Path>, out: &Path, metrics: Option<&Path>, quiet: bool) -> Result<()> {
+    let (store, embed_dim) = pipeline::open_store(cfg)?;
+    let built = pipeline::build_model(&cfg.model, embed_dim)?;
+    let dt = built.model.lmm.post_layernorm.weight.dtype();
+    let split = pipeline::open_eval_split(cfg, &store, ann, &built.device, dt)?;
+    let pb = bar(split.samples.len() as u64, quiet);
+    pb.set_prefix("predict");
+    pipeline::predict_split(&built.model, &split, out, &mut |done, _| pb.set_position(done as u64))?;
+    pb.finish_and_clear();
+    eprintln!("predictions: {}", out.display());
+    let ev = pipeline::evaluate_predictions(cfg.data.dataset, ann, grounding, out, metrics, cfg.data.skip_bad_rows)?;
+    if !ev.problems.is_empty() {
+        eprintln!("{} problem(s) in the predictions (first: {})", ev.problems.len(), ev.problems[0]);
+    }
+    println!("{}", crate::eval::table(&ev.metrics, out));
+    Ok(())
+}
+
+pub fn run_train(a: TrainArgs) -> Result<()> {
+    let (mut cfg, resume) = match (&a.config, &a.resume) {
+        (_, Some(dir)) => {
+            let mut c = RunConfig::from_run_dir(dir)?;
+            if !a.overrides.is_empty() {
+                let mut doc = toml::Value::try_from(&c)?;
+                pipeline::apply_overrides(&mut doc, &a.overrides)?;
+                c = doc.try_into()?;
+            }
+            c.run_dir = dir.clone();
+            (c, true)
+        }
+        (Some(p), None) => (RunConfig::load(Some(p), &a.overrides)?, false),
+        (None, None) => bail!("give --config run.toml (a new run) or --resume RUN_DIR"),
+    };
+    if a.skip_nonfinite {
+        cfg.train.skip_nonfinite = true;
+    }
+    let pb = bar(0, a.quiet);
+    pb.set_prefix("train");
+    let mut on_event = |e: Event| match e {
+        Event::Step(m) => {
+            if pb.length() == Some(0) {
+                pb.set_length(m.step.max(1));
+            }
+            pb.set_position(m.step);
+            let extra = match (m.reg, m.con) {
+                (Some(r), Some(c)) => format!(" reg {r:.3} con {c:.3}"),
+                _ => String::new(),
+            };
+            pb.set_message(format!(
+                "ep {} loss {:.4} vqa {:.4}{extra} lr {:.2e} {:.1} samples/s",
+                m.epoch, m.loss, m.vqa, m.lr, m.samples_per_s
+            ));
+            if a.quiet {
+                eprintln!(
+                    "step {} epoch {} loss {:.4} vqa {:.4}{extra} lr {:.2e}",
+                    m.step, m.epoch, m.loss, m.vqa, m.lr
+                );
+            }
+        }
+        Event::Validation { epoch, accuracy, best } => {
+            pb.println(format!(
+                "epoch {epoch}: validation accuracy {accuracy:.2}%{}",
+                if best { " (best)" } else { "" }
+            ));
+        }
+        Event::SkippedNonFinite { step, epoch, batch } => {
+            pb.println(format!("skipped batch {batch} of epoch {epoch} (non-finite loss) at step {step}"))
+        }
+        Event::Checkpoint(_) => {}
+    };
+    pipeline::train_run(&cfg, resume, &mut on_event)?;
+    pb.finish_and_clear();
+    eprintln!("run directory: {}", cfg.run_dir.display());
+    if cfg.data.test.is_some() {
+        let which = if cfg.run_dir.join("checkpoints/best").exists() {
+            "best"
+        } else {
+            "last"
+        };
+        eprintln!("test split with the {which} checkpoint:");
+        predict_and_score(&cfg, "test", which, a.quiet)?;
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct PredictArgs {
+    /// A run directory (its config and checkpoint).
+    #[arg(long, conflicts_with = "config")]
+    run: Option<PathBuf>,
+    /// Or a run config (e.g. a pretrained checkpoint with `[model] weights`, no training).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Which checkpoint of the run: best | last.
+    #[arg(long, default_value = "best")]
+    checkpoint: String,
+    /// val | test: the split's annotations from the config.
+    #[arg(long)]
+    split: Option<String>,
+    /// Or an annotation file directly.
+    #[arg(long)]
+    annotations: Option<PathBuf>,
+    /// NExT-GQA grounding annotations (gsub json) for the grounding metrics.
+    #[arg(long)]
+    grounding: Option<PathBuf>,
+    /// The feature store (default: the config's).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// The prediction file (JSONL; resumed when it exists).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write the metrics here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run_predict(a: PredictArgs) -> Result<()> {
+    let mut cfg = match (&a.run, &a.config) {
+        (Some(dir), _) => {
+            let mut c = RunConfig::from_run_dir(dir)?;
+            let which = if a.checkpoint == "best" && !dir.join("checkpoints/best").exists() {
+                "last"
+            } else {
+                a.checkpoint.as_str()
+            };
+            c.model.init = Some(pipeline::checkpoint_weights(dir, which)?);
+            c
+        }
+        (None, Some(p)) => RunConfig::load(Some(p), &[])?,
+        (None, None) => bail!("give --run RUN_DIR or --config run.toml"),
+    };
+    if !a.overrides.is_empty() {
+        let mut doc = toml::Value::try_from(&cfg)?;
+        pipeline::apply_overrides(&mut doc, &a.overrides)?;
+        cfg = doc.try_into()?;
+    }
+    if let Some(s) = &a.store {
+        cfg.data.store = s.clone();
+    }
+    let (ann, grounding) = match (&a.annotations, a.split.as_deref()) {
+        (Some(p), _) => (p.clone(), a.grounding.clone()),
+        (None, Some("val")) => (
+            cfg.data.val.clone().ok_or_else(|| anyhow!("the config has no [data] val"))?,
+            a.grounding.clone().or(cfg.data.val_grounding.clone()),
+        ),
+        (None, Some("test")) => (
+            cfg.data.test.clone().ok_or_else(|| anyhow!("the config has no [data] test"))?,
+            a.grounding.clone().or(cfg.data.test_grounding.clone()),
+        ),
+        (None, Some(other)) => bail!("unknown split {other:?} (val or test)"),
+        (None, None) => bail!("give --split val|test or --annotations PATH"),
+    };
+    predict_to(&cfg, &ann, grounding.as_deref(), &a.out, a.json.as_deref(), a.quiet)
+}
