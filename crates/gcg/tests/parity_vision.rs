@@ -97,3 +97,50 @@ fn vision_model_separate_q_v_bias_layout_matches_transformers() -> Result<()> {
     }
     Ok(())
 }
+
+/// Trained weights must take effect: load the model with every tensor a variable, change every
+/// variable in place (as an optimizer step does), and compare with a model loaded afresh from the
+/// changed values. Anything derived from a weight at load time (a folded scale, a packed bias)
+/// would keep the old values and fail this. Both bias layouts.
+#[test]
+fn vision_model_variables_updated_in_place_take_effect() -> Result<()> {
+    let dir = parity_dirs().into_iter().next().expect("a parity fixture directory");
+    let io = load_io(&dir.join("io/vision.safetensors"))?;
+    let cfg = vit_config(&dir)?;
+    let hf = hf_vision_source(&dir)?;
+    let d = cfg.hidden_size;
+    let mut eva = MapSource::new(Vec::new(), "EVA layout");
+    for name in hf.names() {
+        let t = hf.load(&name, &Device::Cpu)?;
+        match name.strip_suffix("qkv.bias") {
+            Some(stem) => {
+                eva.insert(format!("{stem}q_bias"), t.narrow(0, 0, d)?);
+                eva.insert(format!("{stem}v_bias"), t.narrow(0, 2 * d, d)?);
+            }
+            None => eva.insert(name, t),
+        }
+    }
+    let layouts: Vec<(&str, Arc<dyn TensorSource + Send + Sync>)> = vec![("hf", hf), ("q_bias/v_bias", Arc::new(eva))];
+    for (what, src) in layouts {
+        let lb = Loader::from_source(src, &Device::Cpu, DType::F32).with_trainable(|_| true);
+        let vm = VisionModel::load(&lb.pp("vision_model"), &cfg)?;
+        lb.finish()?;
+        let before = vm.forward(get(&io, "pixel_values")?)?.hidden;
+        let mut changed = MapSource::new(Vec::new(), "updated variables");
+        for (i, (name, var)) in lb.vars().iter().enumerate() {
+            let t = var.as_tensor();
+            let delta = ((t.ones_like()? * (0.01 * ((i % 7) as f64 + 1.0)))? + (t * 0.05)?)?;
+            var.set(&(t + delta)?)?;
+            changed.insert(name.clone(), var.as_tensor().copy()?);
+        }
+        let after = vm.forward(get(&io, "pixel_values")?)?.hidden;
+        let fresh_lb = Loader::from_source(Arc::new(changed), &Device::Cpu, DType::F32);
+        let fresh = VisionModel::load(&fresh_lb.pp("vision_model"), &cfg)?;
+        fresh_lb.finish()?;
+        let expected = fresh.forward(get(&io, "pixel_values")?)?.hidden;
+        assert_close(&format!("{what}: updated in place vs loaded afresh"), &after, &expected, TOL);
+        let moved = (&after - &before)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(moved > 1e-3, "{what}: the update did not change the output ({moved})");
+    }
+    Ok(())
+}

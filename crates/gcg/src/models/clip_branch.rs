@@ -99,11 +99,10 @@ impl ClipImageHead {
         let qkv_weight = a.get((3 * d, d), "qkv.weight", Init::Normal { std: 0.02 })?;
         let q_bias = a.get(d, "q_bias", Init::Zeros)?;
         let v_bias = a.get(d, "v_bias", Init::Zeros)?;
-        let qkv_bias = Tensor::cat(&[&q_bias, &q_bias.zeros_like()?, &v_bias], 0)?;
         let proj = Linear::load(&a.pp("proj"), d, d, true)?;
         Ok(Self {
             norm1: LayerNorm::load(&blk.pp("norm1"), d, eps)?,
-            attn: PackedSelfAttention::new(qkv_weight, Some(qkv_bias), proj, cfg.heads)?,
+            attn: PackedSelfAttention::new_qv(qkv_weight, q_bias, v_bias, proj, cfg.heads)?,
             norm2: LayerNorm::load(&blk.pp("norm2"), d, eps)?,
             fc1: Linear::load(&blk.pp("mlp.fc1"), d, cfg.mlp_hidden, true)?,
             fc2: Linear::load(&blk.pp("mlp.fc2"), cfg.mlp_hidden, d, true)?,

@@ -155,54 +155,102 @@ impl VitConfig {
 
 /// Self-attention whose q, k, v come from one packed projection `[q; k; v]` (weight [3D, D]) and
 /// whose heads are contiguous slices of width D/H — the layout of BLIP-2's ViT, EVA's blocks and
-/// `nn.MultiheadAttention`. The 1/sqrt(head_dim) scale is folded into the q rows at load.
+/// `nn.MultiheadAttention`.
+///
+/// The weights are kept exactly as loaded and everything derived from them (the packed bias of
+/// the q/v-bias layout, the 1/sqrt(head_dim) scale) is computed in the forward pass, so the same
+/// module trains correctly when its tensors are variables (an update of a variable is seen by
+/// views of it, not by tensors computed from it at load time).
 #[derive(Debug, Clone)]
 pub struct PackedSelfAttention {
-    qkv: Linear,     // [3D, D], q rows pre-scaled
-    q: Linear,       // view of the q rows of `qkv`
-    kv: Linear,      // view of the k, v rows of `qkv`
+    weight: Tensor, // [3D, D]
+    bias: Option<PackedBias>,
     pub out: Linear, // [D, D]
     pub heads: usize,
+}
+
+#[derive(Debug, Clone)]
+enum PackedBias {
+    /// One [3D] bias (HF / GCG files, `nn.MultiheadAttention`).
+    Full(Tensor),
+    /// EVA's separate q and v biases (no k bias).
+    QV { q: Tensor, v: Tensor },
 }
 
 impl PackedSelfAttention {
     /// `qkv_weight` [3D, D], `qkv_bias` [3D] (None: no bias), `out` the output projection.
     pub fn new(qkv_weight: Tensor, qkv_bias: Option<Tensor>, out: Linear, heads: usize) -> Result<Self> {
-        let (three_d, d) = qkv_weight.dims2()?;
-        if three_d != 3 * d || d.checked_rem(heads) != Some(0) {
-            bail!(
-                "packed attention: qkv weight {:?} does not fit {heads} heads of a width-{d} model",
-                qkv_weight.dims()
-            );
-        }
-        let scale = 1.0 / ((d / heads) as f64).sqrt();
-        let fold = |t: &Tensor| -> Result<Tensor> {
-            let dt = t.dtype();
-            let f = t.to_dtype(DType::F32)?;
-            let q = (f.narrow(0, 0, d)? * scale)?;
-            Ok(Tensor::cat(&[&q, &f.narrow(0, d, 2 * d)?], 0)?.to_dtype(dt)?)
-        };
-        let w = fold(&qkv_weight)?;
-        let b = qkv_bias.as_ref().map(&fold).transpose()?;
-        let q = Linear::new(w.narrow(0, 0, d)?, b.as_ref().map(|b| b.narrow(0, 0, d)).transpose()?);
-        let kv = Linear::new(w.narrow(0, d, 2 * d)?, b.as_ref().map(|b| b.narrow(0, d, 2 * d)).transpose()?);
+        Self::check(&qkv_weight, heads)?;
         Ok(Self {
-            qkv: Linear::new(w, b),
-            q,
-            kv,
+            weight: qkv_weight,
+            bias: qkv_bias.map(PackedBias::Full),
             out,
             heads,
         })
+    }
+
+    /// The EVA layout: separate q and v biases [D], the k bias zero.
+    pub fn new_qv(qkv_weight: Tensor, q_bias: Tensor, v_bias: Tensor, out: Linear, heads: usize) -> Result<Self> {
+        Self::check(&qkv_weight, heads)?;
+        Ok(Self {
+            weight: qkv_weight,
+            bias: Some(PackedBias::QV { q: q_bias, v: v_bias }),
+            out,
+            heads,
+        })
+    }
+
+    fn check(w: &Tensor, heads: usize) -> Result<()> {
+        let (three_d, d) = w.dims2()?;
+        if three_d != 3 * d || d.checked_rem(heads) != Some(0) {
+            bail!(
+                "packed attention: qkv weight {:?} does not fit {heads} heads of a width-{d} model",
+                w.dims()
+            );
+        }
+        Ok(())
     }
 
     fn width(&self) -> usize {
         self.out.out_dim()
     }
 
-    /// softmax(q·kᵀ + bias)·v over heads, q [B, H, Lq, hd] (pre-scaled), k/v [B, H, Lk, hd]
+    fn scale(&self) -> f64 {
+        1.0 / ((self.width() / self.heads) as f64).sqrt()
+    }
+
+    /// Rows `start..start+len` of the packed bias.
+    fn bias_rows(&self, start: usize, len: usize) -> Result<Option<Tensor>> {
+        let d = self.width();
+        Ok(match &self.bias {
+            None => None,
+            Some(PackedBias::Full(b)) => Some(b.narrow(0, start, len)?),
+            Some(PackedBias::QV { q, v }) => {
+                let mut parts = Vec::new();
+                for (i, part) in [Some(q), None, Some(v)].into_iter().enumerate() {
+                    let (lo, hi) = (i * d, (i + 1) * d);
+                    let (a, b) = (start.max(lo), (start + len).min(hi));
+                    if a < b {
+                        parts.push(match part {
+                            Some(t) => t.narrow(0, a - lo, b - a)?,
+                            None => Tensor::zeros(b - a, q.dtype(), q.device())?,
+                        });
+                    }
+                }
+                Some(Tensor::cat(&parts, 0)?)
+            }
+        })
+    }
+
+    fn projection(&self, start: usize, len: usize) -> Result<Linear> {
+        Ok(Linear::new(self.weight.narrow(0, start, len)?, self.bias_rows(start, len)?))
+    }
+
+    /// softmax(q·kᵀ·scale + bias)·v over heads, q [B, H, Lq, hd], k/v [B, H, Lk, hd]
     /// → merged and projected [B, Lq, D].
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, _, lq, _) = q.dims4()?;
+        let q = (q * self.scale())?;
         let mut scores = q.matmul(&k.t()?)?; // [B, H, Lq, Lk]
         if let Some(bias) = bias {
             scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
@@ -216,7 +264,7 @@ impl PackedSelfAttention {
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         let qkv = self
-            .qkv
+            .projection(0, 3 * d)?
             .forward(x)? // [B, L, 3D]
             .reshape((b, l, 3, self.heads, d / self.heads))?
             .permute((2, 0, 3, 1, 4))?
@@ -228,9 +276,14 @@ impl PackedSelfAttention {
     pub fn forward_first_query(&self, x: &Tensor) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         let hd = d / self.heads;
-        let q = self.q.forward(&x.narrow(1, 0, 1)?)?.reshape((b, self.heads, 1, hd))?; // [B, H, 1, hd]
+        let q = self
+            .projection(0, d)?
+            .forward(&x.narrow(1, 0, 1)?)?
+            .reshape((b, 1, self.heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?; // [B, H, 1, hd]
         let kv = self
-            .kv
+            .projection(d, 2 * d)?
             .forward(x)? // [B, L, 2D]
             .reshape((b, l, 2, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?
@@ -314,7 +367,9 @@ impl VitLayer {
         let d = cfg.hidden_size;
         let attn = lb.pp("self_attn");
         let qkv_weight = attn.get((3 * d, d), "qkv.weight", Init::Normal { std: 0.02 })?;
-        let qkv_bias = if attn.contains("qkv.bias") || (cfg.qkv_bias && !attn.contains("q_bias") && !attn.contains("v_bias")) {
+        let projection = Linear::load(&attn.pp("projection"), d, d, true)?;
+        let heads = cfg.num_attention_heads;
+        let self_attn = if attn.contains("qkv.bias") || (cfg.qkv_bias && !attn.contains("q_bias") && !attn.contains("v_bias")) {
             // HF / GCG layout (and the layout a random model is built with).
             if !cfg.qkv_bias {
                 bail!(
@@ -322,19 +377,18 @@ impl VitLayer {
                     attn.full_name("qkv.bias")
                 );
             }
-            Some(attn.get(3 * d, "qkv.bias", Init::Zeros)?)
+            PackedSelfAttention::new(qkv_weight, Some(attn.get(3 * d, "qkv.bias", Init::Zeros)?), projection, heads)?
         } else if cfg.qkv_bias {
             // EVA / LAVIS layout: separate q and v biases, no k bias.
             let q = attn.get(d, "q_bias", Init::Zeros)?;
             let v = attn.get(d, "v_bias", Init::Zeros)?;
-            Some(Tensor::cat(&[&q, &q.zeros_like()?, &v], 0)?)
+            PackedSelfAttention::new_qv(qkv_weight, q, v, projection, heads)?
         } else {
-            None
+            PackedSelfAttention::new(qkv_weight, None, projection, heads)?
         };
-        let projection = Linear::load(&attn.pp("projection"), d, d, true)?;
         Ok(Self {
             layer_norm1: LayerNorm::load(&lb.pp("layer_norm1"), d, cfg.layer_norm_eps)?,
-            self_attn: PackedSelfAttention::new(qkv_weight, qkv_bias, projection, cfg.num_attention_heads)?,
+            self_attn,
             layer_norm2: LayerNorm::load(&lb.pp("layer_norm2"), d, cfg.layer_norm_eps)?,
             fc1: Linear::load(&lb.pp("mlp.fc1"), d, cfg.intermediate_size, true)?,
             fc2: Linear::load(&lb.pp("mlp.fc2"), cfg.intermediate_size, d, true)?,
