@@ -3,6 +3,7 @@
 mod bench;
 mod eval;
 mod frames;
+mod synth;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Sample T frames from a video (or frame folder) into frame_{i}.jpg + frames.json.
     Frames(frames::FramesArgs),
+    /// Write a synthetic grounded VideoQA world (NExT-QA / NExT-GQA files, frames, mp4s, captions).
+    Synth(synth::SynthArgs),
 }
 
 fn main() {
@@ -58,5 +61,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::CheckWeights(a) => bench::check_weights(a),
         Command::Eval(a) => eval::run(a),
         Command::Frames(a) => frames::run_frames(a),
+        Command::Synth(a) => synth::run(a),
     }
 }

@@ -12,6 +12,7 @@ pub mod grounding;
 pub mod models;
 pub mod nn;
 pub mod rng;
+pub mod synth;
 pub mod train;
 pub mod util;
 pub mod video;
