@@ -71,8 +71,8 @@ fn saturated(img: &RgbImage) -> Saturated {
         let (mx, mn) = (r.max(g).max(b), r.min(g).min(b));
         if mx - mn >= 90 {
             n += 1;
-            for c in 0..3 {
-                sum[c] += p.0[c] as f64;
+            for (s, v) in sum.iter_mut().zip(p.0) {
+                *s += v as f64;
             }
             cx += x as f64 + 0.5;
             cy += y as f64 + 0.5;
