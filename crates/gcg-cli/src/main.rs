@@ -7,6 +7,7 @@ mod features;
 mod frames;
 mod labels;
 mod train;
+mod synth;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -43,6 +44,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Answer a split with a trained run (or a pretrained model): predictions JSONL + metrics.
     Predict(train::PredictArgs),
+    /// Write a synthetic grounded VideoQA world (NExT-QA / NExT-GQA files, frames, mp4s, captions).
+    Synth(synth::SynthArgs),
 }
 
 fn main() {
@@ -76,5 +79,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Frames(a) => frames::run_frames(a),
         Command::Train(a) => train::run_train(a),
         Command::Predict(a) => train::run_predict(a),
+        Command::Synth(a) => synth::run(a),
     }
 }

@@ -14,6 +14,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod rng;
 pub mod store;
+pub mod synth;
 pub mod train;
 pub mod util;
 pub mod video;
