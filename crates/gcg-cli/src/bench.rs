@@ -255,6 +255,7 @@ fn train_step(a: TrainStepArgs) -> Result<()> {
         alpha_con: 1.0,
         uniform_rule: UniformRule::OfficialTruncate,
         answer: AnswerMethod::OptionScoring,
+        answer_format: Default::default(),
     };
     let t0 = Instant::now();
     let lb = Loader::random(&dev, dtype, a.seed).with_trainable(gcg::gcg::is_trainable);

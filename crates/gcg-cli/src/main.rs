@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_store;
+mod demo;
 mod eval;
 mod features;
 mod frames;
@@ -36,6 +37,8 @@ enum Command {
     /// CLIP text embeddings and pseudo-labels (top-K frames for the event text) of a dataset's
     /// questions, into the feature store.
     Labels(labels::LabelsArgs),
+    /// The whole pipeline on a built-in synthetic grounded VideoQA world (no downloads): report in --out.
+    Demo(demo::DemoArgs),
     /// Score a prediction file (JSONL) with a benchmark's official metrics.
     Eval(eval::EvalArgs),
     /// Sample T frames from a video (or frame folder) into frame_{i}.jpg + frames.json.
@@ -75,6 +78,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::CheckWeights(a) => bench::check_weights(a),
         Command::Features(a) => features::run(a),
         Command::Labels(a) => labels::run(a),
+        Command::Demo(a) => demo::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Frames(a) => frames::run_frames(a),
         Command::Train(a) => train::run_train(a),

@@ -43,13 +43,19 @@ impl std::str::FromStr for Mode {
     }
 }
 
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
             Mode::Uniform => "uniform",
             Mode::Oracle => "oracle",
             Mode::Grounding => "grounding",
-        })
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -74,6 +80,19 @@ pub enum AnswerMethod {
     Generate { num_beams: usize, max_new_tokens: usize },
 }
 
+/// What the language model is trained to write for a multiple-choice question, and what option
+/// scoring scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AnswerFormat {
+    /// The option letter (A–E), as the official code.
+    #[default]
+    Letter,
+    /// The option's text (a language model trained from scratch learns this far sooner than to
+    /// point at a letter; used by the demo).
+    Text,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GcgConfig {
     pub lmm: LmmConfig,
@@ -84,6 +103,8 @@ pub struct GcgConfig {
     pub alpha_con: f64,
     pub uniform_rule: UniformRule,
     pub answer: AnswerMethod,
+    #[serde(default)]
+    pub answer_format: AnswerFormat,
 }
 
 impl GcgConfig {
@@ -366,7 +387,14 @@ impl GcgModel {
         let (qids, qmask, ids, mask) = self.prompts(batch)?;
         let visual = self.visual_tokens(batch, &sel, &qids, &qmask, ctx)?;
         let inputs = self.lmm.llm_inputs(&visual, &ids, &mask)?;
-        let targets: Vec<String> = batch.samples.iter().map(data::target).collect();
+        let targets: Vec<String> = batch
+            .samples
+            .iter()
+            .map(|s| match (self.cfg.answer_format, s.is_multiple_choice()) {
+                (AnswerFormat::Text, true) => s.answer_text().to_string(),
+                _ => data::target(s),
+            })
+            .collect();
         let tb = self.tokenizers.t5.encode_targets(&targets)?;
         let pad = self.tokenizers.t5.pad_id() as i64;
         let labels: Vec<i64> = tb
@@ -412,11 +440,11 @@ impl GcgModel {
                     .map(|s| {
                         (0..s.options.len())
                             .map(|i| {
-                                self.tokenizers.t5.encode(
-                                    data::OPTION_LETTERS[i.min(4)],
-                                    crate::weights::tokenizers::TruncationSide::Right,
-                                    8,
-                                )
+                                let text = match self.cfg.answer_format {
+                                    AnswerFormat::Letter => data::OPTION_LETTERS[i.min(4)],
+                                    AnswerFormat::Text => s.options[i].as_str(),
+                                };
+                                self.tokenizers.t5.encode(text, crate::weights::tokenizers::TruncationSide::Right, 32)
                             })
                             .collect::<Result<Vec<_>>>()
                     })

@@ -6,6 +6,7 @@
 //! tokenizers).
 
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod gcg;
 pub mod grounding;

@@ -8,7 +8,7 @@
 
 use crate::data::{self, Dataset, QaSample, ReadOptions};
 use crate::eval::predictions::{Moments, PredictionRow, PredictionWriter};
-use crate::gcg::{AnswerMethod, Answered, GcgBatch, GcgConfig, GcgModel, Mode, TextTokenizers, UniformRule};
+use crate::gcg::{AnswerFormat, AnswerMethod, Answered, GcgBatch, GcgConfig, GcgModel, Mode, TextTokenizers, UniformRule};
 use crate::grounding::{GroundingConfig, TopkGradient};
 use crate::models::lmm::{is_vit_trunk, LmmConfig};
 use crate::store::batch::{Batch, BatchLoader, BatchOptions};
@@ -37,6 +37,9 @@ pub struct ModelSection {
     pub tokenizers: Option<PathBuf>,
     /// Trained weights to start from (a `weights.safetensors` of a checkpoint).
     pub init: Option<PathBuf>,
+    /// Warm start: `init` may lack some trainable tensors (they keep their initialisation, e.g.
+    /// a new grounding module) and hold others (ignored).
+    pub init_partial: bool,
     /// uniform | oracle | grounding.
     pub mode: Mode,
     /// T sampled frames and K selected moments.
@@ -58,8 +61,17 @@ pub struct ModelSection {
     /// embedding width always wins.
     pub grounding_preset: String,
     pub answer: AnswerMethod,
+    /// `letter` (official) or `text`: what the language model learns to write for a
+    /// multiple-choice question and what option scoring scores.
+    pub answer_format: AnswerFormat,
+    /// Dropout of the Q-Former and T5 (default: the checkpoint's or preset's, 0.1).
+    pub lmm_dropout: Option<f64>,
     /// Also train the language model (tiny models trained from scratch, e.g. the demo).
     pub train_t5: bool,
+    /// Without `weights`: re-initialise the trainable matrices from N(0, 1/fan_in) instead of
+    /// the checkpoints' initialisers (std 0.02), which are too small for tiny networks trained
+    /// from scratch.
+    pub fan_in_init: bool,
     pub device: String,
     /// Frozen networks' dtype: f32 | bf16 | f16 (default f32 on cpu, bf16 on cuda).
     pub dtype: Option<String>,
@@ -74,6 +86,7 @@ impl Default for ModelSection {
             t5: None,
             tokenizers: None,
             init: None,
+            init_partial: false,
             mode: Mode::Grounding,
             frames: 32,
             moments: 4,
@@ -90,7 +103,10 @@ impl Default for ModelSection {
             grounding_dropout: 0.3,
             grounding_preset: "gcg".into(),
             answer: AnswerMethod::OptionScoring,
+            answer_format: AnswerFormat::Letter,
+            lmm_dropout: None,
             train_t5: false,
+            fan_in_init: false,
             device: "cpu".into(),
             dtype: None,
             seed: 0,
@@ -251,6 +267,11 @@ pub fn build_model(m: &ModelSection, embed_dim: usize) -> Result<BuiltModel> {
     };
     let lb = lb.with_trainable(trainable(m)).with_ignored(|n| is_buffer(n) || is_vit_trunk(n));
     lmm.spatial = m.spatial;
+    if let Some(p) = m.lmm_dropout {
+        lmm.qformer.hidden_dropout_prob = p;
+        lmm.qformer.attention_probs_dropout_prob = p;
+        lmm.t5.dropout_rate = p;
+    }
     lmm.max_frames = lmm.max_frames.max(m.frames);
     lmm.frame_positions = m.frame_positions.unwrap_or(m.mode != Mode::Uniform);
     let mut grounding = GroundingConfig::preset(&m.grounding_preset)?;
@@ -271,6 +292,7 @@ pub fn build_model(m: &ModelSection, embed_dim: usize) -> Result<BuiltModel> {
         alpha_con: m.alpha_con,
         uniform_rule: m.uniform_rule,
         answer: m.answer.clone(),
+        answer_format: m.answer_format,
     };
     let tok_dir = m.tokenizers.clone().or_else(|| m.weights.clone()).ok_or_else(|| {
         anyhow!("[model] needs `tokenizers` (a directory with tokenizer.json and qformer_tokenizer/) when it has no `weights`")
@@ -284,10 +306,22 @@ pub fn build_model(m: &ModelSection, embed_dim: usize) -> Result<BuiltModel> {
         lb.finish()?;
     }
     let vars = lb.vars();
+    if m.fan_in_init && m.weights.is_none() {
+        crate::nn::init::fan_in_reinit(&vars, m.seed.wrapping_add(17), |n| n.contains("embed") || n.contains("shared"))?;
+    }
     if let Some(init) = &m.init {
         let src = SafetensorsSource::open(init)?;
-        vars.load_from(&src)
-            .with_context(|| format!("loading trained weights from {}", init.display()))?;
+        if m.init_partial {
+            let missing = vars
+                .load_matching(&src)
+                .with_context(|| format!("loading trained weights from {}", init.display()))?;
+            if !missing.is_empty() {
+                tracing::info!("{} trainable tensors not in {} keep their initialisation", missing.len(), init.display());
+            }
+        } else {
+            vars.load_from(&src)
+                .with_context(|| format!("loading trained weights from {}", init.display()))?;
+        }
     }
     // The frame positions of a uniform model stay off even when the config forced them on.
     model.cfg.lmm.frame_positions = model.lmm.frame_embeds.is_some();
@@ -543,4 +577,26 @@ pub fn evaluate_predictions(
         crate::util::write_atomic(out, text.as_bytes())?;
     }
     Ok(ev)
+}
+
+/// Predict a split (`val` or `test`) of a run with its `best` or `last` checkpoint into
+/// `predictions-{split}.jsonl` in the run directory (resuming a partial file) and score it into
+/// `metrics-{split}.json`.
+pub fn predict_run(cfg: &RunConfig, split: &str, which: &str, on_batch: &mut dyn FnMut(usize, usize)) -> Result<crate::eval::Evaluation> {
+    let (ann, grounding) = match split {
+        "val" => (cfg.data.val.clone(), cfg.data.val_grounding.clone()),
+        "test" => (cfg.data.test.clone(), cfg.data.test_grounding.clone()),
+        other => bail!("unknown split {other:?} (val or test)"),
+    };
+    let ann = ann.ok_or_else(|| anyhow!("[data] {split} is not set"))?;
+    let mut cfg = cfg.clone();
+    cfg.model.init = Some(checkpoint_weights(&cfg.run_dir, which)?);
+    let out = cfg.run_dir.join(format!("predictions-{split}.jsonl"));
+    let metrics = cfg.run_dir.join(format!("metrics-{split}.json"));
+    let (store, embed_dim) = open_store(&cfg)?;
+    let built = build_model(&cfg.model, embed_dim)?;
+    let dt = built.model.lmm.post_layernorm.weight.dtype();
+    let s = open_eval_split(&cfg, &store, &ann, &built.device, dt)?;
+    predict_split(&built.model, &s, &out, on_batch)?;
+    evaluate_predictions(cfg.data.dataset, &ann, grounding.as_deref(), &out, Some(&metrics), cfg.data.skip_bad_rows)
 }

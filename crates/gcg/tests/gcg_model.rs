@@ -47,6 +47,7 @@ fn config_d(mode: Mode, tok: &TextTokenizers, k: usize, d: usize) -> GcgConfig {
         alpha_con: 1.0,
         uniform_rule: UniformRule::Round,
         answer: AnswerMethod::OptionScoring,
+        answer_format: Default::default(),
     }
 }
 

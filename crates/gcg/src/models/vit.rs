@@ -21,7 +21,7 @@
 use crate::nn::{init::Init, softmax_last_dim, Activation, LayerNorm, Linear};
 use crate::weights::{pth::PthSource, Loader, MergedSource, RenamedSource, TensorSource};
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::Path;

@@ -325,4 +325,22 @@ impl VarStore {
         }
         Ok(())
     }
+
+    /// Warm start: overwrite the variables the source holds (shapes must match) and keep the
+    /// others as initialised; tensors of the source that are not variables here are ignored.
+    /// Returns the names of the variables the source did not have.
+    pub fn load_matching(&self, src: &dyn TensorSource) -> Result<Vec<String>> {
+        let mut missing = Vec::new();
+        for (name, var) in &self.vars {
+            let Some(meta) = src.meta(name) else {
+                missing.push(name.clone());
+                continue;
+            };
+            if meta.shape != var.dims() {
+                bail!("tensor {} has shape {:?}, expected {:?}", src.origin(name), meta.shape, var.dims());
+            }
+            var.set(&src.load(name, var.device())?.to_dtype(var.dtype())?)?;
+        }
+        Ok(missing)
+    }
 }

@@ -1,0 +1,133 @@
+//! `gcg demo --quick` end to end: every stage runs through the real commands' library paths and
+//! leaves a well-formed report; the run directories it leaves work with `gcg predict` and
+//! `gcg eval`, which reproduce the demo's own predictions and metrics.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn gcg(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gcg")).args(args).output().expect("running gcg")
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn percent(v: &Value, what: &str) -> f64 {
+    let x = v.as_f64().unwrap_or_else(|| panic!("{what} is not a number: {v}"));
+    assert!((0.0..=100.0).contains(&x), "{what} = {x} is not a percentage");
+    x
+}
+
+#[test]
+fn quick_demo_writes_a_well_formed_report_that_predict_and_eval_reproduce() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let o = out.to_str().unwrap();
+    let r = gcg(&["demo", "--quick", "--seed", "1", "--out", o, "--quiet"]);
+    ok(&r, "gcg demo --quick");
+
+    // report.json: the documented keys, percentages, and the run's time.
+    let rep = json(&out.join("report.json"));
+    assert_eq!(rep["seed"], 1);
+    let secs = rep["seconds"].as_f64().expect("seconds");
+    assert!(secs > 0.0 && secs < 600.0, "seconds = {secs}");
+    for mode in ["uniform", "grounding", "oracle"] {
+        let m = &rep["modes"][mode];
+        for k in ["accuracy", "IoP@0.5", "mIoU", "IoP@0.3", "IoU@0.5", "mIoP", "Acc@GQA", "event_hit"] {
+            percent(&m[k], &format!("{mode} {k}"));
+        }
+    }
+    // The oracle selects the pseudo-labelled moments, so its hit rate is the pseudo-labels'.
+    assert_eq!(rep["modes"]["oracle"]["event_hit"], rep["pseudo_labels"]["event_hit"]);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in ["| uniform |", "| grounding |", "| oracle |", "figures/accuracy.svg", "figures/training.svg"] {
+        assert!(md.contains(needle), "report.md lacks {needle:?}");
+    }
+    let figures: Vec<_> = std::fs::read_dir(out.join("figures")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(figures.len() >= 3, "figures: {figures:?}");
+    for f in &figures {
+        let s = std::fs::read_to_string(f).unwrap();
+        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"), "{} is not an SVG", f.display());
+    }
+    assert!(md.contains("example-1.svg"), "report.md shows no grounding example");
+
+    // The run directories are ordinary runs: `gcg predict` gives the demo's predictions again...
+    let run = out.join("runs/grounding");
+    let again = tmp.path().join("again.jsonl");
+    let metrics = tmp.path().join("again-metrics.json");
+    let r = gcg(&[
+        "predict",
+        "--run",
+        run.to_str().unwrap(),
+        "--split",
+        "test",
+        "--out",
+        again.to_str().unwrap(),
+        "--json",
+        metrics.to_str().unwrap(),
+        "--quiet",
+    ]);
+    ok(&r, "gcg predict");
+    let rows = |p: &Path| -> Vec<Value> {
+        std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let (a, b) = (rows(&run.join("predictions-test.jsonl")), rows(&again));
+    assert_eq!(a.len(), b.len());
+    assert!(!a.is_empty());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["qid"], y["qid"]);
+        assert_eq!(x["video"], y["video"]);
+        assert_eq!(x["prediction"], y["prediction"]);
+        assert_eq!(x["moments"], y["moments"]);
+        assert!(y["span"].is_array(), "grounding predictions carry a span");
+    }
+    // ... and `gcg eval` scores them exactly as the demo reported.
+    let world = out.join("world");
+    let scored = tmp.path().join("scored.json");
+    let r = gcg(&[
+        "eval",
+        "--dataset",
+        "nextqa",
+        "--annotations",
+        world.join("test.csv").to_str().unwrap(),
+        "--grounding",
+        world.join("gsub_test.json").to_str().unwrap(),
+        "--predictions",
+        run.join("predictions-test.jsonl").to_str().unwrap(),
+        "--json",
+        scored.to_str().unwrap(),
+        "--strict",
+    ]);
+    ok(&r, "gcg eval");
+    let scored = json(&scored);
+    let m = &rep["modes"]["grounding"];
+    for (k, r) in [("overall", "accuracy"), ("IoP@0.5", "IoP@0.5"), ("mIoU", "mIoU")] {
+        let x = scored[k].as_f64().unwrap_or_else(|| panic!("gcg eval wrote no {k}"));
+        let y = m[r].as_f64().unwrap();
+        assert!((x - y).abs() < 0.006, "{k}: gcg eval {x} vs report {y}");
+    }
+    assert_eq!(json(&metrics)["overall"], scored["overall"]);
+}
+
+#[test]
+fn demo_refuses_to_overwrite_a_folder_that_is_not_a_demo() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("precious.txt"), "keep me").unwrap();
+    let r = gcg(&["demo", "--quick", "--out", tmp.path().to_str().unwrap(), "--quiet"]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("not a demo output"), "{err}");
+    assert_eq!(std::fs::read_to_string(tmp.path().join("precious.txt")).unwrap(), "keep me");
+}

@@ -1,0 +1,339 @@
+//! Contrastive pre-training of the demo's tiny frozen encoders — a ViT, the CLIP branch's image
+//! head on top of its un-normalised features, and a CLIP text tower — on the frame/caption pairs
+//! of a synthetic world's training split (`captions.jsonl`).
+//!
+//! The loss is CLIP's symmetric InfoNCE with several positives: a frame's captions overlap with
+//! other frames' (every frame of an event shares its captions; every empty frame says "nothing
+//! appeared"), so a text counts as a positive of every frame in the batch that it truly describes
+//! (`-log Σ_pos softmax`), in both directions. The temperature is CLIP's learned `logit_scale`.
+//! After training the encoders are frozen: pseudo-labels then come from their similarities, as
+//! in GCG, and nothing reads the world's ground truth.
+
+use crate::models::clip_branch::{ClipConfig, ClipImageConfig, ClipImageHead};
+use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::models::vit::{VisionModel, VitConfig};
+use crate::rng::SeededRng;
+use crate::train::optim::{AdamW, AdamWConfig, GroupConfig, Grads};
+use crate::video::preprocess::{normalize_chw, resize_and_crop, CLIP_MEAN, CLIP_STD};
+use crate::weights::tokenizers::ClipTokenizer;
+use crate::weights::{Loader, VarStore};
+use anyhow::{anyhow, ensure, Context, Result};
+use candle_core::{DType, Device, Tensor, D};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+/// CLIP's merges file (from OpenAI CLIP / open_clip, MIT licence), so that the demo needs no
+/// download.
+pub const CLIP_BPE_GZ: &[u8] = include_bytes!("../../assets/bpe_simple_vocab_16e6.txt.gz");
+
+/// Sizes and budget of the pre-training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClipPretrainConfig {
+    /// ViT input size and patch size (frames are resized and centre-cropped to it).
+    pub image_size: usize,
+    pub patch_size: usize,
+    /// CLIP embedding width (the grounding module's d).
+    pub embed_dim: usize,
+    pub text_width: usize,
+    /// Tokens per caption (the tokenizer's context).
+    pub context_length: usize,
+    pub steps: usize,
+    /// Frames per step; half of them (when there are enough) show an event.
+    pub batch_size: usize,
+    pub lr: f64,
+    pub seed: u64,
+}
+
+impl Default for ClipPretrainConfig {
+    fn default() -> Self {
+        Self {
+            image_size: 64,
+            patch_size: 8,
+            embed_dim: 64,
+            text_width: 64,
+            context_length: 32,
+            steps: 120,
+            batch_size: 64,
+            lr: 2e-3,
+            seed: 0,
+        }
+    }
+}
+
+impl ClipPretrainConfig {
+    /// The ViT: the tiny preset's width (so the tiny LMM reads its features) at this input size.
+    pub fn vit(&self) -> VitConfig {
+        VitConfig {
+            image_size: self.image_size,
+            patch_size: self.patch_size,
+            ..VitConfig::tiny()
+        }
+    }
+
+    pub fn clip(&self, vocab_size: usize) -> ClipConfig {
+        let vit = self.vit();
+        ClipConfig {
+            text: ClipTextConfig {
+                vocab_size,
+                width: self.text_width,
+                heads: 4,
+                layers: 2,
+                context_length: self.context_length,
+                embed_dim: self.embed_dim,
+                mlp_width: 4 * self.text_width,
+                layer_norm_eps: 1e-5,
+            },
+            image: ClipImageConfig {
+                width: vit.hidden_size,
+                heads: vit.num_attention_heads,
+                mlp_hidden: vit.intermediate_size,
+                embed_dim: self.embed_dim,
+                layer_norm_eps: 1e-5,
+            },
+        }
+    }
+}
+
+/// The trained, frozen encoders.
+pub struct Encoders {
+    pub vit: VisionModel,
+    pub image: ClipImageHead,
+    pub text: ClipTextModel,
+    pub tokenizer: ClipTokenizer,
+    pub vit_config: VitConfig,
+    pub clip_config: ClipConfig,
+    /// Every trained tensor under its checkpoint name (`vision_model.*`, the image head's
+    /// names, `text.*`).
+    pub vars: VarStore,
+    /// (step, loss) every step.
+    pub losses: Vec<(usize, f64)>,
+    /// Retrieval accuracy on held-out frames after training (percent): how often a frame's
+    /// most similar caption among all captions of the split is one of its true captions.
+    pub heldout_top1: f64,
+}
+
+/// One captioned frame of `captions.jsonl`.
+#[derive(Debug, Clone, Deserialize)]
+struct CaptionRow {
+    video: String,
+    split: String,
+    path: String,
+    event: Option<usize>,
+    captions: Vec<String>,
+}
+
+struct Frame {
+    pixels: Vec<f32>,
+    captions: Vec<usize>,
+    event: bool,
+}
+
+/// Read the captioned frames of `split` (pre-processed at `size`) and intern their captions.
+fn read_frames(world: &Path, split: &str, size: usize, texts: &mut Vec<String>, ids: &mut BTreeMap<String, usize>) -> Result<Vec<Frame>> {
+    let path = world.join("captions.jsonl");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: CaptionRow = serde_json::from_str(line).with_context(|| format!("{} line {}", path.display(), i + 1))?;
+        if row.split != split {
+            continue;
+        }
+        let img: RgbImage = crate::video::read_image(&world.join(&row.path))
+            .with_context(|| format!("{} line {} (video {})", path.display(), i + 1, row.video))?;
+        let pixels = normalize_chw(&resize_and_crop(&img, size as u32)?, CLIP_MEAN, CLIP_STD);
+        let captions = row
+            .captions
+            .iter()
+            .map(|c| {
+                *ids.entry(c.clone()).or_insert_with(|| {
+                    texts.push(c.clone());
+                    texts.len() - 1
+                })
+            })
+            .collect();
+        out.push(Frame {
+            pixels,
+            captions,
+            event: row.event.is_some(),
+        });
+    }
+    ensure!(!out.is_empty(), "{} has no captioned frames of the {split} split", path.display());
+    Ok(out)
+}
+
+/// log Σ exp(x) over the last dimension, with a gradient.
+fn logsumexp(x: &Tensor) -> Result<Tensor> {
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    Ok((x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()? + m)?.squeeze(D::Minus1)?)
+}
+
+/// Multi-positive InfoNCE of logits [B, B'] with positives `mask` [B, B'] (1/0), averaged over
+/// the rows that have a positive.
+fn multi_positive_nce(logits: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let masked = (logits + ((mask - 1.0)? * 1e4)?)?;
+    let per_row = (logsumexp(logits)? - logsumexp(&masked)?)?;
+    Ok(per_row.mean_all()?)
+}
+
+fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let n = (x.sqr()?.sum_keepdim(D::Minus1)? + 1e-12)?.sqrt()?;
+    Ok(x.broadcast_div(&n)?)
+}
+
+/// Pre-train the encoders on the `train` split of the world in `world`; `progress(step, loss)`
+/// after every step.
+pub fn pretrain(world: &Path, cfg: &ClipPretrainConfig, progress: &mut dyn FnMut(usize, f64)) -> Result<Encoders> {
+    let dev = Device::Cpu;
+    let bpe = std::env::temp_dir().join(format!("gcg-clip-bpe-{}.txt.gz", std::process::id()));
+    std::fs::write(&bpe, CLIP_BPE_GZ).with_context(|| format!("writing {}", bpe.display()))?;
+    let tokenizer = ClipTokenizer::from_bpe_file(&bpe);
+    let _ = std::fs::remove_file(&bpe);
+    let tokenizer = tokenizer?.with_context_length(cfg.context_length)?;
+
+    let mut texts = Vec::new();
+    let mut ids = BTreeMap::new();
+    let frames = read_frames(world, "train", cfg.image_size, &mut texts, &mut ids)?;
+    let heldout = read_frames(world, "val", cfg.image_size, &mut texts, &mut ids)?;
+    let tokens: Vec<Vec<u32>> = tokenizer.tokenize(&texts)?.input_ids;
+
+    let vit_cfg = cfg.vit();
+    let clip_cfg = cfg.clip(tokenizer.vocab_size());
+    let all = |_: &str| true;
+    let lv = Loader::random(&dev, DType::F32, cfg.seed).with_trainable(all);
+    let vit = VisionModel::load(&lv.pp("vision_model"), &vit_cfg)?;
+    let li = Loader::random(&dev, DType::F32, cfg.seed.wrapping_add(1)).with_trainable(all);
+    let image = ClipImageHead::load(&li, &clip_cfg.image)?;
+    let lt = Loader::random(&dev, DType::F32, cfg.seed.wrapping_add(2)).with_trainable(all);
+    let text = ClipTextModel::load(&lt.pp("text"), &clip_cfg.text)?;
+    let mut vars = VarStore::default();
+    vars.extend(lv.vars());
+    vars.extend(li.vars());
+    vars.extend(lt.vars());
+    // Fan-in initialisation: the checkpoints' std 0.02 is far too small for layers this narrow
+    // to learn from scratch.
+    crate::nn::init::fan_in_reinit(&vars, cfg.seed.wrapping_add(4), |n| n.contains("embedding"))?;
+    let mut opt = AdamW::new(
+        &vars,
+        vec![GroupConfig {
+            name: "clip".into(),
+            lr: cfg.lr,
+            weight_decay: 0.02,
+        }],
+        AdamWConfig::default(),
+        |_| 0,
+    )?;
+
+    let events: Vec<usize> = (0..frames.len()).filter(|&i| frames[i].event).collect();
+    let empty: Vec<usize> = (0..frames.len()).filter(|&i| !frames[i].event).collect();
+    let mut rng = SeededRng::new(cfg.seed.wrapping_add(3));
+    let s = cfg.image_size;
+    let mut losses = Vec::with_capacity(cfg.steps);
+    for step in 0..cfg.steps {
+        // Half event frames, half the rest (or whatever there is).
+        let b = cfg.batch_size;
+        let mut batch = Vec::with_capacity(b);
+        for j in 0..b {
+            let pool = if (j % 2 == 0 && !events.is_empty()) || empty.is_empty() { &events } else { &empty };
+            batch.push(pool[rng.below(pool.len())]);
+        }
+        // One random true caption per frame.
+        let caps: Vec<usize> = batch
+            .iter()
+            .map(|&f| frames[f].captions[rng.below(frames[f].captions.len())])
+            .collect();
+        let mut mask = Vec::with_capacity(b * b);
+        for &f in &batch {
+            let set: HashSet<usize> = frames[f].captions.iter().copied().collect();
+            mask.extend(caps.iter().map(|c| if set.contains(c) { 1f32 } else { 0f32 }));
+        }
+        let mask = Tensor::from_vec(mask, (b, b), &dev)?;
+        let mut px = Vec::with_capacity(b * 3 * s * s);
+        for &f in &batch {
+            px.extend_from_slice(&frames[f].pixels);
+        }
+        let px = Tensor::from_vec(px, (b, 3, s, s), &dev)?;
+        let tok: Vec<u32> = caps.iter().flat_map(|&c| tokens[c].iter().copied()).collect();
+        let tok = Tensor::from_vec(tok, (b, cfg.context_length), &dev)?;
+
+        let img = l2_normalize(&image.forward(&vit.forward_wo_norm(&px)?)?)?;
+        let txt = l2_normalize(&text.forward(&tok)?)?;
+        let scale = text
+            .logit_scale
+            .as_ref()
+            .ok_or_else(|| anyhow!("the CLIP text tower has no logit_scale"))?
+            .clamp(0.0, 100f64.ln())?
+            .exp()?;
+        let logits = img.matmul(&txt.t()?)?.broadcast_mul(&scale)?; // [B, B]
+        let loss = ((multi_positive_nce(&logits, &mask)? + multi_positive_nce(&logits.t()?, &mask.t()?)?)? * 0.5)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        ensure!(value.is_finite(), "CLIP pre-training: the loss is not finite at step {step}");
+        let mut grads = Grads::new();
+        grads.accumulate(&loss.backward()?, &vars, 1.0)?;
+        let gn = grads.clip_global_norm(1.0)?;
+        if std::env::var("GCG_DEBUG").is_ok() && step % 20 == 0 {
+            eprintln!("step {step} loss {value:.4} grad norm {gn:.4} grads {} vars {} scale {}", grads.len(), vars.len(), scale.to_scalar::<f32>()?);
+        }
+        // Cosine decay to 10%.
+        let frac = step as f64 / cfg.steps.max(1) as f64;
+        opt.step(&grads, 0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * frac).cos()))?;
+        losses.push((step, value));
+        progress(step + 1, value);
+    }
+
+    let heldout_top1 = retrieval_top1(&vit, &image, &text, &heldout, &texts, &tokens, cfg)?;
+    Ok(Encoders {
+        vit,
+        image,
+        text,
+        tokenizer,
+        vit_config: vit_cfg,
+        clip_config: clip_cfg,
+        vars,
+        losses,
+        heldout_top1,
+    })
+}
+
+/// Top-1 caption retrieval of held-out frames among every caption seen (percent).
+fn retrieval_top1(
+    vit: &VisionModel,
+    image: &ClipImageHead,
+    text: &ClipTextModel,
+    frames: &[Frame],
+    texts: &[String],
+    tokens: &[Vec<u32>],
+    cfg: &ClipPretrainConfig,
+) -> Result<f64> {
+    let dev = Device::Cpu;
+    let s = cfg.image_size;
+    let mut txt = Vec::new();
+    for chunk in tokens.chunks(256) {
+        let t = Tensor::from_vec(chunk.concat(), (chunk.len(), cfg.context_length), &dev)?;
+        txt.push(l2_normalize(&text.forward(&t)?)?);
+    }
+    let txt = Tensor::cat(&txt, 0)?; // [C, E]
+    debug_assert_eq!(txt.dim(0)?, texts.len());
+    let mut right = 0usize;
+    for chunk in frames.chunks(128) {
+        let px: Vec<f32> = chunk.iter().flat_map(|f| f.pixels.iter().copied()).collect();
+        let px = Tensor::from_vec(px, (chunk.len(), 3, s, s), &dev)?;
+        let img = l2_normalize(&image.forward(&vit.forward_wo_norm(&px)?)?)?;
+        let best = img.matmul(&txt.t()?)?.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        for (f, b) in chunk.iter().zip(best) {
+            right += usize::from(f.captions.contains(&(b as usize)));
+        }
+    }
+    Ok(100.0 * right as f64 / frames.len().max(1) as f64)
+}
+
+impl Encoders {
+    /// Write every trained tensor to one safetensors file (atomically).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.vars.save_safetensors(path)
+    }
+}
