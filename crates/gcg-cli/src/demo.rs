@@ -44,7 +44,11 @@ pub struct DemoArgs {
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
-    let mut cfg = if a.quick { DemoConfig::quick(a.seed) } else { DemoConfig::standard(a.seed) };
+    let mut cfg = if a.quick {
+        DemoConfig::quick(a.seed)
+    } else {
+        DemoConfig::standard(a.seed)
+    };
     if let Some(v) = a.videos {
         cfg.world.videos = v;
     }
@@ -99,9 +103,15 @@ pub fn run(a: DemoArgs) -> Result<()> {
         }
     })?;
     pb.finish_and_clear();
-    println!("{:<10} {:>9} {:>8} {:>8} {:>10}", "mode", "accuracy", "IoP@0.5", "mIoU", "event hit");
+    println!(
+        "{:<10} {:>9} {:>8} {:>8} {:>10}",
+        "mode", "accuracy", "IoP@0.5", "mIoU", "event hit"
+    );
     for m in &result.modes {
-        println!("{:<10} {:>8.1}% {:>7.1}% {:>7.1}% {:>9.1}%", m.mode, m.accuracy, m.iop5, m.miou, m.event_hit);
+        println!(
+            "{:<10} {:>8.1}% {:>7.1}% {:>7.1}% {:>9.1}%",
+            m.mode, m.accuracy, m.iop5, m.miou, m.event_hit
+        );
     }
     println!("report: {} ({:.0} s)", a.out.join("report.md").display(), result.seconds);
     Ok(())

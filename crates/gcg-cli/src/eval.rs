@@ -38,7 +38,8 @@ pub struct EvalArgs {
     /// (Causal-VidQA), the JSON file (open-ended; ActivityNet-QA: the `_q.json`).
     #[arg(long)]
     annotations: PathBuf,
-    /// NExT-GQA: `gsub_{val,test}.json`, for the grounding metrics.
+    /// NExT-GQA: `gsub_{val,test}.json`, for the grounding metrics (also with --dataset nextqa:
+    /// the NExT-QA-format questions are then scored as NExT-GQA).
     #[arg(long)]
     grounding: Option<PathBuf>,
     /// Causal-VidQA: the split's video list (`.pkl` as released, `.json` or `.txt`); default:
@@ -68,8 +69,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let opts = ReadOptions {
         skip_bad_rows: a.skip_bad_rows,
     };
-    if a.grounding.is_some() && dataset != Dataset::NextGqa {
-        bail!("--grounding is for --dataset nextgqa");
+    if a.grounding.is_some() && !matches!(dataset, Dataset::NextGqa | Dataset::NextQa) {
+        bail!("--grounding is for --dataset nextgqa (or a NExT-QA-format split with NExT-GQA spans)");
     }
     if a.split.is_some() && dataset != Dataset::CausalVidQa {
         bail!("--split is for --dataset causalvidqa");
@@ -95,7 +96,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         None => None,
     };
     let preds = read_predictions(&a.predictions)?;
-    let Evaluation { metrics, problems } = evaluate(dataset, &ann.samples, &preds, grounding.as_ref())?;
+    // A NExT-QA-format split with a gsub file (e.g. `gcg synth`'s) is scored as NExT-GQA, as
+    // `gcg train` / `gcg predict` do.
+    let scored_as = if grounding.is_some() { Dataset::NextGqa } else { dataset };
+    let Evaluation { metrics, problems } = evaluate(scored_as, &ann.samples, &preds, grounding.as_ref())?;
 
     if !problems.is_empty() {
         eprintln!("{}: {} problem(s):", a.predictions.display(), problems.len());

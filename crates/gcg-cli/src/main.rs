@@ -7,8 +7,8 @@ mod eval;
 mod features;
 mod frames;
 mod labels;
-mod train;
 mod synth;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -52,14 +52,24 @@ fn quick_demo_writes_a_well_formed_report_that_predict_and_eval_reproduce() {
     // The oracle selects the pseudo-labelled moments, so its hit rate is the pseudo-labels'.
     assert_eq!(rep["modes"]["oracle"]["event_hit"], rep["pseudo_labels"]["event_hit"]);
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    for needle in ["| uniform |", "| grounding |", "| oracle |", "figures/accuracy.svg", "figures/training.svg"] {
+    for needle in [
+        "| uniform |",
+        "| grounding |",
+        "| oracle |",
+        "figures/accuracy.svg",
+        "figures/training.svg",
+    ] {
         assert!(md.contains(needle), "report.md lacks {needle:?}");
     }
     let figures: Vec<_> = std::fs::read_dir(out.join("figures")).unwrap().map(|e| e.unwrap().path()).collect();
     assert!(figures.len() >= 3, "figures: {figures:?}");
     for f in &figures {
         let s = std::fs::read_to_string(f).unwrap();
-        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"), "{} is not an SVG", f.display());
+        assert!(
+            s.starts_with("<svg") && s.trim_end().ends_with("</svg>"),
+            "{} is not an SVG",
+            f.display()
+        );
     }
     assert!(md.contains("example-1.svg"), "report.md shows no grounding example");
 
@@ -81,7 +91,11 @@ fn quick_demo_writes_a_well_formed_report_that_predict_and_eval_reproduce() {
     ]);
     ok(&r, "gcg predict");
     let rows = |p: &Path| -> Vec<Value> {
-        std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        std::fs::read_to_string(p)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     };
     let (a, b) = (rows(&run.join("predictions-test.jsonl")), rows(&again));
     assert_eq!(a.len(), b.len());

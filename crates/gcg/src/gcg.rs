@@ -444,7 +444,9 @@ impl GcgModel {
                                     AnswerFormat::Letter => data::OPTION_LETTERS[i.min(4)],
                                     AnswerFormat::Text => s.options[i].as_str(),
                                 };
-                                self.tokenizers.t5.encode(text, crate::weights::tokenizers::TruncationSide::Right, 32)
+                                self.tokenizers
+                                    .t5
+                                    .encode(text, crate::weights::tokenizers::TruncationSide::Right, 32)
                             })
                             .collect::<Result<Vec<_>>>()
                     })

@@ -316,7 +316,11 @@ pub fn build_model(m: &ModelSection, embed_dim: usize) -> Result<BuiltModel> {
                 .load_matching(&src)
                 .with_context(|| format!("loading trained weights from {}", init.display()))?;
             if !missing.is_empty() {
-                tracing::info!("{} trainable tensors not in {} keep their initialisation", missing.len(), init.display());
+                tracing::info!(
+                    "{} trainable tensors not in {} keep their initialisation",
+                    missing.len(),
+                    init.display()
+                );
             }
         } else {
             vars.load_from(&src)
@@ -598,5 +602,12 @@ pub fn predict_run(cfg: &RunConfig, split: &str, which: &str, on_batch: &mut dyn
     let dt = built.model.lmm.post_layernorm.weight.dtype();
     let s = open_eval_split(&cfg, &store, &ann, &built.device, dt)?;
     predict_split(&built.model, &s, &out, on_batch)?;
-    evaluate_predictions(cfg.data.dataset, &ann, grounding.as_deref(), &out, Some(&metrics), cfg.data.skip_bad_rows)
+    evaluate_predictions(
+        cfg.data.dataset,
+        &ann,
+        grounding.as_deref(),
+        &out,
+        Some(&metrics),
+        cfg.data.skip_bad_rows,
+    )
 }

@@ -13,7 +13,7 @@ use crate::models::clip_branch::{ClipConfig, ClipImageConfig, ClipImageHead};
 use crate::models::clip_text::{ClipTextConfig, ClipTextModel};
 use crate::models::vit::{VisionModel, VitConfig};
 use crate::rng::SeededRng;
-use crate::train::optim::{AdamW, AdamWConfig, GroupConfig, Grads};
+use crate::train::optim::{AdamW, AdamWConfig, Grads, GroupConfig};
 use crate::video::preprocess::{normalize_chw, resize_and_crop, CLIP_MEAN, CLIP_STD};
 use crate::weights::tokenizers::ClipTokenizer;
 use crate::weights::{Loader, VarStore};
@@ -238,7 +238,11 @@ pub fn pretrain(world: &Path, cfg: &ClipPretrainConfig, progress: &mut dyn FnMut
         let b = cfg.batch_size;
         let mut batch = Vec::with_capacity(b);
         for j in 0..b {
-            let pool = if (j % 2 == 0 && !events.is_empty()) || empty.is_empty() { &events } else { &empty };
+            let pool = if (j % 2 == 0 && !events.is_empty()) || empty.is_empty() {
+                &events
+            } else {
+                &empty
+            };
             batch.push(pool[rng.below(pool.len())]);
         }
         // One random true caption per frame.
@@ -276,7 +280,12 @@ pub fn pretrain(world: &Path, cfg: &ClipPretrainConfig, progress: &mut dyn FnMut
         grads.accumulate(&loss.backward()?, &vars, 1.0)?;
         let gn = grads.clip_global_norm(1.0)?;
         if std::env::var("GCG_DEBUG").is_ok() && step % 20 == 0 {
-            eprintln!("step {step} loss {value:.4} grad norm {gn:.4} grads {} vars {} scale {}", grads.len(), vars.len(), scale.to_scalar::<f32>()?);
+            eprintln!(
+                "step {step} loss {value:.4} grad norm {gn:.4} grads {} vars {} scale {}",
+                grads.len(),
+                vars.len(),
+                scale.to_scalar::<f32>()?
+            );
         }
         // Cosine decay to 10%.
         let frac = step as f64 / cfg.steps.max(1) as f64;

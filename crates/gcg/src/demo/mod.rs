@@ -229,7 +229,10 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
     let stage = Instant::now();
     let world_dir = out.join("world");
     let world = World::generate(&cfg.world)?;
-    on(DemoEvent::Stage { name: "world", total: cfg.world.videos as u64 });
+    on(DemoEvent::Stage {
+        name: "world",
+        total: cfg.world.videos as u64,
+    });
     let summary = write_world(
         &world,
         &world_dir,
@@ -249,7 +252,10 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
     )));
     stages.push(("world".into(), stage.elapsed().as_secs_f64()));
 
-    let splits: Vec<Vec<QaSample>> = ["train", "val", "test"].iter().map(|s| read_split(&world_dir, s)).collect::<Result<_>>()?;
+    let splits: Vec<Vec<QaSample>> = ["train", "val", "test"]
+        .iter()
+        .map(|s| read_split(&world_dir, s))
+        .collect::<Result<_>>()?;
     for (s, name) in splits.iter().zip(["train", "val", "test"]) {
         ensure!(!s.is_empty(), "the demo world has no {name} questions; use more videos");
     }
@@ -267,7 +273,10 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
 
     // 3. Frozen encoders.
     let stage = Instant::now();
-    on(DemoEvent::Stage { name: "clip pre-training", total: cfg.clip.steps as u64 });
+    on(DemoEvent::Stage {
+        name: "clip pre-training",
+        total: cfg.clip.steps as u64,
+    });
     let enc = clip::pretrain(&world_dir, &cfg.clip, &mut |step, loss| {
         on(DemoEvent::Progress {
             done: step as u64,
@@ -297,7 +306,10 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
     let ffmpeg = crate::video::Ffmpeg::from_env();
     let image_size = enc.vit_config.image_size;
     let source = move |job: &VideoJob, t: usize| decoded_frames(job, t, crate::video::Sampling::Uniform, &ffmpeg, image_size);
-    on(DemoEvent::Stage { name: "features", total: jobs.len() as u64 });
+    on(DemoEvent::Stage {
+        name: "features",
+        total: jobs.len() as u64,
+    });
     let mut done = 0u64;
     let rep = extract_features(
         &store_dir,
@@ -328,7 +340,10 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
         bail!("features: {} of {} videos failed (first: {v}: {e})", rep.failed.len(), jobs.len());
     }
     let all: Vec<QaSample> = splits.iter().flatten().cloned().collect();
-    on(DemoEvent::Stage { name: "pseudo-labels", total: all.len() as u64 });
+    on(DemoEvent::Stage {
+        name: "pseudo-labels",
+        total: all.len() as u64,
+    });
     let encoder = ClipTextEncoder {
         model: &enc.text,
         tokenizer: &enc.tokenizer,
@@ -374,7 +389,17 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
     let mut pretrain = None;
     if cfg.pretrain_epochs > 0 {
         let stage = Instant::now();
-        let rc = run_config(cfg, PRETRAIN, Mode::Oracle, cfg.pretrain_epochs, None, out, &world_dir, &store_dir, &tok_dir);
+        let rc = run_config(
+            cfg,
+            PRETRAIN,
+            Mode::Oracle,
+            cfg.pretrain_epochs,
+            None,
+            out,
+            &world_dir,
+            &store_dir,
+            &tok_dir,
+        );
         let (curve, val, secs) = train(&rc, "lmm pre-training", on)?;
         on(DemoEvent::Note(format!(
             "language model pre-training: validation accuracy {} (oracle frames)",
@@ -424,8 +449,12 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
 
 /// The true event frames (indices into the T sampled frames) of a test question.
 fn event_frames(world: &World, s: &QaSample, timestamps: &[f64]) -> Vec<usize> {
-    let Some(v) = world.videos.iter().find(|v| v.id == s.video) else { return vec![] };
-    let Some(q) = v.questions.iter().find(|q| q.qid.to_string() == s.qid) else { return vec![] };
+    let Some(v) = world.videos.iter().find(|v| v.id == s.video) else {
+        return vec![];
+    };
+    let Some(q) = v.questions.iter().find(|q| q.qid.to_string() == s.qid) else {
+        return vec![];
+    };
     let [a, b] = q.span;
     timestamps
         .iter()
@@ -509,7 +538,11 @@ fn run_config(
 
 /// Train a run; (curve, validation accuracies, seconds).
 #[allow(clippy::type_complexity)]
-fn train(rc: &RunConfig, name: &str, on: &mut dyn FnMut(DemoEvent<'_>)) -> Result<(Vec<(u64, f64, f64, Option<f64>, Option<f64>)>, Vec<f64>, f64)> {
+fn train(
+    rc: &RunConfig,
+    name: &str,
+    on: &mut dyn FnMut(DemoEvent<'_>),
+) -> Result<(Vec<(u64, f64, f64, Option<f64>, Option<f64>)>, Vec<f64>, f64)> {
     let t0 = Instant::now();
     let mut curve = Vec::new();
     let mut val_accuracy = Vec::new();
@@ -557,7 +590,9 @@ fn run_mode(
     let test = read_split(world_dir, "test")?;
     let (mut hit, mut n) = (0usize, 0usize);
     for s in &test {
-        let (Some(row), Some(v)) = (preds.get(&(s.video.clone(), s.qid.clone())), snap.index().videos.get(&s.video)) else { continue };
+        let (Some(row), Some(v)) = (preds.get(&(s.video.clone(), s.qid.clone())), snap.index().videos.get(&s.video)) else {
+            continue;
+        };
         let ev = event_frames(world, s, &v.timestamps);
         if let Some(mo) = &row.moments {
             n += 1;

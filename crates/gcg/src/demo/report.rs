@@ -19,7 +19,10 @@ fn color(mode: &str) -> &'static str {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 fn num(x: f64) -> Value {
@@ -85,7 +88,13 @@ fn bars_svg(modes: &[ModeResult]) -> String {
     s += r#"<rect width="100%" height="100%" fill="white"/>"#;
     for p in [0, 25, 50, 75, 100] {
         let y = top + plot_h * (1.0 - p as f64 / 100.0);
-        let _ = write!(s, r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#e9ecef"/><text x="{}" y="{}" text-anchor="end">{p}%</text>"##, w - 20.0, left - 6.0, y + 4.0);
+        let _ = write!(
+            s,
+            r##"<line x1="{left}" x2="{}" y1="{y}" y2="{y}" stroke="#e9ecef"/><text x="{}" y="{}" text-anchor="end">{p}%</text>"##,
+            w - 20.0,
+            left - 6.0,
+            y + 4.0
+        );
     }
     for (g, (name, f)) in metrics.iter().enumerate() {
         let x0 = left + g as f64 * group_w + group_w * 0.1;
@@ -105,11 +114,22 @@ fn bars_svg(modes: &[ModeResult]) -> String {
                 top + plot_h - bh - 3.0
             );
         }
-        let _ = write!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{name}</text>"#, x0 + group_w * 0.4, h - bottom + 18.0);
+        let _ = write!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{name}</text>"#,
+            x0 + group_w * 0.4,
+            h - bottom + 18.0
+        );
     }
     for (i, m) in modes.iter().enumerate() {
         let x = left + 10.0 + i as f64 * 110.0;
-        let _ = write!(s, r#"<rect x="{x}" y="8" width="12" height="12" fill="{}"/><text x="{}" y="18">{}</text>"#, color(&m.mode), x + 16.0, m.mode);
+        let _ = write!(
+            s,
+            r#"<rect x="{x}" y="8" width="12" height="12" fill="{}"/><text x="{}" y="18">{}</text>"#,
+            color(&m.mode),
+            x + 16.0,
+            m.mode
+        );
     }
     s + "</svg>\n"
 }
@@ -128,9 +148,19 @@ fn curves_svg(modes: &[ModeResult]) -> String {
     };
     let mut series: Vec<(String, &str, Vec<f64>, bool)> = Vec::new();
     for m in modes {
-        series.push((format!("{} L_vqa", m.mode), color(&m.mode), smooth(m.curve.iter().map(|c| c.2).collect()), false));
+        series.push((
+            format!("{} L_vqa", m.mode),
+            color(&m.mode),
+            smooth(m.curve.iter().map(|c| c.2).collect()),
+            false,
+        ));
         if m.curve.iter().all(|c| c.3.is_some()) && !m.curve.is_empty() {
-            series.push((format!("{} L_reg", m.mode), color(&m.mode), smooth(m.curve.iter().map(|c| c.3.unwrap_or(0.0)).collect()), true));
+            series.push((
+                format!("{} L_reg", m.mode),
+                color(&m.mode),
+                smooth(m.curve.iter().map(|c| c.3.unwrap_or(0.0)).collect()),
+                true,
+            ));
         }
     }
     let steps = series.iter().map(|s| s.2.len()).max().unwrap_or(1).max(2);
@@ -147,16 +177,44 @@ fn curves_svg(modes: &[ModeResult]) -> String {
     s += r#"<rect width="100%" height="100%" fill="white"/>"#;
     for k in 0..=4 {
         let v = ymax * k as f64 / 4.0;
-        let _ = write!(s, r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#e9ecef"/><text x="{}" y="{:.1}" text-anchor="end">{v:.2}</text>"##, w - right, left - 6.0, py(v) + 4.0, y = py(v));
+        let _ = write!(
+            s,
+            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#e9ecef"/><text x="{}" y="{:.1}" text-anchor="end">{v:.2}</text>"##,
+            w - right,
+            left - 6.0,
+            py(v) + 4.0,
+            y = py(v)
+        );
     }
-    let _ = write!(s, r#"<text x="{}" y="{}" text-anchor="middle">optimiser step (EMA 0.9)</text>"#, (w + left) / 2.0, h - 8.0);
+    let _ = write!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">optimiser step (EMA 0.9)</text>"#,
+        (w + left) / 2.0,
+        h - 8.0
+    );
     for (j, (name, c, ys, dashed)) in series.iter().enumerate() {
-        let pts: Vec<String> = ys.iter().enumerate().filter(|(_, y)| y.is_finite()).map(|(i, &y)| format!("{:.1},{:.1}", px(i), py(y))).collect();
+        let pts: Vec<String> = ys
+            .iter()
+            .enumerate()
+            .filter(|(_, y)| y.is_finite())
+            .map(|(i, &y)| format!("{:.1},{:.1}", px(i), py(y)))
+            .collect();
         let dash = if *dashed { r#" stroke-dasharray="5,3""# } else { "" };
-        let _ = write!(s, r#"<polyline fill="none" stroke="{c}" stroke-width="1.5"{dash} points="{}"/>"#, pts.join(" "));
+        let _ = write!(
+            s,
+            r#"<polyline fill="none" stroke="{c}" stroke-width="1.5"{dash} points="{}"/>"#,
+            pts.join(" ")
+        );
         let x = left + 10.0 + (j % 4) as f64 * 140.0;
         let y = 14.0 + (j / 4) as f64 * 14.0;
-        let _ = write!(s, r#"<line x1="{x}" x2="{}" y1="{y}" y2="{y}" stroke="{c}" stroke-width="2"{dash}/><text x="{}" y="{}">{}</text>"#, x + 18.0, x + 22.0, y + 4.0, esc(name));
+        let _ = write!(
+            s,
+            r#"<line x1="{x}" x2="{}" y1="{y}" y2="{y}" stroke="{c}" stroke-width="2"{dash}/><text x="{}" y="{}">{}</text>"#,
+            x + 18.0,
+            x + 22.0,
+            y + 4.0,
+            esc(name)
+        );
     }
     s + "</svg>\n"
 }
@@ -207,7 +265,12 @@ fn example_svg(
     let py = |v: f64| curve_top + curve_h * (1.0 - v);
     let mut s = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h:.0}" font-family="sans-serif" font-size="12">"#);
     s += r#"<rect width="100%" height="100%" fill="white"/>"#;
-    let _ = write!(s, r#"<text x="{left}" y="18" font-weight="bold">{} — {}?</text>"#, esc(video), esc(question));
+    let _ = write!(
+        s,
+        r#"<text x="{left}" y="18" font-weight="bold">{} — {}?</text>"#,
+        esc(video),
+        esc(question)
+    );
     let truth = rows.first().map(|(_, r)| answer_text(&r.answer, options)).unwrap_or_default();
     let mut line = format!("true answer: {truth}");
     for (m, r) in rows {
@@ -223,10 +286,21 @@ fn example_svg(
         span[0],
         span[1]
     );
-    let _ = write!(s, r##"<line x1="{left}" x2="{}" y1="{}" y2="{}" stroke="#495057"/>"##, w - right, py(0.0), py(0.0));
+    let _ = write!(
+        s,
+        r##"<line x1="{left}" x2="{}" y1="{}" y2="{}" stroke="#495057"/>"##,
+        w - right,
+        py(0.0),
+        py(0.0)
+    );
     let mut t = 0.0;
     while t <= duration + 1e-9 {
-        let _ = write!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{t:.0}s</text>"#, px(t), py(0.0) + 13.0);
+        let _ = write!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{t:.0}s</text>"#,
+            px(t),
+            py(0.0) + 13.0
+        );
         t += (duration / 8.0).max(0.5).ceil();
     }
     let _ = write!(s, r#"<text x="{left}" y="{}" font-size="10">p(t)</text>"#, curve_top - 4.0);
@@ -238,7 +312,12 @@ fn example_svg(
                 .zip(timestamps)
                 .map(|(v, &t)| format!("{:.1},{:.1}", px(t), py(v / max)))
                 .collect();
-            let _ = write!(s, r#"<polyline fill="none" stroke="{}" stroke-width="1.8" points="{}"><title>{m} p(t)</title></polyline>"#, color(m), pts.join(" "));
+            let _ = write!(
+                s,
+                r#"<polyline fill="none" stroke="{}" stroke-width="1.8" points="{}"><title>{m} p(t)</title></polyline>"#,
+                color(m),
+                pts.join(" ")
+            );
         }
     }
     // Selected moments as ticks, one row per mode under the axis.
@@ -246,7 +325,12 @@ fn example_svg(
         if let Some(mo) = &r.moments {
             for &sec in &mo.seconds {
                 let y = py(0.0) + 18.0 + j as f64 * 5.0;
-                let _ = write!(s, r#"<rect x="{:.1}" y="{y:.1}" width="3" height="4" fill="{}"><title>{m}: {sec:.2} s</title></rect>"#, px(sec) - 1.5, color(m));
+                let _ = write!(
+                    s,
+                    r#"<rect x="{:.1}" y="{y:.1}" width="3" height="4" fill="{}"><title>{m}: {sec:.2} s</title></rect>"#,
+                    px(sec) - 1.5,
+                    color(m)
+                );
             }
         }
     }
@@ -254,7 +338,12 @@ fn example_svg(
     let files = crate::video::list_frame_files(&world_dir.join("frames").join(video)).unwrap_or_default();
     for (j, (m, r)) in rows.iter().enumerate() {
         let y = strip_top + j as f64 * (thumb + 26.0);
-        let _ = write!(s, r#"<text x="4" y="{:.1}" fill="{}" font-weight="bold">{m}</text>"#, y + thumb / 2.0, color(m));
+        let _ = write!(
+            s,
+            r#"<text x="4" y="{:.1}" fill="{}" font-weight="bold">{m}</text>"#,
+            y + thumb / 2.0,
+            color(m)
+        );
         let Some(mo) = &r.moments else { continue };
         for (k, &fi) in mo.frames.iter().enumerate() {
             let x = left + 24.0 + k as f64 * (thumb + 30.0);
@@ -264,18 +353,33 @@ fn example_svg(
             let n = files.len();
             if n > 0 && sec.is_finite() {
                 let idx = ((sec / duration.max(1e-9)) * n as f64).round().clamp(0.0, (n - 1) as f64) as usize;
-                let idx = (0..n).min_by(|&a, &b| {
-                    let ta = a as f64 * duration / n as f64;
-                    let tb = b as f64 * duration / n as f64;
-                    (ta - sec).abs().total_cmp(&(tb - sec).abs())
-                }).unwrap_or(idx);
+                let idx = (0..n)
+                    .min_by(|&a, &b| {
+                        let ta = a as f64 * duration / n as f64;
+                        let tb = b as f64 * duration / n as f64;
+                        (ta - sec).abs().total_cmp(&(tb - sec).abs())
+                    })
+                    .unwrap_or(idx);
                 if let Ok(bytes) = std::fs::read(&files[idx]) {
-                    let _ = write!(s, r#"<image x="{x:.1}" y="{y:.1}" width="{thumb}" height="{thumb}" href="data:image/jpeg;base64,{}"/>"#, base64(&bytes));
+                    let _ = write!(
+                        s,
+                        r#"<image x="{x:.1}" y="{y:.1}" width="{thumb}" height="{thumb}" href="data:image/jpeg;base64,{}"/>"#,
+                        base64(&bytes)
+                    );
                 }
             }
             let stroke = if inside { "#2f9e44" } else { "#adb5bd" };
-            let _ = write!(s, r#"<rect x="{x:.1}" y="{y:.1}" width="{thumb}" height="{thumb}" fill="none" stroke="{stroke}" stroke-width="{}"/>"#, if inside { 3 } else { 1 });
-            let _ = write!(s, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{sec:.2}s</text>"#, x + thumb / 2.0, y + thumb + 12.0);
+            let _ = write!(
+                s,
+                r#"<rect x="{x:.1}" y="{y:.1}" width="{thumb}" height="{thumb}" fill="none" stroke="{stroke}" stroke-width="{}"/>"#,
+                if inside { 3 } else { 1 }
+            );
+            let _ = write!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{sec:.2}s</text>"#,
+                x + thumb / 2.0,
+                y + thumb + 12.0
+            );
         }
     }
     Ok(s + "</svg>\n")
@@ -334,7 +438,12 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
     crate::util::write_atomic(&out.join("report.json"), (serde_json::to_string_pretty(&j)? + "\n").as_bytes())?;
 
     let mut md = String::new();
-    let _ = writeln!(md, "# GCG demo report (seed {}{})\n", r.config.seed, if r.config.quick { ", quick" } else { "" });
+    let _ = writeln!(
+        md,
+        "# GCG demo report (seed {}{})\n",
+        r.config.seed,
+        if r.config.quick { ", quick" } else { "" }
+    );
     let _ = writeln!(
         md,
         "A synthetic grounded VideoQA world of {} videos ({} frames at {} fps; train/val/test questions {}/{}/{}), \
@@ -342,7 +451,10 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
         r.config.world.videos, r.config.world.frames, r.config.world.fps, r.questions[0], r.questions[1], r.questions[2], r.seconds
     );
     let _ = writeln!(md, "## Test results (percent)\n");
-    let _ = writeln!(md, "| mode | accuracy | Acc@GQA | mIoP | IoP@0.3 | IoP@0.5 | mIoU | IoU@0.3 | IoU@0.5 | event hit | train s |");
+    let _ = writeln!(
+        md,
+        "| mode | accuracy | Acc@GQA | mIoP | IoP@0.3 | IoP@0.5 | mIoU | IoU@0.3 | IoU@0.5 | event hit | train s |"
+    );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
     for m in &r.modes {
         let _ = writeln!(
@@ -385,7 +497,12 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
          offline); the spatial pass is off, so the modes differ only in which K frames the language model sees. \
          α_con = {} (not 1): with a randomly initialised language model the contrastive gradient through the perturbed \
          top-k otherwise swamps the regression loss early on.",
-        r.config.train.epochs, r.config.train.batch_size, r.config.train.lr, r.config.train.grounding_lr, r.config.train.schedule, r.config.alpha_con
+        r.config.train.epochs,
+        r.config.train.batch_size,
+        r.config.train.lr,
+        r.config.train.grounding_lr,
+        r.config.train.schedule,
+        r.config.alpha_con
     );
     let _ = writeln!(md, "\n![training curves](figures/training.svg)\n");
     if !examples.is_empty() {
@@ -413,7 +530,15 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
-        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foob", "Zm9vYg=="), ("fooba", "Zm9vYmE="), ("foobar", "Zm9vYmFy")] {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(base64(i.as_bytes()), o);
         }
     }
