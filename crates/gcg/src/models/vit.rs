@@ -493,7 +493,7 @@ impl VisionModel {
 mod tests {
     use super::*;
     use crate::weights::MapSource;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// A tiny checkpoint under the canonical names, built from a seeded random model.
     fn tiny_checkpoint() -> MapSource {
