@@ -41,17 +41,20 @@ fn bar(total: u64, quiet: bool) -> ProgressBar {
 
 /// Predict a split of a run with its best (or last) checkpoint and score it.
 fn predict_and_score(cfg: &RunConfig, split: &str, which: &str, quiet: bool) -> Result<()> {
-    let (ann, grounding) = match split {
-        "val" => (cfg.data.val.clone(), cfg.data.val_grounding.clone()),
-        "test" => (cfg.data.test.clone(), cfg.data.test_grounding.clone()),
-        other => bail!("unknown split {other:?} (val or test)"),
-    };
-    let ann = ann.ok_or_else(|| anyhow!("[data] {split} is not set"))?;
-    let mut cfg = cfg.clone();
-    cfg.model.init = Some(pipeline::checkpoint_weights(&cfg.run_dir, which)?);
+    let pb = bar(0, quiet);
+    pb.set_prefix("predict");
+    let ev = pipeline::predict_run(cfg, split, which, &mut |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
     let out = cfg.run_dir.join(format!("predictions-{split}.jsonl"));
-    let metrics = cfg.run_dir.join(format!("metrics-{split}.json"));
-    predict_to(&cfg, &ann, grounding.as_deref(), &out, Some(&metrics), quiet)
+    eprintln!("predictions: {}", out.display());
+    if !ev.problems.is_empty() {
+        eprintln!("{} problem(s) in the predictions (first: {})", ev.problems.len(), ev.problems[0]);
+    }
+    println!("{}", crate::eval::table(&ev.metrics, &out));
+    Ok(())
 }
 
 fn predict_to(cfg: &RunConfig, ann: &Path, grounding: Option<&Path>, out: &Path, metrics: Option<&Path>, quiet: bool) -> Result<()> {

@@ -133,6 +133,13 @@ fn quick_demo_writes_a_well_formed_report_that_predict_and_eval_reproduce() {
         assert!((x - y).abs() < 0.006, "{k}: gcg eval {x} vs report {y}");
     }
     assert_eq!(json(&metrics)["overall"], scored["overall"]);
+
+    // `gcg train --resume` on the finished run trains no further and scores the test split again.
+    let uniform = out.join("runs/uniform");
+    let before = json(&uniform.join("metrics-test.json"));
+    let r = gcg(&["train", "--resume", uniform.to_str().unwrap(), "--quiet"]);
+    ok(&r, "gcg train --resume");
+    assert_eq!(json(&uniform.join("metrics-test.json")), before);
 }
 
 #[test]
