@@ -1,6 +1,6 @@
 //! `gcg bench ...`: speed measurements printed as JSON (never timed tests).
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
 use gcg::models::lmm::{is_trainable, is_vit_trunk, LmmConfig, VideoLmm};
@@ -91,25 +91,8 @@ pub struct ForwardArgs {
     seed: u64,
 }
 
-pub fn parse_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Device::new_cuda(0).map_err(|e| {
-            anyhow!("cannot open CUDA device 0 ({e}); gcg must be built with `--features cuda` on a machine with the CUDA toolkit")
-        }),
-        other => bail!("unknown device {other:?} (expected cpu or cuda)"),
-    }
-}
-
-pub fn parse_dtype(name: Option<&str>, dev: &Device) -> Result<DType> {
-    Ok(match name {
-        None if dev.is_cuda() => DType::BF16,
-        None | Some("f32") => DType::F32,
-        Some("bf16") => DType::BF16,
-        Some("f16") => DType::F16,
-        Some(other) => bail!("unknown dtype {other:?} (expected f32, bf16 or f16)"),
-    })
-}
+/// `--device` and `--dtype` as every command reads them (the run config's rules).
+pub use gcg::pipeline::{device as parse_device, dtype as parse_dtype};
 
 fn sync(dev: &Device) -> Result<()> {
     dev.synchronize()?;
