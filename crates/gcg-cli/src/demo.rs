@@ -20,7 +20,7 @@ pub struct DemoArgs {
     /// No progress bars (log lines instead).
     #[arg(long)]
     pub quiet: bool,
-    /// Videos in the world (default 200; quick 24).
+    /// Videos in the world (default 300; quick 24).
     #[arg(long)]
     pub videos: Option<usize>,
     /// Training epochs per mode.
@@ -35,6 +35,10 @@ pub struct DemoArgs {
     /// Learning rate of the grounding module.
     #[arg(long)]
     pub grounding_lr: Option<f64>,
+    /// Grounding mode: epochs in which the grounding module trains alone on its weak losses
+    /// before the joint epochs (0: none, the official recipe).
+    #[arg(long)]
+    pub grounding_warmup: Option<u64>,
     /// Epochs of the shared language-model pre-training (0: none).
     #[arg(long)]
     pub pretrain_epochs: Option<u64>,
@@ -69,6 +73,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
     }
     if let Some(e) = a.epochs {
         cfg.train.epochs = e;
+    }
+    if let Some(e) = a.grounding_warmup {
+        cfg.train.grounding_warmup_epochs = e;
     }
     let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     pb.set_style(

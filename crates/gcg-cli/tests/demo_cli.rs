@@ -49,6 +49,15 @@ fn quick_demo_writes_a_well_formed_report_that_predict_and_eval_reproduce() {
             percent(&m[k], &format!("{mode} {k}"));
         }
     }
+    // Only the grounding mode has a warm-up (2 epochs in the quick demo), before the same joint
+    // budget as the others.
+    let steps = |mode: &str, k: &str| rep["modes"][mode][k].as_u64().unwrap_or_else(|| panic!("{mode} {k}"));
+    assert!(steps("grounding", "warmup_steps") > 0);
+    for mode in ["uniform", "oracle"] {
+        assert_eq!(steps(mode, "warmup_steps"), 0, "{mode}");
+        assert_eq!(steps(mode, "steps"), steps("grounding", "steps"), "{mode}");
+    }
+    assert_eq!(steps("grounding", "warmup_steps"), 2 * steps("grounding", "steps"));
     // The oracle selects the pseudo-labelled moments, so its hit rate is the pseudo-labels'.
     assert_eq!(rep["modes"]["oracle"]["event_hit"], rep["pseudo_labels"]["event_hit"]);
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
@@ -58,6 +67,7 @@ fn quick_demo_writes_a_well_formed_report_that_predict_and_eval_reproduce() {
         "| oracle |",
         "figures/accuracy.svg",
         "figures/training.svg",
+        "figures/grounding-warmup.svg",
     ] {
         assert!(md.contains(needle), "report.md lacks {needle:?}");
     }

@@ -420,6 +420,29 @@ impl GcgModel {
         })
     }
 
+    /// A grounding warm-up step's forward (grounding mode only): the generator's weak losses
+    /// α1·L_reg + α2·L_con from the pseudo-labels, without the language model (`vqa` is 0 and
+    /// carries no gradient). The language model's frames are not needed, so no LLM runs.
+    pub fn forward_grounding(&self, batch: &GcgBatch, rng: &RefCell<SeededRng>) -> Result<Losses> {
+        ensure!(
+            self.cfg.mode == Mode::Grounding,
+            "the grounding warm-up needs mode = grounding (this model is in {} mode)",
+            self.cfg.mode.name()
+        );
+        let sel = self.select(batch, Some((rng, Ctx::train(rng))))?;
+        let (Some(reg), Some(con)) = (sel.reg, sel.con) else {
+            bail!("grounding mode returned no grounding losses");
+        };
+        let (reg, con) = (reg.to_dtype(DType::F32)?, con.to_dtype(DType::F32)?);
+        let total = ((&reg * self.cfg.alpha_reg)? + (&con * self.cfg.alpha_con)?)?;
+        Ok(Losses {
+            vqa: Tensor::zeros((), DType::F32, &self.device())?,
+            reg: Some(reg),
+            con: Some(con),
+            total,
+        })
+    }
+
     /// Deterministic answers with their grounding.
     pub fn answer(&self, batch: &GcgBatch) -> Result<Vec<Answered>> {
         let ctx = Ctx::eval();

@@ -405,3 +405,136 @@ fn grounding_learns_to_find_the_event() {
         "grounding hit rate {after:.2} is not clearly above uniform's {uniform_hits:.2}"
     );
 }
+
+fn read_rows(run: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .collect()
+}
+
+fn values(vars: &gcg::weights::VarStore) -> Vec<(String, Vec<f32>)> {
+    let mut v: Vec<(String, Vec<f32>)> = vars
+        .iter()
+        .map(|(n, var)| (n.clone(), var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn grounding_warmup_trains_the_grounding_module_alone_then_the_joint_objective() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = world(12, 4);
+    let src = Source {
+        world: &w,
+        batch_size: 4,
+        seed: 9,
+    };
+    let val = Source {
+        world: &w,
+        batch_size: 6,
+        seed: 1,
+    };
+    let cfg = TrainConfig {
+        epochs: 0,
+        grounding_warmup_epochs: 2,
+        batch_size: 4,
+        lr: 1e-3,
+        grounding_lr: 3e-3,
+        checkpoint_every: 2,
+        schedule: "warmup-cosine".into(),
+        warmup_fraction: 0.4,
+        ..Default::default()
+    };
+    let run_cfg = serde_json::json!({});
+    // Warm-up only: the grounding module changes, nothing else does; validated at its end.
+    let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
+    let before = values(&vars);
+    let run = RunDir::new(tmp.path().join("warm")).unwrap();
+    let mut validations = 0;
+    let mut steps = vec![];
+    trainer::train(&model, &vars, &cfg, &run, &src, Some(&val), &run_cfg, false, &mut |e| match e {
+        Event::Validation { .. } => validations += 1,
+        Event::Step(m) => steps.push((m.warmup, m.vqa, m.loss, m.reg.unwrap(), m.con.unwrap())),
+        _ => {}
+    })
+    .unwrap();
+    assert_eq!(validations, 1);
+    assert_eq!(steps.len(), 6, "2 warm-up epochs of 3 batches");
+    for (warm, vqa, loss, reg, con) in &steps {
+        assert!(*warm);
+        assert_eq!(*vqa, 0.0);
+        // α_reg = α_con = 1.
+        assert!((loss - (reg + con)).abs() < 1e-4 * loss.abs().max(1.0), "{loss} vs {reg} + {con}");
+    }
+    let after = values(&vars);
+    let mut changed_grounding = 0;
+    for ((n, a), (_, b)) in before.iter().zip(&after) {
+        if n.starts_with("grounding.") {
+            changed_grounding += usize::from(a != b);
+        } else {
+            assert_eq!(a, b, "{n} changed during the grounding warm-up");
+        }
+    }
+    assert!(changed_grounding > 10, "only {changed_grounding} grounding tensors changed");
+    let rows = read_rows(&run.root);
+    let (steps_rows, val_rows): (Vec<_>, Vec<_>) = rows.iter().partition(|r| r.get("loss").is_some());
+    assert_eq!(steps_rows.len(), 6);
+    assert!(steps_rows.iter().all(|r| r["warmup"] == serde_json::json!(true)));
+    assert_eq!(val_rows.len(), 1);
+    assert_eq!(val_rows[0]["epoch"], serde_json::json!(1));
+
+    // Warm-up then one joint epoch: 9 steps, the last 3 joint (L_vqa > 0); validated after
+    // the warm-up and after the joint epoch.
+    let cfg = TrainConfig { epochs: 1, ..cfg };
+    let full = RunDir::new(tmp.path().join("full")).unwrap();
+    let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
+    let mut validations = vec![];
+    trainer::train(&model, &vars, &cfg, &full, &src, Some(&val), &run_cfg, false, &mut |e| {
+        if let Event::Validation { epoch, .. } = e {
+            validations.push(epoch)
+        }
+    })
+    .unwrap();
+    assert_eq!(validations, vec![1, 2]);
+    let rows: Vec<_> = read_rows(&full.root).into_iter().filter(|r| r.get("loss").is_some()).collect();
+    assert_eq!(rows.len(), 9);
+    for (i, r) in rows.iter().enumerate() {
+        let warm = r.get("warmup").is_some_and(|w| w == &serde_json::json!(true));
+        assert_eq!(warm, i < 6, "row {i}: {r}");
+        assert_eq!(r["vqa"].as_f64().unwrap() > 0.0, i >= 6, "row {i}: {r}");
+    }
+    // The warm-up runs at the constant base rates; the joint epochs run the warmup-cosine
+    // schedule from its start.
+    let lr = |i: usize| rows[i]["lr"].as_f64().unwrap();
+    assert!((0..6).all(|i| lr(i) == 1e-3), "{:?}", (0..6).map(lr).collect::<Vec<_>>());
+    assert!(lr(6) < 1e-5 && lr(7) > 1e-4, "{} {}", lr(6), lr(7));
+
+    // Killed inside the warm-up and resumed: the identical loss sequence.
+    let want = read_losses(&full.root);
+    let part = RunDir::new(tmp.path().join("part")).unwrap();
+    let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
+    let killed = TrainConfig {
+        max_steps: Some(4),
+        ..cfg.clone()
+    };
+    trainer::train(&model, &vars, &killed, &part, &src, None, &run_cfg, false, &mut |_| {}).unwrap();
+    let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
+    trainer::train(&model, &vars, &cfg, &part, &src, Some(&val), &run_cfg, true, &mut |_| {}).unwrap();
+    assert_eq!(read_losses(&part.root), want, "resumed loss sequence differs");
+
+    // Other modes ignore the warm-up.
+    let (model, vars) = build(Mode::Uniform, &tmp.path().join("tok"), 7);
+    let uni = RunDir::new(tmp.path().join("uni")).unwrap();
+    let mut n = 0;
+    trainer::train(&model, &vars, &cfg, &uni, &src, None, &run_cfg, false, &mut |e| {
+        if let Event::Step(m) = e {
+            assert!(!m.warmup);
+            n += 1;
+        }
+    })
+    .unwrap();
+    assert_eq!(n, 3);
+}

@@ -11,7 +11,9 @@
 //! 4. **Training** — a tiny GCG (random Q-Former and T5: no pretrained tiny language model exists
 //!    offline, so the T5 is trained too) in `uniform`, `grounding` and `oracle` modes with the same
 //!    budget, through [`crate::pipeline::train_run`]. The spatial pass is off so the modes differ
-//!    only in which K frames the language model sees.
+//!    only in which K frames the language model sees. The grounding mode's generator first trains
+//!    alone on its weak losses for `train.grounding_warmup_epochs` (cheap: no language model
+//!    runs); without that it stays on an L_reg plateau within the language model's budget.
 //! 5. **Prediction and evaluation** — the test split with the best-on-validation checkpoint,
 //!    scored with the NExT-QA accuracy and the NExT-GQA grounding metrics.
 //! 6. **Report** — `report.md`, `report.json` and SVG pictures ([`report`]).
@@ -77,7 +79,7 @@ impl DemoConfig {
             quick: false,
             world: SynthConfig {
                 seed,
-                videos: 150,
+                videos: 300,
                 questions_per_video: 8,
                 ..SynthConfig::default()
             },
@@ -90,7 +92,8 @@ impl DemoConfig {
             modes: vec![Mode::Uniform, Mode::Grounding, Mode::Oracle],
             train: TrainConfig {
                 seed,
-                epochs: 4,
+                epochs: 2,
+                grounding_warmup_epochs: 16,
                 batch_size: 8,
                 lr: 3e-4,
                 grounding_lr: 3e-3,
@@ -102,7 +105,7 @@ impl DemoConfig {
                 checkpoint_every: 100_000,
                 ..TrainConfig::default()
             },
-            pretrain_epochs: 6,
+            pretrain_epochs: 3,
             pretrain_lr: 3e-3,
             alpha_con: 0.1,
             topk_samples: 100,
@@ -125,6 +128,7 @@ impl DemoConfig {
         c.clip.steps = 30;
         c.clip.batch_size = 32;
         c.train.epochs = 1;
+        c.train.grounding_warmup_epochs = 2;
         c.pretrain_epochs = 1;
         c.mp4 = false;
         c
@@ -163,8 +167,11 @@ pub struct ModeResult {
     pub iou5: f64,
     /// Share of test questions whose K moments include a frame of the true event (percent).
     pub event_hit: f64,
-    /// (step, loss, L_vqa, L_reg, L_con) of every optimiser step.
+    /// (step, loss, L_vqa, L_reg, L_con) of every optimiser step of the joint epochs.
     pub curve: Vec<(u64, f64, f64, Option<f64>, Option<f64>)>,
+    /// (step, L_reg, L_con) of every step of the grounding warm-up (grounding mode).
+    #[serde(default)]
+    pub warmup_curve: Vec<(u64, f64, f64)>,
     /// Validation accuracy after each epoch.
     pub val_accuracy: Vec<f64>,
     pub train_seconds: f64,
@@ -400,7 +407,7 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
             &store_dir,
             &tok_dir,
         );
-        let (curve, val, secs) = train(&rc, "lmm pre-training", on)?;
+        let (curve, _, val, secs) = train(&rc, "lmm pre-training", on)?;
         on(DemoEvent::Note(format!(
             "language model pre-training: validation accuracy {} (oracle frames)",
             val.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" → ")
@@ -536,18 +543,26 @@ fn run_config(
     }
 }
 
-/// Train a run; (curve, validation accuracies, seconds).
+/// Train a run; (joint curve, warm-up curve, validation accuracies, seconds).
 #[allow(clippy::type_complexity)]
 fn train(
     rc: &RunConfig,
     name: &str,
     on: &mut dyn FnMut(DemoEvent<'_>),
-) -> Result<(Vec<(u64, f64, f64, Option<f64>, Option<f64>)>, Vec<f64>, f64)> {
+) -> Result<(Vec<(u64, f64, f64, Option<f64>, Option<f64>)>, Vec<(u64, f64, f64)>, Vec<f64>, f64)> {
     let t0 = Instant::now();
     let mut curve = Vec::new();
+    let mut warmup = Vec::new();
     let mut val_accuracy = Vec::new();
     on(DemoEvent::Stage { name, total: 0 });
     pipeline::train_run(rc, false, &mut |e| match e {
+        Event::Step(m) if m.warmup => {
+            warmup.push((m.step, m.reg.unwrap_or(f64::NAN), m.con.unwrap_or(f64::NAN)));
+            on(DemoEvent::Progress {
+                done: m.step,
+                message: format!("warm-up ep {} L_reg {:.2}", m.epoch, m.reg.unwrap_or(f64::NAN)),
+            });
+        }
         Event::Step(m) => {
             curve.push((m.step, m.loss, m.vqa, m.reg, m.con));
             on(DemoEvent::Progress {
@@ -558,7 +573,7 @@ fn train(
         Event::Validation { accuracy, .. } => val_accuracy.push(accuracy),
         _ => {}
     })?;
-    Ok((curve, val_accuracy, t0.elapsed().as_secs_f64()))
+    Ok((curve, warmup, val_accuracy, t0.elapsed().as_secs_f64()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -575,7 +590,7 @@ fn run_mode(
 ) -> Result<ModeResult> {
     let rc = run_config(cfg, mode.name(), mode, cfg.train.epochs, init, out, world_dir, store_dir, tok_dir);
     let run_dir = rc.run_dir.clone();
-    let (curve, val_accuracy, train_seconds) = train(&rc, mode.name(), on)?;
+    let (curve, warmup_curve, val_accuracy, train_seconds) = train(&rc, mode.name(), on)?;
 
     // Test with the best-on-validation checkpoint.
     let ev = pipeline::predict_run(&rc, "test", "best", &mut |_, _| {})?;
@@ -611,6 +626,7 @@ fn run_mode(
         iou5: get("IoU@0.5"),
         event_hit: if n == 0 { f64::NAN } else { 100.0 * hit as f64 / n as f64 },
         curve,
+        warmup_curve,
         val_accuracy,
         train_seconds,
         run_dir,

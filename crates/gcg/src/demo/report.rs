@@ -52,6 +52,7 @@ pub fn report_json(r: &DemoResult) -> Value {
                 "val_accuracy": m.val_accuracy.iter().map(|&x| num(x)).collect::<Vec<_>>(),
                 "train_seconds": num(m.train_seconds),
                 "steps": m.curve.len(),
+                "warmup_steps": m.warmup_curve.len(),
             }),
         );
     }
@@ -139,35 +140,57 @@ fn bars_svg(modes: &[ModeResult]) -> String {
     s + "</svg>\n"
 }
 
-/// Smoothed training curves of L_vqa per mode, and L_reg / L_con of the grounding mode.
-fn curves_svg(modes: &[ModeResult]) -> String {
-    let (w, h, left, bottom, top, right) = (640.0, 300.0, 50.0, 40.0, 30.0, 20.0);
-    let smooth = |xs: Vec<f64>| -> Vec<f64> {
-        let mut out = Vec::with_capacity(xs.len());
-        let mut ema = f64::NAN;
-        for x in xs {
+/// Exponential moving average (0.9) of a loss curve.
+fn smooth(xs: impl IntoIterator<Item = f64>) -> Vec<f64> {
+    let mut ema = f64::NAN;
+    xs.into_iter()
+        .map(|x| {
             ema = if ema.is_nan() { x } else { 0.9 * ema + 0.1 * x };
-            out.push(ema);
-        }
-        out
-    };
+            ema
+        })
+        .collect()
+}
+
+/// Smoothed training curves of the joint epochs: L_vqa per mode, and L_reg of the grounding mode.
+fn curves_svg(modes: &[ModeResult]) -> String {
     let mut series: Vec<(String, &str, Vec<f64>, bool)> = Vec::new();
     for m in modes {
         series.push((
             format!("{} L_vqa", m.mode),
             color(&m.mode),
-            smooth(m.curve.iter().map(|c| c.2).collect()),
+            smooth(m.curve.iter().map(|c| c.2)),
             false,
         ));
         if m.curve.iter().all(|c| c.3.is_some()) && !m.curve.is_empty() {
             series.push((
                 format!("{} L_reg", m.mode),
                 color(&m.mode),
-                smooth(m.curve.iter().map(|c| c.3.unwrap_or(0.0)).collect()),
+                smooth(m.curve.iter().map(|c| c.3.unwrap_or(0.0))),
                 true,
             ));
         }
     }
+    lines_svg(&series, "optimiser step of the joint epochs (EMA 0.9)")
+}
+
+/// Smoothed L_reg and L_con of the grounding warm-up (`None` without one).
+fn warmup_svg(modes: &[ModeResult]) -> Option<String> {
+    let m = modes.iter().find(|m| !m.warmup_curve.is_empty())?;
+    let series = vec![
+        (
+            "L_reg (frames)".to_string(),
+            color(&m.mode),
+            smooth(m.warmup_curve.iter().map(|c| c.1)),
+            false,
+        ),
+        ("L_con".to_string(), "#868e96", smooth(m.warmup_curve.iter().map(|c| c.2)), true),
+    ];
+    Some(lines_svg(&series, "optimiser step of the grounding warm-up (EMA 0.9)"))
+}
+
+/// Line chart of named series (name, colour, values, dashed) over their index.
+fn lines_svg(series: &[(String, &str, Vec<f64>, bool)], xlabel: &str) -> String {
+    let (w, h, left, bottom, top, right) = (640.0, 300.0, 50.0, 40.0, 30.0, 20.0);
     let steps = series.iter().map(|s| s.2.len()).max().unwrap_or(1).max(2);
     let ymax = series
         .iter()
@@ -193,9 +216,10 @@ fn curves_svg(modes: &[ModeResult]) -> String {
     }
     let _ = write!(
         s,
-        r#"<text x="{}" y="{}" text-anchor="middle">optimiser step (EMA 0.9)</text>"#,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
         (w + left) / 2.0,
-        h - 8.0
+        h - 8.0,
+        esc(xlabel)
     );
     for (j, (name, c, ys, dashed)) in series.iter().enumerate() {
         let pts: Vec<String> = ys
@@ -396,6 +420,10 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
     std::fs::create_dir_all(&fig).with_context(|| format!("creating {}", fig.display()))?;
     crate::util::write_atomic(&fig.join("accuracy.svg"), bars_svg(&r.modes).as_bytes())?;
     crate::util::write_atomic(&fig.join("training.svg"), curves_svg(&r.modes).as_bytes())?;
+    let warmup_figure = warmup_svg(&r.modes);
+    if let Some(svg) = &warmup_figure {
+        crate::util::write_atomic(&fig.join("grounding-warmup.svg"), svg.as_bytes())?;
+    }
 
     // Grounding examples: the first test questions, one per question kind where possible.
     let preds: Vec<(String, HashMap<(String, String), PredictionRow>)> = r
@@ -523,7 +551,27 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
         r.config.train.schedule,
         r.config.alpha_con
     );
+    if let Some(g) = r.modes.iter().find(|m| !m.warmup_curve.is_empty()) {
+        let first = g.warmup_curve.iter().take(50).map(|c| c.1).sum::<f64>() / g.warmup_curve.len().min(50) as f64;
+        let n = g.warmup_curve.len();
+        let last = g.warmup_curve[n - n.min(50)..].iter().map(|c| c.1).sum::<f64>() / n.min(50) as f64;
+        let _ = writeln!(
+            md,
+            "* **Grounding warm-up** (grounding mode only, `grounding_warmup_epochs = {}`): before its joint epochs the \
+             grounding module trains alone, at the constant grounding lr, on its own weak losses L_reg + α_con·L_con \
+             from the CLIP pseudo-labels — no language model runs, so its {} steps cost little. The generator needs far \
+             more steps than the language \
+             model: within the joint epochs alone L_reg stays on a plateau near 5 frames and the K moments straddle the \
+             events (grounding then barely beats uniform). The official recipe gives it ~10k steps (10 epochs of \
+             NExT-QA's 34k questions at batch 32). L_reg (SmoothL1 on the moment centres, in frames) fell from {:.2} to \
+             {:.2} over the warm-up. The language model's budget is the same for every mode.",
+            r.config.train.grounding_warmup_epochs, n, first, last
+        );
+    }
     let _ = writeln!(md, "\n![training curves](figures/training.svg)\n");
+    if warmup_figure.is_some() {
+        let _ = writeln!(md, "![grounding warm-up](figures/grounding-warmup.svg)\n");
+    }
     if !examples.is_empty() {
         let _ = writeln!(md, "## Grounding examples (test)\n");
         let _ = writeln!(

@@ -6,7 +6,7 @@
 use super::checkpoint::{self, TrainState};
 use super::optim::{AdamW, AdamWConfig, Grads, GroupConfig};
 use super::schedule::Schedule;
-use crate::gcg::{Answered, GcgBatch, GcgModel};
+use crate::gcg::{Answered, GcgBatch, GcgModel, Mode};
 use crate::weights::VarStore;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,16 @@ use std::time::Instant;
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub seed: u64,
+    /// Epochs of the joint objective L_vqa + α1·L_reg + α2·L_con.
     pub epochs: u64,
+    /// Grounding mode only: epochs before the joint ones in which the grounding module trains
+    /// alone on its weak losses α1·L_reg + α2·L_con (pseudo-labels; no language model runs, so
+    /// an epoch costs a small fraction of a joint one). The generator needs far more steps than
+    /// the language model to learn where events are (see the demo report); 0 = the official
+    /// recipe. These epochs run at the constant `grounding_lr` (a decaying rate leaves the
+    /// generator on its L_reg plateau) and are validated only at their end; the joint epochs
+    /// then run `schedule` from its start. Ignored in the other modes.
+    pub grounding_warmup_epochs: u64,
     /// Questions per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimiser step.
@@ -57,6 +66,7 @@ impl Default for TrainConfig {
         Self {
             seed: 3407,
             epochs: 10,
+            grounding_warmup_epochs: 0,
             batch_size: 4,
             grad_accum: 1,
             lr: 1e-5,
@@ -155,6 +165,9 @@ pub struct StepMetrics {
     pub lr: f64,
     pub grad_norm: Option<f64>,
     pub samples_per_s: f64,
+    /// A grounding warm-up step (the grounding module alone; `vqa` is 0).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub warmup: bool,
 }
 
 /// What the loop tells its caller (progress bars, logs).
@@ -258,14 +271,26 @@ pub fn train(
         bail!("the training set yields no batches");
     }
     let steps_per_epoch = per_epoch.div_ceil(cfg.grad_accum as u64);
+    // The grounding warm-up (grounding mode only) comes first, at constant learning rates.
+    let warmup_epochs = if model.cfg.mode == Mode::Grounding {
+        cfg.grounding_warmup_epochs
+    } else {
+        if cfg.grounding_warmup_epochs > 0 {
+            tracing::info!("grounding_warmup_epochs ignored in {} mode", model.cfg.mode.name());
+        }
+        0
+    };
+    let warmup_steps = steps_per_epoch * warmup_epochs;
     // The schedule spans the whole run; `max_steps` only stops early (a smoke run or a
     // simulated kill must not change the learning rates).
     let total_steps = steps_per_epoch * cfg.epochs;
     let schedule = cfg.schedule(total_steps);
+    let all_epochs = warmup_epochs + cfg.epochs;
     let rng = RefCell::new(state.rng.clone());
 
-    'epochs: while state.epoch < cfg.epochs {
+    'epochs: while state.epoch < all_epochs {
         let epoch = state.epoch;
+        let warmup = epoch < warmup_epochs;
         let mut batches = train_set.batches(epoch, state.batch_in_epoch as usize)?;
         let mut grads = Grads::new();
         let mut micro = 0usize;
@@ -278,7 +303,11 @@ pub fn train(
             }
             let Some(batch) = batches.next() else { break };
             let batch = batch.with_context(|| format!("reading training batch {} of epoch {epoch}", state.batch_in_epoch))?;
-            let losses = model.forward_train(&batch, &rng)?;
+            let losses = if warmup {
+                model.forward_grounding(&batch, &rng)?
+            } else {
+                model.forward_train(&batch, &rng)?
+            };
             let loss = losses.total.to_scalar::<f32>()? as f64;
             state.batch_in_epoch += 1;
             if !loss.is_finite() {
@@ -320,7 +349,7 @@ pub fn train(
                 Some(m) => Some(grads.clip_global_norm(m)?),
                 None => None,
             };
-            let factor = schedule.factor(state.step);
+            let factor = if warmup { 1.0 } else { schedule.factor(state.step - warmup_steps) };
             opt.step(&grads, factor)?;
             state.step += 1;
             state.rng = rng.borrow().clone();
@@ -335,6 +364,7 @@ pub fn train(
                 lr: cfg.lr * factor,
                 grad_norm,
                 samples_per_s: sums.4 as f64 / secs,
+                warmup,
             };
             if state.step % cfg.log_every.max(1) == 0 {
                 run.log(&serde_json::to_value(&m)?)?;
@@ -352,7 +382,10 @@ pub fn train(
         // End of the epoch: validate, keep the best, move on.
         state.epoch += 1;
         state.batch_in_epoch = 0;
-        if let Some(val) = val_set {
+        // Validation after every joint epoch and after the last warm-up epoch (the warmed-up
+        // generator with the untouched language model is a candidate for `best` too).
+        let validate = !warmup || state.epoch == warmup_epochs;
+        if let Some(val) = val_set.filter(|_| validate) {
             let answered = answer_all(model, val)?;
             let acc = accuracy(&answered);
             let best = state.best_metric.is_none_or(|b| acc > b);
