@@ -278,11 +278,19 @@ fn every_mode_trains_and_answers() {
     }
 }
 
-fn read_losses(run: &std::path::Path) -> Vec<f64> {
+/// The rows of a run's metrics log.
+fn read_rows(run: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .collect()
+}
+
+/// The training loss of every logged step.
+fn read_losses(run: &std::path::Path) -> Vec<f64> {
+    read_rows(run)
+        .iter()
         .filter_map(|v| v.get("loss").and_then(|x| x.as_f64()))
         .collect()
 }
@@ -404,14 +412,6 @@ fn grounding_learns_to_find_the_event() {
         after >= uniform_hits + 0.3,
         "grounding hit rate {after:.2} is not clearly above uniform's {uniform_hits:.2}"
     );
-}
-
-fn read_rows(run: &std::path::Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .collect()
 }
 
 fn values(vars: &gcg::weights::VarStore) -> Vec<(String, Vec<f32>)> {
