@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes crates/gcg/src/weights/tokenizers/html_entities.rs: the HTML5 named character
+"""Writes crates/gcg/src/text/html_entities.rs: the HTML5 named character
 references (WHATWG list, as Python's `html.entities.html5` carries it), sorted by name, for the
 CLIP text clean-up (`html.unescape` and ftfy's entity fixer).
 
@@ -8,7 +8,7 @@ Run from the repository root: python3 tools/gen_html_entities.py
 import html.entities
 import sys
 
-OUT = "crates/gcg/src/weights/tokenizers/html_entities.rs"
+OUT = "crates/gcg/src/text/html_entities.rs"
 
 
 def rust_str(s):

@@ -6,7 +6,9 @@ use clap::{Args, Subcommand};
 use gcg::models::lmm::{is_trainable, is_vit_trunk, LmmConfig, VideoLmm};
 use gcg::models::t5::GenerateConfig;
 use gcg::nn::Ctx;
-use gcg::weights::checkpoints::{is_buffer, open_any};
+use gcg::models::checkpoint::open_any;
+use gcg::models::Preset;
+use gcg::weights::checkpoints::is_buffer;
 use gcg::weights::Loader;
 use gcg::SeededRng;
 use serde_json::json;
@@ -31,19 +33,15 @@ pub enum BenchCommand {
 pub struct TrainStepArgs {
     /// Model sizes: tiny | instructblip-flan-t5-xl.
     #[arg(long, default_value = "tiny")]
-    preset: String,
+    preset: Preset,
     /// Questions per step.
     #[arg(long, default_value_t = 4)]
     batch: usize,
-    /// cpu | cuda.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Compute dtype of the frozen networks (default: f32 on cpu, bf16 on cuda).
-    #[arg(long)]
-    dtype: Option<String>,
+    #[command(flatten)]
+    device: crate::args::DeviceArgs,
     /// uniform | oracle | grounding.
     #[arg(long, default_value = "grounding")]
-    mode: String,
+    mode: gcg::model::Mode,
     /// Frames sampled per video (T).
     #[arg(long, default_value_t = 32)]
     frames: usize,
@@ -58,16 +56,12 @@ pub struct TrainStepArgs {
 pub struct ForwardArgs {
     /// Model sizes: tiny | instructblip-flan-t5-xl.
     #[arg(long, default_value = "tiny")]
-    preset: String,
+    preset: Preset,
     /// Questions answered together.
     #[arg(long, default_value_t = 1)]
     batch: usize,
-    /// cpu | cuda (cuda needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Compute dtype of the frozen networks: f32 | bf16 | f16 (default: f32 on cpu, bf16 on cuda).
-    #[arg(long)]
-    dtype: Option<String>,
+    #[command(flatten)]
+    device: crate::args::DeviceArgs,
     /// Frames sampled per video (T).
     #[arg(long, default_value_t = 32)]
     frames: usize,
@@ -91,8 +85,6 @@ pub struct ForwardArgs {
     seed: u64,
 }
 
-/// `--device` and `--dtype` as every command reads them (the run config's rules).
-pub use gcg::pipeline::{device as parse_device, dtype as parse_dtype};
 
 fn sync(dev: &Device) -> Result<()> {
     dev.synchronize()?;
@@ -105,9 +97,8 @@ fn random_ids(rng: &mut SeededRng, b: usize, l: usize, lo: usize, hi: usize, dev
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {
-    let dev = parse_device(&a.device)?;
-    let dtype = parse_dtype(a.dtype.as_deref(), &dev)?;
-    let mut cfg = LmmConfig::preset(&a.preset)?;
+    let (dev, dtype) = a.device.open()?;
+    let mut cfg = LmmConfig::preset(a.preset);
     cfg.max_frames = cfg.max_frames.max(a.frames);
     if a.k > a.frames {
         bail!("--k {} exceeds --frames {}", a.k, a.frames);
@@ -123,7 +114,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let dv = cfg.vision.hidden_size;
 
     // ViT throughput.
-    let big_cpu = !dev.is_cuda() && a.preset != "tiny";
+    let big_cpu = !dev.is_cuda() && a.preset != Preset::Tiny;
     let vit_frames = a.vit_frames.unwrap_or(if big_cpu { 4 } else { a.batch * a.frames });
     let pix = Tensor::from_vec(rng.normal_vec(vit_frames * 3 * s * s, 0.0, 1.0), (vit_frames, 3, s, s), &dev)?.to_dtype(dtype)?;
     let _ = model.encode_pixels(&pix.narrow(0, 0, 1)?)?; // warm-up
@@ -181,8 +172,8 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let median = times[times.len() / 2];
     let out = json!({
         "bench": "forward",
-        "preset": a.preset,
-        "device": a.device,
+        "preset": a.preset.name(),
+        "device": a.device.device.to_string(),
         "dtype": format!("{dtype:?}").to_lowercase(),
         "batch": a.batch,
         "build_seconds": build_s,
@@ -211,14 +202,12 @@ fn peak_rss_bytes() -> Option<u64> {
 
 fn train_step(a: TrainStepArgs) -> Result<()> {
     use gcg::data::{Answer, Dataset, QaSample};
-    use gcg::gcg::{AnswerMethod, GcgBatch, GcgConfig, GcgModel, TextTokenizers, UniformRule};
+    use gcg::model::{GcgBatch, GcgConfig, GcgModel, TextTokenizers};
     use gcg::grounding::GroundingConfig;
     use gcg::train::Grads;
-    let dev = parse_device(&a.device)?;
-    let dtype = parse_dtype(a.dtype.as_deref(), &dev)?;
-    let mut lmm = LmmConfig::preset(&a.preset)?;
-    lmm.max_frames = lmm.max_frames.max(a.frames);
-    let mut grounding = if a.preset == "tiny" {
+    let (dev, dtype) = a.device.open()?;
+    let lmm = LmmConfig::preset(a.preset);
+    let mut grounding = if a.preset == Preset::Tiny {
         GroundingConfig::tiny()
     } else {
         GroundingConfig::gcg()
@@ -228,29 +217,24 @@ fn train_step(a: TrainStepArgs) -> Result<()> {
     // A closed-vocabulary tokenizer pair for the NExT-QA prompt (real tokenizers are downloads).
     let tmp = std::env::temp_dir().join(format!("gcg-bench-tok-{}", std::process::id()));
     let prompt = "Question: why did the boy pick up one present from the group of them and move to the sofa?\nOptions: \nA: share with the girl \nB: approach lady sitting there \nC: unwrap it \nD: playing with toy train \nE: gesture something\nAnswer: ";
-    let (qformer, t5) = gcg::weights::vocab::closed_vocab_tokenizers(&[prompt, "A B C D E"], &tmp)?;
+    let (qformer, t5) = gcg::text::vocab::closed_vocab_tokenizers(&[prompt, "A B C D E"], &tmp)?;
     std::fs::remove_dir_all(&tmp).ok();
     let cfg = GcgConfig {
-        lmm,
         grounding,
-        mode: a.mode.parse()?,
-        alpha_reg: 1.0,
-        alpha_con: 1.0,
-        uniform_rule: UniformRule::OfficialTruncate,
-        answer: AnswerMethod::OptionScoring,
-        answer_format: Default::default(),
+        mode: a.mode,
+        ..GcgConfig::default()
     };
     let t0 = Instant::now();
-    let lb = Loader::random(&dev, dtype, a.seed).with_trainable(gcg::gcg::is_trainable);
-    let model = GcgModel::load(&lb, &cfg, TextTokenizers { qformer, t5 }, false)?;
+    let lb = Loader::random(&dev, dtype, a.seed).with_trainable(gcg::model::is_trainable);
+    let model = GcgModel::load(&lb, &lmm, &cfg, TextTokenizers { qformer, t5 }, false)?;
     let vars = lb.vars();
     let tc = gcg::train::trainer::TrainConfig::default();
     let mut opt = tc.optimizer(&vars)?;
     let build_s = t0.elapsed().as_secs_f64();
     let mut rng = SeededRng::new(a.seed + 1);
     let (b, t) = (a.batch, a.frames);
-    let n = cfg.lmm.vision.num_positions();
-    let dv = cfg.lmm.vision.hidden_size;
+    let n = lmm.vision.num_positions();
+    let dv = lmm.vision.hidden_size;
     let randn = |rng: &mut SeededRng, shape: &[usize]| -> Result<Tensor> {
         Ok(Tensor::from_vec(rng.normal_vec(shape.iter().product(), 0.0, 1.0), shape, &dev)?)
     };
@@ -306,9 +290,9 @@ fn train_step(a: TrainStepArgs) -> Result<()> {
     let median = sorted[sorted.len() / 2];
     let out = json!({
         "bench": "train-step",
-        "preset": a.preset,
+        "preset": a.preset.name(),
         "mode": a.mode,
-        "device": a.device,
+        "device": a.device.device.to_string(),
         "dtype": format!("{dtype:?}").to_lowercase(),
         "batch": b,
         "frames": t,
@@ -348,11 +332,11 @@ pub struct CheckWeightsArgs {
     /// Model sizes for a GCG release directory, which carries no config of its own
     /// (an HF snapshot's config.json always wins).
     #[arg(long, default_value = "instructblip-flan-t5-xl")]
-    preset: String,
+    preset: Preset,
 }
 
 pub fn check_weights(a: CheckWeightsArgs) -> Result<()> {
-    let (src, cfg) = open_any(&a.weights, a.t5.as_deref(), &a.preset)?;
+    let (src, cfg) = open_any(&a.weights, a.t5.as_deref(), a.preset)?;
     let no_vit = a.no_vit;
     let lb = Loader::from_source(src.clone(), &Device::Cpu, DType::F32)
         .with_trainable(is_trainable)

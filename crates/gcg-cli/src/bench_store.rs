@@ -1,9 +1,11 @@
 //! `gcg bench store`: how fast the feature store writes and reads (MB/s, samples/s), as JSON.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 use gcg::data::{Answer, Dataset, QaSample};
+use gcg::models::Preset;
+use gcg::run::Precision;
 use gcg::store::batch::{BatchLoader, BatchOptions};
 use gcg::store::{QuestionRecord, Store, StoreWriter, VideoRecord, WriterOptions};
 use gcg::SeededRng;
@@ -26,7 +28,7 @@ pub struct StoreArgs {
     frames: usize,
     /// Synthetic store: feature sizes of instructblip-flan-t5-xl ([T, 257, 1408], CLIP 1024) or tiny.
     #[arg(long, default_value = "instructblip-flan-t5-xl")]
-    preset: String,
+    preset: Preset,
     /// Synthetic store: shard size in MiB.
     #[arg(long, default_value_t = 512.0)]
     shard_mb: f64,
@@ -38,7 +40,7 @@ pub struct StoreArgs {
     workers: usize,
     /// Feature dtype of the batches: f32 | bf16 | f16.
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: Precision,
     /// Epochs read through the batch loader.
     #[arg(long, default_value_t = 1)]
     epochs: u64,
@@ -46,17 +48,15 @@ pub struct StoreArgs {
     seed: u64,
 }
 
-fn sizes(preset: &str) -> Result<(usize, usize, usize)> {
-    match preset {
-        "tiny" => Ok((10, 48, 24)),
-        "instructblip-flan-t5-xl" | "instructblip_flan_t5_xl" | "eva-vit-g" => Ok((257, 1408, 1024)),
-        other => bail!("unknown preset {other:?} (expected tiny or instructblip-flan-t5-xl)"),
-    }
+/// Feature sizes of a preset: ViT tokens N, ViT width D, CLIP width E.
+fn sizes(preset: Preset) -> (usize, usize, usize) {
+    let (vit, clip) = preset.frozen();
+    (vit.num_positions(), vit.hidden_size, clip.image.embed_dim)
 }
 
 /// Writes a synthetic store; returns (seconds, bytes of features written).
 fn write_synthetic(dir: &Path, a: &StoreArgs) -> Result<(f64, u64)> {
-    let (n, d, e) = sizes(&a.preset)?;
+    let (n, d, e) = sizes(a.preset);
     let t = a.frames;
     let mut rng = SeededRng::new(a.seed);
     let opts = WriterOptions {
@@ -133,12 +133,7 @@ fn samples_of(store: &Store) -> Vec<QaSample> {
 }
 
 pub fn run(a: StoreArgs) -> Result<()> {
-    let dtype = match a.dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        other => bail!("unknown --dtype {other:?} (f32, bf16 or f16)"),
-    };
+    let dtype = a.dtype.dtype();
     ensure!(a.batch > 0 && a.frames > 0, "--batch and --frames must be positive");
     let temp = match &a.store {
         Some(_) => None,
@@ -218,7 +213,7 @@ pub fn run(a: StoreArgs) -> Result<()> {
             json!({
                 "samples": n, "seconds": secs, "samples_per_s": n as f64 / secs,
                 "mb_per_s_f16": bytes as f64 / 1e6 / secs, "batch": a.batch, "workers": a.workers,
-                "dtype": a.dtype, "epochs": a.epochs.max(1),
+                "dtype": a.dtype.to_string(), "epochs": a.epochs.max(1),
             })
         };
         let meta = snap.meta();

@@ -44,7 +44,7 @@ pub struct DemoArgs {
     pub pretrain_epochs: Option<u64>,
     /// The modes to train, comma-separated (default uniform,grounding,oracle).
     #[arg(long, value_delimiter = ',')]
-    pub modes: Option<Vec<gcg::gcg::Mode>>,
+    pub modes: Option<Vec<gcg::model::Mode>>,
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
@@ -60,22 +60,22 @@ pub fn run(a: DemoArgs) -> Result<()> {
         cfg.modes = m;
     }
     if let Some(b) = a.batch {
-        cfg.train.batch_size = b;
+        cfg.run.train.batch_size = b;
     }
     if let Some(lr) = a.lr {
-        cfg.train.lr = lr;
+        cfg.run.train.lr = lr;
     }
     if let Some(lr) = a.grounding_lr {
-        cfg.train.grounding_lr = lr;
+        cfg.run.train.grounding_lr = lr;
     }
     if let Some(e) = a.pretrain_epochs {
         cfg.pretrain_epochs = e;
     }
     if let Some(e) = a.epochs {
-        cfg.train.epochs = e;
+        cfg.run.train.epochs = e;
     }
     if let Some(e) = a.grounding_warmup {
-        cfg.train.grounding_warmup_epochs = e;
+        cfg.run.train.grounding_warmup_epochs = e;
     }
     let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
     pb.set_style(

@@ -6,15 +6,17 @@
 //! * `GCG_STORE_FAULT=point:N[:abort|error]` crashes the store writer the N-th time it reaches
 //!   `shard-written`, `shard-renamed` or `index-written` (see `gcg::store::Fault`).
 
-use crate::bench::{parse_device, parse_dtype};
+use gcg::models::Preset;
+use gcg::run::{DeviceKind, Precision};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
-use gcg::store::extract::{
+use gcg::features::extract::{
     decoded_frames, extract_features, safetensors_frames, ExtractOptions, ExtractProgress, FeatureModels, FrameSource, VideoFrames,
     VideoJob,
 };
-use gcg::store::{frozen, Fault, WriterOptions};
+use gcg::features::frozen;
+use gcg::store::{Fault, WriterOptions};
 use gcg::video::{Ffmpeg, Sampling};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
@@ -43,7 +45,7 @@ pub struct FeaturesArgs {
     clip: Option<PathBuf>,
     /// Network sizes: instructblip-flan-t5-xl (EVA ViT-g + EVA-CLIP-g) or tiny.
     #[arg(long, default_value = "instructblip-flan-t5-xl")]
-    preset: String,
+    preset: Preset,
     /// Seeded random weights instead of checkpoints (tests, benchmarks).
     #[arg(long)]
     random_weights: bool,
@@ -59,13 +61,13 @@ pub struct FeaturesArgs {
     /// Use the decodable part of truncated or corrupt videos instead of failing them.
     #[arg(long)]
     lenient: bool,
-    /// cpu | cuda.
+    /// Where to run: cpu | cuda (cuda needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceKind,
     /// Compute dtype of the networks: f32 | bf16 | f16 (default: f32 on cpu, f16 on cuda as the
     /// official extraction's autocast).
     #[arg(long)]
-    dtype: Option<String>,
+    dtype: Option<Precision>,
     /// Frames per ViT forward pass.
     #[arg(long, default_value_t = 32)]
     frame_batch: usize,
@@ -190,10 +192,10 @@ fn abort_after() -> Result<Option<usize>> {
     }
 }
 
-fn compute_dtype(name: Option<&str>, dev: &Device) -> Result<DType> {
-    match name {
-        None if dev.is_cuda() => Ok(DType::F16),
-        other => parse_dtype(other, dev),
+fn compute_dtype(asked: Option<Precision>, dev: &Device) -> DType {
+    match asked {
+        None if dev.is_cuda() => DType::F16,
+        other => Precision::resolve(other, dev),
     }
 }
 
@@ -209,9 +211,9 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
 }
 
 pub fn run(a: FeaturesArgs) -> Result<()> {
-    let dev = parse_device(&a.device)?;
-    let dtype = compute_dtype(a.dtype.as_deref(), &dev)?;
-    let (vit_cfg, clip_cfg) = frozen::preset(&a.preset)?;
+    let dev = a.device.open()?;
+    let dtype = compute_dtype(a.dtype, &dev);
+    let (vit_cfg, clip_cfg) = frozen::preset(a.preset);
     let writer = writer_options(a.shard_mb, a.flush_secs)?;
 
     let clip_dir = a.clip.clone().or_else(|| a.weights.clone());
@@ -310,7 +312,7 @@ fn import_h5(_a: &FeaturesArgs, h5: &Path, _clip: &gcg::models::clip_branch::Cli
 
 #[cfg(feature = "hdf5")]
 fn import_h5(a: &FeaturesArgs, h5: &Path, clip: &gcg::models::clip_branch::ClipImageHead, writer: WriterOptions) -> Result<()> {
-    use gcg::store::h5import::{import_official_h5, ImportOptions, VideoTimes};
+    use gcg::features::h5import::{import_official_h5, ImportOptions, VideoTimes};
     let times = VideoTimes::from_files(a.frame2time.as_deref(), a.gsub.as_deref())?;
     let pb = bar(0, "videos");
     let report = import_official_h5(

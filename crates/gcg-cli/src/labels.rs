@@ -1,14 +1,14 @@
 //! `gcg labels`: CLIP text embeddings of each question's texts and its pseudo-labels, into the
 //! feature store (which must already hold the videos' features, `gcg features`).
 
-use crate::bench::{parse_device, parse_dtype};
+use gcg::models::Preset;
 use crate::features::{bar, finish_report, writer_options};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Args;
 use gcg::data::{read_annotations, Dataset, QaSample, ReadOptions};
-use gcg::store::frozen;
-use gcg::store::labels::{label_questions, ClipTextEncoder, EventSource, LabelOptions, LabelProgress};
-use gcg::weights::tokenizers::ClipTokenizer;
+use gcg::features::frozen;
+use gcg::features::labels::{label_questions, ClipTextEncoder, EventSource, LabelOptions, LabelProgress};
+use gcg::text::tokenizers::ClipTokenizer;
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -42,18 +42,14 @@ pub struct LabelsArgs {
     clip_tokenizer: Option<PathBuf>,
     /// Network sizes: instructblip-flan-t5-xl (EVA-CLIP-g) or tiny.
     #[arg(long, default_value = "instructblip-flan-t5-xl")]
-    preset: String,
+    preset: Preset,
     /// Seeded random weights (tests); the text vocabulary is sized to the tokenizer.
     #[arg(long)]
     random_weights: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// cpu | cuda.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// f32 | bf16 | f16 (default: f32 on cpu, bf16 on cuda).
-    #[arg(long)]
-    dtype: Option<String>,
+    #[command(flatten)]
+    device: crate::args::DeviceArgs,
     /// Texts per CLIP forward pass.
     #[arg(long, default_value_t = 64)]
     batch: usize,
@@ -120,12 +116,11 @@ fn tokenizer(a: &LabelsArgs) -> Result<ClipTokenizer> {
 }
 
 pub fn run(a: LabelsArgs) -> Result<()> {
-    let dev = parse_device(&a.device)?;
-    let dtype = parse_dtype(a.dtype.as_deref(), &dev)?;
+    let (dev, dtype) = a.device.open()?;
     let event = event_source(&a.event)?;
     let samples = read_samples(&a.annotations, &a.dataset, a.skip_bad_rows)?;
     let tok = tokenizer(&a)?;
-    let (_, mut clip_cfg) = frozen::preset(&a.preset)?;
+    let (_, mut clip_cfg) = frozen::preset(a.preset);
     let model = if a.random_weights {
         clip_cfg.text.vocab_size = tok.vocab_size();
         frozen::random_clip_text(&clip_cfg, &dev, dtype, a.seed)?

@@ -1,5 +1,6 @@
 //! `gcg` — the command-line tool: one subcommand per stage of the pipeline.
 
+mod args;
 mod bench;
 mod bench_store;
 mod demo;

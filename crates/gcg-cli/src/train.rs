@@ -1,15 +1,15 @@
 //! `gcg train` and `gcg predict`.
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use clap::Args;
-use gcg::pipeline::{self, RunConfig};
+use gcg::run::{self, Checkpoint, EvalSplit, RunConfig};
 use gcg::train::trainer::Event;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// The run config (TOML: run_dir, [model], [data], [train]; see README).
+    /// The run config (TOML: run_dir, [weights], [model], [data], [train]; see README).
     #[arg(long, conflicts_with = "resume")]
     config: Option<PathBuf>,
     /// Continue the run in this directory from its last checkpoint (its config.json is used).
@@ -40,10 +40,10 @@ fn bar(total: u64, quiet: bool) -> ProgressBar {
 }
 
 /// Predict a split of a run with its best (or last) checkpoint and score it.
-fn predict_and_score(cfg: &RunConfig, split: &str, which: &str, quiet: bool) -> Result<()> {
+fn predict_and_score(cfg: &RunConfig, split: EvalSplit, which: Checkpoint, quiet: bool) -> Result<()> {
     let pb = bar(0, quiet);
     pb.set_prefix("predict");
-    let ev = pipeline::predict_run(cfg, split, which, &mut |done, total| {
+    let ev = run::predict_run(cfg, split, which, &mut |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     })?;
@@ -58,16 +58,16 @@ fn predict_and_score(cfg: &RunConfig, split: &str, which: &str, quiet: bool) -> 
 }
 
 fn predict_to(cfg: &RunConfig, ann: &Path, grounding: Option<&Path>, out: &Path, metrics: Option<&Path>, quiet: bool) -> Result<()> {
-    let (store, embed_dim) = pipeline::open_store(cfg)?;
-    let built = pipeline::build_model(&cfg.model, embed_dim)?;
+    let (store, embed_dim) = run::open_store(cfg)?;
+    let built = run::build_model(cfg, embed_dim)?;
     let dt = built.model.lmm.post_layernorm.weight.dtype();
-    let split = pipeline::open_eval_split(cfg, &store, ann, &built.device, dt)?;
+    let split = run::open_eval_split(cfg, &store, ann, &built.device, dt)?;
     let pb = bar(split.samples.len() as u64, quiet);
     pb.set_prefix("predict");
-    pipeline::predict_split(&built.model, &split, out, &mut |done, _| pb.set_position(done as u64))?;
+    run::predict_split(&built.model, &split, out, &mut |done, _| pb.set_position(done as u64))?;
     pb.finish_and_clear();
     eprintln!("predictions: {}", out.display());
-    let ev = pipeline::evaluate_predictions(cfg.data.dataset, ann, grounding, out, metrics, cfg.data.skip_bad_rows)?;
+    let ev = run::evaluate_predictions(cfg.data.dataset, ann, grounding, out, metrics, cfg.data.skip_bad_rows)?;
     if !ev.problems.is_empty() {
         eprintln!("{} problem(s) in the predictions (first: {})", ev.problems.len(), ev.problems[0]);
     }
@@ -78,12 +78,7 @@ fn predict_to(cfg: &RunConfig, ann: &Path, grounding: Option<&Path>, out: &Path,
 pub fn run_train(a: TrainArgs) -> Result<()> {
     let (mut cfg, resume) = match (&a.config, &a.resume) {
         (_, Some(dir)) => {
-            let mut c = RunConfig::from_run_dir(dir)?;
-            if !a.overrides.is_empty() {
-                let mut doc = toml::Value::try_from(&c)?;
-                pipeline::apply_overrides(&mut doc, &a.overrides)?;
-                c = doc.try_into()?;
-            }
+            let mut c = RunConfig::from_run_dir(dir)?.with_overrides(&a.overrides)?;
             c.run_dir = dir.clone();
             (c, true)
         }
@@ -127,17 +122,13 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         }
         Event::Checkpoint(_) => {}
     };
-    pipeline::train_run(&cfg, resume, &mut on_event)?;
+    run::train_run(&cfg, resume, &mut on_event)?;
     pb.finish_and_clear();
     eprintln!("run directory: {}", cfg.run_dir.display());
     if cfg.data.test.is_some() {
-        let which = if cfg.run_dir.join("checkpoints/best").exists() {
-            "best"
-        } else {
-            "last"
-        };
+        let which = Checkpoint::best_or_last(&cfg.run_dir);
         eprintln!("test split with the {which} checkpoint:");
-        predict_and_score(&cfg, "test", which, a.quiet)?;
+        predict_and_score(&cfg, EvalSplit::Test, which, a.quiet)?;
     }
     Ok(())
 }
@@ -147,15 +138,16 @@ pub struct PredictArgs {
     /// A run directory (its config and checkpoint).
     #[arg(long, conflicts_with = "config")]
     run: Option<PathBuf>,
-    /// Or a run config (e.g. a pretrained checkpoint with `[model] weights`, no training).
+    /// Or a run config (e.g. a pretrained checkpoint with `[weights] pretrained`, no training).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Which checkpoint of the run: best | last.
+    /// Which checkpoint of the run: best | last (best falls back to last in a run without
+    /// validation).
     #[arg(long, default_value = "best")]
-    checkpoint: String,
+    checkpoint: Checkpoint,
     /// val | test: the split's annotations from the config.
     #[arg(long)]
-    split: Option<String>,
+    split: Option<EvalSplit>,
     /// Or an annotation file directly.
     #[arg(long)]
     annotations: Option<PathBuf>,
@@ -181,36 +173,26 @@ pub fn run_predict(a: PredictArgs) -> Result<()> {
     let mut cfg = match (&a.run, &a.config) {
         (Some(dir), _) => {
             let mut c = RunConfig::from_run_dir(dir)?;
-            let which = if a.checkpoint == "best" && !dir.join("checkpoints/best").exists() {
-                "last"
-            } else {
-                a.checkpoint.as_str()
+            let which = match a.checkpoint {
+                Checkpoint::Best => Checkpoint::best_or_last(dir),
+                Checkpoint::Last => Checkpoint::Last,
             };
-            c.model.init = Some(pipeline::checkpoint_weights(dir, which)?);
+            c.weights.init = Some(run::checkpoint_weights(dir, which)?);
             c
         }
         (None, Some(p)) => RunConfig::load(Some(p), &[])?,
         (None, None) => bail!("give --run RUN_DIR or --config run.toml"),
     };
-    if !a.overrides.is_empty() {
-        let mut doc = toml::Value::try_from(&cfg)?;
-        pipeline::apply_overrides(&mut doc, &a.overrides)?;
-        cfg = doc.try_into()?;
-    }
+    cfg = cfg.with_overrides(&a.overrides)?;
     if let Some(s) = &a.store {
         cfg.data.store = s.clone();
     }
-    let (ann, grounding) = match (&a.annotations, a.split.as_deref()) {
+    let (ann, grounding) = match (&a.annotations, a.split) {
         (Some(p), _) => (p.clone(), a.grounding.clone()),
-        (None, Some("val")) => (
-            cfg.data.val.clone().ok_or_else(|| anyhow!("the config has no [data] val"))?,
-            a.grounding.clone().or(cfg.data.val_grounding.clone()),
-        ),
-        (None, Some("test")) => (
-            cfg.data.test.clone().ok_or_else(|| anyhow!("the config has no [data] test"))?,
-            a.grounding.clone().or(cfg.data.test_grounding.clone()),
-        ),
-        (None, Some(other)) => bail!("unknown split {other:?} (val or test)"),
+        (None, Some(split)) => {
+            let (ann, grounding) = split.files(&cfg)?;
+            (ann, a.grounding.clone().or(grounding))
+        }
         (None, None) => bail!("give --split val|test or --annotations PATH"),
     };
     predict_to(&cfg, &ann, grounding.as_deref(), &a.out, a.json.as_deref(), a.quiet)

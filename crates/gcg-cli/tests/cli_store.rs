@@ -3,8 +3,9 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use gcg::store::{frozen, Store};
-use gcg::weights::tokenizers::ClipTokenizer;
+use gcg::features::frozen;
+use gcg::store::{Store};
+use gcg::text::tokenizers::ClipTokenizer;
 use gcg::SeededRng;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -132,7 +133,7 @@ fn features_survive_kills_and_report_failures() -> Result<()> {
     let o = run(features_cmd(&vids, &clean));
     assert_eq!(o.status.code(), Some(1));
     let (a, b) = (Store::open(&store)?.snapshot(), Store::open(&clean)?.snapshot());
-    let (vit_cfg, clip_cfg) = frozen::preset("tiny")?;
+    let (vit_cfg, clip_cfg) = frozen::preset(gcg::models::Preset::Tiny);
     let vit = frozen::random_vit(&vit_cfg, &Device::Cpu, DType::F32, SEED)?;
     let clip = frozen::random_clip_image(&clip_cfg, &Device::Cpu, DType::F32, SEED)?;
     for (i, id) in ids.iter().enumerate() {
@@ -198,7 +199,7 @@ fn labels_and_bench_on_a_small_store() -> Result<()> {
     assert!(stderr(&o).contains("missing_3"), "{}", stderr(&o));
 
     let tok = ClipTokenizer::from_bpe_file(bpe())?;
-    let (_, mut cfg) = frozen::preset("tiny")?;
+    let (_, mut cfg) = frozen::preset(gcg::models::Preset::Tiny);
     cfg.text.vocab_size = tok.vocab_size();
     let model = frozen::random_clip_text(&cfg, &Device::Cpu, DType::F32, 3)?;
     let snap = Store::open(&store)?.snapshot();
@@ -271,7 +272,7 @@ fn ffmpeg(args: &[&str]) {
 
 #[test]
 fn features_from_video_files_and_frame_folders() -> Result<()> {
-    use gcg::store::extract::{decoded_frames, VideoJob};
+    use gcg::features::extract::{decoded_frames, VideoJob};
     use gcg::video::{Ffmpeg, Sampling};
     let tmp = tempfile::tempdir()?;
     let vids = tmp.path().join("videos");
@@ -301,7 +302,7 @@ fn features_from_video_files_and_frame_folders() -> Result<()> {
     let snap = Store::open(&store)?.snapshot();
     assert_eq!(stored(&store), vec!["clipA", "clipB", "folder9"]);
 
-    let (vit_cfg, _) = frozen::preset("tiny")?;
+    let (vit_cfg, _) = frozen::preset(gcg::models::Preset::Tiny);
     let vit = frozen::random_vit(&vit_cfg, &Device::Cpu, DType::F32, SEED)?;
     for (id, path) in [
         ("clipA", vids.join("clipA.mp4")),

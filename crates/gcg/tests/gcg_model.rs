@@ -5,11 +5,11 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use gcg::data::{Answer, Dataset, QaSample};
-use gcg::gcg::{is_trainable, AnswerMethod, GcgBatch, GcgConfig, GcgModel, Mode, TextTokenizers, UniformRule};
+use gcg::model::{is_trainable, AnswerMethod, GcgBatch, GcgConfig, GcgModel, Mode, TextTokenizers, UniformRule};
 use gcg::grounding::GroundingConfig;
 use gcg::models::lmm::LmmConfig;
 use gcg::train::trainer::{self, BatchSource, Event, RunDir, TrainConfig};
-use gcg::weights::vocab::closed_vocab_tokenizers;
+use gcg::text::vocab::closed_vocab_tokenizers;
 use gcg::weights::Loader;
 use gcg::SeededRng;
 use std::cell::RefCell;
@@ -24,15 +24,20 @@ fn tokenizers(dir: &std::path::Path) -> TextTokenizers {
     TextTokenizers { qformer, t5 }
 }
 
-fn config(mode: Mode, tok: &TextTokenizers, k: usize) -> GcgConfig {
-    config_d(mode, tok, k, 24)
+fn config(mode: Mode, k: usize) -> GcgConfig {
+    config_d(mode, k, 24)
 }
 
-fn config_d(mode: Mode, tok: &TextTokenizers, k: usize, d: usize) -> GcgConfig {
+/// The tiny LMM sized to the test tokenizers.
+fn lmm_config(tok: &TextTokenizers) -> LmmConfig {
     let mut lmm = LmmConfig::tiny();
     lmm.qformer.vocab_size = tok.qformer.vocab_size();
     lmm.t5.vocab_size = tok.t5.vocab_size();
     lmm.max_frames = T;
+    lmm
+}
+
+fn config_d(mode: Mode, k: usize, d: usize) -> GcgConfig {
     let mut grounding = GroundingConfig::tiny();
     grounding.dim = d;
     grounding.frames = T;
@@ -40,14 +45,13 @@ fn config_d(mode: Mode, tok: &TextTokenizers, k: usize, d: usize) -> GcgConfig {
     grounding.dropout = 0.0;
     grounding.topk.num_samples = 100;
     GcgConfig {
-        lmm,
         grounding,
         mode,
         alpha_reg: 1.0,
         alpha_con: 1.0,
         uniform_rule: UniformRule::Round,
         answer: AnswerMethod::OptionScoring,
-        answer_format: Default::default(),
+        ..GcgConfig::default()
     }
 }
 
@@ -200,14 +204,14 @@ fn build(mode: Mode, tok_dir: &std::path::Path, seed: u64) -> (GcgModel, gcg::we
 }
 
 fn build_k(mode: Mode, tok_dir: &std::path::Path, seed: u64, k: usize) -> (GcgModel, gcg::weights::VarStore) {
-    build_cfg(tok_dir, seed, |tok| config(mode, tok, k))
+    build_cfg(tok_dir, seed, || config(mode, k))
 }
 
-fn build_cfg(tok_dir: &std::path::Path, seed: u64, cfg: impl Fn(&TextTokenizers) -> GcgConfig) -> (GcgModel, gcg::weights::VarStore) {
+fn build_cfg(tok_dir: &std::path::Path, seed: u64, cfg: impl Fn() -> GcgConfig) -> (GcgModel, gcg::weights::VarStore) {
     let tok = tokenizers(tok_dir);
-    let cfg = cfg(&tok);
+    let lmm = lmm_config(&tok);
     let lb = Loader::random(&Device::Cpu, DType::F32, seed).with_trainable(is_trainable);
-    let model = GcgModel::load(&lb, &cfg, tok, false).unwrap();
+    let model = GcgModel::load(&lb, &lmm, &cfg(), tok, false).unwrap();
     (model, lb.vars())
 }
 
@@ -225,7 +229,7 @@ fn every_mode_trains_and_answers() {
         assert_eq!(losses.reg.is_some(), mode == Mode::Grounding);
         assert_eq!(losses.con.is_some(), mode == Mode::Grounding);
         let grads = losses.total.backward().unwrap();
-        let last = model.cfg.lmm.qformer.num_hidden_layers - 1;
+        let last = model.lmm.cfg.qformer.num_hidden_layers - 1;
         for (name, var) in vars.iter() {
             // The text positions' feed-forward of the last Q-Former layer feeds nothing the LLM
             // sees (only the query outputs are kept): no gradient there, as in PyTorch.
@@ -312,7 +316,7 @@ fn resume_gives_the_identical_loss_sequence() {
         grounding_lr: 3e-3,
         checkpoint_every: 2,
         max_grad_norm: Some(1.0),
-        schedule: "warmup-cosine".into(),
+        schedule: gcg::train::LrSchedule::WarmupCosine,
         ..Default::default()
     };
     let run_cfg = serde_json::json!({"test": true});
@@ -362,9 +366,9 @@ fn grounding_learns_to_find_the_event() {
         seed: 5,
     };
     let val: Vec<usize> = (0..48).collect();
-    let (model, vars) = build_cfg(tmp.path(), 13, |tok| GcgConfig {
+    let (model, vars) = build_cfg(tmp.path(), 13, || GcgConfig {
         alpha_con: 0.1,
-        ..config_d(Mode::Grounding, tok, 2, 64)
+        ..config_d(Mode::Grounding, 2, 64)
     });
     let hits = |model: &GcgModel| -> f64 {
         let answers = model.answer(&w.batch(&val)).unwrap();
@@ -375,7 +379,7 @@ fn grounding_learns_to_find_the_event() {
         h as f64 / val.len() as f64
     };
     let uniform_hits = {
-        let u = gcg::gcg::uniform_indices(T, 2, UniformRule::Round);
+        let u = gcg::model::uniform_indices(T, 2, UniformRule::Round);
         w.events.iter().filter(|&&e| u.contains(&e) || u.contains(&(e + 1))).count() as f64 / w.events.len() as f64
     };
     let before = hits(&model);
@@ -444,7 +448,7 @@ fn grounding_warmup_trains_the_grounding_module_alone_then_the_joint_objective()
         lr: 1e-3,
         grounding_lr: 3e-3,
         checkpoint_every: 2,
-        schedule: "warmup-cosine".into(),
+        schedule: gcg::train::LrSchedule::WarmupCosine,
         warmup_fraction: 0.4,
         ..Default::default()
     };

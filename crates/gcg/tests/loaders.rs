@@ -5,7 +5,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use gcg::models::lmm::{is_trainable, LmmConfig, VideoLmm};
-use gcg::weights::checkpoints::{is_buffer, open_hf_snapshot, GcgRelease};
+use gcg::models::checkpoint::{open_hf_snapshot, release_t5_config};
+use gcg::weights::checkpoints::{is_buffer, GcgRelease};
 use gcg::weights::{Loader, SafetensorsSource, TensorSource};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,7 +55,7 @@ fn both_layouts_load_completely_and_agree() {
         let gcg = rel.open().unwrap();
         let lb = Loader::from_source(gcg.clone(), &Device::Cpu, DType::F32).with_ignored(is_buffer);
         let mut gcfg = cfg.clone();
-        gcfg.t5 = rel.t5_config().unwrap();
+        gcfg.t5 = release_t5_config(&rel).unwrap();
         VideoLmm::load(&lb, &gcfg, true).unwrap();
         lb.finish().unwrap();
         // Every canonical tensor of the GCG layout equals the HF one (both were written from one model).

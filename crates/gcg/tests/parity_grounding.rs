@@ -32,7 +32,15 @@ fn fixture(dir: &Path) -> Result<Option<Fixture>> {
     }
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&jpath)?).with_context(|| format!("{}", jpath.display()))?;
-    let cfg: GroundingConfig = serde_json::from_value(json["config"].clone()).context("grounding.json config")?;
+    // The CLIP width d is not a run setting (it is the feature store's), so it is read apart.
+    let mut sizes = json["config"].clone();
+    let dim = sizes
+        .as_object_mut()
+        .and_then(|o| o.remove("dim"))
+        .and_then(|d| d.as_u64())
+        .context("grounding.json config has no dim")? as usize;
+    let mut cfg: GroundingConfig = serde_json::from_value(sizes).context("grounding.json config")?;
+    cfg.dim = dim;
     let io = load_io(&dir.join("io/grounding.safetensors"))?;
     Ok(Some(Fixture { cfg, json, io }))
 }

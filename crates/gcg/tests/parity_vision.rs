@@ -64,7 +64,7 @@ fn vision_model_hf_layout_matches_transformers() -> Result<()> {
 fn vision_model_gcg_release_files_match_transformers() -> Result<()> {
     for dir in parity_dirs() {
         let io = load_io(&dir.join("io/vision.safetensors"))?;
-        let src = VisionModel::gcg_source(&dir.join("gcg"))?;
+        let src = gcg::weights::layouts::eva_vit_source(&dir.join("gcg"))?;
         check(&format!("{} [gcg]", dir.display()), src, &vit_config(&dir)?, &io)?;
     }
     Ok(())

@@ -7,12 +7,13 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use gcg::data::{Answer, Dataset, QaSample};
 use gcg::store::batch::{Batch, BatchLoader, BatchOptions};
-use gcg::store::extract::{extract_features, ExtractOptions, FeatureModels, VideoFrames, VideoJob};
-use gcg::store::labels::{label_questions, pseudo_labels, top_k_sorted, ClipTextEncoder, EventSource, LabelOptions};
+use gcg::features::extract::{extract_features, ExtractOptions, FeatureModels, VideoFrames, VideoJob};
+use gcg::features::labels::{label_questions, pseudo_labels, top_k_sorted, ClipTextEncoder, EventSource, LabelOptions};
+use gcg::features::frozen;
 use gcg::store::{
-    frozen, read_header, Fault, FaultAction, FaultPoint, QuestionRecord, Store, StoreWriter, VideoRecord, WriterOptions, SHARD_DIR,
+    read_header, Fault, FaultAction, FaultPoint, QuestionRecord, Store, StoreWriter, VideoRecord, WriterOptions, SHARD_DIR,
 };
-use gcg::weights::tokenizers::ClipTokenizer;
+use gcg::text::tokenizers::ClipTokenizer;
 use gcg::SeededRng;
 use half::{bf16, f16};
 use std::collections::HashMap;
@@ -412,7 +413,7 @@ fn jobs() -> Vec<VideoJob> {
 
 #[test]
 fn extraction_matches_the_models_skips_stored_videos_and_resumes_after_a_crash() -> Result<()> {
-    let (vit_cfg, clip_cfg) = frozen::preset("tiny")?;
+    let (vit_cfg, clip_cfg) = frozen::preset(gcg::models::Preset::Tiny);
     let vit = frozen::random_vit(&vit_cfg, &Device::Cpu, DType::F32, 11)?;
     let clip = frozen::random_clip_image(&clip_cfg, &Device::Cpu, DType::F32, 11)?;
     let models = FeatureModels {
@@ -432,7 +433,7 @@ fn extraction_matches_the_models_skips_stored_videos_and_resumes_after_a_crash()
     let dir = tempfile::tempdir()?;
     let mut failed_events = Vec::new();
     let report = extract_features(dir.path(), &jobs(), &source, &models, &opts, &mut |ev| {
-        if let gcg::store::extract::ExtractProgress::Failed { video, .. } = ev {
+        if let gcg::features::extract::ExtractProgress::Failed { video, .. } = ev {
             failed_events.push(video.to_string())
         }
     })?;
@@ -608,7 +609,7 @@ fn reference_labels(frames: &[f32], event: &[f32], k: usize) -> (Vec<f64>, Vec<u
 #[test]
 fn pseudo_labels_equal_a_direct_computation_with_the_tiny_clip() -> Result<()> {
     let tok = tokenizer();
-    let (_, mut cfg) = frozen::preset("tiny")?;
+    let (_, mut cfg) = frozen::preset(gcg::models::Preset::Tiny);
     cfg.text.vocab_size = tok.vocab_size();
     let model = frozen::random_clip_text(&cfg, &Device::Cpu, DType::F32, 5)?;
     let e = cfg.text.embed_dim;
@@ -923,7 +924,7 @@ fn batches_hold_the_stored_values() -> Result<()> {
 
 #[test]
 fn official_feature_names_group_by_video() -> Result<()> {
-    use gcg::store::h5import::{group_frame_datasets, select_frames};
+    use gcg::features::h5import::{group_frame_datasets, select_frames};
     let names = ["7_frame_10", "7_frame_2", "a_b_frame_0", "7_frame_0", "a_b_frame_1"].map(String::from);
     let g = group_frame_datasets(names)?;
     assert_eq!(g.keys().cloned().collect::<Vec<_>>(), vec!["7".to_string(), "a_b".to_string()]);

@@ -6,15 +6,16 @@ mod common;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use gcg::store::extract::ExtractProgress;
-use gcg::store::h5import::{import_official_h5, ImportOptions, VideoTimes};
-use gcg::store::{frozen, Store, WriterOptions};
+use gcg::features::extract::ExtractProgress;
+use gcg::features::h5import::{import_official_h5, ImportOptions, VideoTimes};
+use gcg::features::frozen;
+use gcg::store::{Store, WriterOptions};
 
 #[test]
 fn imports_the_official_feature_file() -> Result<()> {
     let fx = common::fixtures_dir().join("store");
     let want = candle_core::safetensors::load(fx.join("feats_wo_norm_tiny.safetensors"), &Device::Cpu)?;
-    let (_, clip_cfg) = frozen::preset("tiny")?;
+    let (_, clip_cfg) = frozen::preset(gcg::models::Preset::Tiny);
     let clip = frozen::random_clip_image(&clip_cfg, &Device::Cpu, DType::F32, 4)?;
     let times = VideoTimes::from_files(Some(&fx.join("frame2time_tiny.json")), Some(&fx.join("gsub_tiny.json")))?;
     let dir = tempfile::tempdir()?;

@@ -11,7 +11,7 @@ mod common;
 
 use anyhow::{anyhow, Context, Result};
 use candle_core::Device;
-use gcg::weights::tokenizers::{clip_clean, ClipTokenizer, QFormerTokenizer, T5Tokenizer, TokenBatch, TruncationSide};
+use gcg::text::tokenizers::{clip_clean, ClipTokenizer, QFormerTokenizer, T5Tokenizer, TokenBatch, TruncationSide};
 use serde_json::Value;
 use std::io::Read;
 use std::path::PathBuf;

@@ -15,7 +15,7 @@ use crate::models::vit::{VisionModel, VitConfig};
 use crate::rng::SeededRng;
 use crate::train::optim::{AdamW, AdamWConfig, Grads, GroupConfig};
 use crate::video::preprocess::{normalize_chw, resize_and_crop, CLIP_MEAN, CLIP_STD};
-use crate::weights::tokenizers::ClipTokenizer;
+use crate::text::tokenizers::ClipTokenizer;
 use crate::weights::{Loader, VarStore};
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};

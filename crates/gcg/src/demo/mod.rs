@@ -6,11 +6,11 @@
 //! 2. **Frozen encoders** — a tiny ViT, CLIP image head and CLIP text tower are pre-trained
 //!    contrastively on the training videos' frame/caption pairs ([`clip`]) and frozen.
 //! 3. **Features and pseudo-labels** — through the store's real paths
-//!    ([`crate::store::extract_features`] over the frame folders, [`crate::store::label_questions`]
+//!    ([`crate::features::extract::extract_features`] over the frame folders, [`crate::features::labels::label_questions`]
 //!    with the question+answer sentence as the event text).
 //! 4. **Training** — a tiny GCG (random Q-Former and T5: no pretrained tiny language model exists
 //!    offline, so the T5 is trained too) in `uniform`, `grounding` and `oracle` modes with the same
-//!    budget, through [`crate::pipeline::train_run`]. The spatial pass is off so the modes differ
+//!    budget, through [`crate::run::train_run`]. The spatial pass is off so the modes differ
 //!    only in which K frames the language model sees. The grounding mode's generator first trains
 //!    alone on its weak losses for `train.grounding_warmup_epochs` (cheap: no language model
 //!    runs); without that it stays on an L_reg plateau within the language model's budget.
@@ -22,12 +22,14 @@ pub mod clip;
 pub mod report;
 
 use crate::data::{self, Dataset, QaSample, ReadOptions};
-use crate::gcg::{AnswerFormat, Mode};
-use crate::pipeline::{self, DataSection, ModelSection, RunConfig};
-use crate::store::extract::{decoded_frames, extract_features, ExtractOptions, ExtractProgress, FeatureModels, VideoJob};
-use crate::store::labels::{label_questions, ClipTextEncoder, EventSource, LabelOptions, LabelProgress};
+use crate::model::{AnswerFormat, Mode};
+use crate::models::Preset;
+use crate::run::{self, DataConfig, RunConfig, WeightsConfig};
+use crate::features::extract::{decoded_frames, extract_features, ExtractOptions, ExtractProgress, FeatureModels, VideoJob};
+use crate::features::labels::{label_questions, ClipTextEncoder, EventSource, LabelOptions, LabelProgress};
 use crate::synth::{write_world, Mp4Mode, SynthConfig, World, WriteOptions};
 use crate::train::trainer::{Event, TrainConfig};
+use crate::train::LrSchedule;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Device;
 use clip::ClipPretrainConfig;
@@ -45,33 +47,68 @@ pub struct DemoConfig {
     pub quick: bool,
     pub world: SynthConfig,
     pub clip: ClipPretrainConfig,
-    /// T frames sampled per video, K moments given to the language model.
-    pub frames: usize,
-    pub moments: usize,
     pub modes: Vec<Mode>,
-    /// The same training budget for every mode.
-    pub train: TrainConfig,
+    /// The run every mode (and the shared pre-training) starts from: the tiny model, the GCG
+    /// settings that differ from the paper's for this tiny world (see the report) and the same
+    /// training budget for every mode. Each run sets its mode, paths and run directory.
+    pub run: RunConfig,
     /// Epochs and learning rate of the shared language-model pre-training (0 = none; see the
-    /// module docs). The modes then fine-tune the language model at `train.lr`, 10× below the
-    /// grounding module's rate, as the official recipe keeps it well below (1e-5 vs 7e-5).
+    /// module docs). The modes then fine-tune the language model at `run.train.lr`, 10× below
+    /// the grounding module's rate, as the official recipe keeps it well below (1e-5 vs 7e-5).
     pub pretrain_epochs: u64,
     pub pretrain_lr: f64,
-    /// The GCG settings that differ from the paper's for this tiny world (see the report).
-    pub alpha_con: f64,
-    pub topk_samples: usize,
     /// Write mp4 files too (when ffmpeg is there).
     pub mp4: bool,
-    /// Initialise the tiny GCG's matrices from N(0, 1/fan_in) (see [`ModelSection::fan_in_init`]).
-    pub fan_in_init: bool,
-    /// Dropout of the grounding module.
-    pub grounding_dropout: f64,
-    /// Dropout of the tiny Q-Former and T5.
-    pub lmm_dropout: f64,
-    /// What the language model learns to write: the option text (default here) or the letter.
-    pub answer_format: AnswerFormat,
 }
 
 impl DemoConfig {
+    /// The run template of the demo: a tiny GCG (random Q-Former and T5, trained too) with the
+    /// spatial pass off, so the modes differ only in which K frames the language model sees.
+    fn run_template(seed: u64) -> RunConfig {
+        let mut run = RunConfig {
+            weights: WeightsConfig {
+                preset: Preset::Tiny,
+                // N(0, 1/fan_in) instead of the checkpoints' std 0.02 (see WeightsConfig::fan_in_init).
+                fan_in_init: true,
+                seed,
+                ..WeightsConfig::default()
+            },
+            data: DataConfig {
+                dataset: Dataset::NextQa,
+                workers: 1,
+                ..DataConfig::default()
+            },
+            train: TrainConfig {
+                seed,
+                epochs: 2,
+                grounding_warmup_epochs: 16,
+                batch_size: 8,
+                lr: 3e-4,
+                grounding_lr: 3e-3,
+                weight_decay: 0.02,
+                schedule: LrSchedule::WarmupCosine,
+                warmup_fraction: 0.05,
+                min_lr_factor: 0.1,
+                max_grad_norm: Some(1.0),
+                checkpoint_every: 100_000,
+                train_t5: true,
+                ..TrainConfig::default()
+            },
+            ..RunConfig::default()
+        };
+        let m = &mut run.model;
+        m.alpha_con = 0.1;
+        m.answer_format = AnswerFormat::Text;
+        m.lmm.spatial = false;
+        m.lmm.dropout = Some(0.0);
+        m.grounding.heads = 2;
+        m.grounding.frames = 32;
+        m.grounding.moments = 4;
+        m.grounding.dropout = 0.0;
+        m.grounding.topk.num_samples = 100;
+        run
+    }
+
     /// The default demo (≤ 10 minutes on 2 cores).
     pub fn standard(seed: u64) -> Self {
         Self {
@@ -87,33 +124,11 @@ impl DemoConfig {
                 seed,
                 ..ClipPretrainConfig::default()
             },
-            frames: 32,
-            moments: 4,
             modes: vec![Mode::Uniform, Mode::Grounding, Mode::Oracle],
-            train: TrainConfig {
-                seed,
-                epochs: 2,
-                grounding_warmup_epochs: 16,
-                batch_size: 8,
-                lr: 3e-4,
-                grounding_lr: 3e-3,
-                weight_decay: 0.02,
-                schedule: "warmup-cosine".into(),
-                warmup_fraction: 0.05,
-                min_lr_factor: 0.1,
-                max_grad_norm: Some(1.0),
-                checkpoint_every: 100_000,
-                ..TrainConfig::default()
-            },
+            run: Self::run_template(seed),
             pretrain_epochs: 3,
             pretrain_lr: 3e-3,
-            alpha_con: 0.1,
-            topk_samples: 100,
             mp4: false,
-            fan_in_init: true,
-            answer_format: AnswerFormat::Text,
-            lmm_dropout: 0.0,
-            grounding_dropout: 0.0,
         }
     }
 
@@ -127,11 +142,21 @@ impl DemoConfig {
         c.world.test_fraction = 0.25;
         c.clip.steps = 30;
         c.clip.batch_size = 32;
-        c.train.epochs = 1;
-        c.train.grounding_warmup_epochs = 2;
+        c.run.train.epochs = 1;
+        c.run.train.grounding_warmup_epochs = 2;
         c.pretrain_epochs = 1;
         c.mp4 = false;
         c
+    }
+
+    /// T frames sampled per video.
+    pub fn frames(&self) -> usize {
+        self.run.model.frames()
+    }
+
+    /// K moments given to the language model.
+    pub fn moments(&self) -> usize {
+        self.run.model.moments()
     }
 }
 
@@ -276,7 +301,7 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
         .chain(["A B C D E".to_string()])
         .collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    crate::weights::vocab::closed_vocab_tokenizers(&refs, &tok_dir)?;
+    crate::text::vocab::closed_vocab_tokenizers(&refs, &tok_dir)?;
 
     // 3. Frozen encoders.
     let stage = Instant::now();
@@ -328,7 +353,7 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
             frame_batch: 64,
         },
         &ExtractOptions {
-            num_frames: cfg.frames,
+            num_frames: cfg.frames(),
             jobs: 2,
             overwrite: true,
             ..ExtractOptions::default()
@@ -364,7 +389,7 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
         &encoder,
         &LabelOptions {
             event: EventSource::QuestionAnswer,
-            top_k: cfg.moments,
+            top_k: cfg.moments(),
             skip_existing: false,
             ..LabelOptions::default()
         },
@@ -386,7 +411,7 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
     let (pseudo_label_hit, uniform_hit) = pseudo_label_quality(&store_dir, &world, &splits[2], cfg)?;
     on(DemoEvent::Note(format!(
         "pseudo-labels (test): top-{} frames hit the true event in {pseudo_label_hit:.1}% of questions (uniform: {uniform_hit:.1}%)",
-        cfg.moments
+        cfg.moments()
     )));
     stages.push(("features+labels".into(), stage.elapsed().as_secs_f64()));
 
@@ -421,7 +446,7 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
     }
     let init = pretrain
         .as_ref()
-        .map(|_| pipeline::checkpoint_weights(&out.join("runs").join(PRETRAIN), "best"))
+        .map(|_| run::checkpoint_weights(&out.join("runs").join(PRETRAIN), run::Checkpoint::Best))
         .transpose()?;
 
     // 6. Training, prediction and evaluation per mode, from the same start.
@@ -475,7 +500,7 @@ fn event_frames(world: &World, s: &QaSample, timestamps: &[f64]) -> Vec<usize> {
 fn pseudo_label_quality(store_dir: &Path, world: &World, test: &[QaSample], cfg: &DemoConfig) -> Result<(f64, f64)> {
     let store = crate::store::Store::open(store_dir)?;
     let snap = store.snapshot();
-    let uni = crate::gcg::uniform_indices(cfg.frames, cfg.moments, crate::gcg::UniformRule::OfficialTruncate);
+    let uni = crate::model::uniform_indices(cfg.frames(), cfg.moments(), crate::model::UniformRule::OfficialTruncate);
     let (mut hit, mut uhit, mut n) = (0usize, 0usize, 0usize);
     for s in test {
         let Some(q) = snap.index().questions.get(&s.key) else { continue };
@@ -489,7 +514,8 @@ fn pseudo_label_quality(store_dir: &Path, world: &World, test: &[QaSample], cfg:
     Ok((100.0 * hit as f64 / n as f64, 100.0 * uhit as f64 / n as f64))
 }
 
-/// The run config of a mode (or of the pre-training, `name` "lmm-pretrain").
+/// The run config of a mode (or of the pre-training, `name` "lmm-pretrain"): the template with
+/// the mode, the paths of this demo and the run's epochs, learning rate and starting weights.
 #[allow(clippy::too_many_arguments)]
 fn run_config(
     cfg: &DemoConfig,
@@ -502,45 +528,23 @@ fn run_config(
     store_dir: &Path,
     tok_dir: &Path,
 ) -> RunConfig {
-    RunConfig {
-        run_dir: out.join("runs").join(name),
-        model: ModelSection {
-            preset: "tiny".into(),
-            tokenizers: Some(tok_dir.to_path_buf()),
-            init_partial: init.is_some(),
-            init,
-            mode,
-            frames: cfg.frames,
-            moments: cfg.moments,
-            alpha_con: cfg.alpha_con,
-            spatial: false,
-            topk_samples: cfg.topk_samples,
-            grounding_preset: "tiny".into(),
-            grounding_dropout: cfg.grounding_dropout,
-            train_t5: true,
-            fan_in_init: cfg.fan_in_init,
-            answer_format: cfg.answer_format,
-            lmm_dropout: Some(cfg.lmm_dropout),
-            seed: cfg.seed,
-            ..ModelSection::default()
-        },
-        data: DataSection {
-            dataset: Dataset::NextQa,
-            store: store_dir.to_path_buf(),
-            train: Some(world_dir.join("train.csv")),
-            val: Some(world_dir.join("val.csv")),
-            test: Some(world_dir.join("test.csv")),
-            val_grounding: Some(world_dir.join("gsub_val.json")),
-            test_grounding: Some(world_dir.join("gsub_test.json")),
-            workers: 1,
-            ..DataSection::default()
-        },
-        train: TrainConfig {
-            epochs,
-            lr: if name == PRETRAIN { cfg.pretrain_lr } else { cfg.train.lr },
-            ..cfg.train.clone()
-        },
+    let mut rc = cfg.run.clone();
+    rc.run_dir = out.join("runs").join(name);
+    rc.model.mode = mode;
+    rc.weights.tokenizers = Some(tok_dir.to_path_buf());
+    rc.weights.init_partial = init.is_some();
+    rc.weights.init = init;
+    rc.data.store = store_dir.to_path_buf();
+    rc.data.train = Some(world_dir.join("train.csv"));
+    rc.data.val = Some(world_dir.join("val.csv"));
+    rc.data.test = Some(world_dir.join("test.csv"));
+    rc.data.val_grounding = Some(world_dir.join("gsub_val.json"));
+    rc.data.test_grounding = Some(world_dir.join("gsub_test.json"));
+    rc.train.epochs = epochs;
+    if name == PRETRAIN {
+        rc.train.lr = cfg.pretrain_lr;
     }
+    rc
 }
 
 /// Train a run; (joint curve, warm-up curve, validation accuracies, seconds).
@@ -555,7 +559,7 @@ fn train(
     let mut warmup = Vec::new();
     let mut val_accuracy = Vec::new();
     on(DemoEvent::Stage { name, total: 0 });
-    pipeline::train_run(rc, false, &mut |e| match e {
+    run::train_run(rc, false, &mut |e| match e {
         Event::Step(m) if m.warmup => {
             warmup.push((m.step, m.reg.unwrap_or(f64::NAN), m.con.unwrap_or(f64::NAN)));
             on(DemoEvent::Progress {
@@ -588,12 +592,12 @@ fn run_mode(
     world: &World,
     on: &mut dyn FnMut(DemoEvent<'_>),
 ) -> Result<ModeResult> {
-    let rc = run_config(cfg, mode.name(), mode, cfg.train.epochs, init, out, world_dir, store_dir, tok_dir);
+    let rc = run_config(cfg, mode.name(), mode, cfg.run.train.epochs, init, out, world_dir, store_dir, tok_dir);
     let run_dir = rc.run_dir.clone();
     let (curve, warmup_curve, val_accuracy, train_seconds) = train(&rc, mode.name(), on)?;
 
     // Test with the best-on-validation checkpoint.
-    let ev = pipeline::predict_run(&rc, "test", "best", &mut |_, _| {})?;
+    let ev = run::predict_run(&rc, run::EvalSplit::Test, run::Checkpoint::Best, &mut |_, _| {})?;
     let m = &ev.metrics;
     let get = |k: &str| m.get(k).unwrap_or(f64::NAN);
     // Event hits of the selected moments.

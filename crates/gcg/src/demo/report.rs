@@ -500,7 +500,7 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
         md,
         "\n*event hit*: share of questions whose K = {} moments include a frame of the true event. \
          Accuracy is NExT-QA's; the grounding metrics are NExT-GQA's `eval_ground.py` with the span = [first, last] selected moment.\n",
-        r.config.moments
+        r.config.moments()
     );
     let _ = writeln!(md, "![accuracy](figures/accuracy.svg)\n");
     let _ = writeln!(md, "## Stages\n");
@@ -521,7 +521,7 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
         md,
         "* **Pseudo-labels** (CLIP similarity of the T = {} frames to \"question? answer\", Gaussian-smoothed top-{}): \
          they include a frame of the true event for {:.1}% of the test questions; K uniform frames do for {:.1}%.",
-        r.config.frames, r.config.moments, r.pseudo_label_hit, r.uniform_hit
+        r.config.frames(), r.config.moments(), r.pseudo_label_hit, r.uniform_hit
     );
     if let Some(p) = &r.pretrain {
         let _ = writeln!(
@@ -544,12 +544,12 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
          this briefly trained learns to name a colour long before it learns to point at the option that names it. \
          α_con = {} (not 1): with a language model this weak the contrastive gradient through the perturbed top-k \
          otherwise swamps the regression loss early on.",
-        r.config.train.epochs,
-        r.config.train.batch_size,
-        r.config.train.lr,
-        r.config.train.grounding_lr,
-        r.config.train.schedule,
-        r.config.alpha_con
+        r.config.run.train.epochs,
+        r.config.run.train.batch_size,
+        r.config.run.train.lr,
+        r.config.run.train.grounding_lr,
+        r.config.run.train.schedule,
+        r.config.run.model.alpha_con
     );
     if let Some(g) = r.modes.iter().find(|m| !m.warmup_curve.is_empty()) {
         let first = g.warmup_curve.iter().take(50).map(|c| c.1).sum::<f64>() / g.warmup_curve.len().min(50) as f64;
@@ -565,7 +565,7 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
              events (grounding then barely beats uniform). The official recipe gives it ~10k steps (10 epochs of \
              NExT-QA's 34k questions at batch 32). L_reg (SmoothL1 on the moment centres, in frames) fell from {:.2} to \
              {:.2} over the warm-up. The language model's budget is the same for every mode.",
-            r.config.train.grounding_warmup_epochs, n, first, last
+            r.config.run.train.grounding_warmup_epochs, n, first, last
         );
     }
     let _ = writeln!(md, "\n![training curves](figures/training.svg)\n");

@@ -38,10 +38,14 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
 
-/// Sizes and hyper-parameters of the grounding module.
+/// Sizes and hyper-parameters of the grounding module: the `[model.grounding]` table of a run
+/// config (defaults: the official GCG settings, [`GroundingConfig::gcg`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GroundingConfig {
-    /// CLIP embedding width d (frames, question, options, answer).
+    /// CLIP embedding width d (frames, question, options, answer). Not a setting of a run: it is
+    /// the feature store's CLIP width.
+    #[serde(skip)]
     pub dim: usize,
     /// Attention heads of the encoder (over the inner width h = d/4).
     pub heads: usize,
@@ -60,8 +64,14 @@ pub struct GroundingConfig {
     /// InfoNCE temperature.
     pub temperature: f64,
     pub layer_norm_eps: f64,
-    /// The perturbed top-k (samples, σ, backward estimator).
+    /// The perturbed top-k (samples, σ, backward estimator): `[model.grounding.topk]`.
     pub topk: PerturbedTopK,
+}
+
+impl Default for GroundingConfig {
+    fn default() -> Self {
+        Self::gcg()
+    }
 }
 
 impl GroundingConfig {
@@ -90,14 +100,6 @@ impl GroundingConfig {
             heads: 2,
             frames: 8,
             ..Self::gcg()
-        }
-    }
-
-    pub fn preset(name: &str) -> Result<Self> {
-        match name {
-            "gcg" => Ok(Self::gcg()),
-            "tiny" => Ok(Self::tiny()),
-            other => Err(anyhow!("unknown grounding preset {other:?} (expected gcg or tiny)")),
         }
     }
 

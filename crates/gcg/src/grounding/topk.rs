@@ -45,9 +45,13 @@ pub enum TopkGradient {
 
 /// Settings of the perturbed top-k: samples n [500], noise scale σ [0.05], backward estimator.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PerturbedTopK {
+    /// n: noisy samples per estimate.
     pub num_samples: usize,
+    /// σ: the noise scale.
     pub sigma: f64,
+    /// `full` (default) or `diagonal` (the official code's).
     pub gradient: TopkGradient,
 }
 

@@ -62,11 +62,10 @@ impl LmmConfig {
         }
     }
 
-    pub fn preset(name: &str) -> Result<Self> {
-        match name {
-            "tiny" => Ok(Self::tiny()),
-            "instructblip-flan-t5-xl" | "instructblip_flan_t5_xl" => Ok(Self::instructblip_flan_t5_xl()),
-            other => Err(anyhow!("unknown model preset {other:?} (expected tiny or instructblip-flan-t5-xl)")),
+    pub fn preset(preset: crate::models::Preset) -> Self {
+        match preset {
+            crate::models::Preset::Tiny => Self::tiny(),
+            crate::models::Preset::InstructblipFlanT5Xl => Self::instructblip_flan_t5_xl(),
         }
     }
 
@@ -91,6 +90,46 @@ impl LmmConfig {
     /// Visual tokens the LLM receives for K frames.
     pub fn num_visual_tokens(&self, k: usize) -> usize {
         self.num_query_tokens * (k + usize::from(self.spatial))
+    }
+}
+
+/// GCG's switches on top of a checkpoint's sizes: the `[model.lmm]` table of a run config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LmmOptions {
+    /// Append the spatial Q-Former pass over all T frames (the official code does).
+    pub spatial: bool,
+    /// Frame-position embeddings (default: off in uniform mode, on otherwise, as the official code).
+    pub frame_positions: Option<bool>,
+    /// Dropout of the Q-Former and T5 (default: the checkpoint's or preset's, 0.1).
+    pub dropout: Option<f64>,
+}
+
+impl Default for LmmOptions {
+    fn default() -> Self {
+        Self {
+            spatial: true,
+            frame_positions: None,
+            dropout: None,
+        }
+    }
+}
+
+impl LmmOptions {
+    /// The LMM config of a checkpoint (or preset) with these switches, for T sampled frames and
+    /// a model whose mode is `uniform` or not.
+    pub fn apply(&self, base: &LmmConfig, frames: usize, uniform: bool) -> LmmConfig {
+        let mut cfg = base.clone();
+        cfg.spatial = self.spatial;
+        if let Some(p) = self.dropout {
+            cfg.qformer.hidden_dropout_prob = p;
+            cfg.qformer.attention_probs_dropout_prob = p;
+            cfg.t5.dropout_rate = p;
+        }
+        cfg.max_frames = cfg.max_frames.max(frames);
+        // The official uniform mode has no frame-position embedding, whatever is asked.
+        cfg.frame_positions = !uniform && self.frame_positions.unwrap_or(true);
+        cfg
     }
 }
 

@@ -20,7 +20,7 @@
 //! queries run alone (BLIP-2 style).
 //!
 //! Weights are named as in the published HF checkpoint (`Salesforce/instructblip-flan-t5-xl`,
-//! under the prefix `qformer.`); [`gcg_qformer_name`] maps the names of GCG's release file
+//! under the prefix `qformer.`); [`crate::weights::layouts::gcg_qformer_name`] maps the names of GCG's release file
 //! `qformer_t5.pth` (LAVIS' `BertLMHeadModel` without its LM head) onto them. The learned query
 //! tokens (`query_tokens` [1, Q, H] in both checkpoints) are a parameter of the caller, passed to
 //! [`QFormer::forward`].
@@ -497,37 +497,12 @@ impl QFormer {
     }
 }
 
-/// Map a tensor name of GCG's `qformer_t5.pth` (LAVIS `BertLMHeadModel` state dict without `cls`)
-/// to its canonical HF name under `qformer.`:
-///
-/// * `bert.embeddings.LayerNorm.*` → `qformer.embeddings.layernorm.*`
-/// * `bert.encoder.layer.{i}.attention.self.*` → `qformer.encoder.layer.{i}.attention.attention.*`
-/// * `bert.encoder.layer.{i}.crossattention.self.*` → `...crossattention.attention.*`
-/// * every other `bert.X` → `qformer.X`
-/// * `bert.embeddings.position_ids` (a constant buffer) → None (dropped)
-///
-/// A name outside `bert.` is returned unchanged, so a loader that consumes `qformer.*` reports it
-/// as an unexpected tensor instead of silently ignoring it.
-pub fn gcg_qformer_name(lavis_name: &str) -> Option<String> {
-    let Some(rest) = lavis_name.strip_prefix("bert.") else {
-        return Some(lavis_name.to_string());
-    };
-    if rest == "embeddings.position_ids" {
-        return None;
-    }
-    if let Some(ln) = rest.strip_prefix("embeddings.LayerNorm.") {
-        return Some(format!("qformer.embeddings.layernorm.{ln}"));
-    }
-    let renamed =
-        rest.replacen(".attention.self.", ".attention.attention.", 1)
-            .replacen(".crossattention.self.", ".crossattention.attention.", 1);
-    Some(format!("qformer.{renamed}"))
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rng::SeededRng;
+    use crate::weights::layouts::gcg_qformer_name;
     use crate::weights::{MapSource, TensorMeta, TensorSource};
     use candle_core::{Device, Var};
     use std::collections::BTreeMap;

@@ -12,20 +12,18 @@
 //! `encoder.layers.{i}.{layer_norm1, self_attn.{qkv, projection}, layer_norm2, mlp.{fc1, fc2}}`,
 //! `post_layernorm`. The qkv bias is read as one tensor `self_attn.qkv.bias` [3D] (HF's and GCG's
 //! `eva_vit_g.pth` layout, whose k third is zero) or as `self_attn.q_bias` + `self_attn.v_bias`
-//! [D] each (the original EVA/LAVIS layout). [`VisionModel::gcg_source`] exposes GCG's release files
+//! [D] each (the original EVA/LAVIS layout). [`crate::weights::layouts::eva_vit_source`] exposes GCG's release files
 //! (`eva_vit_g.pth`, `eva_vit_post_layernorm.pth`) under these names.
 //!
 //! [`PackedSelfAttention`] (self-attention with one packed q/k/v projection) is shared with the
 //! EVA-CLIP towers (`clip_text`, `clip_branch`).
 
 use crate::nn::{init::Init, softmax_last_dim, Activation, LayerNorm, Linear};
-use crate::weights::{pth::PthSource, Loader, MergedSource, RenamedSource, TensorSource};
+use crate::weights::Loader;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::path::Path;
-use std::sync::Arc;
 
 /// Sizes of the vision transformer (HF `InstructBlipVisionConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -460,33 +458,6 @@ impl VisionModel {
     pub fn post_layernorm(&self, x: &Tensor) -> Result<Tensor> {
         self.post_layernorm.forward(x)
     }
-
-    /// GCG's release files in `dir` under the canonical names (`vision_model.*`):
-    /// `eva_vit_g.pth` (the vision model's state dict, no prefix; qkv bias packed) and
-    /// `eva_vit_post_layernorm.pth` (`weight`, `bias`). GCG applies the separate post-LayerNorm to
-    /// the cached features, so when both files hold one, the separate file's is used and the copy
-    /// inside `eva_vit_g.pth` is hidden.
-    pub fn gcg_source(dir: &Path) -> Result<Arc<dyn TensorSource + Send + Sync>> {
-        let vit_path = dir.join("eva_vit_g.pth");
-        let ln_path = dir.join("eva_vit_post_layernorm.pth");
-        let vit: Arc<dyn TensorSource + Send + Sync> = Arc::new(PthSource::open(&vit_path, None, "eva_vit_g")?);
-        if !ln_path.exists() {
-            if !vit.contains("post_layernorm.weight") {
-                bail!(
-                    "{} has no post_layernorm and {} does not exist",
-                    vit_path.display(),
-                    ln_path.display()
-                );
-            }
-            return Ok(Arc::new(RenamedSource::prefixed(vit, "vision_model.")?));
-        }
-        let vit = RenamedSource::new(vit, |n| (!n.starts_with("post_layernorm.")).then(|| format!("vision_model.{n}")))?;
-        let ln = RenamedSource::prefixed(
-            Arc::new(PthSource::open(&ln_path, None, "eva_vit_post_layernorm")?),
-            "vision_model.post_layernorm.",
-        )?;
-        Ok(Arc::new(MergedSource::new(vec![Arc::new(vit), Arc::new(ln)])?))
-    }
 }
 
 #[cfg(test)]
@@ -531,7 +502,7 @@ mod tests {
     }
 
     fn load(src: MapSource) -> Result<VisionModel> {
-        let lb = Loader::from_source(Arc::new(src), &Device::Cpu, DType::F32);
+        let lb = Loader::from_source(std::sync::Arc::new(src), &Device::Cpu, DType::F32);
         let vm = VisionModel::load(&lb.pp("vision_model"), &VitConfig::tiny())?;
         lb.finish()?;
         Ok(vm)

@@ -4,6 +4,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::Path;
 
 /// File name of the index inside a store directory.
@@ -305,4 +306,40 @@ impl Index {
         }
         Ok(())
     }
+}
+
+/// Identity of one version of `index.json` (a rename gives a new inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    inode: u64,
+}
+
+impl Stamp {
+    pub(crate) fn of(m: &std::fs::Metadata) -> Self {
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(m);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Self {
+            len: m.len(),
+            modified: m.modified().ok(),
+            inode,
+        }
+    }
+}
+
+/// Reads `index.json` of `dir` (an empty index when there is none).
+pub(crate) fn read_index(dir: &Path) -> Result<(Index, Option<Stamp>)> {
+    let path = dir.join(INDEX_FILE);
+    let mut f = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Index::default(), None)),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    let stamp = Stamp::of(&f.metadata()?);
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).with_context(|| format!("reading {}", path.display()))?;
+    Ok((Index::from_bytes(&bytes, &path)?, Some(stamp)))
 }

@@ -74,12 +74,8 @@
 //! with prefetching workers.
 
 pub mod batch;
-pub mod extract;
 mod format;
-pub mod frozen;
-pub mod h5import;
 mod index;
-pub mod labels;
 mod reader;
 mod writer;
 

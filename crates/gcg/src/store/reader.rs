@@ -1,7 +1,7 @@
 //! Reading a store: an immutable snapshot of the index plus memory-mapped shards.
 
 use super::format::{f16_from_bytes, f16_to_f32, f32_from_bytes};
-use super::index::{Index, QuestionEntry, StoreDType, StoreMeta, TensorLoc, VideoEntry, INDEX_FILE, SHARD_DIR};
+use super::index::{read_index, Index, QuestionEntry, Stamp, StoreDType, StoreMeta, TensorLoc, VideoEntry, INDEX_FILE, SHARD_DIR};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
@@ -10,28 +10,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-
-/// Identity of one version of `index.json` (a rename gives a new inode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Stamp {
-    len: u64,
-    modified: Option<std::time::SystemTime>,
-    inode: u64,
-}
-
-impl Stamp {
-    pub(crate) fn of(m: &std::fs::Metadata) -> Self {
-        #[cfg(unix)]
-        let inode = std::os::unix::fs::MetadataExt::ino(m);
-        #[cfg(not(unix))]
-        let inode = 0;
-        Self {
-            len: m.len(),
-            modified: m.modified().ok(),
-            inode,
-        }
-    }
-}
 
 /// Shards mapped so far, shared by all snapshots of a store (shards never change once named).
 #[derive(Default)]
@@ -348,7 +326,7 @@ impl Store {
             dir.display()
         );
         let maps = Arc::new(MapCache::default());
-        let (index, stamp) = super::writer::read_index(&dir)?;
+        let (index, stamp) = read_index(&dir)?;
         let snap = Snapshot {
             dir: dir.clone(),
             index,
@@ -381,7 +359,7 @@ impl Store {
         if self.snapshot().stamp == Some(stamp) {
             return Ok(false);
         }
-        let (index, stamp) = super::writer::read_index(&self.dir)?;
+        let (index, stamp) = read_index(&self.dir)?;
         let snap = Arc::new(Snapshot {
             dir: self.dir.clone(),
             index,

@@ -2,12 +2,12 @@
 //! rename) and published by rewriting the index (under the lock, temp name, fsync, rename).
 
 use super::format::{f16_bytes, f32_bytes, f64_bytes, i64_bytes, write_safetensors, RawTensor};
-use super::index::{Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, VideoEntry, INDEX_FILE, LOCK_FILE, SHARD_DIR};
+use super::index::{read_index, Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, VideoEntry, INDEX_FILE, LOCK_FILE, SHARD_DIR};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use half::f16;
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -284,20 +284,6 @@ fn remove_stale_temps(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Reads `index.json` of `dir` (an empty index when there is none).
-pub(crate) fn read_index(dir: &Path) -> Result<(Index, Option<super::reader::Stamp>)> {
-    let path = dir.join(INDEX_FILE);
-    let mut f = match std::fs::File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Index::default(), None)),
-        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
-    };
-    let stamp = super::reader::Stamp::of(&f.metadata()?);
-    let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes).with_context(|| format!("reading {}", path.display()))?;
-    Ok((Index::from_bytes(&bytes, &path)?, Some(stamp)))
 }
 
 impl StoreWriter {

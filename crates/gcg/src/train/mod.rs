@@ -7,4 +7,4 @@ pub mod schedule;
 pub mod trainer;
 
 pub use optim::{AdamW, AdamWConfig, Grads, GroupConfig};
-pub use schedule::Schedule;
+pub use schedule::{LrSchedule, Schedule};

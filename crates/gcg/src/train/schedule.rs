@@ -2,6 +2,26 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The schedule a run asks for (`[train] schedule`); [`Schedule`] is its resolved form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrSchedule {
+    /// Constant learning rates (the official default).
+    #[default]
+    Constant,
+    /// Linear warm-up, then cosine decay ([`Schedule::WarmupCosine`]).
+    WarmupCosine,
+}
+
+impl std::fmt::Display for LrSchedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LrSchedule::Constant => "constant",
+            LrSchedule::WarmupCosine => "warmup-cosine",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Schedule {

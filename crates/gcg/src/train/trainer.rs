@@ -5,8 +5,8 @@
 
 use super::checkpoint::{self, TrainState};
 use super::optim::{AdamW, AdamWConfig, Grads, GroupConfig};
-use super::schedule::Schedule;
-use crate::gcg::{Answered, GcgBatch, GcgModel, Mode};
+use super::schedule::{LrSchedule, Schedule};
+use crate::model::{Answered, GcgBatch, GcgModel, Mode};
 use crate::weights::VarStore;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -43,7 +43,7 @@ pub struct TrainConfig {
     pub beta2: f64,
     pub eps: f64,
     /// `constant` or `warmup-cosine`.
-    pub schedule: String,
+    pub schedule: LrSchedule,
     /// Warm-up as a fraction of all optimiser steps (warmup-cosine).
     pub warmup_fraction: f64,
     /// Warm-up start and final learning rate, as fractions of the base rates.
@@ -53,6 +53,9 @@ pub struct TrainConfig {
     pub max_grad_norm: Option<f64>,
     /// Skip a batch whose loss is not finite (counted) instead of stopping with an error.
     pub skip_nonfinite: bool,
+    /// Also train the language model (tiny models trained from scratch, e.g. the demo); GCG
+    /// keeps it frozen.
+    pub train_t5: bool,
     /// Write the `last` checkpoint every this many optimiser steps (and at each epoch end).
     pub checkpoint_every: u64,
     /// Stop after this many optimiser steps (for smoke runs and tests).
@@ -75,12 +78,13 @@ impl Default for TrainConfig {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
-            schedule: "constant".into(),
+            schedule: LrSchedule::Constant,
             warmup_fraction: 0.025,
             warmup_start_factor: 1e-3,
             min_lr_factor: 0.5,
             max_grad_norm: None,
             skip_nonfinite: false,
+            train_t5: false,
             checkpoint_every: 500,
             max_steps: None,
             log_every: 1,
@@ -100,21 +104,18 @@ impl TrainConfig {
                 self.grounding_lr
             );
         }
-        match self.schedule.as_str() {
-            "constant" | "warmup-cosine" => Ok(()),
-            other => bail!("unknown schedule {other:?} (expected constant or warmup-cosine)"),
-        }
+        Ok(())
     }
 
     pub fn schedule(&self, total_steps: u64) -> Schedule {
-        match self.schedule.as_str() {
-            "warmup-cosine" => Schedule::WarmupCosine {
+        match self.schedule {
+            LrSchedule::WarmupCosine => Schedule::WarmupCosine {
                 warmup_steps: (self.warmup_fraction * total_steps as f64).round() as u64,
                 total_steps,
                 warmup_start_factor: self.warmup_start_factor,
                 min_factor: self.min_lr_factor,
             },
-            _ => Schedule::Constant,
+            LrSchedule::Constant => Schedule::Constant,
         }
     }
 

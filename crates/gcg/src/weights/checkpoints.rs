@@ -8,11 +8,8 @@
 
 use super::pth::PthSource;
 use super::source::{MergedSource, RenamedSource, SafetensorsSource, TensorSource};
-use crate::models::lmm::LmmConfig;
-use crate::models::qformer::gcg_qformer_name;
-use crate::models::t5::T5Config;
-use crate::models::vit::VisionModel;
-use anyhow::{anyhow, bail, Context, Result};
+use super::layouts::{eva_vit_source, gcg_qformer_name};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -23,18 +20,20 @@ pub fn is_buffer(name: &str) -> bool {
     name.ends_with("position_ids")
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
+/// A JSON file (an HF `config.json`), parsed.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
-/// An HF InstructBLIP snapshot: its tensors and its config.
-pub fn open_hf_snapshot(dir: &Path) -> Result<(Source, LmmConfig)> {
-    let cfg_path = dir.join("config.json");
-    let cfg =
-        LmmConfig::from_hf_config(&read_json(&cfg_path)?).with_context(|| format!("reading the model config {}", cfg_path.display()))?;
-    let src: Source = Arc::new(SafetensorsSource::open_dir(dir)?);
-    Ok((src, cfg))
+/// Is `dir` an HF snapshot (config.json + model*.safetensors)?
+pub fn is_hf_snapshot(dir: &Path) -> bool {
+    dir.join("config.json").exists() && (dir.join("model.safetensors.index.json").exists() || dir.join("model.safetensors").exists())
+}
+
+/// Is `dir` a GCG release directory (`qformer_t5.pth` & co.)?
+pub fn is_gcg_release(dir: &Path) -> bool {
+    dir.join("qformer_t5.pth").exists()
 }
 
 /// Where the GCG release files are.
@@ -62,18 +61,12 @@ impl GcgRelease {
         Ok(p)
     }
 
-    /// The T5 config of the Flan-T5 snapshot.
-    pub fn t5_config(&self) -> Result<T5Config> {
-        let p = self.t5_dir.join("config.json");
-        T5Config::from_hf_config(&read_json(&p)?).with_context(|| format!("reading the T5 config {}", p.display()))
-    }
-
     /// All files as one source under the canonical names. The ViT trunk (`eva_vit_g.pth`) is
     /// optional: without it the model works from cached features.
     pub fn open(&self) -> Result<Source> {
         let mut parts: Vec<Source> = Vec::new();
         if self.dir.join("eva_vit_g.pth").exists() {
-            parts.push(VisionModel::gcg_source(&self.dir)?);
+            parts.push(eva_vit_source(&self.dir)?);
         } else {
             let ln = PthSource::open(self.file("eva_vit_post_layernorm.pth")?, None, "eva_vit_post_layernorm")?;
             parts.push(Arc::new(RenamedSource::prefixed(Arc::new(ln), "vision_model.post_layernorm.")?));
@@ -98,25 +91,4 @@ impl GcgRelease {
         parts.push(Arc::new(RenamedSource::prefixed(Arc::new(t5), "language_model.")?));
         Ok(Arc::new(MergedSource::new(parts)?))
     }
-}
-
-/// A checkpoint location given on the command line: an HF snapshot directory, or a GCG release
-/// directory (with the Flan-T5 snapshot in `flan-t5/` inside it unless given separately).
-/// A GCG release directory carries no config: `preset` names the sizes of its ViT and Q-Former
-/// (the T5 config comes from the Flan-T5 snapshot, with the official code's exact GELU).
-pub fn open_any(dir: &Path, t5_dir: Option<&Path>, preset: &str) -> Result<(Source, LmmConfig)> {
-    if dir.join("config.json").exists() && (dir.join("model.safetensors.index.json").exists() || dir.join("model.safetensors").exists()) {
-        return open_hf_snapshot(dir);
-    }
-    if dir.join("qformer_t5.pth").exists() {
-        let t5 = t5_dir.map(Path::to_path_buf).unwrap_or_else(|| dir.join("flan-t5"));
-        let rel = GcgRelease::new(dir, t5);
-        let mut cfg = LmmConfig::preset(preset)?;
-        cfg.t5 = rel.t5_config()?.with_activation(crate::nn::Activation::Gelu);
-        return Ok((rel.open()?, cfg));
-    }
-    Err(anyhow!(
-        "{} is neither an HF snapshot (config.json + model*.safetensors) nor a GCG release directory (qformer_t5.pth, ...)",
-        dir.display()
-    ))
 }

@@ -9,7 +9,7 @@
 //!   tensors the model did not consume.
 
 use super::source::TensorSource;
-use crate::nn::init::Init;
+use super::init::Init;
 use crate::rng::SeededRng;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor, Var};

@@ -1,13 +1,13 @@
 //! Loading weights: tensor sources (safetensors files and HF snapshot directories, PyTorch `.pth`
 //! checkpoints, in-memory maps), the name layouts of the published checkpoints, the [`Loader`]
-//! that builds networks from them with shape checks, and the tokenizers.
+//! that builds networks from them with shape checks.
 
 pub mod checkpoints;
+pub mod init;
+pub mod layouts;
 pub mod loader;
 pub mod pth;
 pub mod source;
-pub mod tokenizers;
-pub mod vocab;
 
 pub use loader::{Loader, VarStore};
 pub use source::{MapSource, MergedSource, RenamedSource, SafetensorsSource, TensorMeta, TensorSource};

@@ -10,11 +10,11 @@
 //! the question and answer as one sentence (`"{question}? {answer}"`), or a declarative
 //! statement per question written offline (a JSON map sample key → sentence).
 
-use super::reader::Store;
-use super::writer::{QuestionRecord, StoreWriter, WriterOptions};
+use crate::store::Store;
+use crate::store::{QuestionRecord, StoreWriter, WriterOptions};
 use crate::data::QaSample;
 use crate::models::clip_text::ClipTextModel;
-use crate::weights::tokenizers::ClipTokenizer;
+use crate::text::ClipTokenizer;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use std::collections::HashMap;

@@ -4,6 +4,7 @@
 use crate::models::clip_branch::{load_gcg_clip_files, ClipConfig, ClipImageHead};
 use crate::models::clip_text::ClipTextModel;
 use crate::models::vit::{VisionModel, VitConfig};
+use crate::models::Preset;
 use crate::weights::{Loader, SafetensorsSource, TensorSource};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
@@ -11,12 +12,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Sizes of the frozen networks: `tiny` (tests) or the real EVA ViT-g / EVA-CLIP-g.
-pub fn preset(name: &str) -> Result<(VitConfig, ClipConfig)> {
-    match name {
-        "tiny" => Ok((VitConfig::tiny(), ClipConfig::tiny())),
-        "instructblip-flan-t5-xl" | "instructblip_flan_t5_xl" | "eva-vit-g" => Ok((VitConfig::eva_vit_g(), ClipConfig::eva_clip_g())),
-        other => bail!("unknown preset {other:?} (expected tiny or instructblip-flan-t5-xl)"),
-    }
+pub fn preset(preset: Preset) -> (VitConfig, ClipConfig) {
+    preset.frozen()
 }
 
 /// A ViT with seeded random weights.
@@ -48,7 +45,7 @@ pub fn load_vit(dir: &Path, cfg: &VitConfig, dev: &Device, dtype: DType) -> Resu
         let cfg = VitConfig::from_hf_config(vc).with_context(|| format!("reading the vision config of {}", path.display()))?;
         (Arc::new(SafetensorsSource::open_dir(dir)?), cfg)
     } else if dir.join("eva_vit_g.pth").exists() {
-        (VisionModel::gcg_source(dir)?, cfg.clone())
+        (crate::weights::layouts::eva_vit_source(dir)?, cfg.clone())
     } else {
         bail!(
             "{} holds neither an HF snapshot (config.json + safetensors) nor the GCG release's eva_vit_g.pth",

@@ -12,11 +12,11 @@
 
 use crate::data::{self, QaSample};
 use crate::grounding::{gaussian_mixture, hard_selection, Grounding, GroundingConfig, GroundingInputs, TopkNoises};
-use crate::models::lmm::{LmmConfig, VideoLmm};
+use crate::models::lmm::{LmmConfig, LmmOptions, VideoLmm};
 use crate::models::t5::GenerateConfig;
 use crate::nn::Ctx;
 use crate::rng::SeededRng;
-use crate::weights::tokenizers::{QFormerTokenizer, T5Tokenizer};
+use crate::text::tokenizers::{QFormerTokenizer, T5Tokenizer};
 use crate::weights::Loader;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -93,18 +93,43 @@ pub enum AnswerFormat {
     Text,
 }
 
+/// The GCG method: the `[model]` table of a run config. The network sizes are not here: they
+/// come from the checkpoint (or the preset) as an [`LmmConfig`], which `lmm` adjusts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct GcgConfig {
-    pub lmm: LmmConfig,
-    pub grounding: GroundingConfig,
+    /// uniform | oracle | grounding.
     pub mode: Mode,
     /// α1 (L_reg) and α2 (L_con).
     pub alpha_reg: f64,
     pub alpha_con: f64,
+    /// How the uniform mode spaces its K frames over T.
     pub uniform_rule: UniformRule,
+    /// How a multiple-choice answer is produced at evaluation (`[model.answer]`, `kind =
+    /// "option-scoring"` or `"generate"` with `num_beams`, `max_new_tokens`).
     pub answer: AnswerMethod,
-    #[serde(default)]
+    /// `letter` (official) or `text`: what the language model learns to write for a
+    /// multiple-choice question and what option scoring scores.
     pub answer_format: AnswerFormat,
+    /// The video LMM's switches (`[model.lmm]`).
+    pub lmm: LmmOptions,
+    /// The grounding module, T sampled frames and K moments (`[model.grounding]`).
+    pub grounding: GroundingConfig,
+}
+
+impl Default for GcgConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Grounding,
+            alpha_reg: 1.0,
+            alpha_con: 1.0,
+            uniform_rule: UniformRule::OfficialTruncate,
+            answer: AnswerMethod::OptionScoring,
+            answer_format: AnswerFormat::Letter,
+            lmm: LmmOptions::default(),
+            grounding: GroundingConfig::gcg(),
+        }
+    }
 }
 
 impl GcgConfig {
@@ -120,10 +145,10 @@ impl GcgConfig {
     pub fn validate(&self) -> Result<()> {
         self.grounding.validate()?;
         ensure!(
-            self.lmm.max_frames >= self.moments(),
-            "the frame-position table has {} rows but K = {}",
-            self.lmm.max_frames,
-            self.moments()
+            self.alpha_reg.is_finite() && self.alpha_reg >= 0.0 && self.alpha_con.is_finite() && self.alpha_con >= 0.0,
+            "model: alpha_reg {} and alpha_con {} must be finite and >= 0",
+            self.alpha_reg,
+            self.alpha_con
         );
         Ok(())
     }
@@ -225,14 +250,11 @@ pub fn uniform_indices(t: usize, k: usize, rule: UniformRule) -> Vec<usize> {
 }
 
 impl GcgModel {
-    /// Build from a loader at the checkpoint root (`with_vision`: also the ViT trunk).
-    pub fn load(lb: &Loader, cfg: &GcgConfig, tokenizers: TextTokenizers, with_vision: bool) -> Result<Self> {
+    /// Build from a loader at the checkpoint root: the video LMM of `lmm`'s sizes with `cfg`'s
+    /// switches, and the grounding module in grounding mode (`with_vision`: also the ViT trunk).
+    pub fn load(lb: &Loader, lmm: &LmmConfig, cfg: &GcgConfig, tokenizers: TextTokenizers, with_vision: bool) -> Result<Self> {
         cfg.validate()?;
-        let mut lmm_cfg = cfg.lmm.clone();
-        if cfg.mode == Mode::Uniform {
-            // The official uniform mode has no frame-position embedding.
-            lmm_cfg.frame_positions = false;
-        }
+        let lmm_cfg = cfg.lmm.apply(lmm, cfg.frames(), cfg.mode == Mode::Uniform);
         let lmm = VideoLmm::load(lb, &lmm_cfg, with_vision)?;
         let grounding = match cfg.mode {
             Mode::Grounding => Some(Grounding::load(&lb.pp("grounding"), &cfg.grounding)?),
@@ -469,7 +491,7 @@ impl GcgModel {
                                 };
                                 self.tokenizers
                                     .t5
-                                    .encode(text, crate::weights::tokenizers::TruncationSide::Right, 32)
+                                    .encode(text, crate::text::tokenizers::TruncationSide::Right, 32)
                             })
                             .collect::<Result<Vec<_>>>()
                     })

@@ -9,7 +9,7 @@
 use super::extract::uniform_indices;
 #[cfg(feature = "hdf5")]
 use super::extract::{ExtractProgress, ExtractReport};
-use super::writer::WriterOptions;
+use crate::store::WriterOptions;
 use anyhow::{anyhow, ensure, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -101,7 +101,7 @@ pub fn import_official_h5(
     opts: &ImportOptions,
     progress: &mut dyn FnMut(ExtractProgress<'_>),
 ) -> Result<ExtractReport> {
-    use super::writer::{StoreWriter, VideoRecord};
+    use crate::store::{StoreWriter, VideoRecord};
     use candle_core::{DType, Tensor};
     use half::f16;
 

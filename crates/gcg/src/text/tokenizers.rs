@@ -23,10 +23,7 @@
 //!   tokenizer.json pipeline but an unknown piece for SentencePiece).
 //! * CLIP: ftfy's mojibake repair is not reproduced (see [`clip_clean`]).
 
-mod html_entities;
-mod text_clean;
-
-pub use text_clean::{clip_clean, ftfy_fix_text, html_unescape};
+pub use super::text_clean::{clip_clean, ftfy_fix_text, html_unescape};
 
 use ::tokenizers::models::bpe::{Vocab, BPE};
 use ::tokenizers::models::ModelWrapper;
@@ -378,7 +375,7 @@ impl T5Tokenizer {
             .tok
             .decode(ids, skip_special_tokens)
             .map_err(|e| anyhow!("decoding with {}: {e}", self.path.display()))?;
-        Ok(clean_up_tokenization(text_clean::python_strip(&text)))
+        Ok(clean_up_tokenization(super::text_clean::python_strip(&text)))
     }
 
     pub fn decode_batch(&self, rows: &[Vec<u32>], skip_special_tokens: bool) -> Result<Vec<String>> {

@@ -12,7 +12,7 @@
 //! it again; records buffered but not yet written are redone. A video that fails (unreadable,
 //! too short, a model error) is reported in [`ExtractReport::failed`] and the others go on.
 
-use super::writer::{StoreWriter, VideoRecord, WriterOptions};
+use crate::store::{StoreWriter, VideoRecord, WriterOptions};
 use crate::models::clip_branch::ClipImageHead;
 use crate::models::vit::VisionModel;
 use anyhow::{anyhow, ensure, Context, Result};

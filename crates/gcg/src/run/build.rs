@@ -1,0 +1,178 @@
+//! Building a run's parts: the model (pretrained checkpoint or random weights), the store and
+//! the splits it serves.
+
+use super::config::{DataConfig, Precision, RunConfig};
+use crate::data::{self, Dataset, QaSample, ReadOptions};
+use crate::model::{GcgBatch, GcgModel, TextTokenizers};
+use crate::models::checkpoint::open_any;
+use crate::models::lmm::{is_vit_trunk, LmmConfig};
+use crate::store::batch::{Batch, BatchLoader, BatchOptions};
+use crate::store::Store;
+use crate::text::{QFormerTokenizer, T5Tokenizer};
+use crate::train::trainer::BatchSource;
+use crate::weights::checkpoints::is_buffer;
+use crate::weights::{Loader, SafetensorsSource, VarStore};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device};
+use std::path::Path;
+
+/// The model of a run, its trainable variables, and the device it lives on.
+pub struct BuiltModel {
+    pub model: GcgModel,
+    pub vars: VarStore,
+    pub device: Device,
+}
+
+/// Is `name` trained in this run?
+pub fn trainable(cfg: &RunConfig) -> impl Fn(&str) -> bool + 'static {
+    let t5 = cfg.train.train_t5;
+    move |n: &str| crate::model::is_trainable(n) || (t5 && n.starts_with("language_model."))
+}
+
+/// Build the model of a run for a CLIP space of `embed_dim` (the store's).
+pub fn build_model(cfg: &RunConfig, embed_dim: usize) -> Result<BuiltModel> {
+    let w = &cfg.weights;
+    let dev = cfg.device.open()?;
+    let dt = Precision::resolve(cfg.dtype, &dev);
+    let (lb, lmm) = match &w.pretrained {
+        Some(p) => {
+            let (src, lmm) = open_any(p, w.t5.as_deref(), w.preset)?;
+            (Loader::from_source(src, &dev, dt).with_seed(w.seed), lmm)
+        }
+        None => (Loader::random(&dev, dt, w.seed), LmmConfig::preset(w.preset)),
+    };
+    let lb = lb.with_trainable(trainable(cfg)).with_ignored(|n| is_buffer(n) || is_vit_trunk(n));
+    let mut gcg = cfg.model.clone();
+    gcg.grounding.dim = embed_dim;
+    let tok_dir = w.tokenizers.clone().or_else(|| w.pretrained.clone()).ok_or_else(|| {
+        anyhow!("[weights] needs `tokenizers` (a directory with tokenizer.json and qformer_tokenizer/) when it has no `pretrained`")
+    })?;
+    let tokenizers = TextTokenizers {
+        qformer: QFormerTokenizer::from_snapshot(&tok_dir)?,
+        t5: T5Tokenizer::from_snapshot(&tok_dir)?,
+    };
+    let model = GcgModel::load(&lb, &lmm, &gcg, tokenizers, false)?;
+    if w.pretrained.is_some() {
+        lb.finish()?;
+    }
+    let vars = lb.vars();
+    if w.fan_in_init && w.pretrained.is_none() {
+        crate::nn::init::fan_in_reinit(&vars, w.seed.wrapping_add(17), |n| n.contains("embed") || n.contains("shared"))?;
+    }
+    if let Some(init) = &w.init {
+        load_trained(&vars, init, w.init_partial)?;
+    }
+    Ok(BuiltModel { model, vars, device: dev })
+}
+
+/// Load trained weights into the trainable variables (`partial`: a warm start that may lack
+/// some of them).
+fn load_trained(vars: &VarStore, init: &Path, partial: bool) -> Result<()> {
+    let src = SafetensorsSource::open(init)?;
+    if partial {
+        let missing = vars
+            .load_matching(&src)
+            .with_context(|| format!("loading trained weights from {}", init.display()))?;
+        if !missing.is_empty() {
+            tracing::info!("{} trainable tensors not in {} keep their initialisation", missing.len(), init.display());
+        }
+    } else {
+        vars.load_from(&src)
+            .with_context(|| format!("loading trained weights from {}", init.display()))?;
+    }
+    Ok(())
+}
+
+/// A split read from its annotations and served from the store.
+pub struct Split {
+    pub samples: Vec<QaSample>,
+    pub(crate) loader: BatchLoader,
+}
+
+impl Split {
+    pub fn open(
+        store: &Store,
+        dataset: Dataset,
+        annotations: &Path,
+        opts: BatchOptions,
+        data: &DataConfig,
+        limit: Option<usize>,
+    ) -> Result<Self> {
+        let ann = data::read_annotations(
+            dataset,
+            annotations,
+            &ReadOptions {
+                skip_bad_rows: data.skip_bad_rows,
+            },
+        )?;
+        if !ann.bad_rows.is_empty() {
+            tracing::warn!("{}: skipped {} malformed rows", annotations.display(), ann.bad_rows.len());
+        }
+        let mut samples = ann.samples;
+        if let Some(n) = limit {
+            samples.truncate(n);
+        }
+        if samples.is_empty() {
+            bail!("{} holds no questions", annotations.display());
+        }
+        let loader = BatchLoader::new(store.snapshot(), samples.clone(), opts)
+            .with_context(|| format!("serving {} from the store {}", annotations.display(), store.dir().display()))?;
+        Ok(Self { samples, loader })
+    }
+}
+
+/// A store batch as the model's input.
+pub fn to_gcg_batch(b: Batch, dev: &Device) -> Result<GcgBatch> {
+    let features = b.features.ok_or_else(|| anyhow!("the batch has no frame features"))?;
+    let (_, rows, _) = b.text_embeds.dims3()?;
+    let clip_question = b.text_embeds.narrow(1, 0, 1)?.squeeze(1)?;
+    let clip_options = if rows > 1 {
+        Some(b.text_embeds.narrow(1, 1, rows - 1)?.contiguous()?)
+    } else {
+        None
+    };
+    Ok(GcgBatch {
+        samples: b.samples,
+        features: features.to_device(dev)?,
+        clip_frames: b.frame_embeds.to_device(dev)?,
+        clip_question: clip_question.contiguous()?.to_device(dev)?,
+        clip_options: clip_options.map(|t| t.to_device(dev)).transpose()?,
+        clip_event: b.event_embeds.to_device(dev)?,
+        pseudo_label_scores: b.curves.to_device(dev)?,
+        timestamps: b.timestamps,
+    })
+}
+
+impl BatchSource for Split {
+    fn num_batches(&self) -> usize {
+        self.loader.num_batches()
+    }
+    fn batches(&self, epoch: u64, skip: usize) -> Result<Box<dyn Iterator<Item = Result<GcgBatch>> + '_>> {
+        let dev = self.loader.options().device.clone();
+        Ok(Box::new(self.loader.epoch(epoch).skip(skip).map(move |b| to_gcg_batch(b?, &dev))))
+    }
+}
+
+pub(crate) fn batch_options(cfg: &RunConfig, dev: &Device, dt: DType, shuffle: bool) -> BatchOptions {
+    BatchOptions {
+        batch_size: cfg.train.batch_size,
+        shuffle,
+        seed: cfg.train.seed,
+        drop_last: false,
+        workers: cfg.data.workers,
+        prefetch: 2,
+        features: Some(dt),
+        device: dev.clone(),
+    }
+}
+
+/// The store of a run and its CLIP width.
+pub fn open_store(cfg: &RunConfig) -> Result<(Store, usize)> {
+    let store = Store::open(&cfg.data.store)?;
+    let meta = store
+        .snapshot()
+        .meta()
+        .ok_or_else(|| anyhow!("the store {} holds no features yet (run gcg features)", cfg.data.store.display()))?;
+    Ok((store, meta.embed_dim))
+}
+

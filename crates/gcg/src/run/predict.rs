@@ -1,0 +1,239 @@
+//! Predicting with a run: prediction files (resumable) and their scores with the official metrics.
+
+use super::build::{build_model, open_store, to_gcg_batch, Split};
+use super::config::RunConfig;
+use crate::data::{self, Dataset, QaSample, ReadOptions};
+use crate::eval::predictions::{Moments, PredictionRow, PredictionWriter};
+use crate::model::{Answered, GcgModel};
+use crate::store::batch::{BatchLoader, BatchOptions};
+use crate::store::Store;
+use anyhow::{anyhow, bail, Result};
+use serde::{Deserialize, Serialize};
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+
+/// An evaluation split of a run's config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalSplit {
+    Val,
+    Test,
+}
+
+impl EvalSplit {
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalSplit::Val => "val",
+            EvalSplit::Test => "test",
+        }
+    }
+
+    /// The split's annotations and NExT-GQA grounding file in a run config.
+    pub fn files(self, cfg: &RunConfig) -> Result<(PathBuf, Option<PathBuf>)> {
+        let (ann, grounding) = match self {
+            EvalSplit::Val => (&cfg.data.val, &cfg.data.val_grounding),
+            EvalSplit::Test => (&cfg.data.test, &cfg.data.test_grounding),
+        };
+        let ann = ann.clone().ok_or_else(|| anyhow!("the config has no [data] {self}"))?;
+        Ok((ann, grounding.clone()))
+    }
+}
+
+impl std::str::FromStr for EvalSplit {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "val" => Ok(EvalSplit::Val),
+            "test" => Ok(EvalSplit::Test),
+            other => bail!("unknown split {other:?} (val or test)"),
+        }
+    }
+}
+
+impl std::fmt::Display for EvalSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which checkpoint of a run: the best on validation or the last written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpoint {
+    Best,
+    Last,
+}
+
+impl Checkpoint {
+    pub fn name(self) -> &'static str {
+        match self {
+            Checkpoint::Best => "best",
+            Checkpoint::Last => "last",
+        }
+    }
+
+    /// `best` when the run has one (a run without validation has only `last`), else `last`.
+    pub fn best_or_last(run_dir: &Path) -> Self {
+        if run_dir.join("checkpoints").join("best").exists() {
+            Checkpoint::Best
+        } else {
+            Checkpoint::Last
+        }
+    }
+}
+
+impl std::str::FromStr for Checkpoint {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "best" => Ok(Checkpoint::Best),
+            "last" => Ok(Checkpoint::Last),
+            other => bail!("unknown checkpoint {other:?} (best or last)"),
+        }
+    }
+}
+
+impl std::fmt::Display for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which weights of a run to predict with.
+pub fn checkpoint_weights(run_dir: &Path, which: Checkpoint) -> Result<PathBuf> {
+    let p = run_dir.join("checkpoints").join(which.name()).join(crate::train::checkpoint::WEIGHTS);
+    if !p.exists() {
+        bail!("{} has no {which} checkpoint ({} does not exist)", run_dir.display(), p.display());
+    }
+    Ok(p)
+}
+
+/// The prediction row of an answered question.
+pub fn prediction_row(s: &QaSample, a: &Answered) -> PredictionRow {
+    let mut row = PredictionRow::for_sample(s, a.prediction.clone());
+    if !a.seconds.is_empty() && a.seconds.iter().all(|x| x.is_finite()) {
+        let first = a.seconds.iter().cloned().fold(f64::INFINITY, f64::min);
+        let last = a.seconds.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        row.span = Some([first, last]);
+        row.moments = Some(Moments {
+            frames: a.frames.clone(),
+            seconds: a.seconds.clone(),
+        });
+    } else {
+        row.moments = Some(Moments {
+            frames: a.frames.clone(),
+            seconds: vec![],
+        });
+    }
+    row.curve = a.curve.as_ref().map(|c| c.iter().map(|&x| x as f64).collect());
+    row
+}
+
+/// Answer every question of a split into a prediction file, resuming a partial one.
+pub fn predict_split(model: &GcgModel, split: &Split, out: &Path, on_batch: &mut dyn FnMut(usize, usize)) -> Result<usize> {
+    let mut writer = if out.exists() {
+        PredictionWriter::resume(out)?
+    } else {
+        PredictionWriter::create(out)?
+    };
+    let total = split.samples.len();
+    let mut done = writer.len();
+    // Only the questions not yet written are answered.
+    let todo: Vec<QaSample> = split
+        .samples
+        .iter()
+        .filter(|s| !writer.contains(&s.video, &s.qid))
+        .cloned()
+        .collect();
+    if todo.is_empty() {
+        return Ok(total);
+    }
+    let opts = split.loader.options().clone();
+    let loader = BatchLoader::new(
+        split.loader.snapshot(),
+        todo,
+        BatchOptions {
+            shuffle: false,
+            ..opts.clone()
+        },
+    )?;
+    for b in loader.epoch(0) {
+        let batch = to_gcg_batch(b?, &opts.device)?;
+        let answers = model.answer(&batch)?;
+        for (s, a) in batch.samples.iter().zip(&answers) {
+            writer.write(&prediction_row(s, a))?;
+        }
+        done += answers.len();
+        on_batch(done, total);
+    }
+    writer.sync()?;
+    Ok(done)
+}
+
+/// Open a split of a run for prediction (no shuffling).
+pub fn open_eval_split(cfg: &RunConfig, store: &Store, annotations: &Path, dev: &Device, dt: DType) -> Result<Split> {
+    Split::open(
+        store,
+        cfg.data.dataset,
+        annotations,
+        super::build::batch_options(cfg, dev, dt, false),
+        &cfg.data,
+        cfg.data.max_eval,
+    )
+}
+
+/// Score a prediction file with the benchmark's official metrics (NExT-GQA grounding too, when
+/// its gsub file is given) and write `metrics` as JSON next to it.
+pub fn evaluate_predictions(
+    dataset: Dataset,
+    annotations: &Path,
+    grounding: Option<&Path>,
+    predictions: &Path,
+    metrics_out: Option<&Path>,
+    skip_bad_rows: bool,
+) -> Result<crate::eval::Evaluation> {
+    let opts = ReadOptions { skip_bad_rows };
+    let ann = data::read_annotations(dataset, annotations, &opts)?;
+    let g = match grounding {
+        Some(p) => Some(data::nextgqa::Grounding::read_with(p, &opts)?),
+        None => None,
+    };
+    // The grounding metrics are NExT-GQA's; a NExT-QA-format split with a gsub file (e.g. the
+    // synthetic world) is scored as NExT-GQA.
+    let dataset = if g.is_some() && dataset == Dataset::NextQa {
+        Dataset::NextGqa
+    } else {
+        dataset
+    };
+    let preds = crate::eval::read_predictions(predictions)?;
+    let ev = crate::eval::evaluate(dataset, &ann.samples, &preds, g.as_ref())?;
+    if let Some(out) = metrics_out {
+        let text = serde_json::to_string_pretty(&ev.metrics.to_json())? + "\n";
+        crate::util::write_atomic(out, text.as_bytes())?;
+    }
+    Ok(ev)
+}
+
+/// Predict a split (`val` or `test`) of a run with its `best` or `last` checkpoint into
+/// `predictions-{split}.jsonl` in the run directory (resuming a partial file) and score it into
+/// `metrics-{split}.json`.
+pub fn predict_run(cfg: &RunConfig, split: EvalSplit, which: Checkpoint, on_batch: &mut dyn FnMut(usize, usize)) -> Result<crate::eval::Evaluation> {
+    let (ann, grounding) = split.files(cfg)?;
+    let mut cfg = cfg.clone();
+    cfg.weights.init = Some(checkpoint_weights(&cfg.run_dir, which)?);
+    let out = cfg.run_dir.join(format!("predictions-{split}.jsonl"));
+    let metrics = cfg.run_dir.join(format!("metrics-{split}.json"));
+    let (store, embed_dim) = open_store(&cfg)?;
+    let built = build_model(&cfg, embed_dim)?;
+    let dt = built.model.lmm.post_layernorm.weight.dtype();
+    let s = open_eval_split(&cfg, &store, &ann, &built.device, dt)?;
+    predict_split(&built.model, &s, &out, on_batch)?;
+    evaluate_predictions(
+        cfg.data.dataset,
+        &ann,
+        grounding.as_deref(),
+        &out,
+        Some(&metrics),
+        cfg.data.skip_bad_rows,
+    )
+}

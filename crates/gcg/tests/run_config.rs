@@ -1,0 +1,123 @@
+//! The run config: each TOML table deserializes straight into its concept's config, with the
+//! defaults on the structs and unknown keys rejected by name; the README's example is a valid
+//! config.
+
+use gcg::grounding::{GroundingConfig, TopkGradient};
+use gcg::model::{GcgConfig, Mode};
+use gcg::models::Preset;
+use gcg::run::{DeviceKind, Precision, RunConfig};
+use gcg::train::LrSchedule;
+use std::path::{Path, PathBuf};
+
+fn parse(text: &str) -> anyhow::Result<RunConfig> {
+    let tmp = tempfile::tempdir()?;
+    let p = tmp.path().join("run.toml");
+    std::fs::write(&p, text)?;
+    RunConfig::load(Some(&p), &[])
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+}
+
+#[test]
+fn the_readme_run_config_parses() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md")).unwrap();
+    let start = readme.find("```toml\nrun_dir = ").expect("README has a run.toml example") + "```toml\n".len();
+    let end = start + readme[start..].find("```").unwrap();
+    let cfg = parse(&readme[start..end]).unwrap();
+    assert_eq!(cfg.weights.pretrained, Some(PathBuf::from("instructblip-flan-t5-xl")));
+    assert_eq!(cfg.model.mode, Mode::Grounding);
+    assert_eq!((cfg.model.frames(), cfg.model.moments()), (32, 4));
+    assert_eq!(cfg.train.grounding_lr, 7e-5);
+}
+
+#[test]
+fn an_empty_config_is_the_official_setup() {
+    let cfg = parse("").unwrap();
+    assert_eq!(cfg.weights.preset, Preset::InstructblipFlanT5Xl);
+    assert_eq!(cfg.device, DeviceKind::Cpu);
+    assert_eq!(cfg.dtype, None);
+    assert_eq!(cfg.model, GcgConfig::default());
+    let mut official = GroundingConfig::gcg();
+    official.dim = cfg.model.grounding.dim;
+    assert_eq!(cfg.model.grounding, official);
+    assert_eq!((cfg.model.alpha_reg, cfg.model.alpha_con), (1.0, 1.0));
+    assert_eq!(cfg.model.grounding.topk.num_samples, 500);
+    assert_eq!(cfg.train.schedule, LrSchedule::Constant);
+    assert!(cfg.model.lmm.spatial);
+}
+
+#[test]
+fn nested_tables_set_their_concepts() {
+    let cfg = parse(
+        r#"
+device = "cuda"
+dtype = "bf16"
+[weights]
+preset = "tiny"
+[model]
+mode = "oracle"
+alpha_con = 0.5
+[model.lmm]
+spatial = false
+dropout = 0.0
+[model.grounding]
+frames = 16
+moments = 3
+heads = 2
+[model.grounding.topk]
+num_samples = 100
+gradient = "diagonal"
+[train]
+schedule = "warmup-cosine"
+train_t5 = true
+"#,
+    )
+    .unwrap();
+    assert_eq!((cfg.device, cfg.dtype), (DeviceKind::Cuda, Some(Precision::Bf16)));
+    assert_eq!(cfg.weights.preset, Preset::Tiny);
+    assert_eq!(cfg.model.mode, Mode::Oracle);
+    assert_eq!(cfg.model.alpha_con, 0.5);
+    assert!(!cfg.model.lmm.spatial);
+    assert_eq!(cfg.model.lmm.dropout, Some(0.0));
+    assert_eq!((cfg.model.frames(), cfg.model.moments(), cfg.model.grounding.heads), (16, 3, 2));
+    assert_eq!(cfg.model.grounding.width, 0.2, "unset keys keep their defaults");
+    assert_eq!(cfg.model.grounding.topk.num_samples, 100);
+    assert_eq!(cfg.model.grounding.topk.gradient, TopkGradient::Diagonal);
+    assert_eq!(cfg.train.schedule, LrSchedule::WarmupCosine);
+    assert!(cfg.train.train_t5);
+}
+
+#[test]
+fn unknown_keys_and_bad_values_are_named() {
+    for (text, needle) in [
+        ("[model.grounding]\nwidht = 0.3\n", "widht"),
+        ("[model]\nfrmaes = 8\n", "frmaes"),
+        ("[model.grounding.topk]\nsamples = 8\n", "samples"),
+        ("[weights]\nweights = \"x\"\n", "weights"),
+        ("[train]\nschedule = \"cosine\"\n", "cosine"),
+        ("[weights]\npreset = \"huge\"\n", "huge"),
+        ("device = \"tpu\"\n", "tpu"),
+        ("[model.grounding]\nframes = 4\nmoments = 4\n", "K = 4"),
+        ("[model.grounding]\ndim = 64\n", "dim"),
+    ] {
+        let e = parse(text).err().unwrap_or_else(|| panic!("{text:?} was accepted"));
+        let msg = chain(&e);
+        assert!(msg.contains(needle), "{text:?}: the error {msg:?} does not name {needle:?}");
+    }
+}
+
+#[test]
+fn overrides_reach_nested_tables_and_round_trip() {
+    let cfg = RunConfig::load(None, &["model.grounding.moments=6".into(), "model.mode=\"uniform\"".into()]).unwrap();
+    assert_eq!(cfg.model.moments(), 6);
+    assert_eq!(cfg.model.mode, Mode::Uniform);
+    let again = cfg.with_overrides(&["train.lr=2e-5".into()]).unwrap();
+    assert_eq!(again.train.lr, 2e-5);
+    assert_eq!(again.model, cfg.model);
+    // A run directory stores the resolved config as JSON; it reads back equal.
+    let json = serde_json::to_string(&again).unwrap();
+    let back: RunConfig = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, again);
+}
