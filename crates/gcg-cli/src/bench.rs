@@ -3,11 +3,11 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
+use gcg::models::checkpoint::open_any;
 use gcg::models::lmm::{is_trainable, is_vit_trunk, LmmConfig, VideoLmm};
 use gcg::models::t5::GenerateConfig;
-use gcg::nn::Ctx;
-use gcg::models::checkpoint::open_any;
 use gcg::models::Preset;
+use gcg::nn::Ctx;
 use gcg::weights::checkpoints::is_buffer;
 use gcg::weights::Loader;
 use gcg::SeededRng;
@@ -84,7 +84,6 @@ pub struct ForwardArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
-
 
 fn sync(dev: &Device) -> Result<()> {
     dev.synchronize()?;
@@ -201,9 +200,10 @@ fn peak_rss_bytes() -> Option<u64> {
 }
 
 fn train_step(a: TrainStepArgs) -> Result<()> {
+    use gcg::data::Batch;
     use gcg::data::{Answer, Dataset, QaSample};
-    use gcg::model::{GcgBatch, GcgConfig, GcgModel, TextTokenizers};
     use gcg::grounding::GroundingConfig;
+    use gcg::model::{GcgConfig, GcgModel, TextTokenizers};
     use gcg::train::Grads;
     let (dev, dtype) = a.device.open()?;
     let lmm = LmmConfig::preset(a.preset);
@@ -258,16 +258,24 @@ fn train_step(a: TrainStepArgs) -> Result<()> {
         qtype: "CW".into(),
         extra: Default::default(),
     };
-    let batch = GcgBatch {
+    let scores = randn(&mut rng, &[b, t])?;
+    // The prompts are tokenized once, as the batch workers do, outside the timed step.
+    let batch = Batch {
+        index: 0,
         samples: vec![sample; b],
-        features: randn(&mut rng, &[b, t, n, dv])?.to_dtype(dtype)?,
+        frame_features: Some(randn(&mut rng, &[b, t, n, dv])?.to_dtype(dtype)?),
         clip_frames: randn(&mut rng, &[b, t, clip_dim])?,
         clip_question: randn(&mut rng, &[b, clip_dim])?,
         clip_options: Some(randn(&mut rng, &[b, 5, clip_dim])?),
+        clip_answer: randn(&mut rng, &[b, clip_dim])?,
         clip_event: randn(&mut rng, &[b, clip_dim])?,
-        pseudo_label_scores: randn(&mut rng, &[b, t])?,
+        pseudo_labels: gcg::grounding::hard_topk(&scores, cfg.grounding.moments)?,
+        pseudo_label_scores: scores,
+        answer_indices: Some(vec![2; b]),
         timestamps: vec![(0..t).map(|i| i as f64).collect(); b],
-    };
+        prompts: None,
+    }
+    .with_prompts(&model.prompt_encoder())?;
     let step_rng = std::cell::RefCell::new(SeededRng::new(a.seed + 2));
     let mut step = || -> Result<f64> {
         let losses = model.forward_train(&batch, &step_rng)?;

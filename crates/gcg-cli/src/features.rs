@@ -6,8 +6,6 @@
 //! * `GCG_STORE_FAULT=point:N[:abort|error]` crashes the store writer the N-th time it reaches
 //!   `shard-written`, `shard-renamed` or `index-written` (see `gcg::store::Fault`).
 
-use gcg::models::Preset;
-use gcg::run::{DeviceKind, Precision};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
@@ -16,6 +14,8 @@ use gcg::features::extract::{
     VideoJob,
 };
 use gcg::features::frozen;
+use gcg::models::Preset;
+use gcg::run::{DeviceKind, Precision};
 use gcg::store::{Fault, WriterOptions};
 use gcg::video::{Ffmpeg, Sampling};
 use indicatif::{ProgressBar, ProgressStyle};

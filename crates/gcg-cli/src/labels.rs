@@ -1,13 +1,13 @@
 //! `gcg labels`: CLIP text embeddings of each question's texts and its pseudo-labels, into the
 //! feature store (which must already hold the videos' features, `gcg features`).
 
-use gcg::models::Preset;
 use crate::features::{bar, finish_report, writer_options};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Args;
 use gcg::data::{read_annotations, Dataset, QaSample, ReadOptions};
 use gcg::features::frozen;
 use gcg::features::labels::{label_questions, ClipTextEncoder, EventSource, LabelOptions, LabelProgress};
+use gcg::models::Preset;
 use gcg::text::tokenizers::ClipTokenizer;
 use std::path::{Path, PathBuf};
 

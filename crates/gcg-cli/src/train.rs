@@ -48,31 +48,29 @@ fn predict_and_score(cfg: &RunConfig, split: EvalSplit, which: Checkpoint, quiet
         pb.set_position(done as u64);
     })?;
     pb.finish_and_clear();
-    let out = cfg.run_dir.join(format!("predictions-{split}.jsonl"));
-    eprintln!("predictions: {}", out.display());
-    if !ev.problems.is_empty() {
-        eprintln!("{} problem(s) in the predictions (first: {})", ev.problems.len(), ev.problems[0]);
-    }
-    println!("{}", crate::eval::table(&ev.metrics, &out));
+    show_scores(&ev, &cfg.run_dir.join(format!("predictions-{split}.jsonl")));
     Ok(())
 }
 
 fn predict_to(cfg: &RunConfig, ann: &Path, grounding: Option<&Path>, out: &Path, metrics: Option<&Path>, quiet: bool) -> Result<()> {
-    let (store, embed_dim) = run::open_store(cfg)?;
-    let built = run::build_model(cfg, embed_dim)?;
-    let dt = built.model.lmm.post_layernorm.weight.dtype();
-    let split = run::open_eval_split(cfg, &store, ann, &built.device, dt)?;
-    let pb = bar(split.samples.len() as u64, quiet);
+    let pb = bar(0, quiet);
     pb.set_prefix("predict");
-    run::predict_split(&built.model, &split, out, &mut |done, _| pb.set_position(done as u64))?;
+    let ev = run::predict_annotations(cfg, ann, grounding, out, metrics, &mut |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
     pb.finish_and_clear();
+    show_scores(&ev, out);
+    Ok(())
+}
+
+/// Where the predictions are, the problems found in them, and the metrics table.
+fn show_scores(ev: &gcg::eval::Evaluation, out: &Path) {
     eprintln!("predictions: {}", out.display());
-    let ev = run::evaluate_predictions(cfg.data.dataset, ann, grounding, out, metrics, cfg.data.skip_bad_rows)?;
     if !ev.problems.is_empty() {
         eprintln!("{} problem(s) in the predictions (first: {})", ev.problems.len(), ev.problems[0]);
     }
     println!("{}", crate::eval::table(&ev.metrics, out));
-    Ok(())
 }
 
 pub fn run_train(a: TrainArgs) -> Result<()> {

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use gcg::features::frozen;
-use gcg::store::{Store};
+use gcg::store::Store;
 use gcg::text::tokenizers::ClipTokenizer;
 use gcg::SeededRng;
 use std::collections::HashMap;

@@ -10,18 +10,19 @@
 //! Training returns L_vqa, L_reg, L_con and L = L_vqa + α1·L_reg + α2·L_con; answering returns the
 //! answer (option scoring or generation), the K selected frames, their timestamps and p(t).
 
-use crate::data::{self, QaSample};
-use crate::grounding::{gaussian_mixture, hard_selection, Grounding, GroundingConfig, GroundingInputs, TopkNoises};
-use crate::models::lmm::{LmmConfig, LmmOptions, VideoLmm};
+use crate::data::{self, Batch, PromptEncoder, PromptTokens, QaSample};
+pub use crate::data::{AnswerFormat, TextTokenizers};
+use crate::grounding::{gaussian_mixture, hard_selection, hard_topk, Grounding, GroundingConfig, GroundingInputs, TopkNoises};
+use crate::models::lmm::{LlmInputs, LmmConfig, LmmOptions, VideoLmm};
 use crate::models::t5::GenerateConfig;
 use crate::nn::Ctx;
 use crate::rng::SeededRng;
-use crate::text::tokenizers::{QFormerTokenizer, T5Tokenizer};
 use crate::weights::Loader;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -78,19 +79,6 @@ pub enum AnswerMethod {
     OptionScoring,
     /// Decode (greedy when `num_beams` = 1) and match the letter (or the text, open-ended).
     Generate { num_beams: usize, max_new_tokens: usize },
-}
-
-/// What the language model is trained to write for a multiple-choice question, and what option
-/// scoring scores.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AnswerFormat {
-    /// The option letter (A–E), as the official code.
-    #[default]
-    Letter,
-    /// The option's text (a language model trained from scratch learns this far sooner than to
-    /// point at a letter; used by the demo).
-    Text,
 }
 
 /// The GCG method: the `[model]` table of a run config. The network sizes are not here: they
@@ -160,34 +148,6 @@ pub fn is_trainable(name: &str) -> bool {
     crate::models::lmm::is_trainable(name) || crate::grounding::is_trainable(name)
 }
 
-/// One batch of questions with what the feature store holds for their videos.
-pub struct GcgBatch {
-    pub samples: Vec<QaSample>,
-    /// Un-normalised ViT features. [B, T, N, Dv]
-    pub features: Tensor,
-    /// CLIP frame embeddings F. [B, T, d]
-    pub clip_frames: Tensor,
-    /// CLIP text embedding of each question. [B, d]
-    pub clip_question: Tensor,
-    /// CLIP text embeddings of the options (multiple choice). [B, O, d]
-    pub clip_options: Option<Tensor>,
-    /// CLIP text embedding of the event (the contrastive anchor; the answer by default). [B, d]
-    pub clip_event: Tensor,
-    /// Pseudo-label scores s_t = cos(F_t, text(event)). [B, T]
-    pub pseudo_label_scores: Tensor,
-    /// Seconds of each of the T frames, per sample.
-    pub timestamps: Vec<Vec<f64>>,
-}
-
-impl GcgBatch {
-    pub fn len(&self) -> usize {
-        self.samples.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
-    }
-}
-
 /// The losses of a training step (scalars).
 pub struct Losses {
     pub vqa: Tensor,
@@ -213,16 +173,11 @@ pub struct Answered {
     pub curve: Option<Vec<f32>>,
 }
 
-pub struct TextTokenizers {
-    pub qformer: QFormerTokenizer,
-    pub t5: T5Tokenizer,
-}
-
 pub struct GcgModel {
     pub cfg: GcgConfig,
     pub lmm: VideoLmm,
     pub grounding: Option<Grounding>,
-    pub tokenizers: TextTokenizers,
+    pub tokenizers: Arc<TextTokenizers>,
 }
 
 /// Evenly spaced frame indices.
@@ -264,16 +219,27 @@ impl GcgModel {
             cfg: cfg.clone(),
             lmm,
             grounding,
-            tokenizers,
+            tokenizers: Arc::new(tokenizers),
         })
+    }
+
+    /// How this model's batches tokenize their prompts (its tokenizers and answer format): what
+    /// a [`BatchLoader`](crate::data::BatchLoader) is given.
+    pub fn prompt_encoder(&self) -> PromptEncoder {
+        PromptEncoder {
+            tokenizers: self.tokenizers.clone(),
+            answer_format: self.cfg.answer_format,
+        }
     }
 
     fn device(&self) -> Device {
         self.lmm.query_tokens.device().clone()
     }
 
-    fn check_batch(&self, batch: &GcgBatch) -> Result<(usize, usize)> {
-        let (b, t, _, _) = batch.features.dims4().context("batch features must be [B, T, N, Dv]")?;
+    fn check_batch(&self, batch: &Batch) -> Result<(usize, usize)> {
+        let (b, t, _, _) = Self::frame_features(batch)?
+            .dims4()
+            .context("batch frame features must be [B, T, N, Dv]")?;
         ensure!(
             b == batch.samples.len(),
             "batch: {} samples but features for {b}",
@@ -294,7 +260,23 @@ impl GcgModel {
 
     /// The frames the LLM sees: a [B, K, T] selection (soft in grounding training, one-hot
     /// otherwise), the per-sample hard frame indices, and p(t) where there is one.
-    fn select(&self, batch: &GcgBatch, train: Option<(&RefCell<SeededRng>, Ctx)>) -> Result<Selection> {
+    fn frame_features(batch: &Batch) -> Result<&Tensor> {
+        batch
+            .frame_features
+            .as_ref()
+            .ok_or_else(|| anyhow!("batch {}: no frame features (the loader was asked for none)", batch.index))
+    }
+
+    fn prompts(batch: &Batch) -> Result<&PromptTokens> {
+        batch.prompts.as_ref().ok_or_else(|| {
+            anyhow!(
+                "batch {}: no tokenized prompts (give the loader the model's prompt_encoder)",
+                batch.index
+            )
+        })
+    }
+
+    fn select(&self, batch: &Batch, train: Option<(&RefCell<SeededRng>, Ctx)>) -> Result<Selection> {
         let (b, t) = self.check_batch(batch)?;
         let k = self.cfg.moments();
         let dev = self.device();
@@ -312,8 +294,13 @@ impl GcgModel {
                 })
             }
             Mode::Oracle => {
-                // Gaussians at the top-K pseudo-label frames, then their hard top-K.
-                let (peaks, _) = hard_selection(&batch.pseudo_label_scores, k)?;
+                // Gaussians at the top-K pseudo-label frames (the store's, when made for this K),
+                // then their hard top-K.
+                let peaks = if batch.pseudo_labels.len() == b && batch.pseudo_labels.iter().all(|p| p.len() == k) {
+                    batch.pseudo_labels.clone()
+                } else {
+                    hard_topk(&batch.pseudo_label_scores, k)?
+                };
                 let centres: Vec<f32> = peaks.iter().flatten().map(|&i| i as f32 / (t - 1) as f32).collect();
                 let centres = Tensor::from_vec(centres, (b, k), &dev)?;
                 let p = gaussian_mixture(&centres, t, self.cfg.grounding.width)?;
@@ -332,14 +319,19 @@ impl GcgModel {
                     .grounding
                     .as_ref()
                     .ok_or_else(|| anyhow!("grounding mode without a grounding module"))?;
-                let answer_ids = answer_indices(&batch.samples);
+                ensure!(
+                    batch.clip_options.is_none() || batch.answer_indices.is_some(),
+                    "batch {}: options without the answers' indices",
+                    batch.index
+                );
                 let inputs = GroundingInputs {
                     frames: &batch.clip_frames,
                     question: &batch.clip_question,
                     options: batch.clip_options.as_ref(),
-                    answer_ids: batch.clip_options.as_ref().map(|_| answer_ids.as_slice()),
+                    answer_ids: batch.clip_options.as_ref().and(batch.answer_indices.as_deref()),
                     answer: &batch.clip_event,
                     pseudo_label_scores: &batch.pseudo_label_scores,
+                    pseudo_labels: Some(&batch.pseudo_labels),
                 };
                 match train {
                     Some((rng, ctx)) => {
@@ -371,11 +363,12 @@ impl GcgModel {
     }
 
     /// Visual tokens for the LLM from a selection.
-    fn visual_tokens(&self, batch: &GcgBatch, sel: &Selection, qids: &Tensor, qmask: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        let (b, t, n, dv) = batch.features.dims4()?;
+    fn visual_tokens(&self, batch: &Batch, sel: &Selection, prompts: &PromptTokens, ctx: Ctx) -> Result<Tensor> {
+        let features = Self::frame_features(batch)?;
+        let (b, t, n, dv) = features.dims4()?;
         let k = self.cfg.moments();
         let dt = self.lmm.post_layernorm.weight.dtype();
-        let normed = self.lmm.normalize_features(&batch.features.to_dtype(dt)?)?; // [B, T, N, Dv]
+        let normed = self.lmm.normalize_features(&features.to_dtype(dt)?)?; // [B, T, N, Dv]
         let chosen = if sel.matrix.track_op() {
             // Soft selection: mix the T frames (gradients reach p through the perturbed top-k).
             let m = sel.matrix.to_dtype(normed.dtype())?;
@@ -391,42 +384,19 @@ impl GcgModel {
             let idx = Tensor::from_vec(idx, b * k, normed.device())?;
             normed.reshape((b * t, n, dv))?.index_select(&idx, 0)?.reshape((b, k, n, dv))?
         };
-        self.lmm.visual_tokens(&chosen, Some(&normed), qids, qmask, ctx)
-    }
-
-    fn prompts(&self, batch: &GcgBatch) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-        let dev = self.device();
-        let prompts: Vec<String> = batch.samples.iter().map(data::prompt).collect();
-        let q = self.tokenizers.qformer.encode_batch(&prompts)?;
-        let t = self.tokenizers.t5.encode_inputs(&prompts)?;
-        Ok((q.ids_tensor(&dev)?, q.mask_tensor(&dev)?, t.ids_tensor(&dev)?, t.mask_tensor(&dev)?))
+        self.lmm
+            .visual_tokens(&chosen, Some(&normed), &prompts.qformer_ids, &prompts.qformer_mask, ctx)
     }
 
     /// A training step's forward: the three losses and their weighted sum.
-    pub fn forward_train(&self, batch: &GcgBatch, rng: &RefCell<SeededRng>) -> Result<Losses> {
+    pub fn forward_train(&self, batch: &Batch, rng: &RefCell<SeededRng>) -> Result<Losses> {
         let ctx = Ctx::train(rng);
         let sel = self.select(batch, Some((rng, ctx)))?;
-        let (qids, qmask, ids, mask) = self.prompts(batch)?;
-        let visual = self.visual_tokens(batch, &sel, &qids, &qmask, ctx)?;
-        let inputs = self.lmm.llm_inputs(&visual, &ids, &mask)?;
-        let targets: Vec<String> = batch
-            .samples
-            .iter()
-            .map(|s| match (self.cfg.answer_format, s.is_multiple_choice()) {
-                (AnswerFormat::Text, true) => s.answer_text().to_string(),
-                _ => data::target(s),
-            })
-            .collect();
-        let tb = self.tokenizers.t5.encode_targets(&targets)?;
-        let pad = self.tokenizers.t5.pad_id() as i64;
-        let labels: Vec<i64> = tb
-            .input_ids
-            .iter()
-            .flatten()
-            .map(|&x| if x as i64 == pad { -100 } else { x as i64 })
-            .collect();
-        let labels = Tensor::from_vec(labels, (tb.batch_size(), tb.seq_len()), &self.device())?;
-        let vqa = self.lmm.loss(&inputs, &labels, ctx)?.to_dtype(DType::F32)?;
+        let prompts = Self::prompts(batch)?;
+        let visual = self.visual_tokens(batch, &sel, prompts, ctx)?;
+        let inputs = self.lmm.llm_inputs(&visual, &prompts.t5_ids, &prompts.t5_mask)?;
+        let labels = &prompts.target_labels;
+        let vqa = self.lmm.loss(&inputs, labels, ctx)?.to_dtype(DType::F32)?;
         let mut total = vqa.clone();
         if let Some(r) = &sel.reg {
             total = (total + (r.to_dtype(DType::F32)? * self.cfg.alpha_reg)?)?;
@@ -445,7 +415,7 @@ impl GcgModel {
     /// A grounding warm-up step's forward (grounding mode only): the generator's weak losses
     /// α1·L_reg + α2·L_con from the pseudo-labels, without the language model (`vqa` is 0 and
     /// carries no gradient). The language model's frames are not needed, so no LLM runs.
-    pub fn forward_grounding(&self, batch: &GcgBatch, rng: &RefCell<SeededRng>) -> Result<Losses> {
+    pub fn forward_grounding(&self, batch: &Batch, rng: &RefCell<SeededRng>) -> Result<Losses> {
         ensure!(
             self.cfg.mode == Mode::Grounding,
             "the grounding warm-up needs mode = grounding (this model is in {} mode)",
@@ -466,85 +436,38 @@ impl GcgModel {
     }
 
     /// Deterministic answers with their grounding.
-    pub fn answer(&self, batch: &GcgBatch) -> Result<Vec<Answered>> {
+    pub fn answer(&self, batch: &Batch) -> Result<Vec<Answered>> {
         let ctx = Ctx::eval();
         let sel = self.select(batch, None)?;
-        let (qids, qmask, ids, mask) = self.prompts(batch)?;
-        let visual = self.visual_tokens(batch, &sel, &qids, &qmask, ctx)?;
-        let inputs = self.lmm.llm_inputs(&visual, &ids, &mask)?;
-        let b = batch.len();
+        let prompts = Self::prompts(batch)?;
+        let visual = self.visual_tokens(batch, &sel, prompts, ctx)?;
+        let inputs = self.lmm.llm_inputs(&visual, &prompts.t5_ids, &prompts.t5_mask)?;
         let mc = batch.samples.iter().all(|s| s.is_multiple_choice());
         let open = batch.samples.iter().all(|s| !s.is_multiple_choice());
-        ensure!(mc || open, "a batch mixes multiple-choice and open-ended questions");
-        let mut preds: Vec<(data::Answer, Option<String>, Option<Vec<f32>>)> = Vec::with_capacity(b);
-        match (&self.cfg.answer, mc) {
+        ensure!(
+            mc || open,
+            "batch {}: it mixes multiple-choice and open-ended questions",
+            batch.index
+        );
+        let preds = match (&self.cfg.answer, mc) {
             (AnswerMethod::OptionScoring, true) => {
-                let options: Vec<Vec<Vec<u32>>> = batch
-                    .samples
-                    .iter()
-                    .map(|s| {
-                        (0..s.options.len())
-                            .map(|i| {
-                                let text = match self.cfg.answer_format {
-                                    AnswerFormat::Letter => data::OPTION_LETTERS[i.min(4)],
-                                    AnswerFormat::Text => s.options[i].as_str(),
-                                };
-                                self.tokenizers
-                                    .t5
-                                    .encode(text, crate::text::tokenizers::TruncationSide::Right, 32)
-                            })
-                            .collect::<Result<Vec<_>>>()
-                    })
-                    .collect::<Result<_>>()?;
-                let scores = self.lmm.score_options(&inputs, &options)?;
-                for row in scores {
-                    let best = row
-                        .iter()
-                        .enumerate()
-                        .max_by(|a, b| a.1.total_cmp(b.1))
-                        .map(|(i, _)| i)
-                        .unwrap_or(0);
-                    preds.push((data::Answer::Choice(best), None, Some(row)));
-                }
+                let options = prompts
+                    .option_ids
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("batch {}: multiple choice without tokenized options", batch.index))?;
+                Self::best_options(self.lmm.score_options(&inputs, options)?)
             }
-            (method, _) => {
-                let (num_beams, max_new_tokens) = match method {
-                    AnswerMethod::Generate { num_beams, max_new_tokens } => (*num_beams, *max_new_tokens),
-                    AnswerMethod::OptionScoring => (1, 30),
-                };
-                let gen = GenerateConfig {
-                    max_new_tokens,
-                    num_beams,
-                    ..Default::default()
-                };
-                let out = self.lmm.generate(&inputs, &gen)?;
-                let vocab = self.tokenizers.t5.vocab_size() as u32;
-                for (s, ids) in batch.samples.iter().zip(out) {
-                    let ids: Vec<u32> = ids.into_iter().filter(|&i| i < vocab).collect();
-                    let text = self.tokenizers.t5.decode(&ids, true)?;
-                    let pred = if s.is_multiple_choice() {
-                        let letter = text.trim();
-                        match data::OPTION_LETTERS.iter().position(|l| *l == letter) {
-                            Some(i) if i < s.options.len() => data::Answer::Choice(i),
-                            // Not a letter: the option whose text it is, else no valid choice.
-                            _ => match s.options.iter().position(|o| o.trim() == letter) {
-                                Some(i) => data::Answer::Choice(i),
-                                None => data::Answer::Text(text.clone()),
-                            },
-                        }
-                    } else {
-                        data::Answer::Text(text.clone())
-                    };
-                    preds.push((pred, Some(text), None));
-                }
+            (AnswerMethod::OptionScoring, false) => self.generated_answers(batch, &inputs, 1, OPEN_ENDED_MAX_NEW_TOKENS)?,
+            (AnswerMethod::Generate { num_beams, max_new_tokens }, _) => {
+                self.generated_answers(batch, &inputs, *num_beams, *max_new_tokens)?
             }
-        }
+        };
         let curves: Option<Vec<Vec<f32>>> = match &sel.curve {
             Some(p) => Some(p.detach().to_dtype(DType::F32)?.to_vec2::<f32>()?),
             None => None,
         };
-        let mut out = Vec::with_capacity(b);
-        for (i, (s, (prediction, generated, option_scores))) in batch.samples.iter().zip(preds).enumerate() {
+        let mut out = Vec::with_capacity(batch.len());
+        for (i, (s, pred)) in batch.samples.iter().zip(preds).enumerate() {
             let frames = sel.frames[i].clone();
             let seconds = frames
                 .iter()
@@ -552,15 +475,80 @@ impl GcgModel {
                 .collect();
             out.push(Answered {
                 key: s.key.clone(),
-                prediction,
-                generated,
-                option_scores,
+                prediction: pred.answer,
+                generated: pred.generated,
+                option_scores: pred.option_scores,
                 frames,
                 seconds,
                 curve: curves.as_ref().map(|c| c[i].clone()),
             });
         }
         Ok(out)
+    }
+
+    /// Option scoring: each question's highest-scoring option.
+    fn best_options(scores: Vec<Vec<f32>>) -> Vec<Prediction> {
+        scores
+            .into_iter()
+            .map(|row| {
+                let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+                Prediction {
+                    answer: data::Answer::Choice(best),
+                    generated: None,
+                    option_scores: Some(row),
+                }
+            })
+            .collect()
+    }
+
+    /// Decoded answers (greedy when `num_beams` = 1), read as an option letter or text for a
+    /// multiple-choice question.
+    fn generated_answers(&self, batch: &Batch, inputs: &LlmInputs, num_beams: usize, max_new_tokens: usize) -> Result<Vec<Prediction>> {
+        let gen = GenerateConfig {
+            max_new_tokens,
+            num_beams,
+            ..Default::default()
+        };
+        let out = self.lmm.generate(inputs, &gen)?;
+        let vocab = self.tokenizers.t5.vocab_size() as u32;
+        let mut preds = Vec::with_capacity(batch.len());
+        for (s, ids) in batch.samples.iter().zip(out) {
+            // Ids past the tokenizer's vocabulary (T5's padded embedding rows) decode to nothing.
+            let ids: Vec<u32> = ids.into_iter().filter(|&i| i < vocab).collect();
+            let text = self.tokenizers.t5.decode(&ids, true)?;
+            preds.push(Prediction {
+                answer: read_generated(s, &text),
+                generated: Some(text),
+                option_scores: None,
+            });
+        }
+        Ok(preds)
+    }
+}
+
+/// Longest generated answer to an open-ended question under option scoring.
+const OPEN_ENDED_MAX_NEW_TOKENS: usize = 30;
+
+/// One question's answer before its grounding is attached.
+struct Prediction {
+    answer: data::Answer,
+    generated: Option<String>,
+    option_scores: Option<Vec<f32>>,
+}
+
+/// A generated text as an answer to `s`: for multiple choice, the option letter it names, or the
+/// option whose text it is (else the text, which matches no option).
+fn read_generated(s: &QaSample, text: &str) -> data::Answer {
+    if !s.is_multiple_choice() {
+        return data::Answer::Text(text.to_string());
+    }
+    let said = text.trim();
+    match data::OPTION_LETTERS.iter().position(|l| *l == said) {
+        Some(i) if i < s.options.len() => data::Answer::Choice(i),
+        _ => match s.options.iter().position(|o| o.trim() == said) {
+            Some(i) => data::Answer::Choice(i),
+            None => data::Answer::Text(text.to_string()),
+        },
     }
 }
 
@@ -575,13 +563,6 @@ struct Selection {
     centres: Option<Tensor>,
     reg: Option<Tensor>,
     con: Option<Tensor>,
-}
-
-fn answer_indices(samples: &[QaSample]) -> Vec<usize> {
-    samples
-        .iter()
-        .map(|s| if let data::Answer::Choice(i) = s.answer { i } else { 0 })
-        .collect()
 }
 
 /// One-hot [B, K, T] rows.

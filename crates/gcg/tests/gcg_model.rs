@@ -5,11 +5,13 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use gcg::data::{Answer, Dataset, QaSample};
-use gcg::model::{is_trainable, AnswerMethod, GcgBatch, GcgConfig, GcgModel, Mode, TextTokenizers, UniformRule};
+use gcg::data::{AnswerFormat, Batch, PromptEncoder};
+use gcg::grounding::hard_topk;
 use gcg::grounding::GroundingConfig;
+use gcg::model::{is_trainable, AnswerMethod, GcgConfig, GcgModel, Mode, TextTokenizers, UniformRule};
 use gcg::models::lmm::LmmConfig;
-use gcg::train::trainer::{self, BatchSource, Event, RunDir, TrainConfig};
 use gcg::text::vocab::closed_vocab_tokenizers;
+use gcg::train::trainer::{self, BatchSource, Event, RunDir, TrainConfig, TrainJob};
 use gcg::weights::Loader;
 use gcg::SeededRng;
 use std::cell::RefCell;
@@ -66,6 +68,9 @@ struct World {
     colour_text: Tensor,      // [5, d]
     colour_code: Tensor,      // [5, Dv]
     question: Tensor,         // [d]
+    /// The test tokenizers (as the models') with the official answer format, as the batch
+    /// loader tokenizes.
+    prompts: PromptEncoder,
 }
 
 fn unit_rows(t: Tensor) -> Tensor {
@@ -85,7 +90,13 @@ fn world_d(n: usize, seed: u64, d: usize) -> World {
     let colour_text = unit_rows(randn(&[5, d], 1.0));
     let colour_code = randn(&[5, dv], 3.0);
     let question = unit_rows(randn(&[1, d], 1.0)).squeeze(0).unwrap();
+    let tok_dir = tempfile::tempdir().unwrap();
+    let prompts = PromptEncoder {
+        tokenizers: std::sync::Arc::new(tokenizers(tok_dir.path())),
+        answer_format: AnswerFormat::Letter,
+    };
     let mut w = World {
+        prompts,
         samples: vec![],
         events: vec![],
         features: vec![],
@@ -139,23 +150,25 @@ fn world_d(n: usize, seed: u64, d: usize) -> World {
 }
 
 impl World {
-    fn batch(&self, idx: &[usize]) -> GcgBatch {
+    fn batch(&self, idx: &[usize]) -> Batch {
         let samples: Vec<QaSample> = idx.iter().map(|&i| self.samples[i].clone()).collect();
         let features = Tensor::stack(&idx.iter().map(|&i| self.features[i].clone()).collect::<Vec<_>>(), 0).unwrap();
         let clip_frames = Tensor::stack(&idx.iter().map(|&i| self.clip_frames[i].clone()).collect::<Vec<_>>(), 0).unwrap();
         let b = idx.len();
-        let answers: Vec<u32> = samples
+        let answers: Vec<usize> = samples
             .iter()
-            .map(|s| if let Answer::Choice(a) = s.answer { a as u32 } else { 0 })
+            .map(|s| if let Answer::Choice(a) = s.answer { a } else { 0 })
             .collect();
+        let ids: Vec<u32> = answers.iter().map(|&a| a as u32).collect();
         let clip_event = self
             .colour_text
-            .index_select(&Tensor::new(answers.as_slice(), &Device::Cpu).unwrap(), 0)
+            .index_select(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap(), 0)
             .unwrap();
         let scores = clip_frames.matmul(&clip_event.unsqueeze(2).unwrap()).unwrap().squeeze(2).unwrap(); // [B, T]
-        GcgBatch {
+        Batch {
+            index: 0,
             samples,
-            features,
+            frame_features: Some(features),
             clip_frames,
             clip_question: self
                 .question
@@ -174,10 +187,16 @@ impl World {
                     .contiguous()
                     .unwrap(),
             ),
+            clip_answer: clip_event.clone(),
             clip_event,
+            pseudo_labels: hard_topk(&scores, K).unwrap(),
             pseudo_label_scores: scores,
+            answer_indices: Some(answers),
             timestamps: (0..b).map(|_| (0..T).map(|t| t as f64 * 0.5).collect()).collect(),
+            prompts: None,
         }
+        .with_prompts(&self.prompts)
+        .unwrap()
     }
 }
 
@@ -191,7 +210,7 @@ impl BatchSource for Source<'_> {
     fn num_batches(&self) -> usize {
         self.world.samples.len().div_ceil(self.batch_size)
     }
-    fn batches(&self, epoch: u64, skip: usize) -> Result<Box<dyn Iterator<Item = Result<GcgBatch>> + '_>> {
+    fn batches(&self, epoch: u64, skip: usize) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>> {
         let mut order: Vec<usize> = (0..self.world.samples.len()).collect();
         SeededRng::new(self.seed ^ (epoch + 1).wrapping_mul(0x9E37)).shuffle(&mut order);
         let chunks: Vec<Vec<usize>> = order.chunks(self.batch_size).map(|c| c.to_vec()).skip(skip).collect();
@@ -323,23 +342,38 @@ fn resume_gives_the_identical_loss_sequence() {
     // Uninterrupted: 2 epochs of 6 micro-batches, 3 steps each.
     let full = RunDir::new(tmp.path().join("full")).unwrap();
     let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
-    trainer::train(&model, &vars, &cfg, &full, &src, None, &run_cfg, false, &mut |_| {}).unwrap();
+    trainer::train(
+        &TrainJob {
+            model: &model,
+            vars: &vars,
+            cfg: &cfg,
+            run: &full,
+            train_set: &src,
+            val_set: None,
+            run_config: &run_cfg,
+        },
+        false,
+        &mut |_| {},
+    )
+    .unwrap();
     let want = read_losses(&full.root);
     assert_eq!(want.len(), 6);
     // Interrupted after 4 steps (mid-epoch 2), then resumed by a fresh process-like rebuild.
     let part = RunDir::new(tmp.path().join("part")).unwrap();
     let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
     trainer::train(
-        &model,
-        &vars,
-        &TrainConfig {
-            max_steps: Some(4),
-            ..cfg.clone()
+        &TrainJob {
+            model: &model,
+            vars: &vars,
+            cfg: &TrainConfig {
+                max_steps: Some(4),
+                ..cfg.clone()
+            },
+            run: &part,
+            train_set: &src,
+            val_set: None,
+            run_config: &run_cfg,
         },
-        &part,
-        &src,
-        None,
-        &run_cfg,
         false,
         &mut |_| {},
     )
@@ -347,7 +381,20 @@ fn resume_gives_the_identical_loss_sequence() {
     // A rebuilt model (same frozen weights, as from the same pretrained checkpoint); the
     // checkpoint restores the trained weights, the optimiser and the generator.
     let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
-    trainer::train(&model, &vars, &cfg, &part, &src, None, &run_cfg, true, &mut |_| {}).unwrap();
+    trainer::train(
+        &TrainJob {
+            model: &model,
+            vars: &vars,
+            cfg: &cfg,
+            run: &part,
+            train_set: &src,
+            val_set: None,
+            run_config: &run_cfg,
+        },
+        true,
+        &mut |_| {},
+    )
+    .unwrap();
     let got = read_losses(&part.root);
     assert_eq!(got, want, "resumed loss sequence differs");
 }
@@ -393,11 +440,23 @@ fn grounding_learns_to_find_the_event() {
     };
     let run = RunDir::new(tmp.path().join("run")).unwrap();
     let mut rows = vec![];
-    trainer::train(&model, &vars, &cfg, &run, &src, None, &serde_json::json!({}), false, &mut |e| {
-        if let Event::Step(m) = e {
-            rows.push((m.reg.unwrap(), m.con.unwrap()));
-        }
-    })
+    trainer::train(
+        &TrainJob {
+            model: &model,
+            vars: &vars,
+            cfg: &cfg,
+            run: &run,
+            train_set: &src,
+            val_set: None,
+            run_config: &serde_json::json!({}),
+        },
+        false,
+        &mut |e| {
+            if let Event::Step(m) = e {
+                rows.push((m.reg.unwrap(), m.con.unwrap()));
+            }
+        },
+    )
     .unwrap();
     let after = hits(&model);
     let n = rows.len();
@@ -459,11 +518,23 @@ fn grounding_warmup_trains_the_grounding_module_alone_then_the_joint_objective()
     let run = RunDir::new(tmp.path().join("warm")).unwrap();
     let mut validations = 0;
     let mut steps = vec![];
-    trainer::train(&model, &vars, &cfg, &run, &src, Some(&val), &run_cfg, false, &mut |e| match e {
-        Event::Validation { .. } => validations += 1,
-        Event::Step(m) => steps.push((m.warmup, m.vqa, m.loss, m.reg.unwrap(), m.con.unwrap())),
-        _ => {}
-    })
+    trainer::train(
+        &TrainJob {
+            model: &model,
+            vars: &vars,
+            cfg: &cfg,
+            run: &run,
+            train_set: &src,
+            val_set: Some(&val),
+            run_config: &run_cfg,
+        },
+        false,
+        &mut |e| match e {
+            Event::Validation { .. } => validations += 1,
+            Event::Step(m) => steps.push((m.warmup, m.vqa, m.loss, m.reg.unwrap(), m.con.unwrap())),
+            _ => {}
+        },
+    )
     .unwrap();
     assert_eq!(validations, 1);
     assert_eq!(steps.len(), 6, "2 warm-up epochs of 3 batches");
@@ -496,11 +567,23 @@ fn grounding_warmup_trains_the_grounding_module_alone_then_the_joint_objective()
     let full = RunDir::new(tmp.path().join("full")).unwrap();
     let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
     let mut validations = vec![];
-    trainer::train(&model, &vars, &cfg, &full, &src, Some(&val), &run_cfg, false, &mut |e| {
-        if let Event::Validation { epoch, .. } = e {
-            validations.push(epoch)
-        }
-    })
+    trainer::train(
+        &TrainJob {
+            model: &model,
+            vars: &vars,
+            cfg: &cfg,
+            run: &full,
+            train_set: &src,
+            val_set: Some(&val),
+            run_config: &run_cfg,
+        },
+        false,
+        &mut |e| {
+            if let Event::Validation { epoch, .. } = e {
+                validations.push(epoch)
+            }
+        },
+    )
     .unwrap();
     assert_eq!(validations, vec![1, 2]);
     let rows: Vec<_> = read_rows(&full.root).into_iter().filter(|r| r.get("loss").is_some()).collect();
@@ -524,21 +607,104 @@ fn grounding_warmup_trains_the_grounding_module_alone_then_the_joint_objective()
         max_steps: Some(4),
         ..cfg.clone()
     };
-    trainer::train(&model, &vars, &killed, &part, &src, None, &run_cfg, false, &mut |_| {}).unwrap();
+    trainer::train(
+        &TrainJob {
+            model: &model,
+            vars: &vars,
+            cfg: &killed,
+            run: &part,
+            train_set: &src,
+            val_set: None,
+            run_config: &run_cfg,
+        },
+        false,
+        &mut |_| {},
+    )
+    .unwrap();
     let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
-    trainer::train(&model, &vars, &cfg, &part, &src, Some(&val), &run_cfg, true, &mut |_| {}).unwrap();
+    trainer::train(
+        &TrainJob {
+            model: &model,
+            vars: &vars,
+            cfg: &cfg,
+            run: &part,
+            train_set: &src,
+            val_set: Some(&val),
+            run_config: &run_cfg,
+        },
+        true,
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(read_losses(&part.root), want, "resumed loss sequence differs");
 
     // Other modes ignore the warm-up.
     let (model, vars) = build(Mode::Uniform, &tmp.path().join("tok"), 7);
     let uni = RunDir::new(tmp.path().join("uni")).unwrap();
     let mut n = 0;
-    trainer::train(&model, &vars, &cfg, &uni, &src, None, &run_cfg, false, &mut |e| {
-        if let Event::Step(m) = e {
-            assert!(!m.warmup);
-            n += 1;
-        }
-    })
+    trainer::train(
+        &TrainJob {
+            model: &model,
+            vars: &vars,
+            cfg: &cfg,
+            run: &uni,
+            train_set: &src,
+            val_set: None,
+            run_config: &run_cfg,
+        },
+        false,
+        &mut |e| {
+            if let Event::Step(m) = e {
+                assert!(!m.warmup);
+                n += 1;
+            }
+        },
+    )
     .unwrap();
     assert_eq!(n, 3);
+}
+
+/// What the batch carries is what the model uses: the store's pseudo-labels are the oracle's
+/// frames and the targets of L_reg (not a top-K recomputed from the scores).
+#[test]
+fn the_batch_pseudo_labels_are_the_oracle_frames_and_the_regression_targets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = world(4, 2);
+    let mut batch = w.batch(&[0, 1]);
+    let from_scores = batch.pseudo_labels.clone();
+    let chosen = vec![vec![1, 5, 9, 13], vec![2, 6, 10, 14]];
+    assert_ne!(from_scores, chosen);
+    batch.pseudo_labels = chosen.clone();
+
+    let (oracle, _) = build_k(Mode::Oracle, tmp.path(), 3, K);
+    let frames: Vec<Vec<usize>> = oracle.answer(&batch).unwrap().into_iter().map(|a| a.frames).collect();
+    assert_eq!(frames, chosen);
+
+    let (model, _) = build_k(Mode::Grounding, tmp.path(), 3, K);
+    let g = model.grounding.as_ref().unwrap();
+    let text = gcg::grounding::text_tokens(&batch.clip_question, batch.clip_options.as_ref()).unwrap();
+    // Grounding dropout is 0 in these tests: the training forward's centres are the eval ones.
+    let centres = g
+        .generate(&batch.clip_frames, &text, gcg::nn::Ctx::eval())
+        .unwrap()
+        .gaussian_centres;
+    let reg_to = |labels: &[Vec<usize>]| -> f32 {
+        gcg::grounding::regression_loss_to(&centres, labels, T)
+            .unwrap()
+            .total()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let reg = |b: &Batch| -> f32 {
+        let rng = RefCell::new(SeededRng::new(1));
+        model.forward_grounding(b, &rng).unwrap().reg.unwrap().to_scalar::<f32>().unwrap()
+    };
+    assert!((reg(&batch) - reg_to(&chosen)).abs() <= 1e-6 * reg_to(&chosen).abs().max(1.0));
+    batch.pseudo_labels = from_scores.clone();
+    assert!((reg(&batch) - reg_to(&from_scores)).abs() <= 1e-6 * reg_to(&from_scores).abs().max(1.0));
+    assert!(
+        (reg_to(&chosen) - reg_to(&from_scores)).abs() > 1e-3,
+        "the two target sets must give different losses"
+    );
 }

@@ -4,8 +4,8 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use gcg::models::lmm::{is_trainable, LmmConfig, VideoLmm};
 use gcg::models::checkpoint::{open_hf_snapshot, release_t5_config};
+use gcg::models::lmm::{is_trainable, LmmConfig, VideoLmm};
 use gcg::weights::checkpoints::{is_buffer, GcgRelease};
 use gcg::weights::{Loader, SafetensorsSource, TensorSource};
 use std::collections::HashMap;

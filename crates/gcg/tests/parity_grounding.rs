@@ -197,6 +197,7 @@ fn check_case(dir: &str, f: &Fixture, case: &str, mode: &str, grad: TopkGradient
         answer_ids: answer_ids.as_deref(),
         answer: answer.as_tensor(),
         pseudo_label_scores: t("label_scores")?,
+        pseudo_labels: None,
     };
     let noises = TopkNoises {
         positives: Noise::Given(t("noise_pos")?),

@@ -7,10 +7,10 @@ mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::{assert_close, get, load_io};
+use gcg::models::checkpoint::open_hf_snapshot;
 use gcg::models::lmm::{is_trainable, VideoLmm};
 use gcg::models::t5::GenerateConfig;
 use gcg::nn::Ctx;
-use gcg::models::checkpoint::open_hf_snapshot;
 use gcg::weights::checkpoints::is_buffer;
 use gcg::weights::Loader;
 

@@ -5,14 +5,12 @@ mod common;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
+use gcg::data::batch::{Batch, BatchLoader, BatchOptions};
 use gcg::data::{Answer, Dataset, QaSample};
-use gcg::store::batch::{Batch, BatchLoader, BatchOptions};
 use gcg::features::extract::{extract_features, ExtractOptions, FeatureModels, VideoFrames, VideoJob};
-use gcg::features::labels::{label_questions, pseudo_labels, top_k_sorted, ClipTextEncoder, EventSource, LabelOptions};
 use gcg::features::frozen;
-use gcg::store::{
-    read_header, Fault, FaultAction, FaultPoint, QuestionRecord, Store, StoreWriter, VideoRecord, WriterOptions, SHARD_DIR,
-};
+use gcg::features::labels::{label_questions, pseudo_labels, top_k_sorted, ClipTextEncoder, EventSource, LabelOptions};
+use gcg::store::{read_header, Fault, FaultAction, FaultPoint, QuestionRecord, Store, StoreWriter, VideoRecord, WriterOptions, SHARD_DIR};
 use gcg::text::tokenizers::ClipTokenizer;
 use gcg::SeededRng;
 use half::{bf16, f16};
@@ -772,15 +770,16 @@ fn batch_signature(b: &Batch) -> Result<Signature> {
             .collect())
     };
     let mut parts = vec![
-        f32_bits(&b.frame_embeds)?,
-        f32_bits(&b.text_embeds)?,
-        f32_bits(&b.answer_embeds)?,
-        f32_bits(&b.event_embeds)?,
-        f32_bits(&b.curves)?,
-        b.pseudo_labels.flatten_all()?.to_vec1::<u32>()?,
-        b.answers.as_ref().unwrap().to_vec1::<u32>()?,
+        f32_bits(&b.clip_frames)?,
+        f32_bits(&b.clip_question)?,
+        f32_bits(b.clip_options.as_ref().unwrap())?,
+        f32_bits(&b.clip_answer)?,
+        f32_bits(&b.clip_event)?,
+        f32_bits(&b.pseudo_label_scores)?,
+        b.pseudo_labels.iter().flatten().map(|&x| x as u32).collect(),
+        b.answer_indices.as_ref().unwrap().iter().map(|&x| x as u32).collect(),
     ];
-    if let Some(f) = &b.features {
+    if let Some(f) = &b.frame_features {
         parts.push(f32_bits(f)?);
     }
     Ok((b.samples.iter().map(|s| s.key.clone()).collect(), parts))
@@ -847,19 +846,22 @@ fn batches_hold_the_stored_values() -> Result<()> {
         assert_eq!(batches.len(), 2); // 11 samples, the last 3 dropped
         for (bi, b) in batches.iter().enumerate() {
             assert_eq!(b.index, bi);
-            let f = b.features.as_ref().unwrap();
+            let f = b.frame_features.as_ref().unwrap();
             assert_eq!(f.dims(), &[4, 5, 3, 4]);
             assert_eq!(f.dtype(), dtype);
-            assert_eq!(b.frame_embeds.dims(), &[4, 5, 6]);
-            assert_eq!(b.text_embeds.dims(), &[4, 4, 6]);
-            assert_eq!(b.pseudo_labels.dims(), &[4, 2]);
-            let text = b.text_embeds.to_vec3::<f32>()?;
-            let answer = b.answer_embeds.to_vec2::<f32>()?;
-            let event = b.event_embeds.to_vec2::<f32>()?;
-            let labels = b.pseudo_labels.to_vec2::<u32>()?;
-            let curves = b.curves.to_vec2::<f32>()?;
-            let frames = b.frame_embeds.to_vec3::<f32>()?;
-            let answers = b.answers.as_ref().unwrap().to_vec1::<u32>()?;
+            assert_eq!(b.clip_frames.dims(), &[4, 5, 6]);
+            assert_eq!(b.clip_question.dims(), &[4, 6]);
+            assert_eq!(b.clip_options.as_ref().unwrap().dims(), &[4, 3, 6]);
+            assert_eq!(b.pseudo_labels.len(), 4);
+            let questions = b.clip_question.to_vec2::<f32>()?;
+            let options = b.clip_options.as_ref().unwrap().to_vec3::<f32>()?;
+            let answer = b.clip_answer.to_vec2::<f32>()?;
+            let event = b.clip_event.to_vec2::<f32>()?;
+            let labels = &b.pseudo_labels;
+            let curves = b.pseudo_label_scores.to_vec2::<f32>()?;
+            let frames = b.clip_frames.to_vec3::<f32>()?;
+            let answers = b.answer_indices.as_ref().unwrap();
+            assert!(b.prompts.is_none(), "no prompt encoder, no prompts");
             for (j, s) in b.samples.iter().enumerate() {
                 assert_eq!(s, &samples[bi * 4 + j]);
                 let v = video(&s.video, 5, 3, 4, 6);
@@ -880,13 +882,13 @@ fn batches_hold_the_stored_values() -> Result<()> {
                     }
                 }
                 assert_eq!(frames[j].concat(), v.frame_embeds);
-                assert_eq!(text[j][0], q.question);
-                assert_eq!(text[j][1..].concat(), q.options);
+                assert_eq!(questions[j], q.question);
+                assert_eq!(options[j].concat(), q.options);
                 assert_eq!(answer[j], q.answer);
                 assert_eq!(event[j], q.event);
                 assert_eq!(curves[j], q.curve);
-                assert_eq!(labels[j].iter().map(|&x| x as usize).collect::<Vec<_>>(), q.pseudo_labels);
-                assert_eq!(Answer::Choice(answers[j] as usize), s.answer);
+                assert_eq!(labels[j], q.pseudo_labels);
+                assert_eq!(Answer::Choice(answers[j]), s.answer);
                 assert_eq!(b.timestamps[j], v.timestamps);
             }
         }
@@ -904,7 +906,7 @@ fn batches_hold_the_stored_values() -> Result<()> {
     )?;
     let mut it = loader.epoch(0);
     assert_eq!(it.len(), 6);
-    assert!(it.next().unwrap()?.features.is_none());
+    assert!(it.next().unwrap()?.frame_features.is_none());
     drop(it);
 
     // Samples the store does not have are named up front.

@@ -7,8 +7,8 @@ mod common;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use gcg::features::extract::ExtractProgress;
-use gcg::features::h5import::{import_official_h5, ImportOptions, VideoTimes};
 use gcg::features::frozen;
+use gcg::features::h5import::{import_official_h5, ImportOptions, VideoTimes};
 use gcg::store::{Store, WriterOptions};
 
 #[test]

@@ -1,22 +1,26 @@
 //! VideoQA datasets: one question as a [`QaSample`], whatever benchmark it comes from.
 //!
 //! Readers for the published annotation formats (NExT-QA, NExT-GQA, IntentQA, Causal-VidQA, the
-//! open-ended JSON sets) turn files into samples; batching turns samples + the feature store into
-//! model inputs.
+//! open-ended JSON sets) turn files into samples; [`batch`] turns samples + the feature store into
+//! the one [`Batch`] the model reads, with the prompts tokenized ([`prompt`]).
 //!
 //! Every reader has a strict form (`read`: the first malformed row is an error naming the file,
 //! line and column, see [`BadRow`]) and `read_with(.., &ReadOptions)`, which with
 //! `skip_bad_rows` collects the malformed rows into [`Annotations::bad_rows`] and goes on.
 
+pub mod batch;
 pub mod causalvidqa;
 pub mod intentqa;
 mod mc_csv;
 pub mod nextgqa;
 pub mod nextqa;
 pub mod open_ended;
+pub mod prompt;
 pub mod read;
 
+pub use batch::{Batch, BatchLoader, BatchOptions};
 pub use mc_csv::{NEXTQA_TYPES, NUM_OPTIONS};
+pub use prompt::{AnswerFormat, PromptEncoder, PromptTokens, TextTokenizers};
 pub use read::{Annotations, BadRow, ReadOptions};
 
 use anyhow::Result;

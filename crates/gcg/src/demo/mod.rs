@@ -22,11 +22,11 @@ pub mod clip;
 pub mod report;
 
 use crate::data::{self, Dataset, QaSample, ReadOptions};
+use crate::features::extract::{decoded_frames, extract_features, ExtractOptions, ExtractProgress, FeatureModels, VideoJob};
+use crate::features::labels::{label_questions, ClipTextEncoder, EventSource, LabelOptions, LabelProgress};
 use crate::model::{AnswerFormat, Mode};
 use crate::models::Preset;
 use crate::run::{self, DataConfig, RunConfig, WeightsConfig};
-use crate::features::extract::{decoded_frames, extract_features, ExtractOptions, ExtractProgress, FeatureModels, VideoJob};
-use crate::features::labels::{label_questions, ClipTextEncoder, EventSource, LabelOptions, LabelProgress};
 use crate::synth::{write_world, Mp4Mode, SynthConfig, World, WriteOptions};
 use crate::train::trainer::{Event, TrainConfig};
 use crate::train::LrSchedule;
@@ -234,10 +234,108 @@ fn read_split(world: &Path, split: &str) -> Result<Vec<QaSample>> {
     Ok(data::read_annotations(Dataset::NextQa, &world.join(format!("{split}.csv")), &ReadOptions::default())?.samples)
 }
 
+/// Where a demo writes.
+struct Paths {
+    out: PathBuf,
+    world: PathBuf,
+    store: PathBuf,
+    tokenizers: PathBuf,
+}
+
+impl Paths {
+    fn new(out: &Path) -> Self {
+        Self {
+            out: out.to_path_buf(),
+            world: out.join("world"),
+            store: out.join("store"),
+            tokenizers: out.join("tokenizers"),
+        }
+    }
+
+    /// The run directory of a mode or of the pre-training.
+    fn run(&self, name: &str) -> PathBuf {
+        self.out.join("runs").join(name)
+    }
+}
+
+/// Seconds per stage, in order.
+#[derive(Default)]
+struct Stages(Vec<(String, f64)>);
+
+impl Stages {
+    fn time<T>(&mut self, name: &str, stage: impl FnOnce() -> Result<T>) -> Result<T> {
+        let t0 = Instant::now();
+        let out = stage()?;
+        self.0.push((name.to_string(), t0.elapsed().as_secs_f64()));
+        Ok(out)
+    }
+}
+
 /// Run the demo into `out` (replaced when it holds a previous demo).
 pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>)) -> Result<DemoResult> {
     let t0 = Instant::now();
-    let mut stages: Vec<(String, f64)> = Vec::new();
+    let paths = Paths::new(out);
+    prepare_out(cfg, out)?;
+    let mut stages = Stages::default();
+    let world = stages.time("world", || write_demo_world(cfg, &paths, on))?;
+    let splits: Vec<Vec<QaSample>> = ["train", "val", "test"]
+        .iter()
+        .map(|s| read_split(&paths.world, s))
+        .collect::<Result<_>>()?;
+    for (s, name) in splits.iter().zip(["train", "val", "test"]) {
+        ensure!(!s.is_empty(), "the demo world has no {name} questions; use more videos");
+    }
+    write_tokenizers(&splits, &paths.tokenizers)?;
+    let enc = stages.time("clip", || train_encoders(cfg, &paths, on))?;
+    let (pseudo_label_hit, uniform_hit) = stages.time("features+labels", || {
+        extract_demo_features(cfg, &paths, &world, &enc, on)?;
+        label_demo_questions(cfg, &paths, &splits, &enc, on)?;
+        let (hit, uniform) = pseudo_label_quality(&paths.store, &world, &splits[2], cfg)?;
+        on(DemoEvent::Note(format!(
+            "pseudo-labels (test): top-{} frames hit the true event in {hit:.1}% of questions (uniform: {uniform:.1}%)",
+            cfg.moments()
+        )));
+        Ok((hit, uniform))
+    })?;
+    let pretrain = match cfg.pretrain_epochs {
+        0 => None,
+        _ => Some(stages.time("lmm pre-training", || pretrain_language_model(cfg, &paths, on))?),
+    };
+    let init = pretrain
+        .as_ref()
+        .map(|_| run::checkpoint_weights(&paths.run(PRETRAIN), run::Checkpoint::Best))
+        .transpose()?;
+    // Training, prediction and evaluation per mode, from the same start.
+    let mut modes = Vec::new();
+    for &mode in &cfg.modes {
+        let r = stages.time(&format!("train+test {}", mode.name()), || {
+            run_mode(cfg, mode, init.clone(), &paths, &world, on)
+        })?;
+        on(DemoEvent::Note(format!(
+            "{}: accuracy {:.1}%, IoP@0.5 {:.1}%, mIoU {:.1}%, event hit {:.1}%",
+            r.mode, r.accuracy, r.iop5, r.miou, r.event_hit
+        )));
+        modes.push(r);
+    }
+    let result = DemoResult {
+        config: cfg.clone(),
+        questions: [splits[0].len(), splits[1].len(), splits[2].len()],
+        clip_losses: enc.losses.clone(),
+        clip_heldout_top1: enc.heldout_top1,
+        pseudo_label_hit,
+        uniform_hit,
+        pretrain,
+        modes,
+        seconds: t0.elapsed().as_secs_f64(),
+        stages: stages.0,
+    };
+    on(DemoEvent::Stage { name: "report", total: 0 });
+    report::write_report(&result, &world, out)?;
+    Ok(result)
+}
+
+/// Refuse a folder that is not a demo's; clear a previous demo's outputs; record the config.
+fn prepare_out(cfg: &DemoConfig, out: &Path) -> Result<()> {
     if out.exists() {
         let marker = out.join("demo.json");
         let empty = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
@@ -255,11 +353,11 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
         }
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    crate::util::write_atomic(&out.join("demo.json"), serde_json::to_string_pretty(cfg)?.as_bytes())?;
+    crate::util::write_atomic(&out.join("demo.json"), serde_json::to_string_pretty(cfg)?.as_bytes())
+}
 
-    // 1. The world.
-    let stage = Instant::now();
-    let world_dir = out.join("world");
+/// 1. The world: videos, annotations and grounding files.
+fn write_demo_world(cfg: &DemoConfig, paths: &Paths, on: &mut dyn FnMut(DemoEvent<'_>)) -> Result<World> {
     let world = World::generate(&cfg.world)?;
     on(DemoEvent::Stage {
         name: "world",
@@ -267,7 +365,7 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
     });
     let summary = write_world(
         &world,
-        &world_dir,
+        &paths.world,
         &WriteOptions {
             mp4: if cfg.mp4 { Mp4Mode::Auto } else { Mp4Mode::Never },
             overwrite: true,
@@ -282,18 +380,11 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
         summary.questions.values().sum::<usize>(),
         if summary.mp4 { "written" } else { "skipped" }
     )));
-    stages.push(("world".into(), stage.elapsed().as_secs_f64()));
+    Ok(world)
+}
 
-    let splits: Vec<Vec<QaSample>> = ["train", "val", "test"]
-        .iter()
-        .map(|s| read_split(&world_dir, s))
-        .collect::<Result<_>>()?;
-    for (s, name) in splits.iter().zip(["train", "val", "test"]) {
-        ensure!(!s.is_empty(), "the demo world has no {name} questions; use more videos");
-    }
-
-    // 2. Tokenizers of the tiny language model: a closed vocabulary over every prompt and answer.
-    let tok_dir = out.join("tokenizers");
+/// 2. Tokenizers of the tiny language model: a closed vocabulary over every prompt and answer.
+fn write_tokenizers(splits: &[Vec<QaSample>], dir: &Path) -> Result<()> {
     let texts: Vec<String> = splits
         .iter()
         .flatten()
@@ -301,38 +392,46 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
         .chain(["A B C D E".to_string()])
         .collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    crate::text::vocab::closed_vocab_tokenizers(&refs, &tok_dir)?;
+    crate::text::vocab::closed_vocab_tokenizers(&refs, dir)?;
+    Ok(())
+}
 
-    // 3. Frozen encoders.
-    let stage = Instant::now();
+/// 3. The frozen encoders, pre-trained contrastively on the training videos.
+fn train_encoders(cfg: &DemoConfig, paths: &Paths, on: &mut dyn FnMut(DemoEvent<'_>)) -> Result<clip::Encoders> {
     on(DemoEvent::Stage {
         name: "clip pre-training",
         total: cfg.clip.steps as u64,
     });
-    let enc = clip::pretrain(&world_dir, &cfg.clip, &mut |step, loss| {
+    let enc = clip::pretrain(&paths.world, &cfg.clip, &mut |step, loss| {
         on(DemoEvent::Progress {
             done: step as u64,
             message: format!("loss {loss:.3}"),
         })
     })?;
-    enc.save(&out.join("encoders.safetensors"))?;
+    enc.save(&paths.out.join("encoders.safetensors"))?;
     on(DemoEvent::Note(format!(
         "clip: loss {:.3} -> {:.3}, held-out caption retrieval top-1 {:.1}%",
         enc.losses.first().map_or(f64::NAN, |x| x.1),
         enc.losses.last().map_or(f64::NAN, |x| x.1),
         enc.heldout_top1
     )));
-    stages.push(("clip".into(), stage.elapsed().as_secs_f64()));
+    Ok(enc)
+}
 
-    // 4. Features of every video from its frame folder, then pseudo-labels.
-    let stage = Instant::now();
-    let store_dir = out.join("store");
+/// 4a. Features of every video from its frame folder, into the store.
+fn extract_demo_features(
+    cfg: &DemoConfig,
+    paths: &Paths,
+    world: &World,
+    enc: &clip::Encoders,
+    on: &mut dyn FnMut(DemoEvent<'_>),
+) -> Result<()> {
     let jobs: Vec<VideoJob> = world
         .videos
         .iter()
         .map(|v| VideoJob {
             id: v.id.clone(),
-            path: world_dir.join("frames").join(&v.id),
+            path: paths.world.join("frames").join(&v.id),
         })
         .collect();
     let ffmpeg = crate::video::Ffmpeg::from_env();
@@ -344,7 +443,7 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
     });
     let mut done = 0u64;
     let rep = extract_features(
-        &store_dir,
+        &paths.store,
         &jobs,
         &source,
         &FeatureModels {
@@ -371,6 +470,17 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
     if let Some((v, e)) = rep.failed.first() {
         bail!("features: {} of {} videos failed (first: {v}: {e})", rep.failed.len(), jobs.len());
     }
+    Ok(())
+}
+
+/// 4b. CLIP text embeddings and pseudo-labels of every question (event text: question + answer).
+fn label_demo_questions(
+    cfg: &DemoConfig,
+    paths: &Paths,
+    splits: &[Vec<QaSample>],
+    enc: &clip::Encoders,
+    on: &mut dyn FnMut(DemoEvent<'_>),
+) -> Result<()> {
     let all: Vec<QaSample> = splits.iter().flatten().cloned().collect();
     on(DemoEvent::Stage {
         name: "pseudo-labels",
@@ -384,7 +494,7 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
     };
     let mut done = 0u64;
     let rep = label_questions(
-        &store_dir,
+        &paths.store,
         &all,
         &encoder,
         &LabelOptions {
@@ -408,75 +518,24 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
     if let Some((k, e)) = rep.failed.first() {
         bail!("pseudo-labels: {} questions failed (first: {k}: {e})", rep.failed.len());
     }
-    let (pseudo_label_hit, uniform_hit) = pseudo_label_quality(&store_dir, &world, &splits[2], cfg)?;
+    Ok(())
+}
+
+/// 5. The shared language-model pre-training: the tiny Q-Former and T5 learn to answer from the
+/// frames the CLIP pseudo-labels point at (the oracle selection) on the training split — the
+/// stand-in for InstructBLIP's pre-training, which no tiny model has.
+fn pretrain_language_model(cfg: &DemoConfig, paths: &Paths, on: &mut dyn FnMut(DemoEvent<'_>)) -> Result<Pretrain> {
+    let rc = run_config(cfg, PRETRAIN, Mode::Oracle, cfg.pretrain_epochs, None, paths);
+    let (curve, _, val, secs) = train(&rc, "lmm pre-training", on)?;
     on(DemoEvent::Note(format!(
-        "pseudo-labels (test): top-{} frames hit the true event in {pseudo_label_hit:.1}% of questions (uniform: {uniform_hit:.1}%)",
-        cfg.moments()
+        "language model pre-training: validation accuracy {} (oracle frames)",
+        val.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" → ")
     )));
-    stages.push(("features+labels".into(), stage.elapsed().as_secs_f64()));
-
-    // 5. The shared language-model pre-training: the tiny Q-Former and T5 learn to answer from
-    // the frames the CLIP pseudo-labels point at (the oracle selection) on the training split —
-    // the stand-in for InstructBLIP's pre-training, which no tiny model has.
-    let mut pretrain = None;
-    if cfg.pretrain_epochs > 0 {
-        let stage = Instant::now();
-        let rc = run_config(
-            cfg,
-            PRETRAIN,
-            Mode::Oracle,
-            cfg.pretrain_epochs,
-            None,
-            out,
-            &world_dir,
-            &store_dir,
-            &tok_dir,
-        );
-        let (curve, _, val, secs) = train(&rc, "lmm pre-training", on)?;
-        on(DemoEvent::Note(format!(
-            "language model pre-training: validation accuracy {} (oracle frames)",
-            val.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" → ")
-        )));
-        pretrain = Some(Pretrain {
-            curve,
-            val_accuracy: val,
-            seconds: secs,
-        });
-        stages.push(("lmm pre-training".into(), stage.elapsed().as_secs_f64()));
-    }
-    let init = pretrain
-        .as_ref()
-        .map(|_| run::checkpoint_weights(&out.join("runs").join(PRETRAIN), run::Checkpoint::Best))
-        .transpose()?;
-
-    // 6. Training, prediction and evaluation per mode, from the same start.
-    let mut modes = Vec::new();
-    for &mode in &cfg.modes {
-        let stage = Instant::now();
-        let r = run_mode(cfg, mode, init.clone(), out, &world_dir, &store_dir, &tok_dir, &world, on)?;
-        on(DemoEvent::Note(format!(
-            "{}: accuracy {:.1}%, IoP@0.5 {:.1}%, mIoU {:.1}%, event hit {:.1}%",
-            r.mode, r.accuracy, r.iop5, r.miou, r.event_hit
-        )));
-        modes.push(r);
-        stages.push((format!("train+test {}", mode.name()), stage.elapsed().as_secs_f64()));
-    }
-
-    let result = DemoResult {
-        config: cfg.clone(),
-        questions: [splits[0].len(), splits[1].len(), splits[2].len()],
-        clip_losses: enc.losses.clone(),
-        clip_heldout_top1: enc.heldout_top1,
-        pseudo_label_hit,
-        uniform_hit,
-        pretrain,
-        modes,
-        seconds: t0.elapsed().as_secs_f64(),
-        stages,
-    };
-    on(DemoEvent::Stage { name: "report", total: 0 });
-    report::write_report(&result, &world, out)?;
-    Ok(result)
+    Ok(Pretrain {
+        curve,
+        val_accuracy: val,
+        seconds: secs,
+    })
 }
 
 /// The true event frames (indices into the T sampled frames) of a test question.
@@ -516,20 +575,10 @@ fn pseudo_label_quality(store_dir: &Path, world: &World, test: &[QaSample], cfg:
 
 /// The run config of a mode (or of the pre-training, `name` "lmm-pretrain"): the template with
 /// the mode, the paths of this demo and the run's epochs, learning rate and starting weights.
-#[allow(clippy::too_many_arguments)]
-fn run_config(
-    cfg: &DemoConfig,
-    name: &str,
-    mode: Mode,
-    epochs: u64,
-    init: Option<PathBuf>,
-    out: &Path,
-    world_dir: &Path,
-    store_dir: &Path,
-    tok_dir: &Path,
-) -> RunConfig {
+fn run_config(cfg: &DemoConfig, name: &str, mode: Mode, epochs: u64, init: Option<PathBuf>, paths: &Paths) -> RunConfig {
     let mut rc = cfg.run.clone();
-    rc.run_dir = out.join("runs").join(name);
+    rc.run_dir = paths.run(name);
+    let (world_dir, store_dir, tok_dir) = (&paths.world, &paths.store, &paths.tokenizers);
     rc.model.mode = mode;
     rc.weights.tokenizers = Some(tok_dir.to_path_buf());
     rc.weights.init_partial = init.is_some();
@@ -580,19 +629,16 @@ fn train(
     Ok((curve, warmup, val_accuracy, t0.elapsed().as_secs_f64()))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// 6. One mode: train, predict the test split with the best checkpoint, score it.
 fn run_mode(
     cfg: &DemoConfig,
     mode: Mode,
     init: Option<PathBuf>,
-    out: &Path,
-    world_dir: &Path,
-    store_dir: &Path,
-    tok_dir: &Path,
+    paths: &Paths,
     world: &World,
     on: &mut dyn FnMut(DemoEvent<'_>),
 ) -> Result<ModeResult> {
-    let rc = run_config(cfg, mode.name(), mode, cfg.run.train.epochs, init, out, world_dir, store_dir, tok_dir);
+    let rc = run_config(cfg, mode.name(), mode, cfg.run.train.epochs, init, paths);
     let run_dir = rc.run_dir.clone();
     let (curve, warmup_curve, val_accuracy, train_seconds) = train(&rc, mode.name(), on)?;
 
@@ -604,9 +650,9 @@ fn run_mode(
     let preds = crate::eval::read_predictions(&run_dir.join("predictions-test.jsonl"))?;
     let preds: std::collections::HashMap<(String, String), crate::eval::predictions::PredictionRow> =
         preds.rows.into_iter().map(|(_, r)| (r.key(), r)).collect();
-    let store = crate::store::Store::open(store_dir)?;
+    let store = crate::store::Store::open(&paths.store)?;
     let snap = store.snapshot();
-    let test = read_split(world_dir, "test")?;
+    let test = read_split(&paths.world, "test")?;
     let (mut hit, mut n) = (0usize, 0usize);
     for s in &test {
         let (Some(row), Some(v)) = (preds.get(&(s.video.clone(), s.qid.clone())), snap.index().videos.get(&s.video)) else {

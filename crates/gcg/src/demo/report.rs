@@ -415,6 +415,15 @@ fn example_svg(
 }
 
 /// Write `report.json`, `report.md` and `figures/*.svg` into `out`.
+/// A grounding example of the report: its figure, video, question and answer.
+struct Example {
+    figure: String,
+    video: String,
+    question: String,
+    answer: String,
+}
+
+/// Write `report.md`, `report.json` and the figures of a demo into `out`.
 pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
     let fig = out.join("figures");
     std::fs::create_dir_all(&fig).with_context(|| format!("creating {}", fig.display()))?;
@@ -424,8 +433,19 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
     if let Some(svg) = &warmup_figure {
         crate::util::write_atomic(&fig.join("grounding-warmup.svg"), svg.as_bytes())?;
     }
+    let examples = write_examples(r, world, out, &fig)?;
+    let j = report_json(r);
+    crate::util::write_atomic(&out.join("report.json"), (serde_json::to_string_pretty(&j)? + "\n").as_bytes())?;
+    let mut md = String::new();
+    md_results(&mut md, r);
+    md_stages(&mut md, r);
+    md_figures_and_examples(&mut md, r, warmup_figure.is_some(), &examples);
+    crate::util::write_atomic(&out.join("report.md"), md.as_bytes())?;
+    Ok(())
+}
 
-    // Grounding examples: the first test questions, one per question kind where possible.
+/// Grounding examples: the first test questions, one per question kind where possible.
+fn write_examples(r: &DemoResult, world: &World, out: &Path, fig: &Path) -> Result<Vec<Example>> {
     let preds: Vec<(String, HashMap<(String, String), PredictionRow>)> = r
         .modes
         .iter()
@@ -463,14 +483,19 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
                 &rows,
             )?;
             crate::util::write_atomic(&fig.join(&name), svg.as_bytes())?;
-            examples.push((name, v.id.clone(), q.question.clone(), q.answer_text().to_string()));
+            examples.push(Example {
+                figure: name,
+                video: v.id.clone(),
+                question: q.question.clone(),
+                answer: q.answer_text().to_string(),
+            });
         }
     }
+    Ok(examples)
+}
 
-    let j = report_json(r);
-    crate::util::write_atomic(&out.join("report.json"), (serde_json::to_string_pretty(&j)? + "\n").as_bytes())?;
-
-    let mut md = String::new();
+/// The title, the world and the test results.
+fn md_results(md: &mut String, r: &DemoResult) {
     let _ = writeln!(
         md,
         "# GCG demo report (seed {}{})\n",
@@ -503,6 +528,10 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
         r.config.moments()
     );
     let _ = writeln!(md, "![accuracy](figures/accuracy.svg)\n");
+}
+
+/// What each stage did.
+fn md_stages(md: &mut String, r: &DemoResult) {
     let _ = writeln!(md, "## Stages\n");
     let _ = writeln!(
         md,
@@ -521,7 +550,10 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
         md,
         "* **Pseudo-labels** (CLIP similarity of the T = {} frames to \"question? answer\", Gaussian-smoothed top-{}): \
          they include a frame of the true event for {:.1}% of the test questions; K uniform frames do for {:.1}%.",
-        r.config.frames(), r.config.moments(), r.pseudo_label_hit, r.uniform_hit
+        r.config.frames(),
+        r.config.moments(),
+        r.pseudo_label_hit,
+        r.uniform_hit
     );
     if let Some(p) = &r.pretrain {
         let _ = writeln!(
@@ -568,8 +600,12 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
             r.config.run.train.grounding_warmup_epochs, n, first, last
         );
     }
+}
+
+/// The figures, the grounding examples and the time per stage.
+fn md_figures_and_examples(md: &mut String, r: &DemoResult, warmup_figure: bool, examples: &[Example]) {
     let _ = writeln!(md, "\n![training curves](figures/training.svg)\n");
-    if warmup_figure.is_some() {
+    if warmup_figure {
         let _ = writeln!(md, "![grounding warm-up](figures/grounding-warmup.svg)\n");
     }
     if !examples.is_empty() {
@@ -579,16 +615,18 @@ pub fn write_report(r: &DemoResult, world: &World, out: &Path) -> Result<()> {
             "Green band: the true event; curves: p(t); ticks: the selected moments; strips: the K frames each mode \
              gave the language model (green border: inside the event).\n"
         );
-        for (name, v, q, a) in &examples {
-            let _ = writeln!(md, "**{v}** — {q}? ({a})\n\n![{name}](figures/{name})\n");
+        for e in examples {
+            let _ = writeln!(
+                md,
+                "**{}** — {}? ({})\n\n![{}](figures/{})\n",
+                e.video, e.question, e.answer, e.figure, e.figure
+            );
         }
     }
     let _ = writeln!(md, "## Time per stage\n");
     for (n, s) in &r.stages {
         let _ = writeln!(md, "* {n}: {s:.1} s");
     }
-    crate::util::write_atomic(&out.join("report.md"), md.as_bytes())?;
-    Ok(())
 }
 
 #[cfg(test)]

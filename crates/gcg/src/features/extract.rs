@@ -12,9 +12,9 @@
 //! it again; records buffered but not yet written are redone. A video that fails (unreadable,
 //! too short, a model error) is reported in [`ExtractReport::failed`] and the others go on.
 
-use crate::store::{StoreWriter, VideoRecord, WriterOptions};
 use crate::models::clip_branch::ClipImageHead;
 use crate::models::vit::VisionModel;
+use crate::store::{StoreWriter, VideoRecord, WriterOptions};
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};

@@ -10,10 +10,10 @@
 //! the question and answer as one sentence (`"{question}? {answer}"`), or a declarative
 //! statement per question written offline (a JSON map sample key → sentence).
 
-use crate::store::Store;
-use crate::store::{QuestionRecord, StoreWriter, WriterOptions};
 use crate::data::QaSample;
 use crate::models::clip_text::ClipTextModel;
+use crate::store::Store;
+use crate::store::{QuestionRecord, StoreWriter, WriterOptions};
 use crate::text::ClipTokenizer;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device};

@@ -87,12 +87,21 @@ pub fn regression_loss(centres: &Tensor, pseudo_label_scores: &Tensor) -> Result
     })?;
     ensure!(bs == b, "regression loss: {b} centre rows but {bs} pseudo-label rows");
     ensure!(k <= t, "regression loss: {k} centres but only {t} frames");
-    let targets: Vec<f64> = hard_topk(pseudo_label_scores, k)
-        .context("regression loss: pseudo-labels")?
-        .into_iter()
-        .flatten()
-        .map(|i| i as f64)
-        .collect();
+    let pseudo_labels = hard_topk(pseudo_label_scores, k).context("regression loss: pseudo-labels")?;
+    regression_loss_to(centres, &pseudo_labels, t)
+}
+
+/// L_reg towards given pseudo-labels: per sample the K target frames in time order, of T frames.
+pub fn regression_loss_to(centres: &Tensor, pseudo_labels: &[Vec<usize>], frames: usize) -> Result<RegressionLoss> {
+    let (b, k) = centres
+        .dims2()
+        .with_context(|| format!("regression loss: centres must be [B, K], got {:?}", centres.dims()))?;
+    ensure!(
+        pseudo_labels.len() == b && pseudo_labels.iter().all(|p| p.len() == k && p.iter().all(|&f| f < frames)),
+        "regression loss: pseudo-labels must be {b} rows of {k} frames below {frames}, got {pseudo_labels:?}"
+    );
+    let t = frames;
+    let targets: Vec<f64> = pseudo_labels.iter().flatten().map(|&i| i as f64).collect();
     let targets = Tensor::from_vec(targets, (b, k), centres.device())?.to_dtype(centres.dtype())?;
     let c = (centres * (t as f64 - 1.0))?; // [B, K] in frame units
     let smooth = smooth_l1(&(&c - &targets)?)?.mean_all()?;

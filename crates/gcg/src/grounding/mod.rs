@@ -27,7 +27,7 @@ pub mod topk;
 
 pub use gaussian::{gaussian_mixture, gaussian_std, gaussians};
 pub use generator::{GaussianGenerator, GeneratorOutput};
-pub use losses::{contrastive_loss, regression_loss, ContrastiveInputs, ProjectionHead, RegressionLoss};
+pub use losses::{contrastive_loss, regression_loss, regression_loss_to, ContrastiveInputs, ProjectionHead, RegressionLoss};
 pub use topk::{hard_selection, hard_topk, one_hot_selection, perturbed_topk, Noise, PerturbedTopK, TopkGradient};
 
 use crate::nn::Ctx;
@@ -183,6 +183,9 @@ pub struct GroundingInputs<'a> {
     pub answer: &'a Tensor, // [B, d]
     /// Pseudo-label scores s_t; their hard top-K (time-sorted) are the regression targets.
     pub pseudo_label_scores: &'a Tensor, // [B, T]
+    /// That top-K when the caller has it (the feature store's pseudo-labels): used as the
+    /// regression targets when made for this K, instead of the top-K of the scores.
+    pub pseudo_labels: Option<&'a [Vec<usize>]>,
 }
 
 impl GroundingInputs<'_> {
@@ -294,7 +297,10 @@ impl Grounding {
         ctx: Ctx,
     ) -> Result<GroundingLosses> {
         let (t, k) = (self.cfg.frames, self.cfg.moments);
-        let regression = regression_loss(&out.gaussian_centres, inputs.pseudo_label_scores)?;
+        let regression = match inputs.pseudo_labels.filter(|p| p.iter().all(|row| row.len() == k)) {
+            Some(labels) => regression_loss_to(&out.gaussian_centres, labels, t)?,
+            None => regression_loss(&out.gaussian_centres, inputs.pseudo_label_scores)?,
+        };
         let p = &out.frame_scores;
         let positive_selection = perturbed_topk(p, k, &self.cfg.topk, positives)?; // [B, K, T]
         let negative_selection = perturbed_topk(&p.affine(-1.0, 1.0)?, t - k, &self.cfg.topk, negatives)?; // [B, T-K, T]

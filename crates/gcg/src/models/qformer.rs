@@ -497,7 +497,6 @@ impl QFormer {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

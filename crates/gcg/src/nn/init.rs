@@ -1,8 +1,8 @@
 //! Parameter initialisation of built networks. The initialisers themselves ([`Init`]) belong to
 //! the weight loader, which draws every tensor it has no checkpoint for from one.
 
-pub use crate::weights::init::{sinusoidal_table, Init};
 use crate::rng::SeededRng;
+pub use crate::weights::init::{sinusoidal_table, Init};
 use anyhow::Result;
 use candle_core::Tensor;
 

@@ -3,10 +3,10 @@
 
 use super::config::{DataConfig, Precision, RunConfig};
 use crate::data::{self, Dataset, QaSample, ReadOptions};
-use crate::model::{GcgBatch, GcgModel, TextTokenizers};
+use crate::data::{Batch, BatchLoader, BatchOptions};
+use crate::model::{GcgModel, TextTokenizers};
 use crate::models::checkpoint::open_any;
 use crate::models::lmm::{is_vit_trunk, LmmConfig};
-use crate::store::batch::{Batch, BatchLoader, BatchOptions};
 use crate::store::Store;
 use crate::text::{QFormerTokenizer, T5Tokenizer};
 use crate::train::trainer::BatchSource;
@@ -21,6 +21,13 @@ pub struct BuiltModel {
     pub model: GcgModel,
     pub vars: VarStore,
     pub device: Device,
+}
+
+impl BuiltModel {
+    /// The dtype the model reads the frame features in (its frozen networks').
+    pub fn feature_dtype(&self) -> DType {
+        self.model.lmm.post_layernorm.weight.dtype()
+    }
 }
 
 /// Is `name` trained in this run?
@@ -74,7 +81,11 @@ fn load_trained(vars: &VarStore, init: &Path, partial: bool) -> Result<()> {
             .load_matching(&src)
             .with_context(|| format!("loading trained weights from {}", init.display()))?;
         if !missing.is_empty() {
-            tracing::info!("{} trainable tensors not in {} keep their initialisation", missing.len(), init.display());
+            tracing::info!(
+                "{} trainable tensors not in {} keep their initialisation",
+                missing.len(),
+                init.display()
+            );
         }
     } else {
         vars.load_from(&src)
@@ -121,39 +132,17 @@ impl Split {
     }
 }
 
-/// A store batch as the model's input.
-pub fn to_gcg_batch(b: Batch, dev: &Device) -> Result<GcgBatch> {
-    let features = b.features.ok_or_else(|| anyhow!("the batch has no frame features"))?;
-    let (_, rows, _) = b.text_embeds.dims3()?;
-    let clip_question = b.text_embeds.narrow(1, 0, 1)?.squeeze(1)?;
-    let clip_options = if rows > 1 {
-        Some(b.text_embeds.narrow(1, 1, rows - 1)?.contiguous()?)
-    } else {
-        None
-    };
-    Ok(GcgBatch {
-        samples: b.samples,
-        features: features.to_device(dev)?,
-        clip_frames: b.frame_embeds.to_device(dev)?,
-        clip_question: clip_question.contiguous()?.to_device(dev)?,
-        clip_options: clip_options.map(|t| t.to_device(dev)).transpose()?,
-        clip_event: b.event_embeds.to_device(dev)?,
-        pseudo_label_scores: b.curves.to_device(dev)?,
-        timestamps: b.timestamps,
-    })
-}
-
 impl BatchSource for Split {
     fn num_batches(&self) -> usize {
         self.loader.num_batches()
     }
-    fn batches(&self, epoch: u64, skip: usize) -> Result<Box<dyn Iterator<Item = Result<GcgBatch>> + '_>> {
-        let dev = self.loader.options().device.clone();
-        Ok(Box::new(self.loader.epoch(epoch).skip(skip).map(move |b| to_gcg_batch(b?, &dev))))
+    fn batches(&self, epoch: u64, skip: usize) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>> {
+        Ok(Box::new(self.loader.epoch(epoch).skip(skip)))
     }
 }
 
-pub(crate) fn batch_options(cfg: &RunConfig, dev: &Device, dt: DType, shuffle: bool) -> BatchOptions {
+/// How a run's batches are made for `model` (its prompts tokenized by the workers).
+pub(crate) fn batch_options(cfg: &RunConfig, built: &BuiltModel, shuffle: bool) -> BatchOptions {
     BatchOptions {
         batch_size: cfg.train.batch_size,
         shuffle,
@@ -161,8 +150,9 @@ pub(crate) fn batch_options(cfg: &RunConfig, dev: &Device, dt: DType, shuffle: b
         drop_last: false,
         workers: cfg.data.workers,
         prefetch: 2,
-        features: Some(dt),
-        device: dev.clone(),
+        features: Some(built.feature_dtype()),
+        device: built.device.clone(),
+        prompts: Some(built.model.prompt_encoder()),
     }
 }
 
@@ -175,4 +165,3 @@ pub fn open_store(cfg: &RunConfig) -> Result<(Store, usize)> {
         .ok_or_else(|| anyhow!("the store {} holds no features yet (run gcg features)", cfg.data.store.display()))?;
     Ok((store, meta.embed_dim))
 }
-

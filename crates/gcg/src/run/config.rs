@@ -39,8 +39,9 @@ impl DeviceKind {
     pub fn open(self) -> Result<Device> {
         match self {
             DeviceKind::Cpu => Ok(Device::Cpu),
-            DeviceKind::Cuda => Device::new_cuda(0)
-                .map_err(|e| anyhow!("cannot open CUDA device 0 ({e}); build gcg with `--features cuda` on a machine with the CUDA toolkit")),
+            DeviceKind::Cuda => Device::new_cuda(0).map_err(|e| {
+                anyhow!("cannot open CUDA device 0 ({e}); build gcg with `--features cuda` on a machine with the CUDA toolkit")
+            }),
         }
     }
 }
@@ -256,10 +257,14 @@ impl RunConfig {
             }
             None => toml::Value::Table(Default::default()),
         };
-        Self::from_doc(doc, overrides, &match path {
-            Some(p) => format!("in config {}", p.display()),
-            None => "in the command-line settings".to_string(),
-        })
+        Self::from_doc(
+            doc,
+            overrides,
+            &match path {
+                Some(p) => format!("in config {}", p.display()),
+                None => "in the command-line settings".to_string(),
+            },
+        )
     }
 
     /// This config with `key=value` overrides applied (e.g. a run directory's config).

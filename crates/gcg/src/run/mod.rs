@@ -16,11 +16,14 @@ pub mod predict;
 
 pub use build::{build_model, open_store, trainable, BuiltModel, Split};
 pub use config::{apply_overrides, DataConfig, DeviceKind, Precision, RunConfig, WeightsConfig};
-pub use predict::{checkpoint_weights, Checkpoint, EvalSplit, evaluate_predictions, open_eval_split, predict_run, predict_split, prediction_row};
+pub use predict::{
+    checkpoint_weights, evaluate_predictions, open_eval_split, predict_annotations, predict_run, predict_split, prediction_row, Checkpoint,
+    EvalSplit,
+};
 
-use build::batch_options;
 use crate::train::trainer::{self, BatchSource, Event, RunDir};
 use anyhow::{anyhow, Result};
+use build::batch_options;
 
 /// Train a run (resuming from its `last` checkpoint when asked), then evaluate the best
 /// checkpoint on the test split when one is configured.
@@ -28,13 +31,12 @@ pub fn train_run(cfg: &RunConfig, resume: bool, on_event: &mut dyn FnMut(Event))
     let run = RunDir::new(&cfg.run_dir)?;
     let (store, embed_dim) = open_store(cfg)?;
     let built = build_model(cfg, embed_dim)?;
-    let dt = built.model.lmm.post_layernorm.weight.dtype();
     let train_path = cfg.data.train.as_ref().ok_or_else(|| anyhow!("[data] train is not set"))?;
     let train = Split::open(
         &store,
         cfg.data.dataset,
         train_path,
-        batch_options(cfg, &built.device, dt, true),
+        batch_options(cfg, &built, true),
         &cfg.data,
         None,
     )?;
@@ -43,7 +45,7 @@ pub fn train_run(cfg: &RunConfig, resume: bool, on_event: &mut dyn FnMut(Event))
             &store,
             cfg.data.dataset,
             p,
-            batch_options(cfg, &built.device, dt, false),
+            batch_options(cfg, &built, false),
             &cfg.data,
             cfg.data.max_eval,
         )?),
@@ -51,17 +53,15 @@ pub fn train_run(cfg: &RunConfig, resume: bool, on_event: &mut dyn FnMut(Event))
     };
     let cfg_json = serde_json::to_value(cfg)?;
     crate::util::write_atomic(&run.root.join("config.json"), serde_json::to_string_pretty(&cfg_json)?.as_bytes())?;
-    trainer::train(
-        &built.model,
-        &built.vars,
-        &cfg.train,
-        &run,
-        &train,
-        val.as_ref().map(|v| v as &dyn BatchSource),
-        &cfg_json,
-        resume,
-        on_event,
-    )?;
+    let job = trainer::TrainJob {
+        model: &built.model,
+        vars: &built.vars,
+        cfg: &cfg.train,
+        run: &run,
+        train_set: &train,
+        val_set: val.as_ref().map(|v| v as &dyn BatchSource),
+        run_config: &cfg_json,
+    };
+    trainer::train(&job, resume, on_event)?;
     Ok(())
 }
-

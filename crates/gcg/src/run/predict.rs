@@ -1,15 +1,14 @@
 //! Predicting with a run: prediction files (resumable) and their scores with the official metrics.
 
-use super::build::{build_model, open_store, to_gcg_batch, Split};
+use super::build::{build_model, open_store, BuiltModel, Split};
 use super::config::RunConfig;
 use crate::data::{self, Dataset, QaSample, ReadOptions};
+use crate::data::{BatchLoader, BatchOptions};
 use crate::eval::predictions::{Moments, PredictionRow, PredictionWriter};
 use crate::model::{Answered, GcgModel};
-use crate::store::batch::{BatchLoader, BatchOptions};
 use crate::store::Store;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
-use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
 /// An evaluation split of a run's config.
@@ -101,7 +100,10 @@ impl std::fmt::Display for Checkpoint {
 
 /// Which weights of a run to predict with.
 pub fn checkpoint_weights(run_dir: &Path, which: Checkpoint) -> Result<PathBuf> {
-    let p = run_dir.join("checkpoints").join(which.name()).join(crate::train::checkpoint::WEIGHTS);
+    let p = run_dir
+        .join("checkpoints")
+        .join(which.name())
+        .join(crate::train::checkpoint::WEIGHTS);
     if !p.exists() {
         bail!("{} has no {which} checkpoint ({} does not exist)", run_dir.display(), p.display());
     }
@@ -158,7 +160,7 @@ pub fn predict_split(model: &GcgModel, split: &Split, out: &Path, on_batch: &mut
         },
     )?;
     for b in loader.epoch(0) {
-        let batch = to_gcg_batch(b?, &opts.device)?;
+        let batch = b?;
         let answers = model.answer(&batch)?;
         for (s, a) in batch.samples.iter().zip(&answers) {
             writer.write(&prediction_row(s, a))?;
@@ -171,12 +173,12 @@ pub fn predict_split(model: &GcgModel, split: &Split, out: &Path, on_batch: &mut
 }
 
 /// Open a split of a run for prediction (no shuffling).
-pub fn open_eval_split(cfg: &RunConfig, store: &Store, annotations: &Path, dev: &Device, dt: DType) -> Result<Split> {
+pub fn open_eval_split(cfg: &RunConfig, store: &Store, annotations: &Path, built: &BuiltModel) -> Result<Split> {
     Split::open(
         store,
         cfg.data.dataset,
         annotations,
-        super::build::batch_options(cfg, dev, dt, false),
+        super::build::batch_options(cfg, built, false),
         &cfg.data,
         cfg.data.max_eval,
     )
@@ -214,26 +216,37 @@ pub fn evaluate_predictions(
     Ok(ev)
 }
 
+/// Predict the questions of an annotation file with the model of `cfg` into `out` (resuming a
+/// partial file) and score them (NExT-GQA grounding too, with its gsub file), writing the
+/// metrics to `metrics` when given.
+pub fn predict_annotations(
+    cfg: &RunConfig,
+    annotations: &Path,
+    grounding: Option<&Path>,
+    out: &Path,
+    metrics: Option<&Path>,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<crate::eval::Evaluation> {
+    let (store, embed_dim) = open_store(cfg)?;
+    let built = build_model(cfg, embed_dim)?;
+    let split = open_eval_split(cfg, &store, annotations, &built)?;
+    predict_split(&built.model, &split, out, on_batch)?;
+    evaluate_predictions(cfg.data.dataset, annotations, grounding, out, metrics, cfg.data.skip_bad_rows)
+}
+
 /// Predict a split (`val` or `test`) of a run with its `best` or `last` checkpoint into
 /// `predictions-{split}.jsonl` in the run directory (resuming a partial file) and score it into
 /// `metrics-{split}.json`.
-pub fn predict_run(cfg: &RunConfig, split: EvalSplit, which: Checkpoint, on_batch: &mut dyn FnMut(usize, usize)) -> Result<crate::eval::Evaluation> {
+pub fn predict_run(
+    cfg: &RunConfig,
+    split: EvalSplit,
+    which: Checkpoint,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<crate::eval::Evaluation> {
     let (ann, grounding) = split.files(cfg)?;
     let mut cfg = cfg.clone();
     cfg.weights.init = Some(checkpoint_weights(&cfg.run_dir, which)?);
     let out = cfg.run_dir.join(format!("predictions-{split}.jsonl"));
     let metrics = cfg.run_dir.join(format!("metrics-{split}.json"));
-    let (store, embed_dim) = open_store(&cfg)?;
-    let built = build_model(&cfg, embed_dim)?;
-    let dt = built.model.lmm.post_layernorm.weight.dtype();
-    let s = open_eval_split(&cfg, &store, &ann, &built.device, dt)?;
-    predict_split(&built.model, &s, &out, on_batch)?;
-    evaluate_predictions(
-        cfg.data.dataset,
-        &ann,
-        grounding.as_deref(),
-        &out,
-        Some(&metrics),
-        cfg.data.skip_bad_rows,
-    )
+    predict_annotations(&cfg, &ann, grounding.as_deref(), &out, Some(&metrics), on_batch)
 }

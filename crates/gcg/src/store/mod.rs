@@ -70,19 +70,20 @@
 //! [`Store::open`] parses the index once into a [`Snapshot`]; [`Store::refresh`] swaps in a new
 //! one when `index.json` changed. Shards are memory-mapped once and shared by all snapshots. F16
 //! features are borrowed straight from the map ([`MappedTensor::as_f16`]) and copied once into
-//! a tensor (converted to f32 / bf16 on the way when asked). [`batch`] collates training batches
-//! with prefetching workers.
+//! a tensor (converted to f32 / bf16 on the way when asked). [`crate::data::batch`] collates
+//! training batches from it with prefetching workers.
 
-pub mod batch;
 mod format;
 mod index;
 mod reader;
 mod writer;
 
+pub(crate) use format::f16_to_f32;
 pub use format::read_header;
 pub use index::{
     Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, TensorLoc, VideoEntry, FORMAT, INDEX_FILE, LOCK_FILE, SHARD_DIR,
     VERSION,
 };
+pub(crate) use reader::f16_to_bf16;
 pub use reader::{MappedTensor, QuestionTexts, Snapshot, Store};
 pub use writer::{Fault, FaultAction, FaultPoint, QuestionRecord, StoreWriter, VideoRecord, WriterOptions};

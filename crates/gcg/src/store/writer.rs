@@ -2,7 +2,9 @@
 //! rename) and published by rewriting the index (under the lock, temp name, fsync, rename).
 
 use super::format::{f16_bytes, f32_bytes, f64_bytes, i64_bytes, write_safetensors, RawTensor};
-use super::index::{read_index, Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, VideoEntry, INDEX_FILE, LOCK_FILE, SHARD_DIR};
+use super::index::{
+    read_index, Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, VideoEntry, INDEX_FILE, LOCK_FILE, SHARD_DIR,
+};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use half::f16;

@@ -6,7 +6,9 @@
 use super::checkpoint::{self, TrainState};
 use super::optim::{AdamW, AdamWConfig, Grads, GroupConfig};
 use super::schedule::{LrSchedule, Schedule};
-use crate::model::{Answered, GcgBatch, GcgModel, Mode};
+use crate::data::Batch;
+use crate::model::{Answered, GcgModel, Losses, Mode};
+use crate::rng::SeededRng;
 use crate::weights::VarStore;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -151,7 +153,7 @@ pub trait BatchSource {
     /// Number of micro-batches per epoch.
     fn num_batches(&self) -> usize;
     /// The epoch's batches in order; `skip` leading batches are not produced (resume).
-    fn batches(&self, epoch: u64, skip: usize) -> Result<Box<dyn Iterator<Item = Result<GcgBatch>> + '_>>;
+    fn batches(&self, epoch: u64, skip: usize) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>>;
 }
 
 /// One row of the metrics log.
@@ -180,7 +182,7 @@ pub enum Event<'a> {
 }
 
 /// Accuracy of answers against their samples (multiple choice or exact match).
-pub fn accuracy(batches: &[(GcgBatch, Vec<Answered>)]) -> f64 {
+pub fn accuracy(batches: &[(Batch, Vec<Answered>)]) -> f64 {
     let mut n = 0usize;
     let mut right = 0usize;
     for (b, answers) in batches {
@@ -202,7 +204,7 @@ pub fn accuracy(batches: &[(GcgBatch, Vec<Answered>)]) -> f64 {
 }
 
 /// Answer every batch of a source (deterministic).
-pub fn answer_all(model: &GcgModel, source: &dyn BatchSource) -> Result<Vec<(GcgBatch, Vec<Answered>)>> {
+pub fn answer_all(model: &GcgModel, source: &dyn BatchSource) -> Result<Vec<(Batch, Vec<Answered>)>> {
     let mut out = Vec::new();
     for b in source.batches(0, 0)? {
         let b = b?;
@@ -241,171 +243,254 @@ impl RunDir {
     }
 }
 
-/// Train `model` (whose trainable variables are `vars`). Resumes from `run/checkpoints/last`
-/// when `resume` and it exists. Returns the final state.
-#[allow(clippy::too_many_arguments)]
-pub fn train(
-    model: &GcgModel,
-    vars: &VarStore,
-    cfg: &TrainConfig,
-    run: &RunDir,
-    train_set: &dyn BatchSource,
-    val_set: Option<&dyn BatchSource>,
-    run_config: &serde_json::Value,
-    resume: bool,
-    on_event: &mut dyn FnMut(Event),
-) -> Result<TrainState> {
+/// A training job: the model with its trainable variables, the data, and where it writes.
+pub struct TrainJob<'a> {
+    pub model: &'a GcgModel,
+    /// The model's trainable variables.
+    pub vars: &'a VarStore,
+    pub cfg: &'a TrainConfig,
+    pub run: &'a RunDir,
+    pub train_set: &'a dyn BatchSource,
+    pub val_set: Option<&'a dyn BatchSource>,
+    /// The run's resolved config, saved with every checkpoint.
+    pub run_config: &'a serde_json::Value,
+}
+
+/// The shape of a run in optimiser steps.
+struct Plan {
+    /// Micro-batches per epoch.
+    batches_per_epoch: u64,
+    /// Grounding warm-up epochs (grounding mode) before the joint ones, and their steps.
+    warmup_epochs: u64,
+    warmup_steps: u64,
+    all_epochs: u64,
+    /// The joint epochs' learning-rate schedule.
+    schedule: Schedule,
+}
+
+impl Plan {
+    fn new(job: &TrainJob) -> Result<Self> {
+        let cfg = job.cfg;
+        let batches_per_epoch = job.train_set.num_batches() as u64;
+        if batches_per_epoch == 0 {
+            bail!("the training set yields no batches");
+        }
+        let steps_per_epoch = batches_per_epoch.div_ceil(cfg.grad_accum as u64);
+        // The grounding warm-up (grounding mode only) comes first, at constant learning rates.
+        let mode = job.model.cfg.mode;
+        let warmup_epochs = if mode == Mode::Grounding {
+            cfg.grounding_warmup_epochs
+        } else {
+            if cfg.grounding_warmup_epochs > 0 {
+                tracing::info!("grounding_warmup_epochs ignored in {} mode", mode.name());
+            }
+            0
+        };
+        // The schedule spans the whole run; `max_steps` only stops early (a smoke run or a
+        // simulated kill must not change the learning rates).
+        Ok(Self {
+            batches_per_epoch,
+            warmup_epochs,
+            warmup_steps: steps_per_epoch * warmup_epochs,
+            all_epochs: warmup_epochs + cfg.epochs,
+            schedule: cfg.schedule(steps_per_epoch * cfg.epochs),
+        })
+    }
+}
+
+/// Gradients and loss sums of the micro-batches of one optimiser step.
+struct Accumulator {
+    grads: Grads,
+    micro: usize,
+    loss: f64,
+    vqa: f64,
+    reg: Option<f64>,
+    con: Option<f64>,
+    samples: usize,
+    started: Instant,
+}
+
+impl Accumulator {
+    fn new() -> Self {
+        Self {
+            grads: Grads::new(),
+            micro: 0,
+            loss: 0.0,
+            vqa: 0.0,
+            reg: None,
+            con: None,
+            samples: 0,
+            started: Instant::now(),
+        }
+    }
+
+    fn add(&mut self, losses: &Losses, loss: f64, samples: usize, vars: &VarStore, scale: f64) -> Result<()> {
+        let store = losses.total.backward()?;
+        self.grads.accumulate(&store, vars, scale)?;
+        self.micro += 1;
+        self.loss += loss;
+        self.vqa += losses.vqa.to_scalar::<f32>()? as f64;
+        let scalar = |t: &candle_core::Tensor| -> Result<f64> { Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64) };
+        if let Some(r) = &losses.reg {
+            *self.reg.get_or_insert(0.0) += scalar(r)?;
+        }
+        if let Some(c) = &losses.con {
+            *self.con.get_or_insert(0.0) += scalar(c)?;
+        }
+        self.samples += samples;
+        Ok(())
+    }
+
+    /// The metrics row of the step these micro-batches made.
+    fn metrics(&self, step: u64, epoch: u64, lr: f64, grad_norm: Option<f64>, warmup: bool) -> StepMetrics {
+        let n = self.micro as f64;
+        StepMetrics {
+            step,
+            epoch,
+            loss: self.loss / n,
+            vqa: self.vqa / n,
+            reg: self.reg.map(|r| r / n),
+            con: self.con.map(|c| c / n),
+            lr,
+            grad_norm,
+            samples_per_s: self.samples as f64 / self.started.elapsed().as_secs_f64().max(1e-9),
+            warmup,
+        }
+    }
+}
+
+/// Train `job.model`. Resumes from `run/checkpoints/last` when `resume` and it exists. Returns
+/// the final state.
+pub fn train(job: &TrainJob, resume: bool, on_event: &mut dyn FnMut(Event)) -> Result<TrainState> {
+    let (cfg, run) = (job.cfg, job.run);
     cfg.validate()?;
-    let mut opt = cfg.optimizer(vars)?;
+    let mut opt = cfg.optimizer(job.vars)?;
     let mut state = TrainState::new(cfg.seed);
     if resume && run.last().exists() {
-        let loaded = checkpoint::load(&run.last(), &model.lmm.query_tokens.device().clone())?;
-        loaded.restore(vars, &mut opt)?;
+        let loaded = checkpoint::load(&run.last(), &job.model.lmm.query_tokens.device().clone())?;
+        loaded.restore(job.vars, &mut opt)?;
         state = loaded.state;
         tracing::info!("resumed from {} at step {}", run.last().display(), state.step);
     } else if run.metrics().exists() {
         // A fresh run starts a fresh log.
         std::fs::remove_file(run.metrics())?;
     }
-    let per_epoch = train_set.num_batches() as u64;
-    if per_epoch == 0 {
-        bail!("the training set yields no batches");
-    }
-    let steps_per_epoch = per_epoch.div_ceil(cfg.grad_accum as u64);
-    // The grounding warm-up (grounding mode only) comes first, at constant learning rates.
-    let warmup_epochs = if model.cfg.mode == Mode::Grounding {
-        cfg.grounding_warmup_epochs
-    } else {
-        if cfg.grounding_warmup_epochs > 0 {
-            tracing::info!("grounding_warmup_epochs ignored in {} mode", model.cfg.mode.name());
-        }
-        0
-    };
-    let warmup_steps = steps_per_epoch * warmup_epochs;
-    // The schedule spans the whole run; `max_steps` only stops early (a smoke run or a
-    // simulated kill must not change the learning rates).
-    let total_steps = steps_per_epoch * cfg.epochs;
-    let schedule = cfg.schedule(total_steps);
-    let all_epochs = warmup_epochs + cfg.epochs;
+    let plan = Plan::new(job)?;
     let rng = RefCell::new(state.rng.clone());
-
-    'epochs: while state.epoch < all_epochs {
-        let epoch = state.epoch;
-        let warmup = epoch < warmup_epochs;
-        let mut batches = train_set.batches(epoch, state.batch_in_epoch as usize)?;
-        let mut grads = Grads::new();
-        let mut micro = 0usize;
-        let mut sums = (0f64, 0f64, 0f64, 0f64, 0usize); // loss, vqa, reg, con, samples
-        let mut has = (false, false);
-        let mut t0 = Instant::now();
-        loop {
-            if cfg.max_steps.is_some_and(|m| state.step >= m) {
-                break 'epochs;
-            }
-            let Some(batch) = batches.next() else { break };
-            let batch = batch.with_context(|| format!("reading training batch {} of epoch {epoch}", state.batch_in_epoch))?;
-            let losses = if warmup {
-                model.forward_grounding(&batch, &rng)?
-            } else {
-                model.forward_train(&batch, &rng)?
-            };
-            let loss = losses.total.to_scalar::<f32>()? as f64;
-            state.batch_in_epoch += 1;
-            if !loss.is_finite() {
-                if cfg.skip_nonfinite {
-                    state.skipped_nonfinite += 1;
-                    on_event(Event::SkippedNonFinite {
-                        step: state.step,
-                        epoch,
-                        batch: state.batch_in_epoch - 1,
-                    });
-                    continue;
-                }
-                bail!(
-                    "non-finite loss {loss} at step {} (epoch {epoch}, batch {}); the last good checkpoint is {} (use --skip-nonfinite to skip such batches)",
-                    state.step + 1,
-                    state.batch_in_epoch - 1,
-                    run.last().display()
-                );
-            }
-            let store = losses.total.backward()?;
-            grads.accumulate(&store, vars, 1.0 / cfg.grad_accum as f64)?;
-            micro += 1;
-            sums.0 += loss;
-            sums.1 += losses.vqa.to_scalar::<f32>()? as f64;
-            if let Some(r) = &losses.reg {
-                sums.2 += r.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
-                has.0 = true;
-            }
-            if let Some(c) = &losses.con {
-                sums.3 += c.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
-                has.1 = true;
-            }
-            sums.4 += batch.len();
-            let end_of_epoch = state.batch_in_epoch >= per_epoch;
-            if micro < cfg.grad_accum && !end_of_epoch {
-                continue;
-            }
-            let grad_norm = match cfg.max_grad_norm {
-                Some(m) => Some(grads.clip_global_norm(m)?),
-                None => None,
-            };
-            let factor = if warmup { 1.0 } else { schedule.factor(state.step - warmup_steps) };
-            opt.step(&grads, factor)?;
-            state.step += 1;
-            state.rng = rng.borrow().clone();
-            let secs = t0.elapsed().as_secs_f64().max(1e-9);
-            let m = StepMetrics {
-                step: state.step,
-                epoch,
-                loss: sums.0 / micro as f64,
-                vqa: sums.1 / micro as f64,
-                reg: has.0.then(|| sums.2 / micro as f64),
-                con: has.1.then(|| sums.3 / micro as f64),
-                lr: cfg.lr * factor,
-                grad_norm,
-                samples_per_s: sums.4 as f64 / secs,
-                warmup,
-            };
-            if state.step % cfg.log_every.max(1) == 0 {
-                run.log(&serde_json::to_value(&m)?)?;
-            }
-            on_event(Event::Step(&m));
-            grads = Grads::new();
-            micro = 0;
-            sums = (0.0, 0.0, 0.0, 0.0, 0);
-            t0 = Instant::now();
-            if state.step % cfg.checkpoint_every.max(1) == 0 && !end_of_epoch {
-                checkpoint::save(&run.last(), vars, &opt, &state, run_config)?;
-                on_event(Event::Checkpoint(&run.last()));
-            }
+    while state.epoch < plan.all_epochs {
+        let finished = train_epoch(job, &plan, &mut opt, &mut state, &rng, on_event)?;
+        if !finished {
+            break;
         }
-        // End of the epoch: validate, keep the best, move on.
-        state.epoch += 1;
-        state.batch_in_epoch = 0;
-        // Validation after every joint epoch and after the last warm-up epoch (the warmed-up
-        // generator with the untouched language model is a candidate for `best` too).
-        let validate = !warmup || state.epoch == warmup_epochs;
-        if let Some(val) = val_set.filter(|_| validate) {
-            let answered = answer_all(model, val)?;
-            let acc = accuracy(&answered);
-            let best = state.best_metric.is_none_or(|b| acc > b);
-            if best {
-                state.best_metric = Some(acc);
-                state.best_step = Some(state.step);
-                checkpoint::save(&run.best(), vars, &opt, &state, run_config)?;
-            }
-            run.log(&serde_json::json!({"split": "val", "epoch": epoch, "step": state.step, "accuracy": acc, "best": best}))?;
-            on_event(Event::Validation {
-                epoch,
-                accuracy: acc,
-                best,
-            });
-        }
-        checkpoint::save(&run.last(), vars, &opt, &state, run_config)?;
-        on_event(Event::Checkpoint(&run.last()));
+        end_epoch(job, &plan, &opt, &mut state, on_event)?;
     }
     // A stop at max_steps mid-epoch also leaves a resumable checkpoint.
-    checkpoint::save(&run.last(), vars, &opt, &state, run_config)?;
+    checkpoint::save(&run.last(), job.vars, &opt, &state, job.run_config)?;
     Ok(state)
+}
+
+/// The rest of the current epoch's optimiser steps. False when `max_steps` stopped it early.
+fn train_epoch(
+    job: &TrainJob,
+    plan: &Plan,
+    opt: &mut AdamW,
+    state: &mut TrainState,
+    rng: &RefCell<SeededRng>,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<bool> {
+    let (cfg, run) = (job.cfg, job.run);
+    let epoch = state.epoch;
+    let warmup = epoch < plan.warmup_epochs;
+    let mut batches = job.train_set.batches(epoch, state.batch_in_epoch as usize)?;
+    let mut acc = Accumulator::new();
+    loop {
+        if cfg.max_steps.is_some_and(|m| state.step >= m) {
+            return Ok(false);
+        }
+        let Some(batch) = batches.next() else { return Ok(true) };
+        let batch = batch.with_context(|| format!("reading training batch {} of epoch {epoch}", state.batch_in_epoch))?;
+        let losses = if warmup {
+            job.model.forward_grounding(&batch, rng)?
+        } else {
+            job.model.forward_train(&batch, rng)?
+        };
+        let loss = losses.total.to_scalar::<f32>()? as f64;
+        state.batch_in_epoch += 1;
+        if !loss.is_finite() {
+            if cfg.skip_nonfinite {
+                state.skipped_nonfinite += 1;
+                on_event(Event::SkippedNonFinite {
+                    step: state.step,
+                    epoch,
+                    batch: state.batch_in_epoch - 1,
+                });
+                continue;
+            }
+            bail!(
+                "non-finite loss {loss} at step {} (epoch {epoch}, batch {}); the last good checkpoint is {} (use --skip-nonfinite to skip such batches)",
+                state.step + 1,
+                state.batch_in_epoch - 1,
+                run.last().display()
+            );
+        }
+        acc.add(&losses, loss, batch.len(), job.vars, 1.0 / cfg.grad_accum as f64)?;
+        let end_of_epoch = state.batch_in_epoch >= plan.batches_per_epoch;
+        if acc.micro < cfg.grad_accum && !end_of_epoch {
+            continue;
+        }
+        // One optimiser step.
+        let grad_norm = match cfg.max_grad_norm {
+            Some(m) => Some(acc.grads.clip_global_norm(m)?),
+            None => None,
+        };
+        let factor = if warmup {
+            1.0
+        } else {
+            plan.schedule.factor(state.step - plan.warmup_steps)
+        };
+        opt.step(&acc.grads, factor)?;
+        state.step += 1;
+        state.rng = rng.borrow().clone();
+        let m = acc.metrics(state.step, epoch, cfg.lr * factor, grad_norm, warmup);
+        if state.step % cfg.log_every.max(1) == 0 {
+            run.log(&serde_json::to_value(&m)?)?;
+        }
+        on_event(Event::Step(&m));
+        acc = Accumulator::new();
+        if state.step % cfg.checkpoint_every.max(1) == 0 && !end_of_epoch {
+            checkpoint::save(&run.last(), job.vars, opt, state, job.run_config)?;
+            on_event(Event::Checkpoint(&run.last()));
+        }
+    }
+}
+
+/// End of an epoch: validate, keep the best, write `last`, move on.
+fn end_epoch(job: &TrainJob, plan: &Plan, opt: &AdamW, state: &mut TrainState, on_event: &mut dyn FnMut(Event)) -> Result<()> {
+    let run = job.run;
+    let epoch = state.epoch;
+    let warmup = epoch < plan.warmup_epochs;
+    state.epoch += 1;
+    state.batch_in_epoch = 0;
+    // Validation after every joint epoch and after the last warm-up epoch (the warmed-up
+    // generator with the untouched language model is a candidate for `best` too).
+    let validate = !warmup || state.epoch == plan.warmup_epochs;
+    if let Some(val) = job.val_set.filter(|_| validate) {
+        let answered = answer_all(job.model, val)?;
+        let acc = accuracy(&answered);
+        let best = state.best_metric.is_none_or(|b| acc > b);
+        if best {
+            state.best_metric = Some(acc);
+            state.best_step = Some(state.step);
+            checkpoint::save(&run.best(), job.vars, opt, state, job.run_config)?;
+        }
+        run.log(&serde_json::json!({"split": "val", "epoch": epoch, "step": state.step, "accuracy": acc, "best": best}))?;
+        on_event(Event::Validation {
+            epoch,
+            accuracy: acc,
+            best,
+        });
+    }
+    checkpoint::save(&run.last(), job.vars, opt, state, job.run_config)?;
+    on_event(Event::Checkpoint(&run.last()));
+    Ok(())
 }

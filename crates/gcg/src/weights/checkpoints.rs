@@ -6,9 +6,9 @@
 //! * the GCG release files (`eva_vit_g.pth`, `eva_vit_post_layernorm.pth`, `qformer_t5.pth`,
 //!   `query_tokens_t5.pth`, `llm_proj_t5.pth`) plus a Flan-T5 safetensors snapshot.
 
+use super::layouts::{eva_vit_source, gcg_qformer_name};
 use super::pth::PthSource;
 use super::source::{MergedSource, RenamedSource, SafetensorsSource, TensorSource};
-use super::layouts::{eva_vit_source, gcg_qformer_name};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

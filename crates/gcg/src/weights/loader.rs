@@ -8,8 +8,8 @@
 //! * records which source tensors were used, so [`Loader::finish`] can reject a checkpoint whose
 //!   tensors the model did not consume.
 
-use super::source::TensorSource;
 use super::init::Init;
+use super::source::TensorSource;
 use crate::rng::SeededRng;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor, Var};

@@ -1,4 +1,6 @@
-//! Training batches from the store: collation, seeded shuffling and prefetching workers.
+//! The one batch the model reads: questions with what the feature store holds for them (frame
+//! features, CLIP embeddings, pseudo-labels) and their prompts as token ids, collated by
+//! prefetching workers in a seeded order.
 //!
 //! The order of an epoch depends only on the seed and the epoch number: the sample indices are
 //! shuffled by `SeededRng::new(seed).fork(epoch)` and cut into batches; batch `i` is collated by
@@ -6,9 +8,10 @@
 //! `prefetch` finished batches ahead (a bounded channel), so memory stays bounded and the model
 //! does not wait on the disk once the workers are ahead.
 
-use super::reader::{f16_to_bf16, Snapshot};
-use crate::data::{Answer, QaSample};
+use super::prompt::{PromptEncoder, PromptTokens};
+use super::{Answer, QaSample};
 use crate::rng::SeededRng;
+use crate::store::{f16_to_bf16, f16_to_f32, Snapshot};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
@@ -18,7 +21,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 /// How batches are made.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BatchOptions {
     pub batch_size: usize,
     pub shuffle: bool,
@@ -33,6 +36,9 @@ pub struct BatchOptions {
     pub features: Option<DType>,
     /// Where the batch tensors go (moved there on the caller's thread).
     pub device: Device,
+    /// Tokenize the prompts and targets (the model's tokenizers and answer format); `None`
+    /// leaves them out (store benchmarks, tests of the store).
+    pub prompts: Option<PromptEncoder>,
 }
 
 impl Default for BatchOptions {
@@ -46,51 +52,72 @@ impl Default for BatchOptions {
             prefetch: 2,
             features: Some(DType::F32),
             device: Device::Cpu,
+            prompts: None,
         }
     }
 }
 
-/// One batch of B questions.
+/// One batch of B questions, in the paper's words.
 #[derive(Debug, Clone)]
 pub struct Batch {
     /// Position of the batch in its epoch.
     pub index: usize,
     pub samples: Vec<QaSample>,
-    /// Un-normalised ViT features [B, T, N, D].
-    pub features: Option<Tensor>,
-    /// CLIP frame embeddings [B, T, E] (f32).
-    pub frame_embeds: Tensor,
-    /// CLIP text embeddings of the question and each option [B, 1 + O, E] (f32).
-    pub text_embeds: Tensor,
-    /// CLIP text embedding of the answer [B, E].
-    pub answer_embeds: Tensor,
-    /// CLIP text embedding of the event text [B, E].
-    pub event_embeds: Tensor,
-    /// Pseudo-labels: the top-K frame indices sorted by time [B, K] (u32).
-    pub pseudo_labels: Tensor,
-    /// s_t [B, T] (f32).
-    pub curves: Tensor,
-    /// The answer's option index [B] (u32), for multiple-choice batches.
-    pub answers: Option<Tensor>,
+    /// Un-normalised ViT features E (when asked for). [B, T, N, Dv]
+    pub frame_features: Option<Tensor>,
+    /// CLIP frame embeddings F (f32). [B, T, d]
+    pub clip_frames: Tensor,
+    /// CLIP text embedding of each question (f32). [B, d]
+    pub clip_question: Tensor,
+    /// CLIP text embeddings of the options (multiple choice; f32). [B, O, d]
+    pub clip_options: Option<Tensor>,
+    /// CLIP text embedding of the answer (f32). [B, d]
+    pub clip_answer: Tensor,
+    /// CLIP text embedding of the event text, the contrastive anchor (f32). [B, d]
+    pub clip_event: Tensor,
+    /// Pseudo-label scores s_t = cos(F_t, text(event)) (f32). [B, T]
+    pub pseudo_label_scores: Tensor,
+    /// Pseudo-labels: the top-K frames of s_t sorted by time, per sample.
+    pub pseudo_labels: Vec<Vec<usize>>,
+    /// The right option of each question (multiple-choice batches).
+    pub answer_indices: Option<Vec<usize>>,
     /// Frame times in seconds, per sample (empty when unknown).
     pub timestamps: Vec<Vec<f64>>,
+    /// Prompts and targets as token ids (when the loader tokenizes).
+    pub prompts: Option<PromptTokens>,
 }
 
 impl Batch {
-    fn into_device(self, dev: &Device) -> Result<Self> {
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// The batch with its prompts tokenized by `encoder` (for batches built by hand).
+    pub fn with_prompts(mut self, encoder: &PromptEncoder) -> Result<Self> {
+        let dev = self.clip_frames.device().clone();
+        self.prompts = Some(encoder.encode(&self.samples)?.into_device(&dev)?);
+        Ok(self)
+    }
+
+    /// The batch's tensors on `dev`.
+    pub fn into_device(self, dev: &Device) -> Result<Self> {
         if dev.is_cpu() {
             return Ok(self);
         }
         let mv = |t: Tensor| t.to_device(dev);
         Ok(Self {
-            features: self.features.map(mv).transpose()?,
-            frame_embeds: mv(self.frame_embeds)?,
-            text_embeds: mv(self.text_embeds)?,
-            answer_embeds: mv(self.answer_embeds)?,
-            event_embeds: mv(self.event_embeds)?,
-            pseudo_labels: mv(self.pseudo_labels)?,
-            curves: mv(self.curves)?,
-            answers: self.answers.map(mv).transpose()?,
+            frame_features: self.frame_features.map(mv).transpose()?,
+            clip_frames: mv(self.clip_frames)?,
+            clip_question: mv(self.clip_question)?,
+            clip_options: self.clip_options.map(mv).transpose()?,
+            clip_answer: mv(self.clip_answer)?,
+            clip_event: mv(self.clip_event)?,
+            pseudo_label_scores: mv(self.pseudo_label_scores)?,
+            prompts: self.prompts.map(|p| p.into_device(dev)).transpose()?,
             ..self
         })
     }
@@ -202,7 +229,7 @@ impl BatchLoader {
 
     /// Collates the samples at `indices` (on this thread, on the CPU).
     pub fn collate(&self, index: usize, indices: &[usize]) -> Result<Batch> {
-        collate(&self.snap, &self.samples, index, indices, self.opts.features)
+        collate(&self.snap, &self.samples, index, indices, &self.opts)
     }
 
     /// The batches of `epoch`, in order, collated by the workers ahead of the caller.
@@ -214,19 +241,19 @@ impl BatchLoader {
         let mut handles = Vec::with_capacity(w);
         for worker in 0..w {
             let (tx, rx) = sync_channel::<Result<Batch>>(self.opts.prefetch.max(1));
-            let (w_snap, w_samples, w_batches, w_stop, features) = (
+            let (w_snap, w_samples, w_batches, w_stop, w_opts) = (
                 self.snap.clone(),
                 self.samples.clone(),
                 batches.clone(),
                 stop.clone(),
-                self.opts.features,
+                self.opts.clone(),
             );
             let h = std::thread::Builder::new().name(format!("gcg-batch-{worker}")).spawn(move || {
                 for i in (worker..w_batches.len()).step_by(w) {
                     if w_stop.load(Ordering::Relaxed) {
                         return;
                     }
-                    let b = collate(&w_snap, &w_samples, i, &w_batches[i], features);
+                    let b = collate(&w_snap, &w_samples, i, &w_batches[i], &w_opts);
                     if tx.send(b).is_err() {
                         return;
                     }
@@ -317,7 +344,8 @@ impl Drop for EpochIter {
     }
 }
 
-fn collate(snap: &Snapshot, samples: &[QaSample], index: usize, indices: &[usize], features: Option<DType>) -> Result<Batch> {
+fn collate(snap: &Snapshot, samples: &[QaSample], index: usize, indices: &[usize], opts: &BatchOptions) -> Result<Batch> {
+    let features = opts.features;
     let b = indices.len();
     ensure!(b > 0, "batch {index} is empty");
     let first = &samples[indices[0]];
@@ -338,7 +366,7 @@ fn collate(snap: &Snapshot, samples: &[QaSample], index: usize, indices: &[usize
     let mut text = vec![0f32; b * (1 + o) * e];
     let mut answer = vec![0f32; b * e];
     let mut event = vec![0f32; b * e];
-    let mut labels = Vec::with_capacity(b * k);
+    let mut labels = Vec::with_capacity(b);
     let mut curves = Vec::with_capacity(b * t);
     let mut answers = Vec::with_capacity(b);
     let mut timestamps = Vec::with_capacity(b);
@@ -367,7 +395,7 @@ fn collate(snap: &Snapshot, samples: &[QaSample], index: usize, indices: &[usize
                 src.len()
             );
             if features == Some(DType::F32) {
-                super::format::f16_to_f32(&src, &mut f32_buf[j * per_video..(j + 1) * per_video]);
+                f16_to_f32(&src, &mut f32_buf[j * per_video..(j + 1) * per_video]);
             } else {
                 f16_buf.extend_from_slice(&src);
             }
@@ -377,10 +405,10 @@ fn collate(snap: &Snapshot, samples: &[QaSample], index: usize, indices: &[usize
         text[j * (1 + o) * e..(j + 1) * (1 + o) * e].copy_from_slice(&rows[..(1 + o) * e]);
         answer[j * e..(j + 1) * e].copy_from_slice(&rows[(1 + o) * e..(2 + o) * e]);
         event[j * e..(j + 1) * e].copy_from_slice(&rows[(2 + o) * e..]);
-        labels.extend(q.pseudo_labels.iter().map(|&x| x as u32));
+        labels.push(q.pseudo_labels.iter().map(|&x| x as usize).collect::<Vec<_>>());
         curves.extend(snap.curve(&s.key)?);
         answers.push(match s.answer {
-            Answer::Choice(i) => Some(i as u32),
+            Answer::Choice(i) => Some(i),
             Answer::Text(_) => None,
         });
         timestamps.push(v.timestamps.clone());
@@ -393,22 +421,35 @@ fn collate(snap: &Snapshot, samples: &[QaSample], index: usize, indices: &[usize
         Some(DType::BF16) => Some(Tensor::from_vec(f16_to_bf16(&f16_buf), (b, t, n, d), &cpu)?),
         Some(_) => Some(Tensor::from_vec(f16_buf, (b, t, n, d), &cpu)?),
     };
-    let answers = if answers.iter().all(Option::is_some) {
-        Some(Tensor::from_vec(answers.into_iter().flatten().collect::<Vec<u32>>(), b, &cpu)?)
+    let answer_indices = if answers.iter().all(Option::is_some) {
+        Some(answers.into_iter().flatten().collect())
     } else {
         None
+    };
+    // [B, 1 + O, d]: the question, then its options.
+    let text = Tensor::from_vec(text, (b, 1 + o, e), &cpu)?;
+    let clip_question = text.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+    let clip_options = if o > 0 { Some(text.narrow(1, 1, o)?.contiguous()?) } else { None };
+    let prompts = match &opts.prompts {
+        Some(enc) => Some(
+            enc.encode(&out_samples)
+                .with_context(|| format!("batch {index}: tokenizing the prompts"))?,
+        ),
+        None => None,
     };
     Ok(Batch {
         index,
         samples: out_samples,
-        features,
-        frame_embeds: Tensor::from_vec(frame_embeds, (b, t, e), &cpu)?,
-        text_embeds: Tensor::from_vec(text, (b, 1 + o, e), &cpu)?,
-        answer_embeds: Tensor::from_vec(answer, (b, e), &cpu)?,
-        event_embeds: Tensor::from_vec(event, (b, e), &cpu)?,
-        pseudo_labels: Tensor::from_vec(labels, (b, k), &cpu)?,
-        curves: Tensor::from_vec(curves, (b, t), &cpu)?,
-        answers,
+        frame_features: features,
+        clip_frames: Tensor::from_vec(frame_embeds, (b, t, e), &cpu)?,
+        clip_question,
+        clip_options,
+        clip_answer: Tensor::from_vec(answer, (b, e), &cpu)?,
+        clip_event: Tensor::from_vec(event, (b, e), &cpu)?,
+        pseudo_label_scores: Tensor::from_vec(curves, (b, t), &cpu)?,
+        pseudo_labels: labels,
+        answer_indices,
         timestamps,
+        prompts,
     })
 }
