@@ -1,8 +1,12 @@
-//! Arguments several commands share, typed and documented once.
+//! Arguments several commands share, typed and documented once, and the one progress-bar style.
+//!
+//! A flag that names a choice is parsed by clap into the library's enum (its `FromStr`), so a
+//! wrong value is a usage error that lists the choices, and the command reads a typed value.
 
 use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::Args;
+use gcg::data::Dataset;
 use gcg::run::{DeviceKind, Precision};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -12,7 +16,7 @@ pub struct DeviceArgs {
     /// Where to run: cpu | cuda (cuda needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceKind,
-    /// Compute dtype of the frozen networks: f32 | bf16 | f16 (default: f32 on cpu, bf16 on cuda).
+    /// Compute dtype: f32 | bf16 | f16 (default: f32 on cpu, bf16 on cuda).
     #[arg(long)]
     pub dtype: Option<Precision>,
 }
@@ -34,7 +38,89 @@ pub struct QuietArg {
     pub quiet: bool,
 }
 
-/// A progress bar with the tool's style (hidden when quiet).
+/// `--random-weights` and `--seed`: seeded random networks instead of checkpoints.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct RandomWeightsArgs {
+    /// Seeded random weights instead of checkpoints (tests, benchmarks).
+    #[arg(long)]
+    pub random_weights: bool,
+    /// Seed of --random-weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `--seed` of a benchmark (`gcg bench ...`): its random weights and data.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct BenchSeedArg {
+    /// Seed of the random weights and data (same seed → same numbers).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// `--dataset` of `gcg labels`: a benchmark's published files, or gcg's own JSON samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnnotationFormat {
+    /// A benchmark's annotation files, read by `gcg::data`.
+    Benchmark(Dataset),
+    /// A JSON array, or JSON lines, of gcg `QaSample` objects.
+    Json,
+}
+
+impl std::str::FromStr for AnnotationFormat {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        if s.eq_ignore_ascii_case("json") {
+            return Ok(Self::Json);
+        }
+        s.parse::<Dataset>()
+            .map(Self::Benchmark)
+            .map_err(|_| anyhow::anyhow!("unknown dataset {s:?} (expected nextqa, nextgqa, intentqa, causalvidqa, open-ended or json)"))
+    }
+}
+
+impl std::fmt::Display for AnnotationFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Benchmark(d) => d.fmt(f),
+            Self::Json => f.write_str("json"),
+        }
+    }
+}
+
+/// A frame size on the command line: `N` (square) or `WxH`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameSize {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl std::str::FromStr for FrameSize {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let parse = |x: &str| {
+            x.trim()
+                .parse::<u32>()
+                .map_err(|_| anyhow::anyhow!("`{s}`: expected N or WxH (pixels)"))
+        };
+        let (width, height) = match s.split_once(['x', 'X']) {
+            Some((w, h)) => (parse(w)?, parse(h)?),
+            None => {
+                let n = parse(s)?;
+                (n, n)
+            }
+        };
+        Ok(Self { width, height })
+    }
+}
+
+impl std::fmt::Display for FrameSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+/// A progress bar in the tool's one style (hidden when quiet): `{prefix} [bar] pos/len {msg}`.
+/// Commands set the prefix (what runs) and the message (the current item) themselves.
 pub fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
@@ -46,4 +132,32 @@ pub fn progress_bar(total: u64, quiet: bool) -> ProgressBar {
             .progress_chars("=> "),
     );
     pb
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn annotation_formats_parse_and_print_back() {
+        for s in ["nextqa", "nextgqa", "intentqa", "causalvidqa", "open-ended", "json"] {
+            let f: AnnotationFormat = s.parse().unwrap();
+            assert_eq!(f.to_string(), s);
+        }
+        assert_eq!(
+            "msvd-qa".parse::<AnnotationFormat>().unwrap(),
+            AnnotationFormat::Benchmark(Dataset::OpenEnded)
+        );
+        let err = "csv".parse::<AnnotationFormat>().unwrap_err().to_string();
+        assert!(err.contains("or json"), "{err}");
+    }
+
+    #[test]
+    fn frame_sizes_are_n_or_w_by_h() {
+        assert_eq!("64".parse::<FrameSize>().unwrap(), FrameSize { width: 64, height: 64 });
+        assert_eq!("640x360".parse::<FrameSize>().unwrap().to_string(), "640x360");
+        assert_eq!("32X16".parse::<FrameSize>().unwrap(), FrameSize { width: 32, height: 16 });
+        assert!("64x".parse::<FrameSize>().is_err());
+        assert!("big".parse::<FrameSize>().is_err());
+    }
 }

@@ -3,16 +3,13 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
-use gcg::models::checkpoint::open_any;
-use gcg::models::lmm::{is_trainable, is_vit_trunk, LmmConfig, VideoLmm};
+use gcg::models::lmm::{is_trainable, LmmConfig, VideoLmm};
 use gcg::models::t5::GenerateConfig;
 use gcg::models::Preset;
 use gcg::nn::Ctx;
-use gcg::weights::checkpoints::is_buffer;
 use gcg::weights::Loader;
 use gcg::SeededRng;
 use serde_json::json;
-use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Subcommand)]
@@ -26,12 +23,12 @@ pub enum BenchCommand {
     /// backward, AdamW) on random weights of the preset's shapes and random cached features.
     TrainStep(TrainStepArgs),
     /// Video decoding (ffmpeg, T sampled frames) and CLIP pre-processing throughput.
-    Decode(crate::frames::DecodeBenchArgs),
+    Decode(crate::bench_decode::DecodeArgs),
 }
 
 #[derive(Args)]
 pub struct TrainStepArgs {
-    /// Model sizes: tiny | instructblip-flan-t5-xl.
+    /// Network sizes: tiny | instructblip-flan-t5-xl (random weights of its shapes).
     #[arg(long, default_value = "tiny")]
     preset: Preset,
     /// Questions per step.
@@ -39,7 +36,7 @@ pub struct TrainStepArgs {
     batch: usize,
     #[command(flatten)]
     device: crate::args::DeviceArgs,
-    /// uniform | oracle | grounding.
+    /// The model's mode: uniform | oracle | grounding.
     #[arg(long, default_value = "grounding")]
     mode: gcg::model::Mode,
     /// Frames sampled per video (T).
@@ -48,13 +45,13 @@ pub struct TrainStepArgs {
     /// Timed steps (after one warm-up).
     #[arg(long, default_value_t = 3)]
     iters: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    seed: crate::args::BenchSeedArg,
 }
 
 #[derive(Args)]
 pub struct ForwardArgs {
-    /// Model sizes: tiny | instructblip-flan-t5-xl.
+    /// Network sizes: tiny | instructblip-flan-t5-xl (random weights of its shapes).
     #[arg(long, default_value = "tiny")]
     preset: Preset,
     /// Questions answered together.
@@ -81,8 +78,8 @@ pub struct ForwardArgs {
     /// Timed repetitions (after one warm-up).
     #[arg(long, default_value_t = 3)]
     iters: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    seed: crate::args::BenchSeedArg,
 }
 
 fn sync(dev: &Device) -> Result<()> {
@@ -103,11 +100,11 @@ fn forward(a: ForwardArgs) -> Result<()> {
         bail!("--k {} exceeds --frames {}", a.k, a.frames);
     }
     let t0 = Instant::now();
-    let lb = Loader::random(&dev, dtype, a.seed).with_trainable(is_trainable);
+    let lb = Loader::random(&dev, dtype, a.seed.seed).with_trainable(is_trainable);
     let model = VideoLmm::load(&lb, &cfg, true)?;
     sync(&dev)?;
     let build_s = t0.elapsed().as_secs_f64();
-    let mut rng = SeededRng::new(a.seed + 1);
+    let mut rng = SeededRng::new(a.seed.seed + 1);
     let s = cfg.vision.image_size;
     let n = cfg.vision.num_positions();
     let dv = cfg.vision.hidden_size;
@@ -225,13 +222,13 @@ fn train_step(a: TrainStepArgs) -> Result<()> {
         ..GcgConfig::default()
     };
     let t0 = Instant::now();
-    let lb = Loader::random(&dev, dtype, a.seed).with_trainable(gcg::model::is_trainable);
+    let lb = Loader::random(&dev, dtype, a.seed.seed).with_trainable(gcg::model::is_trainable);
     let model = GcgModel::load(&lb, &lmm, &cfg, TextTokenizers { qformer, t5 }, false)?;
     let vars = lb.vars();
     let tc = gcg::train::trainer::TrainConfig::default();
     let mut opt = tc.optimizer(&vars)?;
     let build_s = t0.elapsed().as_secs_f64();
-    let mut rng = SeededRng::new(a.seed + 1);
+    let mut rng = SeededRng::new(a.seed.seed + 1);
     let (b, t) = (a.batch, a.frames);
     let n = lmm.vision.num_positions();
     let dv = lmm.vision.hidden_size;
@@ -276,7 +273,7 @@ fn train_step(a: TrainStepArgs) -> Result<()> {
         prompts: None,
     }
     .with_prompts(&model.prompt_encoder())?;
-    let step_rng = std::cell::RefCell::new(SeededRng::new(a.seed + 2));
+    let step_rng = std::cell::RefCell::new(SeededRng::new(a.seed.seed + 2));
     let mut step = || -> Result<f64> {
         let losses = model.forward_train(&batch, &step_rng)?;
         let mut grads = Grads::new();
@@ -322,42 +319,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Forward(a) => forward(a),
         BenchCommand::Store(a) => crate::bench_store::run(a),
         BenchCommand::TrainStep(a) => train_step(a),
-        BenchCommand::Decode(a) => crate::frames::run_bench_decode(a),
+        BenchCommand::Decode(a) => crate::bench_decode::run(a),
     }
-}
-
-#[derive(Args)]
-pub struct CheckWeightsArgs {
-    /// An HF InstructBLIP snapshot directory, or a GCG release directory.
-    #[arg(long)]
-    weights: PathBuf,
-    /// The Flan-T5 snapshot for a GCG release directory (default: `<weights>/flan-t5`).
-    #[arg(long)]
-    t5: Option<PathBuf>,
-    /// Skip the ViT trunk (when working from cached features).
-    #[arg(long)]
-    no_vit: bool,
-    /// Model sizes for a GCG release directory, which carries no config of its own
-    /// (an HF snapshot's config.json always wins).
-    #[arg(long, default_value = "instructblip-flan-t5-xl")]
-    preset: Preset,
-}
-
-pub fn check_weights(a: CheckWeightsArgs) -> Result<()> {
-    let (src, cfg) = open_any(&a.weights, a.t5.as_deref(), a.preset)?;
-    let no_vit = a.no_vit;
-    let lb = Loader::from_source(src.clone(), &Device::Cpu, DType::F32)
-        .with_trainable(is_trainable)
-        .with_ignored(move |n| is_buffer(n) || (no_vit && is_vit_trunk(n)));
-    let _model = VideoLmm::load(&lb, &cfg, !a.no_vit)?;
-    lb.finish()?;
-    let out = json!({
-        "weights": a.weights,
-        "source": src.describe(),
-        "tensors": src.names().len(),
-        "trainable_params": lb.vars().num_params(),
-        "config": cfg,
-    });
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(())
 }

@@ -26,7 +26,8 @@ pub struct StoreArgs {
     /// Synthetic store: frames per video.
     #[arg(long, default_value_t = 32)]
     frames: usize,
-    /// Synthetic store: feature sizes of instructblip-flan-t5-xl ([T, 257, 1408], CLIP 1024) or tiny.
+    /// Network sizes: tiny | instructblip-flan-t5-xl, whose feature sizes the synthetic store has
+    /// (instructblip-flan-t5-xl: [T, 257, 1408], CLIP 1024).
     #[arg(long, default_value = "instructblip-flan-t5-xl")]
     preset: Preset,
     /// Synthetic store: shard size in MiB.
@@ -44,8 +45,8 @@ pub struct StoreArgs {
     /// Epochs read through the batch loader.
     #[arg(long, default_value_t = 1)]
     epochs: u64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    seed: crate::args::BenchSeedArg,
 }
 
 /// Feature sizes of a preset: ViT tokens N, ViT width D, CLIP width E.
@@ -58,7 +59,7 @@ fn sizes(preset: Preset) -> (usize, usize, usize) {
 fn write_synthetic(dir: &Path, a: &StoreArgs) -> Result<(f64, u64)> {
     let (n, d, e) = sizes(a.preset);
     let t = a.frames;
-    let mut rng = SeededRng::new(a.seed);
+    let mut rng = SeededRng::new(a.seed.seed);
     let opts = WriterOptions {
         shard_bytes: (a.shard_mb * (1 << 20) as f64) as u64,
         ..Default::default()
@@ -192,7 +193,7 @@ pub fn run(a: StoreArgs) -> Result<()> {
                 BatchOptions {
                     batch_size: a.batch,
                     shuffle: true,
-                    seed: a.seed,
+                    seed: a.seed.seed,
                     workers: a.workers,
                     features: Some(dtype),
                     ..Default::default()

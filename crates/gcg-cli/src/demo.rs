@@ -1,9 +1,10 @@
 //! `gcg demo`: the whole pipeline on a synthetic grounded VideoQA world (no downloads).
 
+use crate::args::{progress_bar, QuietArg};
 use anyhow::Result;
 use clap::Args;
 use gcg::demo::{run_demo, DemoConfig, DemoEvent};
-use indicatif::{ProgressBar, ProgressStyle};
+use gcg::model::Mode;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -17,9 +18,8 @@ pub struct DemoArgs {
     /// A small, fast run (for tests): fewer videos, steps and epochs.
     #[arg(long)]
     pub quick: bool,
-    /// No progress bars (log lines instead).
-    #[arg(long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub quiet: QuietArg,
     /// Videos in the world (default 300; quick 24).
     #[arg(long)]
     pub videos: Option<usize>,
@@ -42,9 +42,10 @@ pub struct DemoArgs {
     /// Epochs of the shared language-model pre-training (0: none).
     #[arg(long)]
     pub pretrain_epochs: Option<u64>,
-    /// The modes to train, comma-separated (default uniform,grounding,oracle).
+    /// The models' modes to train, comma-separated: uniform | oracle | grounding (default
+    /// uniform,grounding,oracle).
     #[arg(long, value_delimiter = ',')]
-    pub modes: Option<Vec<gcg::model::Mode>>,
+    pub modes: Option<Vec<Mode>>,
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
@@ -77,13 +78,8 @@ pub fn run(a: DemoArgs) -> Result<()> {
     if let Some(e) = a.grounding_warmup {
         cfg.run.train.grounding_warmup_epochs = e;
     }
-    let pb = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
-    pb.set_style(
-        ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
-            .unwrap()
-            .progress_chars("=> "),
-    );
-    let quiet = a.quiet;
+    let quiet = a.quiet.quiet;
+    let pb = progress_bar(0, quiet);
     let result = run_demo(&cfg, &a.out, &mut |e| match e {
         DemoEvent::Stage { name, total } => {
             pb.set_prefix(name.to_string());

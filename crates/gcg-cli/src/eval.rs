@@ -2,38 +2,18 @@
 //! metrics; prints a table and optionally writes the metrics as JSON.
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use gcg::data::nextgqa::Grounding;
 use gcg::data::{causalvidqa, read_annotations, Dataset, ReadOptions};
-use gcg::eval::{evaluate, read_predictions, Evaluation, Metrics};
+use gcg::eval::{evaluate, read_predictions, Evaluation};
 use std::path::PathBuf;
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum DatasetArg {
-    Nextqa,
-    Nextgqa,
-    Intentqa,
-    Causalvidqa,
-    OpenEnded,
-}
-
-impl From<DatasetArg> for Dataset {
-    fn from(d: DatasetArg) -> Self {
-        match d {
-            DatasetArg::Nextqa => Dataset::NextQa,
-            DatasetArg::Nextgqa => Dataset::NextGqa,
-            DatasetArg::Intentqa => Dataset::IntentQa,
-            DatasetArg::Causalvidqa => Dataset::CausalVidQa,
-            DatasetArg::OpenEnded => Dataset::OpenEnded,
-        }
-    }
-}
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// The benchmark.
-    #[arg(long, value_enum)]
-    dataset: DatasetArg,
+    /// The benchmark: nextqa | nextgqa | intentqa | causalvidqa | open-ended (msvd-qa,
+    /// msrvtt-qa, activitynet-qa).
+    #[arg(long)]
+    dataset: Dataset,
     /// The annotations: the split's CSV (NExT-QA, NExT-GQA, IntentQA), the QA directory
     /// (Causal-VidQA), the JSON file (open-ended; ActivityNet-QA: the `_q.json`).
     #[arg(long)]
@@ -52,7 +32,7 @@ pub struct EvalArgs {
     /// Write the metrics as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Skip malformed annotation rows (reported) instead of failing.
+    /// Skip malformed annotation rows (listed) instead of failing.
     #[arg(long)]
     skip_bad_rows: bool,
     /// Fail (exit 1) when the prediction file has problems (malformed rows, duplicates, unknown
@@ -65,7 +45,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let dataset: Dataset = a.dataset.into();
+    let dataset = a.dataset;
     let opts = ReadOptions {
         skip_bad_rows: a.skip_bad_rows,
     };
@@ -110,7 +90,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             eprintln!("  ... and {} more", problems.len() - a.show_problems);
         }
     }
-    println!("{}", table(&metrics, &a.predictions));
+    println!("{}", crate::report::metrics_table(&metrics, &a.predictions));
 
     if let Some(path) = &a.json {
         let mut j = metrics.to_json();
@@ -129,45 +109,4 @@ pub fn run(a: EvalArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// A readable table: one row per metric with its count.
-pub fn table(m: &Metrics, predictions: &std::path::Path) -> String {
-    let mut out = format!(
-        "{} — {} ({} questions, {} without a prediction, counted wrong)\n",
-        m.dataset.name(),
-        predictions.display(),
-        m.questions,
-        m.missing
-    );
-    out.push_str(&format!("{:<10} {:>8} {:>14}\n", "metric", "%", "correct/total"));
-    for s in &m.scores {
-        out.push_str(&format!(
-            "{:<10} {:>8.2} {:>14}\n",
-            s.name,
-            s.value,
-            format!("{}/{}", s.correct, s.total)
-        ));
-    }
-    if !m.by_type.is_empty() {
-        out.push_str("by type:\n");
-        for s in &m.by_type {
-            out.push_str(&format!(
-                "  {:<8} {:>8.2} {:>14}\n",
-                s.name,
-                s.value,
-                format!("{}/{}", s.correct, s.total)
-            ));
-        }
-    }
-    if let Some(g) = &m.grounding {
-        out.push_str(&format!(
-            "grounding ({} questions with a span, {} without, skipped):\n",
-            g.evaluated, g.missing
-        ));
-        for (n, v) in g.named() {
-            out.push_str(&format!("{n:<10} {v:>8.2}\n"));
-        }
-    }
-    out.trim_end().to_string()
 }

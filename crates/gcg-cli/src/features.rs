@@ -3,9 +3,10 @@
 //! Test hooks (environment variables, for simulating a kill):
 //! * `GCG_FEATURES_ABORT_AFTER=N` aborts the process (no clean-up, like `kill -9`) once N videos
 //!   have been computed in this run, whether or not their shard was written yet;
-//! * `GCG_STORE_FAULT=point:N[:abort|error]` crashes the store writer the N-th time it reaches
-//!   `shard-written`, `shard-renamed` or `index-written` (see `gcg::store::Fault`).
+//! * `GCG_STORE_FAULT=point:N[:abort|error]` crashes the store writer (see `store_args.rs`).
 
+use crate::args::{progress_bar, RandomWeightsArgs};
+use crate::store_args::{finish_report, writer_options};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
@@ -16,9 +17,8 @@ use gcg::features::extract::{
 use gcg::features::frozen;
 use gcg::models::Preset;
 use gcg::run::{DeviceKind, Precision};
-use gcg::store::{Fault, WriterOptions};
+use gcg::store::WriterOptions;
 use gcg::video::{Ffmpeg, Sampling};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -43,15 +43,11 @@ pub struct FeaturesArgs {
     /// The GCG CLIP branch files (eva_clip_*.pth); default: the --weights directory.
     #[arg(long)]
     clip: Option<PathBuf>,
-    /// Network sizes: instructblip-flan-t5-xl (EVA ViT-g + EVA-CLIP-g) or tiny.
+    /// Network sizes: tiny | instructblip-flan-t5-xl (EVA ViT-g + EVA-CLIP-g).
     #[arg(long, default_value = "instructblip-flan-t5-xl")]
     preset: Preset,
-    /// Seeded random weights instead of checkpoints (tests, benchmarks).
-    #[arg(long)]
-    random_weights: bool,
-    /// Seed of --random-weights.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    #[command(flatten)]
+    random: RandomWeightsArgs,
     /// Decoding threads.
     #[arg(long, default_value_t = 2)]
     jobs: usize,
@@ -64,8 +60,8 @@ pub struct FeaturesArgs {
     /// Where to run: cpu | cuda (cuda needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: DeviceKind,
-    /// Compute dtype of the networks: f32 | bf16 | f16 (default: f32 on cpu, f16 on cuda as the
-    /// official extraction's autocast).
+    /// Compute dtype: f32 | bf16 | f16 (default: f32 on cpu, f16 on cuda as the official
+    /// extraction's autocast).
     #[arg(long)]
     dtype: Option<Precision>,
     /// Frames per ViT forward pass.
@@ -172,19 +168,6 @@ impl FrameSource for Frames {
     }
 }
 
-pub fn writer_options(shard_mb: f64, flush_secs: f64) -> Result<WriterOptions> {
-    ensure!(shard_mb >= 0.0, "--shard-mb must not be negative");
-    let fault = match std::env::var("GCG_STORE_FAULT") {
-        Ok(s) if !s.is_empty() => Some(Fault::parse(&s).context("GCG_STORE_FAULT")?),
-        _ => None,
-    };
-    Ok(WriterOptions {
-        shard_bytes: (shard_mb * (1 << 20) as f64) as u64,
-        max_pending_secs: flush_secs,
-        fault,
-    })
-}
-
 fn abort_after() -> Result<Option<usize>> {
     match std::env::var("GCG_FEATURES_ABORT_AFTER") {
         Ok(s) if !s.is_empty() => Ok(Some(s.parse().with_context(|| format!("GCG_FEATURES_ABORT_AFTER={s:?}"))?)),
@@ -199,17 +182,6 @@ fn compute_dtype(asked: Option<Precision>, dev: &Device) -> DType {
     }
 }
 
-pub fn bar(len: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    pb.set_style(
-        ProgressStyle::with_template(&format!(
-            "{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {what} ({{per_sec}}, eta {{eta}}) {{msg}}"
-        ))
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    pb
-}
-
 pub fn run(a: FeaturesArgs) -> Result<()> {
     let dev = a.device.open()?;
     let dtype = compute_dtype(a.dtype, &dev);
@@ -217,8 +189,8 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
     let writer = writer_options(a.shard_mb, a.flush_secs)?;
 
     let clip_dir = a.clip.clone().or_else(|| a.weights.clone());
-    let clip = if a.random_weights {
-        frozen::random_clip_image(&clip_cfg, &dev, dtype, a.seed)?
+    let clip = if a.random.random_weights {
+        frozen::random_clip_image(&clip_cfg, &dev, dtype, a.random.seed)?
     } else {
         let dir = clip_dir.ok_or_else(|| anyhow!("--clip (the GCG eva_clip_*.pth files) is needed without --random-weights"))?;
         frozen::load_clip_image(&dir, &clip_cfg, &dev, dtype)?
@@ -230,8 +202,8 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
 
     let videos = a.videos.as_ref().ok_or_else(|| anyhow!("--videos is required"))?;
     let jobs = video_jobs(videos, a.id_map.as_deref())?;
-    let vit = if a.random_weights {
-        frozen::random_vit(&vit_cfg, &dev, dtype, a.seed)?
+    let vit = if a.random.random_weights {
+        frozen::random_vit(&vit_cfg, &dev, dtype, a.random.seed)?
     } else {
         let dir = a
             .weights
@@ -251,7 +223,8 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
         writer,
     };
     let abort = abort_after()?;
-    let pb = bar(0, "videos");
+    let pb = progress_bar(0, false);
+    pb.set_prefix("features");
     let mut done = 0usize;
     let source = Frames {
         ffmpeg: Ffmpeg {
@@ -286,22 +259,6 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
     finish_report(report.done, report.skipped, &report.failed, "videos")
 }
 
-/// Prints a summary and the failures; an error (non-zero exit) if anything failed.
-pub fn finish_report(done: usize, skipped: usize, failed: &[(String, String)], what: &str) -> Result<()> {
-    eprintln!("{done} {what} done, {skipped} already stored, {} failed", failed.len());
-    if failed.is_empty() {
-        return Ok(());
-    }
-    for (id, err) in failed {
-        eprintln!("  {id}: {err}");
-    }
-    bail!(
-        "{} of {} {what} failed (listed above); the others are stored",
-        failed.len(),
-        done + skipped + failed.len()
-    )
-}
-
 #[cfg(not(feature = "hdf5"))]
 fn import_h5(_a: &FeaturesArgs, h5: &Path, _clip: &gcg::models::clip_branch::ClipImageHead, _w: WriterOptions) -> Result<()> {
     bail!(
@@ -314,7 +271,8 @@ fn import_h5(_a: &FeaturesArgs, h5: &Path, _clip: &gcg::models::clip_branch::Cli
 fn import_h5(a: &FeaturesArgs, h5: &Path, clip: &gcg::models::clip_branch::ClipImageHead, writer: WriterOptions) -> Result<()> {
     use gcg::features::h5import::{import_official_h5, ImportOptions, VideoTimes};
     let times = VideoTimes::from_files(a.frame2time.as_deref(), a.gsub.as_deref())?;
-    let pb = bar(0, "videos");
+    let pb = progress_bar(0, false);
+    pb.set_prefix("import-h5");
     let report = import_official_h5(
         h5,
         &a.store,

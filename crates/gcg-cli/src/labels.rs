@@ -1,10 +1,11 @@
 //! `gcg labels`: CLIP text embeddings of each question's texts and its pseudo-labels, into the
 //! feature store (which must already hold the videos' features, `gcg features`).
 
-use crate::features::{bar, finish_report, writer_options};
+use crate::args::{progress_bar, AnnotationFormat, DeviceArgs, RandomWeightsArgs};
+use crate::store_args::{finish_report, writer_options};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Args;
-use gcg::data::{read_annotations, Dataset, QaSample, ReadOptions};
+use gcg::data::{read_annotations, QaSample, ReadOptions};
 use gcg::features::frozen;
 use gcg::features::labels::{label_questions, ClipTextEncoder, EventSource, LabelOptions, LabelProgress};
 use gcg::models::Preset;
@@ -19,11 +20,12 @@ pub struct LabelsArgs {
     /// The annotation file (e.g. NExT-QA's val.csv).
     #[arg(long)]
     annotations: PathBuf,
-    /// Its format: nextqa | nextgqa | intentqa | causalvidqa | open-ended (the published files), or
-    /// json (a JSON array, or JSON lines, of gcg QaSample objects).
+    /// Its format: nextqa | nextgqa | intentqa | causalvidqa | open-ended (msvd-qa, msrvtt-qa,
+    /// activitynet-qa) for the published files, or json (a JSON array, or JSON lines, of gcg
+    /// QaSample objects).
     #[arg(long)]
-    dataset: String,
-    /// Skip malformed annotation rows (listed) instead of stopping at the first.
+    dataset: AnnotationFormat,
+    /// Skip malformed annotation rows (listed) instead of failing.
     #[arg(long)]
     skip_bad_rows: bool,
     /// The event text: `answer` (the official choice for NExT-QA), `question-answer`, or
@@ -37,26 +39,24 @@ pub struct LabelsArgs {
     #[arg(long, required_unless_present = "random_weights")]
     clip: Option<PathBuf>,
     /// The CLIP BPE: a tokenizer.json or the merges file (bpe_simple_vocab_16e6.txt.gz);
-    /// default: bpe_simple_vocab_16e6.txt.gz in the --clip directory.
+    /// default: bpe_simple_vocab_16e6.txt.gz in the --clip directory. With --random-weights the
+    /// text vocabulary is sized to it.
     #[arg(long)]
     clip_tokenizer: Option<PathBuf>,
-    /// Network sizes: instructblip-flan-t5-xl (EVA-CLIP-g) or tiny.
+    /// Network sizes: tiny | instructblip-flan-t5-xl (EVA-CLIP-g).
     #[arg(long, default_value = "instructblip-flan-t5-xl")]
     preset: Preset,
-    /// Seeded random weights (tests); the text vocabulary is sized to the tokenizer.
-    #[arg(long)]
-    random_weights: bool,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     #[command(flatten)]
-    device: crate::args::DeviceArgs,
+    random: RandomWeightsArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Texts per CLIP forward pass.
     #[arg(long, default_value_t = 64)]
     batch: usize,
     /// Relabel questions already labelled the same way.
     #[arg(long)]
     overwrite: bool,
-    /// Shard size in MiB.
+    /// Shard size in MiB (a shard is written when this much is buffered).
     #[arg(long, default_value_t = 64.0)]
     shard_mb: f64,
 }
@@ -73,22 +73,23 @@ fn event_source(spec: &[String]) -> Result<EventSource> {
 
 /// Reads the annotations as samples: a benchmark's files through `gcg::data`, or `json` (an
 /// array or JSON lines of `QaSample` objects).
-pub fn read_samples(path: &Path, dataset: &str, skip_bad_rows: bool) -> Result<Vec<QaSample>> {
-    if dataset == "json" {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading the annotations {}", path.display()))?;
-        let t = text.trim_start();
-        return if t.starts_with('[') {
-            serde_json::from_str(t).with_context(|| format!("{}: expected a JSON array of QaSample objects", path.display()))
-        } else {
-            t.lines()
-                .enumerate()
-                .filter(|(_, l)| !l.trim().is_empty())
-                .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}: not a QaSample", path.display(), i + 1)))
-                .collect()
-        };
-    }
-    let ds = Dataset::from_name(dataset)
-        .ok_or_else(|| anyhow!("unknown --dataset {dataset:?} (expected nextqa, nextgqa, intentqa, causalvidqa, open-ended or json)"))?;
+fn read_samples(path: &Path, format: AnnotationFormat, skip_bad_rows: bool) -> Result<Vec<QaSample>> {
+    let ds = match format {
+        AnnotationFormat::Benchmark(ds) => ds,
+        AnnotationFormat::Json => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading the annotations {}", path.display()))?;
+            let t = text.trim_start();
+            return if t.starts_with('[') {
+                serde_json::from_str(t).with_context(|| format!("{}: expected a JSON array of QaSample objects", path.display()))
+            } else {
+                t.lines()
+                    .enumerate()
+                    .filter(|(_, l)| !l.trim().is_empty())
+                    .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}: not a QaSample", path.display(), i + 1)))
+                    .collect()
+            };
+        }
+    };
     let opts = if skip_bad_rows {
         ReadOptions::skip_bad_rows()
     } else {
@@ -118,12 +119,12 @@ fn tokenizer(a: &LabelsArgs) -> Result<ClipTokenizer> {
 pub fn run(a: LabelsArgs) -> Result<()> {
     let (dev, dtype) = a.device.open()?;
     let event = event_source(&a.event)?;
-    let samples = read_samples(&a.annotations, &a.dataset, a.skip_bad_rows)?;
+    let samples = read_samples(&a.annotations, a.dataset, a.skip_bad_rows)?;
     let tok = tokenizer(&a)?;
     let (_, mut clip_cfg) = frozen::preset(a.preset);
-    let model = if a.random_weights {
+    let model = if a.random.random_weights {
         clip_cfg.text.vocab_size = tok.vocab_size();
-        frozen::random_clip_text(&clip_cfg, &dev, dtype, a.seed)?
+        frozen::random_clip_text(&clip_cfg, &dev, dtype, a.random.seed)?
     } else {
         let dir = a
             .clip
@@ -144,7 +145,8 @@ pub fn run(a: LabelsArgs) -> Result<()> {
         writer: writer_options(a.shard_mb, 120.0)?,
         ..Default::default()
     };
-    let pb = bar(0, "questions");
+    let pb = progress_bar(0, false);
+    pb.set_prefix("labels");
     let report = label_questions(&a.store, &samples, &encoder, &opts, &mut |ev| match ev {
         LabelProgress::Start { total, skipped } => {
             pb.set_length((total - skipped) as u64);

@@ -1,13 +1,21 @@
 //! `gcg` — the command-line tool: one subcommand per stage of the pipeline.
 
+// Shared by several commands: argument groups, store-writer options, printed reports.
 mod args;
+mod report;
+mod store_args;
+
+// One file per subcommand (`bench_*`: the `gcg bench` subcommands).
 mod bench;
+mod bench_decode;
 mod bench_store;
+mod check_weights;
 mod demo;
 mod eval;
 mod features;
 mod frames;
 mod labels;
+mod predict;
 mod synth;
 mod train;
 
@@ -18,7 +26,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "gcg", version, about = "Grounded VideoQA with Gaussian contrastive grounding (GCG) on InstructBLIP-FlanT5", long_about = None)]
 struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
-    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, display_order = 1000)]
     verbose: u8,
     #[command(subcommand)]
     command: Command,
@@ -31,7 +39,7 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Load a checkpoint (HF snapshot or GCG release directory), check every tensor against the
     /// model's shapes and report what it holds.
-    CheckWeights(bench::CheckWeightsArgs),
+    CheckWeights(check_weights::CheckWeightsArgs),
     /// Compute (or import) the frozen ViT features and CLIP frame embeddings of videos into a
     /// feature store; resumable, parallel over videos.
     Features(features::FeaturesArgs),
@@ -47,7 +55,7 @@ enum Command {
     /// Train GCG (uniform, oracle or grounding mode) from a run config; resumable.
     Train(train::TrainArgs),
     /// Answer a split with a trained run (or a pretrained model): predictions JSONL + metrics.
-    Predict(train::PredictArgs),
+    Predict(predict::PredictArgs),
     /// Write a synthetic grounded VideoQA world (NExT-QA / NExT-GQA files, frames, mp4s, captions).
     Synth(synth::SynthArgs),
 }
@@ -76,14 +84,59 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench(b) => bench::run(b),
-        Command::CheckWeights(a) => bench::check_weights(a),
+        Command::CheckWeights(a) => check_weights::run(a),
         Command::Features(a) => features::run(a),
         Command::Labels(a) => labels::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Frames(a) => frames::run_frames(a),
         Command::Train(a) => train::run_train(a),
-        Command::Predict(a) => train::run_predict(a),
+        Command::Predict(a) => predict::run(a),
         Command::Synth(a) => synth::run(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every subcommand (at any depth) and every argument it takes says what it is: clap's help
+    /// comes from the `///` comments, so a flag or command without one fails here.
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        fn has_help(s: Option<&clap::builder::StyledStr>) -> bool {
+            s.is_some_and(|h| !h.to_string().trim().is_empty())
+        }
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>, seen: &mut usize) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                *seen += 1;
+                if !has_help(arg.get_help()) {
+                    missing.push(format!("{path} --{}", arg.get_long().unwrap_or(id)));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help" && !has_help(sub.get_about()) {
+                    missing.push(format!("{sub_path} (the subcommand)"));
+                }
+                walk(sub, &sub_path, missing, seen);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let (mut missing, mut seen) = (Vec::new(), 0);
+        walk(&cmd, "gcg", &mut missing, &mut seen);
+        assert!(seen > 100, "only {seen} arguments walked: is the walk reaching the subcommands?");
+        assert!(missing.is_empty(), "without help text:\n  {}", missing.join("\n  "));
     }
 }

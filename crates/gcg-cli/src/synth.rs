@@ -1,9 +1,9 @@
 //! `gcg synth`: write a synthetic grounded VideoQA world (see `gcg::synth`).
 
-use anyhow::{bail, Context, Result};
+use crate::args::{progress_bar, FrameSize};
+use anyhow::{Context, Result};
 use clap::Args;
 use gcg::synth::{self, Mp4Mode, QuestionKind, SynthConfig, World, WriteOptions};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -30,13 +30,13 @@ pub struct SynthArgs {
     fps: Option<f64>,
     /// Frame size: N or WxH. [default: 64]
     #[arg(long)]
-    size: Option<String>,
+    size: Option<FrameSize>,
     /// Events per video. [default: 2]
     #[arg(long)]
     events: Option<usize>,
     /// Event length in frames: N or MIN-MAX. [default: 6-8]
-    #[arg(long)]
-    event_frames: Option<String>,
+    #[arg(long, value_parser = parse_range)]
+    event_frames: Option<[usize; 2]>,
     /// Minimum number of event-free frames between two events. [default: 4]
     #[arg(long)]
     event_gap: Option<usize>,
@@ -52,9 +52,9 @@ pub struct SynthArgs {
     /// Questions per video. [default: 4]
     #[arg(long)]
     questions: Option<usize>,
-    /// Question kinds, comma separated: color,shape,location,after,before. [default: all]
-    #[arg(long)]
-    kinds: Option<String>,
+    /// Question kinds, comma-separated: color | shape | location | after | before. [default: all]
+    #[arg(long, value_delimiter = ',')]
+    kinds: Option<Vec<QuestionKind>>,
     /// Share of videos in the validation split. [default: 0.15]
     #[arg(long)]
     val_fraction: Option<f64>,
@@ -81,6 +81,7 @@ pub struct SynthArgs {
     print_config: bool,
 }
 
+/// `--event-frames`: `N` or `MIN-MAX`.
 fn parse_range(s: &str) -> Result<[usize; 2]> {
     let parse = |x: &str| {
         x.trim()
@@ -92,17 +93,6 @@ fn parse_range(s: &str) -> Result<[usize; 2]> {
         None => {
             let n = parse(s)?;
             [n, n]
-        }
-    })
-}
-
-fn parse_size(s: &str) -> Result<(u32, u32)> {
-    let parse = |x: &str| x.trim().parse::<u32>().with_context(|| format!("--size `{s}`: expected N or WxH"));
-    Ok(match s.split_once(['x', 'X']) {
-        Some((w, h)) => (parse(w)?, parse(h)?),
-        None => {
-            let n = parse(s)?;
-            (n, n)
         }
     })
 }
@@ -134,14 +124,14 @@ fn config_from(a: &SynthArgs) -> Result<SynthConfig> {
     if let Some(x) = a.fps {
         c.fps = x;
     }
-    if let Some(s) = &a.size {
-        (c.width, c.height) = parse_size(s)?;
+    if let Some(size) = a.size {
+        (c.width, c.height) = (size.width, size.height);
     }
     if let Some(x) = a.events {
         c.events = x;
     }
-    if let Some(s) = &a.event_frames {
-        c.event_frames = parse_range(s).context("--event-frames")?;
+    if let Some(range) = a.event_frames {
+        c.event_frames = range;
     }
     if let Some(x) = a.event_gap {
         c.event_gap = x;
@@ -158,15 +148,8 @@ fn config_from(a: &SynthArgs) -> Result<SynthConfig> {
     if let Some(x) = a.questions {
         c.questions_per_video = x;
     }
-    if let Some(s) = &a.kinds {
-        let mut kinds = Vec::new();
-        for k in s.split(',').map(str::trim).filter(|k| !k.is_empty()) {
-            match QuestionKind::from_name(k) {
-                Some(kind) => kinds.push(kind),
-                None => bail!("--kinds: unknown question kind `{k}` (expected color, shape, location, after, before)"),
-            }
-        }
-        c.kinds = kinds;
+    if let Some(kinds) = &a.kinds {
+        c.kinds = kinds.clone();
     }
     if let Some(x) = a.val_fraction {
         c.val_fraction = x;
@@ -201,12 +184,9 @@ pub fn run(a: SynthArgs) -> Result<()> {
         threads: a.threads,
         ..WriteOptions::default()
     };
-    let bar = ProgressBar::new(cfg.videos as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} videos [{elapsed_precise}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.set_message("synth");
+    let bar = progress_bar(cfg.videos as u64, false);
+    bar.set_prefix("synth");
+    bar.set_message("videos");
     let summary = synth::write_world(&world, &a.out, &opts, &|n| bar.set_position(n as u64))?;
     bar.finish_and_clear();
     let (t, k) = (32, 4);

@@ -114,6 +114,22 @@ impl Dataset {
     }
 }
 
+impl std::str::FromStr for Dataset {
+    type Err = anyhow::Error;
+    /// [`Dataset::from_name`]: case, `-` and `_` do not matter; the open-ended sets' own names
+    /// (`msvd-qa`, `msrvtt-qa`, `activitynet-qa`) read as `open-ended`.
+    fn from_str(s: &str) -> Result<Self> {
+        Self::from_name(s)
+            .ok_or_else(|| anyhow::anyhow!("unknown dataset {s:?} (expected nextqa, nextgqa, intentqa, causalvidqa or open-ended)"))
+    }
+}
+
+impl std::fmt::Display for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Read the annotations of any benchmark: a CSV file for the NExT family, the QA directory for
 /// Causal-VidQA (all its videos; use [`causalvidqa::read_with`] for a split), a JSON file for
 /// the open-ended sets.

@@ -482,6 +482,20 @@ impl QuestionKind {
     }
 }
 
+impl std::str::FromStr for QuestionKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        Self::from_name(s).ok_or_else(|| anyhow::anyhow!("unknown question kind `{s}` (expected color, shape, location, after, before)"))
+    }
+}
+
+impl std::fmt::Display for QuestionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// One multiple-choice question about a video.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SynthQuestion {

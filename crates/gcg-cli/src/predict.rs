@@ -1,0 +1,87 @@
+//! `gcg predict`: answer a split with a trained run (or a pretrained model): predictions JSONL
+//! and their metrics.
+
+use crate::args::{progress_bar, QuietArg};
+use anyhow::{bail, Result};
+use clap::Args;
+use gcg::run::{self, Checkpoint, EvalSplit, RunConfig};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct PredictArgs {
+    /// A run directory (its config and checkpoint).
+    #[arg(long, conflicts_with = "config")]
+    run: Option<PathBuf>,
+    /// Or a run config (e.g. a pretrained checkpoint with `[weights] pretrained`, no training).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Which checkpoint of the run: best | last (best falls back to last in a run without
+    /// validation).
+    #[arg(long, default_value = "best")]
+    checkpoint: Checkpoint,
+    /// The split: val | test (its annotations from the config).
+    #[arg(long)]
+    split: Option<EvalSplit>,
+    /// Or an annotation file directly.
+    #[arg(long)]
+    annotations: Option<PathBuf>,
+    /// NExT-GQA: `gsub_{val,test}.json`, for the grounding metrics (default with --split: the
+    /// config's).
+    #[arg(long)]
+    grounding: Option<PathBuf>,
+    /// The feature store (default: the config's).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// The prediction file (JSONL; resumed when it exists).
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write the metrics as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Override a config field (repeatable), e.g. `--set data.workers=4`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    #[command(flatten)]
+    quiet: QuietArg,
+}
+
+pub fn run(a: PredictArgs) -> Result<()> {
+    let mut cfg = match (&a.run, &a.config) {
+        (Some(dir), _) => {
+            let mut c = RunConfig::from_run_dir(dir)?;
+            let which = match a.checkpoint {
+                Checkpoint::Best => Checkpoint::best_or_last(dir),
+                Checkpoint::Last => Checkpoint::Last,
+            };
+            c.weights.init = Some(run::checkpoint_weights(dir, which)?);
+            c
+        }
+        (None, Some(p)) => RunConfig::load(Some(p), &[])?,
+        (None, None) => bail!("give --run RUN_DIR or --config run.toml"),
+    };
+    cfg = cfg.with_overrides(&a.overrides)?;
+    if let Some(s) = &a.store {
+        cfg.data.store = s.clone();
+    }
+    let (ann, grounding) = match (&a.annotations, a.split) {
+        (Some(p), _) => (p.clone(), a.grounding.clone()),
+        (None, Some(split)) => {
+            let (ann, grounding) = split.files(&cfg)?;
+            (ann, a.grounding.clone().or(grounding))
+        }
+        (None, None) => bail!("give --split val|test or --annotations PATH"),
+    };
+    predict_to(&cfg, &ann, grounding.as_deref(), &a.out, a.json.as_deref(), a.quiet.quiet)
+}
+
+fn predict_to(cfg: &RunConfig, ann: &Path, grounding: Option<&Path>, out: &Path, metrics: Option<&Path>, quiet: bool) -> Result<()> {
+    let pb = progress_bar(0, quiet);
+    pb.set_prefix("predict");
+    let ev = run::predict_annotations(cfg, ann, grounding, out, metrics, &mut |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    crate::report::show_scores(&ev, out);
+    Ok(())
+}

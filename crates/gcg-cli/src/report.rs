@@ -1,0 +1,55 @@
+//! What several commands print: the metrics table of a scored prediction file (`gcg eval`,
+//! `gcg train`'s test split, `gcg predict`).
+
+use gcg::eval::{Evaluation, Metrics};
+use std::path::Path;
+
+/// Where the predictions are (stderr), the problems found in them, and the metrics table.
+pub fn show_scores(ev: &Evaluation, predictions: &Path) {
+    eprintln!("predictions: {}", predictions.display());
+    if !ev.problems.is_empty() {
+        eprintln!("{} problem(s) in the predictions (first: {})", ev.problems.len(), ev.problems[0]);
+    }
+    println!("{}", metrics_table(&ev.metrics, predictions));
+}
+
+/// A readable table: one row per metric with its count.
+pub fn metrics_table(m: &Metrics, predictions: &Path) -> String {
+    let mut out = format!(
+        "{} — {} ({} questions, {} without a prediction, counted wrong)\n",
+        m.dataset.name(),
+        predictions.display(),
+        m.questions,
+        m.missing
+    );
+    out.push_str(&format!("{:<10} {:>8} {:>14}\n", "metric", "%", "correct/total"));
+    for s in &m.scores {
+        out.push_str(&format!(
+            "{:<10} {:>8.2} {:>14}\n",
+            s.name,
+            s.value,
+            format!("{}/{}", s.correct, s.total)
+        ));
+    }
+    if !m.by_type.is_empty() {
+        out.push_str("by type:\n");
+        for s in &m.by_type {
+            out.push_str(&format!(
+                "  {:<8} {:>8.2} {:>14}\n",
+                s.name,
+                s.value,
+                format!("{}/{}", s.correct, s.total)
+            ));
+        }
+    }
+    if let Some(g) = &m.grounding {
+        out.push_str(&format!(
+            "grounding ({} questions with a span, {} without, skipped):\n",
+            g.evaluated, g.missing
+        ));
+        for (n, v) in g.named() {
+            out.push_str(&format!("{n:<10} {v:>8.2}\n"));
+        }
+    }
+    out.trim_end().to_string()
+}
