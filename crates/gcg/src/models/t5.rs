@@ -22,21 +22,20 @@
 //!   GCG code freezes T5 with `.eval()` but its training loop calls `model.train()`, which turns
 //!   T5's dropout back on; pass `Ctx::eval()` to T5 for a strictly frozen language model.
 //! * With gradients flowing through a frozen projection, the projection is one autograd node
-//!   whose only input is the activation (see `FrozenMatmul`): candle would otherwise compute and
+//!   whose only input is the activation (see `nn::linear::FrozenMatmul`): candle would otherwise compute and
 //!   keep a gradient for every frozen weight (3 B values for Flan-T5-XL).
 //! * Generation follows transformers 5's `generate()` step for step (greedy: argmax, finished rows
 //!   fed pad; beam search: `_beam_search` with its length penalty, early-stopping heuristic and
 //!   2·num_beams candidates), `min_new_tokens` included; sampling is deliberately not offered.
 
-use crate::nn::attention::{causal_bias, merge_heads, padding_bias, split_heads};
+use crate::nn::attention::{causal_bias, merge_heads, padding_bias, scaled_dot_product_attention, split_heads};
 use crate::nn::init::Init;
-use crate::nn::{cross_entropy, log_softmax_last_dim, softmax_last_dim, Activation, Ctx, Dropout, Embedding, Linear, RmsNorm};
+use crate::nn::{cross_entropy, log_softmax_last_dim, Activation, Ctx, Dropout, Embedding, Linear, RmsNorm};
 use crate::weights::Loader;
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::sync::Arc;
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -304,79 +303,6 @@ fn cast(t: &Tensor, dt: DType) -> Result<Tensor> {
     Ok(if t.dtype() == dt { t.clone() } else { t.to_dtype(dt)? })
 }
 
-/// `x · wᵀ` for a frozen weight `w` [out, in], as one autograd node whose only input is `x`.
-///
-/// candle's matmul backward computes the gradient of both operands, also of a plain (frozen)
-/// weight, and keeps it in the gradient store: for Flan-T5-XL that is 3 B wasted values and
-/// about a third of the backward time. This op's backward computes only `grad · w`.
-struct FrozenMatmul {
-    w: Tensor, // [out, in]
-}
-
-fn matmul_wt<S: candle_core::backend::BackendStorage>(x: &S, xl: &Layout, w: &S, wl: &Layout) -> candle_core::Result<(S, Shape)> {
-    let (rows, k) = xl.shape().dims2()?;
-    let (n, kw) = wl.shape().dims2()?;
-    if k != kw {
-        candle_core::bail!("frozen linear: input width {k}, weight [{n}, {kw}]");
-    }
-    let out = x.matmul(w, (1, rows, n, k), xl, &wl.transpose(0, 1)?)?;
-    Ok((out, Shape::from((rows, n))))
-}
-
-impl CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "t5-frozen-linear"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (ws, wl) = self.w.storage_and_layout();
-        match &*ws {
-            Storage::Cpu(w) => matmul_wt(x, xl, w, wl),
-            _ => candle_core::bail!("frozen linear: input on the CPU, weight on {:?}", self.w.device()),
-        }
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (ws, wl) = self.w.storage_and_layout();
-        match &*ws {
-            Storage::Cuda(w) => matmul_wt(x, xl, w, wl),
-            _ => candle_core::bail!("frozen linear: input on CUDA, weight on {:?}", self.w.device()),
-        }
-    }
-
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?)) // [rows, out] · [out, in]
-    }
-}
-
-/// A bias-free projection [.., in] → [.., out]. When gradients flow through `x` and the weight is
-/// frozen, autograd sees only `x` (no weight gradient is computed or stored).
-fn project(lin: &Linear, x: &Tensor) -> Result<Tensor> {
-    let w = &lin.weight;
-    if !x.track_op() || w.track_op() || lin.bias.is_some() {
-        return lin.forward(x);
-    }
-    let dims = x.dims().to_vec();
-    let k = *dims.last().ok_or_else(|| anyhow!("projection of a scalar"))?;
-    let rows = x.elem_count() / k.max(1);
-    let x2 = cast(x, w.dtype())?.reshape((rows, k))?.contiguous()?;
-    let y = x2.apply_op1_arc(Arc::new(Box::new(FrozenMatmul { w: w.contiguous()? })))?;
-    let mut out_dims = dims[..dims.len() - 1].to_vec();
-    out_dims.push(w.dim(0)?);
-    Ok(y.reshape(out_dims)?)
-}
-
-/// softmax(q·kᵀ + bias)·v without scaling; q [N, H, Lq, Dh], k/v [N, H, Lk, Dh] contiguous,
-/// bias broadcastable to [N, H, Lq, Lk]. kᵀ is a strided view (no copy).
-fn attention_core(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, dropout: Dropout, ctx: Ctx) -> Result<Tensor> {
-    let mut scores = q.matmul(&k.t()?)?; // [N, H, Lq, Lk]
-    if let Some(b) = bias {
-        scores = scores.broadcast_add(b)?;
-    }
-    let probs = dropout.forward(&softmax_last_dim(&scores)?, ctx)?;
-    Ok(probs.matmul(v)?) // [N, H, Lq, Dh]
-}
-
 /// One T5 attention (self or cross): q/k/v/o without biases, no 1/sqrt(d) scaling.
 #[derive(Debug, Clone)]
 pub struct T5Attention {
@@ -405,16 +331,16 @@ impl T5Attention {
     /// [N, L, d] → keys and values [N, H, L, Dh].
     fn project_kv(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((
-            split_heads(&project(&self.k, x)?, self.heads)?,
-            split_heads(&project(&self.v, x)?, self.heads)?,
+            split_heads(&self.k.forward_frozen(x)?, self.heads)?,
+            split_heads(&self.v.forward_frozen(x)?, self.heads)?,
         ))
     }
 
     /// Queries from `x` [N, Lq, d] over the given keys/values; returns [N, Lq, d].
     fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
-        let q = split_heads(&project(&self.q, x)?, self.heads)?;
-        let out = attention_core(&q, k, v, bias, self.dropout, ctx)?;
-        project(&self.o, &merge_heads(&out)?)
+        let q = split_heads(&self.q.forward_frozen(x)?, self.heads)?;
+        let out = scaled_dot_product_attention(&q, k, v, None, bias, Some((self.dropout, ctx)))?; // no scaling
+        self.o.forward_frozen(&merge_heads(&out)?)
     }
 }
 
@@ -462,11 +388,11 @@ impl T5DenseActDense {
     }
 
     fn forward(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        let mut h = self.act.forward(&project(&self.wi_0, x)?)?; // [.., d_ff]
+        let mut h = self.act.forward(&self.wi_0.forward_frozen(x)?)?; // [.., d_ff]
         if let Some(wi_1) = &self.wi_1 {
-            h = (h * project(wi_1, x)?)?;
+            h = (h * wi_1.forward_frozen(x)?)?;
         }
-        project(&self.wo, &self.dropout.forward(&h, ctx)?)
+        self.wo.forward_frozen(&self.dropout.forward(&h, ctx)?)
     }
 }
 
@@ -871,7 +797,7 @@ impl T5Model {
         } else {
             h.clone()
         };
-        project(&self.lm_head, &h)
+        self.lm_head.forward_frozen(&h)
     }
 
     /// Teacher-forced logits: enc [B, Le, d], enc_mask [B, Le], decoder_input_ids [B, Ld]

@@ -18,7 +18,7 @@
 //! [`PackedSelfAttention`] (self-attention with one packed q/k/v projection) is shared with the
 //! EVA-CLIP towers (`clip_text`, `clip_branch`).
 
-use crate::nn::{init::Init, softmax_last_dim, Activation, LayerNorm, Linear};
+use crate::nn::{init::Init, merge_heads, scaled_dot_product_attention, Activation, LayerNorm, Linear};
 use crate::weights::Loader;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::Tensor;
@@ -244,18 +244,11 @@ impl PackedSelfAttention {
         Ok(Linear::new(self.weight.narrow(0, start, len)?, self.bias_rows(start, len)?))
     }
 
-    /// softmax(q·kᵀ·scale + bias)·v over heads, q [B, H, Lq, hd], k/v [B, H, Lk, hd]
+    /// Scaled dot-product attention over heads, q [B, H, Lq, hd], k/v [B, H, Lk, hd]
     /// → merged and projected [B, Lq, D].
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (b, _, lq, _) = q.dims4()?;
-        let q = (q * self.scale())?;
-        let mut scores = q.matmul(&k.t()?)?; // [B, H, Lq, Lk]
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
-        }
-        let probs = softmax_last_dim(&scores)?;
-        let ctx = probs.matmul(v)?.transpose(1, 2)?.reshape((b, lq, self.width()))?; // [B, Lq, D]
-        self.out.forward(&ctx)
+        let out = scaled_dot_product_attention(q, k, v, Some(self.scale()), bias, None)?; // [B, H, Lq, hd]
+        self.out.forward(&merge_heads(&out)?) // [B, Lq, D]
     }
 
     /// x: [B, L, D]; `bias` broadcastable to [B, H, L, L] (e.g. a causal mask) → [B, L, D].

@@ -50,8 +50,17 @@ pub fn causal_bias(lq: usize, lk: usize, offset: usize, dtype: DType, dev: &Devi
     Ok(Tensor::from_vec(v, (1, 1, lq, lk), dev)?.to_dtype(dtype)?)
 }
 
-/// softmax(q·kᵀ·scale + bias) · v for q [B, H, Lq, D], k/v [B, H, Lk, D]; `bias` broadcasts to
-/// [B, H, Lq, Lk]. `scale = None` means no scaling (T5). Dropout acts on the attention weights.
+/// The one attention kernel of the crate: softmax(q·kᵀ·scale + bias) · v for q [B, H, Lq, D],
+/// k/v [B, H, Lk, D] (→ [B, H, Lq, D]).
+///
+/// * `scale`: `None` means no scaling (T5 folds 1/sqrt(d) into its initialisation); the ViT,
+///   Q-Former and CLIP pass `Some(1/sqrt(head_dim))`.
+/// * `bias` broadcasts to [B, H, Lq, Lk]: padding and causal masks ([`padding_bias`],
+///   [`causal_bias`]), T5's relative position bias, or their sum; it is cast to the scores' dtype.
+/// * `dropout` acts on the attention weights (only with a training [`Ctx`]).
+///
+/// kᵀ is a strided view of `k` (no copy). The softmax is candle's fused kernel when nothing
+/// needs a gradient and the differentiable composition otherwise (see [`softmax_last_dim`]).
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
@@ -64,20 +73,15 @@ pub fn scaled_dot_product_attention(
         Some(s) => (q * s)?,
         None => q.clone(),
     };
-    let mut scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?; // [B, H, Lq, Lk]
+    let mut scores = q.contiguous()?.matmul(&k.contiguous()?.t()?)?; // [B, H, Lq, Lk]
     if let Some(b) = bias {
-        let b = if b.dtype() == scores.dtype() {
-            b.clone()
-        } else {
-            b.to_dtype(scores.dtype())?
-        };
-        scores = scores.broadcast_add(&b)?;
+        scores = scores.broadcast_add(&b.to_dtype(scores.dtype())?)?;
     }
     let mut probs = softmax_last_dim(&scores)?;
     if let Some((d, ctx)) = dropout {
         probs = d.forward(&probs, ctx)?;
     }
-    Ok(probs.matmul(&v.contiguous()?)?)
+    Ok(probs.matmul(&v.contiguous()?)?) // [B, H, Lq, D]
 }
 
 /// Attention with separate query/key/value/output projections (BERT, T5, the grounding encoder).
