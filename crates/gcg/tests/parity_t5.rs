@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, get, load_io};
+use common::{assert_close, get, load_io, randn_f32};
 use gcg::models::t5::{relative_position_bucket, EarlyStopping, GenerateConfig, SelfKvCache, T5Config, T5Model};
 use gcg::nn::{Activation, Ctx, Linear};
 use gcg::weights::{Loader, SafetensorsSource};
@@ -267,18 +267,12 @@ fn random_t5(dtype: DType, seed: u64, act: Activation) -> T5Model {
     T5Model::load(&lb, &cfg).unwrap()
 }
 
-fn randn(shape: &[usize], dtype: DType, seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v = gcg::SeededRng::new(seed).normal_vec(n, 0.0, 1.0);
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
-}
-
 #[test]
 fn loss_gradient_matches_finite_differences_f64() {
     for act in [Activation::GeluTanh, Activation::Gelu] {
         let m = random_t5(DType::F64, 7, act);
         let (b, l, d) = (2, 6, m.cfg.d_model);
-        let x0 = randn(&[b, l, d], DType::F64, 11);
+        let x0 = randn_f32(&[b, l, d], 11).to_dtype(DType::F64).unwrap();
         let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
         let labels = Tensor::new(&[[5i64, 17, 42, 1], [33, 1, -100, -100]], &Device::Cpu).unwrap();
         let loss_of = |x: &Tensor| -> Tensor {
@@ -329,7 +323,7 @@ fn loss_gradient_matches_finite_differences_f64() {
 fn cached_decoding_equals_uncached_forwards() {
     let m = random_t5(DType::F32, 3, Activation::Gelu);
     let (b, l) = (3, 7);
-    let x = randn(&[b, l, m.cfg.d_model], DType::F32, 5);
+    let x = randn_f32(&[b, l, m.cfg.d_model], 5);
     let mask = Tensor::new(
         &[[1u8, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0]],
         &Device::Cpu,
@@ -441,7 +435,7 @@ fn checkpoint_aliases_and_tied_head() {
     let lb = Loader::from_source(src, &Device::Cpu, DType::F32);
     let tied = T5Model::load(&lb, &cfg).unwrap();
     lb.finish().unwrap();
-    let x = randn(&[1, 4, cfg.d_model], DType::F32, 1);
+    let x = randn_f32(&[1, 4, cfg.d_model], 1);
     let mask = Tensor::ones((1, 4), DType::U32, &Device::Cpu).unwrap();
     let enc_a = m.encode(&x, &mask, Ctx::eval()).unwrap();
     let enc_b = tied.encode(&x, &mask, Ctx::eval()).unwrap();
@@ -463,7 +457,7 @@ fn checkpoint_aliases_and_tied_head() {
 
 #[test]
 fn dropout_only_in_training() {
-    let x = randn(&[2, 5, 32], DType::F32, 21);
+    let x = randn_f32(&[2, 5, 32], 21);
     let mask = Tensor::ones((2, 5), DType::U32, &Device::Cpu).unwrap();
     let labels = Tensor::new(&[[4i64, 9, 1], [7, 1, -100]], &Device::Cpu).unwrap();
     let loss = |m: &T5Model, ctx: Ctx| -> f32 {

@@ -18,7 +18,7 @@ pub use dropout::Dropout;
 pub use embedding::Embedding;
 pub use linear::{push_linear, torch_linear, FrozenMatmul, Linear};
 pub use norm::{LayerNorm, RmsNorm};
-pub use ops::{cross_entropy, gelu, log_softmax_last_dim, softmax_last_dim, Activation};
+pub use ops::{cross_entropy, gelu, log_softmax_last_dim, softmax_last_dim, top_k_sorted, Activation};
 
 use crate::rng::SeededRng;
 use std::cell::RefCell;
