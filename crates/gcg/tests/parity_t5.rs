@@ -10,20 +10,16 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{assert_close, get, load_io, randn_f32};
 use gcg::models::t5::{relative_position_bucket, EarlyStopping, GenerateConfig, SelfKvCache, T5Config, T5Model};
 use gcg::nn::{Activation, Ctx, Linear};
+use gcg::weights::checkpoints::read_json;
 use gcg::weights::{Loader, SafetensorsSource};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-fn read_json(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
-}
-
 /// The T5 of a snapshot directory: `hf/` (InstructBLIP, prefix `language_model`) or
 /// `gcg/flan-t5/` (plain Flan-T5, no prefix). Checks that every T5 tensor is used.
 fn load_t5(dir: &Path, prefix: &str) -> T5Model {
-    let cfg = T5Config::from_hf_config(&read_json(&dir.join("config.json"))).unwrap();
+    let cfg = T5Config::from_hf_config(&read_json(&dir.join("config.json")).unwrap()).unwrap();
     let src = SafetensorsSource::open_dir(dir).unwrap();
     let owned = format!("{prefix}.");
     let lb = if prefix.is_empty() {
@@ -44,7 +40,7 @@ struct Fixture {
 fn fixture(dir: &Path) -> Fixture {
     Fixture {
         io: load_io(&dir.join("io/t5.safetensors")).unwrap(),
-        meta: read_json(&dir.join("io/t5.json")),
+        meta: read_json(&dir.join("io/t5.json")).unwrap(),
     }
 }
 
@@ -98,7 +94,7 @@ fn relative_position_buckets_match_hf() {
     for dir in common::parity_dirs() {
         let fx = fixture(&dir);
         let rel = get(&fx.io, "bucket_rel").unwrap().to_vec1::<i64>().unwrap();
-        let cfg = T5Config::from_hf_config(&read_json(&dir.join("hf/config.json"))).unwrap();
+        let cfg = T5Config::from_hf_config(&read_json(&dir.join("hf/config.json")).unwrap()).unwrap();
         for (key, bidir) in [("bucket_bidirectional", true), ("bucket_causal", false)] {
             let want = get(&fx.io, key).unwrap().to_vec1::<i64>().unwrap();
             for (r, w) in rel.iter().zip(&want) {

@@ -31,6 +31,7 @@
 use crate::nn::attention::{causal_bias, merge_heads, padding_bias, scaled_dot_product_attention, split_heads};
 use crate::nn::init::Init;
 use crate::nn::{cross_entropy, log_softmax_last_dim, Activation, Ctx, Dropout, Embedding, Linear, RmsNorm};
+use crate::weights::checkpoints::hf_section;
 use crate::weights::Loader;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -69,6 +70,128 @@ pub struct T5Config {
     /// Multiply the decoder output by d_model^-0.5 before `lm_head` (original T5 with tied
     /// embeddings; HF ≥ 5 calls it `scale_decoder_outputs`). False for Flan-T5.
     pub scale_decoder_outputs: bool,
+}
+
+/// HF's `T5Config` as `config.json` writes it (the fields read here), with its defaults; the
+/// fields whose default is another field's value are options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HfT5Config {
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub d_kv: usize,
+    pub d_ff: usize,
+    pub num_layers: usize,
+    /// Default: `num_layers`.
+    pub num_decoder_layers: Option<usize>,
+    pub num_heads: usize,
+    pub relative_attention_num_buckets: usize,
+    pub relative_attention_max_distance: usize,
+    /// `ACT` or `gated-ACT`.
+    pub feed_forward_proj: String,
+    /// Default: derived from `feed_forward_proj`.
+    pub dense_act_fn: Option<String>,
+    pub layer_norm_epsilon: f64,
+    pub dropout_rate: f64,
+    pub pad_token_id: HfTokenId,
+    pub eos_token_id: HfTokenId,
+    /// Default: `pad_token_id`.
+    pub decoder_start_token_id: Option<HfTokenId>,
+    pub tie_word_embeddings: bool,
+    /// Default: `tie_word_embeddings`.
+    pub scale_decoder_outputs: Option<bool>,
+}
+
+/// A token id, written as a number or a one-element list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum HfTokenId {
+    One(u32),
+    List(Vec<u32>),
+}
+
+impl HfTokenId {
+    fn id(&self, key: &str) -> Result<u32> {
+        match self {
+            Self::One(id) => Ok(*id),
+            Self::List(a) if a.len() == 1 => Ok(a[0]),
+            Self::List(a) => bail!("T5 config: '{key}' should be one token id, got {a:?}"),
+        }
+    }
+}
+
+impl Default for HfT5Config {
+    fn default() -> Self {
+        Self {
+            model_type: None,
+            vocab_size: 32128,
+            d_model: 512,
+            d_kv: 64,
+            d_ff: 2048,
+            num_layers: 6,
+            num_decoder_layers: None,
+            num_heads: 8,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            feed_forward_proj: "relu".into(),
+            dense_act_fn: None,
+            layer_norm_epsilon: 1e-6,
+            dropout_rate: 0.1,
+            pad_token_id: HfTokenId::One(0),
+            eos_token_id: HfTokenId::One(1),
+            decoder_start_token_id: None,
+            tie_word_embeddings: true,
+            scale_decoder_outputs: None,
+        }
+    }
+}
+
+impl TryFrom<HfT5Config> for T5Config {
+    type Error = anyhow::Error;
+    fn try_from(h: HfT5Config) -> Result<Self> {
+        if let Some(mt) = &h.model_type {
+            ensure!(mt == "t5", "T5 config: model_type is {mt:?}, expected \"t5\"");
+        }
+        let ffp = h.feed_forward_proj.as_str();
+        let parts: Vec<&str> = ffp.split('-').collect();
+        let (is_gated_act, act_name) = match parts.as_slice() {
+            ["gated", act] => (true, *act),
+            [act] => (false, *act),
+            _ => bail!("T5 config: feed_forward_proj {ffp:?} should be 'ACT' or 'gated-ACT'"),
+        };
+        let derived = if ffp == "gated-gelu" { "gelu_new" } else { act_name };
+        let act_name = h.dense_act_fn.as_deref().unwrap_or(derived);
+        let dense_act_fn = Activation::from_hf(act_name).context("T5 config: dense_act_fn")?;
+        let pad_token_id = h.pad_token_id.id("pad_token_id")?;
+        let cfg = Self {
+            vocab_size: h.vocab_size,
+            d_model: h.d_model,
+            d_kv: h.d_kv,
+            d_ff: h.d_ff,
+            num_layers: h.num_layers,
+            num_decoder_layers: h.num_decoder_layers.unwrap_or(h.num_layers),
+            num_heads: h.num_heads,
+            relative_attention_num_buckets: h.relative_attention_num_buckets,
+            relative_attention_max_distance: h.relative_attention_max_distance,
+            dense_act_fn,
+            is_gated_act,
+            layer_norm_epsilon: h.layer_norm_epsilon,
+            dropout_rate: h.dropout_rate,
+            pad_token_id,
+            eos_token_id: h.eos_token_id.id("eos_token_id")?,
+            decoder_start_token_id: match &h.decoder_start_token_id {
+                Some(t) => t.id("decoder_start_token_id")?,
+                None => pad_token_id,
+            },
+            tie_word_embeddings: h.tie_word_embeddings,
+            // HF ≥ 5 stores the scaling flag separately (and then always writes
+            // tie_word_embeddings = true); older configs imply it by tie_word_embeddings.
+            scale_decoder_outputs: h.scale_decoder_outputs.unwrap_or(h.tie_word_embeddings),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
 }
 
 impl T5Config {
@@ -147,86 +270,7 @@ impl T5Config {
             Some(t) if t.is_object() => t,
             _ => v,
         };
-        ensure!(v.is_object(), "T5 config: expected a JSON object");
-        if let Some(mt) = v.get("model_type").and_then(Value::as_str) {
-            ensure!(mt == "t5", "T5 config: model_type is {mt:?}, expected \"t5\"");
-        }
-        let uint = |key: &str, default: usize| -> Result<usize> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(default),
-                Some(x) => x
-                    .as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| anyhow!("T5 config: '{key}' should be a non-negative integer, got {x}")),
-            }
-        };
-        let float = |key: &str, default: f64| -> Result<f64> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(default),
-                Some(x) => x.as_f64().ok_or_else(|| anyhow!("T5 config: '{key}' should be a number, got {x}")),
-            }
-        };
-        let boolean = |key: &str| -> Result<Option<bool>> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(x) => Ok(Some(
-                    x.as_bool()
-                        .ok_or_else(|| anyhow!("T5 config: '{key}' should be true or false, got {x}"))?,
-                )),
-            }
-        };
-        let token = |key: &str, default: u32| -> Result<u32> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(default),
-                Some(Value::Array(a)) if a.len() == 1 => a[0]
-                    .as_u64()
-                    .map(|n| n as u32)
-                    .ok_or_else(|| anyhow!("T5 config: '{key}' should be a token id, got {}", a[0])),
-                Some(x) => x
-                    .as_u64()
-                    .map(|n| n as u32)
-                    .ok_or_else(|| anyhow!("T5 config: '{key}' should be one token id, got {x}")),
-            }
-        };
-
-        let ffp = v.get("feed_forward_proj").and_then(Value::as_str).unwrap_or("relu");
-        let parts: Vec<&str> = ffp.split('-').collect();
-        let (is_gated_act, act_name) = match parts.as_slice() {
-            ["gated", act] => (true, *act),
-            [act] => (false, *act),
-            _ => bail!("T5 config: feed_forward_proj {ffp:?} should be 'ACT' or 'gated-ACT'"),
-        };
-        let derived = if ffp == "gated-gelu" { "gelu_new" } else { act_name };
-        let act_name = v.get("dense_act_fn").and_then(Value::as_str).unwrap_or(derived);
-        let dense_act_fn = Activation::from_hf(act_name).context("T5 config: dense_act_fn")?;
-
-        let num_layers = uint("num_layers", 6)?;
-        let pad_token_id = token("pad_token_id", 0)?;
-        let tie = boolean("tie_word_embeddings")?.unwrap_or(true);
-        let cfg = Self {
-            vocab_size: uint("vocab_size", 32128)?,
-            d_model: uint("d_model", 512)?,
-            d_kv: uint("d_kv", 64)?,
-            d_ff: uint("d_ff", 2048)?,
-            num_layers,
-            num_decoder_layers: uint("num_decoder_layers", num_layers)?,
-            num_heads: uint("num_heads", 8)?,
-            relative_attention_num_buckets: uint("relative_attention_num_buckets", 32)?,
-            relative_attention_max_distance: uint("relative_attention_max_distance", 128)?,
-            dense_act_fn,
-            is_gated_act,
-            layer_norm_epsilon: float("layer_norm_epsilon", 1e-6)?,
-            dropout_rate: float("dropout_rate", 0.1)?,
-            pad_token_id,
-            eos_token_id: token("eos_token_id", 1)?,
-            decoder_start_token_id: token("decoder_start_token_id", pad_token_id)?,
-            tie_word_embeddings: tie,
-            // HF ≥ 5 stores the scaling flag separately (and then always writes
-            // tie_word_embeddings = true); older configs imply it by tie_word_embeddings.
-            scale_decoder_outputs: boolean("scale_decoder_outputs")?.unwrap_or(tie),
-        };
-        cfg.validate()?;
-        Ok(cfg)
+        Self::try_from(hf_section::<HfT5Config>(v, "T5 config")?)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -1209,5 +1253,16 @@ mod tests {
         let mut v3 = v.clone();
         v3["feed_forward_proj"] = "gated-gelu-x".into();
         assert!(T5Config::from_hf_config(&v3).is_err());
+        // A token id may be a one-element list; null means "the default"; errors name the field.
+        let mut v4 = v.clone();
+        v4["eos_token_id"] = serde_json::json!([1]);
+        v4["num_decoder_layers"] = serde_json::Value::Null;
+        assert_eq!(T5Config::from_hf_config(&v4).unwrap(), T5Config::flan_t5_xl());
+        v4["eos_token_id"] = serde_json::json!([1, 2]);
+        assert!(format!("{:#}", T5Config::from_hf_config(&v4).unwrap_err()).contains("eos_token_id"));
+        let mut v5 = v.clone();
+        v5["d_ff"] = "5120".into();
+        let err = format!("{:#}", T5Config::from_hf_config(&v5).unwrap_err());
+        assert!(err.contains("T5 config.d_ff"), "{err}");
     }
 }
