@@ -75,20 +75,22 @@ pub struct HfQFormerConfig {
 }
 
 impl Default for HfQFormerConfig {
+    /// HF's defaults: InstructBLIP's Q-Former, but BERT's vocabulary (without `[DEC]`).
     fn default() -> Self {
+        let c = QFormerConfig::instructblip();
         Self {
             vocab_size: 30522,
-            hidden_size: 768,
-            num_hidden_layers: 12,
-            num_attention_heads: 12,
-            intermediate_size: 3072,
+            hidden_size: c.hidden_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            intermediate_size: c.intermediate_size,
             hidden_act: "gelu".into(),
-            hidden_dropout_prob: 0.1,
-            attention_probs_dropout_prob: 0.1,
-            max_position_embeddings: 512,
-            layer_norm_eps: 1e-12,
-            cross_attention_frequency: 2,
-            encoder_hidden_size: 1408,
+            hidden_dropout_prob: c.hidden_dropout_prob,
+            attention_probs_dropout_prob: c.attention_probs_dropout_prob,
+            max_position_embeddings: c.max_position_embeddings,
+            layer_norm_eps: c.layer_norm_eps,
+            cross_attention_frequency: c.cross_attention_frequency,
+            encoder_hidden_size: c.encoder_hidden_size,
             position_embedding_type: "absolute".into(),
         }
     }
