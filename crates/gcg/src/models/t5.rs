@@ -28,7 +28,7 @@
 //!   fed pad; beam search: `_beam_search` with its length penalty, early-stopping heuristic and
 //!   2·num_beams candidates), `min_new_tokens` included; sampling is deliberately not offered.
 
-use crate::nn::attention::{causal_bias, merge_heads, padding_bias, scaled_dot_product_attention, split_heads};
+use crate::nn::attention::{causal_bias, padding_bias, MultiHeadAttention};
 use crate::nn::init::Init;
 use crate::nn::{cross_entropy, log_softmax_last_dim, Activation, Ctx, Dropout, Embedding, Linear, RmsNorm};
 use crate::weights::checkpoints::hf_section;
@@ -347,45 +347,23 @@ fn cast(t: &Tensor, dt: DType) -> Result<Tensor> {
     Ok(if t.dtype() == dt { t.clone() } else { t.to_dtype(dt)? })
 }
 
-/// One T5 attention (self or cross): q/k/v/o without biases, no 1/sqrt(d) scaling.
-#[derive(Debug, Clone)]
-pub struct T5Attention {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
-    pub heads: usize,
-    pub dropout: Dropout,
-}
+/// One T5 attention (self or cross): q/k/v/o without biases, no 1/sqrt(d) scaling. Its frozen
+/// projections carry gradients to the activations only ([`Linear::forward_frozen`]).
+pub type T5Attention = MultiHeadAttention;
 
-impl T5Attention {
-    fn load(lb: &Loader, cfg: &T5Config) -> Result<Self> {
-        let (d, inner) = (cfg.d_model, cfg.inner_dim());
-        let normal = |std: f64| Init::Normal { std };
-        Ok(Self {
-            q: Linear::load_with(&lb.pp("q"), d, inner, false, normal(((d * cfg.d_kv) as f64).powf(-0.5)))?,
-            k: Linear::load_with(&lb.pp("k"), d, inner, false, normal((d as f64).powf(-0.5)))?,
-            v: Linear::load_with(&lb.pp("v"), d, inner, false, normal((d as f64).powf(-0.5)))?,
-            o: Linear::load_with(&lb.pp("o"), inner, d, false, normal((inner as f64).powf(-0.5)))?,
-            heads: cfg.num_heads,
-            dropout: Dropout::new(cfg.dropout_rate),
-        })
-    }
-
-    /// [N, L, d] → keys and values [N, H, L, Dh].
-    fn project_kv(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((
-            split_heads(&self.k.forward_frozen(x)?, self.heads)?,
-            split_heads(&self.v.forward_frozen(x)?, self.heads)?,
-        ))
-    }
-
-    /// Queries from `x` [N, Lq, d] over the given keys/values; returns [N, Lq, d].
-    fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
-        let q = split_heads(&self.q.forward_frozen(x)?, self.heads)?;
-        let out = scaled_dot_product_attention(&q, k, v, None, bias, Some((self.dropout, ctx)))?; // no scaling
-        self.o.forward_frozen(&merge_heads(&out)?)
-    }
+/// T5's attention under `lb` (`q`, `k`, `v`, `o`), with T5's initialisation when not loaded.
+fn load_attention(lb: &Loader, cfg: &T5Config) -> Result<T5Attention> {
+    let (d, inner) = (cfg.d_model, cfg.inner_dim());
+    let normal = |std: f64| Init::Normal { std };
+    Ok(MultiHeadAttention {
+        q: Linear::load_with(&lb.pp("q"), d, inner, false, normal(((d * cfg.d_kv) as f64).powf(-0.5)))?,
+        k: Linear::load_with(&lb.pp("k"), d, inner, false, normal((d as f64).powf(-0.5)))?,
+        v: Linear::load_with(&lb.pp("v"), d, inner, false, normal((d as f64).powf(-0.5)))?,
+        o: Linear::load_with(&lb.pp("o"), inner, d, false, normal((inner as f64).powf(-0.5)))?,
+        heads: cfg.num_heads,
+        scale: None,
+        dropout: Dropout::new(cfg.dropout_rate),
+    })
 }
 
 /// The FFN: gated `act(wi_0 x) * wi_1 x → wo`, or plain `act(wi x) → wo`.
@@ -459,7 +437,7 @@ impl T5Block {
         let cross_attn = if is_decoder {
             let l1 = lb.pp("layer.1");
             Some((
-                T5Attention::load(&l1.pp("EncDecAttention"), cfg)?,
+                load_attention(&l1.pp("EncDecAttention"), cfg)?,
                 RmsNorm::load(&l1.pp("layer_norm"), cfg.d_model, eps)?,
             ))
         } else {
@@ -467,7 +445,7 @@ impl T5Block {
         };
         let lf = lb.pp(if is_decoder { "layer.2" } else { "layer.1" });
         Ok(Self {
-            self_attn: T5Attention::load(&l0.pp("SelfAttention"), cfg)?,
+            self_attn: load_attention(&l0.pp("SelfAttention"), cfg)?,
             self_attn_norm: RmsNorm::load(&l0.pp("layer_norm"), cfg.d_model, eps)?,
             cross_attn,
             ff: T5DenseActDense::load(&lf.pp("DenseReluDense"), cfg)?,
@@ -497,14 +475,14 @@ impl T5Block {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let a = self.self_attn.attend(&h, &k, &v, Some(self_bias), ctx)?;
+        let a = self.self_attn.forward_with_kv(&h, &k, &v, Some(self_bias), ctx)?;
         let mut x = (x + self.dropout.forward(&a, ctx)?)?;
 
         // cross-attention
         if let Some((attn, norm)) = &self.cross_attn {
             let (kv, bias) = cross.ok_or_else(|| anyhow!("T5 decoder block called without encoder states"))?;
             let h = norm.forward(&x)?;
-            let a = attn.attend(&h, &kv.0, &kv.1, Some(bias), ctx)?;
+            let a = attn.forward_with_kv(&h, &kv.0, &kv.1, Some(bias), ctx)?;
             x = (x + self.dropout.forward(&a, ctx)?)?;
         }
 

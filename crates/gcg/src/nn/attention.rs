@@ -85,6 +85,9 @@ pub fn scaled_dot_product_attention(
 }
 
 /// Attention with separate query/key/value/output projections (BERT, T5, the grounding encoder).
+///
+/// The projections go through [`Linear::forward_frozen`]: a bias-free frozen weight (T5's) gets
+/// no gradient of its own; every other layer is plain [`Linear::forward`].
 #[derive(Debug, Clone)]
 pub struct MultiHeadAttention {
     pub q: Linear,
@@ -138,8 +141,8 @@ impl MultiHeadAttention {
     /// Project keys and values once (e.g. to cache them): [B, Lk, kv_dim] → two [B, H, Lk, D].
     pub fn project_kv(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((
-            split_heads(&self.k.forward(kv)?, self.heads)?,
-            split_heads(&self.v.forward(kv)?, self.heads)?,
+            split_heads(&self.k.forward_frozen(kv)?, self.heads)?,
+            split_heads(&self.v.forward_frozen(kv)?, self.heads)?,
         ))
     }
 
@@ -151,8 +154,8 @@ impl MultiHeadAttention {
     }
 
     pub fn forward_with_kv(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
-        let q = split_heads(&self.q.forward(x)?, self.heads)?;
+        let q = split_heads(&self.q.forward_frozen(x)?, self.heads)?;
         let out = scaled_dot_product_attention(&q, k, v, self.scale, bias, Some((self.dropout, ctx)))?;
-        self.o.forward(&merge_heads(&out)?)
+        self.o.forward_frozen(&merge_heads(&out)?)
     }
 }
