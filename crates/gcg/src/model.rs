@@ -12,7 +12,9 @@
 
 use crate::data::{self, Batch, PromptEncoder, PromptTokens, QaSample};
 pub use crate::data::{AnswerFormat, TextTokenizers};
-use crate::grounding::{gaussian_mixture, hard_selection, hard_topk, Grounding, GroundingConfig, GroundingInputs, TopkNoises};
+use crate::grounding::{
+    gaussian_mixture, hard_selection, hard_topk, one_hot_selection, Grounding, GroundingConfig, GroundingInputs, TopkNoises,
+};
 use crate::models::lmm::{LlmInputs, LmmConfig, LmmOptions, VideoLmm};
 use crate::models::t5::GenerateConfig;
 use crate::nn::Ctx;
@@ -60,16 +62,8 @@ impl std::fmt::Display for Mode {
     }
 }
 
-/// How the uniform mode spaces its K frames over T.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum UniformRule {
-    /// round(linspace(0, T−1, K)) (SPEC §6).
-    Round,
-    /// `torch.linspace(0, T−1, K, dtype=torch.int)` as the official code: truncation
-    /// (T = 32, K = 4 → 0, 10, 20, 31 instead of 0, 10, 21, 31).
-    OfficialTruncate,
-}
+/// How the uniform mode spaces its K frames over T, and the function that does it.
+pub use crate::video::{uniform_indices, UniformRule};
 
 /// How a multiple-choice answer is produced at evaluation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,30 +174,6 @@ pub struct GcgModel {
     pub tokenizers: Arc<TextTokenizers>,
 }
 
-/// Evenly spaced frame indices.
-pub fn uniform_indices(t: usize, k: usize, rule: UniformRule) -> Vec<usize> {
-    if k == 1 {
-        return vec![0];
-    }
-    let end = (t - 1) as f64;
-    let step = end / (k - 1) as f64;
-    (0..k)
-        .map(|i| match rule {
-            UniformRule::Round => (i as f64 * step).round() as usize,
-            // ATen's integral linspace: the first half counts up from the start, the second half
-            // down from the end, and the value is truncated.
-            UniformRule::OfficialTruncate => {
-                let x = if i < k / 2 {
-                    i as f64 * step
-                } else {
-                    end - step * (k - 1 - i) as f64
-                };
-                x.trunc() as usize
-            }
-        })
-        .collect()
-}
-
 impl GcgModel {
     /// Build from a loader at the checkpoint root: the video LMM of `lmm`'s sizes with `cfg`'s
     /// switches, and the grounding module in grounding mode (`with_vision`: also the ViT trunk).
@@ -285,7 +255,7 @@ impl GcgModel {
                 let idx = uniform_indices(t, k, self.cfg.uniform_rule);
                 let rows = vec![idx; b];
                 Ok(Selection {
-                    matrix: one_hot(&rows, t, &dev)?,
+                    matrix: one_hot_selection(&rows, t, DType::F32, &dev)?,
                     frames: rows,
                     curve: None,
                     centres: None,
@@ -563,19 +533,6 @@ struct Selection {
     centres: Option<Tensor>,
     reg: Option<Tensor>,
     con: Option<Tensor>,
-}
-
-/// One-hot [B, K, T] rows.
-fn one_hot(rows: &[Vec<usize>], t: usize, dev: &Device) -> Result<Tensor> {
-    let b = rows.len();
-    let k = rows.first().map(Vec::len).unwrap_or(0);
-    let mut v = vec![0f32; b * k * t];
-    for (bi, r) in rows.iter().enumerate() {
-        for (ki, &f) in r.iter().enumerate() {
-            v[(bi * k + ki) * t + f] = 1.0;
-        }
-    }
-    Ok(Tensor::from_vec(v, (b, k, t), dev)?)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
-//! Small shared helpers: atomic file writes.
+//! Small shared helpers: atomic file and folder writes.
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use candle_core::Tensor;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -40,4 +40,42 @@ pub fn save_safetensors_atomic(tensors: &BTreeMap<String, Tensor>, path: &Path) 
     candle_core::safetensors::save(&map, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
+}
+
+/// Write the folder `dir` atomically: `fill` writes its contents into a fresh temporary sibling
+/// (`.{name}.tmp-{pid}`, a stale one is removed first), which is then renamed to `dir`. An existing
+/// `dir` is moved aside (`.{name}.old-{pid}`) before the swap and removed after it, so one complete
+/// folder exists at every moment. When `fill` fails, the temporary folder is removed and its error
+/// returned. Once the new folder is in place, failing to remove the old one is not an error (a
+/// hidden leftover folder, not a lost write). Returns what `fill` returned.
+pub fn write_dir_atomic<T>(dir: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let name = dir
+        .file_name()
+        .ok_or_else(|| anyhow!("{}: not a folder name", dir.display()))?
+        .to_string_lossy()
+        .to_string();
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let out = match fill(&tmp) {
+        Ok(out) => out,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    let moved_aside = dir.exists();
+    if moved_aside {
+        std::fs::rename(dir, &old).with_context(|| format!("moving the old {} aside", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    if moved_aside {
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    Ok(out)
 }

@@ -11,12 +11,8 @@ use gcg::nn::Ctx;
 use gcg::weights::Loader;
 use gcg::SeededRng;
 
-fn randn(shape: &[usize], seed: u64, std: f64, mean: f64) -> Tensor {
-    let mut r = SeededRng::new(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| mean + std * r.normal()).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+mod common;
+use common::{randn, randn_mean};
 
 fn scalar(t: &Tensor) -> f64 {
     t.to_scalar::<f64>().unwrap()
@@ -30,13 +26,13 @@ fn random_grounding(cfg: &GroundingConfig, seed: u64) -> Grounding {
         let dims = p.dims().to_vec();
         let fan_in = *dims.last().unwrap() as f64;
         *p = if name.contains("layer_norm") {
-            randn(&dims, 100 + i as u64, 0.1, if name.ends_with("weight") { 1.0 } else { 0.0 })
+            randn_mean(&dims, 100 + i as u64, 0.1, if name.ends_with("weight") { 1.0 } else { 0.0 })
         } else if dims.len() == 1 {
-            randn(&dims, 100 + i as u64, 0.1, 0.0)
+            randn(&dims, 100 + i as u64, 0.1)
         } else if name.contains("position") || name.contains("modality") {
-            randn(&dims, 100 + i as u64, 0.5, 0.0)
+            randn(&dims, 100 + i as u64, 0.5)
         } else {
-            randn(&dims, 100 + i as u64, 1.0 / fan_in.sqrt(), 0.0)
+            randn(&dims, 100 + i as u64, 1.0 / fan_in.sqrt())
         };
     }
     g
@@ -118,7 +114,7 @@ fn cfg() -> GroundingConfig {
 #[test]
 fn gaussian_mixture_gradient() {
     let mu = Var::from_tensor(&Tensor::new(&[[0.21f64, 0.47, 0.83], [0.1, 0.5, 0.58]], &Device::Cpu).unwrap()).unwrap();
-    let r = randn(&[2, 9], 3, 1.0, 0.0);
+    let r = randn(&[2, 9], 3, 1.0);
     let f = |m: &Tensor| (gaussian_mixture(m, 9, 0.2).unwrap() * &r).unwrap().sum_all().unwrap();
     let g = f(mu.as_tensor())
         .backward()
@@ -206,10 +202,10 @@ fn gaussian_mixture_gradient() {
 fn generator_gradient() {
     let c = cfg();
     let g = random_grounding(&c, 1);
-    let frames = randn(&[2, 6, 16], 2, 1.0, 0.0);
-    let text = randn(&[2, 4, 16], 3, 1.0, 0.0);
-    let r_p = randn(&[2, 6], 4, 1.0, 0.0);
-    let r_mu = randn(&[2, 3], 5, 1.0, 0.0);
+    let frames = randn(&[2, 6, 16], 2, 1.0);
+    let text = randn(&[2, 4, 16], 3, 1.0);
+    let r_p = randn(&[2, 6], 4, 1.0);
+    let r_mu = randn(&[2, 3], 5, 1.0);
     let f = |m: &Grounding, x: &[Tensor]| {
         let out = m.generate(&x[0], &x[1], Ctx::eval()).unwrap();
         let a = (out.frame_scores * &r_p).unwrap().sum_all().unwrap();
@@ -278,13 +274,13 @@ fn contrastive_case(name: &str, b: usize, options: usize, seed: u64) {
     let (t, k, d) = (c.frames, c.moments, c.dim);
     let answer_ids: Vec<usize> = (0..b).map(|i| (i * 2 + 1) % options.max(1)).collect();
     let mut inputs = vec![
-        randn(&[b, t, d], seed + 1, 1.0, 0.0),
-        randn(&[b, d], seed + 2, 1.0, 0.0),
-        randn(&[b, k, t], seed + 3, 0.5, 0.2),
-        randn(&[b, t - k, t], seed + 4, 0.5, 0.2),
+        randn(&[b, t, d], seed + 1, 1.0),
+        randn(&[b, d], seed + 2, 1.0),
+        randn_mean(&[b, k, t], seed + 3, 0.5, 0.2),
+        randn_mean(&[b, t - k, t], seed + 4, 0.5, 0.2),
     ];
     if options > 0 {
-        inputs.push(randn(&[b, options, d], seed + 5, 1.0, 0.0));
+        inputs.push(randn(&[b, options, d], seed + 5, 1.0));
     }
     let f = |m: &Grounding, x: &[Tensor]| {
         contrastive_loss(
@@ -326,10 +322,10 @@ fn contrastive_loss_value_single_sample_without_options() {
     let c = cfg();
     let g = random_grounding(&c, 50);
     let (t, k, d) = (c.frames, c.moments, c.dim);
-    let frames = randn(&[1, t, d], 51, 1.0, 0.0);
-    let answer = randn(&[1, d], 52, 1.0, 0.0);
-    let pos_sel = randn(&[1, k, t], 53, 0.5, 0.2);
-    let neg_sel = randn(&[1, t - k, t], 54, 0.5, 0.2);
+    let frames = randn(&[1, t, d], 51, 1.0);
+    let answer = randn(&[1, d], 52, 1.0);
+    let pos_sel = randn_mean(&[1, k, t], 53, 0.5, 0.2);
+    let neg_sel = randn_mean(&[1, t - k, t], 54, 0.5, 0.2);
     let got = scalar(
         &contrastive_loss(
             &g.proj_head,
@@ -379,16 +375,16 @@ fn whole_objective_with_fixed_noise_gradient() {
     let g = random_grounding(&c, 60);
     let (b, t, k, d, n) = (2, c.frames, c.moments, c.dim, 16);
     let answer_ids = vec![1usize, 3];
-    let noise_pos = randn(&[b, n, t], 61, 1.0, 0.0);
-    let noise_neg = randn(&[b, n, t], 62, 1.0, 0.0);
-    let noise_sel = randn(&[b, n, t], 63, 1.0, 0.0);
-    let r = randn(&[b, k, t], 64, 1.0, 0.0);
-    let scores = randn(&[b, t], 65, 1.0, 0.0);
+    let noise_pos = randn(&[b, n, t], 61, 1.0);
+    let noise_neg = randn(&[b, n, t], 62, 1.0);
+    let noise_sel = randn(&[b, n, t], 63, 1.0);
+    let r = randn(&[b, k, t], 64, 1.0);
+    let scores = randn(&[b, t], 65, 1.0);
     let inputs = vec![
-        randn(&[b, t, d], 66, 1.0, 0.0),
-        randn(&[b, d], 67, 1.0, 0.0),
-        randn(&[b, 4, d], 68, 1.0, 0.0),
-        randn(&[b, d], 69, 1.0, 0.0),
+        randn(&[b, t, d], 66, 1.0),
+        randn(&[b, d], 67, 1.0),
+        randn(&[b, 4, d], 68, 1.0),
+        randn(&[b, d], 69, 1.0),
     ];
     let mut topk = c.topk;
     topk.gradient = TopkGradient::Full;
@@ -425,8 +421,8 @@ fn dropout_only_in_training_and_inputs_are_checked() {
     let c = GroundingConfig::tiny();
     let lb = Loader::random(&Device::Cpu, DType::F32, 3);
     let g = Grounding::load(&lb.pp("grounding"), &c).unwrap();
-    let frames = randn(&[2, c.frames, c.dim], 1, 1.0, 0.0).to_dtype(DType::F32).unwrap();
-    let q = randn(&[2, c.dim], 2, 1.0, 0.0).to_dtype(DType::F32).unwrap();
+    let frames = randn(&[2, c.frames, c.dim], 1, 1.0).to_dtype(DType::F32).unwrap();
+    let q = randn(&[2, c.dim], 2, 1.0).to_dtype(DType::F32).unwrap();
     let a = g.predict(&frames, &q, None).unwrap();
     let b = g.predict(&frames, &q, None).unwrap();
     assert_eq!(a.frame_scores.to_vec2::<f32>().unwrap(), b.frame_scores.to_vec2::<f32>().unwrap());

@@ -7,12 +7,8 @@ use gcg::weights::Loader;
 use gcg::SeededRng;
 use std::cell::RefCell;
 
-fn randn(shape: &[usize], seed: u64, std: f64) -> Tensor {
-    let mut r = SeededRng::new(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| std * r.normal()).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
+mod common;
+use common::randn;
 
 /// Compare d(sum(f(x) * R))/dx from autograd with central differences, for every input in `xs`.
 fn check_grads(name: &str, xs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) {

@@ -23,8 +23,7 @@ const GRAD_TOL: f64 = 1e-3;
 
 fn config(dir: &Path) -> Result<QFormerConfig> {
     let path = dir.join("hf/config.json");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)?;
+    let v = gcg::weights::checkpoints::read_json(&path)?;
     let q = v["num_query_tokens"].as_u64().context("config.json: num_query_tokens")? as usize;
     QFormerConfig::from_hf_config(&v["qformer_config"], q)
 }

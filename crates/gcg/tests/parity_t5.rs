@@ -7,23 +7,19 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{assert_close, get, load_io};
+use common::{assert_close, get, load_io, randn_f32};
 use gcg::models::t5::{relative_position_bucket, EarlyStopping, GenerateConfig, SelfKvCache, T5Config, T5Model};
 use gcg::nn::{Activation, Ctx, Linear};
+use gcg::weights::checkpoints::read_json;
 use gcg::weights::{Loader, SafetensorsSource};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-fn read_json(path: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
-}
-
 /// The T5 of a snapshot directory: `hf/` (InstructBLIP, prefix `language_model`) or
 /// `gcg/flan-t5/` (plain Flan-T5, no prefix). Checks that every T5 tensor is used.
 fn load_t5(dir: &Path, prefix: &str) -> T5Model {
-    let cfg = T5Config::from_hf_config(&read_json(&dir.join("config.json"))).unwrap();
+    let cfg = T5Config::from_hf_config(&read_json(&dir.join("config.json")).unwrap()).unwrap();
     let src = SafetensorsSource::open_dir(dir).unwrap();
     let owned = format!("{prefix}.");
     let lb = if prefix.is_empty() {
@@ -44,7 +40,7 @@ struct Fixture {
 fn fixture(dir: &Path) -> Fixture {
     Fixture {
         io: load_io(&dir.join("io/t5.safetensors")).unwrap(),
-        meta: read_json(&dir.join("io/t5.json")),
+        meta: read_json(&dir.join("io/t5.json")).unwrap(),
     }
 }
 
@@ -98,7 +94,7 @@ fn relative_position_buckets_match_hf() {
     for dir in common::parity_dirs() {
         let fx = fixture(&dir);
         let rel = get(&fx.io, "bucket_rel").unwrap().to_vec1::<i64>().unwrap();
-        let cfg = T5Config::from_hf_config(&read_json(&dir.join("hf/config.json"))).unwrap();
+        let cfg = T5Config::from_hf_config(&read_json(&dir.join("hf/config.json")).unwrap()).unwrap();
         for (key, bidir) in [("bucket_bidirectional", true), ("bucket_causal", false)] {
             let want = get(&fx.io, key).unwrap().to_vec1::<i64>().unwrap();
             for (r, w) in rel.iter().zip(&want) {
@@ -267,18 +263,12 @@ fn random_t5(dtype: DType, seed: u64, act: Activation) -> T5Model {
     T5Model::load(&lb, &cfg).unwrap()
 }
 
-fn randn(shape: &[usize], dtype: DType, seed: u64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let v = gcg::SeededRng::new(seed).normal_vec(n, 0.0, 1.0);
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
-}
-
 #[test]
 fn loss_gradient_matches_finite_differences_f64() {
     for act in [Activation::GeluTanh, Activation::Gelu] {
         let m = random_t5(DType::F64, 7, act);
         let (b, l, d) = (2, 6, m.cfg.d_model);
-        let x0 = randn(&[b, l, d], DType::F64, 11);
+        let x0 = randn_f32(&[b, l, d], 11).to_dtype(DType::F64).unwrap();
         let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
         let labels = Tensor::new(&[[5i64, 17, 42, 1], [33, 1, -100, -100]], &Device::Cpu).unwrap();
         let loss_of = |x: &Tensor| -> Tensor {
@@ -329,7 +319,7 @@ fn loss_gradient_matches_finite_differences_f64() {
 fn cached_decoding_equals_uncached_forwards() {
     let m = random_t5(DType::F32, 3, Activation::Gelu);
     let (b, l) = (3, 7);
-    let x = randn(&[b, l, m.cfg.d_model], DType::F32, 5);
+    let x = randn_f32(&[b, l, m.cfg.d_model], 5);
     let mask = Tensor::new(
         &[[1u8, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0]],
         &Device::Cpu,
@@ -441,7 +431,7 @@ fn checkpoint_aliases_and_tied_head() {
     let lb = Loader::from_source(src, &Device::Cpu, DType::F32);
     let tied = T5Model::load(&lb, &cfg).unwrap();
     lb.finish().unwrap();
-    let x = randn(&[1, 4, cfg.d_model], DType::F32, 1);
+    let x = randn_f32(&[1, 4, cfg.d_model], 1);
     let mask = Tensor::ones((1, 4), DType::U32, &Device::Cpu).unwrap();
     let enc_a = m.encode(&x, &mask, Ctx::eval()).unwrap();
     let enc_b = tied.encode(&x, &mask, Ctx::eval()).unwrap();
@@ -463,7 +453,7 @@ fn checkpoint_aliases_and_tied_head() {
 
 #[test]
 fn dropout_only_in_training() {
-    let x = randn(&[2, 5, 32], DType::F32, 21);
+    let x = randn_f32(&[2, 5, 32], 21);
     let mask = Tensor::ones((2, 5), DType::U32, &Device::Cpu).unwrap();
     let labels = Tensor::new(&[[4i64, 9, 1], [7, 1, -100]], &Device::Cpu).unwrap();
     let loss = |m: &T5Model, ctx: Ctx| -> f32 {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, get, load_io, parity_dirs};
 use gcg::models::vit::{VisionModel, VitConfig};
@@ -17,9 +17,7 @@ const TOL: f64 = 1e-4;
 
 fn vit_config(dir: &Path) -> Result<VitConfig> {
     let path = dir.join("hf/config.json");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?)?;
-    let cfg = VitConfig::from_hf_config(&v)?;
+    let cfg = VitConfig::from_hf_config(&gcg::weights::checkpoints::read_json(&path)?)?;
     if dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("tiny")) {
         assert_eq!(cfg, VitConfig::tiny(), "the tiny preset must equal the fixture's vision_config");
     }

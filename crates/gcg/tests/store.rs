@@ -947,7 +947,7 @@ fn frozen_networks_from_checkpoints_match_pytorch() -> Result<()> {
     for dir in common::parity_dirs() {
         let vision = common::load_io(&dir.join("io/vision.safetensors"))?;
         let clip_io = common::load_io(&dir.join("io/clip.safetensors"))?;
-        let hf_cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("hf/config.json"))?)?;
+        let hf_cfg = gcg::weights::checkpoints::read_json(&dir.join("hf/config.json"))?;
         let vit_cfg = VitConfig::from_hf_config(&hf_cfg["vision_config"])?;
         let clip_cfg: gcg::models::clip_branch::ClipConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("io/clip.json"))?)?;
         let cpu = Device::Cpu;

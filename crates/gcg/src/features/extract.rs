@@ -15,6 +15,7 @@
 use crate::models::clip_branch::ClipImageHead;
 use crate::models::vit::VisionModel;
 use crate::store::{StoreWriter, VideoRecord, WriterOptions};
+use crate::video::{uniform_indices, UniformRule};
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};
@@ -272,16 +273,6 @@ fn check_frames(f: VideoFrames, t: usize) -> Result<VideoFrames> {
     Ok(f)
 }
 
-/// Frame indices `round(linspace(0, n - 1, t))` (uniform sampling of t out of n).
-pub fn uniform_indices(n: usize, t: usize) -> Vec<usize> {
-    if t == 1 {
-        return vec![0];
-    }
-    (0..t)
-        .map(|i| ((i as f64) * (n.saturating_sub(1)) as f64 / (t - 1) as f64).round() as usize)
-        .collect()
-}
-
 /// The frames of a video file or frame folder ([`crate::video::load_frames`]), CLIP
 /// pre-processed at the ViT's input size (`image_size`, 224 for EVA ViT-g; the tiny test models
 /// take smaller frames: the same resize + centre crop + normalisation at that size).
@@ -328,7 +319,7 @@ pub fn safetensors_frames(job: &VideoJob, num_frames: usize) -> Result<VideoFram
         "frames file {} has {n} frames, fewer than the {num_frames} asked for",
         job.path.display()
     );
-    let idx = uniform_indices(n, num_frames);
+    let idx = uniform_indices(n, num_frames, UniformRule::RoundExact);
     let sel = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), &candle_core::Device::Cpu)?;
     let pixel_values = if n == num_frames { px } else { px.index_select(&sel, 0)? };
     let timestamps = match tensors.get("timestamps") {

@@ -37,8 +37,7 @@ pub fn random_clip_text(cfg: &ClipConfig, dev: &Device, dtype: DType, seed: u64)
 pub fn load_vit(dir: &Path, cfg: &VitConfig, dev: &Device, dtype: DType) -> Result<VisionModel> {
     let (src, cfg): (Arc<dyn TensorSource + Send + Sync>, VitConfig) = if dir.join("config.json").exists() {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let v = crate::weights::checkpoints::read_json(&path)?;
         let vc = v
             .get("vision_config")
             .ok_or_else(|| anyhow!("{} has no vision_config", path.display()))?;

@@ -6,10 +6,10 @@
 //! `gsub_*.json` ({video: {duration, fps, …}}) provide them when given ([`VideoTimes`]).
 //! The HDF5 reading itself needs the cargo feature `hdf5` (and libhdf5).
 
-use super::extract::uniform_indices;
 #[cfg(feature = "hdf5")]
 use super::extract::{ExtractProgress, ExtractReport};
 use crate::store::WriterOptions;
+use crate::video::{uniform_indices, UniformRule};
 use anyhow::{anyhow, ensure, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -79,7 +79,7 @@ pub fn select_frames(video: &str, frames: &[(usize, String)], t: usize) -> Resul
         "video {video} has {} frames in the file, fewer than the {t} asked for",
         frames.len()
     );
-    Ok(uniform_indices(frames.len(), t))
+    Ok(uniform_indices(frames.len(), t, UniformRule::RoundExact))
 }
 
 /// Settings of [`import_official_h5`].

@@ -74,18 +74,15 @@ pub fn question_answer_sentence(s: &QaSample) -> String {
     format!("{} {}", question_text(s), s.answer_text().trim())
 }
 
-/// The K indices of the largest values, sorted by index (ties: the smaller index wins).
+/// The K indices of the largest values, sorted by index (ties: the smaller index wins): the rule
+/// of [`crate::nn::top_k_sorted`], on a similarity curve that must be finite.
 pub fn top_k_sorted(curve: &[f32], k: usize) -> Result<Vec<usize>> {
     ensure!(k <= curve.len(), "top-{k} of a curve of {} frames", curve.len());
     ensure!(
         curve.iter().all(|x| x.is_finite()),
         "the similarity curve has a non-finite value: {curve:?}"
     );
-    let mut idx: Vec<usize> = (0..curve.len()).collect();
-    idx.sort_by(|&a, &b| curve[b].total_cmp(&curve[a]).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx.sort_unstable();
-    Ok(idx)
+    crate::nn::top_k_sorted(curve, k)
 }
 
 /// s_t = cos(F_t, event) for frame embeddings `frames` [T, E] (row-major) and the event's

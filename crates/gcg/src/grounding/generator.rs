@@ -29,19 +29,10 @@ use super::gaussian::gaussian_mixture;
 use super::GroundingConfig;
 use crate::nn::attention::MultiHeadAttention;
 use crate::nn::init::Init;
-use crate::nn::{softmax_last_dim, Activation, Ctx, Dropout, Embedding, LayerNorm, Linear};
+use crate::nn::{push_linear, softmax_last_dim, torch_linear, Activation, Ctx, Dropout, Embedding, LayerNorm, Linear};
 use crate::weights::Loader;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor};
-
-/// `nn.Linear(in, out, bias)` with PyTorch's default initialisation when not loaded.
-pub fn torch_linear(lb: &Loader, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
-    let bound = 1.0 / (in_dim as f64).sqrt();
-    let init = Init::Uniform { lo: -bound, hi: bound };
-    let weight = lb.get((out_dim, in_dim), "weight", init)?;
-    let bias = if bias { Some(lb.get(out_dim, "bias", init)?) } else { None };
-    Ok(Linear::new(weight, bias))
-}
 
 /// One pre-LN encoder block of the official `Transformer.py`.
 #[derive(Debug, Clone)]
@@ -234,12 +225,5 @@ impl GaussianGenerator {
         push_linear(&mut v, "satt_pool_frame.2", &mut self.pool_score);
         push_linear(&mut v, "logit_gauss_c.1", &mut self.centre_head);
         v
-    }
-}
-
-pub(crate) fn push_linear<'a>(v: &mut Vec<(String, &'a mut Tensor)>, prefix: &str, lin: &'a mut Linear) {
-    v.push((format!("{prefix}.weight"), &mut lin.weight));
-    if let Some(b) = lin.bias.as_mut() {
-        v.push((format!("{prefix}.bias"), b));
     }
 }

@@ -10,9 +10,8 @@
 //!   same projections serve as anchors and as the other samples' negatives.
 //! * With K = 1 the official ordering term divides 0 by 0 (NaN); here it is 0 (nothing to order).
 
-use super::generator::{push_linear, torch_linear};
 use super::topk::hard_topk;
-use crate::nn::{log_softmax_last_dim, Activation, Ctx, Dropout, Linear};
+use crate::nn::{log_softmax_last_dim, push_linear, torch_linear, Activation, Ctx, Dropout, Linear};
 use crate::weights::Loader;
 use anyhow::{ensure, Context, Result};
 use candle_core::{Tensor, D};

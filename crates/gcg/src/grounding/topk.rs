@@ -27,6 +27,7 @@
 //! The perturbed scores are formed as `x + Z·σ` in f32 (f64 when x is f64), as the official code does,
 //! so that the same noise selects the same frames.
 
+use crate::nn::top_k_sorted;
 use crate::rng::SeededRng;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -74,21 +75,6 @@ pub enum Noise<'a> {
     Given(&'a Tensor),
 }
 
-/// Indices of the k largest entries of `row`, sorted ascending (time order). Ties go to the lower
-/// index. NaN scores are an error.
-pub fn topk_sorted(row: &[f64], k: usize) -> Result<Vec<usize>> {
-    ensure!(k <= row.len(), "top-k: k = {k} exceeds the {} scores", row.len());
-    if let Some(i) = row.iter().position(|v| v.is_nan()) {
-        bail!("top-k: score {i} is NaN");
-    }
-    let mut order: Vec<usize> = (0..row.len()).collect();
-    // Descending by value, ascending by index among equal values.
-    order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).expect("no NaN").then(a.cmp(&b)));
-    let mut top: Vec<usize> = order[..k].to_vec();
-    top.sort_unstable();
-    Ok(top)
-}
-
 fn rows_f64(x: &Tensor, what: &str) -> Result<(usize, usize, Vec<f64>)> {
     let (b, t) = x.dims2().with_context(|| format!("{what} must be [B, T], got {:?}", x.dims()))?;
     let v = x.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
@@ -100,7 +86,7 @@ pub fn hard_topk(scores: &Tensor, k: usize) -> Result<Vec<Vec<usize>>> {
     let (b, t, v) = rows_f64(scores, "hard_topk scores")?;
     ensure!(k >= 1 && k <= t, "hard_topk: k = {k} must be in 1..={t} (the number of frames)");
     (0..b)
-        .map(|i| topk_sorted(&v[i * t..(i + 1) * t], k).with_context(|| format!("hard_topk: row {i}")))
+        .map(|i| top_k_sorted(&v[i * t..(i + 1) * t], k).with_context(|| format!("hard_topk: row {i}")))
         .collect()
 }
 
@@ -199,7 +185,7 @@ pub fn perturbed_topk(x: &Tensor, k: usize, cfg: &PerturbedTopK, noise: Noise) -
                     xrow[j] + zrow[j] * cfg.sigma
                 };
             }
-            let top = topk_sorted(&pert, k)?;
+            let top = top_k_sorted(&pert, k)?;
             idx[(bi * n + s) * k..(bi * n + s + 1) * k].copy_from_slice(&top);
         }
     }

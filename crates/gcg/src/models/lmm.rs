@@ -15,10 +15,23 @@ use crate::models::t5::{GenerateConfig, T5Config, T5Model};
 use crate::models::vit::{VisionModel, VitConfig};
 use crate::nn::init::Init;
 use crate::nn::{Ctx, Embedding, LayerNorm, Linear};
+use crate::weights::checkpoints::hf_section;
 use crate::weights::Loader;
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
+
+/// The top level of HF's InstructBLIP `config.json`: the three sections (each read by its own
+/// config) and the number of query tokens. All are required; serde leaves them optional so that
+/// the error can say which one is missing.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct HfInstructBlipConfig {
+    pub vision_config: Option<serde_json::Value>,
+    pub qformer_config: Option<serde_json::Value>,
+    pub text_config: Option<serde_json::Value>,
+    pub num_query_tokens: Option<usize>,
+}
 
 /// Sizes and switches of the video LMM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,15 +85,17 @@ impl LmmConfig {
     /// From an HF InstructBLIP `config.json` (vision_config, qformer_config, text_config,
     /// num_query_tokens). GCG's own settings (frame positions, spatial pass, T) keep their defaults.
     pub fn from_hf_config(v: &serde_json::Value) -> Result<Self> {
-        let part = |k: &str| v.get(k).ok_or_else(|| anyhow!("config.json has no \"{k}\""));
-        let num_query_tokens = part("num_query_tokens")?
-            .as_u64()
-            .ok_or_else(|| anyhow!("config.json: num_query_tokens is not an integer"))? as usize;
+        let h: HfInstructBlipConfig = hf_section(v, "config.json")?;
+        let part = |k: &str, x: &Option<serde_json::Value>| x.clone().ok_or_else(|| anyhow!("config.json has no \"{k}\""));
+        let num_query_tokens = h
+            .num_query_tokens
+            .ok_or_else(|| anyhow!("config.json has no \"num_query_tokens\""))?;
         Ok(Self {
-            vision: VitConfig::from_hf_config(part("vision_config")?).context("config.json vision_config")?,
-            qformer: QFormerConfig::from_hf_config(part("qformer_config")?, num_query_tokens).context("config.json qformer_config")?,
+            vision: VitConfig::from_hf_config(&part("vision_config", &h.vision_config)?).context("config.json vision_config")?,
+            qformer: QFormerConfig::from_hf_config(&part("qformer_config", &h.qformer_config)?, num_query_tokens)
+                .context("config.json qformer_config")?,
             num_query_tokens,
-            t5: T5Config::from_hf_config(part("text_config")?).context("config.json text_config")?,
+            t5: T5Config::from_hf_config(&part("text_config", &h.text_config)?).context("config.json text_config")?,
             max_frames: 32,
             frame_positions: true,
             spatial: true,

@@ -27,6 +27,7 @@
 
 use crate::nn::attention::{padding_bias, MultiHeadAttention, ProjNames};
 use crate::nn::{Activation, Ctx, Dropout, Embedding, LayerNorm, Linear};
+use crate::weights::checkpoints::hf_section;
 use crate::weights::Loader;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Tensor};
@@ -51,6 +52,48 @@ pub struct QFormerConfig {
     pub encoder_hidden_size: usize,
     /// Number of learned query tokens (the caller's `query_tokens` is [1, Q, hidden_size]).
     pub num_query_tokens: usize,
+}
+
+/// HF's `InstructBlipQFormerConfig` as `config.json` writes it (the fields read here), with its
+/// defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HfQFormerConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub hidden_act: String,
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
+    pub max_position_embeddings: usize,
+    pub layer_norm_eps: f64,
+    pub cross_attention_frequency: usize,
+    pub encoder_hidden_size: usize,
+    pub position_embedding_type: String,
+}
+
+impl Default for HfQFormerConfig {
+    /// HF's defaults: InstructBLIP's Q-Former, but BERT's vocabulary (without `[DEC]`).
+    fn default() -> Self {
+        let c = QFormerConfig::instructblip();
+        Self {
+            vocab_size: 30522,
+            hidden_size: c.hidden_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            intermediate_size: c.intermediate_size,
+            hidden_act: "gelu".into(),
+            hidden_dropout_prob: c.hidden_dropout_prob,
+            attention_probs_dropout_prob: c.attention_probs_dropout_prob,
+            max_position_embeddings: c.max_position_embeddings,
+            layer_norm_eps: c.layer_norm_eps,
+            cross_attention_frequency: c.cross_attention_frequency,
+            encoder_hidden_size: c.encoder_hidden_size,
+            position_embedding_type: "absolute".into(),
+        }
+    }
 }
 
 impl QFormerConfig {
@@ -97,52 +140,25 @@ impl QFormerConfig {
     /// `num_query_tokens`. Fields the file leaves out take `InstructBlipQFormerConfig`'s defaults
     /// (transformers writes only non-default values).
     pub fn from_hf_config(v: &serde_json::Value, num_query_tokens: usize) -> Result<Self> {
-        ensure!(v.is_object(), "qformer_config: expected a JSON object, got {v}");
-        let usize_or = |key: &str, default: usize| -> Result<usize> {
-            match v.get(key) {
-                None | Some(serde_json::Value::Null) => Ok(default),
-                Some(x) => x
-                    .as_u64()
-                    .map(|n| n as usize)
-                    .with_context(|| format!("qformer_config.{key}: expected a non-negative integer, got {x}")),
-            }
-        };
-        let f64_or = |key: &str, default: f64| -> Result<f64> {
-            match v.get(key) {
-                None | Some(serde_json::Value::Null) => Ok(default),
-                Some(x) => x
-                    .as_f64()
-                    .with_context(|| format!("qformer_config.{key}: expected a number, got {x}")),
-            }
-        };
-        let str_or = |key: &str, default: &'static str| -> Result<String> {
-            match v.get(key) {
-                None | Some(serde_json::Value::Null) => Ok(default.to_string()),
-                Some(x) => x
-                    .as_str()
-                    .map(str::to_string)
-                    .with_context(|| format!("qformer_config.{key}: expected a string, got {x}")),
-            }
-        };
-        let pos = str_or("position_embedding_type", "absolute")?;
+        let h: HfQFormerConfig = hf_section(v, "qformer_config")?;
         ensure!(
-            pos == "absolute",
-            "qformer_config.position_embedding_type = {pos:?}: only \"absolute\" is supported"
+            h.position_embedding_type == "absolute",
+            "qformer_config.position_embedding_type = {:?}: only \"absolute\" is supported",
+            h.position_embedding_type
         );
-        let act = str_or("hidden_act", "gelu")?;
         let cfg = Self {
-            vocab_size: usize_or("vocab_size", 30522)?,
-            hidden_size: usize_or("hidden_size", 768)?,
-            num_hidden_layers: usize_or("num_hidden_layers", 12)?,
-            num_attention_heads: usize_or("num_attention_heads", 12)?,
-            intermediate_size: usize_or("intermediate_size", 3072)?,
-            hidden_act: Activation::from_hf(&act).context("qformer_config.hidden_act")?,
-            hidden_dropout_prob: f64_or("hidden_dropout_prob", 0.1)?,
-            attention_probs_dropout_prob: f64_or("attention_probs_dropout_prob", 0.1)?,
-            max_position_embeddings: usize_or("max_position_embeddings", 512)?,
-            layer_norm_eps: f64_or("layer_norm_eps", 1e-12)?,
-            cross_attention_frequency: usize_or("cross_attention_frequency", 2)?,
-            encoder_hidden_size: usize_or("encoder_hidden_size", 1408)?,
+            vocab_size: h.vocab_size,
+            hidden_size: h.hidden_size,
+            num_hidden_layers: h.num_hidden_layers,
+            num_attention_heads: h.num_attention_heads,
+            intermediate_size: h.intermediate_size,
+            hidden_act: Activation::from_hf(&h.hidden_act).context("qformer_config.hidden_act")?,
+            hidden_dropout_prob: h.hidden_dropout_prob,
+            attention_probs_dropout_prob: h.attention_probs_dropout_prob,
+            max_position_embeddings: h.max_position_embeddings,
+            layer_norm_eps: h.layer_norm_eps,
+            cross_attention_frequency: h.cross_attention_frequency,
+            encoder_hidden_size: h.encoder_hidden_size,
             num_query_tokens,
         };
         cfg.validate()?;

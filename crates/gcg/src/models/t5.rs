@@ -22,21 +22,21 @@
 //!   GCG code freezes T5 with `.eval()` but its training loop calls `model.train()`, which turns
 //!   T5's dropout back on; pass `Ctx::eval()` to T5 for a strictly frozen language model.
 //! * With gradients flowing through a frozen projection, the projection is one autograd node
-//!   whose only input is the activation (see `FrozenMatmul`): candle would otherwise compute and
+//!   whose only input is the activation (see `nn::linear::FrozenMatmul`): candle would otherwise compute and
 //!   keep a gradient for every frozen weight (3 B values for Flan-T5-XL).
 //! * Generation follows transformers 5's `generate()` step for step (greedy: argmax, finished rows
 //!   fed pad; beam search: `_beam_search` with its length penalty, early-stopping heuristic and
 //!   2·num_beams candidates), `min_new_tokens` included; sampling is deliberately not offered.
 
-use crate::nn::attention::{causal_bias, merge_heads, padding_bias, split_heads};
+use crate::nn::attention::{causal_bias, padding_bias, MultiHeadAttention};
 use crate::nn::init::Init;
-use crate::nn::{cross_entropy, log_softmax_last_dim, softmax_last_dim, Activation, Ctx, Dropout, Embedding, Linear, RmsNorm};
+use crate::nn::{cross_entropy, log_softmax_last_dim, Activation, Ctx, Dropout, Embedding, Linear, RmsNorm};
+use crate::weights::checkpoints::hf_section;
 use crate::weights::Loader;
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Storage, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::sync::Arc;
 
 // ---------------------------------------------------------------------------------------------
 // Configuration
@@ -70,6 +70,128 @@ pub struct T5Config {
     /// Multiply the decoder output by d_model^-0.5 before `lm_head` (original T5 with tied
     /// embeddings; HF ≥ 5 calls it `scale_decoder_outputs`). False for Flan-T5.
     pub scale_decoder_outputs: bool,
+}
+
+/// HF's `T5Config` as `config.json` writes it (the fields read here), with its defaults; the
+/// fields whose default is another field's value are options.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HfT5Config {
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub d_kv: usize,
+    pub d_ff: usize,
+    pub num_layers: usize,
+    /// Default: `num_layers`.
+    pub num_decoder_layers: Option<usize>,
+    pub num_heads: usize,
+    pub relative_attention_num_buckets: usize,
+    pub relative_attention_max_distance: usize,
+    /// `ACT` or `gated-ACT`.
+    pub feed_forward_proj: String,
+    /// Default: derived from `feed_forward_proj`.
+    pub dense_act_fn: Option<String>,
+    pub layer_norm_epsilon: f64,
+    pub dropout_rate: f64,
+    pub pad_token_id: HfTokenId,
+    pub eos_token_id: HfTokenId,
+    /// Default: `pad_token_id`.
+    pub decoder_start_token_id: Option<HfTokenId>,
+    pub tie_word_embeddings: bool,
+    /// Default: `tie_word_embeddings`.
+    pub scale_decoder_outputs: Option<bool>,
+}
+
+/// A token id, written as a number or a one-element list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum HfTokenId {
+    One(u32),
+    List(Vec<u32>),
+}
+
+impl HfTokenId {
+    fn id(&self, key: &str) -> Result<u32> {
+        match self {
+            Self::One(id) => Ok(*id),
+            Self::List(a) if a.len() == 1 => Ok(a[0]),
+            Self::List(a) => bail!("T5 config: '{key}' should be one token id, got {a:?}"),
+        }
+    }
+}
+
+impl Default for HfT5Config {
+    fn default() -> Self {
+        Self {
+            model_type: None,
+            vocab_size: 32128,
+            d_model: 512,
+            d_kv: 64,
+            d_ff: 2048,
+            num_layers: 6,
+            num_decoder_layers: None,
+            num_heads: 8,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            feed_forward_proj: "relu".into(),
+            dense_act_fn: None,
+            layer_norm_epsilon: 1e-6,
+            dropout_rate: 0.1,
+            pad_token_id: HfTokenId::One(0),
+            eos_token_id: HfTokenId::One(1),
+            decoder_start_token_id: None,
+            tie_word_embeddings: true,
+            scale_decoder_outputs: None,
+        }
+    }
+}
+
+impl TryFrom<HfT5Config> for T5Config {
+    type Error = anyhow::Error;
+    fn try_from(h: HfT5Config) -> Result<Self> {
+        if let Some(mt) = &h.model_type {
+            ensure!(mt == "t5", "T5 config: model_type is {mt:?}, expected \"t5\"");
+        }
+        let ffp = h.feed_forward_proj.as_str();
+        let parts: Vec<&str> = ffp.split('-').collect();
+        let (is_gated_act, act_name) = match parts.as_slice() {
+            ["gated", act] => (true, *act),
+            [act] => (false, *act),
+            _ => bail!("T5 config: feed_forward_proj {ffp:?} should be 'ACT' or 'gated-ACT'"),
+        };
+        let derived = if ffp == "gated-gelu" { "gelu_new" } else { act_name };
+        let act_name = h.dense_act_fn.as_deref().unwrap_or(derived);
+        let dense_act_fn = Activation::from_hf(act_name).context("T5 config: dense_act_fn")?;
+        let pad_token_id = h.pad_token_id.id("pad_token_id")?;
+        let cfg = Self {
+            vocab_size: h.vocab_size,
+            d_model: h.d_model,
+            d_kv: h.d_kv,
+            d_ff: h.d_ff,
+            num_layers: h.num_layers,
+            num_decoder_layers: h.num_decoder_layers.unwrap_or(h.num_layers),
+            num_heads: h.num_heads,
+            relative_attention_num_buckets: h.relative_attention_num_buckets,
+            relative_attention_max_distance: h.relative_attention_max_distance,
+            dense_act_fn,
+            is_gated_act,
+            layer_norm_epsilon: h.layer_norm_epsilon,
+            dropout_rate: h.dropout_rate,
+            pad_token_id,
+            eos_token_id: h.eos_token_id.id("eos_token_id")?,
+            decoder_start_token_id: match &h.decoder_start_token_id {
+                Some(t) => t.id("decoder_start_token_id")?,
+                None => pad_token_id,
+            },
+            tie_word_embeddings: h.tie_word_embeddings,
+            // HF ≥ 5 stores the scaling flag separately (and then always writes
+            // tie_word_embeddings = true); older configs imply it by tie_word_embeddings.
+            scale_decoder_outputs: h.scale_decoder_outputs.unwrap_or(h.tie_word_embeddings),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
 }
 
 impl T5Config {
@@ -148,86 +270,7 @@ impl T5Config {
             Some(t) if t.is_object() => t,
             _ => v,
         };
-        ensure!(v.is_object(), "T5 config: expected a JSON object");
-        if let Some(mt) = v.get("model_type").and_then(Value::as_str) {
-            ensure!(mt == "t5", "T5 config: model_type is {mt:?}, expected \"t5\"");
-        }
-        let uint = |key: &str, default: usize| -> Result<usize> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(default),
-                Some(x) => x
-                    .as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| anyhow!("T5 config: '{key}' should be a non-negative integer, got {x}")),
-            }
-        };
-        let float = |key: &str, default: f64| -> Result<f64> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(default),
-                Some(x) => x.as_f64().ok_or_else(|| anyhow!("T5 config: '{key}' should be a number, got {x}")),
-            }
-        };
-        let boolean = |key: &str| -> Result<Option<bool>> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(x) => Ok(Some(
-                    x.as_bool()
-                        .ok_or_else(|| anyhow!("T5 config: '{key}' should be true or false, got {x}"))?,
-                )),
-            }
-        };
-        let token = |key: &str, default: u32| -> Result<u32> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(default),
-                Some(Value::Array(a)) if a.len() == 1 => a[0]
-                    .as_u64()
-                    .map(|n| n as u32)
-                    .ok_or_else(|| anyhow!("T5 config: '{key}' should be a token id, got {}", a[0])),
-                Some(x) => x
-                    .as_u64()
-                    .map(|n| n as u32)
-                    .ok_or_else(|| anyhow!("T5 config: '{key}' should be one token id, got {x}")),
-            }
-        };
-
-        let ffp = v.get("feed_forward_proj").and_then(Value::as_str).unwrap_or("relu");
-        let parts: Vec<&str> = ffp.split('-').collect();
-        let (is_gated_act, act_name) = match parts.as_slice() {
-            ["gated", act] => (true, *act),
-            [act] => (false, *act),
-            _ => bail!("T5 config: feed_forward_proj {ffp:?} should be 'ACT' or 'gated-ACT'"),
-        };
-        let derived = if ffp == "gated-gelu" { "gelu_new" } else { act_name };
-        let act_name = v.get("dense_act_fn").and_then(Value::as_str).unwrap_or(derived);
-        let dense_act_fn = Activation::from_hf(act_name).context("T5 config: dense_act_fn")?;
-
-        let num_layers = uint("num_layers", 6)?;
-        let pad_token_id = token("pad_token_id", 0)?;
-        let tie = boolean("tie_word_embeddings")?.unwrap_or(true);
-        let cfg = Self {
-            vocab_size: uint("vocab_size", 32128)?,
-            d_model: uint("d_model", 512)?,
-            d_kv: uint("d_kv", 64)?,
-            d_ff: uint("d_ff", 2048)?,
-            num_layers,
-            num_decoder_layers: uint("num_decoder_layers", num_layers)?,
-            num_heads: uint("num_heads", 8)?,
-            relative_attention_num_buckets: uint("relative_attention_num_buckets", 32)?,
-            relative_attention_max_distance: uint("relative_attention_max_distance", 128)?,
-            dense_act_fn,
-            is_gated_act,
-            layer_norm_epsilon: float("layer_norm_epsilon", 1e-6)?,
-            dropout_rate: float("dropout_rate", 0.1)?,
-            pad_token_id,
-            eos_token_id: token("eos_token_id", 1)?,
-            decoder_start_token_id: token("decoder_start_token_id", pad_token_id)?,
-            tie_word_embeddings: tie,
-            // HF ≥ 5 stores the scaling flag separately (and then always writes
-            // tie_word_embeddings = true); older configs imply it by tie_word_embeddings.
-            scale_decoder_outputs: boolean("scale_decoder_outputs")?.unwrap_or(tie),
-        };
-        cfg.validate()?;
-        Ok(cfg)
+        Self::try_from(hf_section::<HfT5Config>(v, "T5 config")?)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -304,118 +347,23 @@ fn cast(t: &Tensor, dt: DType) -> Result<Tensor> {
     Ok(if t.dtype() == dt { t.clone() } else { t.to_dtype(dt)? })
 }
 
-/// `x · wᵀ` for a frozen weight `w` [out, in], as one autograd node whose only input is `x`.
-///
-/// candle's matmul backward computes the gradient of both operands, also of a plain (frozen)
-/// weight, and keeps it in the gradient store: for Flan-T5-XL that is 3 B wasted values and
-/// about a third of the backward time. This op's backward computes only `grad · w`.
-struct FrozenMatmul {
-    w: Tensor, // [out, in]
-}
+/// One T5 attention (self or cross): q/k/v/o without biases, no 1/sqrt(d) scaling. Its frozen
+/// projections carry gradients to the activations only ([`Linear::forward_frozen`]).
+pub type T5Attention = MultiHeadAttention;
 
-fn matmul_wt<S: candle_core::backend::BackendStorage>(x: &S, xl: &Layout, w: &S, wl: &Layout) -> candle_core::Result<(S, Shape)> {
-    let (rows, k) = xl.shape().dims2()?;
-    let (n, kw) = wl.shape().dims2()?;
-    if k != kw {
-        candle_core::bail!("frozen linear: input width {k}, weight [{n}, {kw}]");
-    }
-    let out = x.matmul(w, (1, rows, n, k), xl, &wl.transpose(0, 1)?)?;
-    Ok((out, Shape::from((rows, n))))
-}
-
-impl CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "t5-frozen-linear"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (ws, wl) = self.w.storage_and_layout();
-        match &*ws {
-            Storage::Cpu(w) => matmul_wt(x, xl, w, wl),
-            _ => candle_core::bail!("frozen linear: input on the CPU, weight on {:?}", self.w.device()),
-        }
-    }
-
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (ws, wl) = self.w.storage_and_layout();
-        match &*ws {
-            Storage::Cuda(w) => matmul_wt(x, xl, w, wl),
-            _ => candle_core::bail!("frozen linear: input on CUDA, weight on {:?}", self.w.device()),
-        }
-    }
-
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w)?)) // [rows, out] · [out, in]
-    }
-}
-
-/// A bias-free projection [.., in] → [.., out]. When gradients flow through `x` and the weight is
-/// frozen, autograd sees only `x` (no weight gradient is computed or stored).
-fn project(lin: &Linear, x: &Tensor) -> Result<Tensor> {
-    let w = &lin.weight;
-    if !x.track_op() || w.track_op() || lin.bias.is_some() {
-        return lin.forward(x);
-    }
-    let dims = x.dims().to_vec();
-    let k = *dims.last().ok_or_else(|| anyhow!("projection of a scalar"))?;
-    let rows = x.elem_count() / k.max(1);
-    let x2 = cast(x, w.dtype())?.reshape((rows, k))?.contiguous()?;
-    let y = x2.apply_op1_arc(Arc::new(Box::new(FrozenMatmul { w: w.contiguous()? })))?;
-    let mut out_dims = dims[..dims.len() - 1].to_vec();
-    out_dims.push(w.dim(0)?);
-    Ok(y.reshape(out_dims)?)
-}
-
-/// softmax(q·kᵀ + bias)·v without scaling; q [N, H, Lq, Dh], k/v [N, H, Lk, Dh] contiguous,
-/// bias broadcastable to [N, H, Lq, Lk]. kᵀ is a strided view (no copy).
-fn attention_core(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, dropout: Dropout, ctx: Ctx) -> Result<Tensor> {
-    let mut scores = q.matmul(&k.t()?)?; // [N, H, Lq, Lk]
-    if let Some(b) = bias {
-        scores = scores.broadcast_add(b)?;
-    }
-    let probs = dropout.forward(&softmax_last_dim(&scores)?, ctx)?;
-    Ok(probs.matmul(v)?) // [N, H, Lq, Dh]
-}
-
-/// One T5 attention (self or cross): q/k/v/o without biases, no 1/sqrt(d) scaling.
-#[derive(Debug, Clone)]
-pub struct T5Attention {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
-    pub o: Linear,
-    pub heads: usize,
-    pub dropout: Dropout,
-}
-
-impl T5Attention {
-    fn load(lb: &Loader, cfg: &T5Config) -> Result<Self> {
-        let (d, inner) = (cfg.d_model, cfg.inner_dim());
-        let normal = |std: f64| Init::Normal { std };
-        Ok(Self {
-            q: Linear::load_with(&lb.pp("q"), d, inner, false, normal(((d * cfg.d_kv) as f64).powf(-0.5)))?,
-            k: Linear::load_with(&lb.pp("k"), d, inner, false, normal((d as f64).powf(-0.5)))?,
-            v: Linear::load_with(&lb.pp("v"), d, inner, false, normal((d as f64).powf(-0.5)))?,
-            o: Linear::load_with(&lb.pp("o"), inner, d, false, normal((inner as f64).powf(-0.5)))?,
-            heads: cfg.num_heads,
-            dropout: Dropout::new(cfg.dropout_rate),
-        })
-    }
-
-    /// [N, L, d] → keys and values [N, H, L, Dh].
-    fn project_kv(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((
-            split_heads(&project(&self.k, x)?, self.heads)?,
-            split_heads(&project(&self.v, x)?, self.heads)?,
-        ))
-    }
-
-    /// Queries from `x` [N, Lq, d] over the given keys/values; returns [N, Lq, d].
-    fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
-        let q = split_heads(&project(&self.q, x)?, self.heads)?;
-        let out = attention_core(&q, k, v, bias, self.dropout, ctx)?;
-        project(&self.o, &merge_heads(&out)?)
-    }
+/// T5's attention under `lb` (`q`, `k`, `v`, `o`), with T5's initialisation when not loaded.
+fn load_attention(lb: &Loader, cfg: &T5Config) -> Result<T5Attention> {
+    let (d, inner) = (cfg.d_model, cfg.inner_dim());
+    let normal = |std: f64| Init::Normal { std };
+    Ok(MultiHeadAttention {
+        q: Linear::load_with(&lb.pp("q"), d, inner, false, normal(((d * cfg.d_kv) as f64).powf(-0.5)))?,
+        k: Linear::load_with(&lb.pp("k"), d, inner, false, normal((d as f64).powf(-0.5)))?,
+        v: Linear::load_with(&lb.pp("v"), d, inner, false, normal((d as f64).powf(-0.5)))?,
+        o: Linear::load_with(&lb.pp("o"), inner, d, false, normal((inner as f64).powf(-0.5)))?,
+        heads: cfg.num_heads,
+        scale: None,
+        dropout: Dropout::new(cfg.dropout_rate),
+    })
 }
 
 /// The FFN: gated `act(wi_0 x) * wi_1 x → wo`, or plain `act(wi x) → wo`.
@@ -462,11 +410,11 @@ impl T5DenseActDense {
     }
 
     fn forward(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
-        let mut h = self.act.forward(&project(&self.wi_0, x)?)?; // [.., d_ff]
+        let mut h = self.act.forward(&self.wi_0.forward_frozen(x)?)?; // [.., d_ff]
         if let Some(wi_1) = &self.wi_1 {
-            h = (h * project(wi_1, x)?)?;
+            h = (h * wi_1.forward_frozen(x)?)?;
         }
-        project(&self.wo, &self.dropout.forward(&h, ctx)?)
+        self.wo.forward_frozen(&self.dropout.forward(&h, ctx)?)
     }
 }
 
@@ -489,7 +437,7 @@ impl T5Block {
         let cross_attn = if is_decoder {
             let l1 = lb.pp("layer.1");
             Some((
-                T5Attention::load(&l1.pp("EncDecAttention"), cfg)?,
+                load_attention(&l1.pp("EncDecAttention"), cfg)?,
                 RmsNorm::load(&l1.pp("layer_norm"), cfg.d_model, eps)?,
             ))
         } else {
@@ -497,7 +445,7 @@ impl T5Block {
         };
         let lf = lb.pp(if is_decoder { "layer.2" } else { "layer.1" });
         Ok(Self {
-            self_attn: T5Attention::load(&l0.pp("SelfAttention"), cfg)?,
+            self_attn: load_attention(&l0.pp("SelfAttention"), cfg)?,
             self_attn_norm: RmsNorm::load(&l0.pp("layer_norm"), cfg.d_model, eps)?,
             cross_attn,
             ff: T5DenseActDense::load(&lf.pp("DenseReluDense"), cfg)?,
@@ -527,14 +475,14 @@ impl T5Block {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let a = self.self_attn.attend(&h, &k, &v, Some(self_bias), ctx)?;
+        let a = self.self_attn.forward_with_kv(&h, &k, &v, Some(self_bias), ctx)?;
         let mut x = (x + self.dropout.forward(&a, ctx)?)?;
 
         // cross-attention
         if let Some((attn, norm)) = &self.cross_attn {
             let (kv, bias) = cross.ok_or_else(|| anyhow!("T5 decoder block called without encoder states"))?;
             let h = norm.forward(&x)?;
-            let a = attn.attend(&h, &kv.0, &kv.1, Some(bias), ctx)?;
+            let a = attn.forward_with_kv(&h, &kv.0, &kv.1, Some(bias), ctx)?;
             x = (x + self.dropout.forward(&a, ctx)?)?;
         }
 
@@ -871,7 +819,7 @@ impl T5Model {
         } else {
             h.clone()
         };
-        project(&self.lm_head, &h)
+        self.lm_head.forward_frozen(&h)
     }
 
     /// Teacher-forced logits: enc [B, Le, d], enc_mask [B, Le], decoder_input_ids [B, Ld]
@@ -1283,5 +1231,16 @@ mod tests {
         let mut v3 = v.clone();
         v3["feed_forward_proj"] = "gated-gelu-x".into();
         assert!(T5Config::from_hf_config(&v3).is_err());
+        // A token id may be a one-element list; null means "the default"; errors name the field.
+        let mut v4 = v.clone();
+        v4["eos_token_id"] = serde_json::json!([1]);
+        v4["num_decoder_layers"] = serde_json::Value::Null;
+        assert_eq!(T5Config::from_hf_config(&v4).unwrap(), T5Config::flan_t5_xl());
+        v4["eos_token_id"] = serde_json::json!([1, 2]);
+        assert!(format!("{:#}", T5Config::from_hf_config(&v4).unwrap_err()).contains("eos_token_id"));
+        let mut v5 = v.clone();
+        v5["d_ff"] = "5120".into();
+        let err = format!("{:#}", T5Config::from_hf_config(&v5).unwrap_err());
+        assert!(err.contains("T5 config.d_ff"), "{err}");
     }
 }

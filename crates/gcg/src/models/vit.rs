@@ -18,9 +18,10 @@
 //! [`PackedSelfAttention`] (self-attention with one packed q/k/v projection) is shared with the
 //! EVA-CLIP towers (`clip_text`, `clip_branch`).
 
-use crate::nn::{init::Init, softmax_last_dim, Activation, LayerNorm, Linear};
+use crate::nn::{init::Init, merge_heads, scaled_dot_product_attention, Activation, LayerNorm, Linear};
+use crate::weights::checkpoints::hf_section;
 use crate::weights::Loader;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -38,6 +39,81 @@ pub struct VitConfig {
     pub layer_norm_eps: f64,
     pub qkv_bias: bool,
     pub hidden_act: Activation,
+}
+
+/// HF's `InstructBlipVisionConfig` as `config.json` writes it (the fields read here).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HfVisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_channels: usize,
+    pub image_size: HfSide,
+    pub patch_size: HfSide,
+    pub layer_norm_eps: f64,
+    pub qkv_bias: bool,
+    pub hidden_act: String,
+}
+
+/// An image or patch side: one integer or a square `[n, n]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum HfSide {
+    One(usize),
+    Pair(Vec<usize>),
+}
+
+impl Default for HfVisionConfig {
+    /// HF's defaults: EVA ViT-g/14.
+    fn default() -> Self {
+        let c = VitConfig::eva_vit_g();
+        Self {
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_channels: c.num_channels,
+            image_size: HfSide::One(c.image_size),
+            patch_size: HfSide::One(c.patch_size),
+            layer_norm_eps: c.layer_norm_eps,
+            qkv_bias: c.qkv_bias,
+            hidden_act: "gelu".into(),
+        }
+    }
+}
+
+impl HfSide {
+    fn side(&self, name: &str) -> Result<usize> {
+        match self {
+            Self::One(n) => Ok(*n),
+            Self::Pair(a) => match a.as_slice() {
+                [h, w] if h == w => Ok(*h),
+                _ => bail!("vision_config.{name} must be one integer or a square [n, n], got {a:?}"),
+            },
+        }
+    }
+}
+
+impl TryFrom<HfVisionConfig> for VitConfig {
+    type Error = anyhow::Error;
+    fn try_from(h: HfVisionConfig) -> Result<Self> {
+        let c = Self {
+            hidden_size: h.hidden_size,
+            intermediate_size: h.intermediate_size,
+            num_hidden_layers: h.num_hidden_layers,
+            num_attention_heads: h.num_attention_heads,
+            image_size: h.image_size.side("image_size")?,
+            patch_size: h.patch_size.side("patch_size")?,
+            num_channels: h.num_channels,
+            layer_norm_eps: h.layer_norm_eps,
+            qkv_bias: h.qkv_bias,
+            hidden_act: Activation::from_hf(&h.hidden_act).context("vision_config.hidden_act")?,
+        };
+        c.validate()?;
+        Ok(c)
+    }
 }
 
 impl VitConfig {
@@ -74,53 +150,7 @@ impl VitConfig {
     /// file omits take HF's defaults, which are the EVA ViT-g values.
     pub fn from_hf_config(v: &Value) -> Result<Self> {
         let v = v.get("vision_config").unwrap_or(v);
-        if !v.is_object() {
-            bail!("vision config is not a JSON object");
-        }
-        let mut c = Self::eva_vit_g();
-        let usize_field = |name: &str, dst: &mut usize| -> Result<()> {
-            if let Some(x) = v.get(name) {
-                *dst = x
-                    .as_u64()
-                    .ok_or_else(|| anyhow!("vision_config.{name} is not a non-negative integer: {x}"))? as usize;
-            }
-            Ok(())
-        };
-        usize_field("hidden_size", &mut c.hidden_size)?;
-        usize_field("intermediate_size", &mut c.intermediate_size)?;
-        usize_field("num_hidden_layers", &mut c.num_hidden_layers)?;
-        usize_field("num_attention_heads", &mut c.num_attention_heads)?;
-        usize_field("num_channels", &mut c.num_channels)?;
-        for (name, dst) in [("image_size", &mut c.image_size), ("patch_size", &mut c.patch_size)] {
-            match v.get(name) {
-                None => {}
-                Some(Value::Array(a)) => {
-                    let sides: Vec<u64> = a.iter().filter_map(|x| x.as_u64()).collect();
-                    match sides.as_slice() {
-                        [h, w] if h == w => *dst = *h as usize,
-                        _ => bail!(
-                            "vision_config.{name} must be one integer or a square [n, n], got {}",
-                            Value::Array(a.clone())
-                        ),
-                    }
-                }
-                Some(x) => *dst = x.as_u64().ok_or_else(|| anyhow!("vision_config.{name} is not an integer: {x}"))? as usize,
-            }
-        }
-        if let Some(x) = v.get("layer_norm_eps") {
-            c.layer_norm_eps = x
-                .as_f64()
-                .ok_or_else(|| anyhow!("vision_config.layer_norm_eps is not a number: {x}"))?;
-        }
-        if let Some(x) = v.get("qkv_bias") {
-            c.qkv_bias = x.as_bool().ok_or_else(|| anyhow!("vision_config.qkv_bias is not a boolean: {x}"))?;
-        }
-        if let Some(x) = v.get("hidden_act") {
-            let s = x.as_str().ok_or_else(|| anyhow!("vision_config.hidden_act is not a string: {x}"))?;
-            c.hidden_act = Activation::from_hf(s).context("vision_config.hidden_act")?;
-        }
-        c.validate()?;
-        Ok(c)
+        Self::try_from(hf_section::<HfVisionConfig>(v, "vision_config")?)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -244,18 +274,11 @@ impl PackedSelfAttention {
         Ok(Linear::new(self.weight.narrow(0, start, len)?, self.bias_rows(start, len)?))
     }
 
-    /// softmax(q·kᵀ·scale + bias)·v over heads, q [B, H, Lq, hd], k/v [B, H, Lk, hd]
+    /// Scaled dot-product attention over heads, q [B, H, Lq, hd], k/v [B, H, Lk, hd]
     /// → merged and projected [B, Lq, D].
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (b, _, lq, _) = q.dims4()?;
-        let q = (q * self.scale())?;
-        let mut scores = q.matmul(&k.t()?)?; // [B, H, Lq, Lk]
-        if let Some(bias) = bias {
-            scores = scores.broadcast_add(&bias.to_dtype(scores.dtype())?)?;
-        }
-        let probs = softmax_last_dim(&scores)?;
-        let ctx = probs.matmul(v)?.transpose(1, 2)?.reshape((b, lq, self.width()))?; // [B, Lq, D]
-        self.out.forward(&ctx)
+        let out = scaled_dot_product_attention(q, k, v, Some(self.scale()), bias, None)?; // [B, H, Lq, hd]
+        self.out.forward(&merge_heads(&out)?) // [B, Lq, D]
     }
 
     /// x: [B, L, D]; `bias` broadcastable to [B, H, L, L] (e.g. a causal mask) → [B, L, D].

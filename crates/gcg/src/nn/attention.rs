@@ -50,8 +50,17 @@ pub fn causal_bias(lq: usize, lk: usize, offset: usize, dtype: DType, dev: &Devi
     Ok(Tensor::from_vec(v, (1, 1, lq, lk), dev)?.to_dtype(dtype)?)
 }
 
-/// softmax(q·kᵀ·scale + bias) · v for q [B, H, Lq, D], k/v [B, H, Lk, D]; `bias` broadcasts to
-/// [B, H, Lq, Lk]. `scale = None` means no scaling (T5). Dropout acts on the attention weights.
+/// The one attention kernel of the crate: softmax(q·kᵀ·scale + bias) · v for q [B, H, Lq, D],
+/// k/v [B, H, Lk, D] (→ [B, H, Lq, D]).
+///
+/// * `scale`: `None` means no scaling (T5 folds 1/sqrt(d) into its initialisation); the ViT,
+///   Q-Former and CLIP pass `Some(1/sqrt(head_dim))`.
+/// * `bias` broadcasts to [B, H, Lq, Lk]: padding and causal masks ([`padding_bias`],
+///   [`causal_bias`]), T5's relative position bias, or their sum; it is cast to the scores' dtype.
+/// * `dropout` acts on the attention weights (only with a training [`Ctx`]).
+///
+/// kᵀ is a strided view of `k` (no copy). The softmax is candle's fused kernel when nothing
+/// needs a gradient and the differentiable composition otherwise (see [`softmax_last_dim`]).
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
@@ -64,23 +73,21 @@ pub fn scaled_dot_product_attention(
         Some(s) => (q * s)?,
         None => q.clone(),
     };
-    let mut scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?; // [B, H, Lq, Lk]
+    let mut scores = q.contiguous()?.matmul(&k.contiguous()?.t()?)?; // [B, H, Lq, Lk]
     if let Some(b) = bias {
-        let b = if b.dtype() == scores.dtype() {
-            b.clone()
-        } else {
-            b.to_dtype(scores.dtype())?
-        };
-        scores = scores.broadcast_add(&b)?;
+        scores = scores.broadcast_add(&b.to_dtype(scores.dtype())?)?;
     }
     let mut probs = softmax_last_dim(&scores)?;
     if let Some((d, ctx)) = dropout {
         probs = d.forward(&probs, ctx)?;
     }
-    Ok(probs.matmul(&v.contiguous()?)?)
+    Ok(probs.matmul(&v.contiguous()?)?) // [B, H, Lq, D]
 }
 
 /// Attention with separate query/key/value/output projections (BERT, T5, the grounding encoder).
+///
+/// The projections go through [`Linear::forward_frozen`]: a bias-free frozen weight (T5's) gets
+/// no gradient of its own; every other layer is plain [`Linear::forward`].
 #[derive(Debug, Clone)]
 pub struct MultiHeadAttention {
     pub q: Linear,
@@ -134,8 +141,8 @@ impl MultiHeadAttention {
     /// Project keys and values once (e.g. to cache them): [B, Lk, kv_dim] → two [B, H, Lk, D].
     pub fn project_kv(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((
-            split_heads(&self.k.forward(kv)?, self.heads)?,
-            split_heads(&self.v.forward(kv)?, self.heads)?,
+            split_heads(&self.k.forward_frozen(kv)?, self.heads)?,
+            split_heads(&self.v.forward_frozen(kv)?, self.heads)?,
         ))
     }
 
@@ -147,8 +154,8 @@ impl MultiHeadAttention {
     }
 
     pub fn forward_with_kv(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
-        let q = split_heads(&self.q.forward(x)?, self.heads)?;
+        let q = split_heads(&self.q.forward_frozen(x)?, self.heads)?;
         let out = scaled_dot_product_attention(&q, k, v, self.scale, bias, Some((self.dropout, ctx)))?;
-        self.o.forward(&merge_heads(&out)?)
+        self.o.forward_frozen(&merge_heads(&out)?)
     }
 }

@@ -16,9 +16,9 @@ pub mod ops;
 pub use attention::{causal_bias, merge_heads, padding_bias, scaled_dot_product_attention, split_heads};
 pub use dropout::Dropout;
 pub use embedding::Embedding;
-pub use linear::Linear;
+pub use linear::{push_linear, torch_linear, FrozenMatmul, Linear};
 pub use norm::{LayerNorm, RmsNorm};
-pub use ops::{cross_entropy, gelu, log_softmax_last_dim, softmax_last_dim, Activation};
+pub use ops::{cross_entropy, gelu, log_softmax_last_dim, softmax_last_dim, top_k_sorted, Activation};
 
 use crate::rng::SeededRng;
 use std::cell::RefCell;

@@ -1,6 +1,7 @@
-//! Differentiable element-wise and reduction ops: softmax, log-softmax, GELU, cross-entropy.
+//! Differentiable element-wise and reduction ops: softmax, log-softmax, GELU, cross-entropy; and
+//! the hard top-k rule shared by the pseudo-labels and the grounding selection.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
@@ -101,4 +102,25 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Re
     let logp = log_softmax_last_dim(&logits.index_select(&rows, 0)?)?;
     let picked = logp.gather(&ids, 1)?.squeeze(1)?;
     Ok((picked.sum_all()?.neg()? / keep.len() as f64)?)
+}
+
+/// Indices of the `k` largest of `values`, sorted ascending (time order): descending by value,
+/// ties to the lower index. A NaN is an error (naming its index); `k` beyond the length too.
+pub fn top_k_sorted<T: PartialOrd + Copy>(values: &[T], k: usize) -> Result<Vec<usize>> {
+    ensure!(k <= values.len(), "top-k: k = {k} exceeds the {} scores", values.len());
+    if let Some(i) = values.iter().position(|v| v.partial_cmp(v).is_none()) {
+        bail!("top-k: score {i} is NaN");
+    }
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    // Descending by value, ascending by index among equal values (no NaN is left, so every pair
+    // compares).
+    order.sort_by(|&a, &b| {
+        values[b]
+            .partial_cmp(&values[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    order.truncate(k);
+    order.sort_unstable();
+    Ok(order)
 }

@@ -96,34 +96,7 @@ pub fn write_world(world: &World, out: &Path, opts: &WriteOptions, progress: &(d
     }
     let (mp4, mp4_skipped) = decide_mp4(cfg.width, cfg.height, opts)?;
 
-    let name = out
-        .file_name()
-        .ok_or_else(|| anyhow!("{}: not a folder name", out.display()))?
-        .to_string_lossy()
-        .to_string();
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let result = write_all(world, &tmp, mp4, opts, progress);
-    let (frames, caption_frames) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    if out.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
-        std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing the old {}", old.display()))?;
-    } else {
-        std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
-    }
+    let (frames, caption_frames) = crate::util::write_dir_atomic(out, |tmp| write_all(world, tmp, mp4, opts, progress))?;
 
     let mut videos = BTreeMap::new();
     let mut questions = BTreeMap::new();

@@ -6,9 +6,9 @@
 
 use super::optim::AdamW;
 use crate::rng::SeededRng;
-use crate::util::{save_safetensors_atomic, write_atomic};
+use crate::util::{save_safetensors_atomic, write_atomic, write_dir_atomic};
 use crate::weights::{SafetensorsSource, TensorSource, VarStore};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -52,32 +52,16 @@ pub const CONFIG: &str = "config.json";
 
 /// Write a checkpoint directory atomically (replacing an existing one of the same name).
 pub fn save(dir: &Path, vars: &VarStore, opt: &AdamW, state: &TrainState, config: &serde_json::Value) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = dir
-        .file_name()
-        .ok_or_else(|| anyhow!("bad checkpoint path {}", dir.display()))?
-        .to_string_lossy()
-        .to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    vars.save_safetensors(&tmp.join(WEIGHTS))?;
-    save_safetensors_atomic(&opt.state_tensors()?, &tmp.join(OPTIMIZER))?;
-    write_atomic(&tmp.join(STATE), serde_json::to_string_pretty(state)?.as_bytes())?;
-    write_atomic(&tmp.join(CONFIG), serde_json::to_string_pretty(config)?.as_bytes())?;
-    // Swap in: the old checkpoint moves aside first, so one complete checkpoint always exists.
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    if dir.exists() {
-        std::fs::rename(dir, &old).with_context(|| format!("moving aside {}", dir.display()))?;
-    }
-    std::fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).ok();
-    }
-    Ok(())
+    // The old checkpoint moves aside only once the new one is complete, so one complete
+    // checkpoint always exists.
+    write_dir_atomic(dir, |tmp| {
+        vars.save_safetensors(&tmp.join(WEIGHTS))?;
+        save_safetensors_atomic(&opt.state_tensors()?, &tmp.join(OPTIMIZER))?;
+        write_atomic(&tmp.join(STATE), serde_json::to_string_pretty(state)?.as_bytes())?;
+        write_atomic(&tmp.join(CONFIG), serde_json::to_string_pretty(config)?.as_bytes())?;
+        Ok(())
+    })
+    .with_context(|| format!("saving the checkpoint {}", dir.display()))
 }
 
 /// A checkpoint read back.

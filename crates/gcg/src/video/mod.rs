@@ -5,6 +5,7 @@
 //! * [`load_frames`] — a video file or a folder of `frame_{i}.jpg|png` → T RGB frames + timestamps;
 //! * [`Ffmpeg`] — the decoder (probe, count, decode selected frame numbers);
 //! * [`sample_indices`] — the uniform (segment centres) and official (GCG `extract_frames.py`) rules;
+//! * [`uniform_indices`] — K evenly spaced indices over T, endpoints included ([`UniformRule`]);
 //! * [`write_frames`] — `frame_{i}.jpg` + `frames.json`, written atomically;
 //! * [`preprocess`] — CLIP pre-processing bit-compatible with PIL + torchvision.
 //!
@@ -139,6 +140,56 @@ pub fn sample_indices(n: usize, t: usize, sampling: Sampling) -> Vec<usize> {
             }
         }
     }
+}
+
+/// How [`uniform_indices`] spaces `count` indices over `0..frames` (the endpoints included).
+/// The run config's `uniform_rule` takes `round` or `official-truncate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UniformRule {
+    /// round(linspace(0, T−1, K)) (SPEC §6), linspace as NumPy computes it: i·step with
+    /// step = (T−1)/(K−1).
+    Round,
+    /// `torch.linspace(0, T−1, K, dtype=torch.int)` as the official code: truncation
+    /// (T = 32, K = 4 → 0, 10, 20, 31 instead of 0, 10, 21, 31).
+    OfficialTruncate,
+    /// round(i·(T−1)/(K−1)) with the product taken first, so an exact half (T = 35, K = 29,
+    /// i = 21 → 25.5) rounds up where [`UniformRule::Round`]'s i·step may fall just below it: the
+    /// frame choice of feature extraction from pixel files and of the official HDF5 import. Not a
+    /// run-config choice.
+    #[serde(skip)]
+    RoundExact,
+}
+
+/// `count` evenly spaced indices into `0..frames` (first and last included), by `rule`:
+/// `uniform_indices(32, 4, UniformRule::OfficialTruncate)` = [0, 10, 20, 31]. `count = 1` gives
+/// [0]; `count = 0` gives none.
+pub fn uniform_indices(frames: usize, count: usize, rule: UniformRule) -> Vec<usize> {
+    if count == 0 {
+        return Vec::new();
+    }
+    if count == 1 {
+        return vec![0];
+    }
+    let last = frames.saturating_sub(1);
+    let end = last as f64;
+    let step = end / (count - 1) as f64;
+    (0..count)
+        .map(|i| match rule {
+            UniformRule::Round => (i as f64 * step).round() as usize,
+            // ATen's integral linspace: the first half counts up from the start, the second half
+            // down from the end, and the value is truncated.
+            UniformRule::OfficialTruncate => {
+                let x = if i < count / 2 {
+                    i as f64 * step
+                } else {
+                    end - step * (count - 1 - i) as f64
+                };
+                x.trunc() as usize
+            }
+            UniformRule::RoundExact => ((i as f64) * last as f64 / (count - 1) as f64).round() as usize,
+        })
+        .collect()
 }
 
 /// GCG's `get_frames(lst, T)` index table for a folder of M frames, when it defines one.
@@ -370,19 +421,7 @@ pub fn write_frames(frames: &SampledFrames, out: &Path, overwrite: bool) -> Resu
     if out.exists() && !overwrite {
         bail!("{} already exists (use overwrite to replace it)", out.display());
     }
-    let name = out
-        .file_name()
-        .ok_or_else(|| anyhow!("{}: not a folder name", out.display()))?
-        .to_string_lossy()
-        .to_string();
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
-    }
-    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let result = (|| -> Result<()> {
+    crate::util::write_dir_atomic(out, |tmp| {
         for (i, f) in frames.frames.iter().enumerate() {
             let path = tmp.join(format!("frame_{i}.jpg"));
             let bytes = encode_jpeg_like_opencv(&f.image).with_context(|| format!("encoding {}", path.display()))?;
@@ -400,25 +439,23 @@ pub fn write_frames(frames: &SampledFrames, out: &Path, overwrite: bool) -> Resu
         let json = serde_json::to_string_pretty(&meta)?;
         std::fs::write(tmp.join("frames.json"), json).with_context(|| format!("writing {}", tmp.join("frames.json").display()))?;
         Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if out.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
-        std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing the old {}", old.display()))?;
-    } else {
-        std::fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uniform_index_rules_differ_where_documented() {
+        // 21·34/28 = 25.5 exactly; i·step falls just below it.
+        assert_eq!(uniform_indices(35, 29, UniformRule::Round)[21], 25);
+        assert_eq!(uniform_indices(35, 29, UniformRule::RoundExact)[21], 26);
+        assert_eq!(uniform_indices(32, 4, UniformRule::RoundExact), vec![0, 10, 21, 31]);
+        assert_eq!(uniform_indices(5, 3, UniformRule::RoundExact), vec![0, 2, 4]);
+        assert_eq!(uniform_indices(9, 1, UniformRule::OfficialTruncate), vec![0]);
+        assert!(uniform_indices(9, 0, UniformRule::Round).is_empty());
+    }
 
     #[test]
     fn uniform_is_segment_centres() {

@@ -10,6 +10,7 @@ use super::layouts::{eva_vit_source, gcg_qformer_name};
 use super::pth::PthSource;
 use super::source::{MergedSource, RenamedSource, SafetensorsSource, TensorSource};
 use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,10 +21,44 @@ pub fn is_buffer(name: &str) -> bool {
     name.ends_with("position_ids")
 }
 
-/// A JSON file (an HF `config.json`), parsed.
+/// A JSON file (an HF `config.json`), parsed: the one reader of config files (their sections then
+/// go through [`hf_section`]). Errors name the file.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+/// One section of an HF config (a JSON object) as its serde struct `T`: a `#[derive(Deserialize)]`
+/// struct with HF's field names and, through `#[serde(default)]`, HF's defaults for the fields
+/// that transformers leaves out. A `null` value counts as absent (it takes the default); keys `T`
+/// does not name are ignored. Errors start with `what` and name the offending field
+/// (`qformer_config.hidden_size: invalid type: string "768", expected usize`).
+pub fn hf_section<T: DeserializeOwned>(v: &serde_json::Value, what: &str) -> Result<T> {
+    let serde_json::Value::Object(map) = v else {
+        bail!("{what}: expected a JSON object, got {v}");
+    };
+    let set: serde_json::Map<String, serde_json::Value> = map
+        .iter()
+        .filter(|(_, x)| !x.is_null())
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .collect();
+    match T::deserialize(&serde_json::Value::Object(set.clone())) {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            // serde's message names the type, not the key: find the key that fails on its own (a
+            // "missing field" error names its field already and is not a key's fault).
+            for (k, x) in &set {
+                let one = serde_json::Value::Object(std::iter::once((k.clone(), x.clone())).collect());
+                if let Err(e1) = T::deserialize(&one) {
+                    let msg = e1.to_string();
+                    if !msg.starts_with("missing field") {
+                        bail!("{what}.{k}: {msg}");
+                    }
+                }
+            }
+            bail!("{what}: {e}")
+        }
+    }
 }
 
 /// Is `dir` an HF snapshot (config.json + model*.safetensors)?

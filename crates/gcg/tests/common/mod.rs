@@ -1,4 +1,5 @@
-//! Shared helpers for the integration tests: fixture discovery and numeric comparison.
+//! Shared helpers for the integration tests: fixture discovery, numeric comparison and seeded
+//! random tensors.
 #![allow(dead_code)]
 
 use anyhow::{anyhow, Context, Result};
@@ -71,4 +72,24 @@ pub fn assert_close(what: &str, actual: &Tensor, expected: &Tensor, tol: f64) {
     let e = rel_err(actual, expected).unwrap_or_else(|err| panic!("{what}: {err:#}"));
     eprintln!("{what}: relative error {e:.3e}");
     assert!(e <= tol, "{what}: relative error {e:.3e} exceeds {tol:.1e}");
+}
+
+/// An f64 tensor of `std`·N(0, 1) values from `SeededRng::new(seed)` (CPU).
+pub fn randn(shape: &[usize], seed: u64, std: f64) -> Tensor {
+    randn_mean(shape, seed, std, 0.0)
+}
+
+/// An f64 tensor of `mean + std`·N(0, 1) values from `SeededRng::new(seed)` (CPU).
+pub fn randn_mean(shape: &[usize], seed: u64, std: f64, mean: f64) -> Tensor {
+    let mut r = gcg::SeededRng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| mean + std * r.normal()).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).expect("randn: shape and values agree")
+}
+
+/// Standard normals rounded to f32 (`SeededRng::normal_vec`), as an f32 tensor (CPU).
+pub fn randn_f32(shape: &[usize], seed: u64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v = gcg::SeededRng::new(seed).normal_vec(n, 0.0, 1.0);
+    Tensor::from_vec(v, shape, &Device::Cpu).expect("randn_f32: shape and values agree")
 }
