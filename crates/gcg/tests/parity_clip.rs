@@ -4,7 +4,7 @@
 mod common;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use common::{assert_close, get, load_io, parity_dirs};
 use gcg::models::clip_branch::{ClipBranch, ClipConfig};
 
@@ -20,7 +20,7 @@ fn clip_branch_matches_pytorch() -> Result<()> {
         if dir.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("tiny")) {
             assert_eq!(cfg, ClipConfig::tiny(), "the tiny preset must equal the fixture's CLIP sizes");
         }
-        let branch = ClipBranch::load_gcg_dir(&dir.join("gcg"), &cfg, &Device::Cpu, DType::F32)?;
+        let branch = ClipBranch::load_gcg_dir(&dir.join("gcg"), &cfg, &common::device(), DType::F32)?;
 
         let text = branch.encode_text(get(&io, "text_ids")?)?;
         assert_close(&format!("{}: text_embeds", dir.display()), &text, get(&io, "text_embeds")?, TOL);

@@ -7,7 +7,7 @@
 mod common;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use common::{assert_close, get, load_io, parity_dirs};
 use gcg::grounding::{perturbed_topk, Grounding, GroundingConfig, GroundingInputs, Noise, PerturbedTopK, TopkGradient, TopkNoises};
 use gcg::nn::Ctx;
@@ -62,7 +62,7 @@ fn fixtures() -> Vec<(String, Fixture)> {
 
 fn load_model(dir: &str, cfg: &GroundingConfig) -> Result<(Grounding, Loader)> {
     let src = SafetensorsSource::open(Path::new(dir).join("io/grounding_weights.safetensors"))?;
-    let lb = Loader::from_source(Arc::new(src), &Device::Cpu, DType::F32).with_trainable(gcg::grounding::is_trainable);
+    let lb = Loader::from_source(Arc::new(src), &common::device(), DType::F32).with_trainable(gcg::grounding::is_trainable);
     let g = Grounding::load(&lb.pp("grounding"), cfg)?;
     lb.finish()?;
     Ok((g, lb))

@@ -5,7 +5,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use common::{assert_close, get, load_io};
 use gcg::models::checkpoint::open_hf_snapshot;
 use gcg::models::lmm::{is_trainable, VideoLmm};
@@ -22,7 +22,7 @@ fn video_lmm_matches_reference() {
         let (src, mut cfg) = open_hf_snapshot(&dir.join("hf")).unwrap();
         let t = meta["frames"].as_u64().unwrap() as usize;
         cfg.max_frames = t;
-        let lb = Loader::from_source(src, &Device::Cpu, DType::F32)
+        let lb = Loader::from_source(src, &common::device(), DType::F32)
             .with_trainable(is_trainable)
             .with_ignored(is_buffer);
         let mut model = VideoLmm::load(&lb, &cfg, true).unwrap();
@@ -124,7 +124,7 @@ fn video_lmm_matches_reference() {
             assert_eq!(beam, ids_of(&m["beam3"]), "{what}: beam ids");
             let options: Vec<Vec<Vec<u32>>> = m["options"].as_array().unwrap().iter().map(ids_of).collect();
             let scores = model.score_options(&inputs, &options).unwrap();
-            let scores = Tensor::new(scores, &Device::Cpu).unwrap();
+            let scores = Tensor::new(scores, &common::device()).unwrap();
             assert_close(
                 &format!("{what} option scores"),
                 &scores,

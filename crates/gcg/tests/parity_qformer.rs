@@ -6,7 +6,7 @@
 mod common;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use common::{assert_close, get, load_io, parity_dirs};
 use gcg::models::qformer::{QFormer, QFormerConfig};
 use gcg::nn::init::Init;
@@ -54,7 +54,7 @@ struct Model {
 }
 
 fn load(src: Arc<dyn TensorSource + Send + Sync>, cfg: &QFormerConfig, trainable: bool) -> Result<Model> {
-    let mut lb = Loader::from_source(src, &Device::Cpu, DType::F32);
+    let mut lb = Loader::from_source(src, &common::device(), DType::F32);
     if trainable {
         lb = lb.with_trainable(|_| true);
     }

@@ -6,7 +6,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use common::{assert_close, get, load_io, randn_f32};
 use gcg::models::t5::{relative_position_bucket, EarlyStopping, GenerateConfig, SelfKvCache, T5Config, T5Model};
 use gcg::nn::{Activation, Ctx, Linear};
@@ -23,9 +23,9 @@ fn load_t5(dir: &Path, prefix: &str) -> T5Model {
     let src = SafetensorsSource::open_dir(dir).unwrap();
     let owned = format!("{prefix}.");
     let lb = if prefix.is_empty() {
-        Loader::from_source(Arc::new(src), &Device::Cpu, DType::F32)
+        Loader::from_source(Arc::new(src), &common::device(), DType::F32)
     } else {
-        Loader::from_source(Arc::new(src), &Device::Cpu, DType::F32).with_ignored(move |n| !n.starts_with(&owned))
+        Loader::from_source(Arc::new(src), &common::device(), DType::F32).with_ignored(move |n| !n.starts_with(&owned))
     };
     let model = T5Model::load(&lb.pp(prefix), &cfg).unwrap();
     lb.finish().unwrap();
@@ -246,7 +246,7 @@ fn option_scores_match_hf() {
             let enc = m.encode(get(io, "inputs_embeds").unwrap(), mask, Ctx::eval()).unwrap();
             let sums = m.score_options(&enc, mask, &options).unwrap();
             let means = m.score_options_mean(&enc, mask, &options).unwrap();
-            let to_t = |v: Vec<Vec<f32>>| Tensor::new(v, &Device::Cpu).unwrap();
+            let to_t = |v: Vec<Vec<f32>>| Tensor::new(v, &common::device()).unwrap();
             assert_close(&format!("{tag} option sums"), &to_t(sums), get(io, "option_sums").unwrap(), 1e-4);
             assert_close(&format!("{tag} option means"), &to_t(means), get(io, "option_means").unwrap(), 1e-4);
         }
@@ -259,7 +259,7 @@ fn option_scores_match_hf() {
 
 fn random_t5(dtype: DType, seed: u64, act: Activation) -> T5Model {
     let cfg = T5Config::tiny().with_activation(act);
-    let lb = Loader::random(&Device::Cpu, dtype, seed);
+    let lb = Loader::random(&common::device(), dtype, seed);
     T5Model::load(&lb, &cfg).unwrap()
 }
 
@@ -269,8 +269,8 @@ fn loss_gradient_matches_finite_differences_f64() {
         let m = random_t5(DType::F64, 7, act);
         let (b, l, d) = (2, 6, m.cfg.d_model);
         let x0 = randn_f32(&[b, l, d], 11).to_dtype(DType::F64).unwrap();
-        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
-        let labels = Tensor::new(&[[5i64, 17, 42, 1], [33, 1, -100, -100]], &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], &common::device()).unwrap();
+        let labels = Tensor::new(&[[5i64, 17, 42, 1], [33, 1, -100, -100]], &common::device()).unwrap();
         let loss_of = |x: &Tensor| -> Tensor {
             let enc = m.encode(x, &mask, Ctx::eval()).unwrap();
             m.loss(&enc, &mask, &labels, Ctx::eval()).unwrap()
@@ -294,11 +294,11 @@ fn loss_gradient_matches_finite_differences_f64() {
         for i in (0..base.len()).step_by(7) {
             let mut p = base.clone();
             p[i] += eps;
-            let lp = loss_of(&Tensor::from_vec(p.clone(), (b, l, d), &Device::Cpu).unwrap())
+            let lp = loss_of(&Tensor::from_vec(p.clone(), (b, l, d), &common::device()).unwrap())
                 .to_scalar::<f64>()
                 .unwrap();
             p[i] -= 2.0 * eps;
-            let lm = loss_of(&Tensor::from_vec(p, (b, l, d), &Device::Cpu).unwrap())
+            let lm = loss_of(&Tensor::from_vec(p, (b, l, d), &common::device()).unwrap())
                 .to_scalar::<f64>()
                 .unwrap();
             let fd = (lp - lm) / (2.0 * eps);
@@ -322,14 +322,14 @@ fn cached_decoding_equals_uncached_forwards() {
     let x = randn_f32(&[b, l, m.cfg.d_model], 5);
     let mask = Tensor::new(
         &[[1u8, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0]],
-        &Device::Cpu,
+        &common::device(),
     )
     .unwrap();
     let enc = m.encode(&x, &mask, Ctx::eval()).unwrap();
 
     // Step-by-step hidden states through the cache equal one causal pass over the same ids.
     let ids: Vec<u32> = vec![0, 17, 4, 88, 23, 9, 61, 2, 0, 35, 12, 70, 5, 44, 0, 0, 93, 8, 27, 66, 31];
-    let ids = Tensor::from_vec(ids, (b, 7), &Device::Cpu).unwrap();
+    let ids = Tensor::from_vec(ids, (b, 7), &common::device()).unwrap();
     let cross = m.cross_kv(&enc).unwrap();
     let bias = gcg::nn::padding_bias(&mask, DType::F32).unwrap();
     let full = m.run_decoder(&ids, &cross, &bias, None, Ctx::eval()).unwrap();
@@ -369,7 +369,7 @@ fn cached_decoding_equals_uncached_forwards() {
         prefix.extend_from_slice(&seq[..seq.len() - 1]);
         let n = prefix.len();
         let logits = m
-            .forward_logits(&er, &mr, &Tensor::from_vec(prefix, (1, n), &Device::Cpu).unwrap())
+            .forward_logits(&er, &mr, &Tensor::from_vec(prefix, (1, n), &common::device()).unwrap())
             .unwrap();
         let argmax = logits.squeeze(0).unwrap().argmax(1).unwrap().to_vec1::<u32>().unwrap();
         assert_eq!(&argmax, seq, "row {r}: cached greedy vs uncached argmax");
@@ -424,19 +424,19 @@ fn checkpoint_aliases_and_tied_head() {
     let src = Arc::new(gcg::weights::MapSource::new(tensors, "aliases"));
     let mut cfg = T5Config::tiny();
     // untied config: the missing lm_head is an error naming it
-    let lb = Loader::from_source(src.clone(), &Device::Cpu, DType::F32);
+    let lb = Loader::from_source(src.clone(), &common::device(), DType::F32);
     let err = T5Model::load(&lb, &cfg).unwrap_err().to_string();
     assert!(err.contains("lm_head.weight"), "{err}");
     cfg.tie_word_embeddings = true;
-    let lb = Loader::from_source(src, &Device::Cpu, DType::F32);
+    let lb = Loader::from_source(src, &common::device(), DType::F32);
     let tied = T5Model::load(&lb, &cfg).unwrap();
     lb.finish().unwrap();
     let x = randn_f32(&[1, 4, cfg.d_model], 1);
-    let mask = Tensor::ones((1, 4), DType::U32, &Device::Cpu).unwrap();
+    let mask = Tensor::ones((1, 4), DType::U32, &common::device()).unwrap();
     let enc_a = m.encode(&x, &mask, Ctx::eval()).unwrap();
     let enc_b = tied.encode(&x, &mask, Ctx::eval()).unwrap();
     assert_close("aliased encoder", &enc_b, &enc_a, 0.0);
-    let ids = Tensor::new(&[[0u32, 5, 9]], &Device::Cpu).unwrap();
+    let ids = Tensor::new(&[[0u32, 5, 9]], &common::device()).unwrap();
     let lt = tied.forward_logits(&enc_b, &mask, &ids).unwrap();
     let h = tied
         .run_decoder(
@@ -454,8 +454,8 @@ fn checkpoint_aliases_and_tied_head() {
 #[test]
 fn dropout_only_in_training() {
     let x = randn_f32(&[2, 5, 32], 21);
-    let mask = Tensor::ones((2, 5), DType::U32, &Device::Cpu).unwrap();
-    let labels = Tensor::new(&[[4i64, 9, 1], [7, 1, -100]], &Device::Cpu).unwrap();
+    let mask = Tensor::ones((2, 5), DType::U32, &common::device()).unwrap();
+    let labels = Tensor::new(&[[4i64, 9, 1], [7, 1, -100]], &common::device()).unwrap();
     let loss = |m: &T5Model, ctx: Ctx| -> f32 {
         let enc = m.encode(&x, &mask, ctx).unwrap();
         m.loss(&enc, &mask, &labels, ctx).unwrap().to_scalar::<f32>().unwrap()
@@ -470,7 +470,7 @@ fn dropout_only_in_training() {
     );
     let mut cfg = T5Config::tiny_gelu();
     cfg.dropout_rate = 0.0;
-    let m0 = T5Model::load(&Loader::random(&Device::Cpu, DType::F32, 4), &cfg).unwrap();
+    let m0 = T5Model::load(&Loader::random(&common::device(), DType::F32, 4), &cfg).unwrap();
     assert_eq!(loss(&m0, Ctx::train(&rng)), loss(&m0, Ctx::eval()));
     assert_eq!(loss(&m0, Ctx::eval()), eval, "same weights, same loss");
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::{assert_close, get, load_io, parity_dirs};
 use gcg::models::vit::{VisionModel, VitConfig};
 use gcg::weights::{Loader, MapSource, RenamedSource, SafetensorsSource, TensorSource};
@@ -33,7 +33,7 @@ fn hf_vision_source(dir: &Path) -> Result<Arc<dyn TensorSource + Send + Sync>> {
 }
 
 fn check(what: &str, src: Arc<dyn TensorSource + Send + Sync>, cfg: &VitConfig, io: &HashMap<String, Tensor>) -> Result<()> {
-    let lb = Loader::from_source(src, &Device::Cpu, DType::F32);
+    let lb = Loader::from_source(src, &common::device(), DType::F32);
     let vm = VisionModel::load(&lb.pp("vision_model"), cfg)?;
     lb.finish()?;
     let out = vm.forward(get(io, "pixel_values")?)?;
@@ -80,7 +80,7 @@ fn vision_model_separate_q_v_bias_layout_matches_transformers() -> Result<()> {
         let mut map = MapSource::new(Vec::new(), "EVA layout (q_bias, v_bias) rebuilt from the HF snapshot");
         let mut split = 0;
         for name in hf.names() {
-            let t = hf.load(&name, &Device::Cpu)?;
+            let t = hf.load(&name, &common::device())?;
             match name.strip_suffix("qkv.bias") {
                 Some(stem) => {
                     map.insert(format!("{stem}q_bias"), t.narrow(0, 0, d)?);
@@ -109,7 +109,7 @@ fn vision_model_variables_updated_in_place_take_effect() -> Result<()> {
     let d = cfg.hidden_size;
     let mut eva = MapSource::new(Vec::new(), "EVA layout");
     for name in hf.names() {
-        let t = hf.load(&name, &Device::Cpu)?;
+        let t = hf.load(&name, &common::device())?;
         match name.strip_suffix("qkv.bias") {
             Some(stem) => {
                 eva.insert(format!("{stem}q_bias"), t.narrow(0, 0, d)?);
@@ -120,7 +120,7 @@ fn vision_model_variables_updated_in_place_take_effect() -> Result<()> {
     }
     let layouts: Vec<(&str, Arc<dyn TensorSource + Send + Sync>)> = vec![("hf", hf), ("q_bias/v_bias", Arc::new(eva))];
     for (what, src) in layouts {
-        let lb = Loader::from_source(src, &Device::Cpu, DType::F32).with_trainable(|_| true);
+        let lb = Loader::from_source(src, &common::device(), DType::F32).with_trainable(|_| true);
         let vm = VisionModel::load(&lb.pp("vision_model"), &cfg)?;
         lb.finish()?;
         let before = vm.forward(get(&io, "pixel_values")?)?.hidden;
@@ -132,7 +132,7 @@ fn vision_model_variables_updated_in_place_take_effect() -> Result<()> {
             changed.insert(name.clone(), var.as_tensor().copy()?);
         }
         let after = vm.forward(get(&io, "pixel_values")?)?.hidden;
-        let fresh_lb = Loader::from_source(Arc::new(changed), &Device::Cpu, DType::F32);
+        let fresh_lb = Loader::from_source(Arc::new(changed), &common::device(), DType::F32);
         let fresh = VisionModel::load(&fresh_lb.pp("vision_model"), &cfg)?;
         fresh_lb.finish()?;
         let expected = fresh.forward(get(&io, "pixel_values")?)?.hidden;

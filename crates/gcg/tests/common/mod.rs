@@ -40,7 +40,7 @@ pub fn parity_dirs() -> Vec<PathBuf> {
 
 /// Read all tensors of a safetensors file.
 pub fn load_io(path: &Path) -> Result<HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))
+    candle_core::safetensors::load(path, &device()).with_context(|| format!("reading {}", path.display()))
 }
 
 pub fn get<'a>(io: &'a HashMap<String, Tensor>, name: &str) -> Result<&'a Tensor> {
@@ -92,4 +92,14 @@ pub fn randn_f32(shape: &[usize], seed: u64) -> Tensor {
     let n: usize = shape.iter().product();
     let v = gcg::SeededRng::new(seed).normal_vec(n, 0.0, 1.0);
     Tensor::from_vec(v, shape, &Device::Cpu).expect("randn_f32: shape and values agree")
+}
+
+/// The device the parity suites run on: the CPU, or CUDA device 0 with `GCG_TEST_DEVICE=cuda` in
+/// a build with `--features cuda` (`tools/gpu-check.sh` runs them so on a GPU machine).
+pub fn device() -> Device {
+    match std::env::var("GCG_TEST_DEVICE").as_deref() {
+        Err(_) | Ok("") | Ok("cpu") => Device::Cpu,
+        Ok("cuda") => Device::new_cuda(0).unwrap_or_else(|e| panic!("GCG_TEST_DEVICE=cuda: cannot open CUDA device 0: {e}")),
+        Ok(other) => panic!("GCG_TEST_DEVICE={other:?}: expected cpu or cuda"),
+    }
 }
