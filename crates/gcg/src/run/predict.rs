@@ -170,7 +170,12 @@ pub fn provenance(cfg: &RunConfig, annotations: &Path) -> Result<Provenance> {
         h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
     }
     Ok(Provenance {
-        run_dir: cfg.run_dir.as_deref().map(|p| p.display().to_string()),
+        // The run only when its checkpoint predicts (not a config's pretrained model).
+        run_dir: cfg
+            .run_dir
+            .as_deref()
+            .filter(|r| cfg.weights.init.as_deref().is_some_and(|w| w.starts_with(r)))
+            .map(|p| p.display().to_string()),
         weights: cfg.weights.init.as_deref().map(|p| p.display().to_string()),
         weights_hash,
         annotations: abs(annotations)?,
