@@ -106,6 +106,10 @@ fn unknown_keys_and_bad_values_are_named() {
         ("[model.grounding]\nframes = 4\nmoments = 4\n", "K = 4"),
         ("[model.grounding]\ndim = 64\n", "dim"),
         ("[train]\nepochs = 0\n", "epochs"),
+        (
+            "[model]\nmode = \"uniform\"\n[train]\nepochs = 0\ngrounding_warmup_epochs = 2\n",
+            "epochs",
+        ),
         ("[train]\nwarmup_fraction = 2.0\n", "warmup_fraction"),
         ("[train]\nmin_lr_factor = -1.0\n", "min_lr_factor"),
     ] {

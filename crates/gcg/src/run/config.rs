@@ -348,6 +348,12 @@ impl RunConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
+        if self.train.epochs == 0 && self.model.mode != crate::model::Mode::Grounding {
+            bail!(
+                "epochs = 0 trains nothing in {} mode (grounding_warmup_epochs counts only in grounding mode)",
+                self.model.mode.name()
+            );
+        }
         self.model.validate()
     }
 

@@ -99,8 +99,8 @@ impl TrainConfig {
         if self.batch_size == 0 || self.grad_accum == 0 {
             bail!("batch_size and grad_accum must be at least 1");
         }
-        if self.epochs == 0 {
-            bail!("epochs = 0 trains nothing (give at least 1 epoch)");
+        if self.epochs == 0 && self.grounding_warmup_epochs == 0 {
+            bail!("epochs = 0 (and no grounding_warmup_epochs) trains nothing; give at least 1 epoch");
         }
         if !(0.0..=1.0).contains(&self.warmup_fraction) {
             bail!(
@@ -340,6 +340,12 @@ impl Plan {
             }
             0
         };
+        if warmup_epochs + cfg.epochs == 0 {
+            bail!(
+                "epochs = 0 trains nothing in {} mode (grounding_warmup_epochs counts only in grounding mode)",
+                mode.name()
+            );
+        }
         // The schedule spans the whole run; `max_steps` only stops early (a smoke run or a
         // simulated kill must not change the learning rates).
         Ok(Self {
