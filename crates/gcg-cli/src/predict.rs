@@ -4,6 +4,7 @@
 use crate::args::{progress_bar, QuietArg};
 use anyhow::{bail, Result};
 use clap::Args;
+use gcg::eval::OnMismatch;
 use gcg::run::{self, Checkpoint, EvalSplit, RunConfig};
 use std::path::{Path, PathBuf};
 
@@ -32,7 +33,8 @@ pub struct PredictArgs {
     /// The feature store (default: the config's).
     #[arg(long)]
     store: Option<PathBuf>,
-    /// The prediction file (JSONL; resumed when it exists).
+    /// The prediction file (JSONL, with its provenance in FILE.meta.json; an existing file is
+    /// resumed when the same model wrote it, and refused otherwise).
     #[arg(long)]
     out: PathBuf,
     /// Also write the metrics as JSON here.
@@ -77,7 +79,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
 fn predict_to(cfg: &RunConfig, ann: &Path, grounding: Option<&Path>, out: &Path, metrics: Option<&Path>, quiet: bool) -> Result<()> {
     let pb = progress_bar(0, quiet);
     pb.set_prefix("predict");
-    let ev = run::predict_annotations(cfg, ann, grounding, out, metrics, &mut |done, total| {
+    let ev = run::predict_annotations(cfg, ann, grounding, out, metrics, OnMismatch::Refuse, &mut |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     })?;

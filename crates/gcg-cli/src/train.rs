@@ -3,18 +3,23 @@
 use crate::args::{progress_bar, QuietArg};
 use anyhow::{bail, Result};
 use clap::Args;
-use gcg::run::{self, Checkpoint, EvalSplit, RunConfig};
+use gcg::run::{self, Checkpoint, EvalSplit, RunConfig, RunStart};
 use gcg::train::trainer::Event;
 use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// The run config (TOML: run_dir, [weights], [model], [data], [train]; see README).
+    /// The run config (TOML: run_dir, [weights], [model], [data], [train]; see README). Its
+    /// run_dir (default runs/<file stem> beside the file) must not hold another run.
     #[arg(long, conflicts_with = "resume")]
     config: Option<PathBuf>,
     /// Continue the run in this directory from its last checkpoint (its config.json is used).
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// With --config: start over in a run_dir that holds a previous run, clearing its
+    /// checkpoints, metrics and predictions first.
+    #[arg(long, requires = "config")]
+    overwrite: bool,
     /// Override a config field (repeatable), e.g. `--set train.lr=2e-5 --set model.mode=\"uniform\"`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -34,18 +39,27 @@ fn predict_and_score(cfg: &RunConfig, split: EvalSplit, which: Checkpoint, quiet
         pb.set_position(done as u64);
     })?;
     pb.finish_and_clear();
-    crate::report::show_scores(&ev, &cfg.run_dir.join(format!("predictions-{split}.jsonl")));
+    crate::report::show_scores(&ev, &cfg.run_dir()?.join(format!("predictions-{split}.jsonl")));
     Ok(())
 }
 
 pub fn run_train(a: TrainArgs) -> Result<()> {
-    let (mut cfg, resume) = match (&a.config, &a.resume) {
+    let (mut cfg, start) = match (&a.config, &a.resume) {
         (_, Some(dir)) => {
             let mut c = RunConfig::from_run_dir(dir)?.with_overrides(&a.overrides)?;
-            c.run_dir = dir.clone();
-            (c, true)
+            c.run_dir = Some(dir.clone());
+            (c, RunStart::Resume)
         }
-        (Some(p), None) => (RunConfig::load(Some(p), &a.overrides)?, false),
+        (Some(p), None) => {
+            let c = RunConfig::load(Some(p), &a.overrides)?;
+            let derived = c.run_dir.is_some() && c.run_dir == RunConfig::default_run_dir(p).ok();
+            eprintln!(
+                "run directory: {}{}",
+                c.run_dir()?.display(),
+                if derived { " (the config sets no run_dir)" } else { "" }
+            );
+            (c, if a.overwrite { RunStart::Overwrite } else { RunStart::New })
+        }
         (None, None) => bail!("give --config run.toml (a new run) or --resume RUN_DIR"),
     };
     if a.skip_nonfinite {
@@ -85,11 +99,12 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         }
         Event::Checkpoint(_) => {}
     };
-    run::train_run(&cfg, resume, &mut on_event)?;
+    run::train_run(&cfg, start, &mut on_event)?;
     pb.finish_and_clear();
-    eprintln!("run directory: {}", cfg.run_dir.display());
+    let run_dir = cfg.run_dir()?;
+    eprintln!("run directory: {}", run_dir.display());
     if cfg.data.test.is_some() {
-        let which = Checkpoint::best_or_last(&cfg.run_dir);
+        let which = Checkpoint::best_or_last(run_dir);
         eprintln!("test split with the {which} checkpoint:");
         predict_and_score(&cfg, EvalSplit::Test, which, a.quiet.quiet)?;
     }

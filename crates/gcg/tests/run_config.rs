@@ -26,7 +26,11 @@ fn the_readme_run_config_parses() {
     let start = readme.find("```toml\nrun_dir = ").expect("README has a run.toml example") + "```toml\n".len();
     let end = start + readme[start..].find("```").unwrap();
     let cfg = parse(&readme[start..end]).unwrap();
-    assert_eq!(cfg.weights.pretrained, Some(PathBuf::from("instructblip-flan-t5-xl")));
+    let pretrained = cfg.weights.pretrained.unwrap();
+    assert!(
+        pretrained.is_absolute() && pretrained.ends_with("instructblip-flan-t5-xl"),
+        "{pretrained:?}"
+    );
     assert_eq!(cfg.model.mode, Mode::Grounding);
     assert_eq!((cfg.model.frames(), cfg.model.moments()), (32, 4));
     assert_eq!(cfg.train.grounding_lr, 7e-5);
@@ -101,6 +105,13 @@ fn unknown_keys_and_bad_values_are_named() {
         ("device = \"tpu\"\n", "tpu"),
         ("[model.grounding]\nframes = 4\nmoments = 4\n", "K = 4"),
         ("[model.grounding]\ndim = 64\n", "dim"),
+        ("[train]\nepochs = 0\n", "epochs"),
+        (
+            "[model]\nmode = \"uniform\"\n[train]\nepochs = 0\ngrounding_warmup_epochs = 2\n",
+            "epochs",
+        ),
+        ("[train]\nwarmup_fraction = 2.0\n", "warmup_fraction"),
+        ("[train]\nmin_lr_factor = -1.0\n", "min_lr_factor"),
     ] {
         let e = parse(text).err().unwrap_or_else(|| panic!("{text:?} was accepted"));
         let msg = chain(&e);
@@ -120,4 +131,34 @@ fn overrides_reach_nested_tables_and_round_trip() {
     let json = serde_json::to_string(&again).unwrap();
     let back: RunConfig = serde_json::from_str(&json).unwrap();
     assert_eq!(back, again);
+}
+
+#[test]
+fn paths_are_relative_to_the_config_file_and_run_dir_is_derived_visibly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("configs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("nextqa-small.toml");
+    std::fs::write(
+        &p,
+        "[weights]\ntokenizers = \"../tok\"\ninit = \"/abs/weights.safetensors\"\n[data]\nstore = \"store\"\ntrain = \"ann/train.csv\"\n",
+    )
+    .unwrap();
+    let cfg = RunConfig::load(Some(&p), &[]).unwrap();
+    let base = std::path::absolute(&dir).unwrap();
+    // No run_dir: runs/<file stem> beside the file, never a shared default.
+    assert_eq!(cfg.run_dir.as_deref(), Some(base.join("runs/nextqa-small").as_path()));
+    assert_eq!(RunConfig::default_run_dir(&p).unwrap(), base.join("runs/nextqa-small"));
+    assert_eq!(cfg.weights.tokenizers, Some(base.join("../tok")));
+    assert_eq!(cfg.weights.init, Some(PathBuf::from("/abs/weights.safetensors")));
+    assert_eq!(cfg.data.store, base.join("store"));
+    assert_eq!(cfg.data.train, Some(base.join("ann/train.csv")));
+    // An explicit run_dir is relative to the file too; `--set` paths stay as given.
+    std::fs::write(&p, "run_dir = \"out/a\"\n").unwrap();
+    let cfg = RunConfig::load(Some(&p), &["data.test=\"t.csv\"".into()]).unwrap();
+    assert_eq!(cfg.run_dir, Some(base.join("out/a")));
+    assert_eq!(cfg.data.test, Some(PathBuf::from("t.csv")));
+    // Without a file there is no run directory, and asking for one says how to set it.
+    let cfg = RunConfig::load(None, &[]).unwrap();
+    assert!(chain(&cfg.run_dir().unwrap_err()).contains("run_dir"));
 }

@@ -577,7 +577,7 @@ fn pseudo_label_quality(store_dir: &Path, world: &World, test: &[QaSample], cfg:
 /// the mode, the paths of this demo and the run's epochs, learning rate and starting weights.
 fn run_config(cfg: &DemoConfig, name: &str, mode: Mode, epochs: u64, init: Option<PathBuf>, paths: &Paths) -> RunConfig {
     let mut rc = cfg.run.clone();
-    rc.run_dir = paths.run(name);
+    rc.run_dir = Some(paths.run(name));
     let (world_dir, store_dir, tok_dir) = (&paths.world, &paths.store, &paths.tokenizers);
     rc.model.mode = mode;
     rc.weights.tokenizers = Some(tok_dir.to_path_buf());
@@ -608,7 +608,7 @@ fn train(
     let mut warmup = Vec::new();
     let mut val_accuracy = Vec::new();
     on(DemoEvent::Stage { name, total: 0 });
-    run::train_run(rc, false, &mut |e| match e {
+    run::train_run(rc, run::RunStart::New, &mut |e| match e {
         Event::Step(m) if m.warmup => {
             warmup.push((m.step, m.reg.unwrap_or(f64::NAN), m.con.unwrap_or(f64::NAN)));
             on(DemoEvent::Progress {
@@ -639,7 +639,7 @@ fn run_mode(
     on: &mut dyn FnMut(DemoEvent<'_>),
 ) -> Result<ModeResult> {
     let rc = run_config(cfg, mode.name(), mode, cfg.run.train.epochs, init, paths);
-    let run_dir = rc.run_dir.clone();
+    let run_dir = paths.run(mode.name());
     let (curve, warmup_curve, val_accuracy, train_seconds) = train(&rc, mode.name(), on)?;
 
     // Test with the best-on-validation checkpoint.

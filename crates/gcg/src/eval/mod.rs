@@ -19,7 +19,9 @@ pub mod grounding;
 pub mod predictions;
 
 pub use grounding::{grounding_metrics, iou_iop, GroundingMetrics};
-pub use predictions::{read_predictions, Moments, PredictionFile, PredictionRow, PredictionWriter, Problem, ProblemKind};
+pub use predictions::{
+    read_predictions, Moments, OnMismatch, PredictionFile, PredictionRow, PredictionWriter, Problem, ProblemKind, Provenance,
+};
 
 use crate::data::nextgqa::Grounding;
 use crate::data::{Answer, Dataset, QaSample};

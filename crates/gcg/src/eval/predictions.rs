@@ -5,6 +5,11 @@
 //! the predicted evidence `[start, end]` in seconds; `moments` the selected frames (indices into
 //! the sampled frames and their times); `curve` the grounding curve p(t) over the sampled frames.
 //! A question is identified by `(video, qid)`.
+//!
+//! A file gcg writes has a sidecar `FILE.meta.json`, its [`Provenance`]: what wrote it (run
+//! directory, weights and their hash, annotations, store, a hash of the model's config). The
+//! JSONL itself stays plain, so files of other tools read the same; gcg resumes a file only when
+//! the sidecar matches the model that would continue it ([`PredictionWriter::open`]).
 
 use crate::data::{Answer, QaSample};
 use anyhow::{bail, Context, Result};
@@ -190,6 +195,83 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
     Ok(out)
 }
 
+/// What wrote a prediction file, stored beside it as `FILE.meta.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// The run directory whose checkpoint predicted (none for a model of a config).
+    pub run_dir: Option<String>,
+    /// The trained weights loaded (a checkpoint's `weights.safetensors`) and a hash of their
+    /// bytes.
+    pub weights: Option<String>,
+    pub weights_hash: Option<String>,
+    /// The annotation file of the questions and the feature store.
+    pub annotations: String,
+    pub store: String,
+    /// A hash of the model-relevant part of the config (`[weights]` but `init`, `[model]`, the
+    /// dataset and dtype).
+    pub config_hash: String,
+}
+
+impl Provenance {
+    /// The sidecar of a prediction file: `FILE.meta.json`.
+    pub fn path_of(predictions: &Path) -> PathBuf {
+        let mut name = predictions.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+        name.push(".meta.json");
+        predictions.with_file_name(name)
+    }
+
+    /// The provenance recorded beside a prediction file (none when it has no sidecar).
+    pub fn read(predictions: &Path) -> Result<Option<Self>> {
+        let p = Self::path_of(predictions);
+        if !p.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(Some(
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?,
+        ))
+    }
+
+    fn write(&self, predictions: &Path) -> Result<()> {
+        crate::util::write_atomic(&Self::path_of(predictions), (serde_json::to_string_pretty(self)? + "\n").as_bytes())
+    }
+
+    /// Whether predictions of `self` may be continued by `other`: same weights, config,
+    /// annotations and store (the run directory may have moved).
+    pub fn same_source(&self, other: &Provenance) -> bool {
+        self.weights_hash == other.weights_hash
+            && self.config_hash == other.config_hash
+            && self.annotations == other.annotations
+            && self.store == other.store
+    }
+
+    /// One line saying what wrote the file.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(r) = &self.run_dir {
+            parts.push(format!("run {r}"));
+        }
+        match (&self.weights, &self.weights_hash) {
+            (Some(w), Some(h)) => parts.push(format!("weights {w} ({h})")),
+            (Some(w), None) => parts.push(format!("weights {w}")),
+            _ => parts.push("no trained weights".into()),
+        }
+        parts.push(format!("config {}", self.config_hash));
+        parts.push(format!("annotations {}", self.annotations));
+        parts.push(format!("store {}", self.store));
+        parts.join(", ")
+    }
+}
+
+/// What [`PredictionWriter::open`] does with an existing file that another model wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnMismatch {
+    /// An error naming both (a file the user named).
+    Refuse,
+    /// Start the file over (a run's own derived file, e.g. after a new best checkpoint).
+    Replace,
+}
+
 /// Appends prediction rows to a JSONL file, one `write` per complete line, flushed after each,
 /// and resumes: rows already in the file are known and not written again.
 pub struct PredictionWriter {
@@ -251,6 +333,52 @@ impl PredictionWriter {
             file,
             done,
         })
+    }
+
+    /// Open a prediction file for the model described by `prov`: a new file (or one without
+    /// rows) starts with `prov` as its sidecar; a file with rows is resumed only when its
+    /// sidecar matches `prov`, else refused or started over (`on_mismatch`). A file with rows
+    /// and no sidecar (another tool's, or an older gcg's) is treated as a mismatch.
+    pub fn open(path: &Path, prov: &Provenance, on_mismatch: OnMismatch) -> Result<Self> {
+        match Self::check(path, prov) {
+            Ok(true) => return Self::resume(path),
+            Ok(false) => {}
+            Err(e) if on_mismatch == OnMismatch::Replace => {
+                tracing::info!("starting over: {e:#}");
+            }
+            Err(e) => return Err(e),
+        }
+        // Rows go only under a sidecar that describes them: the old rows are removed first, so a
+        // kill in between leaves an empty file, never old rows under the new sidecar.
+        let w = Self::create(path)?;
+        prov.write(path)?;
+        Ok(w)
+    }
+
+    /// Whether `path` holds rows that the model of `prov` may continue (true), nothing to
+    /// continue (false), or rows of another model or of unknown provenance (an error naming
+    /// both).
+    pub fn check(path: &Path, prov: &Provenance) -> Result<bool> {
+        let has_rows = std::fs::metadata(path).map(|m| m.len() > 0).unwrap_or(false);
+        if !has_rows {
+            return Ok(false);
+        }
+        match Provenance::read(path)? {
+            Some(f) if f.same_source(prov) => Ok(true),
+            Some(f) => bail!(
+                "{} was written by another model and cannot be resumed by this one:\n  it has:     {}\n  this model: {}\n(give another --out, or delete {} and {})",
+                path.display(),
+                f.describe(),
+                prov.describe(),
+                path.display(),
+                Provenance::path_of(path).display()
+            ),
+            None => bail!(
+                "{} holds predictions but no {} saying what wrote them (another tool's file, or an older gcg's); refusing to add to it (give another --out, or delete it)",
+                path.display(),
+                Provenance::path_of(path).display()
+            ),
+        }
     }
 
     fn make_dir(path: &Path) -> Result<()> {

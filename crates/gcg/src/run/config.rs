@@ -2,7 +2,7 @@
 //! (defaults on the structs, unknown keys rejected with their name):
 //!
 //! ```toml
-//! run_dir = "runs/gcg"
+//! run_dir = "runs/gcg"          # default runs/<config file stem>
 //! device = "cpu"                 # cpu | cuda
 //! # dtype = "bf16"               # frozen networks: f32 | bf16 | f16 (default f32 on cpu, bf16 on cuda)
 //! [weights]                      # WeightsConfig: where the parameters come from
@@ -15,6 +15,12 @@
 //! [data]                         # DataConfig
 //! [train]                        # TrainConfig
 //! ```
+//!
+//! Relative paths in a config file (`run_dir`, `[weights]` and `[data]` paths) are relative to the
+//! file's directory: [`RunConfig::load`] resolves them to absolute paths, and a run directory's
+//! `config.json` stores them absolute, so a run is used the same from any working directory (and
+//! still works when the run directory itself is moved). Paths given with `--set` are relative to
+//! the working directory.
 
 use crate::data::Dataset;
 use crate::model::GcgConfig;
@@ -199,7 +205,10 @@ impl Default for DataConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
-    pub run_dir: PathBuf,
+    /// Where the run writes (checkpoints, metrics, predictions). A config file without it uses
+    /// `runs/<file stem>` beside the file ([`RunConfig::default_run_dir`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_dir: Option<PathBuf>,
     /// cpu | cuda.
     pub device: DeviceKind,
     /// Frozen networks' dtype: f32 | bf16 | f16 (default f32 on cpu, bf16 on cuda).
@@ -213,7 +222,7 @@ pub struct RunConfig {
 impl Default for RunConfig {
     fn default() -> Self {
         Self {
-            run_dir: PathBuf::from("runs/gcg"),
+            run_dir: None,
             device: DeviceKind::Cpu,
             dtype: None,
             weights: WeightsConfig::default(),
@@ -248,23 +257,78 @@ pub fn apply_overrides(doc: &mut toml::Value, overrides: &[String]) -> Result<()
 }
 
 impl RunConfig {
-    /// Read a TOML config (or start from the defaults) and apply overrides.
+    /// Read a TOML config (or start from the defaults) and apply overrides. The file's relative
+    /// paths are resolved against its directory, and a file without `run_dir` gets
+    /// [`RunConfig::default_run_dir`]; the overrides' paths are left as given (relative to the
+    /// working directory).
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let doc = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
-                toml::from_str::<toml::Value>(&text).with_context(|| format!("{} is not valid TOML", p.display()))?
-            }
-            None => toml::Value::Table(Default::default()),
+        let Some(p) = path else {
+            return Self::from_doc(toml::Value::Table(Default::default()), overrides, "in the command-line settings");
         };
-        Self::from_doc(
-            doc,
-            overrides,
-            &match path {
-                Some(p) => format!("in config {}", p.display()),
-                None => "in the command-line settings".to_string(),
-            },
-        )
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading config {}", p.display()))?;
+        let doc = toml::from_str::<toml::Value>(&text).with_context(|| format!("{} is not valid TOML", p.display()))?;
+        let origin = format!("in config {}", p.display());
+        let mut cfg: RunConfig = doc.try_into().with_context(|| origin.clone())?;
+        let base = config_dir(p)?;
+        if cfg.run_dir.is_none() {
+            cfg.run_dir = Some(Self::default_run_dir(p)?);
+        }
+        cfg.resolve_paths(&base);
+        if overrides.is_empty() {
+            cfg.validate().with_context(|| origin.clone())?;
+            Ok(cfg)
+        } else {
+            Self::from_doc(toml::Value::try_from(&cfg)?, overrides, "in the command-line settings")
+        }
+    }
+
+    /// The run directory of a config file that sets none: `runs/<file stem>` in the file's
+    /// directory (absolute).
+    pub fn default_run_dir(config: &Path) -> Result<PathBuf> {
+        let stem = config
+            .file_stem()
+            .ok_or_else(|| anyhow!("config path {} has no file name", config.display()))?;
+        Ok(config_dir(config)?.join("runs").join(stem))
+    }
+
+    /// The run directory; an error naming the setting when there is none.
+    pub fn run_dir(&self) -> Result<&Path> {
+        self.run_dir
+            .as_deref()
+            .ok_or_else(|| anyhow!("the config sets no run_dir (add `run_dir = \"runs/NAME\"` to it or give --set run_dir=DIR)"))
+    }
+
+    /// Resolve every relative path of the config (`run_dir`, `[weights]`, `[data]`) against
+    /// `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        let w = &mut self.weights;
+        let d = &mut self.data;
+        for p in [&mut self.run_dir, &mut w.pretrained, &mut w.t5, &mut w.tokenizers, &mut w.init]
+            .into_iter()
+            .flatten()
+        {
+            fix(p);
+        }
+        fix(&mut d.store);
+        for p in [&mut d.train, &mut d.val, &mut d.test, &mut d.val_grounding, &mut d.test_grounding]
+            .into_iter()
+            .flatten()
+        {
+            fix(p);
+        }
+    }
+
+    /// This config with its relative paths resolved against the working directory.
+    pub fn absolute(&self) -> Result<Self> {
+        let cwd = std::env::current_dir().context("reading the working directory")?;
+        let mut c = self.clone();
+        c.resolve_paths(&cwd);
+        Ok(c)
     }
 
     /// This config with `key=value` overrides applied (e.g. a run directory's config).
@@ -284,13 +348,28 @@ impl RunConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
+        if self.train.epochs == 0 && self.model.mode != crate::model::Mode::Grounding {
+            bail!(
+                "epochs = 0 trains nothing in {} mode (grounding_warmup_epochs counts only in grounding mode)",
+                self.model.mode.name()
+            );
+        }
         self.model.validate()
     }
 
-    /// The config a run directory was trained with.
+    /// The config a run directory was trained with; its `run_dir` is `dir` (where the run is
+    /// now, wherever it was trained).
     pub fn from_run_dir(dir: &Path) -> Result<Self> {
         let p = dir.join("config.json");
         let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
+        let mut cfg: RunConfig = serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+        cfg.run_dir = Some(dir.to_path_buf());
+        Ok(cfg)
     }
+}
+
+/// The absolute directory of a config file.
+fn config_dir(config: &Path) -> Result<PathBuf> {
+    let dir = config.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::path::absolute(dir).with_context(|| format!("resolving the directory of {}", config.display()))
 }

@@ -6,9 +6,10 @@
 //! * [`build`] — the model, the store and the splits it serves;
 //! * [`predict`] — prediction files and their scores.
 //!
-//! A run directory holds `config.json` (the resolved [`RunConfig`]), `metrics.jsonl`,
-//! `checkpoints/{last,best}/` and, after prediction, `predictions-{split}.jsonl` and
-//! `metrics-{split}.json`.
+//! A run directory holds `config.json` (the resolved [`RunConfig`], paths absolute),
+//! `metrics.jsonl`, `checkpoints/{last,best}/` and, after prediction, `predictions-{split}.jsonl`
+//! (+ its provenance `.meta.json`) and `metrics-{split}.json`. A new run never writes into a
+//! directory that holds another run's outputs ([`RunStart`]).
 
 pub mod build;
 pub mod config;
@@ -17,18 +18,99 @@ pub mod predict;
 pub use build::{build_model, open_store, trainable, BuiltModel, Split};
 pub use config::{apply_overrides, DataConfig, DeviceKind, Precision, RunConfig, WeightsConfig};
 pub use predict::{
-    checkpoint_weights, evaluate_predictions, open_eval_split, predict_annotations, predict_run, predict_split, prediction_row, Checkpoint,
-    EvalSplit,
+    checkpoint_weights, evaluate_predictions, open_eval_split, predict_annotations, predict_run, predict_split, prediction_row, provenance,
+    Checkpoint, EvalSplit,
 };
 
 use crate::train::trainer::{self, BatchSource, Event, RunDir};
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use build::batch_options;
+use std::path::{Path, PathBuf};
 
-/// Train a run (resuming from its `last` checkpoint when asked), then evaluate the best
-/// checkpoint on the test split when one is configured.
-pub fn train_run(cfg: &RunConfig, resume: bool, on_event: &mut dyn FnMut(Event)) -> Result<()> {
-    let run = RunDir::new(&cfg.run_dir)?;
+/// How a training run treats its run directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStart {
+    /// A new run: refused when the directory already holds a run's outputs.
+    New,
+    /// Continue from the `last` checkpoint (a fresh start when there is none).
+    Resume,
+    /// Start over: the directory's run outputs are cleared first.
+    Overwrite,
+}
+
+/// The outputs of a run found in `dir` (names relative to it): `config.json`, `metrics.jsonl`,
+/// a non-empty `checkpoints/`, `predictions-*.jsonl` (+ `.meta.json`), `metrics-*.json`, and
+/// what an interrupted `--overwrite` left (`.overwritten-*`). Other files are not the run's.
+pub fn run_outputs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    if !dir.exists() {
+        return Ok(out);
+    }
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading run directory {}", dir.display()))?;
+    for e in entries {
+        let e = e.with_context(|| format!("reading run directory {}", dir.display()))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let ours = match name.as_str() {
+            "config.json" | "metrics.jsonl" => true,
+            "checkpoints" => std::fs::read_dir(e.path()).map(|mut d| d.next().is_some()).unwrap_or(true),
+            n => {
+                (n.starts_with("predictions-") && (n.ends_with(".jsonl") || n.ends_with(".jsonl.meta.json")))
+                    || (n.starts_with("metrics-") && n.ends_with(".json"))
+                    || n.starts_with(".overwritten-")
+            }
+        };
+        if ours {
+            out.push(PathBuf::from(name));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Clear a run's outputs for `--overwrite`. Each is moved into `.overwritten-<pid>/` (checkpoints
+/// first, so a kill midway leaves no checkpoint beside old derived files: a resume then starts
+/// fresh, and derived files are never reused for another checkpoint), then that is deleted.
+fn clear_run_outputs(dir: &Path) -> Result<usize> {
+    let mut outputs = run_outputs(dir)?;
+    outputs.sort_by_key(|n| n != Path::new("checkpoints"));
+    let trash = dir.join(format!(".overwritten-{}", std::process::id()));
+    let mut stale = Vec::new();
+    for n in &outputs {
+        let p = dir.join(n);
+        if n.to_string_lossy().starts_with(".overwritten-") {
+            if p != trash {
+                stale.push(p);
+            }
+            continue;
+        }
+        std::fs::create_dir_all(&trash).with_context(|| format!("creating {}", trash.display()))?;
+        std::fs::rename(&p, trash.join(n)).with_context(|| format!("moving aside {}", p.display()))?;
+    }
+    stale.push(trash);
+    for p in stale.iter().filter(|p| p.exists()) {
+        std::fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(outputs.len())
+}
+
+/// Train a run: a new one ([`RunStart::New`], refused if its directory already holds a run),
+/// a resumed one or one started over. The run directory is created (or cleared) only once the
+/// config, the store, the model and the splits are known to be good. Relative paths are taken
+/// from the working directory and stored absolute in `config.json`.
+pub fn train_run(cfg: &RunConfig, start: RunStart, on_event: &mut dyn FnMut(Event)) -> Result<()> {
+    cfg.validate()?;
+    let cfg = &cfg.absolute()?;
+    let root = cfg.run_dir()?.to_path_buf();
+    let existing = run_outputs(&root)?;
+    if start == RunStart::New && !existing.is_empty() {
+        let names: Vec<String> = existing.iter().map(|p| p.display().to_string()).collect();
+        bail!(
+            "run directory {} already holds a run ({}); continue it with `gcg train --resume {}`, start it over with `--overwrite`, or set another run_dir",
+            root.display(),
+            names.join(", "),
+            root.display()
+        );
+    }
     let (store, embed_dim) = open_store(cfg)?;
     let built = build_model(cfg, embed_dim)?;
     let train_path = cfg.data.train.as_ref().ok_or_else(|| anyhow!("[data] train is not set"))?;
@@ -51,6 +133,11 @@ pub fn train_run(cfg: &RunConfig, resume: bool, on_event: &mut dyn FnMut(Event))
         )?),
         None => None,
     };
+    if start == RunStart::Overwrite && !existing.is_empty() {
+        let n = clear_run_outputs(&root)?;
+        tracing::info!("{}: cleared {n} outputs of the previous run", root.display());
+    }
+    let run = RunDir::new(&root)?;
     let cfg_json = serde_json::to_value(cfg)?;
     crate::util::write_atomic(&run.root.join("config.json"), serde_json::to_string_pretty(&cfg_json)?.as_bytes())?;
     let job = trainer::TrainJob {
@@ -62,6 +149,6 @@ pub fn train_run(cfg: &RunConfig, resume: bool, on_event: &mut dyn FnMut(Event))
         val_set: val.as_ref().map(|v| v as &dyn BatchSource),
         run_config: &cfg_json,
     };
-    trainer::train(&job, resume, on_event)?;
+    trainer::train(&job, start == RunStart::Resume, on_event)?;
     Ok(())
 }

@@ -4,10 +4,10 @@ use super::build::{build_model, open_store, BuiltModel, Split};
 use super::config::RunConfig;
 use crate::data::{self, Dataset, QaSample, ReadOptions};
 use crate::data::{BatchLoader, BatchOptions};
-use crate::eval::predictions::{Moments, PredictionRow, PredictionWriter};
+use crate::eval::predictions::{Moments, OnMismatch, PredictionRow, PredictionWriter, Provenance};
 use crate::model::{Answered, GcgModel};
 use crate::store::Store;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -131,13 +131,70 @@ pub fn prediction_row(s: &QaSample, a: &Answered) -> PredictionRow {
     row
 }
 
-/// Answer every question of a split into a prediction file, resuming a partial one.
-pub fn predict_split(model: &GcgModel, split: &Split, out: &Path, on_batch: &mut dyn FnMut(usize, usize)) -> Result<usize> {
-    let mut writer = if out.exists() {
-        PredictionWriter::resume(out)?
-    } else {
-        PredictionWriter::create(out)?
-    };
+/// A fast 64-bit hash (FNV-1a) of a file's bytes, as `fnv1a64:<16 hex digits>`.
+fn hash_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {} to hash it", path.display()))?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        for &b in &buf[..n] {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    Ok(format!("fnv1a64:{h:016x}"))
+}
+
+/// What a prediction file made by the model of `cfg` on `annotations` records about its maker:
+/// the run, the trained weights (`[weights] init`) and their hash, the annotations, the store and
+/// a hash of the config's model-relevant part (paths made absolute first, so the same run gives
+/// the same provenance from any working directory).
+pub fn provenance(cfg: &RunConfig, annotations: &Path) -> Result<Provenance> {
+    let cfg = cfg.absolute()?;
+    let abs = |p: &Path| -> Result<String> { Ok(std::path::absolute(p)?.display().to_string()) };
+    let weights_hash = cfg.weights.init.as_deref().map(hash_file).transpose()?;
+    let mut weights = cfg.weights.clone();
+    weights.init = None;
+    let model_part = serde_json::json!({
+        "weights": weights,
+        "model": cfg.model,
+        "dataset": cfg.data.dataset,
+        "dtype": cfg.dtype,
+    });
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in serde_json::to_vec(&model_part)? {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Ok(Provenance {
+        // The run only when its checkpoint predicts (not a config's pretrained model).
+        run_dir: cfg
+            .run_dir
+            .as_deref()
+            .filter(|r| cfg.weights.init.as_deref().is_some_and(|w| w.starts_with(r)))
+            .map(|p| p.display().to_string()),
+        weights: cfg.weights.init.as_deref().map(|p| p.display().to_string()),
+        weights_hash,
+        annotations: abs(annotations)?,
+        store: abs(&cfg.data.store)?,
+        config_hash: format!("fnv1a64:{h:016x}"),
+    })
+}
+
+/// Answer every question of a split into a prediction file made by `prov`, resuming a partial
+/// one of the same provenance (another model's file is refused or started over: `on_mismatch`).
+pub fn predict_split(
+    model: &GcgModel,
+    split: &Split,
+    out: &Path,
+    prov: &Provenance,
+    on_mismatch: OnMismatch,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<usize> {
+    let mut writer = PredictionWriter::open(out, prov, on_mismatch)?;
     let total = split.samples.len();
     let mut done = writer.len();
     // Only the questions not yet written are answered.
@@ -217,7 +274,8 @@ pub fn evaluate_predictions(
 }
 
 /// Predict the questions of an annotation file with the model of `cfg` into `out` (resuming a
-/// partial file) and score them (NExT-GQA grounding too, with its gsub file), writing the
+/// partial file of the same model; another model's file is refused or started over:
+/// `on_mismatch`) and score them (NExT-GQA grounding too, with its gsub file), writing the
 /// metrics to `metrics` when given.
 pub fn predict_annotations(
     cfg: &RunConfig,
@@ -225,18 +283,25 @@ pub fn predict_annotations(
     grounding: Option<&Path>,
     out: &Path,
     metrics: Option<&Path>,
+    on_mismatch: OnMismatch,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<crate::eval::Evaluation> {
+    let prov = provenance(cfg, annotations)?;
+    // Checked before the model is built: a refused file costs no loading.
+    if on_mismatch == OnMismatch::Refuse {
+        PredictionWriter::check(out, &prov)?;
+    }
     let (store, embed_dim) = open_store(cfg)?;
     let built = build_model(cfg, embed_dim)?;
     let split = open_eval_split(cfg, &store, annotations, &built)?;
-    predict_split(&built.model, &split, out, on_batch)?;
+    predict_split(&built.model, &split, out, &prov, on_mismatch, on_batch)?;
     evaluate_predictions(cfg.data.dataset, annotations, grounding, out, metrics, cfg.data.skip_bad_rows)
 }
 
 /// Predict a split (`val` or `test`) of a run with its `best` or `last` checkpoint into
-/// `predictions-{split}.jsonl` in the run directory (resuming a partial file) and score it into
-/// `metrics-{split}.json`.
+/// `predictions-{split}.jsonl` in the run directory and score it into `metrics-{split}.json`. A
+/// partial file of the same checkpoint is resumed; one of another checkpoint (an earlier best,
+/// a previous run) is started over, never reused.
 pub fn predict_run(
     cfg: &RunConfig,
     split: EvalSplit,
@@ -245,8 +310,17 @@ pub fn predict_run(
 ) -> Result<crate::eval::Evaluation> {
     let (ann, grounding) = split.files(cfg)?;
     let mut cfg = cfg.clone();
-    cfg.weights.init = Some(checkpoint_weights(&cfg.run_dir, which)?);
-    let out = cfg.run_dir.join(format!("predictions-{split}.jsonl"));
-    let metrics = cfg.run_dir.join(format!("metrics-{split}.json"));
-    predict_annotations(&cfg, &ann, grounding.as_deref(), &out, Some(&metrics), on_batch)
+    let run_dir = cfg.run_dir()?.to_path_buf();
+    cfg.weights.init = Some(checkpoint_weights(&run_dir, which)?);
+    let out = run_dir.join(format!("predictions-{split}.jsonl"));
+    let metrics = run_dir.join(format!("metrics-{split}.json"));
+    predict_annotations(
+        &cfg,
+        &ann,
+        grounding.as_deref(),
+        &out,
+        Some(&metrics),
+        OnMismatch::Replace,
+        on_batch,
+    )
 }

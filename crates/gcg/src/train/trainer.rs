@@ -99,6 +99,23 @@ impl TrainConfig {
         if self.batch_size == 0 || self.grad_accum == 0 {
             bail!("batch_size and grad_accum must be at least 1");
         }
+        if self.epochs == 0 && self.grounding_warmup_epochs == 0 {
+            bail!("epochs = 0 (and no grounding_warmup_epochs) trains nothing; give at least 1 epoch");
+        }
+        if !(0.0..=1.0).contains(&self.warmup_fraction) {
+            bail!(
+                "warmup_fraction = {} is not a fraction of the steps (expected 0 to 1)",
+                self.warmup_fraction
+            );
+        }
+        for (name, v) in [
+            ("warmup_start_factor", self.warmup_start_factor),
+            ("min_lr_factor", self.min_lr_factor),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                bail!("{name} = {v} is not a fraction of the base learning rate (expected 0 to 1)");
+            }
+        }
         if !(self.lr > 0.0 && self.grounding_lr > 0.0) {
             bail!(
                 "learning rates must be positive (lr {}, grounding_lr {})",
@@ -241,6 +258,43 @@ impl RunDir {
         f.flush()?;
         Ok(())
     }
+
+    /// Cut the metrics log back to what `state` (a checkpoint being resumed) had done: training
+    /// rows past its step and validation rows of epochs it had not finished are dropped (they
+    /// are logged again when the resumed run reaches them), as is an incomplete last line. The
+    /// log is rewritten atomically. Returns the number of rows dropped.
+    pub fn truncate_log(&self, state: &TrainState) -> Result<usize> {
+        let path = self.metrics();
+        if !path.exists() {
+            return Ok(0);
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut kept = String::with_capacity(text.len());
+        let mut dropped = 0;
+        for (i, line) in text.split_inclusive('\n').enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let row: Option<serde_json::Value> = serde_json::from_str(line).ok().filter(|_| line.ends_with('\n'));
+            let keep = match &row {
+                None => {
+                    tracing::warn!("{}:{}: dropping an unreadable metrics row", path.display(), i + 1);
+                    false
+                }
+                Some(r) if r.get("split").is_some() => r.get("epoch").and_then(|e| e.as_u64()).is_some_and(|e| e < state.epoch),
+                Some(r) => r.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s <= state.step),
+            };
+            if keep {
+                kept.push_str(line);
+            } else {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            crate::util::write_atomic(&path, kept.as_bytes())?;
+        }
+        Ok(dropped)
+    }
 }
 
 /// A training job: the model with its trainable variables, the data, and where it writes.
@@ -286,6 +340,12 @@ impl Plan {
             }
             0
         };
+        if warmup_epochs + cfg.epochs == 0 {
+            bail!(
+                "epochs = 0 trains nothing in {} mode (grounding_warmup_epochs counts only in grounding mode)",
+                mode.name()
+            );
+        }
         // The schedule spans the whole run; `max_steps` only stops early (a smoke run or a
         // simulated kill must not change the learning rates).
         Ok(Self {
@@ -371,6 +431,15 @@ pub fn train(job: &TrainJob, resume: bool, on_event: &mut dyn FnMut(Event)) -> R
         loaded.restore(job.vars, &mut opt)?;
         state = loaded.state;
         tracing::info!("resumed from {} at step {}", run.last().display(), state.step);
+        // Rows logged after this checkpoint are logged again by the resumed run.
+        let dropped = run.truncate_log(&state)?;
+        if dropped > 0 {
+            tracing::info!(
+                "{}: dropped {dropped} rows logged after step {}",
+                run.metrics().display(),
+                state.step
+            );
+        }
     } else if run.metrics().exists() {
         // A fresh run starts a fresh log.
         std::fs::remove_file(run.metrics())?;

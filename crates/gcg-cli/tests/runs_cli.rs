@@ -1,0 +1,312 @@
+//! Runs that cannot silently mix with other runs (issue #12): a new run never writes into another
+//! run's directory, prediction files are resumed only by the checkpoint that wrote them, a resumed
+//! run logs each step once, a bad config leaves nothing behind, and a run works from any working
+//! directory. One `gcg demo --quick` (shared by the tests) provides the runs.
+
+use gcg::run::RunConfig;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn gcg_in(cwd: Option<&Path>, args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gcg"));
+    c.args(args);
+    if let Some(d) = cwd {
+        c.current_dir(d);
+    }
+    c.output().expect("running gcg")
+}
+
+fn gcg(args: &[&str]) -> Output {
+    gcg_in(None, args)
+}
+
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn fails(o: &Output, what: &str, needles: &[&str]) -> String {
+    assert!(!o.status.success(), "{what} succeeded");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    for n in needles {
+        assert!(err.contains(n), "{what}: the error lacks {n:?}:\n{err}");
+    }
+    err
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The quick demo's output folder (made once per test binary).
+fn demo() -> &'static Path {
+    static DEMO: OnceLock<PathBuf> = OnceLock::new();
+    DEMO.get_or_init(|| {
+        let out = tempfile::tempdir().unwrap().keep().join("demo");
+        ok(
+            &gcg(&["demo", "--quick", "--seed", "0", "--out", s(&out), "--quiet"]),
+            "gcg demo --quick",
+        );
+        out
+    })
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
+fn json(p: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+fn rows(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (qid, video, prediction, moments) of every row.
+fn answers(p: &Path) -> Vec<(Value, Value, Value, Value)> {
+    rows(p)
+        .into_iter()
+        .map(|r| (r["qid"].clone(), r["video"].clone(), r["prediction"].clone(), r["moments"].clone()))
+        .collect()
+}
+
+/// The training rows of a metrics log: (step, loss).
+fn steps(run: &Path) -> Vec<(u64, f64)> {
+    rows(&run.join("metrics.jsonl"))
+        .iter()
+        .filter(|r| r.get("split").is_none())
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+/// A run config file made from a demo run's config.
+fn write_config(path: &Path, cfg: &RunConfig) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, toml::to_string(cfg).unwrap()).unwrap();
+}
+
+#[test]
+fn a_new_run_into_an_existing_run_dir_is_refused_and_overwrite_starts_over() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    copy_dir(&demo().join("runs/uniform"), &run);
+    let mut cfg = RunConfig::from_run_dir(&run).unwrap();
+    cfg.train.max_steps = Some(2);
+    let toml = tmp.path().join("run.toml");
+    write_config(&toml, &cfg);
+    let metrics = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    let weights = std::fs::read(run.join("checkpoints/last/weights.safetensors")).unwrap();
+    let old_meta = json(&run.join("predictions-test.jsonl.meta.json"));
+
+    let r = gcg(&["train", "--config", s(&toml), "--quiet"]);
+    fails(
+        &r,
+        "a new run into a finished run",
+        &["already holds a run", "--resume", "--overwrite"],
+    );
+    assert_eq!(
+        std::fs::read(run.join("metrics.jsonl")).unwrap(),
+        metrics,
+        "the old log was touched"
+    );
+    assert_eq!(std::fs::read(run.join("checkpoints/last/weights.safetensors")).unwrap(), weights);
+
+    // --overwrite starts over: a fresh log, new checkpoints, test predictions of the new model.
+    ok(
+        &gcg(&["train", "--config", s(&toml), "--overwrite", "--quiet"]),
+        "gcg train --overwrite",
+    );
+    assert_eq!(steps(&run).iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2]);
+    let meta = json(&run.join("predictions-test.jsonl.meta.json"));
+    assert_ne!(
+        meta["weights_hash"], old_meta["weights_hash"],
+        "test predictions of the old checkpoint were kept"
+    );
+    let fresh = tmp.path().join("fresh.jsonl");
+    ok(
+        &gcg(&["predict", "--run", s(&run), "--split", "test", "--out", s(&fresh), "--quiet"]),
+        "gcg predict",
+    );
+    assert_eq!(answers(&run.join("predictions-test.jsonl")), answers(&fresh));
+    assert!(!std::fs::read_dir(&run)
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".overwritten")));
+}
+
+#[test]
+fn a_run_never_scores_predictions_of_another_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("uniform");
+    copy_dir(&demo().join("runs/uniform"), &run);
+    // Another checkpoint's predictions where the run's belong (as a previous run left them).
+    for f in ["predictions-test.jsonl", "predictions-test.jsonl.meta.json"] {
+        std::fs::copy(demo().join("runs/grounding").join(f), run.join(f)).unwrap();
+    }
+    ok(&gcg(&["train", "--resume", s(&run), "--quiet"]), "gcg train --resume");
+    let own = demo().join("runs/uniform");
+    assert_eq!(
+        answers(&run.join("predictions-test.jsonl")),
+        answers(&own.join("predictions-test.jsonl"))
+    );
+    assert_eq!(json(&run.join("metrics-test.json")), json(&own.join("metrics-test.json")));
+}
+
+#[test]
+fn predict_resumes_only_a_file_of_the_same_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (uniform, grounding) = (demo().join("runs/uniform"), demo().join("runs/grounding"));
+    let out = tmp.path().join("p.jsonl");
+    let predict = |run: &Path, out: &Path| gcg(&["predict", "--run", s(run), "--split", "test", "--out", s(out), "--quiet"]);
+    ok(&predict(&uniform, &out), "gcg predict");
+    let full = std::fs::read_to_string(&out).unwrap();
+
+    let err = fails(&predict(&grounding, &out), "predict into another run's file", &["another model"]);
+    assert!(err.contains(s(&uniform)) && err.contains(s(&grounding)), "{err}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), full, "the file was changed");
+
+    // A partial file of the same checkpoint is completed.
+    let first: String = full.lines().take(2).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&out, first).unwrap();
+    ok(&predict(&uniform, &out), "gcg predict (resumed)");
+    assert_eq!(answers(&out), answers(&tmp.path().join("p.jsonl")));
+    assert_eq!(std::fs::read_to_string(&out).unwrap().lines().count(), full.lines().count());
+
+    // A plain JSONL (no provenance) is not added to, but `gcg eval` reads it as before.
+    let plain = tmp.path().join("plain.jsonl");
+    std::fs::write(&plain, full.lines().take(2).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    fails(&predict(&uniform, &plain), "predict into a plain file", &["plain.jsonl.meta.json"]);
+    let world = demo().join("world");
+    let r = gcg(&[
+        "eval",
+        "--dataset",
+        "nextqa",
+        "--annotations",
+        s(&world.join("test.csv")),
+        "--predictions",
+        s(&plain),
+    ]);
+    ok(&r, "gcg eval of a plain file");
+}
+
+#[test]
+fn a_resumed_run_logs_each_step_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::copy(demo().join("runs/uniform/config.json"), run.join("config.json")).unwrap();
+    let train = |max_steps: u64| {
+        let o = gcg(&[
+            "train",
+            "--resume",
+            s(&run),
+            "--set",
+            "train.epochs=3",
+            "--set",
+            &format!("train.max_steps={max_steps}"),
+            "--quiet",
+        ]);
+        ok(&o, &format!("gcg train --resume (max_steps {max_steps})"));
+    };
+    train(2);
+    let at2 = tmp.path().join("last-at-2");
+    copy_dir(&run.join("checkpoints/last"), &at2);
+    train(5);
+    let want = steps(&run);
+    assert_eq!(want.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    // Killed after logging step 5 but before checkpointing after step 2: the last checkpoint is
+    // the one of step 2 again.
+    std::fs::remove_dir_all(run.join("checkpoints/last")).unwrap();
+    copy_dir(&at2, &run.join("checkpoints/last"));
+    train(5);
+    assert_eq!(steps(&run), want, "steps 3..5 are logged once, with the same losses");
+}
+
+#[test]
+fn a_bad_config_leaves_no_run_dir_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = RunConfig::from_run_dir(&demo().join("runs/uniform")).unwrap();
+    let run = tmp.path().join("new-run");
+    for (what, edit, needle) in [
+        ("a missing train file", "missing", "missing.csv"),
+        ("epochs = 0", "epochs", "epochs"),
+        ("warmup_fraction = 2", "warmup", "warmup_fraction"),
+    ] {
+        let mut cfg = base.clone();
+        cfg.run_dir = Some(run.clone());
+        match edit {
+            "missing" => cfg.data.train = Some(tmp.path().join("missing.csv")),
+            "epochs" => cfg.train.epochs = 0,
+            _ => cfg.train.warmup_fraction = 2.0,
+        }
+        let toml = tmp.path().join("run.toml");
+        write_config(&toml, &cfg);
+        fails(&gcg(&["train", "--config", s(&toml), "--quiet"]), what, &[needle]);
+        assert!(!run.exists(), "{what}: {} was left behind", run.display());
+    }
+}
+
+#[test]
+fn a_run_works_from_any_working_directory_and_after_a_move() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A project folder whose config names everything relative to itself.
+    let proj = tmp.path().join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    std::os::unix::fs::symlink(demo(), proj.join("demo")).unwrap();
+    let mut cfg = RunConfig::from_run_dir(&demo().join("runs/uniform")).unwrap();
+    cfg.run_dir = Some("runs/rel".into());
+    cfg.weights.tokenizers = Some("demo/tokenizers".into());
+    cfg.data.store = "demo/store".into();
+    for (slot, name) in [
+        (&mut cfg.data.train, "train.csv"),
+        (&mut cfg.data.val, "val.csv"),
+        (&mut cfg.data.test, "test.csv"),
+        (&mut cfg.data.val_grounding, "gsub_val.json"),
+        (&mut cfg.data.test_grounding, "gsub_test.json"),
+    ] {
+        *slot = Some(PathBuf::from("demo/world").join(name));
+    }
+    cfg.train.max_steps = Some(1);
+    write_config(&proj.join("run.toml"), &cfg);
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    ok(
+        &gcg_in(Some(&elsewhere), &["train", "--config", "../proj/run.toml", "--quiet"]),
+        "gcg train from another directory",
+    );
+    let trained = proj.join("runs/rel");
+    let stored = json(&trained.join("config.json"));
+    assert!(Path::new(stored["data"]["store"].as_str().unwrap()).is_absolute(), "{stored}");
+    // Moved, and used from yet another directory.
+    let moved = tmp.path().join("moved");
+    std::fs::rename(&trained, &moved).unwrap();
+    let other = tmp.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    ok(
+        &gcg_in(
+            Some(&other),
+            &["predict", "--run", "../moved", "--split", "test", "--out", "p.jsonl", "--quiet"],
+        ),
+        "gcg predict --run of a moved run",
+    );
+    assert_eq!(answers(&other.join("p.jsonl")), answers(&moved.join("predictions-test.jsonl")));
+}
