@@ -1,6 +1,6 @@
 //! Writing a synthetic world to disk in the published formats.
 
-use super::{frame_captions, render_video, QuestionKind, Split, World};
+use super::{frame_captions, render_video, QuestionKind, Split, SynthVideo, World};
 use crate::video::{self, Ffmpeg, Frame, SampledFrames, Sampling};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
@@ -229,8 +229,30 @@ fn write_all(world: &World, dir: &Path, mp4: bool, opts: &WriteOptions, progress
         opts.threads
     }
     .clamp(1, world.videos.len().max(1));
+    write_videos(world, dir, mp4, opts, threads, progress)?;
+    for split in Split::ALL {
+        write_split_annotations(world, split, dir)?;
+    }
+    let map: Map<String, Value> = world.videos.iter().map(|v| (v.id.clone(), Value::String(v.id.clone()))).collect();
+    write_file(
+        &dir.join("map_vid_vidorID.json"),
+        serde_json::to_string(&Value::Object(map))?.as_bytes(),
+    )?;
+    write_file(&dir.join("world.json"), serde_json::to_string_pretty(world)?.as_bytes())?;
+    let lines = write_captions(world, dir)?;
+    Ok((world.videos.len() * cfg.frames, lines))
+}
 
-    // Videos: rendered, written and encoded in parallel (each is a pure function of its spec).
+/// Renders, encodes and writes every video on `threads` workers (each video is a pure function of
+/// its spec); the first error stops the others and is returned.
+fn write_videos(
+    world: &World,
+    dir: &Path,
+    mp4: bool,
+    opts: &WriteOptions,
+    threads: usize,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<()> {
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
@@ -243,31 +265,7 @@ fn write_all(world: &World, dir: &Path, mp4: bool, opts: &WriteOptions, progress
                 }
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(v) = world.videos.get(i) else { break };
-                let r = (|| -> Result<()> {
-                    let images = render_video(cfg, v);
-                    if mp4 {
-                        encode_mp4(&opts.ffmpeg, &images, cfg.fps, &dir.join("videos").join(format!("{}.mp4", v.id)))?;
-                    }
-                    let sampled = SampledFrames {
-                        source: PathBuf::from(&v.id),
-                        frames: images
-                            .into_iter()
-                            .enumerate()
-                            .map(|(index, image)| Frame {
-                                index,
-                                image,
-                                timestamp: Some(cfg.frame_time(index)),
-                            })
-                            .collect(),
-                        duration: Some(cfg.duration()),
-                        fps: Some(cfg.fps),
-                        num_source_frames: cfg.frames,
-                        padded: 0,
-                        sampling: Sampling::Uniform,
-                    };
-                    video::write_frames(&sampled, &dir.join("frames").join(&v.id), false)
-                })();
-                match r {
+                match write_video(world, v, dir, mp4, opts) {
                     Ok(()) => progress(done.fetch_add(1, Ordering::Relaxed) + 1),
                     Err(e) => {
                         failed.store(true, Ordering::Relaxed);
@@ -281,65 +279,92 @@ fn write_all(world: &World, dir: &Path, mp4: bool, opts: &WriteOptions, progress
             });
         }
     });
-    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
+}
 
-    // Annotations.
-    for split in Split::ALL {
-        let mut w = csv::Writer::from_writer(Vec::new());
-        w.write_record([
-            "video",
-            "frame_count",
-            "width",
-            "height",
-            "question",
-            "answer",
-            "qid",
-            "type",
-            "a0",
-            "a1",
-            "a2",
-            "a3",
-            "a4",
-        ])?;
-        let mut gsub = Map::new();
-        for v in world.videos_in(split) {
-            let mut location = Map::new();
-            for q in &v.questions {
-                let mut row = vec![
-                    v.id.clone(),
-                    cfg.frames.to_string(),
-                    cfg.width.to_string(),
-                    cfg.height.to_string(),
-                    q.question.clone(),
-                    q.answer.to_string(),
-                    q.qid.to_string(),
-                    q.qtype.clone(),
-                ];
-                row.extend(q.options.iter().cloned());
-                w.write_record(&row)?;
-                location.insert(q.qid.to_string(), json!([[q.span[0], q.span[1]]]));
-            }
-            gsub.insert(
+/// One video: its rendered frames, `videos/{id}.mp4` (when `mp4`) and the `frames/{id}` folder.
+fn write_video(world: &World, v: &SynthVideo, dir: &Path, mp4: bool, opts: &WriteOptions) -> Result<()> {
+    let cfg = &world.config;
+    let images = render_video(cfg, v);
+    if mp4 {
+        encode_mp4(&opts.ffmpeg, &images, cfg.fps, &dir.join("videos").join(format!("{}.mp4", v.id)))?;
+    }
+    let sampled = SampledFrames {
+        source: PathBuf::from(&v.id),
+        frames: images
+            .into_iter()
+            .enumerate()
+            .map(|(index, image)| Frame {
+                index,
+                image,
+                timestamp: Some(cfg.frame_time(index)),
+            })
+            .collect(),
+        duration: Some(cfg.duration()),
+        fps: Some(cfg.fps),
+        num_source_frames: cfg.frames,
+        padded: 0,
+        sampling: Sampling::Uniform,
+    };
+    video::write_frames(&sampled, &dir.join("frames").join(&v.id), false)
+}
+
+/// A split's annotations: `{split}.csv` (NExT-QA columns) and `gsub_{split}.json` (the grounding spans).
+fn write_split_annotations(world: &World, split: Split, dir: &Path) -> Result<()> {
+    let cfg = &world.config;
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "video",
+        "frame_count",
+        "width",
+        "height",
+        "question",
+        "answer",
+        "qid",
+        "type",
+        "a0",
+        "a1",
+        "a2",
+        "a3",
+        "a4",
+    ])?;
+    let mut gsub = Map::new();
+    for v in world.videos_in(split) {
+        let mut location = Map::new();
+        for q in &v.questions {
+            let mut row = vec![
                 v.id.clone(),
-                json!({"duration": cfg.duration(), "fps": cfg.fps, "location": Value::Object(location)}),
-            );
+                cfg.frames.to_string(),
+                cfg.width.to_string(),
+                cfg.height.to_string(),
+                q.question.clone(),
+                q.answer.to_string(),
+                q.qid.to_string(),
+                q.qtype.clone(),
+            ];
+            row.extend(q.options.iter().cloned());
+            w.write_record(&row)?;
+            location.insert(q.qid.to_string(), json!([[q.span[0], q.span[1]]]));
         }
-        let bytes = w.into_inner().map_err(|e| anyhow!("writing the {} CSV: {e}", split.name()))?;
-        write_file(&dir.join(format!("{}.csv", split.name())), &bytes)?;
-        write_file(
-            &dir.join(format!("gsub_{}.json", split.name())),
-            serde_json::to_string(&Value::Object(gsub))?.as_bytes(),
-        )?;
+        gsub.insert(
+            v.id.clone(),
+            json!({"duration": cfg.duration(), "fps": cfg.fps, "location": Value::Object(location)}),
+        );
     }
-    let map: Map<String, Value> = world.videos.iter().map(|v| (v.id.clone(), Value::String(v.id.clone()))).collect();
+    let bytes = w.into_inner().map_err(|e| anyhow!("writing the {} CSV: {e}", split.name()))?;
+    write_file(&dir.join(format!("{}.csv", split.name())), &bytes)?;
     write_file(
-        &dir.join("map_vid_vidorID.json"),
-        serde_json::to_string(&Value::Object(map))?.as_bytes(),
-    )?;
-    write_file(&dir.join("world.json"), serde_json::to_string_pretty(world)?.as_bytes())?;
+        &dir.join(format!("gsub_{}.json", split.name())),
+        serde_json::to_string(&Value::Object(gsub))?.as_bytes(),
+    )
+}
 
+/// `captions.jsonl`: one line per captioned frame (every `caption_every`-th); returns the line count.
+fn write_captions(world: &World, dir: &Path) -> Result<usize> {
+    let cfg = &world.config;
     let mut captions = String::new();
     let mut lines = 0;
     for v in &world.videos {
@@ -359,7 +384,7 @@ fn write_all(world: &World, dir: &Path, mp4: bool, opts: &WriteOptions, progress
         }
     }
     write_file(&dir.join("captions.jsonl"), captions.as_bytes())?;
-    Ok((world.videos.len() * cfg.frames, lines))
+    Ok(lines)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
