@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const COLORS: [(&str, &str); 3] = [("uniform", "#8c8c8c"), ("grounding", "#d9480f"), ("oracle", "#1971c2")];
 
@@ -284,14 +284,9 @@ fn example_svg(
     timestamps: &[f64],
     rows: &[(&str, &PredictionRow)],
 ) -> Result<String> {
-    let (w, left, right) = (720.0, 50.0, 20.0);
-    let thumb = 44.0;
-    let curve_top = 60.0;
-    let curve_h = 130.0;
-    let strip_top = curve_top + curve_h + 40.0;
-    let h = strip_top + rows.len() as f64 * (thumb + 26.0) + 10.0;
-    let px = |t: f64| left + (w - left - right) * t / duration.max(1e-9);
-    let py = |v: f64| curve_top + curve_h * (1.0 - v);
+    let fig = ExampleFigure::new(duration);
+    let h = fig.strip_top + rows.len() as f64 * (fig.thumb + 26.0) + 10.0;
+    let (w, left) = (fig.w, fig.left);
     let mut s = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h:.0}" font-family="sans-serif" font-size="12">"#);
     s += r#"<rect width="100%" height="100%" fill="white"/>"#;
     let _ = write!(
@@ -306,112 +301,175 @@ fn example_svg(
         let _ = write!(line, " · {m}: {}", answer_text(&r.prediction, options));
     }
     let _ = write!(s, r#"<text x="{left}" y="36">{}</text>"#, esc(&line));
-    // True span.
-    let _ = write!(
-        s,
-        r##"<rect x="{:.1}" y="{curve_top}" width="{:.1}" height="{curve_h}" fill="#2f9e44" opacity="0.18"><title>true event {:.2}–{:.2} s</title></rect>"##,
-        px(span[0]),
-        (px(span[1]) - px(span[0])).max(2.0),
-        span[0],
-        span[1]
-    );
-    let _ = write!(
-        s,
-        r##"<line x1="{left}" x2="{}" y1="{}" y2="{}" stroke="#495057"/>"##,
-        w - right,
-        py(0.0),
-        py(0.0)
-    );
-    let mut t = 0.0;
-    while t <= duration + 1e-9 {
-        let _ = write!(
-            s,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{t:.0}s</text>"#,
-            px(t),
-            py(0.0) + 13.0
-        );
-        t += (duration / 8.0).max(0.5).ceil();
-    }
-    let _ = write!(s, r#"<text x="{left}" y="{}" font-size="10">p(t)</text>"#, curve_top - 4.0);
-    for (m, r) in rows {
-        if let Some(c) = &r.curve {
-            let max = c.iter().cloned().fold(1e-12, f64::max);
-            let pts: Vec<String> = c
-                .iter()
-                .zip(timestamps)
-                .map(|(v, &t)| format!("{:.1},{:.1}", px(t), py(v / max)))
-                .collect();
-            let _ = write!(
-                s,
-                r#"<polyline fill="none" stroke="{}" stroke-width="1.8" points="{}"><title>{m} p(t)</title></polyline>"#,
-                color(m),
-                pts.join(" ")
-            );
-        }
-    }
-    // Selected moments as ticks, one row per mode under the axis.
-    for (j, (m, r)) in rows.iter().enumerate() {
-        if let Some(mo) = &r.moments {
-            for &sec in &mo.seconds {
-                let y = py(0.0) + 18.0 + j as f64 * 5.0;
-                let _ = write!(
-                    s,
-                    r#"<rect x="{:.1}" y="{y:.1}" width="3" height="4" fill="{}"><title>{m}: {sec:.2} s</title></rect>"#,
-                    px(sec) - 1.5,
-                    color(m)
-                );
-            }
-        }
-    }
+    fig.time_axis(&mut s, span);
+    fig.curves(&mut s, rows, timestamps);
+    fig.moment_ticks(&mut s, rows);
     // Frame strips: the K frames each mode gave the language model.
     let files = crate::video::list_frame_files(&world_dir.join("frames").join(video)).unwrap_or_default();
     for (j, (m, r)) in rows.iter().enumerate() {
-        let y = strip_top + j as f64 * (thumb + 26.0);
+        let y = fig.strip_top + j as f64 * (fig.thumb + 26.0);
         let _ = write!(
             s,
             r#"<text x="4" y="{:.1}" fill="{}" font-weight="bold">{m}</text>"#,
-            y + thumb / 2.0,
+            y + fig.thumb / 2.0,
             color(m)
         );
         let Some(mo) = &r.moments else { continue };
         for (k, &fi) in mo.frames.iter().enumerate() {
-            let x = left + 24.0 + k as f64 * (thumb + 30.0);
+            let x = left + 24.0 + k as f64 * (fig.thumb + 30.0);
             let sec = timestamps.get(fi).copied().unwrap_or(f64::NAN);
-            let inside = sec >= span[0] - 1e-9 && sec <= span[1] + 1e-9;
-            // The world frame shown at that time.
-            let n = files.len();
-            if n > 0 && sec.is_finite() {
-                let idx = ((sec / duration.max(1e-9)) * n as f64).round().clamp(0.0, (n - 1) as f64) as usize;
-                let idx = (0..n)
-                    .min_by(|&a, &b| {
-                        let ta = a as f64 * duration / n as f64;
-                        let tb = b as f64 * duration / n as f64;
-                        (ta - sec).abs().total_cmp(&(tb - sec).abs())
-                    })
-                    .unwrap_or(idx);
-                if let Ok(bytes) = std::fs::read(&files[idx]) {
-                    let _ = write!(
-                        s,
-                        r#"<image x="{x:.1}" y="{y:.1}" width="{thumb}" height="{thumb}" href="data:image/jpeg;base64,{}"/>"#,
-                        base64(&bytes)
-                    );
-                }
-            }
-            let stroke = if inside { "#2f9e44" } else { "#adb5bd" };
-            let _ = write!(
-                s,
-                r#"<rect x="{x:.1}" y="{y:.1}" width="{thumb}" height="{thumb}" fill="none" stroke="{stroke}" stroke-width="{}"/>"#,
-                if inside { 3 } else { 1 }
-            );
-            let _ = write!(
-                s,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{sec:.2}s</text>"#,
-                x + thumb / 2.0,
-                y + thumb + 12.0
-            );
+            fig.frame_thumb(&mut s, &files, x, y, sec, span);
         }
     }
     Ok(s + "</svg>\n")
+}
+
+/// The example figure's geometry: the p(t) panel over the video's time and the frame strips under it.
+struct ExampleFigure {
+    w: f64,
+    left: f64,
+    right: f64,
+    thumb: f64,
+    curve_top: f64,
+    curve_h: f64,
+    strip_top: f64,
+    duration: f64,
+}
+
+impl ExampleFigure {
+    fn new(duration: f64) -> Self {
+        let (w, left, right) = (720.0, 50.0, 20.0);
+        let thumb = 44.0;
+        let curve_top = 60.0;
+        let curve_h = 130.0;
+        let strip_top = curve_top + curve_h + 40.0;
+        Self {
+            w,
+            left,
+            right,
+            thumb,
+            curve_top,
+            curve_h,
+            strip_top,
+            duration,
+        }
+    }
+
+    /// The x of time `t` (seconds).
+    fn px(&self, t: f64) -> f64 {
+        self.left + (self.w - self.left - self.right) * t / self.duration.max(1e-9)
+    }
+
+    /// The y of probability `v` (0..1, scaled to the curve's maximum).
+    fn py(&self, v: f64) -> f64 {
+        self.curve_top + self.curve_h * (1.0 - v)
+    }
+
+    /// The true event span, the time axis with its second labels, and the p(t) label.
+    fn time_axis(&self, s: &mut String, span: [f64; 2]) {
+        let (left, curve_top, curve_h, duration) = (self.left, self.curve_top, self.curve_h, self.duration);
+        let _ = write!(
+            s,
+            r##"<rect x="{:.1}" y="{curve_top}" width="{:.1}" height="{curve_h}" fill="#2f9e44" opacity="0.18"><title>true event {:.2}–{:.2} s</title></rect>"##,
+            self.px(span[0]),
+            (self.px(span[1]) - self.px(span[0])).max(2.0),
+            span[0],
+            span[1]
+        );
+        let _ = write!(
+            s,
+            r##"<line x1="{left}" x2="{}" y1="{}" y2="{}" stroke="#495057"/>"##,
+            self.w - self.right,
+            self.py(0.0),
+            self.py(0.0)
+        );
+        let mut t = 0.0;
+        while t <= duration + 1e-9 {
+            let _ = write!(
+                s,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{t:.0}s</text>"#,
+                self.px(t),
+                self.py(0.0) + 13.0
+            );
+            t += (duration / 8.0).max(0.5).ceil();
+        }
+        let _ = write!(s, r#"<text x="{left}" y="{}" font-size="10">p(t)</text>"#, curve_top - 4.0);
+    }
+
+    /// Each mode's p(t) curve (scaled to its maximum) as a polyline.
+    fn curves(&self, s: &mut String, rows: &[(&str, &PredictionRow)], timestamps: &[f64]) {
+        for (m, r) in rows {
+            if let Some(c) = &r.curve {
+                let max = c.iter().cloned().fold(1e-12, f64::max);
+                let pts: Vec<String> = c
+                    .iter()
+                    .zip(timestamps)
+                    .map(|(v, &t)| format!("{:.1},{:.1}", self.px(t), self.py(v / max)))
+                    .collect();
+                let _ = write!(
+                    s,
+                    r#"<polyline fill="none" stroke="{}" stroke-width="1.8" points="{}"><title>{m} p(t)</title></polyline>"#,
+                    color(m),
+                    pts.join(" ")
+                );
+            }
+        }
+    }
+
+    /// Selected moments as ticks, one row per mode under the axis.
+    fn moment_ticks(&self, s: &mut String, rows: &[(&str, &PredictionRow)]) {
+        for (j, (m, r)) in rows.iter().enumerate() {
+            if let Some(mo) = &r.moments {
+                for &sec in &mo.seconds {
+                    let y = self.py(0.0) + 18.0 + j as f64 * 5.0;
+                    let _ = write!(
+                        s,
+                        r#"<rect x="{:.1}" y="{y:.1}" width="3" height="4" fill="{}"><title>{m}: {sec:.2} s</title></rect>"#,
+                        self.px(sec) - 1.5,
+                        color(m)
+                    );
+                }
+            }
+        }
+    }
+
+    /// One chosen frame at (`x`, `y`): the world frame shown at time `sec`, framed green when
+    /// inside the true span, with its time under it.
+    fn frame_thumb(&self, s: &mut String, files: &[PathBuf], x: f64, y: f64, sec: f64, span: [f64; 2]) {
+        let (thumb, duration) = (self.thumb, self.duration);
+        let inside = sec >= span[0] - 1e-9 && sec <= span[1] + 1e-9;
+        // The world frame shown at that time.
+        let n = files.len();
+        if n > 0 && sec.is_finite() {
+            let idx = ((sec / duration.max(1e-9)) * n as f64).round().clamp(0.0, (n - 1) as f64) as usize;
+            let idx = (0..n)
+                .min_by(|&a, &b| {
+                    let ta = a as f64 * duration / n as f64;
+                    let tb = b as f64 * duration / n as f64;
+                    (ta - sec).abs().total_cmp(&(tb - sec).abs())
+                })
+                .unwrap_or(idx);
+            if let Ok(bytes) = std::fs::read(&files[idx]) {
+                let _ = write!(
+                    s,
+                    r#"<image x="{x:.1}" y="{y:.1}" width="{thumb}" height="{thumb}" href="data:image/jpeg;base64,{}"/>"#,
+                    base64(&bytes)
+                );
+            }
+        }
+        let stroke = if inside { "#2f9e44" } else { "#adb5bd" };
+        let _ = write!(
+            s,
+            r#"<rect x="{x:.1}" y="{y:.1}" width="{thumb}" height="{thumb}" fill="none" stroke="{stroke}" stroke-width="{}"/>"#,
+            if inside { 3 } else { 1 }
+        );
+        let _ = write!(
+            s,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{sec:.2}s</text>"#,
+            x + thumb / 2.0,
+            y + thumb + 12.0
+        );
+    }
 }
 
 /// Write `report.json`, `report.md` and `figures/*.svg` into `out`.
