@@ -189,12 +189,7 @@ fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 /// after every step.
 pub fn pretrain(world: &Path, cfg: &ClipPretrainConfig, progress: &mut dyn FnMut(usize, f64)) -> Result<Encoders> {
     let dev = Device::Cpu;
-    let bpe = std::env::temp_dir().join(format!("gcg-clip-bpe-{}.txt.gz", std::process::id()));
-    std::fs::write(&bpe, CLIP_BPE_GZ).with_context(|| format!("writing {}", bpe.display()))?;
-    let tokenizer = ClipTokenizer::from_bpe_file(&bpe);
-    let _ = std::fs::remove_file(&bpe);
-    let tokenizer = tokenizer?.with_context_length(cfg.context_length)?;
-
+    let tokenizer = embedded_tokenizer(cfg)?;
     let mut texts = Vec::new();
     let mut ids = BTreeMap::new();
     let frames = read_frames(world, "train", cfg.image_size, &mut texts, &mut ids)?;
@@ -203,20 +198,7 @@ pub fn pretrain(world: &Path, cfg: &ClipPretrainConfig, progress: &mut dyn FnMut
 
     let vit_cfg = cfg.vit();
     let clip_cfg = cfg.clip(tokenizer.vocab_size());
-    let all = |_: &str| true;
-    let lv = Loader::random(&dev, DType::F32, cfg.seed).with_trainable(all);
-    let vit = VisionModel::load(&lv.pp("vision_model"), &vit_cfg)?;
-    let li = Loader::random(&dev, DType::F32, cfg.seed.wrapping_add(1)).with_trainable(all);
-    let image = ClipImageHead::load(&li, &clip_cfg.image)?;
-    let lt = Loader::random(&dev, DType::F32, cfg.seed.wrapping_add(2)).with_trainable(all);
-    let text = ClipTextModel::load(&lt.pp("text"), &clip_cfg.text)?;
-    let mut vars = VarStore::default();
-    vars.extend(lv.vars());
-    vars.extend(li.vars());
-    vars.extend(lt.vars());
-    // Fan-in initialisation: the checkpoints' std 0.02 is far too small for layers this narrow
-    // to learn from scratch.
-    crate::nn::init::fan_in_reinit(&vars, cfg.seed.wrapping_add(4), |n| n.contains("embedding"))?;
+    let Towers { vit, image, text, vars } = Towers::random(cfg, &vit_cfg, &clip_cfg, &dev)?;
     let mut opt = AdamW::new(
         &vars,
         vec![GroupConfig {
@@ -231,49 +213,11 @@ pub fn pretrain(world: &Path, cfg: &ClipPretrainConfig, progress: &mut dyn FnMut
     let events: Vec<usize> = (0..frames.len()).filter(|&i| frames[i].event).collect();
     let empty: Vec<usize> = (0..frames.len()).filter(|&i| !frames[i].event).collect();
     let mut rng = SeededRng::new(cfg.seed.wrapping_add(3));
-    let s = cfg.image_size;
     let mut losses = Vec::with_capacity(cfg.steps);
     for step in 0..cfg.steps {
-        // Half event frames, half the rest (or whatever there is).
-        let b = cfg.batch_size;
-        let mut batch = Vec::with_capacity(b);
-        for j in 0..b {
-            let pool = if (j % 2 == 0 && !events.is_empty()) || empty.is_empty() {
-                &events
-            } else {
-                &empty
-            };
-            batch.push(pool[rng.below(pool.len())]);
-        }
-        // One random true caption per frame.
-        let caps: Vec<usize> = batch
-            .iter()
-            .map(|&f| frames[f].captions[rng.below(frames[f].captions.len())])
-            .collect();
-        let mut mask = Vec::with_capacity(b * b);
-        for &f in &batch {
-            let set: HashSet<usize> = frames[f].captions.iter().copied().collect();
-            mask.extend(caps.iter().map(|c| if set.contains(c) { 1f32 } else { 0f32 }));
-        }
-        let mask = Tensor::from_vec(mask, (b, b), &dev)?;
-        let mut px = Vec::with_capacity(b * 3 * s * s);
-        for &f in &batch {
-            px.extend_from_slice(&frames[f].pixels);
-        }
-        let px = Tensor::from_vec(px, (b, 3, s, s), &dev)?;
-        let tok: Vec<u32> = caps.iter().flat_map(|&c| tokens[c].iter().copied()).collect();
-        let tok = Tensor::from_vec(tok, (b, cfg.context_length), &dev)?;
-
-        let img = l2_normalize(&image.forward(&vit.forward_wo_norm(&px)?)?)?;
-        let txt = l2_normalize(&text.forward(&tok)?)?;
-        let scale = text
-            .logit_scale
-            .as_ref()
-            .ok_or_else(|| anyhow!("the CLIP text tower has no logit_scale"))?
-            .clamp(0.0, 100f64.ln())?
-            .exp()?;
-        let logits = img.matmul(&txt.t()?)?.broadcast_mul(&scale)?; // [B, B]
-        let loss = ((multi_positive_nce(&logits, &mask)? + multi_positive_nce(&logits.t()?, &mask.t()?)?)? * 0.5)?;
+        let (batch, caps) = sample_batch(&frames, &events, &empty, &mut rng, cfg.batch_size);
+        let (mask, px, tok) = batch_tensors(&frames, &tokens, &batch, &caps, cfg, &dev)?;
+        let (loss, scale) = contrastive_loss(&vit, &image, &text, &px, &tok, &mask)?;
         let value = loss.to_scalar::<f32>()? as f64;
         ensure!(value.is_finite(), "CLIP pre-training: the loss is not finite at step {step}");
         let mut grads = Grads::new();
@@ -306,6 +250,113 @@ pub fn pretrain(world: &Path, cfg: &ClipPretrainConfig, progress: &mut dyn FnMut
         losses,
         heldout_top1,
     })
+}
+
+/// CLIP's tokenizer from the embedded merges file, at the config's context length.
+fn embedded_tokenizer(cfg: &ClipPretrainConfig) -> Result<ClipTokenizer> {
+    let bpe = std::env::temp_dir().join(format!("gcg-clip-bpe-{}.txt.gz", std::process::id()));
+    std::fs::write(&bpe, CLIP_BPE_GZ).with_context(|| format!("writing {}", bpe.display()))?;
+    let tokenizer = ClipTokenizer::from_bpe_file(&bpe);
+    let _ = std::fs::remove_file(&bpe);
+    tokenizer?.with_context_length(cfg.context_length)
+}
+
+/// The three towers being pre-trained (ViT, image head, text tower) and their trainable variables.
+struct Towers {
+    vit: VisionModel,
+    image: ClipImageHead,
+    text: ClipTextModel,
+    vars: VarStore,
+}
+
+impl Towers {
+    /// Randomly initialised towers (seeds `seed`, `seed + 1`, `seed + 2`), every weight trainable,
+    /// then re-initialised by fan-in (seed `seed + 4`).
+    fn random(cfg: &ClipPretrainConfig, vit_cfg: &VitConfig, clip_cfg: &ClipConfig, dev: &Device) -> Result<Self> {
+        let all = |_: &str| true;
+        let lv = Loader::random(dev, DType::F32, cfg.seed).with_trainable(all);
+        let vit = VisionModel::load(&lv.pp("vision_model"), vit_cfg)?;
+        let li = Loader::random(dev, DType::F32, cfg.seed.wrapping_add(1)).with_trainable(all);
+        let image = ClipImageHead::load(&li, &clip_cfg.image)?;
+        let lt = Loader::random(dev, DType::F32, cfg.seed.wrapping_add(2)).with_trainable(all);
+        let text = ClipTextModel::load(&lt.pp("text"), &clip_cfg.text)?;
+        let mut vars = VarStore::default();
+        vars.extend(lv.vars());
+        vars.extend(li.vars());
+        vars.extend(lt.vars());
+        // Fan-in initialisation: the checkpoints' std 0.02 is far too small for layers this narrow
+        // to learn from scratch.
+        crate::nn::init::fan_in_reinit(&vars, cfg.seed.wrapping_add(4), |n| n.contains("embedding"))?;
+        Ok(Self { vit, image, text, vars })
+    }
+}
+
+/// A training batch of `b` frames, half event frames and half the rest (or whatever there is),
+/// and one random true caption per frame: (frame indices, caption indices).
+fn sample_batch(frames: &[Frame], events: &[usize], empty: &[usize], rng: &mut SeededRng, b: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut batch = Vec::with_capacity(b);
+    for j in 0..b {
+        let pool = if (j % 2 == 0 && !events.is_empty()) || empty.is_empty() {
+            events
+        } else {
+            empty
+        };
+        batch.push(pool[rng.below(pool.len())]);
+    }
+    let caps: Vec<usize> = batch
+        .iter()
+        .map(|&f| frames[f].captions[rng.below(frames[f].captions.len())])
+        .collect();
+    (batch, caps)
+}
+
+/// The batch's tensors: the positives mask [B, B] (frame i, caption j: 1 when j is one of i's
+/// captions), the pixels [B, 3, S, S] and the caption tokens [B, context].
+fn batch_tensors(
+    frames: &[Frame],
+    tokens: &[Vec<u32>],
+    batch: &[usize],
+    caps: &[usize],
+    cfg: &ClipPretrainConfig,
+    dev: &Device,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, s) = (batch.len(), cfg.image_size);
+    let mut mask = Vec::with_capacity(b * b);
+    for &f in batch {
+        let set: HashSet<usize> = frames[f].captions.iter().copied().collect();
+        mask.extend(caps.iter().map(|c| if set.contains(c) { 1f32 } else { 0f32 }));
+    }
+    let mask = Tensor::from_vec(mask, (b, b), dev)?;
+    let mut px = Vec::with_capacity(b * 3 * s * s);
+    for &f in batch {
+        px.extend_from_slice(&frames[f].pixels);
+    }
+    let px = Tensor::from_vec(px, (b, 3, s, s), dev)?;
+    let tok: Vec<u32> = caps.iter().flat_map(|&c| tokens[c].iter().copied()).collect();
+    let tok = Tensor::from_vec(tok, (b, cfg.context_length), dev)?;
+    Ok((mask, px, tok))
+}
+
+/// The symmetric multi-positive contrastive loss of a batch, and the logit scale it used.
+fn contrastive_loss(
+    vit: &VisionModel,
+    image: &ClipImageHead,
+    text: &ClipTextModel,
+    px: &Tensor,
+    tok: &Tensor,
+    mask: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let img = l2_normalize(&image.forward(&vit.forward_wo_norm(px)?)?)?;
+    let txt = l2_normalize(&text.forward(tok)?)?;
+    let scale = text
+        .logit_scale
+        .as_ref()
+        .ok_or_else(|| anyhow!("the CLIP text tower has no logit_scale"))?
+        .clamp(0.0, 100f64.ln())?
+        .exp()?;
+    let logits = img.matmul(&txt.t()?)?.broadcast_mul(&scale)?; // [B, B]
+    let loss = ((multi_positive_nce(&logits, mask)? + multi_positive_nce(&logits.t()?, &mask.t()?)?)? * 0.5)?;
+    Ok((loss, scale))
 }
 
 /// Top-1 caption retrieval of held-out frames among every caption seen (percent).
