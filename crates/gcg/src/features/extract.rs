@@ -20,7 +20,8 @@ use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::{Scope, ScopedJoinHandle};
 
 /// One video to process.
 #[derive(Debug, Clone, PartialEq)]
@@ -174,79 +175,10 @@ pub fn extract_features(
     let stop = AtomicBool::new(false);
     let workers = opts.jobs.max(1).min(todo.len());
     let result = std::thread::scope(|scope| -> Result<()> {
-        // Decoders.
-        let (frames_tx, frames_rx) = sync_channel::<(usize, Result<VideoFrames>)>(workers);
-        for w in 0..workers {
-            let tx = frames_tx.clone();
-            let (next, stop, todo) = (&next, &stop, &todo);
-            std::thread::Builder::new()
-                .name(format!("gcg-decode-{w}"))
-                .spawn_scoped(scope, move || loop {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(job) = todo.get(i) else { return };
-                    let frames = source
-                        .frames(job, opts.num_frames)
-                        .and_then(|f| check_frames(f, opts.num_frames))
-                        .with_context(|| format!("reading the frames of {}", job.path.display()));
-                    if tx.send((i, frames)).is_err() {
-                        return;
-                    }
-                })
-                .context("starting a decoding thread")?;
-        }
-        drop(frames_tx);
-
-        // Writer.
-        let (rec_tx, rec_rx) = sync_channel::<VideoRecord>(2);
-        let write_thread = std::thread::Builder::new()
-            .name("gcg-store-writer".into())
-            .spawn_scoped(scope, move || -> Result<()> {
-                let mut writer = writer;
-                for rec in rec_rx {
-                    writer.add_video(rec)?;
-                }
-                writer.finish()?;
-                Ok(())
-            })
-            .context("starting the store writer thread")?;
-
+        let frames_rx = spawn_decoders(scope, workers, &todo, source, opts, &next, &stop)?;
+        let (rec_tx, write_thread) = spawn_store_writer(scope, writer)?;
         // The model, on this thread.
-        let mut run = || -> Result<()> {
-            for (i, frames) in frames_rx.iter() {
-                let job = todo[i];
-                let rec = frames.and_then(|f| {
-                    let (features, embeds) = models
-                        .encode(&f.pixel_values)
-                        .with_context(|| format!("encoding video {}", job.id))?;
-                    let mut rec = VideoRecord::from_tensors(job.id.clone(), &features, &embeds, f.timestamps)?;
-                    rec.duration = f.duration;
-                    rec.fps = f.fps;
-                    rec.source = Some(job.path.display().to_string());
-                    Ok(rec)
-                });
-                match rec {
-                    Ok(rec) => {
-                        let frames = rec.num_frames();
-                        rec_tx.send(rec).map_err(|_| anyhow!("the store writer stopped (see its error)"))?;
-                        report.done += 1;
-                        progress(ExtractProgress::Done { video: &job.id, frames });
-                    }
-                    Err(e) => {
-                        let err = format!("{e:#}");
-                        progress(ExtractProgress::Failed {
-                            video: &job.id,
-                            error: &err,
-                        });
-                        report.failed.push((job.id.clone(), err));
-                    }
-                }
-            }
-            Ok(())
-        };
-        let ran = run();
+        let ran = encode_videos(&frames_rx, &todo, models, &rec_tx, &mut report, progress);
         stop.store(true, Ordering::Relaxed);
         drop(frames_rx);
         drop(rec_tx);
@@ -256,6 +188,108 @@ pub fn extract_features(
     });
     result?;
     Ok(report)
+}
+
+/// Decoded frames of the `todo` job at an index (or why they could not be read).
+type Decoded = (usize, Result<VideoFrames>);
+
+/// Starts `workers` decoding threads that take the next job of `todo` until it is done or `stop` is
+/// set, and send its checked frames down the returned channel.
+fn spawn_decoders<'scope, 'env>(
+    scope: &'scope Scope<'scope, 'env>,
+    workers: usize,
+    todo: &'env [&'env VideoJob],
+    source: &'env dyn FrameSource,
+    opts: &'env ExtractOptions,
+    next: &'env AtomicUsize,
+    stop: &'env AtomicBool,
+) -> Result<Receiver<Decoded>> {
+    let (frames_tx, frames_rx) = sync_channel::<Decoded>(workers);
+    for w in 0..workers {
+        let tx = frames_tx.clone();
+        std::thread::Builder::new()
+            .name(format!("gcg-decode-{w}"))
+            .spawn_scoped(scope, move || loop {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = todo.get(i) else { return };
+                let frames = source
+                    .frames(job, opts.num_frames)
+                    .and_then(|f| check_frames(f, opts.num_frames))
+                    .with_context(|| format!("reading the frames of {}", job.path.display()));
+                if tx.send((i, frames)).is_err() {
+                    return;
+                }
+            })
+            .context("starting a decoding thread")?;
+    }
+    drop(frames_tx);
+    Ok(frames_rx)
+}
+
+/// Starts the thread that adds each record it receives to the store and finishes the store.
+#[allow(clippy::type_complexity)]
+fn spawn_store_writer<'scope>(
+    scope: &'scope Scope<'scope, '_>,
+    writer: StoreWriter,
+) -> Result<(SyncSender<VideoRecord>, ScopedJoinHandle<'scope, Result<()>>)> {
+    let (rec_tx, rec_rx) = sync_channel::<VideoRecord>(2);
+    let write_thread = std::thread::Builder::new()
+        .name("gcg-store-writer".into())
+        .spawn_scoped(scope, move || -> Result<()> {
+            let mut writer = writer;
+            for rec in rec_rx {
+                writer.add_video(rec)?;
+            }
+            writer.finish()?;
+            Ok(())
+        })
+        .context("starting the store writer thread")?;
+    Ok((rec_tx, write_thread))
+}
+
+/// Encodes each decoded video and sends its record to the store writer; a video that could not be
+/// read or encoded is reported as failed and skipped.
+fn encode_videos(
+    frames_rx: &Receiver<Decoded>,
+    todo: &[&VideoJob],
+    models: &FeatureModels<'_>,
+    rec_tx: &SyncSender<VideoRecord>,
+    report: &mut ExtractReport,
+    progress: &mut dyn FnMut(ExtractProgress<'_>),
+) -> Result<()> {
+    for (i, frames) in frames_rx.iter() {
+        let job = todo[i];
+        let rec = frames.and_then(|f| {
+            let (features, embeds) = models
+                .encode(&f.pixel_values)
+                .with_context(|| format!("encoding video {}", job.id))?;
+            let mut rec = VideoRecord::from_tensors(job.id.clone(), &features, &embeds, f.timestamps)?;
+            rec.duration = f.duration;
+            rec.fps = f.fps;
+            rec.source = Some(job.path.display().to_string());
+            Ok(rec)
+        });
+        match rec {
+            Ok(rec) => {
+                let frames = rec.num_frames();
+                rec_tx.send(rec).map_err(|_| anyhow!("the store writer stopped (see its error)"))?;
+                report.done += 1;
+                progress(ExtractProgress::Done { video: &job.id, frames });
+            }
+            Err(e) => {
+                let err = format!("{e:#}");
+                progress(ExtractProgress::Failed {
+                    video: &job.id,
+                    error: &err,
+                });
+                report.failed.push((job.id.clone(), err));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// T frames with matching timestamps, or an error.

@@ -12,8 +12,8 @@
 
 use crate::data::QaSample;
 use crate::models::clip_text::ClipTextModel;
-use crate::store::Store;
 use crate::store::{QuestionRecord, StoreWriter, WriterOptions};
+use crate::store::{Snapshot, Store};
 use crate::text::ClipTokenizer;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device};
@@ -198,9 +198,37 @@ pub fn label_questions(
     let mut writer = StoreWriter::open(store_dir, opts.writer.clone())?;
     let snap = store.snapshot();
     let mut report = LabelReport::default();
+    let (todo, failed_early) = plan_questions(samples, &snap, opts, &mut report)?;
+    progress(LabelProgress::Start {
+        total: samples.len(),
+        skipped: report.skipped,
+    });
+    for (key, err) in failed_early {
+        progress(LabelProgress::Failed { key: &key, error: &err });
+        report.failed.push((key, err));
+    }
+    for chunk in todo.chunks(opts.chunk.max(1)) {
+        label_chunk(chunk, encoder, &snap, opts, &mut writer, &mut report, progress)?;
+    }
+    writer.finish()?;
+    Ok(report)
+}
 
+/// A question to label and its texts.
+type Todo<'a> = (&'a QaSample, QuestionTextsToEncode);
+
+/// The questions still to label, with their texts, and those whose texts could not be made
+/// (key, error); counts the ones already labelled alike in `report.skipped` (with `skip_existing`).
+/// A key given twice is an error.
+#[allow(clippy::type_complexity)]
+fn plan_questions<'a>(
+    samples: &'a [QaSample],
+    snap: &Snapshot,
+    opts: &LabelOptions,
+    report: &mut LabelReport,
+) -> Result<(Vec<Todo<'a>>, Vec<(String, String)>)> {
     let mut seen = std::collections::HashSet::new();
-    let mut todo: Vec<(&QaSample, QuestionTextsToEncode)> = Vec::new();
+    let mut todo: Vec<Todo<'a>> = Vec::new();
     let mut failed_early = Vec::new();
     for s in samples {
         if !seen.insert(s.key.as_str()) {
@@ -214,84 +242,98 @@ pub fn label_questions(
         });
         match texts {
             Ok(t) => {
-                if opts.skip_existing {
-                    if let Some(q) = snap.index().questions.get(&s.key) {
-                        let k = snap.index().videos.get(&s.video).map(|v| opts.top_k.min(v.num_frames));
-                        if q.event_mode == opts.event.mode()
-                            && q.event == t.event
-                            && q.video == s.video
-                            && q.num_options == s.options.len()
-                            && Some(q.pseudo_labels.len()) == k
-                            && q.num_frames == snap.index().videos.get(&s.video).map_or(0, |v| v.num_frames)
-                        {
-                            report.skipped += 1;
-                            continue;
-                        }
-                    }
+                if opts.skip_existing && already_labelled(snap, opts, s, &t) {
+                    report.skipped += 1;
+                    continue;
                 }
                 todo.push((s, t));
             }
             Err(e) => failed_early.push((s.key.clone(), format!("{e:#}"))),
         }
     }
-    progress(LabelProgress::Start {
-        total: samples.len(),
-        skipped: report.skipped,
-    });
-    for (key, err) in failed_early {
-        progress(LabelProgress::Failed { key: &key, error: &err });
-        report.failed.push((key, err));
-    }
+    Ok((todo, failed_early))
+}
 
-    for chunk in todo.chunks(opts.chunk.max(1)) {
-        // Unique texts of the chunk, encoded once each.
-        let mut rows: HashMap<&str, usize> = HashMap::new();
-        let mut unique: Vec<&str> = Vec::new();
-        for (_, t) in chunk {
-            for s in std::iter::once(&t.question).chain(&t.options).chain([&t.answer, &t.event]) {
-                rows.entry(s.as_str()).or_insert_with(|| {
-                    unique.push(s.as_str());
-                    unique.len() - 1
-                });
-            }
+/// Whether the store already holds this question labelled the same way (same event mode and
+/// text, video, option count, K and frame count).
+fn already_labelled(snap: &Snapshot, opts: &LabelOptions, s: &QaSample, t: &QuestionTextsToEncode) -> bool {
+    let Some(q) = snap.index().questions.get(&s.key) else {
+        return false;
+    };
+    let k = snap.index().videos.get(&s.video).map(|v| opts.top_k.min(v.num_frames));
+    q.event_mode == opts.event.mode()
+        && q.event == t.event
+        && q.video == s.video
+        && q.num_options == s.options.len()
+        && Some(q.pseudo_labels.len()) == k
+        && q.num_frames == snap.index().videos.get(&s.video).map_or(0, |v| v.num_frames)
+}
+
+/// Labels one chunk of questions: their unique texts are encoded once each, then every question's
+/// record is written (or its failure reported).
+fn label_chunk(
+    chunk: &[Todo<'_>],
+    encoder: &ClipTextEncoder<'_>,
+    snap: &Snapshot,
+    opts: &LabelOptions,
+    writer: &mut StoreWriter,
+    report: &mut LabelReport,
+    progress: &mut dyn FnMut(LabelProgress<'_>),
+) -> Result<()> {
+    let mut rows: HashMap<&str, usize> = HashMap::new();
+    let mut unique: Vec<&str> = Vec::new();
+    for (_, t) in chunk {
+        for s in std::iter::once(&t.question).chain(&t.options).chain([&t.answer, &t.event]) {
+            rows.entry(s.as_str()).or_insert_with(|| {
+                unique.push(s.as_str());
+                unique.len() - 1
+            });
         }
-        let emb = encoder.encode(&unique)?;
-        let get = |s: &str| emb[rows[s]].clone();
-        for (s, t) in chunk {
-            let result = (|| -> Result<QuestionRecord> {
-                let frames = snap
-                    .frame_embeds(&s.video)
-                    .with_context(|| format!("question {}: no CLIP frame embeddings", s.key))?
-                    .to_f32()?;
-                let event = get(&t.event);
-                let (curve, top) = pseudo_labels(&frames, &event, opts.top_k).with_context(|| format!("question {}", s.key))?;
-                Ok(QuestionRecord {
-                    key: s.key.clone(),
-                    video: s.video.clone(),
-                    question: get(&t.question),
-                    options: t.options.iter().flat_map(|o| get(o)).collect(),
-                    num_options: t.options.len(),
-                    answer: get(&t.answer),
-                    event,
-                    event_mode: opts.event.mode().to_string(),
-                    event_text: t.event.clone(),
-                    curve,
-                    pseudo_labels: top,
-                })
-            })();
-            match result.and_then(|rec| writer.add_question(rec)) {
-                Ok(_) => {
-                    report.labelled += 1;
-                    progress(LabelProgress::Done { key: &s.key });
-                }
-                Err(e) => {
-                    let err = format!("{e:#}");
-                    progress(LabelProgress::Failed { key: &s.key, error: &err });
-                    report.failed.push((s.key.clone(), err));
-                }
+    }
+    let emb = encoder.encode(&unique)?;
+    let get = |s: &str| emb[rows[s]].clone();
+    for (s, t) in chunk {
+        match question_record(s, t, snap, opts, &get).and_then(|rec| writer.add_question(rec)) {
+            Ok(_) => {
+                report.labelled += 1;
+                progress(LabelProgress::Done { key: &s.key });
+            }
+            Err(e) => {
+                let err = format!("{e:#}");
+                progress(LabelProgress::Failed { key: &s.key, error: &err });
+                report.failed.push((s.key.clone(), err));
             }
         }
     }
-    writer.finish()?;
-    Ok(report)
+    Ok(())
+}
+
+/// One question's record: its text embeddings (`get` looks a text's up) and the pseudo-labels of
+/// its event against its video's CLIP frame embeddings.
+fn question_record(
+    s: &QaSample,
+    t: &QuestionTextsToEncode,
+    snap: &Snapshot,
+    opts: &LabelOptions,
+    get: &dyn Fn(&str) -> Vec<f32>,
+) -> Result<QuestionRecord> {
+    let frames = snap
+        .frame_embeds(&s.video)
+        .with_context(|| format!("question {}: no CLIP frame embeddings", s.key))?
+        .to_f32()?;
+    let event = get(&t.event);
+    let (curve, top) = pseudo_labels(&frames, &event, opts.top_k).with_context(|| format!("question {}", s.key))?;
+    Ok(QuestionRecord {
+        key: s.key.clone(),
+        video: s.video.clone(),
+        question: get(&t.question),
+        options: t.options.iter().flat_map(|o| get(o)).collect(),
+        num_options: t.options.len(),
+        answer: get(&t.answer),
+        event,
+        event_mode: opts.event.mode().to_string(),
+        event_text: t.event.clone(),
+        curve,
+        pseudo_labels: top,
+    })
 }
