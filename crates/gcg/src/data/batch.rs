@@ -344,38 +344,89 @@ impl Drop for EpochIter {
     }
 }
 
+/// Batch `index`: the samples at `indices` gathered from the store into CPU tensors.
 fn collate(snap: &Snapshot, samples: &[QaSample], index: usize, indices: &[usize], opts: &BatchOptions) -> Result<Batch> {
-    let features = opts.features;
     let b = indices.len();
     ensure!(b > 0, "batch {index} is empty");
     let first = &samples[indices[0]];
     let q0 = snap.question(&first.key)?;
     let (t, o, k) = (q0.num_frames, q0.num_options, q0.pseudo_labels.len());
     let meta = snap.meta().ok_or_else(|| anyhow!("the feature store has no videos"))?;
-    let (n, d, e) = (meta.tokens, meta.width, meta.embed_dim);
-
-    let per_video = t * n * d;
-    let mut f16_buf: Vec<f16> = Vec::new();
-    let mut f32_buf: Vec<f32> = Vec::new();
-    match features {
-        Some(DType::F32) => f32_buf = vec![0f32; b * per_video],
-        Some(_) => f16_buf = Vec::with_capacity(b * per_video),
-        None => {}
-    }
-    let mut frame_embeds = Vec::with_capacity(b * t * e);
-    let mut text = vec![0f32; b * (1 + o) * e];
-    let mut answer = vec![0f32; b * e];
-    let mut event = vec![0f32; b * e];
-    let mut labels = Vec::with_capacity(b);
-    let mut curves = Vec::with_capacity(b * t);
-    let mut answers = Vec::with_capacity(b);
-    let mut timestamps = Vec::with_capacity(b);
-    let mut rows = vec![0f32; (o + 3) * e];
-    let mut out_samples = Vec::with_capacity(b);
+    let mut buf = BatchBuffers::new(opts.features, b, (t, o, k), (meta.tokens, meta.width, meta.embed_dim));
     for (j, &si) in indices.iter().enumerate() {
         let s = samples
             .get(si)
             .ok_or_else(|| anyhow!("batch {index}: sample index {si} out of range"))?;
+        buf.push(snap, index, j, s)?;
+    }
+    buf.into_batch(index, opts)
+}
+
+/// The CPU buffers a batch is gathered into, sample by sample, before they become its tensors.
+struct BatchBuffers {
+    /// The frame features' dtype (None: the batch carries none).
+    features: Option<DType>,
+    /// Batch size; frames, options and K of every sample; ViT tokens and width; CLIP embedding size.
+    b: usize,
+    t: usize,
+    o: usize,
+    k: usize,
+    n: usize,
+    d: usize,
+    e: usize,
+    f16_buf: Vec<f16>,
+    f32_buf: Vec<f32>,
+    frame_embeds: Vec<f32>,
+    text: Vec<f32>,
+    answer: Vec<f32>,
+    event: Vec<f32>,
+    labels: Vec<Vec<usize>>,
+    curves: Vec<f32>,
+    answers: Vec<Option<usize>>,
+    timestamps: Vec<Vec<f64>>,
+    rows: Vec<f32>,
+    samples: Vec<QaSample>,
+}
+
+impl BatchBuffers {
+    /// Empty buffers for `b` samples of (frames, options, K) and the store's (tokens, width,
+    /// embed_dim).
+    fn new(features: Option<DType>, b: usize, (t, o, k): (usize, usize, usize), (n, d, e): (usize, usize, usize)) -> Self {
+        let per_video = t * n * d;
+        let mut f16_buf: Vec<f16> = Vec::new();
+        let mut f32_buf: Vec<f32> = Vec::new();
+        match features {
+            Some(DType::F32) => f32_buf = vec![0f32; b * per_video],
+            Some(_) => f16_buf = Vec::with_capacity(b * per_video),
+            None => {}
+        }
+        Self {
+            features,
+            b,
+            t,
+            o,
+            k,
+            n,
+            d,
+            e,
+            f16_buf,
+            f32_buf,
+            frame_embeds: Vec::with_capacity(b * t * e),
+            text: vec![0f32; b * (1 + o) * e],
+            answer: vec![0f32; b * e],
+            event: vec![0f32; b * e],
+            labels: Vec::with_capacity(b),
+            curves: Vec::with_capacity(b * t),
+            answers: Vec::with_capacity(b),
+            timestamps: Vec::with_capacity(b),
+            rows: vec![0f32; (o + 3) * e],
+            samples: Vec::with_capacity(b),
+        }
+    }
+
+    /// Gathers sample `s` from the store into row `j` of batch `index`; its sizes must match the batch's.
+    fn push(&mut self, snap: &Snapshot, index: usize, j: usize, s: &QaSample) -> Result<()> {
+        let (t, o, k, e) = (self.t, self.o, self.k, self.e);
         let q = snap.question(&s.key)?;
         let v = snap.video(&s.video)?;
         ensure!(
@@ -385,71 +436,85 @@ fn collate(snap: &Snapshot, samples: &[QaSample], index: usize, indices: &[usize
             (v.num_frames, q.num_options, q.pseudo_labels.len()),
             (t, o, k)
         );
-        if features.is_some() {
-            let m = snap.features(&s.video)?;
-            let src = m.as_f16()?;
-            ensure!(
-                src.len() == per_video,
-                "video {}: {} feature values, expected {per_video}",
-                s.video,
-                src.len()
-            );
-            if features == Some(DType::F32) {
-                f16_to_f32(&src, &mut f32_buf[j * per_video..(j + 1) * per_video]);
-            } else {
-                f16_buf.extend_from_slice(&src);
-            }
+        if self.features.is_some() {
+            self.push_features(snap, j, s)?;
         }
-        frame_embeds.extend(snap.frame_embeds(&s.video)?.to_f32()?);
-        snap.question_rows_into(q, &mut rows).with_context(|| format!("sample {}", s.key))?;
-        text[j * (1 + o) * e..(j + 1) * (1 + o) * e].copy_from_slice(&rows[..(1 + o) * e]);
-        answer[j * e..(j + 1) * e].copy_from_slice(&rows[(1 + o) * e..(2 + o) * e]);
-        event[j * e..(j + 1) * e].copy_from_slice(&rows[(2 + o) * e..]);
-        labels.push(q.pseudo_labels.iter().map(|&x| x as usize).collect::<Vec<_>>());
-        curves.extend(snap.curve(&s.key)?);
-        answers.push(match s.answer {
+        self.frame_embeds.extend(snap.frame_embeds(&s.video)?.to_f32()?);
+        let rows = &mut self.rows;
+        snap.question_rows_into(q, rows).with_context(|| format!("sample {}", s.key))?;
+        self.text[j * (1 + o) * e..(j + 1) * (1 + o) * e].copy_from_slice(&rows[..(1 + o) * e]);
+        self.answer[j * e..(j + 1) * e].copy_from_slice(&rows[(1 + o) * e..(2 + o) * e]);
+        self.event[j * e..(j + 1) * e].copy_from_slice(&rows[(2 + o) * e..]);
+        self.labels.push(q.pseudo_labels.iter().map(|&x| x as usize).collect::<Vec<_>>());
+        self.curves.extend(snap.curve(&s.key)?);
+        self.answers.push(match s.answer {
             Answer::Choice(i) => Some(i),
             Answer::Text(_) => None,
         });
-        timestamps.push(v.timestamps.clone());
-        out_samples.push(s.clone());
+        self.timestamps.push(v.timestamps.clone());
+        self.samples.push(s.clone());
+        Ok(())
     }
-    let cpu = Device::Cpu;
-    let features = match features {
-        None => None,
-        Some(DType::F32) => Some(Tensor::from_vec(f32_buf, (b, t, n, d), &cpu)?),
-        Some(DType::BF16) => Some(Tensor::from_vec(f16_to_bf16(&f16_buf), (b, t, n, d), &cpu)?),
-        Some(_) => Some(Tensor::from_vec(f16_buf, (b, t, n, d), &cpu)?),
-    };
-    let answer_indices = if answers.iter().all(Option::is_some) {
-        Some(answers.into_iter().flatten().collect())
-    } else {
-        None
-    };
-    // [B, 1 + O, d]: the question, then its options.
-    let text = Tensor::from_vec(text, (b, 1 + o, e), &cpu)?;
-    let clip_question = text.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
-    let clip_options = if o > 0 { Some(text.narrow(1, 1, o)?.contiguous()?) } else { None };
-    let prompts = match &opts.prompts {
-        Some(enc) => Some(
-            enc.encode(&out_samples)
-                .with_context(|| format!("batch {index}: tokenizing the prompts"))?,
-        ),
-        None => None,
-    };
-    Ok(Batch {
-        index,
-        samples: out_samples,
-        frame_features: features,
-        clip_frames: Tensor::from_vec(frame_embeds, (b, t, e), &cpu)?,
-        clip_question,
-        clip_options,
-        clip_answer: Tensor::from_vec(answer, (b, e), &cpu)?,
-        clip_event: Tensor::from_vec(event, (b, e), &cpu)?,
-        pseudo_label_scores: Tensor::from_vec(curves, (b, t), &cpu)?,
-        pseudo_labels: labels,
-        answer_indices,
-        timestamps,
-        prompts,
-    })
+
+    /// The frame features of sample `s` (stored f16) into row `j`, widened to f32 when the batch is f32.
+    fn push_features(&mut self, snap: &Snapshot, j: usize, s: &QaSample) -> Result<()> {
+        let per_video = self.t * self.n * self.d;
+        let m = snap.features(&s.video)?;
+        let src = m.as_f16()?;
+        ensure!(
+            src.len() == per_video,
+            "video {}: {} feature values, expected {per_video}",
+            s.video,
+            src.len()
+        );
+        if self.features == Some(DType::F32) {
+            f16_to_f32(&src, &mut self.f32_buf[j * per_video..(j + 1) * per_video]);
+        } else {
+            self.f16_buf.extend_from_slice(&src);
+        }
+        Ok(())
+    }
+
+    /// The gathered samples as batch `index`'s tensors (on the CPU), with the prompts tokenized.
+    fn into_batch(self, index: usize, opts: &BatchOptions) -> Result<Batch> {
+        let (b, t, o, n, d, e) = (self.b, self.t, self.o, self.n, self.d, self.e);
+        let cpu = Device::Cpu;
+        let features = match self.features {
+            None => None,
+            Some(DType::F32) => Some(Tensor::from_vec(self.f32_buf, (b, t, n, d), &cpu)?),
+            Some(DType::BF16) => Some(Tensor::from_vec(f16_to_bf16(&self.f16_buf), (b, t, n, d), &cpu)?),
+            Some(_) => Some(Tensor::from_vec(self.f16_buf, (b, t, n, d), &cpu)?),
+        };
+        let answer_indices = if self.answers.iter().all(Option::is_some) {
+            Some(self.answers.into_iter().flatten().collect())
+        } else {
+            None
+        };
+        // [B, 1 + O, d]: the question, then its options.
+        let text = Tensor::from_vec(self.text, (b, 1 + o, e), &cpu)?;
+        let clip_question = text.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+        let clip_options = if o > 0 { Some(text.narrow(1, 1, o)?.contiguous()?) } else { None };
+        let prompts = match &opts.prompts {
+            Some(enc) => Some(
+                enc.encode(&self.samples)
+                    .with_context(|| format!("batch {index}: tokenizing the prompts"))?,
+            ),
+            None => None,
+        };
+        Ok(Batch {
+            index,
+            samples: self.samples,
+            frame_features: features,
+            clip_frames: Tensor::from_vec(self.frame_embeds, (b, t, e), &cpu)?,
+            clip_question,
+            clip_options,
+            clip_answer: Tensor::from_vec(self.answer, (b, e), &cpu)?,
+            clip_event: Tensor::from_vec(self.event, (b, e), &cpu)?,
+            pseudo_label_scores: Tensor::from_vec(self.curves, (b, t), &cpu)?,
+            pseudo_labels: self.labels,
+            answer_indices,
+            timestamps: self.timestamps,
+            prompts,
+        })
+    }
 }
