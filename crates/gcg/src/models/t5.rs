@@ -931,32 +931,20 @@ impl T5Model {
     /// 2·num_beams best continuations, continue the best num_beams that did not end, and collect
     /// ended ones (only from the top num_beams) scored by sum(log p) / length^length_penalty.
     fn beam_search(&self, enc: &Tensor, enc_mask: &Tensor, cfg: &GenerateConfig) -> Result<Vec<Vec<u32>>> {
-        const NEG: f32 = -1.0e9;
         let nb = cfg.num_beams;
-        let keep = 2 * nb; // max(2, 1 + #eos) · num_beams with one eos token
         let b = enc.dim(0)?;
         let n = b * nb;
-        let eos = self.cfg.eos_token_id;
-        let max_length = cfg.max_new_tokens + 1; // including the decoder start token
+        let p = BeamParams {
+            nb,
+            keep: 2 * nb, // max(2, 1 + #eos) · num_beams with one eos token
+            eos: self.cfg.eos_token_id,
+            max_length: cfg.max_new_tokens + 1, // including the decoder start token
+            early_stopping: cfg.early_stopping,
+        };
         let lp = cfg.length_penalty;
-
-        // Encoder states repeated per beam: row r·nb + j ← r.
-        let rep: Vec<u32> = (0..n).map(|i| (i / nb) as u32).collect();
-        let rep = Tensor::from_vec(rep, n, self.device())?;
-        let cross_bias = self.cross_bias(enc, enc_mask)?.index_select(&rep, 0)?;
-        let cross = self
-            .cross_kv(enc)?
-            .into_iter()
-            .map(|(k, v)| Ok((k.index_select(&rep, 0)?, v.index_select(&rep, 0)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let (cross, cross_bias) = self.beam_cross(enc, enc_mask, nb)?;
         let mut cache = SelfKvCache::new(self.decoder.blocks.len());
-
-        let mut run_seq: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); nb]; b];
-        let mut run_score: Vec<Vec<f32>> = vec![(0..nb).map(|j| if j == 0 { 0.0 } else { NEG }).collect(); b];
-        let mut fin_seq: Vec<Vec<Vec<u32>>> = vec![vec![Vec::new(); nb]; b];
-        let mut fin_score: Vec<Vec<f32>> = vec![vec![NEG; nb]; b];
-        let mut fin_done: Vec<Vec<bool>> = vec![vec![false; nb]; b];
-        let mut unsatisfied = vec![true; b];
+        let mut rows: Vec<BeamRow> = (0..b).map(|_| BeamRow::new(nb)).collect();
         let mut tokens = vec![self.cfg.decoder_start_token_id; n];
         let mut cur_len = 1usize;
 
@@ -965,55 +953,16 @@ impl T5Model {
             let mut logp = log_softmax_last_dim(&logits)?.to_vec2::<f32>()?; // [N, V]
             if cur_len - 1 < cfg.min_new_tokens {
                 for row in logp.iter_mut() {
-                    row[eos as usize] = f32::NEG_INFINITY;
+                    row[p.eos as usize] = f32::NEG_INFINITY;
                 }
             }
             let denom = ((cur_len + 1 - 1) as f64).powf(lp) as f32;
             let mut all_hit = true;
             let mut beam_idx = Vec::with_capacity(n);
-            for r in 0..b {
-                // c. top-`keep` continuations over (beam, token) of the accumulated scores
-                let cands = top_continuations(&logp[r * nb..(r + 1) * nb], &run_score[r], keep);
-                let hits: Vec<bool> = cands.iter().map(|c| c.token == eos || cur_len + 1 >= max_length).collect();
-                all_hit &= hits.iter().all(|&h| h);
-
-                // e. the best num_beams continuations that did not end keep running
-                let run_vals: Vec<f32> = cands.iter().zip(&hits).map(|(c, &h)| c.score + if h { NEG } else { 0.0 }).collect();
-                let order = top_indices(&run_vals, nb);
-                let new_seq: Vec<Vec<u32>> = order
-                    .iter()
-                    .map(|&k| {
-                        let mut s = run_seq[r][cands[k].beam].clone();
-                        s.push(cands[k].token);
-                        s
-                    })
-                    .collect();
-                beam_idx.extend(order.iter().map(|&k| (r * nb + cands[k].beam) as u32));
-
-                // f. ended continuations among the top num_beams join the finished hypotheses
-                let full = fin_done[r].iter().all(|&d| d) && cfg.early_stopping == EarlyStopping::AllFinished;
-                let mut m_score = fin_score[r].clone();
-                let mut m_done = fin_done[r].clone();
-                let mut m_seq: Vec<Vec<u32>> = fin_seq[r].clone();
-                for (k, c) in cands.iter().enumerate() {
-                    let did_finish = hits[k] && k < nb;
-                    let mut s = c.score / denom;
-                    s += if full { NEG } else { 0.0 };
-                    s += if unsatisfied[r] { 0.0 } else { NEG };
-                    s += if did_finish { 0.0 } else { NEG };
-                    m_score.push(s);
-                    m_done.push(did_finish);
-                    let mut seq = run_seq[r][c.beam].clone();
-                    seq.push(c.token);
-                    m_seq.push(seq);
-                }
-                let best = top_indices(&m_score, nb);
-                fin_score[r] = best.iter().map(|&i| m_score[i]).collect();
-                fin_done[r] = best.iter().map(|&i| m_done[i]).collect();
-                fin_seq[r] = best.iter().map(|&i| std::mem::take(&mut m_seq[i])).collect();
-
-                run_score[r] = order.iter().map(|&k| run_vals[k]).collect();
-                run_seq[r] = new_seq;
+            for (r, row) in rows.iter_mut().enumerate() {
+                let (hit, beams) = row.step(&logp[r * nb..(r + 1) * nb], &p, cur_len, denom);
+                all_hit &= hit;
+                beam_idx.extend(beams.iter().map(|&j| (r * nb + j) as u32));
             }
 
             // g. reorder the cache to the surviving beams, check whether to go on
@@ -1021,28 +970,40 @@ impl T5Model {
             cache.select_rows(&idx)?;
             cur_len += 1;
             let best_len = if cfg.early_stopping == EarlyStopping::Never && lp > 0.0 {
-                max_length - 1
+                p.max_length - 1
             } else {
                 cur_len - 1
             };
             let best_denom = (best_len as f64).powf(lp) as f32;
-            for r in 0..b {
-                let best_running = run_score[r][0] / best_denom;
-                let worst_fin = fin_score[r].iter().cloned().fold(f32::INFINITY, f32::min);
-                let improvable = fin_done[r].iter().any(|&d| best_running > if d { worst_fin } else { NEG });
-                unsatisfied[r] = unsatisfied[r] && improvable;
+            for row in rows.iter_mut() {
+                row.update_unsatisfied(best_denom);
             }
-            let open = !(fin_done.iter().flatten().all(|&d| d) && cfg.early_stopping == EarlyStopping::AllFinished);
-            if !(unsatisfied.iter().any(|&u| u) && open && !all_hit) {
+            let all_done = rows.iter().all(|row| row.fin_done.iter().all(|&d| d));
+            let open = !(all_done && cfg.early_stopping == EarlyStopping::AllFinished);
+            if !(rows.iter().any(|row| row.unsatisfied) && open && !all_hit) {
                 break;
             }
-            for (r, seqs) in run_seq.iter().enumerate() {
-                for (j, s) in seqs.iter().enumerate() {
+            for (r, row) in rows.iter().enumerate() {
+                for (j, s) in row.run_seq.iter().enumerate() {
                     tokens[r * nb + j] = *s.last().ok_or_else(|| anyhow!("beam search: empty running beam"))?;
                 }
             }
         }
-        Ok(fin_seq.into_iter().map(|mut v| v.swap_remove(0)).collect())
+        Ok(rows.into_iter().map(|mut row| row.fin_seq.swap_remove(0)).collect())
+    }
+
+    /// The encoder's cross-attention keys/values and bias, repeated per beam: row r·nb + j ← r.
+    fn beam_cross(&self, enc: &Tensor, enc_mask: &Tensor, nb: usize) -> Result<(Vec<CrossKv>, Tensor)> {
+        let n = enc.dim(0)? * nb;
+        let rep: Vec<u32> = (0..n).map(|i| (i / nb) as u32).collect();
+        let rep = Tensor::from_vec(rep, n, self.device())?;
+        let cross_bias = self.cross_bias(enc, enc_mask)?.index_select(&rep, 0)?;
+        let cross = self
+            .cross_kv(enc)?
+            .into_iter()
+            .map(|(k, v)| Ok((k.index_select(&rep, 0)?, v.index_select(&rep, 0)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((cross, cross_bias))
     }
 
     /// For every batch row and each of its candidate token sequences (eos included), the sum of
@@ -1138,6 +1099,110 @@ fn argmax(xs: &[f32]) -> usize {
         }
     }
     best
+}
+
+/// A score low enough to rule a beam or hypothesis out (HF's stand-in for -inf).
+const BEAM_NEG: f32 = -1.0e9;
+
+/// The fixed settings of one beam search.
+struct BeamParams {
+    /// Beams per row, and continuations kept per step (2·num_beams).
+    nb: usize,
+    keep: usize,
+    eos: u32,
+    /// The longest sequence, the decoder start token included.
+    max_length: usize,
+    early_stopping: EarlyStopping,
+}
+
+/// One batch row's beam search state: its running beams and its finished hypotheses.
+struct BeamRow {
+    run_seq: Vec<Vec<u32>>,
+    run_score: Vec<f32>,
+    fin_seq: Vec<Vec<u32>>,
+    fin_score: Vec<f32>,
+    fin_done: Vec<bool>,
+    /// Whether a running beam may still beat a finished hypothesis.
+    unsatisfied: bool,
+}
+
+impl BeamRow {
+    /// Before the first step: beam 0 alone is live, no hypothesis has finished.
+    fn new(nb: usize) -> Self {
+        Self {
+            run_seq: vec![Vec::new(); nb],
+            run_score: (0..nb).map(|j| if j == 0 { 0.0 } else { BEAM_NEG }).collect(),
+            fin_seq: vec![Vec::new(); nb],
+            fin_score: vec![BEAM_NEG; nb],
+            fin_done: vec![false; nb],
+            unsatisfied: true,
+        }
+    }
+
+    /// One step of this row from its beams' next-token log-probabilities `logp` [nb][V]: returns
+    /// whether every kept continuation ended, and the beam each new running beam continues.
+    fn step(&mut self, logp: &[Vec<f32>], p: &BeamParams, cur_len: usize, denom: f32) -> (bool, Vec<usize>) {
+        // c. top-`keep` continuations over (beam, token) of the accumulated scores
+        let cands = top_continuations(logp, &self.run_score, p.keep);
+        let hits: Vec<bool> = cands.iter().map(|c| c.token == p.eos || cur_len + 1 >= p.max_length).collect();
+        let all_hit = hits.iter().all(|&h| h);
+
+        // e. the best num_beams continuations that did not end keep running
+        let run_vals: Vec<f32> = cands
+            .iter()
+            .zip(&hits)
+            .map(|(c, &h)| c.score + if h { BEAM_NEG } else { 0.0 })
+            .collect();
+        let order = top_indices(&run_vals, p.nb);
+        let new_seq: Vec<Vec<u32>> = order
+            .iter()
+            .map(|&k| {
+                let mut s = self.run_seq[cands[k].beam].clone();
+                s.push(cands[k].token);
+                s
+            })
+            .collect();
+        let beams = order.iter().map(|&k| cands[k].beam).collect();
+
+        self.collect_finished(&cands, &hits, p, denom);
+        self.run_score = order.iter().map(|&k| run_vals[k]).collect();
+        self.run_seq = new_seq;
+        (all_hit, beams)
+    }
+
+    /// f. ended continuations among the top num_beams join the finished hypotheses (scored by
+    /// `score / denom`); the best num_beams of old and new are kept.
+    fn collect_finished(&mut self, cands: &[Continuation], hits: &[bool], p: &BeamParams, denom: f32) {
+        let full = self.fin_done.iter().all(|&d| d) && p.early_stopping == EarlyStopping::AllFinished;
+        let mut m_score = self.fin_score.clone();
+        let mut m_done = self.fin_done.clone();
+        let mut m_seq: Vec<Vec<u32>> = self.fin_seq.clone();
+        for (k, c) in cands.iter().enumerate() {
+            let did_finish = hits[k] && k < p.nb;
+            let mut s = c.score / denom;
+            s += if full { BEAM_NEG } else { 0.0 };
+            s += if self.unsatisfied { 0.0 } else { BEAM_NEG };
+            s += if did_finish { 0.0 } else { BEAM_NEG };
+            m_score.push(s);
+            m_done.push(did_finish);
+            let mut seq = self.run_seq[c.beam].clone();
+            seq.push(c.token);
+            m_seq.push(seq);
+        }
+        let best = top_indices(&m_score, p.nb);
+        self.fin_score = best.iter().map(|&i| m_score[i]).collect();
+        self.fin_done = best.iter().map(|&i| m_done[i]).collect();
+        self.fin_seq = best.iter().map(|&i| std::mem::take(&mut m_seq[i])).collect();
+    }
+
+    /// The row stays unsatisfied while its best running beam (scored at `best_denom`) could still
+    /// beat its worst finished hypothesis.
+    fn update_unsatisfied(&mut self, best_denom: f32) {
+        let best_running = self.run_score[0] / best_denom;
+        let worst_fin = self.fin_score.iter().cloned().fold(f32::INFINITY, f32::min);
+        let improvable = self.fin_done.iter().any(|&d| best_running > if d { worst_fin } else { BEAM_NEG });
+        self.unsatisfied = self.unsatisfied && improvable;
+    }
 }
 
 /// Indices of the `k` largest values, largest first (earlier index first on ties).
