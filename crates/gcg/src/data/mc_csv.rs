@@ -177,94 +177,121 @@ fn find_columns(path: &Path, fmt: &McCsvFormat, names: Vec<String>) -> Result<Co
     })
 }
 
-fn parse_row(path: &Path, fmt: &McCsvFormat, cols: &Columns, rec: &csv::ByteRecord, line: u64) -> Result<QaSample, BadRow> {
-    let bad = |col: usize, reason: String| BadRow::new(path, reason).line(line).column(cols.label(col));
-    if rec.len() != cols.names.len() {
-        let col = rec.len().min(cols.names.len());
-        let what = if rec.len() < cols.names.len() {
-            "is missing"
-        } else {
-            "is not in the header"
-        };
-        return Err(bad(
-            col,
-            format!(
-                "expected {} fields (as the header), found {}: column {} {what}",
-                cols.names.len(),
-                rec.len(),
-                cols.label(col)
-            ),
-        ));
+/// One CSV record being read into a sample: its fields, and errors that point at a column.
+struct Row<'a> {
+    path: &'a Path,
+    cols: &'a Columns,
+    rec: &'a csv::ByteRecord,
+    line: u64,
+}
+
+impl Row<'_> {
+    /// An error about column `col` of this row.
+    fn bad(&self, col: usize, reason: String) -> BadRow {
+        BadRow::new(self.path, reason).line(self.line).column(self.cols.label(col))
     }
-    let field = |i: usize| -> Result<&str, BadRow> {
-        let raw = rec.get(i).unwrap_or(b"");
+
+    /// The row must have as many fields as the header.
+    fn check_width(&self) -> Result<(), BadRow> {
+        let (rec, cols) = (self.rec, self.cols);
+        if rec.len() != cols.names.len() {
+            let col = rec.len().min(cols.names.len());
+            let what = if rec.len() < cols.names.len() {
+                "is missing"
+            } else {
+                "is not in the header"
+            };
+            return Err(self.bad(
+                col,
+                format!(
+                    "expected {} fields (as the header), found {}: column {} {what}",
+                    cols.names.len(),
+                    rec.len(),
+                    cols.label(col)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Field `i`, trimmed (UTF-8).
+    fn field(&self, i: usize) -> Result<&str, BadRow> {
+        let raw = self.rec.get(i).unwrap_or(b"");
         std::str::from_utf8(raw)
             .map(str::trim)
-            .map_err(|e| bad(i, format!("not valid UTF-8: {e}")))
-    };
-    let non_empty = |i: usize, what: &str| -> Result<String, BadRow> {
-        let v = field(i)?;
+            .map_err(|e| self.bad(i, format!("not valid UTF-8: {e}")))
+    }
+
+    /// Field `i`, which must not be empty (`what` it should hold names it in the error).
+    fn non_empty(&self, i: usize, what: &str) -> Result<String, BadRow> {
+        let v = self.field(i)?;
         if v.is_empty() {
-            Err(bad(i, format!("expected {what}, found an empty field")))
+            Err(self.bad(i, format!("expected {what}, found an empty field")))
         } else {
             Ok(v.to_string())
         }
-    };
-    let integer = |i: usize| -> Result<u64, BadRow> {
-        let v = field(i)?;
-        v.parse::<u64>()
-            .map_err(|_| bad(i, format!("expected a non-negative integer, found `{v}`")))
-    };
+    }
 
-    let video = non_empty(cols.video, "a video id")?;
-    let frame_count = integer(cols.frame_count)?;
-    let width = integer(cols.width)?;
-    let height = integer(cols.height)?;
-    let question = non_empty(cols.question, "a question")?;
+    /// Field `i` as a non-negative integer.
+    fn integer(&self, i: usize) -> Result<u64, BadRow> {
+        let v = self.field(i)?;
+        v.parse::<u64>()
+            .map_err(|_| self.bad(i, format!("expected a non-negative integer, found `{v}`")))
+    }
+
+    /// The answer column as an option index: the index itself, or the option its text equals.
+    fn answer(&self, fmt: &McCsvFormat, options: &[String]) -> Result<usize, BadRow> {
+        let col = self.cols.answer;
+        let answer_raw = self.field(col)?;
+        match fmt.answer {
+            AnswerColumn::Index => match answer_raw.parse::<usize>() {
+                Ok(i) if i < NUM_OPTIONS => Ok(i),
+                _ => Err(self.bad(col, format!("expected an option index 0-{}, found `{answer_raw}`", NUM_OPTIONS - 1))),
+            },
+            AnswerColumn::Text => match options.iter().position(|o| o == answer_raw) {
+                Some(i) => Ok(i),
+                None => Err(self.bad(
+                    col,
+                    format!(
+                        "the answer `{answer_raw}` equals none of the options a0-a{}: {:?}",
+                        NUM_OPTIONS - 1,
+                        options
+                    ),
+                )),
+            },
+        }
+    }
+}
+
+/// One CSV record as a multiple-choice sample, or the first field that is wrong in it.
+fn parse_row(path: &Path, fmt: &McCsvFormat, cols: &Columns, rec: &csv::ByteRecord, line: u64) -> Result<QaSample, BadRow> {
+    let row = Row { path, cols, rec, line };
+    row.check_width()?;
+    let video = row.non_empty(cols.video, "a video id")?;
+    let frame_count = row.integer(cols.frame_count)?;
+    let width = row.integer(cols.width)?;
+    let height = row.integer(cols.height)?;
+    let question = row.non_empty(cols.question, "a question")?;
     let question = question.trim_end_matches('?').trim_end().to_string();
-    let qid = integer(cols.qid)?.to_string();
-    let qtype = non_empty(cols.qtype, "a question type")?;
+    let qid = row.integer(cols.qid)?.to_string();
+    let qtype = row.non_empty(cols.qtype, "a question type")?;
     if !fmt.types.contains(&qtype.as_str()) {
-        return Err(bad(
+        return Err(row.bad(
             cols.qtype,
             format!("expected a question type among {}, found `{qtype}`", fmt.types.join(", ")),
         ));
     }
     let mut options = Vec::with_capacity(NUM_OPTIONS);
     for (i, &c) in cols.options.iter().enumerate() {
-        options.push(non_empty(c, &format!("the text of option a{i}"))?);
+        options.push(row.non_empty(c, &format!("the text of option a{i}"))?);
     }
-    let answer_raw = field(cols.answer)?;
-    let answer = match fmt.answer {
-        AnswerColumn::Index => match answer_raw.parse::<usize>() {
-            Ok(i) if i < NUM_OPTIONS => i,
-            _ => {
-                return Err(bad(
-                    cols.answer,
-                    format!("expected an option index 0-{}, found `{answer_raw}`", NUM_OPTIONS - 1),
-                ))
-            }
-        },
-        AnswerColumn::Text => match options.iter().position(|o| o == answer_raw) {
-            Some(i) => i,
-            None => {
-                return Err(bad(
-                    cols.answer,
-                    format!(
-                        "the answer `{answer_raw}` equals none of the options a0-a{}: {:?}",
-                        NUM_OPTIONS - 1,
-                        options
-                    ),
-                ))
-            }
-        },
-    };
+    let answer = row.answer(fmt, &options)?;
     let mut extra = BTreeMap::new();
     extra.insert("frame_count".to_string(), frame_count.to_string());
     extra.insert("width".to_string(), width.to_string());
     extra.insert("height".to_string(), height.to_string());
     for (name, i) in &cols.extra {
-        extra.insert(name.clone(), field(*i)?.to_string());
+        extra.insert(name.clone(), row.field(*i)?.to_string());
     }
     Ok(QaSample {
         dataset: fmt.dataset,
