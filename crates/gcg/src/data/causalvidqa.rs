@@ -175,109 +175,149 @@ pub fn read_split(path: &Path) -> Result<Vec<String>> {
 /// A minimal unpickler for what the Causal-VidQA splits hold: a list, tuple or set of strings,
 /// any protocol (0–5). Anything else is an error.
 fn unpickle_strings(b: &[u8]) -> Result<Vec<String>> {
-    let mut stack: Vec<Vec<String>> = Vec::new(); // the containers being built
-    let mut items: Vec<String> = Vec::new(); // loose strings on the stack (after MARK)
-    let mut marks: Vec<usize> = Vec::new();
-    let mut i = 0usize;
-    let take = |i: &mut usize, n: usize| -> Result<&[u8]> {
-        let s = b.get(*i..*i + n).ok_or_else(|| anyhow!("truncated pickle at byte {}", *i))?;
-        *i += n;
-        Ok(s)
+    let mut u = Unpickler {
+        b,
+        i: 0,
+        stack: Vec::new(),
+        items: Vec::new(),
+        marks: Vec::new(),
     };
-    let read_line = |i: &mut usize| -> Result<String> {
-        let rest = b.get(*i..).unwrap_or_default();
+    loop {
+        let op = *u.b.get(u.i).ok_or_else(|| anyhow!("pickle ends without STOP"))?;
+        u.i += 1;
+        if op == b'.' {
+            break; // STOP
+        }
+        u.op(op)?;
+    }
+    match (u.stack.len(), u.items.is_empty()) {
+        (1, true) => Ok(u.stack.pop().unwrap_or_default()),
+        _ => bail!("the pickle does not hold a single list of strings"),
+    }
+}
+
+/// The unpickler's state: the bytes, the position, and the pickle machine's stack as far as
+/// lists of strings need it.
+struct Unpickler<'a> {
+    b: &'a [u8],
+    i: usize,
+    /// The containers being built.
+    stack: Vec<Vec<String>>,
+    /// Loose strings on the stack (after MARK).
+    items: Vec<String>,
+    marks: Vec<usize>,
+}
+
+impl Unpickler<'_> {
+    /// The next `n` bytes.
+    fn take(&mut self, n: usize) -> Result<&[u8]> {
+        let i = self.i;
+        let s = self.b.get(i..i + n).ok_or_else(|| anyhow!("truncated pickle at byte {}", i))?;
+        self.i += n;
+        Ok(s)
+    }
+
+    /// The bytes up to the next newline (consumed), as text.
+    fn read_line(&mut self) -> Result<String> {
+        let rest = self.b.get(self.i..).unwrap_or_default();
         let n = rest
             .iter()
             .position(|&c| c == b'\n')
-            .ok_or_else(|| anyhow!("truncated pickle at byte {}", *i))?;
+            .ok_or_else(|| anyhow!("truncated pickle at byte {}", self.i))?;
         let s = String::from_utf8_lossy(&rest[..n]).to_string();
-        *i += n + 1;
+        self.i += n + 1;
         Ok(s)
-    };
-    let le = |s: &[u8]| s.iter().rev().fold(0usize, |a, &x| (a << 8) | x as usize);
-    loop {
-        let op = *b.get(i).ok_or_else(|| anyhow!("pickle ends without STOP"))?;
-        i += 1;
+    }
+
+    /// Runs one opcode (any but STOP).
+    fn op(&mut self, op: u8) -> Result<()> {
         match op {
             0x80 => {
-                take(&mut i, 1)?;
+                self.take(1)?;
             } // PROTO
             0x95 => {
-                take(&mut i, 8)?;
+                self.take(8)?;
             } // FRAME
+            b']' | b'l' | 0x8f | b')' | b'(' | b'e' | 0x90 | b't' | 0x85..=0x87 | b'a' => self.container_op(op)?,
+            b'X' | 0x8c | 0x8d | b'T' | b'U' | b'B' | b'C' | b'V' | b'S' => self.string_op(op)?,
+            0x94 => {} // MEMOIZE
+            b'q' => {
+                self.take(1)?;
+            } // BINPUT
+            b'r' => {
+                self.take(4)?;
+            } // LONG_BINPUT
+            b'p' => {
+                self.read_line()?;
+            } // PUT
+            other => bail!(
+                "unsupported pickle opcode 0x{other:02x} at byte {} (expected a list of strings)",
+                self.i - 1
+            ),
+        }
+        Ok(())
+    }
+
+    /// The opcodes that build lists, tuples and sets, and MARK.
+    fn container_op(&mut self, op: u8) -> Result<()> {
+        match op {
             b']' | b'l' | 0x8f | b')' => {
                 // EMPTY_LIST, LIST (protocol 0, after MARK), EMPTY_SET, EMPTY_TUPLE
                 if op == b'l' {
-                    let m = marks.pop().ok_or_else(|| anyhow!("LIST without MARK"))?;
-                    let list = items.split_off(m);
-                    stack.push(list);
+                    let m = self.marks.pop().ok_or_else(|| anyhow!("LIST without MARK"))?;
+                    let list = self.items.split_off(m);
+                    self.stack.push(list);
                 } else {
-                    stack.push(Vec::new());
+                    self.stack.push(Vec::new());
                 }
             }
-            b'(' => marks.push(items.len()),
+            b'(' => self.marks.push(self.items.len()),
             b'e' | 0x90 | b't' => {
                 // APPENDS, ADDITEMS, TUPLE: the strings since the MARK
-                let m = marks.pop().ok_or_else(|| anyhow!("APPENDS without MARK"))?;
-                let new = items.split_off(m);
+                let m = self.marks.pop().ok_or_else(|| anyhow!("APPENDS without MARK"))?;
+                let new = self.items.split_off(m);
                 if op == b't' {
-                    stack.push(new);
+                    self.stack.push(new);
                 } else {
-                    stack.last_mut().ok_or_else(|| anyhow!("APPENDS without a list"))?.extend(new);
+                    self.stack.last_mut().ok_or_else(|| anyhow!("APPENDS without a list"))?.extend(new);
                 }
             }
             0x85..=0x87 => {
                 // TUPLE1..TUPLE3
                 let n = (op - 0x84) as usize;
-                if items.len() < n {
-                    bail!("TUPLE{n} with {} items on the stack", items.len());
+                if self.items.len() < n {
+                    bail!("TUPLE{n} with {} items on the stack", self.items.len());
                 }
-                let t = items.split_off(items.len() - n);
-                stack.push(t);
+                let t = self.items.split_off(self.items.len() - n);
+                self.stack.push(t);
             }
-            b'a' => {
-                let s = items.pop().ok_or_else(|| anyhow!("APPEND without an item"))?;
-                stack.last_mut().ok_or_else(|| anyhow!("APPEND without a list"))?.push(s);
+            _ => {
+                // b'a', APPEND
+                let s = self.items.pop().ok_or_else(|| anyhow!("APPEND without an item"))?;
+                self.stack.last_mut().ok_or_else(|| anyhow!("APPEND without a list"))?.push(s);
             }
-            b'X' | 0x8c | 0x8d | b'T' | b'U' | b'B' | b'C' => {
+        }
+        Ok(())
+    }
+
+    /// The string opcodes: length-prefixed (binary) or newline-ended (protocol 0).
+    fn string_op(&mut self, op: u8) -> Result<()> {
+        let s = match op {
+            b'V' => self.read_line()?,
+            b'S' => self.read_line()?.trim_matches(|c| c == '\'' || c == '"').to_string(),
+            _ => {
                 let len_bytes = match op {
                     b'X' | b'T' | b'B' => 4,
                     0x8d => 8,
                     _ => 1,
                 };
-                let n = le(take(&mut i, len_bytes)?);
-                let s = take(&mut i, n)?;
-                let s = String::from_utf8_lossy(s).to_string();
-                items.push(s);
+                let le = |s: &[u8]| s.iter().rev().fold(0usize, |a, &x| (a << 8) | x as usize);
+                let n = le(self.take(len_bytes)?);
+                String::from_utf8_lossy(self.take(n)?).to_string()
             }
-            b'V' => {
-                let s = read_line(&mut i)?;
-                items.push(s);
-            }
-            b'S' => {
-                let s = read_line(&mut i)?;
-                items.push(s.trim_matches(|c| c == '\'' || c == '"').to_string());
-            }
-            0x94 => {} // MEMOIZE
-            b'q' => {
-                take(&mut i, 1)?;
-            } // BINPUT
-            b'r' => {
-                take(&mut i, 4)?;
-            } // LONG_BINPUT
-            b'p' => {
-                read_line(&mut i)?;
-            } // PUT
-            b'.' => break,
-            other => bail!(
-                "unsupported pickle opcode 0x{other:02x} at byte {} (expected a list of strings)",
-                i - 1
-            ),
-        }
-    }
-    match (stack.len(), items.is_empty()) {
-        (1, true) => Ok(stack.pop().unwrap_or_default()),
-        _ => bail!("the pickle does not hold a single list of strings"),
+        };
+        self.items.push(s);
+        Ok(())
     }
 }
 
