@@ -418,66 +418,11 @@ impl QFormer {
         image_mask: Option<&Tensor>,
         ctx: Ctx,
     ) -> Result<QFormerOutput> {
-        let cfg = &self.cfg;
         let dt = self.dtype();
-        let (b, n, dv) = image_embeds.dims3().with_context(|| {
-            format!(
-                "qformer: image_embeds must be [B, N, {}], got {:?}",
-                cfg.encoder_hidden_size,
-                image_embeds.dims()
-            )
-        })?;
-        ensure!(
-            dv == cfg.encoder_hidden_size,
-            "qformer: image_embeds {:?} have width {dv}, the config's encoder_hidden_size is {}",
-            image_embeds.dims(),
-            cfg.encoder_hidden_size
-        );
-        let (bq, q, h) = query_tokens.dims3().with_context(|| {
-            format!(
-                "qformer: query_tokens must be [B or 1, Q, {}], got {:?}",
-                cfg.hidden_size,
-                query_tokens.dims()
-            )
-        })?;
-        ensure!(
-            h == cfg.hidden_size && (bq == 1 || bq == b) && q > 0,
-            "qformer: query_tokens {:?} do not fit hidden_size {} and batch {b} (expected [1 or {b}, Q, {}])",
-            query_tokens.dims(),
-            cfg.hidden_size,
-            cfg.hidden_size
-        );
+        let (b, n) = self.check_image_embeds(image_embeds)?;
+        let (q, h) = self.check_query_tokens(query_tokens, b)?;
         let queries = query_tokens.to_dtype(dt)?.broadcast_as((b, q, h))?.contiguous()?; // [B, Q, H]
-        let text_len = match input_ids {
-            None => {
-                ensure!(attention_mask.is_none(), "qformer: an attention_mask was given without input_ids");
-                0
-            }
-            Some(ids) => {
-                let (bi, l) = ids
-                    .dims2()
-                    .with_context(|| format!("qformer: input_ids must be [B, L], got {:?}", ids.dims()))?;
-                ensure!(
-                    bi == b,
-                    "qformer: input_ids {:?} have batch {bi}, image_embeds {:?} have batch {b}",
-                    ids.dims(),
-                    image_embeds.dims()
-                );
-                ensure!(
-                    l <= cfg.max_position_embeddings,
-                    "qformer: {l} instruction tokens exceed max_position_embeddings {}",
-                    cfg.max_position_embeddings
-                );
-                if let Some(m) = attention_mask {
-                    ensure!(
-                        m.dims() == [b, l],
-                        "qformer: attention_mask {:?} does not match input_ids [{b}, {l}]",
-                        m.dims()
-                    );
-                }
-                l
-            }
-        };
+        let text_len = self.check_text(input_ids, attention_mask, b, image_embeds)?;
         // Self-attention bias over [queries ; text]: queries always visible.
         let self_bias = match attention_mask {
             Some(m) if text_len > 0 => {
@@ -510,5 +455,76 @@ impl QFormer {
             query_output: x.narrow(1, 0, q)?,
             last_hidden_state: x,
         })
+    }
+
+    /// `image_embeds` must be [B, N, encoder_hidden_size]; returns (B, N).
+    fn check_image_embeds(&self, image_embeds: &Tensor) -> Result<(usize, usize)> {
+        let cfg = &self.cfg;
+        let (b, n, dv) = image_embeds.dims3().with_context(|| {
+            format!(
+                "qformer: image_embeds must be [B, N, {}], got {:?}",
+                cfg.encoder_hidden_size,
+                image_embeds.dims()
+            )
+        })?;
+        ensure!(
+            dv == cfg.encoder_hidden_size,
+            "qformer: image_embeds {:?} have width {dv}, the config's encoder_hidden_size is {}",
+            image_embeds.dims(),
+            cfg.encoder_hidden_size
+        );
+        Ok((b, n))
+    }
+
+    /// `query_tokens` must be [1 or B, Q > 0, hidden_size]; returns (Q, H).
+    fn check_query_tokens(&self, query_tokens: &Tensor, b: usize) -> Result<(usize, usize)> {
+        let cfg = &self.cfg;
+        let (bq, q, h) = query_tokens.dims3().with_context(|| {
+            format!(
+                "qformer: query_tokens must be [B or 1, Q, {}], got {:?}",
+                cfg.hidden_size,
+                query_tokens.dims()
+            )
+        })?;
+        ensure!(
+            h == cfg.hidden_size && (bq == 1 || bq == b) && q > 0,
+            "qformer: query_tokens {:?} do not fit hidden_size {} and batch {b} (expected [1 or {b}, Q, {}])",
+            query_tokens.dims(),
+            cfg.hidden_size,
+            cfg.hidden_size
+        );
+        Ok((q, h))
+    }
+
+    /// The instruction's length L (0 without `input_ids`): `input_ids` must be [B, L] with L within
+    /// the position embeddings, and `attention_mask` (only with them) [B, L].
+    fn check_text(&self, input_ids: Option<&Tensor>, attention_mask: Option<&Tensor>, b: usize, image_embeds: &Tensor) -> Result<usize> {
+        let cfg = &self.cfg;
+        let Some(ids) = input_ids else {
+            ensure!(attention_mask.is_none(), "qformer: an attention_mask was given without input_ids");
+            return Ok(0);
+        };
+        let (bi, l) = ids
+            .dims2()
+            .with_context(|| format!("qformer: input_ids must be [B, L], got {:?}", ids.dims()))?;
+        ensure!(
+            bi == b,
+            "qformer: input_ids {:?} have batch {bi}, image_embeds {:?} have batch {b}",
+            ids.dims(),
+            image_embeds.dims()
+        );
+        ensure!(
+            l <= cfg.max_position_embeddings,
+            "qformer: {l} instruction tokens exceed max_position_embeddings {}",
+            cfg.max_position_embeddings
+        );
+        if let Some(m) = attention_mask {
+            ensure!(
+                m.dims() == [b, l],
+                "qformer: attention_mask {:?} does not match input_ids [{b}, {l}]",
+                m.dims()
+            );
+        }
+        Ok(l)
     }
 }
