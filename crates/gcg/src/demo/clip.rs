@@ -199,16 +199,7 @@ pub fn pretrain(world: &Path, cfg: &ClipPretrainConfig, progress: &mut dyn FnMut
     let vit_cfg = cfg.vit();
     let clip_cfg = cfg.clip(tokenizer.vocab_size());
     let Towers { vit, image, text, vars } = Towers::random(cfg, &vit_cfg, &clip_cfg, &dev)?;
-    let mut opt = AdamW::new(
-        &vars,
-        vec![GroupConfig {
-            name: "clip".into(),
-            lr: cfg.lr,
-            weight_decay: 0.02,
-        }],
-        AdamWConfig::default(),
-        |_| 0,
-    )?;
+    let mut opt = clip_optimizer(&vars, cfg.lr)?;
 
     let events: Vec<usize> = (0..frames.len()).filter(|&i| frames[i].event).collect();
     let empty: Vec<usize> = (0..frames.len()).filter(|&i| !frames[i].event).collect();
@@ -289,6 +280,20 @@ impl Towers {
         crate::nn::init::fan_in_reinit(&vars, cfg.seed.wrapping_add(4), |n| n.contains("embedding"))?;
         Ok(Self { vit, image, text, vars })
     }
+}
+
+/// AdamW over every pre-trained variable, one group (weight decay 0.02).
+fn clip_optimizer(vars: &VarStore, lr: f64) -> Result<AdamW> {
+    AdamW::new(
+        vars,
+        vec![GroupConfig {
+            name: "clip".into(),
+            lr,
+            weight_decay: 0.02,
+        }],
+        AdamWConfig::default(),
+        |_| 0,
+    )
 }
 
 /// A training batch of `b` frames, half event frames and half the rest (or whatever there is),

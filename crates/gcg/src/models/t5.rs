@@ -950,12 +950,7 @@ impl T5Model {
 
         loop {
             let logits = self.step_logits(&tokens, &cross, &cross_bias, &mut cache)?;
-            let mut logp = log_softmax_last_dim(&logits)?.to_vec2::<f32>()?; // [N, V]
-            if cur_len - 1 < cfg.min_new_tokens {
-                for row in logp.iter_mut() {
-                    row[p.eos as usize] = f32::NEG_INFINITY;
-                }
-            }
+            let logp = beam_log_probs(&logits, p.eos, cur_len - 1 < cfg.min_new_tokens)?; // [N, V]
             let denom = ((cur_len + 1 - 1) as f64).powf(lp) as f32;
             let mut all_hit = true;
             let mut beam_idx = Vec::with_capacity(n);
@@ -1099,6 +1094,17 @@ fn argmax(xs: &[f32]) -> usize {
         }
     }
     best
+}
+
+/// The next-token log-probabilities of every beam [N][V], eos forbidden when `no_eos`.
+fn beam_log_probs(logits: &Tensor, eos: u32, no_eos: bool) -> Result<Vec<Vec<f32>>> {
+    let mut logp = log_softmax_last_dim(logits)?.to_vec2::<f32>()?;
+    if no_eos {
+        for row in logp.iter_mut() {
+            row[eos as usize] = f32::NEG_INFINITY;
+        }
+    }
+    Ok(logp)
 }
 
 /// A score low enough to rule a beam or hypothesis out (HF's stand-in for -inf).
