@@ -37,7 +37,20 @@ build() {
   # shellcheck source=tools/cuda-env.sh
   CUDA_VENV=$venv source tools/cuda-env.sh
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target-cuda}
-  cargo build --release -p gcg-cli --features cuda
+  # A link that names driver symbols the stub lacks: add them (cuda-env.sh rebuilds the stub), retry.
+  local links=${CUDA_LINK_DIR:-$venv/cuda-links} log
+  log=$(mktemp)
+  for _ in 1 2 3; do
+    if cargo build --release -p gcg-cli --features cuda 2>&1 | tee "$log"; then break; fi
+    local missing
+    missing=$(grep -o 'undefined symbol: cu[A-Za-z0-9_]*' "$log" | awk '{print $3}' | sort -u)
+    [ -n "$missing" ] || { rm -f "$log"; exit 1; }
+    echo "adding to the stub libcuda: $missing"
+    printf '%s\n' $missing >>"$links/extra-symbols"
+    CUDA_VENV=$venv source tools/cuda-env.sh
+  done
+  rm -f "$log"
+  [ -x "$CARGO_TARGET_DIR/release/gcg" ] || { echo "the CUDA build failed" >&2; exit 1; }
   local list
   list=$(mktemp)
   cargo test --release -p gcg --features cuda --no-run --message-format=json >"$list"
