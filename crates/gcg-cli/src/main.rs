@@ -61,6 +61,7 @@ enum Command {
 }
 
 fn main() {
+    restore_sigpipe();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn",
@@ -78,6 +79,16 @@ fn main() {
             eprintln!("  caused by: {cause}");
         }
         std::process::exit(1);
+    }
+}
+
+/// End quietly, as other Unix tools do, when whoever reads our output goes away (`gcg … | head`):
+/// Rust ignores SIGPIPE, so a write to a closed pipe would otherwise panic.
+fn restore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
