@@ -205,4 +205,19 @@ fn eval_reports_problems_and_strict_fails() {
         "{stderr}"
     );
     assert!(stdout.contains("(2 questions"), "{stdout}");
+
+    // A prediction file with no usable row is an error naming it, not NaN metrics and exit 0.
+    for (name, text) in [("empty.jsonl", ""), ("junk.jsonl", "not json\n{}\n")] {
+        std::fs::write(d.join(name), text).unwrap();
+        let mut args = base.to_vec();
+        let path = p(name);
+        args[8] = &path;
+        let (code, stdout, stderr) = gcg(&args);
+        assert_eq!(code, 1, "{name}: {stdout} {stderr}");
+        assert!(
+            stderr.contains(name) && stderr.contains("no usable prediction row"),
+            "{name}: {stderr}"
+        );
+        assert!(!stdout.contains("NaN"), "{name}: {stdout}");
+    }
 }

@@ -6,7 +6,18 @@ use std::process::{Command, Stdio};
 #[test]
 fn a_closed_stdout_pipe_ends_the_command_without_a_panic() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_gcg"))
-        .args(["bench", "train-step", "--preset", "tiny", "--batch", "1", "--iters", "1", "--frames", "8"])
+        .args([
+            "bench",
+            "train-step",
+            "--preset",
+            "tiny",
+            "--batch",
+            "1",
+            "--iters",
+            "1",
+            "--frames",
+            "8",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -123,6 +123,14 @@ pub fn evaluate(dataset: Dataset, samples: &[QaSample], preds: &PredictionFile, 
     if grounding.is_some() && dataset != Dataset::NextGqa {
         bail!("grounding annotations are only evaluated for NExT-GQA, not {}", dataset.name());
     }
+    if preds.rows.is_empty() {
+        bail!(
+            "{} holds no usable prediction row ({} malformed or duplicate line(s){})",
+            preds.path.display(),
+            preds.problems.len(),
+            preds.problems.first().map(|p| format!("; first: {p}")).unwrap_or_default()
+        );
+    }
     let mut problems = preds.problems.clone();
     let index: HashMap<(&str, &str), usize> = samples
         .iter()
