@@ -87,9 +87,16 @@ fn reproduces_the_official_scripts() {
             w.write(&row).unwrap();
         }
         let preds = read_predictions(&jsonl).unwrap();
-        assert!(preds.problems.is_empty(), "{name}: {:?}", preds.problems);
+        // The mixed span sets hold reversed and negative spans on purpose (the official script
+        // scores them as given, and so do we): they are reported as implausible, nothing else.
+        let only_implausible =
+            |p: &[gcg::eval::predictions::Problem]| p.iter().all(|p| p.kind == gcg::eval::predictions::ProblemKind::Implausible);
+        assert!(only_implausible(&preds.problems), "{name}: {:?}", preds.problems);
         let ev = evaluate(dataset, &samples, &preds, grounding.as_ref()).unwrap();
-        assert!(ev.problems.is_empty(), "{name}: {:?}", ev.problems);
+        assert!(only_implausible(&ev.problems), "{name}: {:?}", ev.problems);
+        if !name.contains("mixed") {
+            assert!(ev.problems.is_empty(), "{name}: {:?}", ev.problems);
+        }
         let m = &ev.metrics;
         assert_eq!(m.missing, 0, "{name}");
 

@@ -40,12 +40,46 @@ pub enum Dataset {
     OpenEnded,
 }
 
-/// The answer of a question: an option index (multiple choice) or a text (open-ended).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// The answer of a question: an option index (multiple choice) or a text (open-ended). In JSON a
+/// non-negative integer or a string; anything else is an error that says what was found.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 #[serde(untagged)]
 pub enum Answer {
     Choice(usize),
     Text(String),
+}
+
+impl<'de> Deserialize<'de> for Answer {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct AnswerVisitor;
+        impl serde::de::Visitor<'_> for AnswerVisitor {
+            type Value = Answer;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an option index (a non-negative integer) or an answer text")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Answer, E> {
+                usize::try_from(v)
+                    .map(Answer::Choice)
+                    .map_err(|_| E::custom(format!("option index {v} is too large")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Answer, E> {
+                match u64::try_from(v) {
+                    Ok(u) => self.visit_u64(u),
+                    Err(_) => Err(E::custom(format!("option index {v} is negative"))),
+                }
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Answer, E> {
+                Err(E::custom(format!("option index {v} is not an integer")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Answer, E> {
+                Ok(Answer::Text(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> std::result::Result<Answer, E> {
+                Ok(Answer::Text(v))
+            }
+        }
+        d.deserialize_any(AnswerVisitor)
+    }
 }
 
 /// One question about one video.

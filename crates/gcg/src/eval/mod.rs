@@ -166,6 +166,17 @@ pub fn evaluate(dataset: Dataset, samples: &[QaSample], preds: &PredictionFile, 
                 ),
             });
         }
+        if let (Some([_, end]), Some(video)) = (row.span, grounding.and_then(|g| g.video(&row.video))) {
+            // Frame times may run a little past a duration rounded in the annotations: only a
+            // span ending well after the video (2 s or 10% of it) is implausible.
+            if end > video.duration + (0.1 * video.duration).max(2.0) {
+                problems.push(Problem {
+                    line: *line,
+                    kind: ProblemKind::Implausible,
+                    message: format!("{}: span ends at {end} s, after the video's end at {} s", s.key, video.duration),
+                });
+            }
+        }
         joined[i] = Some(row);
     }
     problems.sort_by_key(|p| p.line);

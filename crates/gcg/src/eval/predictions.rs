@@ -122,6 +122,9 @@ pub enum ProblemKind {
     Invalid,
     /// The row's `answer` differs from the annotation; the annotation is used.
     AnswerMismatch,
+    /// The span cannot be a moment of the video (reversed, before its start, past its end); the
+    /// row is scored as given, as the official scripts would, and reported (`--strict` fails).
+    Implausible,
 }
 
 impl std::fmt::Display for Problem {
@@ -132,6 +135,7 @@ impl std::fmt::Display for Problem {
             ProblemKind::Unknown => "unknown question",
             ProblemKind::Invalid => "invalid prediction",
             ProblemKind::AnswerMismatch => "answer mismatch",
+            ProblemKind::Implausible => "implausible span",
         };
         write!(f, "line {}: {kind}: {}", self.line, self.message)
     }
@@ -190,6 +194,24 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
             continue;
         }
         seen.insert(row.key(), n);
+        if let Some([a, b]) = row.span {
+            if a > b || a < 0.0 {
+                out.problems.push(Problem {
+                    line: n,
+                    kind: ProblemKind::Implausible,
+                    message: format!(
+                        "video {} qid {}: span [{a}, {b}] {}",
+                        row.video,
+                        row.qid,
+                        if a > b {
+                            "ends before it starts"
+                        } else {
+                            "starts before the video"
+                        }
+                    ),
+                });
+            }
+        }
         out.rows.push((n, row));
     }
     Ok(out)
