@@ -97,6 +97,7 @@ train_t5 = true
 fn unknown_keys_and_bad_values_are_named() {
     for (text, needle) in [
         ("[model.grounding]\nwidht = 0.3\n", "widht"),
+        ("[model.grounding]\nwidth = 0.0\n", "width 0 must be"),
         ("[model]\nfrmaes = 8\n", "frmaes"),
         ("[model.grounding.topk]\nsamples = 8\n", "samples"),
         ("[weights]\nweights = \"x\"\n", "weights"),
@@ -161,4 +162,24 @@ fn paths_are_relative_to_the_config_file_and_run_dir_is_derived_visibly() {
     // Without a file there is no run directory, and asking for one says how to set it.
     let cfg = RunConfig::load(None, &[]).unwrap();
     assert!(chain(&cfg.run_dir().unwrap_err()).contains("run_dir"));
+}
+
+/// An error that comes from a `--set` override names the override, not the config file; a run's
+/// missing store is named with its setting.
+#[test]
+fn override_errors_name_the_override_and_a_missing_store_its_setting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("run.toml");
+    std::fs::write(&p, "run_dir = \"r\"\n[model.grounding]\nframes = 8\n").unwrap();
+    for (set, needle) in [("model.grounding.moments=9", "K = 9"), ("model.grounding.widht=3", "widht")] {
+        let e = RunConfig::load(Some(&p), &[set.to_string()])
+            .err()
+            .unwrap_or_else(|| panic!("{set} accepted"));
+        let msg = chain(&e);
+        assert!(msg.contains(&format!("--set {set}")) && msg.contains(needle), "{set}: {msg}");
+    }
+    let cfg = RunConfig::load(Some(&p), &[]).unwrap();
+    let e = gcg::run::open_store(&cfg).err().unwrap();
+    let msg = chain(&e);
+    assert!(msg.contains("[data] store") && msg.contains("does not exist"), "{msg}");
 }

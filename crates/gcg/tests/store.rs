@@ -720,7 +720,10 @@ fn pseudo_labels_equal_a_direct_computation_with_the_tiny_clip() -> Result<()> {
     let err = label_questions(&nowhere, &samples(), &enc, &opts, &mut |_| {})
         .unwrap_err()
         .to_string();
-    assert!(err.contains("not a feature store") && !nowhere.exists(), "{err}");
+    assert!(
+        err.contains("does not exist") && err.contains("no-such-store") && !nowhere.exists(),
+        "{err}"
+    );
     assert!(
         report.failed[0].1.contains(&format!("top-{} of a curve of {t} frames", t + 1)),
         "{:?}",

@@ -134,6 +134,11 @@ impl GroundingConfig {
         );
         ensure!(self.temperature > 0.0, "grounding: temperature {} must be > 0", self.temperature);
         ensure!(
+            self.width.is_finite() && self.width > 0.0,
+            "grounding: width {} must be a finite number > 0 (the Gaussians' width on the [0, 1] time axis)",
+            self.width
+        );
+        ensure!(
             self.topk.num_samples >= 1,
             "grounding: the perturbed top-k needs at least one sample"
         );

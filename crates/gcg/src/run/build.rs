@@ -158,7 +158,7 @@ pub(crate) fn batch_options(cfg: &RunConfig, built: &BuiltModel, shuffle: bool) 
 
 /// The store of a run and its CLIP width.
 pub fn open_store(cfg: &RunConfig) -> Result<(Store, usize)> {
-    let store = Store::open(&cfg.data.store)?;
+    let store = Store::open(&cfg.data.store).with_context(|| format!("[data] store = {}", cfg.data.store.display()))?;
     let meta = store
         .snapshot()
         .meta()

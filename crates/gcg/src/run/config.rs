@@ -278,7 +278,7 @@ impl RunConfig {
             cfg.validate().with_context(|| origin.clone())?;
             Ok(cfg)
         } else {
-            Self::from_doc(toml::Value::try_from(&cfg)?, overrides, "in the command-line settings")
+            Self::from_doc(toml::Value::try_from(&cfg)?, overrides, &overrides_origin(overrides))
         }
     }
 
@@ -342,7 +342,7 @@ impl RunConfig {
     fn from_doc(mut doc: toml::Value, overrides: &[String], origin: &str) -> Result<Self> {
         apply_overrides(&mut doc, overrides)?;
         let cfg: RunConfig = doc.try_into().with_context(|| origin.to_string())?;
-        cfg.validate()?;
+        cfg.validate().with_context(|| origin.to_string())?;
         Ok(cfg)
     }
 
@@ -372,4 +372,10 @@ impl RunConfig {
 fn config_dir(config: &Path) -> Result<PathBuf> {
     let dir = config.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::path::absolute(dir).with_context(|| format!("resolving the directory of {}", config.display()))
+}
+
+/// Where a config error comes from when `--set` overrides were applied: the overrides, named.
+fn overrides_origin(overrides: &[String]) -> String {
+    let list: Vec<String> = overrides.iter().map(|o| format!("--set {o}")).collect();
+    format!("with {}", list.join(" "))
 }

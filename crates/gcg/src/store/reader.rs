@@ -321,6 +321,11 @@ impl Store {
         let dir = dir.as_ref().to_path_buf();
         let path = dir.join(INDEX_FILE);
         ensure!(
+            dir.is_dir(),
+            "the feature store {} does not exist (create it with `gcg features`)",
+            dir.display()
+        );
+        ensure!(
             path.exists(),
             "{} is not a feature store (no {INDEX_FILE}; create one with `gcg features`)",
             dir.display()
