@@ -34,33 +34,7 @@ pub enum Mode {
     Grounding,
 }
 
-impl std::str::FromStr for Mode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "uniform" => Ok(Self::Uniform),
-            "oracle" => Ok(Self::Oracle),
-            "grounding" => Ok(Self::Grounding),
-            other => bail!("unknown mode {other:?} (expected uniform, oracle or grounding)"),
-        }
-    }
-}
-
-impl Mode {
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Uniform => "uniform",
-            Mode::Oracle => "oracle",
-            Mode::Grounding => "grounding",
-        }
-    }
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+crate::choice_names!(Mode, "mode", { Uniform => "uniform", Oracle => "oracle", Grounding => "grounding" });
 
 /// How the uniform mode spaces its K frames over T, and the function that does it.
 pub use crate::video::{uniform_indices, UniformRule};
@@ -266,10 +240,9 @@ impl GcgModel {
             Mode::Oracle => {
                 // Gaussians at the top-K pseudo-label frames (the store's, when made for this K),
                 // then their hard top-K.
-                let peaks = if batch.pseudo_labels.len() == b && batch.pseudo_labels.iter().all(|p| p.len() == k) {
-                    batch.pseudo_labels.clone()
-                } else {
-                    hard_topk(&batch.pseudo_label_scores, k)?
+                let peaks = match batch.pseudo_labels_for(k) {
+                    Some(labels) => labels.to_vec(),
+                    None => hard_topk(&batch.pseudo_label_scores, k)?,
                 };
                 let centres: Vec<f32> = peaks.iter().flatten().map(|&i| i as f32 / (t - 1) as f32).collect();
                 let centres = Tensor::from_vec(centres, (b, k), &dev)?;
@@ -301,7 +274,7 @@ impl GcgModel {
                     answer_ids: batch.clip_options.as_ref().and(batch.answer_indices.as_deref()),
                     answer: &batch.clip_event,
                     pseudo_label_scores: &batch.pseudo_label_scores,
-                    pseudo_labels: Some(&batch.pseudo_labels),
+                    pseudo_labels: batch.pseudo_labels_for(k),
                 };
                 match train {
                     Some((rng, ctx)) => {

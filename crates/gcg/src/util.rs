@@ -79,3 +79,70 @@ pub fn write_dir_atomic<T>(dir: &Path, fill: impl FnOnce(&Path) -> Result<T>) ->
     }
     Ok(out)
 }
+
+/// The names of a choice enum, written once: `name()`, `FromStr` (an unknown name is an error that
+/// lists the choices) and `Display`. Aliases are accepted when parsing; `name()` gives the first.
+///
+/// ```ignore
+/// choice_names!(DeviceKind, "device", { Cpu => "cpu", Cuda => "cuda" });
+/// ```
+#[macro_export]
+macro_rules! choice_names {
+    ($ty:ident, $what:literal, { $($var:ident => $name:literal $(| $alias:literal)*),+ $(,)? }) => {
+        impl $ty {
+            /// The choice's name, as configs and flags spell it.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$var => $name),+
+                }
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = anyhow::Error;
+            fn from_str(s: &str) -> anyhow::Result<Self> {
+                match s {
+                    $($name $(| $alias)* => Ok($ty::$var),)+
+                    other => Err(anyhow::anyhow!(
+                        "unknown {} {other:?} (expected {})",
+                        $what,
+                        $crate::util::either_of(&[$($name),+])
+                    )),
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+/// `a`, `a or b`, `a, b or c`.
+pub fn either_of(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::either_of;
+    use crate::models::Preset;
+    use crate::run::{Checkpoint, DeviceKind};
+
+    #[test]
+    fn choice_names_parse_print_and_list_the_choices() {
+        assert_eq!(either_of(&["a"]), "a");
+        assert_eq!(either_of(&["a", "b", "c"]), "a, b or c");
+        assert_eq!("eva-vit-g".parse::<Preset>().unwrap(), Preset::InstructblipFlanT5Xl);
+        assert_eq!(Preset::InstructblipFlanT5Xl.to_string(), "instructblip-flan-t5-xl");
+        assert_eq!("last".parse::<Checkpoint>().unwrap(), Checkpoint::Last);
+        let e = "tpu".parse::<DeviceKind>().unwrap_err().to_string();
+        assert_eq!(e, "unknown device \"tpu\" (expected cpu or cuda)");
+    }
+}

@@ -96,6 +96,13 @@ impl Batch {
         self.samples.is_empty()
     }
 
+    /// The store's pseudo-labels when they were made for `k` moments (one row of `k` frames per
+    /// question); `None` when they hold another K.
+    pub fn pseudo_labels_for(&self, k: usize) -> Option<&[Vec<usize>]> {
+        let made_for_k = self.pseudo_labels.len() == self.samples.len() && self.pseudo_labels.iter().all(|p| p.len() == k);
+        made_for_k.then_some(self.pseudo_labels.as_slice())
+    }
+
     /// The batch with its prompts tokenized by `encoder` (for batches built by hand).
     pub fn with_prompts(mut self, encoder: &PromptEncoder) -> Result<Self> {
         let dev = self.clip_frames.device().clone();

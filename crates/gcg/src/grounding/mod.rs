@@ -188,8 +188,8 @@ pub struct GroundingInputs<'a> {
     pub answer: &'a Tensor, // [B, d]
     /// Pseudo-label scores s_t; their hard top-K (time-sorted) are the regression targets.
     pub pseudo_label_scores: &'a Tensor, // [B, T]
-    /// That top-K when the caller has it (the feature store's pseudo-labels): used as the
-    /// regression targets when made for this K, instead of the top-K of the scores.
+    /// That top-K when the caller has it for this K (the feature store's pseudo-labels): the
+    /// regression targets instead of the top-K of the scores.
     pub pseudo_labels: Option<&'a [Vec<usize>]>,
 }
 
@@ -302,7 +302,7 @@ impl Grounding {
         ctx: Ctx,
     ) -> Result<GroundingLosses> {
         let (t, k) = (self.cfg.frames, self.cfg.moments);
-        let regression = match inputs.pseudo_labels.filter(|p| p.iter().all(|row| row.len() == k)) {
+        let regression = match inputs.pseudo_labels {
             Some(labels) => regression_loss_to(&out.gaussian_centres, labels, t)?,
             None => regression_loss(&out.gaussian_centres, inputs.pseudo_label_scores)?,
         };

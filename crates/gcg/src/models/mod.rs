@@ -8,7 +8,6 @@ pub mod qformer;
 pub mod t5;
 pub mod vit;
 
-use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 /// The sizes of every network of GCG, by name: `tiny` (tests and the demo) or the real thing,
@@ -25,13 +24,6 @@ pub enum Preset {
 impl Preset {
     pub const ALL: [Preset; 2] = [Preset::Tiny, Preset::InstructblipFlanT5Xl];
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Preset::Tiny => "tiny",
-            Preset::InstructblipFlanT5Xl => "instructblip-flan-t5-xl",
-        }
-    }
-
     /// The frozen ViT and CLIP branch of this preset.
     pub fn frozen(self) -> (vit::VitConfig, clip_branch::ClipConfig) {
         match self {
@@ -41,19 +33,7 @@ impl Preset {
     }
 }
 
-impl std::str::FromStr for Preset {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "tiny" => Ok(Preset::Tiny),
-            "instructblip-flan-t5-xl" | "instructblip_flan_t5_xl" | "eva-vit-g" => Ok(Preset::InstructblipFlanT5Xl),
-            other => bail!("unknown preset {other:?} (expected tiny or instructblip-flan-t5-xl)"),
-        }
-    }
-}
-
-impl std::fmt::Display for Preset {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+crate::choice_names!(Preset, "preset", {
+    Tiny => "tiny",
+    InstructblipFlanT5Xl => "instructblip-flan-t5-xl" | "instructblip_flan_t5_xl" | "eva-vit-g",
+});

@@ -52,25 +52,7 @@ impl DeviceKind {
     }
 }
 
-impl std::str::FromStr for DeviceKind {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cpu" => Ok(DeviceKind::Cpu),
-            "cuda" => Ok(DeviceKind::Cuda),
-            other => bail!("unknown device {other:?} (expected cpu or cuda)"),
-        }
-    }
-}
-
-impl std::fmt::Display for DeviceKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::Cuda => "cuda",
-        })
-    }
-}
+crate::choice_names!(DeviceKind, "device", { Cpu => "cpu", Cuda => "cuda" });
 
 /// The floating-point type of the frozen networks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,27 +82,7 @@ impl Precision {
     }
 }
 
-impl std::str::FromStr for Precision {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" => Ok(Precision::F32),
-            "bf16" => Ok(Precision::Bf16),
-            "f16" => Ok(Precision::F16),
-            other => bail!("unknown dtype {other:?} (expected f32, bf16 or f16)"),
-        }
-    }
-}
-
-impl std::fmt::Display for Precision {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
-            Precision::F16 => "f16",
-        })
-    }
-}
+crate::choice_names!(Precision, "dtype", { F32 => "f32", Bf16 => "bf16", F16 => "f16" });
 
 /// Where the model's parameters come from: the `[weights]` table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -20,13 +20,6 @@ pub enum EvalSplit {
 }
 
 impl EvalSplit {
-    pub fn name(self) -> &'static str {
-        match self {
-            EvalSplit::Val => "val",
-            EvalSplit::Test => "test",
-        }
-    }
-
     /// The split's annotations and NExT-GQA grounding file in a run config.
     pub fn files(self, cfg: &RunConfig) -> Result<(PathBuf, Option<PathBuf>)> {
         let (ann, grounding) = match self {
@@ -38,22 +31,7 @@ impl EvalSplit {
     }
 }
 
-impl std::str::FromStr for EvalSplit {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "val" => Ok(EvalSplit::Val),
-            "test" => Ok(EvalSplit::Test),
-            other => bail!("unknown split {other:?} (val or test)"),
-        }
-    }
-}
-
-impl std::fmt::Display for EvalSplit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+crate::choice_names!(EvalSplit, "split", { Val => "val", Test => "test" });
 
 /// Which checkpoint of a run: the best on validation or the last written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,13 +42,6 @@ pub enum Checkpoint {
 }
 
 impl Checkpoint {
-    pub fn name(self) -> &'static str {
-        match self {
-            Checkpoint::Best => "best",
-            Checkpoint::Last => "last",
-        }
-    }
-
     /// `best` when the run has one (a run without validation has only `last`), else `last`.
     pub fn best_or_last(run_dir: &Path) -> Self {
         if run_dir.join("checkpoints").join("best").exists() {
@@ -81,22 +52,7 @@ impl Checkpoint {
     }
 }
 
-impl std::str::FromStr for Checkpoint {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "best" => Ok(Checkpoint::Best),
-            "last" => Ok(Checkpoint::Last),
-            other => bail!("unknown checkpoint {other:?} (best or last)"),
-        }
-    }
-}
-
-impl std::fmt::Display for Checkpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+crate::choice_names!(Checkpoint, "checkpoint", { Best => "best", Last => "last" });
 
 /// Which weights of a run to predict with.
 pub fn checkpoint_weights(run_dir: &Path, which: Checkpoint) -> Result<PathBuf> {
