@@ -67,7 +67,9 @@ fn crate_paths(code: &str) -> BTreeSet<String> {
             }
         } else {
             let name = ident(rest);
-            if !name.is_empty() {
+            // `crate::name!` is a macro exported at the crate root, not a module.
+            let is_macro = rest[name.len()..].starts_with('!');
+            if !name.is_empty() && !is_macro {
                 out.insert(name);
             }
         }
@@ -129,7 +131,7 @@ fn layers_point_one_way() {
 
 #[test]
 fn the_path_scanner_reads_groups_and_skips_comments() {
-    let c = code("use crate::{nn::Linear, weights};\n// crate::demo\nlet x = crate::rng::SeededRng::new(0); // crate::run\n#[cfg(test)]\nmod tests {\n use crate::train;\n}");
+    let c = code("use crate::{nn::Linear, weights};\n// crate::demo\nlet x = crate::rng::SeededRng::new(0); // crate::run\ncrate::choice_names!(X, \"x\", { A => \"a\" });\n#[cfg(test)]\nmod tests {\n use crate::train;\n}");
     let got: Vec<String> = crate_paths(&c).into_iter().collect();
     assert_eq!(got, ["nn", "rng", "weights"]);
 }
