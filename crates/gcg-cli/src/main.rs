@@ -16,6 +16,7 @@ mod features;
 mod frames;
 mod labels;
 mod predict;
+mod store;
 mod synth;
 mod train;
 
@@ -56,6 +57,9 @@ enum Command {
     Train(train::TrainArgs),
     /// Answer a split with a trained run (or a pretrained model): predictions JSONL + metrics.
     Predict(predict::PredictArgs),
+    /// Look after a feature store: `gcg store verify [--checksums] [--values] [--repair]`.
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// Write a synthetic grounded VideoQA world (NExT-QA / NExT-GQA files, frames, mp4s, captions).
     Synth(synth::SynthArgs),
 }
@@ -103,6 +107,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Frames(a) => frames::run_frames(a),
         Command::Train(a) => train::run_train(a),
         Command::Predict(a) => predict::run(a),
+        Command::Store(c) => store::run(c),
         Command::Synth(a) => synth::run(a),
     }
 }

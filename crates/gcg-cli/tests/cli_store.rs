@@ -330,3 +330,103 @@ fn features_from_video_files_and_frame_folders() -> Result<()> {
     }
     Ok(())
 }
+
+fn shard_of(store: &Path, video: &str) -> PathBuf {
+    let snap = Store::open(store).unwrap().snapshot();
+    store.join("shards").join(&snap.video(video).unwrap().shard)
+}
+
+fn verify(store: &Path, extra: &[&str]) -> Output {
+    let mut c = gcg();
+    c.args(["store", "verify", "--store"]).arg(store).args(extra);
+    run(c)
+}
+
+#[test]
+fn a_damaged_store_is_reported_repaired_and_recomputed_by_features_and_labels() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let vids = tmp.path().join("videos");
+    std::fs::create_dir(&vids)?;
+    videos(&vids)?;
+    std::fs::remove_file(vids.join("bad.safetensors"))?;
+    let store = tmp.path().join("store");
+    assert!(run(features_cmd(&vids, &store)).status.success());
+    let csv = "video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4\n\
+               vid0,369,640,480,how do the two man play the instrument,2,6,CH,roll the handle,tap their feet,strum the string,hit with sticks,pat with hand\n\
+               vid1,2697,640,480,why did the boy pick up one present,4,1,CW,share with the girl,approach lady,unwrap it,playing with toy train,gesture something\n";
+    let ann = tmp.path().join("val.csv");
+    std::fs::write(&ann, csv)?;
+    let labels = || {
+        let mut c = gcg();
+        c.args(["labels", "--store"]).arg(&store).arg("--annotations").arg(&ann);
+        c.args([
+            "--dataset",
+            "nextqa",
+            "--preset",
+            "tiny",
+            "--random-weights",
+            "--seed",
+            "3",
+            "--top-k",
+            "2",
+            "--shard-mb",
+            "0",
+        ]);
+        c.arg("--clip-tokenizer").arg(bpe());
+        run(c)
+    };
+    assert!(labels().status.success());
+    let o = verify(&store, &["--checksums", "--values"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ok"));
+    let before = Store::open(&store)?.snapshot();
+    let bits = |s: &gcg::store::Snapshot, id: &str| -> Vec<u16> {
+        s.features(id).unwrap().as_f16().unwrap().iter().map(|x| x.to_bits()).collect()
+    };
+    let (vid1_before, curve_before) = (bits(&before, "vid1"), before.curve("vid1_1")?);
+
+    // A shard deleted behind the store's back: verify names it and its video, exit 1.
+    std::fs::remove_file(shard_of(&store, "vid1"))?;
+    let o = verify(&store, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("the file is missing") && out.contains("vid1"), "{out}");
+    assert!(stderr(&o).contains("--repair"), "{}", stderr(&o));
+    // `gcg features` does not call it stored: it recomputes exactly that video, bit for bit.
+    let o = run(features_cmd(&vids, &store));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("1 videos done, 4 already stored"), "{}", stderr(&o));
+    let after = Store::open(&store)?.snapshot();
+    assert_eq!(bits(&after, "vid1"), vid1_before);
+    // Its question went with it and `gcg labels` redoes it, the other one stays.
+    assert!(!after.contains_question("vid1_1") && after.contains_question("vid0_6"));
+    let o = labels();
+    assert!(stderr(&o).contains("1 questions done, 1 already stored"), "{}", stderr(&o));
+    assert_eq!(Store::open(&store)?.snapshot().curve("vid1_1")?, curve_before);
+
+    // One byte changed in place: only the checksum sees it; --repair quarantines the shard.
+    let path = shard_of(&store, "vid3");
+    let mut bytes = std::fs::read(&path)?;
+    let n = bytes.len();
+    bytes[n - 3] ^= 1;
+    std::fs::write(&path, bytes)?;
+    assert!(verify(&store, &[]).status.success());
+    let o = verify(&store, &["--checksums", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(v["clean"], false);
+    assert!(v["broken"][0]["fault"].as_str().unwrap().contains("CRC-32"), "{v}");
+    assert_eq!(v["lost_videos"], serde_json::json!(["vid3"]));
+    let o = verify(&store, &["--checksums", "--repair"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("dropped 1 videos and 0 questions"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(store.join("quarantine").join(path.file_name().unwrap()).exists());
+    let o = run(features_cmd(&vids, &store));
+    assert!(stderr(&o).contains("1 videos done, 4 already stored"), "{}", stderr(&o));
+    assert!(verify(&store, &["--checksums", "--values"]).status.success());
+    Ok(())
+}

@@ -146,3 +146,98 @@ mod tests {
         assert_eq!(e, "unknown device \"tpu\" (expected cpu or cuda)");
     }
 }
+
+/// Where a slice or tensor holds NaN or ±∞: how many such values, and the flat index of the first
+/// (`None` when the tensor lives on an accelerator, where only the count is computed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NonFinite {
+    pub count: usize,
+    pub first: Option<usize>,
+}
+
+impl NonFinite {
+    /// "3 non-finite values (the first at [2, 17, 5])" for a row-major `shape`.
+    pub fn describe(&self, shape: &[usize]) -> String {
+        let values = if self.count == 1 { "value" } else { "values" };
+        match self.first {
+            Some(i) => format!("{} non-finite {values} (the first at {:?})", self.count, unravel(i, shape)),
+            None => format!("{} non-finite {values}", self.count),
+        }
+    }
+}
+
+/// The multi-index of flat position `i` in a row-major `shape`.
+pub fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut out = vec![0; shape.len()];
+    for (o, &d) in out.iter_mut().zip(shape).rev() {
+        if d > 0 {
+            *o = i % d;
+            i /= d;
+        }
+    }
+    out
+}
+
+fn count_flagged<T: Copy>(xs: &[T], bad: impl Fn(T) -> bool) -> Option<NonFinite> {
+    // A branch-free count first (vectorised), the position only when something is wrong.
+    let count = xs.iter().fold(0usize, |c, &x| c + bad(x) as usize);
+    (count > 0).then(|| NonFinite {
+        count,
+        first: xs.iter().position(|&x| bad(x)),
+    })
+}
+
+/// NaN or ±∞ among f32 values.
+pub fn non_finite_f32(xs: &[f32]) -> Option<NonFinite> {
+    count_flagged(xs, |x| x.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+}
+
+/// NaN or ±∞ among f64 values.
+pub fn non_finite_f64(xs: &[f64]) -> Option<NonFinite> {
+    count_flagged(xs, |x| !x.is_finite())
+}
+
+/// NaN or ±∞ among f16 values (exponent bits all set).
+pub fn non_finite_f16(xs: &[half::f16]) -> Option<NonFinite> {
+    count_flagged(xs, |x| x.to_bits() & 0x7c00 == 0x7c00)
+}
+
+/// NaN or ±∞ among bf16 values (exponent bits all set).
+pub fn non_finite_bf16(xs: &[half::bf16]) -> Option<NonFinite> {
+    count_flagged(xs, |x| x.to_bits() & 0x7f80 == 0x7f80)
+}
+
+/// NaN or ±∞ in a floating-point tensor (integer tensors have none). Reads a contiguous CPU
+/// tensor in place; elsewhere counts on the tensor's device.
+pub fn non_finite(t: &Tensor) -> Result<Option<NonFinite>> {
+    use candle_core::{CpuStorage, DType, Storage};
+    if !t.dtype().is_float() {
+        return Ok(None);
+    }
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(match cpu {
+                CpuStorage::F32(v) => non_finite_f32(&v[a..b]),
+                CpuStorage::F64(v) => non_finite_f64(&v[a..b]),
+                CpuStorage::F16(v) => non_finite_f16(&v[a..b]),
+                CpuStorage::BF16(v) => non_finite_bf16(&v[a..b]),
+                _ => {
+                    drop(storage);
+                    return non_finite(&t.to_dtype(DType::F32)?);
+                }
+            });
+        }
+    }
+    // |x| ≤ f32::MAX is false exactly for NaN and ±∞ (also for f64 beyond the f32 range,
+    // which an f32 model cannot use either).
+    let finite = t
+        .to_dtype(DType::F32)?
+        .abs()?
+        .le(f32::MAX as f64)?
+        .to_dtype(DType::U32)?
+        .sum_all()?
+        .to_scalar::<u32>()? as usize;
+    let count = t.elem_count() - finite;
+    Ok((count > 0).then_some(NonFinite { count, first: None }))
+}

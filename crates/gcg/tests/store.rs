@@ -24,13 +24,20 @@ fn seed_of(id: &str) -> u64 {
         .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
-/// A video whose f16 features are arbitrary bit patterns (NaNs with payloads, infinities,
-/// subnormals): a round trip must keep every bit.
+/// A random f16 bit pattern that is finite (subnormals, zeros of both signs and the extremes
+/// included; NaN and ±∞, which the writer refuses, mapped to the largest finite magnitude).
+fn finite_f16(rng: &mut SeededRng) -> f16 {
+    let b = rng.next_u64() as u16;
+    f16::from_bits(if b & 0x7c00 == 0x7c00 { (b & 0x8000) | 0x7bff } else { b })
+}
+
+/// A video whose f16 features are arbitrary finite bit patterns (subnormals, signed zeros,
+/// extremes): a round trip must keep every bit.
 fn video(id: &str, t: usize, n: usize, d: usize, e: usize) -> VideoRecord {
     let mut rng = SeededRng::new(seed_of(id));
     VideoRecord {
         id: id.to_string(),
-        features: (0..t * n * d).map(|_| f16::from_bits(rng.next_u64() as u16)).collect(),
+        features: (0..t * n * d).map(|_| finite_f16(&mut rng)).collect(),
         features_shape: [t, n, d],
         frame_embeds: rng.normal_vec(t * e, 0.0, 1.0),
         embed_dim: e,
@@ -220,6 +227,177 @@ fn writer_rejects_inconsistent_records() -> Result<()> {
     let mut w2 = StoreWriter::open(dir.path(), WriterOptions::default())?;
     w2.reload()?;
     assert!(w2.add_video(video("z", 4, 9, 9, 8)).is_err());
+    Ok(())
+}
+
+#[test]
+fn writer_refuses_non_finite_values_naming_the_record_and_tensor() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    let mut v = video("nanvid", 4, 2, 3, 8);
+    v.features[2 * 6 + 1 * 3 + 2] = f16::NAN; // frame 2, token 1, channel 2
+    v.features[3 * 6] = f16::INFINITY;
+    let err = w.add_video(v).unwrap_err().to_string();
+    assert!(
+        err.contains("video nanvid") && err.contains("ViT features") && err.contains("2 non-finite values (the first at [2, 1, 2])"),
+        "{err}"
+    );
+    let mut v = video("infemb", 4, 2, 3, 8);
+    v.frame_embeds[8 + 5] = f32::NEG_INFINITY;
+    let err = w.add_video(v).unwrap_err().to_string();
+    assert!(
+        err.contains("video infemb") && err.contains("CLIP frame embeddings") && err.contains("[1, 5]"),
+        "{err}"
+    );
+    w.add_video(video("ok", 4, 2, 3, 8))?;
+    w.flush()?;
+    let mut q = question("ok_1", "ok", 4, 8, 5, 2);
+    q.options[3 * 8 + 7] = f32::NAN;
+    let err = w.add_question(q).unwrap_err().to_string();
+    assert!(
+        err.contains("question ok_1 (video ok)") && err.contains("option embeddings") && err.contains("[3, 7]"),
+        "{err}"
+    );
+    let mut q = question("ok_2", "ok", 4, 8, 5, 2);
+    q.curve[1] = f32::NAN;
+    let err = w.add_question(q).unwrap_err().to_string();
+    assert!(
+        err.contains("question ok_2") && err.contains("similarity curve") && err.contains("[1]"),
+        "{err}"
+    );
+    let index = w.finish()?;
+    assert_eq!(index.videos.keys().collect::<Vec<_>>(), ["ok"]);
+    assert!(index.questions.is_empty());
+    Ok(())
+}
+
+/// A store of three one-video shards and three one-question shards, as an older gcg or another tool
+/// could have left it; returns the shard of each video.
+fn damaged_store_fixture(dir: &Path) -> Result<HashMap<String, String>> {
+    let mut w = StoreWriter::open(dir, small_shards())?;
+    for id in ["d0", "d1", "d2"] {
+        w.add_video(video(id, 4, 2, 3, 8))?;
+    }
+    w.flush()?;
+    for id in ["d0", "d1", "d2"] {
+        w.add_question(question(&format!("{id}_1"), id, 4, 8, 5, 2))?;
+    }
+    let index = w.finish()?;
+    Ok(index.videos.iter().map(|(id, v)| (id.clone(), v.shard.clone())).collect())
+}
+
+/// Rewrites a value inside a published shard (what a disk error or another program could do)
+/// and, like a store written before checksums, removes the shard's recorded CRC.
+fn poke_f16(dir: &Path, shard: &str, offset: u64, value: f16) -> Result<()> {
+    let path = dir.join(SHARD_DIR).join(shard);
+    let mut bytes = std::fs::read(&path)?;
+    bytes[offset as usize..offset as usize + 2].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(&path, bytes)?;
+    let index_path = dir.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
+    index["shards"][shard].as_object_mut().unwrap().remove("crc32");
+    std::fs::write(index_path, serde_json::to_vec(&index)?)?;
+    Ok(())
+}
+
+#[test]
+fn a_check_finds_missing_cut_altered_and_non_finite_shards_and_repair_drops_exactly_their_records() -> Result<()> {
+    use gcg::store::{check, CheckOptions, ShardFault, QUARANTINE_DIR};
+    let dir = tempfile::tempdir()?;
+    let shards = damaged_store_fixture(dir.path())?;
+    let snap = Store::open(dir.path())?.snapshot();
+    let full = snap.check(CheckOptions::full())?;
+    assert!(full.is_clean() && full.without_checksum == 0, "{full:?}");
+    assert_eq!((full.shards, full.videos, full.questions), (6, 3, 3));
+
+    // d0's shard deleted, d1's cut short, one byte of d2's changed (same size).
+    let shard_path = |id: &str| dir.path().join(SHARD_DIR).join(&shards[id]);
+    std::fs::remove_file(shard_path("d0"))?;
+    let f = std::fs::OpenOptions::new().write(true).open(shard_path("d1"))?;
+    let len = f.metadata()?.len();
+    f.set_len(len - 10)?;
+    drop(f);
+    let mut bytes = std::fs::read(shard_path("d2"))?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(shard_path("d2"), bytes)?;
+
+    let quick = snap.check(CheckOptions::quick())?;
+    let faults: Vec<(&str, &ShardFault)> = quick.broken.iter().map(|b| (b.name.as_str(), &b.fault)).collect();
+    assert_eq!(
+        faults,
+        [
+            (shards["d0"].as_str(), &ShardFault::Missing),
+            (
+                shards["d1"].as_str(),
+                &ShardFault::Size {
+                    actual: len - 10,
+                    expected: len
+                }
+            ),
+        ],
+        "{quick:?}"
+    );
+    assert_eq!(quick.lost_videos, ["d0", "d1"]);
+    assert!(quick.lost_questions.is_empty());
+    let err = snap.verify().unwrap_err().to_string();
+    assert!(
+        err.contains(&shards["d0"]) && err.contains("missing") && err.contains("--repair"),
+        "{err}"
+    );
+    let deep = snap.check(CheckOptions::full())?;
+    assert_eq!(deep.broken.len(), 3, "{deep:?}");
+    assert!(matches!(deep.broken[2].fault, ShardFault::Checksum { .. }) && deep.broken[2].name == shards["d2"]);
+
+    // Repair: all three shards leave the index (the two present ones go to quarantine/), with
+    // their videos and those videos' questions; the (unbroken) question shards stay listed.
+    let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?; // drops d0, d1 already (quick check)
+    assert_eq!(w.index().videos.keys().collect::<Vec<_>>(), ["d2"]);
+    assert_eq!(w.index().questions.keys().collect::<Vec<_>>(), ["d2_1"]);
+    let found = check(dir.path(), w.index(), CheckOptions::full())?;
+    let repaired = w.repair(&found)?;
+    assert_eq!(repaired.videos, ["d2"]);
+    assert_eq!(repaired.questions, ["d2_1"]);
+    assert!(dir.path().join(QUARANTINE_DIR).join(&shards["d1"]).exists());
+    assert!(dir.path().join(QUARANTINE_DIR).join(&shards["d2"]).exists());
+    let snap = Store::open(dir.path())?.snapshot();
+    assert!(snap.check(CheckOptions::full())?.is_clean());
+    assert!(snap.index().videos.is_empty() && snap.index().questions.is_empty());
+    assert_eq!(snap.index().shards.len(), 3, "the question shards stay listed");
+    Ok(())
+}
+
+#[test]
+fn non_finite_values_in_an_old_store_are_found_by_the_check_and_named_by_the_batch_reader() -> Result<()> {
+    use gcg::store::CheckOptions;
+    let dir = tempfile::tempdir()?;
+    let shards = damaged_store_fixture(dir.path())?;
+    let snap = Store::open(dir.path())?.snapshot();
+    // A NaN at frame 3, token 0, channel 1 of d1's features.
+    let loc = snap.video("d1")?.features.clone();
+    poke_f16(dir.path(), &shards["d1"], loc.offsets[0] + 2 * (3 * 6 + 1), f16::NAN)?;
+    let snap = Store::open(dir.path())?.snapshot();
+    let found = snap.check(CheckOptions::full())?;
+    assert!(found.broken.is_empty() && found.without_checksum == 1, "{found:?}");
+    assert_eq!(found.non_finite.len(), 1, "{found:?}");
+    let r = &found.non_finite[0];
+    assert_eq!((r.kind, r.id.as_str()), ("video", "d1"));
+    assert!(r.detail.contains("1 non-finite value (the first at [3, 0, 1])"), "{r:?}");
+
+    // Reading it into a batch names the question, the video and the tensor.
+    let samples = vec![sample("d1", "1", "q", &["a", "b", "c", "d", "e"], 0)];
+    let opts = BatchOptions {
+        batch_size: 1,
+        shuffle: false,
+        ..Default::default()
+    };
+    let loader = BatchLoader::new(snap, samples, opts)?;
+    let err = loader.collate(0, &[0]).unwrap_err();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("video d1") && msg.contains("question d1_1") && msg.contains("ViT features") && msg.contains("[3, 0, 1]"),
+        "{msg}"
+    );
     Ok(())
 }
 

@@ -12,6 +12,7 @@ use super::prompt::{PromptEncoder, PromptTokens};
 use super::{Answer, QaSample};
 use crate::rng::SeededRng;
 use crate::store::{f16_to_bf16, f16_to_f32, Snapshot};
+use crate::util::{non_finite_f16, non_finite_f32};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
@@ -446,14 +447,25 @@ impl BatchBuffers {
         if self.features.is_some() {
             self.push_features(snap, j, s)?;
         }
-        self.frame_embeds.extend(snap.frame_embeds(&s.video)?.to_f32()?);
+        let frame_embeds = snap.frame_embeds(&s.video)?.to_f32()?;
+        finite(snap, s, "CLIP frame embeddings [T, E]", &frame_embeds, &[t, e])?;
+        self.frame_embeds.extend(frame_embeds);
         let rows = &mut self.rows;
         snap.question_rows_into(q, rows).with_context(|| format!("sample {}", s.key))?;
+        finite(
+            snap,
+            s,
+            "CLIP text embeddings [question, options, answer, event]",
+            rows,
+            &[o + 3, e],
+        )?;
         self.text[j * (1 + o) * e..(j + 1) * (1 + o) * e].copy_from_slice(&rows[..(1 + o) * e]);
         self.answer[j * e..(j + 1) * e].copy_from_slice(&rows[(1 + o) * e..(2 + o) * e]);
         self.event[j * e..(j + 1) * e].copy_from_slice(&rows[(2 + o) * e..]);
         self.labels.push(q.pseudo_labels.iter().map(|&x| x as usize).collect::<Vec<_>>());
-        self.curves.extend(snap.curve(&s.key)?);
+        let curve = snap.curve(&s.key)?;
+        finite(snap, s, "similarity curve s_t", &curve, &[t])?;
+        self.curves.extend(curve);
         self.answers.push(match s.answer {
             Answer::Choice(i) => Some(i),
             Answer::Text(_) => None,
@@ -474,6 +486,16 @@ impl BatchBuffers {
             s.video,
             src.len()
         );
+        if let Some(bad) = non_finite_f16(&src) {
+            bail!(
+                "video {} (question {}): its stored ViT features hold {} in the feature store {} \
+                 (`gcg store verify --values --repair` drops such records; `gcg features` recomputes them)",
+                s.video,
+                s.key,
+                bad.describe(m.shape()),
+                snap.dir().display()
+            );
+        }
         if self.features == Some(DType::F32) {
             f16_to_f32(&src, &mut self.f32_buf[j * per_video..(j + 1) * per_video]);
         } else {
@@ -523,5 +545,21 @@ impl BatchBuffers {
             timestamps: self.timestamps,
             prompts,
         })
+    }
+}
+
+/// An error naming the sample, its video and the tensor when `xs` holds NaN or ±∞ (a store
+/// written before the writer refused such values, or altered since).
+fn finite(snap: &Snapshot, s: &QaSample, what: &str, xs: &[f32], shape: &[usize]) -> Result<()> {
+    match non_finite_f32(xs) {
+        None => Ok(()),
+        Some(bad) => bail!(
+            "question {} (video {}): its stored {what} hold {} in the feature store {} \
+             (`gcg store verify --values --repair` drops such records; `gcg features` / `gcg labels` recompute them)",
+            s.key,
+            s.video,
+            bad.describe(shape),
+            snap.dir().display()
+        ),
     }
 }

@@ -196,6 +196,8 @@ pub fn label_questions(
     // The store must exist already (a mistyped path is an error, not a new empty store).
     let store = Store::open(store_dir)?;
     let mut writer = StoreWriter::open(store_dir, opts.writer.clone())?;
+    // Opening the writer drops records whose shard is broken; see the index as it left it.
+    store.refresh()?;
     let snap = store.snapshot();
     let mut report = LabelReport::default();
     let (todo, failed_early) = plan_questions(samples, &snap, opts, &mut report)?;

@@ -19,8 +19,13 @@ pub(crate) struct RawTensor<'a> {
 /// Writes a safetensors file at `path` (which must not be the final name: the caller renames
 /// it) and fsyncs it. Tensors are laid out by descending element size (then in the given
 /// order) after an 8-byte-aligned header, so every tensor is aligned to its element size.
-/// Returns each tensor's location (absolute offsets), in the given order.
-pub(crate) fn write_safetensors(path: &Path, tensors: &[RawTensor<'_>], metadata: &BTreeMap<String, String>) -> Result<Vec<TensorLoc>> {
+/// Returns each tensor's location (absolute offsets), in the given order, and the CRC-32 of the
+/// whole file.
+pub(crate) fn write_safetensors(
+    path: &Path,
+    tensors: &[RawTensor<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(Vec<TensorLoc>, u32)> {
     let mut seen = std::collections::HashSet::new();
     for t in tensors {
         ensure!(
@@ -66,11 +71,15 @@ pub(crate) fn write_safetensors(path: &Path, tensors: &[RawTensor<'_>], metadata
 
     let file = std::fs::File::create(path).with_context(|| format!("creating shard {}", path.display()))?;
     let mut w = std::io::BufWriter::with_capacity(4 << 20, file);
-    let write = |w: &mut std::io::BufWriter<std::fs::File>| -> std::io::Result<()> {
-        w.write_all(&(header.len() as u64).to_le_bytes())?;
-        w.write_all(&header)?;
-        for &i in &order {
-            w.write_all(&tensors[i].data)?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut write = |w: &mut std::io::BufWriter<std::fs::File>| -> std::io::Result<()> {
+        let size = (header.len() as u64).to_le_bytes();
+        let parts = [&size[..], &header[..]]
+            .into_iter()
+            .chain(order.iter().map(|&i| &tensors[i].data[..]));
+        for part in parts {
+            crc.update(part);
+            w.write_all(part)?;
         }
         w.flush()
     };
@@ -80,7 +89,7 @@ pub(crate) fn write_safetensors(path: &Path, tensors: &[RawTensor<'_>], metadata
         .map_err(|e| e.into_error())
         .with_context(|| format!("writing shard {}", path.display()))?;
     file.sync_all().with_context(|| format!("syncing shard {}", path.display()))?;
-    Ok(tensors
+    let locs = tensors
         .iter()
         .zip(&rel)
         .map(|(t, r)| TensorLoc {
@@ -89,7 +98,22 @@ pub(crate) fn write_safetensors(path: &Path, tensors: &[RawTensor<'_>], metadata
             shape: t.shape.clone(),
             offsets: [data_start + r[0], data_start + r[1]],
         })
-        .collect())
+        .collect();
+    Ok((locs, crc.finalize()))
+}
+
+/// The CRC-32 of a whole file, read in 8 MiB pieces.
+pub(crate) fn file_crc32(path: &Path) -> Result<u32> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 8 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(crc.finalize());
+        }
+        crc.update(&buf[..n]);
+    }
 }
 
 /// Reads a shard's header: its tensors (absolute offsets) and `__metadata__`.

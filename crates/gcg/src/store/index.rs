@@ -119,6 +119,10 @@ pub struct ShardInfo {
     /// for video shards, whose tensors are listed per video.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub tensors: BTreeMap<String, TensorLoc>,
+    /// CRC-32 of the whole file, checked by `gcg store verify --checksums` (absent in stores
+    /// written before checksums were recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32: Option<u32>,
 }
 
 /// One video: T frames of features and CLIP embeddings, with their times.

@@ -73,11 +73,13 @@
 //! a tensor (converted to f32 / bf16 on the way when asked). [`crate::data::batch`] collates
 //! training batches from it with prefetching workers.
 
+mod check;
 mod format;
 mod index;
 mod reader;
 mod writer;
 
+pub use check::{check, drop_broken, BrokenShard, CheckOptions, NonFiniteRecord, ShardFault, StoreCheck};
 pub(crate) use format::f16_to_f32;
 pub use format::read_header;
 pub use index::{
@@ -86,4 +88,4 @@ pub use index::{
 };
 pub(crate) use reader::f16_to_bf16;
 pub use reader::{MappedTensor, QuestionTexts, Snapshot, Store};
-pub use writer::{Fault, FaultAction, FaultPoint, QuestionRecord, StoreWriter, VideoRecord, WriterOptions};
+pub use writer::{Fault, FaultAction, FaultPoint, QuestionRecord, Repaired, StoreWriter, VideoRecord, WriterOptions, QUARANTINE_DIR};

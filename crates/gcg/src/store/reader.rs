@@ -1,5 +1,6 @@
 //! Reading a store: an immutable snapshot of the index plus memory-mapped shards.
 
+use super::check::{CheckOptions, StoreCheck};
 use super::format::{f16_from_bytes, f16_to_f32, f32_from_bytes};
 use super::index::{read_index, Index, QuestionEntry, Stamp, StoreDType, StoreMeta, TensorLoc, VideoEntry, INDEX_FILE, SHARD_DIR};
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -252,40 +253,25 @@ impl Snapshot {
         Ok(f32_from_bytes(&t.bytes()[q.curve_start * 4..(q.curve_start + q.num_frames) * 4]))
     }
 
-    /// Checks every shard against the index: listed files exist with the listed sizes and their
-    /// safetensors headers name the tensors at the listed byte ranges.
+    /// Checks the index against the shard files, as deep as asked (see [`super::check()`]).
+    pub fn check(&self, opts: CheckOptions) -> Result<StoreCheck> {
+        super::check::check(&self.dir, &self.index, opts)
+    }
+
+    /// An error unless every listed shard exists with its listed size and a header that puts
+    /// each tensor where the index says.
     pub fn verify(&self) -> Result<()> {
-        let mut headers = HashMap::new();
-        for (name, info) in &self.index.shards {
-            let path = self.dir.join(SHARD_DIR).join(name);
-            let len = std::fs::metadata(&path).with_context(|| format!("shard {}", path.display()))?.len();
-            ensure!(
-                len == info.bytes,
-                "shard {}: {len} bytes, the index says {}",
-                path.display(),
-                info.bytes
-            );
-            let (tensors, _) = super::format::read_header(&path)?;
-            for t in info.tensors.values() {
-                ensure!(
-                    tensors.get(&t.name) == Some(t),
-                    "shard {name}: tensor {} differs from the index",
-                    t.name
-                );
-            }
-            headers.insert(name.clone(), tensors);
-        }
-        for (id, v) in &self.index.videos {
-            let h = &headers[&v.shard];
-            for t in [&v.features, &v.frame_embeds] {
-                ensure!(
-                    h.get(&t.name) == Some(t),
-                    "video {id}: tensor {} differs in shard {}",
-                    t.name,
-                    v.shard
-                );
-            }
-        }
+        let found = self.check(CheckOptions {
+            headers: true,
+            ..CheckOptions::default()
+        })?;
+        ensure!(
+            found.is_clean(),
+            "the feature store {} is damaged (`gcg store verify --repair` drops the broken records so that \
+             `gcg features` / `gcg labels` recompute them):\n{}",
+            self.dir.display(),
+            found.describe()
+        );
         Ok(())
     }
 
@@ -293,16 +279,7 @@ impl Snapshot {
     /// between renaming a shard and publishing it (harmless; their records were redone or will
     /// be). Shards whose entries were all superseded stay listed and are not counted here.
     pub fn unlisted_shards(&self) -> Result<Vec<String>> {
-        let mut out = Vec::new();
-        let dir = self.dir.join(SHARD_DIR);
-        for e in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-            let name = e?.file_name().to_string_lossy().to_string();
-            if name.ends_with(".safetensors") && !name.starts_with('.') && !self.index.shards.contains_key(&name) {
-                out.push(name);
-            }
-        }
-        out.sort();
-        Ok(out)
+        super::check::unlisted_shards(&self.dir.join(SHARD_DIR), &self.index)
     }
 }
 

@@ -1,10 +1,12 @@
 //! Appending to a store: records are buffered, then written as one shard (temp name, fsync,
 //! rename) and published by rewriting the index (under the lock, temp name, fsync, rename).
 
+use super::check::{check, drop_broken, CheckOptions, StoreCheck};
 use super::format::{f16_bytes, f32_bytes, f64_bytes, i64_bytes, write_safetensors, RawTensor};
 use super::index::{
     read_index, Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, VideoEntry, INDEX_FILE, LOCK_FILE, SHARD_DIR,
 };
+use crate::util::{non_finite_f16, non_finite_f32, non_finite_f64};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use half::f16;
@@ -94,6 +96,23 @@ impl VideoRecord {
             "video {id}: {} timestamps for {t} frames",
             self.timestamps.len()
         );
+        if let Some(bad) = non_finite_f16(&self.features) {
+            bail!(
+                "video {id}: the ViT features [T, N, D] = {:?} hold {} — not stored (are the ViT weights finite?)",
+                self.features_shape,
+                bad.describe(&self.features_shape)
+            );
+        }
+        if let Some(bad) = non_finite_f32(&self.frame_embeds) {
+            bail!(
+                "video {id}: the CLIP frame embeddings [T, E] = [{t}, {}] hold {} — not stored",
+                self.embed_dim,
+                bad.describe(&[t, self.embed_dim])
+            );
+        }
+        if let Some(bad) = non_finite_f64(&self.timestamps) {
+            bail!("video {id}: the frame times hold {}", bad.describe(&[t]));
+        }
         Ok(())
     }
 
@@ -149,6 +168,22 @@ impl QuestionRecord {
             "question {key}: pseudo-labels {:?} are not increasing frame indices below {frames}",
             self.pseudo_labels
         );
+        let rows = [
+            ("question embedding", &self.question, vec![e]),
+            ("option embeddings", &self.options, vec![self.num_options, e]),
+            ("answer embedding", &self.answer, vec![e]),
+            ("event-text embedding", &self.event, vec![e]),
+            ("similarity curve s_t", &self.curve, vec![frames]),
+        ];
+        for (what, v, shape) in rows {
+            if let Some(bad) = non_finite_f32(v) {
+                bail!(
+                    "question {key} (video {}): the CLIP {what} holds {} — not stored",
+                    self.video,
+                    bad.describe(&shape)
+                );
+            }
+        }
         Ok(())
     }
 
@@ -304,9 +339,20 @@ impl StoreWriter {
         let index = (|| -> Result<Index> {
             remove_stale_temps(&dir)?;
             remove_stale_temps(&dir.join(SHARD_DIR))?;
-            let (index, stamp) = read_index(&dir)?;
+            let (mut index, stamp) = read_index(&dir)?;
             if stamp.is_none() {
                 write_index(&dir, &index, &mut |_| Ok(()))?;
+            }
+            // A shard gone or cut short behind the store's back: its records are dropped from
+            // the index so that this job recomputes them (instead of calling them stored).
+            let found = check(&dir, &index, CheckOptions::quick())?;
+            if !found.is_clean() {
+                tracing::warn!(
+                    "the feature store {} is damaged; its broken records are dropped and will be recomputed:\n{}",
+                    dir.display(),
+                    found.describe()
+                );
+                publish_repair(&dir, &mut index, &found)?;
             }
             Ok(index)
         })();
@@ -342,6 +388,25 @@ impl StoreWriter {
     /// Whether the question is committed or buffered.
     pub fn has_question(&self, key: &str) -> bool {
         self.index.questions.contains_key(key) || self.pending_questions.iter().any(|q| q.key == key)
+    }
+
+    /// Drops from the index what `found` (a [`check`] of this store) says is broken: the broken
+    /// shards (moved to `quarantine/` when their file is still there), every record in them, the
+    /// records holding non-finite values and the questions of every dropped video; removes the
+    /// shard files the index does not list. The jobs that made the dropped records
+    /// (`gcg features`, `gcg labels`) then recompute them.
+    pub fn repair(&mut self, found: &StoreCheck) -> Result<Repaired> {
+        let lock_path = self.dir.join(LOCK_FILE);
+        self.lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
+        let result = (|| -> Result<(Index, Repaired)> {
+            let (mut index, _) = read_index(&self.dir)?;
+            let repaired = publish_repair(&self.dir, &mut index, found)?;
+            Ok((index, repaired))
+        })();
+        self.lock.unlock().with_context(|| format!("unlocking {}", lock_path.display()))?;
+        let (index, repaired) = result?;
+        self.index = index;
+        Ok(repaired)
     }
 
     /// Re-reads the index (to see other writers' commits).
@@ -493,7 +558,7 @@ impl StoreWriter {
         let mut meta = BTreeMap::new();
         meta.insert("format".to_string(), super::index::FORMAT.to_string());
         meta.insert("kind".to_string(), format!("{kind:?}").to_lowercase());
-        let locs = write_safetensors(&tmp, tensors, &meta)?;
+        let (locs, crc32) = write_safetensors(&tmp, tensors, &meta)?;
         let bytes = std::fs::metadata(&tmp)?.len();
         self.fault(FaultPoint::ShardWritten)?;
         std::fs::rename(&tmp, &final_path).with_context(|| format!("renaming {} to {}", tmp.display(), final_path.display()))?;
@@ -510,6 +575,7 @@ impl StoreWriter {
                     kind,
                     bytes,
                     tensors: BTreeMap::new(),
+                    crc32: Some(crc32),
                 },
             );
             entries(&name, &locs, &mut index)?;
@@ -676,6 +742,63 @@ impl Drop for StoreWriter {
             );
         }
     }
+}
+
+/// What [`StoreWriter::repair`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Repaired {
+    /// Broken shards dropped from the index, and where each file went (None: it was missing).
+    pub shards: Vec<(String, Option<PathBuf>)>,
+    pub videos: Vec<String>,
+    pub questions: Vec<String>,
+    /// Unlisted shard files of stopped writers, removed.
+    pub removed_unlisted: Vec<String>,
+}
+
+/// Sub-directory of a store where repair moves broken shard files (never deleted by gcg).
+pub const QUARANTINE_DIR: &str = "quarantine";
+
+/// Under the lock: drops what `found` says is broken from `index`, publishes it, then moves the
+/// broken files aside and removes unlisted ones (after the new index names none of them).
+fn publish_repair(dir: &Path, index: &mut Index, found: &StoreCheck) -> Result<Repaired> {
+    let (videos, questions) = drop_broken(index, found);
+    index.generation += 1;
+    index.validate().context("the repaired index")?;
+    write_index(dir, index, &mut |_| Ok(()))?;
+    let mut repaired = Repaired {
+        videos,
+        questions,
+        ..Default::default()
+    };
+    let shard_dir = dir.join(SHARD_DIR);
+    for b in &found.broken {
+        let path = shard_dir.join(&b.name);
+        let moved = if path.exists() {
+            let q = dir.join(QUARANTINE_DIR);
+            std::fs::create_dir_all(&q).with_context(|| format!("creating {}", q.display()))?;
+            let to = q.join(&b.name);
+            std::fs::rename(&path, &to).with_context(|| format!("moving {} to {}", path.display(), to.display()))?;
+            Some(to)
+        } else {
+            None
+        };
+        repaired.shards.push((b.name.clone(), moved));
+    }
+    for name in &found.unlisted {
+        // Only a stopped writer's leftovers: a running one may be about to publish its shard.
+        let writer_pid = name.split('-').nth(2).and_then(|p| p.parse::<u32>().ok());
+        let stopped = writer_pid.is_some_and(|p| p != std::process::id() && !pid_alive(p));
+        if stopped && !index.shards.contains_key(name) {
+            let path = shard_dir.join(name);
+            match std::fs::remove_file(&path) {
+                Ok(()) => repaired.removed_unlisted.push(name.clone()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+            }
+        }
+    }
+    fsync_dir(&shard_dir)?;
+    Ok(repaired)
 }
 
 /// Writes `index.json` atomically: temp name, fsync, (fault point), rename, fsync the directory.

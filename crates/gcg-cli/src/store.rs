@@ -1,0 +1,148 @@
+//! `gcg store verify`: check a feature store against its shard files and, when asked, drop what
+//! is broken so that `gcg features` / `gcg labels` recompute it.
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use gcg::store::{CheckOptions, Store, StoreCheck, StoreWriter, WriterOptions};
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum StoreCommand {
+    /// Check every shard the index lists (exists, size, header; with --checksums every byte,
+    /// with --values every value finite); exit 1 when something is broken, unless --repair.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// The feature store directory.
+    #[arg(long)]
+    store: PathBuf,
+    /// Also compare each shard's CRC-32 with the one recorded when it was written (reads every byte).
+    #[arg(long)]
+    checksums: bool,
+    /// Also check that every stored feature, embedding, curve and time is finite (reads every byte).
+    #[arg(long)]
+    values: bool,
+    /// Drop the broken shards and records from the index (broken files go to STORE/quarantine/);
+    /// `gcg features` and `gcg labels` then recompute them.
+    #[arg(long)]
+    repair: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(c: StoreCommand) -> Result<()> {
+    match c {
+        StoreCommand::Verify(a) => verify(a),
+    }
+}
+
+fn verify(a: VerifyArgs) -> Result<()> {
+    let store = Store::open(&a.store)?;
+    let opts = CheckOptions {
+        headers: true,
+        checksums: a.checksums,
+        values: a.values,
+    };
+    let found = store.snapshot().check(opts)?;
+    let repaired = if a.repair && (!found.is_clean() || !found.unlisted.is_empty()) {
+        Some(StoreWriter::open(&a.store, WriterOptions::default())?.repair(&found)?)
+    } else {
+        None
+    };
+    if a.json {
+        let mut out = report_json(&found);
+        if let Some(r) = &repaired {
+            out["repaired"] = json!({
+                "shards": r.shards.iter().map(|(n, to)| json!({"shard": n, "moved_to": to})).collect::<Vec<_>>(),
+                "videos": r.videos,
+                "questions": r.questions,
+                "removed_unlisted": r.removed_unlisted,
+            });
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_report(&a, &found);
+        if let Some(r) = &repaired {
+            for (name, to) in &r.shards {
+                match to {
+                    Some(p) => println!("dropped shard {name} (moved to {})", p.display()),
+                    None => println!("dropped shard {name} (its file was missing)"),
+                }
+            }
+            println!(
+                "dropped {} videos and {} questions from the index; recompute them with `gcg features` and `gcg labels` \
+                 (the same commands that made them){}",
+                r.videos.len(),
+                r.questions.len(),
+                if r.removed_unlisted.is_empty() {
+                    String::new()
+                } else {
+                    format!("; removed {} unlisted shard files", r.removed_unlisted.len())
+                }
+            );
+        }
+    }
+    if !found.is_clean() && repaired.is_none() {
+        bail!(
+            "the feature store {} is damaged (listed above); `gcg store verify --repair{}{}` drops the broken records \
+             so that `gcg features` / `gcg labels` recompute them",
+            a.store.display(),
+            if a.checksums { " --checksums" } else { "" },
+            if a.values { " --values" } else { "" },
+        );
+    }
+    Ok(())
+}
+
+fn print_report(a: &VerifyArgs, found: &StoreCheck) {
+    let depth = match (a.checksums, a.values) {
+        (false, false) => "files, sizes and headers",
+        (true, false) => "files, sizes, headers and checksums",
+        (false, true) => "files, sizes, headers and values",
+        (true, true) => "files, sizes, headers, checksums and values",
+    };
+    println!(
+        "{}: {} shards, {} videos, {} questions; checked {depth}",
+        a.store.display(),
+        found.shards,
+        found.videos,
+        found.questions
+    );
+    if found.is_clean() {
+        println!("ok");
+    } else {
+        println!("{}", found.describe());
+    }
+    if found.without_checksum > 0 {
+        println!(
+            "{} shards were written without a checksum (older gcg) and were not checksum-checked",
+            found.without_checksum
+        );
+    }
+    if !found.unlisted.is_empty() {
+        println!(
+            "{} shard files are not in the index (left by stopped writers; harmless, --repair removes them)",
+            found.unlisted.len()
+        );
+    }
+}
+
+fn report_json(found: &StoreCheck) -> serde_json::Value {
+    json!({
+        "clean": found.is_clean(),
+        "checked": {"headers": found.options.headers, "checksums": found.options.checksums, "values": found.options.values},
+        "shards": found.shards,
+        "videos": found.videos,
+        "questions": found.questions,
+        "broken": found.broken.iter().map(|b| json!({"shard": b.name, "kind": format!("{:?}", b.kind).to_lowercase(), "fault": b.fault.to_string()})).collect::<Vec<_>>(),
+        "lost_videos": found.lost_videos,
+        "lost_questions": found.lost_questions,
+        "non_finite": found.non_finite.iter().map(|r| json!({"kind": r.kind, "id": r.id, "tensor": r.tensor, "detail": r.detail})).collect::<Vec<_>>(),
+        "unlisted": found.unlisted,
+        "without_checksum": found.without_checksum,
+    })
+}
