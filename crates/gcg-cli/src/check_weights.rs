@@ -1,7 +1,7 @@
 //! `gcg check-weights`: load a checkpoint, check every tensor against the model's shapes and
 //! report what it holds, as JSON.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 use gcg::models::checkpoint::open_any;
@@ -34,16 +34,34 @@ pub fn run(a: CheckWeightsArgs) -> Result<()> {
     let no_vit = a.no_vit;
     let lb = Loader::from_source(src.clone(), &Device::Cpu, DType::F32)
         .with_trainable(is_trainable)
-        .with_ignored(move |n| is_buffer(n) || (no_vit && is_vit_trunk(n)));
+        .with_ignored(move |n| is_buffer(n) || (no_vit && is_vit_trunk(n)))
+        .collecting_value_problems();
     let _model = VideoLmm::load(&lb, &cfg, !a.no_vit)?;
     lb.finish()?;
+    let problems = lb.value_problems();
     let out = json!({
         "weights": a.weights,
         "source": src.describe(),
         "tensors": src.names().len(),
         "trainable_params": lb.vars().num_params(),
+        "ok": problems.is_empty(),
+        "problems": problems,
         "config": cfg,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
+    if !problems.is_empty() {
+        for p in problems.iter().take(20) {
+            eprintln!("  {p}");
+        }
+        bail!(
+            "{} of the checkpoint's tensors are unusable (listed above{})",
+            problems.len(),
+            if problems.len() > 20 {
+                ", the first 20; all in the JSON"
+            } else {
+                ""
+            }
+        );
+    }
     Ok(())
 }

@@ -129,24 +129,6 @@ pub fn either_of(names: &[&str]) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::either_of;
-    use crate::models::Preset;
-    use crate::run::{Checkpoint, DeviceKind};
-
-    #[test]
-    fn choice_names_parse_print_and_list_the_choices() {
-        assert_eq!(either_of(&["a"]), "a");
-        assert_eq!(either_of(&["a", "b", "c"]), "a, b or c");
-        assert_eq!("eva-vit-g".parse::<Preset>().unwrap(), Preset::InstructblipFlanT5Xl);
-        assert_eq!(Preset::InstructblipFlanT5Xl.to_string(), "instructblip-flan-t5-xl");
-        assert_eq!("last".parse::<Checkpoint>().unwrap(), Checkpoint::Last);
-        let e = "tpu".parse::<DeviceKind>().unwrap_err().to_string();
-        assert_eq!(e, "unknown device \"tpu\" (expected cpu or cuda)");
-    }
-}
-
 /// Where a slice or tensor holds NaN or ±∞: how many such values, and the flat index of the first
 /// (`None` when the tensor lives on an accelerator, where only the count is computed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -240,4 +222,48 @@ pub fn non_finite(t: &Tensor) -> Result<Option<NonFinite>> {
         .to_scalar::<u32>()? as usize;
     let count = t.elem_count() - finite;
     Ok((count > 0).then_some(NonFinite { count, first: None }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::either_of;
+    use crate::models::Preset;
+    use crate::run::{Checkpoint, DeviceKind};
+
+    #[test]
+    fn choice_names_parse_print_and_list_the_choices() {
+        assert_eq!(either_of(&["a"]), "a");
+        assert_eq!(either_of(&["a", "b", "c"]), "a, b or c");
+        assert_eq!("eva-vit-g".parse::<Preset>().unwrap(), Preset::InstructblipFlanT5Xl);
+        assert_eq!(Preset::InstructblipFlanT5Xl.to_string(), "instructblip-flan-t5-xl");
+        assert_eq!("last".parse::<Checkpoint>().unwrap(), Checkpoint::Last);
+        let e = "tpu".parse::<DeviceKind>().unwrap_err().to_string();
+        assert_eq!(e, "unknown device \"tpu\" (expected cpu or cuda)");
+    }
+
+    #[test]
+    fn non_finite_values_are_counted_and_located_in_every_float_type() -> anyhow::Result<()> {
+        use super::{non_finite, non_finite_f16, non_finite_f32, unravel, NonFinite};
+        use candle_core::{DType, Device, Tensor};
+        let mut xs = vec![0.5f32, -1e38, 3e38, f32::MIN_POSITIVE / 4.0, -0.0];
+        assert_eq!(non_finite_f32(&xs), None);
+        xs.extend([1.0, f32::NAN, 2.0, f32::NEG_INFINITY, f32::INFINITY]);
+        let want = Some(NonFinite { count: 3, first: Some(6) });
+        assert_eq!(non_finite_f32(&xs), want);
+        let halves: Vec<half::f16> = xs.iter().map(|&x| half::f16::from_f32(x)).collect();
+        // -1e38 and 3e38 overflow to ±∞ in f16.
+        assert_eq!(non_finite_f16(&halves), Some(NonFinite { count: 5, first: Some(1) }));
+        assert_eq!(non_finite_f16(&[half::f16::MAX, half::f16::MIN, half::f16::from_bits(1)]), None);
+        let t = Tensor::from_vec(xs.clone(), (2, 5), &Device::Cpu)?;
+        assert_eq!(non_finite(&t)?, want);
+        assert_eq!(non_finite(&t.to_dtype(DType::BF16)?)?, want);
+        assert_eq!(non_finite(&t.to_dtype(DType::F64)?)?, want);
+        // Not contiguous: counted by the device-side path (no position).
+        assert_eq!(non_finite(&t.t()?)?, Some(NonFinite { count: 3, first: None }));
+        assert_eq!(non_finite(&t.to_dtype(DType::U32)?)?, None);
+        assert_eq!(unravel(6, &[2, 5]), [1, 1]);
+        assert_eq!(unravel(23, &[2, 3, 4]), [1, 2, 3]);
+        assert_eq!(want.unwrap().describe(&[2, 5]), "3 non-finite values (the first at [1, 1])");
+        Ok(())
+    }
 }

@@ -30,6 +30,9 @@ struct Shared {
     vars: RefCell<VarStore>,
     used: RefCell<BTreeSet<String>>,
     rng: RefCell<SeededRng>,
+    /// `Some`: problems with loaded values (non-finite, integer weights) are listed here instead
+    /// of failing the load (`gcg check-weights` reports them all).
+    problems: Option<RefCell<Vec<String>>>,
 }
 
 /// A cursor into the parameter namespace (`lb.pp("encoder").pp("layer.0")`).
@@ -51,6 +54,7 @@ impl Loader {
                 vars: RefCell::new(VarStore::default()),
                 used: RefCell::new(BTreeSet::new()),
                 rng: RefCell::new(SeededRng::new(seed)),
+                problems: None,
             }),
             prefix: String::new(),
         }
@@ -86,6 +90,39 @@ impl Loader {
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.shared_mut().rng = RefCell::new(SeededRng::new(seed));
         self
+    }
+
+    /// List problems with loaded values (NaN/±∞, integer weights) in [`Loader::value_problems`]
+    /// instead of failing on the first one.
+    pub fn collecting_value_problems(mut self) -> Self {
+        self.shared_mut().problems = Some(RefCell::new(Vec::new()));
+        self
+    }
+
+    /// The problems found so far (with [`Loader::collecting_value_problems`]).
+    pub fn value_problems(&self) -> Vec<String> {
+        self.shared.problems.as_ref().map(|p| p.borrow().clone()).unwrap_or_default()
+    }
+
+    /// Weights must be floating point and finite: the tensor's name and file otherwise.
+    fn check_values(&self, origin: impl FnOnce() -> String, t: &Tensor) -> Result<()> {
+        let problem = if !t.dtype().is_float() {
+            Some(format!(
+                "tensor {} is stored as {:?}; model weights must be floating point",
+                origin(),
+                t.dtype()
+            ))
+        } else {
+            crate::util::non_finite(t)?.map(|bad| format!("tensor {} {:?} holds {}", origin(), t.dims(), bad.describe(t.dims())))
+        };
+        match (problem, &self.shared.problems) {
+            (None, _) => Ok(()),
+            (Some(p), Some(list)) => {
+                list.borrow_mut().push(p);
+                Ok(())
+            }
+            (Some(p), None) => bail!("{p}"),
+        }
     }
 
     /// A loader for the names under `{prefix}.{name}`.
@@ -180,8 +217,11 @@ impl Loader {
                     );
                 }
                 self.shared.used.borrow_mut().insert(found.clone());
-                src.load(found, &self.shared.device)
-                    .with_context(|| format!("loading {}", src.origin(found)))?
+                let t = src
+                    .load(found, &self.shared.device)
+                    .with_context(|| format!("loading {}", src.origin(found)))?;
+                self.check_values(|| src.origin(found), &t)?;
+                t
             }
         };
         self.finish_tensor(&canonical, raw)
@@ -311,7 +351,7 @@ impl VarStore {
     }
 
     /// Overwrite the variables' values from a source (resume / load fine-tuned weights).
-    /// Every variable must be present with its shape.
+    /// Every variable must be present with its shape, floating point and finite.
     pub fn load_from(&self, src: &dyn TensorSource) -> Result<()> {
         for (name, var) in &self.vars {
             let meta = src
@@ -320,8 +360,7 @@ impl VarStore {
             if meta.shape != var.dims() {
                 bail!("tensor {} has shape {:?}, expected {:?}", src.origin(name), meta.shape, var.dims());
             }
-            let t = src.load(name, var.device())?.to_dtype(var.dtype())?;
-            var.set(&t)?;
+            var.set(&load_weight(src, name, var)?)?;
         }
         Ok(())
     }
@@ -339,8 +378,80 @@ impl VarStore {
             if meta.shape != var.dims() {
                 bail!("tensor {} has shape {:?}, expected {:?}", src.origin(name), meta.shape, var.dims());
             }
-            var.set(&src.load(name, var.device())?.to_dtype(var.dtype())?)?;
+            var.set(&load_weight(src, name, var)?)?;
         }
         Ok(missing)
+    }
+}
+
+/// A variable's new value from `src`: floating point and finite, or an error naming it.
+fn load_weight(src: &dyn TensorSource, name: &str, var: &Var) -> Result<Tensor> {
+    let t = src
+        .load(name, var.device())
+        .with_context(|| format!("loading {}", src.origin(name)))?;
+    if !t.dtype().is_float() {
+        bail!(
+            "tensor {} is stored as {:?}; model weights must be floating point",
+            src.origin(name),
+            t.dtype()
+        );
+    }
+    if let Some(bad) = crate::util::non_finite(&t)? {
+        bail!("tensor {} {:?} holds {}", src.origin(name), t.dims(), bad.describe(t.dims()));
+    }
+    Ok(t.to_dtype(var.dtype())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Loader;
+    use crate::weights::init::Init;
+    use crate::weights::MapSource;
+    use candle_core::{DType, Device, Tensor};
+    use std::sync::Arc;
+
+    fn source() -> MapSource {
+        let dev = Device::Cpu;
+        let mut w = vec![0.1f32; 6];
+        w[4] = f32::NAN;
+        MapSource::new(
+            [
+                ("ok.weight".to_string(), Tensor::ones((2, 3), DType::F32, &dev).unwrap()),
+                ("nan.weight".to_string(), Tensor::from_vec(w, (2, 3), &dev).unwrap()),
+                ("int.weight".to_string(), Tensor::zeros((2, 3), DType::I64, &dev).unwrap()),
+            ],
+            "ckpt.safetensors",
+        )
+    }
+
+    #[test]
+    fn non_finite_or_integer_weights_are_refused_by_name_or_listed_when_asked() -> anyhow::Result<()> {
+        let lb = Loader::from_source(Arc::new(source()), &Device::Cpu, DType::F32);
+        lb.get((2, 3), "ok.weight", Init::Zeros)?;
+        let e = lb.get((2, 3), "nan.weight", Init::Zeros).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "tensor 'nan.weight' in ckpt.safetensors [2, 3] holds 1 non-finite value (the first at [1, 1])"
+        );
+        let e = lb.get((2, 3), "int.weight", Init::Zeros).unwrap_err().to_string();
+        assert!(e.contains("'int.weight' in ckpt.safetensors is stored as I64"), "{e}");
+
+        // Trainable variables restored from a checkpoint are checked too.
+        let lb = Loader::from_source(Arc::new(source()), &Device::Cpu, DType::F32).with_trainable(|_| true);
+        lb.get((2, 3), "ok.weight", Init::Zeros)?;
+        let vars = lb.vars();
+        let mut bad = source();
+        bad.insert("ok.weight", Tensor::full(f32::INFINITY, (2, 3), &Device::Cpu)?);
+        let e = vars.load_from(&bad).unwrap_err().to_string();
+        assert!(e.contains("'ok.weight'") && e.contains("6 non-finite values"), "{e}");
+
+        let lb = Loader::from_source(Arc::new(source()), &Device::Cpu, DType::F32).collecting_value_problems();
+        for name in ["ok.weight", "nan.weight", "int.weight"] {
+            lb.get((2, 3), name, Init::Zeros)?;
+        }
+        let problems = lb.value_problems();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("'nan.weight'") && problems[1].contains("'int.weight'"));
+        Ok(())
     }
 }
