@@ -67,6 +67,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     }
     let pb = progress_bar(0, a.quiet.quiet);
     pb.set_prefix("train");
+    let mut skipped = 0u64;
     let mut on_event = |e: Event| match e {
         Event::Step(m) => {
             if pb.length() == Some(0) {
@@ -95,12 +96,22 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
             ));
         }
         Event::SkippedNonFinite { step, epoch, batch } => {
-            pb.println(format!("skipped batch {batch} of epoch {epoch} (non-finite loss) at step {step}"))
+            skipped += 1;
+            let line = format!("skipped batch {batch} of epoch {epoch} (non-finite loss) after step {step}");
+            if pb.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                pb.println(line);
+            }
         }
         Event::Checkpoint(_) => {}
     };
-    run::train_run(&cfg, start, &mut on_event)?;
+    let trained = run::train_run(&cfg, start, &mut on_event);
     pb.finish_and_clear();
+    if skipped > 0 {
+        eprintln!("skipped {skipped} batches with a non-finite loss (--skip-nonfinite; listed in metrics.jsonl)");
+    }
+    trained?;
     let run_dir = cfg.run_dir()?;
     eprintln!("run directory: {}", run_dir.display());
     if cfg.data.test.is_some() {

@@ -13,7 +13,7 @@
 use crate::data::{self, Batch, PromptEncoder, PromptTokens, QaSample};
 pub use crate::data::{AnswerFormat, TextTokenizers};
 use crate::grounding::{
-    gaussian_mixture, hard_selection, hard_topk, one_hot_selection, Grounding, GroundingConfig, GroundingInputs, TopkNoises,
+    gaussian_mixture, hard_selection, hard_topk, one_hot_selection, Grounding, GroundingConfig, GroundingInputs, NonFiniteRows, TopkNoises,
 };
 use crate::models::lmm::{LlmInputs, LmmConfig, LmmOptions, VideoLmm};
 use crate::models::t5::GenerateConfig;
@@ -278,7 +278,9 @@ impl GcgModel {
                 };
                 match train {
                     Some((rng, ctx)) => {
-                        let out = g.forward_train(&inputs, TopkNoises::from_rng(rng), ctx)?;
+                        let out = g
+                            .forward_train(&inputs, TopkNoises::from_rng(rng), ctx)
+                            .map_err(|e| name_rows(e, batch))?;
                         let (frames, _) = hard_selection(&out.frame_scores.detach(), k)?;
                         Ok(Selection {
                             matrix: out.selection,
@@ -290,7 +292,9 @@ impl GcgModel {
                         })
                     }
                     None => {
-                        let pred = g.predict(&batch.clip_frames, &batch.clip_question, batch.clip_options.as_ref())?;
+                        let pred = g
+                            .predict(&batch.clip_frames, &batch.clip_question, batch.clip_options.as_ref())
+                            .map_err(|e| name_rows(e, batch))?;
                         Ok(Selection {
                             matrix: pred.selection,
                             frames: pred.moments,
@@ -398,7 +402,13 @@ impl GcgModel {
                     .option_ids
                     .as_ref()
                     .ok_or_else(|| anyhow!("batch {}: multiple choice without tokenized options", batch.index))?;
-                Self::best_options(self.lmm.score_options(&inputs, options)?)
+                let scores = self.lmm.score_options(&inputs, options)?;
+                let rows: Vec<usize> = (0..scores.len()).filter(|&i| scores[i].iter().any(|x| !x.is_finite())).collect();
+                if !rows.is_empty() {
+                    let tensor = "the option scores (T5 log-likelihoods of each option)";
+                    return Err(name_rows(NonFiniteRows { tensor, rows }.into(), batch));
+                }
+                Self::best_options(scores)
             }
             (AnswerMethod::OptionScoring, false) => self.generated_answers(batch, &inputs, 1, OPEN_ENDED_MAX_NEW_TOKENS)?,
             (AnswerMethod::Generate { num_beams, max_new_tokens }, _) => {
@@ -481,6 +491,26 @@ struct Prediction {
 
 /// A generated text as an answer to `s`: for multiple choice, the option letter it names, or the
 /// option whose text it is (else the text, which matches no option).
+/// A [`NonFiniteRows`] error told in the batch's words: which questions of which videos.
+fn name_rows(e: anyhow::Error, batch: &Batch) -> anyhow::Error {
+    let Some(nf) = e.downcast_ref::<NonFiniteRows>() else { return e };
+    let named: Vec<String> = nf
+        .rows
+        .iter()
+        .filter_map(|&r| batch.samples.get(r))
+        .map(|s| format!("question {} (video {})", s.key, s.video))
+        .collect();
+    let more = named.len().saturating_sub(3);
+    anyhow!(
+        "batch {}: {} are not finite for {}{}; the stored inputs were checked finite when read, so the model's \
+         weights are not (did training diverge?)",
+        batch.index,
+        nf.tensor,
+        named[..named.len().min(3)].join(", "),
+        if more > 0 { format!(" and {more} more") } else { String::new() }
+    )
+}
+
 fn read_generated(s: &QaSample, text: &str) -> data::Answer {
     if !s.is_multiple_choice() {
         return data::Answer::Text(text.to_string());

@@ -708,3 +708,121 @@ fn the_batch_pseudo_labels_are_the_oracle_frames_and_the_regression_targets() {
         "the two target sets must give different losses"
     );
 }
+
+/// Batch `poisoned` of every epoch carries NaN frame features (as a corrupt input would).
+struct Poisoned<'a> {
+    inner: Source<'a>,
+    poisoned: usize,
+}
+
+impl BatchSource for Poisoned<'_> {
+    fn num_batches(&self) -> usize {
+        self.inner.num_batches()
+    }
+    fn batches(&self, epoch: u64, skip: usize) -> Result<Box<dyn Iterator<Item = Result<Batch>> + '_>> {
+        let poisoned = self.poisoned;
+        let it = self.inner.batches(epoch, skip)?.enumerate().map(move |(i, b)| {
+            let mut b = b?;
+            if i + skip == poisoned {
+                let f = b.frame_features.as_ref().unwrap();
+                b.frame_features = Some(Tensor::full(f32::NAN, f.dims(), &Device::Cpu)?);
+            }
+            Ok(b)
+        });
+        Ok(Box::new(it))
+    }
+}
+
+#[test]
+fn non_finite_losses_are_skipped_and_counted_and_diverged_weights_stop_training_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = world(6, 5);
+    let src = Poisoned {
+        inner: Source {
+            world: &w,
+            batch_size: 2,
+            seed: 1,
+        },
+        poisoned: 1,
+    };
+    let cfg = TrainConfig {
+        epochs: 1,
+        batch_size: 2,
+        lr: 1e-3,
+        grounding_lr: 1e-3,
+        skip_nonfinite: true,
+        ..Default::default()
+    };
+    let run_cfg = serde_json::json!({"test": true});
+    let job = |model, vars, cfg, run| TrainJob {
+        model,
+        vars,
+        cfg,
+        run,
+        train_set: &src,
+        val_set: None,
+        run_config: &run_cfg,
+    };
+
+    // With --skip-nonfinite: batch 1 is skipped, said, counted and logged; 2 steps are taken.
+    let run = RunDir::new(tmp.path().join("skip")).unwrap();
+    let (model, vars) = build(Mode::Uniform, &tmp.path().join("tok"), 3);
+    let mut skipped = Vec::new();
+    let state = trainer::train(&job(&model, &vars, &cfg, &run), false, &mut |e| {
+        if let Event::SkippedNonFinite { epoch, batch, .. } = e {
+            skipped.push((epoch, batch));
+        }
+    })
+    .unwrap();
+    assert_eq!(skipped, [(0, 1)]);
+    assert_eq!((state.skipped_nonfinite, state.step), (1, 2));
+    let rows = read_rows(&run.root);
+    let skip_rows: Vec<_> = rows.iter().filter(|r| r.get("skipped_nonfinite").is_some()).collect();
+    assert_eq!(skip_rows.len(), 1, "{rows:?}");
+    assert_eq!((skip_rows[0]["epoch"].as_u64(), skip_rows[0]["batch"].as_u64()), (Some(0), Some(1)));
+
+    // Without it: an error that says where and what to do.
+    let run = RunDir::new(tmp.path().join("stop")).unwrap();
+    let (model, vars) = build(Mode::Uniform, &tmp.path().join("tok"), 3);
+    let strict = TrainConfig {
+        skip_nonfinite: false,
+        ..cfg.clone()
+    };
+    let e = trainer::train(&job(&model, &vars, &strict, &run), false, &mut |_| {}).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("non-finite loss NaN at step 2 (epoch 0, batch 1)") && msg.contains("--skip-nonfinite"),
+        "{msg}"
+    );
+
+    // Weights that are no longer finite (a diverged run): skipping cannot help; the error names
+    // the questions whose grounding failed and a non-finite tensor, and no checkpoint is written.
+    let run = RunDir::new(tmp.path().join("diverged")).unwrap();
+    let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 3);
+    let (name, var) = vars.iter().find(|(n, _)| n.starts_with("grounding.")).unwrap();
+    var.set(&Tensor::full(f32::NAN, var.dims(), &Device::Cpu).unwrap()).unwrap();
+    let e = trainer::train(&job(&model, &vars, &cfg, &run), false, &mut |_| {}).unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("training step 1 (epoch 0, batch 0): training diverged")
+            && msg.contains(&format!("{name}: "))
+            && msg.contains("Gaussian centres")
+            && msg.contains("for question v")
+            && msg.contains("(video v")
+            && msg.contains("no checkpoint was written"),
+        "{msg}"
+    );
+    assert!(!run.last().exists());
+
+    // Answering with such weights is an error naming the questions, not a confident answer.
+    let (model, vars) = build(Mode::Uniform, &tmp.path().join("tok"), 3);
+    for (_, var) in vars.iter() {
+        var.set(&Tensor::full(f32::NAN, var.dims(), &Device::Cpu).unwrap()).unwrap();
+    }
+    let e = model.answer(&w.batch(&[0, 1])).unwrap_err().to_string();
+    let (q0, q1) = (&w.samples[0].key, &w.samples[1].key);
+    assert!(
+        e.contains("the option scores") && e.contains(&format!("question {q0}")) && e.contains(&format!("question {q1}")),
+        "{e}"
+    );
+}

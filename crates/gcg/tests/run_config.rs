@@ -113,6 +113,9 @@ fn unknown_keys_and_bad_values_are_named() {
         ),
         ("[train]\nwarmup_fraction = 2.0\n", "warmup_fraction"),
         ("[train]\nmin_lr_factor = -1.0\n", "min_lr_factor"),
+        ("[train]\nlr = 1e30\n", "lr = 1e30: AdamW moves every weight"),
+        ("[train]\ngrounding_lr = 2.0\n", "grounding_lr = 2e0"),
+        ("[train]\nlr = nan\n", "learning rates must be positive"),
     ] {
         let e = parse(text).err().unwrap_or_else(|| panic!("{text:?} was accepted"));
         let msg = chain(&e);

@@ -258,6 +258,14 @@ pub struct GroundingPrediction {
     pub selection: Tensor, // [B, K, T]
 }
 
+/// A batch computation gave NaN or ±∞ in these rows (questions) of `tensor`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{tensor} are not finite in batch rows {rows:?}")]
+pub struct NonFiniteRows {
+    pub tensor: &'static str,
+    pub rows: Vec<usize>,
+}
+
 /// The official `Grounding` module: generator + projection head.
 #[derive(Debug, Clone)]
 pub struct Grounding {
@@ -277,9 +285,20 @@ impl Grounding {
         })
     }
 
-    /// μ and p for frames [B, T, d] and text tokens [B, S, d].
+    /// μ and p for frames [B, T, d] and text tokens [B, S, d]; a [`NonFiniteRows`] error when
+    /// a row's Gaussian centres are not finite (its p(t) and top-k would be meaningless).
     pub fn generate(&self, frames: &Tensor, text: &Tensor, ctx: Ctx) -> Result<GeneratorOutput> {
-        self.generator.forward(frames, text, ctx)
+        let out = self.generator.forward(frames, text, ctx)?;
+        let centres = out.gaussian_centres.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+        let rows: Vec<usize> = (0..centres.len()).filter(|&i| centres[i].iter().any(|c| !c.is_finite())).collect();
+        if !rows.is_empty() {
+            return Err(NonFiniteRows {
+                tensor: "the Gaussian centres μ of the grounding generator",
+                rows,
+            }
+            .into());
+        }
+        Ok(out)
     }
 
     /// TopK_σ(scores, K) [B, K, T] with the configured samples, σ and backward.

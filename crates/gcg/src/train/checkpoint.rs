@@ -52,6 +52,17 @@ pub const CONFIG: &str = "config.json";
 
 /// Write a checkpoint directory atomically (replacing an existing one of the same name).
 pub fn save(dir: &Path, vars: &VarStore, opt: &AdamW, state: &TrainState, config: &serde_json::Value) -> Result<()> {
+    // A diverged model never replaces a good checkpoint.
+    let bad = vars.non_finite()?;
+    if let Some((name, what)) = bad.first() {
+        bail!(
+            "not saving the checkpoint {} at step {}: {} trainable tensors hold non-finite values (e.g. {name}: {what}); \
+             training diverged (lower the learning rate; the checkpoint there is kept)",
+            dir.display(),
+            state.step,
+            bad.len()
+        );
+    }
     // The old checkpoint moves aside only once the new one is complete, so one complete
     // checkpoint always exists.
     write_dir_atomic(dir, |tmp| {

@@ -123,6 +123,14 @@ impl TrainConfig {
                 self.grounding_lr
             );
         }
+        for (name, v) in [("lr", self.lr), ("grounding_lr", self.grounding_lr)] {
+            if v > 1.0 {
+                bail!(
+                    "{name} = {v:e}: AdamW moves every weight by up to the learning rate at each step, so a rate above 1 \
+                     destroys the model (GCG uses lr = 1e-5 and grounding_lr = 7e-5)"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -282,6 +290,11 @@ impl RunDir {
                     false
                 }
                 Some(r) if r.get("split").is_some() => r.get("epoch").and_then(|e| e.as_u64()).is_some_and(|e| e < state.epoch),
+                // A skipped batch is met again when the resumed run has not passed it.
+                Some(r) if r.get("skipped_nonfinite").is_some() => {
+                    let at = |k: &str| r.get(k).and_then(|v| v.as_u64());
+                    matches!((at("epoch"), at("batch")), (Some(e), Some(b)) if (e, b) < (state.epoch, state.batch_in_epoch))
+                }
                 Some(r) => r.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s <= state.step),
             };
             if keep {
@@ -478,21 +491,25 @@ fn train_epoch(
         }
         let Some(batch) = batches.next() else { return Ok(true) };
         let batch = batch.with_context(|| format!("reading training batch {} of epoch {epoch}", state.batch_in_epoch))?;
-        let losses = if warmup {
-            job.model.forward_grounding(&batch, rng)?
+        let forward = if warmup {
+            job.model.forward_grounding(&batch, rng)
         } else {
-            job.model.forward_train(&batch, rng)?
+            job.model.forward_train(&batch, rng)
         };
+        let losses = forward.map_err(|e| diverged(job, state, e))?;
         let loss = losses.total.to_scalar::<f32>()? as f64;
         state.batch_in_epoch += 1;
         if !loss.is_finite() {
+            // Skipping cannot help once the weights themselves are gone.
+            let weights = job.vars.non_finite()?;
+            if !weights.is_empty() {
+                return Err(diverged(job, state, anyhow::anyhow!("non-finite loss {loss}")));
+            }
             if cfg.skip_nonfinite {
                 state.skipped_nonfinite += 1;
-                on_event(Event::SkippedNonFinite {
-                    step: state.step,
-                    epoch,
-                    batch: state.batch_in_epoch - 1,
-                });
+                let (step, batch) = (state.step, state.batch_in_epoch - 1);
+                run.log(&serde_json::json!({"skipped_nonfinite": state.skipped_nonfinite, "step": step, "epoch": epoch, "batch": batch, "loss": loss.to_string()}))?;
+                on_event(Event::SkippedNonFinite { step, epoch, batch });
                 continue;
             }
             bail!(
@@ -531,6 +548,40 @@ fn train_epoch(
             on_event(Event::Checkpoint(&run.last()));
         }
     }
+}
+
+/// A failed training forward, told as a divergence when the trainable weights are no longer
+/// finite (then skipping batches cannot help), else with its step.
+fn diverged(job: &TrainJob, state: &TrainState, e: anyhow::Error) -> anyhow::Error {
+    let at = format!(
+        "training step {} (epoch {}, batch {})",
+        state.step + 1,
+        state.epoch,
+        state.batch_in_epoch
+    );
+    let bad = match job.vars.non_finite() {
+        Ok(b) if !b.is_empty() => b,
+        Ok(_) => return e.context(at),
+        Err(check) => return e.context(format!("{at} (checking the weights failed too: {check})")),
+    };
+    let (name, what) = &bad[0];
+    let last = job.run.last();
+    let kept = if last.exists() {
+        format!(
+            "{} holds the last finite weights (checkpoints are only written with finite weights)",
+            last.display()
+        )
+    } else {
+        "no checkpoint was written".to_string()
+    };
+    e.context(format!(
+        "{at}: training diverged — after {} optimiser steps {} trainable tensors hold non-finite values (e.g. {name}: {what}) \
+         at lr {:e} / grounding_lr {:e}; lower the learning rates; {kept}",
+        state.step,
+        bad.len(),
+        job.cfg.lr,
+        job.cfg.grounding_lr,
+    ))
 }
 
 /// End of an epoch: validate, keep the best, write `last`, move on.

@@ -350,6 +350,17 @@ impl VarStore {
         crate::util::save_safetensors_atomic(&tensors, path)
     }
 
+    /// The variables holding NaN or ±∞, by name, with where (a diverged training shows here).
+    pub fn non_finite(&self) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for (name, var) in &self.vars {
+            if let Some(bad) = crate::util::non_finite(var.as_tensor())? {
+                out.push((name.clone(), bad.describe(var.dims())));
+            }
+        }
+        Ok(out)
+    }
+
     /// Overwrite the variables' values from a source (resume / load fine-tuned weights).
     /// Every variable must be present with its shape, floating point and finite.
     pub fn load_from(&self, src: &dyn TensorSource) -> Result<()> {
