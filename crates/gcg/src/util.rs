@@ -24,6 +24,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
         f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
     }
+    fault_point("atomic-file");
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
@@ -38,6 +39,11 @@ pub fn save_safetensors_atomic(tensors: &BTreeMap<String, Tensor>, path: &Path) 
     }
     let map: std::collections::HashMap<String, Tensor> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     candle_core::safetensors::save(&map, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    // On disk before the rename publishes it (a power cut must not leave an empty file there).
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    fault_point("atomic-safetensors");
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
@@ -222,6 +228,34 @@ pub fn non_finite(t: &Tensor) -> Result<Option<NonFinite>> {
         .to_scalar::<u32>()? as usize;
     let count = t.elem_count() - finite;
     Ok((count > 0).then_some(NonFinite { count, first: None }))
+}
+
+/// Test hook for crash safety: with `GCG_FAULT=SITE:N` in the environment the process aborts (no
+/// destructor, no flush — as a kill would) the N-th time it reaches `site`. Sites: `atomic-file`
+/// and `atomic-safetensors` (a temporary file complete, not yet renamed), `atomic-dir` (a
+/// temporary folder complete, not yet swapped in), `atomic-dir-swap` (the old folder moved aside,
+/// the new one not yet in place), `prediction-row` (half a prediction line written).
+pub fn fault_point(site: &str) {
+    fault_point_then(site, || {});
+}
+
+/// [`fault_point`], running `partial` (e.g. half a write) before the abort.
+pub fn fault_point_then(site: &str, partial: impl FnOnce()) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+    static SPEC: OnceLock<Option<(String, usize)>> = OnceLock::new();
+    static HITS: AtomicUsize = AtomicUsize::new(0);
+    let spec = SPEC.get_or_init(|| {
+        let v = std::env::var("GCG_FAULT").ok()?;
+        let (s, n) = v.rsplit_once(':')?;
+        Some((s.to_string(), n.parse().ok()?))
+    });
+    let Some((want, nth)) = spec else { return };
+    if want == site && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
+        partial();
+        eprintln!("injected fault: aborting at {site} #{nth}");
+        std::process::abort();
+    }
 }
 
 #[cfg(test)]

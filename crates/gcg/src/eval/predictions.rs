@@ -439,6 +439,9 @@ impl PredictionWriter {
         }
         let mut line = serde_json::to_vec(row)?;
         line.push(b'\n');
+        crate::util::fault_point_then("prediction-row", || {
+            let _ = self.file.write_all(&line[..line.len() / 2]).and_then(|_| self.file.flush());
+        });
         self.file
             .write_all(&line)
             .and_then(|_| self.file.flush())
