@@ -152,3 +152,164 @@ fn bench_decode_prints_throughput_json() {
         "seeking and selecting should return the same pictures"
     );
 }
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// `gcg frames` of `video` into `out` (T frames, `extra` flags); the JSON summary, or the failed run.
+fn frames(video: &Path, out: &Path, t: usize, extra: &[&str]) -> Result<serde_json::Value, Output> {
+    let t = t.to_string();
+    let mut args = vec![
+        "frames",
+        "--video",
+        video.to_str().unwrap(),
+        "--num-frames",
+        &t,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = gcg(&args);
+    if o.status.success() {
+        Ok(serde_json::from_slice(&o.stdout).expect("JSON summary on stdout"))
+    } else {
+        Err(o)
+    }
+}
+
+fn bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn read_frames_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("frames.json")).unwrap()).unwrap()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|t| t.as_f64().unwrap()).collect()
+}
+
+#[test]
+fn frame_folder_with_a_gap_is_an_error_or_filled_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let video = dir.path().join("clip.mp4");
+    make_video(&video);
+    // A complete 6-frame folder (the reference), and a copy without frames.json and frame_1.jpg.
+    let full = dir.path().join("full");
+    frames(&video, &full, 6, &[]).unwrap();
+    let videos = dir.path().join("videos");
+    let gap = videos.join("gap");
+    std::fs::create_dir_all(&gap).unwrap();
+    for i in [0, 2, 3, 4, 5] {
+        std::fs::copy(full.join(format!("frame_{i}.jpg")), gap.join(format!("frame_{i}.jpg"))).unwrap();
+    }
+    // Re-encoding the complete folder gives the reference bytes of each position.
+    let reference = dir.path().join("reference");
+    frames(&full, &reference, 6, &[]).unwrap();
+
+    let e = stderr(&frames(&gap, &dir.path().join("out"), 6, &[]).expect_err("a gap must be an error"));
+    assert!(
+        e.contains("gap") && e.contains("frame_1.jpg") && e.contains("missing") && e.contains("1 of 6"),
+        "{e}"
+    );
+    assert!(!dir.path().join("out").exists());
+
+    // --lenient: the gap is filled with the previous frame, the others stay at their positions.
+    let out = dir.path().join("lenient");
+    let o = gcg(&[
+        "frames",
+        "--video",
+        gap.to_str().unwrap(),
+        "--num-frames",
+        "6",
+        "--out",
+        out.to_str().unwrap(),
+        "--lenient",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("frame_1.jpg"),
+        "the warning names the filled file: {}",
+        stderr(&o)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(summary["source_frames"], 6);
+    assert_eq!(summary["indices"], serde_json::json!([0, 1, 2, 3, 4, 5]));
+    for (k, from) in [(0, 0), (1, 0), (2, 2), (3, 3), (4, 4), (5, 5)] {
+        assert!(
+            bytes(&out.join(format!("frame_{k}.jpg"))) == bytes(&reference.join(format!("frame_{from}.jpg"))),
+            "position {k} should hold frame {from}"
+        );
+    }
+
+    // gcg features reads frame folders the same way: the gap fails the video, --lenient fills it.
+    let features = |store: &str, lenient: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gcg"));
+        c.args(["features", "--videos"])
+            .arg(&videos)
+            .arg("--store")
+            .arg(dir.path().join(store));
+        c.args([
+            "--preset",
+            "tiny",
+            "--random-weights",
+            "--num-frames",
+            "4",
+            "--shard-mb",
+            "0",
+            "--jobs",
+            "1",
+        ]);
+        if lenient {
+            c.arg("--lenient");
+        }
+        c.output().unwrap()
+    };
+    let o = features("store", false);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("frame_1.jpg") && stderr(&o).contains("missing"),
+        "{}",
+        stderr(&o)
+    );
+    let o = features("store_lenient", true);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn frames_json_that_disagrees_with_the_files_names_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let video = dir.path().join("clip.mp4");
+    make_video(&video);
+    let full = dir.path().join("full");
+    frames(&video, &full, 8, &[]).unwrap();
+    let want_ts = floats(&read_frames_json(&full)["timestamps"]);
+    let reference = dir.path().join("reference");
+    frames(&full, &reference, 8, &[]).unwrap();
+
+    // frame_5.jpg missing: 8 timestamps for 7 files.
+    let missing = dir.path().join("missing");
+    frames(&video, &missing, 8, &[]).unwrap();
+    std::fs::remove_file(missing.join("frame_5.jpg")).unwrap();
+    let e = stderr(&frames(&missing, &dir.path().join("o1"), 8, &[]).unwrap_err());
+    assert!(
+        e.contains("missing") && e.contains("frames.json") && e.contains("frame_5.jpg") && e.contains("8 timestamps"),
+        "{e}"
+    );
+    // An extra file past the timestamps.
+    let extra = dir.path().join("extra");
+    frames(&video, &extra, 8, &[]).unwrap();
+    std::fs::copy(extra.join("frame_0.jpg"), extra.join("frame_8.jpg")).unwrap();
+    let e = stderr(&frames(&extra, &dir.path().join("o2"), 8, &[]).unwrap_err());
+    assert!(e.contains("extra") && e.contains("frame_8.jpg") && e.contains("frames.json"), "{e}");
+
+    // --lenient: frame_5 is filled with frame_4 and every timestamp stays on its position.
+    let out = dir.path().join("lenient");
+    let s = frames(&missing, &out, 8, &["--lenient"]).unwrap();
+    assert_eq!(s["indices"], serde_json::json!([0, 1, 2, 3, 4, 5, 6, 7]));
+    assert_eq!(floats(&s["timestamps"]), want_ts);
+    assert_eq!(floats(&read_frames_json(&out)["timestamps"]), want_ts);
+    assert!(bytes(&out.join("frame_5.jpg")) == bytes(&reference.join("frame_4.jpg")));
+    assert!(bytes(&out.join("frame_6.jpg")) == bytes(&reference.join("frame_6.jpg")));
+}

@@ -541,6 +541,7 @@ impl Ffmpeg {
             fps: info.fps,
             num_source_frames: info.num_frames,
             padded,
+            filled: 0,
             sampling,
         })
     }
