@@ -313,3 +313,99 @@ fn frames_json_that_disagrees_with_the_files_names_them() {
     assert!(bytes(&out.join("frame_5.jpg")) == bytes(&reference.join("frame_4.jpg")));
     assert!(bytes(&out.join("frame_6.jpg")) == bytes(&reference.join("frame_6.jpg")));
 }
+
+/// The number of frames ffmpeg decodes from `video` (ffprobe -count_frames).
+fn decodable_frames(video: &Path) -> usize {
+    let o = Command::new("ffprobe")
+        .args([
+            "-v",
+            "quiet",
+            "-count_frames",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=nb_read_frames",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(video)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().trim_end_matches(',').parse().unwrap()
+}
+
+#[test]
+fn truncated_video_with_exact_count_fails_or_is_honest() {
+    let dir = tempfile::tempdir().unwrap();
+    // 80 frames at 20 fps, index first (fast start), cut in half: the container still says 80.
+    let whole = dir.path().join("whole.mp4");
+    let out = Command::new("ffmpeg")
+        .args([
+            "-nostdin",
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=96x64:rate=20:duration=4",
+        ])
+        .args(["-c:v", "libx264", "-g", "10", "-pix_fmt", "yuv420p", "-movflags", "+faststart"])
+        .arg(&whole)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let video = dir.path().join("cut.mp4");
+    let b = bytes(&whole);
+    std::fs::write(&video, &b[..b.len() / 2]).unwrap();
+    let n = decodable_frames(&video);
+    assert!(n > 4 && n < 80, "the cut should leave part of the frames: {n}");
+
+    for extra in [&["--exact-count"][..], &[]] {
+        let e = stderr(&frames(&video, &dir.path().join("strict"), 4, extra).expect_err("a truncated video must fail"));
+        assert!(
+            e.contains("cut.mp4") && e.contains("80 frames") && e.contains(&format!("only {n} decode")),
+            "{extra:?}: {e}"
+        );
+        assert!(
+            e.contains("4.00 s") && e.contains(&format!("{:.2} s", n as f64 / 20.0)),
+            "{extra:?}: {e}"
+        );
+    }
+
+    for extra in [&["--exact-count", "--lenient"][..], &["--lenient"]] {
+        let out = dir.path().join(format!("lenient{}", extra.len()));
+        let o = gcg(&[
+            &[
+                "frames",
+                "--video",
+                video.to_str().unwrap(),
+                "--num-frames",
+                "4",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            extra,
+        ]
+        .concat());
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("cut.mp4") && stderr(&o).contains(&n.to_string()),
+            "{extra:?}: {}",
+            stderr(&o)
+        );
+        let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(s["source_frames"], n);
+        let want: Vec<usize> = (0..4).map(|i| (2 * i + 1) * n / 8).collect();
+        assert_eq!(s["indices"], serde_json::json!(want));
+        let meta = read_frames_json(&out);
+        let duration = meta["duration"].as_f64().unwrap();
+        assert!(
+            (duration - n as f64 / 20.0).abs() < 1e-9,
+            "{extra:?}: duration {duration} for {n} frames"
+        );
+        let ts = floats(&meta["timestamps"]);
+        assert!(ts.iter().zip(&want).all(|(t, &i)| (t - i as f64 / 20.0).abs() < 1e-9), "{ts:?}");
+        assert!(ts.iter().all(|&t| t < duration), "{ts:?}");
+    }
+}

@@ -456,49 +456,75 @@ impl Ffmpeg {
     /// container's frame count is checked against the decoder's in the same pass; when they differ
     /// the indices are recomputed from the real count and decoded again. Fewer frames than `t`
     /// are padded by repetition (with a warning).
+    ///
+    /// A video that decodes to fewer frames than its container promises, with decoder errors
+    /// (truncated or corrupt), is an error naming both counts and durations when `strict`, also
+    /// when the count came from decoding (`exact_count`); otherwise the decodable part is used and
+    /// the duration is that of the decoded frames.
     pub fn sample(&self, path: &Path, t: usize, sampling: Sampling) -> Result<SampledFrames> {
         if t == 0 {
             bail!("{}: asked for 0 frames", path.display());
         }
         let mut info = self.probe(path)?;
+        // What the container promises: its frame count, or duration × fps; with a count from
+        // decoding (`exact_count`) the probe's number is already the decoder's.
+        let promised = match info.count_source {
+            CountSource::Decoded => info.container_frames.or_else(|| match (info.duration, info.fps) {
+                (Some(d), Some(f)) => Some((d * f).round() as usize),
+                _ => None,
+            }),
+            _ => Some(info.num_frames),
+        };
+        let promised_duration = info.duration;
         let mut indices = super::sample_indices(info.num_frames, t, sampling);
         let mut decoded = self.decode_indices(path, &unique(&indices))?;
         let mut total = decoded.total_decoded;
+        if total.is_none() && info.count_source == CountSource::Decoded {
+            total = Some(info.num_frames);
+        }
         if total.is_none() && decoded.frames.len() < unique(&indices).len() {
             // This ffmpeg does not print decode statistics: count by decoding.
             total = Some(self.count_decoded(path)?);
         }
         if let Some(n) = total {
-            if n != info.num_frames {
-                let claimed = info.num_frames;
-                if n == 0 {
-                    bail!(
-                        "{}: no frame could be decoded: {}",
-                        path.display(),
-                        tail(&decoded.error_lines.join("\n"), 8)
-                    );
-                }
-                if n < claimed && !decoded.error_lines.is_empty() && self.strict {
-                    bail!(
-                        "{}: truncated or corrupt video: the container promises {claimed} frames but only {n} decode \
-(to use them anyway: non-strict decoding, `--lenient`); ffmpeg said:\n{}",
-                        path.display(),
-                        tail(&decoded.error_lines.join("\n"), 8)
-                    );
-                }
-                tracing::warn!(
-                    "{}: {:?} frame count {claimed} is wrong, {n} frames decode; resampling",
+            if n == 0 {
+                bail!(
+                    "{}: no frame could be decoded: {}",
                     path.display(),
-                    info.count_source
+                    tail(&decoded.error_lines.join("\n"), 8)
+                );
+            }
+            if let Some(claimed) = promised.filter(|&c| n < c && !decoded.error_lines.is_empty()) {
+                let secs = |d: Option<f64>| d.map(|d| format!(" ({d:.2} s)")).unwrap_or_default();
+                let what = format!(
+                    "{}: truncated or corrupt video: the container promises {claimed} frames{} but only {n} decode{}",
+                    path.display(),
+                    secs(promised_duration),
+                    secs(info.fps.map(|f| n as f64 / f))
+                );
+                if self.strict {
+                    bail!(
+                        "{what} (to use them anyway: non-strict decoding, `--lenient`); ffmpeg said:\n{}",
+                        tail(&decoded.error_lines.join("\n"), 8)
+                    );
+                }
+                tracing::warn!("{what}; using the {n} decodable frames (timestamps and duration are theirs)");
+            }
+            if n < promised.unwrap_or(n) {
+                // The container's duration covers frames that do not decode.
+                if let Some(f) = info.fps {
+                    info.duration = Some(info.duration.map_or(n as f64 / f, |d| d.min(n as f64 / f)));
+                }
+            }
+            if n != info.num_frames {
+                tracing::warn!(
+                    "{}: {:?} frame count {} is wrong, {n} frames decode; resampling",
+                    path.display(),
+                    info.count_source,
+                    info.num_frames
                 );
                 info.num_frames = n;
                 info.count_source = CountSource::Decoded;
-                if n < claimed {
-                    // The container's duration covers frames that do not decode.
-                    if let Some(f) = info.fps {
-                        info.duration = Some(info.duration.map_or(n as f64 / f, |d| d.min(n as f64 / f)));
-                    }
-                }
                 let new_indices = super::sample_indices(n, t, sampling);
                 if unique(&new_indices) != unique(&indices) {
                     decoded = self.decode_indices(path, &unique(&new_indices))?;
