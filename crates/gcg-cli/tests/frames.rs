@@ -409,3 +409,47 @@ fn truncated_video_with_exact_count_fails_or_is_honest() {
         assert!(ts.iter().all(|&t| t < duration), "{ts:?}");
     }
 }
+
+#[test]
+fn more_than_a_hundred_frames_sample_like_a_few() {
+    let dir = tempfile::tempdir().unwrap();
+    // 200 frames at 20 fps.
+    let video = dir.path().join("long.mp4");
+    let out = Command::new("ffmpeg")
+        .args([
+            "-nostdin",
+            "-v",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=size=64x48:rate=20:duration=10",
+        ])
+        .args(["-c:v", "libx264", "-bf", "2", "-pix_fmt", "yuv420p"])
+        .arg(&video)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (t, sampling) in [(150usize, "uniform"), (101, "uniform"), (120, "official"), (250, "uniform")] {
+        let o = dir.path().join(format!("f{t}{sampling}"));
+        let s = frames(&video, &o, t, &["--sampling", sampling]).unwrap_or_else(|o| panic!("T = {t}: {}", stderr(&o)));
+        assert_eq!(s["frames"], t);
+        assert_eq!(s["source_frames"], 200);
+        let want: Vec<usize> = match sampling {
+            // Centres of T segments of 200 frames (repeats past 200).
+            "uniform" => (0..t).map(|i| (2 * i + 1) * 200 / (2 * t)).collect(),
+            // k = ⌊199 / 120⌋ = 1: frames 1..=120.
+            _ => (1..=t).collect(),
+        };
+        assert_eq!(s["indices"], serde_json::json!(want), "T = {t}");
+        let ts = floats(&s["timestamps"]);
+        assert_eq!(ts.len(), t);
+        assert!(ts.windows(2).all(|w| w[0] <= w[1]), "T = {t}: timestamps out of order");
+        assert!(
+            ts.iter().zip(&want).all(|(a, &i)| (a - i as f64 / 20.0).abs() < 1e-9),
+            "T = {t}: {ts:?}"
+        );
+        assert_eq!(std::fs::read_dir(&o).unwrap().count(), t + 1);
+    }
+}

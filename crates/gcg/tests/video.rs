@@ -255,6 +255,47 @@ fn short_clip_is_padded_by_repetition() {
 }
 
 #[test]
+fn thousands_of_frames_decode_in_batches_of_select_terms() {
+    // 4090 frames at 100 fps coding their number in three channels (R: n mod 16, G: ⌊n/16⌋ mod
+    // 16, B: ⌊n/256⌋); every other frame is more single-frame runs than one select expression takes.
+    let v = Videos::new();
+    let path = v.path("long.mp4");
+    let src = "color=c=black:s=32x32:r=100:d=40.9,format=rgb24,\
+geq=r='16*mod(N\\,16)+8':g='16*mod(floor(N/16)\\,16)+8':b='16*floor(N/256)+8'";
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        src,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv444p",
+        path.to_str().unwrap(),
+    ]);
+    let code = |img: &RgbImage| {
+        let p = img.get_pixel(16, 16).0;
+        let level = |c: u8| ((c as f64 - 8.0) / 16.0).round() as usize;
+        level(p[0]) + 16 * level(p[1]) + 256 * level(p[2])
+    };
+    let ff = Ffmpeg::from_env();
+    let t = 2045;
+    assert!(t > video::ffmpeg::MAX_SELECT_TERMS);
+    let s = ff.sample(&path, t, Sampling::Uniform).unwrap();
+    assert_eq!(s.num_source_frames, 4090);
+    // Centres of 2045 segments of 2 frames: the odd frames.
+    let want: Vec<usize> = (0..t).map(|i| 2 * i + 1).collect();
+    assert_eq!(s.indices(), want);
+    for f in &s.frames {
+        assert_eq!(code(&f.image), f.index, "frame content differs from its index");
+        let ts = f.timestamp.unwrap();
+        assert!((ts - f.index as f64 / 100.0).abs() < 1e-6, "frame {}: {ts}", f.index);
+    }
+}
+
+#[test]
 fn variable_frame_rate_timestamps_are_real_presentation_times() {
     let v = Videos::new();
     let path = v.path("vfr.mp4");
