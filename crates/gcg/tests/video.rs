@@ -595,6 +595,13 @@ fn frame_folder_gaps_are_errors_or_filled_at_their_positions() {
         vec![1, 1, 2, 3, 4]
     );
 
+    // A stray far-away number is no sequence to fill, even leniently.
+    std::fs::copy(from1.join("frame_1.png"), from1.join("frame_99999999.png")).unwrap();
+    for strict in [true, false] {
+        let e = err_text(video::read_frame_dir(&from1, 5, Sampling::Uniform, strict).unwrap_err());
+        assert!(e.contains("frame_99999999.png") && e.contains("not one numbered sequence"), "{e}");
+    }
+
     // With frames.json: its timestamps fix the length and stay on their positions.
     let ff = Ffmpeg::from_env();
     let full = ff.sample(&v.h264(), 6, Sampling::Uniform).unwrap();

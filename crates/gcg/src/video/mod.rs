@@ -293,6 +293,15 @@ impl FrameFolder {
         if len == 0 {
             bail!("{}: no timestamps, but the folder holds frame files", meta_path.display());
         }
+        if meta.is_none() && len > 16 * found.len() + 1024 {
+            // Not a sequence with gaps (and too long to fill): e.g. frame_0 … frame_9 + frame_99999999.
+            bail!(
+                "{}: {} frame files numbered up to {}: not one numbered sequence from frame_0",
+                dir.display(),
+                found.len(),
+                found.last().map(|(_, p)| p.display().to_string()).unwrap_or_default()
+            );
+        }
         // Missing files are named with the folder's own extension.
         let ext = found[0]
             .1
