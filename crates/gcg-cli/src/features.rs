@@ -54,7 +54,8 @@ pub struct FeaturesArgs {
     /// Frame sampling: uniform (centres of T equal segments) | official (GCG's extract_frames.py rule).
     #[arg(long, default_value = "uniform")]
     sampling: Sampling,
-    /// Use the decodable part of truncated or corrupt videos instead of failing them.
+    /// Use the decodable part of truncated or corrupt videos instead of failing them, and fill
+    /// the gaps of a frame folder (a missing frame_{i}) with the nearest earlier frame.
     #[arg(long)]
     lenient: bool,
     /// Where to run: cpu | cuda (cuda needs a build with `--features cuda`).

@@ -25,7 +25,8 @@ pub struct FramesArgs {
     /// Replace an existing output folder.
     #[arg(long)]
     force: bool,
-    /// Use the decodable part of truncated or corrupt videos instead of failing them.
+    /// Use the decodable part of truncated or corrupt videos instead of failing them, and fill
+    /// the gaps of a frame folder (a missing frame_{i}) with the nearest earlier frame.
     #[arg(long)]
     lenient: bool,
     /// Count frames by decoding instead of trusting the container.
@@ -56,6 +57,7 @@ pub fn run_frames(a: FramesArgs) -> Result<()> {
         "frames": frames.frames.len(),
         "source_frames": frames.num_source_frames,
         "padded": frames.padded,
+        "filled": frames.filled,
         "duration": frames.duration,
         "fps": frames.fps,
         "indices": frames.indices(),

@@ -223,7 +223,7 @@ fn annotations_load_with_the_nextqa_and_nextgqa_readers() {
             map.video_file(&dir.join("videos"), v).unwrap(),
             dir.join("videos").join(format!("{v}.mp4"))
         );
-        let frames = video::read_frame_dir(&dir.join("frames").join(v), 64, Sampling::Uniform).unwrap();
+        let frames = video::read_frame_dir(&dir.join("frames").join(v), 64, Sampling::Uniform, true).unwrap();
         assert_eq!(frames.num_source_frames, 64);
         assert_eq!(frames.duration, Some(8.0));
         assert_eq!(frames.timestamps().unwrap(), (0..64).map(|i| i as f64 / 8.0).collect::<Vec<_>>());
@@ -383,7 +383,7 @@ fn answers_are_visible_only_inside_their_spans_in_the_jpeg_frames() {
             by_video.entry(&s.video).or_default().push(s);
         }
         for (v, qs) in by_video {
-            let sampled = video::read_frame_dir(&dir.join("frames").join(v), 64, Sampling::Uniform).unwrap();
+            let sampled = video::read_frame_dir(&dir.join("frames").join(v), 64, Sampling::Uniform, true).unwrap();
             let frames: Vec<(RgbImage, f64)> = sampled.frames.into_iter().map(|f| (f.image, f.timestamp.unwrap())).collect();
             // Events are at least 20·20·0.36 pixels large.
             check_visible_only_in_spans("jpeg", &frames, &qs, &gsub, 100);

@@ -255,6 +255,47 @@ fn short_clip_is_padded_by_repetition() {
 }
 
 #[test]
+fn thousands_of_frames_decode_in_batches_of_select_terms() {
+    // 4090 frames at 100 fps coding their number in three channels (R: n mod 16, G: ⌊n/16⌋ mod
+    // 16, B: ⌊n/256⌋); every other frame is more single-frame runs than one select expression takes.
+    let v = Videos::new();
+    let path = v.path("long.mp4");
+    let src = "color=c=black:s=32x32:r=100:d=40.9,format=rgb24,\
+geq=r='16*mod(N\\,16)+8':g='16*mod(floor(N/16)\\,16)+8':b='16*floor(N/256)+8'";
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        src,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv444p",
+        path.to_str().unwrap(),
+    ]);
+    let code = |img: &RgbImage| {
+        let p = img.get_pixel(16, 16).0;
+        let level = |c: u8| ((c as f64 - 8.0) / 16.0).round() as usize;
+        level(p[0]) + 16 * level(p[1]) + 256 * level(p[2])
+    };
+    let ff = Ffmpeg::from_env();
+    let t = 2045;
+    assert!(t > video::ffmpeg::MAX_SELECT_TERMS);
+    let s = ff.sample(&path, t, Sampling::Uniform).unwrap();
+    assert_eq!(s.num_source_frames, 4090);
+    // Centres of 2045 segments of 2 frames: the odd frames.
+    let want: Vec<usize> = (0..t).map(|i| 2 * i + 1).collect();
+    assert_eq!(s.indices(), want);
+    for f in &s.frames {
+        assert_eq!(code(&f.image), f.index, "frame content differs from its index");
+        let ts = f.timestamp.unwrap();
+        assert!((ts - f.index as f64 / 100.0).abs() < 1e-6, "frame {}: {ts}", f.index);
+    }
+}
+
+#[test]
 fn variable_frame_rate_timestamps_are_real_presentation_times() {
     let v = Videos::new();
     let path = v.path("vfr.mp4");
@@ -451,10 +492,10 @@ fn frame_folders_round_trip_and_sort_numerically() {
         assert_eq!(frame_number(&a.image), b.index, "JPEG round trip keeps the frame");
     }
     // Subsampling a folder: uniform centres over the 12 files, padding past 12.
-    let sub = video::read_frame_dir(&out, 4, Sampling::Uniform).unwrap();
+    let sub = video::read_frame_dir(&out, 4, Sampling::Uniform, true).unwrap();
     assert_eq!(sub.indices(), vec![1, 4, 7, 10]);
     assert_eq!(sub.timestamps().unwrap(), vec![ts[1], ts[4], ts[7], ts[10]]);
-    let pad = video::read_frame_dir(&out, 16, Sampling::Uniform).unwrap();
+    let pad = video::read_frame_dir(&out, 16, Sampling::Uniform, true).unwrap();
     assert_eq!(pad.padded, 4);
     assert_eq!(pad.frames.len(), 16);
 
@@ -474,23 +515,119 @@ fn frame_folders_round_trip_and_sort_numerically() {
         (1, vec![16]),
         (16, (0..16).map(|i| 2 * i).collect()),
     ] {
-        let s = video::read_frame_dir(&gcg, t, Sampling::Official).unwrap();
+        let s = video::read_frame_dir(&gcg, t, Sampling::Official, true).unwrap();
         assert_eq!(s.indices(), expected);
         assert!(s.timestamps().is_none());
         for f in &s.frames {
             assert_eq!(frame_number(&f.image), f.index);
         }
     }
-    let s = video::read_frame_dir(&gcg, 4, Sampling::Uniform).unwrap();
+    let s = video::read_frame_dir(&gcg, 4, Sampling::Uniform, true).unwrap();
     assert_eq!(s.indices(), vec![4, 12, 20, 28]);
     // Errors name the folder.
     let empty = v.path("empty_dir");
     std::fs::create_dir(&empty).unwrap();
-    let e = err_text(video::read_frame_dir(&empty, 4, Sampling::Uniform).unwrap_err());
+    let e = err_text(video::read_frame_dir(&empty, 4, Sampling::Uniform, true).unwrap_err());
     assert!(e.contains("empty_dir") && e.contains("frame_"), "{e}");
     std::fs::write(gcg.join("frame_3.jpg"), "not a jpeg").unwrap();
-    let e = err_text(video::read_frame_dir(&gcg, 32, Sampling::Uniform).unwrap_err());
+    let e = err_text(video::read_frame_dir(&gcg, 32, Sampling::Uniform, true).unwrap_err());
     assert!(e.contains("frame_3"), "{e}");
+}
+
+#[test]
+fn frame_folder_gaps_are_errors_or_filled_at_their_positions() {
+    let v = Videos::new();
+    // 20 PNGs coded with their frame number, frame_2 … frame_9 missing.
+    let dir = v.path("gappy");
+    std::fs::create_dir(&dir).unwrap();
+    let write = |dir: &Path, i: u32| {
+        let code = [16 * (i % 16) as u8 + 8, 128, 16 * (i / 16) as u8 + 8];
+        RgbImage::from_pixel(40, 30, image::Rgb(code))
+            .save(dir.join(format!("frame_{i}.png")))
+            .unwrap();
+    };
+    for i in (0..2).chain(10..20) {
+        write(&dir, i);
+    }
+    let e = err_text(video::read_frame_dir(&dir, 20, Sampling::Uniform, true).unwrap_err());
+    assert!(
+        e.contains("gappy")
+            && e.contains("8 of 20 frame files missing")
+            && e.contains("frame_2.png, frame_3.png, frame_4.png, frame_5.png, frame_6.png, … (8 in all)"),
+        "{e}"
+    );
+    assert!(!e.contains("frame_7.png"), "only the first few are listed: {e}");
+    let e = err_text(video::list_frame_files(&dir).unwrap_err());
+    assert!(e.contains("frame_2.png"), "{e}");
+    // load_frames reads strictly unless the decoder is lenient.
+    assert!(video::load_frames(&dir, 20, Sampling::Uniform, &Ffmpeg::from_env()).is_err());
+    let lenient = Ffmpeg {
+        strict: false,
+        ..Ffmpeg::from_env()
+    };
+    let s = video::load_frames(&dir, 20, Sampling::Uniform, &lenient).unwrap();
+    assert_eq!((s.num_source_frames, s.filled, s.padded), (20, 8, 0));
+    assert_eq!(s.indices(), (0..20).collect::<Vec<_>>());
+    let shown: Vec<usize> = s.frames.iter().map(|f| frame_number(&f.image)).collect();
+    let want: Vec<usize> = (0..20).map(|i| if (2..10).contains(&i) { 1 } else { i }).collect();
+    assert_eq!(shown, want);
+    // Sampled positions are true positions: T = 4 takes positions 2, 7, 12, 17.
+    let s = video::read_frame_dir(&dir, 4, Sampling::Uniform, false).unwrap();
+    assert_eq!(s.indices(), vec![2, 7, 12, 17]);
+    assert_eq!(
+        s.frames.iter().map(|f| frame_number(&f.image)).collect::<Vec<_>>(),
+        vec![1, 1, 12, 17]
+    );
+    assert_eq!(s.filled, 2);
+
+    // Numbering starts at frame_0: a folder from frame_1 on misses frame_0, filled with the
+    // first frame there is.
+    let from1 = v.path("from1");
+    std::fs::create_dir(&from1).unwrap();
+    for i in 1..5 {
+        write(&from1, i);
+    }
+    let e = err_text(video::read_frame_dir(&from1, 5, Sampling::Uniform, true).unwrap_err());
+    assert!(e.contains("1 of 5") && e.contains("frame_0.png"), "{e}");
+    let s = video::read_frame_dir(&from1, 5, Sampling::Uniform, false).unwrap();
+    assert_eq!(
+        s.frames.iter().map(|f| frame_number(&f.image)).collect::<Vec<_>>(),
+        vec![1, 1, 2, 3, 4]
+    );
+
+    // A stray far-away number is no sequence to fill, even leniently.
+    std::fs::copy(from1.join("frame_1.png"), from1.join("frame_99999999.png")).unwrap();
+    for strict in [true, false] {
+        let e = err_text(video::read_frame_dir(&from1, 5, Sampling::Uniform, strict).unwrap_err());
+        assert!(e.contains("frame_99999999.png") && e.contains("not one numbered sequence"), "{e}");
+    }
+
+    // With frames.json: its timestamps fix the length and stay on their positions.
+    let ff = Ffmpeg::from_env();
+    let full = ff.sample(&v.h264(), 6, Sampling::Uniform).unwrap();
+    let out = v.path("with_meta");
+    video::write_frames(&full, &out, false).unwrap();
+    std::fs::remove_file(out.join("frame_0.jpg")).unwrap();
+    std::fs::remove_file(out.join("frame_5.jpg")).unwrap();
+    let e = err_text(video::read_frame_dir(&out, 6, Sampling::Uniform, true).unwrap_err());
+    assert!(
+        e.contains("frames.json") && e.contains("6 timestamps") && e.contains("2 of them missing: frame_0.jpg, frame_5.jpg"),
+        "{e}"
+    );
+    let s = video::read_frame_dir(&out, 6, Sampling::Uniform, false).unwrap();
+    assert_eq!(s.timestamps().unwrap(), full.timestamps().unwrap());
+    let shown: Vec<usize> = s.frames.iter().map(|f| frame_number(&f.image)).collect();
+    let want: Vec<usize> = [1, 1, 2, 3, 4, 4].iter().map(|&k| full.frames[k].index).collect();
+    assert_eq!(shown, want);
+    assert_eq!(s.filled, 2);
+    // Files only past the timestamps: nothing to read.
+    let none = v.path("none_listed");
+    video::write_frames(&full, &none, false).unwrap();
+    for i in 0..6 {
+        std::fs::rename(none.join(format!("frame_{i}.jpg")), none.join(format!("frame_{}.jpg", i + 10))).unwrap();
+    }
+    let e = err_text(video::read_frame_dir(&none, 6, Sampling::Uniform, false).unwrap_err());
+    assert!(e.contains("none of these files") && e.contains("frame_10.jpg"), "{e}");
 }
 
 #[test]

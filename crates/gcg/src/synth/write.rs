@@ -307,6 +307,7 @@ fn write_video(world: &World, v: &SynthVideo, dir: &Path, mp4: bool, opts: &Writ
         fps: Some(cfg.fps),
         num_source_frames: cfg.frames,
         padded: 0,
+        filled: 0,
         sampling: Sampling::Uniform,
     };
     video::write_frames(&sampled, &dir.join("frames").join(&v.id), false)

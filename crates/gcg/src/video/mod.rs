@@ -25,6 +25,12 @@
 //! rule is `utils/utils.py::get_frames(lst, T)`: fixed index tables for M ∈ {32, 16} and
 //! T ∈ {16, 8, 4, 1}, all M frames otherwise when M is 32 or 16; other (M, T) fall back to the
 //! uniform rule (with a warning). The uniform rule is the same formula as for videos.
+//!
+//! # Frame folders
+//! Position i of a folder is the file `frame_{i}`, numbered from `frame_0` up to the last file, or
+//! to the length of `frames.json`'s timestamps when the folder has one. A gap (or a file that
+//! disagrees with `frames.json`) is an error naming the files; read leniently, each missing frame
+//! is the nearest earlier one, so every other frame keeps its position and timestamp.
 
 pub mod ffmpeg;
 pub mod preprocess;
@@ -91,6 +97,9 @@ pub struct SampledFrames {
     pub num_source_frames: usize,
     /// How many of the T frames are repeats (source shorter than T).
     pub padded: usize,
+    /// How many of the T frames stand in for a file missing from a frame folder (lenient
+    /// reading: the nearest earlier frame, at the missing frame's position).
+    pub filled: usize,
     pub sampling: Sampling,
 }
 
@@ -218,8 +227,9 @@ fn frame_number(name: &str) -> Option<usize> {
     num.parse().ok()
 }
 
-/// The `frame_{i}` image files of a folder, sorted numerically (`frame_10` after `frame_9`).
-pub fn list_frame_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The `frame_{i}` image files of a folder as found: (number, path), sorted numerically
+/// (`frame_10` after `frame_9`); two files for one number or none at all are errors.
+fn scan_frame_files(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading frame folder {}", dir.display()))? {
         let entry = entry.with_context(|| format!("reading frame folder {}", dir.display()))?;
@@ -241,7 +251,149 @@ pub fn list_frame_files(dir: &Path) -> Result<Vec<PathBuf>> {
     if files.is_empty() {
         bail!("{}: no frame_{{i}}.jpg / .png files in the folder", dir.display());
     }
-    Ok(files.into_iter().map(|(_, p)| p).collect())
+    Ok(files)
+}
+
+/// The first few of `names` and how many there are: `frame_3.jpg, frame_7.jpg` or
+/// `frame_3.jpg, frame_4.jpg, frame_5.jpg, frame_6.jpg, frame_7.jpg, … (12 in all)`.
+fn few_names(names: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut s = names.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(", … ({} in all)", names.len()));
+    }
+    s
+}
+
+/// A frame folder's files by position: position i is `frame_{i}`, numbered from 0 up to the
+/// last file (or to the length of `frames.json`'s timestamps when there is one).
+struct FrameFolder {
+    /// The file of each position; None where it is missing (only when reading leniently).
+    files: Vec<Option<PathBuf>>,
+    meta: Option<FramesJson>,
+}
+
+impl FrameFolder {
+    /// Read `dir` (and its `frames.json`). A gap in the numbering, or files that disagree with
+    /// `frames.json`, is an error naming the files when `strict`; otherwise a warning, and the
+    /// missing positions stay empty (extra files past `frames.json` are ignored).
+    fn read(dir: &Path, strict: bool) -> Result<Self> {
+        let found = scan_frame_files(dir)?;
+        let meta_path = dir.join("frames.json");
+        let meta: Option<FramesJson> = if meta_path.is_file() {
+            let text = std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?;
+            Some(serde_json::from_str(&text).with_context(|| format!("parsing {}", meta_path.display()))?)
+        } else {
+            None
+        };
+        let len = match &meta {
+            Some(m) => m.timestamps.len(),
+            None => found.last().map_or(0, |(i, _)| i + 1),
+        };
+        if len == 0 {
+            bail!("{}: no timestamps, but the folder holds frame files", meta_path.display());
+        }
+        if meta.is_none() && len > 16 * found.len() + 1024 {
+            // Not a sequence with gaps (and too long to fill): e.g. frame_0 … frame_9 + frame_99999999.
+            bail!(
+                "{}: {} frame files numbered up to {}: not one numbered sequence from frame_0",
+                dir.display(),
+                found.len(),
+                found.last().map(|(_, p)| p.display().to_string()).unwrap_or_default()
+            );
+        }
+        // Missing files are named with the folder's own extension.
+        let ext = found[0]
+            .1
+            .extension()
+            .map(|e| e.to_string_lossy().to_string())
+            .unwrap_or_else(|| "jpg".into());
+        let mut files: Vec<Option<PathBuf>> = vec![None; len];
+        let mut extra = Vec::new();
+        for (i, p) in found {
+            match files.get_mut(i) {
+                Some(slot) => *slot = Some(p),
+                None => extra.push(p),
+            }
+        }
+        let missing: Vec<usize> = (0..len).filter(|&i| files[i].is_none()).collect();
+        let missing_names: Vec<String> = missing.iter().map(|i| format!("frame_{i}.{ext}")).collect();
+        let extra_names: Vec<String> = extra
+            .iter()
+            .map(|p| p.file_name().unwrap_or_default().to_string_lossy().to_string())
+            .collect();
+        if missing.len() == len {
+            bail!(
+                "{}: {len} timestamps for frame_0 … frame_{}, but none of these files is in the folder (it holds {})",
+                meta_path.display(),
+                len - 1,
+                few_names(&extra_names)
+            );
+        }
+        if missing.is_empty() && extra.is_empty() {
+            return Ok(Self { files, meta });
+        }
+        let what = if meta.is_some() {
+            let mut parts = Vec::new();
+            if !missing.is_empty() {
+                parts.push(format!("{} of them missing: {}", missing.len(), few_names(&missing_names)));
+            }
+            if !extra.is_empty() {
+                parts.push(format!("{} extra file(s) past them: {}", extra.len(), few_names(&extra_names)));
+            }
+            format!(
+                "{}: {len} timestamps for frame_0 … frame_{}, but the frame files disagree: {}",
+                meta_path.display(),
+                len - 1,
+                parts.join("; ")
+            )
+        } else {
+            format!(
+                "{}: {} of {len} frame files missing from the numbered sequence frame_0 … frame_{}: {}",
+                dir.display(),
+                missing.len(),
+                len - 1,
+                few_names(&missing_names)
+            )
+        };
+        if strict {
+            let why = if meta.is_some() {
+                "the frames and their timestamps would not match"
+            } else {
+                "the frames after a gap would shift to earlier positions"
+            };
+            bail!("{what} ({why}; to fill each missing frame with the nearest earlier one instead: lenient reading, `--lenient`)");
+        }
+        let mut what = what;
+        if !missing.is_empty() {
+            what.push_str("; each missing frame is filled with the nearest earlier one (the first when none is earlier), the others keep their positions");
+        }
+        if !extra.is_empty() {
+            what.push_str("; the extra files are ignored");
+        }
+        tracing::warn!("{what}");
+        Ok(Self { files, meta })
+    }
+
+    /// The position whose file stands in for position `i`: `i` itself, else the nearest earlier
+    /// position with a file, else the nearest later one.
+    fn source_of(&self, i: usize) -> usize {
+        if self.files[i].is_some() {
+            return i;
+        }
+        (0..i)
+            .rev()
+            .chain(i + 1..self.files.len())
+            .find(|&j| self.files[j].is_some())
+            .expect("a frame folder has at least one file")
+    }
+}
+
+/// The `frame_{i}` image files of a folder in order (`frame_10` after `frame_9`), numbered from
+/// `frame_0` without gaps (up to the length of `frames.json`'s timestamps when there is one); a
+/// gap or a file that disagrees with `frames.json` is an error naming the files.
+pub fn list_frame_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(FrameFolder::read(dir, true)?.files.into_iter().flatten().collect())
 }
 
 /// Decode a JPEG with libjpeg-turbo's decoder (through `mozjpeg`), with the settings Pillow uses
@@ -315,25 +467,19 @@ pub struct FramesJson {
     pub sampling: Option<Sampling>,
 }
 
-/// Read T frames from a folder of `frame_{i}` images. Timestamps (and duration/fps) come from a
-/// `frames.json` in the folder when there is one (as written by [`write_frames`]).
-pub fn read_frame_dir(dir: &Path, t: usize, sampling: Sampling) -> Result<SampledFrames> {
+/// Read T frames from a folder of `frame_{i}` images, numbered from `frame_0`. Timestamps (and
+/// duration/fps) come from a `frames.json` in the folder when there is one (as written by
+/// [`write_frames`]).
+///
+/// A gap in the numbering (or files that disagree with `frames.json`) is an error naming the
+/// files when `strict`; otherwise each missing frame is filled with the nearest earlier one (a
+/// warning names them) and every frame keeps its true position and timestamp.
+pub fn read_frame_dir(dir: &Path, t: usize, sampling: Sampling, strict: bool) -> Result<SampledFrames> {
     if t == 0 {
         bail!("{}: asked for 0 frames", dir.display());
     }
-    let files = list_frame_files(dir)?;
-    let m = files.len();
-    let meta_path = dir.join("frames.json");
-    let meta: Option<FramesJson> = if meta_path.is_file() {
-        let text = std::fs::read_to_string(&meta_path).with_context(|| format!("reading {}", meta_path.display()))?;
-        let meta: FramesJson = serde_json::from_str(&text).with_context(|| format!("parsing {}", meta_path.display()))?;
-        if meta.timestamps.len() != m {
-            bail!("{}: {} timestamps for {m} frame files", meta_path.display(), meta.timestamps.len());
-        }
-        Some(meta)
-    } else {
-        None
-    };
+    let folder = FrameFolder::read(dir, strict)?;
+    let m = folder.files.len();
     let indices = match sampling {
         Sampling::Uniform => sample_indices(m, t, Sampling::Uniform),
         Sampling::Official => match official_folder_indices(m, t) {
@@ -354,12 +500,23 @@ pub fn read_frame_dir(dir: &Path, t: usize, sampling: Sampling) -> Result<Sample
         tracing::warn!("{}: only {m} frames for {t} requested; padded by repeating frames", dir.display());
     }
     let mut frames: Vec<Frame> = Vec::with_capacity(t);
+    let mut images: std::collections::HashMap<usize, RgbImage> = std::collections::HashMap::new();
+    let mut filled = 0;
     for &i in &indices {
-        let image = match frames.iter().rev().find(|f| f.index == i) {
-            Some(prev) => prev.image.clone(),
-            None => read_image(&files[i])?,
+        let source = folder.source_of(i);
+        if source != i {
+            filled += 1;
+        }
+        let image = match images.get(&source) {
+            Some(img) => img.clone(),
+            None => {
+                let file = folder.files[source].as_ref().expect("source_of gives a position with a file");
+                let img = read_image(file)?;
+                images.insert(source, img.clone());
+                img
+            }
         };
-        let timestamp = meta.as_ref().and_then(|m| m.timestamps[i]);
+        let timestamp = folder.meta.as_ref().and_then(|m| m.timestamps[i]);
         frames.push(Frame {
             index: i,
             image,
@@ -369,18 +526,20 @@ pub fn read_frame_dir(dir: &Path, t: usize, sampling: Sampling) -> Result<Sample
     Ok(SampledFrames {
         source: dir.to_path_buf(),
         frames,
-        duration: meta.as_ref().and_then(|m| m.duration),
-        fps: meta.as_ref().and_then(|m| m.fps),
+        duration: folder.meta.as_ref().and_then(|m| m.duration),
+        fps: folder.meta.as_ref().and_then(|m| m.fps),
         num_source_frames: m,
         padded,
+        filled,
         sampling,
     })
 }
 
-/// T frames from a video file (decoded with `ffmpeg`) or a frame folder.
+/// T frames from a video file (decoded with `ffmpeg`) or a frame folder (read strictly, or
+/// leniently, as `ffmpeg.strict` says; see [`read_frame_dir`]).
 pub fn load_frames(path: &Path, t: usize, sampling: Sampling, ffmpeg: &Ffmpeg) -> Result<SampledFrames> {
     if path.is_dir() {
-        read_frame_dir(path, t, sampling)
+        read_frame_dir(path, t, sampling, ffmpeg.strict)
     } else if path.exists() {
         ffmpeg.sample(path, t, sampling)
     } else {
