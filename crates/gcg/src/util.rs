@@ -73,6 +73,48 @@ pub fn write_dir_atomic<T>(dir: &Path, fill: impl FnOnce(&Path) -> Result<T>) ->
     Ok(out)
 }
 
+/// Clear what killed writers of `dir` ([`write_dir_atomic`] in another process) left beside it:
+/// a `.{name}.tmp-{pid}` folder of a process that is gone is removed; an `.{name}.old-{pid}` of
+/// one is the previous `dir` caught between the two renames, so it is moved back when `dir` is
+/// missing and removed otherwise. Whether a process is gone is read from `/proc` (where there is
+/// none, nothing is touched). Returns the paths removed or moved back.
+pub fn clear_stale_dir_temps(dir: &Path) -> Result<Vec<PathBuf>> {
+    let proc = Path::new("/proc");
+    let (Some(name), true) = (dir.file_name(), proc.is_dir()) else {
+        return Ok(Vec::new());
+    };
+    let name = name.to_string_lossy().to_string();
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Ok(Vec::new());
+    };
+    let mut cleared = Vec::new();
+    for e in entries {
+        let e = e.with_context(|| format!("listing {}", parent.display()))?;
+        let file = e.file_name().to_string_lossy().to_string();
+        let Some(rest) = file.strip_prefix(&format!(".{name}.")) else {
+            continue;
+        };
+        let (old, pid) = match (rest.strip_prefix("tmp-"), rest.strip_prefix("old-")) {
+            (Some(pid), _) => (false, pid),
+            (_, Some(pid)) => (true, pid),
+            _ => continue,
+        };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid == std::process::id() || proc.join(pid.to_string()).exists() {
+            continue;
+        }
+        let path = e.path();
+        if old && dir.symlink_metadata().is_err() {
+            std::fs::rename(&path, dir).with_context(|| format!("moving {} back to {}", path.display(), dir.display()))?;
+        } else {
+            remove_path(&path).with_context(|| format!("removing {}, left by a killed process", path.display()))?;
+        }
+        cleared.push(path);
+    }
+    Ok(cleared)
+}
+
 /// Remove a file, a symlink or a folder with its contents.
 pub fn remove_path(path: &Path) -> std::io::Result<()> {
     if path.symlink_metadata()?.is_dir() {
@@ -198,6 +240,37 @@ mod tests {
         write_dir_atomic(&file, |t| Ok(std::fs::write(t.join("new.txt"), "new")?)).unwrap();
         assert_eq!(names(&file), ["new.txt"]);
         assert_eq!(names(tmp.path()), ["f", "out"]);
+    }
+
+    #[test]
+    fn stale_temporaries_of_dead_processes_are_cleared() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("out");
+        // A pid no process has (above the kernel's pid_max of 2^22).
+        let dead = 4_194_305u32;
+        for n in [
+            format!(".out.tmp-{dead}"),
+            format!(".out.old-{dead}"),
+            format!(".out.tmp-{}", std::process::id()),
+        ] {
+            std::fs::create_dir(root.path().join(&n)).unwrap();
+            std::fs::write(root.path().join(&n).join("f"), &n).unwrap();
+        }
+        std::fs::create_dir(root.path().join(".other.tmp-1")).unwrap();
+        // `out` is missing: the dead process's old copy is moved back, its temporary removed,
+        // this process's own temporary and another folder's are left alone.
+        let mut cleared = super::clear_stale_dir_temps(&dir).unwrap();
+        cleared.sort();
+        assert_eq!(cleared.len(), 2, "{cleared:?}");
+        assert_eq!(std::fs::read_to_string(dir.join("f")).unwrap(), format!(".out.old-{dead}"));
+        let own = format!(".out.tmp-{}", std::process::id());
+        let mut want = vec![".other.tmp-1".to_string(), own, "out".to_string()];
+        want.sort();
+        assert_eq!(names(root.path()), want);
+        // With `out` present, a dead process's old copy is removed.
+        std::fs::create_dir(root.path().join(format!(".out.old-{dead}"))).unwrap();
+        assert_eq!(super::clear_stale_dir_temps(&dir).unwrap().len(), 1);
+        assert_eq!(names(&dir), ["f"]);
     }
 
     #[test]
