@@ -3,7 +3,7 @@
 //! A flag that names a choice is parsed by clap into the library's enum (its `FromStr`), so a
 //! wrong value is a usage error that lists the choices, and the command reads a typed value.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 use gcg::data::Dataset;
@@ -160,4 +160,13 @@ mod tests {
         assert!("64x".parse::<FrameSize>().is_err());
         assert!("big".parse::<FrameSize>().is_err());
     }
+}
+
+/// `--out` must not exist unless `--force` was given (checked before any work is done).
+pub fn check_out(out: &std::path::Path, force: bool) -> Result<()> {
+    if let (Ok(meta), false) = (out.symlink_metadata(), force) {
+        let what = if meta.is_dir() { "folder" } else { "file" };
+        bail!("{} already exists (a {what}); pass --force to replace it", out.display());
+    }
+    Ok(())
 }

@@ -12,7 +12,8 @@ pub struct DemoArgs {
     /// Seed of the world, the encoders and the training.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output folder (replaced when it holds a previous demo).
+    /// Output folder (replaced when it holds a previous demo: the new one is built beside it and
+    /// swapped in when complete, so a killed demo leaves the previous one intact).
     #[arg(long, default_value = "gcg-demo")]
     pub out: PathBuf,
     /// A small, fast run (for tests): fewer videos, steps and epochs.

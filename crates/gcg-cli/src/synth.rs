@@ -1,6 +1,6 @@
 //! `gcg synth`: write a synthetic grounded VideoQA world (see `gcg::synth`).
 
-use crate::args::{progress_bar, FrameSize};
+use crate::args::{check_out, progress_bar, FrameSize};
 use anyhow::{Context, Result};
 use clap::Args;
 use gcg::synth::{self, Mp4Mode, QuestionKind, SynthConfig, World, WriteOptions};
@@ -170,6 +170,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&cfg)?);
         return Ok(());
     }
+    check_out(&a.out, a.force)?;
     let t0 = Instant::now();
     let world = World::generate(&cfg)?;
     let opts = WriteOptions {

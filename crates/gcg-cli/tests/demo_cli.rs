@@ -162,3 +162,108 @@ fn demo_refuses_to_overwrite_a_folder_that_is_not_a_demo() {
     assert!(err.contains("not a demo output"), "{err}");
     assert_eq!(std::fs::read_to_string(tmp.path().join("precious.txt")).unwrap(), "keep me");
 }
+
+/// Every file under `dir` (relative path → bytes).
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(p.strip_prefix(root).unwrap().display().to_string(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_demo_killed_while_replacing_another_leaves_it_intact_and_a_rerun_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = tmp.path().join("p");
+    let out = parent.join("demo");
+    let o = out.to_str().unwrap();
+    ok(&gcg(&["demo", "--quick", "--seed", "2", "--out", o, "--quiet"]), "the first demo");
+    let before = snapshot(&out);
+    assert!(before.contains_key("report.md") && before.contains_key("runs/grounding/config.json"));
+
+    // A second demo into the same folder, killed once it is writing features into its staging
+    // folder beside the first.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gcg"))
+        .args(["demo", "--quick", "--seed", "3", "--out", o, "--quiet"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let staging = loop {
+        let found = names(&parent)
+            .into_iter()
+            .filter(|n| n != "demo")
+            .map(|n| parent.join(n))
+            .find(|p| p.join("store").exists());
+        if let Some(s) = found {
+            break s;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the second demo ended ({status}) before a staging folder with a store appeared beside {o}");
+        }
+        assert!(t0.elapsed().as_secs() < 300, "no staging folder after 300 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        staging.file_name().unwrap().to_string_lossy().starts_with(".demo."),
+        "{}",
+        staging.display()
+    );
+    let after = snapshot(&out);
+    let changed: Vec<&String> = before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k))
+        .collect();
+    assert!(changed.is_empty(), "the killed demo changed the first one: {changed:?}");
+
+    // A rerun completes, removes the killed run's staging folder and leaves the same layout with
+    // its paths pointing at the final folder.
+    ok(&gcg(&["demo", "--quick", "--seed", "3", "--out", o, "--quiet"]), "the rerun");
+    assert_eq!(names(&parent), ["demo"]);
+    assert_eq!(json(&out.join("report.json"))["seed"], 3);
+    let cfg = json(&out.join("runs/grounding/config.json"));
+    let store = Path::new(cfg["data"]["store"].as_str().unwrap());
+    assert_eq!(store, std::path::absolute(out.join("store")).unwrap());
+    let meta = json(&out.join("runs/grounding/predictions-test.jsonl.meta.json"));
+    assert_eq!(Path::new(meta["store"].as_str().unwrap()), store);
+    assert!(!std::fs::read_to_string(out.join("store/index.json")).unwrap().contains(".demo."));
+    // `gcg predict` into the run's own prediction file finds the same provenance (paths and config
+    // hash) and resumes it: nothing to redo, the file unchanged.
+    let preds = out.join("runs/grounding/predictions-test.jsonl");
+    let rows = std::fs::read(&preds).unwrap();
+    let run = out.join("runs/grounding");
+    let r = gcg(&[
+        "predict",
+        "--run",
+        run.to_str().unwrap(),
+        "--split",
+        "test",
+        "--out",
+        preds.to_str().unwrap(),
+        "--quiet",
+    ]);
+    ok(&r, "gcg predict resuming the demo's predictions");
+    assert_eq!(std::fs::read(&preds).unwrap(), rows);
+}

@@ -623,3 +623,121 @@ fn open_ended_formats() {
     );
     assert!(got.bad_rows[1].reason.contains("duplicate question id 1 (first at entry 0)"));
 }
+
+/// The first `n` lines of `text`, LF-terminated.
+fn head_lines(text: &str, n: usize) -> String {
+    text.lines().take(n).map(|l| format!("{l}\n")).collect()
+}
+
+/// `text` (LF, ending in a newline) as LF and CRLF, each with and without the last newline.
+fn line_ending_variants(text: &str) -> Vec<(&'static str, String)> {
+    assert!(text.ends_with('\n') && !text.contains('\r'));
+    let crlf = text.replace('\n', "\r\n");
+    vec![
+        ("lf", text.to_string()),
+        ("lf-no-final-newline", text.trim_end_matches('\n').to_string()),
+        ("crlf", crlf.clone()),
+        ("crlf-no-final-newline", crlf.trim_end_matches("\r\n").to_string()),
+    ]
+}
+
+#[test]
+fn line_numbers_are_physical_lines_with_lf_and_crlf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(unpack(tmp.path(), "data/nextqa/val.csv")).unwrap();
+    let base = head_lines(&text, 8);
+    let row = |n: usize| text.lines().nth(n - 1).unwrap().to_string();
+    // (name, LF text, expected line, column, reason); the lines are counted by hand.
+    let mut cases: Vec<(&str, String, u64, &str, String)> = vec![
+        (
+            "answer7",
+            edit_line(&base, 5, |f| f[5] = "7".into()),
+            5,
+            "6 (answer)",
+            "found `7`".into(),
+        ),
+        (
+            "extra_field",
+            edit_line(&base, 2, |f| f.push("x".into())),
+            2,
+            "14",
+            "found 14".into(),
+        ),
+        ("duplicate", format!("{base}{}\n", row(4)), 9, "7 (qid)", "(first at line 4)".into()),
+    ];
+    // A quoted question with a line break in it (row 3 spans lines 3-4) and an empty line: the
+    // bad answer of the old row 4 is on physical line 6.
+    let mut lines: Vec<String> = base.lines().map(String::from).collect();
+    let mut f: Vec<String> = lines[2].split(',').map(String::from).collect();
+    f[4] = "\"how does the man cycling,\nsell the watch\"".into();
+    lines[2] = f.join(",");
+    lines.insert(3, String::new());
+    let mut f: Vec<String> = lines[4].split(',').map(String::from).collect();
+    f[5] = "9".into();
+    lines[4] = f.join(",");
+    cases.push(("quoted_newline", lines.join("\n") + "\n", 6, "6 (answer)", "found `9`".into()));
+    for (name, lf, line, column, reason) in &cases {
+        for (variant, t) in line_ending_variants(lf) {
+            let p = write(tmp.path(), &format!("{name}-{variant}.csv"), &t);
+            let b = bad_row(nextqa::read(&p).unwrap_err());
+            assert_eq!(
+                (b.line, b.column.as_deref()),
+                (Some(*line), Some(*column)),
+                "{name} ({variant}): {b}"
+            );
+            assert!(b.reason.contains(reason.as_str()), "{name} ({variant}): {b}");
+            assert!(b.to_string().contains(&format!(".csv:{line},")), "{b}");
+        }
+    }
+    // The same quoted-newline file without the bad answer reads, the question keeps its break.
+    let ok = cases[3].1.replace(",9,", ",3,");
+    for (variant, t) in line_ending_variants(&ok) {
+        let p = write(tmp.path(), &format!("quoted-ok-{variant}.csv"), &t);
+        let got = nextqa::read(&p).unwrap_or_else(|e| panic!("{variant}: {e:#}"));
+        assert_eq!(got.len(), 7, "{variant}");
+        assert!(
+            got[1].question.starts_with("how does the man cycling,"),
+            "{variant}: {:?}",
+            got[1].question
+        );
+    }
+}
+
+#[test]
+fn an_unclosed_quote_is_named_and_swallows_no_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(unpack(tmp.path(), "data/nextqa/val.csv")).unwrap();
+    let base = head_lines(&text, 11);
+    let good = nextqa::read(&write(tmp.path(), "base.csv", &base)).unwrap();
+    assert_eq!(good.len(), 10);
+    // Line 4 opens a quote in its question that is never closed.
+    let unclosed = edit_line(&base, 4, |f| f[4] = format!("\"{}", f[4]));
+    // Line 4 opens a quote that a stray quote on line 7 closes: lines 4-7 would be one row
+    // of 13 fields.
+    let stray = edit_line(&unclosed, 7, |f| f[4] = format!("the \"big {}", f[4]));
+    for (name, lf) in [("unclosed", &unclosed), ("stray", &stray)] {
+        for (variant, t) in line_ending_variants(lf) {
+            let p = write(tmp.path(), &format!("{name}-{variant}.csv"), &t);
+            let b = bad_row(nextqa::read(&p).unwrap_err());
+            assert_eq!(b.file, p);
+            assert_eq!(
+                (b.line, b.column.as_deref()),
+                (Some(4), Some("5 (question)")),
+                "{name} ({variant}): {b}"
+            );
+            assert!(b.reason.contains("quote opened on line 4"), "{name} ({variant}): {b}");
+            // Skipping bad rows drops line 4 alone and reads every later row.
+            let got = nextqa::read_with(&p, &ReadOptions::skip_bad_rows()).unwrap();
+            assert_eq!(got.bad_rows.len(), 1, "{name} ({variant}): {:?}", got.bad_rows);
+            assert_eq!(got.bad_rows[0].line, Some(4));
+            let keys: Vec<&str> = got.samples.iter().map(|s| s.key.as_str()).collect();
+            let want: Vec<&str> = good
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != 2)
+                .map(|(_, s)| s.key.as_str())
+                .collect();
+            assert_eq!(keys, want, "{name} ({variant})");
+        }
+    }
+}

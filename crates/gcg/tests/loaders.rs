@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use gcg::models::checkpoint::{open_hf_snapshot, release_t5_config};
 use gcg::models::lmm::{is_trainable, LmmConfig, VideoLmm};
 use gcg::weights::checkpoints::{is_buffer, GcgRelease};
+use gcg::weights::pth::PthSource;
 use gcg::weights::{Loader, SafetensorsSource, TensorSource};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -141,21 +142,40 @@ fn wrong_shape_names_tensor_file_and_both_shapes() {
 }
 
 #[test]
-fn truncated_safetensors_names_the_file() {
+fn truncated_safetensors_names_the_file_and_both_sizes() {
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&first_dir().join("hf"), tmp.path());
     let shard = tmp.path().join("model-00002-of-00002.safetensors");
     let bytes = std::fs::read(&shard).unwrap();
-    std::fs::write(&shard, &bytes[..bytes.len() - 100]).unwrap();
+    let full = bytes.len();
+    std::fs::write(&shard, &bytes[..full - 100]).unwrap();
     let err = format!("{:#}", load_hf(tmp.path()).unwrap_err());
+    // The header describes the whole file (the test knows its length): both sizes are named.
     assert!(
-        err.contains("model-00002-of-00002.safetensors") && err.contains("truncated"),
+        err.contains("model-00002-of-00002.safetensors")
+            && err.contains("truncated")
+            && err.contains(&format!("{full} bytes"))
+            && err.contains(&format!("{} bytes", full - 100)),
+        "{err}"
+    );
+    // Cut inside the JSON header: the header length the first 8 bytes announce is named.
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    std::fs::write(&shard, &bytes[..20]).unwrap();
+    let err = format!("{:#}", SafetensorsSource::open(&shard).err().unwrap());
+    assert!(
+        err.contains("model-00002-of-00002.safetensors")
+            && err.contains("truncated")
+            && err.contains(&format!("header of {header_len} bytes"))
+            && err.contains("20 bytes"),
         "{err}"
     );
     // A file that is not safetensors at all.
     std::fs::write(&shard, b"hello, this is not a checkpoint").unwrap();
     let err = format!("{:#}", SafetensorsSource::open(&shard).err().unwrap());
-    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+    assert!(
+        err.contains("model-00002-of-00002.safetensors") && !err.contains("truncated"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -176,12 +196,44 @@ fn broken_pth_files_name_the_file() {
     copy_dir(&first_dir().join("gcg"), tmp.path());
     let p = tmp.path().join("qformer_t5.pth");
     let bytes = std::fs::read(&p).unwrap();
-    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let half = bytes.len() / 2;
+    std::fs::write(&p, &bytes[..half]).unwrap();
     let err = format!(
         "{:#}",
         GcgRelease::new(tmp.path(), tmp.path().join("flan-t5")).open().err().unwrap()
     );
-    assert!(err.contains("qformer_t5.pth"), "{err}");
+    // A truncated zip checkpoint says so (with the size it has), not that it is a legacy file.
+    assert!(
+        err.contains("qformer_t5.pth") && err.contains("truncated") && err.contains(&format!("{half} bytes")),
+        "{err}"
+    );
+    assert!(!err.contains("legacy") && !err.contains("re-save"), "{err}");
+    // Cut a few bytes short (inside the zip's end record): still truncated, not legacy.
+    std::fs::write(&p, &bytes[..bytes.len() - 5]).unwrap();
+    let err = format!("{:#}", PthSource::open(&p, None, "qformer").err().unwrap());
+    assert!(
+        err.contains("qformer_t5.pth") && err.contains("truncated") && err.contains(&format!("{} bytes", bytes.len() - 5)),
+        "{err}"
+    );
+    assert!(!err.contains("re-save"), "{err}");
+    // A legacy (pre-1.6, non-zip) torch.save file: a pickle stream that starts with the legacy
+    // magic number. Only this one gets the re-save hint.
+    let legacy = tmp.path().join("legacy.pth");
+    std::fs::write(&legacy, b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02M\xe9\x03.").unwrap();
+    let err = format!("{:#}", PthSource::open(&legacy, None, "x").err().unwrap());
+    assert!(
+        err.contains("legacy.pth") && err.contains("legacy") && err.contains("re-save"),
+        "{err}"
+    );
+    // Neither zip nor pickle.
+    let junk = tmp.path().join("junk.pth");
+    std::fs::write(&junk, b"hello, this is not a checkpoint").unwrap();
+    let err = format!("{:#}", PthSource::open(&junk, None, "x").err().unwrap());
+    assert!(
+        err.contains("junk.pth") && !err.contains("re-save") && !err.contains("truncated"),
+        "{err}"
+    );
+
     std::fs::remove_file(tmp.path().join("llm_proj_t5.pth")).unwrap();
     std::fs::write(tmp.path().join("qformer_t5.pth"), &bytes).unwrap();
     let err = format!(

@@ -62,11 +62,13 @@ impl Columns {
 }
 
 pub(crate) fn read_mc_csv(path: &Path, fmt: &McCsvFormat, opts: &ReadOptions) -> Result<Annotations> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening annotation file {}", path.display()))?;
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .from_reader(std::io::BufReader::new(file));
+    let bytes = std::fs::read(path).with_context(|| format!("reading annotation file {}", path.display()))?;
+    let lines = Lines::new(&bytes);
+    // `base`: where the reader's input starts in `bytes` (it moves on when a row with an unclosed
+    // quote is skipped). Positions come from our own line index: the csv crate counts `\n`s
+    // consumed, which is one short for a CRLF row (its `\n` is consumed with the next row).
+    let mut base = 0usize;
+    let mut rdr = csv_reader(&bytes, true);
     let header = rdr
         .byte_headers()
         .with_context(|| format!("reading the header of {}", path.display()))?
@@ -83,13 +85,22 @@ pub(crate) fn read_mc_csv(path: &Path, fmt: &McCsvFormat, opts: &ReadOptions) ->
             Ok(true) => {}
             Ok(false) => break,
             Err(e) => {
-                let line = e.position().map(|p| p.line());
                 let mut row = BadRow::new(path, format!("unreadable CSV: {e}"));
-                row.line = line;
+                row.line = e.position().map(|p| lines.line_of(row_start(&bytes, base + p.byte() as usize)));
                 return Err(anyhow::Error::new(row));
             }
         }
-        let line = record.position().map(|p| p.line()).unwrap_or(0);
+        let start = row_start(&bytes, base + record.position().map_or(0, |p| p.byte() as usize));
+        let end = base + rdr.position().byte() as usize;
+        let line = lines.line_of(start);
+        if let Some(bad) = check_quotes(path, &cols, &lines, &bytes, start, end, record.len()) {
+            // Skipped, the next row is read from the line after the one the quote opened on.
+            let resume = lines.next_line_start(bad.quote_at);
+            sink.reject(bad.row)?;
+            base = resume;
+            rdr = csv_reader(&bytes[base..], false);
+            continue;
+        }
         match parse_row(path, fmt, &cols, &record, line) {
             Ok(sample) => {
                 if let Some(first) = seen.get(&sample.key) {
@@ -110,6 +121,153 @@ pub(crate) fn read_mc_csv(path: &Path, fmt: &McCsvFormat, opts: &ReadOptions) ->
         samples,
         bad_rows: sink.bad,
     })
+}
+
+fn csv_reader(bytes: &[u8], has_headers: bool) -> csv::Reader<&[u8]> {
+    csv::ReaderBuilder::new().has_headers(has_headers).flexible(true).from_reader(bytes)
+}
+
+/// Where the row the reader was at `pos` begins: past the line breaks (the rest of the previous
+/// row's terminator, empty lines) that the reader skips.
+fn row_start(bytes: &[u8], pos: usize) -> usize {
+    pos + bytes[pos.min(bytes.len())..]
+        .iter()
+        .take_while(|&&b| b == b'\n' || b == b'\r')
+        .count()
+}
+
+/// The physical lines of a file: a line ends at `\n`, or at a `\r` not followed by `\n`.
+struct Lines {
+    /// Offsets of the last byte of each line break.
+    breaks: Vec<usize>,
+    len: usize,
+}
+
+impl Lines {
+    fn new(bytes: &[u8]) -> Self {
+        let breaks = (0..bytes.len())
+            .filter(|&i| bytes[i] == b'\n' || (bytes[i] == b'\r' && bytes.get(i + 1) != Some(&b'\n')))
+            .collect();
+        Self { breaks, len: bytes.len() }
+    }
+    /// The 1-based line of byte `offset`.
+    fn line_of(&self, offset: usize) -> u64 {
+        1 + self.breaks.partition_point(|&b| b < offset) as u64
+    }
+    /// The offset where the line after the one holding `offset` begins (the end of the file if
+    /// there is none).
+    fn next_line_start(&self, offset: usize) -> usize {
+        let i = self.breaks.partition_point(|&b| b < offset);
+        self.breaks.get(i).map_or(self.len, |&b| b + 1)
+    }
+    /// The number of the last line.
+    fn last(&self) -> u64 {
+        self.line_of(self.len.saturating_sub(1))
+    }
+}
+
+/// A row whose quotes are wrong, and the offset of the quote that opened the bad field.
+struct QuoteError {
+    row: BadRow,
+    quote_at: usize,
+}
+
+/// The row `bytes[start..end]` (as read, `fields` fields) has an unclosed quote: a quoted field
+/// runs to the end of the file, or one that spans line breaks swallows lines that look like
+/// rows or leaves the row with another number of fields than the header.
+fn check_quotes(path: &Path, cols: &Columns, lines: &Lines, bytes: &[u8], start: usize, end: usize, fields: usize) -> Option<QuoteError> {
+    let end = end.min(bytes.len());
+    let q = scan_quotes(&bytes[start..end])?;
+    let open = start + q.open;
+    let (open_line, row_line) = (lines.line_of(open), lines.line_of(start));
+    let row_note = if row_line == open_line {
+        String::new()
+    } else {
+        format!(" (in the row that starts on line {row_line})")
+    };
+    let ncols = cols.names.len();
+    let reason = match q.close {
+        None => format!(
+            "a quote opened on line {open_line}{row_note} is never closed: the rest of the file (to line {}) would be one field",
+            lines.last()
+        ),
+        Some(close) => {
+            let inner = &bytes[open + 1..start + close];
+            // A line inside the field with as many commas as the header has is a swallowed row.
+            let swallowed = inner
+                .split(|&b| b == b'\n' || b == b'\r')
+                .skip(1)
+                .any(|l| l.iter().filter(|&&b| b == b',').count() + 1 >= ncols);
+            if !swallowed && fields == ncols {
+                return None;
+            }
+            format!(
+                "a quote opened on line {open_line}{row_note} closes only on line {}, which makes lines \
+                 {open_line}-{} one row of {fields} fields (the header has {ncols}): a quote is probably unclosed",
+                lines.line_of(start + close),
+                lines.line_of(start + close),
+            )
+        }
+    };
+    Some(QuoteError {
+        row: BadRow::new(path, reason).line(open_line).column(cols.label(q.field)),
+        quote_at: open,
+    })
+}
+
+/// The first quoted field of a raw CSV row that holds a line break or is never closed.
+struct QuotedSpan {
+    /// 0-based field index.
+    field: usize,
+    /// Offset of the opening quote in the row.
+    open: usize,
+    /// Offset of the closing quote; `None`: the row ends inside the quotes.
+    close: Option<usize>,
+}
+
+/// Walk a raw row by the csv crate's rules (a quote opens a field only as its first byte, `""`
+/// inside quotes is a quote) and return its first quoted field that spans a line break or is
+/// still open at the end.
+fn scan_quotes(raw: &[u8]) -> Option<QuotedSpan> {
+    let (mut field, mut i) = (0usize, 0usize);
+    let mut at_field_start = true;
+    while i < raw.len() {
+        let b = raw[i];
+        if at_field_start && b == b'"' {
+            let open = i;
+            let mut broken = false;
+            i += 1;
+            loop {
+                match raw.get(i) {
+                    None => return Some(QuotedSpan { field, open, close: None }),
+                    Some(b'"') if raw.get(i + 1) == Some(&b'"') => i += 2,
+                    Some(b'"') => break,
+                    Some(b'\n' | b'\r') => {
+                        broken = true;
+                        i += 1
+                    }
+                    Some(_) => i += 1,
+                }
+            }
+            if broken {
+                return Some(QuotedSpan {
+                    field,
+                    open,
+                    close: Some(i),
+                });
+            }
+            at_field_start = false;
+        } else if b == b',' {
+            field += 1;
+            at_field_start = true;
+        } else if b == b'\n' || b == b'\r' {
+            return None;
+        } else {
+            at_field_start = false;
+        }
+        i += 1;
+    }
+    None
 }
 
 fn find_columns(path: &Path, fmt: &McCsvFormat, names: Vec<String>) -> Result<Columns> {

@@ -272,10 +272,34 @@ impl Stages {
 }
 
 /// Run the demo into `out` (replaced when it holds a previous demo).
+///
+/// The new demo is built in a staging folder beside `out` (`.{name}.tmp-{pid}`) and replaces the
+/// previous one only once it is complete ([`crate::util::write_dir_atomic`]): a demo killed
+/// midway leaves the previous one as it was, and the next run clears the killed run's staging
+/// folder. The paths the runs record (configs, prediction sidecars, the store's frame sources)
+/// are rewritten from the staging folder to `out` before the swap.
 pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>)) -> Result<DemoResult> {
+    check_out(out)?;
+    for p in crate::util::clear_stale_dir_temps(out)? {
+        on(DemoEvent::Note(format!("cleared {}, left by a killed demo", p.display())));
+    }
+    let mut result = crate::util::write_dir_atomic(out, |stage| {
+        let result = build_demo(cfg, stage, on)?;
+        relocate(stage, out)?;
+        Ok(result)
+    })?;
+    let paths = Paths::new(out);
+    for m in &mut result.modes {
+        m.run_dir = paths.run(&m.mode);
+    }
+    Ok(result)
+}
+
+/// The demo, built in the folder `out` (the staging folder).
+fn build_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>)) -> Result<DemoResult> {
     let t0 = Instant::now();
     let paths = Paths::new(out);
-    prepare_out(cfg, out)?;
+    crate::util::write_atomic(&out.join("demo.json"), serde_json::to_string_pretty(cfg)?.as_bytes())?;
     let mut stages = Stages::default();
     let world = stages.time("world", || write_demo_world(cfg, &paths, on))?;
     let splits: Vec<Vec<QaSample>> = ["train", "val", "test"]
@@ -334,26 +358,112 @@ pub fn run_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>))
     Ok(result)
 }
 
-/// Refuse a folder that is not a demo's; clear a previous demo's outputs; record the config.
-fn prepare_out(cfg: &DemoConfig, out: &Path) -> Result<()> {
-    if out.exists() {
-        let marker = out.join("demo.json");
-        let empty = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
-        if !marker.exists() && !empty {
-            bail!(
-                "{} exists and is not a demo output (no demo.json); give an empty or new folder",
-                out.display()
-            );
-        }
-        for sub in ["world", "store", "runs", "tokenizers", "figures"] {
-            let p = out.join(sub);
-            if p.exists() {
-                std::fs::remove_dir_all(&p).with_context(|| format!("removing the previous {}", p.display()))?;
+/// Refuse an `out` that is not a demo's (a file, or a non-empty folder without `demo.json`).
+fn check_out(out: &Path) -> Result<()> {
+    let Ok(meta) = out.symlink_metadata() else { return Ok(()) };
+    let empty = meta.is_dir() && std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
+    if !empty && !out.join("demo.json").is_file() {
+        bail!(
+            "{} exists and is not a demo output (no demo.json); give an empty or new folder",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Maps paths under one folder to the same paths under another, both as absolute paths and as
+/// given (absolute configs, relative frame sources).
+struct PathMap {
+    pairs: [(PathBuf, PathBuf); 2],
+}
+
+impl PathMap {
+    fn new(from: &Path, to: &Path) -> Result<Self> {
+        let abs = |p: &Path| std::path::absolute(p).with_context(|| format!("resolving {}", p.display()));
+        Ok(Self {
+            pairs: [(abs(from)?, abs(to)?), (from.to_path_buf(), to.to_path_buf())],
+        })
+    }
+    /// `p` moved, or `None` when it is not under the folder.
+    fn apply(&self, p: &Path) -> Option<PathBuf> {
+        self.pairs.iter().find_map(|(from, to)| {
+            let rest = p.strip_prefix(from).ok()?;
+            Some(if rest.as_os_str().is_empty() { to.clone() } else { to.join(rest) })
+        })
+    }
+    /// Every string of a JSON value that is a path under the folder, moved.
+    fn apply_json(&self, v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => {
+                if let Some(p) = self.apply(Path::new(s.as_str())) {
+                    *s = p.display().to_string();
+                }
             }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|x| self.apply_json(x)),
+            serde_json::Value::Object(o) => o.values_mut().for_each(|x| self.apply_json(x)),
+            _ => {}
         }
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    crate::util::write_atomic(&out.join("demo.json"), serde_json::to_string_pretty(cfg)?.as_bytes())
+}
+
+/// The demo built in `stage` becomes `out`: rewrite the paths under `stage` that it recorded —
+/// the run configs (also the checkpoints' copies), the prediction sidecars (their config hash
+/// follows the config's paths) and the store's frame sources.
+fn relocate(stage: &Path, out: &Path) -> Result<()> {
+    let map = PathMap::new(stage, out)?;
+    let index_path = stage.join("store").join(crate::store::INDEX_FILE);
+    let bytes = std::fs::read(&index_path).with_context(|| format!("reading {}", index_path.display()))?;
+    let mut index = crate::store::Index::from_bytes(&bytes, &index_path)?;
+    for v in index.videos.values_mut() {
+        if let Some(p) = v.source.as_deref().and_then(|s| map.apply(Path::new(s))) {
+            v.source = Some(p.display().to_string());
+        }
+    }
+    crate::util::write_atomic(&index_path, &serde_json::to_vec(&index)?)?;
+
+    let runs = stage.join("runs");
+    for run in std::fs::read_dir(&runs).with_context(|| format!("listing {}", runs.display()))? {
+        let run = run?.path();
+        // The sidecars' config hash is redone only where it is the run config's.
+        let hash_before = run::config_hash(&RunConfig::from_run_dir(&run)?)?;
+        let mut configs = vec![run.join("config.json")];
+        if let Ok(cps) = std::fs::read_dir(run.join("checkpoints")) {
+            for cp in cps {
+                configs.push(cp?.path().join("config.json"));
+            }
+        }
+        for c in configs.iter().filter(|c| c.is_file()) {
+            let text = std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
+            let mut v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", c.display()))?;
+            map.apply_json(&mut v);
+            crate::util::write_atomic(c, serde_json::to_string_pretty(&v)?.as_bytes())?;
+        }
+        let hash_after = run::config_hash(&RunConfig::from_run_dir(&run)?)?;
+        for f in std::fs::read_dir(&run).with_context(|| format!("listing {}", run.display()))? {
+            let f = f?.path();
+            let Some(predictions) = f.to_str().and_then(|s| s.strip_suffix(".meta.json")).map(PathBuf::from) else {
+                continue;
+            };
+            let Some(mut prov) = crate::eval::predictions::Provenance::read(&predictions)? else {
+                continue;
+            };
+            for s in [&mut prov.run_dir, &mut prov.weights].into_iter().flatten() {
+                if let Some(p) = map.apply(Path::new(s.as_str())) {
+                    *s = p.display().to_string();
+                }
+            }
+            for s in [&mut prov.annotations, &mut prov.store] {
+                if let Some(p) = map.apply(Path::new(s.as_str())) {
+                    *s = p.display().to_string();
+                }
+            }
+            if prov.config_hash == hash_before {
+                prov.config_hash = hash_after.clone();
+            }
+            prov.write(&predictions)?;
+        }
+    }
+    Ok(())
 }
 
 /// 1. The world: videos, annotations and grounding files.

@@ -254,7 +254,8 @@ impl Provenance {
         ))
     }
 
-    fn write(&self, predictions: &Path) -> Result<()> {
+    /// Write the sidecar of `predictions` (atomically).
+    pub fn write(&self, predictions: &Path) -> Result<()> {
         crate::util::write_atomic(&Self::path_of(predictions), (serde_json::to_string_pretty(self)? + "\n").as_bytes())
     }
 

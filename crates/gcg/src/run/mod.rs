@@ -18,8 +18,8 @@ pub mod predict;
 pub use build::{build_model, open_store, trainable, BuiltModel, Split};
 pub use config::{apply_overrides, DataConfig, DeviceKind, Precision, RunConfig, WeightsConfig};
 pub use predict::{
-    checkpoint_weights, evaluate_predictions, open_eval_split, predict_annotations, predict_run, predict_split, prediction_row, provenance,
-    Checkpoint, EvalSplit,
+    checkpoint_weights, config_hash, evaluate_predictions, open_eval_split, predict_annotations, predict_run, predict_split,
+    prediction_row, provenance, Checkpoint, EvalSplit,
 };
 
 use crate::train::trainer::{self, BatchSource, Event, RunDir};

@@ -113,6 +113,25 @@ pub fn provenance(cfg: &RunConfig, annotations: &Path) -> Result<Provenance> {
     let cfg = cfg.absolute()?;
     let abs = |p: &Path| -> Result<String> { Ok(std::path::absolute(p)?.display().to_string()) };
     let weights_hash = cfg.weights.init.as_deref().map(hash_file).transpose()?;
+    Ok(Provenance {
+        // The run only when its checkpoint predicts (not a config's pretrained model).
+        run_dir: cfg
+            .run_dir
+            .as_deref()
+            .filter(|r| cfg.weights.init.as_deref().is_some_and(|w| w.starts_with(r)))
+            .map(|p| p.display().to_string()),
+        weights: cfg.weights.init.as_deref().map(|p| p.display().to_string()),
+        weights_hash,
+        annotations: abs(annotations)?,
+        store: abs(&cfg.data.store)?,
+        config_hash: config_hash(&cfg)?,
+    })
+}
+
+/// The `config_hash` of a prediction file's [`Provenance`]: a hash of the config's model-relevant
+/// part (`[weights]` but `init`, `[model]`, the dataset and dtype), paths as they are in `cfg`
+/// ([`provenance`] makes them absolute first).
+pub fn config_hash(cfg: &RunConfig) -> Result<String> {
     let mut weights = cfg.weights.clone();
     weights.init = None;
     let model_part = serde_json::json!({
@@ -125,19 +144,7 @@ pub fn provenance(cfg: &RunConfig, annotations: &Path) -> Result<Provenance> {
     for b in serde_json::to_vec(&model_part)? {
         h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
     }
-    Ok(Provenance {
-        // The run only when its checkpoint predicts (not a config's pretrained model).
-        run_dir: cfg
-            .run_dir
-            .as_deref()
-            .filter(|r| cfg.weights.init.as_deref().is_some_and(|w| w.starts_with(r)))
-            .map(|p| p.display().to_string()),
-        weights: cfg.weights.init.as_deref().map(|p| p.display().to_string()),
-        weights_hash,
-        annotations: abs(annotations)?,
-        store: abs(&cfg.data.store)?,
-        config_hash: format!("fnv1a64:{h:016x}"),
-    })
+    Ok(format!("fnv1a64:{h:016x}"))
 }
 
 /// Answer every question of a split into a prediction file made by `prov`, resuming a partial

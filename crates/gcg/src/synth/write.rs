@@ -92,7 +92,7 @@ pub fn write_world(world: &World, out: &Path, opts: &WriteOptions, progress: &(d
     let cfg = &world.config;
     cfg.validate()?;
     if out.exists() && !opts.overwrite {
-        bail!("{} already exists (overwrite to replace it)", out.display());
+        bail!("{} already exists (WriteOptions::overwrite replaces it)", out.display());
     }
     let (mp4, mp4_skipped) = decide_mp4(cfg.width, cfg.height, opts)?;
 

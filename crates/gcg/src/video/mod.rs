@@ -578,7 +578,10 @@ pub fn encode_jpeg_like_opencv(img: &RgbImage) -> Result<Vec<u8>> {
 /// renamed into place. An existing `out` is replaced only when `overwrite` is set.
 pub fn write_frames(frames: &SampledFrames, out: &Path, overwrite: bool) -> Result<()> {
     if out.exists() && !overwrite {
-        bail!("{} already exists (use overwrite to replace it)", out.display());
+        bail!(
+            "{} already exists (write_frames replaces it only with overwrite = true)",
+            out.display()
+        );
     }
     crate::util::write_dir_atomic(out, |tmp| {
         for (i, f) in frames.frames.iter().enumerate() {

@@ -41,12 +41,7 @@ impl PthSource {
         let path = path.as_ref().to_path_buf();
         let ctx = || format!("reading PyTorch checkpoint {}", path.display());
         let file = std::fs::File::open(&path).with_context(ctx)?;
-        let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
-            anyhow!(
-                "{} is not a PyTorch zip checkpoint ({e}); files saved by torch.save since PyTorch 1.6 are zip archives — re-save legacy files with a recent PyTorch",
-                path.display()
-            )
-        })?;
+        let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| not_a_zip(&path, e))?;
         let pkl = (0..zip.len())
             .filter_map(|i| zip.by_index(i).ok().and_then(|f| f.name().ok().map(|n| n.to_string())))
             .find(|n| n.ends_with("data.pkl"))
@@ -109,6 +104,42 @@ impl PthSource {
             },
         }
         Ok(Self { path, infos })
+    }
+}
+
+/// Why `path` does not open as a zip archive, told from its first bytes: a zip that is cut short
+/// or damaged, a legacy (pre-1.6, pickle-stream) `torch.save` file, or something else.
+fn not_a_zip(path: &Path, e: zip::result::ZipError) -> anyhow::Error {
+    let mut head = Vec::with_capacity(8);
+    let len = std::fs::File::open(path).and_then(|f| {
+        let len = f.metadata()?.len();
+        f.take(8).read_to_end(&mut head)?;
+        Ok(len)
+    });
+    let len = match len {
+        Ok(len) => len,
+        Err(io) => return anyhow!("reading PyTorch checkpoint {}: {io}", path.display()),
+    };
+    if head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06") {
+        anyhow!(
+            "{} is truncated or corrupt: it starts as a zip archive (the torch.save format) but the archive is incomplete ({e}); \
+             the file has {len} bytes, and a complete archive ends with its central directory — copy or download it again",
+            path.display()
+        )
+    } else if head.first() == Some(&0x80) {
+        // Pickle protocol 2+ starts with the PROTO opcode 0x80: the legacy torch.save stream.
+        anyhow!(
+            "{} is a legacy (pre-1.6, non-zip) PyTorch checkpoint, which gcg does not read; \
+             re-save it with a recent PyTorch (torch.save(torch.load(f), f))",
+            path.display()
+        )
+    } else {
+        anyhow!(
+            "{} is not a PyTorch checkpoint: neither a zip archive (torch.save since PyTorch 1.6) nor a pickle \
+             (legacy torch.save); it has {len} bytes and starts with {:02x?}",
+            path.display(),
+            head
+        )
     }
 }
 

@@ -65,13 +65,7 @@ impl SafetensorsSource {
             // SAFETY: the file is opened read-only; a concurrent writer would corrupt our view of
             // it, as with any memory-mapped reader (we never write in place ourselves).
             let mmap = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("cannot memory-map {}", path.display()))?;
-            let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
-                anyhow!(
-                    "{} is not a valid safetensors file ({e}); it may be truncated or not a safetensors file at all ({} bytes)",
-                    path.display(),
-                    mmap.len()
-                )
-            })?;
+            let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| not_safetensors(path, &mmap, e))?;
             for (name, view) in st.tensors() {
                 let meta = TensorMeta {
                     shape: view.shape().to_vec(),
@@ -158,6 +152,45 @@ impl SafetensorsSource {
             });
         }
         bail!("{} holds neither model.safetensors.index.json nor model.safetensors", dir.display())
+    }
+}
+
+/// Why `bytes` (the file `path`) is not a valid safetensors file: cut short (inside the header,
+/// or before the end of the data the header describes: both sizes named) or not one at all.
+fn not_safetensors(path: &Path, bytes: &[u8], e: safetensors::SafeTensorError) -> anyhow::Error {
+    let (p, len) = (path.display(), bytes.len());
+    let not_st = |why: String| anyhow!("{p} is not a valid safetensors file ({e}): {why}");
+    if len < 8 {
+        return anyhow!("{p} is truncated: it has {len} bytes, less than the 8-byte header length a safetensors file starts with");
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    // safetensors caps the header at 100 MB; a JSON header starts with `{`.
+    if n > 100_000_000 || bytes.get(8).is_some_and(|&b| b != b'{') {
+        return not_st(format!("its first 8 bytes announce a header of {n} bytes; it has {len} bytes"));
+    }
+    let need = 8 + n as usize;
+    if len < need {
+        return anyhow!(
+            "{p} is truncated: its first 8 bytes announce a header of {n} bytes, which needs a file of at least {need} bytes; the file has {len} bytes"
+        );
+    }
+    let Ok(header) = serde_json::from_slice::<serde_json::Value>(&bytes[8..need]) else {
+        return not_st(format!("its header of {n} bytes is not JSON"));
+    };
+    let data = header
+        .as_object()
+        .into_iter()
+        .flat_map(|o| o.values())
+        .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0) as usize;
+    if need + data > len {
+        anyhow!(
+            "{p} is truncated: its header describes {} bytes (8 + a {n}-byte header + {data} bytes of tensor data); the file has {len} bytes",
+            need + data
+        )
+    } else {
+        not_st(format!("the header describes {} bytes, the file has {len} bytes", need + data))
     }
 }
 

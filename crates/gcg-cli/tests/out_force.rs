@@ -1,0 +1,129 @@
+//! `--out` on something that exists: without `--force` the error names the real flag; with it
+//! the output is replaced and the command succeeds, leaving nothing else beside it (the folder
+//! moved aside during the swap is gone, also when `--out` was a file). `gcg synth` and
+//! `gcg frames` (read from a frame folder, so no ffmpeg) are the commands with `--out`/`--force`.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn gcg(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gcg")).args(args).output().expect("running gcg")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// The names in `dir`, sorted (hidden ones included).
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+fn synth(out: &Path, seed: &str, force: bool) -> Output {
+    let mut args = vec![
+        "synth",
+        "--videos",
+        "2",
+        "--seed",
+        seed,
+        "--out",
+        out.to_str().unwrap(),
+        "--no-mp4",
+        "--threads",
+        "1",
+    ];
+    if force {
+        args.push("--force");
+    }
+    gcg(&args)
+}
+
+#[test]
+fn synth_out_force_replaces_a_folder_or_a_file_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = tmp.path().join("p");
+    std::fs::create_dir(&parent).unwrap();
+    let out = parent.join("world");
+    let o = synth(&out, "1", false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = std::fs::read(out.join("world.json")).unwrap();
+
+    // Without --force: refused, and the hint is the flag the command has.
+    let o = synth(&out, "2", false);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("already exists") && err.contains("--force"), "{err}");
+    assert!(!err.contains("overwrite to replace"), "{err}");
+    assert_eq!(std::fs::read(out.join("world.json")).unwrap(), first);
+
+    // With --force: replaced, exit 0, nothing left beside it.
+    let o = synth(&out, "2", true);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ne!(std::fs::read(out.join("world.json")).unwrap(), first);
+    assert_eq!(names(&parent), ["world"]);
+
+    // --out naming an existing file: replaced by the folder, no hidden copy of the file left.
+    let file = parent.join("notes");
+    std::fs::write(&file, "a file").unwrap();
+    let o = synth(&file, "3", false);
+    assert!(!o.status.success() && stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "a file");
+    let o = synth(&file, "3", true);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(file.join("world.json").is_file());
+    assert_eq!(names(&parent), ["notes", "world"]);
+}
+
+#[test]
+fn frames_out_force_replaces_a_folder_or_a_file_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let world = tmp.path().join("world");
+    let o = synth(&world, "1", false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let video = world.join("frames/v00000");
+    let parent = tmp.path().join("p");
+    std::fs::create_dir(&parent).unwrap();
+    let frames = |out: &Path, n: &str, force: bool| {
+        let mut args = vec![
+            "frames",
+            "--video",
+            video.to_str().unwrap(),
+            "--num-frames",
+            n,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if force {
+            args.push("--force");
+        }
+        gcg(&args)
+    };
+    let out = parent.join("clip");
+    let o = frames(&out, "4", false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = frames(&out, "3", false);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("already exists") && err.contains("--force"),
+        "{err}"
+    );
+    assert!(!err.contains("use overwrite"), "{err}");
+    assert_eq!(names(&out).len(), 5);
+
+    let o = frames(&out, "3", true);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(names(&out), ["frame_0.jpg", "frame_1.jpg", "frame_2.jpg", "frames.json"]);
+    assert_eq!(names(&parent), ["clip"]);
+
+    let file = parent.join("old.txt");
+    std::fs::write(&file, "a file").unwrap();
+    let o = frames(&file, "2", true);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(names(&file), ["frame_0.jpg", "frame_1.jpg", "frames.json"]);
+    assert_eq!(names(&parent), ["clip", "old.txt"]);
+}
