@@ -127,3 +127,50 @@ fn frames_out_force_replaces_a_folder_or_a_file_cleanly() {
     assert_eq!(names(&file), ["frame_0.jpg", "frame_1.jpg", "frames.json"]);
     assert_eq!(names(&parent), ["clip", "old.txt"]);
 }
+
+#[test]
+fn a_replacement_killed_at_any_point_leaves_a_whole_folder_under_its_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = tmp.path().join("p");
+    std::fs::create_dir(&parent).unwrap();
+    let out = parent.join("world");
+    let o = synth(&out, "1", false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = std::fs::read(out.join("world.json")).unwrap();
+    let second = {
+        let other = tmp.path().join("other");
+        assert!(synth(&other, "2", false).status.success());
+        std::fs::read(other.join("world.json")).unwrap()
+    };
+    assert_ne!(first, second);
+    for (fault, want_after_kill) in [("atomic-dir:1", &first), ("atomic-dir-swap:1", &second)] {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gcg"));
+        c.args([
+            "synth",
+            "--videos",
+            "2",
+            "--seed",
+            "2",
+            "--no-mp4",
+            "--threads",
+            "1",
+            "--force",
+            "--out",
+        ])
+        .arg(&out)
+        .env("GCG_FAULT", fault);
+        let o = c.output().unwrap();
+        assert!(
+            !o.status.success() && stderr(&o).contains("injected fault"),
+            "{fault}: {}",
+            stderr(&o)
+        );
+        // Killed before the swap the old world is there; killed after it, the new one.
+        assert_eq!(&std::fs::read(out.join("world.json")).unwrap(), want_after_kill, "{fault}");
+        // The next replacement clears the killed one's leftovers and completes.
+        let o = synth(&out, "1", true);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(std::fs::read(out.join("world.json")).unwrap(), first);
+        assert_eq!(names(&parent), ["world"], "{fault}");
+    }
+}

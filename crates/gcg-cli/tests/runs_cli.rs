@@ -310,3 +310,90 @@ fn a_run_works_from_any_working_directory_and_after_a_move() {
     );
     assert_eq!(answers(&other.join("p.jsonl")), answers(&moved.join("predictions-test.jsonl")));
 }
+
+/// `gcg train --resume RUN` (4 steps over 2 epochs, a checkpoint after every step, then the test
+/// split's predictions), aborted at the N-th crossing of a write site when `fault` is given.
+fn train_with_fault(run: &Path, fault: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gcg"));
+    c.args(["train", "--resume", s(run), "--quiet"]);
+    for set in ["train.epochs=2", "train.max_steps=4", "train.checkpoint_every=1"] {
+        c.args(["--set", set]);
+    }
+    if let Some(f) = fault {
+        c.env("GCG_FAULT", f);
+    }
+    c.output().expect("running gcg")
+}
+
+/// What a finished run left: its last weights (bytes), training rows (step, loss) and test answers.
+type RunResult = (Vec<u8>, Vec<(u64, f64)>, Vec<(Value, Value, Value, Value)>);
+
+fn run_result(run: &Path) -> RunResult {
+    (
+        std::fs::read(run.join("checkpoints/last/weights.safetensors")).unwrap(),
+        steps(run),
+        answers(&run.join("predictions-test.jsonl")),
+    )
+}
+
+/// Every file a reader could meet in the run is whole: a checkpoint folder present under its
+/// name has all its files, each readable.
+fn assert_whole(run: &Path, what: &str) {
+    for ck in ["last", "best"] {
+        let dir = run.join("checkpoints").join(ck);
+        if !dir.exists() {
+            continue;
+        }
+        for f in ["weights.safetensors", "optimizer.safetensors"] {
+            gcg::weights::SafetensorsSource::open(dir.join(f)).unwrap_or_else(|e| panic!("{what}: {ck}/{f}: {e:#}"));
+        }
+        json(&dir.join("state.json"));
+        json(&dir.join("config.json"));
+    }
+}
+
+#[test]
+fn a_run_killed_at_any_write_resumes_to_the_same_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fresh = |name: &str| {
+        let run = tmp.path().join(name);
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::copy(demo().join("runs/uniform/config.json"), run.join("config.json")).unwrap();
+        run
+    };
+    let base = fresh("base");
+    ok(&train_with_fault(&base, None), "the uninterrupted run");
+    let want = run_result(&base);
+    assert_eq!(want.1.len(), 4);
+    // Each kind of write site once, and the first and a later checkpoint.
+    for fault in [
+        "atomic-safetensors:3",
+        "atomic-file:2",
+        "atomic-dir:1",
+        "atomic-dir:3",
+        "atomic-dir-swap:2",
+        "prediction-row:2",
+    ] {
+        let run = fresh(&fault.replace(':', "-"));
+        let o = train_with_fault(&run, Some(fault));
+        assert!(!o.status.success(), "{fault}: the fault site was not reached");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("injected fault"),
+            "{fault}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_whole(&run, fault);
+        ok(&train_with_fault(&run, None), &format!("the run resumed after {fault}"));
+        assert_whole(&run, fault);
+        let got = run_result(&run);
+        assert!(got.0 == want.0, "{fault}: the final weights differ from the uninterrupted run's");
+        assert_eq!(got.1, want.1, "{fault}: training rows");
+        assert_eq!(got.2, want.2, "{fault}: test answers");
+        let litter: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(litter.is_empty(), "{fault}: left {litter:?}");
+    }
+}

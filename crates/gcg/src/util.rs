@@ -50,7 +50,8 @@ pub fn save_safetensors_atomic(tensors: &BTreeMap<String, Tensor>, path: &Path) 
 
 /// Write the folder `dir` atomically: `fill` writes its contents into a fresh temporary sibling
 /// (`.{name}.tmp-{pid}`, a stale one is removed first), which is then renamed to `dir`. An existing
-/// `dir` (a folder or a file) is moved aside (`.{name}.old-{pid}`) before the swap and removed
+/// folder is exchanged with the new one in one rename where the system can (Linux); otherwise an
+/// existing `dir` (a folder or a file) is moved aside (`.{name}.old-{pid}`) before the swap and removed
 /// after it, so one complete output exists at every moment; when the new folder cannot be renamed
 /// in, the old one is moved back. When `fill` fails, the temporary folder is removed and its error
 /// returned. Returns what `fill` returned.
@@ -62,6 +63,8 @@ pub fn write_dir_atomic<T>(dir: &Path, fill: impl FnOnce(&Path) -> Result<T>) ->
         .to_string();
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    // A killed writer's leftovers first (its old folder back in place when it died mid-swap).
+    clear_stale_dir_temps(dir)?;
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.symlink_metadata().is_ok() {
         remove_path(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
@@ -74,9 +77,50 @@ pub fn write_dir_atomic<T>(dir: &Path, fill: impl FnOnce(&Path) -> Result<T>) ->
             return Err(e);
         }
     };
+    fault_point("atomic-dir");
+    let replacing_a_folder = dir.symlink_metadata().is_ok_and(|m| m.is_dir());
+    if replacing_a_folder && exchange(&tmp, dir).with_context(|| format!("swapping {} into {}", tmp.display(), dir.display()))? {
+        // One rename put the new folder in place; `tmp` now holds the old one.
+        fault_point("atomic-dir-swap");
+        if let Err(e) = remove_path(&tmp) {
+            tracing::warn!(
+                "{} is replaced, but removing its old copy {} failed: {e}",
+                dir.display(),
+                tmp.display()
+            );
+        }
+        return Ok(out);
+    }
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     swap_in(&tmp, dir, &old, &|from, to| std::fs::rename(from, to))?;
     Ok(out)
+}
+
+/// Swaps two existing paths in one atomic rename (Linux `renameat2(RENAME_EXCHANGE)`), so no
+/// reader ever finds neither. `Ok(false)` where the system or file system cannot (then the
+/// caller renames twice).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let a = std::ffi::CString::new(a.as_os_str().as_bytes())?;
+        let b = std::ffi::CString::new(b.as_os_str().as_bytes())?;
+        // SAFETY: two valid NUL-terminated paths relative to the working directory.
+        let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+        if r == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(false),
+            _ => Err(e),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (a, b);
+        Ok(false)
+    }
 }
 
 /// Clear what killed writers of `dir` ([`write_dir_atomic`] in another process) left beside it:
@@ -143,6 +187,8 @@ fn swap_in(tmp: &Path, dir: &Path, old: &Path, rename: &dyn Fn(&Path, &Path) -> 
             let _ = std::fs::remove_dir_all(tmp);
             return Err(anyhow::Error::new(e).context(format!("moving the old {} aside (it is unchanged)", dir.display())));
         }
+        // Killed here, `dir` is missing: [`clear_stale_dir_temps`] moves the old one back.
+        fault_point("atomic-dir-swap");
     }
     if let Err(e) = rename(tmp, dir) {
         let _ = std::fs::remove_dir_all(tmp);
@@ -316,8 +362,9 @@ pub fn non_finite(t: &Tensor) -> Result<Option<NonFinite>> {
 /// Test hook for crash safety: with `GCG_FAULT=SITE:N` in the environment the process aborts (no
 /// destructor, no flush — as a kill would) the N-th time it reaches `site`. Sites: `atomic-file`
 /// and `atomic-safetensors` (a temporary file complete, not yet renamed), `atomic-dir` (a
-/// temporary folder complete, not yet swapped in), `atomic-dir-swap` (the old folder moved aside,
-/// the new one not yet in place), `prediction-row` (half a prediction line written).
+/// temporary folder complete, not yet swapped in), `atomic-dir-swap` (the new folder in place by
+/// an exchange, the old one not yet removed; where exchange is unavailable, the old folder moved
+/// aside and the new one not yet in place), `prediction-row` (half a prediction line written).
 pub fn fault_point(site: &str) {
     fault_point_then(site, || {});
 }

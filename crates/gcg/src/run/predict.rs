@@ -44,7 +44,7 @@ pub enum Checkpoint {
 impl Checkpoint {
     /// `best` when the run has one (a run without validation has only `last`), else `last`.
     pub fn best_or_last(run_dir: &Path) -> Self {
-        if run_dir.join("checkpoints").join("best").exists() {
+        if crate::train::checkpoint::exists(&run_dir.join("checkpoints").join("best")).unwrap_or(false) {
             Checkpoint::Best
         } else {
             Checkpoint::Last
@@ -56,10 +56,9 @@ crate::choice_names!(Checkpoint, "checkpoint", { Best => "best", Last => "last" 
 
 /// Which weights of a run to predict with.
 pub fn checkpoint_weights(run_dir: &Path, which: Checkpoint) -> Result<PathBuf> {
-    let p = run_dir
-        .join("checkpoints")
-        .join(which.name())
-        .join(crate::train::checkpoint::WEIGHTS);
+    let dir = run_dir.join("checkpoints").join(which.name());
+    crate::train::checkpoint::exists(&dir)?;
+    let p = dir.join(crate::train::checkpoint::WEIGHTS);
     if !p.exists() {
         bail!("{} has no {which} checkpoint ({} does not exist)", run_dir.display(), p.display());
     }

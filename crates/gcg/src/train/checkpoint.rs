@@ -84,7 +84,17 @@ pub struct Loaded {
     pub config: serde_json::Value,
 }
 
+/// Whether a checkpoint is at `dir`, after putting back one that a writer killed mid-swap left
+/// beside it (see [`crate::util::clear_stale_dir_temps`]).
+pub fn exists(dir: &Path) -> Result<bool> {
+    for p in crate::util::clear_stale_dir_temps(dir)? {
+        tracing::info!("cleared {}, left by a killed writer", p.display());
+    }
+    Ok(dir.join(STATE).exists())
+}
+
 pub fn load(dir: &Path, dev: &Device) -> Result<Loaded> {
+    exists(dir)?;
     if !dir.join(STATE).exists() {
         bail!("{} is not a checkpoint directory (no {STATE})", dir.display());
     }

@@ -439,7 +439,7 @@ pub fn train(job: &TrainJob, resume: bool, on_event: &mut dyn FnMut(Event)) -> R
     cfg.validate()?;
     let mut opt = cfg.optimizer(job.vars)?;
     let mut state = TrainState::new(cfg.seed);
-    if resume && run.last().exists() {
+    if resume && checkpoint::exists(&run.last())? {
         let loaded = checkpoint::load(&run.last(), &job.model.lmm.query_tokens.device().clone())?;
         loaded.restore(job.vars, &mut opt)?;
         state = loaded.state;
