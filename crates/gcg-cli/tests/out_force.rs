@@ -174,3 +174,36 @@ fn a_replacement_killed_at_any_point_leaves_a_whole_folder_under_its_name() {
         assert_eq!(names(&parent), ["world"], "{fault}");
     }
 }
+
+#[test]
+fn frames_killed_while_replacing_a_folder_leave_a_whole_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let world = tmp.path().join("world");
+    assert!(synth(&world, "1", false).status.success());
+    let video = world.join("frames/v00000");
+    let out = tmp.path().join("p/clip");
+    let frames = |n: &str, fault: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gcg"));
+        c.args(["frames", "--video", video.to_str().unwrap(), "--num-frames", n, "--force", "--out"])
+            .arg(&out);
+        if let Some(f) = fault {
+            c.env("GCG_FAULT", f);
+        }
+        c.output().unwrap()
+    };
+    assert!(frames("4", None).status.success());
+    for (fault, frames_after_kill) in [("atomic-dir:1", 5), ("atomic-dir-swap:1", 3)] {
+        assert!(frames("4", None).status.success());
+        let o = frames("2", Some(fault));
+        assert!(
+            !o.status.success() && stderr(&o).contains("injected fault"),
+            "{fault}: {}",
+            stderr(&o)
+        );
+        // The old 4 frames (+ frames.json) before the swap, the new 2 after it: never a mix.
+        assert_eq!(names(&out).len(), frames_after_kill, "{fault}: {:?}", names(&out));
+        assert!(frames("2", None).status.success());
+        assert_eq!(names(&out), ["frame_0.jpg", "frame_1.jpg", "frames.json"], "{fault}");
+        assert_eq!(names(&tmp.path().join("p")), ["clip"], "{fault}");
+    }
+}
