@@ -99,7 +99,11 @@ impl GcgConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        self.grounding.validate()?;
+        match self.mode {
+            // "All frames" (K = T) is allowed where no grounding module runs.
+            Mode::Uniform => self.grounding.validate_sizes()?,
+            Mode::Grounding | Mode::Oracle => self.grounding.validate()?,
+        }
         ensure!(
             self.alpha_reg.is_finite() && self.alpha_reg >= 0.0 && self.alpha_con.is_finite() && self.alpha_con >= 0.0,
             "model: alpha_reg {} and alpha_con {} must be finite and >= 0",

@@ -433,6 +433,7 @@ fn grounding_learns_to_find_the_event() {
     let cfg = TrainConfig {
         epochs: 70,
         batch_size: 8,
+        grad_accum: 1,
         lr: 1e-4,
         grounding_lr: 1e-3,
         checkpoint_every: 1000,
@@ -504,6 +505,7 @@ fn grounding_warmup_trains_the_grounding_module_alone_then_the_joint_objective()
         epochs: 0,
         grounding_warmup_epochs: 2,
         batch_size: 4,
+        grad_accum: 1,
         lr: 1e-3,
         grounding_lr: 3e-3,
         checkpoint_every: 2,
@@ -748,6 +750,7 @@ fn non_finite_losses_are_skipped_and_counted_and_diverged_weights_stop_training_
     let cfg = TrainConfig {
         epochs: 1,
         batch_size: 2,
+        grad_accum: 1,
         lr: 1e-3,
         grounding_lr: 1e-3,
         skip_nonfinite: true,
@@ -824,5 +827,54 @@ fn non_finite_losses_are_skipped_and_counted_and_diverged_weights_stop_training_
     assert!(
         e.contains("the option scores") && e.contains(&format!("question {q0}")) && e.contains(&format!("question {q1}")),
         "{e}"
+    );
+}
+
+#[test]
+fn a_short_last_accumulation_group_is_the_mean_over_its_own_questions() {
+    // 10 questions in micro-batches of 2: with 4 micro-batches per step, an epoch is a step of 8
+    // questions and a step of the last 2. With a learning rate too small to move any weight, the
+    // 5th micro-batch meets the same weights and random draws whatever the grouping, so the
+    // second step's gradient must be exactly that micro-batch's own (as a step of one micro-batch
+    // gives it), not a quarter of it.
+    let tmp = tempfile::tempdir().unwrap();
+    let w = world(10, 8);
+    let src = Source {
+        world: &w,
+        batch_size: 2,
+        seed: 4,
+    };
+    let run_cfg = serde_json::json!({});
+    let norms = |grad_accum: usize, name: &str| -> Vec<f64> {
+        let cfg = TrainConfig {
+            epochs: 1,
+            batch_size: 2,
+            grad_accum,
+            lr: 1e-30,
+            grounding_lr: 1e-30,
+            max_grad_norm: Some(1e30),
+            ..Default::default()
+        };
+        let run = RunDir::new(tmp.path().join(name)).unwrap();
+        let (model, vars) = build(Mode::Uniform, &tmp.path().join("tok"), 6);
+        let job = TrainJob {
+            model: &model,
+            vars: &vars,
+            cfg: &cfg,
+            run: &run,
+            train_set: &src,
+            val_set: None,
+            run_config: &run_cfg,
+        };
+        trainer::train(&job, false, &mut |_| {}).unwrap();
+        read_rows(&run.root).iter().filter_map(|r| r["grad_norm"].as_f64()).collect()
+    };
+    let single = norms(1, "g1");
+    let grouped = norms(4, "g4");
+    assert_eq!((single.len(), grouped.len()), (5, 2));
+    assert_eq!(grouped[1], single[4], "the short group's gradient norm");
+    assert!(
+        grouped[0] < single[..4].iter().cloned().fold(0.0, f64::max),
+        "a full group averages its 4 micro-batches"
     );
 }

@@ -118,3 +118,33 @@ fn gradient_accumulation_sums_scaled_micro_batches() {
     assert_eq!(grads.get("x").unwrap().to_vec1::<f32>().unwrap(), vec![3., 6., 9.]);
     assert!(grads.all_finite().unwrap());
 }
+
+/// `[train] schedule = "official"` against the official `LinearWarmupCosineLRScheduler` stepped as
+/// `finetune_ans.py` steps it (tools/fixtures/make_official_schedule.py runs the official
+/// `utils/optims.py`): each group's rate at each update, the grounding group's own rate at the
+/// first update only.
+#[test]
+fn the_official_schedule_equals_the_official_scheduler() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/optim/official_schedule.json");
+    let f: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let num = |k: &str| f[k].as_f64().unwrap();
+    let cfg = gcg::train::trainer::TrainConfig {
+        lr: num("lr"),
+        grounding_lr: num("grounding_lr"),
+        schedule: gcg::train::LrSchedule::Official,
+        warmup_start_factor: num("warmup_start_lr") / num("lr"),
+        min_lr_factor: num("min_lr") / num("lr"),
+        cosine_epochs: f["max_T"].as_u64().unwrap(),
+        ..Default::default()
+    };
+    let steps = f["steps_per_epoch"].as_u64().unwrap();
+    let rows = f["group_lrs"].as_array().unwrap();
+    let s = cfg.schedule(steps, rows.len() as u64 / steps);
+    for (u, row) in rows.iter().enumerate() {
+        for (g, base) in [cfg.lr, cfg.grounding_lr].into_iter().enumerate() {
+            let want = row[g].as_f64().unwrap();
+            let got = s.lr(u as u64, base);
+            assert!((got - want).abs() <= 1e-15 * want, "update {u} group {g}: {got} vs {want}");
+        }
+    }
+}

@@ -83,6 +83,7 @@ impl DemoConfig {
                 epochs: 2,
                 grounding_warmup_epochs: 16,
                 batch_size: 8,
+                grad_accum: 1,
                 lr: 3e-4,
                 grounding_lr: 3e-3,
                 weight_decay: 0.02,

@@ -109,6 +109,17 @@ impl GroundingConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        ensure!(
+            self.moments < self.frames,
+            "grounding: K = {} moments must be fewer than the {} frames (L_con needs T − K intra-video negatives)",
+            self.moments,
+            self.frames
+        );
+        self.validate_sizes()
+    }
+
+    /// Everything but K < T (uniform mode may take all frames, K = T, as the official code allows).
+    pub fn validate_sizes(&self) -> Result<()> {
         let h = self.inner_dim();
         ensure!(
             self.dim % 4 == 0 && h >= 2 && h % 2 == 0,
@@ -122,8 +133,8 @@ impl GroundingConfig {
         );
         ensure!(self.frames >= 2, "grounding: needs at least 2 frames, got {}", self.frames);
         ensure!(
-            self.moments >= 1 && self.moments < self.frames,
-            "grounding: K = {} moments must be in 1..{} (fewer than the frames)",
+            self.moments >= 1 && self.moments <= self.frames,
+            "grounding: K = {} moments must be in 1..={} (at most the frames)",
             self.moments,
             self.frames
         );

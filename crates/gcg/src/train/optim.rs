@@ -108,6 +108,11 @@ impl AdamW {
     /// `base lr × lr_scale`. Parameters without a gradient are left unchanged (as torch does for
     /// `p.grad is None`), and their moments too.
     pub fn step(&mut self, grads: &Grads, lr_scale: f64) -> Result<()> {
+        self.step_with(grads, &|base| base * lr_scale)
+    }
+
+    /// One update with each group's learning rate given by `lr(base rate of the group)`.
+    pub fn step_with(&mut self, grads: &Grads, lr_of: &dyn Fn(f64) -> f64) -> Result<()> {
         self.step += 1;
         let (b1, b2, eps) = (self.cfg.beta1, self.cfg.beta2, self.cfg.eps);
         for s in &mut self.slots {
@@ -117,7 +122,7 @@ impl AdamW {
             let bc2 = 1.0 - b2.powi(s.step as i32);
             let g = g.to_dtype(s.var.dtype())?;
             let gc = &self.groups[s.group];
-            let lr = gc.lr * lr_scale;
+            let lr = lr_of(gc.lr);
             let p = s.var.as_tensor();
             let decayed = if gc.weight_decay != 0.0 {
                 p.affine(1.0 - lr * gc.weight_decay, 0.0)?
@@ -190,6 +195,14 @@ impl Grads {
 
     /// Add the gradients a backward pass computed for the variables of `vars`, times `scale`
     /// (1/accumulation steps). Only trainable variables are read: the frozen networks have none.
+    /// Multiply every gradient by `factor`.
+    pub fn scale(&mut self, factor: f64) -> Result<()> {
+        for g in self.by_name.values_mut() {
+            *g = (&*g * factor)?;
+        }
+        Ok(())
+    }
+
     pub fn accumulate(&mut self, store: &GradStore, vars: &VarStore, scale: f64) -> Result<()> {
         for (name, var) in vars.iter() {
             let Some(g) = store.get(var.as_tensor()) else { continue };

@@ -11,6 +11,9 @@ pub enum LrSchedule {
     Constant,
     /// Linear warm-up, then cosine decay ([`Schedule::WarmupCosine`]).
     WarmupCosine,
+    /// The official code's optional scheduler (`--use_schedule True`): warm-up over the first
+    /// quarter epoch, then one cosine value per epoch ([`Schedule::Official`]).
+    Official,
 }
 
 impl std::fmt::Display for LrSchedule {
@@ -18,6 +21,7 @@ impl std::fmt::Display for LrSchedule {
         f.write_str(match self {
             LrSchedule::Constant => "constant",
             LrSchedule::WarmupCosine => "warmup-cosine",
+            LrSchedule::Official => "official",
         })
     }
 }
@@ -35,13 +39,61 @@ pub enum Schedule {
         warmup_start_factor: f64,
         min_factor: f64,
     },
+    /// The official `LinearWarmupCosineLRScheduler` as `finetune_ans.py` steps it (after each
+    /// optimiser step, so each update uses the rate set after the previous one):
+    /// * update 0 uses each group's own rate (the optimiser's, before any scheduler call);
+    /// * in epoch 0, `min(init_lr, warmup_start_lr + (init_lr − warmup_start_lr)·i / warmup_steps)`
+    ///   with i the previous update's index in the epoch and `warmup_steps` = ⌊steps/4⌋;
+    /// * from epoch 1, `min_lr + (init_lr − min_lr)·½(1 + cos(π·e / max_epochs))` for the epoch e
+    ///   of the previous update (the official `max_T` = 30 with 10 epochs decays only to ~0.9·lr).
+    ///
+    /// As the official scheduler, it sets *every* group to this rate (the grounding module's
+    /// `grounding_lr` holds for the first update only).
+    Official {
+        steps_per_epoch: u64,
+        warmup_steps: u64,
+        init_lr: f64,
+        warmup_start_lr: f64,
+        min_lr: f64,
+        max_epochs: u64,
+    },
 }
 
 impl Schedule {
+    /// The learning rate at optimiser step `step` (0-based) of a parameter group whose base
+    /// rate is `base`.
+    pub fn lr(&self, step: u64, base: f64) -> f64 {
+        match *self {
+            Schedule::Official {
+                steps_per_epoch,
+                warmup_steps,
+                init_lr,
+                warmup_start_lr,
+                min_lr,
+                max_epochs,
+            } => {
+                if step == 0 {
+                    return base;
+                }
+                let prev = step - 1;
+                let (epoch, i) = (prev / steps_per_epoch.max(1), prev % steps_per_epoch.max(1));
+                if epoch == 0 {
+                    (warmup_start_lr + (init_lr - warmup_start_lr) * i as f64 / warmup_steps.max(1) as f64).min(init_lr)
+                } else {
+                    let c = (std::f64::consts::PI * epoch as f64 / max_epochs.max(1) as f64).cos();
+                    (init_lr - min_lr) * 0.5 * (1.0 + c) + min_lr
+                }
+            }
+            _ => base * self.factor(step),
+        }
+    }
+
     /// The factor for optimiser step `step` (0-based: the first update uses `factor(0)`).
+    /// (For [`Schedule::Official`], the base group's rate over its base rate.)
     pub fn factor(&self, step: u64) -> f64 {
         match *self {
             Schedule::Constant => 1.0,
+            Schedule::Official { init_lr, .. } => self.lr(step, init_lr) / init_lr,
             Schedule::WarmupCosine {
                 warmup_steps,
                 total_steps,

@@ -32,9 +32,11 @@ pub struct TrainConfig {
     /// generator on its L_reg plateau) and are validated only at their end; the joint epochs
     /// then run `schedule` from its start. Ignored in the other modes.
     pub grounding_warmup_epochs: u64,
-    /// Questions per micro-batch.
+    /// Questions per micro-batch (4: the official per-GPU batch, which keeps L_con's three
+    /// in-batch answer negatives).
     pub batch_size: usize,
-    /// Micro-batches per optimiser step.
+    /// Micro-batches per optimiser step (8: the official 8 GPUs; 4 × 8 = 32 questions per step).
+    /// The last group of an epoch may be shorter; its gradient is the mean over its questions.
     pub grad_accum: usize,
     /// Learning rate of the Q-Former, query tokens, projection and frame positions.
     pub lr: f64,
@@ -48,9 +50,12 @@ pub struct TrainConfig {
     pub schedule: LrSchedule,
     /// Warm-up as a fraction of all optimiser steps (warmup-cosine).
     pub warmup_fraction: f64,
-    /// Warm-up start and final learning rate, as fractions of the base rates.
+    /// Warm-up start and final learning rate, as fractions of the base rates (`official`: of
+    /// `lr`; the defaults give the official 1e-8 and 5e-6 for lr = 1e-5).
     pub warmup_start_factor: f64,
     pub min_lr_factor: f64,
+    /// `official` schedule: epochs of its cosine half-period (the official `max_T`).
+    pub cosine_epochs: u64,
     /// Clip gradients to this global norm (none when absent).
     pub max_grad_norm: Option<f64>,
     /// Skip a batch whose loss is not finite (counted) instead of stopping with an error.
@@ -73,7 +78,7 @@ impl Default for TrainConfig {
             epochs: 10,
             grounding_warmup_epochs: 0,
             batch_size: 4,
-            grad_accum: 1,
+            grad_accum: 8,
             lr: 1e-5,
             grounding_lr: 7e-5,
             weight_decay: 0.02,
@@ -84,6 +89,7 @@ impl Default for TrainConfig {
             warmup_fraction: 0.025,
             warmup_start_factor: 1e-3,
             min_lr_factor: 0.5,
+            cosine_epochs: 30,
             max_grad_norm: None,
             skip_nonfinite: false,
             train_t5: false,
@@ -116,6 +122,9 @@ impl TrainConfig {
                 bail!("{name} = {v} is not a fraction of the base learning rate (expected 0 to 1)");
             }
         }
+        if self.cosine_epochs == 0 {
+            bail!("cosine_epochs must be at least 1 (the official max_T is 30)");
+        }
         if !(self.lr > 0.0 && self.grounding_lr > 0.0) {
             bail!(
                 "learning rates must be positive (lr {}, grounding_lr {})",
@@ -134,13 +143,23 @@ impl TrainConfig {
         Ok(())
     }
 
-    pub fn schedule(&self, total_steps: u64) -> Schedule {
+    /// The schedule of `epochs` epochs of `steps_per_epoch` optimiser steps.
+    pub fn schedule(&self, steps_per_epoch: u64, epochs: u64) -> Schedule {
+        let total_steps = steps_per_epoch * epochs;
         match self.schedule {
             LrSchedule::WarmupCosine => Schedule::WarmupCosine {
                 warmup_steps: (self.warmup_fraction * total_steps as f64).round() as u64,
                 total_steps,
                 warmup_start_factor: self.warmup_start_factor,
                 min_factor: self.min_lr_factor,
+            },
+            LrSchedule::Official => Schedule::Official {
+                steps_per_epoch,
+                warmup_steps: steps_per_epoch / 4,
+                init_lr: self.lr,
+                warmup_start_lr: self.warmup_start_factor * self.lr,
+                min_lr: self.min_lr_factor * self.lr,
+                max_epochs: self.cosine_epochs,
             },
             LrSchedule::Constant => Schedule::Constant,
         }
@@ -366,7 +385,7 @@ impl Plan {
             warmup_epochs,
             warmup_steps: steps_per_epoch * warmup_epochs,
             all_epochs: warmup_epochs + cfg.epochs,
-            schedule: cfg.schedule(steps_per_epoch * cfg.epochs),
+            schedule: cfg.schedule(steps_per_epoch, cfg.epochs),
         })
     }
 }
@@ -519,25 +538,41 @@ fn train_epoch(
                 run.last().display()
             );
         }
-        acc.add(&losses, loss, batch.len(), job.vars, 1.0 / cfg.grad_accum as f64)?;
+        // The step's gradient is that of the mean loss over its questions: each micro-batch's
+        // mean loss weighs by its share of a full group's questions (1/grad_accum when all are
+        // full), and a short group (the end of an epoch) is rescaled to its own question count.
+        // One micro-batch per step is its own mean already.
+        let full_group = (cfg.grad_accum * cfg.batch_size) as f64;
+        let weight = if cfg.grad_accum == 1 {
+            1.0
+        } else {
+            batch.len() as f64 / full_group
+        };
+        acc.add(&losses, loss, batch.len(), job.vars, weight)?;
         let end_of_epoch = state.batch_in_epoch >= plan.batches_per_epoch;
         if acc.micro < cfg.grad_accum && !end_of_epoch {
             continue;
+        }
+        if cfg.grad_accum > 1 && acc.samples as f64 != full_group {
+            acc.grads.scale(full_group / acc.samples as f64)?;
         }
         // One optimiser step.
         let grad_norm = match cfg.max_grad_norm {
             Some(m) => Some(acc.grads.clip_global_norm(m)?),
             None => None,
         };
-        let factor = if warmup {
-            1.0
-        } else {
-            plan.schedule.factor(state.step - plan.warmup_steps)
+        let lr_of = |base: f64| {
+            if warmup {
+                base
+            } else {
+                plan.schedule.lr(state.step - plan.warmup_steps, base)
+            }
         };
-        opt.step(&acc.grads, factor)?;
+        opt.step_with(&acc.grads, &lr_of)?;
+        let lr = lr_of(cfg.lr);
         state.step += 1;
         state.rng = rng.borrow().clone();
-        let m = acc.metrics(state.step, epoch, cfg.lr * factor, grad_norm, warmup);
+        let m = acc.metrics(state.step, epoch, lr, grad_norm, warmup);
         if state.step % cfg.log_every.max(1) == 0 {
             run.log(&serde_json::to_value(&m)?)?;
         }
