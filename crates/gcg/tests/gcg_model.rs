@@ -878,3 +878,18 @@ fn a_short_last_accumulation_group_is_the_mean_over_its_own_questions() {
         "a full group averages its 4 micro-batches"
     );
 }
+
+#[test]
+fn uniform_mode_may_take_every_frame_but_grounding_may_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = world(4, 9);
+    let (model, _) = build_k(Mode::Uniform, &tmp.path().join("tok"), 2, T);
+    let answered = model.answer(&w.batch(&[0, 1])).unwrap();
+    for a in &answered {
+        assert_eq!(a.frames, (0..T).collect::<Vec<_>>());
+    }
+    let e = config(Mode::Grounding, T).validate().unwrap_err().to_string();
+    assert!(e.contains("fewer than the 16 frames") && e.contains("L_con"), "{e}");
+    config(Mode::Uniform, T).validate().unwrap();
+    assert!(config(Mode::Uniform, T + 1).validate().is_err());
+}
