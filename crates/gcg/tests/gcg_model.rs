@@ -893,3 +893,73 @@ fn uniform_mode_may_take_every_frame_but_grounding_may_not() {
     config(Mode::Uniform, T).validate().unwrap();
     assert!(config(Mode::Uniform, T + 1).validate().is_err());
 }
+
+#[test]
+fn mid_epoch_validation_keeps_best_and_is_logged_once_across_a_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = world(12, 10);
+    let v = world(4, 11);
+    let src = Source {
+        world: &w,
+        batch_size: 2,
+        seed: 2,
+    };
+    let val = Source {
+        world: &v,
+        batch_size: 2,
+        seed: 0,
+    };
+    let cfg = TrainConfig {
+        epochs: 2,
+        batch_size: 2,
+        grad_accum: 1,
+        lr: 1e-3,
+        grounding_lr: 1e-3,
+        validate_every: Some(4),
+        checkpoint_every: 1,
+        ..Default::default()
+    };
+    let run_cfg = serde_json::json!({});
+    let train = |run: &RunDir, cfg: &TrainConfig, resume: bool| {
+        let (model, vars) = build(Mode::Uniform, &tmp.path().join("tok"), 2);
+        let job = TrainJob {
+            model: &model,
+            vars: &vars,
+            cfg,
+            run,
+            train_set: &src,
+            val_set: Some(&val),
+            run_config: &run_cfg,
+        };
+        trainer::train(&job, resume, &mut |_| {}).unwrap()
+    };
+    let val_rows = |run: &RunDir| -> Vec<(u64, bool)> {
+        read_rows(&run.root)
+            .iter()
+            .filter(|r| r["split"] == "val")
+            .map(|r| (r["step"].as_u64().unwrap(), r.get("mid_epoch").is_some()))
+            .collect()
+    };
+    // 6 steps per epoch: validated after steps 4 and 8 (mid-epoch) and 6 and 12 (epoch ends).
+    let full = RunDir::new(tmp.path().join("full")).unwrap();
+    let state = train(&full, &cfg, false);
+    let want = val_rows(&full);
+    assert_eq!(want, [(4, true), (6, false), (8, true), (12, false)]);
+    let best_step = state.best_step.unwrap();
+    assert!(full.best().exists() && want.iter().any(|&(s, _)| s == best_step));
+    // Stopped after step 9 and resumed: each validation once, at the same steps, with the same
+    // accuracies (the metrics rows equal the uninterrupted run's).
+    let part = RunDir::new(tmp.path().join("part")).unwrap();
+    train(
+        &part,
+        &TrainConfig {
+            max_steps: Some(9),
+            ..cfg.clone()
+        },
+        false,
+    );
+    train(&part, &cfg, true);
+    assert_eq!(val_rows(&part), want);
+    let acc = |run: &RunDir| -> Vec<f64> { read_rows(&run.root).iter().filter_map(|r| r["accuracy"].as_f64()).collect() };
+    assert_eq!(acc(&part), acc(&full));
+}

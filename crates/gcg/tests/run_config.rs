@@ -116,6 +116,12 @@ fn unknown_keys_and_bad_values_are_named() {
         ("[train]\nlr = 1e30\n", "lr = 1e30: AdamW moves every weight"),
         ("[train]\ngrounding_lr = 2.0\n", "grounding_lr = 2e0"),
         ("[train]\nlr = nan\n", "learning rates must be positive"),
+        ("[train]\nvalidate_every = 0\n", "validate_every"),
+        ("[train]\nschedule = \"official\"\ncosine_epochs = 0\n", "cosine_epochs"),
+        (
+            "[model]\nmode = \"grounding\"\n[model.grounding]\nmoments = 32\n",
+            "fewer than the 32 frames",
+        ),
     ] {
         let e = parse(text).err().unwrap_or_else(|| panic!("{text:?} was accepted"));
         let msg = chain(&e);

@@ -63,6 +63,9 @@ pub struct TrainConfig {
     /// Also train the language model (tiny models trained from scratch, e.g. the demo); GCG
     /// keeps it frozen.
     pub train_t5: bool,
+    /// Also validate (and keep `best`) after every this many optimiser steps of the joint
+    /// epochs, besides each epoch's end (the official `--eval_step k` validates every 1/k epoch).
+    pub validate_every: Option<u64>,
     /// Write the `last` checkpoint every this many optimiser steps (and at each epoch end).
     pub checkpoint_every: u64,
     /// Stop after this many optimiser steps (for smoke runs and tests).
@@ -93,6 +96,7 @@ impl Default for TrainConfig {
             max_grad_norm: None,
             skip_nonfinite: false,
             train_t5: false,
+            validate_every: None,
             checkpoint_every: 500,
             max_steps: None,
             log_every: 1,
@@ -121,6 +125,9 @@ impl TrainConfig {
             if !(0.0..=1.0).contains(&v) {
                 bail!("{name} = {v} is not a fraction of the base learning rate (expected 0 to 1)");
             }
+        }
+        if self.validate_every == Some(0) {
+            bail!("validate_every must be at least 1 step (leave it out to validate at epoch ends only)");
         }
         if self.cosine_epochs == 0 {
             bail!("cosine_epochs must be at least 1 (the official max_T is 30)");
@@ -308,6 +315,8 @@ impl RunDir {
                     tracing::warn!("{}:{}: dropping an unreadable metrics row", path.display(), i + 1);
                     false
                 }
+                // A mid-epoch validation is redone when the resumed run's step has not passed it.
+                Some(r) if r.get("mid_epoch").is_some() => r.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s <= state.step),
                 Some(r) if r.get("split").is_some() => r.get("epoch").and_then(|e| e.as_u64()).is_some_and(|e| e < state.epoch),
                 // A skipped batch is met again when the resumed run has not passed it.
                 Some(r) if r.get("skipped_nonfinite").is_some() => {
@@ -578,6 +587,10 @@ fn train_epoch(
         }
         on_event(Event::Step(&m));
         acc = Accumulator::new();
+        // Before the periodic checkpoint: a kill between them redoes this validation on resume.
+        if cfg.validate_every.is_some_and(|n| state.step % n == 0) && !warmup && !end_of_epoch {
+            validate(job, opt, state, epoch, true, on_event)?;
+        }
         if state.step % cfg.checkpoint_every.max(1) == 0 && !end_of_epoch {
             checkpoint::save(&run.last(), job.vars, opt, state, job.run_config)?;
             on_event(Event::Checkpoint(&run.last()));
@@ -628,24 +641,41 @@ fn end_epoch(job: &TrainJob, plan: &Plan, opt: &AdamW, state: &mut TrainState, o
     state.batch_in_epoch = 0;
     // Validation after every joint epoch and after the last warm-up epoch (the warmed-up
     // generator with the untouched language model is a candidate for `best` too).
-    let validate = !warmup || state.epoch == plan.warmup_epochs;
-    if let Some(val) = job.val_set.filter(|_| validate) {
-        let answered = answer_all(job.model, val)?;
-        let acc = accuracy(&answered);
-        let best = state.best_metric.is_none_or(|b| acc > b);
-        if best {
-            state.best_metric = Some(acc);
-            state.best_step = Some(state.step);
-            checkpoint::save(&run.best(), job.vars, opt, state, job.run_config)?;
-        }
-        run.log(&serde_json::json!({"split": "val", "epoch": epoch, "step": state.step, "accuracy": acc, "best": best}))?;
-        on_event(Event::Validation {
-            epoch,
-            accuracy: acc,
-            best,
-        });
+    if !warmup || state.epoch == plan.warmup_epochs {
+        validate(job, opt, state, epoch, false, on_event)?;
     }
     checkpoint::save(&run.last(), job.vars, opt, state, job.run_config)?;
     on_event(Event::Checkpoint(&run.last()));
+    Ok(())
+}
+
+/// Validate (when the job has a validation set), keep `best` when it is the best so far, log it.
+fn validate(
+    job: &TrainJob,
+    opt: &AdamW,
+    state: &mut TrainState,
+    epoch: u64,
+    mid_epoch: bool,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<()> {
+    let Some(val) = job.val_set else { return Ok(()) };
+    let answered = answer_all(job.model, val)?;
+    let acc = accuracy(&answered);
+    let best = state.best_metric.is_none_or(|b| acc > b);
+    if best {
+        state.best_metric = Some(acc);
+        state.best_step = Some(state.step);
+        checkpoint::save(&job.run.best(), job.vars, opt, state, job.run_config)?;
+    }
+    let mut row = serde_json::json!({"split": "val", "epoch": epoch, "step": state.step, "accuracy": acc, "best": best});
+    if mid_epoch {
+        row["mid_epoch"] = true.into();
+    }
+    job.run.log(&row)?;
+    on_event(Event::Validation {
+        epoch,
+        accuracy: acc,
+        best,
+    });
     Ok(())
 }
