@@ -4,6 +4,7 @@
 use crate::args::{progress_bar, QuietArg};
 use anyhow::{bail, Result};
 use clap::Args;
+use gcg::data::SplitFiles;
 use gcg::eval::OnMismatch;
 use gcg::run::{self, Checkpoint, EvalSplit, RunConfig};
 use std::path::{Path, PathBuf};
@@ -65,21 +66,27 @@ pub fn run(a: PredictArgs) -> Result<()> {
     if let Some(s) = &a.store {
         cfg.data.store = s.clone();
     }
-    let (ann, grounding) = match (&a.annotations, a.split) {
-        (Some(p), _) => (p.clone(), a.grounding.clone()),
+    let files = match (&a.annotations, a.split) {
+        (Some(p), _) => SplitFiles {
+            grounding: a.grounding.clone(),
+            ..SplitFiles::annotations(p)
+        },
         (None, Some(split)) => {
-            let (ann, grounding) = split.files(&cfg)?;
-            (ann, a.grounding.clone().or(grounding))
+            let files = split.files(&cfg)?;
+            SplitFiles {
+                grounding: a.grounding.clone().or(files.grounding.clone()),
+                ..files
+            }
         }
         (None, None) => bail!("give --split val|test or --annotations PATH"),
     };
-    predict_to(&cfg, &ann, grounding.as_deref(), &a.out, a.json.as_deref(), a.quiet.quiet)
+    predict_to(&cfg, &files, &a.out, a.json.as_deref(), a.quiet.quiet)
 }
 
-fn predict_to(cfg: &RunConfig, ann: &Path, grounding: Option<&Path>, out: &Path, metrics: Option<&Path>, quiet: bool) -> Result<()> {
+fn predict_to(cfg: &RunConfig, files: &SplitFiles, out: &Path, metrics: Option<&Path>, quiet: bool) -> Result<()> {
     let pb = progress_bar(0, quiet);
     pb.set_prefix("predict");
-    let ev = run::predict_annotations(cfg, ann, grounding, out, metrics, OnMismatch::Refuse, &mut |done, total| {
+    let ev = run::predict_annotations(cfg, files, out, metrics, OnMismatch::Refuse, &mut |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     })?;

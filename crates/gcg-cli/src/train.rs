@@ -26,6 +26,10 @@ pub struct TrainArgs {
     /// Skip batches whose loss is not finite (counted in the log) instead of stopping.
     #[arg(long)]
     skip_nonfinite: bool,
+    /// Print the resolved config (every default filled in, paths made absolute, overrides
+    /// applied) as TOML on stdout and exit without training.
+    #[arg(long)]
+    print_config: bool,
     #[command(flatten)]
     quiet: QuietArg,
 }
@@ -64,6 +68,13 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     };
     if a.skip_nonfinite {
         cfg.train.skip_nonfinite = true;
+    }
+    if a.print_config {
+        cfg.validate()?;
+        let mut resolved = cfg.absolute()?;
+        resolved.run_dir = Some(cfg.run_dir()?.to_path_buf());
+        print!("{}", toml::to_string(&resolved)?);
+        return Ok(());
     }
     let pb = progress_bar(0, a.quiet.quiet);
     pb.set_prefix("train");

@@ -192,3 +192,40 @@ fn override_errors_name_the_override_and_a_missing_store_its_setting() {
     let msg = chain(&e);
     assert!(msg.contains("[data] store") && msg.contains("does not exist"), "{msg}");
 }
+
+/// The shipped run configs (configs/*.toml) parse, hold the official recipe, and print back (as
+/// `gcg train --print-config` prints them) to the same config.
+#[test]
+fn shipped_configs_hold_the_official_recipe() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut seen = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let cfg = RunConfig::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        cfg.validate().unwrap();
+        let t = &cfg.train;
+        assert_eq!(
+            (t.batch_size, t.grad_accum, t.lr, t.grounding_lr, t.weight_decay, t.epochs, t.seed),
+            (4, 8, 1e-5, 7e-5, 0.02, 10, 3407),
+            "{}",
+            path.display()
+        );
+        let g = &cfg.model.grounding;
+        assert_eq!(
+            (g.frames, g.moments, g.width, g.temperature),
+            (32, 4, 0.2, 0.1),
+            "{}",
+            path.display()
+        );
+        assert_eq!(cfg.model.mode, gcg::model::Mode::Grounding);
+        let printed = toml::to_string(&cfg).unwrap();
+        let back: RunConfig = toml::from_str(&printed).unwrap();
+        assert_eq!(back, cfg, "{}", path.display());
+        seen.push(cfg.data.dataset.name());
+    }
+    seen.sort();
+    assert_eq!(seen, ["causalvidqa", "intentqa", "nextgqa", "nextqa"]);
+}

@@ -177,6 +177,54 @@ pub fn read_annotations(dataset: Dataset, path: &Path, opts: &ReadOptions) -> Re
     }
 }
 
+/// The files of one split: its annotations, optionally the list of its videos (Causal-VidQA's
+/// `split/{train,val,test}.pkl`, a JSON list or one id a line: only these videos' questions), and
+/// NExT-GQA's grounding spans (`gsub_{val,test}.json`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitFiles {
+    pub annotations: std::path::PathBuf,
+    pub videos: Option<std::path::PathBuf>,
+    pub grounding: Option<std::path::PathBuf>,
+}
+
+impl SplitFiles {
+    /// Just an annotation file (every question in it).
+    pub fn annotations(path: impl Into<std::path::PathBuf>) -> Self {
+        Self {
+            annotations: path.into(),
+            videos: None,
+            grounding: None,
+        }
+    }
+
+    /// The split's questions: the annotations, restricted to the listed videos when a list is
+    /// given (an error when no question is left).
+    pub fn read(&self, dataset: Dataset, opts: &ReadOptions) -> Result<Annotations> {
+        let Some(list) = &self.videos else {
+            return read_annotations(dataset, &self.annotations, opts);
+        };
+        let videos = causalvidqa::read_split(list)?;
+        let mut ann = match dataset {
+            Dataset::CausalVidQa => causalvidqa::read_with(&self.annotations, Some(&videos), opts)?,
+            _ => {
+                let keep: std::collections::HashSet<&str> = videos.iter().map(String::as_str).collect();
+                let mut a = read_annotations(dataset, &self.annotations, opts)?;
+                a.samples.retain(|s| keep.contains(s.video.as_str()));
+                a
+            }
+        };
+        ann.samples.shrink_to_fit();
+        anyhow::ensure!(
+            !ann.samples.is_empty(),
+            "{} has no questions of the {} videos listed in {}",
+            self.annotations.display(),
+            videos.len(),
+            list.display()
+        );
+        Ok(ann)
+    }
+}
+
 /// The option letters of the prompt.
 pub const OPTION_LETTERS: [&str; 5] = ["A", "B", "C", "D", "E"];
 

@@ -2,8 +2,8 @@
 //! the splits it serves.
 
 use super::config::{DataConfig, Precision, RunConfig};
-use crate::data::{self, Dataset, QaSample, ReadOptions};
 use crate::data::{Batch, BatchLoader, BatchOptions};
+use crate::data::{Dataset, QaSample, ReadOptions, SplitFiles};
 use crate::model::{GcgModel, TextTokenizers};
 use crate::models::checkpoint::open_any;
 use crate::models::lmm::{is_vit_trunk, LmmConfig};
@@ -104,14 +104,14 @@ impl Split {
     pub fn open(
         store: &Store,
         dataset: Dataset,
-        annotations: &Path,
+        files: &SplitFiles,
         opts: BatchOptions,
         data: &DataConfig,
         limit: Option<usize>,
     ) -> Result<Self> {
-        let ann = data::read_annotations(
+        let annotations = &files.annotations;
+        let ann = files.read(
             dataset,
-            annotations,
             &ReadOptions {
                 skip_bad_rows: data.skip_bad_rows,
             },

@@ -135,6 +135,11 @@ pub struct DataConfig {
     pub train: Option<PathBuf>,
     pub val: Option<PathBuf>,
     pub test: Option<PathBuf>,
+    /// A split's videos (Causal-VidQA: `split/{train,val,test}.pkl` with `train`/`val`/`test` all
+    /// the `QA` folder; or a JSON list / one id a line for any dataset): only their questions.
+    pub train_videos: Option<PathBuf>,
+    pub val_videos: Option<PathBuf>,
+    pub test_videos: Option<PathBuf>,
     /// NExT-GQA grounding annotations (`gsub_{val,test}.json`) for the grounding metrics.
     pub val_grounding: Option<PathBuf>,
     pub test_grounding: Option<PathBuf>,
@@ -154,6 +159,9 @@ impl Default for DataConfig {
             train: None,
             val: None,
             test: None,
+            train_videos: None,
+            val_videos: None,
+            test_videos: None,
             val_grounding: None,
             test_grounding: None,
             workers: 2,
@@ -277,10 +285,15 @@ impl RunConfig {
             fix(p);
         }
         fix(&mut d.store);
-        for p in [&mut d.train, &mut d.val, &mut d.test, &mut d.val_grounding, &mut d.test_grounding]
-            .into_iter()
-            .flatten()
-        {
+        let splits = [
+            &mut d.train,
+            &mut d.val,
+            &mut d.test,
+            &mut d.train_videos,
+            &mut d.val_videos,
+            &mut d.test_videos,
+        ];
+        for p in splits.into_iter().chain([&mut d.val_grounding, &mut d.test_grounding]).flatten() {
             fix(p);
         }
     }

@@ -15,6 +15,7 @@ pub mod build;
 pub mod config;
 pub mod predict;
 
+use crate::data::SplitFiles;
 pub use build::{build_model, open_store, trainable, BuiltModel, Split};
 pub use config::{apply_overrides, DataConfig, DeviceKind, Precision, RunConfig, WeightsConfig};
 pub use predict::{
@@ -114,19 +115,24 @@ pub fn train_run(cfg: &RunConfig, start: RunStart, on_event: &mut dyn FnMut(Even
     let (store, embed_dim) = open_store(cfg)?;
     let built = build_model(cfg, embed_dim)?;
     let train_path = cfg.data.train.as_ref().ok_or_else(|| anyhow!("[data] train is not set"))?;
+    let train_files = SplitFiles {
+        annotations: train_path.clone(),
+        videos: cfg.data.train_videos.clone(),
+        grounding: None,
+    };
     let train = Split::open(
         &store,
         cfg.data.dataset,
-        train_path,
+        &train_files,
         batch_options(cfg, &built, true),
         &cfg.data,
         None,
     )?;
     let val = match &cfg.data.val {
-        Some(p) => Some(Split::open(
+        Some(_) => Some(Split::open(
             &store,
             cfg.data.dataset,
-            p,
+            &EvalSplit::Val.files(cfg)?,
             batch_options(cfg, &built, false),
             &cfg.data,
             cfg.data.max_eval,

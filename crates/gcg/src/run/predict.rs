@@ -2,7 +2,7 @@
 
 use super::build::{build_model, open_store, BuiltModel, Split};
 use super::config::RunConfig;
-use crate::data::{self, Dataset, QaSample, ReadOptions};
+use crate::data::{self, Dataset, QaSample, ReadOptions, SplitFiles};
 use crate::data::{BatchLoader, BatchOptions};
 use crate::eval::predictions::{Moments, OnMismatch, PredictionRow, PredictionWriter, Provenance};
 use crate::model::{Answered, GcgModel};
@@ -20,14 +20,18 @@ pub enum EvalSplit {
 }
 
 impl EvalSplit {
-    /// The split's annotations and NExT-GQA grounding file in a run config.
-    pub fn files(self, cfg: &RunConfig) -> Result<(PathBuf, Option<PathBuf>)> {
-        let (ann, grounding) = match self {
-            EvalSplit::Val => (&cfg.data.val, &cfg.data.val_grounding),
-            EvalSplit::Test => (&cfg.data.test, &cfg.data.test_grounding),
+    /// The split's annotations, video list and NExT-GQA grounding file in a run config.
+    pub fn files(self, cfg: &RunConfig) -> Result<SplitFiles> {
+        let d = &cfg.data;
+        let (ann, videos, grounding) = match self {
+            EvalSplit::Val => (&d.val, &d.val_videos, &d.val_grounding),
+            EvalSplit::Test => (&d.test, &d.test_videos, &d.test_grounding),
         };
-        let ann = ann.clone().ok_or_else(|| anyhow!("the config has no [data] {self}"))?;
-        Ok((ann, grounding.clone()))
+        Ok(SplitFiles {
+            annotations: ann.clone().ok_or_else(|| anyhow!("the config has no [data] {self}"))?,
+            videos: videos.clone(),
+            grounding: grounding.clone(),
+        })
     }
 }
 
@@ -192,11 +196,11 @@ pub fn predict_split(
 }
 
 /// Open a split of a run for prediction (no shuffling).
-pub fn open_eval_split(cfg: &RunConfig, store: &Store, annotations: &Path, built: &BuiltModel) -> Result<Split> {
+pub fn open_eval_split(cfg: &RunConfig, store: &Store, files: &SplitFiles, built: &BuiltModel) -> Result<Split> {
     Split::open(
         store,
         cfg.data.dataset,
-        annotations,
+        files,
         super::build::batch_options(cfg, built, false),
         &cfg.data,
         cfg.data.max_eval,
@@ -207,15 +211,14 @@ pub fn open_eval_split(cfg: &RunConfig, store: &Store, annotations: &Path, built
 /// its gsub file is given) and write `metrics` as JSON next to it.
 pub fn evaluate_predictions(
     dataset: Dataset,
-    annotations: &Path,
-    grounding: Option<&Path>,
+    files: &SplitFiles,
     predictions: &Path,
     metrics_out: Option<&Path>,
     skip_bad_rows: bool,
 ) -> Result<crate::eval::Evaluation> {
     let opts = ReadOptions { skip_bad_rows };
-    let ann = data::read_annotations(dataset, annotations, &opts)?;
-    let g = match grounding {
+    let ann = files.read(dataset, &opts)?;
+    let g = match &files.grounding {
         Some(p) => Some(data::nextgqa::Grounding::read_with(p, &opts)?),
         None => None,
     };
@@ -241,23 +244,22 @@ pub fn evaluate_predictions(
 /// metrics to `metrics` when given.
 pub fn predict_annotations(
     cfg: &RunConfig,
-    annotations: &Path,
-    grounding: Option<&Path>,
+    files: &SplitFiles,
     out: &Path,
     metrics: Option<&Path>,
     on_mismatch: OnMismatch,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<crate::eval::Evaluation> {
-    let prov = provenance(cfg, annotations)?;
+    let prov = provenance(cfg, &files.annotations)?;
     // Checked before the model is built: a refused file costs no loading.
     if on_mismatch == OnMismatch::Refuse {
         PredictionWriter::check(out, &prov)?;
     }
     let (store, embed_dim) = open_store(cfg)?;
     let built = build_model(cfg, embed_dim)?;
-    let split = open_eval_split(cfg, &store, annotations, &built)?;
+    let split = open_eval_split(cfg, &store, files, &built)?;
     predict_split(&built.model, &split, out, &prov, on_mismatch, on_batch)?;
-    evaluate_predictions(cfg.data.dataset, annotations, grounding, out, metrics, cfg.data.skip_bad_rows)
+    evaluate_predictions(cfg.data.dataset, files, out, metrics, cfg.data.skip_bad_rows)
 }
 
 /// Predict a split (`val` or `test`) of a run with its `best` or `last` checkpoint into
@@ -270,19 +272,11 @@ pub fn predict_run(
     which: Checkpoint,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<crate::eval::Evaluation> {
-    let (ann, grounding) = split.files(cfg)?;
+    let files = split.files(cfg)?;
     let mut cfg = cfg.clone();
     let run_dir = cfg.run_dir()?.to_path_buf();
     cfg.weights.init = Some(checkpoint_weights(&run_dir, which)?);
     let out = run_dir.join(format!("predictions-{split}.jsonl"));
     let metrics = run_dir.join(format!("metrics-{split}.json"));
-    predict_annotations(
-        &cfg,
-        &ann,
-        grounding.as_deref(),
-        &out,
-        Some(&metrics),
-        OnMismatch::Replace,
-        on_batch,
-    )
+    predict_annotations(&cfg, &files, &out, Some(&metrics), OnMismatch::Replace, on_batch)
 }
