@@ -186,3 +186,27 @@ fn override_errors_name_the_override_and_a_missing_store_its_setting() {
     let msg = chain(&e);
     assert!(msg.contains("[data] store") && msg.contains("does not exist"), "{msg}");
 }
+
+#[test]
+fn every_benchmark_can_be_named_in_the_data_table() {
+    use gcg::data::Dataset;
+    for (name, want) in [
+        ("next-qa", Dataset::NextQa),
+        ("nextqa", Dataset::NextQa),
+        ("causal-vid-qa", Dataset::CausalVidQa),
+        ("causalvidqa", Dataset::CausalVidQa),
+        ("star", Dataset::Star),
+        ("traffic-qa", Dataset::TrafficQa),
+        ("trafficqa", Dataset::TrafficQa),
+        ("sutd-trafficqa", Dataset::TrafficQa),
+        ("vlep", Dataset::Vlep),
+        ("open-ended", Dataset::OpenEnded),
+    ] {
+        let cfg = parse(&format!("[data]\ndataset = \"{name}\"\n")).unwrap_or_else(|e| panic!("{name}: {}", chain(&e)));
+        assert_eq!(cfg.data.dataset, want, "{name}");
+        // The command-line name reads back the same benchmark.
+        assert_eq!(Dataset::from_name(want.name()), Some(want));
+    }
+    let e = parse("[data]\ndataset = \"how2qa\"\n").unwrap_err();
+    assert!(chain(&e).contains("how2qa"), "{}", chain(&e));
+}
