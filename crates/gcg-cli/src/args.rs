@@ -74,7 +74,7 @@ impl std::str::FromStr for AnnotationFormat {
         }
         s.parse::<Dataset>()
             .map(Self::Benchmark)
-            .map_err(|_| anyhow::anyhow!("unknown dataset {s:?} (expected nextqa, nextgqa, intentqa, causalvidqa, open-ended or json)"))
+            .map_err(|_| anyhow::anyhow!("unknown dataset {s:?} (expected {} or json)", Dataset::NAMES.join(", ")))
     }
 }
 
@@ -140,7 +140,17 @@ mod tests {
 
     #[test]
     fn annotation_formats_parse_and_print_back() {
-        for s in ["nextqa", "nextgqa", "intentqa", "causalvidqa", "open-ended", "json"] {
+        for s in [
+            "nextqa",
+            "nextgqa",
+            "intentqa",
+            "causalvidqa",
+            "star",
+            "trafficqa",
+            "vlep",
+            "open-ended",
+            "json",
+        ] {
             let f: AnnotationFormat = s.parse().unwrap();
             assert_eq!(f.to_string(), s);
         }

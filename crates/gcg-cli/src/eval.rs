@@ -10,12 +10,14 @@ use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// The benchmark: nextqa | nextgqa | intentqa | causalvidqa | open-ended (msvd-qa,
-    /// msrvtt-qa, activitynet-qa).
+    /// The benchmark: nextqa | nextgqa | intentqa | causalvidqa | star | trafficqa | vlep |
+    /// open-ended (msvd-qa, msrvtt-qa, activitynet-qa).
     #[arg(long)]
     dataset: Dataset,
     /// The annotations: the split's CSV (NExT-QA, NExT-GQA, IntentQA), the QA directory
-    /// (Causal-VidQA), the JSON file (open-ended; ActivityNet-QA: the `_q.json`).
+    /// (Causal-VidQA), `STAR_{train,val}.json` (STAR), `R2_all.jsonl` / `R3_{train,test}.jsonl`
+    /// (TrafficQA), `vlep_{train,dev}_release.jsonl` (VLEP), the JSON file (open-ended;
+    /// ActivityNet-QA: the `_q.json`).
     #[arg(long)]
     annotations: PathBuf,
     /// NExT-GQA: `gsub_{val,test}.json`, for the grounding metrics (also with --dataset nextqa:

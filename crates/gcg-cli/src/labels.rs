@@ -20,8 +20,8 @@ pub struct LabelsArgs {
     /// The annotation file (e.g. NExT-QA's val.csv).
     #[arg(long)]
     annotations: PathBuf,
-    /// Its format: nextqa | nextgqa | intentqa | causalvidqa | open-ended (msvd-qa, msrvtt-qa,
-    /// activitynet-qa) for the published files, or json (a JSON array, or JSON lines, of gcg
+    /// Its format: nextqa | nextgqa | intentqa | causalvidqa | star | trafficqa | vlep |
+    /// open-ended (msvd-qa, msrvtt-qa, activitynet-qa) for the published files, or json (a JSON array, or JSON lines, of gcg
     /// QaSample objects).
     #[arg(long)]
     dataset: AnnotationFormat,

@@ -306,3 +306,127 @@ fn implausible_spans_and_negative_indices_are_reported() {
     let (code, _, stderr) = gcg(&strict);
     assert_eq!(code, 1, "{stderr}");
 }
+
+/// STAR, TrafficQA and VLEP through the binary: the committed reference prediction sets
+/// (`eval/star_trafficqa_vlep_refs.json`) as JSONL rows built here from the annotation files
+/// with plain JSON (not the library's readers), and the numbers the reference computed.
+#[test]
+fn eval_scores_star_trafficqa_and_vlep() {
+    let refs: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("eval/star_trafficqa_vlep_refs.json")).unwrap()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["star_val_partial", "trafficqa_test_random", "vlep_dev_partial"] {
+        let r = refs.iter().find(|r| r["name"] == name).unwrap();
+        let ann = fixtures().join(r["annotations"].as_str().unwrap());
+        let text = std::fs::read_to_string(&ann).unwrap();
+        // (video, qid, answer index) of each question, in file order.
+        let questions: Vec<(String, String, u64)> = match r["dataset"].as_str().unwrap() {
+            "star" => serde_json::from_str::<Vec<Value>>(&text)
+                .unwrap()
+                .iter()
+                .map(|q| {
+                    let answer = q["choices"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|c| c["choice"] == q["answer"])
+                        .unwrap();
+                    (
+                        q["video_id"].as_str().unwrap().to_string(),
+                        q["question_id"].as_str().unwrap().to_string(),
+                        answer["choice_id"].as_u64().unwrap(),
+                    )
+                })
+                .collect(),
+            "trafficqa" => text
+                .lines()
+                .skip(1)
+                .map(|l| {
+                    let row: Vec<Value> = serde_json::from_str(l).unwrap();
+                    let file = row[2].as_str().unwrap();
+                    (
+                        file.trim_end_matches(".mp4").to_string(),
+                        row[0].to_string(),
+                        row[10].as_u64().unwrap(),
+                    )
+                })
+                .collect(),
+            _ => text
+                .lines()
+                .map(|l| {
+                    let v: Value = serde_json::from_str(l).unwrap();
+                    (
+                        v["vid_name"].as_str().unwrap().to_string(),
+                        v["example_id"].to_string(),
+                        v["answer"].as_u64().unwrap(),
+                    )
+                })
+                .collect(),
+        };
+        let digits = r["prediction"].as_str().unwrap().as_bytes();
+        assert_eq!(digits.len(), questions.len(), "{name}");
+        let jsonl: String = questions
+            .iter()
+            .zip(digits)
+            .map(|((video, qid, answer), d)| {
+                serde_json::json!({"qid": qid, "video": video, "prediction": (d - b'0') as u64, "answer": answer}).to_string() + "\n"
+            })
+            .collect();
+        let preds = tmp.path().join(format!("{name}.jsonl"));
+        std::fs::write(&preds, jsonl).unwrap();
+        let json_out = tmp.path().join(format!("{name}.metrics.json"));
+        let dataset = r["dataset"].as_str().unwrap();
+        let (code, stdout, stderr) = gcg(&[
+            "eval",
+            "--dataset",
+            dataset,
+            "--annotations",
+            ann.to_str().unwrap(),
+            "--predictions",
+            preds.to_str().unwrap(),
+            "--json",
+            json_out.to_str().unwrap(),
+            "--strict",
+        ]);
+        assert_eq!(code, 0, "{name}: {stderr}");
+        let m: Value = serde_json::from_str(&std::fs::read_to_string(&json_out).unwrap()).unwrap();
+        assert_eq!(m["dataset"], dataset);
+        assert_eq!(m["missing"], 0);
+        for (metric, want) in r["expected"].as_object().unwrap() {
+            assert_eq!(m[metric], *want, "{name} {metric}");
+            let shown = format!("{:.2}", want.as_f64().unwrap());
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.split_whitespace().next() == Some(metric) && l.contains(&shown)),
+                "{name} {metric}:\n{stdout}"
+            );
+        }
+    }
+    // The test split of STAR holds no answers: an error that says so, naming file and entry.
+    let star: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(fixtures().join("data/star/STAR_val.json")).unwrap()).unwrap();
+    let no_answers: Vec<Value> = star
+        .into_iter()
+        .map(|mut q| {
+            q.as_object_mut().unwrap().remove("answer");
+            q
+        })
+        .collect();
+    let test = tmp.path().join("STAR_test.json");
+    std::fs::write(&test, serde_json::to_string(&no_answers).unwrap()).unwrap();
+    let preds = tmp.path().join("star_val_partial.jsonl");
+    let (code, _, stderr) = gcg(&[
+        "eval",
+        "--dataset",
+        "star",
+        "--annotations",
+        test.to_str().unwrap(),
+        "--predictions",
+        preds.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("STAR_test.json, entry 0 (Sequence_T2_38), column answer: missing answer"),
+        "{stderr}"
+    );
+}

@@ -412,7 +412,7 @@ impl GcgModel {
                     let tensor = "the option scores (T5 log-likelihoods of each option)";
                     return Err(name_rows(NonFiniteRows { tensor, rows }.into(), batch));
                 }
-                Self::best_options(scores)
+                Self::best_options(scores, &batch.samples)
             }
             (AnswerMethod::OptionScoring, false) => self.generated_answers(batch, &inputs, 1, OPEN_ENDED_MAX_NEW_TOKENS)?,
             (AnswerMethod::Generate { num_beams, max_new_tokens }, _) => {
@@ -444,11 +444,19 @@ impl GcgModel {
     }
 
     /// Option scoring: each question's highest-scoring option.
-    fn best_options(scores: Vec<Vec<f32>>) -> Vec<Prediction> {
+    /// The highest-scoring option of each question; empty options (a TrafficQA question with
+    /// fewer than four candidates) are never chosen.
+    fn best_options(scores: Vec<Vec<f32>>, samples: &[QaSample]) -> Vec<Prediction> {
         scores
             .into_iter()
-            .map(|row| {
-                let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+            .zip(samples)
+            .map(|(row, s)| {
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| s.options.get(*j).is_none_or(|o| !o.is_empty()))
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |(i, _)| i);
                 Prediction {
                     answer: data::Answer::Choice(best),
                     generated: None,
@@ -545,6 +553,29 @@ struct Selection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn best_options_never_pick_an_empty_option() {
+        let q = |options: &[&str]| QaSample {
+            dataset: data::Dataset::TrafficQa,
+            key: "1".into(),
+            qid: "1".into(),
+            video: "v".into(),
+            question: "q".into(),
+            options: options.iter().map(|o| o.to_string()).collect(),
+            answer: data::Answer::Choice(0),
+            qtype: "U".into(),
+            extra: Default::default(),
+        };
+        let samples = [q(&["Yes", "No", "", ""]), q(&["a", "b", "c", "d"]), q(&["", "x", "", "y"])];
+        let scores = vec![
+            vec![-3.0, -2.0, -0.5, -0.1],
+            vec![-3.0, -2.0, -0.5, -0.1],
+            vec![-0.1, -2.0, -0.2, -1.0],
+        ];
+        let picks: Vec<data::Answer> = GcgModel::best_options(scores, &samples).into_iter().map(|p| p.answer).collect();
+        assert_eq!(picks, [1, 3, 3].map(data::Answer::Choice));
+    }
 
     #[test]
     fn uniform_rules() {

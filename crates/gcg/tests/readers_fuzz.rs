@@ -2,8 +2,8 @@
 //! replaced, inserted, deleted, cut, or syntax tokens spliced in) never panic, and every error
 //! names the file it is about (and, for line-based files, a line).
 //!
-//! Readers: the NExT-QA / NExT-GQA / IntentQA CSVs, the Causal-VidQA QA folder, the open-ended
-//! JSON, NExT-GQA's gsub and frame2time JSON, prediction JSONL, run TOML, the feature store's
+//! Readers: the NExT-QA / NExT-GQA / IntentQA CSVs, the Causal-VidQA QA folder, the STAR JSON,
+//! the TrafficQA and VLEP JSON Lines, the open-ended JSON, NExT-GQA's gsub and frame2time JSON, prediction JSONL, run TOML, the feature store's
 //! index, safetensors headers (weights and store shards) and `.pth` pickles.
 
 use gcg::data::nextgqa::{FrameTimes, Grounding};
@@ -200,6 +200,35 @@ proptest! {
     }
 
     #[test]
+    fn star_trafficqa_vlep(
+        star in inputs(star_head(4)),
+        traffic in inputs(std::fs::read(fixtures().join("data/trafficqa/R3_test.jsonl")).unwrap()),
+        vlep in inputs(std::fs::read(fixtures().join("data/vlep/vlep_dev_release.jsonl")).unwrap()),
+        skip in any::<bool>(),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = if skip { ReadOptions::skip_bad_rows() } else { ReadOptions::strict() };
+        let path = write(dir.path(), "STAR_val.json", &star);
+        if let Err(e) = read_annotations(Dataset::Star, &path, &opts) {
+            names_file(&e, &path)?;
+        }
+        // JSON Lines: a problem in a row names its line.
+        for (dataset, name, bytes) in [
+            (Dataset::TrafficQa, "R3_test.jsonl", &traffic),
+            (Dataset::Vlep, "vlep_dev_release.jsonl", &vlep),
+        ] {
+            let path = write(dir.path(), name, bytes);
+            if let Err(e) = read_annotations(dataset, &path, &opts) {
+                names_file(&e, &path)?;
+                let msg = format!("{e:#}");
+                if msg.contains("column") {
+                    prop_assert!(msg.contains(&format!("{name}:")), "no line in {msg}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn open_ended_and_nextgqa_json(
         open in inputs(std::fs::read(fixtures().join("data/open_ended/msrvtt_test_qa.json")).unwrap()),
         gsub in inputs(gunzip_head(&fixtures().join("data/nextgqa/gsub_val.json.gz"), 1).into_iter().take(1500).collect()),
@@ -317,6 +346,13 @@ proptest! {
 }
 
 /// A small real store's index (two videos, one question).
+/// The first `n` questions of the STAR fixture, as a JSON list (a valid, small seed).
+fn star_head(n: usize) -> Vec<u8> {
+    let all: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join("data/star/STAR_val.json")).unwrap()).unwrap();
+    let head: Vec<serde_json::Value> = all.as_array().unwrap().iter().take(n).cloned().collect();
+    serde_json::to_vec(&head).unwrap()
+}
+
 fn store_index_fixture() -> Vec<u8> {
     use gcg::store::{StoreWriter, VideoRecord, WriterOptions};
     let dir = tempfile::tempdir().unwrap();

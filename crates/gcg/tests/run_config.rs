@@ -229,3 +229,27 @@ fn shipped_configs_hold_the_official_recipe() {
     seen.sort();
     assert_eq!(seen, ["causalvidqa", "intentqa", "nextgqa", "nextqa"]);
 }
+
+#[test]
+fn every_benchmark_can_be_named_in_the_data_table() {
+    use gcg::data::Dataset;
+    for (name, want) in [
+        ("next-qa", Dataset::NextQa),
+        ("nextqa", Dataset::NextQa),
+        ("causal-vid-qa", Dataset::CausalVidQa),
+        ("causalvidqa", Dataset::CausalVidQa),
+        ("star", Dataset::Star),
+        ("traffic-qa", Dataset::TrafficQa),
+        ("trafficqa", Dataset::TrafficQa),
+        ("sutd-trafficqa", Dataset::TrafficQa),
+        ("vlep", Dataset::Vlep),
+        ("open-ended", Dataset::OpenEnded),
+    ] {
+        let cfg = parse(&format!("[data]\ndataset = \"{name}\"\n")).unwrap_or_else(|e| panic!("{name}: {}", chain(&e)));
+        assert_eq!(cfg.data.dataset, want, "{name}");
+        // The command-line name reads back the same benchmark.
+        assert_eq!(Dataset::from_name(want.name()), Some(want));
+    }
+    let e = parse("[data]\ndataset = \"how2qa\"\n").unwrap_err();
+    assert!(chain(&e).contains("how2qa"), "{}", chain(&e));
+}

@@ -1,7 +1,7 @@
 //! VideoQA datasets: one question as a [`QaSample`], whatever benchmark it comes from.
 //!
-//! Readers for the published annotation formats (NExT-QA, NExT-GQA, IntentQA, Causal-VidQA, the
-//! open-ended JSON sets) turn files into samples; [`batch`] turns samples + the feature store into
+//! Readers for the published annotation formats (NExT-QA, NExT-GQA, IntentQA, Causal-VidQA,
+//! STAR, SUTD-TrafficQA, VLEP, the open-ended JSON sets) turn files into samples; [`batch`] turns samples + the feature store into
 //! the one [`Batch`] the model reads, with the prompts tokenized ([`prompt`]).
 //!
 //! Every reader has a strict form (`read`: the first malformed row is an error naming the file,
@@ -17,6 +17,9 @@ pub mod nextqa;
 pub mod open_ended;
 pub mod prompt;
 pub mod read;
+pub mod star;
+pub mod trafficqa;
+pub mod vlep;
 
 pub use batch::{Batch, BatchLoader, BatchOptions};
 pub use mc_csv::{NEXTQA_TYPES, NUM_OPTIONS};
@@ -28,14 +31,26 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// The benchmarks gcg reads.
+/// The benchmarks gcg reads. In files (the run config) kebab-case (`next-qa`, `traffic-qa`, ...)
+/// or the command-line [`name`](Self::name) (`nextqa`, `trafficqa`, ...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Dataset {
+    #[serde(alias = "nextqa")]
     NextQa,
+    #[serde(alias = "nextgqa")]
     NextGqa,
+    #[serde(alias = "intentqa")]
     IntentQa,
+    #[serde(alias = "causalvidqa")]
     CausalVidQa,
+    /// STAR (situated reasoning; `STAR_{train,val}.json`).
+    Star,
+    /// SUTD-TrafficQA (`R2_all.jsonl`, `R3_{train,test}.jsonl`).
+    #[serde(alias = "trafficqa", alias = "sutd-trafficqa")]
+    TrafficQa,
+    /// VLEP (video-and-language event prediction; `vlep_{train,dev}_release.jsonl`).
+    Vlep,
     /// MSVD-QA, MSRVTT-QA, ActivityNet-QA, ...
     OpenEnded,
 }
@@ -99,11 +114,14 @@ pub struct QaSample {
     pub options: Vec<String>,
     pub answer: Answer,
     /// The question type as annotated (NExT-QA: CW, CH, TN, TC, TP, DC, DL, DO; Causal-VidQA:
-    /// D, E, PA, PR, CA, CR; open-ended: the category / type id, or empty).
+    /// D, E, PA, PR, CA, CR; STAR: Interaction, Sequence, Prediction, Feasibility; TrafficQA:
+    /// U, A, F, R, C, I; VLEP: empty; open-ended: the category / type id, or empty).
     pub qtype: String,
     /// Further columns of the annotation: `frame_count`, `width`, `height` (NExT family),
     /// `action`, `lemma`, `lemma_id` (IntentQA), `category`, `part` and, for reason questions,
-    /// `given_answer` (Causal-VidQA).
+    /// `given_answer` (Causal-VidQA), `start`, `end` (seconds: STAR's question clip, VLEP's
+    /// premise event), `template` (STAR), `vid_id`, `vid_filename`, `perspective`, `candidates`
+    /// (TrafficQA), `split` (VLEP).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra: BTreeMap<String, String>,
 }
@@ -124,16 +142,31 @@ impl QaSample {
 
 impl Dataset {
     /// The name used on the command line and in files: `nextqa`, `nextgqa`, `intentqa`,
-    /// `causalvidqa`, `open-ended`.
+    /// `causalvidqa`, `star`, `trafficqa`, `vlep`, `open-ended`.
     pub fn name(self) -> &'static str {
         match self {
             Dataset::NextQa => "nextqa",
             Dataset::NextGqa => "nextgqa",
             Dataset::IntentQa => "intentqa",
             Dataset::CausalVidQa => "causalvidqa",
+            Dataset::Star => "star",
+            Dataset::TrafficQa => "trafficqa",
+            Dataset::Vlep => "vlep",
             Dataset::OpenEnded => "open-ended",
         }
     }
+
+    /// Every dataset's [`name`](Self::name), for messages.
+    pub const NAMES: [&'static str; 8] = [
+        "nextqa",
+        "nextgqa",
+        "intentqa",
+        "causalvidqa",
+        "star",
+        "trafficqa",
+        "vlep",
+        "open-ended",
+    ];
 
     pub fn from_name(name: &str) -> Option<Self> {
         let n = name.to_ascii_lowercase().replace(['-', '_'], "");
@@ -142,6 +175,9 @@ impl Dataset {
             "nextgqa" => Dataset::NextGqa,
             "intentqa" => Dataset::IntentQa,
             "causalvidqa" => Dataset::CausalVidQa,
+            "star" => Dataset::Star,
+            "trafficqa" | "sutdtrafficqa" => Dataset::TrafficQa,
+            "vlep" => Dataset::Vlep,
             "openended" | "msvdqa" | "msrvttqa" | "activitynetqa" => Dataset::OpenEnded,
             _ => return None,
         })
@@ -151,10 +187,10 @@ impl Dataset {
 impl std::str::FromStr for Dataset {
     type Err = anyhow::Error;
     /// [`Dataset::from_name`]: case, `-` and `_` do not matter; the open-ended sets' own names
-    /// (`msvd-qa`, `msrvtt-qa`, `activitynet-qa`) read as `open-ended`.
+    /// (`msvd-qa`, `msrvtt-qa`, `activitynet-qa`) read as `open-ended`, `sutd-trafficqa` as
+    /// `trafficqa`.
     fn from_str(s: &str) -> Result<Self> {
-        Self::from_name(s)
-            .ok_or_else(|| anyhow::anyhow!("unknown dataset {s:?} (expected nextqa, nextgqa, intentqa, causalvidqa or open-ended)"))
+        Self::from_name(s).ok_or_else(|| anyhow::anyhow!("unknown dataset {s:?} (expected {})", Dataset::NAMES.join(", ")))
     }
 }
 
@@ -165,14 +201,18 @@ impl std::fmt::Display for Dataset {
 }
 
 /// Read the annotations of any benchmark: a CSV file for the NExT family, the QA directory for
-/// Causal-VidQA (all its videos; use [`causalvidqa::read_with`] for a split), a JSON file for
-/// the open-ended sets.
+/// Causal-VidQA (all its videos; use [`causalvidqa::read_with`] for a split), the split's JSON
+/// file for STAR, its JSON Lines file for TrafficQA and VLEP, a JSON file for the open-ended
+/// sets.
 pub fn read_annotations(dataset: Dataset, path: &Path, opts: &ReadOptions) -> Result<Annotations> {
     match dataset {
         Dataset::NextQa => nextqa::read_with(path, opts),
         Dataset::NextGqa => nextgqa::read_with(path, opts),
         Dataset::IntentQa => intentqa::read_with(path, opts),
         Dataset::CausalVidQa => causalvidqa::read_with(path, None, opts),
+        Dataset::Star => star::read_with(path, opts),
+        Dataset::TrafficQa => trafficqa::read_with(path, opts),
+        Dataset::Vlep => vlep::read_with(path, opts),
         Dataset::OpenEnded => open_ended::read_with(path, opts),
     }
 }
@@ -230,13 +270,18 @@ pub const OPTION_LETTERS: [&str; 5] = ["A", "B", "C", "D", "E"];
 
 /// The LLM prompt of the official code (SPEC §2.6):
 /// `Question: {q}?\nOptions: \nA: {a0} \nB: {a1} ...\nAnswer: ` for multiple choice and
-/// `Question: {q}?\nAnswer: ` for open-ended questions. The target is the option letter (or the
-/// answer text).
+/// `Question: {q}?\nAnswer: ` for open-ended questions (empty options are left out). The target
+/// is the option letter (or the answer text).
 pub fn prompt(sample: &QaSample) -> String {
     let mut s = format!("Question: {}?\n", sample.question.trim_end_matches('?'));
     if sample.is_multiple_choice() {
         s.push_str("Options: ");
         for (i, o) in sample.options.iter().enumerate() {
+            // An empty option (a TrafficQA question with fewer than four candidates) is not
+            // shown; the others keep their letters.
+            if o.is_empty() {
+                continue;
+            }
             let letter = OPTION_LETTERS.get(i).copied().unwrap_or("?");
             s.push_str(&format!("\n{letter}: {o} "));
         }

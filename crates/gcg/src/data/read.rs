@@ -252,3 +252,32 @@ pub(crate) fn parse_json(path: &Path, text: &str) -> Result<OJson> {
         )
     })
 }
+
+/// The non-blank lines of a JSON Lines file, each with its 1-based line number and parsed (a
+/// syntax error is a [`BadRow`] naming the file, line and column). A file that cannot be read or
+/// is not UTF-8 is an error naming it.
+pub(crate) fn read_jsonl(path: &Path) -> Result<Vec<(u64, Result<OJson, BadRow>)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let line = 1 + bytecount_newlines(&e.as_bytes()[..e.utf8_error().valid_up_to()]);
+        anyhow::Error::new(BadRow::new(path, format!("not valid UTF-8: {}", e.utf8_error())).line(line))
+    })?;
+    let mut out = Vec::new();
+    for (i, l) in text.lines().enumerate() {
+        let line = i as u64 + 1;
+        if l.trim().is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_str::<OJson>(l).map_err(|e| {
+            BadRow::new(path, format!("invalid JSON: {e}"))
+                .line(line)
+                .column(e.column().to_string())
+        });
+        out.push((line, parsed));
+    }
+    Ok(out)
+}
+
+fn bytecount_newlines(b: &[u8]) -> u64 {
+    b.iter().filter(|&&c| c == b'\n').count() as u64
+}

@@ -8,6 +8,13 @@
 //! * IntentQA (`eval_intentqa.py`): CW, CH, TN&TP (TN with TP), C, T, overall.
 //! * Causal-VidQA (`eval_mc.py` of bcmi/Causal-VidQA): per video D, E, PA, PR, CA, CR; P (and C)
 //!   count when answer AND reason are right; overall = mean of D, E, P, C over videos.
+//! * STAR (the benchmark's per-type split of `run_program.py`, the challenge's "Mean"): accuracy
+//!   per question type Interaction, Sequence, Prediction, Feasibility; overall = the mean of the
+//!   type accuracies (of the types with questions: all four in the released splits), not the
+//!   accuracy over all questions.
+//! * SUTD-TrafficQA: accuracy per question type U, A, F, R, C, I and over all questions.
+//! * VLEP (`standalone_eval/eval.py`): accuracy over all examples, computed as the script does
+//!   (`correct / n * 100`; the script prints it rounded to 2 decimals).
 //! * Open-ended: exact match of the predicted text (compared after trimming, lower-casing and
 //!   collapsing runs of white space), overall and per annotated type.
 //!
@@ -203,6 +210,12 @@ pub fn evaluate(dataset: Dataset, samples: &[QaSample], preds: &PredictionFile, 
             m
         }
         Dataset::CausalVidQa => causal_vidqa(samples, &joined)?,
+        Dataset::Star => typed_accuracy(dataset, samples, &joined, &crate::data::star::STAR_TYPES, Overall::MeanOfTypes)?,
+        Dataset::TrafficQa => {
+            let types = crate::data::trafficqa::TRAFFICQA_TYPES.map(|(t, _)| t);
+            typed_accuracy(dataset, samples, &joined, &types, Overall::AllQuestions)?
+        }
+        Dataset::Vlep => typed_accuracy(dataset, samples, &joined, &[], Overall::VlepScript)?,
         Dataset::OpenEnded => open_ended(samples, &joined)?,
     };
     Ok(Evaluation { metrics, problems })
@@ -349,6 +362,76 @@ fn causal_vidqa(samples: &[QaSample], joined: &[Option<&PredictionRow>]) -> Resu
         by_type: Vec::new(),
         grounding: None,
         questions: 6 * n,
+        missing,
+    })
+}
+
+/// How a benchmark makes its overall number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Overall {
+    /// Accuracy over all questions (`correct * 100 / n`).
+    AllQuestions,
+    /// Accuracy over all questions in the VLEP script's order of operations (`correct / n * 100`).
+    VlepScript,
+    /// The mean of the per-type accuracies (STAR).
+    MeanOfTypes,
+}
+
+/// Accuracy per question type (`types`, in display order; types without questions left out; no
+/// types: every question's type must be empty) and overall.
+fn typed_accuracy(
+    dataset: Dataset,
+    samples: &[QaSample],
+    joined: &[Option<&PredictionRow>],
+    types: &[&str],
+    overall: Overall,
+) -> Result<Metrics> {
+    if samples.is_empty() {
+        bail!("no questions to evaluate");
+    }
+    let mut acc = vec![0usize; types.len()];
+    let mut cnt = vec![0usize; types.len()];
+    let (mut right, mut missing) = (0usize, 0usize);
+    for (s, p) in samples.iter().zip(joined) {
+        let ok = is_right(s, *p);
+        right += ok as usize;
+        missing += p.is_none() as usize;
+        if types.is_empty() {
+            if !s.qtype.is_empty() {
+                bail!("{}: question type `{}` (a {} question has none)", s.key, s.qtype, dataset.name());
+            }
+            continue;
+        }
+        let Some(t) = types.iter().position(|x| *x == s.qtype) else {
+            bail!("{}: question type `{}` is none of {}", s.key, s.qtype, types.join(", "));
+        };
+        cnt[t] += 1;
+        acc[t] += ok as usize;
+    }
+    let mut scores: Vec<Score> = (0..types.len())
+        .filter(|&t| cnt[t] > 0)
+        .map(|t| Score::new(types[t], acc[t], cnt[t]))
+        .collect();
+    let n = samples.len();
+    let all = match overall {
+        Overall::AllQuestions => Score::new("overall", right, n),
+        Overall::VlepScript => Score {
+            value: right as f64 / n as f64 * 100.0,
+            ..Score::new("overall", right, n)
+        },
+        Overall::MeanOfTypes => Score {
+            // The four type accuracies summed in display order, then divided.
+            value: scores.iter().map(|s| s.value).fold(0.0, |a, v| a + v) / scores.len() as f64,
+            ..Score::new("overall", right, n)
+        },
+    };
+    scores.push(all);
+    Ok(Metrics {
+        dataset,
+        scores,
+        by_type: Vec::new(),
+        grounding: None,
+        questions: n,
         missing,
     })
 }

@@ -129,6 +129,8 @@ impl Default for WeightsConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
+    /// The benchmark: `next-qa`, `next-gqa`, `intent-qa`, `causal-vid-qa`, `star`, `traffic-qa`,
+    /// `vlep`, `open-ended` (or the `--dataset` names: `nextqa`, `trafficqa`, ...).
     pub dataset: Dataset,
     /// The feature store (`gcg features` + `gcg labels`).
     pub store: PathBuf,
