@@ -227,7 +227,7 @@ fn shipped_configs_hold_the_official_recipe() {
         seen.push(cfg.data.dataset.name());
     }
     seen.sort();
-    assert_eq!(seen, ["causalvidqa", "intentqa", "nextgqa", "nextqa"]);
+    assert_eq!(seen, ["causalvidqa", "intentqa", "nextgqa", "nextqa", "star"]);
 }
 
 #[test]
