@@ -173,6 +173,34 @@ mod tests {
 }
 
 /// `--out` must not exist unless `--force` was given (checked before any work is done).
+/// An output must not be one of the command's inputs (`--json` over the annotations, `--out`
+/// over the video): `inputs` are (flag, path) pairs; paths are compared after resolving them.
+pub fn check_not_an_input(flag: &str, out: &std::path::Path, inputs: &[(&str, Option<&std::path::Path>)]) -> Result<()> {
+    let resolve = |p: &std::path::Path| {
+        p.canonicalize().unwrap_or_else(|_| {
+            // Not there yet: its folder resolved, then its name.
+            let dir = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+            dir.join(p.file_name().unwrap_or_default())
+        })
+    };
+    let o = resolve(out);
+    for (name, p) in inputs {
+        if let Some(p) = p {
+            if resolve(p) == o {
+                bail!(
+                    "{flag} {} is also the {name} input; writing it would destroy that file — give another path",
+                    out.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn check_out(out: &std::path::Path, force: bool) -> Result<()> {
     if let (Ok(meta), false) = (out.symlink_metadata(), force) {
         let what = if meta.is_dir() { "folder" } else { "file" };

@@ -32,7 +32,7 @@ pub struct TrainStepArgs {
     #[arg(long, default_value = "tiny")]
     preset: Preset,
     /// Questions per step.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     batch: usize,
     #[command(flatten)]
     device: crate::args::DeviceArgs,
@@ -40,10 +40,10 @@ pub struct TrainStepArgs {
     #[arg(long, default_value = "grounding")]
     mode: gcg::model::Mode,
     /// Frames sampled per video (T).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=4096))]
     frames: usize,
     /// Timed steps (after one warm-up).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     iters: usize,
     #[command(flatten)]
     seed: crate::args::BenchSeedArg,
@@ -55,28 +55,28 @@ pub struct ForwardArgs {
     #[arg(long, default_value = "tiny")]
     preset: Preset,
     /// Questions answered together.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1024))]
     batch: usize,
     #[command(flatten)]
     device: crate::args::DeviceArgs,
     /// Frames sampled per video (T).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     frames: usize,
     /// Frames selected for the LLM (K).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     k: usize,
     /// Frames pushed through the ViT for the throughput figure (default: batch × T, capped at 4 on
     /// the real preset on cpu).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     vit_frames: Option<usize>,
     /// Prompt length in T5 tokens.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     prompt_tokens: usize,
     /// Tokens decoded greedily.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
     new_tokens: usize,
     /// Timed repetitions (after one warm-up).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     iters: usize,
     #[command(flatten)]
     seed: crate::args::BenchSeedArg,

@@ -37,13 +37,13 @@ pub struct StoreArgs {
     #[arg(long, default_value_t = 4)]
     batch: usize,
     /// Batch workers.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=256))]
     workers: usize,
     /// Feature dtype of the batches: f32 | bf16 | f16.
     #[arg(long, default_value = "f32")]
     dtype: Precision,
     /// Epochs read through the batch loader.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     epochs: u64,
     #[command(flatten)]
     seed: crate::args::BenchSeedArg,

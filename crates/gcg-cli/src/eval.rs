@@ -47,6 +47,15 @@ pub struct EvalArgs {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    if let Some(j) = &a.json {
+        let inputs = [
+            ("--annotations", Some(a.annotations.as_path())),
+            ("--predictions", Some(a.predictions.as_path())),
+            ("--grounding", a.grounding.as_deref()),
+            ("--split", a.split.as_deref()),
+        ];
+        crate::args::check_not_an_input("--json", j, &inputs)?;
+    }
     let dataset = a.dataset;
     let opts = ReadOptions {
         skip_bad_rows: a.skip_bad_rows,
@@ -81,7 +90,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
     // A NExT-QA-format split with a gsub file (e.g. `gcg synth`'s) is scored as NExT-GQA, as
     // `gcg train` / `gcg predict` do.
     let scored_as = if grounding.is_some() { Dataset::NextGqa } else { dataset };
-    let Evaluation { metrics, problems } = evaluate(scored_as, &ann.samples, &preds, grounding.as_ref())?;
+    let Evaluation { metrics, problems } = evaluate(scored_as, &ann.samples, &preds, grounding.as_ref()).with_context(|| {
+        let gsub = a.grounding.as_ref().map(|g| format!(" and {}", g.display())).unwrap_or_default();
+        format!("scoring {} against {}{gsub}", a.predictions.display(), a.annotations.display())
+    })?;
 
     if !problems.is_empty() {
         eprintln!("{}: {} problem(s):", a.predictions.display(), problems.len());

@@ -47,6 +47,7 @@ fn ffmpeg_from(threads: Option<usize>, lenient: bool, exact_count: bool) -> Ffmp
 }
 
 pub fn run_frames(a: FramesArgs) -> Result<()> {
+    crate::args::check_not_an_input("--out", &a.out, &[("--video", Some(&a.video))])?;
     crate::args::check_out(&a.out, a.force)?;
     let ff = ffmpeg_from(a.threads, a.lenient, a.exact_count);
     let t0 = Instant::now();

@@ -122,6 +122,24 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    #[test]
+    fn bench_sizes_are_refused_by_name_outside_their_range() {
+        use clap::Parser;
+        for args in [
+            &["bench", "forward", "--batch", "0"][..],
+            &["bench", "forward", "--batch", "1000000"],
+            &["bench", "forward", "--k", "0"],
+            &["bench", "forward", "--vit-frames", "0"],
+            &["bench", "forward", "--iters", "0"],
+            &["bench", "train-step", "--batch", "0"],
+            &["bench", "store", "--epochs", "0"],
+        ] {
+            let e = Cli::try_parse_from(std::iter::once("gcg").chain(args.iter().copied())).err();
+            let e = e.unwrap_or_else(|| panic!("{args:?} was accepted")).to_string();
+            assert!(e.contains(args[2]) && e.contains(args[3]), "{args:?}: {e}");
+        }
+    }
+
     /// Every subcommand (at any depth) and every argument it takes says what it is: clap's help
     /// comes from the `///` comments, so a flag or command without one fails here.
     #[test]

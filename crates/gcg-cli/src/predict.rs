@@ -80,6 +80,16 @@ pub fn run(a: PredictArgs) -> Result<()> {
         }
         (None, None) => bail!("give --split val|test or --annotations PATH"),
     };
+    let inputs = [
+        ("--annotations", Some(files.annotations.as_path())),
+        ("--grounding", files.grounding.as_deref()),
+        ("split videos", files.videos.as_deref()),
+    ];
+    crate::args::check_not_an_input("--out", &a.out, &inputs)?;
+    if let Some(j) = &a.json {
+        crate::args::check_not_an_input("--json", j, &inputs)?;
+        crate::args::check_not_an_input("--json", j, &[("--out", Some(a.out.as_path()))])?;
+    }
     predict_to(&cfg, &files, &a.out, a.json.as_deref(), a.quiet.quiet)
 }
 

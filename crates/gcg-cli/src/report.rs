@@ -22,6 +22,12 @@ pub fn metrics_table(m: &Metrics, predictions: &Path) -> String {
         m.questions,
         m.missing
     );
+    if m.excluded > 0 {
+        out.push_str(&format!(
+            "{} annotated questions have no spans in the grounding file and are not scored (as NExT-GQA's script)\n",
+            m.excluded
+        ));
+    }
     out.push_str(&format!("{:<10} {:>8} {:>14}\n", "metric", "%", "correct/total"));
     for s in &m.scores {
         out.push_str(&format!(

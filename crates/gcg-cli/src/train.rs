@@ -50,13 +50,30 @@ fn predict_and_score(cfg: &RunConfig, split: EvalSplit, which: Checkpoint, quiet
 pub fn run_train(a: TrainArgs) -> Result<()> {
     let (mut cfg, start) = match (&a.config, &a.resume) {
         (_, Some(dir)) => {
-            let mut c = RunConfig::from_run_dir(dir)?.with_overrides(&a.overrides)?;
+            let stored = RunConfig::from_run_dir(dir)?;
+            let mut c = stored.with_overrides(&a.overrides)?;
+            // The checkpoints were trained as [model] and [weights] say: a resume may change the
+            // schedule or the data, not what the weights mean.
+            for (table, changed) in [("[model]", c.model != stored.model), ("[weights]", c.weights != stored.weights)] {
+                if changed {
+                    bail!(
+                        "--resume {} cannot change its {table} settings (its checkpoints were trained with them; the \
+                         predictions and metrics would describe another model); start a new run with --config instead",
+                        dir.display()
+                    );
+                }
+            }
             c.run_dir = Some(dir.clone());
             (c, RunStart::Resume)
         }
         (Some(p), None) => {
             let c = RunConfig::load(Some(p), &a.overrides)?;
-            let derived = c.run_dir.is_some() && c.run_dir == RunConfig::default_run_dir(p).ok();
+            let sets_run_dir = std::fs::read_to_string(p)
+                .ok()
+                .and_then(|t| t.parse::<toml::Table>().ok())
+                .is_some_and(|t| t.contains_key("run_dir"))
+                || a.overrides.iter().any(|o| o.trim_start().starts_with("run_dir"));
+            let derived = !sets_run_dir;
             eprintln!(
                 "run directory: {}{}",
                 c.run_dir()?.display(),

@@ -207,3 +207,28 @@ fn frames_killed_while_replacing_a_folder_leave_a_whole_one() {
         assert_eq!(names(&tmp.path().join("p")), ["clip"], "{fault}");
     }
 }
+
+#[test]
+fn frames_out_over_the_input_video_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let world = tmp.path().join("world");
+    assert!(synth(&world, "1", false).status.success());
+    let video = world.join("frames/v00000");
+    let before = names(&video);
+    let o = gcg(&[
+        "frames",
+        "--video",
+        video.to_str().unwrap(),
+        "--num-frames",
+        "2",
+        "--force",
+        "--out",
+        video.to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("also the --video input"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(names(&video), before);
+}

@@ -246,16 +246,25 @@ fn a_bad_config_leaves_no_run_dir_behind() {
     let tmp = tempfile::tempdir().unwrap();
     let base = RunConfig::from_run_dir(&demo().join("runs/uniform")).unwrap();
     let run = tmp.path().join("new-run");
+    // A test split whose videos the store does not hold.
+    let unknown = tmp.path().join("unknown.csv");
+    let header = "video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4\n";
+    std::fs::write(&unknown, format!("{header}nosuchvideo,64,64,64,what,1,0,DO,a,b,c,d,e\n")).unwrap();
+    let world = demo().join("world");
     for (what, edit, needle) in [
         ("a missing train file", "missing", "missing.csv"),
         ("epochs = 0", "epochs", "epochs"),
         ("warmup_fraction = 2", "warmup", "warmup_fraction"),
+        ("a test split not in the store", "test", "checking [data] test before training"),
+        ("the test split's spans as val_grounding", "gsub", "has spans for none of the"),
     ] {
         let mut cfg = base.clone();
         cfg.run_dir = Some(run.clone());
         match edit {
             "missing" => cfg.data.train = Some(tmp.path().join("missing.csv")),
             "epochs" => cfg.train.epochs = 0,
+            "test" => cfg.data.test = Some(unknown.clone()),
+            "gsub" => cfg.data.val_grounding = Some(world.join("gsub_test.json")),
             _ => cfg.train.warmup_fraction = 2.0,
         }
         let toml = tmp.path().join("run.toml");
@@ -396,4 +405,127 @@ fn a_run_killed_at_any_write_resumes_to_the_same_result() {
             .collect();
         assert!(litter.is_empty(), "{fault}: left {litter:?}");
     }
+}
+
+#[test]
+fn a_run_is_not_started_among_other_files_nor_changed_by_a_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = RunConfig::from_run_dir(&demo().join("runs/uniform")).unwrap();
+    // A run_dir holding someone's files (here: the working directory of a user).
+    let home = tmp.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("notes.txt"), "mine").unwrap();
+    let mut cfg = base.clone();
+    cfg.run_dir = Some(home.clone());
+    cfg.train.max_steps = Some(1);
+    let toml = tmp.path().join("run.toml");
+    write_config(&toml, &cfg);
+    fails(
+        &gcg(&["train", "--config", s(&toml), "--quiet"]),
+        "a run among other files",
+        &["notes.txt", "not a run's"],
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&home)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["notes.txt"]);
+
+    // A finished run resumed with another mode is refused; its config is untouched.
+    let run = tmp.path().join("run");
+    copy_dir(&demo().join("runs/grounding"), &run);
+    let before = std::fs::read(run.join("config.json")).unwrap();
+    fails(
+        &gcg(&["train", "--resume", s(&run), "--set", "model.mode=\"oracle\"", "--quiet"]),
+        "a resume that changes the mode",
+        &["cannot change its [model] settings"],
+    );
+    assert_eq!(std::fs::read(run.join("config.json")).unwrap(), before);
+}
+
+#[test]
+fn one_process_per_run_and_per_prediction_file_and_outputs_never_overwrite_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    copy_dir(&demo().join("runs/uniform"), &run);
+    // Another process holds the run (as a running `gcg train` does).
+    let held = gcg::util::lock_exclusive(&run.join(gcg::run::RUN_LOCK), "test").unwrap();
+    fails(
+        &gcg(&["train", "--resume", s(&run), "--set", "train.epochs=3", "--quiet"]),
+        "a second train in one run directory",
+        &["in use by another gcg process"],
+    );
+    drop(held);
+    // Another process writes the prediction file.
+    let out = tmp.path().join("p.jsonl");
+    let held = gcg::util::lock_exclusive(&gcg::eval::PredictionWriter::lock_path(&out), "test").unwrap();
+    fails(
+        &gcg(&["predict", "--run", s(&run), "--split", "test", "--out", s(&out), "--quiet"]),
+        "a second predict into one file",
+        &["in use by another gcg process"],
+    );
+    drop(held);
+
+    // --json / --out naming an input is refused and the input is intact.
+    let world = demo().join("world");
+    let ann = tmp.path().join("test.csv");
+    std::fs::copy(world.join("test.csv"), &ann).unwrap();
+    let text = std::fs::read(&ann).unwrap();
+    fails(
+        &gcg(&[
+            "predict",
+            "--run",
+            s(&run),
+            "--annotations",
+            s(&ann),
+            "--out",
+            s(&out),
+            "--json",
+            s(&ann),
+            "--quiet",
+        ]),
+        "predict --json over the annotations",
+        &["--json", "also the --annotations input"],
+    );
+    ok(
+        &gcg(&["predict", "--run", s(&run), "--annotations", s(&ann), "--out", s(&out), "--quiet"]),
+        "gcg predict",
+    );
+    let preds = std::fs::read(&out).unwrap();
+    fails(
+        &gcg(&[
+            "eval",
+            "--dataset",
+            "nextqa",
+            "--annotations",
+            s(&ann),
+            "--predictions",
+            s(&out),
+            "--json",
+            s(&out),
+        ]),
+        "eval --json over the predictions",
+        &["also the --predictions input"],
+    );
+    assert_eq!(std::fs::read(&ann).unwrap(), text);
+    assert_eq!(std::fs::read(&out).unwrap(), preds);
+
+    // A grounding file of another split: the error names both files; one covering part of
+    // the split says how many questions it leaves out.
+    fails(
+        &gcg(&[
+            "eval",
+            "--dataset",
+            "nextqa",
+            "--annotations",
+            s(&ann),
+            "--predictions",
+            s(&out),
+            "--grounding",
+            s(&world.join("gsub_val.json")),
+        ]),
+        "eval against another split's spans",
+        &["has spans in the grounding annotations", "gsub_val.json", "test.csv"],
+    );
 }

@@ -359,6 +359,26 @@ pub fn non_finite(t: &Tensor) -> Result<Option<NonFinite>> {
     Ok((count > 0).then_some(NonFinite { count, first: None }))
 }
 
+/// Hold an exclusive advisory lock on `path` (created when missing) for as long as the returned
+/// file lives, or fail at once naming `what` when another process holds it (two `gcg train` in
+/// one run directory, two `gcg predict` into one file).
+pub fn lock_exclusive(path: &Path, what: &str) -> Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening the lock file {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow!(
+            "{what} is in use by another gcg process (it holds {}); wait for it to finish",
+            path.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::Error::new(e).context(format!("locking {}", path.display()))),
+    }
+}
+
 /// Test hook for crash safety: with `GCG_FAULT=SITE:N` in the environment the process aborts (no
 /// destructor, no flush — as a kill would) the N-th time it reaches `site`. Sites: `atomic-file`
 /// and `atomic-safetensors` (a temporary file complete, not yet renamed), `atomic-dir` (a

@@ -70,6 +70,9 @@ pub struct Metrics {
     pub questions: usize,
     /// Of those, questions without a usable prediction (counted as wrong).
     pub missing: usize,
+    /// NExT-GQA with a grounding file: annotated questions without spans in it, not scored (the
+    /// official script scores the grounding file's questions).
+    pub excluded: usize,
 }
 
 impl Metrics {
@@ -101,6 +104,9 @@ impl Metrics {
         }
         m.insert("questions".into(), json!(self.questions));
         m.insert("missing".into(), json!(self.missing));
+        if self.excluded > 0 {
+            m.insert("excluded_without_grounding".into(), json!(self.excluded));
+        }
         let counts: Map<String, Value> = self.scores.iter().map(|s| (s.name.clone(), json!(s.total))).collect();
         m.insert("counts".into(), Value::Object(counts));
         if !self.by_type.is_empty() {
@@ -196,8 +202,15 @@ pub fn evaluate(dataset: Dataset, samples: &[QaSample], preds: &PredictionFile, 
                     .collect(),
                 None => (0..samples.len()).collect(),
             };
+            if keep.is_empty() {
+                bail!(
+                    "none of the {} annotated questions has spans in the grounding annotations (are they another split's?)",
+                    samples.len()
+                );
+            }
             let sub: Vec<(&QaSample, Option<&PredictionRow>)> = keep.iter().map(|&i| (&samples[i], joined[i])).collect();
             let mut m = nextqa_family(dataset, &sub)?;
+            m.excluded = samples.len() - keep.len();
             if let Some(g) = grounding {
                 let by_key: HashMap<(&str, &str), usize> = index.clone();
                 m.grounding = Some(grounding_metrics(g, |video, qid| {
@@ -293,6 +306,7 @@ fn nextqa_family(dataset: Dataset, items: &[(&QaSample, Option<&PredictionRow>)]
         grounding: None,
         questions: total,
         missing,
+        excluded: 0,
     })
 }
 
@@ -363,6 +377,7 @@ fn causal_vidqa(samples: &[QaSample], joined: &[Option<&PredictionRow>]) -> Resu
         grounding: None,
         questions: 6 * n,
         missing,
+        excluded: 0,
     })
 }
 
@@ -433,6 +448,7 @@ fn typed_accuracy(
         grounding: None,
         questions: n,
         missing,
+        excluded: 0,
     })
 }
 
@@ -472,5 +488,6 @@ fn open_ended(samples: &[QaSample], joined: &[Option<&PredictionRow>]) -> Result
         grounding: None,
         questions: samples.len(),
         missing,
+        excluded: 0,
     })
 }

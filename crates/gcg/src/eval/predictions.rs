@@ -301,12 +301,16 @@ pub struct PredictionWriter {
     path: PathBuf,
     file: File,
     done: HashSet<(String, String)>,
+    /// `.{name}.lock` beside the file, held while writing (one writer per file).
+    _lock: File,
 }
 
 impl PredictionWriter {
     /// Start a new file (an existing one is truncated).
     pub fn create(path: &Path) -> Result<Self> {
         Self::make_dir(path)?;
+        // Not truncated under another writer's feet.
+        let lock = Self::lock(path)?;
         let file = OpenOptions::new()
             .create(true)
             .write(true)
@@ -314,13 +318,17 @@ impl PredictionWriter {
             .open(path)
             .with_context(|| format!("creating prediction file {}", path.display()))?;
         drop(file);
-        Self::resume(path)
+        Self::resume_locked(path, lock)
     }
 
     /// Open for appending, keeping what is there. An incomplete last line (a run killed while
     /// writing) is cut off; a malformed complete line is an error (the file is not ours to fix).
     pub fn resume(path: &Path) -> Result<Self> {
         Self::make_dir(path)?;
+        Self::resume_locked(path, Self::lock(path)?)
+    }
+
+    fn resume_locked(path: &Path, lock: File) -> Result<Self> {
         let mut file = OpenOptions::new()
             .create(true)
             .read(true)
@@ -355,7 +363,18 @@ impl PredictionWriter {
             path: path.to_path_buf(),
             file,
             done,
+            _lock: lock,
         })
+    }
+
+    /// The lock file of a prediction file: `.{name}.lock` beside it.
+    pub fn lock_path(path: &Path) -> PathBuf {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        path.with_file_name(format!(".{name}.lock"))
+    }
+
+    fn lock(path: &Path) -> Result<File> {
+        crate::util::lock_exclusive(&Self::lock_path(path), &format!("the prediction file {}", path.display()))
     }
 
     /// Open a prediction file for the model described by `prov`: a new file (or one without

@@ -132,6 +132,12 @@ impl GroundingConfig {
             self.heads
         );
         ensure!(self.frames >= 2, "grounding: needs at least 2 frames, got {}", self.frames);
+        ensure!(self.ffn_mult >= 1, "grounding: ffn_mult {} must be at least 1", self.ffn_mult);
+        ensure!(
+            self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0,
+            "grounding: layer_norm_eps {} must be a finite number > 0",
+            self.layer_norm_eps
+        );
         ensure!(
             self.moments >= 1 && self.moments <= self.frames,
             "grounding: K = {} moments must be in 1..={} (at most the frames)",

@@ -131,6 +131,16 @@ impl Default for LmmOptions {
 }
 
 impl LmmOptions {
+    pub fn validate(&self) -> Result<()> {
+        if let Some(p) = self.dropout {
+            ensure!(
+                (0.0..1.0).contains(&p),
+                "model.lmm: dropout {p} must be in [0, 1) (1 would hide every input from the language model)"
+            );
+        }
+        Ok(())
+    }
+
     /// The LMM config of a checkpoint (or preset) with these switches, for T sampled frames and
     /// a model whose mode is `uniform` or not.
     pub fn apply(&self, base: &LmmConfig, frames: usize, uniform: bool) -> LmmConfig {

@@ -26,7 +26,7 @@ use crate::data::Dataset;
 use crate::model::GcgConfig;
 use crate::models::Preset;
 use crate::train::trainer::TrainConfig;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -241,6 +241,8 @@ impl RunConfig {
         let doc = toml::from_str::<toml::Value>(&text).with_context(|| format!("{} is not valid TOML", p.display()))?;
         let origin = format!("in config {}", p.display());
         let mut cfg: RunConfig = doc.try_into().with_context(|| origin.clone())?;
+        // Empty paths are mistakes, not "this directory" (checked before they are resolved).
+        cfg.validate_paths().with_context(|| origin.clone())?;
         let base = config_dir(p)?;
         if cfg.run_dir.is_none() {
             cfg.run_dir = Some(Self::default_run_dir(p)?);
@@ -324,6 +326,54 @@ impl RunConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        self.validate_paths()?;
+        self.validate_settings()
+    }
+
+    fn validate_paths(&self) -> Result<()> {
+        if let Some(r) = &self.run_dir {
+            ensure!(
+                !r.as_os_str().is_empty(),
+                "run_dir is empty (give the directory the run writes into)"
+            );
+            ensure!(
+                r.parent().is_some(),
+                "run_dir = {}: a run does not write into the file-system root; give a directory of its own",
+                r.display()
+            );
+        }
+        let w = &self.weights;
+        let d = &self.data;
+        let paths = [
+            ("weights.pretrained", &w.pretrained),
+            ("weights.t5", &w.t5),
+            ("weights.tokenizers", &w.tokenizers),
+            ("weights.init", &w.init),
+            ("data.train", &d.train),
+            ("data.val", &d.val),
+            ("data.test", &d.test),
+            ("data.train_videos", &d.train_videos),
+            ("data.val_videos", &d.val_videos),
+            ("data.test_videos", &d.test_videos),
+            ("data.val_grounding", &d.val_grounding),
+            ("data.test_grounding", &d.test_grounding),
+        ];
+        for (key, p) in paths {
+            if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                bail!("{key} is an empty path (leave the key out instead)");
+            }
+        }
+        ensure!(!d.store.as_os_str().is_empty(), "data.store is an empty path");
+        Ok(())
+    }
+
+    fn validate_settings(&self) -> Result<()> {
+        let d = &self.data;
+        ensure!(
+            d.max_eval != Some(0),
+            "data.max_eval = 0 leaves nothing to evaluate (leave it out to evaluate every question)"
+        );
+        ensure!(d.workers >= 1, "data.workers must be at least 1");
         self.train.validate()?;
         if self.train.epochs == 0 && self.model.mode != crate::model::Mode::Grounding {
             bail!(

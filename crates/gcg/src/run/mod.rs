@@ -56,12 +56,81 @@ pub fn run_outputs(dir: &Path) -> Result<Vec<PathBuf>> {
             "checkpoints" => std::fs::read_dir(e.path()).map(|mut d| d.next().is_some()).unwrap_or(true),
             n => {
                 (n.starts_with("predictions-") && (n.ends_with(".jsonl") || n.ends_with(".jsonl.meta.json")))
+                    || (n.starts_with(".predictions-") && n.ends_with(".jsonl.lock"))
                     || (n.starts_with("metrics-") && n.ends_with(".json"))
                     || n.starts_with(".overwritten-")
             }
         };
         if ours {
             out.push(PathBuf::from(name));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Before any training: the test split is readable and in the store, and each grounding file
+/// has spans for the questions of its split (a file of another split is refused, not scored on
+/// nothing at the end of the run).
+fn check_eval_files(cfg: &RunConfig, store: &crate::store::Store, built: &BuiltModel, val: Option<&Split>) -> Result<()> {
+    let test = match &cfg.data.test {
+        Some(_) => Some(
+            Split::open(
+                store,
+                cfg.data.dataset,
+                &EvalSplit::Test.files(cfg)?,
+                batch_options(cfg, built, false),
+                &cfg.data,
+                cfg.data.max_eval,
+            )
+            .context("checking [data] test before training")?,
+        ),
+        None => None,
+    };
+    let opts = crate::data::ReadOptions {
+        skip_bad_rows: cfg.data.skip_bad_rows,
+    };
+    for (key, file, split, name) in [
+        ("data.val_grounding", &cfg.data.val_grounding, val, "val"),
+        ("data.test_grounding", &cfg.data.test_grounding, test.as_ref(), "test"),
+    ] {
+        let Some(path) = file else { continue };
+        let g = crate::data::nextgqa::Grounding::read_with(path, &opts).with_context(|| key.to_string())?;
+        let Some(split) = split else {
+            bail!("{key} is set but [data] {name} is not");
+        };
+        let covered = split.samples.iter().filter(|s| g.segments(&s.video, &s.qid).is_some()).count();
+        if covered == 0 {
+            bail!(
+                "{key} = {} has spans for none of the {} questions of [data] {name} (another split's file?)",
+                path.display(),
+                split.samples.len()
+            );
+        }
+        if covered < split.samples.len() {
+            tracing::warn!(
+                "{key}: {} of the {} questions of [data] {name} have no spans and will not be scored for grounding",
+                split.samples.len() - covered,
+                split.samples.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The lock a training process holds in its run directory.
+pub const RUN_LOCK: &str = ".gcg-run.lock";
+
+/// Entries of `dir` that are not run outputs (`outputs`, from [`run_outputs`]) nor an empty
+/// `checkpoints/`, by name.
+fn foreign_entries(dir: &Path, outputs: &[PathBuf]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(out) };
+    for e in entries {
+        let name = e.with_context(|| format!("reading run directory {}", dir.display()))?.file_name();
+        let name = name.to_string_lossy().to_string();
+        if name != "checkpoints" && name != RUN_LOCK && !outputs.iter().any(|o| o.as_os_str() == name.as_str()) {
+            out.push(name);
         }
     }
     out.sort();
@@ -102,7 +171,27 @@ pub fn train_run(cfg: &RunConfig, start: RunStart, on_event: &mut dyn FnMut(Even
     cfg.validate()?;
     let cfg = &cfg.absolute()?;
     let root = cfg.run_dir()?.to_path_buf();
+    // One process per run directory (taken again once a new directory exists).
+    let lock = |root: &Path| crate::util::lock_exclusive(&root.join(RUN_LOCK), &format!("the run directory {}", root.display()));
     let existing = run_outputs(&root)?;
+    if start != RunStart::Resume {
+        // A run starts in a new or empty directory, or one holding only a run: never among
+        // someone's other files (the working directory, a home folder, `/`).
+        let foreign = foreign_entries(&root, &existing)?;
+        if !foreign.is_empty() {
+            bail!(
+                "run directory {} holds files that are not a run's ({}{}); give a new or empty run_dir",
+                root.display(),
+                foreign.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+                if foreign.len() > 5 {
+                    format!(" and {} more", foreign.len() - 5)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    let mut _held = if root.is_dir() { Some(lock(&root)?) } else { None };
     if start == RunStart::New && !existing.is_empty() {
         let names: Vec<String> = existing.iter().map(|p| p.display().to_string()).collect();
         bail!(
@@ -139,11 +228,15 @@ pub fn train_run(cfg: &RunConfig, start: RunStart, on_event: &mut dyn FnMut(Even
         )?),
         None => None,
     };
+    check_eval_files(cfg, &store, &built, val.as_ref())?;
     if start == RunStart::Overwrite && !existing.is_empty() {
         let n = clear_run_outputs(&root)?;
         tracing::info!("{}: cleared {n} outputs of the previous run", root.display());
     }
     let run = RunDir::new(&root)?;
+    if _held.is_none() {
+        _held = Some(lock(&root)?);
+    }
     let cfg_json = serde_json::to_value(cfg)?;
     crate::util::write_atomic(&run.root.join("config.json"), serde_json::to_string_pretty(&cfg_json)?.as_bytes())?;
     let job = trainer::TrainJob {

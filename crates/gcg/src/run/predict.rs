@@ -230,7 +230,14 @@ pub fn evaluate_predictions(
         dataset
     };
     let preds = crate::eval::read_predictions(predictions)?;
-    let ev = crate::eval::evaluate(dataset, &ann.samples, &preds, g.as_ref())?;
+    let ev = crate::eval::evaluate(dataset, &ann.samples, &preds, g.as_ref()).with_context(|| {
+        let gsub = files
+            .grounding
+            .as_ref()
+            .map(|g| format!(" and {}", g.display()))
+            .unwrap_or_default();
+        format!("scoring {} against {}{gsub}", predictions.display(), files.annotations.display())
+    })?;
     if let Some(out) = metrics_out {
         let text = serde_json::to_string_pretty(&ev.metrics.to_json())? + "\n";
         crate::util::write_atomic(out, text.as_bytes())?;

@@ -126,6 +126,28 @@ impl TrainConfig {
                 bail!("{name} = {v} is not a fraction of the base learning rate (expected 0 to 1)");
             }
         }
+        if let Some(m) = self.max_grad_norm {
+            if !(m.is_finite() && m > 0.0) {
+                bail!("max_grad_norm = {m}: clipping needs a finite norm > 0 (leave it out for no clipping)");
+            }
+        }
+        for (name, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                bail!("{name} = {v}: AdamW's moment decay must be in [0, 1) (the official 0.9 and 0.999)");
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            bail!(
+                "eps = {}: AdamW's epsilon must be a finite number > 0 (the official 1e-8)",
+                self.eps
+            );
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!(
+                "weight_decay = {}: must be a finite number >= 0 (the official 0.02)",
+                self.weight_decay
+            );
+        }
         if self.validate_every == Some(0) {
             bail!("validate_every must be at least 1 step (leave it out to validate at epoch ends only)");
         }
