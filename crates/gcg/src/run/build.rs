@@ -67,7 +67,15 @@ pub fn build_model(cfg: &RunConfig, embed_dim: usize) -> Result<BuiltModel> {
         crate::nn::init::fan_in_reinit(&vars, w.seed.wrapping_add(17), |n| n.contains("embed") || n.contains("shared"))?;
     }
     if let Some(init) = &w.init {
-        load_trained(&vars, init, w.init_partial)?;
+        load_trained(&vars, init, w.init_partial).with_context(|| {
+            format!(
+                "loading the trained weights {} into a model sized for the feature store {} (CLIP width {embed_dim}, T = {}): \
+                 a store made with other networks or another T does not fit weights trained on another",
+                init.display(),
+                cfg.data.store.display(),
+                cfg.model.grounding.frames
+            )
+        })?;
     }
     Ok(BuiltModel { model, vars, device: dev })
 }

@@ -229,6 +229,9 @@ pub fn train_run(cfg: &RunConfig, start: RunStart, on_event: &mut dyn FnMut(Even
         None => None,
     };
     check_eval_files(cfg, &store, &built, val.as_ref())?;
+    if cfg.data.val.is_some() && cfg.data.val == cfg.data.train && cfg.data.val_videos == cfg.data.train_videos {
+        tracing::warn!("[data] val is the training split: validation accuracy (and `best`) will measure fitting, not generalisation");
+    }
     if start == RunStart::Overwrite && !existing.is_empty() {
         let n = clear_run_outputs(&root)?;
         tracing::info!("{}: cleared {n} outputs of the previous run", root.display());
