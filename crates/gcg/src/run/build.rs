@@ -58,6 +58,25 @@ pub fn build_model(cfg: &RunConfig, embed_dim: usize) -> Result<BuiltModel> {
         qformer: QFormerTokenizer::from_snapshot(&tok_dir)?,
         t5: T5Tokenizer::from_snapshot(&tok_dir)?,
     };
+    // Every token id must have an embedding row: a preset's tables grow to the tokenizers'
+    // vocabularies; a checkpoint's must already hold them.
+    let mut lmm = lmm;
+    for (what, table, vocab) in [
+        ("Q-Former", &mut lmm.qformer.vocab_size, tokenizers.qformer.vocab_size()),
+        ("T5", &mut lmm.t5.vocab_size, tokenizers.t5.vocab_size()),
+    ] {
+        if vocab > *table {
+            if w.pretrained.is_some() {
+                bail!(
+                    "the {what} tokenizer in {} has {vocab} tokens but the checkpoint's embedding table only {} rows \
+                     ([weights] tokenizers belong to another model?)",
+                    tok_dir.display(),
+                    *table
+                );
+            }
+            *table = vocab;
+        }
+    }
     let model = GcgModel::load(&lb, &lmm, &gcg, tokenizers, false)?;
     if w.pretrained.is_some() {
         lb.finish()?;
