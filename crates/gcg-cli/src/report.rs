@@ -24,8 +24,13 @@ pub fn metrics_table(m: &Metrics, predictions: &Path) -> String {
     );
     if m.excluded > 0 {
         out.push_str(&format!(
-            "{} annotated questions have no spans in the grounding file and are not scored (as NExT-GQA's script)\n",
-            m.excluded
+            "{} annotated questions are not scored ({})\n",
+            m.excluded,
+            if m.dataset == gcg::data::Dataset::CausalVidQa {
+                "their videos lack some of the six questions"
+            } else {
+                "no spans in the grounding file, as NExT-GQA's script"
+            }
         ));
     }
     out.push_str(&format!("{:<10} {:>8} {:>14}\n", "metric", "%", "correct/total"));

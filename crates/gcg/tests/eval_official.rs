@@ -372,9 +372,18 @@ fn causal_vidqa_per_video_by_hand() {
         m.scores.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
         want.iter().map(|(k, _)| *k).collect::<Vec<_>>()
     );
-    // A video with a question missing from the annotations cannot be scored per video.
-    let err = evaluate(Dataset::CausalVidQa, &samples[..11], &read_predictions(&p).unwrap(), None).unwrap_err();
-    assert!(err.to_string().contains("video B lacks its CR question"), "{err}");
+    // A video with a question missing from the annotations is left out (its 5 questions
+    // counted as excluded): the scores are A's alone, all right.
+    let m = evaluate(Dataset::CausalVidQa, &samples[..11], &read_predictions(&p).unwrap(), None)
+        .unwrap()
+        .metrics;
+    assert_eq!((m.questions, m.excluded), (6, 5));
+    for k in ["D", "E", "PA", "PR", "P", "CA", "CR", "C", "overall"] {
+        assert_eq!(m.get(k), Some(100.0), "{k}");
+    }
+    // With no complete video there is nothing to score.
+    let err = evaluate(Dataset::CausalVidQa, &samples[..5], &read_predictions(&p).unwrap(), None).unwrap_err();
+    assert!(err.to_string().contains("no video has all six"), "{err}");
 }
 
 #[test]

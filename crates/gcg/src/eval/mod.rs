@@ -70,8 +70,9 @@ pub struct Metrics {
     pub questions: usize,
     /// Of those, questions without a usable prediction (counted as wrong).
     pub missing: usize,
-    /// NExT-GQA with a grounding file: annotated questions without spans in it, not scored (the
-    /// official script scores the grounding file's questions).
+    /// Annotated questions left out: NExT-GQA with a grounding file, those without spans in it
+    /// (the official script scores the grounding file's questions); Causal-VidQA, those of
+    /// videos without all six questions.
     pub excluded: usize,
 }
 
@@ -105,7 +106,7 @@ impl Metrics {
         m.insert("questions".into(), json!(self.questions));
         m.insert("missing".into(), json!(self.missing));
         if self.excluded > 0 {
-            m.insert("excluded_without_grounding".into(), json!(self.excluded));
+            m.insert("excluded".into(), json!(self.excluded));
         }
         let counts: Map<String, Value> = self.scores.iter().map(|s| (s.name.clone(), json!(s.total))).collect();
         m.insert("counts".into(), Value::Object(counts));
@@ -331,15 +332,29 @@ fn causal_vidqa(samples: &[QaSample], joined: &[Option<&PredictionRow>]) -> Resu
     let mut right = [0usize; 6];
     let (mut p_both, mut c_both, mut all) = (0usize, 0usize, 0usize);
     let mut missing = 0;
+    // A video without all six questions cannot give its P and C pairs: it is left out (counted
+    // in `excluded`), as the official evaluation covers only complete videos.
+    let incomplete: Vec<&str> = videos
+        .iter()
+        .copied()
+        .filter(|v| per_video[v].iter().any(Option::is_none))
+        .collect();
+    if let Some(v) = incomplete.first() {
+        let lacks: Vec<&str> = (0..6).filter(|&t| per_video[v][t].is_none()).map(|t| TYPES[t]).collect();
+        tracing::warn!(
+            "{} videos lack some of the six Causal-VidQA questions and are not scored (e.g. {v} lacks {})",
+            incomplete.len(),
+            lacks.join(", ")
+        );
+    }
+    let excluded: usize = incomplete.iter().map(|v| per_video[v].iter().flatten().count()).sum();
+    videos.retain(|v| !incomplete.contains(v));
     for v in &videos {
         let slot = per_video[v];
         let mut ok = [false; 6];
         for t in 0..6 {
             let Some(i) = slot[t] else {
-                bail!(
-                    "video {v} lacks its {} question (Causal-VidQA is evaluated per video, six questions each)",
-                    TYPES[t]
-                );
+                unreachable!("incomplete videos were left out")
             };
             if joined[i].is_none() {
                 missing += 1;
@@ -357,7 +372,10 @@ fn causal_vidqa(samples: &[QaSample], joined: &[Option<&PredictionRow>]) -> Resu
     }
     let n = videos.len();
     if n == 0 {
-        bail!("no questions to evaluate");
+        bail!(
+            "no video has all six Causal-VidQA questions ({} incomplete videos); nothing to evaluate",
+            incomplete.len()
+        );
     }
     let scores = vec![
         Score::new("D", right[0], n),
@@ -377,7 +395,7 @@ fn causal_vidqa(samples: &[QaSample], joined: &[Option<&PredictionRow>]) -> Resu
         grounding: None,
         questions: 6 * n,
         missing,
-        excluded: 0,
+        excluded,
     })
 }
 
