@@ -848,3 +848,33 @@ fn official_sampling_reproduces_gcg_extract_frames() {
     }
     assert_eq!(max_diff, 0);
 }
+
+/// A variable-frame-rate video whose stream states a duration shorter than its frames run (the
+/// tester's case: 100 frames at 25 fps, then one a second to 7 s): the sampled frames' duration
+/// covers every sampled frame.
+#[test]
+fn a_variable_frame_rate_video_lasts_until_its_last_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vfr.mp4");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=s=64x64:r=25:d=8",
+        "-vf",
+        "select='lt(n\\,100)+not(mod(n\\,25))'",
+        "-fps_mode",
+        "vfr",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        path.to_str().unwrap(),
+    ]);
+    let ff = Ffmpeg::from_env();
+    let s = ff.sample(&path, 104, Sampling::Uniform).unwrap();
+    let last = s.frames.iter().filter_map(|f| f.timestamp).fold(0.0, f64::max);
+    assert!(last > 6.5, "the frames reach 7 s: {last}");
+    let d = s.duration.unwrap();
+    assert!(d >= last, "duration {d} ends before the frame at {last}");
+}

@@ -576,7 +576,17 @@ impl Ffmpeg {
                 unique(&indices).len()
             );
         }
-        let duration = info.duration.or_else(|| info.fps.map(|f| info.num_frames as f64 / f));
+        let mut duration = info.duration.or_else(|| info.fps.map(|f| info.num_frames as f64 / f));
+        // A variable-frame-rate stream can state a duration that ends before its own frames:
+        // the video lasts at least until its last decoded frame.
+        let last = frames.iter().filter_map(|f| f.timestamp).fold(f64::NEG_INFINITY, f64::max);
+        if let Some(d) = duration.filter(|&d| last > d) {
+            tracing::warn!(
+                "{}: the stated duration {d:.2} s ends before its frame at {last:.2} s (variable frame rate?); using {last:.2} s",
+                path.display()
+            );
+            duration = Some(last);
+        }
         Ok(SampledFrames {
             source: path.to_path_buf(),
             frames,
