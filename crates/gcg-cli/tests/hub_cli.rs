@@ -200,6 +200,19 @@ fn a_missing_file_is_named_with_the_id_the_cache_and_the_fix() {
         "config.json",
         "qformer_t5.pth",
         "`huggingface-cli download Org/Absent`",
+        "reading `Org/Absent` as a Hugging Face model id (no file or directory has that name)",
+    ] {
+        assert!(err.contains(want), "{want:?} not in: {err}");
+    }
+    // Online, the Hub unreachable: its file list could not be had.
+    let o = check_weights(gcg(&cache), &["--weights", "Org/Absent"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    for want in [
+        "Org/Absent",
+        "the Hub could not list its files",
+        "models--Org--Absent/refs/main does not exist",
+        "`huggingface-cli download Org/Absent`",
     ] {
         assert!(err.contains(want), "{want:?} not in: {err}");
     }

@@ -150,6 +150,15 @@ pub fn locate(spec: &Path, need: Need) -> Result<PathBuf> {
     let Some(id) = as_model_id(spec) else {
         return Ok(spec.to_path_buf());
     };
+    locate_id(id, need).with_context(|| as_id_note(id))
+}
+
+/// The context of every error about a location read as a model id (it may be a mistyped path).
+fn as_id_note(id: &str) -> String {
+    format!("reading `{id}` as a Hugging Face model id (no file or directory has that name)")
+}
+
+fn locate_id(id: &str, need: Need) -> Result<PathBuf> {
     let repo = HubRepo::open(id)?;
     let files = match need {
         Need::Vit => {
@@ -204,6 +213,10 @@ pub fn locate_checkpoint(spec: &Path, t5: Option<&Path>, with_vit: bool) -> Resu
         }
         return Ok(CheckpointDirs { dir, t5 });
     };
+    locate_checkpoint_id(id, t5, with_vit).with_context(|| as_id_note(id))
+}
+
+fn locate_checkpoint_id(id: &str, t5: Option<PathBuf>, with_vit: bool) -> Result<CheckpointDirs> {
     let repo = HubRepo::open(id)?;
     if repo.has_hf_weights()? {
         let dir = repo.fetch_all(&repo.hf_weight_files("")?)?;
