@@ -8,16 +8,21 @@ use gcg::models::checkpoint::open_any;
 use gcg::models::lmm::{is_trainable, is_vit_trunk, VideoLmm};
 use gcg::models::Preset;
 use gcg::weights::checkpoints::is_buffer;
+use gcg::weights::hub;
 use gcg::weights::Loader;
 use serde_json::json;
 use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct CheckWeightsArgs {
-    /// An HF InstructBLIP snapshot directory, or a GCG release directory.
+    /// An HF InstructBLIP snapshot directory, or a GCG release directory, or a Hugging Face model
+    /// id (`Salesforce/instructblip-flan-t5-xl`, `WHB139426/GCG`) resolved through the HF cache
+    /// ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub; missing files are downloaded
+    /// unless HF_HUB_OFFLINE=1).
     #[arg(long)]
     weights: PathBuf,
-    /// The Flan-T5 snapshot for a GCG release directory (default: `<weights>/flan-t5`).
+    /// The Flan-T5 snapshot for a GCG release, a directory or a model id (default:
+    /// `<weights>/flan-t5` when it exists, else google/flan-t5-xl).
     #[arg(long)]
     t5: Option<PathBuf>,
     /// Skip the ViT trunk (when working from cached features).
@@ -30,7 +35,8 @@ pub struct CheckWeightsArgs {
 }
 
 pub fn run(a: CheckWeightsArgs) -> Result<()> {
-    let (src, cfg) = open_any(&a.weights, a.t5.as_deref(), a.preset)?;
+    let dirs = hub::locate_checkpoint(&a.weights, a.t5.as_deref(), !a.no_vit)?;
+    let (src, cfg) = open_any(&dirs.dir, dirs.t5.as_deref(), a.preset)?;
     let no_vit = a.no_vit;
     let lb = Loader::from_source(src.clone(), &Device::Cpu, DType::F32)
         .with_trainable(is_trainable)
@@ -41,6 +47,8 @@ pub fn run(a: CheckWeightsArgs) -> Result<()> {
     let problems = lb.value_problems();
     let out = json!({
         "weights": a.weights,
+        "weights_dir": dirs.dir,
+        "t5_dir": dirs.t5,
         "source": src.describe(),
         "tensors": src.names().len(),
         "trainable_params": lb.vars().num_params(),

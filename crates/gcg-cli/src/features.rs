@@ -19,6 +19,7 @@ use gcg::models::Preset;
 use gcg::run::{DeviceKind, Precision};
 use gcg::store::WriterOptions;
 use gcg::video::{Ffmpeg, Sampling};
+use gcg::weights::hub::{self, Need};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -37,10 +38,13 @@ pub struct FeaturesArgs {
     /// Frames sampled per video (T).
     #[arg(long, default_value_t = 32)]
     num_frames: usize,
-    /// The ViT weights: an HF InstructBLIP snapshot or a GCG release directory (eva_vit_g.pth).
+    /// The ViT weights: an HF InstructBLIP snapshot or a GCG release directory (eva_vit_g.pth), or
+    /// a Hugging Face model id (`Salesforce/instructblip-flan-t5-xl`, `WHB139426/GCG`) resolved
+    /// through the HF cache (missing files downloaded unless HF_HUB_OFFLINE=1).
     #[arg(long, required_unless_present_any = ["random_weights", "import_h5"])]
     weights: Option<PathBuf>,
-    /// The GCG CLIP branch files (eva_clip_*.pth); default: the --weights directory.
+    /// The GCG CLIP branch files (eva_clip_*.pth): a directory or a model id (`WHB139426/GCG`);
+    /// default: --weights.
     #[arg(long)]
     clip: Option<PathBuf>,
     /// Network sizes: tiny | instructblip-flan-t5-xl (EVA ViT-g + EVA-CLIP-g).
@@ -193,7 +197,8 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
     let clip = if a.random.random_weights {
         frozen::random_clip_image(&clip_cfg, &dev, dtype, a.random.seed)?
     } else {
-        let dir = clip_dir.ok_or_else(|| anyhow!("--clip (the GCG eva_clip_*.pth files) is needed without --random-weights"))?;
+        let spec = clip_dir.ok_or_else(|| anyhow!("--clip (the GCG eva_clip_*.pth files) is needed without --random-weights"))?;
+        let dir = hub::locate(&spec, Need::ClipBranch)?;
         frozen::load_clip_image(&dir, &clip_cfg, &dev, dtype)?
     };
 
@@ -206,11 +211,11 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
     let vit = if a.random.random_weights {
         frozen::random_vit(&vit_cfg, &dev, dtype, a.random.seed)?
     } else {
-        let dir = a
+        let spec = a
             .weights
             .as_ref()
             .ok_or_else(|| anyhow!("--weights is needed without --random-weights"))?;
-        frozen::load_vit(dir, &vit_cfg, &dev, dtype)?
+        frozen::load_vit(&hub::locate(spec, Need::Vit)?, &vit_cfg, &dev, dtype)?
     };
     let models = FeatureModels {
         vit: &vit,

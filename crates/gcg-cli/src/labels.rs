@@ -10,6 +10,7 @@ use gcg::features::frozen;
 use gcg::features::labels::{label_questions, ClipTextEncoder, EventSource, LabelOptions, LabelProgress};
 use gcg::models::Preset;
 use gcg::text::tokenizers::ClipTokenizer;
+use gcg::weights::hub::{self, Need};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -35,7 +36,9 @@ pub struct LabelsArgs {
     /// K, the pseudo-labelled frames per question.
     #[arg(long, default_value_t = 4)]
     top_k: usize,
-    /// The GCG CLIP branch files (eva_clip_*.pth).
+    /// The GCG CLIP branch files (eva_clip_*.pth): a directory, or a Hugging Face model id
+    /// (`WHB139426/GCG`) resolved through the HF cache (missing files downloaded unless
+    /// HF_HUB_OFFLINE=1).
     #[arg(long, required_unless_present = "random_weights")]
     clip: Option<PathBuf>,
     /// The CLIP BPE: a tokenizer.json or the merges file (bpe_simple_vocab_16e6.txt.gz);
@@ -103,8 +106,9 @@ fn read_samples(path: &Path, format: AnnotationFormat, skip_bad_rows: bool) -> R
     Ok(ann.samples)
 }
 
-fn tokenizer(a: &LabelsArgs) -> Result<ClipTokenizer> {
-    let path = match (&a.clip_tokenizer, &a.clip) {
+/// The CLIP tokenizer: --clip-tokenizer, else the BPE merges in the (resolved) CLIP directory.
+fn tokenizer(a: &LabelsArgs, clip_dir: Option<&Path>) -> Result<ClipTokenizer> {
+    let path = match (&a.clip_tokenizer, clip_dir) {
         (Some(p), _) => p.clone(),
         (None, Some(dir)) => dir.join("bpe_simple_vocab_16e6.txt.gz"),
         (None, None) => bail!("--clip-tokenizer is required with --random-weights"),
@@ -120,14 +124,14 @@ pub fn run(a: LabelsArgs) -> Result<()> {
     let (dev, dtype) = a.device.open()?;
     let event = event_source(&a.event)?;
     let samples = read_samples(&a.annotations, a.dataset, a.skip_bad_rows)?;
-    let tok = tokenizer(&a)?;
+    let clip_dir = a.clip.as_deref().map(|c| hub::locate(c, Need::ClipBranch)).transpose()?;
+    let tok = tokenizer(&a, clip_dir.as_deref())?;
     let (_, mut clip_cfg) = frozen::preset(a.preset);
     let model = if a.random.random_weights {
         clip_cfg.text.vocab_size = tok.vocab_size();
         frozen::random_clip_text(&clip_cfg, &dev, dtype, a.random.seed)?
     } else {
-        let dir = a
-            .clip
+        let dir = clip_dir
             .as_ref()
             .ok_or_else(|| anyhow!("--clip is needed without --random-weights"))?;
         frozen::load_clip_text(dir, &clip_cfg, &dev, dtype)?

@@ -5,6 +5,7 @@ use crate::models::lmm::LmmConfig;
 use crate::models::t5::T5Config;
 use crate::models::Preset;
 use crate::weights::checkpoints::{is_gcg_release, is_hf_snapshot, read_json, GcgRelease, Source};
+use crate::weights::hub;
 use crate::weights::SafetensorsSource;
 use anyhow::{anyhow, Context, Result};
 use std::path::Path;
@@ -44,4 +45,13 @@ pub fn open_any(dir: &Path, t5_dir: Option<&Path>, preset: Preset) -> Result<(So
         "{} is neither an HF snapshot (config.json + model*.safetensors) nor a GCG release directory (qformer_t5.pth, ...)",
         dir.display()
     ))
+}
+
+/// [`open_any`] for a checkpoint given by path or by Hugging Face model id
+/// (`Salesforce/instructblip-flan-t5-xl`, `WHB139426/GCG`; `t5` likewise, e.g. `google/flan-t5-xl`):
+/// a name is resolved through the HF cache, downloading what is missing ([`hub::locate_checkpoint`];
+/// `with_vit`: a GCG release's ViT trunk is needed too).
+pub fn open_checkpoint(spec: &Path, t5: Option<&Path>, preset: Preset, with_vit: bool) -> Result<(Source, LmmConfig)> {
+    let dirs = hub::locate_checkpoint(spec, t5, with_vit)?;
+    open_any(&dirs.dir, dirs.t5.as_deref(), preset)
 }

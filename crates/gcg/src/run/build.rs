@@ -5,12 +5,13 @@ use super::config::{DataConfig, Precision, RunConfig};
 use crate::data::{Batch, BatchLoader, BatchOptions};
 use crate::data::{Dataset, QaSample, ReadOptions, SplitFiles};
 use crate::model::{GcgModel, TextTokenizers};
-use crate::models::checkpoint::open_any;
+use crate::models::checkpoint::open_checkpoint;
 use crate::models::lmm::{is_vit_trunk, LmmConfig};
 use crate::store::Store;
 use crate::text::{QFormerTokenizer, T5Tokenizer};
 use crate::train::trainer::BatchSource;
 use crate::weights::checkpoints::is_buffer;
+use crate::weights::hub::{self, Need};
 use crate::weights::{Loader, SafetensorsSource, VarStore};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
@@ -43,7 +44,7 @@ pub fn build_model(cfg: &RunConfig, embed_dim: usize) -> Result<BuiltModel> {
     let dt = Precision::resolve(cfg.dtype, &dev);
     let (lb, lmm) = match &w.pretrained {
         Some(p) => {
-            let (src, lmm) = open_any(p, w.t5.as_deref(), w.preset)?;
+            let (src, lmm) = open_checkpoint(p, w.t5.as_deref(), w.preset, false)?;
             (Loader::from_source(src, &dev, dt).with_seed(w.seed), lmm)
         }
         None => (Loader::random(&dev, dt, w.seed), LmmConfig::preset(w.preset)),
@@ -51,9 +52,10 @@ pub fn build_model(cfg: &RunConfig, embed_dim: usize) -> Result<BuiltModel> {
     let lb = lb.with_trainable(trainable(cfg)).with_ignored(|n| is_buffer(n) || is_vit_trunk(n));
     let mut gcg = cfg.model.clone();
     gcg.grounding.dim = embed_dim;
-    let tok_dir = w.tokenizers.clone().or_else(|| w.pretrained.clone()).ok_or_else(|| {
+    let tok_spec = w.tokenizers.clone().or_else(|| w.pretrained.clone()).ok_or_else(|| {
         anyhow!("[weights] needs `tokenizers` (a directory with tokenizer.json and qformer_tokenizer/) when it has no `pretrained`")
     })?;
+    let tok_dir = hub::locate(&tok_spec, Need::Tokenizers)?;
     let tokenizers = TextTokenizers {
         qformer: QFormerTokenizer::from_snapshot(&tok_dir)?,
         t5: T5Tokenizer::from_snapshot(&tok_dir)?,

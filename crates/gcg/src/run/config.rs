@@ -17,7 +17,8 @@
 //! ```
 //!
 //! Relative paths in a config file (`run_dir`, `[weights]` and `[data]` paths) are relative to the
-//! file's directory: [`RunConfig::load`] resolves them to absolute paths, and a run directory's
+//! file's directory (a `[weights]` value that is a Hugging Face model id such as `google/flan-t5-xl`
+//! stays a name unless that path exists there): [`RunConfig::load`] resolves them to absolute paths, and a run directory's
 //! `config.json` stores them absolute, so a run is used the same from any working directory (and
 //! still works when the run directory itself is moved). Paths given with `--set` are relative to
 //! the working directory.
@@ -26,6 +27,7 @@ use crate::data::Dataset;
 use crate::model::GcgConfig;
 use crate::models::Preset;
 use crate::train::trainer::TrainConfig;
+use crate::weights::hub;
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
@@ -90,12 +92,16 @@ crate::choice_names!(Precision, "dtype", { F32 => "f32", Bf16 => "bf16", F16 => 
 pub struct WeightsConfig {
     /// Network sizes when no checkpoint says them (random initialisation, GCG release files).
     pub preset: Preset,
-    /// An HF InstructBLIP snapshot or a GCG release directory; none = random initialisation.
+    /// An HF InstructBLIP snapshot or a GCG release directory, or its Hugging Face model id
+    /// (`Salesforce/instructblip-flan-t5-xl`, `WHB139426/GCG`: resolved through the HF cache,
+    /// the missing files downloaded unless HF_HUB_OFFLINE; an existing path wins over an id);
+    /// none = random initialisation.
     pub pretrained: Option<PathBuf>,
-    /// The Flan-T5 snapshot of a GCG release directory (default `<pretrained>/flan-t5`).
+    /// The Flan-T5 snapshot of a GCG release, a directory or a model id (default
+    /// `<pretrained>/flan-t5` when it exists, else `google/flan-t5-xl`).
     pub t5: Option<PathBuf>,
-    /// A directory with `tokenizer.json` (T5) and `qformer_tokenizer/tokenizer.json`
-    /// (default: the pretrained directory).
+    /// A directory with `tokenizer.json` (T5) and `qformer_tokenizer/tokenizer.json`, or a model
+    /// id that has them (`Salesforce/instructblip-flan-t5-xl`; default: `pretrained`).
     pub tokenizers: Option<PathBuf>,
     /// Trained weights to start from (a `weights.safetensors` of a checkpoint).
     pub init: Option<PathBuf>,
@@ -282,10 +288,15 @@ impl RunConfig {
         };
         let w = &mut self.weights;
         let d = &mut self.data;
-        for p in [&mut self.run_dir, &mut w.pretrained, &mut w.t5, &mut w.tokenizers, &mut w.init]
-            .into_iter()
-            .flatten()
-        {
+        for p in [&mut self.run_dir, &mut w.init].into_iter().flatten() {
+            fix(p);
+        }
+        // A Hugging Face model id (`org/name`) stays a name unless that path exists here.
+        for p in [&mut w.pretrained, &mut w.t5, &mut w.tokenizers].into_iter().flatten() {
+            let local = base.join(&*p);
+            if p.is_relative() && !local.exists() && p.to_str().is_some_and(hub::is_model_id) {
+                continue;
+            }
             fix(p);
         }
         fix(&mut d.store);

@@ -1,8 +1,10 @@
 //! Loading weights: tensor sources (safetensors files and HF snapshot directories, PyTorch `.pth`
 //! checkpoints, in-memory maps), the name layouts of the published checkpoints, the [`Loader`]
-//! that builds networks from them with shape checks.
+//! that builds networks from them with shape checks, and weights by Hugging Face model id
+//! through the HF cache ([`hub`]).
 
 pub mod checkpoints;
+pub mod hub;
 pub mod init;
 pub mod layouts;
 pub mod loader;
