@@ -111,7 +111,7 @@ impl GcgConfig {
             self.alpha_reg,
             self.alpha_con
         );
-        Ok(())
+        self.lmm.validate()
     }
 }
 

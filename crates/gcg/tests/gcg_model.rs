@@ -963,3 +963,236 @@ fn mid_epoch_validation_keeps_best_and_is_logged_once_across_a_resume() {
     let acc = |run: &RunDir| -> Vec<f64> { read_rows(&run.root).iter().filter_map(|r| r["accuracy"].as_f64()).collect() };
     assert_eq!(acc(&part), acc(&full));
 }
+
+/// Every weight of the T5 (frozen or not), by a readable name, as values.
+fn t5_weights(model: &GcgModel) -> Vec<(String, Vec<f32>)> {
+    let t5 = &model.lmm.t5;
+    let f = |t: &Tensor| t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+    let mut out = vec![
+        ("shared".to_string(), f(&t5.shared.weight)),
+        ("lm_head".to_string(), f(&t5.lm_head.weight)),
+    ];
+    for (stack, s) in [("encoder", &t5.encoder), ("decoder", &t5.decoder)] {
+        out.push((format!("{stack}.bias"), f(&s.relative_attention_bias)));
+        out.push((format!("{stack}.final_norm"), f(&s.final_layer_norm.weight)));
+        for (i, b) in s.blocks.iter().enumerate() {
+            let mut attns = vec![("self", &b.self_attn)];
+            if let Some((a, norm)) = &b.cross_attn {
+                attns.push(("cross", a));
+                out.push((format!("{stack}.{i}.cross_norm"), f(&norm.weight)));
+            }
+            for (kind, a) in attns {
+                for (p, lin) in [("q", &a.q), ("k", &a.k), ("v", &a.v), ("o", &a.o)] {
+                    out.push((format!("{stack}.{i}.{kind}.{p}"), f(&lin.weight)));
+                }
+            }
+            let mut ff = vec![&b.ff.wi_0, &b.ff.wo];
+            ff.extend(b.ff.wi_1.as_ref());
+            for (j, lin) in ff.into_iter().enumerate() {
+                out.push((format!("{stack}.{i}.ff{j}"), f(&lin.weight)));
+            }
+            out.push((
+                format!("{stack}.{i}.norms"),
+                [f(&b.self_attn_norm.weight), f(&b.ff_norm.weight)].concat(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn lora_trains_the_adapters_not_the_t5_and_its_checkpoints_hold_them_and_resume() {
+    use gcg::nn::lora::{is_lora_name, LoraConfig, LoraTarget};
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = tmp.path().join("tok");
+    let w = world(12, 4);
+    let src = Source {
+        world: &w,
+        batch_size: 4,
+        seed: 9,
+    };
+    let lora_config = || GcgConfig {
+        lmm: gcg::models::lmm::LmmOptions {
+            lora: Some(LoraConfig {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.05,
+                targets: vec![LoraTarget::Q, LoraTarget::V],
+            }),
+            ..Default::default()
+        },
+        ..config(Mode::Grounding, K)
+    };
+    let (model, vars) = build_cfg(&tok, 7, lora_config);
+    let (_, plain) = build(Mode::Grounding, &tok, 7);
+    // The trainables: GCG's usual ones plus q/v adapters of every attention (2 encoder layers,
+    // 2 decoder layers with self- and cross-attention), nothing else of the T5.
+    let adapters: Vec<String> = vars
+        .iter()
+        .map(|(n, _)| n.clone())
+        .filter(|n| n.starts_with("language_model."))
+        .collect();
+    assert_eq!(adapters.len(), 2 * 2 * (2 + 2 * 2), "{adapters:?}");
+    assert!(adapters
+        .iter()
+        .all(|n| is_lora_name(n) && (n.contains(".q.lora_") || n.contains(".v.lora_"))));
+    let usual: Vec<&String> = vars.iter().map(|(n, _)| n).filter(|n| !n.starts_with("language_model.")).collect();
+    assert_eq!(usual, plain.iter().map(|(n, _)| n).collect::<Vec<_>>());
+
+    let cfg = TrainConfig {
+        epochs: 6,
+        batch_size: 4,
+        grad_accum: 1,
+        lr: 1e-3,
+        grounding_lr: 3e-3,
+        checkpoint_every: 2,
+        max_grad_norm: Some(1.0),
+        ..Default::default()
+    };
+    let run_cfg = serde_json::json!({"test": "lora"});
+    let t5_before = t5_weights(&model);
+    let before = values(&vars);
+    let full = RunDir::new(tmp.path().join("full")).unwrap();
+    let job = |model, vars, cfg, run| TrainJob {
+        model,
+        vars,
+        cfg,
+        run,
+        train_set: &src,
+        val_set: None,
+        run_config: &run_cfg,
+    };
+    trainer::train(&job(&model, &vars, &cfg, &full), false, &mut |_| {}).unwrap();
+    let losses = read_losses(&full.root);
+    assert_eq!(losses.len(), 18);
+    // (The perturbed top-k and dropout make single steps noisy: epochs are compared.)
+    let first = losses[..3].iter().sum::<f64>() / 3.0;
+    let last = losses[12..].iter().sum::<f64>() / 6.0;
+    eprintln!("LoRA run losses {losses:?}");
+    assert!(
+        last < 0.85 * first,
+        "the loss did not go down: first epoch {first}, last two {last}"
+    );
+
+    // Every adapter moved (B from zero), the T5's own weights are bit for bit what they were.
+    let after = values(&vars);
+    for ((name, v0), (_, v1)) in before.iter().zip(&after) {
+        if is_lora_name(name) {
+            assert_ne!(v0, v1, "{name} did not train");
+        }
+        if name.contains(".lora_B.") {
+            assert!(v0.iter().all(|&x| x == 0.0) && v1.iter().any(|&x| x != 0.0), "{name}");
+        }
+    }
+    let t5_after = t5_weights(&model);
+    assert_eq!(t5_after.len(), t5_before.len());
+    for ((name, a), (_, b)) in t5_before.iter().zip(&t5_after) {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "T5 weight {name} changed");
+    }
+
+    // The checkpoint holds exactly the trainable tensors: the adapters, no T5 weight.
+    let weights = gcg::weights::SafetensorsSource::open(full.last().join("weights.safetensors")).unwrap();
+    use gcg::weights::TensorSource;
+    let mut saved = weights.names();
+    saved.sort();
+    assert_eq!(saved, vars.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>());
+    assert!(adapters.iter().all(|a| saved.contains(a)));
+    assert!(saved.iter().filter(|n| n.starts_with("language_model.")).all(|n| is_lora_name(n)));
+
+    // Loading the run for prediction (a fresh model + the checkpoint's weights) restores the
+    // adapters: the same answers as the trained model; without them they differ.
+    let batch = w.batch(&[0, 1, 2, 3, 4, 5]);
+    let trained = model.answer(&batch).unwrap();
+    let (fresh, fresh_vars) = build_cfg(&tok, 7, lora_config);
+    let untrained = fresh.answer(&batch).unwrap();
+    fresh_vars.load_from(&weights).unwrap();
+    assert_eq!(fresh.answer(&batch).unwrap(), trained);
+    assert_ne!(untrained, trained);
+    // ... and the adapters alone matter: the trained weights with the adapters set back to
+    // their initialisation answer differently.
+    let (reset, reset_vars) = build_cfg(&tok, 7, lora_config);
+    let init: std::collections::BTreeMap<String, Tensor> = reset_vars
+        .iter()
+        .filter(|(n, _)| is_lora_name(n))
+        .map(|(n, v)| (n.clone(), v.as_tensor().copy().unwrap()))
+        .collect();
+    reset_vars.load_from(&weights).unwrap();
+    for (n, t) in &init {
+        reset_vars.get(n).unwrap().set(t).unwrap();
+    }
+    let scores = |a: &[gcg::model::Answered]| a.iter().map(|x| x.option_scores.clone().unwrap()).collect::<Vec<_>>();
+    assert_ne!(scores(&reset.answer(&batch).unwrap()), scores(&trained));
+
+    // Resume: stopped after 5 steps, continued by a rebuilt model, the same loss sequence.
+    let part = RunDir::new(tmp.path().join("part")).unwrap();
+    let (model, vars) = build_cfg(&tok, 7, lora_config);
+    let stop = TrainConfig {
+        max_steps: Some(5),
+        ..cfg.clone()
+    };
+    trainer::train(&job(&model, &vars, &stop, &part), false, &mut |_| {}).unwrap();
+    let (model, vars) = build_cfg(&tok, 7, lora_config);
+    trainer::train(&job(&model, &vars, &cfg, &part), true, &mut |_| {}).unwrap();
+    assert_eq!(read_losses(&part.root), losses, "resumed loss sequence differs");
+}
+
+#[test]
+fn lora_alone_fits_the_answers_through_the_frozen_t5() {
+    // Only the adapters train (uniform mode, no dropout): what the loss loses, LoRA learned.
+    use gcg::nn::lora::{LoraConfig, LoraTarget};
+    let tmp = tempfile::tempdir().unwrap();
+    let w = world(8, 21);
+    let src = Source {
+        world: &w,
+        batch_size: 4,
+        seed: 3,
+    };
+    let tok = tokenizers(tmp.path());
+    let lmm = lmm_config(&tok);
+    let cfg = GcgConfig {
+        lmm: gcg::models::lmm::LmmOptions {
+            dropout: Some(0.0),
+            lora: Some(LoraConfig {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                targets: vec![LoraTarget::Q, LoraTarget::V],
+            }),
+            ..Default::default()
+        },
+        ..config(Mode::Uniform, K)
+    };
+    let lb = Loader::random(&Device::Cpu, DType::F32, 5).with_trainable(gcg::models::lmm::is_t5_lora);
+    let model = GcgModel::load(&lb, &lmm, &cfg, tok, false).unwrap();
+    let vars = lb.vars();
+    assert_eq!(vars.len(), 24);
+    let train = TrainConfig {
+        epochs: 8,
+        batch_size: 4,
+        grad_accum: 1,
+        lr: 1e-2,
+        weight_decay: 0.0,
+        checkpoint_every: 1000,
+        ..Default::default()
+    };
+    let run = RunDir::new(tmp.path().join("run")).unwrap();
+    trainer::train(
+        &TrainJob {
+            model: &model,
+            vars: &vars,
+            cfg: &train,
+            run: &run,
+            train_set: &src,
+            val_set: None,
+            run_config: &serde_json::json!({}),
+        },
+        false,
+        &mut |_| {},
+    )
+    .unwrap();
+    let losses = read_losses(&run.root);
+    eprintln!("LoRA-only losses {losses:?}");
+    assert_eq!(losses.len(), 16);
+    let (first, last) = ((losses[0] + losses[1]) / 2.0, (losses[14] + losses[15]) / 2.0);
+    assert!(last < 0.5 * first, "LoRA alone did not fit: {first} -> {last}");
+}

@@ -57,6 +57,22 @@ fn linear_grad() {
 }
 
 #[test]
+fn lora_projection_grad() {
+    // A frozen weight (the FrozenMatmul path) with a LoRA branch whose dropout acts (training,
+    // the same mask at every evaluation): the gradients of x, A and B.
+    let w = randn(&[4, 5], 80, 0.5);
+    check_grads(
+        "lora",
+        &[randn(&[2, 3, 5], 81, 1.0), randn(&[3, 5], 82, 0.5), randn(&[4, 3], 83, 0.5)],
+        &|t| {
+            let lin = Linear::new(w.clone(), None).with_lora(nn::LoraAdapter::new(t[1].clone(), t[2].clone(), 1.7, 0.3));
+            let rng = RefCell::new(SeededRng::new(84));
+            lin.project(&t[0], Ctx::train(&rng)).unwrap()
+        },
+    );
+}
+
+#[test]
 fn layer_norm_grad() {
     check_grads(
         "layer_norm",

@@ -144,6 +144,51 @@ fn unknown_keys_and_bad_values_are_named() {
 }
 
 #[test]
+fn lora_is_a_table_of_model_lmm_with_the_official_defaults_and_checked_values() {
+    use gcg::nn::lora::{LoraConfig, LoraTarget};
+    assert_eq!(parse("").unwrap().model.lmm.lora, None, "GCG's default: a frozen T5");
+    // `lora = {}` is the official --use_lora: r 16, alpha 32, dropout 0.05 on q and v.
+    let cfg = parse("[model.lmm]\nlora = {}\n").unwrap();
+    assert_eq!(cfg.model.lmm.lora, Some(LoraConfig::default()));
+    let l = LoraConfig::default();
+    assert_eq!((l.rank, l.alpha, l.dropout), (16, 32.0, 0.05));
+    assert_eq!(l.targets, vec![LoraTarget::Q, LoraTarget::V]);
+    let cfg = parse("[model.lmm.lora]\nrank = 8\nalpha = 16.0\ndropout = 0.0\ntargets = [\"q\", \"k\", \"v\", \"o\"]\n").unwrap();
+    let l = cfg.model.lmm.lora.unwrap();
+    assert_eq!((l.rank, l.alpha, l.dropout, l.targets.len()), (8, 16.0, 0.0, 4));
+    let cfg = RunConfig::load(None, &["model.lmm.lora.rank=4".into()]).unwrap();
+    assert_eq!(cfg.model.lmm.lora.as_ref().map(|l| (l.rank, l.alpha)), Some((4, 32.0)));
+    // The resolved LMM config carries it to the model.
+    let lmm = cfg.model.lmm.apply(&gcg::models::lmm::LmmConfig::tiny(), 32, false);
+    assert_eq!(lmm.lora, cfg.model.lmm.lora);
+    // A run trains the adapters and none of the T5's own weights.
+    let trains = gcg::run::trainable(&cfg);
+    let t5 = "language_model.decoder.block.1.layer.1.EncDecAttention.v";
+    assert!(trains(&format!("{t5}.lora_A.weight")) && trains(&format!("{t5}.lora_B.weight")));
+    assert!(!trains(&format!("{t5}.weight")) && !trains("language_model.shared.weight"));
+    assert!(trains("qformer.embeddings.layernorm.weight") && trains("grounding.x"));
+
+    for (text, needle) in [
+        ("[model.lmm.lora]\nrank = 0\n", "rank = 0 must be at least 1"),
+        ("[model.lmm.lora]\nalpha = 0.0\n", "alpha = 0 must be"),
+        ("[model.lmm.lora]\nalpha = -2.0\n", "alpha = -2 must be"),
+        ("[model.lmm.lora]\ndropout = 1.0\n", "dropout = 1 must be in [0, 1)"),
+        ("[model.lmm.lora]\ndropout = -0.5\n", "dropout = -0.5 must be"),
+        ("[model.lmm.lora]\ntargets = [\"q\", \"wi_0\"]\n", "wi_0"),
+        ("[model.lmm.lora]\ntargets = []\n", "targets is empty"),
+        ("[model.lmm.lora]\nranks = 4\n", "ranks"),
+        ("[model.lmm]\nlora = {}\n[train]\ntrain_t5 = true\n", "train_t5"),
+    ] {
+        let e = parse(text).err().unwrap_or_else(|| panic!("{text:?} was accepted"));
+        let msg = chain(&e);
+        assert!(msg.contains(needle), "{text:?}: the error {msg:?} does not name {needle:?}");
+        if !needle.contains("train_t5") && !needle.contains("ranks") && !needle.contains("wi_0") {
+            assert!(msg.contains("[model.lmm] lora"), "{msg:?} should name the table");
+        }
+    }
+}
+
+#[test]
 fn overrides_reach_nested_tables_and_round_trip() {
     let cfg = RunConfig::load(None, &["model.grounding.moments=6".into(), "model.mode=\"uniform\"".into()]).unwrap();
     assert_eq!(cfg.model.moments(), 6);

@@ -14,6 +14,7 @@ use crate::models::qformer::{QFormer, QFormerConfig};
 use crate::models::t5::{GenerateConfig, T5Config, T5Model};
 use crate::models::vit::{VisionModel, VitConfig};
 use crate::nn::init::Init;
+use crate::nn::lora::{is_lora_name, LoraConfig};
 use crate::nn::{Ctx, Embedding, LayerNorm, Linear};
 use crate::weights::checkpoints::hf_section;
 use crate::weights::Loader;
@@ -47,6 +48,9 @@ pub struct LmmConfig {
     pub frame_positions: bool,
     /// Append one Q-Former pass whose queries attend to the patches of all T frames.
     pub spatial: bool,
+    /// LoRA adapters on the T5's attention projections (none: the T5 as the checkpoint has it).
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
 }
 
 impl LmmConfig {
@@ -59,6 +63,7 @@ impl LmmConfig {
             max_frames: 32,
             frame_positions: true,
             spatial: true,
+            lora: None,
         }
     }
 
@@ -72,6 +77,7 @@ impl LmmConfig {
             max_frames: 32,
             frame_positions: true,
             spatial: true,
+            lora: None,
         }
     }
 
@@ -99,6 +105,7 @@ impl LmmConfig {
             max_frames: 32,
             frame_positions: true,
             spatial: true,
+            lora: None,
         })
     }
 
@@ -118,6 +125,10 @@ pub struct LmmOptions {
     pub frame_positions: Option<bool>,
     /// Dropout of the Q-Former and T5 (default: the checkpoint's or preset's, 0.1).
     pub dropout: Option<f64>,
+    /// LoRA on the frozen T5 (the official `--use_lora`: `lora = {}` gives its rank 16,
+    /// alpha 32, dropout 0.05 on the `q` and `v` projections of every attention); only the
+    /// adapters train, the T5's own weights stay frozen. None (the default): no adapters.
+    pub lora: Option<LoraConfig>,
 }
 
 impl Default for LmmOptions {
@@ -126,6 +137,7 @@ impl Default for LmmOptions {
             spatial: true,
             frame_positions: None,
             dropout: None,
+            lora: None,
         }
     }
 }
@@ -154,13 +166,31 @@ impl LmmOptions {
         cfg.max_frames = cfg.max_frames.max(frames);
         // The official uniform mode has no frame-position embedding, whatever is asked.
         cfg.frame_positions = !uniform && self.frame_positions.unwrap_or(true);
+        cfg.lora = self.lora.clone();
         cfg
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if let Some(l) = &self.lora {
+            l.validate().context("[model.lmm] lora")?;
+        }
+        Ok(())
     }
 }
 
-/// The names GCG trains: Q-Former, query tokens, projection and frame positions.
+/// The names GCG trains: Q-Former, query tokens, projection and frame positions, and the T5's
+/// LoRA adapters when it has them (`language_model.….lora_A.weight` / `lora_B`).
 pub fn is_trainable(name: &str) -> bool {
-    name.starts_with("qformer.") || name == "query_tokens" || name.starts_with("language_projection.") || name.starts_with("frame_embeds.")
+    name.starts_with("qformer.")
+        || name == "query_tokens"
+        || name.starts_with("language_projection.")
+        || name.starts_with("frame_embeds.")
+        || is_t5_lora(name)
+}
+
+/// A LoRA factor of the T5 (`language_model.….lora_A.weight` / `lora_B.weight`).
+pub fn is_t5_lora(name: &str) -> bool {
+    name.starts_with("language_model.") && is_lora_name(name)
 }
 
 /// Checkpoint tensors a model built without the ViT leaves unused (features come from the store).
@@ -223,7 +253,7 @@ impl VideoLmm {
             None
         };
         let language_projection = Linear::load(&lb.pp("language_projection"), dq, cfg.t5.d_model, true)?;
-        let t5 = T5Model::load(&lb.pp("language_model"), &cfg.t5)?;
+        let t5 = T5Model::load_with_lora(&lb.pp("language_model"), &cfg.t5, cfg.lora.as_ref())?;
         Ok(Self {
             cfg: cfg.clone(),
             vision,

@@ -24,12 +24,17 @@
 //! * With gradients flowing through a frozen projection, the projection is one autograd node
 //!   whose only input is the activation (see `nn::linear::FrozenMatmul`): candle would otherwise compute and
 //!   keep a gradient for every frozen weight (3 B values for Flan-T5-XL).
+//! * LoRA ([`T5Model::load_with_lora`]): PEFT's `target_modules` matched against every attention
+//!   (encoder self-attention, decoder self- and cross-attention); the adapters sit under the
+//!   projections' names (`….SelfAttention.q.lora_A.weight`) and their dropout acts with a training
+//!   [`Ctx`], the cross-attention's keys/values included.
 //! * Generation follows transformers 5's `generate()` step for step (greedy: argmax, finished rows
 //!   fed pad; beam search: `_beam_search` with its length penalty, early-stopping heuristic and
 //!   2·num_beams candidates), `min_new_tokens` included; sampling is deliberately not offered.
 
 use crate::nn::attention::{causal_bias, padding_bias, MultiHeadAttention};
 use crate::nn::init::Init;
+use crate::nn::lora::{LoraAdapter, LoraConfig, LoraTarget};
 use crate::nn::{cross_entropy, log_softmax_last_dim, Activation, Ctx, Dropout, Embedding, Linear, RmsNorm};
 use crate::weights::checkpoints::hf_section;
 use crate::weights::Loader;
@@ -351,15 +356,24 @@ fn cast(t: &Tensor, dt: DType) -> Result<Tensor> {
 /// projections carry gradients to the activations only ([`Linear::forward_frozen`]).
 pub type T5Attention = MultiHeadAttention;
 
-/// T5's attention under `lb` (`q`, `k`, `v`, `o`), with T5's initialisation when not loaded.
-fn load_attention(lb: &Loader, cfg: &T5Config) -> Result<T5Attention> {
+/// T5's attention under `lb` (`q`, `k`, `v`, `o`), with T5's initialisation when not loaded,
+/// and a LoRA branch on each projection `lora` targets.
+fn load_attention(lb: &Loader, cfg: &T5Config, lora: Option<&LoraConfig>) -> Result<T5Attention> {
     let (d, inner) = (cfg.d_model, cfg.inner_dim());
     let normal = |std: f64| Init::Normal { std };
+    let proj = |name: &str, target: LoraTarget, d_in: usize, d_out: usize, std: f64| -> Result<Linear> {
+        let plb = lb.pp(name);
+        let lin = Linear::load_with(&plb, d_in, d_out, false, normal(std))?;
+        Ok(match lora {
+            Some(l) if l.targets(target) => lin.with_lora(LoraAdapter::load(&plb, d_in, d_out, l)?),
+            _ => lin,
+        })
+    };
     Ok(MultiHeadAttention {
-        q: Linear::load_with(&lb.pp("q"), d, inner, false, normal(((d * cfg.d_kv) as f64).powf(-0.5)))?,
-        k: Linear::load_with(&lb.pp("k"), d, inner, false, normal((d as f64).powf(-0.5)))?,
-        v: Linear::load_with(&lb.pp("v"), d, inner, false, normal((d as f64).powf(-0.5)))?,
-        o: Linear::load_with(&lb.pp("o"), inner, d, false, normal((inner as f64).powf(-0.5)))?,
+        q: proj("q", LoraTarget::Q, d, inner, ((d * cfg.d_kv) as f64).powf(-0.5))?,
+        k: proj("k", LoraTarget::K, d, inner, (d as f64).powf(-0.5))?,
+        v: proj("v", LoraTarget::V, d, inner, (d as f64).powf(-0.5))?,
+        o: proj("o", LoraTarget::O, inner, d, (inner as f64).powf(-0.5))?,
         heads: cfg.num_heads,
         scale: None,
         dropout: Dropout::new(cfg.dropout_rate),
@@ -431,13 +445,13 @@ pub struct T5Block {
 }
 
 impl T5Block {
-    fn load(lb: &Loader, cfg: &T5Config, is_decoder: bool) -> Result<Self> {
+    fn load(lb: &Loader, cfg: &T5Config, is_decoder: bool, lora: Option<&LoraConfig>) -> Result<Self> {
         let eps = cfg.layer_norm_epsilon;
         let l0 = lb.pp("layer.0");
         let cross_attn = if is_decoder {
             let l1 = lb.pp("layer.1");
             Some((
-                load_attention(&l1.pp("EncDecAttention"), cfg)?,
+                load_attention(&l1.pp("EncDecAttention"), cfg, lora)?,
                 RmsNorm::load(&l1.pp("layer_norm"), cfg.d_model, eps)?,
             ))
         } else {
@@ -445,7 +459,7 @@ impl T5Block {
         };
         let lf = lb.pp(if is_decoder { "layer.2" } else { "layer.1" });
         Ok(Self {
-            self_attn: load_attention(&l0.pp("SelfAttention"), cfg)?,
+            self_attn: load_attention(&l0.pp("SelfAttention"), cfg, lora)?,
             self_attn_norm: RmsNorm::load(&l0.pp("layer_norm"), cfg.d_model, eps)?,
             cross_attn,
             ff: T5DenseActDense::load(&lf.pp("DenseReluDense"), cfg)?,
@@ -467,7 +481,7 @@ impl T5Block {
     ) -> Result<Tensor> {
         // self-attention
         let h = self.self_attn_norm.forward(x)?;
-        let (mut k, mut v) = self.self_attn.project_kv(&h)?;
+        let (mut k, mut v) = self.self_attn.project_kv(&h, ctx)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
                 k = Tensor::cat(&[pk, &k], 2)?;
@@ -509,7 +523,7 @@ pub struct T5Stack {
 }
 
 impl T5Stack {
-    fn load(lb: &Loader, cfg: &T5Config, is_decoder: bool) -> Result<Self> {
+    fn load(lb: &Loader, cfg: &T5Config, is_decoder: bool, lora: Option<&LoraConfig>) -> Result<Self> {
         let n = if is_decoder { cfg.num_decoder_layers } else { cfg.num_layers };
         ensure!(
             n > 0,
@@ -517,7 +531,7 @@ impl T5Stack {
             if is_decoder { "decoder" } else { "encoder" }
         );
         let blocks = (0..n)
-            .map(|i| T5Block::load(&lb.pp(format!("block.{i}")), cfg, is_decoder))
+            .map(|i| T5Block::load(&lb.pp(format!("block.{i}")), cfg, is_decoder, lora))
             .collect::<Result<Vec<_>>>()?;
         let relative_attention_bias = lb.pp("block.0.layer.0.SelfAttention.relative_attention_bias").get(
             (cfg.relative_attention_num_buckets, cfg.num_heads),
@@ -674,7 +688,16 @@ pub struct T5Model {
 impl T5Model {
     /// Load from `lb` (already positioned at the model's prefix, e.g. `lb.pp("language_model")`).
     pub fn load(lb: &Loader, cfg: &T5Config) -> Result<Self> {
+        Self::load_with_lora(lb, cfg, None)
+    }
+
+    /// [`T5Model::load`] with LoRA branches on the attention projections `lora` targets (read
+    /// from the source when it holds them, else initialised as PEFT does: B = 0).
+    pub fn load_with_lora(lb: &Loader, cfg: &T5Config, lora: Option<&LoraConfig>) -> Result<Self> {
         cfg.validate()?;
+        if let Some(l) = lora {
+            l.validate()?;
+        }
         let (v, d) = (cfg.vocab_size, cfg.d_model);
         let emb_names = ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"];
         let weight = lb.get_any((v, d), &emb_names, Init::Normal { std: 1.0 })?;
@@ -692,8 +715,8 @@ impl T5Model {
             }
         }
         let shared = Embedding::new(weight);
-        let encoder = T5Stack::load(&lb.pp("encoder"), cfg, false)?;
-        let decoder = T5Stack::load(&lb.pp("decoder"), cfg, true)?;
+        let encoder = T5Stack::load(&lb.pp("encoder"), cfg, false, lora)?;
+        let decoder = T5Stack::load(&lb.pp("decoder"), cfg, true, lora)?;
         let lm_head = if cfg.tie_word_embeddings && !lb.contains("lm_head.weight") {
             Linear::new(shared.weight.clone(), None)
         } else {
@@ -747,14 +770,19 @@ impl T5Model {
         self.encoder.finish(&h, ctx) // [B, L, d]
     }
 
-    /// Every decoder block's cross-attention keys/values over `enc` [B, Le, d].
+    /// Every decoder block's cross-attention keys/values over `enc` [B, Le, d] (evaluation).
     pub fn cross_kv(&self, enc: &Tensor) -> Result<Vec<CrossKv>> {
+        self.cross_kv_ctx(enc, Ctx::eval())
+    }
+
+    /// [`T5Model::cross_kv`] in `ctx` (a LoRA branch's dropout acts in training).
+    pub fn cross_kv_ctx(&self, enc: &Tensor, ctx: Ctx) -> Result<Vec<CrossKv>> {
         let enc = cast(enc, self.dtype())?;
         self.decoder
             .blocks
             .iter()
             .map(|blk| match &blk.cross_attn {
-                Some((attn, _)) => attn.project_kv(&enc),
+                Some((attn, _)) => attn.project_kv(&enc, ctx),
                 None => Err(anyhow!("T5 decoder block without cross-attention")),
             })
             .collect()
@@ -832,7 +860,7 @@ impl T5Model {
         let cross_bias = self.cross_bias(enc, enc_mask)?;
         let (b, _) = decoder_input_ids.dims2().context("T5: decoder_input_ids should be [B, Ld]")?;
         ensure!(b == enc.dim(0)?, "T5: {b} decoder rows for {} encoder rows", enc.dim(0)?);
-        let cross = self.cross_kv(enc)?;
+        let cross = self.cross_kv_ctx(enc, ctx)?;
         let h = self.run_decoder(decoder_input_ids, &cross, &cross_bias, None, ctx)?;
         self.lm_logits(&h)
     }

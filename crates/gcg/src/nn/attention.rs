@@ -86,8 +86,9 @@ pub fn scaled_dot_product_attention(
 
 /// Attention with separate query/key/value/output projections (BERT, T5, the grounding encoder).
 ///
-/// The projections go through [`Linear::forward_frozen`]: a bias-free frozen weight (T5's) gets
-/// no gradient of its own; every other layer is plain [`Linear::forward`].
+/// The projections go through [`Linear::project`]: a bias-free frozen weight (T5's) gets no
+/// gradient of its own; every other layer is plain [`Linear::forward`]; a projection with a LoRA
+/// branch adds it (its dropout active in a training context).
 #[derive(Debug, Clone)]
 pub struct MultiHeadAttention {
     pub q: Linear,
@@ -139,23 +140,23 @@ impl MultiHeadAttention {
     }
 
     /// Project keys and values once (e.g. to cache them): [B, Lk, kv_dim] → two [B, H, Lk, D].
-    pub fn project_kv(&self, kv: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn project_kv(&self, kv: &Tensor, ctx: Ctx) -> Result<(Tensor, Tensor)> {
         Ok((
-            split_heads(&self.k.forward_frozen(kv)?, self.heads)?,
-            split_heads(&self.v.forward_frozen(kv)?, self.heads)?,
+            split_heads(&self.k.project(kv, ctx)?, self.heads)?,
+            split_heads(&self.v.project(kv, ctx)?, self.heads)?,
         ))
     }
 
     /// x: [B, Lq, dim]; kv: [B, Lk, kv_dim] (= x for self-attention); bias broadcastable to
     /// [B, H, Lq, Lk]. Returns [B, Lq, dim] after the output projection.
     pub fn forward(&self, x: &Tensor, kv: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
-        let (k, v) = self.project_kv(kv)?;
+        let (k, v) = self.project_kv(kv, ctx)?;
         self.forward_with_kv(x, &k, &v, bias, ctx)
     }
 
     pub fn forward_with_kv(&self, x: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
-        let q = split_heads(&self.q.forward_frozen(x)?, self.heads)?;
+        let q = split_heads(&self.q.project(x, ctx)?, self.heads)?;
         let out = scaled_dot_product_attention(&q, k, v, self.scale, bias, Some((self.dropout, ctx)))?;
-        self.o.forward_frozen(&merge_heads(&out)?)
+        self.o.project(&merge_heads(&out)?, ctx)
     }
 }

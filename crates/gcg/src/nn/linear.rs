@@ -1,8 +1,11 @@
 //! Fully connected layer, weights stored as PyTorch does: `weight` [out, in], `bias` [out], and
 //! the linear helpers: the frozen-weight projection ([`Linear::forward_frozen`]), `nn.Linear`'s
 //! default initialisation ([`torch_linear`]) and the trainable-tensor listing ([`push_linear`]).
+//! A layer may carry a LoRA branch ([`LoraAdapter`]) that every forward adds.
 
 use super::init::Init;
+use super::lora::LoraAdapter;
+use super::Ctx;
 use crate::weights::Loader;
 use anyhow::{anyhow, Result};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Shape, Storage, Tensor};
@@ -12,11 +15,19 @@ use std::sync::Arc;
 pub struct Linear {
     pub weight: Tensor,       // [out, in]
     pub bias: Option<Tensor>, // [out]
+    /// A low-rank trainable branch added to the output (the T5's adapted projections).
+    pub lora: Option<Box<LoraAdapter>>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight, bias, lora: None }
+    }
+
+    /// This layer with a LoRA branch.
+    pub fn with_lora(mut self, lora: LoraAdapter) -> Self {
+        self.lora = Some(Box::new(lora));
+        self
     }
 
     /// Load `{prefix}.weight` (and `{prefix}.bias` when `bias`); random init follows
@@ -29,7 +40,7 @@ impl Linear {
     pub fn load_with(lb: &Loader, in_dim: usize, out_dim: usize, bias: bool, init: Init) -> Result<Self> {
         let weight = lb.get((out_dim, in_dim), "weight", init)?;
         let bias = if bias { Some(lb.get(out_dim, "bias", Init::Zeros)?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self::new(weight, bias))
     }
 
     pub fn in_dim(&self) -> usize {
@@ -39,8 +50,26 @@ impl Linear {
         self.weight.dim(0).unwrap_or(0)
     }
 
-    /// x: [..., in] → [..., out]
+    /// x: [..., in] → [..., out] (+ the LoRA branch, dropout off).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.forward_base(x)?;
+        self.add_lora(x, y, Ctx::eval())
+    }
+
+    /// `y` plus the LoRA branch of `x` (in `y`'s dtype), when the layer has one.
+    fn add_lora(&self, x: &Tensor, y: Tensor, ctx: Ctx) -> Result<Tensor> {
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => {
+                let d = l.forward(x, ctx)?;
+                let d = if d.dtype() == y.dtype() { d } else { d.to_dtype(y.dtype())? };
+                Ok((y + d)?)
+            }
+        }
+    }
+
+    /// W x (+ b), without the LoRA branch.
+    fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().ok_or_else(|| anyhow::anyhow!("Linear on a scalar"))?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -67,11 +96,24 @@ impl Linear {
     /// `forward` for a bias-free layer whose weight is frozen: when gradients flow through `x`
     /// and the weight is a plain tensor, the product is one autograd node ([`FrozenMatmul`]) whose
     /// only input is `x`, so no weight gradient is computed or stored. Otherwise (no gradient to
-    /// carry, a trainable weight, or a bias) it is [`Linear::forward`].
+    /// carry, a trainable weight, or a bias) it is [`Linear::forward`]. The LoRA branch, when
+    /// there is one, is added with dropout off ([`Linear::project`] with a training context).
     pub fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        self.project(x, Ctx::eval())
+    }
+
+    /// [`Linear::forward_frozen`] whose LoRA branch (if any) runs in `ctx` (its dropout acts in
+    /// training): W x + (alpha / r) · B · A · dropout(x).
+    pub fn project(&self, x: &Tensor, ctx: Ctx) -> Result<Tensor> {
+        let y = self.frozen_base(x)?;
+        self.add_lora(x, y, ctx)
+    }
+
+    /// W x through [`FrozenMatmul`] when it applies, else [`Linear::forward_base`].
+    fn frozen_base(&self, x: &Tensor) -> Result<Tensor> {
         let w = &self.weight;
         if !x.track_op() || w.track_op() || self.bias.is_some() {
-            return self.forward(x);
+            return self.forward_base(x);
         }
         let dims = x.dims().to_vec();
         let k = *dims.last().ok_or_else(|| anyhow!("projection of a scalar"))?;

@@ -10,6 +10,7 @@ pub mod dropout;
 pub mod embedding;
 pub mod init;
 pub mod linear;
+pub mod lora;
 pub mod norm;
 pub mod ops;
 
@@ -17,6 +18,7 @@ pub use attention::{causal_bias, merge_heads, padding_bias, scaled_dot_product_a
 pub use dropout::Dropout;
 pub use embedding::Embedding;
 pub use linear::{push_linear, torch_linear, FrozenMatmul, Linear};
+pub use lora::{LoraAdapter, LoraConfig, LoraTarget};
 pub use norm::{LayerNorm, RmsNorm};
 pub use ops::{cross_entropy, gelu, log_softmax_last_dim, softmax_last_dim, top_k_sorted, Activation};
 

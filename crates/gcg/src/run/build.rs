@@ -85,7 +85,10 @@ pub fn build_model(cfg: &RunConfig, embed_dim: usize) -> Result<BuiltModel> {
     }
     let vars = lb.vars();
     if w.fan_in_init && w.pretrained.is_none() {
-        crate::nn::init::fan_in_reinit(&vars, w.seed.wrapping_add(17), |n| n.contains("embed") || n.contains("shared"))?;
+        // LoRA adapters keep PEFT's initialisation (B = 0: the adapted T5 starts as the T5).
+        crate::nn::init::fan_in_reinit(&vars, w.seed.wrapping_add(17), |n| {
+            n.contains("embed") || n.contains("shared") || crate::nn::lora::is_lora_name(n)
+        })?;
     }
     if let Some(init) = &w.init {
         load_trained(&vars, init, w.init_partial).with_context(|| {

@@ -386,6 +386,9 @@ impl RunConfig {
         );
         ensure!(d.workers >= 1, "data.workers must be at least 1");
         self.train.validate()?;
+        if self.train.train_t5 && self.model.lmm.lora.is_some() {
+            bail!("[train] train_t5 = true fine-tunes every T5 weight, [model.lmm] lora trains adapters on a frozen T5: choose one");
+        }
         if self.train.epochs == 0 && self.model.mode != crate::model::Mode::Grounding {
             bail!(
                 "epochs = 0 trains nothing in {} mode (grounding_warmup_epochs counts only in grounding mode)",
