@@ -104,7 +104,6 @@ impl GcgConfig {
             Mode::Uniform => self.grounding.validate_sizes()?,
             Mode::Grounding | Mode::Oracle => self.grounding.validate()?,
         }
-        self.lmm.validate()?;
         ensure!(
             self.alpha_reg.is_finite() && self.alpha_reg >= 0.0 && self.alpha_con.is_finite() && self.alpha_con >= 0.0,
             "model: alpha_reg {} and alpha_con {} must be finite and >= 0",

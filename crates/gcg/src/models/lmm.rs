@@ -150,6 +150,9 @@ impl LmmOptions {
                 "model.lmm: dropout {p} must be in [0, 1) (1 would hide every input from the language model)"
             );
         }
+        if let Some(l) = &self.lora {
+            l.validate().context("[model.lmm] lora")?;
+        }
         Ok(())
     }
 
@@ -170,12 +173,6 @@ impl LmmOptions {
         cfg
     }
 
-    pub fn validate(&self) -> Result<()> {
-        if let Some(l) = &self.lora {
-            l.validate().context("[model.lmm] lora")?;
-        }
-        Ok(())
-    }
 }
 
 /// The names GCG trains: Q-Former, query tokens, projection and frame positions, and the T5's
