@@ -67,7 +67,10 @@ fn weights_by_name_in_a_run_config() {
     // The model built from the names through the cache equals the one built from the directories.
     let cache = tmp.path().join("hub");
     cache_repo(&cache, "Org/Name", &fixtures().join("parity/tiny-s0/hf"));
-    cache_repo(&cache, "Org/Tok", &fixtures().join("tokenizers/snapshot"));
+    // Tokenizers that fit the tiny checkpoint's 120-row embedding tables (a closed vocabulary).
+    let tok_dir = tmp.path().join("tok");
+    gcg::text::vocab::closed_vocab_tokenizers(&["what is the man doing? he rolls the red ball"], &tok_dir).unwrap();
+    cache_repo(&cache, "Org/Tok", &tok_dir);
     // SAFETY: the only test of this binary; nothing else reads the environment meanwhile.
     unsafe {
         std::env::set_var("HF_HUB_CACHE", &cache);
@@ -83,7 +86,7 @@ fn weights_by_name_in_a_run_config() {
         cfg.weights.tokenizers = Some(tokenizers.to_path_buf());
         build_model(&cfg, 16)
     };
-    let by_path = built(&fixtures().join("parity/tiny-s0/hf"), &fixtures().join("tokenizers/snapshot")).unwrap();
+    let by_path = built(&fixtures().join("parity/tiny-s0/hf"), &tok_dir).unwrap();
     let by_name = built(Path::new("Org/Name"), Path::new("Org/Tok")).unwrap();
     let (a, b) = (&by_path.vars, &by_name.vars);
     assert!(a.len() > 0 && a.len() == b.len());

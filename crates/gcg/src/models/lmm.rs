@@ -172,7 +172,6 @@ impl LmmOptions {
         cfg.lora = self.lora.clone();
         cfg
     }
-
 }
 
 /// The names GCG trains: Q-Former, query tokens, projection and frame positions, and the T5's
