@@ -6,8 +6,8 @@ use crate::store_args::{finish_report, writer_options};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Args;
 use gcg::data::{read_annotations, QaSample, ReadOptions};
-use gcg::features::frozen;
 use gcg::features::labels::{label_questions, ClipTextEncoder, EventSource, LabelOptions, LabelProgress};
+use gcg::features::{frozen, provenance};
 use gcg::models::Preset;
 use gcg::text::tokenizers::ClipTokenizer;
 use std::path::{Path, PathBuf};
@@ -103,12 +103,16 @@ fn read_samples(path: &Path, format: AnnotationFormat, skip_bad_rows: bool) -> R
     Ok(ann.samples)
 }
 
-fn tokenizer(a: &LabelsArgs) -> Result<ClipTokenizer> {
-    let path = match (&a.clip_tokenizer, &a.clip) {
+fn tokenizer_path(a: &LabelsArgs) -> Result<PathBuf> {
+    Ok(match (&a.clip_tokenizer, &a.clip) {
         (Some(p), _) => p.clone(),
         (None, Some(dir)) => dir.join("bpe_simple_vocab_16e6.txt.gz"),
         (None, None) => bail!("--clip-tokenizer is required with --random-weights"),
-    };
+    })
+}
+
+fn tokenizer(a: &LabelsArgs) -> Result<ClipTokenizer> {
+    let path = tokenizer_path(a)?;
     if path.extension().is_some_and(|e| e == "json") {
         ClipTokenizer::from_file(&path)
     } else {
@@ -142,6 +146,12 @@ pub fn run(a: LabelsArgs) -> Result<()> {
         event,
         top_k: a.top_k,
         skip_existing: !a.overwrite,
+        text_encoder: Some(provenance::text_encoder(
+            a.preset,
+            a.random.random_weights.then_some(a.random.seed),
+            a.clip.as_deref(),
+            &tokenizer_path(&a)?,
+        )?),
         writer: writer_options(a.shard_mb, 120.0)?,
         ..Default::default()
     };

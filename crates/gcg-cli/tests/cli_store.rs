@@ -420,7 +420,7 @@ fn a_damaged_store_is_reported_repaired_and_recomputed_by_features_and_labels() 
     let o = verify(&store, &["--checksums", "--repair"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains("dropped 1 videos and 0 questions"),
+        String::from_utf8_lossy(&o.stdout).contains("dropped 1 videos (e.g. vid3) and 0 questions"),
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );

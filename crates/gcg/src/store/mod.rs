@@ -79,12 +79,15 @@ mod index;
 mod reader;
 mod writer;
 
-pub use check::{check, drop_broken, BrokenShard, CheckOptions, NonFiniteRecord, ShardFault, StoreCheck};
+pub use check::{
+    check, consistency, drop_broken, dropped_counts, BrokenShard, CheckOptions, Consistency, NonFiniteRecord, ShardFault, StoreCheck,
+    RECOMPUTE_HINT,
+};
 pub(crate) use format::f16_to_f32;
 pub use format::read_header;
 pub use index::{
-    Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, TensorLoc, VideoEntry, FORMAT, INDEX_FILE, LOCK_FILE, SHARD_DIR,
-    VERSION,
+    check_times, time_tolerance, Extractor, Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, TensorLoc, VideoEntry,
+    FORMAT, INDEX_FILE, LOCK_FILE, SHARD_DIR, VERSION,
 };
 pub(crate) use reader::f16_to_bf16;
 pub use reader::{MappedTensor, QuestionTexts, Snapshot, Store};
