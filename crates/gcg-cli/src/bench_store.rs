@@ -89,6 +89,7 @@ fn write_synthetic(dir: &Path, a: &StoreArgs) -> Result<(f64, u64)> {
             duration: Some(t as f64 * 0.5),
             fps: Some(30.0),
             source: None,
+            extractor: None,
         })?;
     }
     w.flush()?;
@@ -107,6 +108,7 @@ fn write_synthetic(dir: &Path, a: &StoreArgs) -> Result<(f64, u64)> {
             event_text: "synthetic".into(),
             curve: vecs(1).into_iter().take(t).chain(std::iter::repeat(0.0)).take(t).collect(),
             pseudo_labels: (0..k).collect(),
+            text_encoder: None,
         })?;
     }
     w.finish()?;

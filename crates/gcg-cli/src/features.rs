@@ -14,7 +14,7 @@ use gcg::features::extract::{
     decoded_frames, extract_features, safetensors_frames, ExtractOptions, ExtractProgress, FeatureModels, FrameSource, VideoFrames,
     VideoJob,
 };
-use gcg::features::frozen;
+use gcg::features::{frozen, provenance};
 use gcg::models::Preset;
 use gcg::run::{DeviceKind, Precision};
 use gcg::store::WriterOptions;
@@ -193,40 +193,59 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
     let (vit_cfg, clip_cfg) = frozen::preset(a.preset);
     let writer = writer_options(a.shard_mb, a.flush_secs)?;
 
-    let clip_dir = a.clip.clone().or_else(|| a.weights.clone());
-    let clip = if a.random.random_weights {
-        frozen::random_clip_image(&clip_cfg, &dev, dtype, a.random.seed)?
+    // The CLIP branch's files (a directory, or a model id resolved through the HF cache).
+    let clip_dir = if a.random.random_weights {
+        None
     } else {
-        let spec = clip_dir.ok_or_else(|| anyhow!("--clip (the GCG eva_clip_*.pth files) is needed without --random-weights"))?;
-        let dir = hub::locate(&spec, Need::ClipBranch)?;
-        frozen::load_clip_image(&dir, &clip_cfg, &dev, dtype)?
+        let spec = a
+            .clip
+            .clone()
+            .or_else(|| a.weights.clone())
+            .ok_or_else(|| anyhow!("--clip (the GCG eva_clip_*.pth files) is needed without --random-weights"))?;
+        Some(hub::locate(&spec, Need::ClipBranch)?)
+    };
+    let clip = match &clip_dir {
+        None => frozen::random_clip_image(&clip_cfg, &dev, dtype, a.random.seed)?,
+        Some(dir) => frozen::load_clip_image(dir, &clip_cfg, &dev, dtype)?,
     };
 
+    let seed = a.random.random_weights.then_some(a.random.seed);
     if let Some(h5) = &a.import_h5 {
-        return import_h5(&a, h5, &clip, writer);
+        let clip_models = match (seed, clip_dir.as_deref()) {
+            (Some(_), _) => provenance::image_models(a.preset, seed, None, None)?,
+            (None, Some(dir)) => format!("clip image {}", provenance::files_fingerprint(&provenance::clip_image_files(dir)?)?),
+            (None, None) => bail!("--clip is needed without --random-weights"),
+        };
+        return import_h5(&a, h5, &clip, writer, clip_models);
     }
 
     let videos = a.videos.as_ref().ok_or_else(|| anyhow!("--videos is required"))?;
     let jobs = video_jobs(videos, a.id_map.as_deref())?;
-    let vit = if a.random.random_weights {
-        frozen::random_vit(&vit_cfg, &dev, dtype, a.random.seed)?
+    let vit_dir = if a.random.random_weights {
+        None
     } else {
         let spec = a
             .weights
             .as_ref()
             .ok_or_else(|| anyhow!("--weights is needed without --random-weights"))?;
-        frozen::load_vit(&hub::locate(spec, Need::Vit)?, &vit_cfg, &dev, dtype)?
+        Some(hub::locate(spec, Need::Vit)?)
+    };
+    let vit = match &vit_dir {
+        None => frozen::random_vit(&vit_cfg, &dev, dtype, a.random.seed)?,
+        Some(dir) => frozen::load_vit(dir, &vit_cfg, &dev, dtype)?,
     };
     let models = FeatureModels {
         vit: &vit,
         clip: &clip,
         frame_batch: a.frame_batch,
     };
+    let models_id = provenance::image_models(a.preset, seed, vit_dir.as_deref(), clip_dir.as_deref())?;
     let opts = ExtractOptions {
         num_frames: a.num_frames,
         jobs: a.jobs,
         overwrite: a.overwrite,
         writer,
+        extractor: Some(provenance::extractor(a.sampling.to_string(), models_id)),
     };
     let abort = abort_after()?;
     let pb = progress_bar(0, false);
@@ -266,7 +285,13 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
 }
 
 #[cfg(not(feature = "hdf5"))]
-fn import_h5(_a: &FeaturesArgs, h5: &Path, _clip: &gcg::models::clip_branch::ClipImageHead, _w: WriterOptions) -> Result<()> {
+fn import_h5(
+    _a: &FeaturesArgs,
+    h5: &Path,
+    _clip: &gcg::models::clip_branch::ClipImageHead,
+    _w: WriterOptions,
+    _clip_models: String,
+) -> Result<()> {
     bail!(
         "--import-h5 {}: this gcg was built without HDF5 support (rebuild with `--features hdf5`, which needs libhdf5-dev)",
         h5.display()
@@ -274,7 +299,13 @@ fn import_h5(_a: &FeaturesArgs, h5: &Path, _clip: &gcg::models::clip_branch::Cli
 }
 
 #[cfg(feature = "hdf5")]
-fn import_h5(a: &FeaturesArgs, h5: &Path, clip: &gcg::models::clip_branch::ClipImageHead, writer: WriterOptions) -> Result<()> {
+fn import_h5(
+    a: &FeaturesArgs,
+    h5: &Path,
+    clip: &gcg::models::clip_branch::ClipImageHead,
+    writer: WriterOptions,
+    clip_models: String,
+) -> Result<()> {
     use gcg::features::h5import::{import_official_h5, ImportOptions, VideoTimes};
     let times = VideoTimes::from_files(a.frame2time.as_deref(), a.gsub.as_deref())?;
     let pb = progress_bar(0, false);
@@ -288,6 +319,7 @@ fn import_h5(a: &FeaturesArgs, h5: &Path, clip: &gcg::models::clip_branch::ClipI
             num_frames: a.num_frames,
             overwrite: a.overwrite,
             writer,
+            clip_models: Some(clip_models),
         },
         &mut |ev| match ev {
             ExtractProgress::Start { total, skipped } => pb.set_length((total - skipped) as u64),

@@ -6,8 +6,8 @@ use crate::store_args::{finish_report, writer_options};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use clap::Args;
 use gcg::data::{read_annotations, QaSample, ReadOptions};
-use gcg::features::frozen;
 use gcg::features::labels::{label_questions, ClipTextEncoder, EventSource, LabelOptions, LabelProgress};
+use gcg::features::{frozen, provenance};
 use gcg::models::Preset;
 use gcg::text::tokenizers::ClipTokenizer;
 use gcg::weights::hub::{self, Need};
@@ -106,13 +106,17 @@ fn read_samples(path: &Path, format: AnnotationFormat, skip_bad_rows: bool) -> R
     Ok(ann.samples)
 }
 
-/// The CLIP tokenizer: --clip-tokenizer, else the BPE merges in the (resolved) CLIP directory.
-fn tokenizer(a: &LabelsArgs, clip_dir: Option<&Path>) -> Result<ClipTokenizer> {
-    let path = match (&a.clip_tokenizer, clip_dir) {
+/// The CLIP tokenizer's file: --clip-tokenizer, else the BPE merges in the (resolved) CLIP directory.
+fn tokenizer_path(a: &LabelsArgs, clip_dir: Option<&Path>) -> Result<PathBuf> {
+    Ok(match (&a.clip_tokenizer, clip_dir) {
         (Some(p), _) => p.clone(),
         (None, Some(dir)) => dir.join("bpe_simple_vocab_16e6.txt.gz"),
         (None, None) => bail!("--clip-tokenizer is required with --random-weights"),
-    };
+    })
+}
+
+fn tokenizer(a: &LabelsArgs, clip_dir: Option<&Path>) -> Result<ClipTokenizer> {
+    let path = tokenizer_path(a, clip_dir)?;
     if path.extension().is_some_and(|e| e == "json") {
         ClipTokenizer::from_file(&path)
     } else {
@@ -146,6 +150,12 @@ pub fn run(a: LabelsArgs) -> Result<()> {
         event,
         top_k: a.top_k,
         skip_existing: !a.overwrite,
+        text_encoder: Some(provenance::text_encoder(
+            a.preset,
+            a.random.random_weights.then_some(a.random.seed),
+            clip_dir.as_deref(),
+            &tokenizer_path(&a, clip_dir.as_deref())?,
+        )?),
         writer: writer_options(a.shard_mb, 120.0)?,
         ..Default::default()
     };

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use gcg::store::{CheckOptions, Store, StoreCheck, StoreWriter, WriterOptions};
+use gcg::store::{consistency, dropped_counts, CheckOptions, Store, StoreCheck, StoreWriter, WriterOptions, RECOMPUTE_HINT};
 use serde_json::json;
 use std::path::PathBuf;
 
@@ -41,13 +41,21 @@ pub fn run(c: StoreCommand) -> Result<()> {
 }
 
 fn verify(a: VerifyArgs) -> Result<()> {
+    if a.store.is_file() {
+        bail!(
+            "--store {} is a file, not a feature-store directory (give the directory holding index.json and shards/)",
+            a.store.display()
+        );
+    }
     let store = Store::open(&a.store)?;
     let opts = CheckOptions {
         headers: true,
         checksums: a.checksums,
         values: a.values,
     };
-    let found = store.snapshot().check(opts)?;
+    let snap = store.snapshot();
+    let found = snap.check(opts)?;
+    let mixed = consistency(snap.index());
     let repaired = if a.repair && (!found.is_clean() || !found.unlisted.is_empty()) {
         Some(StoreWriter::open(&a.store, WriterOptions::default())?.repair(&found)?)
     } else {
@@ -55,6 +63,8 @@ fn verify(a: VerifyArgs) -> Result<()> {
     };
     if a.json {
         let mut out = report_json(&found);
+        out["mixed"] = json!(mixed.mixed);
+        out["unknown_provenance"] = json!({"videos": mixed.unknown_videos, "questions": mixed.unknown_questions});
         if let Some(r) = &repaired {
             out["repaired"] = json!({
                 "shards": r.shards.iter().map(|(n, to)| json!({"shard": n, "moved_to": to})).collect::<Vec<_>>(),
@@ -65,7 +75,16 @@ fn verify(a: VerifyArgs) -> Result<()> {
         }
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        print_report(&a, &found);
+        print_report(&a, &found, !mixed.mixed.is_empty());
+        for m in &mixed.mixed {
+            println!("mixed: {m}");
+        }
+        if mixed.unknown_videos + mixed.unknown_questions > 0 {
+            println!(
+                "{} videos and {} questions have no recorded provenance (written by an older gcg; not compared)",
+                mixed.unknown_videos, mixed.unknown_questions
+            );
+        }
         if let Some(r) = &repaired {
             for (name, to) in &r.shards {
                 match to {
@@ -74,10 +93,8 @@ fn verify(a: VerifyArgs) -> Result<()> {
                 }
             }
             println!(
-                "dropped {} videos and {} questions from the index; recompute them with `gcg features` and `gcg labels` \
-                 (the same commands that made them){}",
-                r.videos.len(),
-                r.questions.len(),
+                "dropped {} from the index; {RECOMPUTE_HINT}, with the same settings that made them{}",
+                dropped_counts(&r.videos, &r.questions),
                 if r.removed_unlisted.is_empty() {
                     String::new()
                 } else {
@@ -85,6 +102,14 @@ fn verify(a: VerifyArgs) -> Result<()> {
                 }
             );
         }
+    }
+    if !mixed.mixed.is_empty() {
+        bail!(
+            "the feature store {} mixes records made differently (listed above): one store must hold features of one T \
+             made by one extractor, and labels of one text encoder; recompute the odd ones with --overwrite \
+             (`gcg features`, `gcg labels`) or split the store",
+            a.store.display()
+        );
     }
     if !found.is_clean() && repaired.is_none() {
         bail!(
@@ -98,7 +123,7 @@ fn verify(a: VerifyArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_report(a: &VerifyArgs, found: &StoreCheck) {
+fn print_report(a: &VerifyArgs, found: &StoreCheck, mixed: bool) {
     let depth = match (a.checksums, a.values) {
         (false, false) => "files, sizes and headers",
         (true, false) => "files, sizes, headers and checksums",
@@ -112,8 +137,10 @@ fn print_report(a: &VerifyArgs, found: &StoreCheck) {
         found.videos,
         found.questions
     );
-    if found.is_clean() {
+    if found.is_clean() && !mixed {
         println!("ok");
+    } else if found.is_clean() {
+        println!("every shard reads as the index says");
     } else {
         println!("{}", found.describe());
     }

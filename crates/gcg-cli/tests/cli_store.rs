@@ -49,18 +49,23 @@ fn videos(dir: &Path) -> Result<()> {
 }
 
 fn features_cmd(videos: &Path, store: &Path) -> Command {
+    features_cmd_with(videos, store, &[])
+}
+
+/// `features_cmd` with `(flag, value)` pairs replacing the defaults of `--seed`/`--num-frames`
+/// or added.
+fn features_cmd_with(videos: &Path, store: &Path, flags: &[(&str, &str)]) -> Command {
     let mut c = gcg();
     c.args(["features", "--videos"]).arg(videos).arg("--store").arg(store);
-    c.args([
-        "--preset",
-        "tiny",
-        "--random-weights",
-        "--seed",
-        &SEED.to_string(),
-        "--num-frames",
-        &T.to_string(),
-    ]);
-    c.args(["--shard-mb", "0", "--jobs", "2"]);
+    c.args(["--preset", "tiny", "--random-weights", "--shard-mb", "0", "--jobs", "2"]);
+    let mut all: Vec<(&str, String)> = vec![("--seed", SEED.to_string()), ("--num-frames", T.to_string())];
+    for (f, v) in flags {
+        all.retain(|(g, _)| g != f);
+        all.push((f, v.to_string()));
+    }
+    for (f, v) in all {
+        c.args([f, v.as_str()]);
+    }
     c
 }
 
@@ -396,6 +401,12 @@ fn a_damaged_store_is_reported_repaired_and_recomputed_by_features_and_labels() 
     let o = run(features_cmd(&vids, &store));
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("1 videos done, 4 already stored"), "{}", stderr(&o));
+    // The warning says what the repair really dropped: the video and its question.
+    assert!(
+        stderr(&o).contains("dropped 1 videos (e.g. vid1) and 1 questions (e.g. vid1_1)") && stderr(&o).contains("`gcg labels`"),
+        "{}",
+        stderr(&o)
+    );
     let after = Store::open(&store)?.snapshot();
     assert_eq!(bits(&after, "vid1"), vid1_before);
     // Its question went with it and `gcg labels` redoes it, the other one stays.
@@ -420,7 +431,7 @@ fn a_damaged_store_is_reported_repaired_and_recomputed_by_features_and_labels() 
     let o = verify(&store, &["--checksums", "--repair"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains("dropped 1 videos and 0 questions"),
+        String::from_utf8_lossy(&o.stdout).contains("dropped 1 videos (e.g. vid3) and 0 questions"),
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
@@ -428,5 +439,136 @@ fn a_damaged_store_is_reported_repaired_and_recomputed_by_features_and_labels() 
     let o = run(features_cmd(&vids, &store));
     assert!(stderr(&o).contains("1 videos done, 4 already stored"), "{}", stderr(&o));
     assert!(verify(&store, &["--checksums", "--values"]).status.success());
+    Ok(())
+}
+
+#[test]
+fn features_and_labels_refuse_to_reuse_records_made_otherwise() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let vids = tmp.path().join("videos");
+    std::fs::create_dir(&vids)?;
+    videos(&vids)?;
+    std::fs::remove_file(vids.join("bad.safetensors"))?;
+    let store = tmp.path().join("store");
+    assert!(run(features_cmd(&vids, &store)).status.success());
+    let v = Store::open(&store)?.snapshot().video("vid0")?.clone();
+    assert_eq!(v.extractor.as_ref().map(|e| e.models.as_str()), Some("random tiny seed 9"));
+
+    // Other weights, another T, another sampling: an error up front, nothing recomputed.
+    for (flag, value, want) in [
+        ("--seed", "10", "networks random tiny seed 9, this run uses random tiny seed 10"),
+        ("--num-frames", "3", "T = 4, this run asks T = 3"),
+        ("--sampling", "official", "sampling uniform, this run asks sampling official"),
+    ] {
+        let o = run(features_cmd_with(&vids, &store, &[(flag, value)]));
+        assert_eq!(o.status.code(), Some(1), "{flag}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("5 videos in") && err.contains(want) && err.contains("--overwrite"),
+            "{flag}: {err}"
+        );
+    }
+    // One more video with another T next to them: refused (no store of mixed T).
+    let more = tmp.path().join("more");
+    std::fs::create_dir(&more)?;
+    std::fs::copy(vids.join("vid0.safetensors"), more.join("extra.safetensors"))?;
+    let o = run(features_cmd_with(&more, &store, &[("--num-frames", "3")]));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("5 videos in") && stderr(&o).contains("have T = 4"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(stored(&store).len(), 5);
+
+    // Labels with another CLIP text tower: refused; the same one: skipped.
+    let csv = "video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4\n\
+               vid0,369,640,480,how do the two man play the instrument,2,6,CH,roll the handle,tap their feet,strum the string,hit with sticks,pat with hand\n";
+    let ann = tmp.path().join("val.csv");
+    std::fs::write(&ann, csv)?;
+    let labels = |seed: &str| {
+        let mut c = gcg();
+        c.args(["labels", "--store"]).arg(&store).arg("--annotations").arg(&ann);
+        c.args([
+            "--dataset",
+            "nextqa",
+            "--preset",
+            "tiny",
+            "--random-weights",
+            "--seed",
+            seed,
+            "--top-k",
+            "2",
+        ]);
+        c.arg("--clip-tokenizer").arg(bpe());
+        run(c)
+    };
+    assert!(labels("3").status.success());
+    let o = labels("4");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("1 questions in") && stderr(&o).contains("random tiny seed 3") && stderr(&o).contains("--overwrite"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(stderr(&labels("3")).contains("0 questions done, 1 already stored"));
+
+    // verify reports a store that mixes extractors (here by hand, as an older gcg could leave it).
+    let path = store.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    index["videos"]["vid2"]["extractor"]["models"] = "random tiny seed 77".into();
+    std::fs::write(&path, serde_json::to_vec(&index)?)?;
+    let o = verify(&store, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("videos extracted differently") && out.contains("seed 77") && !out.contains("\nok"),
+        "{out}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_bad_input_video_fails_alone_and_verify_names_a_file_store() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let vids = tmp.path().join("videos");
+    std::fs::create_dir(&vids)?;
+    videos(&vids)?;
+    std::fs::remove_file(vids.join("bad.safetensors"))?;
+    // vid1: one NaN pixel; vid2: an empty duration tensor; vid3: decreasing times.
+    let mut px = pixels(1).flatten_all()?.to_vec1::<f32>()?;
+    px[100] = f32::NAN;
+    let px = Tensor::from_vec(px, (FILE_FRAMES, 3, 42, 42), &Device::Cpu)?;
+    candle_core::safetensors::save(&HashMap::from([("pixel_values".to_string(), px)]), vids.join("vid1.safetensors"))?;
+    let empty = Tensor::zeros(0, DType::F64, &Device::Cpu)?;
+    candle_core::safetensors::save(
+        &HashMap::from([("pixel_values".to_string(), pixels(2)), ("duration".to_string(), empty)]),
+        vids.join("vid2.safetensors"),
+    )?;
+    let back = Tensor::new((0..FILE_FRAMES).rev().map(|t| t as f64).collect::<Vec<f64>>(), &Device::Cpu)?;
+    candle_core::safetensors::save(
+        &HashMap::from([("pixel_values".to_string(), pixels(3)), ("timestamps".to_string(), back)]),
+        vids.join("vid3.safetensors"),
+    )?;
+    let store = tmp.path().join("store");
+    let o = run(features_cmd(&vids, &store));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("2 videos done, 0 already stored, 3 failed"), "{err}");
+    assert!(
+        err.contains("vid1:") && err.contains("vid1.safetensors") && err.contains("input frames"),
+        "{err}"
+    );
+    assert!(
+        err.contains("vid2.safetensors: duration has shape [0], expected one value"),
+        "{err}"
+    );
+    assert!(err.contains("vid3:") && err.contains("frame times decrease"), "{err}");
+    assert!(!err.contains("unwritten records"), "{err}");
+    assert_eq!(stored(&store), ["vid0", "vid4"]);
+
+    let o = verify(&store.join("index.json"), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("is a file, not a feature-store directory"), "{}", stderr(&o));
     Ok(())
 }

@@ -45,6 +45,7 @@ fn video(id: &str, t: usize, n: usize, d: usize, e: usize) -> VideoRecord {
         duration: Some(t as f64 * 1.5),
         fps: Some(29.97),
         source: Some(format!("/videos/{id}.mp4")),
+        extractor: None,
     }
 }
 
@@ -64,6 +65,7 @@ fn question(key: &str, video: &str, t: usize, e: usize, o: usize, k: usize) -> Q
         event_text: format!("event of {key}"),
         curve,
         pseudo_labels: labels,
+        text_encoder: None,
     }
 }
 
@@ -605,6 +607,7 @@ fn extraction_matches_the_models_skips_stored_videos_and_resumes_after_a_crash()
             shard_bytes: 20_000, // a few videos per shard
             ..Default::default()
         },
+        extractor: None,
     };
     let dir = tempfile::tempdir()?;
     let mut failed_events = Vec::new();
@@ -1186,5 +1189,292 @@ fn frozen_networks_from_checkpoints_match_pytorch() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Provenance and semantic checks (#12)
+// ------------------------------------------------------------------------------------------
+
+/// Edits `index.json` of `dir` in place.
+fn edit_index(dir: &Path, f: impl FnOnce(&mut serde_json::Value)) -> Result<()> {
+    let path = dir.join("index.json");
+    let mut index: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+    f(&mut index);
+    std::fs::write(&path, serde_json::to_vec(&index)?)?;
+    Ok(())
+}
+
+#[test]
+fn the_index_check_names_the_record_and_field_of_semantic_faults() -> Result<()> {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: Vec<(&str, Edit, &[&str])> = vec![
+        (
+            "negative time",
+            |i| i["videos"]["d1"]["timestamps"][2] = (-5.0).into(),
+            &["video d1", "frame time 2 is -5"],
+        ),
+        (
+            "decreasing",
+            |i| i["videos"]["d1"]["timestamps"][3] = 0.5.into(),
+            &["video d1", "frame times decrease"],
+        ),
+        (
+            "past duration",
+            |i| i["videos"]["d1"]["timestamps"][3] = 1e9.into(),
+            &["video d1", "past the duration"],
+        ),
+        (
+            "duration",
+            |i| i["videos"]["d1"]["duration"] = (-1.0).into(),
+            &["video d1", "duration -1"],
+        ),
+        ("fps", |i| i["videos"]["d1"]["fps"] = 0.0.into(), &["video d1", "fps 0"]),
+        (
+            "num_frames",
+            |i| i["videos"]["d1"]["num_frames"] = 16.into(),
+            &["video d1", "timestamps for 16 frames"],
+        ),
+        (
+            "meta",
+            |i| i["meta"]["embed_dim"] = 64.into(),
+            &["video d0", "frame_embeds", "embed_dim 64"],
+        ),
+        (
+            "question video",
+            |i| i["questions"]["d1_1"]["video"] = "nope".into(),
+            &["question d1_1", "video nope is not in the store"],
+        ),
+        (
+            "question frames",
+            |i| i["questions"]["d1_1"]["num_frames"] = 2.into(),
+            &["question d1_1", "num_frames 2", "video d1 has 4 frames"],
+        ),
+        (
+            "labels",
+            |i| i["questions"]["d1_1"]["pseudo_labels"] = serde_json::json!([3, 1]),
+            &["question d1_1", "pseudo-labels [3, 1]"],
+        ),
+    ];
+    for (name, edit, want) in cases {
+        let dir = tempfile::tempdir()?;
+        damaged_store_fixture(dir.path())?;
+        Store::open(dir.path())?;
+        edit_index(dir.path(), edit)?;
+        let err = format!("{:#}", Store::open(dir.path()).map(|_| ()).unwrap_err());
+        for w in want {
+            assert!(err.contains(w), "{name}: {err}");
+        }
+    }
+    // An index of an older gcg (no provenance fields) still opens.
+    let dir = tempfile::tempdir()?;
+    damaged_store_fixture(dir.path())?;
+    edit_index(dir.path(), |i| {
+        for v in i["videos"].as_object_mut().unwrap().values_mut() {
+            v.as_object_mut().unwrap().remove("extractor");
+        }
+        for q in i["questions"].as_object_mut().unwrap().values_mut() {
+            q.as_object_mut().unwrap().remove("text_encoder");
+        }
+    })?;
+    assert_eq!(Store::open(dir.path())?.snapshot().index().videos.len(), 3);
+    Ok(())
+}
+
+#[test]
+fn the_writer_refuses_bad_times_naming_the_video() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    let cases: Vec<(fn(&mut VideoRecord), &str)> = vec![
+        (|v| v.timestamps[1] = -1.0, "frame time 1 is -1"),
+        (|v| v.timestamps.reverse(), "frame times decrease"),
+        (|v| v.duration = Some(1.0), "past the duration 1s"),
+        (|v| v.fps = Some(f64::INFINITY), "fps inf is not a finite positive number"),
+        (|v| v.duration = Some(f64::NAN), "duration NaN is not a finite positive number"),
+    ];
+    for (edit, want) in cases {
+        let mut v = video("bad", 4, 2, 3, 8);
+        edit(&mut v);
+        let err = format!("{:#}", w.add_video(v).unwrap_err());
+        assert!(err.contains("video bad") && err.contains(want), "{err}");
+    }
+    w.add_video(video("good", 4, 2, 3, 8))?;
+    assert_eq!(w.finish()?.videos.keys().collect::<Vec<_>>(), ["good"]);
+    Ok(())
+}
+
+#[test]
+fn a_check_reports_every_record_a_repair_drops() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let shards = damaged_store_fixture(dir.path())?;
+    std::fs::remove_file(dir.path().join(SHARD_DIR).join(&shards["d1"]))?;
+    let snap = Store::open(dir.path())?.snapshot();
+    let found = snap.check(gcg::store::CheckOptions::quick())?;
+    // The video's shard holds no question, yet its question goes with it: the report says so.
+    assert_eq!((found.lost_videos.len(), found.lost_questions.len()), (1, 0));
+    assert_eq!(
+        (found.drop_videos.clone(), found.drop_questions.clone()),
+        (vec!["d1".to_string()], vec!["d1_1".to_string()])
+    );
+    let text = found.describe();
+    assert!(
+        text.contains("a repair drops 1 videos (e.g. d1) and 1 questions (e.g. d1_1)"),
+        "{text}"
+    );
+    assert!(text.contains("`gcg labels` for the questions"), "{text}");
+    // A writer repairs on opening: it drops exactly those.
+    let w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    assert_eq!(w.index().videos.keys().collect::<Vec<_>>(), ["d0", "d2"]);
+    assert_eq!(w.index().questions.keys().collect::<Vec<_>>(), ["d0_1", "d2_1"]);
+    Ok(())
+}
+
+#[test]
+fn extraction_reuses_only_videos_made_the_same_way() -> Result<()> {
+    let (vit_cfg, clip_cfg) = frozen::preset(gcg::models::Preset::Tiny);
+    let vit = frozen::random_vit(&vit_cfg, &Device::Cpu, DType::F32, 11)?;
+    let clip = frozen::random_clip_image(&clip_cfg, &Device::Cpu, DType::F32, 11)?;
+    let models = FeatureModels {
+        vit: &vit,
+        clip: &clip,
+        frame_batch: T,
+    };
+    let ex = |models: &str| gcg::features::provenance::extractor("uniform", models);
+    let opts = ExtractOptions {
+        num_frames: T,
+        extractor: Some(ex("random tiny seed 11")),
+        ..Default::default()
+    };
+    let two: Vec<VideoJob> = jobs().into_iter().filter(|j| ["v1", "v2"].contains(&j.id.as_str())).collect();
+    let dir = tempfile::tempdir()?;
+    let r = extract_features(dir.path(), &two, &source, &models, &opts, &mut |_| {})?;
+    assert_eq!((r.done, r.skipped), (2, 0));
+    assert_eq!(Store::open(dir.path())?.snapshot().video("v1")?.extractor, opts.extractor);
+
+    // Other weights: refused up front, naming the count and both.
+    let other = ExtractOptions {
+        extractor: Some(ex("random tiny seed 12")),
+        ..opts.clone()
+    };
+    let err = format!(
+        "{:#}",
+        extract_features(dir.path(), &two, &source, &models, &other, &mut |_| {}).unwrap_err()
+    );
+    assert!(
+        err.contains("2 videos in")
+            && err.contains("random tiny seed 11, this run uses random tiny seed 12")
+            && err.contains("--overwrite"),
+        "{err}"
+    );
+    // Another T: refused up front too (was "0 done, 2 already stored").
+    let t2 = ExtractOptions {
+        num_frames: 2,
+        ..opts.clone()
+    };
+    let err = format!(
+        "{:#}",
+        extract_features(dir.path(), &two, &source, &models, &t2, &mut |_| {}).unwrap_err()
+    );
+    assert!(err.contains("T = 4, this run asks T = 2"), "{err}");
+    // A new video with another T next to the stored ones: a mixed store is refused.
+    let three: Vec<VideoJob> = jobs().into_iter().filter(|j| j.id == "v3").collect();
+    let err = format!(
+        "{:#}",
+        extract_features(dir.path(), &three, &source, &models, &t2, &mut |_| {}).unwrap_err()
+    );
+    assert!(
+        err.contains("2 videos in") && err.contains("have T = 4") && err.contains("asks T = 2"),
+        "{err}"
+    );
+    assert_eq!(Store::open(dir.path())?.snapshot().index().videos.len(), 2);
+
+    // Unknown provenance (an older store) is taken as matching.
+    edit_index(dir.path(), |i| {
+        i["videos"]["v1"].as_object_mut().unwrap().remove("extractor");
+    })?;
+    let r = extract_features(dir.path(), &two, &source, &models, &opts, &mut |_| {})?;
+    assert_eq!((r.done, r.skipped), (0, 2));
+
+    // --overwrite recomputes with the new settings, and drops the labels made from the old ones.
+    let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    w.add_question(question("v1_0", "v1", T, 24, 5, 2))?;
+    w.add_question(question("v2_0", "v2", T, 24, 5, 2))?;
+    w.finish()?;
+    let redo: Vec<VideoJob> = two.iter().filter(|j| j.id == "v1").cloned().collect();
+    let over = ExtractOptions {
+        overwrite: true,
+        ..other.clone()
+    };
+    let r = extract_features(dir.path(), &redo, &source, &models, &over, &mut |_| {})?;
+    assert_eq!(r.done, 1);
+    let snap = Store::open(dir.path())?.snapshot();
+    assert_eq!(snap.video("v1")?.extractor, other.extractor);
+    assert!(!snap.contains_question("v1_0") && snap.contains_question("v2_0"));
+    assert_eq!(
+        gcg::store::consistency(snap.index()).mixed.len(),
+        1,
+        "{:?}",
+        gcg::store::consistency(snap.index())
+    );
+    Ok(())
+}
+
+#[test]
+fn one_bad_input_video_fails_alone() -> Result<()> {
+    let (vit_cfg, clip_cfg) = frozen::preset(gcg::models::Preset::Tiny);
+    let vit = frozen::random_vit(&vit_cfg, &Device::Cpu, DType::F32, 11)?;
+    let clip = frozen::random_clip_image(&clip_cfg, &Device::Cpu, DType::F32, 11)?;
+    let models = FeatureModels {
+        vit: &vit,
+        clip: &clip,
+        frame_batch: T,
+    };
+    let bad_source = |job: &VideoJob, t: usize| -> Result<VideoFrames> {
+        let mut f = source(job, t)?;
+        match job.id.as_str() {
+            "v2" => {
+                let mut px = f.pixel_values.flatten_all()?.to_vec1::<f32>()?;
+                px[100] = f32::NAN;
+                f.pixel_values = Tensor::from_vec(px, f.pixel_values.shape(), &Device::Cpu)?;
+            }
+            "v3" => f.timestamps[2] = f64::NAN,
+            "v4" => f.timestamps[3] = 100.0,
+            _ => {}
+        }
+        Ok(f)
+    };
+    let dir = tempfile::tempdir()?;
+    let opts = ExtractOptions {
+        num_frames: T,
+        ..Default::default()
+    };
+    let r = extract_features(dir.path(), &jobs(), &bad_source, &models, &opts, &mut |_| {})?;
+    assert_eq!(r.done, 2, "{:?}", r.failed);
+    let failed: HashMap<String, String> = r.failed.into_iter().collect();
+    assert!(
+        failed["v2"].contains("input frames") && failed["v2"].contains("non-finite") && failed["v2"].contains("/videos/v2.mp4"),
+        "{failed:?}"
+    );
+    assert!(failed["v3"].contains("frame time 2 is NaN"), "{failed:?}");
+    assert!(failed["v4"].contains("past the duration"), "{failed:?}");
+    assert_eq!(Store::open(dir.path())?.snapshot().index().videos.len(), 2);
+    Ok(())
+}
+
+#[test]
+fn the_batch_loader_says_what_is_missing_for_each_example() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut samples = batch_store(dir.path())?;
+    samples.push(sample("bv1", "99", "q", &["a", "b", "c"], 0));
+    samples.push(sample("nowhere", "1", "q", &["a", "b", "c"], 0));
+    let snap = Store::open(dir.path())?.snapshot();
+    let err = format!("{:#}", BatchLoader::new(snap, samples, BatchOptions::default()).err().unwrap());
+    assert!(err.contains("2 of 13 samples are missing"), "{err}");
+    assert!(
+        err.contains("1 whose video has no features") && err.contains("1 without labels"),
+        "{err}"
+    );
+    assert!(err.contains("bv1_99 (no labels: run `gcg labels`)"), "{err}");
+    assert!(err.contains("nowhere_1 (video nowhere has no features"), "{err}");
     Ok(())
 }

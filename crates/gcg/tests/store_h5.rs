@@ -23,6 +23,7 @@ fn imports_the_official_feature_file() -> Result<()> {
         num_frames: 4,
         overwrite: false,
         writer: WriterOptions::default(),
+        clip_models: None,
     };
     let mut failed = Vec::new();
     let report = import_official_h5(&fx.join("feats_wo_norm_tiny.h5"), dir.path(), &clip, &times, &opts, &mut |ev| {

@@ -154,8 +154,13 @@ impl BatchLoader {
         let mut missing = Vec::new();
         let mut shape: Option<(usize, usize, usize, String)> = None;
         for s in &samples {
-            let (Some(v), Some(q)) = (snap.index().videos.get(&s.video), snap.index().questions.get(&s.key)) else {
-                missing.push(s.key.as_str());
+            let (v, q) = (snap.index().videos.get(&s.video), snap.index().questions.get(&s.key));
+            let (Some(v), Some(q)) = (v, q) else {
+                missing.push(match (v, q) {
+                    (None, None) => format!("{} (video {} has no features, the question no labels)", s.key, s.video),
+                    (None, _) => format!("{} (video {} has no features)", s.key, s.video),
+                    _ => format!("{} (no labels: run `gcg labels`)", s.key),
+                });
                 continue;
             };
             ensure!(
@@ -185,12 +190,16 @@ impl BatchLoader {
             }
         }
         if !missing.is_empty() {
+            let no_video = samples.iter().filter(|s| !snap.index().videos.contains_key(&s.video)).count();
             bail!(
-                "{} of {} samples are missing from the feature store {} (features or labels), e.g. {}",
+                "{} of {} samples are missing from the feature store {} ({} whose video has no features: `gcg features`; \
+                 {} without labels: `gcg labels`), e.g. {}",
                 missing.len(),
                 samples.len(),
                 snap.dir().display(),
-                missing.iter().take(5).copied().collect::<Vec<_>>().join(", ")
+                no_video,
+                missing.len() - no_video,
+                missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
             );
         }
         Ok(Self {

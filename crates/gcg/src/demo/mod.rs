@@ -566,6 +566,10 @@ fn extract_demo_features(
             num_frames: cfg.frames(),
             jobs: 2,
             overwrite: true,
+            extractor: Some(crate::features::provenance::extractor(
+                crate::video::Sampling::Uniform.to_string(),
+                format!("demo-trained vit + clip image, demo seed {}", cfg.seed),
+            )),
             ..ExtractOptions::default()
         },
         &mut |p| {
@@ -612,6 +616,7 @@ fn label_demo_questions(
             event: EventSource::QuestionAnswer,
             top_k: cfg.moments(),
             skip_existing: false,
+            text_encoder: Some(format!("demo-trained clip text, demo seed {}", cfg.seed)),
             ..LabelOptions::default()
         },
         &mut |p| {

@@ -14,7 +14,7 @@
 
 use crate::models::clip_branch::ClipImageHead;
 use crate::models::vit::VisionModel;
-use crate::store::{StoreWriter, VideoRecord, WriterOptions};
+use crate::store::{Extractor, Index, StoreMeta, StoreWriter, VideoRecord, WriterOptions};
 use crate::video::{uniform_indices, UniformRule};
 use anyhow::{anyhow, ensure, Context, Result};
 use candle_core::{DType, Tensor};
@@ -96,6 +96,10 @@ pub struct ExtractOptions {
     /// Recompute videos that are already stored.
     pub overwrite: bool,
     pub writer: WriterOptions,
+    /// What makes the features (stored with each video; see [`crate::features::provenance`]).
+    /// Stored videos made otherwise, or with another T, are an error unless `overwrite`. None:
+    /// not known (only T is compared, and nothing is recorded).
+    pub extractor: Option<Extractor>,
 }
 
 impl Default for ExtractOptions {
@@ -105,6 +109,7 @@ impl Default for ExtractOptions {
             jobs: 2,
             overwrite: false,
             writer: WriterOptions::default(),
+            extractor: None,
         }
     }
 }
@@ -157,7 +162,14 @@ pub fn extract_features(
         );
     }
     let writer = StoreWriter::open(store_dir, opts.writer.clone())?;
-    let todo: Vec<&VideoJob> = jobs.iter().filter(|j| opts.overwrite || !writer.has_video(&j.id)).collect();
+    let todo: Vec<&VideoJob> = plan_videos(
+        writer.index(),
+        store_dir,
+        jobs,
+        opts.num_frames,
+        opts.extractor.as_ref(),
+        opts.overwrite,
+    )?;
     let mut report = ExtractReport {
         skipped: jobs.len() - todo.len(),
         ..Default::default()
@@ -176,9 +188,10 @@ pub fn extract_features(
     let workers = opts.jobs.max(1).min(todo.len());
     let result = std::thread::scope(|scope| -> Result<()> {
         let frames_rx = spawn_decoders(scope, workers, &todo, source, opts, &next, &stop)?;
+        let meta = writer.index().meta;
         let (rec_tx, write_thread) = spawn_store_writer(scope, writer)?;
         // The model, on this thread.
-        let ran = encode_videos(&frames_rx, &todo, models, &rec_tx, &mut report, progress);
+        let ran = encode_videos(&frames_rx, &todo, models, opts, meta, &rec_tx, &mut report, progress);
         stop.store(true, Ordering::Relaxed);
         drop(frames_rx);
         drop(rec_tx);
@@ -252,10 +265,13 @@ fn spawn_store_writer<'scope>(
 
 /// Encodes each decoded video and sends its record to the store writer; a video that could not be
 /// read or encoded is reported as failed and skipped.
+#[allow(clippy::too_many_arguments)]
 fn encode_videos(
     frames_rx: &Receiver<Decoded>,
     todo: &[&VideoJob],
     models: &FeatureModels<'_>,
+    opts: &ExtractOptions,
+    mut meta: Option<StoreMeta>,
     rec_tx: &SyncSender<VideoRecord>,
     report: &mut ExtractReport,
     progress: &mut dyn FnMut(ExtractProgress<'_>),
@@ -270,10 +286,28 @@ fn encode_videos(
             rec.duration = f.duration;
             rec.fps = f.fps;
             rec.source = Some(job.path.display().to_string());
+            rec.extractor = opts.extractor.clone();
+            // What the writer would refuse is this video's failure, not the run's.
+            rec.check()?;
+            if let Some(m) = meta {
+                ensure!(
+                    rec.meta() == m,
+                    "video {}: features [T, {}, {}] with CLIP width {}, but the store holds [T, {}, {}] with CLIP width {} \
+                     (other networks: use another --store)",
+                    rec.id,
+                    rec.features_shape[1],
+                    rec.features_shape[2],
+                    rec.embed_dim,
+                    m.tokens,
+                    m.width,
+                    m.embed_dim
+                );
+            }
             Ok(rec)
         });
         match rec {
             Ok(rec) => {
+                meta.get_or_insert(rec.meta());
                 let frames = rec.num_frames();
                 rec_tx.send(rec).map_err(|_| anyhow!("the store writer stopped (see its error)"))?;
                 report.done += 1;
@@ -292,9 +326,9 @@ fn encode_videos(
     Ok(())
 }
 
-/// T frames with matching timestamps, or an error.
+/// T finite frames with sane times (see [`crate::store::check_times`]), or an error.
 fn check_frames(f: VideoFrames, t: usize) -> Result<VideoFrames> {
-    let dims = f.pixel_values.dims();
+    let dims = f.pixel_values.dims().to_vec();
     ensure!(
         dims.len() == 4 && dims[0] == t && dims[1] == 3,
         "frames of shape {dims:?}, expected [{t}, 3, S, S]"
@@ -304,7 +338,95 @@ fn check_frames(f: VideoFrames, t: usize) -> Result<VideoFrames> {
         "{} timestamps for {t} frames",
         f.timestamps.len()
     );
+    let px = f.pixel_values.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(bad) = crate::util::non_finite_f32(&px) {
+        anyhow::bail!(
+            "the input frames (pixel values [T, 3, S, S] = {dims:?}) hold {} — not encoded",
+            bad.describe(&dims)
+        );
+    }
+    crate::store::check_times(&f.timestamps, f.duration, f.fps).context("the frame times")?;
     Ok(f)
+}
+
+/// The jobs to compute: those not stored yet, and (with `overwrite`) all. Without `overwrite`,
+/// stored videos made with another T or extractor are an error listing them; so is a run that
+/// would leave the store with videos of different T. Stored videos of unknown provenance (older
+/// gcg) count as made alike, with a warning.
+pub fn plan_videos<'a>(
+    index: &Index,
+    store_dir: &Path,
+    jobs: &'a [VideoJob],
+    num_frames: usize,
+    extractor: Option<&Extractor>,
+    overwrite: bool,
+) -> Result<Vec<&'a VideoJob>> {
+    let mut todo = Vec::new();
+    let mut differ: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+    let mut unknown = Vec::new();
+    for j in jobs {
+        let Some(v) = index.videos.get(&j.id) else {
+            todo.push(j);
+            continue;
+        };
+        if overwrite {
+            todo.push(j);
+            continue;
+        }
+        let mut d = Vec::new();
+        if v.num_frames != num_frames {
+            d.push(format!("T = {}, this run asks T = {num_frames}", v.num_frames));
+        }
+        match (&v.extractor, extractor) {
+            (Some(a), Some(b)) => d.extend(a.difference(b)),
+            (None, Some(_)) => unknown.push(j.id.as_str()),
+            _ => {}
+        }
+        if !d.is_empty() {
+            differ.entry(d.join("; ")).or_default().push(j.id.as_str());
+        }
+    }
+    if !differ.is_empty() {
+        let lines: Vec<String> = differ
+            .iter()
+            .map(|(d, ids)| {
+                format!(
+                    "{} videos in {} were extracted with {d} (e.g. {})",
+                    ids.len(),
+                    store_dir.display(),
+                    ids[..ids.len().min(3)].join(", ")
+                )
+            })
+            .collect();
+        anyhow::bail!("{}\ngive --overwrite to recompute them, or use another --store", lines.join("\n"));
+    }
+    if !unknown.is_empty() {
+        tracing::warn!(
+            "{} videos in {} (e.g. {}) were stored by an older gcg that did not record how they were extracted; \
+             they are taken as made with this run's settings (--overwrite recomputes them)",
+            unknown.len(),
+            store_dir.display(),
+            unknown[0]
+        );
+    }
+    if !todo.is_empty() {
+        let redone: std::collections::HashSet<&str> = todo.iter().map(|j| j.id.as_str()).collect();
+        let kept: Vec<(&String, usize)> = index
+            .videos
+            .iter()
+            .filter(|(id, v)| !redone.contains(id.as_str()) && v.num_frames != num_frames)
+            .map(|(id, v)| (id, v.num_frames))
+            .collect();
+        if let Some((id, t)) = kept.first() {
+            anyhow::bail!(
+                "{} videos in {} have T = {t} (e.g. {id}) and this run, which asks T = {num_frames}, does not recompute \
+                 them: a store holds videos of one T; list them too with --overwrite, or use another --store",
+                kept.len(),
+                store_dir.display()
+            );
+        }
+    }
+    Ok(todo)
 }
 
 /// The frames of a video file or frame folder ([`crate::video::load_frames`]), CLIP
@@ -373,12 +495,20 @@ pub fn safetensors_frames(job: &VideoJob, num_frames: usize) -> Result<VideoFram
         tensors
             .get(name)
             .map(|t| -> Result<f64> {
-                Ok(t.to_dtype(DType::F64)?
-                    .flatten_all()?
-                    .to_vec1::<f64>()?
-                    .first()
-                    .copied()
-                    .unwrap_or(f64::NAN))
+                let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                ensure!(
+                    v.len() == 1,
+                    "frames file {}: {name} has shape {:?}, expected one value",
+                    job.path.display(),
+                    t.dims()
+                );
+                ensure!(
+                    v[0].is_finite() && v[0] > 0.0,
+                    "frames file {}: {name} is {}, expected a finite positive number",
+                    job.path.display(),
+                    v[0]
+                );
+                Ok(v[0])
             })
             .transpose()
     };

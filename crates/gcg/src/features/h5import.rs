@@ -88,6 +88,9 @@ pub struct ImportOptions {
     pub num_frames: usize,
     pub overwrite: bool,
     pub writer: WriterOptions,
+    /// The CLIP image head's identity ([`crate::features::provenance::image_models`] style);
+    /// each video records `h5:<file fingerprint>` as its sampling and this as its networks.
+    pub clip_models: Option<String>,
 }
 
 /// Imports every video of the official feature file into the store (skipping stored ones unless
@@ -111,7 +114,30 @@ pub fn import_official_h5(
         .with_context(|| format!("listing the datasets of {}", h5_path.display()))?;
     let videos = group_frame_datasets(names).with_context(|| format!("reading {}", h5_path.display()))?;
     let mut writer = StoreWriter::open(store_dir, opts.writer.clone())?;
-    let todo: Vec<(&String, &Vec<(usize, String)>)> = videos.iter().filter(|(id, _)| opts.overwrite || !writer.has_video(id)).collect();
+    let extractor = match &opts.clip_models {
+        Some(m) => Some(crate::features::provenance::extractor(
+            format!("h5:{}", crate::features::provenance::files_fingerprint(&[h5_path.to_path_buf()])?),
+            m.clone(),
+        )),
+        None => None,
+    };
+    let jobs: Vec<crate::features::extract::VideoJob> = videos
+        .keys()
+        .map(|id| crate::features::extract::VideoJob {
+            id: id.clone(),
+            path: h5_path.to_path_buf(),
+        })
+        .collect();
+    let planned = crate::features::extract::plan_videos(
+        writer.index(),
+        store_dir,
+        &jobs,
+        opts.num_frames,
+        extractor.as_ref(),
+        opts.overwrite,
+    )?;
+    let planned: std::collections::HashSet<&str> = planned.iter().map(|j| j.id.as_str()).collect();
+    let todo: Vec<(&String, &Vec<(usize, String)>)> = videos.iter().filter(|(id, _)| planned.contains(id.as_str())).collect();
     let mut report = ExtractReport {
         skipped: videos.len() - todo.len(),
         ..Default::default()
@@ -161,6 +187,7 @@ pub fn import_official_h5(
             rec.duration = times.duration.get(id.as_str()).copied();
             rec.fps = times.fps.get(id.as_str()).copied();
             rec.source = Some(format!("{}:{id}", h5_path.display()));
+            rec.extractor = extractor.clone();
             Ok(rec)
         })();
         match rec.and_then(|r| {

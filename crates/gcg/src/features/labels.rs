@@ -140,6 +140,10 @@ pub struct LabelOptions {
     /// Questions whose texts are encoded together (texts repeated inside are encoded once).
     pub chunk: usize,
     pub writer: WriterOptions,
+    /// Which CLIP text tower and tokenizer embed the texts (stored with each question; see
+    /// [`crate::features::provenance::text_encoder`]). With `skip_existing`, stored questions
+    /// embedded by another are an error; None: not known (not compared, not recorded).
+    pub text_encoder: Option<String>,
 }
 
 impl Default for LabelOptions {
@@ -153,6 +157,7 @@ impl Default for LabelOptions {
                 shard_bytes: 64 << 20,
                 ..Default::default()
             },
+            text_encoder: None,
         }
     }
 }
@@ -200,6 +205,9 @@ pub fn label_questions(
     store.refresh()?;
     let snap = store.snapshot();
     let mut report = LabelReport::default();
+    if opts.skip_existing {
+        check_text_encoder(samples, &snap, store_dir, opts.text_encoder.as_deref())?;
+    }
     let (todo, failed_early) = plan_questions(samples, &snap, opts, &mut report)?;
     progress(LabelProgress::Start {
         total: samples.len(),
@@ -214,6 +222,50 @@ pub fn label_questions(
     }
     writer.finish()?;
     Ok(report)
+}
+
+/// Stored questions of `samples` embedded by another text encoder than `asked` are an error
+/// naming how many and both encoders; those of unknown encoder (older gcg) are taken as
+/// embedded by it, with a warning.
+fn check_text_encoder(samples: &[QaSample], snap: &Snapshot, store_dir: &Path, asked: Option<&str>) -> Result<()> {
+    let Some(asked) = asked else { return Ok(()) };
+    let mut differ: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    let mut unknown = Vec::new();
+    for s in samples {
+        let Some(q) = snap.index().questions.get(&s.key) else { continue };
+        match q.text_encoder.as_deref() {
+            Some(e) if e != asked => differ.entry(e).or_default().push(s.key.as_str()),
+            None => unknown.push(s.key.as_str()),
+            _ => {}
+        }
+    }
+    if !differ.is_empty() {
+        let lines: Vec<String> = differ
+            .iter()
+            .map(|(e, keys)| {
+                format!(
+                    "{} questions in {} were embedded by the text encoder {e} (e.g. {})",
+                    keys.len(),
+                    store_dir.display(),
+                    keys[..keys.len().min(3)].join(", ")
+                )
+            })
+            .collect();
+        bail!(
+            "{}\nthis run uses {asked}; give --overwrite to relabel them, or use another --store",
+            lines.join("\n")
+        );
+    }
+    if !unknown.is_empty() {
+        tracing::warn!(
+            "{} questions in {} (e.g. {}) were labelled by an older gcg that did not record the text encoder; \
+             they are taken as embedded by this run's (--overwrite relabels them)",
+            unknown.len(),
+            store_dir.display(),
+            unknown[0]
+        );
+    }
+    Ok(())
 }
 
 /// A question to label and its texts.
@@ -337,5 +389,6 @@ fn question_record(
         event_text: t.event.clone(),
         curve,
         pseudo_labels: top,
+        text_encoder: opts.text_encoder.clone(),
     })
 }

@@ -8,3 +8,4 @@ pub mod extract;
 pub mod frozen;
 pub mod h5import;
 pub mod labels;
+pub mod provenance;

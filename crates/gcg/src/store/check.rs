@@ -102,6 +102,10 @@ pub struct StoreCheck {
     pub unlisted: Vec<String>,
     /// Shards written before checksums were recorded (not checksum-checked).
     pub without_checksum: usize,
+    /// What a repair ([`drop_broken`]) drops: the lost and non-finite videos, and the questions
+    /// in broken shards, holding non-finite values or labelled on a dropped video.
+    pub drop_videos: Vec<String>,
+    pub drop_questions: Vec<String>,
 }
 
 impl StoreCheck {
@@ -148,8 +152,79 @@ impl StoreCheck {
         if self.non_finite.len() > 20 {
             out.push(format!("… and {} more records with non-finite values", self.non_finite.len() - 20));
         }
+        if !self.is_clean() {
+            out.push(format!(
+                "a repair drops {}; {}",
+                dropped_counts(&self.drop_videos, &self.drop_questions),
+                RECOMPUTE_HINT
+            ));
+        }
         out.join("\n")
     }
+}
+
+/// Whether the records of a store were made alike: one T, one extractor, one text encoder.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Consistency {
+    /// One line per way the store mixes records made differently (empty: it does not).
+    pub mixed: Vec<String>,
+    /// Videos and questions with no recorded provenance (written by an older gcg).
+    pub unknown_videos: usize,
+    pub unknown_questions: usize,
+}
+
+/// Groups `items` (id, value) by value: "N × value (e.g. id)", most frequent first.
+fn groups<'a>(items: impl Iterator<Item = (&'a String, String)>) -> Vec<String> {
+    let mut by: BTreeMap<String, (usize, &'a String)> = BTreeMap::new();
+    for (id, v) in items {
+        by.entry(v).or_insert((0, id)).0 += 1;
+    }
+    let mut g: Vec<(String, (usize, &String))> = by.into_iter().collect();
+    g.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    g.into_iter().map(|(v, (n, id))| format!("{n} with {v} (e.g. {id})")).collect()
+}
+
+/// Finds records of one store made differently: videos with different T or extractors,
+/// questions embedded by different text encoders (records of unknown provenance are counted,
+/// not compared).
+pub fn consistency(index: &Index) -> Consistency {
+    let mut c = Consistency::default();
+    let t = groups(index.videos.iter().map(|(id, v)| (id, format!("T = {}", v.num_frames))));
+    if t.len() > 1 {
+        c.mixed.push(format!("videos with different frame counts: {}", t.join("; ")));
+    }
+    let known = index.videos.iter().filter_map(|(id, v)| v.extractor.as_ref().map(|e| (id, e)));
+    let e = groups(known.map(|(id, e)| (id, format!("sampling {}, networks {}", e.sampling, e.models))));
+    if e.len() > 1 {
+        c.mixed.push(format!("videos extracted differently: {}", e.join("; ")));
+    }
+    let known = index
+        .questions
+        .iter()
+        .filter_map(|(k, q)| q.text_encoder.as_ref().map(|e| (k, e.clone())));
+    let q = groups(known.map(|(k, e)| (k, format!("text encoder {e}"))));
+    if q.len() > 1 {
+        c.mixed
+            .push(format!("questions embedded by different text encoders: {}", q.join("; ")));
+    }
+    c.unknown_videos = index.videos.values().filter(|v| v.extractor.is_none()).count();
+    c.unknown_questions = index.questions.values().filter(|q| q.text_encoder.is_none()).count();
+    c
+}
+
+/// How to get dropped records back (after a repair).
+pub const RECOMPUTE_HINT: &str = "rerun `gcg features` for the videos, then `gcg labels` for the questions (the questions of a \
+                                  dropped video go with it, their pseudo-labels came from its frames)";
+
+/// "N videos (e.g. V) and M questions (e.g. Q)".
+pub fn dropped_counts(videos: &[String], questions: &[String]) -> String {
+    format!(
+        "{} videos (e.g. {}) and {} questions (e.g. {})",
+        videos.len(),
+        videos.first().map_or("-", String::as_str),
+        questions.len(),
+        questions.first().map_or("-", String::as_str)
+    )
 }
 
 /// Checks the index of the store in `dir` against its shard files.
@@ -203,6 +278,11 @@ pub fn check(dir: &Path, index: &Index, opts: CheckOptions) -> Result<StoreCheck
         report.non_finite = non_finite_records(index, &maps);
     }
     report.unlisted = unlisted_shards(&shard_dir, index)?;
+    if !report.is_clean() {
+        let (videos, questions) = drop_broken(&mut index.clone(), &report);
+        report.drop_videos = videos;
+        report.drop_questions = questions;
+    }
     Ok(report)
 }
 

@@ -142,6 +142,72 @@ pub struct VideoEntry {
     pub features: TensorLoc,
     /// CLIP frame embeddings, F32 [T, embed_dim].
     pub frame_embeds: TensorLoc,
+    /// What made the features (frame sampling, networks); absent in stores written before it
+    /// was recorded ("unknown provenance").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extractor: Option<Extractor>,
+}
+
+/// What made a video's features, besides T (the entry's `num_frames`): `gcg features` stores
+/// only records made the same way into one store, and refuses to mix them silently.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Extractor {
+    /// How the T frames were chosen: `uniform` or `official` (GCG's rule) for decoded videos and
+    /// frame folders, `h5:<file fingerprint>` for features imported from an HDF5 file.
+    pub sampling: String,
+    /// Which ViT and CLIP image head computed them: `random <preset> seed <n>` for seeded
+    /// random weights, otherwise fingerprints of the weight files
+    /// (see `gcg::features::provenance`).
+    pub models: String,
+}
+
+impl Extractor {
+    /// What differs between `self` (stored) and `other` (asked), for messages; None when equal.
+    pub fn difference(&self, other: &Extractor) -> Option<String> {
+        let mut d = Vec::new();
+        if self.sampling != other.sampling {
+            d.push(format!("sampling {}, this run asks sampling {}", self.sampling, other.sampling));
+        }
+        if self.models != other.models {
+            d.push(format!("networks {}, this run uses {}", self.models, other.models));
+        }
+        (!d.is_empty()).then(|| d.join("; "))
+    }
+}
+
+/// Seconds a frame time may lie past the video's duration (decoders' rounding): the larger of
+/// half a second and two frame periods.
+pub fn time_tolerance(fps: Option<f64>) -> f64 {
+    fps.filter(|f| f.is_finite() && *f > 0.0).map_or(0.5, |f| (2.0 / f).max(0.5))
+}
+
+/// Checks a video's times: duration and fps finite and > 0 when known; frame times finite,
+/// ≥ 0, non-decreasing and (with a duration) at most duration + [`time_tolerance`].
+pub fn check_times(timestamps: &[f64], duration: Option<f64>, fps: Option<f64>) -> Result<()> {
+    for (name, v) in [("duration", duration), ("fps", fps)] {
+        if let Some(v) = v {
+            ensure!(v.is_finite() && v > 0.0, "{name} {v} is not a finite positive number");
+        }
+    }
+    for (i, &t) in timestamps.iter().enumerate() {
+        ensure!(t.is_finite() && t >= 0.0, "frame time {i} is {t} (times must be finite and ≥ 0)");
+        if i > 0 {
+            ensure!(
+                t >= timestamps[i - 1],
+                "frame times decrease: frame {} at {}s, frame {i} at {t}s",
+                i - 1,
+                timestamps[i - 1]
+            );
+        }
+        if let Some(d) = duration {
+            ensure!(
+                t <= d + time_tolerance(fps),
+                "frame time {i} is {t}s, past the duration {d}s (+ {}s tolerance)",
+                time_tolerance(fps)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// One question's CLIP text embeddings and pseudo-labels.
@@ -164,6 +230,10 @@ pub struct QuestionEntry {
     pub event_mode: String,
     /// The event text whose similarity to the frames gave the pseudo-labels.
     pub event: String,
+    /// Which CLIP text tower and tokenizer embedded the texts; absent in stores written before
+    /// it was recorded ("unknown provenance").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoder: Option<String>,
 }
 
 impl QuestionEntry {
@@ -260,6 +330,33 @@ impl Index {
                 v.timestamps.len(),
                 v.num_frames
             );
+            check_times(&v.timestamps, v.duration, v.fps).with_context(|| format!("video {id}"))?;
+            let meta = self
+                .meta
+                .with_context(|| format!("video {id}: the index has no meta (tokens, width, embed_dim)"))?;
+            let want = [
+                (
+                    "features",
+                    &v.features,
+                    StoreDType::F16,
+                    vec![v.num_frames, meta.tokens, meta.width],
+                ),
+                ("frame_embeds", &v.frame_embeds, StoreDType::F32, vec![v.num_frames, meta.embed_dim]),
+            ];
+            for (field, t, dtype, shape) in want {
+                ensure!(
+                    t.dtype == dtype && t.shape == shape,
+                    "video {id}: {field} is {:?} {:?}, expected {:?} {:?} (num_frames {}, meta tokens {}, width {}, embed_dim {})",
+                    t.dtype,
+                    t.shape,
+                    dtype,
+                    shape,
+                    v.num_frames,
+                    meta.tokens,
+                    meta.width,
+                    meta.embed_dim
+                );
+            }
         }
         for (name, s) in &self.shards {
             for t in s.tensors.values() {
@@ -302,8 +399,35 @@ impl Index {
                 q.shard
             );
             ensure!(
-                q.pseudo_labels.iter().all(|&t| t < q.num_frames),
-                "question {key}: pseudo-labels {:?} outside {} frames",
+                text.dtype == StoreDType::F32 && self.meta.is_some_and(|m| text.shape[1] == m.embed_dim),
+                "question {key}: text_embeds of shard {} is {:?} {:?}, the store's CLIP width is {:?}",
+                q.shard,
+                text.dtype,
+                text.shape,
+                self.meta.map(|m| m.embed_dim)
+            );
+            ensure!(
+                curves.dtype == StoreDType::F32,
+                "question shard {}: curves are {:?}, expected F32",
+                q.shard,
+                curves.dtype
+            );
+            let video = self
+                .videos
+                .get(&q.video)
+                .with_context(|| format!("question {key}: its video {} is not in the store", q.video))?;
+            ensure!(
+                q.num_frames == video.num_frames,
+                "question {key}: num_frames {}, but its video {} has {} frames",
+                q.num_frames,
+                q.video,
+                video.num_frames
+            );
+            // num_options may be 0 (open-ended questions); that it matches the annotations is
+            // checked by the batch reader, which has them.
+            ensure!(
+                q.pseudo_labels.iter().all(|&t| t < q.num_frames) && q.pseudo_labels.windows(2).all(|w| w[0] < w[1]),
+                "question {key}: pseudo-labels {:?} are not increasing frame indices below its {} frames",
                 q.pseudo_labels,
                 q.num_frames
             );

@@ -41,12 +41,40 @@
 //!                               "duration": 12.3, "fps": 29.97, "source": "…/4010069381.mp4",
 //!                               "features": { "name": "4010069381/features", "dtype": "F16",
 //!                                             "shape": [32, 257, 1408], "offsets": [4096, 23162880] },
-//!                               "frame_embeds": { … } } },
+//!                               "frame_embeds": { … },
+//!                               "extractor": { "sampling": "uniform",
+//!                                              "models": "vit fnv1a64:… + clip image fnv1a64:…" } } },
 //!   "questions": { "4010069381_6": { "shard": "questions-…", "video": "4010069381",
 //!                                    "num_options": 5, "text_row": 0, "curve_start": 0, "num_frames": 32,
 //!                                    "pseudo_labels": [3, 4, 17, 30], "event_mode": "answer",
-//!                                    "event": "roll the handle" } } }
+//!                                    "event": "roll the handle",
+//!                                    "text_encoder": "clip text fnv1a64:…, tokenizer fnv1a64:…" } } }
 //! ```
+//!
+//! # What the index promises (checked by [`Index::validate`] on every open and commit)
+//!
+//! Beyond byte ranges inside listed shards of the right kind: every video's `features` is F16
+//! `[num_frames, meta.tokens, meta.width]` and its `frame_embeds` F32 `[num_frames,
+//! meta.embed_dim]`; its `timestamps` (empty or one per frame) are finite, ≥ 0, non-decreasing
+//! and at most `duration` + max(0.5 s, 2 / fps); `duration` and `fps`, when present, are finite
+//! and > 0 ([`check_times`]). Every question's `video` is in the store with the question's
+//! `num_frames`, its pseudo-labels are increasing frame indices below it, and its shard's
+//! `text_embeds` is F32 of width `meta.embed_dim` (`num_options` may be 0: open-ended
+//! questions; the batch reader checks it against the annotations). The writer refuses records
+//! that would break these, naming the record and field.
+//!
+//! # Provenance
+//!
+//! `extractor` (per video: how the frames were sampled and which ViT + CLIP image weights made
+//! the features, see [`crate::features::provenance`]) and `text_encoder` (per question: the CLIP
+//! text weights and tokenizer) are optional: stores written before they were recorded still
+//! open, and their records are of *unknown provenance*, taken as made with a run's settings (a
+//! warning says how many). `gcg features` / `gcg labels` skip only records made the same way (T
+//! included): stored records made otherwise are an error up front naming how many and what
+//! differs (`--overwrite` recomputes them), and a run that would leave videos of different T in
+//! one store is refused. Recomputing a video drops its questions (their pseudo-labels came from
+//! its old frame embeddings). `gcg store verify` reports a store that mixes T, extractors or
+//! text encoders ([`consistency`]).
 //!
 //! `offsets` are absolute byte ranges in the shard file, so a read is a map lookup and a slice
 //! of a memory map: no JSON is parsed after the index, no header is read per access.
@@ -79,12 +107,15 @@ mod index;
 mod reader;
 mod writer;
 
-pub use check::{check, drop_broken, BrokenShard, CheckOptions, NonFiniteRecord, ShardFault, StoreCheck};
+pub use check::{
+    check, consistency, drop_broken, dropped_counts, BrokenShard, CheckOptions, Consistency, NonFiniteRecord, ShardFault, StoreCheck,
+    RECOMPUTE_HINT,
+};
 pub(crate) use format::f16_to_f32;
 pub use format::read_header;
 pub use index::{
-    Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, TensorLoc, VideoEntry, FORMAT, INDEX_FILE, LOCK_FILE, SHARD_DIR,
-    VERSION,
+    check_times, time_tolerance, Extractor, Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, TensorLoc, VideoEntry,
+    FORMAT, INDEX_FILE, LOCK_FILE, SHARD_DIR, VERSION,
 };
 pub(crate) use reader::f16_to_bf16;
 pub use reader::{MappedTensor, QuestionTexts, Snapshot, Store};

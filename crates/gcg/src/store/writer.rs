@@ -1,10 +1,11 @@
 //! Appending to a store: records are buffered, then written as one shard (temp name, fsync,
 //! rename) and published by rewriting the index (under the lock, temp name, fsync, rename).
 
-use super::check::{check, drop_broken, CheckOptions, StoreCheck};
+use super::check::{check, drop_broken, dropped_counts, CheckOptions, StoreCheck, RECOMPUTE_HINT};
 use super::format::{f16_bytes, f32_bytes, f64_bytes, i64_bytes, write_safetensors, RawTensor};
 use super::index::{
-    read_index, Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, VideoEntry, INDEX_FILE, LOCK_FILE, SHARD_DIR,
+    check_times, read_index, Extractor, Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, VideoEntry, INDEX_FILE,
+    LOCK_FILE, SHARD_DIR,
 };
 use crate::util::{non_finite_f16, non_finite_f32, non_finite_f64};
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -31,6 +32,8 @@ pub struct VideoRecord {
     pub duration: Option<f64>,
     pub fps: Option<f64>,
     pub source: Option<String>,
+    /// What made the features (stored with the entry; None: not known).
+    pub extractor: Option<Extractor>,
 }
 
 impl VideoRecord {
@@ -54,6 +57,7 @@ impl VideoRecord {
             duration: None,
             fps: None,
             source: None,
+            extractor: None,
             id,
         })
     }
@@ -70,7 +74,9 @@ impl VideoRecord {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    /// The checks [`StoreWriter::add_video`] makes: consistent sizes, finite values, sane times
+    /// (see [`check_times`]). Callers that must not stop on one bad video run it first.
+    pub fn check(&self) -> Result<()> {
         let id = &self.id;
         ensure!(!id.is_empty(), "a video record has an empty id");
         let [t, n, d] = self.features_shape;
@@ -113,6 +119,7 @@ impl VideoRecord {
         if let Some(bad) = non_finite_f64(&self.timestamps) {
             bail!("video {id}: the frame times hold {}", bad.describe(&[t]));
         }
+        check_times(&self.timestamps, self.duration, self.fps).with_context(|| format!("video {id}"))?;
         Ok(())
     }
 
@@ -139,6 +146,8 @@ pub struct QuestionRecord {
     pub curve: Vec<f32>,
     /// Top-K frame indices of the curve, sorted by time.
     pub pseudo_labels: Vec<usize>,
+    /// Which CLIP text tower and tokenizer embedded the texts (None: not known).
+    pub text_encoder: Option<String>,
 }
 
 impl QuestionRecord {
@@ -347,12 +356,14 @@ impl StoreWriter {
             // the index so that this job recomputes them (instead of calling them stored).
             let found = check(&dir, &index, CheckOptions::quick())?;
             if !found.is_clean() {
+                let repaired = publish_repair(&dir, &mut index, &found)?;
                 tracing::warn!(
-                    "the feature store {} is damaged; its broken records are dropped and will be recomputed:\n{}",
+                    "the feature store {} is damaged:\n{}\ndropped {} from its index; {}",
                     dir.display(),
-                    found.describe()
+                    found.describe(),
+                    dropped_counts(&repaired.videos, &repaired.questions),
+                    RECOMPUTE_HINT
                 );
-                publish_repair(&dir, &mut index, &found)?;
             }
             Ok(index)
         })();
@@ -430,7 +441,7 @@ impl StoreWriter {
     /// Buffers a video (replacing a buffered one with the same id); writes a shard when the
     /// buffer is full. Returns whether a shard was written.
     pub fn add_video(&mut self, rec: VideoRecord) -> Result<bool> {
-        rec.validate()?;
+        rec.check()?;
         if let Some(meta) = self.meta() {
             ensure!(
                 rec.meta() == meta,
@@ -632,6 +643,31 @@ impl StoreWriter {
                 _ => index.meta = Some(meta),
             }
             let by_name: HashMap<&str, &super::index::TensorLoc> = locs.iter().map(|l| (l.name.as_str(), l)).collect();
+            // The questions of a recomputed video were labelled from its old frame embeddings:
+            // they go, and `gcg labels` redoes them.
+            let replaced: std::collections::HashSet<&str> = videos
+                .iter()
+                .map(|v| v.id.as_str())
+                .filter(|id| index.videos.contains_key(*id))
+                .collect();
+            let stale: Vec<String> = index
+                .questions
+                .iter()
+                .filter(|(_, q)| replaced.contains(q.video.as_str()))
+                .map(|(k, _)| k.clone())
+                .collect();
+            if !stale.is_empty() {
+                tracing::warn!(
+                    "{} recomputed videos had {} labelled questions (e.g. {}); their labels came from the old features and \
+                     are dropped: rerun `gcg labels` for them",
+                    replaced.len(),
+                    stale.len(),
+                    stale[0]
+                );
+            }
+            for k in &stale {
+                index.questions.remove(k);
+            }
             for v in videos {
                 let get = |suffix: &str| {
                     by_name
@@ -650,6 +686,7 @@ impl StoreWriter {
                         source: v.source.clone(),
                         features: get("features")?,
                         frame_embeds: get("frame_embeds")?,
+                        extractor: v.extractor.clone(),
                     },
                 );
             }
@@ -724,6 +761,7 @@ impl StoreWriter {
                         pseudo_labels: q.pseudo_labels.clone(),
                         event_mode: q.event_mode.clone(),
                         event: q.event_text.clone(),
+                        text_encoder: q.text_encoder.clone(),
                     },
                 );
             }

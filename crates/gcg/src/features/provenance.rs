@@ -1,0 +1,127 @@
+//! What made the records of a feature store, recorded with each of them so that a rerun with
+//! other settings is never mistaken for "already stored": [`Extractor`] per video (frame
+//! sampling, ViT + CLIP image weights; T is the entry's frame count) and a text-encoder identity
+//! per question (CLIP text weights, tokenizer).
+//!
+//! Weights are identified by a fingerprint of their files, cheap enough for every run: for each
+//! file (sorted by name), its name, its size and its first and last 64 KiB. That covers a
+//! safetensors header and a `.pth` zip's central directory (which holds the CRC-32 of every
+//! tensor), so other weights give another fingerprint, while moving or copying the files does not.
+
+use crate::models::Preset;
+use crate::store::Extractor;
+use anyhow::{ensure, Context, Result};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+const EDGE: u64 = 64 << 10;
+
+fn fnv(h: &mut u64, bytes: &[u8]) {
+    for &b in bytes {
+        *h = (*h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+}
+
+/// `fnv1a64:<hex>` of the files' names, sizes and first and last 64 KiB.
+pub fn files_fingerprint(files: &[PathBuf]) -> Result<String> {
+    ensure!(!files.is_empty(), "no weight files to fingerprint");
+    let mut files = files.to_vec();
+    files.sort_by_key(|p| p.file_name().map(|n| n.to_os_string()));
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for path in &files {
+        let mut f = std::fs::File::open(path).with_context(|| format!("opening {} to fingerprint it", path.display()))?;
+        let len = f.metadata()?.len();
+        fnv(
+            &mut h,
+            path.file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+        fnv(&mut h, &len.to_le_bytes());
+        let mut buf = Vec::new();
+        (&mut f).take(EDGE).read_to_end(&mut buf)?;
+        if len > EDGE {
+            f.seek(SeekFrom::Start(len.saturating_sub(EDGE).max(EDGE)))?;
+            f.read_to_end(&mut buf)?;
+        }
+        fnv(&mut h, &buf);
+    }
+    Ok(format!("fnv1a64:{h:016x}"))
+}
+
+fn listed(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let p = e?.path();
+        if p.is_file() && p.file_name().is_some_and(|n| keep(&n.to_string_lossy())) {
+            out.push(p);
+        }
+    }
+    ensure!(!out.is_empty(), "no weight files found in {}", dir.display());
+    Ok(out)
+}
+
+/// The files the ViT is loaded from (see [`super::frozen::load_vit`]): an HF snapshot's
+/// `config.json` and safetensors, or the GCG release's `eva_vit_g.pth` (+ its post-layernorm).
+pub fn vit_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    if dir.join("config.json").exists() {
+        listed(dir, |n| n == "config.json" || n.ends_with(".safetensors"))
+    } else {
+        listed(dir, |n| n == "eva_vit_g.pth" || n == "eva_vit_post_layernorm.pth")
+    }
+}
+
+/// The GCG release's CLIP image-head files in `dir`.
+pub fn clip_image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    listed(dir, |n| n.starts_with("eva_clip_last_vision_") && n.ends_with(".pth"))
+}
+
+/// The GCG release's CLIP text-tower file in `dir`.
+pub fn clip_text_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    listed(dir, |n| n == "eva_clip_text_model.pth")
+}
+
+fn preset_name(p: Preset) -> String {
+    serde_json::to_value(p)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("{p:?}"))
+}
+
+/// The networks of `gcg features`: seeded random ones, or the weight files' fingerprints.
+pub fn image_models(preset: Preset, random_seed: Option<u64>, vit_dir: Option<&Path>, clip_dir: Option<&Path>) -> Result<String> {
+    Ok(match random_seed {
+        Some(seed) => format!("random {} seed {seed}", preset_name(preset)),
+        None => {
+            let vit = vit_dir.context("the ViT weight directory")?;
+            let clip = clip_dir.context("the CLIP weight directory")?;
+            format!(
+                "vit {} + clip image {}",
+                files_fingerprint(&vit_files(vit)?)?,
+                files_fingerprint(&clip_image_files(clip)?)?
+            )
+        }
+    })
+}
+
+/// An [`Extractor`] from its parts.
+pub fn extractor(sampling: impl Into<String>, models: impl Into<String>) -> Extractor {
+    Extractor {
+        sampling: sampling.into(),
+        models: models.into(),
+    }
+}
+
+/// The text encoder of `gcg labels`: seeded random CLIP text weights or their fingerprint, and
+/// the tokenizer file's fingerprint.
+pub fn text_encoder(preset: Preset, random_seed: Option<u64>, clip_dir: Option<&Path>, tokenizer: &Path) -> Result<String> {
+    let model = match random_seed {
+        Some(seed) => format!("random {} seed {seed}", preset_name(preset)),
+        None => format!(
+            "clip text {}",
+            files_fingerprint(&clip_text_files(clip_dir.context("the CLIP weight directory")?)?)?
+        ),
+    };
+    Ok(format!("{model}, tokenizer {}", files_fingerprint(&[tokenizer.to_path_buf()])?))
+}
