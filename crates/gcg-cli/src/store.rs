@@ -57,7 +57,18 @@ fn verify(a: VerifyArgs) -> Result<()> {
     let found = snap.check(opts)?;
     let mixed = consistency(snap.index());
     let repaired = if a.repair && (!found.is_clean() || !found.unlisted.is_empty()) {
-        Some(StoreWriter::open(&a.store, WriterOptions::default())?.repair(&found)?)
+        // Opening a writer already drops the records of missing or cut shards; the rest is
+        // checked again on the index it leaves, and the two repairs reported as one.
+        let mut w = StoreWriter::open(&a.store, WriterOptions::default())?;
+        let first = w.opened_repair().map(|(_, r)| r.clone());
+        let rest = gcg::store::check(&a.store, w.index(), opts)?;
+        let mut r = w.repair(&rest)?;
+        if let Some(f) = first {
+            r.shards.splice(0..0, f.shards);
+            r.videos.splice(0..0, f.videos);
+            r.questions.splice(0..0, f.questions);
+        }
+        Some(r)
     } else {
         None
     };

@@ -439,6 +439,19 @@ fn a_damaged_store_is_reported_repaired_and_recomputed_by_features_and_labels() 
     let o = run(features_cmd(&vids, &store));
     assert!(stderr(&o).contains("1 videos done, 4 already stored"), "{}", stderr(&o));
     assert!(verify(&store, &["--checksums", "--values"]).status.success());
+
+    // A shard cut short, repaired by `verify --repair`: the report is what was dropped (opening
+    // the writer drops it first; the two repairs are one report) and the file is quarantined.
+    let path = shard_of(&store, "vid4");
+    let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+    f.set_len(f.metadata()?.len() - 7)?;
+    drop(f);
+    let o = verify(&store, &["--repair"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(out.contains("dropped 1 videos (e.g. vid4)"), "{out}");
+    assert!(!out.contains("its file was missing"), "{out}");
+    assert!(store.join("quarantine").join(path.file_name().unwrap()).exists());
     Ok(())
 }
 

@@ -118,6 +118,8 @@ fn a_new_run_into_an_existing_run_dir_is_refused_and_overwrite_starts_over() {
     let weights = std::fs::read(run.join("checkpoints/last/weights.safetensors")).unwrap();
     let old_meta = json(&run.join("predictions-test.jsonl.meta.json"));
 
+    // What a killed atomic write of the run's own files leaves counts as the run's.
+    std::fs::write(run.join(".metrics.jsonl.tmp-999999"), "partial").unwrap();
     let r = gcg(&["train", "--config", s(&toml), "--quiet"]);
     fails(
         &r,

@@ -79,7 +79,19 @@ pub fn write_dir_atomic<T>(dir: &Path, fill: impl FnOnce(&Path) -> Result<T>) ->
     };
     fault_point("atomic-dir");
     let replacing_a_folder = dir.symlink_metadata().is_ok_and(|m| m.is_dir());
-    if replacing_a_folder && exchange(&tmp, dir).with_context(|| format!("swapping {} into {}", tmp.display(), dir.display()))? {
+    let exchanged = if replacing_a_folder {
+        exchange(&tmp, dir).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&tmp);
+            anyhow::Error::new(e).context(format!(
+                "swapping {} into {} (the old one is unchanged)",
+                tmp.display(),
+                dir.display()
+            ))
+        })?
+    } else {
+        false
+    };
+    if exchanged {
         // One rename put the new folder in place; `tmp` now holds the old one.
         fault_point("atomic-dir-swap");
         if let Err(e) = remove_path(&tmp) {

@@ -784,6 +784,34 @@ fn non_finite_losses_are_skipped_and_counted_and_diverged_weights_stop_training_
     assert_eq!(skip_rows.len(), 1, "{rows:?}");
     assert_eq!((skip_rows[0]["epoch"].as_u64(), skip_rows[0]["batch"].as_u64()), (Some(0), Some(1)));
 
+    // With 3 micro-batches a step and the epoch's last one skipped, the two gathered before it
+    // still make their step (it used to be dropped at the epoch's end).
+    let run = RunDir::new(tmp.path().join("skip-last")).unwrap();
+    let (model, vars) = build(Mode::Uniform, &tmp.path().join("tok"), 3);
+    let last = Poisoned {
+        inner: Source {
+            world: &w,
+            batch_size: 2,
+            seed: 1,
+        },
+        poisoned: 2,
+    };
+    let grouped = TrainConfig {
+        grad_accum: 3,
+        ..cfg.clone()
+    };
+    let job3 = TrainJob {
+        model: &model,
+        vars: &vars,
+        cfg: &grouped,
+        run: &run,
+        train_set: &last,
+        val_set: None,
+        run_config: &run_cfg,
+    };
+    let state = trainer::train(&job3, false, &mut |_| {}).unwrap();
+    assert_eq!((state.skipped_nonfinite, state.step), (1, 1));
+
     // Without it: an error that says where and what to do.
     let run = RunDir::new(tmp.path().join("stop")).unwrap();
     let (model, vars) = build(Mode::Uniform, &tmp.path().join("tok"), 3);

@@ -57,6 +57,7 @@ pub fn run_outputs(dir: &Path) -> Result<Vec<PathBuf>> {
             n => {
                 (n.starts_with("predictions-") && (n.ends_with(".jsonl") || n.ends_with(".jsonl.meta.json")))
                     || (n.starts_with(".predictions-") && n.ends_with(".jsonl.lock"))
+                    || is_output_temp(n)
                     || (n.starts_with("metrics-") && n.ends_with(".json"))
                     || n.starts_with(".overwritten-")
             }
@@ -116,6 +117,18 @@ fn check_eval_files(cfg: &RunConfig, store: &crate::store::Store, built: &BuiltM
         }
     }
     Ok(())
+}
+
+/// A temporary file an atomic write of a run output leaves when killed: `.{output}.tmp-{pid}`.
+fn is_output_temp(name: &str) -> bool {
+    let Some((base, pid)) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")) else {
+        return false;
+    };
+    pid.chars().all(|c| c.is_ascii_digit())
+        && !pid.is_empty()
+        && (matches!(base, "config.json" | "metrics.jsonl")
+            || (base.starts_with("metrics-") && base.ends_with(".json"))
+            || (base.starts_with("predictions-") && base.ends_with(".jsonl.meta.json")))
 }
 
 /// The lock a training process holds in its run directory.

@@ -80,6 +80,9 @@ pub struct NonFiniteRecord {
     /// `video` or `question`.
     pub kind: &'static str,
     pub id: String,
+    /// The shard its entry pointed at when checked (a repair drops the entry only if it still
+    /// does: a record recomputed meanwhile is kept).
+    pub shard: String,
     /// Which tensor, e.g. `features [T, N, D]`.
     pub tensor: String,
     pub detail: String,
@@ -147,7 +150,11 @@ impl StoreCheck {
             ));
         }
         for r in self.non_finite.iter().take(20) {
-            out.push(format!("{} {}: {} holds {}", r.kind, r.id, r.tensor, r.detail));
+            if r.tensor == "frame times" {
+                out.push(format!("{} {}: implausible frame times: {}", r.kind, r.id, r.detail));
+            } else {
+                out.push(format!("{} {}: {} holds {}", r.kind, r.id, r.tensor, r.detail));
+            }
         }
         if self.non_finite.len() > 20 {
             out.push(format!("… and {} more records with non-finite values", self.non_finite.len() - 20));
@@ -277,6 +284,16 @@ pub fn check(dir: &Path, index: &Index, opts: CheckOptions) -> Result<StoreCheck
     if opts.values {
         report.non_finite = non_finite_records(index, &maps);
     }
+    // Implausible frame times are read from the index alone: checked at every depth.
+    for (id, why) in index.time_faults() {
+        report.non_finite.push(NonFiniteRecord {
+            kind: "video",
+            shard: index.videos[&id].shard.clone(),
+            id,
+            tensor: "frame times".into(),
+            detail: why,
+        });
+    }
     report.unlisted = unlisted_shards(&shard_dir, index)?;
     if !report.is_clean() {
         let (videos, questions) = drop_broken(&mut index.clone(), &report);
@@ -336,11 +353,12 @@ fn bytes<'a>(map: &'a Mmap, t: &TensorLoc) -> &'a [u8] {
 /// Videos and questions (in readable shards) holding NaN or ±∞.
 fn non_finite_records(index: &Index, maps: &BTreeMap<&str, Mmap>) -> Vec<NonFiniteRecord> {
     let mut out = Vec::new();
-    let mut push = |kind, id: &str, tensor: String, shape: &[usize], bad: Option<NonFinite>| {
+    let mut push = |kind, id: &str, shard: &str, tensor: String, shape: &[usize], bad: Option<NonFinite>| {
         if let Some(b) = bad {
             out.push(NonFiniteRecord {
                 kind,
                 id: id.to_string(),
+                shard: shard.to_string(),
                 tensor,
                 detail: b.describe(shape),
             });
@@ -352,6 +370,7 @@ fn non_finite_records(index: &Index, maps: &BTreeMap<&str, Mmap>) -> Vec<NonFini
         push(
             "video",
             id,
+            &v.shard,
             format!("features {:?}", f.shape),
             &f.shape,
             non_finite_f16(&f16_from_bytes(bytes(map, f))),
@@ -360,6 +379,7 @@ fn non_finite_records(index: &Index, maps: &BTreeMap<&str, Mmap>) -> Vec<NonFini
         push(
             "video",
             id,
+            &v.shard,
             format!("frame_embeds {:?}", e.shape),
             &e.shape,
             non_finite_f32(&f32_from_bytes(bytes(map, e))),
@@ -367,6 +387,7 @@ fn non_finite_records(index: &Index, maps: &BTreeMap<&str, Mmap>) -> Vec<NonFini
         push(
             "video",
             id,
+            &v.shard,
             "timestamps".into(),
             &[v.timestamps.len()],
             non_finite_f64(&v.timestamps),
@@ -382,6 +403,7 @@ fn non_finite_records(index: &Index, maps: &BTreeMap<&str, Mmap>) -> Vec<NonFini
             push(
                 "question",
                 key,
+                &q.shard,
                 "text_embeds (question, options, answer, event)".into(),
                 &shape,
                 non_finite_f32(&f32_from_bytes(rows)),
@@ -392,6 +414,7 @@ fn non_finite_records(index: &Index, maps: &BTreeMap<&str, Mmap>) -> Vec<NonFini
             push(
                 "question",
                 key,
+                &q.shard,
                 "curve s_t".into(),
                 &[q.num_frames],
                 non_finite_f32(&f32_from_bytes(curve)),
@@ -418,8 +441,28 @@ pub(crate) fn unlisted_shards(shard_dir: &Path, index: &Index) -> Result<Vec<Str
 /// values, and the questions of every removed video (their curves were made from its frames).
 /// Returns the removed (videos, questions).
 pub fn drop_broken(index: &mut Index, found: &StoreCheck) -> (Vec<String>, Vec<String>) {
-    let (shards, mut videos, mut questions) = found.to_drop();
-    videos.retain(|id| index.videos.contains_key(id));
+    let (shards, _, _) = found.to_drop();
+    // From the index as it is now (another writer may have recomputed records since the check):
+    // the entries in broken shards, and the bad records whose entry is still the one checked.
+    let mut videos: BTreeSet<String> = index
+        .videos
+        .iter()
+        .filter(|(_, v)| shards.contains(&v.shard))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let mut questions: BTreeSet<String> = BTreeSet::new();
+    for r in &found.non_finite {
+        let current = match r.kind {
+            "video" => index.videos.get(&r.id).map(|v| &v.shard),
+            _ => index.questions.get(&r.id).map(|q| &q.shard),
+        };
+        if current == Some(&r.shard) {
+            match r.kind {
+                "video" => videos.insert(r.id.clone()),
+                _ => questions.insert(r.id.clone()),
+            };
+        }
+    }
     for (key, q) in &index.questions {
         if videos.contains(&q.video) || shards.contains(&q.shard) {
             questions.insert(key.clone());

@@ -298,7 +298,30 @@ impl Index {
             );
         }
         index.validate().with_context(|| format!("checking the index {}", path.display()))?;
+        // Implausible frame times (e.g. an older gcg's variable-frame-rate videos) do not stop the
+        // store from opening: `gcg store verify` lists them and `--repair` drops them.
+        let bad = index.time_faults();
+        if let Some((id, why)) = bad.first() {
+            tracing::warn!(
+                "{}: {} videos have implausible frame times (e.g. video {id}: {why}); `gcg store verify` lists them, \
+                 `--repair` drops them for `gcg features` to recompute",
+                path.display(),
+                bad.len()
+            );
+        }
         Ok(index)
+    }
+
+    /// Videos whose duration, fps or frame times fail [`check_times`], with the reason.
+    pub fn time_faults(&self) -> Vec<(String, String)> {
+        self.videos
+            .iter()
+            .filter_map(|(id, v)| {
+                check_times(&v.timestamps, v.duration, v.fps)
+                    .err()
+                    .map(|e| (id.clone(), format!("{e:#}")))
+            })
+            .collect()
     }
 
     /// Every entry points at a listed shard of the right kind, with consistent byte ranges.
@@ -330,7 +353,6 @@ impl Index {
                 v.timestamps.len(),
                 v.num_frames
             );
-            check_times(&v.timestamps, v.duration, v.fps).with_context(|| format!("video {id}"))?;
             let meta = self
                 .meta
                 .with_context(|| format!("video {id}: the index has no meta (tokens, width, embed_dim)"))?;

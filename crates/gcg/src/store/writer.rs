@@ -292,6 +292,8 @@ pub struct StoreWriter {
     pending_since: Option<Instant>,
     shards_written: u64,
     fault_hits: HashMap<&'static str, usize>,
+    /// What opening the store repaired (a shard missing or cut short), if anything.
+    opened_repair: Option<(StoreCheck, Repaired)>,
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
@@ -345,6 +347,7 @@ impl StoreWriter {
             .open(&lock_path)
             .with_context(|| format!("opening {}", lock_path.display()))?;
         lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
+        let mut opened_repair = None;
         let index = (|| -> Result<Index> {
             remove_stale_temps(&dir)?;
             remove_stale_temps(&dir.join(SHARD_DIR))?;
@@ -364,6 +367,7 @@ impl StoreWriter {
                     dropped_counts(&repaired.videos, &repaired.questions),
                     RECOMPUTE_HINT
                 );
+                opened_repair = Some((found, repaired));
             }
             Ok(index)
         })();
@@ -379,7 +383,13 @@ impl StoreWriter {
             pending_since: None,
             shards_written: 0,
             fault_hits: HashMap::new(),
+            opened_repair,
         })
+    }
+
+    /// What opening the store found broken and dropped (a shard missing or cut short), if anything.
+    pub fn opened_repair(&self) -> Option<&(StoreCheck, Repaired)> {
+        self.opened_repair.as_ref()
     }
 
     pub fn dir(&self) -> &Path {

@@ -64,7 +64,9 @@ pub struct TrainConfig {
     /// keeps it frozen.
     pub train_t5: bool,
     /// Also validate (and keep `best`) after every this many optimiser steps of the joint
-    /// epochs, besides each epoch's end (the official `--eval_step k` validates every 1/k epoch).
+    /// epochs (counted from the first joint step), besides each epoch's end. (The official
+    /// `--eval_step k` validates every 1/k epoch from the second epoch on, not in an epoch's last
+    /// tenth: with S steps an epoch, `validate_every = S / k` is the nearest setting.)
     pub validate_every: Option<u64>,
     /// Write the `last` checkpoint every this many optimiser steps (and at each epoch end).
     pub checkpoint_every: u64,
@@ -549,39 +551,45 @@ fn train_epoch(
         let losses = forward.map_err(|e| diverged(job, state, e))?;
         let loss = losses.total.to_scalar::<f32>()? as f64;
         state.batch_in_epoch += 1;
-        if !loss.is_finite() {
+        let skipped = !loss.is_finite();
+        if skipped {
             // Skipping cannot help once the weights themselves are gone.
             let weights = job.vars.non_finite()?;
             if !weights.is_empty() {
                 return Err(diverged(job, state, anyhow::anyhow!("non-finite loss {loss}")));
             }
-            if cfg.skip_nonfinite {
-                state.skipped_nonfinite += 1;
-                let (step, batch) = (state.step, state.batch_in_epoch - 1);
-                run.log(&serde_json::json!({"skipped_nonfinite": state.skipped_nonfinite, "step": step, "epoch": epoch, "batch": batch, "loss": loss.to_string()}))?;
-                on_event(Event::SkippedNonFinite { step, epoch, batch });
-                continue;
+            if !cfg.skip_nonfinite {
+                bail!(
+                    "non-finite loss {loss} at step {} (epoch {epoch}, batch {}); the last good checkpoint is {} (use --skip-nonfinite to skip such batches)",
+                    state.step + 1,
+                    state.batch_in_epoch - 1,
+                    run.last().display()
+                );
             }
-            bail!(
-                "non-finite loss {loss} at step {} (epoch {epoch}, batch {}); the last good checkpoint is {} (use --skip-nonfinite to skip such batches)",
-                state.step + 1,
-                state.batch_in_epoch - 1,
-                run.last().display()
-            );
+            state.skipped_nonfinite += 1;
+            let (step, batch) = (state.step, state.batch_in_epoch - 1);
+            run.log(&serde_json::json!({"skipped_nonfinite": state.skipped_nonfinite, "step": step, "epoch": epoch, "batch": batch, "loss": loss.to_string()}))?;
+            on_event(Event::SkippedNonFinite { step, epoch, batch });
         }
         // The step's gradient is that of the mean loss over its questions: each micro-batch's
         // mean loss weighs by its share of a full group's questions (1/grad_accum when all are
-        // full), and a short group (the end of an epoch) is rescaled to its own question count.
-        // One micro-batch per step is its own mean already.
+        // full), and a short group (the end of an epoch, or one with a skipped batch) is rescaled
+        // to its own question count. One micro-batch per step is its own mean already.
         let full_group = (cfg.grad_accum * cfg.batch_size) as f64;
-        let weight = if cfg.grad_accum == 1 {
-            1.0
-        } else {
-            batch.len() as f64 / full_group
-        };
-        acc.add(&losses, loss, batch.len(), job.vars, weight)?;
+        if !skipped {
+            let weight = if cfg.grad_accum == 1 {
+                1.0
+            } else {
+                batch.len() as f64 / full_group
+            };
+            acc.add(&losses, loss, batch.len(), job.vars, weight)?;
+        }
+        // Groups are fixed runs of grad_accum micro-batches of the epoch (a skipped batch
+        // shortens its group, it does not shift the next ones); a group of only skipped
+        // batches makes no step.
         let end_of_epoch = state.batch_in_epoch >= plan.batches_per_epoch;
-        if acc.micro < cfg.grad_accum && !end_of_epoch {
+        let end_of_group = state.batch_in_epoch % cfg.grad_accum as u64 == 0 || end_of_epoch;
+        if !end_of_group || acc.micro == 0 {
             continue;
         }
         if cfg.grad_accum > 1 && acc.samples as f64 != full_group {
@@ -610,7 +618,8 @@ fn train_epoch(
         on_event(Event::Step(&m));
         acc = Accumulator::new();
         // Before the periodic checkpoint: a kill between them redoes this validation on resume.
-        if cfg.validate_every.is_some_and(|n| state.step % n == 0) && !warmup && !end_of_epoch {
+        let joint_step = state.step.saturating_sub(plan.warmup_steps);
+        if cfg.validate_every.is_some_and(|n| joint_step % n == 0) && !warmup && !end_of_epoch {
             validate(job, opt, state, epoch, true, on_event)?;
         }
         if state.step % cfg.checkpoint_every.max(1) == 0 && !end_of_epoch {

@@ -183,14 +183,14 @@ fn not_safetensors(path: &Path, bytes: &[u8], e: safetensors::SafeTensorError) -
         .flat_map(|o| o.values())
         .filter_map(|t| t.get("data_offsets")?.get(1)?.as_u64())
         .max()
-        .unwrap_or(0) as usize;
-    if need + data > len {
+        .unwrap_or(0);
+    let total = (need as u64).saturating_add(data);
+    if total > len as u64 {
         anyhow!(
-            "{p} is truncated: its header describes {} bytes (8 + a {n}-byte header + {data} bytes of tensor data); the file has {len} bytes",
-            need + data
+            "{p} is truncated: its header describes {total} bytes (8 + a {n}-byte header + {data} bytes of tensor data); the file has {len} bytes"
         )
     } else {
-        not_st(format!("the header describes {} bytes, the file has {len} bytes", need + data))
+        not_st(format!("the header describes {total} bytes, the file has {len} bytes"))
     }
 }
 
