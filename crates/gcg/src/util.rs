@@ -141,6 +141,20 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<bool> {
 /// missing and removed otherwise. Whether a process is gone is read from `/proc` (where there is
 /// none, nothing is touched). Returns the paths removed or moved back.
 pub fn clear_stale_dir_temps(dir: &Path) -> Result<Vec<PathBuf>> {
+    stale_dir_temps(dir, true)
+}
+
+/// For readers: only put back the previous `dir` a killed writer left moved aside when `dir` is
+/// missing; nothing is deleted (a writer whose process is not visible from here, e.g. in another
+/// container sharing the folder, may still be filling its temporary folder).
+pub fn restore_interrupted_dir(dir: &Path) -> Result<Vec<PathBuf>> {
+    if dir.symlink_metadata().is_ok() {
+        return Ok(Vec::new());
+    }
+    stale_dir_temps(dir, false)
+}
+
+fn stale_dir_temps(dir: &Path, delete: bool) -> Result<Vec<PathBuf>> {
     let proc = Path::new("/proc");
     let (Some(name), true) = (dir.file_name(), proc.is_dir()) else {
         return Ok(Vec::new());
@@ -169,8 +183,10 @@ pub fn clear_stale_dir_temps(dir: &Path) -> Result<Vec<PathBuf>> {
         let path = e.path();
         if old && dir.symlink_metadata().is_err() {
             std::fs::rename(&path, dir).with_context(|| format!("moving {} back to {}", path.display(), dir.display()))?;
-        } else {
+        } else if delete {
             remove_path(&path).with_context(|| format!("removing {}, left by a killed process", path.display()))?;
+        } else {
+            continue;
         }
         cleared.push(path);
     }

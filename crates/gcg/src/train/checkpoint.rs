@@ -85,9 +85,9 @@ pub struct Loaded {
 }
 
 /// Whether a checkpoint is at `dir`, after putting back one that a writer killed mid-swap left
-/// beside it (see [`crate::util::clear_stale_dir_temps`]).
+/// beside it (see [`crate::util::restore_interrupted_dir`]; nothing is deleted).
 pub fn exists(dir: &Path) -> Result<bool> {
-    for p in crate::util::clear_stale_dir_temps(dir)? {
+    for p in crate::util::restore_interrupted_dir(dir)? {
         tracing::info!("cleared {}, left by a killed writer", p.display());
     }
     Ok(dir.join(STATE).exists())
