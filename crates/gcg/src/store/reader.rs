@@ -349,6 +349,11 @@ impl Store {
             maps: self.maps.clone(),
         });
         let mut cur = self.current.write().map_err(|_| anyhow!("the store snapshot lock is poisoned"))?;
+        // Threads sharing this store refresh concurrently: one that read an older index must not
+        // replace a newer snapshot another thread already installed (generations only grow).
+        if snap.index.generation < cur.index.generation {
+            return Ok(false);
+        }
         let changed = cur.index.generation != snap.index.generation || cur.stamp != snap.stamp;
         *cur = snap;
         Ok(changed)
