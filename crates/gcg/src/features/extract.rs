@@ -338,8 +338,8 @@ fn check_frames(f: VideoFrames, t: usize) -> Result<VideoFrames> {
         "{} timestamps for {t} frames",
         f.timestamps.len()
     );
-    let px = f.pixel_values.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    if let Some(bad) = crate::util::non_finite_f32(&px) {
+    // Read in place (no copy of the frames), whatever their float type.
+    if let Some(bad) = crate::util::non_finite(&f.pixel_values)? {
         anyhow::bail!(
             "the input frames (pixel values [T, 3, S, S] = {dims:?}) hold {} — not encoded",
             bad.describe(&dims)
