@@ -2,10 +2,12 @@
 
 // Shared by several commands: argument groups, store-writer options, printed reports.
 mod args;
+mod ask_args;
 mod report;
 mod store_args;
 
 // One file per subcommand (`bench_*`: the `gcg bench` subcommands).
+mod ask;
 mod bench;
 mod bench_decode;
 mod bench_store;
@@ -16,6 +18,7 @@ mod features;
 mod frames;
 mod labels;
 mod predict;
+mod serve;
 mod store;
 mod synth;
 mod train;
@@ -35,6 +38,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Ask about a video: the answer and the moments (in seconds) that support it.
+    Ask(ask::AskArgs),
     /// Measure speed; prints JSON.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -57,6 +62,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Answer a split with a trained run (or a pretrained model): predictions JSONL + metrics.
     Predict(predict::PredictArgs),
+    /// Serve the HTTP API and the web viewer: upload a video, ask, see the moments.
+    Serve(serve::ServeArgs),
     /// Look after a feature store: `gcg store verify [--checksums] [--values] [--repair]`.
     #[command(subcommand)]
     Store(store::StoreCommand),
@@ -98,6 +105,7 @@ fn restore_sigpipe() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Ask(a) => ask::run(a),
         Command::Bench(b) => bench::run(b),
         Command::CheckWeights(a) => check_weights::run(a),
         Command::Features(a) => features::run(a),
@@ -107,6 +115,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Frames(a) => frames::run_frames(a),
         Command::Train(a) => train::run_train(a),
         Command::Predict(a) => predict::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Store(c) => store::run(c),
         Command::Synth(a) => synth::run(a),
     }

@@ -5,6 +5,7 @@
 //! `models` (ViT, Q-Former, T5, CLIP branch, the video LMM), `weights` (checkpoints and
 //! tokenizers).
 
+pub mod ask;
 pub mod data;
 pub mod demo;
 pub mod eval;

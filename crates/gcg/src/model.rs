@@ -266,11 +266,6 @@ impl GcgModel {
                     .grounding
                     .as_ref()
                     .ok_or_else(|| anyhow!("grounding mode without a grounding module"))?;
-                ensure!(
-                    batch.clip_options.is_none() || batch.answer_indices.is_some(),
-                    "batch {}: options without the answers' indices",
-                    batch.index
-                );
                 let inputs = GroundingInputs {
                     frames: &batch.clip_frames,
                     question: &batch.clip_question,
@@ -282,6 +277,12 @@ impl GcgModel {
                 };
                 match train {
                     Some((rng, ctx)) => {
+                        // L_con's negatives are the other options: training needs the answers.
+                        ensure!(
+                            batch.clip_options.is_none() || batch.answer_indices.is_some(),
+                            "batch {}: options without the answers' indices",
+                            batch.index
+                        );
                         let out = g
                             .forward_train(&inputs, TopkNoises::from_rng(rng), ctx)
                             .map_err(|e| name_rows(e, batch))?;

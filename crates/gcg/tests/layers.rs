@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["train"],
     &["run"],
     &["demo"],
+    &["ask"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -379,6 +379,36 @@ fn collate(snap: &Snapshot, samples: &[QaSample], index: usize, indices: &[usize
     buf.into_batch(index, opts)
 }
 
+/// A batch of questions that are not in the store (`gcg ask`): each sample's video is read from
+/// `snap` as [`BatchLoader`] reads it, and its CLIP text embeddings are given (`text_rows[j]`:
+/// the question, then its options, [1 + O, E] row-major). Such questions have no answer, event
+/// text or pseudo-labels: those tensors are zeros, `pseudo_labels` and `answer_indices` are empty.
+/// Every sample must have the same number of options.
+pub fn collate_unlabelled(
+    snap: &Snapshot,
+    samples: &[QaSample],
+    text_rows: &[Vec<f32>],
+    index: usize,
+    opts: &BatchOptions,
+) -> Result<Batch> {
+    let b = samples.len();
+    ensure!(b > 0, "batch {index} is empty");
+    ensure!(
+        text_rows.len() == b,
+        "batch {index}: {} rows of text embeddings for {b} questions",
+        text_rows.len()
+    );
+    let first = &samples[0];
+    let t = snap.video(&first.video)?.num_frames;
+    let o = first.options.len();
+    let meta = snap.meta().ok_or_else(|| anyhow!("the feature store has no videos"))?;
+    let mut buf = BatchBuffers::new(opts.features, b, (t, o, 0), (meta.tokens, meta.width, meta.embed_dim));
+    for (j, (s, rows)) in samples.iter().zip(text_rows).enumerate() {
+        buf.push_unlabelled(snap, index, j, s, rows)?;
+    }
+    buf.into_batch(index, opts)
+}
+
 /// The CPU buffers a batch is gathered into, sample by sample, before they become its tensors.
 struct BatchBuffers {
     /// The frame features' dtype (None: the batch carries none).
@@ -479,6 +509,46 @@ impl BatchBuffers {
             Answer::Choice(i) => Some(i),
             Answer::Text(_) => None,
         });
+        self.timestamps.push(v.timestamps.clone());
+        self.samples.push(s.clone());
+        Ok(())
+    }
+
+    /// Gathers question `s` (not in the store) into row `j` of batch `index`: its video from the
+    /// store, its text embeddings `rows` [1 + O, E] as given.
+    fn push_unlabelled(&mut self, snap: &Snapshot, index: usize, j: usize, s: &QaSample, rows: &[f32]) -> Result<()> {
+        let (t, o, e) = (self.t, self.o, self.e);
+        let v = snap.video(&s.video)?;
+        ensure!(
+            (v.num_frames, s.options.len()) == (t, o),
+            "batch {index}: question {} has (frames, options) = {:?}, the batch {:?}",
+            s.key,
+            (v.num_frames, s.options.len()),
+            (t, o)
+        );
+        ensure!(
+            rows.len() == (1 + o) * e,
+            "question {}: {} text-embedding values, expected [1 + {o} options, {e}]",
+            s.key,
+            rows.len()
+        );
+        if let Some(bad) = non_finite_f32(rows) {
+            bail!(
+                "question {}: its CLIP text embeddings [question, options] hold {} (the CLIP text tower's weights are not finite?)",
+                s.key,
+                bad.describe(&[1 + o, e])
+            );
+        }
+        if self.features.is_some() {
+            self.push_features(snap, j, s)?;
+        }
+        let frame_embeds = snap.frame_embeds(&s.video)?.to_f32()?;
+        finite(snap, s, "CLIP frame embeddings [T, E]", &frame_embeds, &[t, e])?;
+        self.frame_embeds.extend(frame_embeds);
+        self.text[j * (1 + o) * e..(j + 1) * (1 + o) * e].copy_from_slice(rows);
+        self.labels.push(Vec::new());
+        self.curves.extend(std::iter::repeat_n(0f32, t));
+        self.answers.push(None);
         self.timestamps.push(v.timestamps.clone());
         self.samples.push(s.clone());
         Ok(())

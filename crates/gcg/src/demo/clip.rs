@@ -402,3 +402,37 @@ impl Encoders {
         self.vars.save_safetensors(path)
     }
 }
+
+/// The frozen encoders a demo saved (`encoders.safetensors`), read back for `gcg ask`.
+pub struct FrozenEncoders {
+    pub vit: VisionModel,
+    pub image: ClipImageHead,
+    pub text: ClipTextModel,
+    pub tokenizer: ClipTokenizer,
+    pub vit_config: VitConfig,
+}
+
+/// Load the encoders [`Encoders::save`] wrote to `file`, pre-trained with `cfg` (the demo's
+/// `demo.json`), frozen, in f32 on the CPU; every tensor of the file must be used.
+pub fn load_encoders(file: &Path, cfg: &ClipPretrainConfig) -> Result<FrozenEncoders> {
+    let tokenizer = embedded_tokenizer(cfg)?;
+    let vit_config = cfg.vit();
+    let clip_cfg = cfg.clip(tokenizer.vocab_size());
+    let src = crate::weights::SafetensorsSource::open(file)?;
+    let lb = Loader::from_source(std::sync::Arc::new(src), &Device::Cpu, DType::F32);
+    let load = || -> Result<_> {
+        let vit = VisionModel::load(&lb.pp("vision_model"), &vit_config)?;
+        let image = ClipImageHead::load(&lb, &clip_cfg.image)?;
+        let text = ClipTextModel::load(&lb.pp("text"), &clip_cfg.text)?;
+        lb.finish()?;
+        Ok((vit, image, text))
+    };
+    let (vit, image, text) = load().with_context(|| format!("loading the demo's encoders from {}", file.display()))?;
+    Ok(FrozenEncoders {
+        vit,
+        image,
+        text,
+        tokenizer,
+        vit_config,
+    })
+}

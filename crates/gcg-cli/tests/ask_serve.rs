@@ -1,0 +1,467 @@
+//! `gcg ask` and `gcg serve` end to end on a quick demo: the CLI's answers against the demo's own
+//! predictions, and the real HTTP server on a loopback port — upload, ask, frames, media ranges,
+//! bad requests, concurrent clients, a full queue and a clean shutdown.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+
+fn gcg() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gcg"))
+}
+
+/// One quick demo for every test of this file (5 s on 2 cores).
+fn demo() -> &'static Path {
+    static DEMO: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &DEMO
+        .get_or_init(|| {
+            let tmp = tempfile::tempdir().unwrap();
+            let out = tmp.path().join("demo");
+            let o = gcg()
+                .args(["demo", "--quick", "--seed", "5", "--quiet", "--out"])
+                .arg(&out)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "gcg demo --quick: {}", String::from_utf8_lossy(&o.stderr));
+            (tmp, out)
+        })
+        .1
+}
+
+fn test_questions(demo: &Path) -> Vec<(String, String, String, Vec<String>)> {
+    // video, qid, question, options (the NExT-QA CSV columns)
+    let mut r = csv::Reader::from_path(demo.join("world/test.csv")).unwrap();
+    let h = r.headers().unwrap().clone();
+    let col = |name: &str| h.iter().position(|c| c == name).unwrap();
+    r.records()
+        .map(|rec| {
+            let rec = rec.unwrap();
+            (
+                rec[col("video")].to_string(),
+                rec[col("qid")].to_string(),
+                rec[col("question")].to_string(),
+                (0..5).map(|i| rec[col(&format!("a{i}"))].to_string()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// The demo's own test predictions by (video, qid).
+fn demo_predictions(demo: &Path, mode: &str) -> std::collections::HashMap<(String, String), Value> {
+    let text = std::fs::read_to_string(demo.join("runs").join(mode).join("predictions-test.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                (v["video"].as_str().unwrap().to_string(), v["qid"].as_str().unwrap().to_string()),
+                v,
+            )
+        })
+        .collect()
+}
+
+/// The answer and moments of an ask object equal the prediction row's.
+fn agrees(ask: &Value, pred: &Value, what: &str) {
+    assert_eq!(ask["answer_index"], pred["prediction"], "{what}: answer");
+    let frames: Vec<u64> = ask["moments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["frame"].as_u64().unwrap())
+        .collect();
+    let want: Vec<u64> = pred["moments"]["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_u64().unwrap())
+        .collect();
+    assert_eq!(frames, want, "{what}: moments");
+    let times: Vec<f64> = ask["moments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["time"].as_f64().unwrap())
+        .collect();
+    let want: Vec<f64> = pred["moments"]["seconds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_f64().unwrap())
+        .collect();
+    assert_eq!(times, want, "{what}: moment times");
+    assert_eq!(ask["span"], pred["span"], "{what}: span");
+    let p = ask["p"].as_array().unwrap();
+    let c = pred["curve"].as_array().unwrap();
+    assert_eq!(p.len(), c.len(), "{what}: p(t)");
+    for (a, b) in p.iter().zip(c) {
+        assert!(
+            (a.as_f64().unwrap() - b.as_f64().unwrap()).abs() <= 1e-5,
+            "{what}: p(t) {p:?} vs {c:?}"
+        );
+    }
+}
+
+#[test]
+fn ask_cli_gives_the_demo_predictions_answers_and_moments() {
+    let demo = demo();
+    let tmp = tempfile::tempdir().unwrap();
+    let preds = demo_predictions(demo, "grounding");
+    let qs = test_questions(demo);
+    let video = qs[0].0.clone();
+    let mine: Vec<_> = qs.iter().filter(|q| q.0 == video).collect();
+    // All the video's questions in one call (one JSON object a line).
+    let file = tmp.path().join("questions.jsonl");
+    let lines: Vec<String> = mine
+        .iter()
+        .map(|q| serde_json::json!({"question": format!("{}?", q.2), "options": q.3}).to_string())
+        .collect();
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let o = gcg()
+        .args(["ask", "--json", "--run"])
+        .arg(demo.join("runs/grounding"))
+        .arg("--cache")
+        .arg(tmp.path().join("cache"))
+        .arg("--video")
+        .arg(demo.join("world/frames").join(&video))
+        .arg("--questions-file")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "gcg ask: {}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let answers: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(answers.len(), mine.len());
+    for (a, q) in answers.iter().zip(&mine) {
+        agrees(a, &preds[&(q.0.clone(), q.1.clone())], &format!("{} {}", q.0, q.1));
+        assert_eq!(a["timestamps"].as_array().unwrap().len(), 32);
+        assert_eq!(a["options"].as_array().unwrap().len(), 5);
+    }
+    // The readable form, from the cache this time.
+    let o = gcg()
+        .args(["ask", "--run"])
+        .arg(demo.join("runs/grounding"))
+        .arg("--cache")
+        .arg(tmp.path().join("cache"))
+        .arg("--video")
+        .arg(demo.join("world/frames").join(&video))
+        .args(["--question", &mine[0].2])
+        .args(mine[0].3.iter().flat_map(|o| ["--option", o.as_str()]))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "gcg ask: {}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        text.contains("moments: ") && text.contains("span: ") && text.contains("from the ask cache"),
+        "{text}"
+    );
+    // Oracle runs cannot answer new questions (their moments come from the answer).
+    let o = gcg()
+        .args(["ask", "--run"])
+        .arg(demo.join("runs/oracle"))
+        .arg("--cache")
+        .arg(tmp.path().join("cache"))
+        .arg("--video")
+        .arg(demo.join("world/frames").join(&video))
+        .args(["--question", "what happened?"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("oracle mode"));
+}
+
+/// A running `gcg serve` on a free loopback port.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(extra: &[&str], data: &Path) -> Self {
+        let demo = demo();
+        let mut child = gcg()
+            .args(["serve", "--addr", "127.0.0.1:0", "--run"])
+            .arg(demo.join("runs/grounding"))
+            .arg("--cache")
+            .arg(data.join("cache"))
+            .arg("--data")
+            .arg(data.join("serve"))
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                let mut err = String::new();
+                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                panic!("gcg serve did not start: {line:?} {err}")
+            })
+            .trim_end_matches('/')
+            .to_string();
+        Server { child, base }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// SIGTERM, then the exit status and stderr.
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        unsafe_kill(self.child.id());
+        let status = self.child.wait().unwrap();
+        let mut err = String::new();
+        self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        (status, err)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill(pid: u32) {
+    let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(ok.success());
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder().http_status_as_error(false).build().into()
+}
+
+/// (status, body as JSON)
+fn get_json(url: &str) -> (u16, Value) {
+    let mut r = agent().get(url).call().unwrap();
+    let status = r.status().as_u16();
+    (status, serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap())
+}
+
+fn post_json(url: &str, body: &str) -> (u16, Value) {
+    let mut r = agent()
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body.as_bytes())
+        .unwrap();
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+/// A multipart/form-data upload of `bytes` as field `video` named `name`.
+fn upload(url: &str, name: &str, bytes: &[u8]) -> (u16, Value) {
+    let boundary = "gcgtestboundary7MA4YWxkTrZu0gW";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let r = agent()
+        .post(url)
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .send(&body[..]);
+    match r {
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            let text = r.body_mut().read_to_string().unwrap_or_default();
+            (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        }
+        // The server may close the connection while a too-large body is still being sent.
+        Err(e) => (0, Value::String(e.to_string())),
+    }
+}
+
+/// An mp4 of a demo video's frame folder (4 frames a second), made with ffmpeg.
+fn mp4_of(frames: &Path, out: &Path) {
+    let o = Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-y", "-framerate", "4", "-i"])
+        .arg(frames.join("frame_%d.jpg"))
+        .args(["-c:v", "libx264", "-pix_fmt", "yuv420p"])
+        .arg(out)
+        .output()
+        .expect("ffmpeg (apt install ffmpeg)");
+    assert!(o.status.success(), "ffmpeg: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
+    let demo = demo();
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = Server::start(&["--max-upload-mb", "1"], tmp.path());
+
+    let (st, h) = get_json(&srv.url("/api/health"));
+    assert_eq!(st, 200);
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["model"]["mode"], "grounding");
+    assert_eq!(h["model"]["moments"], 4);
+
+    // The viewer and its assets.
+    for (path, mime) in [("/", "text/html"), ("/app.js", "javascript"), ("/style.css", "text/css")] {
+        let r = agent().get(&srv.url(path)).call().unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        let ct = r.headers().get("content-type").unwrap().to_str().unwrap().to_string();
+        assert!(ct.contains(mime), "{path}: {ct}");
+    }
+
+    // The demo's gallery, with its questions as examples; an answer equals the demo's prediction.
+    let (_, list) = get_json(&srv.url("/api/videos"));
+    let gallery: Vec<&Value> = list["videos"].as_array().unwrap().iter().filter(|v| v["gallery"] == true).collect();
+    assert!(!gallery.is_empty());
+    assert!(
+        list.to_string().find(demo.to_str().unwrap()).is_none(),
+        "the listing shows server paths: {list}"
+    );
+    let g = gallery[0];
+    let gid = g["id"].as_str().unwrap();
+    let q = &g["questions"][0];
+    let (st, a) = post_json(&srv.url(&format!("/api/videos/{gid}/ask")), &q.to_string());
+    assert_eq!(st, 200, "{a}");
+    let preds = demo_predictions(demo, "grounding");
+    let qs = test_questions(demo);
+    let (_, qid, _, _) = qs
+        .iter()
+        .find(|x| x.0 == gid && format!("{}?", x.2) == q["question"].as_str().unwrap())
+        .unwrap();
+    agrees(&a, &preds[&(gid.to_string(), qid.clone())], "gallery question");
+    assert_eq!(a["video"], gid);
+    // Its frames, as JPEG.
+    let mut r = agent().get(&srv.url(&format!("/api/videos/{gid}/frames/3"))).call().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let jpeg = r.body_mut().read_to_vec().unwrap();
+    assert_eq!(&jpeg[..2], &[0xFF, 0xD8], "not a JPEG");
+    assert_eq!(get_json(&srv.url(&format!("/api/videos/{gid}/frames/32"))).0, 404);
+    assert_eq!(get_json(&srv.url(&format!("/api/videos/{gid}/frames/x"))).0, 400);
+
+    // An upload: an mp4 of another test video.
+    let vid = &qs.iter().find(|x| x.0 != gid).unwrap().0;
+    let mp4 = tmp.path().join("clip.mp4");
+    mp4_of(&demo.join("world/frames").join(vid), &mp4);
+    let bytes = std::fs::read(&mp4).unwrap();
+    let (st, v) = upload(&srv.url("/api/videos"), "clip.mp4", &bytes);
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("sha256-") && v["playable"] == true && v["frames"] == 32, "{v}");
+    assert!((v["duration"].as_f64().unwrap() - 16.0).abs() < 0.01, "{v}");
+    assert!(v.get("path").is_none(), "{v}");
+    // The same bytes again: the same video.
+    assert_eq!(upload(&srv.url("/api/videos"), "again.mp4", &bytes).1["id"], id.as_str());
+    let (st, a) = post_json(
+        &srv.url(&format!("/api/videos/{id}/ask")),
+        r#"{"question": "what shape was the thing that appeared?", "options": ["cross", "star", "diamond", "heart", "square"]}"#,
+    );
+    assert_eq!(st, 200, "{a}");
+    assert_eq!(a["moments"].as_array().unwrap().len(), 4);
+    assert_eq!(a["option_scores"].as_array().unwrap().len(), 5);
+    let t: Vec<f64> = a["moments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["time"].as_f64().unwrap())
+        .collect();
+    assert!(t.windows(2).all(|w| w[0] <= w[1]) && t[0] >= 0.0 && t[3] <= 16.0, "{t:?}");
+    // Open-ended: a generated answer.
+    let (st, a) = post_json(&srv.url(&format!("/api/videos/{id}/ask")), r#"{"question": "what appeared?"}"#);
+    assert_eq!(st, 200, "{a}");
+    assert!(
+        a["answer_index"].is_null() && a["answer"].is_string() && a["option_scores"].is_null(),
+        "{a}"
+    );
+    // The player's byte ranges.
+    let mut r = agent()
+        .get(&srv.url(&format!("/api/videos/{id}/media")))
+        .header("range", "bytes=10-19")
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 206);
+    assert_eq!(
+        r.headers().get("content-range").unwrap().to_str().unwrap(),
+        format!("bytes 10-19/{}", bytes.len())
+    );
+    assert_eq!(r.body_mut().read_to_vec().unwrap(), &bytes[10..20]);
+    let r = agent()
+        .get(&srv.url(&format!("/api/videos/{id}/media")))
+        .header("range", "bytes=99999999-")
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 416);
+
+    // Bad requests: clear errors, and the server goes on.
+    let big = vec![7u8; 2 * 1024 * 1024];
+    let (st, e) = upload(&srv.url("/api/videos"), "big.mp4", &big);
+    assert!(st == 413 || st == 0, "oversized upload: {st} {e}");
+    let (st, e) = upload(&srv.url("/api/videos"), "notes.mp4", b"this is not a video");
+    assert_eq!(st, 400, "{e}");
+    let msg = e["error"].as_str().unwrap();
+    assert!(msg.contains("notes.mp4") && msg.contains("could not be read as a video"), "{msg}");
+    assert!(!msg.contains(tmp.path().to_str().unwrap()), "the error shows server paths: {msg}");
+    for (body, says) in [
+        (r#"{"question": "  "}"#, "empty"),
+        (r#"{"question": "q", "options": ["a", "b", "c", "d", "e", "f"]}"#, "6 options"),
+        (r#"{"question": "q", "options": ["only one"]}"#, "one option"),
+        (r#"{"question": "#, "must be JSON"),
+        (r#"["not", "an", "object"]"#, "must be JSON"),
+    ] {
+        let (st, e) = post_json(&srv.url(&format!("/api/videos/{id}/ask")), body);
+        assert_eq!(st, 400, "{body}: {e}");
+        assert!(e["error"].as_str().unwrap().contains(says), "{body}: {e}");
+    }
+    let (st, e) = post_json(&srv.url("/api/videos/sha256-0000/ask"), r#"{"question": "q"}"#);
+    assert_eq!(st, 404, "{e}");
+    assert_eq!(get_json(&srv.url("/api/videos/../../etc/frames/0")).0, 404);
+    assert_eq!(get_json(&srv.url("/api/nothing")).0, 404);
+    // Still answering.
+    assert_eq!(get_json(&srv.url("/api/health")).0, 200);
+
+    // 16 clients at once: every one gets the answer a lone client gets.
+    let one = post_json(&srv.url(&format!("/api/videos/{gid}/ask")), &q.to_string()).1;
+    let url = srv.url(&format!("/api/videos/{gid}/ask"));
+    let body = q.to_string();
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..16).map(|_| s.spawn(|| post_json(&url, &body))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (st, a) in &answers {
+        assert_eq!(*st, 200, "{a}");
+        assert_eq!(a["answer_index"], one["answer_index"]);
+        assert_eq!(a["moments"], one["moments"]);
+    }
+
+    // SIGTERM: a clean stop.
+    let (status, err) = srv.stop();
+    assert!(status.success(), "{status}: {err}");
+    assert!(err.contains("shutting down") && err.contains("stopped"), "{err}");
+}
+
+#[test]
+fn a_full_queue_is_503_and_the_accepted_requests_are_answered() {
+    let demo = demo();
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = Server::start(&["--queue", "1", "--max-batch", "1"], tmp.path());
+    let qs = test_questions(demo);
+    let (vid, _, question, options) = &qs[0];
+    let url = srv.url(&format!("/api/videos/{vid}/ask"));
+    let body = serde_json::json!({"question": question, "options": options}).to_string();
+    // Prepared first, so that every request below only waits for the model.
+    assert_eq!(post_json(&url, &body).0, 200);
+    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..48).map(|_| s.spawn(|| post_json(&url, &body))).collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let full = answers.iter().filter(|(st, _)| *st == 503).count();
+    let ok = answers.iter().filter(|(st, _)| *st == 200).count();
+    assert_eq!(full + ok, answers.len(), "{answers:?}");
+    assert!(full > 0, "48 requests at once never filled a queue of 1");
+    assert!(ok > 0);
+    let e = &answers.iter().find(|(st, _)| *st == 503).unwrap().1;
+    assert!(e["error"].as_str().unwrap().contains("queue is full"), "{e}");
+    // The server still answers afterwards.
+    assert_eq!(post_json(&url, &body).0, 200);
+}

@@ -1,0 +1,567 @@
+//! Asking about one video: `gcg ask` and `gcg serve`.
+//!
+//! ```text
+//! video file / frame folder ─content hash─▶ cached? ──no──▶ decode T frames ─▶ ViT + CLIP image
+//!                                            │                head ─▶ the ask cache (a feature store)
+//!                                            ▼
+//! question (+ options) ─CLIP text─▶ batch (collate_unlabelled, as the store's batches are read)
+//!                                   ─▶ GcgModel::answer ─▶ answer, option scores, K moments, p(t)
+//! ```
+//!
+//! A video's features go through the same code as `gcg features` into a feature store, the **ask
+//! cache**, under the video's content hash: a second question about the same video skips the
+//! decoding and the ViT, and the batch the model reads is made exactly as `gcg predict` makes it
+//! from a store. The cache is one store per front end and T (a folder named by their
+//! fingerprint), so features of different networks are never mixed.
+
+pub mod frontend;
+
+pub use frontend::{FrontEnd, FrontEndSpec};
+
+use crate::data::{self, collate_unlabelled, BatchOptions, QaSample, OPTION_LETTERS};
+use crate::features::extract::{decoded_frames, extract_features, safetensors_frames, ExtractOptions, FeatureModels, VideoJob};
+use crate::features::labels::{question_text, ClipTextEncoder};
+use crate::model::{Answered, Mode};
+use crate::run::{build_model, BuiltModel, RunConfig};
+use crate::store::Store;
+use crate::video::{Ffmpeg, Sampling};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Longest question or option accepted (characters).
+pub const MAX_TEXT_CHARS: usize = 1000;
+
+/// A question about a video, with its candidate answers (none: open-ended).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Question {
+    pub question: String,
+    #[serde(default)]
+    pub options: Vec<String>,
+}
+
+impl Question {
+    /// An error naming what is wrong: an empty or overlong text, one option, more options than
+    /// letters, an empty option.
+    pub fn validate(&self) -> Result<()> {
+        let q = self.question.trim();
+        ensure!(!q.trim_end_matches('?').trim().is_empty(), "the question is empty");
+        ensure!(
+            q.chars().count() <= MAX_TEXT_CHARS,
+            "the question has {} characters, more than the {MAX_TEXT_CHARS} accepted",
+            q.chars().count()
+        );
+        ensure!(
+            self.options.len() != 1,
+            "one option was given: give none (an open-ended question) or at least two"
+        );
+        ensure!(
+            self.options.len() <= OPTION_LETTERS.len(),
+            "{} options were given; at most {} ({}) are accepted",
+            self.options.len(),
+            OPTION_LETTERS.len(),
+            OPTION_LETTERS.join(", ")
+        );
+        for (i, o) in self.options.iter().enumerate() {
+            ensure!(!o.trim().is_empty(), "option {} is empty", OPTION_LETTERS[i]);
+            ensure!(
+                o.chars().count() <= MAX_TEXT_CHARS,
+                "option {} has {} characters, more than the {MAX_TEXT_CHARS} accepted",
+                OPTION_LETTERS[i],
+                o.chars().count()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One moment the language model looked at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Moment {
+    /// The frame among the video's T sampled frames.
+    pub frame: usize,
+    /// Its time in seconds (null when the video has no frame times).
+    pub time: Option<f64>,
+}
+
+/// A grounded answer: what `gcg ask --json` prints and `POST /api/videos/{id}/ask` returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroundedAnswer {
+    pub question: String,
+    /// The video's content id (its key in the ask cache).
+    pub video: String,
+    /// The answer's text: the chosen option, or the generated text.
+    pub answer: String,
+    /// The chosen option (null when open-ended, or when a generated text names no option).
+    pub answer_index: Option<usize>,
+    pub options: Vec<String>,
+    /// Each option's T5 log-likelihood (option scoring).
+    pub option_scores: Option<Vec<f32>>,
+    /// The K moments, sorted by time.
+    pub moments: Vec<Moment>,
+    /// [first, last] moment in seconds (the span NExT-GQA's metrics score).
+    pub span: Option<[f64; 2]>,
+    /// The T sampled frames' times in seconds.
+    pub timestamps: Vec<f64>,
+    /// p(t) over the T frames (grounding mode; null in uniform mode).
+    pub p: Option<Vec<f32>>,
+    /// Seconds per stage (`hash`, `features` (decoding + ViT; 0 when cached), `text`, `answer`).
+    pub seconds: BTreeMap<String, f64>,
+}
+
+impl GroundedAnswer {
+    fn from_answered(q: &Question, video: &PreparedVideo, a: Answered) -> Self {
+        let (answer, answer_index) = match &a.prediction {
+            data::Answer::Choice(i) => (q.options.get(*i).cloned().unwrap_or_default(), Some(*i)),
+            data::Answer::Text(t) => (t.clone(), None),
+        };
+        let times: Vec<Option<f64>> = a.seconds.iter().map(|s| s.is_finite().then_some(*s)).collect();
+        let span = if !times.is_empty() && times.iter().all(Option::is_some) {
+            let first = a.seconds.iter().cloned().fold(f64::INFINITY, f64::min);
+            let last = a.seconds.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            Some([first, last])
+        } else {
+            None
+        };
+        Self {
+            question: q.question.clone(),
+            video: video.id.clone(),
+            answer,
+            answer_index,
+            options: q.options.clone(),
+            option_scores: a.option_scores,
+            moments: a.frames.iter().zip(times).map(|(&frame, time)| Moment { frame, time }).collect(),
+            span,
+            timestamps: video.timestamps.clone(),
+            p: a.curve,
+            seconds: video.seconds.clone(),
+        }
+    }
+}
+
+/// A video whose features are in the ask cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreparedVideo {
+    /// Content id (`sha256-` + the first 32 hex digits of the content's SHA-256).
+    pub id: String,
+    pub path: PathBuf,
+    /// T and the sampled frames' times in seconds.
+    pub num_frames: usize,
+    pub timestamps: Vec<f64>,
+    pub duration: Option<f64>,
+    /// Were the features already cached?
+    pub cached: bool,
+    /// Seconds spent: `hash`, `features`.
+    pub seconds: BTreeMap<String, f64>,
+}
+
+/// How `gcg ask` reads videos.
+#[derive(Debug, Clone)]
+pub struct AskOptions {
+    /// Frame sampling (default: the run store's, else uniform).
+    pub sampling: Option<Sampling>,
+    /// Frames per ViT forward pass.
+    pub frame_batch: usize,
+    /// Use the decodable part of a damaged video.
+    pub lenient: bool,
+    /// The root of the ask caches (one store per front end and T beneath it).
+    pub cache_root: PathBuf,
+}
+
+impl AskOptions {
+    /// `$GCG_CACHE`, else `$XDG_CACHE_HOME/gcg/ask`, else `~/.cache/gcg/ask`.
+    pub fn default_cache_root() -> PathBuf {
+        if let Some(p) = std::env::var_os("GCG_CACHE").filter(|p| !p.is_empty()) {
+            return PathBuf::from(p);
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir);
+        base.join("gcg").join("ask")
+    }
+}
+
+impl Default for AskOptions {
+    fn default() -> Self {
+        Self {
+            sampling: None,
+            frame_batch: 32,
+            lenient: false,
+            cache_root: Self::default_cache_root(),
+        }
+    }
+}
+
+/// A loaded model with its front end, ready for questions.
+pub struct Asker {
+    pub cfg: RunConfig,
+    pub built: BuiltModel,
+    pub front: FrontEnd,
+    /// The ask cache (a feature store) of this front end and T.
+    pub cache: PathBuf,
+    pub sampling: Sampling,
+    frame_batch: usize,
+    ffmpeg: Ffmpeg,
+}
+
+impl Asker {
+    /// Load the model of `cfg` (its `[weights] init` set to the checkpoint to use) and the front
+    /// end of `spec`. When the run's store can be read, the front end must be the one that made
+    /// it and T must match ([`FrontEnd::check_against_store`]).
+    pub fn open(cfg: &RunConfig, spec: &FrontEndSpec, opts: &AskOptions) -> Result<Self> {
+        cfg.validate()?;
+        if cfg.model.mode == Mode::Oracle {
+            bail!(
+                "this run is in oracle mode: it places its moments at the answer's CLIP pseudo-labels, which a new \
+                 question does not have; ask a grounding or uniform run"
+            );
+        }
+        let dev = cfg.device.open()?;
+        let dtype = crate::run::Precision::resolve(cfg.dtype, &dev);
+        let front = FrontEnd::load(spec, &dev, dtype)?;
+        let t = cfg.model.frames();
+        let mut sampling = opts.sampling;
+        if cfg.data.store.join(crate::store::INDEX_FILE).exists() {
+            let store = Store::open(&cfg.data.store).with_context(|| format!("[data] store = {}", cfg.data.store.display()))?;
+            let snap = store.snapshot();
+            front.check_against_store(&snap)?;
+            if let Some((id, v)) = snap.index().videos.iter().find(|(_, v)| v.num_frames != t) {
+                bail!(
+                    "the run's store {} holds video {id} with T = {} frames, but the model is configured for T = {t}",
+                    cfg.data.store.display(),
+                    v.num_frames
+                );
+            }
+            let stored: Option<Sampling> = snap
+                .index()
+                .videos
+                .values()
+                .find_map(|v| v.extractor.as_ref().and_then(|e| e.sampling.parse().ok()));
+            if let (Some(asked), Some(stored)) = (sampling, stored) {
+                ensure!(
+                    asked == stored,
+                    "--sampling {asked}: the run's store was sampled {stored}; the model was trained on those frames"
+                );
+            }
+            sampling = sampling.or(stored);
+        } else {
+            tracing::warn!(
+                "the run's feature store {} is not here: the front end cannot be checked against it",
+                cfg.data.store.display()
+            );
+        }
+        let sampling = sampling.unwrap_or(Sampling::Uniform);
+        let embed_dim = front.image.config.embed_dim;
+        let built = build_model(cfg, embed_dim)?;
+        let fingerprint = fnv64(format!("{}\n{}\n{sampling}\n{t}", front.models, front.text_encoder).as_bytes());
+        let cache = opts.cache_root.join(format!("{fingerprint:016x}"));
+        std::fs::create_dir_all(&cache).with_context(|| format!("creating the ask cache {}", cache.display()))?;
+        let about = cache.join("about.json");
+        if !about.exists() {
+            let text = serde_json::to_string_pretty(&serde_json::json!({
+                "image_models": front.models,
+                "text_encoder": front.text_encoder,
+                "sampling": sampling.to_string(),
+                "frames": t,
+            }))?;
+            crate::util::write_atomic(&about, text.as_bytes())?;
+        }
+        Ok(Self {
+            cfg: cfg.clone(),
+            built,
+            front,
+            cache,
+            sampling,
+            frame_batch: opts.frame_batch.max(1),
+            ffmpeg: Ffmpeg {
+                strict: !opts.lenient,
+                ..Ffmpeg::from_env()
+            },
+        })
+    }
+
+    /// T, frames per video.
+    pub fn num_frames(&self) -> usize {
+        self.cfg.model.frames()
+    }
+
+    /// K, moments per answer.
+    pub fn num_moments(&self) -> usize {
+        self.cfg.model.moments()
+    }
+
+    /// The features of the video (a file, a frame folder, or a `.safetensors` of pre-decoded
+    /// frames) in the ask cache: computed unless its content is already there.
+    pub fn prepare(&self, path: &Path) -> Result<PreparedVideo> {
+        let t0 = Instant::now();
+        let id = content_id(path)?;
+        let hash_s = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut cached = self.cached_store()?.is_some_and(|s| s.snapshot().contains_video(&id));
+        if !cached {
+            self.extract(&id, path)?;
+        } else {
+            // A record of the same content made from another path is the same video.
+            cached = true;
+        }
+        let features_s = if cached { 0.0 } else { t1.elapsed().as_secs_f64() };
+        let store = self
+            .cached_store()?
+            .ok_or_else(|| anyhow!("the ask cache {} has no index after extraction", self.cache.display()))?;
+        let snap = store.snapshot();
+        let v = snap.video(&id)?;
+        Ok(PreparedVideo {
+            id,
+            path: path.to_path_buf(),
+            num_frames: v.num_frames,
+            timestamps: v.timestamps.clone(),
+            duration: v.duration,
+            cached,
+            seconds: BTreeMap::from([("hash".to_string(), hash_s), ("features".to_string(), features_s)]),
+        })
+    }
+
+    /// The T frames the model sees, as JPEG files `frame_{i}.jpg` (+ `frames.json`) in `out`
+    /// (replaced), for showing them (`gcg serve`). A `.safetensors` of pre-processed frames has
+    /// no pictures to show: an error.
+    pub fn write_sampled_frames(&self, video: &Path, out: &Path) -> Result<()> {
+        ensure!(
+            !video.extension().is_some_and(|e| e == "safetensors"),
+            "{} holds pre-processed frames, not pictures",
+            video.display()
+        );
+        let frames = crate::video::load_frames(video, self.num_frames(), self.sampling, &self.ffmpeg)?;
+        crate::video::write_frames(&frames, out, true)
+    }
+
+    fn cached_store(&self) -> Result<Option<Store>> {
+        if !self.cache.join(crate::store::INDEX_FILE).exists() {
+            return Ok(None);
+        }
+        Ok(Some(
+            Store::open(&self.cache).with_context(|| format!("opening the ask cache {}", self.cache.display()))?,
+        ))
+    }
+
+    /// Decode, encode and store one video under `id`.
+    fn extract(&self, id: &str, path: &Path) -> Result<()> {
+        let job = VideoJob {
+            id: id.to_string(),
+            path: path.to_path_buf(),
+        };
+        let image_size = self.front.image_size;
+        let sampling = self.sampling;
+        let ffmpeg = self.ffmpeg.clone();
+        let source = move |job: &VideoJob, t: usize| {
+            if job.path.extension().is_some_and(|e| e == "safetensors") {
+                safetensors_frames(job, t)
+            } else {
+                decoded_frames(job, t, sampling, &ffmpeg, image_size)
+            }
+        };
+        let models = FeatureModels {
+            vit: &self.front.vit,
+            clip: &self.front.image,
+            frame_batch: self.frame_batch,
+        };
+        let opts = ExtractOptions {
+            num_frames: self.num_frames(),
+            jobs: 1,
+            overwrite: false,
+            extractor: Some(crate::features::provenance::extractor(
+                self.sampling.to_string(),
+                self.front.models.clone(),
+            )),
+            ..ExtractOptions::default()
+        };
+        let report = extract_features(&self.cache, std::slice::from_ref(&job), &source, &models, &opts, &mut |_| {})
+            .with_context(|| format!("computing the features of {}", path.display()))?;
+        if let Some((_, e)) = report.failed.first() {
+            bail!("{}: {e}", path.display());
+        }
+        Ok(())
+    }
+
+    /// Answer `questions` about a prepared video, batched (questions with the same number of
+    /// options go through the model together, `[train] batch_size` at a time).
+    pub fn ask(&self, video: &PreparedVideo, questions: &[Question]) -> Result<Vec<GroundedAnswer>> {
+        for (i, q) in questions.iter().enumerate() {
+            q.validate().with_context(|| {
+                if questions.len() > 1 {
+                    format!("question {} ({:?})", i + 1, q.question)
+                } else {
+                    format!("question {:?}", q.question)
+                }
+            })?;
+        }
+        let store = self.cached_store()?.ok_or_else(|| {
+            anyhow!(
+                "video {} is not in the ask cache {} (prepare it first)",
+                video.id,
+                self.cache.display()
+            )
+        })?;
+        let snap = store.snapshot();
+        ensure!(
+            snap.contains_video(&video.id),
+            "video {} ({}) is not in the ask cache {} (was the cache cleared?)",
+            video.id,
+            video.path.display(),
+            self.cache.display()
+        );
+        let samples: Vec<QaSample> = questions
+            .iter()
+            .enumerate()
+            .map(|(i, q)| QaSample {
+                dataset: self.cfg.data.dataset,
+                key: format!("ask-{i}"),
+                qid: i.to_string(),
+                video: video.id.clone(),
+                question: q.question.trim().trim_end_matches('?').trim_end().to_string(),
+                options: q.options.iter().map(|o| o.trim().to_string()).collect(),
+                answer: data::Answer::Text(String::new()),
+                qtype: String::new(),
+                extra: Default::default(),
+            })
+            .collect();
+        let encoder = ClipTextEncoder {
+            model: &self.front.text,
+            tokenizer: &self.front.tokenizer,
+            device: self.front.device.clone(),
+            batch_size: 64,
+        };
+        let opts = BatchOptions {
+            batch_size: self.cfg.train.batch_size.max(1),
+            features: Some(self.built.feature_dtype()),
+            device: self.built.device.clone(),
+            prompts: Some(self.built.model.prompt_encoder()),
+            ..BatchOptions::default()
+        };
+        // Groups of questions with the same number of options, in order of first appearance.
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, s) in samples.iter().enumerate() {
+            groups.entry(s.options.len()).or_default().push(i);
+        }
+        let mut out: Vec<Option<GroundedAnswer>> = vec![None; samples.len()];
+        for idx in groups.values() {
+            for chunk in idx.chunks(opts.batch_size) {
+                let t0 = Instant::now();
+                let part: Vec<QaSample> = chunk.iter().map(|&i| samples[i].clone()).collect();
+                let rows = part
+                    .iter()
+                    .map(|s| {
+                        let mut texts = vec![question_text(s)];
+                        texts.extend(s.options.iter().cloned());
+                        Ok(encoder.encode(&texts)?.into_iter().flatten().collect::<Vec<f32>>())
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let text_s = t0.elapsed().as_secs_f64();
+                let t1 = Instant::now();
+                let batch = collate_unlabelled(&snap, &part, &rows, 0, &opts)?.into_device(&self.built.device)?;
+                let answered = self.built.model.answer(&batch)?;
+                let answer_s = t1.elapsed().as_secs_f64();
+                for (&i, a) in chunk.iter().zip(answered) {
+                    let mut g = GroundedAnswer::from_answered(&questions[i], video, a);
+                    let n = chunk.len() as f64;
+                    g.seconds.insert("text".into(), text_s / n);
+                    g.seconds.insert("answer".into(), answer_s / n);
+                    out[i] = Some(g);
+                }
+            }
+        }
+        out.into_iter()
+            .enumerate()
+            .map(|(i, a)| a.ok_or_else(|| anyhow!("question {} was not answered", i + 1)))
+            .collect()
+    }
+}
+
+/// A content id of a video file, a frame folder (its files' names and bytes, in name order) or
+/// a frames file: `sha256-` and the first 32 hex digits of the SHA-256.
+pub fn content_id(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).with_context(|| format!("the video {} cannot be read", path.display()))?;
+    let mut h = Sha256::new();
+    if meta.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("listing {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        ensure!(!files.is_empty(), "the frame folder {} is empty", path.display());
+        for f in files {
+            let name = f.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            h.update((name.len() as u64).to_le_bytes());
+            h.update(name.as_bytes());
+            h.update(std::fs::metadata(&f)?.len().to_le_bytes());
+            hash_file(&mut h, &f)?;
+        }
+    } else {
+        ensure!(meta.len() > 0, "the video {} is empty (0 bytes)", path.display());
+        hash_file(&mut h, path)?;
+    }
+    let digest = h.finalize();
+    let hex: String = digest.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    Ok(format!("sha256-{hex}"))
+}
+
+fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The text `gcg ask` prints for an answer.
+pub fn describe(a: &GroundedAnswer) -> String {
+    let mut s = format!("Q: {}\nA: {}", a.question, a.answer);
+    if let Some(i) = a.answer_index {
+        s.push_str(&format!(" ({})", OPTION_LETTERS.get(i).copied().unwrap_or("?")));
+    }
+    s.push('\n');
+    if let Some(scores) = &a.option_scores {
+        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let exp: Vec<f64> = scores.iter().map(|x| ((x - max) as f64).exp()).collect();
+        let z: f64 = exp.iter().sum();
+        for (i, (o, sc)) in a.options.iter().zip(scores).enumerate() {
+            let mark = if Some(i) == a.answer_index { "*" } else { " " };
+            s.push_str(&format!(
+                "  {mark} {}: {o}  (log-likelihood {sc:.3}, p {:.2})\n",
+                OPTION_LETTERS.get(i).copied().unwrap_or("?"),
+                exp[i] / z
+            ));
+        }
+    }
+    let moments: Vec<String> = a
+        .moments
+        .iter()
+        .map(|m| match m.time {
+            Some(t) => format!("{t:.2} s (frame {})", m.frame),
+            None => format!("frame {}", m.frame),
+        })
+        .collect();
+    s.push_str(&format!("moments: {}\n", moments.join(", ")));
+    if let Some([a0, a1]) = a.span {
+        s.push_str(&format!("span: {a0:.2} s – {a1:.2} s\n"));
+    }
+    s
+}
