@@ -413,13 +413,17 @@ pub struct FrozenEncoders {
 }
 
 /// Load the encoders [`Encoders::save`] wrote to `file`, pre-trained with `cfg` (the demo's
-/// `demo.json`), frozen, in f32 on the CPU; every tensor of the file must be used.
+/// `demo.json`), in f32 on the CPU; every tensor of the file must be used.
+///
+/// They are loaded as the demo ran them when it filled its store: as variables, whose forward
+/// passes take the differentiable kernels (frozen weights take fused ones that round differently
+/// in the last bit), so that a demo video's features computed again are the store's bit for bit.
 pub fn load_encoders(file: &Path, cfg: &ClipPretrainConfig) -> Result<FrozenEncoders> {
     let tokenizer = embedded_tokenizer(cfg)?;
     let vit_config = cfg.vit();
     let clip_cfg = cfg.clip(tokenizer.vocab_size());
     let src = crate::weights::SafetensorsSource::open(file)?;
-    let lb = Loader::from_source(std::sync::Arc::new(src), &Device::Cpu, DType::F32);
+    let lb = Loader::from_source(std::sync::Arc::new(src), &Device::Cpu, DType::F32).with_trainable(|_| true);
     let load = || -> Result<_> {
         let vit = VisionModel::load(&lb.pp("vision_model"), &vit_config)?;
         let image = ClipImageHead::load(&lb, &clip_cfg.image)?;

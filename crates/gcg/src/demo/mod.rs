@@ -312,13 +312,9 @@ fn build_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>)) -
     }
     write_tokenizers(&splits, &paths.tokenizers)?;
     let enc = stages.time("clip", || train_encoders(cfg, &paths, on))?;
-    // The features and pseudo-labels are made by the encoders as saved and frozen, read back
-    // as `gcg ask` reads them: the frozen networks run the same kernels (no gradient tracking),
-    // so a question asked about a demo video sees the store's features bit for bit.
-    let frozen = clip::load_encoders(&paths.out.join("encoders.safetensors"), &cfg.clip)?;
     let (pseudo_label_hit, uniform_hit) = stages.time("features+labels", || {
-        extract_demo_features(cfg, &paths, &world, &frozen, on)?;
-        label_demo_questions(cfg, &paths, &splits, &frozen, on)?;
+        extract_demo_features(cfg, &paths, &world, &enc, on)?;
+        label_demo_questions(cfg, &paths, &splits, &enc, on)?;
         let (hit, uniform) = pseudo_label_quality(&paths.store, &world, &splits[2], cfg)?;
         on(DemoEvent::Note(format!(
             "pseudo-labels (test): top-{} frames hit the true event in {hit:.1}% of questions (uniform: {uniform:.1}%)",
@@ -538,7 +534,7 @@ fn extract_demo_features(
     cfg: &DemoConfig,
     paths: &Paths,
     world: &World,
-    enc: &clip::FrozenEncoders,
+    enc: &clip::Encoders,
     on: &mut dyn FnMut(DemoEvent<'_>),
 ) -> Result<()> {
     let jobs: Vec<VideoJob> = world
@@ -597,7 +593,7 @@ fn label_demo_questions(
     cfg: &DemoConfig,
     paths: &Paths,
     splits: &[Vec<QaSample>],
-    enc: &clip::FrozenEncoders,
+    enc: &clip::Encoders,
     on: &mut dyn FnMut(DemoEvent<'_>),
 ) -> Result<()> {
     let all: Vec<QaSample> = splits.iter().flatten().cloned().collect();
