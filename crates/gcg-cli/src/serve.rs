@@ -52,7 +52,8 @@ pub struct ServeArgs {
     /// Questions answered together at most.
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
-    /// Where uploaded videos and their frames live (default: `serve/` beside the ask cache).
+    /// Where uploaded videos, their frames and (unless --cache says otherwise) their features
+    /// live (default: ~/.cache/gcg/serve, or serve/ beside $GCG_CACHE).
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Size cap of the data folder, MiB (the least recently used uploads are evicted).
@@ -121,6 +122,8 @@ struct AppState {
     jobs: mpsc::Sender<Job>,
     videos: Mutex<BTreeMap<String, VideoInfo>>,
     data: PathBuf,
+    /// The ask cache the model's features go to.
+    cache: PathBuf,
     max_upload: u64,
     data_cap: u64,
     queue: usize,
@@ -157,15 +160,25 @@ pub fn run(a: ServeArgs) -> Result<()> {
     ensure!(a.queue >= 1, "--queue must be at least 1");
     ensure!(a.max_batch >= 1, "--max-batch must be at least 1");
     ensure!(a.max_upload_mb >= 1, "--max-upload-mb must be at least 1");
-    let (cfg_run, _, opts, about) = a.model.resolve(&mut |m| eprintln!("{m}"))?;
-    let data = a.data.clone().unwrap_or_else(|| opts.cache_root.join("serve"));
+    let (cfg_run, _, _, about) = a.model.resolve(&mut |m| eprintln!("{m}"))?;
+    let data = match &a.data {
+        Some(d) => d.clone(),
+        None => {
+            let root = gcg::ask::AskOptions::default_cache_root();
+            root.parent().map(|p| p.join("serve")).unwrap_or_else(|| root.join("serve"))
+        }
+    };
     std::fs::create_dir_all(data.join("videos")).with_context(|| format!("creating the data folder {}", data.display()))?;
     let run_dir = cfg_run.run_dir.clone();
+    // The videos' features live with them, under the data folder's cap.
+    let mut model_args = a.model.clone();
+    if model_args.cache.is_none() {
+        model_args.cache = Some(data.join("features"));
+    }
 
     // The model lives on its own thread; it reports once loaded (or why it could not be).
     let (tx, rx) = mpsc::channel::<Job>(a.queue);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<serde_json::Value>>();
-    let model_args = a.model.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(serde_json::Value, PathBuf)>>();
     let max_batch = a.max_batch;
     let worker = std::thread::Builder::new().name("gcg-model".into()).spawn(move || {
         let asker = match model_args.open(&mut |_| {}) {
@@ -178,7 +191,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                     "checkpoint": model_args.checkpoint.name(),
                     "device": asker.cfg.device.name(),
                 });
-                let _ = ready_tx.send(Ok(health));
+                let _ = ready_tx.send(Ok((health, asker.cache.clone())));
                 asker
             }
             Err(e) => {
@@ -188,7 +201,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         };
         model_loop(&asker, rx, max_batch);
     })?;
-    let health = ready_rx.recv().map_err(|_| anyhow!("the model thread stopped while loading"))??;
+    let (health, cache) = ready_rx.recv().map_err(|_| anyhow!("the model thread stopped while loading"))??;
 
     let mut videos = restore_uploads(&data);
     if let Some(demo) = run_dir.as_deref().and_then(demo_of_run) {
@@ -201,6 +214,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         jobs: tx,
         videos: Mutex::new(videos),
         data: data.clone(),
+        cache,
         max_upload: a.max_upload_mb * 1024 * 1024,
         data_cap: a.data_cap_mb * 1024 * 1024,
         queue: a.queue,
@@ -503,7 +517,7 @@ async fn register_upload(s: &Shared, tmp: &Path, name: &str, bytes: u64) -> ApiR
         gallery: false,
         questions: vec![],
         prepared: Some(prepared),
-        bytes: bytes + dir_size(&frames_dir(&s.data, &id)),
+        bytes: bytes + dir_size(&frames_dir(&s.data, &id)) + gcg::ask::cached_bytes(&s.cache, &id).unwrap_or(0),
         last_used: Some(SystemTime::now()),
     };
     let info = serde_json::to_vec_pretty(&v).map_err(|e| ApiError::internal(e.into()))?;
@@ -513,7 +527,11 @@ async fn register_upload(s: &Shared, tmp: &Path, name: &str, bytes: u64) -> ApiR
         .map_err(|e| ApiError::internal(e.into()))?
         .map_err(ApiError::internal)?;
     s.videos.lock().unwrap().insert(id.clone(), v.clone());
-    evict(s, &id);
+    let state = s.clone();
+    let keep = id.clone();
+    tokio::task::spawn_blocking(move || evict(&state, &keep))
+        .await
+        .map_err(|e| ApiError::internal(e.into()))?;
     Ok(v)
 }
 
@@ -525,25 +543,47 @@ fn touch(s: &AppState, id: &str) -> Option<VideoInfo> {
     Some(v.clone())
 }
 
-/// Keep the uploads under the data cap: remove the least recently used ones (never `keep`).
+/// Keep the uploads (files, frames, features) under the data cap: remove the least recently used
+/// ones (never `keep`), and their features from the ask cache unless another video shares them.
 fn evict(s: &AppState, keep: &str) {
-    let mut videos = s.videos.lock().unwrap();
-    loop {
-        let total: u64 = videos.values().filter(|v| !v.gallery).map(|v| v.bytes).sum();
-        if total <= s.data_cap {
-            return;
+    let evicted: Vec<String> = {
+        let mut videos = s.videos.lock().unwrap();
+        let mut evicted = Vec::new();
+        loop {
+            let total: u64 = videos.values().filter(|v| !v.gallery).map(|v| v.bytes).sum();
+            if total <= s.data_cap {
+                break;
+            }
+            let Some(oldest) = videos
+                .values()
+                .filter(|v| !v.gallery && v.id != keep)
+                .min_by_key(|v| v.last_used)
+                .map(|v| v.id.clone())
+            else {
+                break;
+            };
+            videos.remove(&oldest);
+            evicted.push(oldest);
         }
-        let Some(oldest) = videos
-            .values()
-            .filter(|v| !v.gallery && v.id != keep)
-            .min_by_key(|v| v.last_used)
-            .map(|v| v.id.clone())
-        else {
-            return;
-        };
-        videos.remove(&oldest);
-        let _ = std::fs::remove_dir_all(video_dir(&s.data, &oldest));
-        tracing::info!("evicted upload {oldest} (data cap {} MiB)", s.data_cap / (1024 * 1024));
+        // Features still used by a remaining video (the same content) stay.
+        evicted.retain(|id| !videos.values().any(|v| v.prepared.as_ref().is_some_and(|p| &p.id == id)));
+        evicted
+    };
+    if evicted.is_empty() {
+        return;
+    }
+    for id in &evicted {
+        let _ = std::fs::remove_dir_all(video_dir(&s.data, id));
+    }
+    let ids: Vec<&str> = evicted.iter().map(String::as_str).collect();
+    match gcg::ask::forget(&s.cache, &ids) {
+        Ok(freed) => tracing::info!(
+            "evicted {} uploads ({} MiB of features; data cap {} MiB)",
+            ids.len(),
+            freed / (1024 * 1024),
+            s.data_cap / (1024 * 1024)
+        ),
+        Err(e) => tracing::warn!("evicting {ids:?} from the ask cache: {e:#}"),
     }
 }
 

@@ -465,3 +465,68 @@ fn a_full_queue_is_503_and_the_accepted_requests_are_answered() {
     // The server still answers afterwards.
     assert_eq!(post_json(&url, &body).0, 200);
 }
+
+#[test]
+fn uploads_past_the_data_cap_are_evicted_oldest_first_and_the_rest_survive_a_restart() {
+    let demo = demo();
+    let tmp = tempfile::tempdir().unwrap();
+    let qs = test_questions(demo);
+    let mut vids: Vec<String> = qs.iter().map(|q| q.0.clone()).collect();
+    vids.dedup();
+    // Each upload holds ~0.3 MiB (the file, 32 JPEG frames, [32, 65, 48] f16 features): a 1 MiB cap
+    // keeps three.
+    let srv = Server::start(&["--data-cap-mb", "1"], tmp.path());
+    let mut ids = Vec::new();
+    for v in vids.iter().take(6) {
+        let mp4 = tmp.path().join(format!("{v}.mp4"));
+        mp4_of(&demo.join("world/frames").join(v), &mp4);
+        let (st, up) = upload(&srv.url("/api/videos"), &format!("{v}.mp4"), &std::fs::read(&mp4).unwrap());
+        assert_eq!(st, 201, "{up}");
+        ids.push(up["id"].as_str().unwrap().to_string());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let listed = |srv: &Server| -> Vec<String> {
+        get_json(&srv.url("/api/videos")).1["videos"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["gallery"] == false)
+            .map(|v| v["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let kept = listed(&srv);
+    assert!(kept.len() >= 2 && kept.len() < 6, "kept {kept:?} of {ids:?}");
+    assert!(kept.contains(ids.last().unwrap()), "the newest upload was evicted");
+    assert!(!kept.contains(&ids[0]), "the oldest upload was kept: {kept:?}");
+    // An evicted video is gone: its files, its features, its id.
+    assert!(!tmp.path().join("serve/videos").join(&ids[0]).exists());
+    let index = std::fs::read_to_string(
+        std::fs::read_dir(tmp.path().join("cache"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+            .join("index.json"),
+    )
+    .unwrap();
+    assert!(!index.contains(&ids[0]), "the evicted video's features are still in the ask cache");
+    assert!(index.contains(ids.last().unwrap()));
+    let q = r#"{"question": "what appeared?", "options": ["a", "b"]}"#;
+    assert_eq!(post_json(&srv.url(&format!("/api/videos/{}/ask", ids[0])), q).0, 404);
+    let before = post_json(&srv.url(&format!("/api/videos/{}/ask", ids.last().unwrap())), q);
+    assert_eq!(before.0, 200, "{}", before.1);
+    let (status, _) = srv.stop();
+    assert!(status.success());
+    // A new server on the same data folder lists the kept uploads and answers the same.
+    let srv = Server::start(&["--data-cap-mb", "1"], tmp.path());
+    let mut again = listed(&srv);
+    again.sort();
+    let mut kept_sorted = kept.clone();
+    kept_sorted.sort();
+    assert_eq!(again, kept_sorted);
+    let after = post_json(&srv.url(&format!("/api/videos/{}/ask", ids.last().unwrap())), q);
+    assert_eq!(after.0, 200);
+    assert_eq!(after.1["moments"], before.1["moments"]);
+    assert_eq!(after.1["option_scores"], before.1["option_scores"]);
+}

@@ -2,7 +2,8 @@
 //! DevTools protocol against a real `gcg serve` on a loopback port. It loads the page, uploads a
 //! demo video, asks a multiple-choice question, waits for the answer and checks the answer text,
 //! the K moment markers and the frames, that clicking a marker seeks the player there, and that
-//! the question stays listed; it saves a screenshot (`$CARGO_TARGET_TMPDIR/viewer.png`).
+//! the question stays listed; it saves a screenshot (`$CARGO_TARGET_TMPDIR/viewer.png`, and
+//! `$GCG_SCREENSHOT` when set; `GCG_VIEWER_DEMO=DIR` uses that demo instead of a quick one).
 //!
 //! Without a Chromium that starts it skips with a message — except when `GCG_REQUIRE_BROWSER`
 //! or `CI` is set (`.ci/run` sets it), where it must run.
@@ -256,13 +257,20 @@ fn serve(run: &Path, data: &Path) -> Server {
 fn the_viewer_uploads_asks_shows_the_moments_and_seeks() {
     let Some(mut b) = launch() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let demo = tmp.path().join("demo");
-    let o = gcg()
-        .args(["demo", "--quick", "--seed", "6", "--quiet", "--out"])
-        .arg(&demo)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "gcg demo --quick: {}", String::from_utf8_lossy(&o.stderr));
+    // GCG_VIEWER_DEMO: an existing demo instead of a quick one (the README's screenshot).
+    let demo = match std::env::var_os("GCG_VIEWER_DEMO") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let demo = tmp.path().join("demo");
+            let o = gcg()
+                .args(["demo", "--quick", "--seed", "6", "--quiet", "--out"])
+                .arg(&demo)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "gcg demo --quick: {}", String::from_utf8_lossy(&o.stderr));
+            demo
+        }
+    };
     // A WebM (VP9) of a test video: a format every Chromium build plays.
     let test = std::fs::read_to_string(demo.join("world/test.csv")).unwrap();
     let video = test.lines().nth(1).unwrap().split(',').next().unwrap().to_string();
@@ -388,5 +396,8 @@ fn the_viewer_uploads_asks_shows_the_moments_and_seeks() {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("viewer.png");
     std::fs::write(&out, &png).unwrap();
     eprintln!("screenshot: {}", out.display());
+    if let Some(copy) = std::env::var_os("GCG_SCREENSHOT") {
+        std::fs::write(&copy, &png).unwrap();
+    }
     assert!(png.len() > 10_000, "a blank screenshot? {} bytes", png.len());
 }

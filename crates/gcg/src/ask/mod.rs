@@ -341,12 +341,7 @@ impl Asker {
     }
 
     fn cached_store(&self) -> Result<Option<Store>> {
-        if !self.cache.join(crate::store::INDEX_FILE).exists() {
-            return Ok(None);
-        }
-        Ok(Some(
-            Store::open(&self.cache).with_context(|| format!("opening the ask cache {}", self.cache.display()))?,
-        ))
+        open_cache(&self.cache)
     }
 
     /// Decode, encode and store one video under `id`.
@@ -480,6 +475,38 @@ impl Asker {
             .map(|(i, a)| a.ok_or_else(|| anyhow!("question {} was not answered", i + 1)))
             .collect()
     }
+}
+
+fn open_cache(cache: &Path) -> Result<Option<Store>> {
+    if !cache.join(crate::store::INDEX_FILE).exists() {
+        return Ok(None);
+    }
+    Ok(Some(
+        Store::open(cache).with_context(|| format!("opening the ask cache {}", cache.display()))?,
+    ))
+}
+
+/// Bytes the features of video `id` take in the ask cache `cache` (its shard file; 0 when it is
+/// not there).
+pub fn cached_bytes(cache: &Path, id: &str) -> Result<u64> {
+    let Some(store) = open_cache(cache)? else { return Ok(0) };
+    let snap = store.snapshot();
+    let Some(v) = snap.index().videos.get(id) else { return Ok(0) };
+    Ok(std::fs::metadata(cache.join(crate::store::SHARD_DIR).join(&v.shard))
+        .map(|m| m.len())
+        .unwrap_or(0))
+}
+
+/// Removes videos' features from the ask cache `cache` (a video asked about again is computed
+/// again). Returns the bytes freed.
+pub fn forget(cache: &Path, ids: &[&str]) -> Result<u64> {
+    if !cache.join(crate::store::INDEX_FILE).exists() {
+        return Ok(0);
+    }
+    let mut w = crate::store::StoreWriter::open(cache, crate::store::WriterOptions::default())?;
+    let freed = w.remove_videos(ids)?;
+    w.finish()?;
+    Ok(freed)
 }
 
 /// A content id of a video file, a frame folder (its files' names and bytes, in name order) or

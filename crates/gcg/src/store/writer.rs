@@ -430,6 +430,59 @@ impl StoreWriter {
         Ok(repaired)
     }
 
+    /// Removes videos (and their questions) from the store: the index without them is published
+    /// first, then the shard files no entry uses any more are deleted (a reader holding the old
+    /// snapshot keeps its mapped files). Returns the bytes of the deleted shards. Unknown ids
+    /// are ignored.
+    pub fn remove_videos(&mut self, ids: &[&str]) -> Result<u64> {
+        let lock_path = self.dir.join(LOCK_FILE);
+        self.lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
+        let result = (|| -> Result<(Index, u64)> {
+            let (mut index, _) = read_index(&self.dir)?;
+            let before = index.clone();
+            for id in ids {
+                index.videos.remove(*id);
+            }
+            index.questions.retain(|_, q| !ids.contains(&q.video.as_str()));
+            let used: std::collections::BTreeSet<&String> = index
+                .videos
+                .values()
+                .map(|v| &v.shard)
+                .chain(index.questions.values().map(|q| &q.shard))
+                .collect();
+            let unused: Vec<String> = index.shards.keys().filter(|s| !used.contains(s)).cloned().collect();
+            if index.videos.len() == before.videos.len() && index.questions.len() == before.questions.len() && unused.is_empty() {
+                return Ok((index, 0));
+            }
+            for s in &unused {
+                index.shards.remove(s);
+            }
+            if index.videos.is_empty() {
+                index.meta = None;
+            }
+            index.generation += 1;
+            index.validate().context("the index without the removed videos")?;
+            write_index(&self.dir, &index, &mut |_| Ok(()))?;
+            let shard_dir = self.dir.join(SHARD_DIR);
+            let mut freed = 0;
+            for s in &unused {
+                let path = shard_dir.join(s);
+                freed += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+                }
+            }
+            fsync_dir(&shard_dir)?;
+            Ok((index, freed))
+        })();
+        self.lock.unlock().with_context(|| format!("unlocking {}", lock_path.display()))?;
+        let (index, freed) = result?;
+        self.index = index;
+        Ok(freed)
+    }
+
     /// Re-reads the index (to see other writers' commits).
     pub fn reload(&mut self) -> Result<()> {
         self.index = read_index(&self.dir)?.0;
