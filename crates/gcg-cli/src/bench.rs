@@ -24,6 +24,10 @@ pub enum BenchCommand {
     TrainStep(TrainStepArgs),
     /// Video decoding (ffmpeg, T sampled frames) and CLIP pre-processing throughput.
     Decode(crate::bench_decode::DecodeArgs),
+    /// `gcg serve` under load: N concurrent clients for M questions against a running server
+    /// (--url) or one started for a run (default: the demo's): latency percentiles, requests/s,
+    /// errors, peak RSS; and a new video's upload (uncached) against its first question (cached).
+    Serve(crate::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Args)]
@@ -320,5 +324,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Store(a) => crate::bench_store::run(a),
         BenchCommand::TrainStep(a) => train_step(a),
         BenchCommand::Decode(a) => crate::bench_decode::run(a),
+        BenchCommand::Serve(a) => crate::bench_serve::run(a),
     }
 }

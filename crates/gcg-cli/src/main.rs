@@ -10,6 +10,7 @@ mod store_args;
 mod ask;
 mod bench;
 mod bench_decode;
+mod bench_serve;
 mod bench_store;
 mod check_weights;
 mod demo;
@@ -142,6 +143,8 @@ mod tests {
             &["bench", "forward", "--iters", "0"],
             &["bench", "train-step", "--batch", "0"],
             &["bench", "store", "--epochs", "0"],
+            &["bench", "serve", "--clients", "0"],
+            &["bench", "serve", "--requests", "0"],
         ] {
             let e = Cli::try_parse_from(std::iter::once("gcg").chain(args.iter().copied())).err();
             let e = e.unwrap_or_else(|| panic!("{args:?} was accepted")).to_string();
