@@ -45,9 +45,12 @@ pub struct AskModelArgs {
     /// --clip-tokenizer).
     #[arg(long)]
     pub random_weights: bool,
-    /// Seed of --random-weights.
+    /// Seed of --random-weights (the ViT and CLIP image head, as `gcg features --seed`).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Seed of the random CLIP text tower (as `gcg labels --seed`; default: --seed).
+    #[arg(long)]
+    pub text_seed: Option<u64>,
     /// Frame sampling: uniform | official (default: the run store's).
     #[arg(long)]
     pub sampling: Option<Sampling>,
@@ -131,6 +134,7 @@ impl AskModelArgs {
             FrontEndSpec::Random {
                 preset,
                 seed: self.seed,
+                text_seed: self.text_seed.unwrap_or(self.seed),
                 clip_tokenizer: tok,
             }
         } else if let Some(demo) = run_dir

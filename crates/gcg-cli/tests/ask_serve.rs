@@ -213,7 +213,7 @@ impl Server {
 
     /// SIGTERM, then the exit status and stderr.
     fn stop(mut self) -> (std::process::ExitStatus, String) {
-        unsafe_kill(self.child.id());
+        send_sigterm(self.child.id());
         let status = self.child.wait().unwrap();
         let mut err = String::new();
         self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
@@ -228,7 +228,7 @@ impl Drop for Server {
     }
 }
 
-fn unsafe_kill(pid: u32) {
+fn send_sigterm(pid: u32) {
     let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
     assert!(ok.success());
 }
@@ -529,4 +529,49 @@ fn uploads_past_the_data_cap_are_evicted_oldest_first_and_the_rest_survive_a_res
     assert_eq!(after.0, 200);
     assert_eq!(after.1["moments"], before.1["moments"]);
     assert_eq!(after.1["option_scores"], before.1["option_scores"]);
+}
+
+#[test]
+fn without_a_run_serve_and_ask_use_the_demo_or_say_what_to_run_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    // No demo here: the error says what to run.
+    let o = gcg()
+        .current_dir(tmp.path())
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--run") && err.contains("-- demo"), "{err}");
+    let o = gcg()
+        .current_dir(tmp.path())
+        .args(["ask", "--video", "v.mp4", "--question", "what?"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    // With the demo at its default place (gcg-demo), serve says it uses its grounding run.
+    std::os::unix::fs::symlink(demo(), tmp.path().join("gcg-demo")).unwrap();
+    let mut child = gcg()
+        .current_dir(tmp.path())
+        .args(["serve", "--addr", "127.0.0.1:0", "--data"])
+        .arg(tmp.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("listening on http://127.0.0.1:"), "{line:?}");
+    let base = line.trim().strip_prefix("listening on ").unwrap().trim_end_matches('/').to_string();
+    let (st, h) = get_json(&format!("{base}/api/health"));
+    assert_eq!(st, 200);
+    assert!(h["model"]["run"].as_str().unwrap().contains("gcg-demo/runs/grounding"), "{h}");
+    send_sigterm(child.id());
+    assert!(child.wait().unwrap().success());
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(
+        err.contains("no --run given: using the demo's grounding run gcg-demo/runs/grounding"),
+        "{err}"
+    );
 }

@@ -245,6 +245,78 @@ fn real_nextgqa_files_flow_from_features_to_grounding_metrics() {
         assert!(m[key].is_f64(), "{key} missing from {m}");
         assert_eq!(m[key], from_run[key], "{key}: gcg eval and the run's own scoring differ");
     }
+    // `gcg ask` about a test video with the same random front end (ViT seed 1, CLIP text seed
+    // 2) answers as `gcg predict` did, within rounding; with another front end it is refused.
+    let row = test_rows[0].split(',').map(str::to_string).collect::<Vec<_>>();
+    let (video, qid) = (row[0].clone(), row[6].clone());
+    let question_header: Vec<&str> = test_header.split(',').collect();
+    let col = |name: &str| question_header.iter().position(|c| *c == name).unwrap();
+    let options: Vec<String> = (0..5).map(|i| row[col(&format!("a{i}"))].clone()).collect();
+    let video_file = videos.join(format!("{video}.safetensors"));
+    let ask_cache = root.join("ask-cache");
+    let ask = |extra: &[&str]| {
+        let mut args = vec![
+            "ask",
+            "--json",
+            "--video",
+            s(&video_file),
+            "--question",
+            &row[col("question")],
+            "--cache",
+            s(&ask_cache),
+            "--random-weights",
+            "--clip-tokenizer",
+            s(&bpe),
+        ];
+        for o in &options {
+            args.extend(["--option", o.as_str()]);
+        }
+        args.extend(extra);
+        gcg(&args)
+    };
+    let o = ask(&["--run", s(&run), "--seed", "1", "--text-seed", "2"]);
+    ok(&o, "gcg ask");
+    let a: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let p = by_key[&(video.clone(), qid.clone())];
+    assert_eq!(a["answer_index"], p["prediction"], "{a}\n{p}");
+    let frames: Vec<&Value> = a["moments"].as_array().unwrap().iter().map(|m| &m["frame"]).collect();
+    let want: Vec<&Value> = p["moments"]["frames"].as_array().unwrap().iter().collect();
+    assert_eq!(frames, want);
+    let o = ask(&["--run", s(&run), "--seed", "1", "--text-seed", "3"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("embedded its questions with the text encoder") && err.contains("seed 2"),
+        "{err}"
+    );
+    let o = ask(&["--run", s(&run), "--seed", "4", "--text-seed", "2"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("image networks"));
+    // A model without a run (`--config`: random tiny weights in uniform mode, the zero-shot
+    // shape): uniform moments, no p(t).
+    let zero_shot = root.join("uniform.toml");
+    std::fs::write(
+        &zero_shot,
+        format!(
+            "[weights]\npreset = \"tiny\"\ntokenizers = \"{}\"\n[model]\nmode = \"uniform\"\n\
+             [model.grounding]\nframes = 4\nmoments = 2\nheads = 2\n[data]\nstore = \"store\"\n",
+            fixtures().join("tokenizers/snapshot").display()
+        ),
+    )
+    .unwrap();
+    let o = ask(&["--config", s(&zero_shot), "--seed", "1", "--text-seed", "2"]);
+    ok(&o, "gcg ask --config");
+    let a: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(a["p"].is_null(), "{a}");
+    let frames: Vec<u64> = a["moments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["frame"].as_u64().unwrap())
+        .collect();
+    assert_eq!(frames, [0, 3], "uniform K = 2 of T = 4");
+    assert_eq!(a["option_scores"].as_array().unwrap().len(), 5);
+
     let scored = m["questions"].as_u64().unwrap() as usize;
     let spanned = test_rows
         .iter()

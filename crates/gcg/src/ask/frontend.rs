@@ -24,11 +24,13 @@ pub enum FrontEndSpec {
     /// The encoders a `gcg demo` trained (`encoders.safetensors` and `demo.json` in the demo's
     /// folder).
     Demo { dir: PathBuf },
-    /// Seeded random weights of a preset, as `gcg features --random-weights` / `gcg labels
-    /// --random-weights` make them (tests, benchmarks).
+    /// Seeded random weights of a preset, as `gcg features --random-weights --seed S` (the image
+    /// networks) and `gcg labels --random-weights --seed S'` (the text tower) make them (tests,
+    /// benchmarks).
     Random {
         preset: Preset,
         seed: u64,
+        text_seed: u64,
         clip_tokenizer: PathBuf,
     },
     /// Weight directories, as `gcg features --weights --clip` and `gcg labels --clip` read them.
@@ -91,6 +93,7 @@ impl FrontEnd {
             FrontEndSpec::Random {
                 preset,
                 seed,
+                text_seed,
                 clip_tokenizer,
             } => {
                 let (vit_cfg, mut clip_cfg) = frozen::preset(*preset);
@@ -100,10 +103,10 @@ impl FrontEnd {
                     image_size: vit_cfg.image_size,
                     vit: frozen::random_vit(&vit_cfg, dev, dtype, *seed)?,
                     image: frozen::random_clip_image(&clip_cfg, dev, dtype, *seed)?,
-                    text: frozen::random_clip_text(&clip_cfg, dev, dtype, *seed)?,
+                    text: frozen::random_clip_text(&clip_cfg, dev, dtype, *text_seed)?,
                     tokenizer,
                     models: provenance::image_models(*preset, Some(*seed), None, None)?,
-                    text_encoder: provenance::text_encoder(*preset, Some(*seed), None, clip_tokenizer)?,
+                    text_encoder: provenance::text_encoder(*preset, Some(*text_seed), None, clip_tokenizer)?,
                     device: dev.clone(),
                 })
             }
