@@ -391,7 +391,18 @@ fn the_viewer_uploads_asks_shows_the_moments_and_seeks() {
         10,
     );
 
+    // The whole page in one picture: the player, the timeline, p(t), the frames and the answer.
+    b.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 1280, "height": 1160, "deviceScaleFactor": 1, "mobile": false}),
+    );
     b.js("window.scrollTo(0, 0)");
+    b.wait_for(
+        "(() => { const p = document.getElementById('player'); return !p || p.hidden || !p.seeking; })()",
+        "the player to finish seeking",
+        20,
+    );
+    std::thread::sleep(Duration::from_millis(300));
     let png = b.screenshot();
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("viewer.png");
     std::fs::write(&out, &png).unwrap();

@@ -155,7 +155,8 @@ function upload(file) {
     try { body = JSON.parse(xhr.responseText); } catch (e) { body = null; }
     if ((xhr.status === 201 || xhr.status === 200) && body && body.id) {
       status.textContent = `Uploaded ${body.name || file.name}.`;
-      state.videos = state.videos.filter((x) => x.id !== body.id).concat(body);
+      // Newest upload first, as the server lists them.
+      state.videos = [body].concat(state.videos.filter((x) => x.id !== body.id));
       showError('');
       renderVideos();
       selectVideo(body);
