@@ -265,6 +265,7 @@ fn train_step(a: TrainStepArgs) -> Result<()> {
         index: 0,
         samples: vec![sample; b],
         frame_features: Some(randn(&mut rng, &[b, t, n, dv])?.to_dtype(dtype)?),
+        pixel_values: None,
         clip_frames: randn(&mut rng, &[b, t, clip_dim])?,
         clip_question: randn(&mut rng, &[b, clip_dim])?,
         clip_options: Some(randn(&mut rng, &[b, 5, clip_dim])?),

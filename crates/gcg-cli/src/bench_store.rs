@@ -90,6 +90,7 @@ fn write_synthetic(dir: &Path, a: &StoreArgs) -> Result<(f64, u64)> {
             fps: Some(30.0),
             source: None,
             extractor: None,
+            embeddings_only: false,
         })?;
     }
     w.flush()?;
@@ -208,7 +209,7 @@ pub fn run(a: StoreArgs) -> Result<()> {
                     let b = b?;
                     n += b.samples.len();
                     for s in &b.samples {
-                        bytes += snap.video(&s.video)?.features.byte_len();
+                        bytes += snap.video(&s.video)?.features.as_ref().map_or(0, |f| f.byte_len());
                     }
                 }
             }

@@ -81,6 +81,11 @@ pub struct FeaturesArgs {
     /// Recompute videos already in the store.
     #[arg(long)]
     overwrite: bool,
+    /// Store only the CLIP frame embeddings and frame times, not the ViT features (T × 257 ×
+    /// 1408 f16 = 23 MB a video at T = 32 for EVA ViT-g): train with `[data] online_vit = true`,
+    /// which decodes the frames again and runs the ViT in the loop.
+    #[arg(long, conflicts_with = "import_h5")]
+    embeddings_only: bool,
     /// NExT-QA's map_vid_vidorID.json (video id → file path without extension): files are stored
     /// under the video ids the annotations use.
     #[arg(long)]
@@ -246,6 +251,7 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
         overwrite: a.overwrite,
         writer,
         extractor: Some(provenance::extractor(a.sampling.to_string(), models_id)),
+        embeddings_only: a.embeddings_only,
     };
     let abort = abort_after()?;
     let pb = progress_bar(0, false);

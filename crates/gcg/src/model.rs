@@ -150,6 +150,9 @@ pub struct GcgModel {
     pub lmm: VideoLmm,
     pub grounding: Option<Grounding>,
     pub tokenizers: Arc<TextTokenizers>,
+    /// Frames per ViT pass when the ViT runs in the loop on a batch's `pixel_values` (as `gcg
+    /// features --frame-batch`: the same value gives the stored features' bits).
+    pub vit_frame_batch: usize,
 }
 
 impl GcgModel {
@@ -168,6 +171,7 @@ impl GcgModel {
             lmm,
             grounding,
             tokenizers: Arc::new(tokenizers),
+            vit_frame_batch: 32,
         })
     }
 
@@ -185,9 +189,18 @@ impl GcgModel {
     }
 
     fn check_batch(&self, batch: &Batch) -> Result<(usize, usize)> {
-        let (b, t, _, _) = Self::frame_features(batch)?
-            .dims4()
-            .context("batch frame features must be [B, T, N, Dv]")?;
+        let (b, t) = match (&batch.frame_features, &batch.pixel_values) {
+            (None, Some(px)) => {
+                let (b, t, _, _, _) = px.dims5().context("batch pixel values must be [B, T, 3, S, S]")?;
+                (b, t)
+            }
+            _ => {
+                let (b, t, _, _) = Self::frame_features(batch)?
+                    .dims4()
+                    .context("batch frame features must be [B, T, N, Dv]")?;
+                (b, t)
+            }
+        };
         ensure!(
             b == batch.samples.len(),
             "batch: {} samples but features for {b}",
@@ -340,8 +353,42 @@ impl GcgModel {
             .visual_tokens(&chosen, Some(&normed), &prompts.qformer_ids, &prompts.qformer_mask, ctx)
     }
 
+    /// The batch with frame features: its own, or (the online ViT) the frozen ViT's on its
+    /// decoded frames, computed as `gcg features` computes them — one video at a time,
+    /// `vit_frame_batch` frames per pass, rounded to f16 as the store keeps them — so a run on
+    /// decoded frames sees the features a store would hold.
+    pub fn with_frame_features<'b>(&self, batch: &'b Batch) -> Result<std::borrow::Cow<'b, Batch>> {
+        let (None, Some(px)) = (&batch.frame_features, &batch.pixel_values) else {
+            return Ok(std::borrow::Cow::Borrowed(batch));
+        };
+        let (b, t, _, _, _) = px.dims5().context("batch pixel values must be [B, T, 3, S, S]")?;
+        let dt = self.lmm.post_layernorm.weight.dtype();
+        let vit_dt = match &self.lmm.vision {
+            Some(v) => v.post_layernorm.weight.dtype(),
+            None => bail!(
+                "batch {}: decoded frames but no ViT to run on them (build the model with `[data] online_vit = true`)",
+                batch.index
+            ),
+        };
+        let step = self.vit_frame_batch.max(1);
+        let mut videos = Vec::with_capacity(b);
+        for i in 0..b {
+            let frames = px.get(i)?; // [T, 3, S, S]
+            let mut parts = Vec::new();
+            for start in (0..t).step_by(step) {
+                let chunk = frames.narrow(0, start, step.min(t - start))?.to_dtype(vit_dt)?;
+                parts.push(self.lmm.encode_pixels(&chunk)?.to_dtype(DType::F16)?);
+            }
+            videos.push(Tensor::cat(&parts, 0)?.to_dtype(dt)?.detach()); // [T, N, Dv]
+        }
+        let mut out = batch.clone();
+        out.frame_features = Some(Tensor::stack(&videos, 0)?); // [B, T, N, Dv]
+        Ok(std::borrow::Cow::Owned(out))
+    }
+
     /// A training step's forward: the three losses and their weighted sum.
     pub fn forward_train(&self, batch: &Batch, rng: &RefCell<SeededRng>) -> Result<Losses> {
+        let batch = &*self.with_frame_features(batch)?;
         let ctx = Ctx::train(rng);
         let sel = self.select(batch, Some((rng, ctx)))?;
         let prompts = Self::prompts(batch)?;
@@ -389,6 +436,7 @@ impl GcgModel {
 
     /// Deterministic answers with their grounding.
     pub fn answer(&self, batch: &Batch) -> Result<Vec<Answered>> {
+        let batch = &*self.with_frame_features(batch)?;
         let ctx = Ctx::eval();
         let sel = self.select(batch, None)?;
         let prompts = Self::prompts(batch)?;

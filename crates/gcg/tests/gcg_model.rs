@@ -169,6 +169,7 @@ impl World {
             index: 0,
             samples,
             frame_features: Some(features),
+            pixel_values: None,
             clip_frames,
             clip_question: self
                 .question

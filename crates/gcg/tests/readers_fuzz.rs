@@ -369,6 +369,7 @@ fn store_index_fixture() -> Vec<u8> {
             fps: Some(30.0),
             source: None,
             extractor: None,
+            embeddings_only: false,
         })
         .unwrap();
     }

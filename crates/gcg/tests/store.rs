@@ -46,6 +46,7 @@ fn video(id: &str, t: usize, n: usize, d: usize, e: usize) -> VideoRecord {
         fps: Some(29.97),
         source: Some(format!("/videos/{id}.mp4")),
         extractor: None,
+        embeddings_only: false,
     }
 }
 
@@ -377,7 +378,12 @@ fn non_finite_values_in_an_old_store_are_found_by_the_check_and_named_by_the_bat
     let snap = Store::open(dir.path())?.snapshot();
     // A NaN at frame 3, token 0, channel 1 of d1's features.
     let loc = snap.video("d1")?.features.clone();
-    poke_f16(dir.path(), &shards["d1"], loc.offsets[0] + 2 * (3 * 6 + 1), f16::NAN)?;
+    poke_f16(
+        dir.path(),
+        &shards["d1"],
+        loc.expect("d1 has features").offsets[0] + 2 * (3 * 6 + 1),
+        f16::NAN,
+    )?;
     let snap = Store::open(dir.path())?.snapshot();
     let found = snap.check(CheckOptions::full())?;
     assert!(found.broken.is_empty() && found.without_checksum == 1, "{found:?}");
@@ -608,6 +614,7 @@ fn extraction_matches_the_models_skips_stored_videos_and_resumes_after_a_crash()
             ..Default::default()
         },
         extractor: None,
+        embeddings_only: false,
     };
     let dir = tempfile::tempdir()?;
     let mut failed_events = Vec::new();

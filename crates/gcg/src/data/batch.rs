@@ -21,6 +21,11 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+/// The T pre-processed frames of a stored video, decoded again from its source: (video id, its
+/// store entry) → pixels [T, 3, S, S] (f32, CPU). Given by the layer that knows how videos are
+/// decoded (see `run::build`), for the online ViT.
+pub type PixelSource = Arc<dyn Fn(&str, &crate::store::VideoEntry) -> Result<Tensor> + Send + Sync>;
+
 /// How batches are made.
 #[derive(Clone)]
 pub struct BatchOptions {
@@ -35,6 +40,9 @@ pub struct BatchOptions {
     pub prefetch: usize,
     /// dtype of the frame features (F16 as stored, F32 or BF16); `None` leaves them out.
     pub features: Option<DType>,
+    /// Decode every video's frames instead of reading its features (the online ViT: the batch
+    /// carries `pixel_values` and no `frame_features`).
+    pub pixels: Option<PixelSource>,
     /// Where the batch tensors go (moved there on the caller's thread).
     pub device: Device,
     /// Tokenize the prompts and targets (the model's tokenizers and answer format); `None`
@@ -52,6 +60,7 @@ impl Default for BatchOptions {
             workers: 2,
             prefetch: 2,
             features: Some(DType::F32),
+            pixels: None,
             device: Device::Cpu,
             prompts: None,
         }
@@ -66,6 +75,9 @@ pub struct Batch {
     pub samples: Vec<QaSample>,
     /// Un-normalised ViT features E (when asked for). [B, T, N, Dv]
     pub frame_features: Option<Tensor>,
+    /// The frames, CLIP pre-processed, when the ViT runs in the loop (`BatchOptions::pixels`;
+    /// f32). [B, T, 3, S, S]
+    pub pixel_values: Option<Tensor>,
     /// CLIP frame embeddings F (f32). [B, T, d]
     pub clip_frames: Tensor,
     /// CLIP text embedding of each question (f32). [B, d]
@@ -119,6 +131,7 @@ impl Batch {
         let mv = |t: Tensor| t.to_device(dev);
         Ok(Self {
             frame_features: self.frame_features.map(mv).transpose()?,
+            pixel_values: self.pixel_values.map(mv).transpose()?,
             clip_frames: mv(self.clip_frames)?,
             clip_question: mv(self.clip_question)?,
             clip_options: self.clip_options.map(mv).transpose()?,
@@ -187,6 +200,27 @@ impl BatchLoader {
                     (t, o, k),
                     this
                 ),
+            }
+        }
+        if opts.features.is_some() && opts.pixels.is_none() {
+            let without: Vec<&str> = samples
+                .iter()
+                .filter_map(|s| {
+                    snap.index()
+                        .videos
+                        .get(&s.video)
+                        .filter(|v| v.features.is_none())
+                        .map(|_| s.video.as_str())
+                })
+                .collect();
+            if !without.is_empty() {
+                bail!(
+                    "{} of the samples' videos were stored without their ViT features in {} (gcg features --embeddings-only), \
+                     e.g. {}: train with `[data] online_vit = true` (the frames are decoded and the ViT runs in the loop)",
+                    without.len(),
+                    snap.dir().display(),
+                    without.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+                );
             }
         }
         if !missing.is_empty() {
@@ -369,7 +403,13 @@ fn collate(snap: &Snapshot, samples: &[QaSample], index: usize, indices: &[usize
     let q0 = snap.question(&first.key)?;
     let (t, o, k) = (q0.num_frames, q0.num_options, q0.pseudo_labels.len());
     let meta = snap.meta().ok_or_else(|| anyhow!("the feature store has no videos"))?;
-    let mut buf = BatchBuffers::new(opts.features, b, (t, o, k), (meta.tokens, meta.width, meta.embed_dim));
+    let mut buf = BatchBuffers::new(
+        opts.features,
+        opts.pixels.clone(),
+        b,
+        (t, o, k),
+        (meta.tokens, meta.width, meta.embed_dim),
+    );
     for (j, &si) in indices.iter().enumerate() {
         let s = samples
             .get(si)
@@ -402,7 +442,13 @@ pub fn collate_unlabelled(
     let t = snap.video(&first.video)?.num_frames;
     let o = first.options.len();
     let meta = snap.meta().ok_or_else(|| anyhow!("the feature store has no videos"))?;
-    let mut buf = BatchBuffers::new(opts.features, b, (t, o, 0), (meta.tokens, meta.width, meta.embed_dim));
+    let mut buf = BatchBuffers::new(
+        opts.features,
+        opts.pixels.clone(),
+        b,
+        (t, o, 0),
+        (meta.tokens, meta.width, meta.embed_dim),
+    );
     for (j, (s, rows)) in samples.iter().zip(text_rows).enumerate() {
         buf.push_unlabelled(snap, index, j, s, rows)?;
     }
@@ -423,6 +469,10 @@ struct BatchBuffers {
     e: usize,
     f16_buf: Vec<f16>,
     f32_buf: Vec<f32>,
+    /// The online ViT's frames: the source, and [B, T, 3, S, S] gathered (S from the first video).
+    pixels: Option<PixelSource>,
+    pixel_buf: Vec<f32>,
+    pixel_size: usize,
     frame_embeds: Vec<f32>,
     text: Vec<f32>,
     answer: Vec<f32>,
@@ -438,10 +488,18 @@ struct BatchBuffers {
 impl BatchBuffers {
     /// Empty buffers for `b` samples of (frames, options, K) and the store's (tokens, width,
     /// embed_dim).
-    fn new(features: Option<DType>, b: usize, (t, o, k): (usize, usize, usize), (n, d, e): (usize, usize, usize)) -> Self {
+    fn new(
+        features: Option<DType>,
+        pixels: Option<PixelSource>,
+        b: usize,
+        (t, o, k): (usize, usize, usize),
+        (n, d, e): (usize, usize, usize),
+    ) -> Self {
         let per_video = t * n * d;
         let mut f16_buf: Vec<f16> = Vec::new();
         let mut f32_buf: Vec<f32> = Vec::new();
+        // The online ViT's frames replace the stored features.
+        let features = if pixels.is_some() { None } else { features };
         match features {
             Some(DType::F32) => f32_buf = vec![0f32; b * per_video],
             Some(_) => f16_buf = Vec::with_capacity(b * per_video),
@@ -449,6 +507,9 @@ impl BatchBuffers {
         }
         Self {
             features,
+            pixels,
+            pixel_buf: Vec::new(),
+            pixel_size: 0,
             b,
             t,
             o,
@@ -483,7 +544,9 @@ impl BatchBuffers {
             (v.num_frames, q.num_options, q.pseudo_labels.len()),
             (t, o, k)
         );
-        if self.features.is_some() {
+        if self.pixels.is_some() {
+            self.push_pixels(snap, s)?;
+        } else if self.features.is_some() {
             self.push_features(snap, j, s)?;
         }
         let frame_embeds = snap.frame_embeds(&s.video)?.to_f32()?;
@@ -539,7 +602,9 @@ impl BatchBuffers {
                 bad.describe(&[1 + o, e])
             );
         }
-        if self.features.is_some() {
+        if self.pixels.is_some() {
+            self.push_pixels(snap, s)?;
+        } else if self.features.is_some() {
             self.push_features(snap, j, s)?;
         }
         let frame_embeds = snap.frame_embeds(&s.video)?.to_f32()?;
@@ -551,6 +616,37 @@ impl BatchBuffers {
         self.answers.push(None);
         self.timestamps.push(v.timestamps.clone());
         self.samples.push(s.clone());
+        Ok(())
+    }
+
+    /// The frames of sample `s`'s video, decoded again (the online ViT), appended.
+    fn push_pixels(&mut self, snap: &Snapshot, s: &QaSample) -> Result<()> {
+        let Some(source) = &self.pixels else { return Ok(()) };
+        let v = snap.video(&s.video)?;
+        let px = source(&s.video, v).with_context(|| format!("decoding the frames of video {} (question {})", s.video, s.key))?;
+        let dims = px.dims().to_vec();
+        let size = dims.get(2).copied().unwrap_or(0);
+        ensure!(
+            dims.len() == 4 && dims[0] == self.t && dims[1] == 3 && dims[3] == size && size > 0,
+            "video {}: decoded frames of shape {dims:?}, expected [{}, 3, S, S]",
+            s.video,
+            self.t
+        );
+        if self.pixel_size == 0 {
+            self.pixel_size = size;
+        }
+        ensure!(
+            size == self.pixel_size,
+            "video {}: frames of {size}×{size} pixels, the batch's are {}×{}",
+            s.video,
+            self.pixel_size,
+            self.pixel_size
+        );
+        let values = px.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(bad) = non_finite_f32(&values) {
+            bail!("video {}: its decoded frames hold {}", s.video, bad.describe(&dims));
+        }
+        self.pixel_buf.extend(values);
         Ok(())
     }
 
@@ -609,10 +705,18 @@ impl BatchBuffers {
             ),
             None => None,
         };
+        let pixel_values = match self.pixels {
+            Some(_) => {
+                let sz = self.pixel_size;
+                Some(Tensor::from_vec(self.pixel_buf, (b, t, 3, sz, sz), &cpu)?)
+            }
+            None => None,
+        };
         Ok(Batch {
             index,
             samples: self.samples,
             frame_features: features,
+            pixel_values,
             clip_frames: Tensor::from_vec(self.frame_embeds, (b, t, e), &cpu)?,
             clip_question,
             clip_options,

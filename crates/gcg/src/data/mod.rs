@@ -21,7 +21,7 @@ pub mod star;
 pub mod trafficqa;
 pub mod vlep;
 
-pub use batch::{collate_unlabelled, Batch, BatchLoader, BatchOptions};
+pub use batch::{collate_unlabelled, Batch, BatchLoader, BatchOptions, PixelSource};
 pub use mc_csv::{NEXTQA_TYPES, NUM_OPTIONS};
 pub use prompt::{AnswerFormat, PromptEncoder, PromptTokens, TextTokenizers};
 pub use read::{Annotations, BadRow, ReadOptions};

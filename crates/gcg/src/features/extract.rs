@@ -100,6 +100,10 @@ pub struct ExtractOptions {
     /// Stored videos made otherwise, or with another T, are an error unless `overwrite`. None:
     /// not known (only T is compared, and nothing is recorded).
     pub extractor: Option<Extractor>,
+    /// Store the CLIP frame embeddings and frame times only, not the ViT features (training then
+    /// runs the ViT on the decoded frames, `[data] online_vit`). A video stored without features
+    /// is recomputed by a run that wants them.
+    pub embeddings_only: bool,
 }
 
 impl Default for ExtractOptions {
@@ -110,6 +114,7 @@ impl Default for ExtractOptions {
             overwrite: false,
             writer: WriterOptions::default(),
             extractor: None,
+            embeddings_only: false,
         }
     }
 }
@@ -162,7 +167,7 @@ pub fn extract_features(
         );
     }
     let writer = StoreWriter::open(store_dir, opts.writer.clone())?;
-    let todo: Vec<&VideoJob> = plan_videos(
+    let mut todo: Vec<&VideoJob> = plan_videos(
         writer.index(),
         store_dir,
         jobs,
@@ -170,6 +175,16 @@ pub fn extract_features(
         opts.extractor.as_ref(),
         opts.overwrite,
     )?;
+    if !opts.embeddings_only {
+        // Videos stored without their features are not done for a run that stores them.
+        let planned: std::collections::HashSet<&str> = todo.iter().map(|j| j.id.as_str()).collect();
+        let idx = writer.index();
+        let without: Vec<&VideoJob> = jobs
+            .iter()
+            .filter(|j| !planned.contains(j.id.as_str()) && idx.videos.get(&j.id).is_some_and(|v| v.features.is_none()))
+            .collect();
+        todo.extend(without);
+    }
     let mut report = ExtractReport {
         skipped: jobs.len() - todo.len(),
         ..Default::default()
@@ -285,8 +300,13 @@ fn encode_videos(
             let mut rec = VideoRecord::from_tensors(job.id.clone(), &features, &embeds, f.timestamps)?;
             rec.duration = f.duration;
             rec.fps = f.fps;
-            rec.source = Some(job.path.display().to_string());
+            // Absolute: the online ViT decodes the video again from here.
+            let source = std::path::absolute(&job.path).unwrap_or_else(|_| job.path.clone());
+            rec.source = Some(source.display().to_string());
             rec.extractor = opts.extractor.clone();
+            if opts.embeddings_only {
+                rec = rec.without_features();
+            }
             // What the writer would refuse is this video's failure, not the run's.
             rec.check()?;
             if let Some(m) = meta {

@@ -13,7 +13,7 @@ use crate::train::trainer::BatchSource;
 use crate::weights::checkpoints::is_buffer;
 use crate::weights::hub::{self, Need};
 use crate::weights::{Loader, SafetensorsSource, VarStore};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Device};
 use std::path::Path;
 
@@ -79,9 +79,14 @@ pub fn build_model(cfg: &RunConfig, embed_dim: usize) -> Result<BuiltModel> {
             *table = vocab;
         }
     }
-    let model = GcgModel::load(&lb, &lmm, &gcg, tokenizers, false)?;
+    let mut model = GcgModel::load(&lb, &lmm, &gcg, tokenizers, false)?;
     if w.pretrained.is_some() {
         lb.finish()?;
+    }
+    if cfg.data.online_vit {
+        let vit = online_vit(cfg, &lmm, &dev, dt)?;
+        model.lmm.vision = Some(vit);
+        model.vit_frame_batch = cfg.data.vit_frame_batch;
     }
     let vars = lb.vars();
     if w.fan_in_init && w.pretrained.is_none() {
@@ -102,6 +107,117 @@ pub fn build_model(cfg: &RunConfig, embed_dim: usize) -> Result<BuiltModel> {
         })?;
     }
     Ok(BuiltModel { model, vars, device: dev })
+}
+
+/// The frozen ViT of `[data] online_vit`: the one `gcg features` ran — `[weights] vit` (default
+/// `pretrained`) read as it reads `--weights`, or a seeded random one (`vit_random_seed`, as
+/// `--random-weights --seed`) — checked to be as wide as the language model's input.
+fn online_vit(cfg: &RunConfig, lmm: &LmmConfig, dev: &Device, dt: DType) -> Result<crate::models::vit::VisionModel> {
+    let w = &cfg.weights;
+    let (vit_cfg, _) = crate::features::frozen::preset(w.preset);
+    let vit = match (w.vit_random_seed, w.vit.as_ref().or(w.pretrained.as_ref())) {
+        (Some(seed), _) => crate::features::frozen::random_vit(&vit_cfg, dev, dt, seed)?,
+        (None, Some(spec)) => {
+            let dir = hub::locate(spec, Need::Vit)?;
+            crate::features::frozen::load_vit(&dir, &vit_cfg, dev, dt)?
+        }
+        (None, None) => bail!("data.online_vit needs [weights] vit (or pretrained), or vit_random_seed"),
+    };
+    ensure!(
+        vit.config.hidden_size == lmm.vision.hidden_size,
+        "the online ViT is {} wide but the language model reads features {} wide",
+        vit.config.hidden_size,
+        lmm.vision.hidden_size
+    );
+    Ok(vit)
+}
+
+/// Where a stored video's frames are now: its recorded source, or that file name under
+/// `[data] video_dir`.
+fn video_path(data: &DataConfig, id: &str, v: &crate::store::VideoEntry) -> Result<std::path::PathBuf> {
+    let source = v
+        .source
+        .as_deref()
+        .ok_or_else(|| anyhow!("video {id}: the store recorded no source path to decode its frames from"))?;
+    let recorded = std::path::PathBuf::from(source);
+    if let Some(dir) = &data.video_dir {
+        let name = recorded
+            .file_name()
+            .ok_or_else(|| anyhow!("video {id}: its recorded source {source:?} has no file name"))?;
+        let p = dir.join(name);
+        ensure!(
+            p.exists(),
+            "video {id}: {} does not exist (data.video_dir = {}; the store recorded {source})",
+            p.display(),
+            dir.display()
+        );
+        return Ok(p);
+    }
+    ensure!(
+        recorded.exists(),
+        "video {id}: its frames' source {source} does not exist (moved? set data.video_dir to where the videos are now)"
+    );
+    Ok(recorded)
+}
+
+/// The online ViT's frames: each video decoded again from its source, sampled as the store
+/// recorded (its extractor's sampling), at the ViT's input size.
+fn pixel_source(cfg: &RunConfig, image_size: usize) -> Result<crate::data::PixelSource> {
+    let data = cfg.data.clone();
+    let vit = vit_fingerprint(cfg)?;
+    let ffmpeg = crate::video::Ffmpeg::from_env();
+    Ok(std::sync::Arc::new(move |id: &str, v: &crate::store::VideoEntry| {
+        if let Some(e) = &v.extractor {
+            ensure!(
+                e.models.starts_with(&vit),
+                "video {id} was stored with the image networks {:?}, but the online ViT is {vit:?} \
+                 ([weights] vit / vit_random_seed must be the ViT gcg features ran)",
+                e.models
+            );
+        }
+        let path = video_path(&data, id, v)?;
+        let sampling = match &v.extractor {
+            Some(e) => e
+                .sampling
+                .parse::<crate::video::Sampling>()
+                .map_err(|e| anyhow!("video {id}: its recorded sampling: {e}"))?,
+            None => crate::video::Sampling::Uniform,
+        };
+        let job = crate::features::extract::VideoJob {
+            id: id.to_string(),
+            path: path.clone(),
+        };
+        let frames = if path.extension().is_some_and(|e| e == "safetensors") {
+            crate::features::extract::safetensors_frames(&job, v.num_frames)?
+        } else {
+            crate::features::extract::decoded_frames(&job, v.num_frames, sampling, &ffmpeg, image_size)?
+        };
+        if !v.timestamps.is_empty() && !frames.timestamps.is_empty() {
+            let off = v.timestamps.iter().zip(&frames.timestamps).any(|(a, b)| (a - b).abs() > 1e-3);
+            ensure!(
+                !off,
+                "video {id}: the frames decoded from {} are not the ones the store was made from (times {:?} vs {:?})",
+                path.display(),
+                &frames.timestamps[..frames.timestamps.len().min(4)],
+                &v.timestamps[..v.timestamps.len().min(4)]
+            );
+        }
+        Ok(frames.pixel_values)
+    }))
+}
+
+/// How `gcg features` names the online ViT in a store's `extractor.models` (its leading part).
+fn vit_fingerprint(cfg: &RunConfig) -> Result<String> {
+    use crate::features::provenance;
+    let w = &cfg.weights;
+    match (w.vit_random_seed, w.vit.as_ref().or(w.pretrained.as_ref())) {
+        (Some(seed), _) => provenance::image_models(w.preset, Some(seed), None, None),
+        (None, Some(spec)) => {
+            let dir = hub::locate(spec, Need::Vit)?;
+            Ok(format!("vit {}", provenance::files_fingerprint(&provenance::vit_files(&dir)?)?))
+        }
+        (None, None) => bail!("data.online_vit needs [weights] vit (or pretrained), or vit_random_seed"),
+    }
 }
 
 /// Load trained weights into the trainable variables (`partial`: a warm start that may lack
@@ -174,8 +290,8 @@ impl BatchSource for Split {
 }
 
 /// How a run's batches are made for `model` (its prompts tokenized by the workers).
-pub(crate) fn batch_options(cfg: &RunConfig, built: &BuiltModel, shuffle: bool) -> BatchOptions {
-    BatchOptions {
+pub(crate) fn batch_options(cfg: &RunConfig, built: &BuiltModel, shuffle: bool) -> Result<BatchOptions> {
+    Ok(BatchOptions {
         batch_size: cfg.train.batch_size,
         shuffle,
         seed: cfg.train.seed,
@@ -183,9 +299,13 @@ pub(crate) fn batch_options(cfg: &RunConfig, built: &BuiltModel, shuffle: bool) 
         workers: cfg.data.workers,
         prefetch: 2,
         features: Some(built.feature_dtype()),
+        pixels: match &built.model.lmm.vision {
+            Some(v) if cfg.data.online_vit => Some(pixel_source(cfg, v.config.image_size)?),
+            _ => None,
+        },
         device: built.device.clone(),
         prompts: Some(built.model.prompt_encoder()),
-    }
+    })
 }
 
 /// The store of a run and its CLIP width.

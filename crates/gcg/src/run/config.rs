@@ -114,6 +114,12 @@ pub struct WeightsConfig {
     pub fan_in_init: bool,
     /// Seed of the random initialisation.
     pub seed: u64,
+    /// With `[data] online_vit`: the ViT that made the store's embeddings, as `gcg features
+    /// --weights` read it (a directory or a model id; default: `pretrained`).
+    pub vit: Option<PathBuf>,
+    /// With `[data] online_vit`: a seeded random ViT of the preset instead (as `gcg features
+    /// --random-weights --seed S`; tests).
+    pub vit_random_seed: Option<u64>,
 }
 
 impl Default for WeightsConfig {
@@ -127,6 +133,8 @@ impl Default for WeightsConfig {
             init_partial: false,
             fan_in_init: false,
             seed: 0,
+            vit: None,
+            vit_random_seed: None,
         }
     }
 }
@@ -157,6 +165,17 @@ pub struct DataConfig {
     pub skip_bad_rows: bool,
     /// Evaluate at most this many questions per split (quick runs).
     pub max_eval: Option<usize>,
+    /// The online ViT (the official `use_vit`): decode each batch's frames again and run the
+    /// frozen ViT in the loop instead of reading stored features — for a store made with `gcg
+    /// features --embeddings-only` (23 MB less a video at T = 32 for EVA ViT-g). The frames are
+    /// sampled as the store's were; the ViT is `[weights] vit`.
+    pub online_vit: bool,
+    /// Where the videos are now, when not at the paths the store recorded (their file names
+    /// are looked up here).
+    pub video_dir: Option<PathBuf>,
+    /// Frames per ViT pass in the loop (as `gcg features --frame-batch`; the same value gives
+    /// the stored features bit for bit).
+    pub vit_frame_batch: usize,
 }
 
 impl Default for DataConfig {
@@ -175,6 +194,9 @@ impl Default for DataConfig {
             workers: 2,
             skip_bad_rows: false,
             max_eval: None,
+            online_vit: false,
+            video_dir: None,
+            vit_frame_batch: 32,
         }
     }
 }
@@ -292,7 +314,7 @@ impl RunConfig {
             fix(p);
         }
         // A Hugging Face model id (`org/name`) stays a name unless that path exists here.
-        for p in [&mut w.pretrained, &mut w.t5, &mut w.tokenizers].into_iter().flatten() {
+        for p in [&mut w.pretrained, &mut w.t5, &mut w.tokenizers, &mut w.vit].into_iter().flatten() {
             let local = base.join(&*p);
             if p.is_relative() && !local.exists() && p.to_str().is_some_and(hub::is_model_id) {
                 continue;
@@ -308,7 +330,11 @@ impl RunConfig {
             &mut d.val_videos,
             &mut d.test_videos,
         ];
-        for p in splits.into_iter().chain([&mut d.val_grounding, &mut d.test_grounding]).flatten() {
+        for p in splits
+            .into_iter()
+            .chain([&mut d.val_grounding, &mut d.test_grounding, &mut d.video_dir])
+            .flatten()
+        {
             fix(p);
         }
     }
@@ -385,6 +411,13 @@ impl RunConfig {
             "data.max_eval = 0 leaves nothing to evaluate (leave it out to evaluate every question)"
         );
         ensure!(d.workers >= 1, "data.workers must be at least 1");
+        ensure!(d.vit_frame_batch >= 1, "data.vit_frame_batch must be at least 1");
+        if d.online_vit {
+            ensure!(
+                self.weights.vit.is_some() || self.weights.vit_random_seed.is_some() || self.weights.pretrained.is_some(),
+                "data.online_vit needs the ViT that made the store: [weights] vit (or pretrained), or vit_random_seed"
+            );
+        }
         self.train.validate()?;
         if self.train.train_t5 && self.model.lmm.lora.is_some() {
             bail!("[train] train_t5 = true fine-tunes every T5 weight, [model.lmm] lora trains adapters on a frozen T5: choose one");

@@ -80,7 +80,7 @@ fn check_eval_files(cfg: &RunConfig, store: &crate::store::Store, built: &BuiltM
                 store,
                 cfg.data.dataset,
                 &EvalSplit::Test.files(cfg)?,
-                batch_options(cfg, built, false),
+                batch_options(cfg, built, false)?,
                 &cfg.data,
                 cfg.data.max_eval,
             )
@@ -226,7 +226,7 @@ pub fn train_run(cfg: &RunConfig, start: RunStart, on_event: &mut dyn FnMut(Even
         &store,
         cfg.data.dataset,
         &train_files,
-        batch_options(cfg, &built, true),
+        batch_options(cfg, &built, true)?,
         &cfg.data,
         None,
     )?;
@@ -235,7 +235,7 @@ pub fn train_run(cfg: &RunConfig, start: RunStart, on_event: &mut dyn FnMut(Even
             &store,
             cfg.data.dataset,
             &EvalSplit::Val.files(cfg)?,
-            batch_options(cfg, &built, false),
+            batch_options(cfg, &built, false)?,
             &cfg.data,
             cfg.data.max_eval,
         )?),

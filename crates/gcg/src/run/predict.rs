@@ -201,7 +201,7 @@ pub fn open_eval_split(cfg: &RunConfig, store: &Store, files: &SplitFiles, built
         store,
         cfg.data.dataset,
         files,
-        super::build::batch_options(cfg, built, false),
+        super::build::batch_options(cfg, built, false)?,
         &cfg.data,
         cfg.data.max_eval,
     )

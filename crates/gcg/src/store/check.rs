@@ -327,7 +327,7 @@ fn shard_fault(path: &Path, name: &str, index: &Index, opts: CheckOptions) -> Re
                 .videos
                 .values()
                 .filter(|v| v.shard == name)
-                .flat_map(|v| [&v.features, &v.frame_embeds]),
+                .flat_map(|v| v.features.iter().chain([&v.frame_embeds])),
         );
         for t in listed {
             if tensors.get(&t.name) != Some(t) {
@@ -366,15 +366,16 @@ fn non_finite_records(index: &Index, maps: &BTreeMap<&str, Mmap>) -> Vec<NonFini
     };
     for (id, v) in &index.videos {
         let Some(map) = maps.get(v.shard.as_str()) else { continue };
-        let f = &v.features;
-        push(
-            "video",
-            id,
-            &v.shard,
-            format!("features {:?}", f.shape),
-            &f.shape,
-            non_finite_f16(&f16_from_bytes(bytes(map, f))),
-        );
+        if let Some(f) = &v.features {
+            push(
+                "video",
+                id,
+                &v.shard,
+                format!("features {:?}", f.shape),
+                &f.shape,
+                non_finite_f16(&f16_from_bytes(bytes(map, f))),
+            );
+        }
         let e = &v.frame_embeds;
         push(
             "video",

@@ -138,8 +138,11 @@ pub struct VideoEntry {
     /// Where the frames came from (a path), for information.
     #[serde(default)]
     pub source: Option<String>,
-    /// Un-normalised ViT features, F16 [T, tokens, width].
-    pub features: TensorLoc,
+    /// Un-normalised ViT features, F16 [T, tokens, width]; absent for a video stored without
+    /// them (`gcg features --embeddings-only`: the ViT then runs on its decoded frames in the
+    /// training loop, `[data] online_vit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<TensorLoc>,
     /// CLIP frame embeddings, F32 [T, embed_dim].
     pub frame_embeds: TensorLoc,
     /// What made the features (frame sampling, networks); absent in stores written before it
@@ -336,7 +339,7 @@ impl Index {
                 "video {id}: shard {} is not a video shard",
                 v.shard
             );
-            for t in [&v.features, &v.frame_embeds] {
+            for t in v.features.iter().chain([&v.frame_embeds]) {
                 t.validate().with_context(|| format!("video {id}"))?;
                 ensure!(
                     t.offsets[1] <= shard.bytes,
@@ -356,15 +359,13 @@ impl Index {
             let meta = self
                 .meta
                 .with_context(|| format!("video {id}: the index has no meta (tokens, width, embed_dim)"))?;
-            let want = [
-                (
-                    "features",
-                    &v.features,
-                    StoreDType::F16,
-                    vec![v.num_frames, meta.tokens, meta.width],
-                ),
-                ("frame_embeds", &v.frame_embeds, StoreDType::F32, vec![v.num_frames, meta.embed_dim]),
-            ];
+            let features = v
+                .features
+                .as_ref()
+                .map(|f| ("features", f, StoreDType::F16, vec![v.num_frames, meta.tokens, meta.width]));
+            let want = features
+                .into_iter()
+                .chain([("frame_embeds", &v.frame_embeds, StoreDType::F32, vec![v.num_frames, meta.embed_dim])]);
             for (field, t, dtype, shape) in want {
                 ensure!(
                     t.dtype == dtype && t.shape == shape,

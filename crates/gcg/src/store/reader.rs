@@ -177,10 +177,23 @@ impl Snapshot {
         })
     }
 
-    /// The un-normalised ViT features of a video, F16 [T, tokens, width], without copying.
+    /// The un-normalised ViT features of a video, F16 [T, tokens, width], without copying; an
+    /// error for a video stored without them (`--embeddings-only`).
     pub fn features(&self, id: &str) -> Result<MappedTensor> {
         let v = self.video(id)?;
-        self.mapped(&v.shard, &v.features)
+        let f = v.features.as_ref().ok_or_else(|| {
+            anyhow!(
+                "video {id} was stored without its ViT features (gcg features --embeddings-only) in {}: \
+                 train with `[data] online_vit = true`, which decodes its frames and runs the ViT in the loop",
+                self.dir.display()
+            )
+        })?;
+        self.mapped(&v.shard, f)
+    }
+
+    /// Does the store hold the ViT features of video `id` (not `--embeddings-only`)?
+    pub fn has_features(&self, id: &str) -> Result<bool> {
+        Ok(self.video(id)?.features.is_some())
     }
 
     /// Features as a tensor [T, tokens, width] in `dtype` (F16, F32 or BF16).

@@ -34,6 +34,9 @@ pub struct VideoRecord {
     pub source: Option<String>,
     /// What made the features (stored with the entry; None: not known).
     pub extractor: Option<Extractor>,
+    /// Store the CLIP frame embeddings and times but not the ViT features (`features` is then
+    /// empty; `features_shape` still says what the ViT makes).
+    pub embeddings_only: bool,
 }
 
 impl VideoRecord {
@@ -58,8 +61,16 @@ impl VideoRecord {
             fps: None,
             source: None,
             extractor: None,
+            embeddings_only: false,
             id,
         })
+    }
+
+    /// The record without its ViT features (see [`VideoRecord::embeddings_only`]).
+    pub fn without_features(mut self) -> Self {
+        self.features = Vec::new();
+        self.embeddings_only = true;
+        self
     }
 
     pub fn num_frames(&self) -> usize {
@@ -85,11 +96,13 @@ impl VideoRecord {
             "video {id}: features shape {:?} has a zero size",
             self.features_shape
         );
+        let want = if self.embeddings_only { 0 } else { t * n * d };
         ensure!(
-            self.features.len() == t * n * d,
-            "video {id}: {} feature values for shape {:?}",
+            self.features.len() == want,
+            "video {id}: {} feature values for shape {:?}{}",
             self.features.len(),
-            self.features_shape
+            self.features_shape,
+            if self.embeddings_only { " (stored without features)" } else { "" }
         );
         ensure!(
             self.embed_dim > 0 && self.frame_embeds.len() == t * self.embed_dim,
@@ -670,12 +683,14 @@ impl StoreWriter {
         let mut tensors = Vec::with_capacity(videos.len() * 3);
         for v in videos {
             let [t, n, d] = v.features_shape;
-            tensors.push(RawTensor {
-                name: format!("{}/features", v.id),
-                dtype: StoreDType::F16,
-                shape: vec![t, n, d],
-                data: f16_bytes(&v.features),
-            });
+            if !v.embeddings_only {
+                tensors.push(RawTensor {
+                    name: format!("{}/features", v.id),
+                    dtype: StoreDType::F16,
+                    shape: vec![t, n, d],
+                    data: f16_bytes(&v.features),
+                });
+            }
             tensors.push(RawTensor {
                 name: format!("{}/frame_embeds", v.id),
                 dtype: StoreDType::F32,
@@ -747,7 +762,7 @@ impl StoreWriter {
                         duration: v.duration,
                         fps: v.fps,
                         source: v.source.clone(),
-                        features: get("features")?,
+                        features: if v.embeddings_only { None } else { Some(get("features")?) },
                         frame_embeds: get("frame_embeds")?,
                         extractor: v.extractor.clone(),
                     },
