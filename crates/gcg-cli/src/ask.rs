@@ -20,10 +20,10 @@ pub struct AskArgs {
     #[arg(long, required_unless_present = "questions_file", conflicts_with = "questions_file")]
     question: Option<String>,
     /// A candidate answer (repeat for each; none: an open-ended question, the answer is generated).
-    #[arg(long = "option", value_name = "TEXT")]
+    #[arg(long = "option", value_name = "TEXT", conflicts_with = "questions_file")]
     options: Vec<String>,
     /// The candidate answers, one a line (instead of --option).
-    #[arg(long, conflicts_with = "options")]
+    #[arg(long, conflicts_with_all = ["options", "questions_file"])]
     options_file: Option<PathBuf>,
     /// Several questions about the video, answered in batches: a JSON array or JSON Lines of
     /// {"question": "...", "options": ["...", ...]}.

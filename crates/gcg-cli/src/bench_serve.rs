@@ -194,7 +194,7 @@ fn post_ask(agent: &ureq::Agent, url: &str, body: &str) -> Result<(u16, String)>
 }
 
 /// POST /api/videos with the file as the multipart field `video`; the server's id of it.
-fn upload(agent: &ureq::Agent, base: &str, path: &Path) -> Result<String> {
+fn upload(agent: &ureq::Agent, base: &str, path: &Path) -> Result<(String, Value)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading the video {}", path.display()))?;
     let name = path
         .file_name()
@@ -223,10 +223,11 @@ fn upload(agent: &ureq::Agent, base: &str, path: &Path) -> Result<String> {
         text.trim()
     );
     let v: Value = serde_json::from_str(&text).with_context(|| format!("the upload's response is not JSON: {text}"))?;
-    v["id"]
+    let id = v["id"]
         .as_str()
         .map(str::to_string)
-        .ok_or_else(|| anyhow!("the upload's response has no id: {text}"))
+        .ok_or_else(|| anyhow!("the upload's response has no id: {text}"))?;
+    Ok((id, v))
 }
 
 /// An mp4 (4 frames a second, H.264) of a frame folder `frame_{i}.jpg`, made with ffmpeg.
@@ -370,10 +371,10 @@ fn measure(a: &ServeBenchArgs, base: &str, run_dir: Option<&Path>, tmp: &Path) -
         }
         (None, None) => None,
     };
-    let (video_id, video_json, upload_s) = match &to_upload {
+    let (video_id, video_json, upload_s, upload_seconds) = match &to_upload {
         Some(path) => {
             let t = Instant::now();
-            let id = upload(&agent, base, path)?;
+            let (id, response) = upload(&agent, base, path)?;
             let secs = t.elapsed().as_secs_f64();
             let bytes = std::fs::metadata(path).map(|m| m.len()).ok();
             // A made mp4 is named by the frame folder it was made of (it is removed at the end).
@@ -385,6 +386,7 @@ fn measure(a: &ServeBenchArgs, base: &str, run_dir: Option<&Path>, tmp: &Path) -
                 id.clone(),
                 json!({"source": "upload", "file": file, "mp4_of_frames": made_of, "bytes": bytes, "id": id}),
                 Some(secs),
+                response["seconds"].clone(),
             )
         }
         None => {
@@ -392,7 +394,7 @@ fn measure(a: &ServeBenchArgs, base: &str, run_dir: Option<&Path>, tmp: &Path) -
                 .as_ref()
                 .ok_or_else(|| anyhow!("the server has no gallery video (its run is not a demo's): give --video PATH to upload"))?;
             let id = g["id"].as_str().context("a gallery video without an id")?.to_string();
-            (id.clone(), json!({"source": "gallery", "id": id}), None)
+            (id.clone(), json!({"source": "gallery", "id": id}), None, Value::Null)
         }
     };
     let ask_url = format!("{base}/api/videos/{video_id}/ask");
@@ -454,17 +456,19 @@ fn measure(a: &ServeBenchArgs, base: &str, run_dir: Option<&Path>, tmp: &Path) -
 
     Ok(json!({
         "bench": "serve",
-        "server": if a.url.is_some() { json!(base) } else { json!("in-process") },
+        // A server this bench started (a child process) or the one at --url.
+        "server": if a.url.is_some() { json!(base) } else { json!("started") },
         "run": run_dir,
         "model": health["model"],
         "video": video_json,
         "question": question,
         "clients": a.clients,
         "requests": a.requests,
-        // The upload: hashing + decoding + ViT (uncached unless --cache held it) + the frames.
+        // The upload: hashing + decoding + ViT (uncached unless --cache held it) + the frames;
+        // the server's own seconds of it (`features`: decoding + ViT, uncached).
         "upload_s": upload_s,
-        // The server's own seconds of the video's preparation (`features`: decoding + ViT, 0 when
-        // it was cached) and of the first answer.
+        "upload_server_seconds": upload_seconds,
+        // The first answer's seconds: from the cached features (`features` 0).
         "first_ask_server_seconds": first_json["seconds"],
         // The first question after the upload (features cached) against the later ones.
         "first_ask_ms": first_ask_ms,

@@ -64,6 +64,11 @@ pub struct ServeArgs {
     pub gallery: usize,
 }
 
+/// Uploads received at the same time at most (more: 503).
+const UPLOADS_AT_ONCE: usize = 2;
+/// Longest wait for the next piece of an upload.
+const UPLOAD_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// One video the server knows: an upload or a gallery video of the demo.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct VideoInfo {
@@ -99,6 +104,10 @@ impl VideoInfo {
         if let Some(o) = v.as_object_mut() {
             o.remove("path");
             o.remove("bytes");
+            // What preparing it took (`features`: decoding + ViT; 0 when cached).
+            if let Some(p) = &self.prepared {
+                o.insert("seconds".into(), serde_json::json!(p.seconds));
+            }
         }
         v
     }
@@ -120,6 +129,16 @@ enum Job {
 
 struct AppState {
     jobs: mpsc::Sender<Job>,
+    /// The model thread is alive (a panic there is caught per job; this turns false only if the
+    /// loop itself ends early).
+    worker_alive: Arc<std::sync::atomic::AtomicBool>,
+    /// Uploads register one at a time (two uploads of the same bytes must not race on their
+    /// folder); at most `UPLOADS_AT_ONCE` are received at once.
+    register: tokio::sync::Mutex<()>,
+    uploads: tokio::sync::Semaphore,
+    /// The name of the frame folders of this model's frames (`frames-<ask cache key>`): another
+    /// model (another T, sampling or demo) never shows this one's pictures.
+    frames_name: String,
     videos: Mutex<BTreeMap<String, VideoInfo>>,
     data: PathBuf,
     /// The ask cache the model's features go to.
@@ -180,6 +199,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let (tx, rx) = mpsc::channel::<Job>(a.queue);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(serde_json::Value, PathBuf)>>();
     let max_batch = a.max_batch;
+    let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let alive_worker = alive.clone();
     let worker = std::thread::Builder::new().name("gcg-model".into()).spawn(move || {
         let asker = match model_args.open(&mut |_| {}) {
             Ok((asker, about)) => {
@@ -200,6 +221,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
             }
         };
         model_loop(&asker, rx, max_batch);
+        alive_worker.store(false, std::sync::atomic::Ordering::Relaxed);
     })?;
     let (health, cache) = ready_rx.recv().map_err(|_| anyhow!("the model thread stopped while loading"))??;
 
@@ -210,8 +232,16 @@ pub fn run(a: ServeArgs) -> Result<()> {
             videos.insert(v.id.clone(), v);
         }
     }
+    let frames_name = format!(
+        "frames-{}",
+        cache.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default()
+    );
     let state = Arc::new(AppState {
         jobs: tx,
+        worker_alive: alive,
+        register: tokio::sync::Mutex::new(()),
+        uploads: tokio::sync::Semaphore::new(UPLOADS_AT_ONCE),
+        frames_name,
         videos: Mutex::new(videos),
         data: data.clone(),
         cache,
@@ -220,6 +250,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         queue: a.queue,
         health,
     });
+    sweep_leftovers(&state);
+    evict(&state, "");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -259,7 +291,38 @@ fn router(state: Shared) -> Router {
         .route("/api/videos/{id}/frames/{i}", get(frame))
         .route("/api/videos/{id}/media", get(media))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such page or API route".into()) })
+        .layer(axum::middleware::from_fn(same_origin_only))
         .with_state(state)
+}
+
+/// Only this server's own pages and local tools may use it: a request naming another host (DNS
+/// rebinding) or posting from another site's page is refused (403), so a web page the user
+/// visits cannot upload to, ask or read a server on their loopback.
+async fn same_origin_only(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let hostname = host.rsplit_once(':').map_or(host.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+    let local_name = hostname.parse::<std::net::IpAddr>().is_ok() || hostname == "localhost" || hostname.is_empty();
+    if !local_name {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            format!("host {host:?} is not this server's address (use its IP address or localhost)"),
+        )
+        .into_response();
+    }
+    if req.method() != axum::http::Method::GET {
+        if let Some(origin) = req.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+            let same = origin.split_once("://").is_some_and(|(_, rest)| rest.trim_end_matches('/') == host);
+            if !same {
+                return ApiError(StatusCode::FORBIDDEN, format!("requests from another site ({origin}) are refused")).into_response();
+            }
+        }
+    }
+    next.run(req).await
 }
 
 async fn shutdown_signal() {
@@ -298,11 +361,13 @@ fn model_loop(asker: &Asker, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
         };
         match job {
             Job::Prepare { path, frames_dir, reply } => {
-                let r = asker.prepare(&path).and_then(|v| {
-                    if !frames_dir.join("frame_0.jpg").exists() {
-                        asker.write_sampled_frames(&path, &frames_dir)?;
-                    }
-                    Ok(v)
+                let r = guarded(|| {
+                    asker.prepare(&path).and_then(|v| {
+                        if !frames_dir.join("frame_0.jpg").exists() {
+                            asker.write_sampled_frames(&path, &frames_dir)?;
+                        }
+                        Ok(v)
+                    })
                 });
                 let _ = reply.send(r);
             }
@@ -319,22 +384,40 @@ fn model_loop(asker: &Asker, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
                     }
                 }
                 let questions: Vec<Question> = batch.iter().map(|(q, _)| q.clone()).collect();
-                match asker.ask(&video, &questions) {
+                match guarded(|| asker.ask(&video, &questions)) {
                     Ok(answers) => {
                         for ((_, reply), a) in batch.into_iter().zip(answers) {
                             let _ = reply.send(Ok(a));
                         }
                     }
+                    // One question's failure is not the others': each alone.
+                    Err(_) if batch.len() > 1 => {
+                        for (q, reply) in batch {
+                            let r = guarded(|| asker.ask(&video, std::slice::from_ref(&q))).map(|mut a| a.remove(0));
+                            let _ = reply.send(r);
+                        }
+                    }
                     Err(e) => {
-                        let msg = format!("{e:#}");
                         for (_, reply) in batch {
-                            let _ = reply.send(Err(anyhow!("{msg}")));
+                            let _ = reply.send(Err(anyhow!("{e:#}")));
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// `f`, with a panic turned into an error (the model thread goes on).
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(anyhow!("the model failed on this request (a bug: please report it): {msg}"))
+    })
 }
 
 /// Queue a job; a full queue is 503.
@@ -357,8 +440,15 @@ async fn asset(name: &str) -> Response {
     ([(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
-async fn health(State(s): State<Shared>) -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok", "model": s.health }))
+async fn health(State(s): State<Shared>) -> Response {
+    if !s.worker_alive.load(std::sync::atomic::Ordering::Relaxed) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "down", "error": "the model thread stopped", "model": s.health })),
+        )
+            .into_response();
+    }
+    Json(serde_json::json!({ "status": "ok", "model": s.health })).into_response()
 }
 
 async fn list_videos(State(s): State<Shared>) -> Json<serde_json::Value> {
@@ -375,8 +465,8 @@ fn video_dir(data: &Path, id: &str) -> PathBuf {
     data.join("videos").join(id)
 }
 
-fn frames_dir(data: &Path, id: &str) -> PathBuf {
-    video_dir(data, id).join("frames")
+fn frames_dir(s: &AppState, id: &str) -> PathBuf {
+    video_dir(&s.data, id).join(&s.frames_name)
 }
 
 /// Video ids are content ids or demo video ids: letters, digits, `-`, `_`.
@@ -387,12 +477,46 @@ fn check_id(id: &str) -> ApiResult<()> {
     Ok(())
 }
 
-async fn upload(State(s): State<Shared>, mut mp: Multipart) -> ApiResult<Response> {
+/// A file removed when dropped, unless kept: an upload's temporary file on every early return.
+struct TempFile(Option<PathBuf>);
+
+impl TempFile {
+    fn path(&self) -> &Path {
+        self.0.as_deref().expect("a kept temporary file is not used again")
+    }
+    fn keep(mut self) -> PathBuf {
+        self.0.take().expect("kept once")
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+async fn upload(State(s): State<Shared>, mp: Multipart) -> ApiResult<Response> {
+    let Ok(_permit) = s.uploads.try_acquire() else {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{UPLOADS_AT_ONCE} uploads are already being received; retry shortly"),
+        ));
+    };
+    // The rest runs to its end even if the client goes away (nothing is left half done).
+    let state = s.clone();
+    tokio::spawn(async move { receive_upload(&state, mp).await })
+        .await
+        .map_err(|e| ApiError::internal(e.into()))?
+}
+
+async fn receive_upload(s: &Shared, mut mp: Multipart) -> ApiResult<Response> {
     let tmp_dir = s.data.join("incoming");
     tokio::fs::create_dir_all(&tmp_dir)
         .await
         .map_err(|e| ApiError::internal(e.into()))?;
-    let mut saved: Option<(PathBuf, String, u64)> = None;
+    let mut saved: Option<(TempFile, String, u64)> = None;
     while let Some(mut field) = mp
         .next_field()
         .await
@@ -407,28 +531,28 @@ async fn upload(State(s): State<Shared>, mut mp: Multipart) -> ApiResult<Respons
             .map(|e| e.to_string_lossy().to_ascii_lowercase())
             .filter(|e| e.len() <= 8 && e.chars().all(|c| c.is_ascii_alphanumeric()))
             .unwrap_or_else(|| "bin".into());
-        let tmp = tmp_dir.join(format!("{}-{}.{ext}", std::process::id(), unique()));
-        let mut f = tokio::fs::File::create(&tmp).await.map_err(|e| ApiError::internal(e.into()))?;
+        let tmp = TempFile(Some(tmp_dir.join(format!("{}-{}.{ext}", std::process::id(), unique()))));
+        let mut f = tokio::fs::File::create(tmp.path())
+            .await
+            .map_err(|e| ApiError::internal(e.into()))?;
         let mut n: u64 = 0;
         loop {
-            let chunk = match field.chunk().await {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = tokio::fs::remove_file(&tmp).await;
-                    return Err(upload_error(e.status(), e.body_text(), s.max_upload));
+            let chunk = match tokio::time::timeout(UPLOAD_READ_TIMEOUT, field.chunk()).await {
+                Err(_) => {
+                    return Err(ApiError(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!("the upload stalled for {} s", UPLOAD_READ_TIMEOUT.as_secs()),
+                    ))
                 }
+                Ok(Ok(Some(c))) => c,
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => return Err(upload_error(e.status(), e.body_text(), s.max_upload)),
             };
             n += chunk.len() as u64;
             if n > s.max_upload {
-                drop(f);
-                let _ = tokio::fs::remove_file(&tmp).await;
                 return Err(too_large(s.max_upload));
             }
-            if let Err(e) = f.write_all(&chunk).await {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(ApiError::internal(e.into()));
-            }
+            f.write_all(&chunk).await.map_err(|e| ApiError::internal(e.into()))?;
         }
         f.sync_all().await.map_err(|e| ApiError::internal(e.into()))?;
         saved = Some((tmp, name, n));
@@ -438,16 +562,10 @@ async fn upload(State(s): State<Shared>, mut mp: Multipart) -> ApiResult<Respons
         return Err(ApiError::bad("no file in the form field `video` (multipart/form-data)"));
     };
     if bytes == 0 {
-        let _ = tokio::fs::remove_file(&tmp).await;
         return Err(ApiError::bad(format!("{name}: the file is empty")));
     }
-    match register_upload(&s, &tmp, &name, bytes).await {
-        Ok(v) => Ok((StatusCode::CREATED, Json(v.public())).into_response()),
-        Err(e) => {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            Err(e)
-        }
-    }
+    let v = register_upload(s, tmp, &name, bytes).await?;
+    Ok((StatusCode::CREATED, Json(v.public())).into_response())
 }
 
 fn too_large(max: u64) -> ApiError {
@@ -476,56 +594,73 @@ fn unique() -> u64 {
 
 /// Moves an uploaded file to its content id's folder, has the model prepare it (a file ffmpeg
 /// cannot read is 400) and registers it.
-async fn register_upload(s: &Shared, tmp: &Path, name: &str, bytes: u64) -> ApiResult<VideoInfo> {
-    let tmp_owned = tmp.to_path_buf();
-    let id = tokio::task::spawn_blocking(move || gcg::ask::content_id(&tmp_owned))
+/// Moves an uploaded file to its content id's folder, has the model prepare it (a file that
+/// cannot be decoded is 400) and registers it. One registration at a time: two uploads of the
+/// same bytes never race on their folder.
+async fn register_upload(s: &Shared, tmp: TempFile, name: &str, bytes: u64) -> ApiResult<VideoInfo> {
+    let tmp_path = tmp.path().to_path_buf();
+    let id = tokio::task::spawn_blocking(move || gcg::ask::content_id(&tmp_path))
         .await
         .map_err(|e| ApiError::internal(e.into()))?
         .map_err(ApiError::internal)?;
+    let _one_at_a_time = s.register.lock().await;
     if let Some(v) = touch(s, &id) {
-        let _ = tokio::fs::remove_file(tmp).await;
-        return Ok(v);
+        return Ok(v); // the temporary file goes with `tmp`
     }
     let dir = video_dir(&s.data, &id);
+    // A folder of this id that is not registered is a failed earlier attempt: replaced.
+    let _ = tokio::fs::remove_dir_all(&dir).await;
     tokio::fs::create_dir_all(&dir).await.map_err(|e| ApiError::internal(e.into()))?;
-    let ext = tmp.extension().map(|e| e.to_string_lossy().to_string()).unwrap_or_default();
+    let ext = tmp.path().extension().map(|e| e.to_string_lossy().to_string()).unwrap_or_default();
     let path = dir.join(format!("video.{ext}"));
-    tokio::fs::rename(tmp, &path).await.map_err(|e| ApiError::internal(e.into()))?;
-    let prepared = match prepare(s, &path, &frames_dir(&s.data, &id)).await {
-        Ok(p) => p,
+    tokio::fs::rename(tmp.path(), &path)
+        .await
+        .map_err(|e| ApiError::internal(e.into()))?;
+    let _ = tmp.keep();
+    let registered = async {
+        let prepared = prepare(s, &path, &frames_dir(s, &id)).await.map_err(|e| match e {
+            ApiError(StatusCode::BAD_REQUEST, msg) => {
+                // The client knows its file by its name, not by where the server put it.
+                let msg = msg.replace(&path.display().to_string(), name);
+                ApiError::bad(format!("{name} could not be read as a video: {msg}"))
+            }
+            other => other,
+        })?;
+        let playable = matches!(ext.as_str(), "mp4" | "m4v" | "webm" | "ogv" | "ogg" | "mov");
+        let v = VideoInfo {
+            id: id.clone(),
+            name: name.to_string(),
+            path: path.clone(),
+            duration: prepared.duration,
+            frames: prepared.num_frames,
+            timestamps: prepared.timestamps.clone(),
+            playable,
+            gallery: false,
+            questions: vec![],
+            prepared: Some(prepared),
+            bytes: bytes + dir_size(&frames_dir(s, &id)) + gcg::ask::cached_bytes(&s.cache, &id).unwrap_or(0),
+            last_used: Some(SystemTime::now()),
+        };
+        let info = serde_json::to_vec_pretty(&v).map_err(|e| ApiError::internal(e.into()))?;
+        let info_path = dir.join("info.json");
+        tokio::task::spawn_blocking(move || gcg::util::write_atomic(&info_path, &info))
+            .await
+            .map_err(|e| ApiError::internal(e.into()))?
+            .map_err(ApiError::internal)?;
+        Ok::<_, ApiError>(v)
+    }
+    .await;
+    let v = match registered {
+        Ok(v) => v,
         Err(e) => {
+            // Nothing of a failed upload stays: its folder, and features the model may have cached.
             let _ = tokio::fs::remove_dir_all(&dir).await;
-            return Err(match e {
-                ApiError(StatusCode::INTERNAL_SERVER_ERROR, msg) => {
-                    // The client knows its file by its name, not by where the server put it.
-                    let msg = msg.replace(&path.display().to_string(), name);
-                    ApiError::bad(format!("{name} could not be read as a video: {msg}"))
-                }
-                other => other,
-            });
+            let cache = s.cache.clone();
+            let gone = id.clone();
+            let _ = tokio::task::spawn_blocking(move || gcg::ask::forget(&cache, &[gone.as_str()])).await;
+            return Err(e);
         }
     };
-    let playable = matches!(ext.as_str(), "mp4" | "m4v" | "webm" | "ogv" | "ogg" | "mov");
-    let v = VideoInfo {
-        id: id.clone(),
-        name: name.to_string(),
-        path,
-        duration: prepared.duration,
-        frames: prepared.num_frames,
-        timestamps: prepared.timestamps.clone(),
-        playable,
-        gallery: false,
-        questions: vec![],
-        prepared: Some(prepared),
-        bytes: bytes + dir_size(&frames_dir(&s.data, &id)) + gcg::ask::cached_bytes(&s.cache, &id).unwrap_or(0),
-        last_used: Some(SystemTime::now()),
-    };
-    let info = serde_json::to_vec_pretty(&v).map_err(|e| ApiError::internal(e.into()))?;
-    let info_path = dir.join("info.json");
-    tokio::task::spawn_blocking(move || gcg::util::write_atomic(&info_path, &info))
-        .await
-        .map_err(|e| ApiError::internal(e.into()))?
-        .map_err(ApiError::internal)?;
     s.videos.lock().unwrap().insert(id.clone(), v.clone());
     let state = s.clone();
     let keep = id.clone();
@@ -539,7 +674,10 @@ async fn register_upload(s: &Shared, tmp: &Path, name: &str, bytes: u64) -> ApiR
 fn touch(s: &AppState, id: &str) -> Option<VideoInfo> {
     let mut videos = s.videos.lock().unwrap();
     let v = videos.get_mut(id)?;
-    v.last_used = Some(SystemTime::now());
+    if !v.gallery {
+        // The gallery keeps its order; uploads are evicted least recently used first.
+        v.last_used = Some(SystemTime::now());
+    }
     Some(v.clone())
 }
 
@@ -599,7 +737,14 @@ async fn prepare(s: &AppState, path: &Path, frames_dir: &Path) -> ApiResult<Prep
     )?;
     rx.await
         .map_err(|_| ApiError::internal(anyhow!("the model thread stopped")))?
-        .map_err(ApiError::internal)
+        .map_err(|e| {
+            // A video that cannot be decoded is the request's fault; anything else the server's.
+            if e.chain().any(|c| c.downcast_ref::<gcg::ask::UnreadableVideo>().is_some()) {
+                ApiError::bad(format!("{e:#}"))
+            } else {
+                ApiError::internal(e)
+            }
+        })
 }
 
 async fn ask(State(s): State<Shared>, UrlPath(id): UrlPath<String>, body: Bytes) -> ApiResult<Json<GroundedAnswer>> {
@@ -612,13 +757,20 @@ async fn ask(State(s): State<Shared>, UrlPath(id): UrlPath<String>, body: Bytes)
     q.validate().map_err(|e| ApiError::bad(format!("{e:#}")))?;
     let v = touch(&s, &id).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no video {id:?} (upload it first)")))?;
     let prepared = match v.prepared {
-        Some(p) => p,
+        // Prepared before: its features are cached, this answer spends nothing on them.
+        Some(mut p) => {
+            p.cached = true;
+            p.seconds.insert("hash".into(), 0.0);
+            p.seconds.insert("features".into(), 0.0);
+            p
+        }
         None => {
-            let p = prepare(&s, &v.path, &frames_dir(&s.data, &id)).await?;
+            let p = prepare(&s, &v.path, &frames_dir(&s, &id)).await?;
             if let Some(e) = s.videos.lock().unwrap().get_mut(&id) {
                 e.prepared = Some(p.clone());
                 e.timestamps = p.timestamps.clone();
                 e.duration = p.duration;
+                e.frames = p.num_frames;
             }
             p
         }
@@ -651,7 +803,7 @@ async fn frame(State(s): State<Shared>, UrlPath((id, i)): UrlPath<(String, Strin
             format!("video {id} has {} sampled frames; there is no frame {i}", v.frames),
         ));
     }
-    let dir = frames_dir(&s.data, &id);
+    let dir = frames_dir(&s, &id);
     if !dir.join("frame_0.jpg").exists() {
         prepare(&s, &v.path, &dir).await?;
     }
@@ -666,7 +818,18 @@ async fn frame(State(s): State<Shared>, UrlPath((id, i)): UrlPath<(String, Strin
 }
 
 /// The largest range answered at once (a player asks for more as it plays).
-const RANGE_CHUNK: u64 = 4 * 1024 * 1024;
+const RANGE_CHUNK: u64 = 8 * 1024 * 1024;
+
+/// What a `Range` header asks of a file.
+#[derive(Debug, PartialEq)]
+enum Range {
+    /// No usable range (absent or malformed): the whole file, 200.
+    Whole,
+    /// Bytes [start, end], inclusive: 206.
+    Part(u64, u64),
+    /// Past the end: 416.
+    Unsatisfiable,
+}
 
 async fn media(State(s): State<Shared>, UrlPath(id): UrlPath<String>, headers: HeaderMap) -> ApiResult<Response> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -689,61 +852,117 @@ async fn media(State(s): State<Shared>, UrlPath(id): UrlPath<String>, headers: H
     let range = headers
         .get(header::RANGE)
         .and_then(|h| h.to_str().ok())
-        .and_then(|h| parse_range(h, len));
-    let (start, end, status) = match range {
-        Some((a, b)) => (a, b.min(a + RANGE_CHUNK - 1), StatusCode::PARTIAL_CONTENT),
-        None if headers.contains_key(header::RANGE) => {
+        .map_or(Range::Whole, |h| parse_range(h, len));
+    let (status, start, n) = match range {
+        Range::Unsatisfiable => {
             return Ok((
                 StatusCode::RANGE_NOT_SATISFIABLE,
                 [(header::CONTENT_RANGE, format!("bytes */{len}"))],
             )
                 .into_response())
         }
-        None => (0, len.saturating_sub(1).min(RANGE_CHUNK - 1), StatusCode::OK),
+        Range::Whole => (StatusCode::OK, 0, len),
+        Range::Part(a, b) => (StatusCode::PARTIAL_CONTENT, a, (b - a + 1).min(RANGE_CHUNK)),
     };
-    let n = if len == 0 { 0 } else { end - start + 1 };
     f.seek(std::io::SeekFrom::Start(start))
         .await
         .map_err(|e| ApiError::internal(e.into()))?;
-    let mut buf = vec![0u8; n as usize];
-    f.read_exact(&mut buf).await.map_err(|e| ApiError::internal(e.into()))?;
-    let status = if status == StatusCode::OK && n < len {
-        StatusCode::PARTIAL_CONTENT
-    } else {
-        status
-    };
-    let mut r = (status, buf).into_response();
+    // Streamed: the file is never held in memory.
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(f.take(n)));
+    let mut r = (status, body).into_response();
     let h = r.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(l) = HeaderValue::from_str(&n.to_string()) {
+        h.insert(header::CONTENT_LENGTH, l);
+    }
     if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{len}", start + n - 1)) {
             h.insert(header::CONTENT_RANGE, v);
         }
     }
     Ok(r)
 }
 
-/// `bytes=a-b`, `bytes=a-` or `bytes=-n` of a `len`-byte file → [start, end] (inclusive).
-fn parse_range(h: &str, len: u64) -> Option<(u64, u64)> {
-    let spec = h.strip_prefix("bytes=")?.split(',').next()?.trim();
-    let (a, b) = spec.split_once('-')?;
-    if len == 0 {
-        return None;
-    }
-    let (start, end) = if a.is_empty() {
-        let n: u64 = b.parse().ok()?;
-        (len.saturating_sub(n), len - 1)
-    } else {
-        let start: u64 = a.parse().ok()?;
-        let end = if b.is_empty() {
-            len - 1
-        } else {
-            b.parse::<u64>().ok()?.min(len - 1)
-        };
-        (start, end)
+/// A `Range` header (`bytes=a-b`, `bytes=a-`, `bytes=-n`; the first range of a list) against a
+/// `len`-byte file.
+fn parse_range(h: &str, len: u64) -> Range {
+    let Some(spec) = h.strip_prefix("bytes=").and_then(|r| r.split(',').next()) else {
+        return Range::Whole;
     };
-    (start <= end && start < len).then_some((start, end))
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Range::Whole;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        // The last n bytes.
+        return match b.parse::<u64>() {
+            Ok(0) | Err(_) => Range::Whole,
+            Ok(_) if len == 0 => Range::Unsatisfiable,
+            Ok(n) => Range::Part(len.saturating_sub(n), len - 1),
+        };
+    }
+    let Ok(start) = a.parse::<u64>() else { return Range::Whole };
+    let end = if b.is_empty() {
+        u64::MAX
+    } else {
+        match b.parse::<u64>() {
+            Ok(e) if e >= start => e,
+            _ => return Range::Whole,
+        }
+    };
+    if start >= len {
+        return Range::Unsatisfiable;
+    }
+    Range::Part(start, end.min(len - 1))
+}
+
+/// What a killed or failed server left: partial uploads in `incoming/`, and upload folders that
+/// were never registered (no `info.json`) with their features.
+fn sweep_leftovers(s: &AppState) {
+    if let Ok(d) = std::fs::read_dir(s.data.join("incoming")) {
+        for e in d.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let Ok(d) = std::fs::read_dir(s.data.join("videos")) else { return };
+    let known: std::collections::HashSet<String> = s.videos.lock().unwrap().keys().cloned().collect();
+    let mut orphans = Vec::new();
+    for e in d.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with("sha256-") && !known.contains(&name) && !e.path().join("info.json").exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+            orphans.push(name);
+        }
+    }
+    if !orphans.is_empty() {
+        let ids: Vec<&str> = orphans.iter().map(String::as_str).collect();
+        let _ = gcg::ask::forget(&s.cache, &ids);
+        tracing::info!("removed {} unfinished uploads left by an earlier server", ids.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_range, Range};
+
+    #[test]
+    fn ranges_follow_rfc_9110() {
+        let len = 1000;
+        assert_eq!(parse_range("bytes=0-99", len), Range::Part(0, 99));
+        assert_eq!(parse_range("bytes=10-", len), Range::Part(10, 999));
+        assert_eq!(parse_range("bytes=990-5000", len), Range::Part(990, 999));
+        assert_eq!(parse_range("bytes=-100", len), Range::Part(900, 999));
+        assert_eq!(parse_range("bytes=-5000", len), Range::Part(0, 999));
+        assert_eq!(parse_range("bytes=0-0,5-9", len), Range::Part(0, 0));
+        // Past the end: 416.
+        assert_eq!(parse_range("bytes=1000-", len), Range::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-", 0), Range::Unsatisfiable);
+        // Malformed or reversed: ignored, the whole file.
+        for h in ["bytes=5-3", "bytes=x-", "items=0-5", "bytes=", "bytes=-0", "bytes=-"] {
+            assert_eq!(parse_range(h, len), Range::Whole, "{h}");
+        }
+    }
 }
 
 fn dir_size(dir: &Path) -> u64 {

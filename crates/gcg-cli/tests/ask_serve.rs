@@ -279,6 +279,40 @@ fn upload(url: &str, name: &str, bytes: &[u8]) -> (u16, Value) {
     }
 }
 
+/// A multipart upload whose declared and sent body is `bytes` long, over a raw connection that
+/// reads the answer as soon as the server gives one: (status, body).
+fn oversized_upload(base: &str, bytes: usize) -> (u16, String) {
+    use std::io::Write;
+    let addr = base.trim_start_matches("http://");
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let boundary = "gcgbig";
+    let head = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"big.mp4\"\r\n\r\n");
+    let tail = format!("\r\n--{boundary}--\r\n");
+    let len = head.len() + bytes + tail.len();
+    let req = format!(
+        "POST /api/videos HTTP/1.1\r\nHost: {addr}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n\
+         Content-Length: {len}\r\nConnection: close\r\n\r\n{head}"
+    );
+    c.write_all(req.as_bytes()).unwrap();
+    // Send the body in pieces; the server may answer (and stop reading) before the end.
+    let chunk = vec![7u8; 64 * 1024];
+    let mut sent = 0;
+    while sent < bytes {
+        let n = chunk.len().min(bytes - sent);
+        if c.write_all(&chunk[..n]).is_err() {
+            break;
+        }
+        sent += n;
+    }
+    let _ = c.write_all(tail.as_bytes());
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
 /// An mp4 of a demo video's frame folder (4 frames a second), made with ffmpeg.
 fn mp4_of(frames: &Path, out: &Path) {
     let o = Command::new("ffmpeg")
@@ -392,11 +426,45 @@ fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
         .call()
         .unwrap();
     assert_eq!(r.status().as_u16(), 416);
+    // Without a range (or with a malformed one): the whole file, 200.
+    for range in [None, Some("bytes=19-10")] {
+        let mut req = agent().get(&srv.url(&format!("/api/videos/{id}/media")));
+        if let Some(r) = range {
+            req = req.header("range", r);
+        }
+        let mut r = req.call().unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{range:?}");
+        assert_eq!(r.body_mut().read_to_vec().unwrap(), bytes, "{range:?}");
+    }
+
+    // Another site's page, or a name that is not this server's address (DNS rebinding): 403.
+    let r = agent()
+        .post(&srv.url(&format!("/api/videos/{id}/ask")))
+        .header("origin", "http://evil.example")
+        .header("content-type", "text/plain")
+        .send(r#"{"question": "what appeared?"}"#.as_bytes())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    let r = agent()
+        .get(&srv.url("/api/videos"))
+        .header("host", "evil.example:8080")
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    // The page's own origin is fine.
+    let r = agent()
+        .post(&srv.url(&format!("/api/videos/{id}/ask")))
+        .header("origin", srv.base.as_str())
+        .send(r#"{"question": "what appeared?"}"#.as_bytes())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
 
     // Bad requests: clear errors, and the server goes on.
-    let big = vec![7u8; 2 * 1024 * 1024];
-    let (st, e) = upload(&srv.url("/api/videos"), "big.mp4", &big);
-    assert!(st == 413 || st == 0, "oversized upload: {st} {e}");
+    let (st, e) = oversized_upload(&srv.base, 2 * 1024 * 1024);
+    assert_eq!(st, 413, "oversized upload: {e}");
+    assert!(e.contains("larger than this server accepts"), "{e}");
+    let incoming: Vec<_> = std::fs::read_dir(tmp.path().join("serve/incoming")).unwrap().collect();
+    assert!(incoming.is_empty(), "the refused upload left {incoming:?}");
     let (st, e) = upload(&srv.url("/api/videos"), "notes.mp4", b"this is not a video");
     assert_eq!(st, 400, "{e}");
     let msg = e["error"].as_str().unwrap();
@@ -420,18 +488,32 @@ fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
     // Still answering.
     assert_eq!(get_json(&srv.url("/api/health")).0, 200);
 
-    // 16 clients at once: every one gets the answer a lone client gets.
-    let one = post_json(&srv.url(&format!("/api/videos/{gid}/ask")), &q.to_string()).1;
-    let url = srv.url(&format!("/api/videos/{gid}/ask"));
-    let body = q.to_string();
-    let answers: Vec<(u16, Value)> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..16).map(|_| s.spawn(|| post_json(&url, &body))).collect();
+    // 16 clients at once, asking different questions about different videos: each gets the
+    // answer a lone client gets for its own question (batched together, none mixed up).
+    let mut asks: Vec<(String, String)> = Vec::new();
+    for g in &gallery {
+        for q in g["questions"].as_array().unwrap() {
+            asks.push((srv.url(&format!("/api/videos/{}/ask", g["id"].as_str().unwrap())), q.to_string()));
+        }
+    }
+    let asks: Vec<(String, String)> = asks.iter().cycle().take(16).cloned().collect();
+    let alone: Vec<Value> = asks.iter().map(|(url, body)| post_json(url, body).1).collect();
+    let together: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let hs: Vec<_> = asks.iter().map(|(url, body)| s.spawn(move || post_json(url, body))).collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for (st, a) in &answers {
+    let distinct: std::collections::HashSet<&String> = asks.iter().map(|(_, b)| b).collect();
+    assert!(distinct.len() >= 4, "too few different questions: {}", distinct.len());
+    for ((st, a), one) in together.iter().zip(&alone) {
         assert_eq!(*st, 200, "{a}");
-        assert_eq!(a["answer_index"], one["answer_index"]);
+        assert_eq!(a["question"], one["question"]);
+        assert_eq!(a["video"], one["video"]);
+        assert_eq!(a["answer_index"], one["answer_index"], "{a}\n{one}");
         assert_eq!(a["moments"], one["moments"]);
+        let (x, y) = (a["option_scores"].as_array().unwrap(), one["option_scores"].as_array().unwrap());
+        for (x, y) in x.iter().zip(y) {
+            assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-4, "{a}\n{one}");
+        }
     }
 
     // SIGTERM: a clean stop.
@@ -543,15 +625,18 @@ fn without_a_run_serve_and_ask_use_the_demo_or_say_what_to_run_first() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--run") && err.contains("-- demo"), "{err}");
+    std::fs::write(tmp.path().join("v.mp4"), b"not looked at").unwrap();
     let o = gcg()
         .current_dir(tmp.path())
         .args(["ask", "--video", "v.mp4", "--question", "what?"])
         .output()
         .unwrap();
     assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--run") && err.contains("-- demo"), "{err}");
     // With the demo at its default place (gcg-demo), serve says it uses its grounding run.
     std::os::unix::fs::symlink(demo(), tmp.path().join("gcg-demo")).unwrap();
-    let mut child = gcg()
+    let child = gcg()
         .current_dir(tmp.path())
         .args(["serve", "--addr", "127.0.0.1:0", "--data"])
         .arg(tmp.path().join("data"))
@@ -559,17 +644,20 @@ fn without_a_run_serve_and_ask_use_the_demo_or_say_what_to_run_first() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Killed on drop, whatever fails below.
+    let mut srv = Server {
+        child,
+        base: String::new(),
+    };
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(srv.child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     assert!(line.starts_with("listening on http://127.0.0.1:"), "{line:?}");
-    let base = line.trim().strip_prefix("listening on ").unwrap().trim_end_matches('/').to_string();
-    let (st, h) = get_json(&format!("{base}/api/health"));
+    srv.base = line.trim().strip_prefix("listening on ").unwrap().trim_end_matches('/').to_string();
+    let (st, h) = get_json(&srv.url("/api/health"));
     assert_eq!(st, 200);
     assert!(h["model"]["run"].as_str().unwrap().contains("gcg-demo/runs/grounding"), "{h}");
-    send_sigterm(child.id());
-    assert!(child.wait().unwrap().success());
-    let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let (status, err) = srv.stop();
+    assert!(status.success(), "{err}");
     assert!(
         err.contains("no --run given: using the demo's grounding run gcg-demo/runs/grounding"),
         "{err}"

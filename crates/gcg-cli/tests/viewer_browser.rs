@@ -37,6 +37,18 @@ fn browser_required() -> bool {
         .any(|v| std::env::var(v).is_ok_and(|s| !s.is_empty() && s != "0" && s != "false"))
 }
 
+/// A child process killed when dropped (unless taken).
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A headless Chromium and a DevTools connection to its page.
 struct Browser {
     child: Child,
@@ -57,7 +69,7 @@ impl Browser {
     fn launch() -> Result<Self, String> {
         let path = chromium().ok_or("no chromium found (apt install chromium, or set CHROME)")?;
         let profile = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let mut child = Command::new(&path)
+        let child = Command::new(&path)
             .args([
                 "--headless=new",
                 "--no-sandbox",
@@ -75,6 +87,9 @@ impl Browser {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("{}: {e}", path.display()))?;
+        // Killed on every early return below.
+        let mut guard = ChildGuard(Some(child));
+        let child = guard.0.as_mut().unwrap();
         // "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/…"
         let mut err = BufReader::new(child.stderr.take().unwrap());
         let mut port = None;
@@ -93,7 +108,6 @@ impl Browser {
         // Keep draining its log so that it never blocks on a full pipe.
         std::thread::spawn(move || for _ in err.lines() {});
         let Some(port) = port else {
-            let _ = child.kill();
             return Err(format!("{} printed no DevTools address: {seen}", path.display()));
         };
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
@@ -116,7 +130,7 @@ impl Browser {
         stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
         let (ws, _) = tungstenite::client(url.as_str(), stream).map_err(|e| e.to_string())?;
         Ok(Self {
-            child,
+            child: guard.0.take().unwrap(),
             ws,
             next_id: 0,
             _profile: profile,
@@ -377,8 +391,16 @@ fn the_viewer_uploads_asks_shows_the_moments_and_seeks() {
         "the player at the clicked moment",
         20,
     );
-    let player = b
-        .js("(() => { const p = document.getElementById('player'); return p && !p.hidden && p.readyState > 0 ? p.currentTime : null; })()");
+    // The real <video> element (not the frame player it falls back to) is there.
+    b.wait_for(
+        &format!(
+            "(() => {{ const p = document.getElementById('player'); return p && !p.hidden && p.readyState >= 1 \
+             && !p.seeking && Math.abs(p.currentTime - {last}) < 0.1; }})()"
+        ),
+        "the <video> element at the clicked moment",
+        20,
+    );
+    let player = b.js("document.getElementById('player').currentTime");
     eprintln!("<video> currentTime after the click: {player} (moment {last} s)");
 
     // The question is listed in the history.

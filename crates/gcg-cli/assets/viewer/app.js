@@ -194,7 +194,7 @@ function timestamps() {
   const v = state.video;
   if (!v) return [];
   if (state.result && Array.isArray(state.result.timestamps)) return state.result.timestamps;
-  if (Array.isArray(v.timestamps)) return v.timestamps;
+  if (Array.isArray(v.timestamps) && v.timestamps.length) return v.timestamps;
   if (v._ts) return v._ts;
   const T = v.frames || 0;
   return Array.from({ length: T }, (_, i) => (v.duration ? ((i + 0.5) * v.duration) / T : i));

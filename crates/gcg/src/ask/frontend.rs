@@ -76,7 +76,8 @@ impl FrontEnd {
                         .ok_or_else(|| anyhow!("{}: no `clip` table", demo_json.display()))?,
                 )
                 .with_context(|| format!("{}: reading its `clip` table", demo_json.display()))?;
-                let enc = load_encoders(&dir.join("encoders.safetensors"), &clip)?;
+                let file = dir.join("encoders.safetensors");
+                let enc = load_encoders(&file, &clip)?;
                 // The strings the demo records in its store (demo::extract_demo_features and
                 // label_demo_questions).
                 Ok(Self {
@@ -85,8 +86,8 @@ impl FrontEnd {
                     image: enc.image,
                     text: enc.text,
                     tokenizer: enc.tokenizer,
-                    models: format!("demo-trained vit + clip image, demo seed {seed}"),
-                    text_encoder: format!("demo-trained clip text, demo seed {seed}"),
+                    models: crate::demo::demo_image_models(seed, &file)?,
+                    text_encoder: crate::demo::demo_text_encoder(seed, &file)?,
                     device: Device::Cpu,
                 })
             }

@@ -33,6 +33,12 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// A video that could not be decoded or encoded (the input's fault, not the machine's): its
+/// message names the file and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UnreadableVideo(pub String);
+
 /// Longest question or option accepted (characters).
 pub const MAX_TEXT_CHARS: usize = 1000;
 
@@ -259,7 +265,18 @@ impl Asker {
         let sampling = sampling.unwrap_or(Sampling::Uniform);
         let embed_dim = front.image.config.embed_dim;
         let built = build_model(cfg, embed_dim)?;
-        let fingerprint = fnv64(format!("{}\n{}\n{sampling}\n{t}", front.models, front.text_encoder).as_bytes());
+        // Everything that changes the cached features: the networks, the frames (sampling, T,
+        // lenient decoding) and the arithmetic (dtype, device).
+        let fingerprint = fnv64(
+            format!(
+                "{}\n{}\n{sampling}\n{t}\n{dtype:?}\n{}\nlenient {}",
+                front.models,
+                front.text_encoder,
+                cfg.device.name(),
+                opts.lenient
+            )
+            .as_bytes(),
+        );
         let cache = opts.cache_root.join(format!("{fingerprint:016x}"));
         std::fs::create_dir_all(&cache).with_context(|| format!("creating the ask cache {}", cache.display()))?;
         let about = cache.join("about.json");
@@ -269,6 +286,9 @@ impl Asker {
                 "text_encoder": front.text_encoder,
                 "sampling": sampling.to_string(),
                 "frames": t,
+                "dtype": format!("{dtype:?}"),
+                "device": cfg.device.name(),
+                "lenient": opts.lenient,
             }))?;
             crate::util::write_atomic(&about, text.as_bytes())?;
         }
@@ -336,7 +356,8 @@ impl Asker {
             "{} holds pre-processed frames, not pictures",
             video.display()
         );
-        let frames = crate::video::load_frames(video, self.num_frames(), self.sampling, &self.ffmpeg)?;
+        let frames = crate::video::load_frames(video, self.num_frames(), self.sampling, &self.ffmpeg)
+            .map_err(|e| UnreadableVideo(format!("{e:#}")))?;
         crate::video::write_frames(&frames, out, true)
     }
 
@@ -378,7 +399,7 @@ impl Asker {
         let report = extract_features(&self.cache, std::slice::from_ref(&job), &source, &models, &opts, &mut |_| {})
             .with_context(|| format!("computing the features of {}", path.display()))?;
         if let Some((_, e)) = report.failed.first() {
-            bail!("{}: {e}", path.display());
+            return Err(UnreadableVideo(format!("{}: {e}", path.display())).into());
         }
         Ok(())
     }

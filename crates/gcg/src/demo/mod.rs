@@ -568,7 +568,7 @@ fn extract_demo_features(
             overwrite: true,
             extractor: Some(crate::features::provenance::extractor(
                 crate::video::Sampling::Uniform.to_string(),
-                format!("demo-trained vit + clip image, demo seed {}", cfg.seed),
+                demo_image_models(cfg.seed, &paths.out.join("encoders.safetensors"))?,
             )),
             ..ExtractOptions::default()
         },
@@ -586,6 +586,19 @@ fn extract_demo_features(
         bail!("features: {} of {} videos failed (first: {v}: {e})", rep.failed.len(), jobs.len());
     }
     Ok(())
+}
+
+/// How a demo's store names its image networks: the demo's seed and its encoders file's
+/// fingerprint (two demos of one seed but other sizes train other encoders).
+pub fn demo_image_models(seed: u64, encoders: &Path) -> Result<String> {
+    let fp = crate::features::provenance::files_fingerprint(&[encoders.to_path_buf()])?;
+    Ok(format!("demo-trained vit + clip image, demo seed {seed}, encoders {fp}"))
+}
+
+/// How a demo's store names its CLIP text tower (see [`demo_image_models`]).
+pub fn demo_text_encoder(seed: u64, encoders: &Path) -> Result<String> {
+    let fp = crate::features::provenance::files_fingerprint(&[encoders.to_path_buf()])?;
+    Ok(format!("demo-trained clip text, demo seed {seed}, encoders {fp}"))
 }
 
 /// 4b. CLIP text embeddings and pseudo-labels of every question (event text: question + answer).
@@ -616,7 +629,7 @@ fn label_demo_questions(
             event: EventSource::QuestionAnswer,
             top_k: cfg.moments(),
             skip_existing: false,
-            text_encoder: Some(format!("demo-trained clip text, demo seed {}", cfg.seed)),
+            text_encoder: Some(demo_text_encoder(cfg.seed, &paths.out.join("encoders.safetensors"))?),
             ..LabelOptions::default()
         },
         &mut |p| {
