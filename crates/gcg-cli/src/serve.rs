@@ -805,7 +805,19 @@ async fn frame(State(s): State<Shared>, UrlPath((id, i)): UrlPath<(String, Strin
     }
     let dir = frames_dir(&s, &id);
     if !dir.join("frame_0.jpg").exists() {
-        prepare(&s, &v.path, &dir).await?;
+        let p = prepare(&s, &v.path, &dir).await?;
+        if let Some(e) = s.videos.lock().unwrap().get_mut(&id) {
+            e.frames = p.num_frames;
+            e.timestamps = p.timestamps.clone();
+            e.duration = p.duration;
+            e.prepared = Some(p.clone());
+        }
+        if i >= p.num_frames {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("video {id} has {} sampled frames; there is no frame {i}", p.num_frames),
+            ));
+        }
     }
     let bytes = tokio::fs::read(dir.join(format!("frame_{i}.jpg")))
         .await
