@@ -787,7 +787,17 @@ async fn ask(State(s): State<Shared>, UrlPath(id): UrlPath<String>, body: Bytes)
     let mut a = rx
         .await
         .map_err(|_| ApiError::internal(anyhow!("the model thread stopped")))?
-        .map_err(ApiError::internal)?;
+        .map_err(|e| {
+            // Evicted (the data cap) while its question waited: gone, not a server fault.
+            if !s.videos.lock().unwrap().contains_key(&id) {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("video {id} was evicted (--data-cap-mb) while this question waited"),
+                )
+            } else {
+                ApiError::internal(e)
+            }
+        })?;
     // The viewer knows the video by the server's id (the content id for uploads).
     a.video = id;
     Ok(Json(a))
