@@ -97,7 +97,7 @@ pub fn run(a: AskArgs) -> Result<()> {
             "features from the ask cache".to_string()
         } else {
             format!(
-                "features computed in {:.1} s",
+                "features computed in {:.2} s",
                 video.seconds.get("features").copied().unwrap_or(0.0)
             )
         };
