@@ -386,7 +386,8 @@ fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
     assert!((v["duration"].as_f64().unwrap() - 16.0).abs() < 0.01, "{v}");
     assert!(v.get("path").is_none(), "{v}");
     // The same bytes again: the same video.
-    assert_eq!(upload(&srv.url("/api/videos"), "again.mp4", &bytes).1["id"], id.as_str());
+    let again = upload(&srv.url("/api/videos"), "again.mp4", &bytes);
+    assert_eq!(again.1["id"], id.as_str(), "{again:?}");
     let (st, a) = post_json(
         &srv.url(&format!("/api/videos/{id}/ask")),
         r#"{"question": "what shape was the thing that appeared?", "options": ["cross", "star", "diamond", "heart", "square"]}"#,

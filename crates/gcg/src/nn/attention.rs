@@ -69,6 +69,14 @@ pub fn scaled_dot_product_attention(
     bias: Option<&Tensor>,
     dropout: Option<(Dropout, Ctx)>,
 ) -> Result<Tensor> {
+    let train = dropout.as_ref().is_some_and(|(_, ctx)| ctx.is_train());
+    if !train && super::cpu_half_no_grad(&[q, k, v]) {
+        // Scores, softmax and the weighted sum in f32, rounded back once (see cpu_half_no_grad).
+        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let bias = bias.map(f).transpose()?;
+        let out = scaled_dot_product_attention(&f(q)?, &f(k)?, &f(v)?, scale, bias.as_ref(), None)?;
+        return Ok(out.to_dtype(q.dtype())?);
+    }
     let q = match scale {
         Some(s) => (q * s)?,
         None => q.clone(),

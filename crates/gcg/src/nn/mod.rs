@@ -53,7 +53,85 @@ impl std::fmt::Debug for Ctx<'_> {
     }
 }
 
+/// Half-precision work (bf16, f16) on the CPU with no gradient to carry: element-wise steps and
+/// attention are then computed in f32 and rounded back once (as PyTorch's CPU kernels compute
+/// half-precision element-wise ops in float). candle's CPU half-precision kernels convert element
+/// by element and are several times slower than its f32 ones.
+pub(crate) fn cpu_half_no_grad(xs: &[&candle_core::Tensor]) -> bool {
+    xs.iter()
+        .all(|x| x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::BF16 | candle_core::DType::F16) && !x.track_op())
+}
+
 /// True when gradients must flow through `xs` (it is a variable or was computed from one).
 pub fn needs_grad(xs: &[&candle_core::Tensor]) -> bool {
     xs.iter().any(|x| x.track_op())
+}
+
+#[cfg(test)]
+mod half_tests {
+    //! The CPU half-precision paths (computed in f32, rounded once) against the plain
+    //! half-precision ops they replace: equal to bf16 rounding.
+    use super::attention::scaled_dot_product_attention;
+    use super::norm::{LayerNorm, RmsNorm};
+    use super::ops::Activation;
+    use candle_core::{DType, Device, Tensor};
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let (a, b) = (a.to_dtype(DType::F32).unwrap(), b.to_dtype(DType::F32).unwrap());
+        let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() / scale
+    }
+
+    #[test]
+    fn bf16_cpu_paths_equal_the_plain_bf16_ops_to_rounding() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SeededRng::new(3);
+        let mut randn = |shape: &[usize], std: f64| -> Tensor {
+            let n = shape.iter().product();
+            Tensor::from_vec(rng.normal_vec(n, 0.0, std), shape, &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        };
+        // Attention, against candle's bf16 matmuls and fused bf16 softmax.
+        let (q, k, v) = (
+            randn(&[2, 4, 37, 16], 1.0),
+            randn(&[2, 4, 37, 16], 1.0),
+            randn(&[2, 4, 37, 16], 1.0),
+        );
+        let bias = randn(&[1, 1, 37, 37], 1.0);
+        let got = scaled_dot_product_attention(&q, &k, &v, Some(0.25), Some(&bias), None)?;
+        assert_eq!(got.dtype(), DType::BF16);
+        let scores = (&q * 0.25)?.matmul(&k.t()?)?.broadcast_add(&bias)?;
+        let plain = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        assert!(rel_err(&got, &plain) < 2e-2, "attention {}", rel_err(&got, &plain));
+        // GELU.
+        let x = randn(&[64, 96], 2.0);
+        let got = Activation::Gelu.forward(&x)?;
+        assert_eq!(got.dtype(), DType::BF16);
+        assert!(rel_err(&got, &x.gelu_erf()?) < 1e-2);
+        // LayerNorm and T5's RMS norm.
+        let w = randn(&[96], 1.0);
+        let b = randn(&[96], 1.0);
+        let ln = LayerNorm {
+            weight: w.clone(),
+            bias: b.clone(),
+            eps: 1e-6,
+        };
+        let got = ln.forward(&x)?;
+        let plain = candle_nn::ops::layer_norm(&x, &w, &b, 1e-6)?;
+        assert!(rel_err(&got, &plain) < 2e-2, "layer norm {}", rel_err(&got, &plain));
+        let rms = RmsNorm {
+            weight: w.clone(),
+            eps: 1e-6,
+        };
+        let got = rms.forward(&x)?;
+        let plain = candle_nn::ops::rms_norm(&x, &w, 1e-6)?;
+        assert!(rel_err(&got, &plain) < 2e-2, "rms norm {}", rel_err(&got, &plain));
+        // f32 input: untouched by these paths (the same bits as before).
+        let x32 = x.to_dtype(DType::F32)?;
+        let a = Activation::Gelu.forward(&x32)?;
+        assert_eq!(a.to_vec2::<f32>()?, x32.gelu_erf()?.to_vec2::<f32>()?);
+        Ok(())
+    }
 }

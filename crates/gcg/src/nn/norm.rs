@@ -44,6 +44,10 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
+        if super::cpu_half_no_grad(&[x]) && !super::needs_grad(&[&self.weight, &self.bias]) {
+            // In f32, rounded back once (see cpu_half_no_grad).
+            return Ok(self.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt)?);
+        }
         let w = cast(&self.weight, dt)?;
         let b = cast(&self.bias, dt)?;
         if !super::needs_grad(&[x, &w, &b]) && dt != DType::F64 {
@@ -77,6 +81,15 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
         let w = cast(&self.weight, dt)?;
+        if super::cpu_half_no_grad(&[x]) && !super::needs_grad(&[&w]) {
+            // Statistics and scaling in f32, rounded to the half-precision weight's dtype once.
+            let xn = candle_nn::ops::rms_norm(
+                &x.to_dtype(DType::F32)?.contiguous()?,
+                &cast(&self.weight, DType::F32)?,
+                self.eps as f32,
+            )?;
+            return Ok(xn.to_dtype(dt)?);
+        }
         if !super::needs_grad(&[x, &w]) && dt != DType::F64 {
             return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)?);
         }

@@ -54,6 +54,9 @@ impl Activation {
     }
 
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
+        if super::cpu_half_no_grad(&[x]) {
+            return Ok(self.forward(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?);
+        }
         Ok(match self {
             Self::Gelu => x.gelu_erf()?,
             Self::GeluTanh => x.gelu()?,
