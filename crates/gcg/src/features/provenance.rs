@@ -16,38 +16,31 @@ use std::path::{Path, PathBuf};
 
 const EDGE: u64 = 64 << 10;
 
-fn fnv(h: &mut u64, bytes: &[u8]) {
-    for &b in bytes {
-        *h = (*h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-}
-
 /// `fnv1a64:<hex>` of the files' names, sizes and first and last 64 KiB.
 pub fn files_fingerprint(files: &[PathBuf]) -> Result<String> {
     ensure!(!files.is_empty(), "no weight files to fingerprint");
     let mut files = files.to_vec();
     files.sort_by_key(|p| p.file_name().map(|n| n.to_os_string()));
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = crate::util::Fnv64::default();
     for path in &files {
         let mut f = std::fs::File::open(path).with_context(|| format!("opening {} to fingerprint it", path.display()))?;
         let len = f.metadata()?.len();
-        fnv(
-            &mut h,
+        h.update(
             path.file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default()
                 .as_bytes(),
         );
-        fnv(&mut h, &len.to_le_bytes());
+        h.update(&len.to_le_bytes());
         let mut buf = Vec::new();
         (&mut f).take(EDGE).read_to_end(&mut buf)?;
         if len > EDGE {
             f.seek(SeekFrom::Start(len.saturating_sub(EDGE).max(EDGE)))?;
             f.read_to_end(&mut buf)?;
         }
-        fnv(&mut h, &buf);
+        h.update(&buf);
     }
-    Ok(format!("fnv1a64:{h:016x}"))
+    Ok(h.tagged())
 }
 
 fn listed(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>> {

@@ -94,18 +94,16 @@ pub fn prediction_row(s: &QaSample, a: &Answered) -> PredictionRow {
 fn hash_file(path: &Path) -> Result<String> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {} to hash it", path.display()))?;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut h = crate::util::Fnv64::default();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
-        for &b in &buf[..n] {
-            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        h.update(&buf[..n]);
     }
-    Ok(format!("fnv1a64:{h:016x}"))
+    Ok(h.tagged())
 }
 
 /// What a prediction file made by the model of `cfg` on `annotations` records about its maker:
