@@ -117,6 +117,8 @@ impl VideoInfo {
 enum Job {
     Prepare {
         path: PathBuf,
+        /// Its content id and the seconds hashing it took, when known (an upload).
+        known: Option<(String, f64)>,
         frames_dir: PathBuf,
         reply: oneshot::Sender<Result<PreparedVideo>>,
     },
@@ -262,12 +264,13 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("listening on {}", a.addr))?;
         let local = listener.local_addr()?;
+        let shutdown = shutdown_signal()?;
         eprintln!("gcg serve: {about}");
         eprintln!("data: {}", data.display());
         // The line tests and scripts wait for.
         println!("listening on http://{local}/");
         axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(shutdown)
             .await
             .context("serving")
     });
@@ -325,26 +328,19 @@ async fn same_origin_only(req: axum::extract::Request, next: axum::middleware::N
     next.run(req).await
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Resolves on SIGINT or SIGTERM. The handlers are installed here, before the server says it
+/// listens: a signal sent as soon as it does stops it cleanly instead of killing it.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {},
+            _ = term.recv() => {},
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
-    }
-    eprintln!("gcg serve: shutting down (finishing accepted requests)");
+        eprintln!("gcg serve: shutting down (finishing accepted requests)");
+    })
 }
 
 /// The model's loop: prepare videos one at a time; answer the questions waiting for one video
@@ -360,9 +356,18 @@ fn model_loop(asker: &Asker, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
             },
         };
         match job {
-            Job::Prepare { path, frames_dir, reply } => {
+            Job::Prepare {
+                path,
+                known,
+                frames_dir,
+                reply,
+            } => {
                 let r = guarded(|| {
-                    asker.prepare(&path).and_then(|v| {
+                    let prepared = match known {
+                        Some((id, secs)) => asker.prepare_with_id(&path, id, secs),
+                        None => asker.prepare(&path),
+                    };
+                    prepared.and_then(|v| {
                         if !frames_dir.join("frame_0.jpg").exists() {
                             asker.write_sampled_frames(&path, &frames_dir)?;
                         }
@@ -592,17 +597,17 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Moves an uploaded file to its content id's folder, has the model prepare it (a file ffmpeg
-/// cannot read is 400) and registers it.
 /// Moves an uploaded file to its content id's folder, has the model prepare it (a file that
 /// cannot be decoded is 400) and registers it. One registration at a time: two uploads of the
 /// same bytes never race on their folder.
 async fn register_upload(s: &Shared, tmp: TempFile, name: &str, bytes: u64) -> ApiResult<VideoInfo> {
     let tmp_path = tmp.path().to_path_buf();
+    let t0 = std::time::Instant::now();
     let id = tokio::task::spawn_blocking(move || gcg::ask::content_id(&tmp_path))
         .await
         .map_err(|e| ApiError::internal(e.into()))?
         .map_err(ApiError::internal)?;
+    let hash_s = t0.elapsed().as_secs_f64();
     let _one_at_a_time = s.register.lock().await;
     if let Some(v) = touch(s, &id) {
         return Ok(v); // the temporary file goes with `tmp`
@@ -618,14 +623,16 @@ async fn register_upload(s: &Shared, tmp: TempFile, name: &str, bytes: u64) -> A
         .map_err(|e| ApiError::internal(e.into()))?;
     let _ = tmp.keep();
     let registered = async {
-        let prepared = prepare(s, &path, &frames_dir(s, &id)).await.map_err(|e| match e {
-            ApiError(StatusCode::BAD_REQUEST, msg) => {
-                // The client knows its file by its name, not by where the server put it.
-                let msg = msg.replace(&path.display().to_string(), name);
-                ApiError::bad(format!("{name} could not be read as a video: {msg}"))
-            }
-            other => other,
-        })?;
+        let prepared = prepare(s, &path, Some((id.clone(), hash_s)), &frames_dir(s, &id))
+            .await
+            .map_err(|e| match e {
+                ApiError(StatusCode::BAD_REQUEST, msg) => {
+                    // The client knows its file by its name, not by where the server put it.
+                    let msg = msg.replace(&path.display().to_string(), name);
+                    ApiError::bad(format!("{name} could not be read as a video: {msg}"))
+                }
+                other => other,
+            })?;
         let playable = matches!(ext.as_str(), "mp4" | "m4v" | "webm" | "ogv" | "ogg" | "mov");
         let v = VideoInfo {
             id: id.clone(),
@@ -725,12 +732,26 @@ fn evict(s: &AppState, keep: &str) {
     }
 }
 
-async fn prepare(s: &AppState, path: &Path, frames_dir: &Path) -> ApiResult<PreparedVideo> {
+/// Prepares a registered video not prepared in this server's life (a gallery video, a restored
+/// upload) and records what the model found — T, frame times, duration — in its entry.
+async fn prepare_registered(s: &AppState, id: &str, v: &VideoInfo) -> ApiResult<PreparedVideo> {
+    let p = prepare(s, &v.path, None, &frames_dir(s, id)).await?;
+    if let Some(e) = s.videos.lock().unwrap().get_mut(id) {
+        e.frames = p.num_frames;
+        e.timestamps = p.timestamps.clone();
+        e.duration = p.duration;
+        e.prepared = Some(p.clone());
+    }
+    Ok(p)
+}
+
+async fn prepare(s: &AppState, path: &Path, known: Option<(String, f64)>, frames_dir: &Path) -> ApiResult<PreparedVideo> {
     let (reply, rx) = oneshot::channel();
     submit(
         s,
         Job::Prepare {
             path: path.to_path_buf(),
+            known,
             frames_dir: frames_dir.to_path_buf(),
             reply,
         },
@@ -764,16 +785,7 @@ async fn ask(State(s): State<Shared>, UrlPath(id): UrlPath<String>, body: Bytes)
             p.seconds.insert("features".into(), 0.0);
             p
         }
-        None => {
-            let p = prepare(&s, &v.path, &frames_dir(&s, &id)).await?;
-            if let Some(e) = s.videos.lock().unwrap().get_mut(&id) {
-                e.prepared = Some(p.clone());
-                e.timestamps = p.timestamps.clone();
-                e.duration = p.duration;
-                e.frames = p.num_frames;
-            }
-            p
-        }
+        None => prepare_registered(&s, &id, &v).await?,
     };
     let (reply, rx) = oneshot::channel();
     submit(
@@ -815,13 +827,7 @@ async fn frame(State(s): State<Shared>, UrlPath((id, i)): UrlPath<(String, Strin
     }
     let dir = frames_dir(&s, &id);
     if !dir.join("frame_0.jpg").exists() {
-        let p = prepare(&s, &v.path, &dir).await?;
-        if let Some(e) = s.videos.lock().unwrap().get_mut(&id) {
-            e.frames = p.num_frames;
-            e.timestamps = p.timestamps.clone();
-            e.duration = p.duration;
-            e.prepared = Some(p.clone());
-        }
+        let p = prepare_registered(&s, &id, &v).await?;
         if i >= p.num_frames {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,

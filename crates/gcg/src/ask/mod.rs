@@ -267,7 +267,8 @@ impl Asker {
         let built = build_model(cfg, embed_dim)?;
         // Everything that changes the cached features: the networks, the frames (sampling, T,
         // lenient decoding) and the arithmetic (dtype, device).
-        let fingerprint = fnv64(
+        let mut fingerprint = crate::util::Fnv64::default();
+        fingerprint.update(
             format!(
                 "{}\n{}\n{sampling}\n{t}\n{dtype:?}\n{}\nlenient {}",
                 front.models,
@@ -277,7 +278,7 @@ impl Asker {
             )
             .as_bytes(),
         );
-        let cache = opts.cache_root.join(format!("{fingerprint:016x}"));
+        let cache = opts.cache_root.join(format!("{:016x}", fingerprint.0));
         std::fs::create_dir_all(&cache).with_context(|| format!("creating the ask cache {}", cache.display()))?;
         let about = cache.join("about.json");
         if !about.exists() {
@@ -321,19 +322,24 @@ impl Asker {
     pub fn prepare(&self, path: &Path) -> Result<PreparedVideo> {
         let t0 = Instant::now();
         let id = content_id(path)?;
-        let hash_s = t0.elapsed().as_secs_f64();
+        self.prepare_with_id(path, id, t0.elapsed().as_secs_f64())
+    }
+
+    /// [`Asker::prepare`] for a video whose content id the caller computed already
+    /// ([`content_id`], in `hash_seconds`; `gcg serve` hashes an upload as it receives it).
+    pub fn prepare_with_id(&self, path: &Path, id: String, hash_seconds: f64) -> Result<PreparedVideo> {
         let t1 = Instant::now();
-        let mut cached = self.cached_store()?.is_some_and(|s| s.snapshot().contains_video(&id));
-        if !cached {
-            self.extract(&id, path)?;
+        // A record of the same content, made from any path, is this video.
+        let store = self.cached_store()?;
+        let cached = store.as_ref().is_some_and(|s| s.snapshot().contains_video(&id));
+        let store = if cached {
+            store
         } else {
-            // A record of the same content made from another path is the same video.
-            cached = true;
-        }
+            self.extract(&id, path)?;
+            self.cached_store()?
+        };
         let features_s = if cached { 0.0 } else { t1.elapsed().as_secs_f64() };
-        let store = self
-            .cached_store()?
-            .ok_or_else(|| anyhow!("the ask cache {} has no index after extraction", self.cache.display()))?;
+        let store = store.ok_or_else(|| anyhow!("the ask cache {} has no index after extraction", self.cache.display()))?;
         let snap = store.snapshot();
         let v = snap.video(&id)?;
         Ok(PreparedVideo {
@@ -343,7 +349,7 @@ impl Asker {
             timestamps: v.timestamps.clone(),
             duration: v.duration,
             cached,
-            seconds: BTreeMap::from([("hash".to_string(), hash_s), ("features".to_string(), features_s)]),
+            seconds: BTreeMap::from([("hash".to_string(), hash_seconds), ("features".to_string(), features_s)]),
         })
     }
 
@@ -569,14 +575,6 @@ fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
         }
         h.update(&buf[..n]);
     }
-}
-
-fn fnv64(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 /// The text `gcg ask` prints for an answer.
