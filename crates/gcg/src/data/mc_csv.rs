@@ -1,10 +1,10 @@
 //! The multiple-choice CSV format of the NExT-QA family (NExT-QA, NExT-GQA, IntentQA):
 //! `video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4[,extra...]`.
 
-use super::read::{Annotations, BadRow, ReadOptions, RowSink};
+use super::read::{Annotations, BadRow, ReadOptions, RowSink, UniqueSamples};
 use super::{Answer, Dataset, QaSample};
 use anyhow::{Context, Result};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Number of candidate answers in the NExT family.
@@ -77,8 +77,7 @@ pub(crate) fn read_mc_csv(path: &Path, fmt: &McCsvFormat, opts: &ReadOptions) ->
     let cols = find_columns(path, fmt, names)?;
 
     let mut sink = RowSink::new(opts);
-    let mut samples = Vec::new();
-    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut samples = UniqueSamples::new();
     let mut record = csv::ByteRecord::new();
     loop {
         match rdr.read_byte_record(&mut record) {
@@ -102,25 +101,13 @@ pub(crate) fn read_mc_csv(path: &Path, fmt: &McCsvFormat, opts: &ReadOptions) ->
             continue;
         }
         match parse_row(path, fmt, &cols, &record, line) {
-            Ok(sample) => {
-                if let Some(first) = seen.get(&sample.key) {
-                    sink.reject(
-                        BadRow::new(path, format!("duplicate question {} (first at line {first})", sample.key))
-                            .line(line)
-                            .column(cols.label(cols.qid)),
-                    )?;
-                    continue;
-                }
-                seen.insert(sample.key.clone(), line);
-                samples.push(sample);
-            }
+            Ok(sample) => samples.push(&mut sink, sample, format!("line {line}"), "question", |m| {
+                BadRow::new(path, m).line(line).column(cols.label(cols.qid))
+            })?,
             Err(bad) => sink.reject(bad)?,
         }
     }
-    Ok(Annotations {
-        samples,
-        bad_rows: sink.bad,
-    })
+    Ok(samples.finish(sink))
 }
 
 fn csv_reader(bytes: &[u8], has_headers: bool) -> csv::Reader<&[u8]> {

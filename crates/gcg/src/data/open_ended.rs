@@ -9,7 +9,7 @@
 //! Ids and video ids may be written as numbers or strings; they become strings. The sample key
 //! is the question id; the type is `category_id` / `type` when present.
 
-use super::read::{read_json_file, Annotations, BadRow, OJson, ReadOptions, RowSink};
+use super::read::{read_json_file, Annotations, BadRow, OJson, ReadOptions, RowSink, UniqueSamples};
 use super::{Answer, Dataset, QaSample};
 use anyhow::{anyhow, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -37,8 +37,7 @@ pub fn read_with(path: &Path, opts: &ReadOptions) -> Result<Annotations> {
         Some(a) if entries.iter().all(|e| e.get("answer").is_none()) => Some(read_answers(&a, &mut sink)?),
         _ => None,
     };
-    let mut samples = Vec::with_capacity(entries.len());
-    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut samples = UniqueSamples::new();
     for (i, e) in entries.iter().enumerate() {
         let bad = |col: &str, reason: String| BadRow::new(path, reason).entry(format!("entry {i}")).column(col);
         let parsed = (|| -> Result<QaSample, BadRow> {
@@ -79,21 +78,11 @@ pub fn read_with(path: &Path, opts: &ReadOptions) -> Result<Annotations> {
             })
         })();
         match parsed {
-            Ok(s) => {
-                if let Some(first) = seen.get(&s.key) {
-                    sink.reject(bad("id", format!("duplicate question id {} (first at entry {first})", s.key)))?;
-                    continue;
-                }
-                seen.insert(s.key.clone(), i);
-                samples.push(s);
-            }
+            Ok(s) => samples.push(&mut sink, s, format!("entry {i}"), "question id", |m| bad("id", m))?,
             Err(b) => sink.reject(b)?,
         }
     }
-    Ok(Annotations {
-        samples,
-        bad_rows: sink.bad,
-    })
+    Ok(samples.finish(sink))
 }
 
 /// `test_q.json` → `test_a.json` when that file exists.

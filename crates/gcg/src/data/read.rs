@@ -91,6 +91,53 @@ pub struct Annotations {
     pub bad_rows: Vec<BadRow>,
 }
 
+/// The samples of an annotation file, keys unique: a repeated key is a bad row that says where
+/// the key first was.
+pub(crate) struct UniqueSamples {
+    samples: Vec<super::QaSample>,
+    /// Where each key was read ("line 7", "entry 3").
+    first: std::collections::HashMap<String, String>,
+}
+
+impl UniqueSamples {
+    pub(crate) fn new() -> Self {
+        Self {
+            samples: Vec::new(),
+            first: Default::default(),
+        }
+    }
+
+    /// Keep `s`, read at `at`; a key seen before goes to `sink` as `duplicate {what} {key} (first
+    /// at {where})`, made into a bad row (line, column) by `bad`.
+    pub(crate) fn push(
+        &mut self,
+        sink: &mut RowSink,
+        s: super::QaSample,
+        at: String,
+        what: &str,
+        bad: impl FnOnce(String) -> BadRow,
+    ) -> Result<()> {
+        if let Some(first) = self.first.get(&s.key) {
+            return sink.reject(bad(format!("duplicate {what} {} (first at {first})", s.key)));
+        }
+        self.first.insert(s.key.clone(), at);
+        self.samples.push(s);
+        Ok(())
+    }
+
+    /// Nothing kept and nothing rejected: an empty file.
+    pub(crate) fn is_empty(&self, sink: &RowSink) -> bool {
+        self.samples.is_empty() && sink.bad.is_empty()
+    }
+
+    pub(crate) fn finish(self, sink: RowSink) -> Annotations {
+        Annotations {
+            samples: self.samples,
+            bad_rows: sink.bad,
+        }
+    }
+}
+
 /// Collects bad rows or turns the first one into an error.
 pub(crate) struct RowSink {
     opts: ReadOptions,

@@ -12,10 +12,10 @@
 //! and qid are the `question_id` (unique in a split). `STAR_test.json` holds no answers and is
 //! refused with a message saying so.
 
-use super::read::{read_json_file, Annotations, BadRow, OJson, ReadOptions, RowSink};
+use super::read::{read_json_file, Annotations, BadRow, OJson, ReadOptions, RowSink, UniqueSamples};
 use super::{Answer, Dataset, QaSample};
 use anyhow::{anyhow, Result};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Choices per question.
@@ -39,29 +39,16 @@ pub fn read_with(path: &Path, opts: &ReadOptions) -> Result<Annotations> {
         )));
     };
     let mut sink = RowSink::new(opts);
-    let mut samples = Vec::with_capacity(entries.len());
-    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut samples = UniqueSamples::new();
     for (i, e) in entries.iter().enumerate() {
         match parse_entry(path, i, e) {
-            Ok(s) => {
-                if let Some(first) = seen.get(&s.key) {
-                    sink.reject(
-                        BadRow::new(path, format!("duplicate question_id {} (first at entry {first})", s.key))
-                            .entry(format!("entry {i}"))
-                            .column("question_id"),
-                    )?;
-                    continue;
-                }
-                seen.insert(s.key.clone(), i);
-                samples.push(s);
-            }
+            Ok(s) => samples.push(&mut sink, s, format!("entry {i}"), "question_id", |m| {
+                BadRow::new(path, m).entry(format!("entry {i}")).column("question_id")
+            })?,
             Err(b) => sink.reject(b)?,
         }
     }
-    Ok(Annotations {
-        samples,
-        bad_rows: sink.bad,
-    })
+    Ok(samples.finish(sink))
 }
 
 fn parse_entry(path: &Path, i: usize, e: &OJson) -> Result<QaSample, BadRow> {

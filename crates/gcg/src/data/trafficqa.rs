@@ -12,10 +12,10 @@
 //! the sample key and qid are the `record_id`; `vid_id`, `vid_filename`, `perspective` and the
 //! number of non-empty candidates (`candidates`) are kept in [`QaSample::extra`].
 
-use super::read::{read_jsonl, Annotations, BadRow, OJson, ReadOptions, RowSink};
+use super::read::{read_jsonl, Annotations, BadRow, OJson, ReadOptions, RowSink, UniqueSamples};
 use super::{Answer, Dataset, QaSample};
 use anyhow::{anyhow, Result};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Candidate slots per question.
@@ -56,8 +56,7 @@ pub fn read(path: &Path) -> Result<Vec<QaSample>> {
 pub fn read_with(path: &Path, opts: &ReadOptions) -> Result<Annotations> {
     let lines = read_jsonl(path)?;
     let mut sink = RowSink::new(opts);
-    let mut samples = Vec::with_capacity(lines.len());
-    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut samples = UniqueSamples::new();
     for (k, (line, parsed)) in lines.into_iter().enumerate() {
         let row = match parsed {
             Ok(r) => r,
@@ -70,28 +69,16 @@ pub fn read_with(path: &Path, opts: &ReadOptions) -> Result<Annotations> {
             continue;
         }
         match parse_row(path, line, &row) {
-            Ok(s) => {
-                if let Some(first) = seen.get(&s.key) {
-                    sink.reject(
-                        BadRow::new(path, format!("duplicate record_id {} (first at line {first})", s.key))
-                            .line(line)
-                            .column("0 (record_id)"),
-                    )?;
-                    continue;
-                }
-                seen.insert(s.key.clone(), line);
-                samples.push(s);
-            }
+            Ok(s) => samples.push(&mut sink, s, format!("line {line}"), "record_id", |m| {
+                BadRow::new(path, m).line(line).column("0 (record_id)")
+            })?,
             Err(b) => sink.reject(b)?,
         }
     }
-    if samples.is_empty() && sink.bad.is_empty() {
+    if samples.is_empty(&sink) {
         return Err(anyhow!(BadRow::new(path, "no questions (an empty file, or only the header)")));
     }
-    Ok(Annotations {
-        samples,
-        bad_rows: sink.bad,
-    })
+    Ok(samples.finish(sink))
 }
 
 fn is_header(row: &OJson) -> bool {

@@ -9,10 +9,10 @@
 //! types. `vlep_test_release.jsonl` holds no answers (they are scored by the VLEP CodaLab server)
 //! and is refused with a message saying so.
 
-use super::read::{read_jsonl, Annotations, BadRow, OJson, ReadOptions, RowSink};
+use super::read::{read_jsonl, Annotations, BadRow, OJson, ReadOptions, RowSink, UniqueSamples};
 use super::{Answer, Dataset, QaSample};
 use anyhow::{anyhow, Result};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Options (future events) per example.
@@ -31,32 +31,19 @@ pub fn read(path: &Path) -> Result<Vec<QaSample>> {
 pub fn read_with(path: &Path, opts: &ReadOptions) -> Result<Annotations> {
     let lines = read_jsonl(path)?;
     let mut sink = RowSink::new(opts);
-    let mut samples = Vec::with_capacity(lines.len());
-    let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut samples = UniqueSamples::new();
     for (line, parsed) in lines {
         match parsed.and_then(|row| parse_row(path, line, &row)) {
-            Ok(s) => {
-                if let Some(first) = seen.get(&s.key) {
-                    sink.reject(
-                        BadRow::new(path, format!("duplicate example_id {} (first at line {first})", s.key))
-                            .line(line)
-                            .column("example_id"),
-                    )?;
-                    continue;
-                }
-                seen.insert(s.key.clone(), line);
-                samples.push(s);
-            }
+            Ok(s) => samples.push(&mut sink, s, format!("line {line}"), "example_id", |m| {
+                BadRow::new(path, m).line(line).column("example_id")
+            })?,
             Err(b) => sink.reject(b)?,
         }
     }
-    if samples.is_empty() && sink.bad.is_empty() {
+    if samples.is_empty(&sink) {
         return Err(anyhow!(BadRow::new(path, "no examples (an empty file)")));
     }
-    Ok(Annotations {
-        samples,
-        bad_rows: sink.bad,
-    })
+    Ok(samples.finish(sink))
 }
 
 fn parse_row(path: &Path, line: u64, row: &OJson) -> Result<QaSample, BadRow> {
