@@ -3,14 +3,13 @@
 //! bad requests, concurrent clients, a full queue and a clean shutdown.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-fn gcg() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gcg"))
-}
+mod common;
+use common::{gcg, Server};
 
 /// One quick demo for every test of this file (5 s on 2 cores).
 fn demo() -> &'static Path {
@@ -171,66 +170,9 @@ fn ask_cli_gives_the_demo_predictions_answers_and_moments() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("oracle mode"));
 }
 
-/// A running `gcg serve` on a free loopback port.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(extra: &[&str], data: &Path) -> Self {
-        let demo = demo();
-        let mut child = gcg()
-            .args(["serve", "--addr", "127.0.0.1:0", "--run"])
-            .arg(demo.join("runs/grounding"))
-            .arg("--cache")
-            .arg(data.join("cache"))
-            .arg("--data")
-            .arg(data.join("serve"))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let base = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| {
-                let mut err = String::new();
-                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-                panic!("gcg serve did not start: {line:?} {err}")
-            })
-            .trim_end_matches('/')
-            .to_string();
-        Server { child, base }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// SIGTERM, then the exit status and stderr.
-    fn stop(mut self) -> (std::process::ExitStatus, String) {
-        send_sigterm(self.child.id());
-        let status = self.child.wait().unwrap();
-        let mut err = String::new();
-        self.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-        (status, err)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn send_sigterm(pid: u32) {
-    let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
-    assert!(ok.success());
+/// `gcg serve` for the demo's grounding run, its cache and data under `data`.
+fn start_server(extra: &[&str], data: &Path) -> Server {
+    Server::start(&demo().join("runs/grounding"), data, extra)
 }
 
 fn agent() -> ureq::Agent {
@@ -329,7 +271,7 @@ fn mp4_of(frames: &Path, out: &Path) {
 fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
     let demo = demo();
     let tmp = tempfile::tempdir().unwrap();
-    let srv = Server::start(&["--max-upload-mb", "1"], tmp.path());
+    let srv = start_server(&["--max-upload-mb", "1"], tmp.path());
 
     let (st, h) = get_json(&srv.url("/api/health"));
     assert_eq!(st, 200);
@@ -527,7 +469,7 @@ fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
 fn a_full_queue_is_503_and_the_accepted_requests_are_answered() {
     let demo = demo();
     let tmp = tempfile::tempdir().unwrap();
-    let srv = Server::start(&["--queue", "1", "--max-batch", "1"], tmp.path());
+    let srv = start_server(&["--queue", "1", "--max-batch", "1"], tmp.path());
     let qs = test_questions(demo);
     let (vid, _, question, options) = &qs[0];
     let url = srv.url(&format!("/api/videos/{vid}/ask"));
@@ -558,7 +500,7 @@ fn uploads_past_the_data_cap_are_evicted_oldest_first_and_the_rest_survive_a_res
     vids.dedup();
     // Each upload holds ~0.3 MiB (the file, 32 JPEG frames, [32, 65, 48] f16 features): a 1 MiB cap
     // keeps three.
-    let srv = Server::start(&["--data-cap-mb", "1"], tmp.path());
+    let srv = start_server(&["--data-cap-mb", "1"], tmp.path());
     let mut ids = Vec::new();
     for v in vids.iter().take(6) {
         let mp4 = tmp.path().join(format!("{v}.mp4"));
@@ -602,7 +544,7 @@ fn uploads_past_the_data_cap_are_evicted_oldest_first_and_the_rest_survive_a_res
     let (status, _) = srv.stop();
     assert!(status.success());
     // A new server on the same data folder lists the kept uploads and answers the same.
-    let srv = Server::start(&["--data-cap-mb", "1"], tmp.path());
+    let srv = start_server(&["--data-cap-mb", "1"], tmp.path());
     let mut again = listed(&srv);
     again.sort();
     let mut kept_sorted = kept.clone();
@@ -646,14 +588,8 @@ fn without_a_run_serve_and_ask_use_the_demo_or_say_what_to_run_first() {
         .spawn()
         .unwrap();
     // Killed on drop, whatever fails below.
-    let mut srv = Server {
-        child,
-        base: String::new(),
-    };
-    let mut line = String::new();
-    BufReader::new(srv.child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.starts_with("listening on http://127.0.0.1:"), "{line:?}");
-    srv.base = line.trim().strip_prefix("listening on ").unwrap().trim_end_matches('/').to_string();
+    let srv = Server::listening(child);
+    assert!(srv.base.starts_with("http://127.0.0.1:"), "{}", srv.base);
     let (st, h) = get_json(&srv.url("/api/health"));
     assert_eq!(st, 200);
     assert!(h["model"]["run"].as_str().unwrap().contains("gcg-demo/runs/grounding"), "{h}");

@@ -17,9 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tungstenite::{Message, WebSocket};
 
-fn gcg() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_gcg"))
-}
+mod common;
+use common::{gcg, Server};
 
 fn chromium() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("CHROME") {
@@ -236,37 +235,6 @@ fn launch() -> Option<Browser> {
     }
 }
 
-struct Server(Child, String);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(run: &Path, data: &Path) -> Server {
-    let mut child = gcg()
-        .args(["serve", "--addr", "127.0.0.1:0", "--run"])
-        .arg(run)
-        .arg("--cache")
-        .arg(data.join("cache"))
-        .arg("--data")
-        .arg(data.join("serve"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("gcg serve did not start")
-        .to_string();
-    Server(child, base)
-}
-
 #[test]
 fn the_viewer_uploads_asks_shows_the_moments_and_seeks() {
     let Some(mut b) = launch() else { return };
@@ -298,9 +266,9 @@ fn the_viewer_uploads_asks_shows_the_moments_and_seeks() {
         .expect("ffmpeg");
     assert!(o.status.success(), "ffmpeg: {}", String::from_utf8_lossy(&o.stderr));
 
-    let srv = serve(&demo.join("runs/grounding"), tmp.path());
+    let srv = Server::start(&demo.join("runs/grounding"), tmp.path(), &[]);
     b.call("Page.enable", json!({}));
-    b.call("Page.navigate", json!({"url": srv.1}));
+    b.call("Page.navigate", json!({"url": srv.url("/")}));
     b.wait_for("document.readyState === 'complete'", "the page", 30);
     b.wait_for("document.querySelectorAll('#videos .video-item').length > 0", "the video list", 30);
     b.wait_for(
@@ -350,7 +318,7 @@ fn the_viewer_uploads_asks_shows_the_moments_and_seeks() {
         let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
         let body = json!({"question": question, "options": options}).to_string();
         let mut r = agent
-            .post(&format!("{}api/videos/{}/ask", srv.1, id.as_str().unwrap()))
+            .post(&srv.url(&format!("/api/videos/{}/ask", id.as_str().unwrap())))
             .header("content-type", "application/json")
             .send(body.as_bytes())
             .unwrap();
