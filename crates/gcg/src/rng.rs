@@ -34,6 +34,13 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The Box–Muller pair (r·cos θ, r·sin θ) of two uniforms.
+fn box_muller(u1: f64, u2: f64) -> (f64, f64) {
+    let r = (-2.0 * u1.ln()).sqrt();
+    let theta = 2.0 * std::f64::consts::PI * u2;
+    (r * theta.cos(), r * theta.sin())
+}
+
 impl SeededRng {
     pub fn new(seed: u64) -> Self {
         let mut sm = seed;
@@ -80,11 +87,9 @@ impl SeededRng {
             if u1 <= f64::MIN_POSITIVE {
                 continue;
             }
-            let u2 = self.uniform();
-            let r = (-2.0 * u1.ln()).sqrt();
-            let theta = 2.0 * std::f64::consts::PI * u2;
-            self.spare_normal = Some(r * theta.sin());
-            return r * theta.cos();
+            let (c, s) = box_muller(u1, self.uniform());
+            self.spare_normal = Some(s);
+            return c;
         }
     }
 
@@ -96,8 +101,58 @@ impl SeededRng {
         }
     }
 
+    /// `n` draws of N(mean, std²), the same values as `n` calls of [`SeededRng::normal`]
+    /// (and the same generator state after). Long vectors (random weights of a large model)
+    /// draw their uniforms in order and run the Box–Muller transform, the costly part, on every
+    /// core: same functions on the same inputs, so the same bits.
     pub fn normal_vec(&mut self, n: usize, mean: f64, std: f64) -> Vec<f32> {
-        (0..n).map(|_| (mean + std * self.normal()) as f32).collect()
+        const PARALLEL_FROM: usize = 1 << 16;
+        if n < PARALLEL_FROM {
+            return (0..n).map(|_| (mean + std * self.normal()) as f32).collect();
+        }
+        let mut out = Vec::with_capacity(n);
+        if let Some(z) = self.spare_normal.take() {
+            out.push((mean + std * z) as f32);
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+        const BLOCK_PAIRS: usize = 1 << 20;
+        let mut uniforms: Vec<(f64, f64)> = Vec::with_capacity(BLOCK_PAIRS.min(n / 2 + 1));
+        while out.len() < n {
+            let pairs = (n - out.len()).div_ceil(2).min(BLOCK_PAIRS);
+            uniforms.clear();
+            for _ in 0..pairs {
+                // As in `normal`: u1 is redrawn while it is too small for the logarithm.
+                let u1 = loop {
+                    let u1 = self.uniform();
+                    if u1 > f64::MIN_POSITIVE {
+                        break u1;
+                    }
+                };
+                uniforms.push((u1, self.uniform()));
+            }
+            let start = out.len();
+            out.resize(start + 2 * pairs, 0.0);
+            let chunk = pairs.div_ceil(threads).max(1);
+            let dst = &mut out[start..];
+            std::thread::scope(|scope| {
+                for (us, ys) in uniforms.chunks(chunk).zip(dst.chunks_mut(2 * chunk)) {
+                    scope.spawn(move || {
+                        for (&(u1, u2), y) in us.iter().zip(ys.chunks_exact_mut(2)) {
+                            let (c, s) = box_muller(u1, u2);
+                            y[0] = (mean + std * c) as f32;
+                            y[1] = (mean + std * s) as f32;
+                        }
+                    });
+                }
+            });
+        }
+        if out.len() > n {
+            // An odd count: the last pair's second normal is the spare, as `normal` keeps it.
+            let (u1, u2) = *uniforms.last().expect("at least one pair was drawn");
+            self.spare_normal = Some(box_muller(u1, u2).1);
+            out.truncate(n);
+        }
+        out
     }
 
     /// Normal truncated to [mean - 2 std, mean + 2 std] by rejection (as `trunc_normal_`).
@@ -130,6 +185,24 @@ mod tests {
         let mut b: SeededRng = serde_json::from_str(&saved).unwrap();
         let ys: Vec<f64> = (0..5).map(|_| b.normal()).collect();
         assert_eq!(xs, ys);
+    }
+
+    /// The parallel `normal_vec` hands out the same values as one `normal` call after another
+    /// and leaves the generator where they leave it (odd and even lengths, a spare on entry).
+    #[test]
+    fn normal_vec_equals_sequential_normals() {
+        for (n, pre) in [(200_001usize, 0usize), (150_000, 1), (65_537, 3), (1 << 16, 0)] {
+            let mut a = SeededRng::new(11);
+            let mut b = SeededRng::new(11);
+            for _ in 0..pre {
+                a.normal();
+                b.normal();
+            }
+            let fast = a.normal_vec(n, 0.5, 0.02);
+            let slow: Vec<f32> = (0..n).map(|_| (0.5 + 0.02 * b.normal()) as f32).collect();
+            assert!(fast.iter().zip(&slow).all(|(x, y)| x.to_bits() == y.to_bits()), "n {n}, {pre} drawn before");
+            assert_eq!(a, b, "generator state after n {n}");
+        }
     }
 
     #[test]
