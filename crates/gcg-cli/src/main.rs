@@ -74,6 +74,7 @@ enum Command {
 
 fn main() {
     restore_sigpipe();
+    gcg::util::keep_freed_memory();
     let cli = Cli::parse();
     let level = match cli.verbose {
         0 => "warn",
