@@ -153,6 +153,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         ..Default::default()
     };
     let answer = || -> Result<Vec<Vec<u32>>> {
+        let _inference = gcg::nn::inference(dtype);
         let normed = model.normalize_features(&feats)?;
         let chosen = normed.index_select(&sel, 1)?;
         let visual = model.visual_tokens(&chosen, Some(&normed), &qids, &qmask, Ctx::eval())?;

@@ -1,7 +1,14 @@
-/* gcg's one call into oneDNN (Debian's libdnnl, 2.x C API): y = x · wᵀ for row-major
- * x [m, k] and w [n, k], in f32 or bf16 (the output in the inputs' type). Built by build.rs
- * only when oneDNN is found; the Rust side (nn/linear.rs) falls back to candle otherwise.
- * oneDNN's own primitive cache makes re-creating the primitive for a seen shape cheap. */
+/* gcg's one call into oneDNN (Debian's libdnnl, 2.x C API): a fully connected layer with its
+ * epilogue fused into the product,
+ *
+ *     y [m, n] = residual + gate ⊙ act(x [m, k] · w [n, k]ᵀ + bias [n])
+ *
+ * for row-major x and w of one type (f32 or bf16), y in f32 or bf16 (accumulation in f32
+ * either way), an optional f32 bias, an optional activation, an optional element-wise gate
+ * [m, n] and an optional residual (y holds it on entry: oneDNN's "sum" post-op). Built by
+ * build.rs only when oneDNN is found; the Rust side (nn/linear.rs) falls back to candle's plain
+ * ops otherwise. oneDNN's own primitive cache makes re-creating the primitive for a seen shape
+ * cheap. */
 #include <oneapi/dnnl/dnnl.h>
 #include <pthread.h>
 
@@ -13,42 +20,68 @@ static void make_engine(void) { engine_status = dnnl_engine_create(&engine, dnnl
 
 #define TRY(x) do { st = (x); if (st != dnnl_success) goto done; } while (0)
 
-/* Returns 0 on success, else the dnnl_status_t. */
-int gcg_onednn_matmul_wt(int bf16, long m, long n, long k, const void *x, const void *w, void *y) {
+/* act: 0 none, 1 exact (erf) GELU, 2 tanh GELU, 3 ReLU. Returns 0 on success, else the
+ * dnnl_status_t. */
+int gcg_onednn_linear(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w,
+                      const float *bias, int act, const void *gate, int gate_bf16, int residual, void *y) {
     pthread_once(&engine_once, make_engine);
     if (engine_status != dnnl_success) return (int)engine_status;
     dnnl_status_t st = dnnl_success;
-    dnnl_data_type_t dt = bf16 ? dnnl_bf16 : dnnl_f32;
-    dnnl_memory_desc_t xd, wd, yd;
+    dnnl_data_type_t it = in_bf16 ? dnnl_bf16 : dnnl_f32, ot = out_bf16 ? dnnl_bf16 : dnnl_f32;
+    dnnl_memory_desc_t xd, wd, yd, bd, gd;
     dnnl_matmul_desc_t md;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t po = NULL;
     dnnl_primitive_desc_t pd = NULL;
     dnnl_primitive_t prim = NULL;
-    dnnl_memory_t xm = NULL, wm = NULL, ym = NULL;
+    dnnl_memory_t xm = NULL, wm = NULL, ym = NULL, bm = NULL, gm = NULL;
     dnnl_stream_t stream = NULL;
     dnnl_dims_t xdims = {m, k}, xstr = {k, 1};
     dnnl_dims_t wdims = {k, n}, wstr = {1, k}; /* w [n, k] row-major read as wᵀ [k, n] */
     dnnl_dims_t ydims = {m, n}, ystr = {n, 1};
-    TRY(dnnl_memory_desc_init_by_strides(&xd, 2, xdims, dt, xstr));
-    TRY(dnnl_memory_desc_init_by_strides(&wd, 2, wdims, dt, wstr));
-    TRY(dnnl_memory_desc_init_by_strides(&yd, 2, ydims, dt, ystr));
-    TRY(dnnl_matmul_desc_init(&md, &xd, &wd, NULL, &yd));
-    TRY(dnnl_primitive_desc_create(&pd, &md, NULL, engine, NULL));
+    dnnl_dims_t bdims = {1, n}, bstr = {n, 1};
+    TRY(dnnl_memory_desc_init_by_strides(&xd, 2, xdims, it, xstr));
+    TRY(dnnl_memory_desc_init_by_strides(&wd, 2, wdims, it, wstr));
+    TRY(dnnl_memory_desc_init_by_strides(&yd, 2, ydims, ot, ystr));
+    TRY(dnnl_memory_desc_init_by_strides(&bd, 2, bdims, dnnl_f32, bstr));
+    TRY(dnnl_memory_desc_init_by_strides(&gd, 2, ydims, gate_bf16 ? dnnl_bf16 : dnnl_f32, ystr));
+    TRY(dnnl_matmul_desc_init(&md, &xd, &wd, bias ? &bd : NULL, &yd));
+    TRY(dnnl_primitive_attr_create(&attr));
+    TRY(dnnl_post_ops_create(&po));
+    if (act) {
+        dnnl_alg_kind_t alg = act == 1 ? dnnl_eltwise_gelu_erf : act == 2 ? dnnl_eltwise_gelu_tanh : dnnl_eltwise_relu;
+        TRY(dnnl_post_ops_append_eltwise(po, 1.0f, alg, 0.0f, 0.0f));
+    }
+    if (gate) TRY(dnnl_post_ops_append_binary(po, dnnl_binary_mul, &gd));
+    if (residual) TRY(dnnl_post_ops_append_sum(po, 1.0f));
+    TRY(dnnl_primitive_attr_set_post_ops(attr, po));
+    TRY(dnnl_primitive_desc_create(&pd, &md, attr, engine, NULL));
     TRY(dnnl_primitive_create(&prim, pd));
     TRY(dnnl_memory_create(&xm, &xd, engine, (void *)x));
     TRY(dnnl_memory_create(&wm, &wd, engine, (void *)w));
     TRY(dnnl_memory_create(&ym, &yd, engine, y));
+    if (bias) TRY(dnnl_memory_create(&bm, &bd, engine, (void *)bias));
+    if (gate) TRY(dnnl_memory_create(&gm, &gd, engine, (void *)gate));
     TRY(dnnl_stream_create(&stream, engine, dnnl_stream_default_flags));
     {
-        dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}};
-        TRY(dnnl_primitive_execute(prim, stream, 3, args));
+        dnnl_exec_arg_t args[5] = {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}};
+        int nargs = 3;
+        if (bias) args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, bm};
+        /* The gate is the binary post-op, the first post-op after the activation (if any). */
+        if (gate) args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(act ? 1 : 0) | DNNL_ARG_SRC_1, gm};
+        TRY(dnnl_primitive_execute(prim, stream, nargs, args));
         TRY(dnnl_stream_wait(stream));
     }
 done:
     if (stream) dnnl_stream_destroy(stream);
+    if (gm) dnnl_memory_destroy(gm);
+    if (bm) dnnl_memory_destroy(bm);
     if (ym) dnnl_memory_destroy(ym);
     if (wm) dnnl_memory_destroy(wm);
     if (xm) dnnl_memory_destroy(xm);
     if (prim) dnnl_primitive_destroy(prim);
     if (pd) dnnl_primitive_desc_destroy(pd);
+    if (po) dnnl_post_ops_destroy(po);
+    if (attr) dnnl_primitive_attr_destroy(attr);
     return (int)st;
 }

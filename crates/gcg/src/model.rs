@@ -436,6 +436,7 @@ impl GcgModel {
 
     /// Deterministic answers with their grounding.
     pub fn answer(&self, batch: &Batch) -> Result<Vec<Answered>> {
+        let _inference = crate::nn::inference(self.lmm.t5.dtype());
         let batch = &*self.with_frame_features(batch)?;
         let ctx = Ctx::eval();
         let sel = self.select(batch, None)?;

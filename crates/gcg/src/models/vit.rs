@@ -18,11 +18,11 @@
 //! [`PackedSelfAttention`] (self-attention with one packed q/k/v projection) is shared with the
 //! EVA-CLIP towers (`clip_text`, `clip_branch`).
 
-use crate::nn::{init::Init, merge_heads, scaled_dot_product_attention, Activation, LayerNorm, Linear};
+use crate::nn::{init::Init, merge_heads, scaled_dot_product_attention, Activation, Epilogue, LayerNorm, Linear};
 use crate::weights::checkpoints::hf_section;
 use crate::weights::Loader;
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -276,21 +276,31 @@ impl PackedSelfAttention {
 
     /// Scaled dot-product attention over heads, q [B, H, Lq, hd], k/v [B, H, Lk, hd]
     /// → merged and projected [B, Lq, D].
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    /// With `residual`, it is added to the projection's output (in the same fused call).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
         let out = scaled_dot_product_attention(q, k, v, Some(self.scale()), bias, None)?; // [B, H, Lq, hd]
-        self.out.forward(&merge_heads(&out)?) // [B, Lq, D]
+        let epilogue = Epilogue {
+            residual,
+            ..Default::default()
+        };
+        self.out.forward_fused(&merge_heads(&out)?, epilogue) // [B, Lq, D]
     }
 
     /// x: [B, L, D]; `bias` broadcastable to [B, H, L, L] (e.g. a causal mask) → [B, L, D].
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_residual(x, bias, None)
+    }
+
+    /// `residual + attention(x)` (the residual added inside the output projection's call).
+    pub fn forward_residual(&self, x: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
         let qkv = self
             .projection(0, 3 * d)?
-            .forward(x)? // [B, L, 3D]
+            .forward_fused(x, Epilogue::default())? // [B, L, 3D]
             .reshape((b, l, 3, self.heads, d / self.heads))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?; // [3, B, H, L, hd]
-        self.attend(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, bias)
+        self.attend(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, bias, residual)
     }
 
     /// Attention output for the first token only (the CLS query over all keys): [B, L, D] → [B, 1, D].
@@ -309,7 +319,7 @@ impl PackedSelfAttention {
             .reshape((b, l, 2, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?; // [2, B, H, L, hd]
-        self.attend(&q, &kv.get(0)?, &kv.get(1)?, None)
+        self.attend(&q, &kv.get(0)?, &kv.get(1)?, None, None)
     }
 }
 
@@ -417,13 +427,27 @@ impl VitLayer {
         })
     }
 
-    /// x: [B, N, D] → [B, N, D]
+    /// x: [B, N, D] → [B, N, D]. The bias, activation and residual of each product are fused
+    /// into it where oneDNN applies ([`Linear::forward_fused`]); the hidden activation is kept
+    /// in the dtype `fc2` multiplies in.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?, None)?)?;
-        let h = self
-            .fc2
-            .forward(&self.act.forward(&self.fc1.forward(&self.layer_norm2.forward(&x)?)?)?)?;
-        Ok((x + h)?)
+        let x = self
+            .self_attn
+            .forward_residual(&self.layer_norm1.forward(x)?, None, Some(x))?;
+        let h = self.fc1.forward_fused(
+            &self.layer_norm2.forward(&x)?,
+            Epilogue {
+                act: Some(self.act),
+                out: Some(self.fc2.weight.dtype()),
+                ..Default::default()
+            },
+        )?;
+        let out = Epilogue {
+            residual: Some(&x),
+            out: Some(x.dtype()),
+            ..Default::default()
+        };
+        self.fc2.forward_fused(&h, out)
     }
 }
 
@@ -462,10 +486,23 @@ impl VisionModel {
     }
 
     /// The un-normalised last hidden state: pixel_values [B, C, S, S] → [B, N, D].
+    ///
+    /// A bf16 model on the CPU with nothing needing a gradient runs in mixed precision when gcg
+    /// has oneDNN: the residual stream, norms, attention and activations in f32, the products
+    /// in bf16 (f32 accumulation), the output rounded to bf16 — as PyTorch's CPU autocast runs
+    /// a model, and closer to the f32 model than all-bf16 arithmetic.
     pub fn forward_wo_norm(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let mut x = self.embeddings.forward(pixel_values)?;
+        let dt = x.dtype();
+        let mixed = crate::nn::linear::ONEDNN && dt == DType::BF16 && crate::nn::cpu_half_no_grad(&[&x]);
+        if mixed {
+            x = x.to_dtype(DType::F32)?;
+        }
         for layer in &self.layers {
             x = layer.forward(&x)?;
+        }
+        if mixed {
+            x = x.to_dtype(dt)?;
         }
         Ok(x)
     }
@@ -488,6 +525,79 @@ mod tests {
     use super::*;
     use crate::weights::MapSource;
     use candle_core::{DType, Device};
+
+    /// A ViT wide enough for the fused oneDNN path (both sides of every product ≥ 256).
+    fn wide_config() -> VitConfig {
+        VitConfig {
+            hidden_size: 256,
+            intermediate_size: 512,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            image_size: 28,
+            patch_size: 14,
+            ..VitConfig::eva_vit_g()
+        }
+    }
+
+    /// The fused layer (bias, GELU and residuals inside the products) against the plain ops
+    /// written out here, in f32: equal to float rounding.
+    #[test]
+    fn fused_layer_equals_the_plain_ops() -> Result<()> {
+        let cfg = wide_config();
+        let dev = Device::Cpu;
+        let lb = Loader::random(&dev, DType::F32, 3);
+        let vit = VisionModel::load(&lb.pp("vision_model"), &cfg)?;
+        let mut rng = crate::rng::SeededRng::new(4);
+        let x = Tensor::from_vec(rng.normal_vec(2 * 5 * 256, 0.0, 1.0), (2, 5, 256), &dev)?;
+        let layer = &vit.layers[0];
+        let before = crate::nn::linear::onednn_calls();
+        let got = layer.forward(&x)?;
+        assert_eq!(
+            crate::nn::linear::onednn_calls() - before,
+            if crate::nn::linear::ONEDNN { 4 } else { 0 },
+            "qkv, projection, fc1, fc2"
+        );
+        let a = &layer.self_attn;
+        let h = layer.layer_norm1.forward(&x)?;
+        let qkv = h.matmul(&a.weight.t()?.unsqueeze(0)?.broadcast_as((2, 256, 768))?)?;
+        let bias = a.bias_rows(0, 768)?.expect("a qkv bias");
+        let qkv = qkv.broadcast_add(&bias)?.reshape((2, 5, 3, 4, 64))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+        let att = scaled_dot_product_attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, Some(0.125), None, None)?;
+        let proj = &a.out;
+        let att = merge_heads(&att)?
+            .matmul(&proj.weight.t()?.unsqueeze(0)?.broadcast_as((2, 256, 256))?)?
+            .broadcast_add(proj.bias.as_ref().unwrap())?;
+        let x1 = (&x + att)?;
+        let h = layer.layer_norm2.forward(&x1)?;
+        let lin = |l: &Linear, t: &Tensor| -> Result<Tensor> {
+            let (o, i) = l.weight.dims2()?;
+            Ok(t.matmul(&l.weight.t()?.unsqueeze(0)?.broadcast_as((2, i, o))?)?.broadcast_add(l.bias.as_ref().unwrap())?)
+        };
+        let want = (&x1 + lin(&layer.fc2, &lin(&layer.fc1, &h)?.gelu_erf()?)?)?;
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+        assert!(err < 1e-5, "fused layer vs plain ops: {err}");
+        Ok(())
+    }
+
+    /// A bf16 ViT on the CPU (mixed precision with oneDNN, all-bf16 without) stays within bf16
+    /// rounding of the same weights in f32.
+    #[test]
+    fn bf16_vit_tracks_the_f32_model() -> Result<()> {
+        let cfg = wide_config();
+        let dev = Device::Cpu;
+        let run = |dt: DType| -> Result<Tensor> {
+            let vit = VisionModel::load(&Loader::random(&dev, dt, 3).pp("vision_model"), &cfg)?;
+            let mut rng = crate::rng::SeededRng::new(6);
+            let px = Tensor::from_vec(rng.normal_vec(2 * 3 * 28 * 28, 0.0, 1.0), (2, 3, 28, 28), &dev)?;
+            Ok(vit.forward_wo_norm(&px.to_dtype(dt)?)?.to_dtype(DType::F32)?)
+        };
+        let (f, b) = (run(DType::F32)?, run(DType::BF16)?);
+        let scale = f.abs()?.max_all()?.to_scalar::<f32>()?;
+        let err = (b - &f)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+        assert!(err < 2e-2, "bf16 vs f32 ViT: {err}");
+        Ok(())
+    }
 
     /// A tiny checkpoint under the canonical names, built from a seeded random model.
     fn tiny_checkpoint() -> MapSource {

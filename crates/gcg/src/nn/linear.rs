@@ -10,10 +10,11 @@
 
 use super::init::Init;
 use super::lora::LoraAdapter;
+use super::ops::Activation;
 use super::Ctx;
 use crate::weights::Loader;
 use anyhow::{anyhow, Result};
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor};
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
@@ -75,6 +76,27 @@ impl Linear {
 
     /// W x (+ b), without the LoRA branch.
     fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
+        if super::grad_disabled() {
+            // Inference: the weights as frozen (see nn::no_grad).
+            let x = super::detach_if_no_grad(x);
+            let frozen = Linear::new(super::detach_if_no_grad(&self.weight), self.bias.as_ref().map(super::detach_if_no_grad));
+            #[cfg(gcg_onednn)]
+            if let Some(half) = super::autocast_dtype() {
+                // An f32 layer in a bf16 model (nn::inference): its product in bf16, the
+                // result in f32.
+                if x.dtype() == DType::F32 && frozen.weight.dtype() == DType::F32 && x.device().is_cpu() && frozen.in_dim() >= ONEDNN_MIN_DIM && frozen.out_dim() >= ONEDNN_MIN_DIM {
+                    let lowered = Linear::new(frozen.weight.to_dtype(half)?, frozen.bias.clone());
+                    if let Some(y) = lowered.fused_onednn(&x, &Epilogue::default(), DType::F32)? {
+                        return Ok(y);
+                    }
+                }
+            }
+            return frozen.forward_base_tracked(&x);
+        }
+        self.forward_base_tracked(x)
+    }
+
+    fn forward_base_tracked(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let in_dim = *dims.last().ok_or_else(|| anyhow::anyhow!("Linear on a scalar"))?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
@@ -104,6 +126,123 @@ impl Linear {
         Ok(y.reshape(out_dims)?)
     }
 
+    /// `residual + gate ⊙ act(x · Wᵀ + b)` in `e.out` (default: `x`'s dtype): a layer and what
+    /// follows it, as one oneDNN call when it applies (the CPU, nothing needing a gradient, no
+    /// LoRA branch, f32 or bf16, both sides ≥ [`ONEDNN_MIN_DIM`]), else the plain ops in that
+    /// order ([`Linear::forward`], the activation, the gate, the cast, the residual), which is
+    /// what the fused call is tested against.
+    ///
+    /// f32 input with a bf16 weight is the CPU's mixed precision: the input is rounded to bf16
+    /// for the product, which accumulates, adds the bias and applies the epilogue in f32 (as
+    /// PyTorch's CPU autocast does). Without oneDNN that case takes the plain ops, in f32.
+    pub fn forward_fused(&self, x: &Tensor, e: Epilogue) -> Result<Tensor> {
+        let out = e.out.unwrap_or(x.dtype());
+        #[cfg(gcg_onednn)]
+        if super::grad_disabled() && self.lora.is_none() {
+            // Inference (see nn::no_grad): everything as frozen.
+            let frozen = Linear::new(super::detach_if_no_grad(&self.weight), self.bias.as_ref().map(super::detach_if_no_grad));
+            let (x, gate, residual) = (
+                super::detach_if_no_grad(x),
+                e.gate.map(super::detach_if_no_grad),
+                e.residual.map(super::detach_if_no_grad),
+            );
+            let e = Epilogue {
+                gate: gate.as_ref(),
+                residual: residual.as_ref(),
+                ..e
+            };
+            if let Some(y) = frozen.fused_onednn(&x, &e, out)? {
+                return Ok(y);
+            }
+        } else if let Some(y) = self.fused_onednn(x, &e, out)? {
+            return Ok(y);
+        }
+        let mut y = self.forward(x)?;
+        if let Some(a) = e.act {
+            y = a.forward(&y)?;
+        }
+        if let Some(g) = e.gate {
+            let g = if g.dtype() == y.dtype() { g.clone() } else { g.to_dtype(y.dtype())? };
+            y = (y * g)?;
+        }
+        if y.dtype() != out {
+            y = y.to_dtype(out)?;
+        }
+        if let Some(r) = e.residual {
+            y = if r.dtype() == out { (r + y)? } else { (r.to_dtype(out)? + y)? };
+        }
+        Ok(y)
+    }
+
+    /// [`Linear::forward_fused`] by oneDNN, or `None` when it does not apply.
+    #[cfg(gcg_onednn)]
+    fn fused_onednn(&self, x: &Tensor, e: &Epilogue, out: DType) -> Result<Option<Tensor>> {
+        let w = &self.weight;
+        let wdt = w.dtype();
+        let grad = |t: Option<&Tensor>| t.is_some_and(|t| t.track_op());
+        if !x.device().is_cpu()
+            || self.lora.is_some()
+            || x.track_op()
+            || w.track_op()
+            || grad(self.bias.as_ref())
+            || grad(e.gate)
+            || grad(e.residual)
+            || !matches!(wdt, DType::F32 | DType::BF16)
+            || !(x.dtype() == wdt || x.dtype() == DType::F32)
+            || !matches!(out, DType::F32 | DType::BF16)
+            || self.in_dim() < ONEDNN_MIN_DIM
+            || self.out_dim() < ONEDNN_MIN_DIM
+        {
+            return Ok(None);
+        }
+        let act = match e.act {
+            None => 0,
+            Some(Activation::Gelu) => 1,
+            Some(Activation::GeluTanh) => 2,
+            Some(Activation::Relu) => 3,
+            Some(Activation::QuickGelu) => return Ok(None),
+        };
+        let dims = x.dims().to_vec();
+        let k = self.in_dim();
+        if dims.last() != Some(&k) {
+            return Ok(None);
+        }
+        let rows = x.elem_count() / k;
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = self.out_dim();
+        let flat = |t: &Tensor| -> Result<Option<Tensor>> {
+            if t.dims() != out_dims.as_slice() {
+                return Ok(None);
+            }
+            Ok(Some(t.reshape((rows, self.out_dim()))?.contiguous()?))
+        };
+        let gate = match e.gate {
+            None => None,
+            Some(g) => match flat(g)? {
+                Some(g) => Some(g),
+                None => return Ok(None),
+            },
+        };
+        let residual = match e.residual {
+            None => None,
+            Some(r) => match flat(&if r.dtype() == out { r.clone() } else { r.to_dtype(out)? })? {
+                Some(r) => Some(r),
+                None => return Ok(None),
+            },
+        };
+        let x2 = if x.dtype() == wdt { x.clone() } else { x.to_dtype(wdt)? };
+        let x2 = x2.reshape((rows, k))?.contiguous()?;
+        let bias = match &self.bias {
+            None => None,
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+        };
+        let y = onednn::linear_tensors(&x2, &w.contiguous()?, bias.as_deref(), act, gate.as_ref(), residual.as_ref(), out)?;
+        Ok(match y {
+            Some(y) => Some(y.reshape(out_dims)?),
+            None => None,
+        })
+    }
+
     /// `forward` for a bias-free layer whose weight is frozen: when gradients flow through `x`
     /// and the weight is a plain tensor, the product is one autograd node ([`FrozenMatmul`]) whose
     /// only input is `x`, so no weight gradient is computed or stored. Otherwise (no gradient to
@@ -123,7 +262,7 @@ impl Linear {
     /// W x through [`FrozenMatmul`] when it applies, else [`Linear::forward_base`].
     fn frozen_base(&self, x: &Tensor) -> Result<Tensor> {
         let w = &self.weight;
-        if !x.track_op() || w.track_op() || self.bias.is_some() {
+        if !x.track_op() || w.track_op() || self.bias.is_some() || super::grad_disabled() {
             return self.forward_base(x);
         }
         let dims = x.dims().to_vec();
@@ -140,6 +279,18 @@ impl Linear {
         out_dims.push(w.dim(0)?);
         Ok(y.reshape(out_dims)?)
     }
+}
+
+/// What [`Linear::forward_fused`] applies after the product, in this order.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Epilogue<'a> {
+    pub act: Option<Activation>,
+    /// Multiplied in element-wise (a gated feed-forward's other branch), shaped as the output.
+    pub gate: Option<&'a Tensor>,
+    /// Added last (a residual connection), shaped as the output.
+    pub residual: Option<&'a Tensor>,
+    /// The output's dtype (default: the input's).
+    pub out: Option<DType>,
 }
 
 /// `nn.Linear(in, out, bias)` with PyTorch's default initialisation when not loaded
@@ -219,67 +370,228 @@ pub const ONEDNN: bool = cfg!(gcg_onednn);
 /// their exact results, and oneDNN's set-up would not pay off.
 pub const ONEDNN_MIN_DIM: usize = 256;
 
-/// Products computed by oneDNN since the process started (for tests and benchmarks).
+/// Products computed by oneDNN on this thread since it started (for tests and benchmarks).
 pub fn onednn_calls() -> usize {
-    ONEDNN_CALLS.load(std::sync::atomic::Ordering::Relaxed)
+    ONEDNN_CALLS.with(|c| c.get())
 }
 
-static ONEDNN_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+thread_local! {
+    static ONEDNN_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
 #[cfg(gcg_onednn)]
 mod onednn {
-    use candle_core::{CpuStorage, Layout, Shape};
+    use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor};
+    use half::bf16;
     use std::os::raw::{c_int, c_long, c_void};
 
     extern "C" {
-        /// csrc/onednn_matmul.c: y [m, n] = x [m, k] · w [n, k]ᵀ, row-major, f32 or bf16.
-        fn gcg_onednn_matmul_wt(bf16: c_int, m: c_long, n: c_long, k: c_long, x: *const c_void, w: *const c_void, y: *mut c_void) -> c_int;
+        /// csrc/onednn_matmul.c: y [m, n] = residual + gate ⊙ act(x [m, k] · w [n, k]ᵀ + bias),
+        /// row-major; x and w f32 or bf16, y f32 or bf16, bias f32.
+        fn gcg_onednn_linear(
+            in_bf16: c_int,
+            out_bf16: c_int,
+            m: c_long,
+            n: c_long,
+            k: c_long,
+            x: *const c_void,
+            w: *const c_void,
+            bias: *const f32,
+            act: c_int,
+            gate: *const c_void,
+            gate_bf16: c_int,
+            residual: c_int,
+            y: *mut c_void,
+        ) -> c_int;
     }
 
-    /// `x · wᵀ` by oneDNN, or `None` when it does not apply (sizes, layouts, dtypes).
-    pub fn try_matmul_wt(x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
+    /// A contiguous CPU buffer of f32 or bf16 values, borrowed for one call.
+    enum Buf<'a> {
+        F32(&'a [f32]),
+        BF16(&'a [bf16]),
+    }
+
+    impl Buf<'_> {
+        fn len(&self) -> usize {
+            match self {
+                Buf::F32(v) => v.len(),
+                Buf::BF16(v) => v.len(),
+            }
+        }
+        fn ptr(&self) -> *const c_void {
+            match self {
+                Buf::F32(v) => v.as_ptr() as *const c_void,
+                Buf::BF16(v) => v.as_ptr() as *const c_void,
+            }
+        }
+        fn is_bf16(&self) -> bool {
+            matches!(self, Buf::BF16(_))
+        }
+    }
+
+    fn buf<'a>(s: &'a CpuStorage, l: &Layout) -> Option<Buf<'a>> {
+        if !l.is_contiguous() {
+            return None;
+        }
+        let (o, n) = (l.start_offset(), l.shape().elem_count());
+        match s {
+            CpuStorage::F32(v) => v.get(o..o + n).map(Buf::F32),
+            CpuStorage::BF16(v) => v.get(o..o + n).map(Buf::BF16),
+            _ => None,
+        }
+    }
+
+    /// `dnnl_unimplemented`: no kernel for the asked combination.
+    const DNNL_UNIMPLEMENTED: c_int = 3;
+
+    /// What follows the product (see `gcg_onednn_linear`).
+    pub struct Post<'a> {
+        /// 0 none, 1 erf GELU, 2 tanh GELU, 3 ReLU.
+        pub act: c_int,
+        pub bias: Option<&'a [f32]>,
+        pub gate: Option<(&'a CpuStorage, &'a Layout)>,
+        /// The residual, copied into the output before the call.
+        pub residual: Option<(&'a CpuStorage, &'a Layout)>,
+        pub out: DType,
+    }
+
+    /// `x [m, k] · w [n, k]ᵀ` plus `post` by oneDNN, or `None` when it does not apply (sizes,
+    /// layouts, dtypes).
+    pub fn linear(x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout, post: &Post) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
         let (Ok((m, k)), Ok((n, kw))) = (xl.shape().dims2(), wl.shape().dims2()) else {
             return Ok(None);
         };
         let min = super::ONEDNN_MIN_DIM;
-        if k != kw || k < min || n < min || m == 0 || !xl.is_contiguous() || !wl.is_contiguous() {
+        if k != kw || k < min || n < min || m == 0 {
             return Ok(None);
         }
-        fn run<T: Copy + Default>(bf16: bool, m: usize, n: usize, k: usize, x: &[T], w: &[T]) -> candle_core::Result<Vec<T>> {
-            if x.len() < m * k || w.len() < n * k {
-                candle_core::bail!(
-                    "oneDNN product: buffers of {} and {} values for [{m}, {k}] · [{n}, {k}]ᵀ",
-                    x.len(),
-                    w.len()
-                );
-            }
-            let mut y = vec![T::default(); m * n];
-            // SAFETY: x holds m·k, w n·k and y m·n values of the type the flag names, row-major
-            // and contiguous (checked above); the call only reads x and w and writes y.
+        let (Some(xb), Some(wb)) = (buf(x, xl), buf(w, wl)) else {
+            return Ok(None);
+        };
+        if xb.is_bf16() != wb.is_bf16() || !matches!(post.out, DType::F32 | DType::BF16) {
+            return Ok(None);
+        }
+        let gate = match post.gate {
+            None => None,
+            Some((g, gl)) => match buf(g, gl) {
+                Some(b) if b.len() == m * n => Some(b),
+                _ => return Ok(None),
+            },
+        };
+        let residual = match post.residual {
+            None => None,
+            Some((r, rl)) => match buf(r, rl) {
+                Some(b) if b.len() == m * n && b.is_bf16() == (post.out == DType::BF16) => Some(b),
+                _ => return Ok(None),
+            },
+        };
+        if post.bias.is_some_and(|b| b.len() != n) {
+            return Ok(None);
+        }
+        let call = |y: *mut c_void| -> candle_core::Result<bool> {
+            // SAFETY: x holds m·k and w n·k contiguous values of the type the flag names, the
+            // bias n f32 values, the gate m·n values of its flagged type and y m·n values of the
+            // output type (all checked above); the call reads x, w, bias and gate and writes y.
             let status = unsafe {
-                gcg_onednn_matmul_wt(
-                    bf16 as c_int,
+                gcg_onednn_linear(
+                    xb.is_bf16() as c_int,
+                    (post.out == DType::BF16) as c_int,
                     m as c_long,
                     n as c_long,
                     k as c_long,
-                    x.as_ptr() as *const c_void,
-                    w.as_ptr() as *const c_void,
-                    y.as_mut_ptr() as *mut c_void,
+                    xb.ptr(),
+                    wb.ptr(),
+                    post.bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+                    post.act,
+                    gate.as_ref().map_or(std::ptr::null(), |g| g.ptr()),
+                    gate.as_ref().is_some_and(|g| g.is_bf16()) as c_int,
+                    residual.is_some() as c_int,
+                    y,
                 )
             };
+            if status == DNNL_UNIMPLEMENTED {
+                // A combination of types this oneDNN has no kernel for: the plain ops instead.
+                return Ok(false);
+            }
             if status != 0 {
                 candle_core::bail!("oneDNN matrix product [{m}, {k}] · [{n}, {k}]ᵀ failed (dnnl_status_t {status})");
             }
-            super::ONEDNN_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Ok(y)
-        }
-        let (xo, wo) = (xl.start_offset(), wl.start_offset());
-        let y = match (x, w) {
-            (CpuStorage::F32(xs), CpuStorage::F32(ws)) => CpuStorage::F32(run(false, m, n, k, &xs[xo..], &ws[wo..])?),
-            (CpuStorage::BF16(xs), CpuStorage::BF16(ws)) => CpuStorage::BF16(run(true, m, n, k, &xs[xo..], &ws[wo..])?),
-            _ => return Ok(None),
+            super::ONEDNN_CALLS.with(|c| c.set(c.get() + 1));
+            Ok(true)
+        };
+        let y = match (post.out, &residual) {
+            (DType::F32, r) => {
+                let mut y = match r {
+                    Some(Buf::F32(r)) => r.to_vec(),
+                    _ => vec![0f32; m * n],
+                };
+                if !call(y.as_mut_ptr() as *mut c_void)? {
+                    return Ok(None);
+                }
+                CpuStorage::F32(y)
+            }
+            (_, r) => {
+                let mut y = match r {
+                    Some(Buf::BF16(r)) => r.to_vec(),
+                    _ => vec![bf16::ZERO; m * n],
+                };
+                if !call(y.as_mut_ptr() as *mut c_void)? {
+                    return Ok(None);
+                }
+                CpuStorage::BF16(y)
+            }
         };
         Ok(Some((y, Shape::from((m, n)))))
+    }
+
+    /// [`linear`] on tensors (CPU storage; the caller has checked that nothing needs a gradient).
+    pub fn linear_tensors(
+        x: &Tensor,
+        w: &Tensor,
+        bias: Option<&[f32]>,
+        act: c_int,
+        gate: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        out: DType,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let gs = gate.map(|g| g.storage_and_layout());
+        let rs = residual.map(|r| r.storage_and_layout());
+        let (Storage::Cpu(xc), Storage::Cpu(wc)) = (&*xs, &*ws) else {
+            return Ok(None);
+        };
+        let gc = match &gs {
+            None => None,
+            Some((s, l)) => match &**s {
+                Storage::Cpu(c) => Some((c, *l)),
+                _ => return Ok(None),
+            },
+        };
+        let rc = match &rs {
+            None => None,
+            Some((s, l)) => match &**s {
+                Storage::Cpu(c) => Some((c, *l)),
+                _ => return Ok(None),
+            },
+        };
+        let post = Post { act, bias, gate: gc, residual: rc, out };
+        Ok(match linear(xc, xl, wc, wl, &post)? {
+            None => None,
+            Some((CpuStorage::F32(v), shape)) => Some(Tensor::from_vec(v, shape, &Device::Cpu)?),
+            Some((CpuStorage::BF16(v), shape)) => Some(Tensor::from_vec(v, shape, &Device::Cpu)?),
+            Some(_) => unreachable!("oneDNN writes f32 or bf16"),
+        })
+    }
+
+    /// `x · wᵀ` by oneDNN, or `None` when it does not apply (sizes, layouts, dtypes).
+    pub fn try_matmul_wt(x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
+        let out = match x {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::BF16(_) => DType::BF16,
+            _ => return Ok(None),
+        };
+        linear(x, xl, w, wl, &Post { act: 0, bias: None, gate: None, residual: None, out })
     }
 }
 
@@ -355,6 +667,128 @@ mod onednn_tests {
         let err = (gx - &want_gx)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(err <= 1e-4 * want_gx.abs()?.max_all()?.to_scalar::<f32>()?, "gradient error {err}");
         let _ = lin;
+        Ok(())
+    }
+
+    fn max_rel(got: &Tensor, want: &Tensor) -> f32 {
+        let (g, w) = (got.to_dtype(DType::F32).unwrap(), want.to_dtype(DType::F32).unwrap());
+        let scale = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1e-12);
+        (g - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() / scale
+    }
+
+    /// `forward_fused` (one oneDNN call when built in) against the plain ops written out here
+    /// in f32 from the rounded inputs, for every epilogue: activation, gate, residual, output
+    /// dtype; f32, bf16 and mixed (f32 input, bf16 weight). f32 to 1e-5, bf16 to its rounding.
+    #[test]
+    fn fused_epilogues_equal_the_plain_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SeededRng::new(17);
+        let (m, k, n) = (37, 320, 288);
+        let x = Tensor::from_vec(rng.normal_vec(2 * m * k, 0.0, 1.0), (2, m, k), &dev)?;
+        let w = Tensor::from_vec(rng.normal_vec(n * k, 0.0, 0.06), (n, k), &dev)?;
+        let b = Tensor::from_vec(rng.normal_vec(n, 0.0, 0.5), n, &dev)?;
+        let gate = Tensor::from_vec(rng.normal_vec(2 * m * n, 0.0, 1.0), (2, m, n), &dev)?;
+        let res = Tensor::from_vec(rng.normal_vec(2 * m * n, 0.0, 1.0), (2, m, n), &dev)?;
+        let acts = [None, Some(Activation::Gelu), Some(Activation::GeluTanh), Some(Activation::Relu)];
+        // (input dtype, weight dtype)
+        for (xdt, wdt) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F32, DType::BF16)] {
+            let lin = Linear::new(w.to_dtype(wdt)?, Some(b.to_dtype(wdt)?));
+            let xin = x.to_dtype(xdt)?;
+            for act in acts {
+                for (use_gate, use_res) in [(false, false), (true, false), (false, true), (true, true)] {
+                    for out in [DType::F32, DType::BF16] {
+                        let (g, r) = (gate.to_dtype(out)?, res.to_dtype(out)?);
+                        let e = Epilogue {
+                            act,
+                            gate: use_gate.then_some(&g),
+                            residual: use_res.then_some(&r),
+                            out: Some(out),
+                        };
+                        let before = onednn_calls();
+                        let got = lin.forward_fused(&xin, e)?;
+                        assert_eq!(got.dtype(), out);
+                        assert_eq!(got.dims(), &[2, m, n]);
+                        let combo = format!("{xdt:?} input, {wdt:?} weight, {act:?}, gate {use_gate}, residual {use_res}, {out:?} out");
+                        assert_eq!(onednn_calls() - before, usize::from(ONEDNN), "{combo}: one oneDNN call");
+                        // The reference: inputs rounded as the product sees them, then f32.
+                        let f = |t: &Tensor| t.to_dtype(DType::F32);
+                        let xr = f(&x.to_dtype(wdt)?)?;
+                        let mut want = xr
+                            .reshape((2 * m, k))?
+                            .matmul(&f(&w.to_dtype(wdt)?)?.t()?)?
+                            .broadcast_add(&f(&b.to_dtype(wdt)?)?)?
+                            .reshape((2, m, n))?;
+                        want = match act {
+                            None => want,
+                            Some(Activation::Gelu) => want.gelu_erf()?,
+                            Some(Activation::GeluTanh) => want.gelu()?,
+                            Some(Activation::Relu) => want.relu()?,
+                            Some(Activation::QuickGelu) => unreachable!(),
+                        };
+                        if use_gate {
+                            want = (want * f(&g)?)?;
+                        }
+                        if use_res {
+                            want = (want + f(&r)?)?;
+                        }
+                        let half = xdt == DType::BF16 || wdt == DType::BF16 || out == DType::BF16;
+                        let tol = if half { 1.6e-2 } else { 1e-5 };
+                        let err = max_rel(&got, &want);
+                        assert!(err <= tol, "{combo}: error {err} > {tol}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Inside `no_grad`, a layer with trainable (variable) weights takes the frozen fast path and
+    /// builds no graph; outside it the gradient flows again; `inference(bf16)` runs an f32
+    /// layer's product in bf16 with an f32 result.
+    #[test]
+    fn no_grad_and_inference_scopes() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SeededRng::new(5);
+        let (m, k, n) = (40, 288, 320);
+        let x = Tensor::from_vec(rng.normal_vec(m * k, 0.0, 1.0), (m, k), &dev)?;
+        let w = candle_core::Var::from_tensor(&Tensor::from_vec(rng.normal_vec(n * k, 0.0, 0.06), (n, k), &dev)?)?;
+        let b = candle_core::Var::from_tensor(&Tensor::from_vec(rng.normal_vec(n, 0.0, 0.5), n, &dev)?)?;
+        let lin = Linear::new(w.as_tensor().clone(), Some(b.as_tensor().clone()));
+        let plain = lin.forward(&x)?;
+        assert!(plain.track_op(), "outside no_grad the output carries the weights' gradient");
+        {
+            let _g = super::super::no_grad();
+            let before = onednn_calls();
+            let y = lin.forward(&x)?;
+            assert!(!y.track_op(), "no graph inside no_grad");
+            assert_eq!(onednn_calls() - before, usize::from(ONEDNN));
+            assert!(max_rel(&y, &plain) <= 1e-5);
+            {
+                let _inner = super::super::no_grad();
+            }
+            assert!(super::super::grad_disabled(), "a nested guard restores the outer state");
+        }
+        assert!(!super::super::grad_disabled());
+        let y = lin.forward(&x)?;
+        let g = y.sum_all()?.backward()?;
+        assert!(g.get(w.as_tensor()).is_some(), "gradients flow again after the scope");
+        {
+            let _g = super::super::inference(DType::BF16);
+            let before = onednn_calls();
+            let y = lin.forward(&x)?;
+            assert_eq!(y.dtype(), DType::F32);
+            assert_eq!(onednn_calls() - before, usize::from(ONEDNN));
+            let want = x
+                .to_dtype(DType::BF16)?
+                .to_dtype(DType::F32)?
+                .matmul(&w.as_tensor().to_dtype(DType::BF16)?.to_dtype(DType::F32)?.t()?)?
+                .broadcast_add(b.as_tensor())?;
+            assert!(max_rel(&y, &want) <= 1e-5, "bf16 product, f32 accumulation: {}", max_rel(&y, &want));
+        }
+        {
+            let _g = super::super::inference(DType::F32);
+            assert!(max_rel(&lin.forward(&x)?, &plain) <= 1e-5, "an f32 model keeps f32 products");
+        }
         Ok(())
     }
 }

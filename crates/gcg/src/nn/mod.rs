@@ -17,7 +17,7 @@ pub mod ops;
 pub use attention::{causal_bias, merge_heads, padding_bias, scaled_dot_product_attention, split_heads};
 pub use dropout::Dropout;
 pub use embedding::Embedding;
-pub use linear::{push_linear, torch_linear, FrozenMatmul, Linear};
+pub use linear::{push_linear, torch_linear, Epilogue, FrozenMatmul, Linear};
 pub use lora::{LoraAdapter, LoraConfig, LoraTarget};
 pub use norm::{LayerNorm, RmsNorm};
 pub use ops::{cross_entropy, gelu, log_softmax_last_dim, softmax_last_dim, top_k_sorted, Activation};
@@ -60,6 +60,71 @@ impl std::fmt::Debug for Ctx<'_> {
 pub(crate) fn cpu_half_no_grad(xs: &[&candle_core::Tensor]) -> bool {
     xs.iter()
         .all(|x| x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::BF16 | candle_core::DType::F16) && !x.track_op())
+}
+
+thread_local! {
+    static NO_GRAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static AUTOCAST: std::cell::Cell<Option<candle_core::DType>> = const { std::cell::Cell::new(None) };
+}
+
+/// Inference on this thread until the guard is dropped (as `torch.no_grad()`): the layers
+/// ([`Linear`]) then treat their weights as frozen even when they are trainable variables, so
+/// products take the fast frozen-weight kernels (oneDNN) and no autograd graph is built.
+/// Nested guards restore the state they found.
+#[must_use = "inference mode ends when the guard is dropped"]
+pub fn no_grad() -> NoGradGuard {
+    NoGradGuard {
+        no_grad: NO_GRAD.with(|g| g.replace(true)),
+        autocast: AUTOCAST.with(|a| a.get()),
+    }
+}
+
+/// [`no_grad`] for a model whose frozen backbone is in `dtype`: with a half-precision `dtype`
+/// on the CPU, the products of f32 layers (the trainable Q-Former's) also run in bf16 with f32
+/// accumulation and an f32 result (as `torch.autocast("cpu", torch.bfloat16)` runs them), so
+/// the whole model computes at the backbone's precision.
+#[must_use = "inference mode ends when the guard is dropped"]
+pub fn inference(dtype: candle_core::DType) -> NoGradGuard {
+    let guard = no_grad();
+    let half = matches!(dtype, candle_core::DType::BF16).then_some(dtype);
+    AUTOCAST.with(|a| a.set(half));
+    guard
+}
+
+/// See [`no_grad`].
+pub struct NoGradGuard {
+    no_grad: bool,
+    autocast: Option<candle_core::DType>,
+}
+
+impl Drop for NoGradGuard {
+    fn drop(&mut self) {
+        NO_GRAD.with(|g| g.set(self.no_grad));
+        AUTOCAST.with(|a| a.set(self.autocast));
+    }
+}
+
+/// Is this thread inside a [`no_grad`] scope?
+pub fn grad_disabled() -> bool {
+    NO_GRAD.with(|g| g.get())
+}
+
+/// The products' dtype of an [`inference`] scope, when it lowers f32 products.
+pub(crate) fn autocast_dtype() -> Option<candle_core::DType> {
+    if grad_disabled() {
+        AUTOCAST.with(|a| a.get())
+    } else {
+        None
+    }
+}
+
+/// `t` cut from the autograd graph inside a [`no_grad`] scope, else `t` itself.
+pub(crate) fn detach_if_no_grad(t: &candle_core::Tensor) -> candle_core::Tensor {
+    if grad_disabled() && t.track_op() {
+        t.detach()
+    } else {
+        t.clone()
+    }
 }
 
 /// True when gradients must flow through `xs` (it is a variable or was computed from one).
