@@ -178,6 +178,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         "dtype": format!("{dtype:?}").to_lowercase(),
         "batch": a.batch,
         "build_seconds": build_s,
+        "kernels": kernels(),
         "params": {
             "trainable": lb.vars().num_params(),
         },
@@ -191,6 +192,18 @@ fn forward(a: ForwardArgs) -> Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+/// Which kernels ran and on how many threads (for the JSON of every bench).
+pub fn kernels() -> serde_json::Value {
+    json!({
+        "matmul": if gcg::nn::linear::ONEDNN {
+            "oneDNN (frozen products >= 256 wide, fused epilogues; bf16 in mixed precision) + candle (the rest)"
+        } else {
+            "candle"
+        },
+        "threads": candle_core::utils::get_num_threads(),
+    })
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in bytes.
@@ -310,6 +323,7 @@ fn train_step(a: TrainStepArgs) -> Result<()> {
         "moments": cfg.grounding.moments,
         "trainable_params": vars.num_params(),
         "build_seconds": build_s,
+        "kernels": kernels(),
         "seconds_per_step_median": median,
         "seconds_per_step_all": times,
         "samples_per_s": b as f64 / median,

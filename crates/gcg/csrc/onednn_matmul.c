@@ -9,8 +9,20 @@
  * build.rs only when oneDNN is found; the Rust side (nn/linear.rs) falls back to candle's plain
  * ops otherwise. oneDNN's own primitive cache makes re-creating the primitive for a seen shape
  * cheap. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
 #include <oneapi/dnnl/dnnl.h>
 #include <pthread.h>
+
+/* The threads oneDNN's OpenMP runtime uses from now on (Debian's libdnnl runs on libgomp, which
+ * reads OMP_NUM_THREADS before main; looked up at run time so that no OpenMP library is linked
+ * by name). Returns 0 when set, -1 when the process has no OpenMP runtime. */
+int gcg_onednn_set_threads(int n) {
+    void (*set)(int) = (void (*)(int))dlsym(RTLD_DEFAULT, "omp_set_num_threads");
+    if (!set) return -1;
+    set(n);
+    return 0;
+}
 
 static dnnl_engine_t engine;
 static dnnl_status_t engine_status = dnnl_runtime_error;

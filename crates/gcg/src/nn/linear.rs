@@ -370,6 +370,25 @@ pub const ONEDNN: bool = cfg!(gcg_onednn);
 /// their exact results, and oneDNN's set-up would not pay off.
 pub const ONEDNN_MIN_DIM: usize = 256;
 
+/// Use `n` threads in oneDNN's products from now on (its OpenMP runtime otherwise takes
+/// `OMP_NUM_THREADS` or every core). Returns whether it applied (gcg built with oneDNN on an
+/// OpenMP runtime).
+pub fn set_onednn_threads(n: usize) -> bool {
+    #[cfg(gcg_onednn)]
+    {
+        extern "C" {
+            fn gcg_onednn_set_threads(n: std::os::raw::c_int) -> std::os::raw::c_int;
+        }
+        // SAFETY: sets OpenMP's default thread count; no memory is passed.
+        unsafe { gcg_onednn_set_threads(n.clamp(1, i32::MAX as usize) as std::os::raw::c_int) == 0 }
+    }
+    #[cfg(not(gcg_onednn))]
+    {
+        let _ = n;
+        false
+    }
+}
+
 /// Products computed by oneDNN on this thread since it started (for tests and benchmarks).
 pub fn onednn_calls() -> usize {
     ONEDNN_CALLS.with(|c| c.get())

@@ -1,0 +1,36 @@
+//! `--threads N` reaches candle's thread count (the bench JSON reports it), and the default
+//! without it is the machine's, fixed once (RAYON_NUM_THREADS unset in the child).
+
+use std::process::Command;
+
+fn bench_threads(extra: &[&str]) -> (serde_json::Value, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_gcg"))
+        .args(["bench", "train-step", "--preset", "tiny", "--batch", "1", "--iters", "1", "--frames", "8"])
+        .args(extra)
+        .env_remove("RAYON_NUM_THREADS")
+        .output()
+        .expect("running gcg");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "gcg failed: {stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench JSON");
+    (v["kernels"].clone(), stderr)
+}
+
+#[test]
+fn threads_flag_sets_the_tensor_thread_count() {
+    let (k, err) = bench_threads(&["--threads", "1"]);
+    assert_eq!(k["threads"], 1, "{k} {err}");
+    assert!(k["matmul"].as_str().is_some_and(|s| !s.is_empty()), "{k}");
+    let (k, err) = bench_threads(&["--threads", "3"]);
+    assert_eq!(k["threads"], 3, "{k} {err}");
+    let (k, err) = bench_threads(&[]);
+    let n = k["threads"].as_u64().unwrap_or(0);
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as u64;
+    assert!(n >= 1 && n <= cores, "default {n} threads on {cores} cores: {err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_gcg"))
+        .args(["bench", "train-step", "--threads", "0"])
+        .output()
+        .expect("running gcg");
+    assert!(!out.status.success(), "--threads 0 is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--threads"));
+}
