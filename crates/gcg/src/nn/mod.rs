@@ -109,7 +109,9 @@ pub fn grad_disabled() -> bool {
     NO_GRAD.with(|g| g.get())
 }
 
-/// The products' dtype of an [`inference`] scope, when it lowers f32 products.
+/// The products' dtype of an [`inference`] scope, when it lowers f32 products (read by the
+/// oneDNN path; without oneDNN f32 layers stay in f32).
+#[cfg_attr(not(gcg_onednn), allow(dead_code))]
 pub(crate) fn autocast_dtype() -> Option<candle_core::DType> {
     if grad_disabled() {
         AUTOCAST.with(|a| a.get())
