@@ -330,12 +330,60 @@ fn build_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>)) -
         .as_ref()
         .map(|_| run::checkpoint_weights(&paths.run(PRETRAIN), run::Checkpoint::Best))
         .transpose()?;
-    // Training, prediction and evaluation per mode, from the same start.
+    // Training, prediction and evaluation per mode, from the same start. The modes are
+    // independent (own seeds, own run folders): with two cores or more, the longest one
+    // (grounding) runs here with its progress shown while the others run one after the other
+    // on a second thread, their notes reported when they finish. Each mode's result is the same
+    // either way.
+    let concurrent = cfg.modes.len() > 1 && std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    let main_mode = if concurrent {
+        cfg.modes.iter().copied().find(|&m| m == Mode::Grounding).or(cfg.modes.first().copied())
+    } else {
+        None
+    };
+    let mut by_mode: Vec<(Mode, ModeResult, f64)> = Vec::new();
+    if let Some(main_mode) = main_mode {
+        let others: Vec<Mode> = cfg.modes.iter().copied().filter(|&m| m != main_mode).collect();
+        let (main_result, side) = std::thread::scope(|scope| {
+            let side = scope.spawn(|| -> Result<(Vec<(Mode, ModeResult, f64)>, Vec<String>)> {
+                let mut notes = Vec::new();
+                let mut done = Vec::new();
+                for &mode in &others {
+                    let t = Instant::now();
+                    let r = run_mode(cfg, mode, init.clone(), &paths, &world, &mut |e| {
+                        if let DemoEvent::Note(n) = e {
+                            notes.push(n);
+                        }
+                    })?;
+                    done.push((mode, r, t.elapsed().as_secs_f64()));
+                }
+                Ok((done, notes))
+            });
+            let t = Instant::now();
+            let main_result = run_mode(cfg, main_mode, init.clone(), &paths, &world, on).map(|r| (r, t.elapsed().as_secs_f64()));
+            let side = side.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a demo training thread panicked")));
+            (main_result, side)
+        });
+        let (r, secs) = main_result?;
+        let (done, notes) = side?;
+        for n in notes {
+            on(DemoEvent::Note(n));
+        }
+        by_mode.push((main_mode, r, secs));
+        by_mode.extend(done);
+    } else {
+        for &mode in &cfg.modes {
+            let t = Instant::now();
+            let r = run_mode(cfg, mode, init.clone(), &paths, &world, on)?;
+            by_mode.push((mode, r, t.elapsed().as_secs_f64()));
+        }
+    }
     let mut modes = Vec::new();
     for &mode in &cfg.modes {
-        let r = stages.time(&format!("train+test {}", mode.name()), || {
-            run_mode(cfg, mode, init.clone(), &paths, &world, on)
-        })?;
+        let i = by_mode.iter().position(|(m, _, _)| *m == mode).expect("every mode ran");
+        let (_, r, secs) = by_mode.swap_remove(i);
+        let overlap = if concurrent { " (concurrent)" } else { "" };
+        stages.0.push((format!("train+test {}{overlap}", mode.name()), secs));
         on(DemoEvent::Note(format!(
             "{}: accuracy {:.1}%, IoP@0.5 {:.1}%, mIoU {:.1}%, event hit {:.1}%",
             r.mode, r.accuracy, r.iop5, r.miou, r.event_hit
