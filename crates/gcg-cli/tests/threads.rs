@@ -5,7 +5,18 @@ use std::process::Command;
 
 fn bench_threads(extra: &[&str]) -> (serde_json::Value, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_gcg"))
-        .args(["bench", "train-step", "--preset", "tiny", "--batch", "1", "--iters", "1", "--frames", "8"])
+        .args([
+            "bench",
+            "train-step",
+            "--preset",
+            "tiny",
+            "--batch",
+            "1",
+            "--iters",
+            "1",
+            "--frames",
+            "8",
+        ])
         .args(extra)
         .env_remove("RAYON_NUM_THREADS")
         .output()

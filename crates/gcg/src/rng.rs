@@ -200,7 +200,10 @@ mod tests {
             }
             let fast = a.normal_vec(n, 0.5, 0.02);
             let slow: Vec<f32> = (0..n).map(|_| (0.5 + 0.02 * b.normal()) as f32).collect();
-            assert!(fast.iter().zip(&slow).all(|(x, y)| x.to_bits() == y.to_bits()), "n {n}, {pre} drawn before");
+            assert!(
+                fast.iter().zip(&slow).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "n {n}, {pre} drawn before"
+            );
             assert_eq!(a, b, "generator state after n {n}");
         }
     }

@@ -337,7 +337,11 @@ fn build_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>)) -
     // either way.
     let concurrent = cfg.modes.len() > 1 && std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
     let main_mode = if concurrent {
-        cfg.modes.iter().copied().find(|&m| m == Mode::Grounding).or(cfg.modes.first().copied())
+        cfg.modes
+            .iter()
+            .copied()
+            .find(|&m| m == Mode::Grounding)
+            .or(cfg.modes.first().copied())
     } else {
         None
     };
@@ -361,7 +365,9 @@ fn build_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>)) -
             });
             let t = Instant::now();
             let main_result = run_mode(cfg, main_mode, init.clone(), &paths, &world, on).map(|r| (r, t.elapsed().as_secs_f64()));
-            let side = side.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a demo training thread panicked")));
+            let side = side
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a demo training thread panicked")));
             (main_result, side)
         });
         let (r, secs) = main_result?;

@@ -431,9 +431,7 @@ impl VitLayer {
     /// into it where oneDNN applies ([`Linear::forward_fused`]); the hidden activation is kept
     /// in the dtype `fc2` multiplies in.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self
-            .self_attn
-            .forward_residual(&self.layer_norm1.forward(x)?, None, Some(x))?;
+        let x = self.self_attn.forward_residual(&self.layer_norm1.forward(x)?, None, Some(x))?;
         let h = self.fc1.forward_fused(
             &self.layer_norm2.forward(&x)?,
             Epilogue {
@@ -561,7 +559,11 @@ mod tests {
         let h = layer.layer_norm1.forward(&x)?;
         let qkv = h.matmul(&a.weight.t()?.unsqueeze(0)?.broadcast_as((2, 256, 768))?)?;
         let bias = a.bias_rows(0, 768)?.expect("a qkv bias");
-        let qkv = qkv.broadcast_add(&bias)?.reshape((2, 5, 3, 4, 64))?.permute((2, 0, 3, 1, 4))?.contiguous()?;
+        let qkv = qkv
+            .broadcast_add(&bias)?
+            .reshape((2, 5, 3, 4, 64))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
         let att = scaled_dot_product_attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, Some(0.125), None, None)?;
         let proj = &a.out;
         let att = merge_heads(&att)?
@@ -571,7 +573,8 @@ mod tests {
         let h = layer.layer_norm2.forward(&x1)?;
         let lin = |l: &Linear, t: &Tensor| -> Result<Tensor> {
             let (o, i) = l.weight.dims2()?;
-            Ok(t.matmul(&l.weight.t()?.unsqueeze(0)?.broadcast_as((2, i, o))?)?.broadcast_add(l.bias.as_ref().unwrap())?)
+            Ok(t.matmul(&l.weight.t()?.unsqueeze(0)?.broadcast_as((2, i, o))?)?
+                .broadcast_add(l.bias.as_ref().unwrap())?)
         };
         let want = (&x1 + lin(&layer.fc2, &lin(&layer.fc1, &h)?.gelu_erf()?)?)?;
         let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;

@@ -79,12 +79,20 @@ impl Linear {
         if super::grad_disabled() {
             // Inference: the weights as frozen (see nn::no_grad).
             let x = super::detach_if_no_grad(x);
-            let frozen = Linear::new(super::detach_if_no_grad(&self.weight), self.bias.as_ref().map(super::detach_if_no_grad));
+            let frozen = Linear::new(
+                super::detach_if_no_grad(&self.weight),
+                self.bias.as_ref().map(super::detach_if_no_grad),
+            );
             #[cfg(gcg_onednn)]
             if let Some(half) = super::autocast_dtype() {
                 // An f32 layer in a bf16 model (nn::inference): its product in bf16, the
                 // result in f32.
-                if x.dtype() == DType::F32 && frozen.weight.dtype() == DType::F32 && x.device().is_cpu() && frozen.in_dim() >= ONEDNN_MIN_DIM && frozen.out_dim() >= ONEDNN_MIN_DIM {
+                if x.dtype() == DType::F32
+                    && frozen.weight.dtype() == DType::F32
+                    && x.device().is_cpu()
+                    && frozen.in_dim() >= ONEDNN_MIN_DIM
+                    && frozen.out_dim() >= ONEDNN_MIN_DIM
+                {
                     let lowered = Linear::new(frozen.weight.to_dtype(half)?, frozen.bias.clone());
                     if let Some(y) = lowered.fused_onednn(&x, &Epilogue::default(), DType::F32)? {
                         return Ok(y);
@@ -140,7 +148,10 @@ impl Linear {
         #[cfg(gcg_onednn)]
         if super::grad_disabled() && self.lora.is_none() {
             // Inference (see nn::no_grad): everything as frozen.
-            let frozen = Linear::new(super::detach_if_no_grad(&self.weight), self.bias.as_ref().map(super::detach_if_no_grad));
+            let frozen = Linear::new(
+                super::detach_if_no_grad(&self.weight),
+                self.bias.as_ref().map(super::detach_if_no_grad),
+            );
             let (x, gate, residual) = (
                 super::detach_if_no_grad(x),
                 e.gate.map(super::detach_if_no_grad),
@@ -162,7 +173,11 @@ impl Linear {
             y = a.forward(&y)?;
         }
         if let Some(g) = e.gate {
-            let g = if g.dtype() == y.dtype() { g.clone() } else { g.to_dtype(y.dtype())? };
+            let g = if g.dtype() == y.dtype() {
+                g.clone()
+            } else {
+                g.to_dtype(y.dtype())?
+            };
             y = (y * g)?;
         }
         if y.dtype() != out {
@@ -476,7 +491,13 @@ mod onednn {
 
     /// `x [m, k] · w [n, k]ᵀ` plus `post` by oneDNN, or `None` when it does not apply (sizes,
     /// layouts, dtypes).
-    pub fn linear(x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout, post: &Post) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
+    pub fn linear(
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        post: &Post,
+    ) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
         let (Ok((m, k)), Ok((n, kw))) = (xl.shape().dims2(), wl.shape().dims2()) else {
             return Ok(None);
         };
@@ -580,21 +601,28 @@ mod onednn {
         let (Storage::Cpu(xc), Storage::Cpu(wc)) = (&*xs, &*ws) else {
             return Ok(None);
         };
-        let gc = match &gs {
-            None => None,
-            Some((s, l)) => match &**s {
-                Storage::Cpu(c) => Some((c, *l)),
-                _ => return Ok(None),
-            },
+        // An optional operand's CPU storage: Err(()) when it lives elsewhere.
+        fn on_cpu<'a, G: std::ops::Deref<Target = Storage>>(
+            t: &'a Option<(G, &'a Layout)>,
+        ) -> Result<Option<(&'a CpuStorage, &'a Layout)>, ()> {
+            match t {
+                None => Ok(None),
+                Some((s, l)) => match &**s {
+                    Storage::Cpu(c) => Ok(Some((c, *l))),
+                    _ => Err(()),
+                },
+            }
+        }
+        let (Ok(gc), Ok(rc)) = (on_cpu(&gs), on_cpu(&rs)) else {
+            return Ok(None);
         };
-        let rc = match &rs {
-            None => None,
-            Some((s, l)) => match &**s {
-                Storage::Cpu(c) => Some((c, *l)),
-                _ => return Ok(None),
-            },
+        let post = Post {
+            act,
+            bias,
+            gate: gc,
+            residual: rc,
+            out,
         };
-        let post = Post { act, bias, gate: gc, residual: rc, out };
         Ok(match linear(xc, xl, wc, wl, &post)? {
             None => None,
             Some((CpuStorage::F32(v), shape)) => Some(Tensor::from_vec(v, shape, &Device::Cpu)?),
@@ -610,7 +638,19 @@ mod onednn {
             CpuStorage::BF16(_) => DType::BF16,
             _ => return Ok(None),
         };
-        linear(x, xl, w, wl, &Post { act: 0, bias: None, gate: None, residual: None, out })
+        linear(
+            x,
+            xl,
+            w,
+            wl,
+            &Post {
+                act: 0,
+                bias: None,
+                gate: None,
+                residual: None,
+                out,
+            },
+        )
     }
 }
 
