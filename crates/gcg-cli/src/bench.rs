@@ -1,6 +1,6 @@
 //! `gcg bench ...`: speed measurements printed as JSON (never timed tests).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Args, Subcommand};
 use gcg::models::lmm::{is_trainable, LmmConfig, VideoLmm};
@@ -152,25 +152,48 @@ fn forward(a: ForwardArgs) -> Result<()> {
         min_new_tokens: a.new_tokens,
         ..Default::default()
     };
-    let answer = || -> Result<Vec<Vec<u32>>> {
+    // One answer, timed per phase: [visual tokens (Q-Former), T5 encoder, greedy decoding].
+    let answer = || -> Result<[f64; 3]> {
         let _inference = gcg::nn::inference(dtype);
+        let t = Instant::now();
         let normed = model.normalize_features(&feats)?;
         let chosen = normed.index_select(&sel, 1)?;
         let visual = model.visual_tokens(&chosen, Some(&normed), &qids, &qmask, Ctx::eval())?;
         let inputs = model.llm_inputs(&visual, &ids, &mask)?;
-        model.generate(&inputs, &gen)
+        sync(&dev)?;
+        let visual_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let enc = model.t5.encode(&inputs.embeds, &inputs.mask, Ctx::eval())?;
+        sync(&dev)?;
+        let encode_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let tokens = model.t5.generate(&enc, &inputs.mask, &gen)?;
+        sync(&dev)?;
+        ensure!(
+            tokens.len() == a.batch,
+            "generate answered {} of {} questions",
+            tokens.len(),
+            a.batch
+        );
+        Ok([visual_s, encode_s, t.elapsed().as_secs_f64()])
     };
     answer()?; // warm-up
-    sync(&dev)?;
-    let mut times = Vec::new();
+    let mut runs = Vec::new();
     for _ in 0..a.iters.max(1) {
-        let t = Instant::now();
-        answer()?;
-        sync(&dev)?;
-        times.push(t.elapsed().as_secs_f64());
+        runs.push(answer()?);
     }
-    times.sort_by(|x, y| x.total_cmp(y));
-    let median = times[times.len() / 2];
+    let median_of = |f: &dyn Fn(&[f64; 3]) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(|x, y| x.total_cmp(y));
+        v[v.len() / 2]
+    };
+    let times: Vec<f64> = runs.iter().map(|r| r.iter().sum()).collect();
+    let median = median_of(&|r| r.iter().sum());
+    let phases = json!({
+        "visual_tokens_s": median_of(&|r| r[0]),
+        "t5_encoder_s": median_of(&|r| r[1]),
+        "decoding_s": median_of(&|r| r[2]),
+    });
     let out = json!({
         "bench": "forward",
         "preset": a.preset.name(),
@@ -188,6 +211,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
             "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
             "seconds_per_batch_median": median, "seconds_per_batch_all": times,
             "latency_s_per_answer": median / a.batch as f64,
+            "phases_s_per_batch_median": phases,
         },
     });
     println!("{}", serde_json::to_string_pretty(&out)?);
