@@ -385,21 +385,50 @@ pub const ONEDNN: bool = cfg!(gcg_onednn);
 /// their exact results, and oneDNN's set-up would not pay off.
 pub const ONEDNN_MIN_DIM: usize = 256;
 
-/// Use `n` threads in oneDNN's products from now on (its OpenMP runtime otherwise takes
-/// `OMP_NUM_THREADS` or every core). Returns whether it applied (gcg built with oneDNN on an
-/// OpenMP runtime).
+/// Use `n` threads in oneDNN's products from now on, on every thread (its OpenMP runtime
+/// otherwise takes `OMP_NUM_THREADS` or every core; OpenMP keeps the count per thread, so each
+/// thread applies it before its next product). Returns whether it applies (gcg built with
+/// oneDNN on an OpenMP runtime).
 pub fn set_onednn_threads(n: usize) -> bool {
+    ONEDNN_THREADS.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    apply_onednn_threads()
+}
+
+/// The thread count set by [`set_onednn_threads`] (none: OpenMP's default).
+pub fn onednn_threads() -> Option<usize> {
+    match ONEDNN_THREADS.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        n => Some(n),
+    }
+}
+
+static ONEDNN_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+thread_local! {
+    /// The thread count this thread last gave OpenMP (0: none).
+    static ONEDNN_THREADS_HERE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Give this thread's OpenMP the count of [`set_onednn_threads`], once per change.
+fn apply_onednn_threads() -> bool {
+    let Some(n) = onednn_threads() else { return false };
+    if ONEDNN_THREADS_HERE.with(|c| c.get()) == n {
+        return true;
+    }
     #[cfg(gcg_onednn)]
     {
         extern "C" {
             fn gcg_onednn_set_threads(n: std::os::raw::c_int) -> std::os::raw::c_int;
         }
-        // SAFETY: sets OpenMP's default thread count; no memory is passed.
-        unsafe { gcg_onednn_set_threads(n.clamp(1, i32::MAX as usize) as std::os::raw::c_int) == 0 }
+        // SAFETY: sets OpenMP's thread count for this thread; no memory is passed.
+        let ok = unsafe { gcg_onednn_set_threads(n.min(i32::MAX as usize) as std::os::raw::c_int) == 0 };
+        if ok {
+            ONEDNN_THREADS_HERE.with(|c| c.set(n));
+        }
+        ok
     }
     #[cfg(not(gcg_onednn))]
     {
-        let _ = n;
         false
     }
 }
@@ -528,6 +557,7 @@ mod onednn {
         if post.bias.is_some_and(|b| b.len() != n) {
             return Ok(None);
         }
+        super::apply_onednn_threads();
         let call = |y: *mut c_void| -> candle_core::Result<bool> {
             // SAFETY: x holds m·k and w n·k contiguous values of the type the flag names, the
             // bias n f32 values, the gate m·n values of its flagged type and y m·n values of the
