@@ -860,12 +860,73 @@ fn non_finite_losses_are_skipped_and_counted_and_diverged_weights_stop_training_
 }
 
 #[test]
+fn micro_batches_side_by_side_give_the_same_run() {
+    // Grounding mode draws randomness (the perturbed top-k's noise) in every micro-batch. 14
+    // questions in micro-batches of 2 with 4 per step: steps of 4 and 3 micro-batches an epoch.
+    // One, two (waves of 2 + 2, then 2 + 1) or four at a time: the same losses, the same weights.
+    let tmp = tempfile::tempdir().unwrap();
+    let w = world(14, 5);
+    let src = Source {
+        world: &w,
+        batch_size: 2,
+        seed: 3,
+    };
+    let run_cfg = serde_json::json!({});
+    let run = |data_parallel: usize| -> (Vec<f64>, Vec<(String, Vec<f32>)>) {
+        let cfg = TrainConfig {
+            epochs: 2,
+            batch_size: 2,
+            grad_accum: 4,
+            data_parallel,
+            lr: 1e-3,
+            grounding_lr: 3e-3,
+            max_grad_norm: Some(1.0),
+            ..Default::default()
+        };
+        let dir = RunDir::new(tmp.path().join(format!("dp{data_parallel}"))).unwrap();
+        let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
+        let job = TrainJob {
+            model: &model,
+            vars: &vars,
+            cfg: &cfg,
+            run: &dir,
+            train_set: &src,
+            val_set: None,
+            run_config: &run_cfg,
+        };
+        trainer::train(&job, false, &mut |_| {}).unwrap();
+        (read_losses(&dir.root), values(&vars))
+    };
+    let (losses, weights) = run(1);
+    assert_eq!(losses.len(), 4, "two steps an epoch");
+    for dp in [2, 4] {
+        let (l, wts) = run(dp);
+        assert_eq!(l, losses, "data_parallel = {dp}: the loss sequence");
+        assert_eq!(wts.len(), weights.len());
+        for ((name, a), (_, b)) in wts.iter().zip(&weights) {
+            assert_eq!(a, b, "data_parallel = {dp}: {name}");
+        }
+    }
+    // The weights did move (the comparison is not of untouched weights).
+    let (_, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
+    assert_ne!(values(&vars), weights, "training changed the weights");
+    // 0 is refused with the setting's name.
+    let err = TrainConfig {
+        data_parallel: 0,
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_err();
+    assert!(err.to_string().contains("data_parallel"), "{err}");
+}
+
+#[test]
 fn a_short_last_accumulation_group_is_the_mean_over_its_own_questions() {
     // 10 questions in micro-batches of 2: with 4 micro-batches per step, an epoch is a step of 8
-    // questions and a step of the last 2. With a learning rate too small to move any weight, the
-    // 5th micro-batch meets the same weights and random draws whatever the grouping, so the
-    // second step's gradient must be exactly that micro-batch's own (as a step of one micro-batch
-    // gives it), not a quarter of it.
+    // questions and a step of the last 2. With a learning rate too small to move any weight and
+    // no dropout (uniform mode then draws nothing random), the 5th micro-batch meets the same
+    // weights whatever the grouping, so the second step's gradient must be exactly that
+    // micro-batch's own (as a step of one micro-batch gives it), not a quarter of it.
     let tmp = tempfile::tempdir().unwrap();
     let w = world(10, 8);
     let src = Source {
@@ -885,7 +946,14 @@ fn a_short_last_accumulation_group_is_the_mean_over_its_own_questions() {
             ..Default::default()
         };
         let run = RunDir::new(tmp.path().join(name)).unwrap();
-        let (model, vars) = build(Mode::Uniform, &tmp.path().join("tok"), 6);
+        let tok = tokenizers(&tmp.path().join("tok"));
+        let mut lmm = lmm_config(&tok);
+        lmm.qformer.hidden_dropout_prob = 0.0;
+        lmm.qformer.attention_probs_dropout_prob = 0.0;
+        lmm.t5.dropout_rate = 0.0;
+        let lb = Loader::random(&Device::Cpu, DType::F32, 6).with_trainable(is_trainable);
+        let model = GcgModel::load(&lb, &lmm, &config(Mode::Uniform, K), tok, false).unwrap();
+        let vars = lb.vars();
         let job = TrainJob {
             model: &model,
             vars: &vars,

@@ -775,6 +775,12 @@ fn run_config(cfg: &DemoConfig, name: &str, mode: Mode, epochs: u64, init: Optio
     rc.train.epochs = epochs;
     if name == PRETRAIN {
         rc.train.lr = cfg.pretrain_lr;
+        // Each step's batch as two micro-batches of half its size, computed side by side when
+        // there are two cores (the run is the same either way): the tiny model's operations
+        // are too small to split across cores, its batches are not.
+        rc.train.batch_size = cfg.run.train.batch_size.div_ceil(2);
+        rc.train.grad_accum = 2 * cfg.run.train.grad_accum;
+        rc.train.data_parallel = std::thread::available_parallelism().map_or(1, |n| n.get()).min(2);
     }
     rc
 }

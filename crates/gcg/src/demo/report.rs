@@ -618,10 +618,12 @@ fn md_stages(md: &mut String, r: &DemoResult) {
             md,
             "* **Language-model pre-training** (shared by all modes): the tiny Q-Former and T5 start from random weights \
              (no pretrained tiny language model exists offline), so they first learn to answer from the K frames the CLIP \
-             pseudo-labels point at (the oracle selection) on the training split for {} epochs at lr {} — the stand-in for \
-             InstructBLIP's pre-training. Validation accuracy per epoch: {}. The best checkpoint starts every mode.",
+             pseudo-labels point at (the oracle selection) on the training split for {} epochs at lr {} (batch {} as two \
+             micro-batches, computed side by side on two cores) — the stand-in for InstructBLIP's pre-training. \
+             Validation accuracy per epoch: {}. The best checkpoint starts every mode.",
             r.config.pretrain_epochs,
             r.config.pretrain_lr,
+            r.config.run.train.batch_size,
             p.val_accuracy.iter().map(|v| format!("{v:.1}")).collect::<Vec<_>>().join(" → ")
         );
     }

@@ -37,7 +37,17 @@ pub struct TrainConfig {
     pub batch_size: usize,
     /// Micro-batches per optimiser step (8: the official 8 GPUs; 4 × 8 = 32 questions per step).
     /// The last group of an epoch may be shorter; its gradient is the mean over its questions.
+    /// With more than one, each micro-batch draws its randomness (dropout, top-k noise) from
+    /// its own stream, seeded from the run's generator at the start of its group, so that the
+    /// result does not depend on `data_parallel`.
     pub grad_accum: usize,
+    /// Micro-batches of one optimiser step computed side by side, each on its own thread
+    /// (data parallelism on the CPU, as DDP's one micro-batch per GPU): their gradients are
+    /// summed in micro-batch order, so the run is identical for every value. Worth it for
+    /// small models, whose operations are too small to split across cores: with `--threads 1`,
+    /// `data_parallel = cores` keeps every core busy. Each thread holds its own activations
+    /// (memory × `data_parallel`). 1 = one micro-batch at a time.
+    pub data_parallel: usize,
     /// Learning rate of the Q-Former, query tokens, projection and frame positions.
     pub lr: f64,
     /// Learning rate of the grounding module.
@@ -84,6 +94,7 @@ impl Default for TrainConfig {
             grounding_warmup_epochs: 0,
             batch_size: 4,
             grad_accum: 8,
+            data_parallel: 1,
             lr: 1e-5,
             grounding_lr: 7e-5,
             weight_decay: 0.02,
@@ -108,8 +119,13 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("batch_size and grad_accum must be at least 1");
+        if self.batch_size == 0 || self.grad_accum == 0 || self.data_parallel == 0 {
+            bail!(
+                "batch_size, grad_accum and data_parallel must be at least 1 (got {}, {}, {})",
+                self.batch_size,
+                self.grad_accum,
+                self.data_parallel
+            );
         }
         if self.epochs == 0 && self.grounding_warmup_epochs == 0 {
             bail!("epochs = 0 (and no grounding_warmup_epochs) trains nothing; give at least 1 epoch");
@@ -449,9 +465,10 @@ impl Accumulator {
         }
     }
 
-    fn add(&mut self, losses: &Losses, loss: f64, samples: usize, vars: &VarStore, scale: f64) -> Result<()> {
-        let store = losses.total.backward()?;
-        self.grads.accumulate(&store, vars, scale)?;
+    fn add(&mut self, micro: &MicroStep, samples: usize, vars: &VarStore, scale: f64) -> Result<()> {
+        let (losses, loss) = (&micro.losses, micro.loss);
+        let store = micro.grads.as_ref().context("a finite micro-batch loss without its gradients")?;
+        self.grads.accumulate(store, vars, scale)?;
         self.micro += 1;
         self.loss += loss;
         self.vqa += losses.vqa.to_scalar::<f32>()? as f64;
@@ -537,19 +554,41 @@ fn train_epoch(
     let warmup = epoch < plan.warmup_epochs;
     let mut batches = job.train_set.batches(epoch, state.batch_in_epoch as usize)?;
     let mut acc = Accumulator::new();
+    let accum = cfg.grad_accum as u64;
+    let mut group_seed = 0u64;
+    // A wave: the next micro-batches of the current group (up to `data_parallel` of them),
+    // computed side by side; then each is accounted for in order, as if computed one by one.
+    let mut wave: std::collections::VecDeque<(Batch, Result<MicroStep>)> = Default::default();
     loop {
-        if cfg.max_steps.is_some_and(|m| state.step >= m) {
-            return Ok(false);
+        if wave.is_empty() {
+            if cfg.max_steps.is_some_and(|m| state.step >= m) {
+                return Ok(false);
+            }
+            let in_group = state.batch_in_epoch % accum;
+            if in_group == 0 && accum > 1 {
+                group_seed = rng.borrow_mut().next_u64();
+            }
+            let left = (accum - in_group).min(plan.batches_per_epoch.saturating_sub(state.batch_in_epoch).max(1));
+            let mut read = Vec::new();
+            for i in 0..(cfg.data_parallel as u64).min(left) {
+                let Some(batch) = batches.next() else { break };
+                let at = state.batch_in_epoch + i;
+                read.push(batch.with_context(|| format!("reading training batch {at} of epoch {epoch}"))?);
+            }
+            if read.is_empty() {
+                return Ok(true);
+            }
+            // One micro-batch per step draws from the run's generator itself (as always);
+            // in a group, micro-batch j draws from its own stream.
+            let streams: Vec<Option<SeededRng>> = (0..read.len() as u64)
+                .map(|i| (accum > 1).then(|| micro_batch_rng(group_seed, in_group + i)))
+                .collect();
+            let steps = micro_steps(job.model, &read, streams, rng, warmup);
+            wave.extend(read.into_iter().zip(steps));
         }
-        let Some(batch) = batches.next() else { return Ok(true) };
-        let batch = batch.with_context(|| format!("reading training batch {} of epoch {epoch}", state.batch_in_epoch))?;
-        let forward = if warmup {
-            job.model.forward_grounding(&batch, rng)
-        } else {
-            job.model.forward_train(&batch, rng)
-        };
-        let losses = forward.map_err(|e| diverged(job, state, e))?;
-        let loss = losses.total.to_scalar::<f32>()? as f64;
+        let (batch, step) = wave.pop_front().expect("a wave holds a micro-batch");
+        let micro = step.map_err(|e| diverged(job, state, e))?;
+        let loss = micro.loss;
         state.batch_in_epoch += 1;
         let skipped = !loss.is_finite();
         if skipped {
@@ -582,7 +621,7 @@ fn train_epoch(
             } else {
                 batch.len() as f64 / full_group
             };
-            acc.add(&losses, loss, batch.len(), job.vars, weight)?;
+            acc.add(&micro, batch.len(), job.vars, weight)?;
         }
         // Groups are fixed runs of grad_accum micro-batches of the epoch (a skipped batch
         // shortens its group, it does not shift the next ones); a group of only skipped
@@ -627,6 +666,73 @@ fn train_epoch(
             on_event(Event::Checkpoint(&run.last()));
         }
     }
+}
+
+/// One micro-batch's forward and backward: its losses, the total as a number, and the
+/// gradients (none when the loss is not finite: such a batch is skipped or stops the run).
+struct MicroStep {
+    losses: Losses,
+    loss: f64,
+    grads: Option<candle_core::backprop::GradStore>,
+}
+
+/// The random stream of micro-batch `j` of the group seeded `group_seed`.
+fn micro_batch_rng(group_seed: u64, j: u64) -> SeededRng {
+    SeededRng::new(group_seed ^ (j + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+fn micro_step(model: &GcgModel, batch: &Batch, rng: &RefCell<SeededRng>, warmup: bool) -> Result<MicroStep> {
+    let losses = if warmup {
+        model.forward_grounding(batch, rng)?
+    } else {
+        model.forward_train(batch, rng)?
+    };
+    let loss = losses.total.to_scalar::<f32>()? as f64;
+    let grads = if loss.is_finite() { Some(losses.total.backward()?) } else { None };
+    // The values only from here: the graph (this micro-batch's activations) is freed now.
+    let losses = Losses {
+        vqa: losses.vqa.detach(),
+        reg: losses.reg.map(|t| t.detach()),
+        con: losses.con.map(|t| t.detach()),
+        total: losses.total.detach(),
+    };
+    Ok(MicroStep { losses, loss, grads })
+}
+
+/// Forward and backward of `batches`, side by side when there are several: batch i draws from
+/// `streams[i]`, or from the run's generator `rng` when it has none.
+fn micro_steps(
+    model: &GcgModel,
+    batches: &[Batch],
+    streams: Vec<Option<SeededRng>>,
+    rng: &RefCell<SeededRng>,
+    warmup: bool,
+) -> Vec<Result<MicroStep>> {
+    let run = |batch: &Batch, stream: Option<SeededRng>| match stream {
+        Some(s) => micro_step(model, batch, &RefCell::new(s), warmup),
+        None => micro_step(model, batch, rng, warmup),
+    };
+    let mut streams = streams.into_iter();
+    if batches.len() == 1 {
+        return vec![run(&batches[0], streams.next().flatten())];
+    }
+    let first = streams.next().flatten();
+    let others: Vec<SeededRng> = streams
+        .map(|s| s.expect("micro-batches side by side draw from their own streams"))
+        .collect();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = batches[1..]
+            .iter()
+            .zip(others)
+            .map(|(batch, stream)| scope.spawn(move || micro_step(model, batch, &RefCell::new(stream), warmup)))
+            .collect();
+        let mut out = vec![run(&batches[0], first)];
+        out.extend(handles.into_iter().map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("a data-parallel training thread panicked")))
+        }));
+        out
+    })
 }
 
 /// A failed training forward, told as a divergence when the trainable weights are no longer
