@@ -227,6 +227,7 @@ pub fn kernels() -> serde_json::Value {
             "candle"
         },
         "threads": candle_core::utils::get_num_threads(),
+        "omp_wait_policy": crate::omp_wait_policy(),
     })
 }
 

@@ -45,3 +45,34 @@ fn threads_flag_sets_the_tensor_thread_count() {
     assert!(!out.status.success(), "--threads 0 is refused");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--threads"));
 }
+
+/// oneDNN's OpenMP threads sleep between products (`OMP_WAIT_POLICY=passive`, set before OpenMP
+/// loads) unless the user chose otherwise: OpenMP itself reports the policy it read
+/// (`OMP_DISPLAY_ENV`).
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn openmp_waits_passively_unless_told_otherwise() {
+    let run = |policy: Option<&str>| -> (serde_json::Value, String) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gcg"));
+        cmd.args(["bench", "train-step", "--preset", "tiny", "--batch", "1", "--iters", "1", "--frames", "8"])
+            .env("OMP_DISPLAY_ENV", "TRUE")
+            .env_remove("OMP_WAIT_POLICY");
+        if let Some(p) = policy {
+            cmd.env("OMP_WAIT_POLICY", p);
+        }
+        let out = cmd.output().expect("running gcg");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "gcg failed: {stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench JSON");
+        (v["kernels"].clone(), stderr)
+    };
+    let (k, err) = run(None);
+    assert_eq!(k["omp_wait_policy"], "passive", "{k}");
+    if k["matmul"].as_str().is_some_and(|m| m.starts_with("oneDNN")) {
+        // Built with oneDNN on OpenMP: the runtime read the policy at load.
+        assert!(err.contains("OMP_WAIT_POLICY = 'PASSIVE'"), "OpenMP's settings: {err}");
+        let (k, err) = run(Some("active"));
+        assert_eq!(k["omp_wait_policy"], "active", "{k}");
+        assert!(err.contains("OMP_WAIT_POLICY = 'ACTIVE'"), "OpenMP's settings: {err}");
+    }
+}
