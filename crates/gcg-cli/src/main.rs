@@ -105,9 +105,11 @@ pub static OMP_PASSIVE_BY_DEFAULT: std::sync::atomic::AtomicBool = std::sync::at
 
 /// OpenMP's wait policy for this process: the user's `OMP_WAIT_POLICY`, or the binary's choice.
 pub fn omp_wait_policy() -> Option<String> {
-    std::env::var("OMP_WAIT_POLICY")
-        .ok()
-        .or_else(|| OMP_PASSIVE_BY_DEFAULT.load(std::sync::atomic::Ordering::Relaxed).then(|| "passive".to_string()))
+    std::env::var("OMP_WAIT_POLICY").ok().or_else(|| {
+        OMP_PASSIVE_BY_DEFAULT
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .then(|| "passive".to_string())
+    })
 }
 
 fn main() {

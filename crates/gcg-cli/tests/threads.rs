@@ -54,9 +54,20 @@ fn threads_flag_sets_the_tensor_thread_count() {
 fn openmp_waits_passively_unless_told_otherwise() {
     let run = |policy: Option<&str>| -> (serde_json::Value, String) {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gcg"));
-        cmd.args(["bench", "train-step", "--preset", "tiny", "--batch", "1", "--iters", "1", "--frames", "8"])
-            .env("OMP_DISPLAY_ENV", "TRUE")
-            .env_remove("OMP_WAIT_POLICY");
+        cmd.args([
+            "bench",
+            "train-step",
+            "--preset",
+            "tiny",
+            "--batch",
+            "1",
+            "--iters",
+            "1",
+            "--frames",
+            "8",
+        ])
+        .env("OMP_DISPLAY_ENV", "TRUE")
+        .env_remove("OMP_WAIT_POLICY");
         if let Some(p) = policy {
             cmd.env("OMP_WAIT_POLICY", p);
         }
