@@ -208,9 +208,11 @@ pub fn pretrain(world: &Path, cfg: &ClipPretrainConfig, progress: &mut dyn FnMut
     for step in 0..cfg.steps {
         let (batch, caps) = sample_batch(&frames, &events, &empty, &mut rng, cfg.batch_size);
         let (mask, px, tok) = batch_tensors(&frames, &tokens, &batch, &caps, cfg, &dev)?;
-        let (loss, scale, mut grads) = contrastive_step(&vit, &image, &text, &px, &tok, &mask, &vars)?;
+        let (loss, scale) = contrastive_loss(&vit, &image, &text, &px, &tok, &mask)?;
         let value = loss.to_scalar::<f32>()? as f64;
         ensure!(value.is_finite(), "CLIP pre-training: the loss is not finite at step {step}");
+        let mut grads = Grads::new();
+        grads.accumulate(&loss.backward()?, &vars, 1.0)?;
         let gn = grads.clip_global_norm(1.0)?;
         if std::env::var("GCG_DEBUG").is_ok() && step % 20 == 0 {
             eprintln!(
@@ -340,9 +342,7 @@ fn batch_tensors(
     Ok((mask, px, tok))
 }
 
-/// The symmetric multi-positive contrastive loss of a batch, and the logit scale it used (one
-/// graph through both towers: the reference of [`contrastive_step`]).
-#[cfg(test)]
+/// The symmetric multi-positive contrastive loss of a batch, and the logit scale it used.
 fn contrastive_loss(
     vit: &VisionModel,
     image: &ClipImageHead,
@@ -351,63 +351,8 @@ fn contrastive_loss(
     tok: &Tensor,
     mask: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    loss_of_embeddings(&image.forward(&vit.forward_wo_norm(px)?)?, &text.forward(tok)?, text, mask)
-}
-
-/// The loss, the logit scale and the gradients of every variable of one training batch. The
-/// image tower (ViT + head) and the text tower run forward and backward side by side on two
-/// threads, the loss between them on this one: each tower's backward starts from the gradient
-/// the loss gives its output, so the gradients are those of one backward through the whole
-/// graph ([`contrastive_loss`]; tested equal).
-fn contrastive_step(
-    vit: &VisionModel,
-    image: &ClipImageHead,
-    text: &ClipTextModel,
-    px: &Tensor,
-    tok: &Tensor,
-    mask: &Tensor,
-    vars: &VarStore,
-) -> Result<(Tensor, Tensor, Grads)> {
-    let (img, txt) = side_by_side(|| Ok(image.forward(&vit.forward_wo_norm(px)?)?), || Ok(text.forward(tok)?))?;
-    // The towers' outputs as leaves of the loss's own graph.
-    let img_out = candle_core::Var::from_tensor(&img.detach())?;
-    let txt_out = candle_core::Var::from_tensor(&txt.detach())?;
-    let (loss, scale) = loss_of_embeddings(img_out.as_tensor(), txt_out.as_tensor(), text, mask)?;
-    let head = loss.backward()?;
-    let grad_of = |t: &candle_core::Var, name: &str| -> Result<Tensor> {
-        Ok(head
-            .get(t.as_tensor())
-            .with_context(|| format!("the contrastive loss gave the {name} embeddings no gradient"))?
-            .clone())
-    };
-    let (g_img, g_txt) = (grad_of(&img_out, "image")?, grad_of(&txt_out, "text")?);
-    // Σ out ⊙ g has gradient g with respect to out: each tower's backward from there.
-    let (gi, gt) = side_by_side(
-        || Ok((&img * &g_img)?.sum_all()?.backward()?),
-        || Ok((&txt * &g_txt)?.sum_all()?.backward()?),
-    )?;
-    let mut grads = Grads::new();
-    for store in [&head, &gi, &gt] {
-        grads.accumulate(store, vars, 1.0)?;
-    }
-    Ok((loss, scale, grads))
-}
-
-/// `a()` on a second thread beside `b()` on this one.
-fn side_by_side<A: Send, B>(a: impl FnOnce() -> Result<A> + Send, b: impl FnOnce() -> Result<B>) -> Result<(A, B)> {
-    std::thread::scope(|scope| {
-        let a = scope.spawn(a);
-        let b = b();
-        let a = a.join().unwrap_or_else(|_| Err(anyhow!("a CLIP pre-training thread panicked")))?;
-        Ok((a, b?))
-    })
-}
-
-/// The symmetric multi-positive contrastive loss of the towers' outputs (before their L2
-/// normalisation), and the logit scale it used.
-fn loss_of_embeddings(img: &Tensor, txt: &Tensor, text: &ClipTextModel, mask: &Tensor) -> Result<(Tensor, Tensor)> {
-    let img = l2_normalize(img)?;
-    let txt = l2_normalize(txt)?;
+    let img = l2_normalize(&image.forward(&vit.forward_wo_norm(px)?)?)?;
+    let txt = l2_normalize(&text.forward(tok)?)?;
     let scale = text
         .logit_scale
         .as_ref()
@@ -494,54 +439,4 @@ pub fn load_encoders(file: &Path, cfg: &ClipPretrainConfig) -> Result<FrozenEnco
         tokenizer,
         vit_config,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The towers' forward and backward side by side give the gradients of one backward
-    /// through the whole graph.
-    #[test]
-    fn side_by_side_towers_give_the_whole_graph_gradients() -> Result<()> {
-        let cfg = ClipPretrainConfig {
-            image_size: 32,
-            context_length: 8,
-            ..ClipPretrainConfig::default()
-        };
-        let vocab = 50;
-        let (vit_cfg, clip_cfg) = (cfg.vit(), cfg.clip(vocab));
-        let dev = Device::Cpu;
-        let Towers { vit, image, text, vars } = Towers::random(&cfg, &vit_cfg, &clip_cfg, &dev)?;
-        let b = 6;
-        let mut rng = SeededRng::new(11);
-        let px = Tensor::from_vec(rng.normal_vec(b * 3 * 32 * 32, 0.0, 1.0), (b, 3, 32, 32), &dev)?;
-        let tok: Vec<u32> = (0..b * 8).map(|_| 1 + rng.below(vocab - 1) as u32).collect();
-        let tok = Tensor::from_vec(tok, (b, 8), &dev)?;
-        let mask: Vec<f32> = (0..b * b).map(|i| f32::from(i % b == i / b || i % 5 == 0)).collect();
-        let mask = Tensor::from_vec(mask, (b, b), &dev)?;
-
-        let (loss_ref, _) = contrastive_loss(&vit, &image, &text, &px, &tok, &mask)?;
-        let mut reference = Grads::new();
-        reference.accumulate(&loss_ref.backward()?, &vars, 1.0)?;
-        let (loss, _, grads) = contrastive_step(&vit, &image, &text, &px, &tok, &mask, &vars)?;
-
-        assert_eq!(loss.to_scalar::<f32>()?, loss_ref.to_scalar::<f32>()?);
-        // Every variable but the ViT's final LayerNorm (the image head reads the features
-        // before it) has a gradient, the same set both ways.
-        assert_eq!(reference.len(), vars.len() - 2);
-        assert_eq!(grads.len(), reference.len());
-        for (name, _) in vars.iter() {
-            let Some(r) = reference.get(name) else {
-                assert!(name.contains("post_layernorm"), "{name} has no gradient");
-                assert!(grads.get(name).is_none(), "{name}");
-                continue;
-            };
-            let g = grads.get(name).unwrap_or_else(|| panic!("{name} has no gradient"));
-            let scale = r.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-12);
-            let diff = (g - r)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(diff <= 1e-6 * scale, "{name}: max |Δ| {diff} against max |g| {scale}");
-        }
-        Ok(())
-    }
 }
