@@ -3,28 +3,38 @@
 
 use std::process::Command;
 
-fn bench_threads(extra: &[&str]) -> (serde_json::Value, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_gcg"))
-        .args([
-            "bench",
-            "train-step",
-            "--preset",
-            "tiny",
-            "--batch",
-            "1",
-            "--iters",
-            "1",
-            "--frames",
-            "8",
-        ])
-        .args(extra)
-        .env_remove("RAYON_NUM_THREADS")
-        .output()
-        .expect("running gcg");
+/// `gcg bench train-step` on the tiny preset with `extra` arguments and environment changes
+/// (`None` removes the variable): its JSON's `kernels` and its stderr.
+fn bench_kernels(extra: &[&str], env: &[(&str, Option<&str>)]) -> (serde_json::Value, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_gcg"));
+    cmd.args([
+        "bench",
+        "train-step",
+        "--preset",
+        "tiny",
+        "--batch",
+        "1",
+        "--iters",
+        "1",
+        "--frames",
+        "8",
+    ])
+    .args(extra);
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd.output().expect("running gcg");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "gcg failed: {stderr}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench JSON");
     (v["kernels"].clone(), stderr)
+}
+
+fn bench_threads(extra: &[&str]) -> (serde_json::Value, String) {
+    bench_kernels(extra, &[("RAYON_NUM_THREADS", None)])
 }
 
 #[test]
@@ -52,31 +62,7 @@ fn threads_flag_sets_the_tensor_thread_count() {
 #[test]
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn openmp_waits_passively_unless_told_otherwise() {
-    let run = |policy: Option<&str>| -> (serde_json::Value, String) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gcg"));
-        cmd.args([
-            "bench",
-            "train-step",
-            "--preset",
-            "tiny",
-            "--batch",
-            "1",
-            "--iters",
-            "1",
-            "--frames",
-            "8",
-        ])
-        .env("OMP_DISPLAY_ENV", "TRUE")
-        .env_remove("OMP_WAIT_POLICY");
-        if let Some(p) = policy {
-            cmd.env("OMP_WAIT_POLICY", p);
-        }
-        let out = cmd.output().expect("running gcg");
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(out.status.success(), "gcg failed: {stderr}");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench JSON");
-        (v["kernels"].clone(), stderr)
-    };
+    let run = |policy: Option<&str>| bench_kernels(&[], &[("OMP_DISPLAY_ENV", Some("TRUE")), ("OMP_WAIT_POLICY", policy)]);
     let (k, err) = run(None);
     assert_eq!(k["omp_wait_policy"], "passive", "{k}");
     if k["matmul"].as_str().is_some_and(|m| m.starts_with("oneDNN")) {

@@ -578,12 +578,14 @@ fn train_epoch(
             if read.is_empty() {
                 return Ok(true);
             }
-            // One micro-batch per step draws from the run's generator itself (as always);
-            // in a group, micro-batch j draws from its own stream.
-            let streams: Vec<Option<SeededRng>> = (0..read.len() as u64)
-                .map(|i| (accum > 1).then(|| micro_batch_rng(group_seed, in_group + i)))
-                .collect();
-            let steps = micro_steps(job.model, &read, streams, rng, warmup);
+            let steps = if accum == 1 {
+                // One micro-batch per step draws from the run's generator itself (as always).
+                vec![micro_step(job.model, &read[0], rng, warmup)]
+            } else {
+                // In a group, micro-batch j draws from its own stream.
+                let streams = (0..read.len() as u64).map(|i| micro_batch_rng(group_seed, in_group + i));
+                micro_steps(job.model, &read, streams.collect(), warmup)
+            };
             wave.extend(read.into_iter().zip(steps));
         }
         let (batch, step) = wave.pop_front().expect("a wave holds a micro-batch");
@@ -699,34 +701,18 @@ fn micro_step(model: &GcgModel, batch: &Batch, rng: &RefCell<SeededRng>, warmup:
     Ok(MicroStep { losses, loss, grads })
 }
 
-/// Forward and backward of `batches`, side by side when there are several: batch i draws from
-/// `streams[i]`, or from the run's generator `rng` when it has none.
-fn micro_steps(
-    model: &GcgModel,
-    batches: &[Batch],
-    streams: Vec<Option<SeededRng>>,
-    rng: &RefCell<SeededRng>,
-    warmup: bool,
-) -> Vec<Result<MicroStep>> {
-    let run = |batch: &Batch, stream: Option<SeededRng>| match stream {
-        Some(s) => micro_step(model, batch, &RefCell::new(s), warmup),
-        None => micro_step(model, batch, rng, warmup),
+/// Forward and backward of `batches`, side by side (batch i on its own thread, drawing from
+/// `streams[i]`).
+fn micro_steps(model: &GcgModel, batches: &[Batch], streams: Vec<SeededRng>, warmup: bool) -> Vec<Result<MicroStep>> {
+    let mut work = batches.iter().zip(streams);
+    let Some((first, first_stream)) = work.next() else {
+        return Vec::new();
     };
-    let mut streams = streams.into_iter();
-    if batches.len() == 1 {
-        return vec![run(&batches[0], streams.next().flatten())];
-    }
-    let first = streams.next().flatten();
-    let others: Vec<SeededRng> = streams
-        .map(|s| s.expect("micro-batches side by side draw from their own streams"))
-        .collect();
     std::thread::scope(|scope| {
-        let handles: Vec<_> = batches[1..]
-            .iter()
-            .zip(others)
+        let handles: Vec<_> = work
             .map(|(batch, stream)| scope.spawn(move || micro_step(model, batch, &RefCell::new(stream), warmup)))
             .collect();
-        let mut out = vec![run(&batches[0], first)];
+        let mut out = vec![micro_step(model, first, &RefCell::new(first_stream), warmup)];
         out.extend(handles.into_iter().map(|h| {
             h.join()
                 .unwrap_or_else(|_| Err(anyhow::anyhow!("a data-parallel training thread panicked")))
