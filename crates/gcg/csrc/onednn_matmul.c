@@ -97,3 +97,94 @@ done:
     if (attr) dnnl_primitive_attr_destroy(attr);
     return (int)st;
 }
+
+/* Batched product with strided operands, for attention:
+ *
+ *     c [b0, b1, m, n] = alpha · a [b0, b1, m, k] · b [b0, b1, k, n]
+ *
+ * each operand given by its four strides (in elements), so q, kᵀ, v and the merged-head output
+ * are read and written in place. a and b are both f32 or both bf16 (ab_bf16); c is f32 or bf16
+ * (c_bf16); the accumulation is f32. Returns 0 on success, else the dnnl_status_t. */
+int gcg_onednn_bmm(int ab_bf16, int c_bf16, long b0, long b1, long m, long n, long k, const void *a, const long *sa,
+                   const void *b, const long *sb, float alpha, void *c, const long *sc) {
+    pthread_once(&engine_once, make_engine);
+    if (engine_status != dnnl_success) return (int)engine_status;
+    dnnl_status_t st = dnnl_success;
+    dnnl_data_type_t it = ab_bf16 ? dnnl_bf16 : dnnl_f32, ot = c_bf16 ? dnnl_bf16 : dnnl_f32;
+    dnnl_memory_desc_t ad, bd, cd;
+    dnnl_matmul_desc_t md;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t po = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_primitive_t prim = NULL;
+    dnnl_memory_t am = NULL, bm = NULL, cm = NULL;
+    dnnl_stream_t stream = NULL;
+    dnnl_dims_t adims = {b0, b1, m, k}, bdims = {b0, b1, k, n}, cdims = {b0, b1, m, n};
+    dnnl_dims_t as = {sa[0], sa[1], sa[2], sa[3]}, bs = {sb[0], sb[1], sb[2], sb[3]}, cs = {sc[0], sc[1], sc[2], sc[3]};
+    TRY(dnnl_memory_desc_init_by_strides(&ad, 4, adims, it, as));
+    TRY(dnnl_memory_desc_init_by_strides(&bd, 4, bdims, it, bs));
+    TRY(dnnl_memory_desc_init_by_strides(&cd, 4, cdims, ot, cs));
+    TRY(dnnl_matmul_desc_init(&md, &ad, &bd, NULL, &cd));
+    TRY(dnnl_primitive_attr_create(&attr));
+    if (alpha != 1.0f) {
+        TRY(dnnl_post_ops_create(&po));
+        TRY(dnnl_post_ops_append_eltwise(po, 1.0f, dnnl_eltwise_linear, alpha, 0.0f));
+        TRY(dnnl_primitive_attr_set_post_ops(attr, po));
+    }
+    TRY(dnnl_primitive_desc_create(&pd, &md, attr, engine, NULL));
+    TRY(dnnl_primitive_create(&prim, pd));
+    TRY(dnnl_memory_create(&am, &ad, engine, (void *)a));
+    TRY(dnnl_memory_create(&bm, &bd, engine, (void *)b));
+    TRY(dnnl_memory_create(&cm, &cd, engine, c));
+    TRY(dnnl_stream_create(&stream, engine, dnnl_stream_default_flags));
+    {
+        dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}};
+        TRY(dnnl_primitive_execute(prim, stream, 3, args));
+        TRY(dnnl_stream_wait(stream));
+    }
+done:
+    if (stream) dnnl_stream_destroy(stream);
+    if (cm) dnnl_memory_destroy(cm);
+    if (bm) dnnl_memory_destroy(bm);
+    if (am) dnnl_memory_destroy(am);
+    if (prim) dnnl_primitive_destroy(prim);
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    if (po) dnnl_post_ops_destroy(po);
+    if (attr) dnnl_primitive_attr_destroy(attr);
+    return (int)st;
+}
+
+/* y [rows, n] = softmax over each row of x [rows, n] (f32), y in f32 or bf16 (y_bf16); both
+ * row-major and contiguous. Returns 0 on success, else the dnnl_status_t. */
+int gcg_onednn_softmax(long rows, long n, const float *x, void *y, int y_bf16) {
+    pthread_once(&engine_once, make_engine);
+    if (engine_status != dnnl_success) return (int)engine_status;
+    dnnl_status_t st = dnnl_success;
+    dnnl_memory_desc_t xd, yd;
+    dnnl_softmax_v2_desc_t sd;
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_primitive_t prim = NULL;
+    dnnl_memory_t xm = NULL, ym = NULL;
+    dnnl_stream_t stream = NULL;
+    dnnl_dims_t dims = {rows, n}, str = {n, 1};
+    TRY(dnnl_memory_desc_init_by_strides(&xd, 2, dims, dnnl_f32, str));
+    TRY(dnnl_memory_desc_init_by_strides(&yd, 2, dims, y_bf16 ? dnnl_bf16 : dnnl_f32, str));
+    TRY(dnnl_softmax_v2_forward_desc_init(&sd, dnnl_forward_inference, dnnl_softmax_accurate, &xd, &yd, 1));
+    TRY(dnnl_primitive_desc_create(&pd, &sd, NULL, engine, NULL));
+    TRY(dnnl_primitive_create(&prim, pd));
+    TRY(dnnl_memory_create(&xm, &xd, engine, (void *)x));
+    TRY(dnnl_memory_create(&ym, &yd, engine, y));
+    TRY(dnnl_stream_create(&stream, engine, dnnl_stream_default_flags));
+    {
+        dnnl_exec_arg_t args[2] = {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DST, ym}};
+        TRY(dnnl_primitive_execute(prim, stream, 2, args));
+        TRY(dnnl_stream_wait(stream));
+    }
+done:
+    if (stream) dnnl_stream_destroy(stream);
+    if (ym) dnnl_memory_destroy(ym);
+    if (xm) dnnl_memory_destroy(xm);
+    if (prim) dnnl_primitive_destroy(prim);
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    return (int)st;
+}

@@ -281,6 +281,7 @@ impl PackedSelfAttention {
         let out = scaled_dot_product_attention(q, k, v, Some(self.scale()), bias, None)?; // [B, H, Lq, hd]
         let epilogue = Epilogue {
             residual,
+            out: residual.map(|r| r.dtype()),
             ..Default::default()
         };
         self.out.forward_fused(&merge_heads(&out)?, epilogue) // [B, Lq, D]
@@ -294,12 +295,19 @@ impl PackedSelfAttention {
     /// `residual + attention(x)` (the residual added inside the output projection's call).
     pub fn forward_residual(&self, x: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
         let (b, l, d) = x.dims3()?;
+        // q, k, v in the weights' dtype (bf16 in the CPU's mixed precision, as autocast), as
+        // strided views of one projection: the attention reads its heads in place.
         let qkv = self
             .projection(0, 3 * d)?
-            .forward_fused(x, Epilogue::default())? // [B, L, 3D]
+            .forward_fused(
+                x,
+                Epilogue {
+                    out: Some(self.weight.dtype()),
+                    ..Default::default()
+                },
+            )? // [B, L, 3D]
             .reshape((b, l, 3, self.heads, d / self.heads))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?; // [3, B, H, L, hd]
+            .permute((2, 0, 3, 1, 4))?; // [3, B, H, L, hd]
         self.attend(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, bias, residual)
     }
 

@@ -70,6 +70,13 @@ pub fn scaled_dot_product_attention(
     dropout: Option<(Dropout, Ctx)>,
 ) -> Result<Tensor> {
     let train = dropout.as_ref().is_some_and(|(_, ctx)| ctx.is_train());
+    if !train {
+        // oneDNN's batched products and softmax when they apply (bf16 products accumulate in
+        // f32; scores and softmax in f32), the result as a view of merged heads.
+        if let Some(out) = super::linear::onednn_attention(q, k, v, scale.unwrap_or(1.0) as f32, bias)? {
+            return Ok(out);
+        }
+    }
     if !train && super::cpu_half_no_grad(&[q, k, v]) {
         // Scores, softmax and the weighted sum in f32, rounded back once (see cpu_half_no_grad).
         let f = |t: &Tensor| t.to_dtype(DType::F32);
@@ -166,5 +173,90 @@ impl MultiHeadAttention {
         let q = split_heads(&self.q.project(x, ctx)?, self.heads)?;
         let out = scaled_dot_product_attention(&q, k, v, self.scale, bias, Some((self.dropout, ctx)))?;
         self.o.project(&merge_heads(&out)?, ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::linear::{onednn_calls, ONEDNN};
+
+    /// softmax(scale·q·kᵀ + bias)·v written out with candle's f32 ops: the reference of the
+    /// fast path.
+    fn plain(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
+        let f = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+        let mut s = (f(q)?.matmul(&f(k)?.t()?.contiguous()?)? * scale)?;
+        if let Some(b) = bias {
+            s = s.broadcast_add(&b.to_dtype(DType::F32)?)?;
+        }
+        let m = s.max_keepdim(candle_core::D::Minus1)?;
+        let e = s.broadcast_sub(&m)?.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1)?)?;
+        Ok(p.matmul(&f(v)?)?)
+    }
+
+    fn max_rel(got: &Tensor, want: &Tensor) -> Result<f32> {
+        let (g, w) = (got.to_dtype(DType::F32)?, want.to_dtype(DType::F32)?);
+        let scale = w.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-12);
+        Ok((g - w)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
+    }
+
+    /// The attention of inference (oneDNN's batched products and softmax, when gcg has oneDNN)
+    /// against the plain ops: heads read in place from one packed projection, a padding bias,
+    /// f32 to 1e-5 and bf16 to 1e-2 of the largest value; the result is laid out as merged
+    /// heads; tiny and single-query attention and anything carrying a gradient stay with candle.
+    #[test]
+    fn fast_attention_equals_the_plain_ops() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SeededRng::new(11);
+        let (b, h, l, d) = (2, 4, 37, 72); // width 288 ≥ ONEDNN_MIN_DIM
+        let qkv = Tensor::from_vec(rng.normal_vec(b * l * 3 * h * d, 0.0, 1.0), (b, l, 3, h, d), &dev)?.permute((2, 0, 3, 1, 4))?;
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let mut mask = vec![1f32; b * l];
+        mask[b * l - 5..].iter_mut().for_each(|m| *m = 0.0); // the second sequence's last 5 keys padded
+        let mask = Tensor::from_vec(mask, (b, l), &dev)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        for dt in [DType::F32, DType::BF16] {
+            let (q, k, v) = (q.to_dtype(dt)?, k.to_dtype(dt)?, v.to_dtype(dt)?);
+            let bias = padding_bias(&mask, dt)?;
+            for bias in [None, Some(&bias)] {
+                let before = onednn_calls();
+                let got = scaled_dot_product_attention(&q, &k, &v, Some(scale), bias, None)?;
+                assert_eq!(
+                    onednn_calls() - before,
+                    3 * usize::from(ONEDNN),
+                    "{dt:?}: two products and a softmax"
+                );
+                assert_eq!(got.dims(), &[b, h, l, d]);
+                assert_eq!(got.dtype(), dt);
+                let want = plain(&q, &k, &v, scale, bias)?;
+                let err = max_rel(&got, &want)?;
+                let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+                assert!(err <= tol, "{dt:?}, bias {}: error {err} of the largest value", bias.is_some());
+                // Merged heads are the same values whichever layout the result has.
+                let merged = merge_heads(&got)?;
+                assert_eq!(merge_heads(&want.to_dtype(dt)?)?.dims(), merged.dims());
+                assert!(max_rel(&merged, &merge_heads(&want)?)? <= tol);
+            }
+        }
+        // Single-query (a decoding step) and narrow attention: candle.
+        let before = onednn_calls();
+        scaled_dot_product_attention(&q.narrow(2, 0, 1)?, &k, &v, Some(scale), None, None)?;
+        scaled_dot_product_attention(
+            &q.narrow(1, 0, 1)?,
+            &k.narrow(1, 0, 1)?,
+            &v.narrow(1, 0, 1)?,
+            Some(scale),
+            None,
+            None,
+        )?;
+        assert_eq!(onednn_calls(), before);
+        // A gradient to carry: candle, and the gradient flows.
+        let qv = candle_core::Var::from_tensor(&q.contiguous()?)?;
+        let before = onednn_calls();
+        let y = scaled_dot_product_attention(qv.as_tensor(), &k, &v, Some(scale), None, None)?;
+        assert_eq!(onednn_calls(), before);
+        assert!(y.sum_all()?.backward()?.get(qv.as_tensor()).is_some());
+        Ok(())
     }
 }

@@ -433,6 +433,26 @@ fn apply_onednn_threads() -> bool {
     }
 }
 
+/// Attention by oneDNN on the CPU when it applies (see `onednn::attention`): nothing needs a
+/// gradient, q/k/v f32 or bf16 alike, at least 16 queries and keys and a model width of at least
+/// [`ONEDNN_MIN_DIM`] (the tiny networks and single-token decoding steps stay with candle).
+/// `None` otherwise.
+pub(crate) fn onednn_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    #[cfg(gcg_onednn)]
+    {
+        let on_cpu =
+            [q, k, v].iter().all(|t| t.device().is_cpu() && !t.track_op()) && bias.is_none_or(|b| b.device().is_cpu() && !b.track_op());
+        let (Ok((_, h, lq, d)), Ok((_, _, lk, _))) = (q.dims4(), k.dims4()) else {
+            return Ok(None);
+        };
+        if on_cpu && lq >= 16 && lk >= 16 && h * d >= ONEDNN_MIN_DIM {
+            return Ok(onednn::attention(q, k, v, scale, bias)?);
+        }
+    }
+    let _ = (q, k, v, scale, bias);
+    Ok(None)
+}
+
 /// Products computed by oneDNN on this thread since it started (for tests and benchmarks).
 pub fn onednn_calls() -> usize {
     ONEDNN_CALLS.with(|c| c.get())
@@ -612,6 +632,186 @@ mod onednn {
             }
         };
         Ok(Some((y, Shape::from((m, n)))))
+    }
+
+    extern "C" {
+        /// csrc/onednn_matmul.c: c = alpha · a · b over two batch dimensions, strided operands.
+        fn gcg_onednn_bmm(
+            ab_bf16: c_int,
+            c_bf16: c_int,
+            b0: c_long,
+            b1: c_long,
+            m: c_long,
+            n: c_long,
+            k: c_long,
+            a: *const c_void,
+            sa: *const c_long,
+            b: *const c_void,
+            sb: *const c_long,
+            alpha: f32,
+            c: *mut c_void,
+            sc: *const c_long,
+        ) -> c_int;
+        /// csrc/onednn_matmul.c: y = softmax of each row of x (f32), y f32 or bf16.
+        fn gcg_onednn_softmax(rows: c_long, n: c_long, x: *const f32, y: *mut c_void, y_bf16: c_int) -> c_int;
+    }
+
+    /// A 4-d tensor's CPU values from its first element on, and its strides (in elements).
+    fn strided4(t: &Tensor) -> Option<(impl std::ops::Deref<Target = Storage> + '_, usize, [c_long; 4])> {
+        let (s, l) = t.storage_and_layout();
+        let st = l.stride();
+        if st.len() != 4 {
+            return None;
+        }
+        let strides = [st[0] as c_long, st[1] as c_long, st[2] as c_long, st[3] as c_long];
+        let offset = l.start_offset();
+        Some((s, offset, strides))
+    }
+
+    /// The address of element `offset` of CPU f32/bf16 storage of `dtype`, if that is what it holds
+    /// and `span` elements from there are inside it.
+    fn at(s: &Storage, offset: usize, span: usize, dtype: DType) -> Option<*const c_void> {
+        match (s, dtype) {
+            (Storage::Cpu(CpuStorage::F32(v)), DType::F32) => v.get(offset..offset + span).map(|v| v.as_ptr() as *const c_void),
+            (Storage::Cpu(CpuStorage::BF16(v)), DType::BF16) => v.get(offset..offset + span).map(|v| v.as_ptr() as *const c_void),
+            _ => None,
+        }
+    }
+
+    /// The elements a strided 4-d view of `dims` reaches from its first one (one past the last).
+    fn span(dims: &[usize], strides: &[c_long; 4]) -> usize {
+        1 + dims
+            .iter()
+            .zip(strides)
+            .map(|(&d, &s)| (d.max(1) - 1) * s.max(0) as usize)
+            .sum::<usize>()
+    }
+
+    /// softmax(scale · q·kᵀ + bias) · v for q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv]
+    /// (any strides: the heads of a packed qkv projection are read in place), all f32 or all
+    /// bf16, by two oneDNN batched products and oneDNN's softmax: scores and softmax in f32,
+    /// the products in the inputs' type with f32 accumulation, the result in that type and laid
+    /// out as [B, Lq, H, Dv] (returned as its [B, H, Lq, Dv] view, so merging the heads is free).
+    /// `None` when it does not apply (types, shapes, storage).
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, bias: Option<&Tensor>) -> candle_core::Result<Option<Tensor>> {
+        let dt = q.dtype();
+        if !matches!(dt, DType::F32 | DType::BF16) || k.dtype() != dt || v.dtype() != dt {
+            return Ok(None);
+        }
+        let (Ok((b, h, lq, d)), Ok((kb, kh, lk, kd)), Ok((vb, vh, vl, dv))) = (q.dims4(), k.dims4(), v.dims4()) else {
+            return Ok(None);
+        };
+        if (kb, kh, kd) != (b, h, d) || (vb, vh, vl) != (b, h, lk) || b * h * lq * lk * d * dv == 0 {
+            return Ok(None);
+        }
+        let (Some((qs, qo, sq)), Some((ks, ko, sk)), Some((vs, vo, sv))) = (strided4(q), strided4(k), strided4(v)) else {
+            return Ok(None);
+        };
+        let (Some(qp), Some(kp), Some(vp)) = (
+            at(&qs, qo, span(&[b, h, lq, d], &sq), dt),
+            at(&ks, ko, span(&[b, h, lk, d], &sk), dt),
+            at(&vs, vo, span(&[b, h, lk, dv], &sv), dt),
+        ) else {
+            return Ok(None);
+        };
+        let bf = (dt == DType::BF16) as c_int;
+        super::apply_onednn_threads();
+        let check = |status: c_int, what: &str| -> candle_core::Result<bool> {
+            if status == DNNL_UNIMPLEMENTED {
+                return Ok(false);
+            }
+            if status != 0 {
+                candle_core::bail!(
+                    "oneDNN attention {what} for q {:?}, k {:?}, v {:?} failed (dnnl_status_t {status})",
+                    q.dims(),
+                    k.dims(),
+                    v.dims()
+                );
+            }
+            super::ONEDNN_CALLS.with(|c| c.set(c.get() + 1));
+            Ok(true)
+        };
+        // Scores [B, H, Lq, Lk] in f32: q · kᵀ, kᵀ a strided view of k.
+        let mut scores = vec![0f32; b * h * lq * lk];
+        let s_str: [c_long; 4] = [(h * lq * lk) as c_long, (lq * lk) as c_long, lk as c_long, 1];
+        let kt_str: [c_long; 4] = [sk[0], sk[1], sk[3], sk[2]];
+        // SAFETY: q, kᵀ and the scores are read/written through strides that stay inside their
+        // buffers (checked by `at` with each view's span); the call writes only the scores.
+        let st = unsafe {
+            gcg_onednn_bmm(
+                bf,
+                0,
+                b as c_long,
+                h as c_long,
+                lq as c_long,
+                lk as c_long,
+                d as c_long,
+                qp,
+                sq.as_ptr(),
+                kp,
+                kt_str.as_ptr(),
+                scale,
+                scores.as_mut_ptr() as *mut c_void,
+                s_str.as_ptr(),
+            )
+        };
+        drop((qs, ks));
+        if !check(st, "scores")? {
+            return Ok(None);
+        }
+        if let Some(bias) = bias {
+            let s = Tensor::from_vec(scores, (b, h, lq, lk), &Device::Cpu)?.broadcast_add(&bias.to_dtype(DType::F32)?)?;
+            scores = s.flatten_all()?.to_vec1::<f32>()?;
+        }
+        // Probabilities in the inputs' type, then the weighted sum written as [B, Lq, H, Dv].
+        let rows = b * h * lq;
+        let o_str: [c_long; 4] = [(lq * h * dv) as c_long, dv as c_long, (h * dv) as c_long, 1];
+        macro_rules! finish {
+            ($zero:expr) => {{
+                let mut probs = vec![$zero; rows * lk];
+                // SAFETY: scores and probs hold rows·lk values each.
+                let st = unsafe {
+                    gcg_onednn_softmax(
+                        rows as c_long,
+                        lk as c_long,
+                        scores.as_ptr(),
+                        probs.as_mut_ptr() as *mut c_void,
+                        bf,
+                    )
+                };
+                if !check(st, "softmax")? {
+                    return Ok(None);
+                }
+                let mut out = vec![$zero; b * lq * h * dv];
+                // SAFETY: probs (contiguous), v (strided, inside its buffer) and out (b·lq·h·dv
+                // values through o_str) as described; the call writes only out.
+                let st = unsafe {
+                    gcg_onednn_bmm(
+                        bf,
+                        bf,
+                        b as c_long,
+                        h as c_long,
+                        lq as c_long,
+                        dv as c_long,
+                        lk as c_long,
+                        probs.as_ptr() as *const c_void,
+                        s_str.as_ptr(),
+                        vp,
+                        sv.as_ptr(),
+                        1.0,
+                        out.as_mut_ptr() as *mut c_void,
+                        o_str.as_ptr(),
+                    )
+                };
+                if !check(st, "weighted sum")? {
+                    return Ok(None);
+                }
+                Tensor::from_vec(out, (b, lq, h, dv), &Device::Cpu)?.transpose(1, 2)?
+            }};
+        }
+        let out = if dt == DType::BF16 { finish!(bf16::ZERO) } else { finish!(0f32) };
+        drop(vs);
+        Ok(Some(out))
     }
 
     /// [`linear`] on tensors (CPU storage; the caller has checked that nothing needs a gradient).
