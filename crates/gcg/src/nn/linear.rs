@@ -609,25 +609,31 @@ mod onednn {
             super::ONEDNN_CALLS.with(|c| c.set(c.get() + 1));
             Ok(true)
         };
+        // The output holds the residual on entry, or is written in full by the call (so it is
+        // not zeroed first: the length is set once the call has written it).
         let y = match (post.out, &residual) {
             (DType::F32, r) => {
                 let mut y = match r {
                     Some(Buf::F32(r)) => r.to_vec(),
-                    _ => vec![0f32; m * n],
+                    _ => Vec::with_capacity(m * n),
                 };
                 if !call(y.as_mut_ptr() as *mut c_void)? {
                     return Ok(None);
                 }
+                // SAFETY: the call wrote all m·n values (or y held them already).
+                unsafe { y.set_len(m * n) };
                 CpuStorage::F32(y)
             }
             (_, r) => {
                 let mut y = match r {
                     Some(Buf::BF16(r)) => r.to_vec(),
-                    _ => vec![bf16::ZERO; m * n],
+                    _ => Vec::with_capacity(m * n),
                 };
                 if !call(y.as_mut_ptr() as *mut c_void)? {
                     return Ok(None);
                 }
+                // SAFETY: as above.
+                unsafe { y.set_len(m * n) };
                 CpuStorage::BF16(y)
             }
         };
@@ -732,7 +738,8 @@ mod onednn {
             Ok(true)
         };
         // Scores [B, H, Lq, Lk] in f32: q · kᵀ, kᵀ a strided view of k.
-        let mut scores = vec![0f32; b * h * lq * lk];
+        // Buffers the calls write in full: their lengths are set once written (no zeroing).
+        let mut scores: Vec<f32> = Vec::with_capacity(b * h * lq * lk);
         let s_str: [c_long; 4] = [(h * lq * lk) as c_long, (lq * lk) as c_long, lk as c_long, 1];
         let kt_str: [c_long; 4] = [sk[0], sk[1], sk[3], sk[2]];
         // SAFETY: q, kᵀ and the scores are read/written through strides that stay inside their
@@ -759,6 +766,8 @@ mod onednn {
         if !check(st, "scores")? {
             return Ok(None);
         }
+        // SAFETY: the call wrote every score.
+        unsafe { scores.set_len(b * h * lq * lk) };
         if let Some(bias) = bias {
             let s = Tensor::from_vec(scores, (b, h, lq, lk), &Device::Cpu)?.broadcast_add(&bias.to_dtype(DType::F32)?)?;
             scores = s.flatten_all()?.to_vec1::<f32>()?;
@@ -767,9 +776,9 @@ mod onednn {
         let rows = b * h * lq;
         let o_str: [c_long; 4] = [(lq * h * dv) as c_long, dv as c_long, (h * dv) as c_long, 1];
         macro_rules! finish {
-            ($zero:expr) => {{
-                let mut probs = vec![$zero; rows * lk];
-                // SAFETY: scores and probs hold rows·lk values each.
+            ($t:ty) => {{
+                let mut probs: Vec<$t> = Vec::with_capacity(rows * lk);
+                // SAFETY: scores hold rows·lk values; probs has room for as many, all written.
                 let st = unsafe {
                     gcg_onednn_softmax(
                         rows as c_long,
@@ -782,7 +791,9 @@ mod onednn {
                 if !check(st, "softmax")? {
                     return Ok(None);
                 }
-                let mut out = vec![$zero; b * lq * h * dv];
+                // SAFETY: the softmax wrote every probability.
+                unsafe { probs.set_len(rows * lk) };
+                let mut out: Vec<$t> = Vec::with_capacity(b * lq * h * dv);
                 // SAFETY: probs (contiguous), v (strided, inside its buffer) and out (b·lq·h·dv
                 // values through o_str) as described; the call writes only out.
                 let st = unsafe {
@@ -806,10 +817,12 @@ mod onednn {
                 if !check(st, "weighted sum")? {
                     return Ok(None);
                 }
+                // SAFETY: the product wrote every output value ([B, Lq, H, Dv] covers the buffer).
+                unsafe { out.set_len(b * lq * h * dv) };
                 Tensor::from_vec(out, (b, lq, h, dv), &Device::Cpu)?.transpose(1, 2)?
             }};
         }
-        let out = if dt == DType::BF16 { finish!(bf16::ZERO) } else { finish!(0f32) };
+        let out = if dt == DType::BF16 { finish!(bf16) } else { finish!(f32) };
         drop(vs);
         Ok(Some(out))
     }
