@@ -226,6 +226,11 @@ pub fn kernels() -> serde_json::Value {
         } else {
             "candle"
         },
+        "attention": if gcg::nn::linear::ONEDNN {
+            "oneDNN batched products + softmax (inference, >= 16 queries and keys, width >= 256) + candle (the rest)"
+        } else {
+            "candle"
+        },
         "threads": candle_core::utils::get_num_threads(),
         "omp_wait_policy": crate::omp_wait_policy(),
     })

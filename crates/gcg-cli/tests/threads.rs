@@ -42,6 +42,7 @@ fn threads_flag_sets_the_tensor_thread_count() {
     let (k, err) = bench_threads(&["--threads", "1"]);
     assert_eq!(k["threads"], 1, "{k} {err}");
     assert!(k["matmul"].as_str().is_some_and(|s| !s.is_empty()), "{k}");
+    assert!(k["attention"].as_str().is_some_and(|s| !s.is_empty()), "{k}");
     let (k, err) = bench_threads(&["--threads", "3"]);
     assert_eq!(k["threads"], 3, "{k} {err}");
     let (k, err) = bench_threads(&[]);
