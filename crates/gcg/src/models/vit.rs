@@ -277,14 +277,15 @@ impl PackedSelfAttention {
     /// Scaled dot-product attention over heads, q [B, H, Lq, hd], k/v [B, H, Lk, hd]
     /// → merged and projected [B, Lq, D].
     /// With `residual`, it is added to the projection's output (in the same fused call).
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
-        let out = scaled_dot_product_attention(q, k, v, Some(self.scale()), bias, None)?; // [B, H, Lq, hd]
+    /// The result is in `out` (the residual's dtype when there is one).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, out: DType) -> Result<Tensor> {
+        let heads = scaled_dot_product_attention(q, k, v, Some(self.scale()), bias, None)?; // [B, H, Lq, hd]
         let epilogue = Epilogue {
             residual,
-            out: residual.map(|r| r.dtype()),
+            out: Some(residual.map_or(out, |r| r.dtype())),
             ..Default::default()
         };
-        self.out.forward_fused(&merge_heads(&out)?, epilogue) // [B, Lq, D]
+        self.out.forward_fused(&merge_heads(&heads)?, epilogue) // [B, Lq, D]
     }
 
     /// x: [B, L, D]; `bias` broadcastable to [B, H, L, L] (e.g. a causal mask) → [B, L, D].
@@ -308,7 +309,7 @@ impl PackedSelfAttention {
             )? // [B, L, 3D]
             .reshape((b, l, 3, self.heads, d / self.heads))?
             .permute((2, 0, 3, 1, 4))?; // [3, B, H, L, hd]
-        self.attend(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, bias, residual)
+        self.attend(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, bias, residual, x.dtype())
     }
 
     /// Attention output for the first token only (the CLS query over all keys): [B, L, D] → [B, 1, D].
@@ -327,7 +328,7 @@ impl PackedSelfAttention {
             .reshape((b, l, 2, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?
             .contiguous()?; // [2, B, H, L, hd]
-        self.attend(&q, &kv.get(0)?, &kv.get(1)?, None, None)
+        self.attend(&q, &kv.get(0)?, &kv.get(1)?, None, None, x.dtype())
     }
 }
 
@@ -494,9 +495,10 @@ impl VisionModel {
     /// The un-normalised last hidden state: pixel_values [B, C, S, S] → [B, N, D].
     ///
     /// A bf16 model on the CPU with nothing needing a gradient runs in mixed precision when gcg
-    /// has oneDNN: the residual stream, norms, attention and activations in f32, the products
-    /// in bf16 (f32 accumulation), the output rounded to bf16 — as PyTorch's CPU autocast runs
-    /// a model, and closer to the f32 model than all-bf16 arithmetic.
+    /// has oneDNN: the residual stream, norms, activations, attention scores and softmax in
+    /// f32, the products (attention's included: q, k, v and the probabilities in bf16) in bf16
+    /// with f32 accumulation, the output rounded to bf16 — as PyTorch's CPU autocast runs a
+    /// model, and closer to the f32 model than all-bf16 arithmetic.
     pub fn forward_wo_norm(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let mut x = self.embeddings.forward(pixel_values)?;
         let dt = x.dtype();

@@ -239,6 +239,29 @@ mod tests {
                 assert!(max_rel(&merged, &merge_heads(&want)?)? <= tol);
             }
         }
+        // Cross-attention shapes: 20 queries over the 37 keys, values of another width (24), a
+        // per-head [1, H, Lq, Lk] bias (T5's position bias) plus the padding bias.
+        let v2 = Tensor::from_vec(rng.normal_vec(b * h * l * 24, 0.0, 1.0), (b, h, l, 24), &dev)?;
+        let pos = Tensor::from_vec(rng.normal_vec(h * 20 * l, 0.0, 2.0), (1, h, 20, l), &dev)?;
+        let bias = pos.broadcast_add(&padding_bias(&mask, DType::F32)?)?; // [B, H, 20, L]
+        for dt in [DType::F32, DType::BF16] {
+            let (q, k, v) = (q.narrow(2, 0, 20)?.to_dtype(dt)?, k.to_dtype(dt)?, v2.to_dtype(dt)?);
+            let before = onednn_calls();
+            let got = scaled_dot_product_attention(&q, &k, &v, Some(scale), Some(&bias), None)?;
+            assert_eq!(
+                onednn_calls() - before,
+                3 * usize::from(ONEDNN),
+                "{dt:?}: cross-attention through oneDNN"
+            );
+            assert_eq!(got.dims(), &[b, h, 20, 24]);
+            let err = max_rel(&got, &plain(&q, &k, &v, scale, Some(&bias))?)?;
+            let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+            assert!(err <= tol, "{dt:?} cross-attention: error {err} of the largest value");
+        }
+        // A bias wider than the scores (a batch of 2 over one query batch): candle, which refuses it.
+        let wide = Tensor::zeros((2, h, l, l), DType::F32, &dev)?;
+        let (q1, k1, v1) = (q.narrow(0, 0, 1)?, k.narrow(0, 0, 1)?, v.narrow(0, 0, 1)?);
+        assert!(scaled_dot_product_attention(&q1, &k1, &v1, Some(scale), Some(&wide), None).is_err());
         // Single-query (a decoding step) and narrow attention: candle.
         let before = onednn_calls();
         scaled_dot_product_attention(&q.narrow(2, 0, 1)?, &k, &v, Some(scale), None, None)?;

@@ -710,13 +710,13 @@ mod onednn {
         if (kb, kh, kd) != (b, h, d) || (vb, vh, vl) != (b, h, lk) || b * h * lq * lk * d * dv == 0 {
             return Ok(None);
         }
-        let (Some((qs, qo, sq)), Some((ks, ko, sk)), Some((vs, vo, sv))) = (strided4(q), strided4(k), strided4(v)) else {
+        // v's storage is read only for the second product (no lock held while the bias is added).
+        let (Some((qs, qo, sq)), Some((ks, ko, sk))) = (strided4(q), strided4(k)) else {
             return Ok(None);
         };
-        let (Some(qp), Some(kp), Some(vp)) = (
+        let (Some(qp), Some(kp)) = (
             at(&qs, qo, span(&[b, h, lq, d], &sq), dt),
             at(&ks, ko, span(&[b, h, lk, d], &sk), dt),
-            at(&vs, vo, span(&[b, h, lk, dv], &sv), dt),
         ) else {
             return Ok(None);
         };
@@ -770,8 +770,18 @@ mod onednn {
         unsafe { scores.set_len(b * h * lq * lk) };
         if let Some(bias) = bias {
             let s = Tensor::from_vec(scores, (b, h, lq, lk), &Device::Cpu)?.broadcast_add(&bias.to_dtype(DType::F32)?)?;
+            if s.dims() != [b, h, lq, lk] {
+                // A bias that widens the scores (not this attention's shape): candle's ops say why.
+                return Ok(None);
+            }
             scores = s.flatten_all()?.to_vec1::<f32>()?;
         }
+        let Some((vs, vo, sv)) = strided4(v) else {
+            return Ok(None);
+        };
+        let Some(vp) = at(&vs, vo, span(&[b, h, lk, dv], &sv), dt) else {
+            return Ok(None);
+        };
         // Probabilities in the inputs' type, then the weighted sum written as [B, Lq, H, Dv].
         let rows = b * h * lq;
         let o_str: [c_long; 4] = [(lq * h * dv) as c_long, dv as c_long, (h * dv) as c_long, 1];
