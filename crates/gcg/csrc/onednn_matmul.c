@@ -32,22 +32,53 @@ static void make_engine(void) { engine_status = dnnl_engine_create(&engine, dnnl
 
 #define TRY(x) do { st = (x); if (st != dnnl_success) goto done; } while (0)
 
+/* One argument of a primitive: its kind (DNNL_ARG_…), memory descriptor and buffer. */
+typedef struct {
+    int kind;
+    const dnnl_memory_desc_t *md;
+    const void *ptr;
+} arg_t;
+
+/* Creates the primitive of `op` (a matmul or softmax descriptor) with `attr`, binds the n
+ * arguments to their buffers, runs it on a fresh stream and waits. Returns its status. */
+static dnnl_status_t run(const void *op, const_dnnl_primitive_attr_t attr, int n, const arg_t *args) {
+    pthread_once(&engine_once, make_engine);
+    if (engine_status != dnnl_success) return engine_status;
+    dnnl_status_t st = dnnl_success;
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_primitive_t prim = NULL;
+    dnnl_stream_t stream = NULL;
+    dnnl_memory_t mem[5] = {NULL};
+    dnnl_exec_arg_t exec[5];
+    if (n > 5) return dnnl_invalid_arguments;
+    TRY(dnnl_primitive_desc_create(&pd, op, attr, engine, NULL));
+    TRY(dnnl_primitive_create(&prim, pd));
+    for (int i = 0; i < n; i++) {
+        TRY(dnnl_memory_create(&mem[i], args[i].md, engine, (void *)args[i].ptr));
+        exec[i] = (dnnl_exec_arg_t){args[i].kind, mem[i]};
+    }
+    TRY(dnnl_stream_create(&stream, engine, dnnl_stream_default_flags));
+    TRY(dnnl_primitive_execute(prim, stream, n, exec));
+    TRY(dnnl_stream_wait(stream));
+done:
+    if (stream) dnnl_stream_destroy(stream);
+    for (int i = 0; i < n; i++)
+        if (mem[i]) dnnl_memory_destroy(mem[i]);
+    if (prim) dnnl_primitive_destroy(prim);
+    if (pd) dnnl_primitive_desc_destroy(pd);
+    return st;
+}
+
 /* act: 0 none, 1 exact (erf) GELU, 2 tanh GELU, 3 ReLU. Returns 0 on success, else the
  * dnnl_status_t. */
 int gcg_onednn_linear(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w,
                       const float *bias, int act, const void *gate, int gate_bf16, int residual, void *y) {
-    pthread_once(&engine_once, make_engine);
-    if (engine_status != dnnl_success) return (int)engine_status;
     dnnl_status_t st = dnnl_success;
     dnnl_data_type_t it = in_bf16 ? dnnl_bf16 : dnnl_f32, ot = out_bf16 ? dnnl_bf16 : dnnl_f32;
     dnnl_memory_desc_t xd, wd, yd, bd, gd;
     dnnl_matmul_desc_t md;
     dnnl_primitive_attr_t attr = NULL;
     dnnl_post_ops_t po = NULL;
-    dnnl_primitive_desc_t pd = NULL;
-    dnnl_primitive_t prim = NULL;
-    dnnl_memory_t xm = NULL, wm = NULL, ym = NULL, bm = NULL, gm = NULL;
-    dnnl_stream_t stream = NULL;
     dnnl_dims_t xdims = {m, k}, xstr = {k, 1};
     dnnl_dims_t wdims = {k, n}, wstr = {1, k}; /* w [n, k] row-major read as wᵀ [k, n] */
     dnnl_dims_t ydims = {m, n}, ystr = {n, 1};
@@ -67,32 +98,15 @@ int gcg_onednn_linear(int in_bf16, int out_bf16, long m, long n, long k, const v
     if (gate) TRY(dnnl_post_ops_append_binary(po, dnnl_binary_mul, &gd));
     if (residual) TRY(dnnl_post_ops_append_sum(po, 1.0f));
     TRY(dnnl_primitive_attr_set_post_ops(attr, po));
-    TRY(dnnl_primitive_desc_create(&pd, &md, attr, engine, NULL));
-    TRY(dnnl_primitive_create(&prim, pd));
-    TRY(dnnl_memory_create(&xm, &xd, engine, (void *)x));
-    TRY(dnnl_memory_create(&wm, &wd, engine, (void *)w));
-    TRY(dnnl_memory_create(&ym, &yd, engine, y));
-    if (bias) TRY(dnnl_memory_create(&bm, &bd, engine, (void *)bias));
-    if (gate) TRY(dnnl_memory_create(&gm, &gd, engine, (void *)gate));
-    TRY(dnnl_stream_create(&stream, engine, dnnl_stream_default_flags));
     {
-        dnnl_exec_arg_t args[5] = {{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}};
+        arg_t args[5] = {{DNNL_ARG_SRC, &xd, x}, {DNNL_ARG_WEIGHTS, &wd, w}, {DNNL_ARG_DST, &yd, y}};
         int nargs = 3;
-        if (bias) args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_BIAS, bm};
+        if (bias) args[nargs++] = (arg_t){DNNL_ARG_BIAS, &bd, bias};
         /* The gate is the binary post-op, the first post-op after the activation (if any). */
-        if (gate) args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(act ? 1 : 0) | DNNL_ARG_SRC_1, gm};
-        TRY(dnnl_primitive_execute(prim, stream, nargs, args));
-        TRY(dnnl_stream_wait(stream));
+        if (gate) args[nargs++] = (arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(act ? 1 : 0) | DNNL_ARG_SRC_1, &gd, gate};
+        st = run(&md, attr, nargs, args);
     }
 done:
-    if (stream) dnnl_stream_destroy(stream);
-    if (gm) dnnl_memory_destroy(gm);
-    if (bm) dnnl_memory_destroy(bm);
-    if (ym) dnnl_memory_destroy(ym);
-    if (wm) dnnl_memory_destroy(wm);
-    if (xm) dnnl_memory_destroy(xm);
-    if (prim) dnnl_primitive_destroy(prim);
-    if (pd) dnnl_primitive_desc_destroy(pd);
     if (po) dnnl_post_ops_destroy(po);
     if (attr) dnnl_primitive_attr_destroy(attr);
     return (int)st;
@@ -107,18 +121,12 @@ done:
  * (c_bf16); the accumulation is f32. Returns 0 on success, else the dnnl_status_t. */
 int gcg_onednn_bmm(int ab_bf16, int c_bf16, long b0, long b1, long m, long n, long k, const void *a, const long *sa,
                    const void *b, const long *sb, float alpha, void *c, const long *sc) {
-    pthread_once(&engine_once, make_engine);
-    if (engine_status != dnnl_success) return (int)engine_status;
     dnnl_status_t st = dnnl_success;
     dnnl_data_type_t it = ab_bf16 ? dnnl_bf16 : dnnl_f32, ot = c_bf16 ? dnnl_bf16 : dnnl_f32;
     dnnl_memory_desc_t ad, bd, cd;
     dnnl_matmul_desc_t md;
     dnnl_primitive_attr_t attr = NULL;
     dnnl_post_ops_t po = NULL;
-    dnnl_primitive_desc_t pd = NULL;
-    dnnl_primitive_t prim = NULL;
-    dnnl_memory_t am = NULL, bm = NULL, cm = NULL;
-    dnnl_stream_t stream = NULL;
     dnnl_dims_t adims = {b0, b1, m, k}, bdims = {b0, b1, k, n}, cdims = {b0, b1, m, n};
     dnnl_dims_t as = {sa[0], sa[1], sa[2], sa[3]}, bs = {sb[0], sb[1], sb[2], sb[3]}, cs = {sc[0], sc[1], sc[2], sc[3]};
     TRY(dnnl_memory_desc_init_by_strides(&ad, 4, adims, it, as));
@@ -131,24 +139,11 @@ int gcg_onednn_bmm(int ab_bf16, int c_bf16, long b0, long b1, long m, long n, lo
         TRY(dnnl_post_ops_append_eltwise(po, 1.0f, dnnl_eltwise_linear, alpha, 0.0f));
         TRY(dnnl_primitive_attr_set_post_ops(attr, po));
     }
-    TRY(dnnl_primitive_desc_create(&pd, &md, attr, engine, NULL));
-    TRY(dnnl_primitive_create(&prim, pd));
-    TRY(dnnl_memory_create(&am, &ad, engine, (void *)a));
-    TRY(dnnl_memory_create(&bm, &bd, engine, (void *)b));
-    TRY(dnnl_memory_create(&cm, &cd, engine, c));
-    TRY(dnnl_stream_create(&stream, engine, dnnl_stream_default_flags));
     {
-        dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, am}, {DNNL_ARG_WEIGHTS, bm}, {DNNL_ARG_DST, cm}};
-        TRY(dnnl_primitive_execute(prim, stream, 3, args));
-        TRY(dnnl_stream_wait(stream));
+        arg_t args[3] = {{DNNL_ARG_SRC, &ad, a}, {DNNL_ARG_WEIGHTS, &bd, b}, {DNNL_ARG_DST, &cd, c}};
+        st = run(&md, attr, 3, args);
     }
 done:
-    if (stream) dnnl_stream_destroy(stream);
-    if (cm) dnnl_memory_destroy(cm);
-    if (bm) dnnl_memory_destroy(bm);
-    if (am) dnnl_memory_destroy(am);
-    if (prim) dnnl_primitive_destroy(prim);
-    if (pd) dnnl_primitive_desc_destroy(pd);
     if (po) dnnl_post_ops_destroy(po);
     if (attr) dnnl_primitive_attr_destroy(attr);
     return (int)st;
@@ -157,34 +152,17 @@ done:
 /* y [rows, n] = softmax over each row of x [rows, n] (f32), y in f32 or bf16 (y_bf16); both
  * row-major and contiguous. Returns 0 on success, else the dnnl_status_t. */
 int gcg_onednn_softmax(long rows, long n, const float *x, void *y, int y_bf16) {
-    pthread_once(&engine_once, make_engine);
-    if (engine_status != dnnl_success) return (int)engine_status;
     dnnl_status_t st = dnnl_success;
     dnnl_memory_desc_t xd, yd;
     dnnl_softmax_v2_desc_t sd;
-    dnnl_primitive_desc_t pd = NULL;
-    dnnl_primitive_t prim = NULL;
-    dnnl_memory_t xm = NULL, ym = NULL;
-    dnnl_stream_t stream = NULL;
     dnnl_dims_t dims = {rows, n}, str = {n, 1};
     TRY(dnnl_memory_desc_init_by_strides(&xd, 2, dims, dnnl_f32, str));
     TRY(dnnl_memory_desc_init_by_strides(&yd, 2, dims, y_bf16 ? dnnl_bf16 : dnnl_f32, str));
     TRY(dnnl_softmax_v2_forward_desc_init(&sd, dnnl_forward_inference, dnnl_softmax_accurate, &xd, &yd, 1));
-    TRY(dnnl_primitive_desc_create(&pd, &sd, NULL, engine, NULL));
-    TRY(dnnl_primitive_create(&prim, pd));
-    TRY(dnnl_memory_create(&xm, &xd, engine, (void *)x));
-    TRY(dnnl_memory_create(&ym, &yd, engine, y));
-    TRY(dnnl_stream_create(&stream, engine, dnnl_stream_default_flags));
     {
-        dnnl_exec_arg_t args[2] = {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DST, ym}};
-        TRY(dnnl_primitive_execute(prim, stream, 2, args));
-        TRY(dnnl_stream_wait(stream));
+        arg_t args[2] = {{DNNL_ARG_SRC, &xd, x}, {DNNL_ARG_DST, &yd, y}};
+        st = run(&sd, NULL, 2, args);
     }
 done:
-    if (stream) dnnl_stream_destroy(stream);
-    if (ym) dnnl_memory_destroy(ym);
-    if (xm) dnnl_memory_destroy(xm);
-    if (prim) dnnl_primitive_destroy(prim);
-    if (pd) dnnl_primitive_desc_destroy(pd);
     return (int)st;
 }
