@@ -233,6 +233,8 @@ pub fn kernels() -> serde_json::Value {
         },
         "threads": candle_core::utils::get_num_threads(),
         "omp_wait_policy": crate::omp_wait_policy(),
+        "omp_spin_count": crate::omp_spin_count(),
+        "omp_settings_by_binary": crate::omp_settings_by_binary(),
     })
 }
 

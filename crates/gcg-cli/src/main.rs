@@ -77,42 +77,70 @@ enum Command {
     Synth(synth::SynthArgs),
 }
 
-/// oneDNN's OpenMP threads wait for the next product asleep rather than spinning
-/// (`OMP_WAIT_POLICY=passive`, unless the user set it): between two products the other core runs
-/// candle's ops, which the spinning OpenMP thread would slow down (a bf16 grounded answer on 2
-/// cores: 3.0–3.3 s against 4.0–4.1 s). OpenMP reads the variable once, when it is loaded, before
-/// `main`; an executable's `.preinit_array` runs before any library's initialisers.
+/// oneDNN's OpenMP threads go to sleep soon after a product instead of spinning for the next
+/// (`OMP_WAIT_POLICY=passive`, `GOMP_SPINCOUNT` of [`OMP_SPIN_COUNT`]) unless the user set
+/// either: between two products the other core runs candle's ops, which a spinning OpenMP thread
+/// slows down (libgomp's default spins ~3 ms; a bf16 grounded answer on 2 cores took 2.7–2.9 s
+/// with it against 2.3–2.7 s with these settings). libgomp reads its environment once, while it
+/// is loaded before `main`, and the C library sets up the environment only after an
+/// executable's own pre-initialisers ran, so the only way to set it for this process is to run
+/// the binary again with it: `main` does that first, once (the marker [`OMP_MARKER`] keeps it
+/// from happening twice). If the new run cannot start, this one carries on with OpenMP's
+/// defaults.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[used]
-#[link_section = ".preinit_array"]
-static SET_OMP_WAIT_POLICY: extern "C" fn() = set_omp_wait_policy;
-
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-extern "C" fn set_omp_wait_policy() {
-    // SAFETY: runs before any other code of the process (one thread); both strings are
-    // NUL-terminated and setenv copies them.
-    unsafe {
-        if libc::getenv(c"OMP_WAIT_POLICY".as_ptr()).is_null() {
-            libc::setenv(c"OMP_WAIT_POLICY".as_ptr(), c"passive".as_ptr(), 0);
-            OMP_PASSIVE_BY_DEFAULT.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
+fn rerun_with_openmp_settings() {
+    use std::os::unix::process::CommandExt;
+    if !gcg::nn::linear::ONEDNN {
+        return; // no OpenMP runtime in this build
     }
+    if std::env::var_os(OMP_MARKER).is_some() {
+        // SAFETY: the process has one thread here (the start of main).
+        unsafe { std::env::remove_var(OMP_MARKER) };
+        OMP_SET_BY_BINARY.store(true, std::sync::atomic::Ordering::Relaxed);
+        return;
+    }
+    if std::env::var_os("OMP_WAIT_POLICY").is_some() || std::env::var_os("GOMP_SPINCOUNT").is_some() {
+        return; // the user's choice
+    }
+    let mut args = std::env::args_os();
+    let Some(arg0) = args.next() else { return };
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .env("OMP_WAIT_POLICY", "passive")
+        .env("GOMP_SPINCOUNT", OMP_SPIN_COUNT)
+        .env(OMP_MARKER, "1")
+        .exec();
+    eprintln!("gcg: note: could not restart with OpenMP's wait settings ({err}); carrying on with its defaults");
 }
 
-/// Whether the binary chose `OMP_WAIT_POLICY=passive` (the variable itself is gone from the
-/// environment by `main`: the C library resets it while it starts).
-pub static OMP_PASSIVE_BY_DEFAULT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Rounds an idle OpenMP thread spins before it sleeps (libgomp counts ~100 per µs).
+pub const OMP_SPIN_COUNT: &str = "10000";
 
-/// OpenMP's wait policy for this process: the user's `OMP_WAIT_POLICY`, or the binary's choice.
+/// Set (and removed again) by [`rerun_with_openmp_settings`] for the run it starts.
+const OMP_MARKER: &str = "GCG_OPENMP_SETTINGS_BY_BINARY";
+
+/// Whether this process runs with the OpenMP settings the binary chose.
+static OMP_SET_BY_BINARY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// OpenMP's wait policy for this process (the user's or the binary's); `None`: OpenMP's default.
 pub fn omp_wait_policy() -> Option<String> {
-    std::env::var("OMP_WAIT_POLICY").ok().or_else(|| {
-        OMP_PASSIVE_BY_DEFAULT
-            .load(std::sync::atomic::Ordering::Relaxed)
-            .then(|| "passive".to_string())
-    })
+    std::env::var("OMP_WAIT_POLICY").ok()
+}
+
+/// libgomp's spin count for this process (the user's or the binary's); `None`: OpenMP's default.
+pub fn omp_spin_count() -> Option<String> {
+    std::env::var("GOMP_SPINCOUNT").ok()
+}
+
+/// Whether the OpenMP settings are the binary's choice rather than the user's.
+pub fn omp_settings_by_binary() -> bool {
+    OMP_SET_BY_BINARY.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn main() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    rerun_with_openmp_settings();
     restore_sigpipe();
     gcg::util::keep_freed_memory();
     let cli = Cli::parse();

@@ -57,20 +57,59 @@ fn threads_flag_sets_the_tensor_thread_count() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--threads"));
 }
 
-/// oneDNN's OpenMP threads sleep between products (`OMP_WAIT_POLICY=passive`, set before OpenMP
-/// loads) unless the user chose otherwise: OpenMP itself reports the policy it read
-/// (`OMP_DISPLAY_ENV`).
+/// oneDNN's OpenMP threads sleep soon after a product (`OMP_WAIT_POLICY=passive` and a short
+/// `GOMP_SPINCOUNT`: the binary runs itself again with them) unless the user chose otherwise:
+/// OpenMP itself reports what it read (`OMP_DISPLAY_ENV=VERBOSE`; its defaults would show
+/// `GOMP_SPINCOUNT = '300000'`).
 #[test]
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn openmp_waits_passively_unless_told_otherwise() {
-    let run = |policy: Option<&str>| bench_kernels(&[], &[("OMP_DISPLAY_ENV", Some("TRUE")), ("OMP_WAIT_POLICY", policy)]);
-    let (k, err) = run(None);
-    assert_eq!(k["omp_wait_policy"], "passive", "{k}");
-    if k["matmul"].as_str().is_some_and(|m| m.starts_with("oneDNN")) {
-        // Built with oneDNN on OpenMP: the runtime read the policy at load.
-        assert!(err.contains("OMP_WAIT_POLICY = 'PASSIVE'"), "OpenMP's settings: {err}");
-        let (k, err) = run(Some("active"));
-        assert_eq!(k["omp_wait_policy"], "active", "{k}");
-        assert!(err.contains("OMP_WAIT_POLICY = 'ACTIVE'"), "OpenMP's settings: {err}");
+    let run = |policy: Option<&str>, spin: Option<&str>| {
+        bench_kernels(
+            &[],
+            &[
+                ("OMP_DISPLAY_ENV", Some("VERBOSE")),
+                ("OMP_WAIT_POLICY", policy),
+                ("GOMP_SPINCOUNT", spin),
+            ],
+        )
+    };
+    let (k, err) = run(None, None);
+    if !k["matmul"].as_str().is_some_and(|m| m.starts_with("oneDNN")) {
+        // No OpenMP runtime: nothing set, no second run.
+        assert!(k["omp_wait_policy"].is_null() && k["omp_settings_by_binary"] == false, "{k}");
+        return;
     }
+    assert_eq!(k["omp_wait_policy"], "passive", "{k}");
+    assert_eq!(k["omp_settings_by_binary"], true, "{k}");
+    let spin = k["omp_spin_count"].as_str().expect("the spin count in the JSON").to_string();
+    assert!(spin.parse::<u64>().is_ok_and(|n| n < 300_000), "{k}");
+    // The runtime of the second run (the one that worked) read both when it was loaded; the
+    // first run's OpenMP, loaded before main, shows its defaults.
+    let blocks: Vec<&str> = err.split("OPENMP DISPLAY ENVIRONMENT BEGIN").skip(1).collect();
+    assert_eq!(blocks.len(), 2, "OpenMP's settings: {err}");
+    assert!(blocks[0].contains("GOMP_SPINCOUNT = '300000'"), "OpenMP's defaults: {}", blocks[0]);
+    assert!(
+        blocks[1].contains("OMP_WAIT_POLICY = 'PASSIVE'"),
+        "OpenMP's settings: {}",
+        blocks[1]
+    );
+    assert!(
+        blocks[1].contains(&format!("GOMP_SPINCOUNT = '{spin}'")),
+        "OpenMP's settings: {}",
+        blocks[1]
+    );
+    // The user's policy: the binary sets nothing (libgomp's active policy spins for long).
+    let (k, err) = run(Some("active"), None);
+    assert_eq!(k["omp_wait_policy"], "active", "{k}");
+    assert_eq!(k["omp_settings_by_binary"], false, "{k}");
+    assert!(err.contains("OMP_WAIT_POLICY = 'ACTIVE'"), "OpenMP's settings: {err}");
+    assert!(err.contains("GOMP_SPINCOUNT = '30000000000'"), "OpenMP's settings: {err}");
+    assert_eq!(err.matches("OPENMP DISPLAY ENVIRONMENT BEGIN").count(), 1, "one run: {err}");
+    // The user's spin count alone: the binary sets neither.
+    let (k, err) = run(None, Some("123"));
+    assert_eq!(k["omp_spin_count"], "123", "{k}");
+    assert!(k["omp_wait_policy"].is_null(), "{k}");
+    assert!(err.contains("GOMP_SPINCOUNT = '123'"), "OpenMP's settings: {err}");
+    assert_eq!(err.matches("OPENMP DISPLAY ENVIRONMENT BEGIN").count(), 1, "one run: {err}");
 }
