@@ -346,6 +346,9 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
 /// The model's loop: prepare videos one at a time; answer the questions waiting for one video
 /// together (up to `max_batch`).
 fn model_loop(asker: &Asker, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+    // Nothing trains in a server: one no-grad scope for its life, so a bf16 model casts its f32
+    // Q-Former weights to bf16 once, not per request (gcg::nn::cast::cast_weight).
+    let _casts_kept = gcg::nn::no_grad();
     let mut pending: Option<Job> = None;
     loop {
         let job = match pending.take() {

@@ -413,6 +413,9 @@ impl Asker {
     /// Answer `questions` about a prepared video, batched (questions with the same number of
     /// options go through the model together, `[train] batch_size` at a time).
     pub fn ask(&self, video: &PreparedVideo, questions: &[Question]) -> Result<Vec<GroundedAnswer>> {
+        // Nothing trains here: one no-grad scope over every batch, so a bf16 model casts its
+        // f32 Q-Former weights to bf16 once, not per batch (nn::cast::cast_weight).
+        let _casts_kept = crate::nn::no_grad();
         for (i, q) in questions.iter().enumerate() {
             q.validate().with_context(|| {
                 if questions.len() > 1 {

@@ -443,7 +443,15 @@ impl QFormer {
             }
             None => None,
         };
-        let image = image_embeds.to_dtype(dt)?;
+        // The image only enters the cross-attentions' key/value products. When those run in
+        // bf16 (an f32 Q-Former in a bf16 inference, nn::inference) a bf16 image goes in as it
+        // is: casting it to f32 and back for every product gives the same values.
+        let lowered = |a: &QFormerAttention| a.attention.k.lowered_to(image_embeds) == Some(image_embeds.dtype());
+        let image = if self.layers.iter().filter_map(|l| l.crossattention.as_ref()).all(lowered) {
+            image_embeds.clone()
+        } else {
+            crate::nn::cast::cast(image_embeds, dt)?
+        };
 
         let mut x = self.embeddings.forward(&queries, input_ids, ctx)?; // [B, Q+L, H]
         for (i, layer) in self.layers.iter().enumerate() {

@@ -33,6 +33,7 @@
 //!   2·num_beams candidates), `min_new_tokens` included; sampling is deliberately not offered.
 
 use crate::nn::attention::{causal_bias, padding_bias, MultiHeadAttention};
+use crate::nn::cast::cast;
 use crate::nn::init::Init;
 use crate::nn::lora::{LoraAdapter, LoraConfig, LoraTarget};
 use crate::nn::{cross_entropy, log_softmax_last_dim, Activation, Ctx, Dropout, Embedding, Epilogue, Linear, RmsNorm};
@@ -347,10 +348,6 @@ pub fn relative_position_bucket(relative_position: i64, bidirectional: bool, num
 // ---------------------------------------------------------------------------------------------
 // Modules
 // ---------------------------------------------------------------------------------------------
-
-fn cast(t: &Tensor, dt: DType) -> Result<Tensor> {
-    Ok(if t.dtype() == dt { t.clone() } else { t.to_dtype(dt)? })
-}
 
 /// One T5 attention (self or cross): q/k/v/o without biases, no 1/sqrt(d) scaling. Its frozen
 /// projections carry gradients to the activations only ([`Linear::forward_frozen`]).

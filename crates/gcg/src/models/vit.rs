@@ -504,13 +504,13 @@ impl VisionModel {
         let dt = x.dtype();
         let mixed = crate::nn::linear::ONEDNN && dt == DType::BF16 && crate::nn::cpu_half_no_grad(&[&x]);
         if mixed {
-            x = x.to_dtype(DType::F32)?;
+            x = crate::nn::cast::cast(&x, DType::F32)?;
         }
         for layer in &self.layers {
             x = layer.forward(&x)?;
         }
         if mixed {
-            x = x.to_dtype(dt)?;
+            x = crate::nn::cast::cast(&x, dt)?;
         }
         Ok(x)
     }

@@ -23,6 +23,7 @@ pub fn fan_in_reinit(vars: &crate::weights::VarStore, seed: u64, skip: impl Fn(&
         let std = 1.0 / (fan_in.max(1) as f64).sqrt();
         let t = Tensor::from_vec(rng.normal_vec(var.elem_count(), 0.0, std), dims.as_slice(), var.device())?.to_dtype(var.dtype())?;
         var.set(&t)?;
+        crate::weights::mark_written();
         n += 1;
     }
     Ok(n)

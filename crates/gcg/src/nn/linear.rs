@@ -8,6 +8,7 @@
 //! Debian's `libdnnl-dev`): about twice candle's f32 speed and four times its bf16 speed on an
 //! AVX-512 machine. Smaller products, trainable weights and other devices stay with candle.
 
+use super::cast::{cast, cast_weight};
 use super::init::Init;
 use super::lora::LoraAdapter;
 use super::ops::Activation;
@@ -77,31 +78,36 @@ impl Linear {
     /// W x (+ b), without the LoRA branch.
     fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         if super::grad_disabled() {
-            // Inference: the weights as frozen (see nn::no_grad).
+            // Inference: the weights as frozen (see nn::no_grad), each cast once per scope.
             let x = super::detach_if_no_grad(x);
-            let frozen = Linear::new(
-                super::detach_if_no_grad(&self.weight),
-                self.bias.as_ref().map(super::detach_if_no_grad),
-            );
+            let bias = self.bias.as_ref().map(super::detach_if_no_grad);
             #[cfg(gcg_onednn)]
-            if let Some(half) = super::autocast_dtype() {
+            if let Some(half) = self.lowered_to(&x) {
                 // An f32 layer in a bf16 model (nn::inference): its product in bf16, the
                 // result in f32.
-                if x.dtype() == DType::F32
-                    && frozen.weight.dtype() == DType::F32
-                    && x.device().is_cpu()
-                    && frozen.in_dim() >= ONEDNN_MIN_DIM
-                    && frozen.out_dim() >= ONEDNN_MIN_DIM
-                {
-                    let lowered = Linear::new(frozen.weight.to_dtype(half)?, frozen.bias.clone());
-                    if let Some(y) = lowered.fused_onednn(&x, &Epilogue::default(), DType::F32)? {
-                        return Ok(y);
-                    }
+                let lowered = Linear::new(cast_weight(&self.weight, half)?, bias.clone());
+                if let Some(y) = lowered.fused_onednn(&x, &Epilogue::default(), DType::F32)? {
+                    return Ok(y);
                 }
             }
-            return frozen.forward_base_tracked(&x);
+            return Linear::new(cast_weight(&self.weight, x.dtype())?, bias).forward_base_tracked(&x);
         }
         self.forward_base_tracked(x)
+    }
+
+    /// The dtype this layer's product takes an input like `x` down to in the current scope:
+    /// bf16 for an f32 layer in a bf16 inference ([`super::inference`]) on the CPU with
+    /// oneDNN, for an input in f32 or already in bf16 (the result is f32 either way); `None`
+    /// when the product runs in the input's dtype.
+    pub fn lowered_to(&self, x: &Tensor) -> Option<DType> {
+        let half = super::autocast_dtype()?;
+        (ONEDNN
+            && (x.dtype() == DType::F32 || x.dtype() == half)
+            && self.weight.dtype() == DType::F32
+            && x.device().is_cpu()
+            && self.in_dim() >= ONEDNN_MIN_DIM
+            && self.out_dim() >= ONEDNN_MIN_DIM)
+            .then_some(half)
     }
 
     fn forward_base_tracked(&self, x: &Tensor) -> Result<Tensor> {
@@ -109,11 +115,7 @@ impl Linear {
         let in_dim = *dims.last().ok_or_else(|| anyhow::anyhow!("Linear on a scalar"))?;
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let w = if self.weight.dtype() == x.dtype() {
-            self.weight.clone()
-        } else {
-            self.weight.to_dtype(x.dtype())?
-        };
+        let w = cast(&self.weight, x.dtype())?;
         let mut y = if ONEDNN && x.device().is_cpu() && !x.track_op() && !w.track_op() {
             // No gradient to carry: the frozen-weight product (oneDNN when it applies).
             let x2 = x2.contiguous()?;
@@ -180,11 +182,9 @@ impl Linear {
             };
             y = (y * g)?;
         }
-        if y.dtype() != out {
-            y = y.to_dtype(out)?;
-        }
+        y = cast(&y, out)?;
         if let Some(r) = e.residual {
-            y = if r.dtype() == out { (r + y)? } else { (r.to_dtype(out)? + y)? };
+            y = (cast(r, out)? + y)?;
         }
         Ok(y)
     }
@@ -240,12 +240,12 @@ impl Linear {
         };
         let residual = match e.residual {
             None => None,
-            Some(r) => match flat(&if r.dtype() == out { r.clone() } else { r.to_dtype(out)? })? {
+            Some(r) => match flat(&cast(r, out)?)? {
                 Some(r) => Some(r),
                 None => return Ok(None),
             },
         };
-        let x2 = if x.dtype() == wdt { x.clone() } else { x.to_dtype(wdt)? };
+        let x2 = cast(x, wdt)?;
         let x2 = x2.reshape((rows, k))?.contiguous()?;
         let bias = match &self.bias {
             None => None,
@@ -283,12 +283,7 @@ impl Linear {
         let dims = x.dims().to_vec();
         let k = *dims.last().ok_or_else(|| anyhow!("projection of a scalar"))?;
         let rows = x.elem_count() / k.max(1);
-        let x = if x.dtype() == w.dtype() {
-            x.clone()
-        } else {
-            x.to_dtype(w.dtype())?
-        };
-        let x2 = x.reshape((rows, k))?.contiguous()?;
+        let x2 = cast(x, w.dtype())?.reshape((rows, k))?.contiguous()?;
         let y = x2.apply_op1_arc(Arc::new(Box::new(FrozenMatmul { w: w.contiguous()? })))?;
         let mut out_dims = dims[..dims.len() - 1].to_vec();
         out_dims.push(w.dim(0)?);
@@ -1096,6 +1091,18 @@ mod onednn_tests {
                 .matmul(&w.as_tensor().to_dtype(DType::BF16)?.to_dtype(DType::F32)?.t()?)?
                 .broadcast_add(b.as_tensor())?;
             assert!(max_rel(&y, &want) <= 1e-5, "bf16 product, f32 accumulation: {}", max_rel(&y, &want));
+            // An input already in bf16 takes the same product (what the Q-Former's bf16 image
+            // does), and the weight was cast once for the scope.
+            let xb = x.to_dtype(DType::BF16)?;
+            let yb = lin.forward(&xb)?;
+            assert_eq!(yb.dtype(), DType::F32);
+            let same = lin.forward(&xb.to_dtype(DType::F32)?)?;
+            let (a, b) = (yb.flatten_all()?.to_vec1::<f32>()?, same.flatten_all()?.to_vec1::<f32>()?);
+            assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+            assert_eq!(lin.lowered_to(&xb), ONEDNN.then_some(DType::BF16));
+            if ONEDNN {
+                assert_eq!(super::super::cast::cached_weights(), 1, "one weight, cast once");
+            }
         }
         {
             let _g = super::super::inference(DType::F32);

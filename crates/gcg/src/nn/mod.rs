@@ -6,6 +6,7 @@
 //! through frozen networks (T5) and reach every trainable parameter.
 
 pub mod attention;
+pub mod cast;
 pub mod dropout;
 pub mod embedding;
 pub mod init;
@@ -99,6 +100,9 @@ pub struct NoGradGuard {
 
 impl Drop for NoGradGuard {
     fn drop(&mut self) {
+        if !self.no_grad {
+            cast::clear_weights(); // the outermost scope ends
+        }
         NO_GRAD.with(|g| g.set(self.no_grad));
         AUTOCAST.with(|a| a.set(self.autocast));
     }

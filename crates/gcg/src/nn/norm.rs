@@ -5,15 +5,13 @@ use crate::weights::Loader;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
 
+use super::cast::cast;
+
 fn internal_dtype(dt: DType) -> DType {
     match dt {
         DType::F64 => DType::F64,
         _ => DType::F32,
     }
-}
-
-fn cast(t: &Tensor, dt: DType) -> Result<Tensor> {
-    Ok(if t.dtype() == dt { t.clone() } else { t.to_dtype(dt)? })
 }
 
 /// `nn.LayerNorm(dim, eps)`: statistics in f32 (f64 for f64 input), affine in the input dtype.
@@ -46,7 +44,7 @@ impl LayerNorm {
         let dt = x.dtype();
         if super::cpu_half_no_grad(&[x]) && !super::needs_grad(&[&self.weight, &self.bias]) {
             // In f32, rounded back once (see cpu_half_no_grad).
-            return Ok(self.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt)?);
+            return cast(&self.forward(&cast(x, DType::F32)?)?, dt);
         }
         let w = cast(&self.weight, dt)?;
         let b = cast(&self.bias, dt)?;
@@ -84,11 +82,11 @@ impl RmsNorm {
         if super::cpu_half_no_grad(&[x]) && !super::needs_grad(&[&w]) {
             // Statistics and scaling in f32, rounded to the half-precision weight's dtype once.
             let xn = candle_nn::ops::rms_norm(
-                &x.to_dtype(DType::F32)?.contiguous()?,
+                &cast(x, DType::F32)?.contiguous()?,
                 &cast(&self.weight, DType::F32)?,
                 self.eps as f32,
             )?;
-            return Ok(xn.to_dtype(dt)?);
+            return cast(&xn, dt);
         }
         if !super::needs_grad(&[x, &w]) && dt != DType::F64 {
             return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)?);

@@ -180,6 +180,7 @@ pub fn predict_split(
             ..opts.clone()
         },
     )?;
+    let _casts_kept = crate::nn::no_grad(); // weights cast to bf16 once for all batches
     for b in loader.epoch(0) {
         let batch = b?;
         let answers = model.answer(&batch)?;

@@ -135,6 +135,7 @@ impl AdamW {
             let update = ((&s.m / denom)? * (lr / bc1))?;
             s.var.set(&(decayed - update)?)?;
         }
+        crate::weights::mark_written();
         Ok(())
     }
 

@@ -296,6 +296,7 @@ pub fn accuracy(batches: &[(Batch, Vec<Answered>)]) -> f64 {
 
 /// Answer every batch of a source (deterministic).
 pub fn answer_all(model: &GcgModel, source: &dyn BatchSource) -> Result<Vec<(Batch, Vec<Answered>)>> {
+    let _casts_kept = crate::nn::no_grad(); // weights cast to bf16 once for all batches
     let mut out = Vec::new();
     for b in source.batches(0, 0)? {
         let b = b?;

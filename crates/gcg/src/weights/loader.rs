@@ -372,6 +372,7 @@ impl VarStore {
                 bail!("tensor {} has shape {:?}, expected {:?}", src.origin(name), meta.shape, var.dims());
             }
             var.set(&load_weight(src, name, var)?)?;
+            super::mark_written();
         }
         Ok(())
     }
@@ -390,6 +391,7 @@ impl VarStore {
                 bail!("tensor {} has shape {:?}, expected {:?}", src.origin(name), meta.shape, var.dims());
             }
             var.set(&load_weight(src, name, var)?)?;
+            super::mark_written();
         }
         Ok(missing)
     }
