@@ -114,33 +114,36 @@ mod wide {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+type Kernel<S, D> = fn(&[S], &mut [MaybeUninit<D>]);
+#[cfg(target_arch = "x86_64")]
+type WideKernel<S, D> = unsafe fn(&[S], &mut [MaybeUninit<D>]);
+
+/// `plain`, or its copy compiled for the widest vector unit this CPU has.
+#[cfg(target_arch = "x86_64")]
+fn widest<S, D>(src: &[S], dst: &mut [MaybeUninit<D>], plain: Kernel<S, D>, avx512: WideKernel<S, D>, avx2: WideKernel<S, D>) {
+    if std::arch::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has the features `avx512` is compiled for.
+        unsafe { avx512(src, dst) }
+    } else if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: as above, for `avx2`.
+        unsafe { avx2(src, dst) }
+    } else {
+        plain(src, dst)
+    }
+}
+
 fn to_bf16(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { wide::to_bf16_avx512(src, dst) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above.
-            return unsafe { wide::to_bf16_avx2(src, dst) };
-        }
-    }
+    return widest(src, dst, to_bf16_plain, wide::to_bf16_avx512, wide::to_bf16_avx2);
+    #[cfg(not(target_arch = "x86_64"))]
     to_bf16_plain(src, dst)
 }
 
 fn to_f32(src: &[bf16], dst: &mut [MaybeUninit<f32>]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512bw") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { wide::to_f32_avx512(src, dst) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: as above.
-            return unsafe { wide::to_f32_avx2(src, dst) };
-        }
-    }
+    return widest(src, dst, to_f32_plain, wide::to_f32_avx512, wide::to_f32_avx2);
+    #[cfg(not(target_arch = "x86_64"))]
     to_f32_plain(src, dst)
 }
 
