@@ -79,10 +79,10 @@ pub fn scaled_dot_product_attention(
     }
     if !train && super::cpu_half_no_grad(&[q, k, v]) {
         // Scores, softmax and the weighted sum in f32, rounded back once (see cpu_half_no_grad).
-        let f = |t: &Tensor| t.to_dtype(DType::F32);
+        let f = |t: &Tensor| super::cast::cast(t, DType::F32);
         let bias = bias.map(f).transpose()?;
         let out = scaled_dot_product_attention(&f(q)?, &f(k)?, &f(v)?, scale, bias.as_ref(), None)?;
-        return Ok(out.to_dtype(q.dtype())?);
+        return Ok(super::cast::cast(&out, q.dtype())?);
     }
     let q = match scale {
         Some(s) => (q * s)?,

@@ -25,7 +25,7 @@ const CHUNK: usize = 1 << 15;
 /// `t` in `dt`, with the values of `t.to_dtype(dt)`. A CPU tensor that carries no gradient is
 /// converted f32 ⇄ bf16 on all of candle's threads; anything else is candle's cast (so the
 /// autograd graph is kept).
-pub fn cast(t: &Tensor, dt: DType) -> Result<Tensor> {
+pub fn cast(t: &Tensor, dt: DType) -> candle_core::Result<Tensor> {
     if t.dtype() == dt {
         return Ok(t.clone());
     }
@@ -43,7 +43,7 @@ pub fn cast(t: &Tensor, dt: DType) -> Result<Tensor> {
     };
     let (start, end) = layout
         .contiguous_offsets()
-        .ok_or_else(|| anyhow::anyhow!("cast: a contiguous tensor without contiguous offsets"))?;
+        .ok_or_else(|| candle_core::Error::Msg("cast: a contiguous tensor without contiguous offsets".into()))?;
     let out = match cpu {
         CpuStorage::F32(v) => Tensor::from_vec(convert(&v[start..end], to_bf16), t.shape(), t.device())?,
         CpuStorage::BF16(v) => Tensor::from_vec(convert(&v[start..end], to_f32), t.shape(), t.device())?,
@@ -163,10 +163,10 @@ pub fn cast_weight(w: &Tensor, dt: DType) -> Result<Tensor> {
         return Ok(super::detach_if_no_grad(w));
     }
     if !super::grad_disabled() {
-        return cast(w, dt);
+        return Ok(cast(w, dt)?);
     }
     if !w.is_variable() || dt.size_in_bytes() >= w.dtype().size_in_bytes() {
-        return cast(&w.detach(), dt);
+        return Ok(cast(&w.detach(), dt)?);
     }
     let key = (w.id(), dt);
     let generation = crate::weights::write_generation();

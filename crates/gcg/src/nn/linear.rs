@@ -764,7 +764,7 @@ mod onednn {
         // SAFETY: the call wrote every score.
         unsafe { scores.set_len(b * h * lq * lk) };
         if let Some(bias) = bias {
-            let s = Tensor::from_vec(scores, (b, h, lq, lk), &Device::Cpu)?.broadcast_add(&bias.to_dtype(DType::F32)?)?;
+            let s = Tensor::from_vec(scores, (b, h, lq, lk), &Device::Cpu)?.broadcast_add(&crate::nn::cast::cast(bias, DType::F32)?)?;
             if s.dims() != [b, h, lq, lk] {
                 // A bias that widens the scores (not this attention's shape): candle's ops say why.
                 return Ok(None);

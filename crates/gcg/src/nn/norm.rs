@@ -44,7 +44,7 @@ impl LayerNorm {
         let dt = x.dtype();
         if super::cpu_half_no_grad(&[x]) && !super::needs_grad(&[&self.weight, &self.bias]) {
             // In f32, rounded back once (see cpu_half_no_grad).
-            return cast(&self.forward(&cast(x, DType::F32)?)?, dt);
+            return Ok(cast(&self.forward(&cast(x, DType::F32)?)?, dt)?);
         }
         let w = cast(&self.weight, dt)?;
         let b = cast(&self.bias, dt)?;
@@ -86,7 +86,7 @@ impl RmsNorm {
                 &cast(&self.weight, DType::F32)?,
                 self.eps as f32,
             )?;
-            return cast(&xn, dt);
+            return Ok(cast(&xn, dt)?);
         }
         if !super::needs_grad(&[x, &w]) && dt != DType::F64 {
             return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)?);
