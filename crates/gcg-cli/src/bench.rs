@@ -231,6 +231,13 @@ pub fn kernels() -> serde_json::Value {
         } else {
             "candle"
         },
+        "amx": if gcg::nn::linear::amx_active() {
+            "gcg's AMX kernel for bf16 products of >= 32 rows (reduction a multiple of 32)"
+        } else if gcg::nn::linear::AMX_BUILT {
+            "built in, not used: no AMX-BF16 on this CPU, Linux refused its tile state, or GCG_NO_AMX is set"
+        } else {
+            "not built (needs x86-64, oneDNN, a C compiler with AMX intrinsics, glibc >= 2.35)"
+        },
         "threads": candle_core::utils::get_num_threads(),
         "omp_wait_policy": crate::omp_wait_policy(),
         "omp_spin_count": crate::omp_spin_count(),

@@ -448,13 +448,65 @@ pub(crate) fn onednn_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, b
     Ok(None)
 }
 
-/// Products computed by oneDNN on this thread since it started (for tests and benchmarks).
+/// Products computed by oneDNN on this thread since it started, counting those gcg's AMX
+/// kernel computed in its place (for tests and benchmarks).
 pub fn onednn_calls() -> usize {
     ONEDNN_CALLS.with(|c| c.get())
 }
 
+/// Products computed by gcg's AMX kernel (csrc/amx_linear.c) on this thread since it started.
+pub fn amx_calls() -> usize {
+    AMX_CALLS.with(|c| c.get())
+}
+
 thread_local! {
     static ONEDNN_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static AMX_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static AMX_OFF_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// gcg's own AMX product was built in (x86-64 with oneDNN, a C compiler with the AMX
+/// intrinsics and glibc's vector math; see build.rs).
+pub const AMX_BUILT: bool = cfg!(gcg_amx);
+
+/// Products with fewer rows than this stay with oneDNN: single-token decoding reads each weight
+/// once for one row, where the tile unit has nothing to gain.
+pub const AMX_MIN_ROWS: usize = 32;
+
+/// Whether bf16 products of at least [`AMX_MIN_ROWS`] rows (and a reduction that is a multiple
+/// of 32) run on gcg's AMX kernel on this thread: built in, the CPU has AMX-BF16 and Linux grants
+/// its tile state, `GCG_NO_AMX` is not set (to compare with oneDNN's kernels), and
+/// [`set_amx_here`] did not turn it off.
+pub fn amx_active() -> bool {
+    amx_usable() && !AMX_OFF_HERE.with(|c| c.get())
+}
+
+/// The process-wide part of [`amx_active`] (asked once).
+fn amx_usable() -> bool {
+    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *USABLE.get_or_init(|| {
+        if std::env::var_os("GCG_NO_AMX").is_some_and(|v| !v.is_empty() && v != "0") {
+            return false;
+        }
+        #[cfg(gcg_amx)]
+        {
+            extern "C" {
+                fn gcg_amx_available() -> std::os::raw::c_int;
+            }
+            // SAFETY: reads CPUID and asks Linux for the tile state; no memory is passed.
+            unsafe { gcg_amx_available() == 1 }
+        }
+        #[cfg(not(gcg_amx))]
+        {
+            false
+        }
+    })
+}
+
+/// Turn gcg's AMX kernel off (or back on) for this thread's products: the same products then go
+/// to oneDNN (for tests that compare the two).
+pub fn set_amx_here(on: bool) {
+    AMX_OFF_HERE.with(|c| c.set(!on));
 }
 
 #[cfg(gcg_onednn)]
@@ -468,6 +520,26 @@ mod onednn {
         /// row-major; x and w f32 or bf16, y f32 or bf16, bias f32.
         fn gcg_onednn_linear(
             in_bf16: c_int,
+            out_bf16: c_int,
+            m: c_long,
+            n: c_long,
+            k: c_long,
+            x: *const c_void,
+            w: *const c_void,
+            bias: *const f32,
+            act: c_int,
+            gate: *const c_void,
+            gate_bf16: c_int,
+            residual: c_int,
+            y: *mut c_void,
+        ) -> c_int;
+    }
+
+    #[cfg(gcg_amx)]
+    extern "C" {
+        /// csrc/amx_linear.c: gcg_onednn_linear's contract for bf16 x and w on the AMX unit;
+        /// 0 done, -1 not applicable, -2 out of memory.
+        fn gcg_amx_linear(
             out_bf16: c_int,
             m: c_long,
             n: c_long,
@@ -574,6 +646,35 @@ mod onednn {
         }
         super::apply_onednn_threads();
         let call = |y: *mut c_void| -> candle_core::Result<bool> {
+            #[cfg(gcg_amx)]
+            if xb.is_bf16() && m >= super::AMX_MIN_ROWS && k % 32 == 0 && super::amx_active() {
+                // SAFETY: as for oneDNN below (the same contract, bf16 input).
+                let status = unsafe {
+                    gcg_amx_linear(
+                        (post.out == DType::BF16) as c_int,
+                        m as c_long,
+                        n as c_long,
+                        k as c_long,
+                        xb.ptr(),
+                        wb.ptr(),
+                        post.bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+                        post.act,
+                        gate.as_ref().map_or(std::ptr::null(), |g| g.ptr()),
+                        gate.as_ref().is_some_and(|g| g.is_bf16()) as c_int,
+                        residual.is_some() as c_int,
+                        y,
+                    )
+                };
+                match status {
+                    0 => {
+                        super::ONEDNN_CALLS.with(|c| c.set(c.get() + 1));
+                        super::AMX_CALLS.with(|c| c.set(c.get() + 1));
+                        return Ok(true);
+                    }
+                    -2 => candle_core::bail!("AMX matrix product [{m}, {k}] · [{n}, {k}]ᵀ: out of memory for its packed operands"),
+                    _ => {} // Not applicable after all: oneDNN.
+                }
+            }
             // SAFETY: x holds m·k and w n·k contiguous values of the type the flag names, the
             // bias n f32 values, the gate m·n values of its flagged type and y m·n values of the
             // output type (all checked above); the call reads x, w, bias and gate and writes y.
@@ -1042,6 +1143,84 @@ mod onednn_tests {
                         let tol = if half { 1.6e-2 } else { 1e-5 };
                         let err = max_rel(&got, &want);
                         assert!(err <= tol, "{combo}: error {err} > {tol}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// gcg's AMX kernel (bf16 products of at least 32 rows) against the plain ops in f32 from the
+    /// same bf16 inputs and against oneDNN's kernel for the same call, for every epilogue, with
+    /// rows, columns and a reduction that leave partial tiles, and a reduction long enough to be
+    /// walked in several chunks. On a CPU without AMX-BF16 the same products run on oneDNN (and
+    /// the test says so); on one with it, the AMX kernel must have run.
+    #[test]
+    fn amx_products_equal_the_plain_ops_and_onednn() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SeededRng::new(23);
+        let acts = [None, Some(Activation::Gelu), Some(Activation::GeluTanh), Some(Activation::Relu)];
+        if !amx_active() {
+            eprintln!("AMX-BF16 not usable here (built in: {AMX_BUILT}): the bf16 products below run on oneDNN");
+        }
+        // (rows, reduction, columns): 74 rows = two blocks of 32 and 10; 270 columns end in a
+        // partial tile; 1056 = 33 steps of 32, three chunks.
+        for (m, k, n) in [(37, 288, 270), (20, 1056, 300)] {
+            let x = Tensor::from_vec(rng.normal_vec(2 * m * k, 0.0, 1.0), (2, m, k), &dev)?.to_dtype(DType::BF16)?;
+            let w = Tensor::from_vec(rng.normal_vec(n * k, 0.0, 0.06), (n, k), &dev)?.to_dtype(DType::BF16)?;
+            let b = Tensor::from_vec(rng.normal_vec(n, 0.0, 0.5), n, &dev)?.to_dtype(DType::BF16)?;
+            let gate = Tensor::from_vec(rng.normal_vec(2 * m * n, 0.0, 1.0), (2, m, n), &dev)?;
+            let res = Tensor::from_vec(rng.normal_vec(2 * m * n, 0.0, 1.0), (2, m, n), &dev)?;
+            let lin = Linear::new(w.clone(), Some(b.clone()));
+            let f = |t: &Tensor| t.to_dtype(DType::F32);
+            let product = f(&x)?
+                .reshape((2 * m, k))?
+                .matmul(&f(&w)?.t()?)?
+                .broadcast_add(&f(&b)?)?
+                .reshape((2, m, n))?;
+            for act in acts {
+                for (use_gate, use_res) in [(false, false), (true, false), (false, true), (true, true)] {
+                    for out in [DType::F32, DType::BF16] {
+                        let (g, r) = (gate.to_dtype(out)?, res.to_dtype(out)?);
+                        let e = || Epilogue {
+                            act,
+                            gate: use_gate.then_some(&g),
+                            residual: use_res.then_some(&r),
+                            out: Some(out),
+                        };
+                        let combo = format!("[{m}x2, {k}] x [{n}, {k}]T, {act:?}, gate {use_gate}, residual {use_res}, {out:?} out");
+                        let before = amx_calls();
+                        let got = lin.forward_fused(&x, e())?;
+                        assert_eq!(
+                            amx_calls() - before,
+                            usize::from(amx_active()),
+                            "{combo}: the AMX kernel ran iff usable"
+                        );
+                        assert_eq!((got.dtype(), got.dims()), (out, &[2, m, n][..]), "{combo}");
+                        set_amx_here(false);
+                        let other = lin.forward_fused(&x, e());
+                        set_amx_here(true);
+                        let other = other?;
+                        let mut want = match act {
+                            None => product.clone(),
+                            Some(Activation::Gelu) => product.gelu_erf()?,
+                            Some(Activation::GeluTanh) => product.gelu()?,
+                            Some(Activation::Relu) => product.relu()?,
+                            Some(Activation::QuickGelu) => unreachable!(),
+                        };
+                        if use_gate {
+                            want = (want * f(&g)?)?;
+                        }
+                        if use_res {
+                            want = (want + f(&r)?)?;
+                        }
+                        // f32 results differ from the reference only by the order of the sums;
+                        // bf16 results by one rounding of the output.
+                        let tol = if out == DType::F32 { 2e-5 } else { 8e-3 };
+                        let err = max_rel(&got, &want);
+                        assert!(err <= tol, "{combo}: error {err} against the plain ops > {tol}");
+                        let err = max_rel(&got, &other);
+                        assert!(err <= tol, "{combo}: error {err} against oneDNN's kernel > {tol}");
                     }
                 }
             }
