@@ -121,25 +121,27 @@ TARGET static inline void transpose16(const uint32_t *src, long ss, uint32_t *ds
     for (int i = 0; i < 16; i++) _mm512_storeu_si512((void *)(dst + i * ds), r[i]);
 }
 
-/* Packs rows n0 .. n0 + 32·pairs of w [n, k] (rows past n are zeros) into the layout of the
- * unit's B tiles: for each pair of 16-row groups, each 32-wide step s of k, each group j, a
- * 16 × 16 block of 32-bit values whose row kk holds (w[row][32s + 2kk], w[row][32s + 2kk + 1])
- * for the group's 16 rows. */
-TARGET static void pack_panel(const uint16_t *w, long n, long k, long n0, long pairs, uint32_t *pack) {
-    long steps = k / 32, words = k / 2;
+/* Packs rows n0 .. n0 + 32·pairs of w [n, k] (rows past n are zeros), steps t0 .. t0 + ts of
+ * 32 along k, into the layout of the unit's B tiles: for each pair of 16-row groups, each step
+ * s, each group j, a 16 × 16 block of 32-bit values whose row kk holds
+ * (w[row][32s + 2kk], w[row][32s + 2kk + 1]) for the group's 16 rows. */
+TARGET static void pack_panel(const uint16_t *w, long n, long k, long n0, long pairs, long t0, long ts,
+                              uint32_t *pack) {
+    long words = k / 2;
     const uint32_t *w32 = (const uint32_t *)w;
     uint32_t pad[256] __attribute__((aligned(64)));
     for (long p = 0; p < pairs; p++)
         for (int j = 0; j < 2; j++) {
             long r0 = n0 + 32 * p + 16 * j, valid = n - r0;
             valid = valid < 0 ? 0 : valid > 16 ? 16 : valid;
-            for (long s = 0; s < steps; s++) {
-                uint32_t *dst = pack + ((p * steps + s) * 2 + j) * 256;
+            for (long s = 0; s < ts; s++) {
+                uint32_t *dst = pack + ((p * ts + s) * 2 + j) * 256;
+                const uint32_t *src = w32 + r0 * words + 16 * (t0 + s);
                 if (valid == 16) {
-                    transpose16(w32 + r0 * words + 16 * s, words, dst, 16);
+                    transpose16(src, words, dst, 16);
                 } else {
                     memset(pad, 0, sizeof pad);
-                    for (long r = 0; r < valid; r++) memcpy(pad + 16 * r, w32 + (r0 + r) * words + 16 * s, 64);
+                    for (long r = 0; r < valid; r++) memcpy(pad + 16 * r, src + r * words, 64);
                     transpose16(pad, 16, dst, 16);
                 }
             }
@@ -214,12 +216,24 @@ TARGET static void pack_rows(const uint16_t *x, long m, long k, long b0, long b1
  * with x already packed by pack_rows. */
 TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const uint16_t *w, const epi_t *e,
                               long n_begin, long n_end) {
-    long steps = k / 32;
-    /* Columns per packed panel: the panel (k × cols bf16) stays within ~1 MB of L2. */
-    long panel = (512L * 1024 / k) / 32 * 32;
-    if (panel < 32) panel = 32;
-    uint32_t *pack = scratch(1, (size_t)(panel / 32) * steps * 512 * 4);
-    if (!pack) return -2;
+    long steps = k / 32, blocks = (m + 31) / 32;
+    /* Columns per panel and steps of k per span: a panel's packed weights for one span
+     * (columns × span × 32 bf16) fill ~1 MB of L2. A short reduction is one span with the
+     * widest panel that fits; a long one (the ViT's 6144) keeps 256 columns, so that x is read
+     * again for fewer panels, and walks k in spans of 64 steps, every row block's accumulators
+     * waiting in `part` between spans. */
+    long panel = (512L * 1024 / k) / 32 * 32, span = steps;
+    if (panel < 256) {
+        panel = 256;
+        span = (1L << 20) / (panel * 64);
+        if (span > steps) span = steps;
+    }
+    long spans = (steps + span - 1) / span;
+    uint32_t *pack = scratch(1, (size_t)(panel / 32) * span * 512 * 4);
+    /* k is also walked in chunks of at most 12 steps (384 values) inside a span: a block's
+     * chunk of x (24 KB) then stays in L1 while every pair of the panel uses it. */
+    float *part = scratch(2, (size_t)(spans > 1 ? blocks : 1) * (panel / 32) * 4096);
+    if (!pack || !part) return -2;
     tilecfg_t cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -229,59 +243,58 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
     }
     _tile_loadconfig(&cfg);
     float acc[32 * 32] __attribute__((aligned(64)));
-    /* k is walked in chunks of at most 12 steps (384 values): a block's chunk of x (24 KB)
-     * then stays in L1 while every pair of the panel uses it; the accumulators of all pairs but
-     * the current one wait in `part` between chunks. */
-    long chunks = (steps + 11) / 12;
-    float *part = chunks > 1 ? scratch(2, (size_t)(panel / 32) * 4096) : NULL;
-    if (chunks > 1 && !part) return -2;
     for (long p0 = n_begin; p0 < n_end; p0 += panel) {
         long cols = n_end - p0 < panel ? n_end - p0 : panel;
         long pairs = (cols + 31) / 32;
-        pack_panel(w, n, k, p0, pairs, pack);
-        for (long m0 = 0; m0 < m; m0 += 32) {
-            const uint16_t *a = xp + (m0 / 32) * steps * 1024;
-            long mr = m - m0 < 32 ? m - m0 : 32;
-            for (long c = 0; c < chunks; c++) {
-                long s0 = steps * c / chunks, s1 = steps * (c + 1) / chunks;
-                for (long p = 0; p < pairs; p++) {
-                    const uint32_t *b = pack + p * steps * 512;
-                    float *keep = part + p * 1024;
-                    if (c == 0) {
-                        _tile_zero(0);
-                        _tile_zero(1);
-                        _tile_zero(2);
-                        _tile_zero(3);
-                    } else {
-                        _tile_loadd(0, keep, 64);
-                        _tile_loadd(1, keep + 256, 64);
-                        _tile_loadd(2, keep + 512, 64);
-                        _tile_loadd(3, keep + 768, 64);
+        for (long t0 = 0; t0 < steps; t0 += span) {
+            long ts = steps - t0 < span ? steps - t0 : span;
+            long chunks = (ts + 11) / 12;
+            pack_panel(w, n, k, p0, pairs, t0, ts, pack);
+            for (long m0 = 0; m0 < m; m0 += 32) {
+                const uint16_t *a = xp + (m0 / 32) * steps * 1024;
+                float *kept = part + (spans > 1 ? (m0 / 32) * (panel / 32) * 1024 : 0);
+                long mr = m - m0 < 32 ? m - m0 : 32;
+                for (long c = 0; c < chunks; c++) {
+                    long s0 = t0 + ts * c / chunks, s1 = t0 + ts * (c + 1) / chunks;
+                    for (long p = 0; p < pairs; p++) {
+                        const uint32_t *b = pack + p * ts * 512;
+                        float *keep = kept + p * 1024;
+                        if (s0 == 0) {
+                            _tile_zero(0);
+                            _tile_zero(1);
+                            _tile_zero(2);
+                            _tile_zero(3);
+                        } else {
+                            _tile_loadd(0, keep, 64);
+                            _tile_loadd(1, keep + 256, 64);
+                            _tile_loadd(2, keep + 512, 64);
+                            _tile_loadd(3, keep + 768, 64);
+                        }
+                        for (long s = s0; s < s1; s++) {
+                            /* Loads interleaved with the products that can already run. */
+                            _tile_loadd(6, b + (s - t0) * 512, 64);
+                            _tile_loadd(4, a + s * 1024, 64);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_loadd(7, b + (s - t0) * 512 + 256, 64);
+                            _tile_dpbf16ps(1, 4, 7);
+                            _tile_loadd(5, a + s * 1024 + 512, 64);
+                            _tile_dpbf16ps(2, 5, 6);
+                            _tile_dpbf16ps(3, 5, 7);
+                        }
+                        if (s1 < steps) {
+                            _tile_stored(0, keep, 64);
+                            _tile_stored(1, keep + 256, 64);
+                            _tile_stored(2, keep + 512, 64);
+                            _tile_stored(3, keep + 768, 64);
+                            continue;
+                        }
+                        _tile_stored(0, acc, 128);
+                        _tile_stored(1, acc + 16, 128);
+                        _tile_stored(2, acc + 16 * 32, 128);
+                        _tile_stored(3, acc + 16 * 32 + 16, 128);
+                        long c0 = p0 + 32 * p, nr = n_end - c0 < 32 ? n_end - c0 : 32;
+                        epilogue(e, acc, m0, mr, c0, nr);
                     }
-                    for (long s = s0; s < s1; s++) {
-                        /* Loads interleaved with the products that can already run. */
-                        _tile_loadd(6, b + s * 512, 64);
-                        _tile_loadd(4, a + s * 1024, 64);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_loadd(7, b + s * 512 + 256, 64);
-                        _tile_dpbf16ps(1, 4, 7);
-                        _tile_loadd(5, a + s * 1024 + 512, 64);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
-                    if (c + 1 < chunks) {
-                        _tile_stored(0, keep, 64);
-                        _tile_stored(1, keep + 256, 64);
-                        _tile_stored(2, keep + 512, 64);
-                        _tile_stored(3, keep + 768, 64);
-                        continue;
-                    }
-                    _tile_stored(0, acc, 128);
-                    _tile_stored(1, acc + 16, 128);
-                    _tile_stored(2, acc + 16 * 32, 128);
-                    _tile_stored(3, acc + 16 * 32 + 16, 128);
-                    long c0 = p0 + 32 * p, nr = n_end - c0 < 32 ? n_end - c0 : 32;
-                    epilogue(e, acc, m0, mr, c0, nr);
                 }
             }
         }

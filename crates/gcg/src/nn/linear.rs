@@ -1164,8 +1164,9 @@ mod onednn_tests {
             eprintln!("AMX-BF16 not usable here (built in: {AMX_BUILT}): the bf16 products below run on oneDNN");
         }
         // (rows, reduction, columns): 74 rows = two blocks of 32 and 10; 270 columns end in a
-        // partial tile; 1056 = 33 steps of 32, three chunks.
-        for (m, k, n) in [(37, 288, 270), (20, 1056, 300)] {
+        // partial tile; 1056 = 33 steps of 32, three chunks; 2112 = 66 steps, two spans of k
+        // (64 and 2 steps) with the row blocks' accumulators kept between them.
+        for (m, k, n) in [(37, 288, 270), (20, 1056, 300), (20, 2112, 300)] {
             let x = Tensor::from_vec(rng.normal_vec(2 * m * k, 0.0, 1.0), (2, m, k), &dev)?.to_dtype(DType::BF16)?;
             let w = Tensor::from_vec(rng.normal_vec(n * k, 0.0, 0.06), (n, k), &dev)?.to_dtype(DType::BF16)?;
             let b = Tensor::from_vec(rng.normal_vec(n, 0.0, 0.5), n, &dev)?.to_dtype(DType::BF16)?;
