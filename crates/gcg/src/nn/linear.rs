@@ -1160,13 +1160,21 @@ mod onednn_tests {
         let dev = Device::Cpu;
         let mut rng = crate::rng::SeededRng::new(23);
         let acts = [None, Some(Activation::Gelu), Some(Activation::GeluTanh), Some(Activation::Relu)];
+        if std::env::var("GCG_REQUIRE_ONEDNN").is_ok_and(|v| v == "1") && cfg!(target_arch = "x86_64") {
+            // Where oneDNN is (Debian 12 and later), gcc and glibc are new enough for the kernel.
+            assert!(
+                AMX_BUILT,
+                "GCG_REQUIRE_ONEDNN=1 on x86-64 but gcg's AMX kernel was not built (see build.rs's warning)"
+            );
+        }
         if !amx_active() {
             eprintln!("AMX-BF16 not usable here (built in: {AMX_BUILT}): the bf16 products below run on oneDNN");
         }
         // (rows, reduction, columns): 74 rows = two blocks of 32 and 10; 270 columns end in a
-        // partial tile; 1056 = 33 steps of 32, three chunks; 2112 = 66 steps, two spans of k
-        // (64 and 2 steps) with the row blocks' accumulators kept between them.
-        for (m, k, n) in [(37, 288, 270), (20, 1056, 300), (20, 2112, 300)] {
+        // partial tile; 1056 = 33 steps of 32, three chunks; 1100 columns of 1056 make several
+        // panels per thread (496 columns each); 2112 = 66 steps, two spans of k (64 and 2
+        // steps) with the row blocks' accumulators kept between them.
+        for (m, k, n) in [(37, 288, 270), (20, 1056, 300), (20, 1056, 1100), (20, 2112, 300)] {
             let x = Tensor::from_vec(rng.normal_vec(2 * m * k, 0.0, 1.0), (2, m, k), &dev)?.to_dtype(DType::BF16)?;
             let w = Tensor::from_vec(rng.normal_vec(n * k, 0.0, 0.06), (n, k), &dev)?.to_dtype(DType::BF16)?;
             let b = Tensor::from_vec(rng.normal_vec(n, 0.0, 0.5), n, &dev)?.to_dtype(DType::BF16)?;
