@@ -303,11 +303,11 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
     return 0;
 }
 
-/* Same arguments as gcg_onednn_linear with in_bf16 = 1. Returns 0 when done, -1 when this
- * kernel does not apply (no AMX, k not a multiple of 32), -2 when memory ran out. */
-int gcg_amx_linear(int out_bf16, long m, long n, long k, const void *x, const void *w, const float *bias, int act,
-                   const void *gate, int gate_bf16, int residual, void *y) {
-    if (k % 32 != 0 || k == 0 || m == 0 || n == 0 || !gcg_amx_available()) return -1;
+/* Same arguments as gcg_onednn_linear. Returns 0 when done, -1 when this kernel does not
+ * apply (f32 input, no AMX, k not a multiple of 32), -2 when memory ran out. */
+int gcg_amx_linear(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w, const float *bias,
+                   int act, const void *gate, int gate_bf16, int residual, void *y) {
+    if (!in_bf16 || k % 32 != 0 || k == 0 || m == 0 || n == 0 || !gcg_amx_available()) return -1;
     epi_t e = {out_bf16, act, gate_bf16, residual, bias, gate, y, n};
     long units = (n + 31) / 32, blocks = (m + 31) / 32;
     uint16_t *xp = scratch(0, (size_t)blocks * 32 * k * 2);

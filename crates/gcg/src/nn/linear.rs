@@ -515,45 +515,46 @@ mod onednn {
     use half::bf16;
     use std::os::raw::{c_int, c_long, c_void};
 
-    extern "C" {
-        /// csrc/onednn_matmul.c: y [m, n] = residual + gate ⊙ act(x [m, k] · w [n, k]ᵀ + bias),
-        /// row-major; x and w f32 or bf16, y f32 or bf16, bias f32.
-        fn gcg_onednn_linear(
-            in_bf16: c_int,
-            out_bf16: c_int,
-            m: c_long,
-            n: c_long,
-            k: c_long,
-            x: *const c_void,
-            w: *const c_void,
-            bias: *const f32,
-            act: c_int,
-            gate: *const c_void,
-            gate_bf16: c_int,
-            residual: c_int,
-            y: *mut c_void,
-        ) -> c_int;
+    /// Declares gcg's fully connected layers in C, all with one signature: y [m, n] = residual
+    /// + gate ⊙ act(x [m, k] · w [n, k]ᵀ + bias), row-major; x and w f32 or bf16 (in_bf16), y
+    /// f32 or bf16 (out_bf16), bias f32; the gate's dtype flagged; y holds the residual on entry
+    /// when `residual` is set.
+    macro_rules! linear_fns {
+        ($($(#[$attr:meta])* fn $name:ident;)*) => {
+            extern "C" {
+                $($(#[$attr])* fn $name(
+                    in_bf16: c_int, out_bf16: c_int, m: c_long, n: c_long, k: c_long,
+                    x: *const c_void, w: *const c_void, bias: *const f32, act: c_int,
+                    gate: *const c_void, gate_bf16: c_int, residual: c_int, y: *mut c_void,
+                ) -> c_int;)*
+            }
+        };
     }
 
-    #[cfg(gcg_amx)]
-    extern "C" {
-        /// csrc/amx_linear.c: gcg_onednn_linear's contract for bf16 x and w on the AMX unit;
-        /// 0 done, -1 not applicable, -2 out of memory.
-        fn gcg_amx_linear(
-            out_bf16: c_int,
-            m: c_long,
-            n: c_long,
-            k: c_long,
-            x: *const c_void,
-            w: *const c_void,
-            bias: *const f32,
-            act: c_int,
-            gate: *const c_void,
-            gate_bf16: c_int,
-            residual: c_int,
-            y: *mut c_void,
-        ) -> c_int;
+    linear_fns! {
+        /// csrc/onednn_matmul.c: 0 done, else the dnnl_status_t.
+        fn gcg_onednn_linear;
+        /// csrc/amx_linear.c (bf16 x and w) on the AMX unit: 0 done, -1 not applicable, -2 out
+        /// of memory.
+        #[cfg(gcg_amx)]
+        fn gcg_amx_linear;
     }
+
+    type LinearFn = unsafe extern "C" fn(
+        c_int,
+        c_int,
+        c_long,
+        c_long,
+        c_long,
+        *const c_void,
+        *const c_void,
+        *const f32,
+        c_int,
+        *const c_void,
+        c_int,
+        c_int,
+        *mut c_void,
+    ) -> c_int;
 
     /// A contiguous CPU buffer of f32 or bf16 values, borrowed for one call.
     enum Buf<'a> {
@@ -646,11 +647,14 @@ mod onednn {
         }
         super::apply_onednn_threads();
         let call = |y: *mut c_void| -> candle_core::Result<bool> {
-            #[cfg(gcg_amx)]
-            if xb.is_bf16() && m >= super::AMX_MIN_ROWS && k % 32 == 0 && super::amx_active() {
-                // SAFETY: as for oneDNN below (the same contract, bf16 input).
-                let status = unsafe {
-                    gcg_amx_linear(
+            let run = |f: LinearFn| {
+                // SAFETY: x holds m·k and w n·k contiguous values of the type the flag names,
+                // the bias n f32 values, the gate m·n values of its flagged type and y m·n values
+                // of the output type (all checked above); the call reads x, w, bias and gate and
+                // writes y.
+                unsafe {
+                    f(
+                        xb.is_bf16() as c_int,
                         (post.out == DType::BF16) as c_int,
                         m as c_long,
                         n as c_long,
@@ -664,8 +668,11 @@ mod onednn {
                         residual.is_some() as c_int,
                         y,
                     )
-                };
-                match status {
+                }
+            };
+            #[cfg(gcg_amx)]
+            if xb.is_bf16() && m >= super::AMX_MIN_ROWS && k % 32 == 0 && super::amx_active() {
+                match run(gcg_amx_linear) {
                     0 => {
                         super::ONEDNN_CALLS.with(|c| c.set(c.get() + 1));
                         super::AMX_CALLS.with(|c| c.set(c.get() + 1));
@@ -675,26 +682,7 @@ mod onednn {
                     _ => {} // Not applicable after all: oneDNN.
                 }
             }
-            // SAFETY: x holds m·k and w n·k contiguous values of the type the flag names, the
-            // bias n f32 values, the gate m·n values of its flagged type and y m·n values of the
-            // output type (all checked above); the call reads x, w, bias and gate and writes y.
-            let status = unsafe {
-                gcg_onednn_linear(
-                    xb.is_bf16() as c_int,
-                    (post.out == DType::BF16) as c_int,
-                    m as c_long,
-                    n as c_long,
-                    k as c_long,
-                    xb.ptr(),
-                    wb.ptr(),
-                    post.bias.map_or(std::ptr::null(), |b| b.as_ptr()),
-                    post.act,
-                    gate.as_ref().map_or(std::ptr::null(), |g| g.ptr()),
-                    gate.as_ref().is_some_and(|g| g.is_bf16()) as c_int,
-                    residual.is_some() as c_int,
-                    y,
-                )
-            };
+            let status = run(gcg_onednn_linear);
             if status == DNNL_UNIMPLEMENTED {
                 // A combination of types this oneDNN has no kernel for: the plain ops instead.
                 return Ok(false);
@@ -1084,6 +1072,25 @@ mod onednn_tests {
         (g - w).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() / scale
     }
 
+    /// What a fused call does after the product, as the plain ops in f32: the activation, the
+    /// gate, the residual (reference for the fused paths).
+    fn plain_epilogue(product: Tensor, act: Option<Activation>, gate: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+        let mut want = match act {
+            None => product,
+            Some(Activation::Gelu) => product.gelu_erf()?,
+            Some(Activation::GeluTanh) => product.gelu()?,
+            Some(Activation::Relu) => product.relu()?,
+            Some(Activation::QuickGelu) => unreachable!("not fused"),
+        };
+        if let Some(g) = gate {
+            want = (want * g.to_dtype(DType::F32)?)?;
+        }
+        if let Some(r) = residual {
+            want = (want + r.to_dtype(DType::F32)?)?;
+        }
+        Ok(want)
+    }
+
     /// `forward_fused` (one oneDNN call when built in) against the plain ops written out here
     /// in f32 from the rounded inputs, for every epilogue: activation, gate, residual, output
     /// dtype; f32, bf16 and mixed (f32 input, bf16 weight). f32 to 1e-5, bf16 to its rounding.
@@ -1126,19 +1133,7 @@ mod onednn_tests {
                             .matmul(&f(&w.to_dtype(wdt)?)?.t()?)?
                             .broadcast_add(&f(&b.to_dtype(wdt)?)?)?
                             .reshape((2, m, n))?;
-                        want = match act {
-                            None => want,
-                            Some(Activation::Gelu) => want.gelu_erf()?,
-                            Some(Activation::GeluTanh) => want.gelu()?,
-                            Some(Activation::Relu) => want.relu()?,
-                            Some(Activation::QuickGelu) => unreachable!(),
-                        };
-                        if use_gate {
-                            want = (want * f(&g)?)?;
-                        }
-                        if use_res {
-                            want = (want + f(&r)?)?;
-                        }
+                        want = plain_epilogue(want, act, use_gate.then_some(&g), use_res.then_some(&r))?;
                         let half = xdt == DType::BF16 || wdt == DType::BF16 || out == DType::BF16;
                         let tol = if half { 1.6e-2 } else { 1e-5 };
                         let err = max_rel(&got, &want);
@@ -1210,19 +1205,7 @@ mod onednn_tests {
                         let other = lin.forward_fused(&x, e());
                         set_amx_here(true);
                         let other = other?;
-                        let mut want = match act {
-                            None => product.clone(),
-                            Some(Activation::Gelu) => product.gelu_erf()?,
-                            Some(Activation::GeluTanh) => product.gelu()?,
-                            Some(Activation::Relu) => product.relu()?,
-                            Some(Activation::QuickGelu) => unreachable!(),
-                        };
-                        if use_gate {
-                            want = (want * f(&g)?)?;
-                        }
-                        if use_res {
-                            want = (want + f(&r)?)?;
-                        }
+                        let want = plain_epilogue(product.clone(), act, use_gate.then_some(&g), use_res.then_some(&r))?;
                         // f32 results differ from the reference only by the order of the sums;
                         // bf16 results by one rounding of the output.
                         let tol = if out == DType::F32 { 2e-5 } else { 8e-3 };
