@@ -515,10 +515,10 @@ mod onednn {
     use half::bf16;
     use std::os::raw::{c_int, c_long, c_void};
 
-    /// Declares gcg's fully connected layers in C, all with one signature: y [m, n] = residual
-    /// + gate ⊙ act(x [m, k] · w [n, k]ᵀ + bias), row-major; x and w f32 or bf16 (in_bf16), y
-    /// f32 or bf16 (out_bf16), bias f32; the gate's dtype flagged; y holds the residual on entry
-    /// when `residual` is set.
+    /// Declares gcg's fully connected layers in C, all with one signature:
+    /// `y [m, n] = residual + gate ⊙ act(x [m, k] · w [n, k]ᵀ + bias)`, row-major; x and w f32
+    /// or bf16 (in_bf16), y f32 or bf16 (out_bf16), bias f32; the gate's dtype flagged; y holds
+    /// the residual on entry when `residual` is set.
     macro_rules! linear_fns {
         ($($(#[$attr:meta])* fn $name:ident;)*) => {
             extern "C" {
