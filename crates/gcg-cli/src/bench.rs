@@ -188,17 +188,15 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let kept = {
         let _scope = gcg::nn::inference(dtype);
         answer()?;
-        let mut v: Vec<f64> = (0..a.iters.max(1))
-            .map(|_| answer().map(|r| r.iter().sum()))
-            .collect::<Result<_>>()?;
-        v.sort_by(|x, y| x.total_cmp(y));
-        v[v.len() / 2]
+        (0..a.iters.max(1)).map(|_| answer()).collect::<Result<Vec<_>>>()?
     };
-    let median_of = |f: &dyn Fn(&[f64; 3]) -> f64| {
+    let median_in = |runs: &[[f64; 3]], f: &dyn Fn(&[f64; 3]) -> f64| {
         let mut v: Vec<f64> = runs.iter().map(f).collect();
         v.sort_by(|x, y| x.total_cmp(y));
         v[v.len() / 2]
     };
+    let median_of = |f: &dyn Fn(&[f64; 3]) -> f64| median_in(&runs, f);
+    let kept = median_in(&kept, &|r| r.iter().sum());
     let times: Vec<f64> = runs.iter().map(|r| r.iter().sum()).collect();
     let median = median_of(&|r| r.iter().sum());
     let phases = json!({
