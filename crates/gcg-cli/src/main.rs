@@ -142,8 +142,10 @@ fn main() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     rerun_with_openmp_settings();
     restore_sigpipe();
-    gcg::util::keep_freed_memory();
     let cli = Cli::parse();
+    // One heap for every thread, except where threads train side by side (the demo, `gcg
+    // train`): they would wait on its lock.
+    gcg::util::keep_freed_memory(!matches!(cli.command, Command::Demo(_) | Command::Train(_)));
     // The demo's networks are tiny: one thread per op is faster than two (198 s against 282 s
     // for `gcg demo --seed 0` on 2 cores, the same results).
     let demo_default = matches!(cli.command, Command::Demo(_)) && std::env::var_os("RAYON_NUM_THREADS").is_none();

@@ -598,16 +598,32 @@ mod tests {
 /// glibc serves allocations above its mmap threshold (128 KiB at start, raised as large blocks
 /// are freed) with fresh pages and returns them on free: every layer's output of a big network
 /// then costs page faults and zeroing, measured at ~17% of the ViT-g forward on the CPU. This
-/// raises the threshold to glibc's maximum (32 MiB) and the trim threshold to 1 GiB, so freed
-/// buffers are reused; a process's resident memory then stays near its peak. Called by the `gcg`
-/// binary at start; a no-op elsewhere than Linux with glibc.
-pub fn keep_freed_memory() {
+/// raises the threshold to glibc's maximum (32 MiB), turns its own mmap-per-allocation off
+/// altogether (`M_MMAP_MAX` 0: a larger block comes from the heap too, and is reused once freed)
+/// and raises the trim threshold to 1 GiB; a process's resident memory then stays near its peak.
+/// Without the mmap step, blocks above 32 MiB still came and went as fresh pages: the ViT's
+/// tensors at 32 frames a pass (activations of 46–135 MB) spent more time in the kernel than in
+/// products, 1.2 frames/s against 2.5 with it.
+///
+/// A thread other than the main one allocates from its own arena, whose heaps hold blocks of at
+/// most 64 MiB: glibc maps larger ones afresh whatever the settings. `one_heap` keeps every
+/// thread on the main heap (`M_ARENA_MAX` 1), for a process whose big tensors live on another
+/// thread (`gcg serve`'s model thread); it costs the threads a shared lock, which made `gcg demo`
+/// (networks trained side by side on two threads, many mid-sized tensors) 20% slower.
+///
+/// Called by the `gcg` binary at start, before any other thread exists (a thread keeps the arena
+/// it first allocated from); a no-op elsewhere than Linux with glibc.
+pub fn keep_freed_memory(one_heap: bool) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes glibc's allocator parameters; it is called before other
     // threads allocate (at the start of main).
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        if one_heap {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
     }
 }
 
