@@ -166,10 +166,10 @@ TARGET static inline __m512 load_any(const void *base, long i, int bf16, __mmask
     return _mm512_maskz_loadu_ps(mask, (const float *)base + i);
 }
 
-/* Applies the epilogue to the accumulators of rows m0 .. m0 + mr and columns n0 .. n0 + nr
- * (acc: 32 × 32 f32, row stride 32) and writes them to y. */
-TARGET static void epilogue(const epi_t *e, const float *acc, long m0, long mr, long n0, long nr) {
-    for (long r = 0; r < mr; r++)
+/* Applies the epilogue to rows r0 .. r1 of a finished 32 × 32 block of accumulators (acc, row
+ * stride 32; the block's rows start at m0 and its nr columns at n0) and writes them to y. */
+TARGET static void epilogue(const epi_t *e, const float *acc, long m0, long r0, long r1, long n0, long nr) {
+    for (long r = r0; r < r1; r++)
         for (long h = 0; h < 32 && h < nr; h += 16) {
             long cols = nr - h < 16 ? nr - h : 16;
             __mmask16 mask = (__mmask16)((1u << cols) - 1);
@@ -195,6 +195,23 @@ TARGET static void epilogue(const epi_t *e, const float *acc, long m0, long mr, 
             else
                 _mm512_mask_storeu_ps((float *)e->y + at, mask, v);
         }
+}
+
+/* A finished block whose epilogue is still to run, a few rows at a time between the tile
+ * products of the next blocks: the vector work of the epilogue (the bias, GELU's erf, the
+ * rounding and the writes to y) then overlaps the matrix unit's instead of leaving it idle. */
+typedef struct {
+    const float *acc;
+    long m0, mr, c0, nr, done;
+} pending_t;
+
+/* Runs the pending block's epilogue for up to `rows` more rows. */
+TARGET static inline void run_pending(const epi_t *e, pending_t *q, long rows) {
+    long r1 = q->done + rows < q->mr ? q->done + rows : q->mr;
+    if (q->done < r1) {
+        epilogue(e, q->acc, q->m0, q->done, r1, q->c0, q->nr);
+        q->done = r1;
+    }
 }
 
 /* Packs x's rows 32 at a time (blocks b0 .. b1; rows past m are zeros) into the layout the
@@ -244,7 +261,10 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
         cfg.rows[i] = 16;
     }
     _tile_loadconfig(&cfg);
-    float acc[32 * 32] __attribute__((aligned(64)));
+    /* Two blocks of finished accumulators: one whose epilogue is pending, one being written. */
+    float acc[2][32 * 32] __attribute__((aligned(64)));
+    int flip = 0;
+    pending_t q = {acc[0], 0, 0, 0, 0, 0};
     for (long p0 = n_begin; p0 < n_end; p0 += panel) {
         long cols = n_end - p0 < panel ? n_end - p0 : panel;
         long pairs = (cols + 31) / 32;
@@ -272,6 +292,8 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
                             _tile_loadd(2, keep + 512, 64);
                             _tile_loadd(3, keep + 768, 64);
                         }
+                        /* The pending epilogue's rows, spread over this chunk's steps. */
+                        long per = (32 + (s1 - s0) - 1) / (s1 - s0);
                         for (long s = s0; s < s1; s++) {
                             /* Loads interleaved with the products that can already run. */
                             _tile_loadd(6, b + (s - t0) * 512, 64);
@@ -282,6 +304,7 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
                             _tile_loadd(5, a + s * 1024 + 512, 64);
                             _tile_dpbf16ps(2, 5, 6);
                             _tile_dpbf16ps(3, 5, 7);
+                            if (q.done < q.mr) run_pending(e, &q, per);
                         }
                         if (s1 < steps) {
                             _tile_stored(0, keep, 64);
@@ -290,17 +313,22 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
                             _tile_stored(3, keep + 768, 64);
                             continue;
                         }
-                        _tile_stored(0, acc, 128);
-                        _tile_stored(1, acc + 16, 128);
-                        _tile_stored(2, acc + 16 * 32, 128);
-                        _tile_stored(3, acc + 16 * 32 + 16, 128);
+                        /* The block before must be done before its buffer is reused. */
+                        run_pending(e, &q, 32);
+                        float *out = acc[flip];
+                        flip ^= 1;
+                        _tile_stored(0, out, 128);
+                        _tile_stored(1, out + 16, 128);
+                        _tile_stored(2, out + 16 * 32, 128);
+                        _tile_stored(3, out + 16 * 32 + 16, 128);
                         long c0 = p0 + 32 * p, nr = n_end - c0 < 32 ? n_end - c0 : 32;
-                        epilogue(e, acc, m0, mr, c0, nr);
+                        q = (pending_t){out, m0, mr, c0, nr, 0};
                     }
                 }
             }
         }
     }
+    run_pending(e, &q, 32);
     _tile_release();
     return 0;
 }
