@@ -309,7 +309,9 @@ impl PackedSelfAttention {
             )? // [B, L, 3D]
             .reshape((b, l, 3, self.heads, d / self.heads))?
             .permute((2, 0, 3, 1, 4))?; // [3, B, H, L, hd]
-        self.attend(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, bias, residual, x.dtype())
+                                        // Views, not copies (`get` would copy a non-contiguous tensor: 3% of the ViT).
+        let part = |i: usize| qkv.narrow(0, i, 1)?.squeeze(0);
+        self.attend(&part(0)?, &part(1)?, &part(2)?, bias, residual, x.dtype())
     }
 
     /// Attention output for the first token only (the CLS query over all keys): [B, L, D] → [B, 1, D].
@@ -440,9 +442,12 @@ impl VitLayer {
     /// into it where oneDNN applies ([`Linear::forward_fused`]); the hidden activation is kept
     /// in the dtype `fc2` multiplies in.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.self_attn.forward_residual(&self.layer_norm1.forward(x)?, None, Some(x))?;
+        // The norms write the dtype the products after them multiply in (bf16 in mixed
+        // precision), so the products need no cast of their input.
+        let normed = self.layer_norm1.forward_as(x, self.self_attn.weight.dtype())?;
+        let x = self.self_attn.forward_residual(&normed, None, Some(x))?;
         let h = self.fc1.forward_fused(
-            &self.layer_norm2.forward(&x)?,
+            &self.layer_norm2.forward_as(&x, self.fc1.weight.dtype())?,
             Epilogue {
                 act: Some(self.act),
                 out: Some(self.fc2.weight.dtype()),

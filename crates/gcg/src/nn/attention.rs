@@ -210,14 +210,22 @@ mod tests {
         let dev = Device::Cpu;
         let mut rng = crate::rng::SeededRng::new(11);
         let (b, h, l, d) = (2, 4, 37, 72); // width 288 ≥ ONEDNN_MIN_DIM
-        let qkv = Tensor::from_vec(rng.normal_vec(b * l * 3 * h * d, 0.0, 1.0), (b, l, 3, h, d), &dev)?.permute((2, 0, 3, 1, 4))?;
-        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let packed = Tensor::from_vec(rng.normal_vec(b * l * 3 * h * d, 0.0, 1.0), (b, l, 3, h, d), &dev)?;
+        // Strided views of the packed projection [B, L, 3, H, D], in each dtype (`get` would copy).
+        let views = |dt: DType| -> Result<(Tensor, Tensor, Tensor)> {
+            let qkv = packed.to_dtype(dt)?.permute((2, 0, 3, 1, 4))?;
+            let part = |i: usize| qkv.narrow(0, i, 1)?.squeeze(0);
+            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+            assert!(!q.is_contiguous() && !k.is_contiguous() && !v.is_contiguous());
+            Ok((q, k, v))
+        };
+        let (q, k, v) = views(DType::F32)?;
         let mut mask = vec![1f32; b * l];
         mask[b * l - 5..].iter_mut().for_each(|m| *m = 0.0); // the second sequence's last 5 keys padded
         let mask = Tensor::from_vec(mask, (b, l), &dev)?;
         let scale = 1.0 / (d as f64).sqrt();
         for dt in [DType::F32, DType::BF16] {
-            let (q, k, v) = (q.to_dtype(dt)?, k.to_dtype(dt)?, v.to_dtype(dt)?);
+            let (q, k, v) = views(dt)?;
             let bias = padding_bias(&mask, dt)?;
             for bias in [None, Some(&bias)] {
                 let before = onednn_calls();

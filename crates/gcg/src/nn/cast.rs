@@ -66,7 +66,7 @@ fn convert<S: Copy + Sync, D: Send>(src: &[S], f: fn(&[S], &mut [MaybeUninit<D>]
 
 /// f32 → bf16 as `half::bf16::from_f32`: round to nearest, ties to even; NaN → a quiet NaN.
 #[inline(always)]
-fn bf16_bits(x: u32) -> u16 {
+pub(super) fn bf16_bits(x: u32) -> u16 {
     if (x & 0x7fff_ffff) > 0x7f80_0000 {
         ((x >> 16) | 0x40) as u16
     } else {

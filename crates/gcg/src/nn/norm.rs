@@ -4,6 +4,7 @@ use super::init::Init;
 use crate::weights::Loader;
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
+use rayon::prelude::*;
 
 use super::cast::cast;
 
@@ -44,7 +45,10 @@ impl LayerNorm {
         let dt = x.dtype();
         if super::cpu_half_no_grad(&[x]) && !super::needs_grad(&[&self.weight, &self.bias]) {
             // In f32, rounded back once (see cpu_half_no_grad).
-            return Ok(cast(&self.forward(&cast(x, DType::F32)?)?, dt)?);
+            return self.forward_as(&cast(x, DType::F32)?, dt);
+        }
+        if let Some(y) = self.fused(x, dt)? {
+            return Ok(y);
         }
         let w = cast(&self.weight, dt)?;
         let b = cast(&self.bias, dt)?;
@@ -59,6 +63,132 @@ impl LayerNorm {
         Ok(cast(&xn, dt)?.broadcast_mul(&w)?.broadcast_add(&b)?)
     }
 }
+
+impl LayerNorm {
+    /// The layer norm of `x` in `out`'s dtype: for an f32 `x` on the CPU with nothing needing a
+    /// gradient, written as `out` (f32 or bf16) by one pass over each row ([`Self::fused`]), so
+    /// that a bf16 product after it (the ViT's mixed precision) reads bf16 without a cast of its
+    /// own; otherwise [`Self::forward`] then a cast.
+    pub fn forward_as(&self, x: &Tensor, out: DType) -> Result<Tensor> {
+        if let Some(y) = self.fused(x, out)? {
+            return Ok(y);
+        }
+        Ok(cast(&self.forward(x)?, out)?)
+    }
+
+    /// The inference kernel: rows of an f32 CPU tensor on all threads; mean, then the variance
+    /// about it (two passes over the row, as PyTorch's CPU kernel), in f32 with 16 partial
+    /// sums; the affine in f32, rounded once to bf16 for a bf16 `out` (as the cast rounds).
+    /// `None` when it does not apply (another device or dtype, a gradient, a short tensor).
+    fn fused(&self, x: &Tensor, out: DType) -> Result<Option<Tensor>> {
+        let d = self.weight.elem_count();
+        if !x.device().is_cpu()
+            || x.dtype() != DType::F32
+            || !matches!(out, DType::F32 | DType::BF16)
+            || super::needs_grad(&[x, &self.weight, &self.bias])
+            || x.dims().last() != Some(&d)
+            || x.elem_count() < FUSED_MIN
+        {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let w = cast(&self.weight, DType::F32)?.to_vec1::<f32>()?;
+        let b = cast(&self.bias, DType::F32)?.to_vec1::<f32>()?;
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Ok(None);
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            return Ok(None);
+        };
+        let src = &cpu.as_slice::<f32>()?[start..end];
+        let eps = self.eps as f32;
+        let rows = src.len() / d;
+        let shape = x.shape().clone();
+        let per = (FUSED_CHUNK / d).max(1);
+        let y = match out {
+            DType::BF16 => {
+                let mut y = vec![half::bf16::ZERO; src.len()];
+                y.par_chunks_mut(per * d).zip(src.par_chunks(per * d)).for_each(|(yc, xc)| {
+                    for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                        norm_row_bf16(xr, &w, &b, eps, yr);
+                    }
+                });
+                Tensor::from_vec(y, shape, x.device())?
+            }
+            _ => {
+                let mut y = vec![0f32; src.len()];
+                y.par_chunks_mut(per * d).zip(src.par_chunks(per * d)).for_each(|(yc, xc)| {
+                    for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+                        norm_row(xr, &w, &b, eps, yr);
+                    }
+                });
+                Tensor::from_vec(y, shape, x.device())?
+            }
+        };
+        debug_assert_eq!(rows * d, src.len());
+        Ok(Some(y))
+    }
+}
+
+/// Tensors below this many elements keep candle's kernel (threads would cost more than they save).
+const FUSED_MIN: usize = 1 << 15;
+/// About this many elements per task of the fused kernel.
+const FUSED_CHUNK: usize = 1 << 14;
+
+/// The sum of `v` in f32 with 16 partial sums (vectorised), then the partial sums in order.
+#[inline(always)]
+fn sum16(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = v.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += f(*x);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn norm_row_plain<O: Copy>(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [O], put: impl Fn(f32) -> O) {
+    let n = x.len() as f32;
+    let mean = sum16(x, |v| v) / n;
+    let var = sum16(x, |v| (v - mean) * (v - mean)) / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((o, &v), (&wi, &bi)) in y.iter_mut().zip(x).zip(w.iter().zip(b)) {
+        *o = put((v - mean) * inv * wi + bi);
+    }
+}
+
+/// f32 → bf16 as the cast rounds it.
+#[inline(always)]
+fn to_bf16(v: f32) -> half::bf16 {
+    half::bf16::from_bits(super::cast::bf16_bits(v.to_bits()))
+}
+
+/// One row's layer norm into `y` (f32 or bf16 through `put`), compiled for AVX-512 where the CPU
+/// has it (the binary targets plain x86-64).
+macro_rules! norm_row_fn {
+    ($name:ident, $out:ty, $put:expr) => {
+        fn $name(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [$out]) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw")]
+                unsafe fn wide(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [$out]) {
+                    norm_row_plain(x, w, b, eps, y, $put)
+                }
+                if std::arch::is_x86_feature_detected!("avx512bw") {
+                    // SAFETY: the CPU has the features `wide` is compiled for.
+                    return unsafe { wide(x, w, b, eps, y) };
+                }
+            }
+            norm_row_plain(x, w, b, eps, y, $put)
+        }
+    };
+}
+norm_row_fn!(norm_row, f32, |v| v);
+norm_row_fn!(norm_row_bf16, half::bf16, to_bf16);
 
 /// T5's LayerNorm: no mean subtraction, no bias: w · x / sqrt(mean(x²) + eps), statistics in f32.
 /// As in HF T5, a half-precision weight turns the normalised input to that dtype first.
@@ -95,5 +225,71 @@ impl RmsNorm {
         let ms = xi.sqr()?.mean_keepdim(D::Minus1)?;
         let xn = xi.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
         Ok(cast(&xn, dt)?.broadcast_mul(&w)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The layer norm written out in f64 from the same f32 values.
+    fn reference(x: &[f32], w: &[f32], b: &[f32], eps: f64) -> Vec<f64> {
+        let d = w.len();
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks(d) {
+            let mean = row.iter().map(|&v| v as f64).sum::<f64>() / d as f64;
+            let var = row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d as f64;
+            let inv = 1.0 / (var + eps).sqrt();
+            out.extend(
+                row.iter()
+                    .zip(w.iter().zip(b))
+                    .map(|(&v, (&wi, &bi))| (v as f64 - mean) * inv * wi as f64 + bi as f64),
+            );
+        }
+        out
+    }
+
+    /// The fused inference kernel against the formula in f64 (rows whose mean is far from 0,
+    /// widths with and without a tail of fewer than 16), a non-contiguous input, and its bf16
+    /// output against the f32 one rounded by the cast: bit for bit.
+    #[test]
+    fn fused_layer_norm_equals_the_formula() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SeededRng::new(5);
+        for (rows, d) in [(70, 1408), (41, 1003)] {
+            let x: Vec<f32> = rng.normal_vec(rows * d, 3.0, 2.0);
+            let w: Vec<f32> = rng.normal_vec(d, 1.0, 0.3);
+            let b: Vec<f32> = rng.normal_vec(d, 0.0, 0.5);
+            let ln = LayerNorm {
+                weight: Tensor::from_vec(w.clone(), d, &dev)?,
+                bias: Tensor::from_vec(b.clone(), d, &dev)?,
+                eps: 1e-6,
+            };
+            let want = reference(&x, &w, &b, 1e-6);
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let xt = Tensor::from_vec(x.clone(), (rows, d), &dev)?;
+            let got = ln.fused(&xt, DType::F32)?.expect("the fused kernel applies");
+            let err = got
+                .to_vec2::<f32>()?
+                .concat()
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (&g, &r)| m.max((g as f64 - r).abs()));
+            assert!(err <= 1e-5 * scale, "{rows}x{d}: error {err} against the largest value {scale}");
+            // `forward` takes the same kernel; bf16 out is the f32 result rounded.
+            assert_eq!(ln.forward(&xt)?.to_vec2::<f32>()?, got.to_vec2::<f32>()?);
+            let half = ln.forward_as(&xt, DType::BF16)?;
+            assert_eq!(half.dtype(), DType::BF16);
+            assert_eq!(
+                half.to_dtype(DType::F32)?.to_vec2::<f32>()?,
+                got.to_dtype(DType::BF16)?.to_dtype(DType::F32)?.to_vec2::<f32>()?
+            );
+            // A transposed view gives the same rows.
+            let tv = Tensor::from_vec(x.clone(), (rows, d), &dev)?.t()?.contiguous()?.t()?;
+            assert!(!tv.is_contiguous());
+            assert_eq!(ln.forward(&tv)?.to_vec2::<f32>()?, got.to_vec2::<f32>()?);
+        }
+        Ok(())
     }
 }
