@@ -47,9 +47,6 @@ impl LayerNorm {
             // In f32, rounded back once (see cpu_half_no_grad).
             return self.forward_as(&cast(x, DType::F32)?, dt);
         }
-        if let Some(y) = self.fused(x, dt)? {
-            return Ok(y);
-        }
         let w = cast(&self.weight, dt)?;
         let b = cast(&self.bias, dt)?;
         if !super::needs_grad(&[x, &w, &b]) && dt != DType::F64 {
@@ -66,12 +63,15 @@ impl LayerNorm {
 
 impl LayerNorm {
     /// The layer norm of `x` in `out`'s dtype: for an f32 `x` on the CPU with nothing needing a
-    /// gradient, written as `out` (f32 or bf16) by one pass over each row ([`Self::fused`]), so
-    /// that a bf16 product after it (the ViT's mixed precision) reads bf16 without a cast of its
-    /// own; otherwise [`Self::forward`] then a cast.
+    /// gradient and a bf16 `out`, written as bf16 by one pass over each row ([`Self::fused`]),
+    /// so that a bf16 product after it (the ViT's mixed precision) reads bf16 without a cast of
+    /// its own; otherwise [`Self::forward`] then a cast. (f32 results keep candle's kernel: the
+    /// fused one rounds differently, and the demo's numbers, measured with candle's, moved.)
     pub fn forward_as(&self, x: &Tensor, out: DType) -> Result<Tensor> {
-        if let Some(y) = self.fused(x, out)? {
-            return Ok(y);
+        if out == DType::BF16 {
+            if let Some(y) = self.fused(x, out)? {
+                return Ok(y);
+            }
         }
         Ok(cast(&self.forward(x)?, out)?)
     }
@@ -277,8 +277,7 @@ mod tests {
                 .zip(&want)
                 .fold(0f64, |m, (&g, &r)| m.max((g as f64 - r).abs()));
             assert!(err <= 1e-5 * scale, "{rows}x{d}: error {err} against the largest value {scale}");
-            // `forward` takes the same kernel; bf16 out is the f32 result rounded.
-            assert_eq!(ln.forward(&xt)?.to_vec2::<f32>()?, got.to_vec2::<f32>()?);
+            // bf16 out is the f32 result rounded.
             let half = ln.forward_as(&xt, DType::BF16)?;
             assert_eq!(half.dtype(), DType::BF16);
             assert_eq!(
@@ -288,7 +287,10 @@ mod tests {
             // A transposed view gives the same rows.
             let tv = Tensor::from_vec(x.clone(), (rows, d), &dev)?.t()?.contiguous()?.t()?;
             assert!(!tv.is_contiguous());
-            assert_eq!(ln.forward(&tv)?.to_vec2::<f32>()?, got.to_vec2::<f32>()?);
+            assert_eq!(
+                ln.fused(&tv, DType::F32)?.expect("applies").to_vec2::<f32>()?,
+                got.to_vec2::<f32>()?
+            );
         }
         Ok(())
     }
