@@ -309,7 +309,8 @@ impl PackedSelfAttention {
             )? // [B, L, 3D]
             .reshape((b, l, 3, self.heads, d / self.heads))?
             .permute((2, 0, 3, 1, 4))?; // [3, B, H, L, hd]
-                                        // Views, not copies (`get` would copy a non-contiguous tensor: 3% of the ViT).
+
+        // Views, not copies (`get` would copy a non-contiguous tensor: 3% of the ViT).
         let part = |i: usize| qkv.narrow(0, i, 1)?.squeeze(0);
         self.attend(&part(0)?, &part(1)?, &part(2)?, bias, residual, x.dtype())
     }

@@ -66,7 +66,7 @@ fn convert<S: Copy + Sync, D: Send>(src: &[S], f: fn(&[S], &mut [MaybeUninit<D>]
 
 /// f32 → bf16 as `half::bf16::from_f32`: round to nearest, ties to even; NaN → a quiet NaN.
 #[inline(always)]
-pub(super) fn bf16_bits(x: u32) -> u16 {
+fn bf16_bits(x: u32) -> u16 {
     if (x & 0x7fff_ffff) > 0x7f80_0000 {
         ((x >> 16) | 0x40) as u16
     } else {
@@ -74,10 +74,16 @@ pub(super) fn bf16_bits(x: u32) -> u16 {
     }
 }
 
+/// One value rounded to bf16 as [`cast`] rounds it.
+#[inline(always)]
+pub(super) fn round_bf16(x: f32) -> bf16 {
+    bf16::from_bits(bf16_bits(x.to_bits()))
+}
+
 #[inline(always)]
 fn to_bf16_plain(src: &[f32], dst: &mut [MaybeUninit<bf16>]) {
     for (d, s) in dst.iter_mut().zip(src) {
-        d.write(bf16::from_bits(bf16_bits(s.to_bits())));
+        d.write(round_bf16(*s));
     }
 }
 

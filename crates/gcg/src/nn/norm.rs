@@ -59,9 +59,7 @@ impl LayerNorm {
         let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         Ok(cast(&xn, dt)?.broadcast_mul(&w)?.broadcast_add(&b)?)
     }
-}
 
-impl LayerNorm {
     /// The layer norm of `x` in `out`'s dtype: for an f32 `x` on the CPU with nothing needing a
     /// gradient and a bf16 `out`, written as bf16 by one pass over each row ([`Self::fused`]),
     /// so that a bf16 product after it (the ViT's mixed precision) reads bf16 without a cast of
@@ -102,31 +100,11 @@ impl LayerNorm {
             return Ok(None);
         };
         let src = &cpu.as_slice::<f32>()?[start..end];
-        let eps = self.eps as f32;
-        let rows = src.len() / d;
-        let shape = x.shape().clone();
-        let per = (FUSED_CHUNK / d).max(1);
+        let (eps, shape) = (self.eps as f32, x.shape().clone());
         let y = match out {
-            DType::BF16 => {
-                let mut y = vec![half::bf16::ZERO; src.len()];
-                y.par_chunks_mut(per * d).zip(src.par_chunks(per * d)).for_each(|(yc, xc)| {
-                    for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                        norm_row_bf16(xr, &w, &b, eps, yr);
-                    }
-                });
-                Tensor::from_vec(y, shape, x.device())?
-            }
-            _ => {
-                let mut y = vec![0f32; src.len()];
-                y.par_chunks_mut(per * d).zip(src.par_chunks(per * d)).for_each(|(yc, xc)| {
-                    for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
-                        norm_row(xr, &w, &b, eps, yr);
-                    }
-                });
-                Tensor::from_vec(y, shape, x.device())?
-            }
+            DType::BF16 => Tensor::from_vec(norm_rows(src, &w, &b, eps, norm_row_bf16), shape, x.device())?,
+            _ => Tensor::from_vec(norm_rows(src, &w, &b, eps, norm_row), shape, x.device())?,
         };
-        debug_assert_eq!(rows * d, src.len());
         Ok(Some(y))
     }
 }
@@ -135,6 +113,25 @@ impl LayerNorm {
 const FUSED_MIN: usize = 1 << 15;
 /// About this many elements per task of the fused kernel.
 const FUSED_CHUNK: usize = 1 << 14;
+
+/// `row` over each row of `src` (rows as wide as `w`), on all threads, into a new vector.
+fn norm_rows<O: Copy + Default + Send>(
+    src: &[f32],
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    row: fn(&[f32], &[f32], &[f32], f32, &mut [O]),
+) -> Vec<O> {
+    let d = w.len();
+    let per = (FUSED_CHUNK / d).max(1) * d;
+    let mut y = vec![O::default(); src.len()];
+    y.par_chunks_mut(per).zip(src.par_chunks(per)).for_each(|(yc, xc)| {
+        for (yr, xr) in yc.chunks_exact_mut(d).zip(xc.chunks_exact(d)) {
+            row(xr, w, b, eps, yr);
+        }
+    });
+    y
+}
 
 /// The sum of `v` in f32 with 16 partial sums (vectorised), then the partial sums in order.
 #[inline(always)]
@@ -161,12 +158,6 @@ fn norm_row_plain<O: Copy>(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [O
     }
 }
 
-/// f32 → bf16 as the cast rounds it.
-#[inline(always)]
-fn to_bf16(v: f32) -> half::bf16 {
-    half::bf16::from_bits(super::cast::bf16_bits(v.to_bits()))
-}
-
 /// One row's layer norm into `y` (f32 or bf16 through `put`), compiled for AVX-512 where the CPU
 /// has it (the binary targets plain x86-64).
 macro_rules! norm_row_fn {
@@ -188,7 +179,7 @@ macro_rules! norm_row_fn {
     };
 }
 norm_row_fn!(norm_row, f32, |v| v);
-norm_row_fn!(norm_row_bf16, half::bf16, to_bf16);
+norm_row_fn!(norm_row_bf16, half::bf16, super::cast::round_bf16);
 
 /// T5's LayerNorm: no mean subtraction, no bias: w · x / sqrt(mean(x²) + eps), statistics in f32.
 /// As in HF T5, a half-precision weight turns the normalised input to that dtype first.
