@@ -249,8 +249,13 @@ pub fn kernels() -> serde_json::Value {
         } else {
             "candle"
         },
+        "matmul_precision": format!("{:?}", gcg::nn::linear::matmul_precision()).to_lowercase(),
         "amx": if gcg::nn::linear::amx_active() {
-            "gcg's AMX kernel for bf16 products of >= 32 rows (reduction a multiple of 32)"
+            if gcg::nn::linear::matmul_precision() == gcg::nn::linear::MatmulPrecision::High {
+                "gcg's AMX kernel for bf16 products and (as bf16 pairs) f32 products of >= 32 rows (reduction a multiple of 32)"
+            } else {
+                "gcg's AMX kernel for bf16 products of >= 32 rows (reduction a multiple of 32)"
+            }
         } else if gcg::nn::linear::AMX_BUILT {
             "built in, not used: no AMX-BF16 on this CPU, Linux refused its tile state, or GCG_NO_AMX is set"
         } else {

@@ -1,5 +1,6 @@
 //! `--threads N` reaches candle's thread count (the bench JSON reports it), and the default
-//! without it is the machine's, fixed once (RAYON_NUM_THREADS unset in the child).
+//! without it is the machine's, fixed once (RAYON_NUM_THREADS unset in the child); `--matmul-precision`
+//! reaches the setting of the f32 products.
 
 use std::process::Command;
 
@@ -112,4 +113,20 @@ fn openmp_waits_passively_unless_told_otherwise() {
     assert!(k["omp_wait_policy"].is_null(), "{k}");
     assert!(err.contains("GOMP_SPINCOUNT = '123'"), "OpenMP's settings: {err}");
     assert_eq!(err.matches("OPENMP DISPLAY ENVIRONMENT BEGIN").count(), 1, "one run: {err}");
+}
+
+/// `--matmul-precision` reaches the products' setting (the bench JSON reports it): `highest`
+/// by default, `high` when asked; another value is refused, naming the flag.
+#[test]
+fn matmul_precision_flag_reaches_the_products() {
+    let (k, err) = bench_threads(&[]);
+    assert_eq!(k["matmul_precision"], "highest", "{k} {err}");
+    let (k, err) = bench_threads(&["--matmul-precision", "high"]);
+    assert_eq!(k["matmul_precision"], "high", "{k} {err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_gcg"))
+        .args(["bench", "train-step", "--matmul-precision", "medium"])
+        .output()
+        .expect("running gcg");
+    assert!(!out.status.success(), "--matmul-precision medium is refused");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--matmul-precision"));
 }

@@ -25,6 +25,9 @@
  * against 1.1–1.3 for Debian's oneDNN 2.6 with the same arguments (the unit's peak there: 3.4
  * TFLOP/s per core, measured with products alone in a loop).
  *
+ * gcg_amx_linear_x3 computes f32 products on the same unit, each f32 operand taken as the sum of
+ * two bf16 numbers (see split_bf16 below), for gcg's matmul precision "high".
+ *
  * Compiled only for x86-64 with a compiler that knows the AMX intrinsics (build.rs); used only
  * when the CPU reports AMX-BF16 and Linux grants the tile state (arch_prctl). */
 #define _GNU_SOURCE
@@ -150,6 +153,60 @@ TARGET static void pack_panel(const uint16_t *w, long n, long k, long n0, long p
         }
 }
 
+/* f32 operands as sums of two bf16 numbers ("bf16x3", what torch's matmul precision "high"
+ * names): v = hi + lo + r with hi = bf16(v), lo = bf16(v - hi), rounded to nearest, so that |r| ≤
+ * 2⁻¹⁸|v|. The product is taken over a reduction three times as long, x's values as hi, lo, hi
+ * against w's as hi, hi, lo: x·w ≈ hi·hi + lo·hi + hi·lo, each term exact in f32 (8-bit by 8-bit
+ * mantissas) and summed in f32. Left out: lo·lo and the remainders, each within 2⁻¹⁷ of a term's
+ * size, against f32's 2⁻²⁴ per rounding.
+ *
+ * Infinities and NaN: where hi is not finite, lo is 0 and the hi that meets the other operand's
+ * lo is 0 too (`hf`), so that only hi·hi carries them and the result is what f32 gives (an
+ * infinite x against w = 0 or a lo of the other sign would otherwise give NaN). A finite value
+ * above bf16's largest (3.39e38) becomes infinite.
+ *
+ * split_bf16 gives 32 consecutive values' hi, lo and hf. */
+TARGET static inline void split_bf16(const float *src, __m512i *hi, __m512i *lo, __m512i *hf) {
+    __m512 a = _mm512_loadu_ps(src), b = _mm512_loadu_ps(src + 16);
+    __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+    __m512 ha = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
+    __m512 hb = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+    /* Finite hi: h - h is 0, not NaN. */
+    __mmask16 fa = _mm512_cmp_ps_mask(_mm512_sub_ps(ha, ha), _mm512_setzero_ps(), _CMP_EQ_OQ);
+    __mmask16 fb = _mm512_cmp_ps_mask(_mm512_sub_ps(hb, hb), _mm512_setzero_ps(), _CMP_EQ_OQ);
+    __m512 da = _mm512_maskz_sub_ps(fa, a, ha), db = _mm512_maskz_sub_ps(fb, b, hb);
+    *hi = h;
+    *lo = (__m512i)_mm512_cvtne2ps_pbh(db, da);
+    *hf = _mm512_maskz_mov_epi16((__mmask32)fa | ((__mmask32)fb << 16), h);
+}
+
+/* pack_panel for f32 w [n, k] seen as bf16 rows of length 3k: each 32-wide step s of k becomes
+ * the steps 3s, 3s + 1, 3s + 2 of that long reduction, holding hi, hf and lo (against x's hi, lo,
+ * hf: see pack_rows3). t0 and ts count the long reduction's steps (multiples of 3), so w is read
+ * once per call. */
+TARGET static void pack_panel3(const float *w, long n, long k, long n0, long pairs, long t0, long ts, uint32_t *pack) {
+    uint32_t hi[256] __attribute__((aligned(64))), lo[256] __attribute__((aligned(64))), hf[256] __attribute__((aligned(64)));
+    for (long p = 0; p < pairs; p++)
+        for (int j = 0; j < 2; j++) {
+            long r0 = n0 + 32 * p + 16 * j, valid = n - r0;
+            valid = valid < 0 ? 0 : valid > 16 ? 16 : valid;
+            for (long s = 0; s < ts; s += 3) {
+                long at = 32 * ((t0 + s) / 3);
+                for (long r = 0; r < 16; r++) {
+                    __m512i h = _mm512_setzero_si512(), l = h, f = h;
+                    if (r < valid) split_bf16(w + (r0 + r) * k + at, &h, &l, &f);
+                    _mm512_store_si512((void *)(hi + 16 * r), h);
+                    _mm512_store_si512((void *)(lo + 16 * r), l);
+                    _mm512_store_si512((void *)(hf + 16 * r), f);
+                }
+                uint32_t *dst = pack + ((p * ts + s) * 2 + j) * 256;
+                transpose16(hi, 16, dst);
+                transpose16(hf, 16, dst + 512);
+                transpose16(lo, 16, dst + 1024);
+            }
+        }
+}
+
 typedef struct {
     int out_bf16, act, gate_bf16, residual;
     const float *bias;
@@ -231,9 +288,28 @@ TARGET static void pack_rows(const uint16_t *x, long m, long k, long b0, long b1
             }
 }
 
+/* pack_rows for f32 x [m, k] seen as bf16 rows of length 3k: each 32-wide step s of k becomes
+ * the steps 3s, 3s + 1, 3s + 2 of that long reduction, holding hi, lo and hf. */
+TARGET static void pack_rows3(const float *x, long m, long k, long b0, long b1, uint16_t *pack) {
+    long steps = k / 32;
+    for (long b = b0; b < b1; b++)
+        for (long s = 0; s < steps; s++)
+            for (int t = 0; t < 2; t++)
+                for (long r = 0; r < 16; r++) {
+                    long row = 32 * b + 16 * t + r;
+                    __m512i part[3] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+                    if (row < m) split_bf16(x + row * k + 32 * s, &part[0], &part[1], &part[2]);
+                    for (int seg = 0; seg < 3; seg++) {
+                        uint16_t *dst = pack + ((b * 3 * steps + 3 * s + seg) * 2 + t) * 512;
+                        _mm512_store_si512((void *)(dst + 32 * r), part[seg]);
+                    }
+                }
+}
+
 /* One thread's share: output columns n_begin .. n_end (multiples of 32 apart, except at n),
- * with x already packed by pack_rows. */
-TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const uint16_t *w, const epi_t *e,
+ * with x already packed by pack_rows (k the packed reduction: 3 times the real one for f32
+ * operands, w_f32, packed by pack_rows3 and pack_panel3). */
+TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const void *w, int w_f32, const epi_t *e,
                               long n_begin, long n_end) {
     long steps = k / 32, blocks = (m + 31) / 32;
     /* Columns per panel and steps of k per span: a panel's packed weights for one span
@@ -247,6 +323,8 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
         span = (1L << 20) / (panel * 64);
         if (span > steps) span = steps;
     }
+    /* f32 operands as bf16 pairs: a span holds whole steps of the real k (3 packed steps). */
+    if (w_f32 && span < steps) span = span / 3 * 3;
     long spans = (steps + span - 1) / span;
     uint32_t *pack = scratch(1, (size_t)(panel / 32) * span * 512 * 4);
     /* k is also walked in chunks of at most 12 steps (384 values) inside a span: a block's
@@ -271,7 +349,10 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
         for (long t0 = 0; t0 < steps; t0 += span) {
             long ts = steps - t0 < span ? steps - t0 : span;
             long chunks = (ts + 11) / 12;
-            pack_panel(w, n, k, p0, pairs, t0, ts, pack);
+            if (w_f32)
+                pack_panel3((const float *)w, n, k / 3, p0, pairs, t0, ts, pack);
+            else
+                pack_panel((const uint16_t *)w, n, k, p0, pairs, t0, ts, pack);
             for (long m0 = 0; m0 < m; m0 += 32) {
                 const uint16_t *a = xp + (m0 / 32) * steps * 1024;
                 float *kept = part + (spans > 1 ? (m0 / 32) * (panel / 32) * 1024 : 0);
@@ -333,25 +414,27 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
     return 0;
 }
 
-/* Same arguments as gcg_onednn_linear. Returns 0 when done, -1 when this kernel does not
- * apply (f32 input, no AMX, k not a multiple of 32), -2 when memory ran out. */
-int gcg_amx_linear(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w, const float *bias,
-                   int act, const void *gate, int gate_bf16, int residual, void *y) {
-    if (!in_bf16 || k % 32 != 0 || k == 0 || m == 0 || n == 0 || !gcg_amx_available()) return -1;
+/* The product of bf16 x and w, or (x3) of f32 x and w as bf16 pairs; see gcg_amx_linear. */
+static int amx_linear(int x3, int out_bf16, long m, long n, long k, const void *x, const void *w, const float *bias,
+                      int act, const void *gate, int gate_bf16, int residual, void *y) {
+    if (k % 32 != 0 || k == 0 || m == 0 || n == 0 || !gcg_amx_available()) return -1;
     epi_t e = {out_bf16, act, gate_bf16, residual, bias, gate, y, n};
-    long units = (n + 31) / 32, blocks = (m + 31) / 32;
-    uint16_t *xp = scratch(0, (size_t)blocks * 32 * k * 2);
+    long units = (n + 31) / 32, blocks = (m + 31) / 32, kp = x3 ? 3 * k : k;
+    uint16_t *xp = scratch(0, (size_t)blocks * 32 * kp * 2);
     if (!xp) return -2;
     int status = 0;
 #pragma omp parallel
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        pack_rows((const uint16_t *)x, m, k, blocks * t / nt, blocks * (t + 1) / nt, xp);
+        if (x3)
+            pack_rows3((const float *)x, m, k, blocks * t / nt, blocks * (t + 1) / nt, xp);
+        else
+            pack_rows((const uint16_t *)x, m, k, blocks * t / nt, blocks * (t + 1) / nt, xp);
 #pragma omp barrier
         long u0 = units * t / nt, u1 = units * (t + 1) / nt;
         long b = u0 * 32, end = u1 * 32 < n ? u1 * 32 : n;
         if (b < end) {
-            int st = thread_part(m, n, k, xp, (const uint16_t *)w, &e, b, end);
+            int st = thread_part(m, n, kp, xp, w, x3, &e, b, end);
             if (st) {
 #pragma omp atomic write
                 status = st;
@@ -359,4 +442,21 @@ int gcg_amx_linear(int in_bf16, int out_bf16, long m, long n, long k, const void
         }
     }
     return status;
+}
+
+/* Same arguments as gcg_onednn_linear. Returns 0 when done, -1 when this kernel does not
+ * apply (f32 input, no AMX, k not a multiple of 32), -2 when memory ran out. */
+int gcg_amx_linear(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w, const float *bias,
+                   int act, const void *gate, int gate_bf16, int residual, void *y) {
+    if (!in_bf16) return -1;
+    return amx_linear(0, out_bf16, m, n, k, x, w, bias, act, gate, gate_bf16, residual, y);
+}
+
+/* The same for f32 x and w, each value taken as a pair of bf16 numbers (see split_bf16): about
+ * 16 bits of each operand's mantissa instead of 24, three times the unit's work of a bf16
+ * product. Returns -1 for bf16 input, as gcg_amx_linear does for f32. */
+int gcg_amx_linear_x3(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w,
+                      const float *bias, int act, const void *gate, int gate_bf16, int residual, void *y) {
+    if (in_bf16) return -1;
+    return amx_linear(1, out_bf16, m, n, k, x, w, bias, act, gate, gate_bf16, residual, y);
 }

@@ -463,6 +463,7 @@ thread_local! {
     static ONEDNN_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     static AMX_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     static AMX_OFF_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static MATMUL_PRECISION_HERE: std::cell::Cell<Option<MatmulPrecision>> = const { std::cell::Cell::new(None) };
 }
 
 /// gcg's own AMX product was built in (x86-64 with oneDNN, a C compiler with the AMX
@@ -503,6 +504,45 @@ fn amx_usable() -> bool {
     })
 }
 
+/// How f32 matrix products are computed, as torch's `set_float32_matmul_precision` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MatmulPrecision {
+    /// f32 products in f32 (oneDNN's or candle's kernels): the default.
+    #[default]
+    Highest,
+    /// Where gcg's AMX kernel runs (an AMX-BF16 CPU, products of at least [`AMX_MIN_ROWS`]
+    /// rows and a reduction that is a multiple of 32), each f32 operand is taken as the sum of
+    /// two bf16 numbers and three bf16 products are summed in f32 ("bf16x3"): ~16 bits of each
+    /// operand's mantissa instead of 24, a result within ~1e-5 of the f32 product's size, on the
+    /// matrix unit (3.4 TFLOP/s a core for bf16 on the Xeon gcg is measured on, against ~0.2
+    /// for f32 FMA). Elsewhere f32 as with `Highest`. Forward products only: gradients stay f32.
+    High,
+}
+
+static MATMUL_PRECISION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Set how f32 matrix products are computed from now on, on every thread.
+pub fn set_matmul_precision(p: MatmulPrecision) {
+    MATMUL_PRECISION.store(p as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Set (or with `None` drop) a precision for this thread's products only, over the one of
+/// [`set_matmul_precision`] (for tests, which share a process).
+pub fn set_matmul_precision_here(p: Option<MatmulPrecision>) {
+    MATMUL_PRECISION_HERE.with(|c| c.set(p));
+}
+
+/// The precision of this thread's f32 products: [`set_matmul_precision_here`]'s, else
+/// [`set_matmul_precision`]'s (`Highest` unless set).
+pub fn matmul_precision() -> MatmulPrecision {
+    MATMUL_PRECISION_HERE
+        .with(|c| c.get())
+        .unwrap_or(match MATMUL_PRECISION.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => MatmulPrecision::Highest,
+            _ => MatmulPrecision::High,
+        })
+}
+
 /// Turn gcg's AMX kernel off (or back on) for this thread's products: the same products then go
 /// to oneDNN (for tests that compare the two).
 pub fn set_amx_here(on: bool) {
@@ -538,6 +578,9 @@ mod onednn {
         /// of memory.
         #[cfg(gcg_amx)]
         fn gcg_amx_linear;
+        /// csrc/amx_linear.c (f32 x and w as pairs of bf16 numbers) on the AMX unit: as above.
+        #[cfg(gcg_amx)]
+        fn gcg_amx_linear_x3;
     }
 
     type LinearFn = unsafe extern "C" fn(
@@ -671,8 +714,18 @@ mod onednn {
                 }
             };
             #[cfg(gcg_amx)]
-            if xb.is_bf16() && m >= super::AMX_MIN_ROWS && k % 32 == 0 && super::amx_active() {
-                match run(gcg_amx_linear) {
+            let amx = if !(m >= super::AMX_MIN_ROWS && k % 32 == 0 && super::amx_active()) {
+                None
+            } else if xb.is_bf16() {
+                Some(gcg_amx_linear as LinearFn)
+            } else if super::matmul_precision() == super::MatmulPrecision::High {
+                Some(gcg_amx_linear_x3 as LinearFn)
+            } else {
+                None
+            };
+            #[cfg(gcg_amx)]
+            if let Some(f) = amx {
+                match run(f) {
                     0 => {
                         super::ONEDNN_CALLS.with(|c| c.set(c.get() + 1));
                         super::AMX_CALLS.with(|c| c.set(c.get() + 1));
@@ -1216,6 +1269,101 @@ mod onednn_tests {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// f32 products at matmul precision "high" (f32 operands as bf16 pairs on the AMX unit)
+    /// against the same products in f64: within 1.5e-5 of the largest output, where products of
+    /// the operands rounded to bf16 miss by ~4e-3 and leaving out one of the three partial
+    /// products by ~2e-3. Infinities and NaN in either operand give what f32 gives. Shapes as in
+    /// the bf16 test (partial tiles, several panels, the reduction in several spans). Measured
+    /// here: 4-5e-6 at "high", 0.4-1.3e-6 for oneDNN's f32.
+    #[test]
+    fn amx_f32_products_as_bf16_pairs_equal_f64() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SeededRng::new(29);
+        if !amx_active() {
+            eprintln!("AMX-BF16 not usable here (built in: {AMX_BUILT}): precision \"high\" computes in f32");
+        }
+        let high = |f: &dyn Fn() -> Result<Tensor>| -> Result<Tensor> {
+            set_matmul_precision_here(Some(MatmulPrecision::High));
+            let y = f();
+            set_matmul_precision_here(None);
+            y
+        };
+        for (m, k, n) in [(37, 288, 270), (34, 1056, 300), (40, 1056, 1100), (33, 2112, 300)] {
+            let x = Tensor::from_vec(rng.normal_vec(m * k, 0.5, 1.0), (m, k), &dev)?;
+            let w = Tensor::from_vec(rng.normal_vec(n * k, 0.0, 0.06), (n, k), &dev)?;
+            let b = Tensor::from_vec(rng.normal_vec(n, 0.0, 0.5), n, &dev)?;
+            let lin = Linear::new(w.clone(), Some(b.clone()));
+            let want = x
+                .to_dtype(DType::F64)?
+                .matmul(&w.to_dtype(DType::F64)?.t()?)?
+                .broadcast_add(&b.to_dtype(DType::F64)?)?;
+            let scale = want.abs()?.max_all()?.to_scalar::<f64>()?;
+            let err = |y: &Tensor| -> Result<f64> { Ok((y.to_dtype(DType::F64)? - &want)?.abs()?.max_all()?.to_scalar::<f64>()? / scale) };
+            let before = amx_calls();
+            let got = high(&|| lin.forward_frozen(&x))?;
+            assert_eq!(
+                amx_calls() - before,
+                usize::from(amx_active()),
+                "[{m}, {k}] x [{n}, {k}]T: AMX ran iff usable"
+            );
+            let e = err(&got)?;
+            assert!(
+                e <= 1.5e-5,
+                "[{m}, {k}] x [{n}, {k}]T at precision high: error {e} > 1.5e-5 of the largest output"
+            );
+            // The same product at "highest" is f32 (and the setting is per thread here).
+            let e32 = err(&lin.forward_frozen(&x)?)?;
+            assert!(e32 <= 5e-6, "[{m}, {k}] x [{n}, {k}]T at precision highest: error {e32}");
+            if amx_active() {
+                // What the test tells apart: the operands in bf16 alone.
+                let bf = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
+                let lossy = (bf(&x)?.matmul(&bf(&w)?.t()?)?.broadcast_add(&b))?;
+                assert!(
+                    err(&lossy)? > 1e-3,
+                    "the bf16 operands' error {} is not what the bound excludes",
+                    err(&lossy)?
+                );
+            }
+        }
+        // Infinities and NaN: rows with one inf, -inf or NaN in x; a column of w with an inf;
+        // some w values exactly bf16 (lo = 0) and some x values past bf16's largest finite one.
+        let (m, k, n) = (40, 288, 300);
+        let mut xs = rng.normal_vec(m * k, 0.0, 1.0);
+        let mut ws = rng.normal_vec(n * k, 0.0, 0.06);
+        xs[3 * k + 5] = f32::INFINITY;
+        xs[7 * k + 100] = f32::NEG_INFINITY;
+        xs[11 * k + 200] = f32::NAN;
+        for v in ws.iter_mut().step_by(7) {
+            *v = half::bf16::from_f32(*v).to_f32();
+        }
+        ws[13 * k + 17] = f32::INFINITY;
+        let x = Tensor::from_vec(xs, (m, k), &dev)?;
+        let lin = Linear::new(Tensor::from_vec(ws, (n, k), &dev)?, None);
+        let got = high(&|| lin.forward_frozen(&x))?.flatten_all()?.to_vec1::<f32>()?;
+        let want = lin.forward_frozen(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let class = |v: f32| {
+            if v.is_nan() {
+                0
+            } else if v.is_infinite() {
+                1 + (v > 0.0) as u8
+            } else {
+                3
+            }
+        };
+        let non_finite = want.iter().filter(|v| !v.is_finite()).count();
+        assert!(non_finite > 3 * n, "the case has few non-finite outputs: {non_finite}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                class(*g),
+                class(*w),
+                "output ({}, {}): {g} at precision high, {w} in f32",
+                i / n,
+                i % n
+            );
         }
         Ok(())
     }
