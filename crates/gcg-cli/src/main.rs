@@ -40,7 +40,7 @@ struct Cli {
     threads: Option<usize>,
     /// How f32 matrix products are computed, as torch's set_float32_matmul_precision: highest
     /// (in f32) or high (on a CPU with AMX-BF16, each f32 operand as the sum of two bf16 numbers,
-    /// three bf16 products summed in f32: within ~1e-5 of the f32 result's size, ~2x faster for
+    /// three bf16 products summed in f32: within ~1e-5 of the f32 result's size, ~1.7x faster for
     /// the ViT; f32 elsewhere).
     #[arg(long, global = true, value_enum, default_value_t = MatmulPrecision::Highest, display_order = 998)]
     matmul_precision: MatmulPrecision,
