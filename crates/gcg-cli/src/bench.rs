@@ -244,12 +244,14 @@ pub fn kernels() -> serde_json::Value {
         } else {
             "candle"
         },
-        "attention": if gcg::nn::linear::ONEDNN {
+        "attention": if gcg::nn::linear::ONEDNN && gcg::nn::linear::amx_active() {
+            "gcg's AMX attention (bf16 without a bias: the ViT's) + oneDNN batched products + softmax (the rest of inference, >= 16 queries and keys, width >= 256) + candle (the rest)"
+        } else if gcg::nn::linear::ONEDNN {
             "oneDNN batched products + softmax (inference, >= 16 queries and keys, width >= 256) + candle (the rest)"
         } else {
             "candle"
         },
-        "matmul_precision": format!("{:?}", gcg::nn::linear::matmul_precision()).to_lowercase(),
+        "matmul_precision": gcg::nn::linear::matmul_precision().as_str(),
         "amx": if gcg::nn::linear::amx_active() {
             if gcg::nn::linear::matmul_precision() == gcg::nn::linear::MatmulPrecision::High {
                 "gcg's AMX kernel for bf16 products and (as bf16 pairs) f32 products of >= 32 rows (reduction a multiple of 32)"

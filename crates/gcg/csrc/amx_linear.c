@@ -26,12 +26,14 @@
  * TFLOP/s per core, measured with products alone in a loop).
  *
  * gcg_amx_linear_x3 computes f32 products on the same unit, each f32 operand taken as the sum of
- * two bf16 numbers (see split_bf16 below), for gcg's matmul precision "high".
+ * two bf16 numbers (see split_bf16 below), for gcg's matmul precision "high"; gcg_amx_attention
+ * (at the end) the ViT's bf16 attention.
  *
  * Compiled only for x86-64 with a compiler that knows the AMX intrinsics (build.rs); used only
  * when the CPU reports AMX-BF16 and Linux grants the tile state (arch_prctl). */
 #define _GNU_SOURCE
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -74,10 +76,10 @@ int gcg_amx_available(void) {
  * NULL when memory ran out. The packed operands are megabytes: allocated afresh on every call
  * they cost page faults and the zeroing of new pages (measured at ~3% of a bf16 answer). Slot
  * 0: the packed rows of x (the calling thread); slot 1: a thread's packed panel of w; slot 2:
- * its accumulators between chunks of k. */
+ * its accumulators between chunks of k; slot 3: a thread's buffers for attention. */
 static void *scratch(int slot, size_t bytes) {
-    static __thread void *buf[3];
-    static __thread size_t cap[3];
+    static __thread void *buf[4];
+    static __thread size_t cap[4];
     if (cap[slot] < bytes) {
         free(buf[slot]);
         size_t size = (bytes + 63) / 64 * 64;
@@ -154,16 +156,17 @@ TARGET static void pack_panel(const uint16_t *w, long n, long k, long n0, long p
 }
 
 /* f32 operands as sums of two bf16 numbers ("bf16x3", what torch's matmul precision "high"
- * names): v = hi + lo + r with hi = bf16(v), lo = bf16(v - hi), rounded to nearest, so that |r| ≤
- * 2⁻¹⁸|v|. The product is taken over a reduction three times as long, x's values as hi, lo, hi
- * against w's as hi, hi, lo: x·w ≈ hi·hi + lo·hi + hi·lo, each term exact in f32 (8-bit by 8-bit
- * mantissas) and summed in f32. Left out: lo·lo and the remainders, each within 2⁻¹⁷ of a term's
- * size, against f32's 2⁻²⁴ per rounding.
+ * names): v = hi + lo + r with hi = bf16(v), lo = bf16(v - hi), rounded to nearest, so that
+ * |v - hi| ≤ 2⁻⁸|v| and |r| ≤ 2⁻¹⁷|v|. The product is taken over a reduction three times as long,
+ * x's values as hi, lo, hi against w's as hi, hi, lo: x·w ≈ hi·hi + lo·hi + hi·lo, each term exact
+ * in f32 (8-bit by 8-bit mantissas) and summed in f32. Left out: lo·lo (within 2⁻¹⁶ of the
+ * product) and the remainders (2⁻¹⁷ each), against f32's 2⁻²⁴ per rounding.
  *
  * Infinities and NaN: where hi is not finite, lo is 0 and the hi that meets the other operand's
  * lo is 0 too (`hf`), so that only hi·hi carries them and the result is what f32 gives (an
  * infinite x against w = 0 or a lo of the other sign would otherwise give NaN). A finite value
- * above bf16's largest (3.39e38) becomes infinite.
+ * that rounds past bf16's largest (from about 3.396e38) becomes infinite, and subnormal values
+ * (below 1.2e-38) count as 0, as the unit reads them.
  *
  * split_bf16 gives 32 consecutive values' hi, lo and hf. */
 TARGET static inline void split_bf16(const float *src, __m512i *hi, __m512i *lo, __m512i *hf) {
@@ -459,4 +462,212 @@ int gcg_amx_linear_x3(int in_bf16, int out_bf16, long m, long n, long k, const v
                       const float *bias, int act, const void *gate, int gate_bf16, int residual, void *y) {
     if (in_bf16) return -1;
     return amx_linear(1, out_bf16, m, n, k, x, w, bias, act, gate, gate_bf16, residual, y);
+}
+
+/* ---- Attention on the AMX unit (bf16, no bias) ------------------------------------------------
+ *
+ *     out [b, lq, h, dv] = softmax(scale · q kᵀ) v      per batch b and head h,
+ *
+ * q [b, h, lq, d], k [b, h, lk, d], v [b, h, lk, dv] bf16 with any strides whose last is 1 (the
+ * heads of a packed qkv projection are read in place), scores and softmax in f32, the
+ * probabilities rounded to bf16 for the second product, which accumulates in f32 (as oneDNN's
+ * path in onednn_matmul.c does). The (batch, head) pairs go to the threads; each works 32 query
+ * rows at a time: their scores [32, lk] by 2 × 2 accumulator tiles over k's VNNI packing, the
+ * softmax of those rows (glibc's vector exp), then their share of the output from the
+ * probabilities (loaded as they are) and v's packing. Everything one pair needs stays in L2.
+ * d and dv are padded to multiples of 32 with zeros, lk too (probabilities of padded keys are
+ * 0). */
+
+extern __m512 _ZGVeN16v_expf(__m512);
+
+
+/* 32 bf16 values from src (n valid, the rest zeros). */
+TARGET static inline __m512i load32(const uint16_t *src, long n) {
+    if (n >= 32) return _mm512_loadu_si512((const void *)src);
+    if (n <= 0) return _mm512_setzero_si512();
+    return _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), src);
+}
+
+/* 16 bf16 values from src (n valid) widened to the low halves of 16 32-bit lanes. */
+TARGET static inline __m512i load16_wide(const uint16_t *src, long n) {
+    if (n <= 0) return _mm512_setzero_si512();
+    __mmask16 m = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+    return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src));
+}
+
+TARGET static void attention_pair(long lq, long lk, long d, long dv, const uint16_t *q, long q_row, const uint16_t *k,
+                                 long k_row, const uint16_t *v, long v_row, float scale, uint16_t *out, long o_row,
+                                 char *mem) {
+    long ds = (d + 31) / 32, lp = (lk + 31) / 32 * 32, vs = lp / 32, dvp = (dv + 31) / 32 * 32;
+    /* Scratch: k packed [lp / 16 groups][ds steps][256 u32]; v packed [vs steps][dvp / 16
+     * groups][256 u32]; q's block [32][32 ds] bf16; scores [32][lp] f32; probabilities [32][lp]
+     * bf16; one finished block [32][32] f32. */
+    uint32_t *kp = (uint32_t *)mem;
+    uint32_t *vp = kp + (lp / 16) * ds * 256;
+    uint16_t *qb = (uint16_t *)(vp + vs * (dvp / 16) * 256);
+    float *sc = (float *)(qb + 32 * 32 * ds);
+    uint16_t *pb = (uint16_t *)(sc + 32 * lp);
+    float *blk = (float *)(pb + 32 * lp);
+    uint32_t pad[256] __attribute__((aligned(64)));
+    /* k: B tiles of the scores (16 keys × 32 values of d per tile, as pack_panel). */
+    for (long g = 0; g < lp / 16; g++)
+        for (long s = 0; s < ds; s++) {
+            for (long r = 0; r < 16; r++) {
+                long key = 16 * g + r;
+                __m512i x = key < lk ? load32(k + key * k_row + 32 * s, d - 32 * s) : _mm512_setzero_si512();
+                _mm512_store_si512((void *)(pad + 16 * r), x);
+            }
+            transpose16(pad, 16, kp + (g * ds + s) * 256);
+        }
+    /* v: B tiles of the output (row kk: keys 2kk and 2kk + 1 of the step, 16 columns of dv). */
+    for (long s = 0; s < vs; s++)
+        for (long j = 0; j < dvp / 16; j++) {
+            uint32_t *dst = vp + (s * (dvp / 16) + j) * 256;
+            for (long kk = 0; kk < 16; kk++) {
+                long k0 = 32 * s + 2 * kk, c0 = 16 * j;
+                __m512i a = k0 < lk ? load16_wide(v + k0 * v_row + c0, dv - c0) : _mm512_setzero_si512();
+                __m512i b = k0 + 1 < lk ? load16_wide(v + (k0 + 1) * v_row + c0, dv - c0) : _mm512_setzero_si512();
+                _mm512_store_si512((void *)(dst + 16 * kk), _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+            }
+        }
+    for (long m0 = 0; m0 < lq; m0 += 32) {
+        long mr = lq - m0 < 32 ? lq - m0 : 32;
+        /* q's 32 rows (zeros past lq and past d). */
+        for (long r = 0; r < 32; r++)
+            for (long s = 0; s < ds; s++) {
+                __m512i x = r < mr ? load32(q + (m0 + r) * q_row + 32 * s, d - 32 * s) : _mm512_setzero_si512();
+                _mm512_store_si512((void *)(qb + r * 32 * ds + 32 * s), x);
+            }
+        /* Scores: 32 rows × 32 keys per block. */
+        for (long n0 = 0; n0 < lp; n0 += 32) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (long s = 0; s < ds; s++) {
+                _tile_loadd(6, kp + ((n0 / 16) * ds + s) * 256, 64);
+                _tile_loadd(4, qb + 32 * s, 64 * ds);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_loadd(7, kp + ((n0 / 16 + 1) * ds + s) * 256, 64);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_loadd(5, qb + 16 * 32 * ds + 32 * s, 64 * ds);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, sc + n0, lp * 4);
+            _tile_stored(1, sc + n0 + 16, lp * 4);
+            _tile_stored(2, sc + 16 * lp + n0, lp * 4);
+            _tile_stored(3, sc + 16 * lp + n0 + 16, lp * 4);
+        }
+        /* Softmax of each row over its lk keys, in f32; probabilities to bf16 (0 past lk and in
+         * rows past lq). */
+        __m512 vscale = _mm512_set1_ps(scale);
+        for (long r = 0; r < 32; r++) {
+            float *row = sc + r * lp;
+            uint16_t *pr = pb + r * lp;
+            if (r >= mr) {
+                memset(pr, 0, lp * 2);
+                continue;
+            }
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (long c = 0; c < lk; c += 16) {
+                __mmask16 m = lk - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (lk - c)) - 1);
+                __m512 x = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + c), vscale);
+                _mm512_mask_storeu_ps(row + c, m, x);
+                mx = _mm512_mask_max_ps(mx, m, mx, x);
+            }
+            float top = _mm512_reduce_max_ps(mx);
+            __m512 vtop = _mm512_set1_ps(top), sum = _mm512_setzero_ps();
+            for (long c = 0; c < lk; c += 16) {
+                __mmask16 m = lk - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (lk - c)) - 1);
+                __m512 e = _ZGVeN16v_expf(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + c), vtop));
+                e = _mm512_maskz_mov_ps(m, e);
+                _mm512_mask_storeu_ps(row + c, m, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+            for (long c = 0; c < lp; c += 16) {
+                __mmask16 m = lk - c >= 16 ? (__mmask16)0xffff : lk - c <= 0 ? 0 : (__mmask16)((1u << (lk - c)) - 1);
+                __m512 p = _mm512_maskz_mul_ps(m, _mm512_maskz_loadu_ps(m, row + c), inv);
+                _mm256_storeu_si256((__m256i *)(pr + c), (__m256i)_mm512_cvtneps_pbh(p));
+            }
+        }
+        /* Output: 32 rows × 32 columns of dv per block, the keys in steps of 32. */
+        for (long c0 = 0; c0 < dvp; c0 += 32) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (long s = 0; s < vs; s++) {
+                _tile_loadd(6, vp + (s * (dvp / 16) + c0 / 16) * 256, 64);
+                _tile_loadd(4, pb + 32 * s, lp * 2);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_loadd(7, vp + (s * (dvp / 16) + c0 / 16 + 1) * 256, 64);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_loadd(5, pb + 16 * lp + 32 * s, lp * 2);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, blk, 128);
+            _tile_stored(1, blk + 16, 128);
+            _tile_stored(2, blk + 16 * 32, 128);
+            _tile_stored(3, blk + 16 * 32 + 16, 128);
+            long cols = dv - c0 < 32 ? dv - c0 : 32;
+            for (long r = 0; r < mr; r++)
+                for (long h0 = 0; h0 < cols; h0 += 16) {
+                    long n = cols - h0 < 16 ? cols - h0 : 16;
+                    __mmask16 m = (__mmask16)((1u << n) - 1);
+                    __m512 x = _mm512_load_ps(blk + r * 32 + h0);
+                    _mm256_mask_storeu_epi16(out + (m0 + r) * o_row + c0 + h0, m, (__m256i)_mm512_cvtneps_pbh(x));
+                }
+        }
+    }
+}
+
+/* A thread's share of gcg_amx_attention: the (batch, head) pairs t, t + nt, … */
+TARGET static void attention_part(long b, long h, long lq, long lk, long d, long dv, const uint16_t *q, const long *sq,
+                                  const uint16_t *k, const long *sk, const uint16_t *v, const long *sv, float scale,
+                                  uint16_t *out, int t, int nt, char *mem) {
+    if (t >= b * h) return;
+    tilecfg_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.colsb[i] = 64;
+        cfg.rows[i] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    for (long p = t; p < b * h; p += nt) {
+        long bi = p / h, hi = p % h;
+        attention_pair(lq, lk, d, dv, q + bi * sq[0] + hi * sq[1], sq[2], k + bi * sk[0] + hi * sk[1], sk[2],
+                       v + bi * sv[0] + hi * sv[1], sv[2], scale, out + bi * lq * h * dv + hi * dv, h * dv, mem);
+    }
+    _tile_release();
+}
+
+/* out [b, lq, h, dv] (contiguous) = softmax(scale · q kᵀ) v as above; strides in elements, the
+ * last of each operand 1. Returns 0 when done, -1 when this kernel does not apply (no AMX, a
+ * last stride other than 1, d or dv past 256), -2 when memory ran out. */
+int gcg_amx_attention(long b, long h, long lq, long lk, long d, long dv, const void *q, const long *sq, const void *k,
+                      const long *sk, const void *v, const long *sv, float scale, void *out) {
+    if (!gcg_amx_available() || sq[3] != 1 || sk[3] != 1 || sv[3] != 1 || d <= 0 || dv <= 0 || d > 256 || dv > 256 ||
+        lq <= 0 || lk <= 0)
+        return -1;
+    long ds = (d + 31) / 32, lp = (lk + 31) / 32 * 32, dvp = (dv + 31) / 32 * 32;
+    size_t bytes = (size_t)(lp / 16) * ds * 1024 + (size_t)(lp / 32) * (dvp / 16) * 1024 + (size_t)32 * 32 * ds * 2 +
+                   (size_t)32 * lp * 4 + (size_t)32 * lp * 2 + 32 * 32 * 4 + 64;
+    int status = 0;
+#pragma omp parallel
+    {
+        char *mem = scratch(3, bytes);
+        if (!mem) {
+#pragma omp atomic write
+            status = -2;
+        } else {
+            int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            attention_part(b, h, lq, lk, d, dv, (const uint16_t *)q, sq, (const uint16_t *)k, sk, (const uint16_t *)v, sv,
+                           scale, (uint16_t *)out, t, nt, mem);
+        }
+    }
+    return status;
 }

@@ -179,7 +179,7 @@ impl MultiHeadAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::linear::{onednn_calls, ONEDNN};
+    use crate::nn::linear::{amx_active, amx_calls, onednn_calls, ONEDNN};
 
     /// softmax(scale·q·kᵀ + bias)·v written out with candle's f32 ops: the reference of the
     /// fast path.
@@ -228,11 +228,18 @@ mod tests {
             let (q, k, v) = views(dt)?;
             let bias = padding_bias(&mask, dt)?;
             for bias in [None, Some(&bias)] {
-                let before = onednn_calls();
+                let (before, amx_before) = (onednn_calls(), amx_calls());
                 let got = scaled_dot_product_attention(&q, &k, &v, Some(scale), bias, None)?;
+                // bf16 without a bias on an AMX CPU: gcg's AMX attention, one call.
+                let amx = dt == DType::BF16 && bias.is_none() && amx_active();
+                assert_eq!(
+                    amx_calls() - amx_before,
+                    usize::from(amx),
+                    "{dt:?}: the AMX attention iff it applies"
+                );
                 assert_eq!(
                     onednn_calls() - before,
-                    3 * usize::from(ONEDNN),
+                    if amx { 0 } else { 3 * usize::from(ONEDNN) },
                     "{dt:?}: two products and a softmax"
                 );
                 assert_eq!(got.dims(), &[b, h, l, d]);
@@ -265,6 +272,33 @@ mod tests {
             let err = max_rel(&got, &plain(&q, &k, &v, scale, Some(&bias))?)?;
             let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
             assert!(err <= tol, "{dt:?} cross-attention: error {err} of the largest value");
+        }
+        // Without a bias (the ViT's attention; gcg's AMX kernel in bf16 where it runs): queries,
+        // keys, head and value widths that end in partial tiles and steps (ViT-g's heads are 88
+        // wide over 257 tokens), more queries than keys and fewer, values of another width.
+        for (lq, lk, d, dv) in [(257, 257, 88, 88), (70, 33, 40, 72), (16, 100, 64, 24)] {
+            let heads = 3;
+            let mut t = |n: usize, w: usize| Tensor::from_vec(rng.normal_vec(b * heads * n * w, 0.0, 1.0), (b, n, heads, w), &dev);
+            // [B, L, H, D] storage seen as [B, H, L, D]: strided, as heads of a projection.
+            let (q, k, v) = (t(lq, d)?.transpose(1, 2)?, t(lk, d)?.transpose(1, 2)?, t(lk, dv)?.transpose(1, 2)?);
+            let q = (q * 2.0)?; // sharper softmax rows
+            let scale = 1.0 / (d as f64).sqrt();
+            for dt in [DType::F32, DType::BF16] {
+                let (q, k, v) = (q.to_dtype(dt)?, k.to_dtype(dt)?, v.to_dtype(dt)?);
+                let amx_before = amx_calls();
+                let got = scaled_dot_product_attention(&q, &k, &v, Some(scale), None, None)?;
+                let amx = dt == DType::BF16 && amx_active() && heads * d >= crate::nn::linear::ONEDNN_MIN_DIM;
+                assert_eq!(
+                    amx_calls() - amx_before,
+                    usize::from(amx),
+                    "{dt:?} [{lq}, {lk}, {d}, {dv}]: AMX iff it applies"
+                );
+                assert_eq!(got.dims(), &[b, heads, lq, dv]);
+                let want = plain(&q, &k, &v, scale, None)?;
+                let err = max_rel(&got, &want)?;
+                let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+                assert!(err <= tol, "{dt:?} [{lq}, {lk}, {d}, {dv}]: error {err} of the largest value");
+            }
         }
         // A bias wider than the scores (a batch of 2 over one query batch): candle, which refuses it.
         let wide = Tensor::zeros((2, h, l, l), DType::F32, &dev)?;

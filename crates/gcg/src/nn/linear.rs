@@ -515,8 +515,19 @@ pub enum MatmulPrecision {
     /// two bf16 numbers and three bf16 products are summed in f32 ("bf16x3"): ~16 bits of each
     /// operand's mantissa instead of 24, a result within ~1e-5 of the f32 product's size, on the
     /// matrix unit (3.4 TFLOP/s a core for bf16 on the Xeon gcg is measured on, against ~0.2
-    /// for f32 FMA). Elsewhere f32 as with `Highest`. Forward products only: gradients stay f32.
+    /// for f32 FMA). Elsewhere f32 as with `Highest`: the products that stay with candle (narrow
+    /// ones, trained weights carrying a gradient, every backward product) and CPUs without AMX.
     High,
+}
+
+impl MatmulPrecision {
+    /// The name `--matmul-precision` takes (and torch's).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MatmulPrecision::Highest => "highest",
+            MatmulPrecision::High => "high",
+        }
+    }
 }
 
 static MATMUL_PRECISION: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -797,6 +808,25 @@ mod onednn {
         ) -> c_int;
         /// csrc/onednn_matmul.c: y = softmax of each row of x (f32), y f32 or bf16.
         fn gcg_onednn_softmax(rows: c_long, n: c_long, x: *const f32, y: *mut c_void, y_bf16: c_int) -> c_int;
+        /// csrc/amx_linear.c: bf16 attention without a bias on the AMX unit, out [B, Lq, H, Dv]:
+        /// 0 done, -1 not applicable, -2 out of memory.
+        #[cfg(gcg_amx)]
+        fn gcg_amx_attention(
+            b: c_long,
+            h: c_long,
+            lq: c_long,
+            lk: c_long,
+            d: c_long,
+            dv: c_long,
+            q: *const c_void,
+            sq: *const c_long,
+            k: *const c_void,
+            sk: *const c_long,
+            v: *const c_void,
+            sv: *const c_long,
+            scale: f32,
+            out: *mut c_void,
+        ) -> c_int;
     }
 
     /// A 4-d tensor's CPU values from its first element on, and its strides (in elements).
@@ -859,6 +889,47 @@ mod onednn {
         };
         let bf = (dt == DType::BF16) as c_int;
         super::apply_onednn_threads();
+        #[cfg(gcg_amx)]
+        if dt == DType::BF16 && bias.is_none() && super::amx_active() {
+            let Some((vs, vo, sv)) = strided4(v) else {
+                return Ok(None);
+            };
+            let Some(vp) = at(&vs, vo, span(&[b, h, lk, dv], &sv), dt) else {
+                return Ok(None);
+            };
+            let mut out: Vec<bf16> = Vec::with_capacity(b * lq * h * dv);
+            // SAFETY: q, k and v are read through strides that stay inside their buffers
+            // (checked by `at` with each view's span); out has room for b·lq·h·dv values,
+            // which the call writes in full when it returns 0.
+            let st = unsafe {
+                gcg_amx_attention(
+                    b as c_long,
+                    h as c_long,
+                    lq as c_long,
+                    lk as c_long,
+                    d as c_long,
+                    dv as c_long,
+                    qp,
+                    sq.as_ptr(),
+                    kp,
+                    sk.as_ptr(),
+                    vp,
+                    sv.as_ptr(),
+                    scale,
+                    out.as_mut_ptr() as *mut c_void,
+                )
+            };
+            match st {
+                0 => {
+                    // SAFETY: the call wrote every output value.
+                    unsafe { out.set_len(b * lq * h * dv) };
+                    super::AMX_CALLS.with(|c| c.set(c.get() + 1));
+                    return Ok(Some(Tensor::from_vec(out, (b, lq, h, dv), &Device::Cpu)?.transpose(1, 2)?));
+                }
+                -2 => candle_core::bail!("AMX attention for q {:?}: out of memory for its buffers", q.dims()),
+                _ => {} // Not applicable after all: oneDNN.
+            }
+        }
         let check = |status: c_int, what: &str| -> candle_core::Result<bool> {
             if status == DNNL_UNIMPLEMENTED {
                 return Ok(false);
@@ -1275,8 +1346,8 @@ mod onednn_tests {
 
     /// f32 products at matmul precision "high" (f32 operands as bf16 pairs on the AMX unit)
     /// against the same products in f64: within 1.5e-5 of the largest output, where products of
-    /// the operands rounded to bf16 miss by ~4e-3 and leaving out one of the three partial
-    /// products by ~2e-3. Infinities and NaN in either operand give what f32 gives. Shapes as in
+    /// the operands rounded to bf16 miss by ~2e-3 and so does leaving out lo (checked); also
+    /// with a fused epilogue (GELU, residual, bf16 or f32 out), as the ViT runs. Infinities and NaN in either operand give what f32 gives. Shapes as in
     /// the bf16 test (partial tiles, several panels, the reduction in several spans). Measured
     /// here: 4-5e-6 at "high", 0.4-1.3e-6 for oneDNN's f32.
     #[test]
@@ -1302,7 +1373,13 @@ mod onednn_tests {
                 .matmul(&w.to_dtype(DType::F64)?.t()?)?
                 .broadcast_add(&b.to_dtype(DType::F64)?)?;
             let scale = want.abs()?.max_all()?.to_scalar::<f64>()?;
-            let err = |y: &Tensor| -> Result<f64> { Ok((y.to_dtype(DType::F64)? - &want)?.abs()?.max_all()?.to_scalar::<f64>()? / scale) };
+            let err = |y: &Tensor| -> Result<f64> {
+                // candle's max skips NaN: counted first.
+                let y = y.to_dtype(DType::F64)?;
+                let nan = y.flatten_all()?.to_vec1::<f64>()?.iter().filter(|v| !v.is_finite()).count();
+                assert_eq!(nan, 0, "[{m}, {k}] x [{n}, {k}]T: {nan} outputs not finite");
+                Ok((y - &want)?.abs()?.max_all()?.to_scalar::<f64>()? / scale)
+            };
             let before = amx_calls();
             let got = high(&|| lin.forward_frozen(&x))?;
             assert_eq!(
@@ -1318,6 +1395,32 @@ mod onednn_tests {
             // The same product at "highest" is f32 (and the setting is per thread here).
             let e32 = err(&lin.forward_frozen(&x)?)?;
             assert!(e32 <= 5e-6, "[{m}, {k}] x [{n}, {k}]T at precision highest: error {e32}");
+            // Fused: GELU and a residual, f32 and bf16 out (the plain ops in f64, then rounded).
+            let res = Tensor::from_vec(rng.normal_vec(m * n, 0.0, 1.0), (m, n), &dev)?;
+            let fused_want = (want.gelu_erf()? + res.to_dtype(DType::F64)?)?;
+            let fs = fused_want.abs()?.max_all()?.to_scalar::<f64>()?;
+            for out in [DType::F32, DType::BF16] {
+                let r = res.to_dtype(out)?;
+                let e = || Epilogue {
+                    act: Some(Activation::Gelu),
+                    gate: None,
+                    residual: Some(&r),
+                    out: Some(out),
+                };
+                let before = amx_calls();
+                let got = high(&|| lin.forward_fused(&x, e()))?;
+                assert_eq!(
+                    amx_calls() - before,
+                    usize::from(amx_active()),
+                    "fused, {out:?} out: AMX ran iff usable"
+                );
+                let fe = (got.to_dtype(DType::F64)? - &fused_want)?.abs()?.max_all()?.to_scalar::<f64>()? / fs;
+                let tol = if out == DType::F32 { 1.5e-5 } else { 8e-3 };
+                assert!(
+                    fe <= tol,
+                    "[{m}, {k}] x [{n}, {k}]T fused, {out:?} out, at precision high: error {fe} > {tol}"
+                );
+            }
             if amx_active() {
                 // What the test tells apart: the operands in bf16 alone.
                 let bf = |t: &Tensor| t.to_dtype(DType::BF16)?.to_dtype(DType::F32);
@@ -1330,7 +1433,7 @@ mod onednn_tests {
             }
         }
         // Infinities and NaN: rows with one inf, -inf or NaN in x; a column of w with an inf;
-        // some w values exactly bf16 (lo = 0) and some x values past bf16's largest finite one.
+        // some w values exactly bf16 (lo = 0).
         let (m, k, n) = (40, 288, 300);
         let mut xs = rng.normal_vec(m * k, 0.0, 1.0);
         let mut ws = rng.normal_vec(n * k, 0.0, 0.06);
