@@ -97,6 +97,18 @@ typedef struct {
     uint8_t rows[16];
 } tilecfg_t;
 
+/* Sets this thread's tiles to eight 16 × 64-byte tiles (released by _tile_release). */
+TARGET static inline void load_tile_config(void) {
+    tilecfg_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.colsb[i] = 64;
+        cfg.rows[i] = 16;
+    }
+    _tile_loadconfig(&cfg);
+}
+
 /* Transposes a 16 × 16 block of 32-bit values: row i of `src` (stride `ss` elements) becomes
  * column i of `dst` (16 × 16, contiguous). */
 TARGET static inline void transpose16(const uint32_t *src, long ss, uint32_t *dst) {
@@ -334,14 +346,7 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
      * chunk of x (24 KB) then stays in L1 while every pair of the panel uses it. */
     float *part = scratch(2, (size_t)(spans > 1 ? blocks : 1) * (panel / 32) * 4096);
     if (!pack || !part) return -2;
-    tilecfg_t cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) {
-        cfg.colsb[i] = 64;
-        cfg.rows[i] = 16;
-    }
-    _tile_loadconfig(&cfg);
+    load_tile_config();
     /* Two blocks of finished accumulators: one whose epilogue is pending, one being written. */
     float acc[2][32 * 32] __attribute__((aligned(64)));
     int flip = 0;
@@ -629,14 +634,7 @@ TARGET static void attention_part(long b, long h, long lq, long lk, long d, long
                                   const uint16_t *k, const long *sk, const uint16_t *v, const long *sv, float scale,
                                   uint16_t *out, int t, int nt, char *mem) {
     if (t >= b * h) return;
-    tilecfg_t cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) {
-        cfg.colsb[i] = 64;
-        cfg.rows[i] = 16;
-    }
-    _tile_loadconfig(&cfg);
+    load_tile_config();
     for (long p = t; p < b * h; p += nt) {
         long bi = p / h, hi = p % h;
         attention_pair(lq, lk, d, dv, q + bi * sq[0] + hi * sq[1], sq[2], k + bi * sk[0] + hi * sk[1], sk[2],
