@@ -267,6 +267,9 @@ pub fn kernels() -> serde_json::Value {
         "omp_wait_policy": crate::omp_wait_policy(),
         "omp_spin_count": crate::omp_spin_count(),
         "omp_settings_by_binary": crate::omp_settings_by_binary(),
+        "glibc_tunables": crate::glibc_tunables(),
+        "huge_pages_by_binary": crate::huge_pages_by_binary(),
+        "anon_huge_page_bytes": crate::anon_huge_page_bytes(),
     })
 }
 

@@ -65,6 +65,7 @@ fn threads_flag_sets_the_tensor_thread_count() {
 #[test]
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn openmp_waits_passively_unless_told_otherwise() {
+    // The allocator's setting is the user's here, so that only OpenMP's can make a second run.
     let run = |policy: Option<&str>, spin: Option<&str>| {
         bench_kernels(
             &[],
@@ -72,6 +73,7 @@ fn openmp_waits_passively_unless_told_otherwise() {
                 ("OMP_DISPLAY_ENV", Some("VERBOSE")),
                 ("OMP_WAIT_POLICY", policy),
                 ("GOMP_SPINCOUNT", spin),
+                ("GLIBC_TUNABLES", Some("glibc.malloc.hugetlb=0")),
             ],
         )
     };
@@ -113,6 +115,42 @@ fn openmp_waits_passively_unless_told_otherwise() {
     assert!(k["omp_wait_policy"].is_null(), "{k}");
     assert!(err.contains("GOMP_SPINCOUNT = '123'"), "OpenMP's settings: {err}");
     assert_eq!(err.matches("OPENMP DISPLAY ENVIRONMENT BEGIN").count(), 1, "one run: {err}");
+}
+
+/// glibc's allocator asks for transparent huge pages (the binary runs itself again with
+/// `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, added to the user's other tunables) where Linux has
+/// them on, and Linux then backs some of the heap with them (`AnonHugePages`); the user's own
+/// `glibc.malloc.hugetlb` is left as it is, and with 0 no memory is in huge pages.
+#[test]
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn allocator_asks_for_huge_pages_unless_told_otherwise() {
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| s.contains("[always]") || s.contains("[madvise]"));
+    let (k, err) = bench_kernels(&[], &[("GLIBC_TUNABLES", None)]);
+    if !thp {
+        // Linux has them off: the binary asks for nothing.
+        assert!(k["glibc_tunables"].is_null() && k["huge_pages_by_binary"] == false, "{k} {err}");
+        return;
+    }
+    assert_eq!(k["glibc_tunables"], "glibc.malloc.hugetlb=1", "{k} {err}");
+    assert_eq!(k["huge_pages_by_binary"], true, "{k}");
+    assert!(
+        k["anon_huge_page_bytes"].as_u64().is_some_and(|b| b >= 2 << 20),
+        "no huge pages in use: {k}"
+    );
+    // The user's other tunables stay.
+    let (k, err) = bench_kernels(&[], &[("GLIBC_TUNABLES", Some("glibc.malloc.check=0"))]);
+    assert_eq!(k["glibc_tunables"], "glibc.malloc.check=0:glibc.malloc.hugetlb=1", "{k} {err}");
+    assert_eq!(k["huge_pages_by_binary"], true, "{k}");
+    // The user's choice of none.
+    let (k, err) = bench_kernels(&[], &[("GLIBC_TUNABLES", Some("glibc.malloc.hugetlb=0"))]);
+    assert_eq!(k["glibc_tunables"], "glibc.malloc.hugetlb=0", "{k} {err}");
+    assert_eq!(k["huge_pages_by_binary"], false, "{k}");
+    let madvise_only = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").is_ok_and(|s| s.contains("[madvise]"));
+    if madvise_only {
+        // Where Linux gives huge pages only to memory that asks (`always` would give some anyway).
+        assert_eq!(k["anon_huge_page_bytes"], 0, "huge pages the user turned off: {k}");
+    }
 }
 
 /// `--matmul-precision` reaches the products' setting (the bench JSON reports it): `highest`
