@@ -208,18 +208,14 @@ pub fn pretrain(world: &Path, cfg: &ClipPretrainConfig, progress: &mut dyn FnMut
     for step in 0..cfg.steps {
         let (batch, caps) = sample_batch(&frames, &events, &empty, &mut rng, cfg.batch_size);
         let (mask, px, tok) = batch_tensors(&frames, &tokens, &batch, &caps, cfg, &dev)?;
-        let (loss, scale) = contrastive_loss(&vit, &image, &text, &px, &tok, &mask)?;
-        let value = loss.to_scalar::<f32>()? as f64;
+        let (value, mut grads, scale) = sharded_step(&vit, &image, &text, &vars, &px, &tok, &mask, SHARDS)?;
         ensure!(value.is_finite(), "CLIP pre-training: the loss is not finite at step {step}");
-        let mut grads = Grads::new();
-        grads.accumulate(&loss.backward()?, &vars, 1.0)?;
         let gn = grads.clip_global_norm(1.0)?;
         if std::env::var("GCG_DEBUG").is_ok() && step % 20 == 0 {
             eprintln!(
-                "step {step} loss {value:.4} grad norm {gn:.4} grads {} vars {} scale {}",
+                "step {step} loss {value:.4} grad norm {gn:.4} grads {} vars {} scale {scale}",
                 grads.len(),
                 vars.len(),
-                scale.to_scalar::<f32>()?
             );
         }
         // Cosine decay to 10%.
@@ -342,17 +338,90 @@ fn batch_tensors(
     Ok((mask, px, tok))
 }
 
-/// The symmetric multi-positive contrastive loss of a batch, and the logit scale it used.
-fn contrastive_loss(
+/// Shards of a pre-training batch: the towers run on each shard's frames and captions on its own
+/// thread (the demo's ops run on one thread each, so this is what keeps both cores busy).
+const SHARDS: usize = 2;
+
+/// The normalised image and text embeddings of a batch, [B, E] each, with their graphs.
+fn embed(vit: &VisionModel, image: &ClipImageHead, text: &ClipTextModel, px: &Tensor, tok: &Tensor) -> Result<(Tensor, Tensor)> {
+    let img = l2_normalize(&image.forward(&vit.forward_wo_norm(px)?)?)?;
+    let txt = l2_normalize(&text.forward(tok)?)?;
+    Ok((img, txt))
+}
+
+/// `f(0..n)` with `f(i)` on a thread of its own for i ≥ 1 (and `f(0)` on this one), in order.
+fn side_by_side<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..n).map(|i| scope.spawn(move || f(i))).collect();
+        let mut out = vec![f(0)];
+        out.extend(
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a CLIP pre-training thread panicked")))),
+        );
+        out.into_iter().collect()
+    })
+}
+
+/// One step's loss, gradients (of every variable in `vars` that has one) and logit scale, the
+/// batch cut into `shards` row blocks.
+///
+/// The loss needs every embedding of the batch (each frame's negatives are all the batch's
+/// captions), so the step runs in three phases: each shard's embeddings with their graphs, side
+/// by side; the loss on the gathered embeddings (detached), back-propagated to them and to the
+/// logit scale; then each shard back-propagates its share of that gradient through its towers,
+/// side by side (the gradient of Σ e·g with respect to e is g). The sum of the parts is the
+/// full batch's gradient, computed in a fixed order whatever the core count.
+#[allow(clippy::too_many_arguments)]
+fn sharded_step(
     vit: &VisionModel,
     image: &ClipImageHead,
     text: &ClipTextModel,
+    vars: &VarStore,
     px: &Tensor,
     tok: &Tensor,
     mask: &Tensor,
-) -> Result<(Tensor, Tensor)> {
-    let img = l2_normalize(&image.forward(&vit.forward_wo_norm(px)?)?)?;
-    let txt = l2_normalize(&text.forward(tok)?)?;
+    shards: usize,
+) -> Result<(f64, Grads, f32)> {
+    let b = px.dim(0)?;
+    let shards = shards.clamp(1, b.max(1));
+    let rows: Vec<(usize, usize)> = (0..shards).map(|i| (i * b / shards, (i + 1) * b / shards)).collect();
+    let parts = side_by_side(shards, |i| {
+        let (lo, hi) = rows[i];
+        embed(vit, image, text, &px.narrow(0, lo, hi - lo)?, &tok.narrow(0, lo, hi - lo)?)
+    })?;
+    let gather = |pick: fn(&(Tensor, Tensor)) -> &Tensor| -> Result<candle_core::Var> {
+        let detached: Vec<Tensor> = parts.iter().map(|p| pick(p).detach()).collect();
+        Ok(candle_core::Var::from_tensor(&Tensor::cat(&detached, 0)?)?)
+    };
+    let (img, txt) = (gather(|p| &p.0)?, gather(|p| &p.1)?);
+    let (loss, scale) = contrastive_loss(img.as_tensor(), txt.as_tensor(), text, mask)?;
+    let value = loss.to_scalar::<f32>()? as f64;
+    let head = loss.backward()?;
+    let grad_of = |v: &candle_core::Var, what: &str| {
+        head.get(v.as_tensor())
+            .cloned()
+            .ok_or_else(|| anyhow!("the contrastive loss has no gradient for the {what} embeddings"))
+    };
+    let (g_img, g_txt) = (grad_of(&img, "image")?, grad_of(&txt, "text")?);
+    let stores = side_by_side(shards, |i| {
+        let (lo, hi) = rows[i];
+        let (e_img, e_txt) = &parts[i];
+        let surrogate = ((e_img * g_img.narrow(0, lo, hi - lo)?)?.sum_all()? + (e_txt * g_txt.narrow(0, lo, hi - lo)?)?.sum_all()?)?;
+        Ok(surrogate.backward()?)
+    })?;
+    let mut grads = Grads::new();
+    grads.accumulate(&head, vars, 1.0)?;
+    for store in &stores {
+        grads.accumulate(store, vars, 1.0)?;
+    }
+    Ok((value, grads, scale.to_scalar::<f32>()?))
+}
+
+/// The symmetric multi-positive contrastive loss of a batch's normalised embeddings [B, E], and
+/// the logit scale it used.
+fn contrastive_loss(img: &Tensor, txt: &Tensor, text: &ClipTextModel, mask: &Tensor) -> Result<(Tensor, Tensor)> {
     let scale = text
         .logit_scale
         .as_ref()
@@ -439,4 +508,78 @@ pub fn load_encoders(file: &Path, cfg: &ClipPretrainConfig) -> Result<FrozenEnco
         tokenizer,
         vit_config,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The sharded step's loss and gradients are those of the whole batch's loss back-propagated
+    /// through one graph (the plain ops), for any shard count.
+    #[test]
+    fn sharded_step_equals_the_whole_batch_graph() -> Result<()> {
+        let cfg = ClipPretrainConfig {
+            image_size: 16,
+            patch_size: 8,
+            embed_dim: 8,
+            text_width: 16,
+            context_length: 8,
+            ..Default::default()
+        };
+        let dev = Device::Cpu;
+        let tokenizer = embedded_tokenizer(&cfg)?;
+        let (vit_cfg, clip_cfg) = (cfg.vit(), cfg.clip(tokenizer.vocab_size()));
+        let Towers { vit, image, text, vars } = Towers::random(&cfg, &vit_cfg, &clip_cfg, &dev)?;
+        let b = 7;
+        let captions: Vec<String> = (0..b).map(|i| format!("a red ball {i} rolls past")).collect();
+        let ids = tokenizer.tokenize(&captions)?.input_ids;
+        let tok = Tensor::from_vec(ids.concat(), (b, cfg.context_length), &dev)?;
+        let mut rng = SeededRng::new(11);
+        let px: Vec<f32> = (0..b * 3 * 16 * 16).map(|_| rng.normal() as f32).collect();
+        let px = Tensor::from_vec(px, (b, 3, 16, 16), &dev)?;
+        // Frame i's positives: its own caption and, for even i, the next frame's.
+        let mask: Vec<f32> = (0..b * b)
+            .map(|k| {
+                let (i, j) = (k / b, k % b);
+                f32::from(i == j || (i % 2 == 0 && j == i + 1))
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, b), &dev)?;
+
+        let (img, txt) = embed(&vit, &image, &text, &px, &tok)?;
+        let (loss, _) = contrastive_loss(&img, &txt, &text, &mask)?;
+        let mut want = Grads::new();
+        want.accumulate(&loss.backward()?, &vars, 1.0)?;
+        let want_loss = loss.to_scalar::<f32>()? as f64;
+        assert!(
+            want.len() > vars.len() / 2,
+            "{} of {} variables have a gradient",
+            want.len(),
+            vars.len()
+        );
+
+        for shards in [1, 2, 3, 7] {
+            let (value, got, _) = sharded_step(&vit, &image, &text, &vars, &px, &tok, &mask, shards)?;
+            assert!(
+                (value - want_loss).abs() <= 1e-6 * want_loss.abs(),
+                "{shards} shards: loss {value} vs {want_loss}"
+            );
+            assert_eq!(got.len(), want.len(), "{shards} shards: gradient count");
+            for (name, _) in vars.iter() {
+                let Some(w) = want.get(name) else {
+                    assert!(got.get(name).is_none(), "{shards} shards: {name} has a gradient it should not");
+                    continue;
+                };
+                let g = got.get(name).unwrap_or_else(|| panic!("{shards} shards: no gradient for {name}"));
+                let diff = (g - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let scale = w.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(scale > 0.0, "{name}: a zero gradient proves nothing");
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "{shards} shards, {name}: max |diff| {diff} vs max |g| {scale}"
+                );
+            }
+        }
+        Ok(())
+    }
 }
