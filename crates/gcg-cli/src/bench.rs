@@ -273,14 +273,6 @@ pub fn kernels() -> serde_json::Value {
     })
 }
 
-/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
-fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 fn train_step(a: TrainStepArgs) -> Result<()> {
     use gcg::data::Batch;
     use gcg::data::{Answer, Dataset, QaSample};
@@ -394,7 +386,7 @@ fn train_step(a: TrainStepArgs) -> Result<()> {
         "seconds_per_step_median": median,
         "seconds_per_step_all": times,
         "samples_per_s": b as f64 / median,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": crate::peak_rss_bytes(),
         "losses": losses,
     });
     println!("{}", serde_json::to_string_pretty(&out)?);

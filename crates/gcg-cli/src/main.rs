@@ -101,13 +101,13 @@ enum Command {
 ///   either: between two products the other core runs candle's ops, which a spinning OpenMP
 ///   thread slows down (libgomp's default spins ~3 ms; a bf16 grounded answer on 2 cores took
 ///   2.7–2.9 s with it against 2.3–2.7 s with these settings).
-/// * With `huge_pages`, glibc's allocator asks Linux for transparent huge pages (2 MiB) for the
+/// * glibc's allocator asks Linux for transparent huge pages (2 MiB) for the
 ///   heap (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, added to the user's tunables unless they
 ///   name `glibc.malloc.hugetlb`; not where Linux has them off, `never`): with 4 KiB pages the
 ///   products' strided reads of weights and activations and their writes of the outputs missed
 ///   the TLB, and the bf16 ViT-g took 14% longer (1.92 against 2.18 frames/s, 4 frames a pass).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn rerun_with_library_settings(huge_pages: bool) {
+fn rerun_with_library_settings() {
     use std::os::unix::process::CommandExt;
     if let Some(set) = std::env::var_os(RERUN_MARKER) {
         let set = set.to_string_lossy().to_string();
@@ -127,7 +127,7 @@ fn rerun_with_library_settings(huge_pages: bool) {
         set.push("openmp");
     }
     let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-    if huge_pages && !tunables.contains("glibc.malloc.hugetlb") && transparent_huge_pages_available() {
+    if !tunables.contains("glibc.malloc.hugetlb") && transparent_huge_pages_available() {
         let add = "glibc.malloc.hugetlb=1";
         env.push((
             "GLIBC_TUNABLES",
@@ -201,20 +201,30 @@ pub fn huge_pages_by_binary() -> bool {
 
 /// Memory of this process held in transparent huge pages now (Linux `AnonHugePages`), in bytes.
 pub fn anon_huge_page_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    let line = s.lines().find(|l| l.starts_with("AnonHugePages:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    proc_self_kb_field("smaps_rollup", "AnonHugePages")
+}
+
+/// The peak resident memory of this process so far (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_self_kb_field("status", "VmHWM")
+}
+
+/// A `Field:   N kB` line of `/proc/self/<file>`, in bytes; `None` where it is missing.
+fn proc_self_kb_field(file: &str, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/self/{file}")).ok()?;
+    let rest = s.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    let kb: u64 = rest.split_whitespace().next()?.parse().ok()?;
     Some(kb * 1024)
 }
 
 fn main() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // Huge pages for the commands that run big networks; not for the demo and `gcg train`,
-        // whose threads train side by side, each from its own heap: the demo took 13% longer
-        // with them (its CLIP stage 90 s against 49 s, most of it in the kernel).
-        let side_by_side = Cli::try_parse().is_ok_and(|c| matches!(c.command, Command::Demo(_) | Command::Train(_)));
-        rerun_with_library_settings(!side_by_side);
+        // Huge pages for every command. (The demo and `gcg train` once took 13% longer with
+        // them, but that was the kernel's work for a training graph that leaked (commit
+        // 660e508): since then the demo takes the same time either way, 139–145 s against
+        // 142–153 s.)
+        rerun_with_library_settings();
     }
     restore_sigpipe();
     let cli = Cli::parse();
