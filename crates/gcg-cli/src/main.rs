@@ -221,9 +221,9 @@ fn main() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // Huge pages for every command. (The demo and `gcg train` once took 13% longer with
-        // them, but that was the kernel's work for a training graph that leaked (commit
-        // 660e508): since then the demo takes the same time either way, 139–145 s against
-        // 142–153 s.)
+        // them, but that was the kernel's work for a training graph that leaked, fixed in
+        // commit 660e508: since then the demo takes the same time either way, 139–145 s with
+        // huge pages against 142–153 s without, runs interleaved.)
         rerun_with_library_settings();
     }
     restore_sigpipe();

@@ -349,19 +349,30 @@ fn embed(vit: &VisionModel, image: &ClipImageHead, text: &ClipTextModel, px: &Te
     Ok((img, txt))
 }
 
-/// `f(0..n)` with `f(i)` on a thread of its own for i ≥ 1 (and `f(0)` on this one), in order.
-fn side_by_side<T: Send>(n: usize, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
+/// `f(0..n)` with `f(i)` on a thread of its own for i ≥ 1 (and `f(0)` on this one), in order;
+/// an error names the shard and `what` it was doing.
+fn side_by_side<T: Send>(n: usize, what: &str, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
     let f = &f;
-    std::thread::scope(|scope| {
+    let results: Vec<Result<T>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (1..n).map(|i| scope.spawn(move || f(i))).collect();
         let mut out = vec![f(0)];
-        out.extend(
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a CLIP pre-training thread panicked")))),
-        );
-        out.into_iter().collect()
-    })
+        out.extend(handles.into_iter().map(|h| {
+            h.join().unwrap_or_else(|payload| {
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                Err(anyhow!("the thread panicked: {msg}"))
+            })
+        }));
+        out
+    });
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.with_context(|| format!("CLIP pre-training, shard {i} of {n}: {what}")))
+        .collect()
 }
 
 /// One step's loss, gradients (of every variable in `vars` that has one) and logit scale, the
@@ -387,7 +398,7 @@ fn sharded_step(
     let b = px.dim(0)?;
     let shards = shards.clamp(1, b.max(1));
     let rows: Vec<(usize, usize)> = (0..shards).map(|i| (i * b / shards, (i + 1) * b / shards)).collect();
-    let parts = side_by_side(shards, |i| {
+    let parts = side_by_side(shards, "forward", |i| {
         let (lo, hi) = rows[i];
         embed(vit, image, text, &px.narrow(0, lo, hi - lo)?, &tok.narrow(0, lo, hi - lo)?)
     })?;
@@ -400,12 +411,13 @@ fn sharded_step(
     let value = loss.to_scalar::<f32>()? as f64;
     let head = loss.backward()?;
     let grad_of = |v: &candle_core::Var, what: &str| {
+        // Detached: each shard's backward pass must stop at its own embeddings.
         head.get(v.as_tensor())
-            .cloned()
+            .map(|g| g.detach())
             .ok_or_else(|| anyhow!("the contrastive loss has no gradient for the {what} embeddings"))
     };
     let (g_img, g_txt) = (grad_of(&img, "image")?, grad_of(&txt, "text")?);
-    let stores = side_by_side(shards, |i| {
+    let stores = side_by_side(shards, "backward", |i| {
         let (lo, hi) = rows[i];
         let (e_img, e_txt) = &parts[i];
         let surrogate = ((e_img * g_img.narrow(0, lo, hi - lo)?)?.sum_all()? + (e_txt * g_txt.narrow(0, lo, hi - lo)?)?.sum_all()?)?;
@@ -558,7 +570,8 @@ mod tests {
             vars.len()
         );
 
-        for shards in [1, 2, 3, 7] {
+        // 9 > b: clamped to one row a shard.
+        for shards in [1, 2, 3, 7, 9] {
             let (value, got, _) = sharded_step(&vit, &image, &text, &vars, &px, &tok, &mask, shards)?;
             assert!(
                 (value - want_loss).abs() <= 1e-6 * want_loss.abs(),
