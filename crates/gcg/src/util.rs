@@ -593,6 +593,31 @@ mod tests {
     }
 }
 
+/// `f(i, item)` for every item, item i ≥ 1 on a thread of its own and item 0 on this one; the
+/// results in order. A thread that panics gives an error with the panic's message.
+pub fn side_by_side<I: Send, T: Send>(items: Vec<I>, f: impl Fn(usize, I) -> Result<T> + Sync) -> Vec<Result<T>> {
+    let f = &f;
+    let mut items = items.into_iter();
+    let Some(first) = items.next() else {
+        return Vec::new();
+    };
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items.enumerate().map(|(i, item)| scope.spawn(move || f(i + 1, item))).collect();
+        let mut out = vec![f(0, first)];
+        out.extend(handles.into_iter().map(|h| {
+            h.join().unwrap_or_else(|payload| {
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".into());
+                Err(anyhow!("a thread panicked: {msg}"))
+            })
+        }));
+        out
+    })
+}
+
 /// Keep freed tensor buffers for reuse instead of handing them back to the kernel at once.
 ///
 /// glibc serves allocations above its mmap threshold (128 KiB at start, raised as large blocks

@@ -349,26 +349,10 @@ fn embed(vit: &VisionModel, image: &ClipImageHead, text: &ClipTextModel, px: &Te
     Ok((img, txt))
 }
 
-/// `f(0..n)` with `f(i)` on a thread of its own for i ≥ 1 (and `f(0)` on this one), in order;
-/// an error names the shard and `what` it was doing.
+/// `f(0..n)` side by side ([`crate::util::side_by_side`]); an error names the shard and `what` it
+/// was doing.
 fn side_by_side<T: Send>(n: usize, what: &str, f: impl Fn(usize) -> Result<T> + Sync) -> Result<Vec<T>> {
-    let f = &f;
-    let results: Vec<Result<T>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (1..n).map(|i| scope.spawn(move || f(i))).collect();
-        let mut out = vec![f(0)];
-        out.extend(handles.into_iter().map(|h| {
-            h.join().unwrap_or_else(|payload| {
-                let msg = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "no message".into());
-                Err(anyhow!("the thread panicked: {msg}"))
-            })
-        }));
-        out
-    });
-    results
+    crate::util::side_by_side((0..n).collect(), |i, _| f(i))
         .into_iter()
         .enumerate()
         .map(|(i, r)| r.with_context(|| format!("CLIP pre-training, shard {i} of {n}: {what}")))

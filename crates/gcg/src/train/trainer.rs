@@ -705,21 +705,8 @@ fn micro_step(model: &GcgModel, batch: &Batch, rng: &RefCell<SeededRng>, warmup:
 /// Forward and backward of `batches`, side by side (batch i on its own thread, drawing from
 /// `streams[i]`).
 fn micro_steps(model: &GcgModel, batches: &[Batch], streams: Vec<SeededRng>, warmup: bool) -> Vec<Result<MicroStep>> {
-    let mut work = batches.iter().zip(streams);
-    let Some((first, first_stream)) = work.next() else {
-        return Vec::new();
-    };
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = work
-            .map(|(batch, stream)| scope.spawn(move || micro_step(model, batch, &RefCell::new(stream), warmup)))
-            .collect();
-        let mut out = vec![micro_step(model, first, &RefCell::new(first_stream), warmup)];
-        out.extend(handles.into_iter().map(|h| {
-            h.join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("a data-parallel training thread panicked")))
-        }));
-        out
-    })
+    let work: Vec<(&Batch, SeededRng)> = batches.iter().zip(streams).collect();
+    crate::util::side_by_side(work, |_, (batch, stream)| micro_step(model, batch, &RefCell::new(stream), warmup))
 }
 
 /// A failed training forward, told as a divergence when the trainable weights are no longer
