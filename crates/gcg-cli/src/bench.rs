@@ -28,6 +28,17 @@ pub enum BenchCommand {
     /// (--url) or one started for a run (default: the demo's): latency percentiles, requests/s,
     /// errors, peak RSS; and a new video's upload (uncached) against its first question (cached).
     Serve(crate::bench_serve::ServeBenchArgs),
+    /// This CPU's arithmetic ceiling: GFLOP/s of its f32 FMA, AVX512-BF16 dot-product and AMX
+    /// units kept busy on one thread and on `--threads` threads at once (what a benchmark's
+    /// GFLOP/s is read against).
+    Peak(PeakArgs),
+}
+
+#[derive(Args)]
+pub struct PeakArgs {
+    /// Seconds each probe runs.
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
 }
 
 #[derive(Args)]
@@ -210,6 +221,35 @@ fn forward(a: ForwardArgs) -> Result<()> {
         "t5_encoder_s": median_of(&|r| r[1]),
         "decoding_s": median_of(&|r| r[2]),
     });
+    // The ViT's GFLOP/s, and the share of the unit its products run on, probed now (after the
+    // timed work, on as many threads): f32 products on the FMA units (on the tile unit at
+    // `--matmul-precision high` where AMX runs them), bf16 ones on AMX, else AVX512-BF16.
+    let vit_flops = cfg.vision.flops_per_frame() as f64 * vit_frames as f64;
+    let mut vit_json = json!({
+        "frames": vit_frames, "seconds": vit_s, "seconds_all": vit_runs, "frames_per_s": vit_frames as f64 / vit_s,
+        "gflop_per_frame": cfg.vision.flops_per_frame() as f64 / 1e9,
+        "gflops": vit_flops / vit_s / 1e9,
+    });
+    if !dev.is_cuda() {
+        use gcg::nn::linear::{amx_active, matmul_precision, MatmulPrecision};
+        use gcg::nn::peak::Unit;
+        // At `high` each f32 product is three bf16 ones: a third of the tile unit's rate.
+        let f32_as_bf16_pairs = dtype == DType::F32 && amx_active() && matmul_precision() == MatmulPrecision::High;
+        let (unit, name, share) = match dtype {
+            DType::F32 if f32_as_bf16_pairs => (Unit::AmxBf16, "amx_bf16 / 3", 1.0 / 3.0),
+            DType::F32 => (Unit::F32Fma, Unit::F32Fma.as_str(), 1.0),
+            _ if amx_active() => (Unit::AmxBf16, Unit::AmxBf16.as_str(), 1.0),
+            DType::BF16 if Unit::Bf16Dot.instruction().is_some() => (Unit::Bf16Dot, Unit::Bf16Dot.as_str(), 1.0),
+            _ => (Unit::F32Fma, Unit::F32Fma.as_str(), 1.0),
+        };
+        let threads = candle_core::utils::get_num_threads();
+        if let Some(p) = gcg::nn::peak::measure(unit, threads, std::time::Duration::from_millis(500))? {
+            let ceiling = p.gflops * share;
+            vit_json["peak_unit"] = json!(name);
+            vit_json["peak_gflops"] = json!(ceiling);
+            vit_json["fraction_of_peak"] = json!(vit_flops / vit_s / 1e9 / ceiling);
+        }
+    }
     let out = json!({
         "bench": "forward",
         "preset": a.preset.name(),
@@ -221,7 +261,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
         "params": {
             "trainable": lb.vars().num_params(),
         },
-        "vit": { "frames": vit_frames, "seconds": vit_s, "seconds_all": vit_runs, "frames_per_s": vit_frames as f64 / vit_s },
+        "vit": vit_json,
         "answer": {
             "frames": a.frames, "k": a.k, "spatial": cfg.spatial, "visual_tokens": cfg.num_visual_tokens(a.k),
             "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
@@ -400,5 +440,51 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::TrainStep(a) => train_step(a),
         BenchCommand::Decode(a) => crate::bench_decode::run(a),
         BenchCommand::Serve(a) => crate::bench_serve::run(a),
+        BenchCommand::Peak(a) => peak(a),
     }
+}
+
+/// The CPU's model name (`/proc/cpuinfo`), or null.
+fn cpu_model() -> serde_json::Value {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .map_or(serde_json::Value::Null, serde_json::Value::from)
+}
+
+fn peak(a: PeakArgs) -> Result<()> {
+    ensure!(
+        a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 60.0,
+        "--seconds {} must be in (0, 60]",
+        a.seconds
+    );
+    let time = std::time::Duration::from_secs_f64(a.seconds);
+    let threads = candle_core::utils::get_num_threads();
+    let mut units = serde_json::Map::new();
+    for unit in gcg::nn::peak::Unit::ALL {
+        let v = match (gcg::nn::peak::measure(unit, 1, time)?, gcg::nn::peak::measure(unit, threads, time)?) {
+            (Some(one), Some(all)) => json!({
+                "instruction": one.instruction,
+                "gflops_one_thread": one.gflops,
+                "gflops_all_threads": all.gflops,
+                "gflops_per_thread": all.per_thread,
+            }),
+            _ => serde_json::Value::Null,
+        };
+        units.insert(unit.as_str().into(), v);
+    }
+    let out = json!({
+        "bench": "peak",
+        "cpu": cpu_model(),
+        "threads": threads,
+        "seconds_per_probe": a.seconds,
+        "units": units,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
 }

@@ -1,6 +1,6 @@
 //! `--threads N` reaches candle's thread count (the bench JSON reports it), and the default
 //! without it is the machine's, fixed once (RAYON_NUM_THREADS unset in the child); `--matmul-precision`
-//! reaches the setting of the f32 products.
+//! reaches the setting of the f32 products; `gcg bench peak` and the ViT's GFLOP/s in `gcg bench forward`.
 
 use std::process::Command;
 
@@ -167,4 +167,68 @@ fn matmul_precision_flag_reaches_the_products() {
         .expect("running gcg");
     assert!(!out.status.success(), "--matmul-precision medium is refused");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--matmul-precision"));
+}
+
+fn gcg_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_gcg")).args(args).output().expect("running gcg");
+    assert!(
+        out.status.success(),
+        "gcg {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("bench JSON")
+}
+
+/// `gcg bench peak` reports each unit this CPU has, per thread, on the asked threads; `gcg
+/// bench forward` reports the ViT's GFLOP/s from its operation count (the tiny preset's, as
+/// PyTorch's counter counts it: tests/fixtures/flops/vit.json) and its share of the probed
+/// ceiling, which a real measurement cannot exceed.
+#[test]
+fn peak_and_the_vits_share_of_it() {
+    let v = gcg_json(&["bench", "peak", "--threads", "2", "--seconds", "0.2"]);
+    assert_eq!(v["threads"], 2, "{v}");
+    let units = v["units"].as_object().expect("units");
+    assert_eq!(units.len(), 3, "{v}");
+    let mut measured = 0;
+    for (name, u) in units {
+        if u.is_null() {
+            continue;
+        }
+        measured += 1;
+        let per = u["gflops_per_thread"].as_array().expect("per thread");
+        assert_eq!(per.len(), 2, "{name}: {u}");
+        assert!(u["gflops_all_threads"].as_f64().is_some_and(|g| g > 0.0), "{name}: {u}");
+        assert!(u["gflops_one_thread"].as_f64().is_some_and(|g| g > 0.0), "{name}: {u}");
+        assert!(u["instruction"].as_str().is_some_and(|s| !s.is_empty()), "{name}: {u}");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        assert!(!units["f32_fma"].is_null(), "{v}");
+        assert!(measured >= 1);
+    }
+
+    let v = gcg_json(&[
+        "bench",
+        "forward",
+        "--preset",
+        "tiny",
+        "--iters",
+        "1",
+        "--frames",
+        "4",
+        "--new-tokens",
+        "1",
+    ]);
+    let vit = &v["vit"];
+    let per_frame = vit["gflop_per_frame"].as_f64().expect("gflop_per_frame");
+    assert!((per_frame - 1_406_592e-9).abs() < 1e-15, "{vit}");
+    let frames = vit["frames"].as_f64().expect("frames");
+    let secs = vit["seconds"].as_f64().expect("seconds");
+    let gflops = vit["gflops"].as_f64().expect("gflops");
+    assert!((gflops - per_frame * frames / secs).abs() <= 1e-9 * gflops, "{vit}");
+    if !vit["peak_gflops"].is_null() {
+        assert_eq!(vit["peak_unit"], "f32_fma", "{vit}");
+        let share = vit["fraction_of_peak"].as_f64().expect("fraction_of_peak");
+        assert!(share > 0.0 && share < 1.0, "{vit}");
+    }
 }

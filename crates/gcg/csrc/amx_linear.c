@@ -684,3 +684,34 @@ int gcg_amx_attention(long b, long h, long lq, long lk, long d, long dv, const v
     }
     return status;
 }
+
+/* The tile unit's bf16 rate, for `gcg bench peak` (src/nn/peak.rs): on the calling thread, four
+ * accumulator tiles each take `steps` tile products of all-ones operands (16 × 32 bf16 times
+ * 32 × 16), then are written to `sums` (4 × 16 × 16 floats, each 32 · steps when the unit
+ * summed right). Returns 0 when done, -1 without AMX. */
+TARGET int gcg_amx_peak(long steps, float *sums) {
+    if (!gcg_amx_available()) return -1;
+    uint16_t ones[16 * 32] __attribute__((aligned(64)));
+    for (int i = 0; i < 16 * 32; i++) ones[i] = 0x3f80; /* 1.0 in bf16 */
+    load_tile_config();
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    _tile_loadd(4, ones, 64);
+    _tile_loadd(5, ones, 64);
+    _tile_loadd(6, ones, 64);
+    _tile_loadd(7, ones, 64);
+    for (long s = 0; s < steps; s++) {
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, sums, 64);
+    _tile_stored(1, sums + 256, 64);
+    _tile_stored(2, sums + 512, 64);
+    _tile_stored(3, sums + 768, 64);
+    _tile_release();
+    return 0;
+}

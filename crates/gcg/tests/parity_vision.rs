@@ -142,3 +142,39 @@ fn vision_model_variables_updated_in_place_take_effect() -> Result<()> {
     }
     Ok(())
 }
+
+/// The ViT's operation count (what `gcg bench forward` divides by time for GFLOP/s) against
+/// PyTorch's `FlopCounterMode` on HF's `InstructBlipVisionModel` (`tools/fixtures/make_flops.py`):
+/// EVA ViT-g/14, the tiny preset and a model of odd sizes, exactly.
+#[test]
+fn flop_count_equals_pytorchs_counter() -> Result<()> {
+    let path = common::fixtures_dir().join("flops/vit.json");
+    let doc = gcg::weights::checkpoints::read_json(&path)?;
+    let models = doc["models"].as_array().expect("models");
+    assert_eq!(models.len(), 3);
+    for m in models {
+        let name = m["name"].as_str().expect("name");
+        let c = &m["config"];
+        let size = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("{name}: config.{k}")) as usize;
+        let cfg = VitConfig {
+            hidden_size: size("hidden_size"),
+            intermediate_size: size("intermediate_size"),
+            num_hidden_layers: size("num_hidden_layers"),
+            num_attention_heads: size("num_attention_heads"),
+            image_size: size("image_size"),
+            patch_size: size("patch_size"),
+            ..VitConfig::eva_vit_g()
+        };
+        match name {
+            "eva_vit_g" => assert_eq!(cfg, VitConfig::eva_vit_g()),
+            "tiny" => assert_eq!(cfg, VitConfig::tiny()),
+            _ => {}
+        }
+        assert_eq!(
+            cfg.flops_per_frame(),
+            m["flops_per_frame"].as_u64().expect("flops_per_frame"),
+            "{name}"
+        );
+    }
+    Ok(())
+}

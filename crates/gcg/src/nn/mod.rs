@@ -14,6 +14,7 @@ pub mod linear;
 pub mod lora;
 pub mod norm;
 pub mod ops;
+pub mod peak;
 
 pub use attention::{causal_bias, merge_heads, padding_bias, scaled_dot_product_attention, split_heads};
 pub use dropout::Dropout;

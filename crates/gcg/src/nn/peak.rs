@@ -1,0 +1,299 @@
+//! What this CPU's arithmetic units can do at most: the ceiling a benchmark's GFLOP/s is read
+//! against (`gcg bench peak`, and `gcg bench forward`'s `vit.fraction_of_peak`).
+//!
+//! Each probe keeps one unit busy with independent multiply-adds on values held in registers (16
+//! accumulators, more than any of these units' latency × throughput), on every asked thread at
+//! once, and counts 2 operations per multiply-add, as FLOP counters of products do:
+//!
+//! * `f32_fma`: `vfmadd231ps` on 16 (AVX-512) or 8 (AVX2 + FMA) floats;
+//! * `bf16_dot`: AVX512-BF16's `vdpbf16ps`, 16 lanes × a pair of bf16 products into f32;
+//! * `amx_bf16`: AMX's `tdpbf16ps`, 16 × 16 × 32 products a tile instruction
+//!   (`csrc/amx_linear.c`).
+//!
+//! A probe checks its own sums after every round (each must equal the exact count of products,
+//! all operands being 1), so a wrong instruction sequence gives an error, not a number.
+
+use anyhow::{bail, Result};
+use std::time::{Duration, Instant};
+
+/// An arithmetic unit a probe can keep busy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    F32Fma,
+    Bf16Dot,
+    AmxBf16,
+}
+
+impl Unit {
+    pub const ALL: [Unit; 3] = [Unit::F32Fma, Unit::Bf16Dot, Unit::AmxBf16];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unit::F32Fma => "f32_fma",
+            Unit::Bf16Dot => "bf16_dot",
+            Unit::AmxBf16 => "amx_bf16",
+        }
+    }
+
+    /// The instruction this CPU would run for the unit, or None when it has none.
+    pub fn instruction(self) -> Option<&'static str> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let f = |name| match name {
+                "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+                "avx512bf16" => std::arch::is_x86_feature_detected!("avx512bf16"),
+                "fma" => std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2"),
+                _ => false,
+            };
+            match self {
+                Unit::F32Fma if f("avx512f") => Some("vfmadd231ps zmm (16 f32 lanes)"),
+                Unit::F32Fma if f("fma") => Some("vfmadd231ps ymm (8 f32 lanes)"),
+                Unit::Bf16Dot if f("avx512f") && f("avx512bf16") => Some("vdpbf16ps zmm (16 f32 lanes × 2 bf16 products)"),
+                Unit::AmxBf16 if amx_present() => Some("tdpbf16ps (16 × 16 f32 × 32 bf16 products)"),
+                _ => None,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+}
+
+/// The CPU has AMX-BF16, Linux grants its tile state and gcg's AMX code is built in (whatever
+/// `GCG_NO_AMX` says: that only sends products back to oneDNN).
+fn amx_present() -> bool {
+    #[cfg(gcg_amx)]
+    {
+        extern "C" {
+            fn gcg_amx_available() -> std::os::raw::c_int;
+        }
+        // SAFETY: reads CPUID and asks Linux for the tile state; no memory is passed.
+        unsafe { gcg_amx_available() == 1 }
+    }
+    #[cfg(not(gcg_amx))]
+    {
+        false
+    }
+}
+
+/// One unit's measured rate: the best of its windows.
+#[derive(Debug, Clone)]
+pub struct Peak {
+    pub unit: Unit,
+    pub instruction: &'static str,
+    /// Threads that ran the probe at once.
+    pub threads: usize,
+    /// GFLOP/s of all threads together.
+    pub gflops: f64,
+    /// GFLOP/s of each thread in that window.
+    pub per_thread: Vec<f64>,
+}
+
+/// Windows a measurement is cut into: the threads start each one together, and the best
+/// window's total is the peak (a virtual machine's cores are at times taken by its host for a
+/// while: a ceiling is what the unit did when it had the core).
+const WINDOWS: usize = 5;
+
+/// Runs `unit`'s probe on `threads` threads at once for about `time` in all; None when this CPU
+/// has no such unit (or AMX is not built into this binary).
+pub fn measure(unit: Unit, threads: usize, time: Duration) -> Result<Option<Peak>> {
+    let Some(instruction) = unit.instruction() else {
+        return Ok(None);
+    };
+    let threads = threads.max(1);
+    let window = time / WINDOWS as u32;
+    let barrier = std::sync::Barrier::new(threads);
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(|| probe(unit, window, &barrier))).collect();
+        handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
+    });
+    let mut rates = Vec::with_capacity(threads); // [thread][window] GFLOP/s
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(Ok(g)) => rates.push(g),
+            Ok(Err(e)) => return Err(e.context(format!("peak probe {} on thread {i}", unit.as_str()))),
+            Err(_) => bail!("peak probe {} panicked on thread {i}", unit.as_str()),
+        }
+    }
+    let best = (0..WINDOWS)
+        .max_by(|&a, &b| {
+            let total = |w: usize| rates.iter().map(|r: &Vec<f64>| r[w]).sum::<f64>();
+            total(a).total_cmp(&total(b))
+        })
+        .unwrap_or(0);
+    let per_thread: Vec<f64> = rates.iter().map(|r| r[best]).collect();
+    Ok(Some(Peak {
+        unit,
+        instruction,
+        threads,
+        gflops: per_thread.iter().sum(),
+        per_thread,
+    }))
+}
+
+/// This thread's GFLOP/s on `unit` in each window: whole rounds until `window` has passed,
+/// every window started with the other threads'. A failing thread still meets the others at
+/// each barrier, so none waits forever.
+fn probe(unit: Unit, window: Duration, barrier: &std::sync::Barrier) -> Result<Vec<f64>> {
+    let round: fn() -> Result<f64> = match unit {
+        Unit::F32Fma => f32_fma_round,
+        Unit::Bf16Dot => bf16_dot_round,
+        Unit::AmxBf16 => amx_round,
+    };
+    let mut failed = round().err(); // wakes the unit (AVX-512 and AMX power up on first use)
+    let mut rates = Vec::with_capacity(WINDOWS);
+    for _ in 0..WINDOWS {
+        barrier.wait();
+        let start = Instant::now();
+        let mut flops = 0.0;
+        while failed.is_none() && start.elapsed() < window {
+            match round() {
+                Ok(f) => flops += f,
+                Err(e) => failed = Some(e),
+            }
+        }
+        rates.push(flops / start.elapsed().as_secs_f64() / 1e9);
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(rates),
+    }
+}
+
+/// Multiply-adds per accumulator a round: small enough that every sum stays exact in f32.
+const STEPS: usize = 1 << 18;
+const ACCS: usize = 16;
+
+fn check(what: &str, sums: &[f32], expected: f32) -> Result<()> {
+    if let Some((i, v)) = sums.iter().enumerate().find(|(_, &v)| v != expected) {
+        bail!("{what}: accumulator lane {i} holds {v}, expected {expected}: the probe's arithmetic is wrong");
+    }
+    Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+fn f32_fma_round() -> Result<f64> {
+    use std::arch::x86_64::*;
+    #[target_feature(enable = "avx512f")]
+    unsafe fn zmm(one: f32) -> [f32; ACCS * 16] {
+        let a = _mm512_set1_ps(one);
+        let mut acc = [_mm512_setzero_ps(); ACCS];
+        for _ in 0..STEPS {
+            for r in acc.iter_mut() {
+                *r = _mm512_fmadd_ps(a, a, *r);
+            }
+        }
+        std::mem::transmute(acc)
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn ymm(one: f32) -> [f32; ACCS * 8] {
+        let a = _mm256_set1_ps(one);
+        let mut acc = [_mm256_setzero_ps(); ACCS];
+        for _ in 0..STEPS {
+            for r in acc.iter_mut() {
+                *r = _mm256_fmadd_ps(a, a, *r);
+            }
+        }
+        std::mem::transmute(acc)
+    }
+    let one = std::hint::black_box(1.0f32);
+    let lanes = if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (asked just above).
+        let sums = unsafe { zmm(one) };
+        check("f32_fma", &sums, STEPS as f32)?;
+        16
+    } else {
+        // SAFETY: only reached through `measure`, which asked for AVX2 + FMA.
+        let sums = unsafe { ymm(one) };
+        check("f32_fma", &sums, STEPS as f32)?;
+        8
+    };
+    Ok((2 * STEPS * ACCS * lanes) as f64)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn bf16_dot_round() -> Result<f64> {
+    use std::arch::x86_64::*;
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn zmm(one: u16) -> [f32; ACCS * 16] {
+        let a: __m512bh = std::mem::transmute(_mm512_set1_epi16(one as i16));
+        let mut acc = [_mm512_setzero_ps(); ACCS];
+        for _ in 0..STEPS {
+            for r in acc.iter_mut() {
+                *r = _mm512_dpbf16_ps(*r, a, a);
+            }
+        }
+        std::mem::transmute(acc)
+    }
+    let one = std::hint::black_box(0x3f80u16); // 1.0 in bf16
+                                               // SAFETY: only reached through `measure`, which asked for AVX-512F and AVX512-BF16.
+    let sums = unsafe { zmm(one) };
+    check("bf16_dot", &sums, (2 * STEPS) as f32)?;
+    Ok((2 * 2 * STEPS * ACCS * 16) as f64)
+}
+
+#[cfg(all(target_arch = "x86_64", gcg_amx))]
+fn amx_round() -> Result<f64> {
+    extern "C" {
+        fn gcg_amx_peak(steps: std::os::raw::c_long, sums: *mut f32) -> std::os::raw::c_int;
+    }
+    const TILE_STEPS: usize = 1 << 16;
+    let mut sums = [0f32; 4 * 256];
+    // SAFETY: `sums` holds the four 16 × 16 accumulator tiles the function writes.
+    let rc = unsafe { gcg_amx_peak(TILE_STEPS as _, sums.as_mut_ptr()) };
+    if rc != 0 {
+        bail!("amx_bf16: the tile unit is not usable in this process");
+    }
+    check("amx_bf16", &sums, (32 * TILE_STEPS) as f32)?;
+    Ok((4 * TILE_STEPS * 16 * 16 * 32 * 2) as f64)
+}
+
+#[cfg(not(all(target_arch = "x86_64", gcg_amx)))]
+fn amx_round() -> Result<f64> {
+    bail!("amx_bf16: gcg's AMX code is not built into this binary")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn f32_fma_round() -> Result<f64> {
+    bail!("f32_fma: no probe for this architecture")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn bf16_dot_round() -> Result<f64> {
+    bail!("bf16_dot: no probe for this architecture")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every unit this CPU has gives a finite rate that passed its own sum checks, with one
+    /// entry per thread; a unit it lacks gives None, not a number.
+    #[test]
+    fn probes_run_and_check_their_sums() -> Result<()> {
+        for unit in Unit::ALL {
+            match measure(unit, 2, Duration::from_millis(30))? {
+                Some(p) => {
+                    assert_eq!(p.per_thread.len(), 2, "{unit:?}");
+                    assert!(p.per_thread.iter().all(|g| g.is_finite() && *g > 0.0), "{unit:?}: {p:?}");
+                    assert!((p.gflops - p.per_thread.iter().sum::<f64>()).abs() < 1e-9);
+                }
+                None => assert!(unit.instruction().is_none(), "{unit:?}"),
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") || std::arch::is_x86_feature_detected!("fma") {
+            assert!(Unit::F32Fma.instruction().is_some());
+        }
+        Ok(())
+    }
+
+    /// The check refuses a sum that is off by one product.
+    #[test]
+    fn check_refuses_a_wrong_sum() {
+        assert!(check("x", &[4.0, 4.0], 4.0).is_ok());
+        let e = check("x", &[4.0, 5.0], 4.0).unwrap_err().to_string();
+        assert!(e.contains("lane 1 holds 5, expected 4"), "{e}");
+    }
+}
