@@ -36,7 +36,7 @@ pub enum BenchCommand {
 
 #[derive(Args)]
 pub struct PeakArgs {
-    /// Seconds each probe runs.
+    /// Seconds each probe runs (each unit is probed twice: on one thread, then on all).
     #[arg(long, default_value_t = 1.0)]
     seconds: f64,
 }
@@ -221,33 +221,27 @@ fn forward(a: ForwardArgs) -> Result<()> {
         "t5_encoder_s": median_of(&|r| r[1]),
         "decoding_s": median_of(&|r| r[2]),
     });
-    // The ViT's GFLOP/s, and the share of the unit its products run on, probed now (after the
-    // timed work, on as many threads): f32 products on the FMA units (on the tile unit at
-    // `--matmul-precision high` where AMX runs them), bf16 ones on AMX, else AVX512-BF16.
+    // The ViT's GFLOP/s, and its share of the ceiling of the unit its products run on, probed
+    // now (after the timed work, on as many threads): see `vit_ceiling`.
     let vit_flops = cfg.vision.flops_per_frame() as f64 * vit_frames as f64;
     let mut vit_json = json!({
         "frames": vit_frames, "seconds": vit_s, "seconds_all": vit_runs, "frames_per_s": vit_frames as f64 / vit_s,
         "gflop_per_frame": cfg.vision.flops_per_frame() as f64 / 1e9,
         "gflops": vit_flops / vit_s / 1e9,
+        "peak_unit": null, "peak_share": null, "peak_gflops": null, "fraction_of_peak": null,
     });
-    if !dev.is_cuda() {
-        use gcg::nn::linear::{amx_active, matmul_precision, MatmulPrecision};
-        use gcg::nn::peak::Unit;
-        // At `high` each f32 product is three bf16 ones: a third of the tile unit's rate.
-        let f32_as_bf16_pairs = dtype == DType::F32 && amx_active() && matmul_precision() == MatmulPrecision::High;
-        let (unit, name, share) = match dtype {
-            DType::F32 if f32_as_bf16_pairs => (Unit::AmxBf16, "amx_bf16 / 3", 1.0 / 3.0),
-            DType::F32 => (Unit::F32Fma, Unit::F32Fma.as_str(), 1.0),
-            _ if amx_active() => (Unit::AmxBf16, Unit::AmxBf16.as_str(), 1.0),
-            DType::BF16 if Unit::Bf16Dot.instruction().is_some() => (Unit::Bf16Dot, Unit::Bf16Dot.as_str(), 1.0),
-            _ => (Unit::F32Fma, Unit::F32Fma.as_str(), 1.0),
-        };
+    if let (false, Some((unit, share))) = (dev.is_cuda(), vit_ceiling(dtype)) {
         let threads = candle_core::utils::get_num_threads();
-        if let Some(p) = gcg::nn::peak::measure(unit, threads, std::time::Duration::from_millis(500))? {
-            let ceiling = p.gflops * share;
-            vit_json["peak_unit"] = json!(name);
-            vit_json["peak_gflops"] = json!(ceiling);
-            vit_json["fraction_of_peak"] = json!(vit_flops / vit_s / 1e9 / ceiling);
+        match gcg::nn::peak::measure(unit, threads, std::time::Duration::from_millis(500)) {
+            Ok(Some(p)) => {
+                let ceiling = p.gflops * share;
+                vit_json["peak_unit"] = json!(unit.as_str());
+                vit_json["peak_share"] = json!(share);
+                vit_json["peak_gflops"] = json!(ceiling);
+                vit_json["fraction_of_peak"] = json!(vit_flops / vit_s / 1e9 / ceiling);
+            }
+            Ok(None) => {}
+            Err(e) => vit_json["peak_error"] = json!(format!("{e:#}")),
         }
     }
     let out = json!({
@@ -444,6 +438,29 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     }
 }
 
+/// The unit the ViT's products run on in `dtype` on the CPU, and the share of its rate an
+/// operation of the ViT's may take (None: no measured ceiling applies).
+/// * f32: the FMA units; at `--matmul-precision high` with gcg's AMX kernel, the tile unit at a
+///   third of its rate (three bf16 products per f32 one; the attention's f32 products stay on
+///   the FMA units, so this ceiling is approximate there).
+/// * bf16 with oneDNN: the tile unit on a CPU with AMX-BF16 (gcg's kernel or oneDNN's runs
+///   there, whatever `GCG_NO_AMX` says), none when this binary cannot probe it; else
+///   AVX512-BF16's dot products, else the FMA units (oneDNN widens bf16 to f32).
+/// * bf16 without oneDNN (candle's products widen to f32): the FMA units. f16: none.
+fn vit_ceiling(dtype: DType) -> Option<(gcg::nn::peak::Unit, f64)> {
+    use gcg::nn::linear::{amx_active, matmul_precision, MatmulPrecision, ONEDNN};
+    use gcg::nn::peak::{cpu_has_amx_bf16, Unit};
+    let has = |u: Unit| u.instruction().is_some();
+    match dtype {
+        DType::F32 if amx_active() && matmul_precision() == MatmulPrecision::High => Some((Unit::AmxBf16, 1.0 / 3.0)),
+        DType::F32 => Some((Unit::F32Fma, 1.0)),
+        DType::BF16 if ONEDNN && cpu_has_amx_bf16() => has(Unit::AmxBf16).then_some((Unit::AmxBf16, 1.0)),
+        DType::BF16 if ONEDNN && has(Unit::Bf16Dot) => Some((Unit::Bf16Dot, 1.0)),
+        DType::BF16 => Some((Unit::F32Fma, 1.0)),
+        _ => None,
+    }
+}
+
 /// The CPU's model name (`/proc/cpuinfo`), or null.
 fn cpu_model() -> serde_json::Value {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -459,8 +476,8 @@ fn cpu_model() -> serde_json::Value {
 
 fn peak(a: PeakArgs) -> Result<()> {
     ensure!(
-        a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 60.0,
-        "--seconds {} must be in (0, 60]",
+        a.seconds.is_finite() && (0.05..=60.0).contains(&a.seconds),
+        "--seconds {} must be in [0.05, 60]",
         a.seconds
     );
     let time = std::time::Duration::from_secs_f64(a.seconds);

@@ -1,9 +1,10 @@
 //! What this CPU's arithmetic units can do at most: the ceiling a benchmark's GFLOP/s is read
 //! against (`gcg bench peak`, and `gcg bench forward`'s `vit.fraction_of_peak`).
 //!
-//! Each probe keeps one unit busy with independent multiply-adds on values held in registers (16
-//! accumulators, more than any of these units' latency × throughput), on every asked thread at
-//! once, and counts 2 operations per multiply-add, as FLOP counters of products do:
+//! Each probe keeps one unit busy with independent multiply-adds on values held in registers
+//! (more accumulators than the unit's latency × issue rate: 16 zmm, 12 ymm, 4 tiles), on every
+//! asked thread at once, and counts 2 operations per multiply-add, as FLOP counters of products
+//! do:
 //!
 //! * `f32_fma`: `vfmadd231ps` on 16 (AVX-512) or 8 (AVX2 + FMA) floats;
 //! * `bf16_dot`: AVX512-BF16's `vdpbf16ps`, 16 lanes × a pair of bf16 products into f32;
@@ -41,7 +42,7 @@ impl Unit {
         {
             let f = |name| match name {
                 "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
-                "avx512bf16" => std::arch::is_x86_feature_detected!("avx512bf16"),
+                "avx512bf16" => std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512bw"),
                 "fma" => std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2"),
                 _ => false,
             };
@@ -60,8 +61,28 @@ impl Unit {
     }
 }
 
+/// Whether this CPU has AMX-BF16 (CPUID 7.0:EDX bit 22), whether or not this binary can use it:
+/// oneDNN runs its bf16 products on it too.
+pub fn cpu_has_amx_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 7 exists on every x86-64 CPU that reports it; leaf 0 says so.
+        // (`unsafe` for the Rust versions whose CPUID intrinsics are unsafe.)
+        #[allow(unused_unsafe)]
+        unsafe {
+            let max = std::arch::x86_64::__cpuid(0).eax;
+            max >= 7 && std::arch::x86_64::__cpuid_count(7, 0).edx & (1 << 22) != 0
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// The CPU has AMX-BF16, Linux grants its tile state and gcg's AMX code is built in (whatever
 /// `GCG_NO_AMX` says: that only sends products back to oneDNN).
+#[cfg(target_arch = "x86_64")]
 fn amx_present() -> bool {
     #[cfg(gcg_amx)]
     {
@@ -95,33 +116,42 @@ pub struct Peak {
 /// while: a ceiling is what the unit did when it had the core).
 const WINDOWS: usize = 5;
 
-/// Runs `unit`'s probe on `threads` threads at once for about `time` in all; None when this CPU
-/// has no such unit (or AMX is not built into this binary).
+/// Runs `unit`'s probe on `threads` threads at once for about `time` in all (each window runs
+/// at least one round); None when this CPU has no such unit (or AMX is not built into this
+/// binary).
 pub fn measure(unit: Unit, threads: usize, time: Duration) -> Result<Option<Peak>> {
     let Some(instruction) = unit.instruction() else {
         return Ok(None);
     };
     let threads = threads.max(1);
     let window = time / WINDOWS as u32;
-    let barrier = std::sync::Barrier::new(threads);
-    let results = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads).map(|_| s.spawn(|| probe(unit, window, &barrier))).collect();
-        handles.into_iter().map(|h| h.join()).collect::<Vec<_>>()
-    });
+    let gate = Gate::new(threads);
+    let results = std::thread::scope(|s| -> Result<Vec<Result<Vec<f64>>>> {
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let spawned = std::thread::Builder::new()
+                .name(format!("gcg-peak-{i}"))
+                .spawn_scoped(s, || probe(unit, window, &gate));
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    // The threads already started would wait for this one: let them go.
+                    gate.abort();
+                    return Err(anyhow::Error::new(e).context(format!("starting peak probe thread {i} of {threads}")));
+                }
+            }
+        }
+        Ok(handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("panicked"))))
+            .collect())
+    })?;
     let mut rates = Vec::with_capacity(threads); // [thread][window] GFLOP/s
     for (i, r) in results.into_iter().enumerate() {
-        match r {
-            Ok(Ok(g)) => rates.push(g),
-            Ok(Err(e)) => return Err(e.context(format!("peak probe {} on thread {i}", unit.as_str()))),
-            Err(_) => bail!("peak probe {} panicked on thread {i}", unit.as_str()),
-        }
+        rates.push(r.map_err(|e| e.context(format!("peak probe {} on thread {i}", unit.as_str())))?);
     }
-    let best = (0..WINDOWS)
-        .max_by(|&a, &b| {
-            let total = |w: usize| rates.iter().map(|r: &Vec<f64>| r[w]).sum::<f64>();
-            total(a).total_cmp(&total(b))
-        })
-        .unwrap_or(0);
+    let total = |w: usize| rates.iter().map(|r: &Vec<f64>| r[w]).sum::<f64>();
+    let best = (0..WINDOWS).max_by(|&a, &b| total(a).total_cmp(&total(b))).unwrap_or(0);
     let per_thread: Vec<f64> = rates.iter().map(|r| r[best]).collect();
     Ok(Some(Peak {
         unit,
@@ -132,28 +162,75 @@ pub fn measure(unit: Unit, threads: usize, time: Duration) -> Result<Option<Peak
     }))
 }
 
-/// This thread's GFLOP/s on `unit` in each window: whole rounds until `window` has passed,
-/// every window started with the other threads'. A failing thread still meets the others at
-/// each barrier, so none waits forever.
-fn probe(unit: Unit, window: Duration, barrier: &std::sync::Barrier) -> Result<Vec<f64>> {
+/// A barrier that can be opened for good: the threads of a measurement meet at the start of
+/// each window, and a thread that could not be started does not leave the others waiting.
+struct Gate {
+    state: std::sync::Mutex<(usize, u64, bool)>, // (arrived, generation, aborted)
+    turn: std::sync::Condvar,
+    parties: usize,
+}
+
+impl Gate {
+    fn new(parties: usize) -> Self {
+        Self {
+            state: std::sync::Mutex::new((0, 0, false)),
+            turn: std::sync::Condvar::new(),
+            parties,
+        }
+    }
+
+    /// Waits until every party arrived (or the gate was opened for good).
+    fn wait(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.2 {
+            return;
+        }
+        st.0 += 1;
+        if st.0 == self.parties {
+            st.0 = 0;
+            st.1 += 1;
+            self.turn.notify_all();
+            return;
+        }
+        let generation = st.1;
+        while st.1 == generation && !st.2 {
+            st = self.turn.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn abort(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).2 = true;
+        self.turn.notify_all();
+    }
+}
+
+/// This thread's GFLOP/s on `unit` in each window: whole rounds until `window` has passed (at
+/// least one), every window started with the other threads'. A failing or panicking round
+/// stops this thread's work but it still meets the others at each window, so none waits
+/// forever.
+fn probe(unit: Unit, window: Duration, gate: &Gate) -> Result<Vec<f64>> {
     let round: fn() -> Result<f64> = match unit {
         Unit::F32Fma => f32_fma_round,
         Unit::Bf16Dot => bf16_dot_round,
         Unit::AmxBf16 => amx_round,
     };
-    let mut failed = round().err(); // wakes the unit (AVX-512 and AMX power up on first use)
+    let guarded = || std::panic::catch_unwind(round).unwrap_or_else(|_| Err(anyhow::anyhow!("a round panicked")));
+    let mut failed = guarded().err(); // wakes the unit (AVX-512 and AMX power up on first use)
     let mut rates = Vec::with_capacity(WINDOWS);
     for _ in 0..WINDOWS {
-        barrier.wait();
+        gate.wait();
         let start = Instant::now();
         let mut flops = 0.0;
-        while failed.is_none() && start.elapsed() < window {
-            match round() {
+        while failed.is_none() {
+            match guarded() {
                 Ok(f) => flops += f,
                 Err(e) => failed = Some(e),
             }
+            if start.elapsed() >= window {
+                break;
+            }
         }
-        rates.push(flops / start.elapsed().as_secs_f64() / 1e9);
+        rates.push(flops / start.elapsed().as_secs_f64().max(1e-9) / 1e9);
     }
     match failed {
         Some(e) => Err(e),
@@ -162,9 +239,10 @@ fn probe(unit: Unit, window: Duration, barrier: &std::sync::Barrier) -> Result<V
 }
 
 /// Multiply-adds per accumulator a round: small enough that every sum stays exact in f32.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const STEPS: usize = 1 << 18;
-const ACCS: usize = 16;
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn check(what: &str, sums: &[f32], expected: f32) -> Result<()> {
     if let Some((i, v)) = sums.iter().enumerate().find(|(_, &v)| v != expected) {
         bail!("{what}: accumulator lane {i} holds {v}, expected {expected}: the probe's arithmetic is wrong");
@@ -172,13 +250,20 @@ fn check(what: &str, sums: &[f32], expected: f32) -> Result<()> {
     Ok(())
 }
 
+/// Accumulators of the AVX-512 probes (of 32 registers), and of the AVX2 one (of 16, one of
+/// which holds the operand): more than latency × issue rate on these units.
+#[cfg(target_arch = "x86_64")]
+const ZMM_ACCS: usize = 16;
+#[cfg(target_arch = "x86_64")]
+const YMM_ACCS: usize = 12;
+
 #[cfg(target_arch = "x86_64")]
 fn f32_fma_round() -> Result<f64> {
     use std::arch::x86_64::*;
     #[target_feature(enable = "avx512f")]
-    unsafe fn zmm(one: f32) -> [f32; ACCS * 16] {
+    unsafe fn zmm(one: f32) -> [f32; ZMM_ACCS * 16] {
         let a = _mm512_set1_ps(one);
-        let mut acc = [_mm512_setzero_ps(); ACCS];
+        let mut acc = [_mm512_setzero_ps(); ZMM_ACCS];
         for _ in 0..STEPS {
             for r in acc.iter_mut() {
                 *r = _mm512_fmadd_ps(a, a, *r);
@@ -187,9 +272,9 @@ fn f32_fma_round() -> Result<f64> {
         std::mem::transmute(acc)
     }
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn ymm(one: f32) -> [f32; ACCS * 8] {
+    unsafe fn ymm(one: f32) -> [f32; YMM_ACCS * 8] {
         let a = _mm256_set1_ps(one);
-        let mut acc = [_mm256_setzero_ps(); ACCS];
+        let mut acc = [_mm256_setzero_ps(); YMM_ACCS];
         for _ in 0..STEPS {
             for r in acc.iter_mut() {
                 *r = _mm256_fmadd_ps(a, a, *r);
@@ -198,27 +283,28 @@ fn f32_fma_round() -> Result<f64> {
         std::mem::transmute(acc)
     }
     let one = std::hint::black_box(1.0f32);
-    let lanes = if std::arch::is_x86_feature_detected!("avx512f") {
+    if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F (asked just above).
         let sums = unsafe { zmm(one) };
         check("f32_fma", &sums, STEPS as f32)?;
-        16
-    } else {
-        // SAFETY: only reached through `measure`, which asked for AVX2 + FMA.
+        Ok((2 * STEPS * sums.len()) as f64)
+    } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (asked just above).
         let sums = unsafe { ymm(one) };
         check("f32_fma", &sums, STEPS as f32)?;
-        8
-    };
-    Ok((2 * STEPS * ACCS * lanes) as f64)
+        Ok((2 * STEPS * sums.len()) as f64)
+    } else {
+        bail!("f32_fma: this CPU has neither AVX-512F nor AVX2 + FMA")
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 fn bf16_dot_round() -> Result<f64> {
     use std::arch::x86_64::*;
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn zmm(one: u16) -> [f32; ACCS * 16] {
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn zmm(one: u16) -> [f32; ZMM_ACCS * 16] {
         let a: __m512bh = std::mem::transmute(_mm512_set1_epi16(one as i16));
-        let mut acc = [_mm512_setzero_ps(); ACCS];
+        let mut acc = [_mm512_setzero_ps(); ZMM_ACCS];
         for _ in 0..STEPS {
             for r in acc.iter_mut() {
                 *r = _mm512_dpbf16_ps(*r, a, a);
@@ -226,11 +312,17 @@ fn bf16_dot_round() -> Result<f64> {
         }
         std::mem::transmute(acc)
     }
+    if !(std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512bf16"))
+    {
+        bail!("bf16_dot: this CPU has no AVX512-BF16");
+    }
     let one = std::hint::black_box(0x3f80u16); // 1.0 in bf16
-                                               // SAFETY: only reached through `measure`, which asked for AVX-512F and AVX512-BF16.
+                                               // SAFETY: the CPU has AVX-512F, BW and BF16 (asked just above).
     let sums = unsafe { zmm(one) };
-    check("bf16_dot", &sums, (2 * STEPS) as f32)?;
-    Ok((2 * 2 * STEPS * ACCS * 16) as f64)
+    check("bf16_dot", &sums, (2 * STEPS) as f32)?; // two products a lane a step
+    Ok((2 * 2 * STEPS * sums.len()) as f64)
 }
 
 #[cfg(all(target_arch = "x86_64", gcg_amx))]
@@ -269,24 +361,47 @@ mod tests {
     use super::*;
 
     /// Every unit this CPU has gives a finite rate that passed its own sum checks, with one
-    /// entry per thread; a unit it lacks gives None, not a number.
+    /// entry per thread and their sum as the total; the FMA unit is there on any x86-64 CPU with
+    /// AVX2 + FMA.
     #[test]
     fn probes_run_and_check_their_sums() -> Result<()> {
+        let mut measured = Vec::new();
         for unit in Unit::ALL {
-            match measure(unit, 2, Duration::from_millis(30))? {
-                Some(p) => {
-                    assert_eq!(p.per_thread.len(), 2, "{unit:?}");
-                    assert!(p.per_thread.iter().all(|g| g.is_finite() && *g > 0.0), "{unit:?}: {p:?}");
-                    assert!((p.gflops - p.per_thread.iter().sum::<f64>()).abs() < 1e-9);
-                }
-                None => assert!(unit.instruction().is_none(), "{unit:?}"),
+            if let Some(p) = measure(unit, 2, Duration::from_millis(30))? {
+                assert_eq!(p.per_thread.len(), 2, "{unit:?}");
+                assert!(p.per_thread.iter().all(|g| g.is_finite() && *g > 0.0), "{unit:?}: {p:?}");
+                assert!((p.gflops - p.per_thread.iter().sum::<f64>()).abs() < 1e-9);
+                measured.push(unit);
             }
         }
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") || std::arch::is_x86_feature_detected!("fma") {
-            assert!(Unit::F32Fma.instruction().is_some());
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            assert!(measured.contains(&Unit::F32Fma), "{measured:?}");
         }
         Ok(())
+    }
+
+    /// A window shorter than a round still runs one round, so the rate is a number.
+    #[test]
+    fn a_tiny_window_still_measures() -> Result<()> {
+        if let Some(p) = measure(Unit::F32Fma, 1, Duration::from_nanos(1))? {
+            assert!(p.gflops.is_finite() && p.gflops > 0.0, "{p:?}");
+        }
+        Ok(())
+    }
+
+    /// The gate opened for good lets a waiting thread go (a thread that could not be started
+    /// does not leave the others waiting).
+    #[test]
+    fn an_aborted_gate_lets_waiters_go() {
+        let gate = Gate::new(3);
+        std::thread::scope(|s| {
+            let h = s.spawn(|| gate.wait());
+            std::thread::sleep(Duration::from_millis(20));
+            gate.abort();
+            h.join().expect("the waiter returns");
+        });
+        gate.wait(); // returns at once
     }
 
     /// The check refuses a sum that is off by one product.
