@@ -287,6 +287,18 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
         }
     })?;
     pb.finish_and_clear();
+    let e = report.encoding;
+    if e.frames > 0 {
+        let gflop = vit.config.flops_per_frame() as f64 * e.frames as f64 / 1e9;
+        eprintln!(
+            "ViT: {} frames in {:.1} s ({:.2} frames/s, {:.0} GFLOP/s); CLIP branch: {:.1} s",
+            e.frames,
+            e.vit_seconds,
+            e.frames as f64 / e.vit_seconds,
+            gflop / e.vit_seconds,
+            e.clip_seconds
+        );
+    }
     finish_report(report.done, report.skipped, &report.failed, "videos")
 }
 

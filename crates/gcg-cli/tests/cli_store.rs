@@ -306,6 +306,14 @@ fn features_from_video_files_and_frame_folders() -> Result<()> {
     assert!(o.status.success(), "{}", stderr(&o));
     let snap = Store::open(&store)?.snapshot();
     assert_eq!(stored(&store), vec!["clipA", "clipB", "folder9"]);
+    // The throughput summary counts every frame encoded: 3 videos × T.
+    let err = stderr(&o);
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("ViT: "))
+        .unwrap_or_else(|| panic!("no ViT summary: {err}"));
+    assert!(line.starts_with(&format!("ViT: {} frames in ", 3 * T)), "{line}");
+    assert!(line.contains(" frames/s, ") && line.contains(" GFLOP/s); CLIP branch: "), "{line}");
 
     let (vit_cfg, _) = frozen::preset(gcg::models::Preset::Tiny);
     let vit = frozen::random_vit(&vit_cfg, &Device::Cpu, DType::F32, SEED)?;

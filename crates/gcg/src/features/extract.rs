@@ -68,7 +68,14 @@ pub struct FeatureModels<'a> {
 impl FeatureModels<'_> {
     /// Pixels [T, 3, S, S] → (features [T, N, D] rounded to f16, CLIP frame embeddings [T, E]).
     pub fn encode(&self, pixel_values: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.encode_timed(pixel_values).map(|(f, e, _)| (f, e))
+    }
+
+    /// [`Self::encode`], with the seconds spent in the ViT and in the CLIP branch (the device
+    /// synchronised before each clock reading).
+    pub fn encode_timed(&self, pixel_values: &Tensor) -> Result<(Tensor, Tensor, EncodeTimes)> {
         let dev = self.vit.post_layernorm.weight.device();
+        let started = std::time::Instant::now();
         let dtype = self.vit.post_layernorm.weight.dtype();
         let t = pixel_values.dim(0)?;
         let mut parts = Vec::new();
@@ -81,8 +88,33 @@ impl FeatureModels<'_> {
             parts.push(self.vit.forward_wo_norm(&px)?.to_dtype(DType::F16)?);
         }
         let features = Tensor::cat(&parts, 0)?; // [T, N, D] f16
+        dev.synchronize()?;
+        let vit_seconds = started.elapsed().as_secs_f64();
+        let started = std::time::Instant::now();
         let embeds = self.clip.forward(&features.to_dtype(dtype)?)?; // [T, E]
-        Ok((features, embeds))
+        dev.synchronize()?;
+        let times = EncodeTimes {
+            frames: t,
+            vit_seconds,
+            clip_seconds: started.elapsed().as_secs_f64(),
+        };
+        Ok((features, embeds, times))
+    }
+}
+
+/// Where encoding time went: frames through the ViT, seconds in it and in the CLIP branch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EncodeTimes {
+    pub frames: usize,
+    pub vit_seconds: f64,
+    pub clip_seconds: f64,
+}
+
+impl EncodeTimes {
+    fn add(&mut self, o: EncodeTimes) {
+        self.frames += o.frames;
+        self.vit_seconds += o.vit_seconds;
+        self.clip_seconds += o.clip_seconds;
     }
 }
 
@@ -145,6 +177,8 @@ pub struct ExtractReport {
     pub skipped: usize,
     /// (video id, error) per failed video.
     pub failed: Vec<(String, String)>,
+    /// The encoding of the videos done and of those whose record the store then refused.
+    pub encoding: EncodeTimes,
 }
 
 /// Computes and stores the features of every job not yet in the store at `store_dir`.
@@ -294,9 +328,10 @@ fn encode_videos(
     for (i, frames) in frames_rx.iter() {
         let job = todo[i];
         let rec = frames.and_then(|f| {
-            let (features, embeds) = models
-                .encode(&f.pixel_values)
+            let (features, embeds, times) = models
+                .encode_timed(&f.pixel_values)
                 .with_context(|| format!("encoding video {}", job.id))?;
+            report.encoding.add(times);
             let mut rec = VideoRecord::from_tensors(job.id.clone(), &features, &embeds, f.timestamps)?;
             rec.duration = f.duration;
             rec.fps = f.fps;
