@@ -128,15 +128,21 @@ fn forward(a: ForwardArgs) -> Result<()> {
     let big_cpu = !dev.is_cuda() && a.preset != Preset::Tiny;
     let vit_frames = a.vit_frames.unwrap_or(if big_cpu { 4 } else { a.batch * a.frames });
     let pix = Tensor::from_vec(rng.normal_vec(vit_frames * 3 * s * s, 0.0, 1.0), (vit_frames, 3, s, s), &dev)?.to_dtype(dtype)?;
-    // As torch_anchor.py times it: one pass of the same size to warm up (the allocator's heap
-    // then holds the pass's buffers), then the median of max(1, iters / 2) passes.
+    // As torch_anchor.py times it: passes of the same size to warm up (the allocator's heap
+    // then holds the pass's buffers), then the median of max(1, iters / 2) passes. Two warm-up
+    // passes where frozen weights are packed (on their second product: nn::linear::PackSlot).
+    let warm = warm_ups();
     let mut vit_runs = Vec::new();
-    for i in 0..=(a.iters / 2).max(1) {
+    let mut vit_warm = Vec::new();
+    for i in 0..warm + (a.iters / 2).max(1) {
         let t = Instant::now();
         drop(model.encode_pixels(&pix)?);
         sync(&dev)?;
-        if i > 0 {
-            vit_runs.push(t.elapsed().as_secs_f64());
+        let s = t.elapsed().as_secs_f64();
+        if i < warm {
+            vit_warm.push(s)
+        } else {
+            vit_runs.push(s)
         }
     }
     vit_runs.sort_by(|x, y| x.total_cmp(y));
@@ -194,7 +200,9 @@ fn forward(a: ForwardArgs) -> Result<()> {
         );
         Ok([visual_s, encode_s, t.elapsed().as_secs_f64()])
     };
-    answer()?; // warm-up
+    for _ in 0..warm {
+        answer()?;
+    }
     let mut runs = Vec::new();
     for _ in 0..a.iters.max(1) {
         runs.push(answer()?);
@@ -225,7 +233,7 @@ fn forward(a: ForwardArgs) -> Result<()> {
     // now (after the timed work, on as many threads): see `vit_ceiling`.
     let vit_flops = cfg.vision.flops_per_frame() as f64 * vit_frames as f64;
     let mut vit_json = json!({
-        "frames": vit_frames, "seconds": vit_s, "seconds_all": vit_runs, "frames_per_s": vit_frames as f64 / vit_s,
+        "frames": vit_frames, "seconds": vit_s, "seconds_all": vit_runs, "warm_up_seconds": vit_warm, "frames_per_s": vit_frames as f64 / vit_s,
         "gflop_per_frame": cfg.vision.flops_per_frame() as f64 / 1e9,
         "gflops": vit_flops / vit_s / 1e9,
         "peak_unit": null, "peak_share": null, "peak_gflops": null, "fraction_of_peak": null,
@@ -270,6 +278,16 @@ fn forward(a: ForwardArgs) -> Result<()> {
     Ok(())
 }
 
+/// Untimed passes before a timed one: one (the allocator's heap then holds the pass's buffers),
+/// two when frozen weights are packed, as that happens on their second product.
+fn warm_ups() -> usize {
+    if gcg::nn::linear::ONEDNN && gcg::nn::linear::pack_weights_enabled() {
+        2
+    } else {
+        1
+    }
+}
+
 /// Which kernels ran and on how many threads (for the JSON of every bench).
 pub fn kernels() -> serde_json::Value {
     json!({
@@ -296,6 +314,12 @@ pub fn kernels() -> serde_json::Value {
             "built in, not used: no AMX-BF16 on this CPU, Linux refused its tile state, or GCG_NO_AMX is set"
         } else {
             "not built (needs x86-64, oneDNN, a C compiler with AMX intrinsics, glibc >= 2.35)"
+        },
+        // Frozen weights kept in oneDNN's blocked layout (nn::linear::PackSlot): whether on (off
+        // in training commands and with GCG_PACK_WEIGHTS=0) and the bytes held now.
+        "packed_weights": {
+            "enabled": gcg::nn::linear::ONEDNN && gcg::nn::linear::pack_weights_enabled(),
+            "bytes": gcg::nn::linear::packed_weight_bytes(),
         },
         "threads": candle_core::utils::get_num_threads(),
         "omp_wait_policy": crate::omp_wait_policy(),

@@ -235,6 +235,12 @@ fn main() {
     // for `gcg demo --seed 0` on 2 cores, the same results).
     let demo_default = matches!(cli.command, Command::Demo(_)) && std::env::var_os("RAYON_NUM_THREADS").is_none();
     gcg::util::fix_thread_count(cli.threads.or(demo_default.then_some(1)));
+    // Frozen weights packed for oneDNN's kernel (nn::linear::PackSlot) cost their memory again:
+    // not while training, whose activations need it (GCG_PACK_WEIGHTS=1 overrides).
+    gcg::nn::linear::set_pack_weights(!matches!(
+        cli.command,
+        Command::Demo(_) | Command::Train(_) | Command::Bench(bench::BenchCommand::TrainStep(_))
+    ));
     gcg::nn::linear::set_matmul_precision(match cli.matmul_precision {
         MatmulPrecision::Highest => gcg::nn::linear::MatmulPrecision::Highest,
         MatmulPrecision::High => gcg::nn::linear::MatmulPrecision::High,

@@ -58,6 +58,42 @@ fn threads_flag_sets_the_tensor_thread_count() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--threads"));
 }
 
+/// Training does not keep packed copies of frozen weights (their memory goes to activations)
+/// unless `GCG_PACK_WEIGHTS=1` says so; inference does unless `GCG_PACK_WEIGHTS=0` says not
+/// (`bench forward` on the tiny preset: its products are too narrow for oneDNN, so no bytes).
+#[test]
+fn frozen_weights_are_packed_outside_training_unless_told_otherwise() {
+    let onednn = gcg::nn::linear::ONEDNN;
+    let (k, err) = bench_kernels(&[], &[("GCG_PACK_WEIGHTS", None)]);
+    assert_eq!(k["packed_weights"]["enabled"], false, "{k} {err}");
+    assert_eq!(k["packed_weights"]["bytes"], 0, "{k} {err}");
+    let (k, err) = bench_kernels(&[], &[("GCG_PACK_WEIGHTS", Some("1"))]);
+    assert_eq!(k["packed_weights"]["enabled"], onednn, "{k} {err}");
+    let forward = |env: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gcg"));
+        cmd.args(["bench", "forward", "--preset", "tiny", "--iters", "1", "--new-tokens", "1"]);
+        match env {
+            Some(v) => cmd.env("GCG_PACK_WEIGHTS", v),
+            None => cmd.env_remove("GCG_PACK_WEIGHTS"),
+        };
+        let out = cmd.output().expect("running gcg");
+        assert!(out.status.success(), "gcg failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bench JSON");
+        v
+    };
+    let v = forward(None);
+    assert_eq!(v["kernels"]["packed_weights"]["enabled"], onednn, "{v}");
+    // Two untimed passes when packing is on (weights are packed on their second product).
+    assert_eq!(
+        v["vit"]["warm_up_seconds"].as_array().map(|a| a.len()),
+        Some(if onednn { 2 } else { 1 }),
+        "{v}"
+    );
+    let v = forward(Some("0"));
+    assert_eq!(v["kernels"]["packed_weights"]["enabled"], false, "{v}");
+    assert_eq!(v["vit"]["warm_up_seconds"].as_array().map(|a| a.len()), Some(1), "{v}");
+}
+
 /// oneDNN's OpenMP threads sleep soon after a product (`OMP_WAIT_POLICY=passive` and a short
 /// `GOMP_SPINCOUNT`: the binary runs itself again with them) unless the user chose otherwise:
 /// OpenMP itself reports what it read (`OMP_DISPLAY_ENV=VERBOSE`; its defaults would show

@@ -8,11 +8,15 @@
  * [m, n] and an optional residual (y holds it on entry: oneDNN's "sum" post-op). Built by
  * build.rs only when oneDNN is found; the Rust side (nn/linear.rs) falls back to candle's plain
  * ops otherwise. oneDNN's own primitive cache makes re-creating the primitive for a seen shape
- * cheap. */
+ * cheap. A frozen weight read as it is (row-major) is repacked by the kernel on every call; a
+ * layer whose products recur keeps a copy in the kernel's own blocked layout instead
+ * (gcg_onednn_pack, gcg_onednn_linear_packed). Beside it: the batched products and softmax of
+ * attention. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <oneapi/dnnl/dnnl.h>
 #include <pthread.h>
+#include <stdlib.h>
 
 /* The threads oneDNN's OpenMP runtime uses from now on (Debian's libdnnl runs on libgomp, which
  * reads OMP_NUM_THREADS before main; looked up at run time so that no OpenMP library is linked
@@ -39,19 +43,15 @@ typedef struct {
     const void *ptr;
 } arg_t;
 
-/* Creates the primitive of `op` (a matmul or softmax descriptor) with `attr`, binds the n
- * arguments to their buffers, runs it on a fresh stream and waits. Returns its status. */
-static dnnl_status_t run(const void *op, const_dnnl_primitive_attr_t attr, int n, const arg_t *args) {
-    pthread_once(&engine_once, make_engine);
-    if (engine_status != dnnl_success) return engine_status;
+/* Runs the primitive of `pd`, its n arguments bound to their buffers, on a fresh stream and
+ * waits. Returns its status. */
+static dnnl_status_t exec(const_dnnl_primitive_desc_t pd, int n, const arg_t *args) {
     dnnl_status_t st = dnnl_success;
-    dnnl_primitive_desc_t pd = NULL;
     dnnl_primitive_t prim = NULL;
     dnnl_stream_t stream = NULL;
     dnnl_memory_t mem[5] = {NULL};
     dnnl_exec_arg_t exec[5];
     if (n > 5) return dnnl_invalid_arguments;
-    TRY(dnnl_primitive_desc_create(&pd, op, attr, engine, NULL));
     TRY(dnnl_primitive_create(&prim, pd));
     for (int i = 0; i < n; i++) {
         TRY(dnnl_memory_create(&mem[i], args[i].md, engine, (void *)args[i].ptr));
@@ -65,30 +65,93 @@ done:
     for (int i = 0; i < n; i++)
         if (mem[i]) dnnl_memory_destroy(mem[i]);
     if (prim) dnnl_primitive_destroy(prim);
+    return st;
+}
+
+/* Creates the primitive of `op` (a matmul or softmax descriptor) with `attr` and runs it on the n
+ * arguments (see exec). Returns its status. */
+static dnnl_status_t run(const void *op, const_dnnl_primitive_attr_t attr, int n, const arg_t *args) {
+    pthread_once(&engine_once, make_engine);
+    if (engine_status != dnnl_success) return engine_status;
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_status_t st = dnnl_primitive_desc_create(&pd, op, attr, engine, NULL);
+    if (st == dnnl_success) st = exec(pd, n, args);
     if (pd) dnnl_primitive_desc_destroy(pd);
     return st;
 }
 
-/* act: 0 none, 1 exact (erf) GELU, 2 tanh GELU, 3 ReLU. Returns 0 on success, else the
- * dnnl_status_t. */
-int gcg_onednn_linear(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w,
-                      const float *bias, int act, const void *gate, int gate_bf16, int residual, void *y) {
+/* A weight in the layout a matmul kernel reads it in (oneDNN's blocked "any" format for one
+ * problem), made once by reordering the row-major weight so that products need not repack it
+ * on every call. Read-only once made. */
+typedef struct {
+    dnnl_memory_desc_t md;
+    void *buf;
+    size_t bytes;
+} packed_t;
+
+void gcg_onednn_packed_free(void *p) {
+    if (!p) return;
+    free(((packed_t *)p)->buf);
+    free(p);
+}
+
+size_t gcg_onednn_packed_bytes(const void *p) { return p ? ((const packed_t *)p)->bytes : 0; }
+
+/* Reorders the weights of layout `from` at w into a new packed_t of layout `to`; NULL when out of
+ * memory or the reorder fails (*st says which oneDNN status, dnnl_out_of_memory for memory). */
+static packed_t *pack(const dnnl_memory_desc_t *from, const void *w, const dnnl_memory_desc_t *to, dnnl_status_t *st) {
+    dnnl_primitive_desc_t rpd = NULL;
+    packed_t *p = calloc(1, sizeof *p);
+    size_t bytes = dnnl_memory_desc_get_size(to);
+    *st = dnnl_out_of_memory;
+    if (!p) return NULL;
+    p->md = *to;
+    p->bytes = bytes;
+    p->buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!p->buf) goto fail;
+    *st = dnnl_reorder_primitive_desc_create(&rpd, from, engine, to, engine, NULL);
+    if (*st != dnnl_success) goto fail;
+    {
+        arg_t args[2] = {{DNNL_ARG_FROM, from, w}, {DNNL_ARG_TO, to, p->buf}};
+        *st = exec(rpd, 2, args);
+    }
+    dnnl_primitive_desc_destroy(rpd);
+    if (*st != dnnl_success) goto fail;
+    return p;
+fail:
+    if (p) free(p->buf);
+    free(p);
+    return NULL;
+}
+
+/* The fully connected layer (see the top of this file) with its weights either as given (row-major
+ * w) or, when `use` is set and its layout is the one this problem's kernel reads, from `use`'s
+ * packed copy. With `make` set it computes nothing: it stores in *make a packed copy of w in the
+ * layout this problem's kernel reads, or NULL when that layout is w's own. act: 0 none, 1 exact
+ * (erf) GELU, 2 tanh GELU, 3 ReLU. Returns 0 on success, else the dnnl_status_t. */
+static int linear(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w, const float *bias,
+                  int act, const void *gate, int gate_bf16, int residual, void *y, const packed_t *use, packed_t **make,
+                  size_t max_bytes) {
     dnnl_status_t st = dnnl_success;
     dnnl_data_type_t it = in_bf16 ? dnnl_bf16 : dnnl_f32, ot = out_bf16 ? dnnl_bf16 : dnnl_f32;
-    dnnl_memory_desc_t xd, wd, yd, bd, gd;
+    dnnl_memory_desc_t xd, wd, yd, bd, gd, anyd;
     dnnl_matmul_desc_t md;
     dnnl_primitive_attr_t attr = NULL;
     dnnl_post_ops_t po = NULL;
+    dnnl_primitive_desc_t pd = NULL;
     dnnl_dims_t xdims = {m, k}, xstr = {k, 1};
     dnnl_dims_t wdims = {k, n}, wstr = {1, k}; /* w [n, k] row-major read as wᵀ [k, n] */
     dnnl_dims_t ydims = {m, n}, ystr = {n, 1};
     dnnl_dims_t bdims = {1, n}, bstr = {n, 1};
+    const dnnl_memory_desc_t *wmd = &wd;
+    const void *wptr = w;
+    pthread_once(&engine_once, make_engine);
+    if (engine_status != dnnl_success) return (int)engine_status;
     TRY(dnnl_memory_desc_init_by_strides(&xd, 2, xdims, it, xstr));
     TRY(dnnl_memory_desc_init_by_strides(&wd, 2, wdims, it, wstr));
     TRY(dnnl_memory_desc_init_by_strides(&yd, 2, ydims, ot, ystr));
     TRY(dnnl_memory_desc_init_by_strides(&bd, 2, bdims, dnnl_f32, bstr));
     TRY(dnnl_memory_desc_init_by_strides(&gd, 2, ydims, gate_bf16 ? dnnl_bf16 : dnnl_f32, ystr));
-    TRY(dnnl_matmul_desc_init(&md, &xd, &wd, bias ? &bd : NULL, &yd));
     TRY(dnnl_primitive_attr_create(&attr));
     TRY(dnnl_post_ops_create(&po));
     if (act) {
@@ -98,18 +161,74 @@ int gcg_onednn_linear(int in_bf16, int out_bf16, long m, long n, long k, const v
     if (gate) TRY(dnnl_post_ops_append_binary(po, dnnl_binary_mul, &gd));
     if (residual) TRY(dnnl_post_ops_append_sum(po, 1.0f));
     TRY(dnnl_primitive_attr_set_post_ops(attr, po));
+    if (use || make) {
+        /* The layout this problem's kernel would pick for the weights. */
+        TRY(dnnl_memory_desc_init_by_tag(&anyd, 2, wdims, it, dnnl_format_tag_any));
+        TRY(dnnl_matmul_desc_init(&md, &xd, &anyd, bias ? &bd : NULL, &yd));
+        TRY(dnnl_primitive_desc_create(&pd, &md, attr, engine, NULL));
+        const dnnl_memory_desc_t *want = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+        if (!want) {
+            st = dnnl_runtime_error;
+            goto done;
+        }
+        if (make) {
+            size_t bytes = dnnl_memory_desc_get_size(want);
+            *make = dnnl_memory_desc_equal(want, &wd) || bytes > max_bytes ? NULL : pack(&wd, w, want, &st);
+            goto done;
+        }
+        if (dnnl_memory_desc_equal(want, &use->md)) {
+            wmd = &use->md;
+            wptr = use->buf;
+        } else {
+            /* Another layout for this problem than the one packed: the weights as given. */
+            dnnl_primitive_desc_destroy(pd);
+            pd = NULL;
+        }
+    }
+    if (!pd) {
+        TRY(dnnl_matmul_desc_init(&md, &xd, &wd, bias ? &bd : NULL, &yd));
+        TRY(dnnl_primitive_desc_create(&pd, &md, attr, engine, NULL));
+    }
     {
-        arg_t args[5] = {{DNNL_ARG_SRC, &xd, x}, {DNNL_ARG_WEIGHTS, &wd, w}, {DNNL_ARG_DST, &yd, y}};
+        arg_t args[5] = {{DNNL_ARG_SRC, &xd, x}, {DNNL_ARG_WEIGHTS, wmd, wptr}, {DNNL_ARG_DST, &yd, y}};
         int nargs = 3;
         if (bias) args[nargs++] = (arg_t){DNNL_ARG_BIAS, &bd, bias};
         /* The gate is the binary post-op, the first post-op after the activation (if any). */
         if (gate) args[nargs++] = (arg_t){DNNL_ARG_ATTR_MULTIPLE_POST_OP(act ? 1 : 0) | DNNL_ARG_SRC_1, &gd, gate};
-        st = run(&md, attr, nargs, args);
+        st = exec(pd, nargs, args);
     }
 done:
+    if (pd) dnnl_primitive_desc_destroy(pd);
     if (po) dnnl_post_ops_destroy(po);
     if (attr) dnnl_primitive_attr_destroy(attr);
     return (int)st;
+}
+
+int gcg_onednn_linear(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w,
+                      const float *bias, int act, const void *gate, int gate_bf16, int residual, void *y) {
+    return linear(in_bf16, out_bf16, m, n, k, x, w, bias, act, gate, gate_bf16, residual, y, NULL, NULL, 0);
+}
+
+/* gcg_onednn_linear reading the weights from `packed` (made by gcg_onednn_pack for this problem)
+ * when its layout is the one this problem's kernel reads, else from w. */
+int gcg_onednn_linear_packed(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w,
+                             const float *bias, int act, const void *gate, int gate_bf16, int residual, void *y,
+                             const void *packed) {
+    return linear(in_bf16, out_bf16, m, n, k, x, w, bias, act, gate, gate_bf16, residual, y, packed, NULL, 0);
+}
+
+/* A packed copy of w for the product gcg_onednn_linear would run with these arguments (x, y and
+ * the gate are not read), stored in *out; NULL there when the kernel reads w as it is or the copy
+ * would take more than max_bytes. Free it with gcg_onednn_packed_free. Returns 0 on success, else
+ * the dnnl_status_t (dnnl_out_of_memory when the copy could not be allocated). */
+int gcg_onednn_pack(int in_bf16, int out_bf16, long m, long n, long k, const void *w, const float *bias, int act,
+                    int gate, int gate_bf16, int residual, size_t max_bytes, void **out) {
+    packed_t *p = NULL;
+    /* x, y and the gate: non-null placeholders, never read (no product runs). */
+    int st = linear(in_bf16, out_bf16, m, n, k, w, w, bias, act, gate ? w : NULL, gate_bf16, residual, (void *)w, NULL,
+                    &p, max_bytes);
+    *out = p;
+    return st;
 }
 
 /* Batched product with strided operands, for attention:

@@ -24,11 +24,114 @@ pub struct Linear {
     pub bias: Option<Tensor>, // [out]
     /// A low-rank trainable branch added to the output (the T5's adapted projections).
     pub lora: Option<Box<LoraAdapter>>,
+    /// The kept copy of a frozen weight in oneDNN's blocked layout (shared by clones).
+    pack: Arc<PackSlot>,
+}
+
+/// A layer's copy of its frozen weight in the blocked layout oneDNN's matrix kernel reads.
+///
+/// Read as it is (row-major), a weight is repacked into that layout by the kernel on every
+/// product; on this project's AVX-512 machines that costs the ViT-g 5–9% (f32 and bf16, 4
+/// frames a pass). So a layer whose weight is not trained keeps a packed copy, made on its second
+/// product through oneDNN (a weight multiplied once gains nothing), in the layout of that
+/// product's problem (rows, epilogue, dtypes); a later product whose kernel wants another layout
+/// reads the weight as it is. The copy costs the weight's memory again: it is made only while
+/// `MemAvailable` stays above a quarter of the machine's memory ([`pack_budget`]), not in
+/// training commands ([`set_pack_weights`]), and `GCG_PACK_WEIGHTS=0|1` turns it off or on. The
+/// gcg binary's bench JSON reports the bytes held ([`packed_weight_bytes`]).
+#[derive(Default)]
+pub struct PackSlot {
+    #[cfg(gcg_onednn)]
+    uses: std::sync::atomic::AtomicUsize,
+    #[cfg(gcg_onednn)]
+    packed: std::sync::OnceLock<(candle_core::TensorId, Option<onednn::Packed>)>,
+}
+
+impl std::fmt::Debug for PackSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        #[cfg(gcg_onednn)]
+        if let Some((_, Some(p))) = self.packed.get() {
+            return write!(f, "PackSlot(packed, {} bytes)", p.bytes());
+        }
+        f.write_str("PackSlot(none)")
+    }
+}
+
+/// Whether frozen weights are packed ([`PackSlot`]): as `GCG_PACK_WEIGHTS` says (`1`/`on` or
+/// `0`/`off`), else as [`set_pack_weights`] set (on unless set), and not on a thread that
+/// [`set_pack_weights_here`] turned it off on.
+pub fn pack_weights_enabled() -> bool {
+    static ENV: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let env = *ENV.get_or_init(|| {
+        let v = std::env::var("GCG_PACK_WEIGHTS").ok()?;
+        match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "on" | "true" | "yes" => Some(true),
+            "0" | "off" | "false" | "no" => Some(false),
+            _ => None,
+        }
+    });
+    env.unwrap_or_else(|| PACK_DEFAULT.load(std::sync::atomic::Ordering::Relaxed)) && PACK_HERE.with(|c| c.get())
+}
+
+static PACK_DEFAULT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether frozen weights are packed from now on where `GCG_PACK_WEIGHTS` does not say (the gcg
+/// binary turns it off for training, whose activations need the memory a copy would take).
+pub fn set_pack_weights(on: bool) {
+    PACK_DEFAULT.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Turn the packing of frozen weights off (or back on) for this thread's products (for tests and
+/// comparisons; layers packed already keep their copies).
+pub fn set_pack_weights_here(on: bool) {
+    PACK_HERE.with(|c| c.set(on));
+}
+
+/// The bytes a new packed weight may take now: what `MemAvailable` (/proc/meminfo) holds above a
+/// quarter of `MemTotal`; 0 when that cannot be read.
+#[cfg_attr(not(gcg_onednn), allow(dead_code))]
+fn pack_budget() -> usize {
+    let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
+        return 0;
+    };
+    let field = |name: &str| -> Option<usize> {
+        let line = text.lines().find(|l| l.starts_with(name))?;
+        let kib: usize = line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+        Some(kib * 1024)
+    };
+    match (field("MemAvailable:"), field("MemTotal:")) {
+        (Some(avail), Some(total)) => avail.saturating_sub(total / 4),
+        _ => 0,
+    }
+}
+
+/// Bytes held by packed weights in this process ([`PackSlot`]).
+pub fn packed_weight_bytes() -> usize {
+    #[cfg(gcg_onednn)]
+    {
+        onednn::PACKED_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    #[cfg(not(gcg_onednn))]
+    {
+        0
+    }
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, lora: None }
+        Self {
+            weight,
+            bias,
+            lora: None,
+            pack: Arc::default(),
+        }
+    }
+
+    /// This layer's packing slot when its weight is frozen: not a variable and computed from
+    /// none (a trained weight changes between products, so no copy of it is kept).
+    #[cfg_attr(not(gcg_onednn), allow(dead_code))]
+    fn frozen_pack(&self) -> Option<&PackSlot> {
+        (!self.weight.is_variable() && !self.weight.track_op()).then_some(&*self.pack)
     }
 
     /// This layer with a LoRA branch.
@@ -86,7 +189,7 @@ impl Linear {
                 // An f32 layer in a bf16 model (nn::inference): its product in bf16, the
                 // result in f32.
                 let lowered = Linear::new(cast_weight(&self.weight, half)?, bias.clone());
-                if let Some(y) = lowered.fused_onednn(&x, &Epilogue::default(), DType::F32)? {
+                if let Some(y) = lowered.fused_onednn(&x, &Epilogue::default(), DType::F32, None)? {
                     return Ok(y);
                 }
             }
@@ -164,10 +267,10 @@ impl Linear {
                 residual: residual.as_ref(),
                 ..e
             };
-            if let Some(y) = frozen.fused_onednn(&x, &e, out)? {
+            if let Some(y) = frozen.fused_onednn(&x, &e, out, self.frozen_pack())? {
                 return Ok(y);
             }
-        } else if let Some(y) = self.fused_onednn(x, &e, out)? {
+        } else if let Some(y) = self.fused_onednn(x, &e, out, self.frozen_pack())? {
             return Ok(y);
         }
         let mut y = self.forward(x)?;
@@ -189,9 +292,10 @@ impl Linear {
         Ok(y)
     }
 
-    /// [`Linear::forward_fused`] by oneDNN, or `None` when it does not apply.
+    /// [`Linear::forward_fused`] by oneDNN, or `None` when it does not apply; `pack`: the slot
+    /// of the layer whose frozen weight this is ([`PackSlot`]).
     #[cfg(gcg_onednn)]
-    fn fused_onednn(&self, x: &Tensor, e: &Epilogue, out: DType) -> Result<Option<Tensor>> {
+    fn fused_onednn(&self, x: &Tensor, e: &Epilogue, out: DType, pack: Option<&PackSlot>) -> Result<Option<Tensor>> {
         let w = &self.weight;
         let wdt = w.dtype();
         let grad = |t: Option<&Tensor>| t.is_some_and(|t| t.track_op());
@@ -251,7 +355,16 @@ impl Linear {
             None => None,
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
         };
-        let y = onednn::linear_tensors(&x2, &w.contiguous()?, bias.as_deref(), act, gate.as_ref(), residual.as_ref(), out)?;
+        let y = onednn::linear_tensors(
+            &x2,
+            &w.contiguous()?,
+            bias.as_deref(),
+            act,
+            gate.as_ref(),
+            residual.as_ref(),
+            out,
+            pack,
+        )?;
         Ok(match y {
             Some(y) => Some(y.reshape(out_dims)?),
             None => None,
@@ -464,6 +577,7 @@ thread_local! {
     static AMX_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     static AMX_OFF_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static MATMUL_PRECISION_HERE: std::cell::Cell<Option<MatmulPrecision>> = const { std::cell::Cell::new(None) };
+    static PACK_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
 /// gcg's own AMX product was built in (x86-64 with oneDNN, a C compiler with the AMX
@@ -648,6 +762,8 @@ mod onednn {
 
     /// `dnnl_unimplemented`: no kernel for the asked combination.
     const DNNL_UNIMPLEMENTED: c_int = 3;
+    /// `dnnl_out_of_memory`.
+    const DNNL_OUT_OF_MEMORY: c_int = 1;
 
     /// What follows the product (see `gcg_onednn_linear`).
     pub struct Post<'a> {
@@ -658,6 +774,86 @@ mod onednn {
         /// The residual, copied into the output before the call.
         pub residual: Option<(&'a CpuStorage, &'a Layout)>,
         pub out: DType,
+        /// The layer's slot for a packed copy of its (frozen) weight, see [`super::PackSlot`].
+        pub pack: Option<&'a PackUse<'a>>,
+    }
+
+    /// A product's weight and the slot of the layer it belongs to.
+    pub struct PackUse<'a> {
+        pub slot: &'a super::PackSlot,
+        /// The weight's id: a copy packed from another tensor (the layer's weight replaced) is
+        /// not used.
+        pub id: candle_core::TensorId,
+    }
+
+    /// A weight packed once into the blocked layout oneDNN's kernel reads for one problem
+    /// (`gcg_onednn_pack`), so that its products need not repack it on every call.
+    pub struct Packed(*mut c_void);
+
+    /// Bytes held by packed weights in this process.
+    pub static PACKED_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    // SAFETY: the packed buffer is written once, when made, and only read afterwards.
+    unsafe impl Send for Packed {}
+    unsafe impl Sync for Packed {}
+
+    impl Drop for Packed {
+        fn drop(&mut self) {
+            PACKED_BYTES.fetch_sub(self.bytes(), std::sync::atomic::Ordering::Relaxed);
+            // SAFETY: made by gcg_onednn_pack and freed only here.
+            unsafe { gcg_onednn_packed_free(self.0) }
+        }
+    }
+
+    impl Packed {
+        /// Takes ownership of a packed weight made by gcg_onednn_pack (non-null).
+        fn new(p: *mut c_void) -> Self {
+            let p = Packed(p);
+            PACKED_BYTES.fetch_add(p.bytes(), std::sync::atomic::Ordering::Relaxed);
+            p
+        }
+
+        /// Its size in bytes.
+        pub fn bytes(&self) -> usize {
+            // SAFETY: a live packed weight.
+            unsafe { gcg_onednn_packed_bytes(self.0) }
+        }
+    }
+
+    extern "C" {
+        fn gcg_onednn_packed_free(p: *mut c_void);
+        fn gcg_onednn_packed_bytes(p: *const c_void) -> usize;
+        fn gcg_onednn_pack(
+            in_bf16: c_int,
+            out_bf16: c_int,
+            m: c_long,
+            n: c_long,
+            k: c_long,
+            w: *const c_void,
+            bias: *const f32,
+            act: c_int,
+            gate: c_int,
+            gate_bf16: c_int,
+            residual: c_int,
+            max_bytes: usize,
+            out: *mut *mut c_void,
+        ) -> c_int;
+        fn gcg_onednn_linear_packed(
+            in_bf16: c_int,
+            out_bf16: c_int,
+            m: c_long,
+            n: c_long,
+            k: c_long,
+            x: *const c_void,
+            w: *const c_void,
+            bias: *const f32,
+            act: c_int,
+            gate: *const c_void,
+            gate_bf16: c_int,
+            residual: c_int,
+            y: *mut c_void,
+            packed: *const c_void,
+        ) -> c_int;
     }
 
     /// `x [m, k] · w [n, k]ᵀ` plus `post` by oneDNN, or `None` when it does not apply (sizes,
@@ -746,7 +942,71 @@ mod onednn {
                     _ => {} // Not applicable after all: oneDNN.
                 }
             }
-            let status = run(gcg_onednn_linear);
+            let status = match post.pack {
+                None => run(gcg_onednn_linear),
+                Some(pu) => {
+                    let slot = &pu.slot.packed;
+                    // Packed on a layer's second product: a weight multiplied once (a one-off
+                    // answer's encoder) would gain nothing from a copy.
+                    let uses = pu.slot.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    if slot.get().is_none() && uses >= 2 && super::pack_weights_enabled() {
+                        let mut p: *mut c_void = std::ptr::null_mut();
+                        // SAFETY: as in `run` (gcg_onednn_pack reads w and the bias only); it
+                        // stores a new packed weight or null in p.
+                        let status = unsafe {
+                            gcg_onednn_pack(
+                                xb.is_bf16() as c_int,
+                                (post.out == DType::BF16) as c_int,
+                                m as c_long,
+                                n as c_long,
+                                k as c_long,
+                                wb.ptr(),
+                                post.bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+                                post.act,
+                                gate.is_some() as c_int,
+                                gate.as_ref().is_some_and(|g| g.is_bf16()) as c_int,
+                                residual.is_some() as c_int,
+                                super::pack_budget(),
+                                &mut p,
+                            )
+                        };
+                        if status == DNNL_OUT_OF_MEMORY {
+                            candle_core::bail!(
+                                "oneDNN matrix product [{m}, {k}] · [{n}, {k}]ᵀ: out of memory for the weight's packed copy"
+                            );
+                        }
+                        // Decided once per layer: no copy when the kernel reads the weight as it
+                        // is, the copy would not fit the memory budget or packing failed. Another
+                        // thread may have decided meanwhile: its decision stands.
+                        let _ = slot.set((pu.id, (status == 0 && !p.is_null()).then(|| Packed::new(p))));
+                    }
+                    match slot.get() {
+                        Some((id, Some(p))) if *id == pu.id => {
+                            let pp = p.0 as *const c_void;
+                            // SAFETY: as in `run`; the packed weight is alive while `slot` is.
+                            unsafe {
+                                gcg_onednn_linear_packed(
+                                    xb.is_bf16() as c_int,
+                                    (post.out == DType::BF16) as c_int,
+                                    m as c_long,
+                                    n as c_long,
+                                    k as c_long,
+                                    xb.ptr(),
+                                    wb.ptr(),
+                                    post.bias.map_or(std::ptr::null(), |b| b.as_ptr()),
+                                    post.act,
+                                    gate.as_ref().map_or(std::ptr::null(), |g| g.ptr()),
+                                    gate.as_ref().is_some_and(|g| g.is_bf16()) as c_int,
+                                    residual.is_some() as c_int,
+                                    y,
+                                    pp,
+                                )
+                            }
+                        }
+                        _ => run(gcg_onednn_linear),
+                    }
+                }
+            };
             if status == DNNL_UNIMPLEMENTED {
                 // A combination of types this oneDNN has no kernel for: the plain ops instead.
                 return Ok(false);
@@ -1054,7 +1314,10 @@ mod onednn {
         gate: Option<&Tensor>,
         residual: Option<&Tensor>,
         out: DType,
+        pack: Option<&super::PackSlot>,
     ) -> candle_core::Result<Option<Tensor>> {
+        let pack = pack.map(|slot| PackUse { slot, id: w.id() });
+        let pack = pack.as_ref();
         let (xs, xl) = x.storage_and_layout();
         let (ws, wl) = w.storage_and_layout();
         let gs = gate.map(|g| g.storage_and_layout());
@@ -1083,6 +1346,7 @@ mod onednn {
             gate: gc,
             residual: rc,
             out,
+            pack,
         };
         Ok(match linear(xc, xl, wc, wl, &post)? {
             None => None,
@@ -1110,6 +1374,7 @@ mod onednn {
                 gate: None,
                 residual: None,
                 out,
+                pack: None,
             },
         )
     }
@@ -1266,6 +1531,147 @@ mod onednn_tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A frozen layer's packed weight ([`PackSlot`]) against the plain ops: the first product
+    /// reads the weight as it is, the second packs it, later ones read the copy (on an AVX-512
+    /// CPU oneDNN's kernel wants a blocked layout, so a copy must have been made); products of
+    /// other row counts, a clone whose weight was replaced, a trained weight and a thread with
+    /// packing turned off all give their own weight's products.
+    #[test]
+    fn packed_weights_give_the_products_of_the_weights_as_they_are() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SeededRng::new(29);
+        let (k, n) = (320, 288);
+        let w = Tensor::from_vec(rng.normal_vec(n * k, 0.0, 0.06), (n, k), &dev)?;
+        let w2 = Tensor::from_vec(rng.normal_vec(n * k, 0.0, 0.06), (n, k), &dev)?;
+        let b = Tensor::from_vec(rng.normal_vec(n, 0.0, 0.5), n, &dev)?;
+        // bf16 products on oneDNN also on an AMX CPU (its own kernel packs per call).
+        set_amx_here(false);
+        for (dt, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1.6e-2)] {
+            let check = |lin: &Linear, w: &Tensor, m: usize, what: &str| -> Result<()> {
+                let mut rng = crate::rng::SeededRng::new(m as u64);
+                let x = Tensor::from_vec(rng.normal_vec(m * k, 0.0, 1.0), (m, k), &dev)?.to_dtype(dt)?;
+                let e = Epilogue {
+                    act: Some(Activation::Gelu),
+                    out: Some(DType::F32),
+                    ..Default::default()
+                };
+                let got = lin.forward_fused(&x, e)?;
+                let f = |t: &Tensor| t.to_dtype(DType::F32);
+                let want = f(&x)?.matmul(&f(&w.to_dtype(dt)?)?.t()?)?.broadcast_add(&f(&b.to_dtype(dt)?)?)?;
+                let want = plain_epilogue(want, Some(Activation::Gelu), None, None)?;
+                let err = max_rel(&got, &want);
+                assert!(err <= tol, "{dt:?}, {what}, {m} rows: error {err} > {tol}");
+                Ok(())
+            };
+            let packed = |lin: &Linear| -> bool {
+                #[cfg(gcg_onednn)]
+                {
+                    matches!(lin.pack.packed.get(), Some((_, Some(_))))
+                }
+                #[cfg(not(gcg_onednn))]
+                {
+                    let _ = lin;
+                    false
+                }
+            };
+            let lin = Linear::new(w.to_dtype(dt)?, Some(b.to_dtype(dt)?));
+            for i in 0..3 {
+                check(&lin, &w, 100, &format!("product {i}"))?;
+                assert!(i >= 1 || !packed(&lin), "{dt:?}: packed on the first product");
+            }
+            let avx512 = {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    std::arch::is_x86_feature_detected!("avx512f")
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                {
+                    false
+                }
+            };
+            if ONEDNN && avx512 {
+                assert!(packed(&lin), "{dt:?}: no packed copy after three products on an AVX-512 CPU");
+                assert!(packed_weight_bytes() >= n * k * dt.size_in_bytes());
+            }
+            for m in [1, 37, 514] {
+                check(&lin, &w, m, "after packing")?;
+            }
+            // A clone shares the slot; its weight replaced, it multiplies by the new one.
+            let mut other = lin.clone();
+            other.weight = w2.to_dtype(dt)?;
+            for _ in 0..3 {
+                check(&other, &w2, 100, "replaced weight")?;
+            }
+            // A trained weight is never packed, in or out of an inference scope.
+            let var = candle_core::Var::from_tensor(&w.to_dtype(dt)?)?;
+            let trained = Linear::new(var.as_tensor().clone(), Some(b.to_dtype(dt)?));
+            {
+                let _scope = super::super::no_grad();
+                for _ in 0..3 {
+                    check(&trained, &w, 100, "trained weight")?;
+                }
+            }
+            assert!(!packed(&trained), "{dt:?}: a trained weight was packed");
+            // Packing turned off on this thread.
+            set_pack_weights_here(false);
+            let off = Linear::new(w.to_dtype(dt)?, Some(b.to_dtype(dt)?));
+            for _ in 0..3 {
+                check(&off, &w, 100, "packing off")?;
+            }
+            set_pack_weights_here(true);
+            assert!(!packed(&off), "{dt:?}: packed with packing off");
+        }
+        set_amx_here(true);
+        Ok(())
+    }
+
+    /// A packed copy in a layout other than the one a product's kernel wants (here: a bf16
+    /// copy offered to an f32 product) is not read: the product reads the weight as it is.
+    #[cfg(gcg_onednn)]
+    #[test]
+    fn a_packed_copy_in_another_layout_is_not_read() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SeededRng::new(31);
+        let (m, k, n) = (64, 256, 320);
+        let w = Tensor::from_vec(rng.normal_vec(n * k, 0.0, 0.06), (n, k), &dev)?;
+        let x = Tensor::from_vec(rng.normal_vec(m * k, 0.0, 1.0), (m, k), &dev)?;
+        let (wb, xb) = (w.to_dtype(DType::BF16)?, x.to_dtype(DType::BF16)?);
+        set_amx_here(false);
+        let slot = PackSlot::default();
+        for _ in 0..2 {
+            onednn::linear_tensors(&xb, &wb, None, 0, None, None, DType::F32, Some(&slot))?;
+        }
+        set_amx_here(true);
+        let Some((id, Some(_))) = slot.packed.get() else {
+            // oneDNN reads the bf16 weight as it is on this CPU: nothing to offer.
+            return Ok(());
+        };
+        assert_eq!(*id, wb.id());
+        // The f32 weight's storage offered with the bf16 copy's slot and id.
+        let (ws, wl) = w.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (Storage::Cpu(wc), Storage::Cpu(xc)) = (&*ws, &*xs) else {
+            unreachable!()
+        };
+        let pu = onednn::PackUse { slot: &slot, id: *id };
+        let post = onednn::Post {
+            act: 0,
+            bias: None,
+            gate: None,
+            residual: None,
+            out: DType::F32,
+            pack: Some(&pu),
+        };
+        let (CpuStorage::F32(got), _) = onednn::linear(xc, xl, wc, wl, &post)?.expect("an f32 product oneDNN runs") else {
+            unreachable!()
+        };
+        let got = Tensor::from_vec(got, (m, n), &dev)?;
+        let want = x.matmul(&w.t()?)?;
+        let err = max_rel(&got, &want);
+        assert!(err <= 1e-5, "error {err}: the bf16 copy was read");
         Ok(())
     }
 
