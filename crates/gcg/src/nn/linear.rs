@@ -897,13 +897,10 @@ mod onednn {
         }
         super::apply_onednn_threads();
         let call = |y: *mut c_void| -> candle_core::Result<bool> {
-            let run = |f: LinearFn| {
-                // SAFETY: x holds m·k and w n·k contiguous values of the type the flag names,
-                // the bias n f32 values, the gate m·n values of its flagged type and y m·n values
-                // of the output type (all checked above); the call reads x, w, bias and gate and
-                // writes y.
-                unsafe {
-                    f(
+            // A call of one of the C functions with the product's arguments (and `extra` ones).
+            macro_rules! with_args {
+                ($f:expr $(, $extra:expr)*) => {
+                    $f(
                         xb.is_bf16() as c_int,
                         (post.out == DType::BF16) as c_int,
                         m as c_long,
@@ -917,9 +914,14 @@ mod onednn {
                         gate.as_ref().is_some_and(|g| g.is_bf16()) as c_int,
                         residual.is_some() as c_int,
                         y,
+                        $($extra),*
                     )
-                }
-            };
+                };
+            }
+            // SAFETY: x holds m·k and w n·k contiguous values of the type the flag names, the
+            // bias n f32 values, the gate m·n values of its flagged type and y m·n values of the
+            // output type (all checked above); the call reads x, w, bias and gate and writes y.
+            let run = |f: LinearFn| unsafe { with_args!(f) };
             #[cfg(gcg_amx)]
             let amx = if !(m >= super::AMX_MIN_ROWS && k % 32 == 0 && super::amx_active()) {
                 None
@@ -984,24 +986,7 @@ mod onednn {
                         Some((id, Some(p))) if *id == pu.id => {
                             let pp = p.0 as *const c_void;
                             // SAFETY: as in `run`; the packed weight is alive while `slot` is.
-                            unsafe {
-                                gcg_onednn_linear_packed(
-                                    xb.is_bf16() as c_int,
-                                    (post.out == DType::BF16) as c_int,
-                                    m as c_long,
-                                    n as c_long,
-                                    k as c_long,
-                                    xb.ptr(),
-                                    wb.ptr(),
-                                    post.bias.map_or(std::ptr::null(), |b| b.as_ptr()),
-                                    post.act,
-                                    gate.as_ref().map_or(std::ptr::null(), |g| g.ptr()),
-                                    gate.as_ref().is_some_and(|g| g.is_bf16()) as c_int,
-                                    residual.is_some() as c_int,
-                                    y,
-                                    pp,
-                                )
-                            }
+                            unsafe { with_args!(gcg_onednn_linear_packed, pp) }
                         }
                         _ => run(gcg_onednn_linear),
                     }
