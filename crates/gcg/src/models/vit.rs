@@ -18,7 +18,9 @@
 //! [`PackedSelfAttention`] (self-attention with one packed q/k/v projection) is shared with the
 //! EVA-CLIP towers (`clip_text`, `clip_branch`).
 
+use crate::nn::linear::PackSlot;
 use crate::nn::{init::Init, merge_heads, scaled_dot_product_attention, Activation, Epilogue, LayerNorm, Linear};
+use std::sync::Arc;
 use crate::weights::checkpoints::hf_section;
 use crate::weights::Loader;
 use anyhow::{bail, Context, Result};
@@ -210,6 +212,9 @@ pub struct PackedSelfAttention {
     bias: Option<PackedBias>,
     pub out: Linear, // [D, D]
     pub heads: usize,
+    /// The packed copy of the whole q/k/v weight ([`PackSlot`]): its projection is a layer made
+    /// on every call, so the copy is kept here (shared by clones, which hold the same weight).
+    qkv_pack: Arc<PackSlot>,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +234,7 @@ impl PackedSelfAttention {
             bias: qkv_bias.map(PackedBias::Full),
             out,
             heads,
+            qkv_pack: Arc::default(),
         })
     }
 
@@ -240,6 +246,7 @@ impl PackedSelfAttention {
             bias: Some(PackedBias::QV { q: q_bias, v: v_bias }),
             out,
             heads,
+            qkv_pack: Arc::default(),
         })
     }
 
@@ -286,7 +293,19 @@ impl PackedSelfAttention {
     }
 
     fn projection(&self, start: usize, len: usize) -> Result<Linear> {
-        Ok(Linear::new(self.weight.narrow(0, start, len)?, self.bias_rows(start, len)?))
+        let lin = Linear::new(self.weight.narrow(0, start, len)?, self.bias_rows(start, len)?);
+        // The whole weight (`narrow` gives the same tensor) keeps its packed copy across calls;
+        // a part of it is a new tensor on every call, read as it is.
+        Ok(if start == 0 && len == self.weight.dim(0)? {
+            lin.with_pack_slot(&self.qkv_pack)
+        } else {
+            lin
+        })
+    }
+
+    /// Bytes of the packed copy of the q/k/v weight (0 when none is held).
+    pub fn qkv_packed_bytes(&self) -> usize {
+        self.qkv_pack.bytes()
     }
 
     /// Scaled dot-product attention over heads, q [B, H, Lq, hd], k/v [B, H, Lk, hd]
@@ -586,21 +605,8 @@ mod tests {
             if crate::nn::linear::ONEDNN { 4 } else { 0 },
             "qkv, projection, fc1, fc2"
         );
-        let a = &layer.self_attn;
         let h = layer.layer_norm1.forward(&x)?;
-        let qkv = h.matmul(&a.weight.t()?.unsqueeze(0)?.broadcast_as((2, 256, 768))?)?;
-        let bias = a.bias_rows(0, 768)?.expect("a qkv bias");
-        let qkv = qkv
-            .broadcast_add(&bias)?
-            .reshape((2, 5, 3, 4, 64))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?;
-        let att = scaled_dot_product_attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, Some(0.125), None, None)?;
-        let proj = &a.out;
-        let att = merge_heads(&att)?
-            .matmul(&proj.weight.t()?.unsqueeze(0)?.broadcast_as((2, 256, 256))?)?
-            .broadcast_add(proj.bias.as_ref().unwrap())?;
-        let x1 = (&x + att)?;
+        let x1 = (&x + plain_attention(&layer.self_attn, &h)?)?;
         let h = layer.layer_norm2.forward(&x1)?;
         let lin = |l: &Linear, t: &Tensor| -> Result<Tensor> {
             let (o, i) = l.weight.dims2()?;
@@ -611,6 +617,56 @@ mod tests {
         let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
         let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
         assert!(err < 1e-5, "fused layer vs plain ops: {err}");
+        Ok(())
+    }
+
+    /// The wide config's attention (D = 256, 4 heads) written out in plain ops: h [B, L, 256].
+    fn plain_attention(a: &PackedSelfAttention, h: &Tensor) -> Result<Tensor> {
+        let (b, l, _) = h.dims3()?;
+        let qkv = h.matmul(&a.weight.t()?.unsqueeze(0)?.broadcast_as((b, 256, 768))?)?;
+        let bias = a.bias_rows(0, 768)?.expect("a qkv bias");
+        let qkv = qkv
+            .broadcast_add(&bias)?
+            .reshape((b, l, 3, 4, 64))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?;
+        let att = scaled_dot_product_attention(&qkv.get(0)?, &qkv.get(1)?, &qkv.get(2)?, Some(0.125), None, None)?;
+        let proj = &a.out;
+        Ok(merge_heads(&att)?
+            .matmul(&proj.weight.t()?.unsqueeze(0)?.broadcast_as((b, 256, 256))?)?
+            .broadcast_add(proj.bias.as_ref().unwrap())?)
+    }
+
+    /// The q/k/v projection is a layer made on every call, yet its frozen weight keeps one packed
+    /// copy across calls (made on the second, as any layer's): on an AVX-512 CPU with oneDNN a
+    /// copy must exist after three calls, clones share it, and every call's output equals the
+    /// plain ops.
+    #[test]
+    fn the_qkv_weight_keeps_its_packed_copy_across_calls() -> Result<()> {
+        let dev = Device::Cpu;
+        let lb = Loader::random(&dev, DType::F32, 5);
+        let vit = VisionModel::load(&lb.pp("vision_model"), &wide_config())?;
+        let a = &vit.layers[0].self_attn;
+        let mut rng = crate::rng::SeededRng::new(6);
+        let x = Tensor::from_vec(rng.normal_vec(2 * 60 * 256, 0.0, 1.0), (2, 60, 256), &dev)?;
+        let want = plain_attention(a, &x)?;
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        for call in 0..4 {
+            let got = a.forward(&x, None)?;
+            let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+            assert!(err < 1e-5, "call {call}: attention vs plain ops: {err}");
+            if call == 0 {
+                assert_eq!(a.qkv_packed_bytes(), 0, "packed on the first call");
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx512 = false;
+        if crate::nn::linear::ONEDNN && avx512 && crate::nn::linear::pack_weights_enabled() {
+            assert!(a.qkv_packed_bytes() >= 768 * 256 * 4, "no packed q/k/v copy after four calls");
+        }
+        assert_eq!(a.clone().qkv_packed_bytes(), a.qkv_packed_bytes(), "a clone holds the same copy");
         Ok(())
     }
 

@@ -47,6 +47,17 @@ pub struct PackSlot {
     packed: std::sync::OnceLock<(candle_core::TensorId, Option<onednn::Packed>)>,
 }
 
+impl PackSlot {
+    /// Bytes of the packed copy this slot holds (0 when none was made).
+    pub fn bytes(&self) -> usize {
+        #[cfg(gcg_onednn)]
+        if let Some((_, Some(p))) = self.packed.get() {
+            return p.bytes();
+        }
+        0
+    }
+}
+
 impl std::fmt::Debug for PackSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         #[cfg(gcg_onednn)]
@@ -125,6 +136,15 @@ impl Linear {
             lora: None,
             pack: Arc::default(),
         }
+    }
+
+    /// This layer keeping its packed weight in `slot`: for a layer made anew on every call
+    /// around a weight that stays the same tensor (the packed q/k/v projection of
+    /// `models::vit::PackedSelfAttention`), so that the copy outlives the call. A slot holds the
+    /// copy of one weight (its tensor id): a product of another weight reads that weight as it is.
+    pub fn with_pack_slot(mut self, slot: &Arc<PackSlot>) -> Self {
+        self.pack = Arc::clone(slot);
+        self
     }
 
     /// This layer's packing slot when its weight is frozen: not a variable and computed from
