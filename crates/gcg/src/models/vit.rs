@@ -20,13 +20,13 @@
 
 use crate::nn::linear::PackSlot;
 use crate::nn::{init::Init, merge_heads, scaled_dot_product_attention, Activation, Epilogue, LayerNorm, Linear};
-use std::sync::Arc;
 use crate::weights::checkpoints::hf_section;
 use crate::weights::Loader;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::sync::Arc;
 
 /// Sizes of the vision transformer (HF `InstructBlipVisionConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -639,7 +639,7 @@ mod tests {
 
     /// The q/k/v projection is a layer made on every call, yet its frozen weight keeps one packed
     /// copy across calls (made on the second, as any layer's): on an AVX-512 CPU with oneDNN a
-    /// copy must exist after three calls, clones share it, and every call's output equals the
+    /// copy must exist after four calls, clones share it, and every call's output equals the
     /// plain ops.
     #[test]
     fn the_qkv_weight_keeps_its_packed_copy_across_calls() -> Result<()> {
