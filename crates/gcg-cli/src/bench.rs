@@ -288,6 +288,31 @@ fn warm_ups() -> usize {
     }
 }
 
+/// Which attention kernels run in inference (the ViT's attention has no bias; T5's and the
+/// Q-Former's have one).
+fn attention_kernels() -> String {
+    use gcg::nn::linear::{amx_active, avx512_attention_active, ONEDNN};
+    if !ONEDNN {
+        return "candle".into();
+    }
+    let own = |dt: DType, name: &str| -> Option<String> {
+        if dt == DType::BF16 && amx_active() {
+            Some(format!("{name}: gcg's AMX attention"))
+        } else if avx512_attention_active(dt) {
+            Some(format!("{name}: gcg's AVX-512 attention"))
+        } else {
+            None
+        }
+    };
+    let mine: Vec<String> = [own(DType::F32, "f32"), own(DType::BF16, "bf16")].into_iter().flatten().collect();
+    let rest = "oneDNN batched products + softmax (inference, >= 16 queries and keys, width >= 256) + candle (the rest)";
+    if mine.is_empty() {
+        rest.into()
+    } else {
+        format!("without a bias (the ViT's) {}; {rest}", mine.join(", "))
+    }
+}
+
 /// Which kernels ran and on how many threads (for the JSON of every bench).
 pub fn kernels() -> serde_json::Value {
     json!({
@@ -296,13 +321,7 @@ pub fn kernels() -> serde_json::Value {
         } else {
             "candle"
         },
-        "attention": if gcg::nn::linear::ONEDNN && gcg::nn::linear::amx_active() {
-            "gcg's AMX attention (bf16 without a bias: the ViT's) + oneDNN batched products + softmax (the rest of inference, >= 16 queries and keys, width >= 256) + candle (the rest)"
-        } else if gcg::nn::linear::ONEDNN {
-            "oneDNN batched products + softmax (inference, >= 16 queries and keys, width >= 256) + candle (the rest)"
-        } else {
-            "candle"
-        },
+        "attention": attention_kernels(),
         "matmul_precision": gcg::nn::linear::matmul_precision().as_str(),
         "amx": if gcg::nn::linear::amx_active() {
             if gcg::nn::linear::matmul_precision() == gcg::nn::linear::MatmulPrecision::High {

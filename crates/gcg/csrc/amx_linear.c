@@ -43,6 +43,8 @@
 #include <cpuid.h>
 
 #define TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx512dq")))
+/* The AVX-512 part alone: helpers shared with the attention for CPUs without AMX (at the end). */
+#define TARGET512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512dq")))
 
 /* glibc's vector math (libmvec, glibc ≥ 2.35): erf and tanh on 16 floats. */
 extern __m512 _ZGVeN16v_erff(__m512);
@@ -111,7 +113,7 @@ TARGET static inline void load_tile_config(void) {
 
 /* Transposes a 16 × 16 block of 32-bit values: row i of `src` (stride `ss` elements) becomes
  * column i of `dst` (16 × 16, contiguous). */
-TARGET static inline void transpose16(const uint32_t *src, long ss, uint32_t *dst) {
+TARGET512 static inline void transpose16(const uint32_t *src, long ss, uint32_t *dst) {
     __m512i r[16], t[16];
     for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512((const void *)(src + i * ss));
     for (int i = 0; i < 16; i += 2) {
@@ -502,14 +504,14 @@ extern __m512 _ZGVeN16v_expf(__m512);
 
 
 /* 32 bf16 values from src (n valid, the rest zeros). */
-TARGET static inline __m512i load32(const uint16_t *src, long n) {
+TARGET512 static inline __m512i load32(const uint16_t *src, long n) {
     if (n >= 32) return _mm512_loadu_si512((const void *)src);
     if (n <= 0) return _mm512_setzero_si512();
     return _mm512_maskz_loadu_epi16((__mmask32)((1ull << n) - 1), src);
 }
 
 /* 16 bf16 values from src (n valid) widened to the low halves of 16 32-bit lanes. */
-TARGET static inline __m512i load16_wide(const uint16_t *src, long n) {
+TARGET512 static inline __m512i load16_wide(const uint16_t *src, long n) {
     if (n <= 0) return _mm512_setzero_si512();
     __mmask16 m = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
     return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, src));
@@ -714,4 +716,284 @@ TARGET int gcg_amx_peak(long steps, float *sums) {
     _tile_stored(3, sums + 768, 64);
     _tile_release();
     return 0;
+}
+
+/* ---- Attention on AVX-512 alone (CPUs without AMX) -------------------------------------------
+ *
+ * gcg_avx512_attention: the same contract as gcg_amx_attention, f32 (FMA) or bf16 (AVX512-BF16's
+ * dot products of pairs, accumulating in f32), for CPUs whose matrix products run on the vector
+ * units. oneDNN's path (two batched products and a softmax over the whole batch) writes every
+ * score to memory and reads it back twice: at 32 frames a pass the ViT-g's scores are 135 MB of
+ * f32. Here one (batch, head) pair at a time per thread, eight query rows at a time: their
+ * scores over all keys, the softmax of those rows, then their share of the output, with k and v
+ * packed once per pair and every buffer in L2.
+ *
+ * Both types share one scheme in 32-bit "words": a word is one f32 value, or a pair of
+ * neighbouring bf16 values (which one vdpbf16ps lane multiplies and sums). k is packed in groups
+ * of 16 keys, each a [words][16] block (word w of 16 keys: one vector), v as [steps][dv] words
+ * (a step is one key in f32, two keys in bf16: keys 2j and 2j + 1 interleaved per column), and
+ * each block of eight q rows is copied into a zero-padded [8][words] buffer. A score vector is
+ * then the sum over words of a broadcast q word times a k vector; an output vector the sum over
+ * steps of a broadcast probability word times a v vector. The scores of padded keys are never
+ * read; the probabilities of keys past lk are 0 (bf16: the second half of an odd lk's last
+ * pair). */
+
+static int avx512_state[2] = {-1, -1}; /* per type (0 f32, 1 bf16): -1 unknown, 0 no, 1 yes */
+
+/* 1 when this CPU and OS run the kernel below for the type (bf16 != 0: bf16): AVX-512 F, DQ,
+ * BW and VL (CPUID 7.0:EBX bits 16, 17, 30, 31), for bf16 also AVX512-BF16 (7.1:EAX bit 5),
+ * and the OS saves the vector state (XCR0 bits 1, 2 and 5-7). Asked once; the answer is kept. */
+int gcg_avx512_attention_available(int bf16) {
+    int i = bf16 ? 1 : 0;
+    int s = __atomic_load_n(&avx512_state[i], __ATOMIC_ACQUIRE);
+    if (s >= 0) return s;
+    unsigned a, b, c, d;
+    int ok = 0;
+    if (__get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 27)) && __get_cpuid_count(7, 0, &a, &b, &c, &d) &&
+        (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) && (b & (1u << 31))) {
+        unsigned lo, hi;
+        __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        ok = (lo & 0xe6) == 0xe6;
+        if (ok && bf16) {
+            unsigned a1, b1, c1, d1;
+            ok = __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && (a1 & (1u << 5));
+        }
+    }
+    __atomic_store_n(&avx512_state[i], ok, __ATOMIC_RELEASE);
+    return ok;
+}
+
+#define AV_ROWS 8 /* query rows per block */
+#define AI __attribute__((always_inline))
+
+/* Scores of the block's 8 rows against 16 · nc keys (nc 1 or 2): q words qb [8][qs], k's
+ * groups at kg and kg + gs (each [words][16]); scale · q·k written to sc [8][ldsc]. */
+TARGET512 static inline AI void scores8(const int bf, const int nc, long words, const uint32_t *qb, long qs,
+                                       const uint32_t *kg, long gs, float scale, float *sc, long ldsc) {
+    __m512 acc[AV_ROWS][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < AV_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (long w = 0; w < words; w++) {
+        __m512 b0 = _mm512_load_ps((const float *)(kg + 16 * w));
+        __m512 b1 = nc > 1 ? _mm512_load_ps((const float *)(kg + gs + 16 * w)) : b0;
+#pragma GCC unroll 8
+        for (int r = 0; r < AV_ROWS; r++) {
+            if (bf) {
+                __m512bh a = (__m512bh)_mm512_set1_epi32((int)qb[r * qs + w]);
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, (__m512bh)b0);
+                if (nc > 1) acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, (__m512bh)b1);
+            } else {
+                __m512 a = _mm512_set1_ps(((const float *)qb)[r * qs + w]);
+                acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+                if (nc > 1) acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+            }
+        }
+    }
+    __m512 vs = _mm512_set1_ps(scale);
+#pragma GCC unroll 8
+    for (int r = 0; r < AV_ROWS; r++) {
+        _mm512_store_ps(sc + r * ldsc, _mm512_mul_ps(acc[r][0], vs));
+        if (nc > 1) _mm512_store_ps(sc + r * ldsc + 16, _mm512_mul_ps(acc[r][1], vs));
+    }
+}
+
+/* Output columns [16 · c0, 16 · (c0 + nc)) of 4 rows (r0..r0 + 3 of the block, the first mr
+ * of them written): the sum over `steps` of a probability word (pw [4][ps] words) times v's
+ * vectors (vp [steps][vs] words); f32 or rounded to bf16, masked to dv columns. */
+TARGET512 static inline AI void output4(const int bf, const int nc, long steps, const uint32_t *pw, long ps,
+                                       const uint32_t *vp, long vs, long c0, long dv, long mr, void *out, long o_row) {
+    __m512 acc[4][6];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++)
+#pragma GCC unroll 6
+        for (int c = 0; c < 6; c++) acc[r][c] = _mm512_setzero_ps();
+    for (long j = 0; j < steps; j++) {
+        __m512 bv[6];
+#pragma GCC unroll 6
+        for (int c = 0; c < 6; c++)
+            if (c < nc) bv[c] = _mm512_load_ps((const float *)(vp + j * vs + 16 * (c0 + c)));
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            if (bf) {
+                __m512bh a = (__m512bh)_mm512_set1_epi32((int)pw[r * ps + j]);
+#pragma GCC unroll 6
+                for (int c = 0; c < 6; c++)
+                    if (c < nc) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], a, (__m512bh)bv[c]);
+            } else {
+                __m512 a = _mm512_set1_ps(((const float *)pw)[r * ps + j]);
+#pragma GCC unroll 6
+                for (int c = 0; c < 6; c++)
+                    if (c < nc) acc[r][c] = _mm512_fmadd_ps(a, bv[c], acc[r][c]);
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) {
+        if (r >= mr) break;
+#pragma GCC unroll 6
+        for (int c = 0; c < 6; c++) {
+            if (c >= nc) break;
+            long col = 16 * (c0 + c), n = dv - col < 16 ? dv - col : 16;
+            if (n <= 0) break;
+            __mmask16 m = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+            if (bf)
+                _mm256_mask_storeu_epi16((uint16_t *)out + r * o_row + col, m, (__m256i)_mm512_cvtneps_pbh(acc[r][c]));
+            else
+                _mm512_mask_storeu_ps((float *)out + r * o_row + col, m, acc[r][c]);
+        }
+    }
+}
+
+/* One (batch, head) pair: out [lq] rows of dv (row stride o_row elements) = softmax(scale · q
+ * kᵀ) v, q [lq, d], k [lk, d], v [lk, dv] with row strides q_row, k_row, v_row (elements). */
+TARGET512 static void avx512_attention_pair(const int bf, long lq, long lk, long d, long dv, const void *q, long q_row,
+                                            const void *k, long k_row, const void *v, long v_row, float scale, void *out,
+                                            long o_row, char *mem) {
+    const long per = bf ? 32 : 16;                /* elements in 16 words */
+    long words = (d + per - 1) / per * 16;        /* q and k words, padded to 16 */
+    long lp = (lk + 15) / 16 * 16;                /* keys, padded to 16 */
+    long steps = bf ? (lk + 1) / 2 : lk;          /* v's steps */
+    long vs = (dv + 15) / 16 * 16;                /* v's words per step */
+    long ps = bf ? lp / 2 : lp;                   /* probability words per row */
+    uint32_t *kp = (uint32_t *)mem;               /* [lp / 16][words][16] */
+    uint32_t *vp = kp + lp * words;               /* [steps][vs] */
+    uint32_t *qb = vp + steps * vs;               /* [8][words] */
+    float *sc = (float *)(qb + AV_ROWS * words);  /* [8][lp] f32 */
+    uint32_t *pw = (uint32_t *)(sc + AV_ROWS * lp); /* [8][ps] (bf16: pairs) */
+    uint32_t pad[256] __attribute__((aligned(64)));
+    /* One row's 16 words from element `from` on (n elements valid, zeros past them). */
+#define ROW_WORDS(src, from, n)                                                                       \
+    (bf ? load32((const uint16_t *)(src) + (from), (n))                                               \
+        : ((n) <= 0 ? _mm512_setzero_si512()                                                          \
+                    : _mm512_maskz_loadu_epi32((n) >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n)) - 1), \
+                                               (const float *)(src) + (from))))
+    const long esz = bf ? 2 : 4;
+    for (long g = 0; g < lp / 16; g++)
+        for (long s = 0; s < words / 16; s++) {
+            for (long r = 0; r < 16; r++) {
+                long key = 16 * g + r;
+                __m512i x = key < lk ? ROW_WORDS((const char *)k + key * k_row * esz, per * s, d - per * s)
+                                     : _mm512_setzero_si512();
+                _mm512_store_si512((void *)(pad + 16 * r), x);
+            }
+            transpose16(pad, 16, kp + (g * words + 16 * s) * 16);
+        }
+    if (bf) {
+        for (long j = 0; j < steps; j++)
+            for (long c0 = 0; c0 < vs; c0 += 16) {
+                long k0 = 2 * j;
+                const uint16_t *v0 = (const uint16_t *)v + k0 * v_row + c0;
+                __m512i a = load16_wide(v0, dv - c0);
+                __m512i b = k0 + 1 < lk ? load16_wide(v0 + v_row, dv - c0) : _mm512_setzero_si512();
+                _mm512_store_si512((void *)(vp + j * vs + c0), _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+            }
+    } else {
+        for (long j = 0; j < lk; j++)
+            for (long c0 = 0; c0 < vs; c0 += 16)
+                _mm512_store_si512((void *)(vp + j * vs + c0), ROW_WORDS((const float *)v + j * v_row, c0, dv - c0));
+    }
+    for (long m0 = 0; m0 < lq; m0 += AV_ROWS) {
+        long mr = lq - m0 < AV_ROWS ? lq - m0 : AV_ROWS;
+        for (long r = 0; r < AV_ROWS; r++)
+            for (long s = 0; s < words / 16; s++) {
+                __m512i x = r < mr ? ROW_WORDS((const char *)q + (m0 + r) * q_row * esz, per * s, d - per * s)
+                                   : _mm512_setzero_si512();
+                _mm512_store_si512((void *)(qb + r * words + 16 * s), x);
+            }
+        /* The sums run over d's words only (the padding words are zeros). */
+        long wd = bf ? (d + 1) / 2 : d;
+        for (long g = 0; g < lp / 16; g += 2) {
+            const uint32_t *kg = kp + g * words * 16;
+            if (bf) {
+                if (g + 1 < lp / 16) scores8(1, 2, wd, qb, words, kg, words * 16, scale, sc + 16 * g, lp);
+                else scores8(1, 1, wd, qb, words, kg, words * 16, scale, sc + 16 * g, lp);
+            } else {
+                if (g + 1 < lp / 16) scores8(0, 2, wd, qb, words, kg, words * 16, scale, sc + 16 * g, lp);
+                else scores8(0, 1, wd, qb, words, kg, words * 16, scale, sc + 16 * g, lp);
+            }
+        }
+        /* Softmax over the first lk scores of each row, in f32; probabilities as words (0 past lk). */
+        for (long r = 0; r < mr; r++) {
+            float *row = sc + r * lp;
+            __m512 mx = _mm512_set1_ps(-INFINITY);
+            for (long c = 0; c < lk; c += 16) {
+                __mmask16 m = lk - c >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (lk - c)) - 1);
+                mx = _mm512_mask_max_ps(mx, m, mx, _mm512_load_ps(row + c));
+            }
+            __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+            for (long c = 0; c < lp; c += 16) {
+                __mmask16 m = lk - c >= 16 ? (__mmask16)0xffff : lk - c <= 0 ? 0 : (__mmask16)((1u << (lk - c)) - 1);
+                __m512 e = _mm512_maskz_mov_ps(m, _ZGVeN16v_expf(_mm512_sub_ps(_mm512_load_ps(row + c), top)));
+                _mm512_store_ps(row + c, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+            for (long c = 0; c < lp; c += 16) {
+                __m512 p = _mm512_mul_ps(_mm512_load_ps(row + c), inv);
+                if (bf)
+                    _mm256_store_si256((__m256i *)((uint16_t *)(pw + r * ps) + c), (__m256i)_mm512_cvtneps_pbh(p));
+                else
+                    _mm512_store_ps((float *)(pw + r * ps) + c, p);
+            }
+        }
+        for (long r0 = 0; r0 < mr; r0 += 4) {
+            void *o = (char *)out + (m0 + r0) * o_row * esz;
+            long rows = mr - r0;
+            for (long c0 = 0; c0 < vs / 16; c0 += 6) {
+                long nc = vs / 16 - c0;
+                const uint32_t *p4 = pw + r0 * ps;
+#define OUT_CASE(n)                                                                                \
+    case n:                                                                                        \
+        if (bf) output4(1, n, steps, p4, ps, vp, vs, c0, dv, rows, o, o_row);                      \
+        else output4(0, n, steps, p4, ps, vp, vs, c0, dv, rows, o, o_row);                         \
+        break;
+                switch (nc > 6 ? 6 : nc) {
+                    OUT_CASE(1)
+                    OUT_CASE(2)
+                    OUT_CASE(3)
+                    OUT_CASE(4)
+                    OUT_CASE(5)
+                    OUT_CASE(6)
+                }
+#undef OUT_CASE
+            }
+        }
+    }
+#undef ROW_WORDS
+}
+
+/* out [b, lq, h, dv] (contiguous, of q's type) = softmax(scale · q kᵀ) v for q [b, h, lq, d], k
+ * [b, h, lk, d], v [b, h, lk, dv], all f32 (bf16 == 0) or all bf16, strides in elements, the
+ * last of each operand 1. Returns 0 when done, -1 when this kernel does not apply (the CPU, a
+ * last stride other than 1, d or dv past 256), -2 when memory ran out. */
+int gcg_avx512_attention(int bf16, long b, long h, long lq, long lk, long d, long dv, const void *q, const long *sq,
+                         const void *k, const long *sk, const void *v, const long *sv, float scale, void *out) {
+    if (!gcg_avx512_attention_available(bf16) || sq[3] != 1 || sk[3] != 1 || sv[3] != 1 || d <= 0 || dv <= 0 ||
+        d > 256 || dv > 256 || lq <= 0 || lk <= 0)
+        return -1;
+    const int bf = bf16 ? 1 : 0;
+    const long per = bf ? 32 : 16, esz = bf ? 2 : 4;
+    long words = (d + per - 1) / per * 16, lp = (lk + 15) / 16 * 16, steps = bf ? (lk + 1) / 2 : lk;
+    long vs = (dv + 15) / 16 * 16, ps = bf ? lp / 2 : lp;
+    size_t bytes = ((size_t)lp * words + (size_t)steps * vs + (size_t)AV_ROWS * words + (size_t)AV_ROWS * lp +
+                    (size_t)AV_ROWS * ps) * 4 + 64;
+    int status = 0;
+#pragma omp parallel
+    {
+        char *mem = scratch(3, bytes);
+        if (!mem) {
+#pragma omp atomic write
+            status = -2;
+        } else {
+            int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            for (long p = t; p < b * h; p += nt) {
+                long bi = p / h, hi = p % h;
+                avx512_attention_pair(bf, lq, lk, d, dv, (const char *)q + (bi * sq[0] + hi * sq[1]) * esz, sq[2],
+                                      (const char *)k + (bi * sk[0] + hi * sk[1]) * esz, sk[2],
+                                      (const char *)v + (bi * sv[0] + hi * sv[1]) * esz, sv[2], scale,
+                                      (char *)out + (bi * lq * h * dv + hi * dv) * esz, h * dv, mem);
+            }
+        }
+    }
+    return status;
 }

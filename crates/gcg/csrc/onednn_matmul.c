@@ -204,9 +204,50 @@ done:
     return (int)st;
 }
 
+/* Rows per oneDNN call for a product of m rows. Debian's oneDNN 2.6 runs products of many rows
+ * well below its speed on fewer: on the ViT-g's shapes at 8224 rows (32 frames a pass) 56-62% of
+ * the vector units' peak, against 85-93% for the same product in calls of ~1000 rows (AVX-512
+ * and AVX512-BF16, 2 cores; measured with csrc's products alone, packed and as given). So past
+ * 2048 rows a product is split into calls of nearly equal row blocks of at most 1024 (a multiple
+ * of 16). GCG_ONEDNN_ROWS=N sets the block instead (0: never split), for comparisons. */
+static long rows_per_call(long m) {
+    static long block = -1;
+    long b = __atomic_load_n(&block, __ATOMIC_RELAXED);
+    if (b < 0) {
+        const char *e = getenv("GCG_ONEDNN_ROWS");
+        b = e && *e ? atol(e) : 1024;
+        if (b < 0) b = 0;
+        __atomic_store_n(&block, b, __ATOMIC_RELAXED);
+    }
+    if (b == 0 || m <= 2 * b) return m;
+    long calls = (m + b - 1) / b, rows = (m + calls - 1) / calls;
+    rows = (rows + 15) / 16 * 16;
+    return rows < b ? rows : b;
+}
+
+/* rows_per_call, for tests. */
+long gcg_onednn_rows_per_call(long m) { return rows_per_call(m); }
+
+/* linear() over blocks of rows_per_call(m) rows: x, the gate and y advanced by whole rows (each
+ * row of the result depends only on the same row of x, the gate and the residual in y). */
+static int linear_rows(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w,
+                       const float *bias, int act, const void *gate, int gate_bf16, int residual, void *y,
+                       const packed_t *use) {
+    long rows = rows_per_call(m);
+    size_t xs = in_bf16 ? 2 : 4, ys = out_bf16 ? 2 : 4, gs = gate_bf16 ? 2 : 4;
+    for (long r0 = 0; r0 < m; r0 += rows) {
+        long mr = m - r0 < rows ? m - r0 : rows;
+        int st = linear(in_bf16, out_bf16, mr, n, k, (const char *)x + r0 * k * xs, w, bias, act,
+                        gate ? (const char *)gate + r0 * n * gs : NULL, gate_bf16, residual, (char *)y + r0 * n * ys,
+                        use, NULL, 0);
+        if (st) return st;
+    }
+    return 0;
+}
+
 int gcg_onednn_linear(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w,
                       const float *bias, int act, const void *gate, int gate_bf16, int residual, void *y) {
-    return linear(in_bf16, out_bf16, m, n, k, x, w, bias, act, gate, gate_bf16, residual, y, NULL, NULL, 0);
+    return linear_rows(in_bf16, out_bf16, m, n, k, x, w, bias, act, gate, gate_bf16, residual, y, NULL);
 }
 
 /* gcg_onednn_linear reading the weights from `packed` (made by gcg_onednn_pack for this problem)
@@ -214,7 +255,7 @@ int gcg_onednn_linear(int in_bf16, int out_bf16, long m, long n, long k, const v
 int gcg_onednn_linear_packed(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w,
                              const float *bias, int act, const void *gate, int gate_bf16, int residual, void *y,
                              const void *packed) {
-    return linear(in_bf16, out_bf16, m, n, k, x, w, bias, act, gate, gate_bf16, residual, y, packed, NULL, 0);
+    return linear_rows(in_bf16, out_bf16, m, n, k, x, w, bias, act, gate, gate_bf16, residual, y, packed);
 }
 
 /* A packed copy of w for the product gcg_onednn_linear would run with these arguments (x, y and
@@ -225,8 +266,9 @@ int gcg_onednn_pack(int in_bf16, int out_bf16, long m, long n, long k, const voi
                     int gate, int gate_bf16, int residual, size_t max_bytes, void **out) {
     packed_t *p = NULL;
     /* x, y and the gate: non-null placeholders, never read (no product runs). */
-    int st = linear(in_bf16, out_bf16, m, n, k, w, w, bias, act, gate ? w : NULL, gate_bf16, residual, (void *)w, NULL,
-                    &p, max_bytes);
+    /* For the row blocks the product is computed in (their kernel's layout). */
+    int st = linear(in_bf16, out_bf16, rows_per_call(m), n, k, w, w, bias, act, gate ? w : NULL, gate_bf16, residual,
+                    (void *)w, NULL, &p, max_bytes);
     *out = p;
     return st;
 }

@@ -179,7 +179,7 @@ impl MultiHeadAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::linear::{amx_active, amx_calls, onednn_calls, ONEDNN};
+    use crate::nn::linear::{amx_active, amx_calls, avx512_attention_active, avx512_attention_calls, onednn_calls, ONEDNN};
 
     /// softmax(scale·q·kᵀ + bias)·v written out with candle's f32 ops: the reference of the
     /// fast path.
@@ -208,6 +208,20 @@ mod tests {
     #[test]
     fn fast_attention_equals_the_plain_ops() -> Result<()> {
         let dev = Device::Cpu;
+        #[cfg(target_arch = "x86_64")]
+        if std::env::var("GCG_REQUIRE_ONEDNN").is_ok_and(|v| v == "1")
+            && std::env::var_os("GCG_NO_AVX512_ATTENTION").is_none()
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+        {
+            // Not a silent fallback where the kernel should run (built with the AMX kernels).
+            assert!(
+                avx512_attention_active(DType::F32),
+                "GCG_REQUIRE_ONEDNN=1 on an AVX-512 CPU but gcg's AVX-512 attention is not active"
+            );
+        }
         let mut rng = crate::rng::SeededRng::new(11);
         let (b, h, l, d) = (2, 4, 37, 72); // width 288 ≥ ONEDNN_MIN_DIM
         let packed = Tensor::from_vec(rng.normal_vec(b * l * 3 * h * d, 0.0, 1.0), (b, l, 3, h, d), &dev)?;
@@ -228,18 +242,25 @@ mod tests {
             let (q, k, v) = views(dt)?;
             let bias = padding_bias(&mask, dt)?;
             for bias in [None, Some(&bias)] {
-                let (before, amx_before) = (onednn_calls(), amx_calls());
+                let (before, amx_before, avx_before) = (onednn_calls(), amx_calls(), avx512_attention_calls());
                 let got = scaled_dot_product_attention(&q, &k, &v, Some(scale), bias, None)?;
-                // bf16 without a bias on an AMX CPU: gcg's AMX attention, one call.
+                // Without a bias: gcg's AMX attention (bf16 on an AMX CPU) or its AVX-512
+                // attention (the rest, on a CPU with AVX-512), one call.
                 let amx = dt == DType::BF16 && bias.is_none() && amx_active();
+                let avx = !amx && bias.is_none() && avx512_attention_active(dt);
                 assert_eq!(
                     amx_calls() - amx_before,
                     usize::from(amx),
                     "{dt:?}: the AMX attention iff it applies"
                 );
                 assert_eq!(
+                    avx512_attention_calls() - avx_before,
+                    usize::from(avx),
+                    "{dt:?}: the AVX-512 attention iff it applies"
+                );
+                assert_eq!(
                     onednn_calls() - before,
-                    if amx { 0 } else { 3 * usize::from(ONEDNN) },
+                    if amx || avx { 0 } else { 3 * usize::from(ONEDNN) },
                     "{dt:?}: two products and a softmax"
                 );
                 assert_eq!(got.dims(), &[b, h, l, d]);
@@ -273,10 +294,18 @@ mod tests {
             let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
             assert!(err <= tol, "{dt:?} cross-attention: error {err} of the largest value");
         }
-        // Without a bias (the ViT's attention; gcg's AMX kernel in bf16 where it runs): queries,
-        // keys, head and value widths that end in partial tiles and steps (ViT-g's heads are 88
-        // wide over 257 tokens), more queries than keys and fewer, values of another width.
-        for (lq, lk, d, dv) in [(257, 257, 88, 88), (70, 33, 40, 72), (16, 100, 64, 24)] {
+        // Without a bias (the ViT's attention; gcg's AMX kernel in bf16 where it runs, its
+        // AVX-512 kernel otherwise): queries, keys, head and value widths that end in partial
+        // tiles and steps (ViT-g's heads are 88 wide over 257 tokens), more queries than keys
+        // and fewer, values of another width; an odd head width and an odd number of keys (the
+        // AVX-512 kernel's bf16 pairs), values wider than one block of output columns (96).
+        for (lq, lk, d, dv) in [
+            (257, 257, 88, 88),
+            (70, 33, 40, 72),
+            (16, 100, 64, 24),
+            (41, 33, 89, 15),
+            (16, 17, 96, 200),
+        ] {
             let heads = 3;
             let mut t = |n: usize, w: usize| Tensor::from_vec(rng.normal_vec(b * heads * n * w, 0.0, 1.0), (b, n, heads, w), &dev);
             // [B, L, H, D] storage seen as [B, H, L, D]: strided, as heads of a projection.
@@ -285,13 +314,20 @@ mod tests {
             let scale = 1.0 / (d as f64).sqrt();
             for dt in [DType::F32, DType::BF16] {
                 let (q, k, v) = (q.to_dtype(dt)?, k.to_dtype(dt)?, v.to_dtype(dt)?);
-                let amx_before = amx_calls();
+                let (amx_before, avx_before) = (amx_calls(), avx512_attention_calls());
                 let got = scaled_dot_product_attention(&q, &k, &v, Some(scale), None, None)?;
-                let amx = dt == DType::BF16 && amx_active() && heads * d >= crate::nn::linear::ONEDNN_MIN_DIM;
+                let fast = heads * d >= crate::nn::linear::ONEDNN_MIN_DIM;
+                let amx = dt == DType::BF16 && amx_active() && fast;
+                let avx = !amx && avx512_attention_active(dt) && fast;
                 assert_eq!(
                     amx_calls() - amx_before,
                     usize::from(amx),
                     "{dt:?} [{lq}, {lk}, {d}, {dv}]: AMX iff it applies"
+                );
+                assert_eq!(
+                    avx512_attention_calls() - avx_before,
+                    usize::from(avx),
+                    "{dt:?} [{lq}, {lk}, {d}, {dv}]: AVX-512 iff it applies"
                 );
                 assert_eq!(got.dims(), &[b, heads, lq, dv]);
                 let want = plain(&q, &k, &v, scale, None)?;

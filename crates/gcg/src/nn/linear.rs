@@ -592,9 +592,16 @@ pub fn amx_calls() -> usize {
     AMX_CALLS.with(|c| c.get())
 }
 
+/// Attentions computed by gcg's AVX-512 attention (csrc/amx_linear.c) on this thread since it
+/// started.
+pub fn avx512_attention_calls() -> usize {
+    AVX512_ATTENTION_CALLS.with(|c| c.get())
+}
+
 thread_local! {
     static ONEDNN_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     static AMX_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    static AVX512_ATTENTION_CALLS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     static AMX_OFF_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     static MATMUL_PRECISION_HERE: std::cell::Cell<Option<MatmulPrecision>> = const { std::cell::Cell::new(None) };
     static PACK_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
@@ -630,6 +637,36 @@ fn amx_usable() -> bool {
             }
             // SAFETY: reads CPUID and asks Linux for the tile state; no memory is passed.
             unsafe { gcg_amx_available() == 1 }
+        }
+        #[cfg(not(gcg_amx))]
+        {
+            false
+        }
+    })
+}
+
+/// Whether inference attention without a bias in `dt` (f32, or bf16 where gcg's AMX attention
+/// does not run) takes gcg's AVX-512 attention: built in (as the AMX kernels), the CPU has
+/// AVX-512 F/DQ/BW/VL (bf16: and AVX512-BF16), and `GCG_NO_AVX512_ATTENTION` is not set (to
+/// compare with oneDNN's batched products and softmax). Asked once per type.
+pub fn avx512_attention_active(dt: DType) -> bool {
+    static USABLE: [std::sync::OnceLock<bool>; 2] = [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+    let bf16 = match dt {
+        DType::F32 => false,
+        DType::BF16 => true,
+        _ => return false,
+    };
+    *USABLE[bf16 as usize].get_or_init(|| {
+        if std::env::var_os("GCG_NO_AVX512_ATTENTION").is_some_and(|v| !v.is_empty() && v != "0") {
+            return false;
+        }
+        #[cfg(gcg_amx)]
+        {
+            extern "C" {
+                fn gcg_avx512_attention_available(bf16: std::os::raw::c_int) -> std::os::raw::c_int;
+            }
+            // SAFETY: reads CPUID and XCR0; no memory is passed.
+            unsafe { gcg_avx512_attention_available(bf16 as std::os::raw::c_int) == 1 }
         }
         #[cfg(not(gcg_amx))]
         {
@@ -843,6 +880,8 @@ mod onednn {
     extern "C" {
         fn gcg_onednn_packed_free(p: *mut c_void);
         fn gcg_onednn_packed_bytes(p: *const c_void) -> usize;
+        /// csrc/onednn_matmul.c: the rows of each oneDNN call a product of m rows is split into.
+        fn gcg_onednn_rows_per_call(m: c_long) -> c_long;
         fn gcg_onednn_pack(
             in_bf16: c_int,
             out_bf16: c_int,
@@ -969,9 +1008,13 @@ mod onednn {
                 Some(pu) => {
                     let slot = &pu.slot.packed;
                     // Packed on a layer's second product: a weight multiplied once (a one-off
-                    // answer's encoder) would gain nothing from a copy.
+                    // answer's encoder) would gain nothing from a copy. A product of many rows
+                    // runs as several oneDNN calls of row blocks (csrc rows_per_call), each
+                    // reading the whole weight: packed on its first product.
                     let uses = pu.slot.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                    if slot.get().is_none() && uses >= 2 && super::pack_weights_enabled() {
+                    // SAFETY: arithmetic on its argument.
+                    let blocks = unsafe { gcg_onednn_rows_per_call(m as c_long) } < m as c_long;
+                    if slot.get().is_none() && (uses >= 2 || blocks) && super::pack_weights_enabled() {
                         let mut p: *mut c_void = std::ptr::null_mut();
                         // SAFETY: as in `run` (gcg_onednn_pack reads w and the bias only); it
                         // stores a new packed weight or null in p.
@@ -1075,6 +1118,26 @@ mod onednn {
         ) -> c_int;
         /// csrc/onednn_matmul.c: y = softmax of each row of x (f32), y f32 or bf16.
         fn gcg_onednn_softmax(rows: c_long, n: c_long, x: *const f32, y: *mut c_void, y_bf16: c_int) -> c_int;
+        /// csrc/amx_linear.c: f32 (bf16 = 0) or bf16 attention without a bias on AVX-512, out
+        /// [B, Lq, H, Dv]: 0 done, -1 not applicable, -2 out of memory.
+        #[cfg(gcg_amx)]
+        fn gcg_avx512_attention(
+            bf16: c_int,
+            b: c_long,
+            h: c_long,
+            lq: c_long,
+            lk: c_long,
+            d: c_long,
+            dv: c_long,
+            q: *const c_void,
+            sq: *const c_long,
+            k: *const c_void,
+            sk: *const c_long,
+            v: *const c_void,
+            sv: *const c_long,
+            scale: f32,
+            out: *mut c_void,
+        ) -> c_int;
         /// csrc/amx_linear.c: bf16 attention without a bias on the AMX unit, out [B, Lq, H, Dv]:
         /// 0 done, -1 not applicable, -2 out of memory.
         #[cfg(gcg_amx)]
@@ -1156,45 +1219,100 @@ mod onednn {
         };
         let bf = (dt == DType::BF16) as c_int;
         super::apply_onednn_threads();
+        // Without a bias: gcg's own kernels (every buffer of a (batch, head) pair in L2), AMX for
+        // bf16 where it runs, else AVX-512 (f32, or bf16 with AVX512-BF16).
         #[cfg(gcg_amx)]
-        if dt == DType::BF16 && bias.is_none() && super::amx_active() {
-            let Some((vs, vo, sv)) = strided4(v) else {
-                return Ok(None);
-            };
-            let Some(vp) = at(&vs, vo, span(&[b, h, lk, dv], &sv), dt) else {
-                return Ok(None);
-            };
-            let mut out: Vec<bf16> = Vec::with_capacity(b * lq * h * dv);
-            // SAFETY: q, k and v are read through strides that stay inside their buffers
-            // (checked by `at` with each view's span); out has room for b·lq·h·dv values,
-            // which the call writes in full when it returns 0.
-            let st = unsafe {
-                gcg_amx_attention(
-                    b as c_long,
-                    h as c_long,
-                    lq as c_long,
-                    lk as c_long,
-                    d as c_long,
-                    dv as c_long,
-                    qp,
-                    sq.as_ptr(),
-                    kp,
-                    sk.as_ptr(),
-                    vp,
-                    sv.as_ptr(),
-                    scale,
-                    out.as_mut_ptr() as *mut c_void,
-                )
-            };
-            match st {
-                0 => {
-                    // SAFETY: the call wrote every output value.
-                    unsafe { out.set_len(b * lq * h * dv) };
-                    super::AMX_CALLS.with(|c| c.set(c.get() + 1));
-                    return Ok(Some(Tensor::from_vec(out, (b, lq, h, dv), &Device::Cpu)?.transpose(1, 2)?));
+        if bias.is_none() {
+            let amx = dt == DType::BF16 && super::amx_active();
+            if amx || super::avx512_attention_active(dt) {
+                let Some((vs, vo, sv)) = strided4(v) else {
+                    return Ok(None);
+                };
+                let Some(vp) = at(&vs, vo, span(&[b, h, lk, dv], &sv), dt) else {
+                    return Ok(None);
+                };
+                let n = b * lq * h * dv;
+                let call = |out: *mut c_void| -> c_int {
+                    let dims = [b, h, lq, lk, d, dv].map(|x| x as c_long);
+                    // SAFETY: q, k and v are read through strides that stay inside their buffers
+                    // (checked by `at` with each view's span); out has room for b·lq·h·dv values
+                    // of q's type, which the call writes in full when it returns 0.
+                    unsafe {
+                        if amx {
+                            gcg_amx_attention(
+                                dims[0],
+                                dims[1],
+                                dims[2],
+                                dims[3],
+                                dims[4],
+                                dims[5],
+                                qp,
+                                sq.as_ptr(),
+                                kp,
+                                sk.as_ptr(),
+                                vp,
+                                sv.as_ptr(),
+                                scale,
+                                out,
+                            )
+                        } else {
+                            gcg_avx512_attention(
+                                bf,
+                                dims[0],
+                                dims[1],
+                                dims[2],
+                                dims[3],
+                                dims[4],
+                                dims[5],
+                                qp,
+                                sq.as_ptr(),
+                                kp,
+                                sk.as_ptr(),
+                                vp,
+                                sv.as_ptr(),
+                                scale,
+                                out,
+                            )
+                        }
+                    }
+                };
+                let (st, y) = if dt == DType::BF16 {
+                    let mut out: Vec<bf16> = Vec::with_capacity(n);
+                    let st = call(out.as_mut_ptr() as *mut c_void);
+                    // SAFETY: 0: the call wrote every output value.
+                    (
+                        st,
+                        (st == 0)
+                            .then(|| unsafe { out.set_len(n) })
+                            .map(|_| Tensor::from_vec(out, (b, lq, h, dv), &Device::Cpu)),
+                    )
+                } else {
+                    let mut out: Vec<f32> = Vec::with_capacity(n);
+                    let st = call(out.as_mut_ptr() as *mut c_void);
+                    // SAFETY: 0: the call wrote every output value.
+                    (
+                        st,
+                        (st == 0)
+                            .then(|| unsafe { out.set_len(n) })
+                            .map(|_| Tensor::from_vec(out, (b, lq, h, dv), &Device::Cpu)),
+                    )
+                };
+                match (st, y) {
+                    (0, Some(y)) => {
+                        if amx {
+                            super::AMX_CALLS.with(|c| c.set(c.get() + 1));
+                        } else {
+                            super::AVX512_ATTENTION_CALLS.with(|c| c.set(c.get() + 1));
+                        }
+                        return Ok(Some(y?.transpose(1, 2)?));
+                    }
+                    (-2, _) => candle_core::bail!(
+                        "{} attention for q {:?}: out of memory for its buffers",
+                        if amx { "AMX" } else { "AVX-512" },
+                        q.dims()
+                    ),
+                    _ => {} // Not applicable after all: oneDNN.
                 }
-                -2 => candle_core::bail!("AMX attention for q {:?}: out of memory for its buffers", q.dims()),
-                _ => {} // Not applicable after all: oneDNN.
             }
         }
         let check = |status: c_int, what: &str| -> candle_core::Result<bool> {
@@ -1538,6 +1656,76 @@ mod onednn_tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Products of more than 2048 rows run as oneDNN calls of row blocks (at most 1024 rows,
+    /// nearly equal, a multiple of 16: 2100 rows as 704, 704 and 692); the result equals the
+    /// plain ops across the blocks' edges, with every operand that follows the rows (x, the
+    /// gate, the residual, the output) in f32 and bf16. Such a layer packs its weight on its
+    /// first product (every block reads the whole weight; on an AVX-512 CPU oneDNN's kernel
+    /// wants a blocked layout, so a copy must have been made), and later products read the copy.
+    #[cfg(gcg_onednn)]
+    #[test]
+    fn products_of_many_rows_run_in_row_blocks_and_equal_the_plain_ops() -> Result<()> {
+        extern "C" {
+            fn gcg_onednn_rows_per_call(m: std::os::raw::c_long) -> std::os::raw::c_long;
+        }
+        if std::env::var_os("GCG_ONEDNN_ROWS").is_none() {
+            // SAFETY: arithmetic on its argument (and one read of the environment).
+            let rows = |m: usize| unsafe { gcg_onednn_rows_per_call(m as std::os::raw::c_long) } as usize;
+            assert_eq!((rows(1028), rows(2048), rows(2100), rows(8224)), (1028, 2048, 704, 928));
+        }
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SeededRng::new(37);
+        let (m, k, n) = (2100, 256, 272);
+        let x = Tensor::from_vec(rng.normal_vec(m * k, 0.0, 1.0), (m, k), &dev)?;
+        let w = Tensor::from_vec(rng.normal_vec(n * k, 0.0, 0.06), (n, k), &dev)?;
+        let b = Tensor::from_vec(rng.normal_vec(n, 0.0, 0.5), n, &dev)?;
+        let gate = Tensor::from_vec(rng.normal_vec(m * n, 0.0, 1.0), (m, n), &dev)?;
+        let res = Tensor::from_vec(rng.normal_vec(m * n, 0.0, 1.0), (m, n), &dev)?;
+        set_amx_here(false); // oneDNN's products also on an AMX CPU
+        for (dt, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1.6e-2)] {
+            let lin = Linear::new(w.to_dtype(dt)?, Some(b.to_dtype(dt)?));
+            let xin = x.to_dtype(dt)?;
+            // Three products: packed on the first (several row blocks), then read from the copy.
+            for (i, act) in [Some(Activation::Gelu), None, Some(Activation::Gelu)].into_iter().enumerate() {
+                for out in [DType::F32, DType::BF16] {
+                    let (g, r) = (gate.to_dtype(out)?, res.to_dtype(out)?);
+                    let (use_gate, use_res) = (i != 1, true);
+                    let e = Epilogue {
+                        act,
+                        gate: use_gate.then_some(&g),
+                        residual: use_res.then_some(&r),
+                        out: Some(out),
+                    };
+                    let before = onednn_calls();
+                    let got = lin.forward_fused(&xin, e)?;
+                    assert_eq!(onednn_calls() - before, usize::from(ONEDNN), "one product");
+                    let f = |t: &Tensor| t.to_dtype(DType::F32);
+                    let want = f(&x.to_dtype(dt)?)?
+                        .matmul(&f(&w.to_dtype(dt)?)?.t()?)?
+                        .broadcast_add(&f(&b.to_dtype(dt)?)?)?;
+                    let want = plain_epilogue(want, act, use_gate.then_some(&g), use_res.then_some(&r))?;
+                    let tol = if out == DType::BF16 { 1.6e-2 } else { tol };
+                    let err = max_rel(&got, &want);
+                    assert!(err <= tol, "{dt:?} product {i}, {act:?}, {out:?} out: error {err} > {tol}");
+                    #[cfg(target_arch = "x86_64")]
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        assert!(
+                            matches!(lin.pack.packed.get(), Some((_, Some(_)))),
+                            "{dt:?}: no packed copy after a product of {m} rows on an AVX-512 CPU"
+                        );
+                    }
+                    // Row by row: the last rows of each block and the first of the next.
+                    for row in [0, 703, 704, 1407, 1408, m - 1] {
+                        let e = max_rel(&got.narrow(0, row, 1)?, &want.narrow(0, row, 1)?);
+                        assert!(e <= 2.0 * tol, "{dt:?} product {i}, row {row}: error {e}");
+                    }
+                }
+            }
+        }
+        set_amx_here(true);
         Ok(())
     }
 
