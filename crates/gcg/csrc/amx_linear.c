@@ -741,8 +741,10 @@ TARGET int gcg_amx_peak(long steps, float *sums) {
 static int avx512_state[2] = {-1, -1}; /* per type (0 f32, 1 bf16): -1 unknown, 0 no, 1 yes */
 
 /* 1 when this CPU and OS run the kernel below for the type (bf16 != 0: bf16): AVX-512 F, DQ,
- * BW and VL (CPUID 7.0:EBX bits 16, 17, 30, 31), for bf16 also AVX512-BF16 (7.1:EAX bit 5),
- * and the OS saves the vector state (XCR0 bits 1, 2 and 5-7). Asked once; the answer is kept. */
+ * BW and VL (CPUID 7.0:EBX bits 16, 17, 30, 31) and AVX512-BF16 (7.1:EAX bit 5), and the OS
+ * saves the vector state (XCR0 bits 1, 2 and 5-7). The f32 kernel needs AVX512-BF16 too: it
+ * shares its compiled body (target avx512bf16) with the bf16 one, and the compiler may place a
+ * bf16 instruction of the other type's branch ahead of the branch. Asked once; kept. */
 int gcg_avx512_attention_available(int bf16) {
     int i = bf16 ? 1 : 0;
     int s = __atomic_load_n(&avx512_state[i], __ATOMIC_ACQUIRE);
@@ -754,7 +756,7 @@ int gcg_avx512_attention_available(int bf16) {
         unsigned lo, hi;
         __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
         ok = (lo & 0xe6) == 0xe6;
-        if (ok && bf16) {
+        if (ok) {
             unsigned a1, b1, c1, d1;
             ok = __get_cpuid_count(7, 1, &a1, &b1, &c1, &d1) && (a1 & (1u << 5));
         }
@@ -912,7 +914,9 @@ TARGET512 static void avx512_attention_pair(const int bf, long lq, long lk, long
                 else scores8(0, 1, wd, qb, words, kg, words * 16, scale, sc + 16 * g, lp);
             }
         }
-        /* Softmax over the first lk scores of each row, in f32; probabilities as words (0 past lk). */
+        /* Softmax over the first lk scores of each row, in f32; probabilities as words (0 past lk).
+         * Rows past lq: zeros (output4 reads four rows; those it never writes). */
+        for (long r = mr; r < AV_ROWS; r++) memset(pw + r * ps, 0, (size_t)ps * 4);
         for (long r = 0; r < mr; r++) {
             float *row = sc + r * lp;
             __m512 mx = _mm512_set1_ps(-INFINITY);

@@ -217,6 +217,7 @@ static long rows_per_call(long m) {
         const char *e = getenv("GCG_ONEDNN_ROWS");
         b = e && *e ? atol(e) : 1024;
         if (b < 0) b = 0;
+        if (b > (1L << 40)) b = 1L << 40;
         __atomic_store_n(&block, b, __ATOMIC_RELAXED);
     }
     if (b == 0 || m <= 2 * b) return m;

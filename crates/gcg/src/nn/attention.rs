@@ -215,6 +215,7 @@ mod tests {
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
             && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
         {
             // Not a silent fallback where the kernel should run (built with the AMX kernels).
             assert!(

@@ -647,7 +647,7 @@ fn amx_usable() -> bool {
 
 /// Whether inference attention without a bias in `dt` (f32, or bf16 where gcg's AMX attention
 /// does not run) takes gcg's AVX-512 attention: built in (as the AMX kernels), the CPU has
-/// AVX-512 F/DQ/BW/VL (bf16: and AVX512-BF16), and `GCG_NO_AVX512_ATTENTION` is not set (to
+/// AVX-512 F/DQ/BW/VL and AVX512-BF16 (both types), and `GCG_NO_AVX512_ATTENTION` is not set (to
 /// compare with oneDNN's batched products and softmax). Asked once per type.
 pub fn avx512_attention_active(dt: DType) -> bool {
     static USABLE: [std::sync::OnceLock<bool>; 2] = [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
