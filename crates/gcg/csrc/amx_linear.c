@@ -26,8 +26,8 @@
  * TFLOP/s per core, measured with products alone in a loop).
  *
  * gcg_amx_linear_x3 computes f32 products on the same unit, each f32 operand taken as the sum of
- * two bf16 numbers (see split_bf16 below), for gcg's matmul precision "high"; gcg_amx_attention
- * (at the end) the ViT's bf16 attention.
+ * two bf16 numbers (see split_bf16 below), for gcg's matmul precision "high"; gcg_attention
+ * (at the end) the ViT's attention, bf16 on the AMX unit or f32/bf16 on AVX-512 alone.
  *
  * Compiled only for x86-64 with a compiler that knows the AMX intrinsics (build.rs); used only
  * when the CPU reports AMX-BF16 and Linux grants the tile state (arch_prctl). */
@@ -646,31 +646,21 @@ TARGET static void attention_pair(long lq, long lk, long d, long dv, const uint1
     }
 }
 
-/* A thread's share of gcg_amx_attention: the (batch, head) pairs t, t + nt, … */
-TARGET static void attention_part(long b, long h, long lq, long lk, long d, long dv, const uint16_t *q, const long *sq,
-                                  const uint16_t *k, const long *sk, const uint16_t *v, const long *sv, float scale,
-                                  uint16_t *out, int t, int nt, char *mem) {
-    if (t >= b * h) return;
-    load_tile_config();
-    for (long p = t; p < b * h; p += nt) {
-        long bi = p / h, hi = p % h;
-        attention_pair(lq, lk, d, dv, q + bi * sq[0] + hi * sq[1], sq[2], k + bi * sk[0] + hi * sk[1], sk[2],
-                       v + bi * sv[0] + hi * sv[1], sv[2], scale, out + bi * lq * h * dv + hi * dv, h * dv, mem);
-    }
-    _tile_release();
-}
+/* The arguments of a gcg_attention call. */
+typedef struct {
+    int bf16;
+    long b, h, lq, lk, d, dv;
+    const void *q, *k, *v;
+    const long *sq, *sk, *sv;
+    float scale;
+    void *out;
+} attention_t;
 
-/* out [b, lq, h, dv] (contiguous) = softmax(scale · q kᵀ) v as above; strides in elements, the
- * last of each operand 1. Returns 0 when done, -1 when this kernel does not apply (no AMX, a
- * last stride other than 1, d or dv past 256), -2 when memory ran out. */
-int gcg_amx_attention(long b, long h, long lq, long lk, long d, long dv, const void *q, const long *sq, const void *k,
-                      const long *sk, const void *v, const long *sv, float scale, void *out) {
-    if (!gcg_amx_available() || sq[3] != 1 || sk[3] != 1 || sv[3] != 1 || d <= 0 || dv <= 0 || d > 256 || dv > 256 ||
-        lq <= 0 || lk <= 0)
-        return -1;
-    long ds = (d + 31) / 32, lp = (lk + 31) / 32 * 32, dvp = (dv + 31) / 32 * 32;
-    size_t bytes = (size_t)(lp / 16) * ds * 1024 + (size_t)(lp / 32) * (dvp / 16) * 1024 + (size_t)32 * 32 * ds * 2 +
-                   (size_t)32 * lp * 4 + (size_t)32 * lp * 2 + 32 * 32 * 4 + 64;
+/* Runs share(a, t, nt, mem) on each OpenMP thread t of nt, mem being `bytes` of the thread's
+ * scratch slot 3 (a thread takes the (batch, head) pairs t, t + nt, …). Returns 0, or -2 when
+ * memory ran out. */
+static int attention_threads(const attention_t *a, size_t bytes,
+                             void (*share)(const attention_t *, int, int, char *)) {
     int status = 0;
 #pragma omp parallel
     {
@@ -679,12 +669,33 @@ int gcg_amx_attention(long b, long h, long lq, long lk, long d, long dv, const v
 #pragma omp atomic write
             status = -2;
         } else {
-            int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            attention_part(b, h, lq, lk, d, dv, (const uint16_t *)q, sq, (const uint16_t *)k, sk, (const uint16_t *)v, sv,
-                           scale, (uint16_t *)out, t, nt, mem);
+            share(a, omp_get_thread_num(), omp_get_num_threads(), mem);
         }
     }
     return status;
+}
+
+/* The scratch bytes of attention_pair for lk keys, head width d and value width dv. */
+static size_t amx_attention_bytes(long lk, long d, long dv) {
+    long ds = (d + 31) / 32, lp = (lk + 31) / 32 * 32, dvp = (dv + 31) / 32 * 32;
+    return (size_t)(lp / 16) * ds * 1024 + (size_t)(lp / 32) * (dvp / 16) * 1024 + (size_t)32 * 32 * ds * 2 +
+           (size_t)32 * lp * 4 + (size_t)32 * lp * 2 + 32 * 32 * 4 + 64;
+}
+
+/* A thread's share of the AMX attention (bf16). */
+TARGET static void amx_attention_share(const attention_t *a, int t, int nt, char *mem) {
+    long h = a->h, lq = a->lq, dv = a->dv;
+    if (t >= a->b * h) return;
+    const uint16_t *q = a->q, *k = a->k, *v = a->v;
+    const long *sq = a->sq, *sk = a->sk, *sv = a->sv;
+    load_tile_config();
+    for (long p = t; p < a->b * h; p += nt) {
+        long bi = p / h, hi = p % h;
+        attention_pair(lq, a->lk, a->d, dv, q + bi * sq[0] + hi * sq[1], sq[2], k + bi * sk[0] + hi * sk[1], sk[2],
+                       v + bi * sv[0] + hi * sv[1], sv[2], a->scale, (uint16_t *)a->out + bi * lq * h * dv + hi * dv,
+                       h * dv, mem);
+    }
+    _tile_release();
 }
 
 /* The tile unit's bf16 rate, for `gcg bench peak` (src/nn/peak.rs): on the calling thread, four
@@ -720,7 +731,7 @@ TARGET int gcg_amx_peak(long steps, float *sums) {
 
 /* ---- Attention on AVX-512 alone (CPUs without AMX) -------------------------------------------
  *
- * gcg_avx512_attention: the same contract as gcg_amx_attention, f32 (FMA) or bf16 (AVX512-BF16's
+ * The AVX-512 attention: the AMX attention's contract, f32 (FMA) or bf16 (AVX512-BF16's
  * dot products of pairs, accumulating in f32), for CPUs whose matrix products run on the vector
  * units. oneDNN's path (two batched products and a softmax over the whole batch) writes every
  * score to memory and reads it back twice: at 32 frames a pass the ViT-g's scores are 135 MB of
@@ -966,38 +977,42 @@ TARGET512 static void avx512_attention_pair(const int bf, long lq, long lk, long
 #undef ROW_WORDS
 }
 
-/* out [b, lq, h, dv] (contiguous, of q's type) = softmax(scale · q kᵀ) v for q [b, h, lq, d], k
- * [b, h, lk, d], v [b, h, lk, dv], all f32 (bf16 == 0) or all bf16, strides in elements, the
- * last of each operand 1. Returns 0 when done, -1 when this kernel does not apply (the CPU, a
- * last stride other than 1, d or dv past 256), -2 when memory ran out. */
-int gcg_avx512_attention(int bf16, long b, long h, long lq, long lk, long d, long dv, const void *q, const long *sq,
-                         const void *k, const long *sk, const void *v, const long *sv, float scale, void *out) {
-    if (!gcg_avx512_attention_available(bf16) || sq[3] != 1 || sk[3] != 1 || sv[3] != 1 || d <= 0 || dv <= 0 ||
-        d > 256 || dv > 256 || lq <= 0 || lk <= 0)
-        return -1;
-    const int bf = bf16 ? 1 : 0;
-    const long per = bf ? 32 : 16, esz = bf ? 2 : 4;
+/* The scratch bytes of avx512_attention_pair. */
+static size_t avx512_attention_bytes(int bf, long lk, long d, long dv) {
+    const long per = bf ? 32 : 16;
     long words = (d + per - 1) / per * 16, lp = (lk + 15) / 16 * 16, steps = bf ? (lk + 1) / 2 : lk;
     long vs = (dv + 15) / 16 * 16, ps = bf ? lp / 2 : lp;
-    size_t bytes = ((size_t)lp * words + (size_t)steps * vs + (size_t)AV_ROWS * words + (size_t)AV_ROWS * lp +
-                    (size_t)AV_ROWS * ps) * 4 + 64;
-    int status = 0;
-#pragma omp parallel
-    {
-        char *mem = scratch(3, bytes);
-        if (!mem) {
-#pragma omp atomic write
-            status = -2;
-        } else {
-            int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            for (long p = t; p < b * h; p += nt) {
-                long bi = p / h, hi = p % h;
-                avx512_attention_pair(bf, lq, lk, d, dv, (const char *)q + (bi * sq[0] + hi * sq[1]) * esz, sq[2],
-                                      (const char *)k + (bi * sk[0] + hi * sk[1]) * esz, sk[2],
-                                      (const char *)v + (bi * sv[0] + hi * sv[1]) * esz, sv[2], scale,
-                                      (char *)out + (bi * lq * h * dv + hi * dv) * esz, h * dv, mem);
-            }
-        }
+    return ((size_t)lp * words + (size_t)steps * vs + (size_t)AV_ROWS * words + (size_t)AV_ROWS * lp +
+            (size_t)AV_ROWS * ps) * 4 + 64;
+}
+
+/* A thread's share of the AVX-512 attention (f32 or bf16). */
+TARGET512 static void avx512_attention_share(const attention_t *a, int t, int nt, char *mem) {
+    const int bf = a->bf16 ? 1 : 0;
+    const long esz = bf ? 2 : 4, h = a->h, lq = a->lq, dv = a->dv;
+    const long *sq = a->sq, *sk = a->sk, *sv = a->sv;
+    for (long p = t; p < a->b * h; p += nt) {
+        long bi = p / h, hi = p % h;
+        avx512_attention_pair(bf, lq, a->lk, a->d, dv, (const char *)a->q + (bi * sq[0] + hi * sq[1]) * esz, sq[2],
+                              (const char *)a->k + (bi * sk[0] + hi * sk[1]) * esz, sk[2],
+                              (const char *)a->v + (bi * sv[0] + hi * sv[1]) * esz, sv[2], a->scale,
+                              (char *)a->out + (bi * lq * h * dv + hi * dv) * esz, h * dv, mem);
     }
-    return status;
+}
+
+/* ---- The attention entry point ------------------------------------------------------------------
+ *
+ * out [b, lq, h, dv] (contiguous, of q's type) = softmax(scale · q kᵀ) v for q [b, h, lq, d], k
+ * [b, h, lk, d], v [b, h, lk, dv], all f32 (bf16 == 0) or all bf16, strides in elements, the
+ * last of each operand 1; on the AMX unit (amx != 0: bf16 only) or on AVX-512. Returns 0 when
+ * done, -1 when the kernel asked for does not apply (the CPU, the type, a last stride other than
+ * 1, d or dv past 256), -2 when memory ran out. */
+int gcg_attention(int amx, int bf16, long b, long h, long lq, long lk, long d, long dv, const void *q, const long *sq,
+                  const void *k, const long *sk, const void *v, const long *sv, float scale, void *out) {
+    if (sq[3] != 1 || sk[3] != 1 || sv[3] != 1 || d <= 0 || dv <= 0 || d > 256 || dv > 256 || lq <= 0 || lk <= 0)
+        return -1;
+    if (amx ? !(bf16 && gcg_amx_available()) : !gcg_avx512_attention_available(bf16)) return -1;
+    const attention_t a = {bf16 ? 1 : 0, b, h, lq, lk, d, dv, q, k, v, sq, sk, sv, scale, out};
+    if (amx) return attention_threads(&a, amx_attention_bytes(lk, d, dv), amx_attention_share);
+    return attention_threads(&a, avx512_attention_bytes(a.bf16, lk, d, dv), avx512_attention_share);
 }

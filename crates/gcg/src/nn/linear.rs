@@ -1118,30 +1118,13 @@ mod onednn {
         ) -> c_int;
         /// csrc/onednn_matmul.c: y = softmax of each row of x (f32), y f32 or bf16.
         fn gcg_onednn_softmax(rows: c_long, n: c_long, x: *const f32, y: *mut c_void, y_bf16: c_int) -> c_int;
-        /// csrc/amx_linear.c: f32 (bf16 = 0) or bf16 attention without a bias on AVX-512, out
-        /// [B, Lq, H, Dv]: 0 done, -1 not applicable, -2 out of memory.
+        /// csrc/amx_linear.c: f32 (bf16 = 0) or bf16 attention without a bias, on the AMX unit
+        /// (amx = 1, bf16 only) or on AVX-512, out [B, Lq, H, Dv]: 0 done, -1 not applicable, -2
+        /// out of memory.
         #[cfg(gcg_amx)]
-        fn gcg_avx512_attention(
+        fn gcg_attention(
+            amx: c_int,
             bf16: c_int,
-            b: c_long,
-            h: c_long,
-            lq: c_long,
-            lk: c_long,
-            d: c_long,
-            dv: c_long,
-            q: *const c_void,
-            sq: *const c_long,
-            k: *const c_void,
-            sk: *const c_long,
-            v: *const c_void,
-            sv: *const c_long,
-            scale: f32,
-            out: *mut c_void,
-        ) -> c_int;
-        /// csrc/amx_linear.c: bf16 attention without a bias on the AMX unit, out [B, Lq, H, Dv]:
-        /// 0 done, -1 not applicable, -2 out of memory.
-        #[cfg(gcg_amx)]
-        fn gcg_amx_attention(
             b: c_long,
             h: c_long,
             lq: c_long,
@@ -1238,42 +1221,24 @@ mod onednn {
                     // (checked by `at` with each view's span); out has room for b·lq·h·dv values
                     // of q's type, which the call writes in full when it returns 0.
                     unsafe {
-                        if amx {
-                            gcg_amx_attention(
-                                dims[0],
-                                dims[1],
-                                dims[2],
-                                dims[3],
-                                dims[4],
-                                dims[5],
-                                qp,
-                                sq.as_ptr(),
-                                kp,
-                                sk.as_ptr(),
-                                vp,
-                                sv.as_ptr(),
-                                scale,
-                                out,
-                            )
-                        } else {
-                            gcg_avx512_attention(
-                                bf,
-                                dims[0],
-                                dims[1],
-                                dims[2],
-                                dims[3],
-                                dims[4],
-                                dims[5],
-                                qp,
-                                sq.as_ptr(),
-                                kp,
-                                sk.as_ptr(),
-                                vp,
-                                sv.as_ptr(),
-                                scale,
-                                out,
-                            )
-                        }
+                        gcg_attention(
+                            amx as c_int,
+                            bf,
+                            dims[0],
+                            dims[1],
+                            dims[2],
+                            dims[3],
+                            dims[4],
+                            dims[5],
+                            qp,
+                            sq.as_ptr(),
+                            kp,
+                            sk.as_ptr(),
+                            vp,
+                            sv.as_ptr(),
+                            scale,
+                            out,
+                        )
                     }
                 };
                 let (st, y) = if dt == DType::BF16 {
