@@ -90,6 +90,7 @@ impl FeatureModels<'_> {
         let features = Tensor::cat(&parts, 0)?; // [T, N, D] f16
         dev.synchronize()?;
         let vit_seconds = started.elapsed().as_secs_f64();
+        tracing::info!("ViT: {t} frames in {vit_seconds:.2} s, {step} a pass");
         let started = std::time::Instant::now();
         let embeds = self.clip.forward(&features.to_dtype(dtype)?)?; // [T, E]
         dev.synchronize()?;
