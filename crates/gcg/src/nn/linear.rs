@@ -1684,7 +1684,7 @@ mod onednn_tests {
                     // Row by row: the last rows of each block and the first of the next.
                     for row in [0, 703, 704, 1407, 1408, m - 1] {
                         let e = max_rel(&got.narrow(0, row, 1)?, &want.narrow(0, row, 1)?);
-                        assert!(e <= 2.0 * tol, "{dt:?} product {i}, row {row}: error {e}");
+                        assert!(e <= 2.0 * tol, "{dt:?} product {products} ({out:?} out), row {row}: error {e}");
                     }
                 }
             }
