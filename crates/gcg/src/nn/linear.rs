@@ -1239,26 +1239,24 @@ mod onednn {
                         )
                     }
                 };
+                // A new [b, lq, h, dv] tensor of T that `call` writes in full when it returns 0.
+                fn written<T: candle_core::WithDType>(
+                    n: usize,
+                    shape: (usize, usize, usize, usize),
+                    call: impl Fn(*mut c_void) -> c_int,
+                ) -> (c_int, Option<candle_core::Result<Tensor>>) {
+                    let mut out: Vec<T> = Vec::with_capacity(n);
+                    let st = call(out.as_mut_ptr() as *mut c_void);
+                    // SAFETY: 0: the call wrote every output value.
+                    let y = (st == 0)
+                        .then(|| unsafe { out.set_len(n) })
+                        .map(|_| Tensor::from_vec(out, shape, &Device::Cpu));
+                    (st, y)
+                }
                 let (st, y) = if dt == DType::BF16 {
-                    let mut out: Vec<bf16> = Vec::with_capacity(n);
-                    let st = call(out.as_mut_ptr() as *mut c_void);
-                    // SAFETY: 0: the call wrote every output value.
-                    (
-                        st,
-                        (st == 0)
-                            .then(|| unsafe { out.set_len(n) })
-                            .map(|_| Tensor::from_vec(out, (b, lq, h, dv), &Device::Cpu)),
-                    )
+                    written::<bf16>(n, (b, lq, h, dv), call)
                 } else {
-                    let mut out: Vec<f32> = Vec::with_capacity(n);
-                    let st = call(out.as_mut_ptr() as *mut c_void);
-                    // SAFETY: 0: the call wrote every output value.
-                    (
-                        st,
-                        (st == 0)
-                            .then(|| unsafe { out.set_len(n) })
-                            .map(|_| Tensor::from_vec(out, (b, lq, h, dv), &Device::Cpu)),
-                    )
+                    written::<f32>(n, (b, lq, h, dv), call)
                 };
                 match (st, y) {
                     (0, Some(y)) => {
