@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Tensor, Var};
 use common::{assert_close, get, load_io, parity_dirs};
 use gcg::models::qformer::{QFormer, QFormerConfig};
+use gcg::nn::attention::set_folded_attention_here;
 use gcg::nn::init::Init;
 use gcg::nn::Ctx;
 use gcg::weights::layouts::gcg_qformer_name;
@@ -144,6 +145,41 @@ fn qformer_matches_transformers_hf_layout() -> Result<()> {
         let trained = load(hf_source(&dir)?, &cfg, true)?;
         check_outputs(&format!("{label} hf trainable"), &trained, &io)?;
         check_gradients(&format!("{label} hf"), &trained, &io)?;
+    }
+    Ok(())
+}
+
+/// The cross-attentions with their key and value projections folded into the queries' side
+/// (`MultiHeadAttention::forward_cross`, which the real Q-Former's 32 queries over a video's
+/// ViT tokens take; the fixture's 10 image tokens would not), forced on: the same outputs and
+/// gradients as transformers.
+#[test]
+fn qformer_with_folded_cross_attention_matches_transformers() -> Result<()> {
+    for dir in parity_dirs() {
+        let io = load_io(&dir.join("io/qformer.safetensors"))?;
+        let cfg = config(&dir)?;
+        let label = dir.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let frozen = load(hf_source(&dir)?, &cfg, false)?;
+        let trained = load(hf_source(&dir)?, &cfg, true)?;
+        let image = get(&io, "image_embeds")?;
+        let cross = frozen.qformer.layers[0].crossattention.as_ref().context("layer 0 cross-attends")?;
+        let queries = frozen
+            .query_tokens
+            .broadcast_as((image.dim(0)?, cfg.num_query_tokens, cfg.hidden_size))?;
+        anyhow::ensure!(
+            !cross.attention.folds(&queries, image, Ctx::eval()),
+            "{label}: the fixture folds by itself"
+        );
+        set_folded_attention_here(Some(true));
+        anyhow::ensure!(
+            cross.attention.folds(&queries, image, Ctx::eval()),
+            "{label}: forced folding does not apply"
+        );
+        let checked = check_outputs(&format!("{label} folded frozen"), &frozen, &io)
+            .and_then(|_| check_outputs(&format!("{label} folded trainable"), &trained, &io))
+            .and_then(|_| check_gradients(&format!("{label} folded"), &trained, &io));
+        set_folded_attention_here(None);
+        checked?;
     }
     Ok(())
 }

@@ -225,6 +225,17 @@ impl QFormerAttention {
     /// x: [B, Lq, H]; kv: [B, Lk, kv_dim]; bias broadcastable to [B, heads, Lq, Lk].
     fn forward(&self, x: &Tensor, kv: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
         let a = self.attention.forward(x, kv, bias, ctx)?;
+        self.residual(x, a, ctx)
+    }
+
+    /// The cross-attention's form of [`Self::forward`] ([`MultiHeadAttention::forward_cross`]:
+    /// 32 queries over the frames' ViT tokens).
+    fn forward_cross(&self, x: &Tensor, kv: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
+        let a = self.attention.forward_cross(x, kv, bias, ctx)?;
+        self.residual(x, a, ctx)
+    }
+
+    fn residual(&self, x: &Tensor, a: Tensor, ctx: Ctx) -> Result<Tensor> {
         let a = self.dropout.forward(&a, ctx)?;
         self.layernorm.forward(&(a + x)?)
     }
@@ -303,7 +314,7 @@ impl QFormerLayer {
         let x = self.attention.forward(x, x, self_bias, ctx)?; // [B, Q+L, H]
         let mut queries = x.narrow(1, 0, num_queries)?; // [B, Q, H]
         if let Some(cross) = &self.crossattention {
-            queries = cross.forward(&queries, image, image_bias, ctx)?;
+            queries = cross.forward_cross(&queries, image, image_bias, ctx)?;
         }
         let queries = self.feed_forward_query.forward(&queries, ctx)?;
         if total == num_queries {

@@ -1,7 +1,7 @@
 //! Multi-head attention: head splitting, scaled dot-product attention with additive biases
 //! (padding masks, causal masks, T5's relative position bias), and a q/k/v/o module.
 
-use super::{dropout::Dropout, linear::Linear, ops::softmax_last_dim, Ctx};
+use super::{cast::cast, dropout::Dropout, linear::Linear, ops::softmax_last_dim, Ctx};
 use crate::weights::Loader;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
@@ -174,6 +174,134 @@ impl MultiHeadAttention {
         let out = scaled_dot_product_attention(&q, k, v, self.scale, bias, Some((self.dropout, ctx)))?;
         self.o.project(&merge_heads(&out)?, ctx)
     }
+
+    /// Cross-attention of a few queries `x` [B, Lq, dim] to many keys `kv` [B, Lk, kv_dim]:
+    /// [`MultiHeadAttention::forward`]'s result, computed with the key and value projections
+    /// folded into the queries' side when that takes fewer operations ([`Self::folds`]).
+    ///
+    /// With q_h the scaled query of head h, W_{k,h} and W_{v,h} the rows of head h in the key
+    /// and value weights ([dh, kv_dim]) and X = `kv`:
+    ///
+    /// * scores: q_h (X W_{k,h}ᵀ + b_{k,h})ᵀ = (q_h W_{k,h}) Xᵀ + q_h·b_{k,h}, whose last term is
+    ///   the same for every key of a query, so the softmax drops it;
+    /// * output: P_h (X W_{v,h}ᵀ + b_{v,h}) = (P_h X) W_{v,h}ᵀ + b_{v,h}, as each row of P_h sums
+    ///   to 1 (no dropout on P).
+    ///
+    /// The Q-Former's queries (32 per frame, 12 heads of 64) attend to ViT-g tokens 1408 wide:
+    /// the keys and values of a video's 32 × 257 tokens cost 2 · 8224 · 1408 · 768 multiply-adds
+    /// a layer, the folded products (q_h W_{k,h}) Xᵀ and P_h X over all heads half of that. The
+    /// two large products are one attention with a single head 1408 wide (oneDNN's batched
+    /// products and softmax on the CPU).
+    pub fn forward_cross(&self, x: &Tensor, kv: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
+        if self.folds(x, kv, ctx) {
+            return self.forward_folded(x, kv, bias, ctx);
+        }
+        self.forward(x, kv, bias, ctx)
+    }
+
+    /// Whether [`Self::forward_cross`] folds the projections for these inputs: no LoRA branch
+    /// on the keys or values, no dropout on the attention weights, and fewer multiply-adds than
+    /// projecting keys and values, or the thread's override ([`set_folded_attention_here`]).
+    /// `GCG_NO_FOLDED_ATTENTION=1` turns folding off (for comparisons).
+    pub fn folds(&self, x: &Tensor, kv: &Tensor, ctx: Ctx) -> bool {
+        let choice = FOLD_HERE.with(|c| c.get());
+        if choice == Some(false) || (choice.is_none() && folding_off()) {
+            return false;
+        }
+        let (Ok((b, lq, _)), Ok((bk, lk, dv))) = (x.dims3(), kv.dims3()) else {
+            return false;
+        };
+        let (heads, inner) = (self.heads, self.k.out_dim());
+        let valid = self.k.lora.is_none()
+            && self.v.lora.is_none()
+            && !(ctx.is_train() && self.dropout.p > 0.0)
+            && b == bk
+            && inner % heads == 0
+            && self.v.out_dim() == inner
+            && self.k.in_dim() == dv
+            && self.v.in_dim() == dv;
+        // Multiply-adds (per sample): keys and values projected, then the scores and the
+        // weighted sum; against q_h W_{k,h} and (P_h X) W_{v,h}ᵀ, then the scores over X and P X.
+        let projected = 2 * lk * dv * inner + 2 * lq * lk * inner;
+        let folded = 2 * lq * inner * dv + 2 * heads * lq * lk * dv;
+        valid && (choice == Some(true) || folded < projected)
+    }
+
+    /// [`Self::forward_cross`] with the projections folded (see there).
+    fn forward_folded(&self, x: &Tensor, kv: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
+        let (b, lq, _) = x.dims3()?;
+        let (_, lk, dv) = kv.dims3()?;
+        let (heads, inner) = (self.heads, self.k.out_dim());
+        let dh = inner / heads;
+        let mut q = split_heads(&self.q.project(x, ctx)?, heads)?; // [B, H, Lq, dh]
+        if let Some(s) = self.scale {
+            q = (q * s)?;
+        }
+        let dt = q.dtype();
+        // The products over X in the dtype the key projection would take (bf16 for f32 layers
+        // in a bf16 inference, as nn::inference lowers them), the small ones in q's.
+        let wide = self.k.lowered_to(kv).unwrap_or(dt);
+        let heads_of = |l: &Linear| -> Result<Tensor> { Ok(cast(&super::detach_if_no_grad(&l.weight), dt)?.reshape((heads, dh, dv))?) };
+        // q_h W_{k,h} for every head: [H, B·Lq, dh] · [H, dh, Dv] → [B, 1, H·Lq, Dv].
+        let qh = q.transpose(0, 1)?.contiguous()?.reshape((heads, b * lq, dh))?;
+        let qk = qh
+            .matmul(&heads_of(&self.k)?)?
+            .reshape((heads, b, lq, dv))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((b, 1, heads * lq, dv))?;
+        // The bias as the folded scores' [B, 1, H·Lq, Lk]; where the key bias carries a gradient
+        // (training) its term q_h·b_{k,h}, which the softmax cancels, is added so that the bias
+        // still gets its (zero) gradient as in the projected form.
+        let mut bias = match bias {
+            Some(m) if m.rank() == 4 && m.dim(1)? == 1 && m.dim(2)? == 1 => Some(m.clone()),
+            Some(m) => Some(m.broadcast_as((b, heads, lq, lk))?.contiguous()?.reshape((b, 1, heads * lq, lk))?),
+            None => None,
+        };
+        if let Some(bk) = self.k.bias.as_ref().filter(|t| t.track_op() && !super::grad_disabled()) {
+            let bk = cast(bk, dt)?.reshape((1, heads, 1, dh))?;
+            let shift = q.broadcast_mul(&bk)?.sum_keepdim(3)?.reshape((b, 1, heads * lq, 1))?;
+            bias = Some(match bias {
+                Some(m) => m.to_dtype(dt)?.broadcast_add(&shift)?,
+                None => shift,
+            });
+        }
+        let xs = cast(kv, wide)?.unsqueeze(1)?; // [B, 1, Lk, Dv]
+        let px = scaled_dot_product_attention(&cast(&qk, wide)?, &xs, &xs, None, bias.as_ref(), None)?; // [B, 1, H·Lq, Dv]
+                                                                                                        // (P_h X) W_{v,h}ᵀ + b_{v,h}: [H, B·Lq, Dv] · [H, Dv, dh] → [B, Lq, H·dh].
+        let px = cast(&px, dt)?
+            .reshape((b, heads, lq, dv))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((heads, b * lq, dv))?;
+        let out = px.matmul(&heads_of(&self.v)?.transpose(1, 2)?)?;
+        let mut out = out
+            .reshape((heads, b, lq, dh))?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?
+            .reshape((b, lq, inner))?;
+        if let Some(bv) = &self.v.bias {
+            out = out.broadcast_add(&cast(&super::detach_if_no_grad(bv), dt)?)?;
+        }
+        self.o.project(&out, ctx)
+    }
+}
+
+/// Override [`MultiHeadAttention::folds`]'s choice on this thread: `Some(true)` folds wherever
+/// it is valid (also where it costs more), `Some(false)` never folds, `None` (the default)
+/// folds where it costs less. For tests and comparisons.
+pub fn set_folded_attention_here(choice: Option<bool>) {
+    FOLD_HERE.with(|c| c.set(choice));
+}
+
+thread_local! {
+    static FOLD_HERE: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// `GCG_NO_FOLDED_ATTENTION` set (to anything but empty or 0), asked once.
+fn folding_off() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("GCG_NO_FOLDED_ATTENTION").is_some_and(|v| !v.is_empty() && v != "0"))
 }
 
 #[cfg(test)]
@@ -359,6 +487,136 @@ mod tests {
         let y = scaled_dot_product_attention(qv.as_tensor(), &k, &v, Some(scale), None, None)?;
         assert_eq!(onednn_calls(), before);
         assert!(y.sum_all()?.backward()?.get(qv.as_tensor()).is_some());
+        Ok(())
+    }
+
+    /// A [`MultiHeadAttention`] with random weights and biases: queries `dim` wide, keys and
+    /// values from `kv_dim`, `heads` heads over `inner`, no dropout unless `p`.
+    fn random_mha(
+        rng: &mut crate::rng::SeededRng,
+        dim: usize,
+        kv_dim: usize,
+        inner: usize,
+        heads: usize,
+        p: f64,
+    ) -> Result<MultiHeadAttention> {
+        let dev = Device::Cpu;
+        let mut lin = |i: usize, o: usize| -> Result<Linear> {
+            let w = Tensor::from_vec(rng.normal_vec(o * i, 0.0, 1.0 / (i as f64).sqrt()), (o, i), &dev)?;
+            let b = Tensor::from_vec(rng.normal_vec(o, 0.0, 0.5), o, &dev)?;
+            Ok(Linear::new(w, Some(b)))
+        };
+        Ok(MultiHeadAttention {
+            q: lin(dim, inner)?,
+            k: lin(kv_dim, inner)?,
+            v: lin(kv_dim, inner)?,
+            o: lin(inner, dim)?,
+            heads,
+            scale: Some(1.0 / ((inner / heads) as f64).sqrt()),
+            dropout: Dropout::new(p),
+        })
+    }
+
+    /// The folded cross-attention against the projected one (`forward`): f32 within 1e-5 of
+    /// the largest value, with and without a padding bias and a per-head bias; a bf16 inference
+    /// (f32 layers lowered to bf16, bf16 keys) within 1e-2 of the f32 result; the gradients of
+    /// every weight, bias and input within 1e-4 (the key bias's, zero in exact arithmetic,
+    /// below 1e-5 of the largest gradient on both sides); where folding costs more, with
+    /// dropout, or turned off, `forward_cross` is `forward`.
+    #[test]
+    fn folded_cross_attention_equals_the_projected_form() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SeededRng::new(5);
+        // 8 heads of 32 over 5 queries (40 < 256 wide), 40 keys 288 wide: folding costs less.
+        let (b, lq, lk, dim, kv_dim, inner, heads) = (2, 5, 40, 256, 288, 256, 8);
+        let mha = random_mha(&mut rng, dim, kv_dim, inner, heads, 0.0)?;
+        let x = Tensor::from_vec(rng.normal_vec(b * lq * dim, 0.0, 1.0), (b, lq, dim), &dev)?;
+        let kv = Tensor::from_vec(rng.normal_vec(b * lk * kv_dim, 0.0, 1.0), (b, lk, kv_dim), &dev)?;
+        let mut mask = vec![1f32; b * lk];
+        mask[b * lk - 7..].iter_mut().for_each(|m| *m = 0.0);
+        let padding = padding_bias(&Tensor::from_vec(mask, (b, lk), &dev)?, DType::F32)?; // [B, 1, 1, Lk]
+        let per_head = Tensor::from_vec(rng.normal_vec(heads * lq * lk, 0.0, 2.0), (1, heads, lq, lk), &dev)?;
+        let mixed = per_head.broadcast_add(&padding)?; // [B, H, Lq, Lk]
+        assert!(mha.folds(&x, &kv, Ctx::eval()));
+        for bias in [None, Some(&padding), Some(&mixed)] {
+            let want = mha.forward(&x, &kv, bias, Ctx::eval())?;
+            let got = mha.forward_cross(&x, &kv, bias, Ctx::eval())?;
+            assert_eq!(got.dims(), want.dims());
+            let err = max_rel(&got, &want)?;
+            assert!(
+                err <= 1e-5,
+                "f32, bias {:?}: error {err} of the largest value",
+                bias.map(|t| t.dims().to_vec())
+            );
+            // Inference (the oneDNN path where gcg has it) gives the same values.
+            let _scope = crate::nn::no_grad();
+            let err = max_rel(&mha.forward_cross(&x, &kv, bias, Ctx::eval())?, &want)?;
+            assert!(err <= 1e-5, "f32 inference: error {err}");
+        }
+        {
+            let _scope = crate::nn::inference(DType::BF16);
+            let kv16 = kv.to_dtype(DType::BF16)?;
+            let want = mha.forward(&x, &kv, Some(&padding), Ctx::eval())?;
+            let got = mha.forward_cross(&x, &kv16, Some(&padding), Ctx::eval())?;
+            let err = max_rel(&got, &want)?;
+            assert!(err <= 1e-2, "bf16 inference: error {err} of the largest value");
+        }
+        // Gradients (training without dropout), both forms on the same variables.
+        let vars: Vec<candle_core::Var> = [&mha.q, &mha.k, &mha.v, &mha.o]
+            .iter()
+            .flat_map(|l| [l.weight.clone(), l.bias.clone().unwrap()])
+            .chain([x.clone(), kv.clone()])
+            .map(|t| candle_core::Var::from_tensor(&t))
+            .collect::<candle_core::Result<_>>()?;
+        let t = |i: usize| vars[i].as_tensor().clone();
+        let lin = |i: usize| Linear::new(t(2 * i), Some(t(2 * i + 1)));
+        let trained = MultiHeadAttention {
+            q: lin(0),
+            k: lin(1),
+            v: lin(2),
+            o: lin(3),
+            ..mha.clone()
+        };
+        let r = Tensor::from_vec(rng.normal_vec(b * lq * dim, 0.0, 1.0), (b, lq, dim), &dev)?;
+        let rng_cell = std::cell::RefCell::new(crate::rng::SeededRng::new(1));
+        let ctx = Ctx::train(&rng_cell);
+        assert!(trained.folds(&t(8), &t(9), ctx));
+        let grads = |folded: bool| -> Result<Vec<Tensor>> {
+            set_folded_attention_here(Some(folded));
+            let y = trained.forward_cross(&t(8), &t(9), Some(&mixed), ctx);
+            set_folded_attention_here(None);
+            let g = (y? * &r)?.sum_all()?.backward()?;
+            vars.iter()
+                .map(|v| g.get(v.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient")))
+                .collect()
+        };
+        let (want, got) = (grads(false)?, grads(true)?);
+        let names = ["q.w", "q.b", "k.w", "k.b", "v.w", "v.b", "o.w", "o.b", "x", "kv"];
+        for (i, name) in names.iter().enumerate() {
+            if *name == "k.b" {
+                let top = want[2].abs()?.max_all()?.to_scalar::<f32>()?;
+                for g in [&want[i], &got[i]] {
+                    let m = g.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(m <= 1e-5 * top, "the key bias's gradient {m} (largest key weight gradient {top})");
+                }
+                continue;
+            }
+            let err = max_rel(&got[i], &want[i])?;
+            assert!(err <= 1e-4, "gradient of {name}: error {err} of the largest value");
+        }
+        // Dropout on the attention weights in training: projected.
+        let dropped = random_mha(&mut rng, dim, kv_dim, inner, heads, 0.1)?;
+        assert!(!dropped.folds(&x, &kv, ctx));
+        assert!(dropped.folds(&x, &kv, Ctx::eval()));
+        // As many query heads as the width (no saving): projected, unless forced.
+        let many = Tensor::from_vec(rng.normal_vec(b * 40 * dim, 0.0, 1.0), (b, 40, dim), &dev)?;
+        assert!(!mha.folds(&many, &kv, Ctx::eval()));
+        set_folded_attention_here(Some(true));
+        let forced = mha.folds(&many, &kv, Ctx::eval());
+        set_folded_attention_here(Some(false));
+        let off = mha.folds(&x, &kv, Ctx::eval());
+        set_folded_attention_here(None);
+        assert!(forced && !off);
         Ok(())
     }
 }
