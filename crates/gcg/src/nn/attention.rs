@@ -203,7 +203,7 @@ impl MultiHeadAttention {
     /// on the keys or values, no dropout on the attention weights, and fewer multiply-adds than
     /// projecting keys and values with keys and projections at least
     /// [`ONEDNN_MIN_DIM`](super::linear::ONEDNN_MIN_DIM) wide, or the thread's override
-    /// ([`set_folded_attention_here`]). Narrower networks (the demo's, the tests') keep the
+    /// ([`set_folded_attention_here`]). Narrower networks (the demo's, the parity fixtures') keep the
     /// projected form, and so their results: folding saves them nothing measurable, and its other
     /// rounding sent the demo's grounding mode down another path (seed 0: IoP@0.5 28.3 against
     /// 57.2). `GCG_NO_FOLDED_ATTENTION=1` turns folding off (for comparisons).
@@ -234,6 +234,11 @@ impl MultiHeadAttention {
 
     /// [`Self::forward_cross`] with the projections folded (see there).
     fn forward_folded(&self, x: &Tensor, kv: &Tensor, bias: Option<&Tensor>, ctx: Ctx) -> Result<Tensor> {
+        // Inside no_grad the tokens and the bias are cut from any graph, as the projections'
+        // inputs are (Linear's inference path), so the products below take the fast kernels.
+        let kv = &super::detach_if_no_grad(kv);
+        let bias = bias.map(super::detach_if_no_grad);
+        let bias = bias.as_ref();
         let (b, lq, _) = x.dims3()?;
         let (_, lk, dv) = kv.dims3()?;
         let (heads, inner) = (self.heads, self.k.out_dim());
@@ -524,10 +529,12 @@ mod tests {
 
     /// The folded cross-attention against the projected one (`forward`): f32 within 1e-5 of
     /// the largest value, with and without a padding bias and a per-head bias; a bf16 inference
-    /// (f32 layers lowered to bf16, bf16 keys) within 1e-2 of the f32 result; the gradients of
-    /// every weight, bias and input within 1e-4 (the key bias's, zero in exact arithmetic,
-    /// below 1e-5 of the largest gradient on both sides); where folding costs more, with
-    /// dropout, or turned off, `forward_cross` is `forward`.
+    /// (f32 layers lowered to bf16, bf16 keys) within 1e-2 of the projected form in the same
+    /// scope; the gradients of every weight, bias and input within 1e-4 (the key bias's, zero
+    /// in exact arithmetic, below 1e-5 of the largest gradient on both sides); `folds` says no
+    /// where folding costs more, for a narrow network, with dropout (also when forced) or
+    /// turned off. The comparisons force the fold on, so they hold under
+    /// `GCG_NO_FOLDED_ATTENTION=1` too, where the automatic choice is no.
     #[test]
     fn folded_cross_attention_equals_the_projected_form() -> Result<()> {
         let dev = Device::Cpu;
@@ -542,7 +549,9 @@ mod tests {
         let padding = padding_bias(&Tensor::from_vec(mask, (b, lk), &dev)?, DType::F32)?; // [B, 1, 1, Lk]
         let per_head = Tensor::from_vec(rng.normal_vec(heads * lq * lk, 0.0, 2.0), (1, heads, lq, lk), &dev)?;
         let mixed = per_head.broadcast_add(&padding)?; // [B, H, Lq, Lk]
-        assert!(mha.folds(&x, &kv, Ctx::eval()));
+        let auto = !folding_off();
+        assert_eq!(mha.folds(&x, &kv, Ctx::eval()), auto);
+        set_folded_attention_here(Some(true));
         for bias in [None, Some(&padding), Some(&mixed)] {
             let want = mha.forward(&x, &kv, bias, Ctx::eval())?;
             let got = mha.forward_cross(&x, &kv, bias, Ctx::eval())?;
@@ -566,6 +575,7 @@ mod tests {
             let err = max_rel(&got, &want)?;
             assert!(err <= 1e-2, "bf16 inference: error {err} of the largest value");
         }
+        set_folded_attention_here(None);
         // Gradients (training without dropout), both forms on the same variables.
         let vars: Vec<candle_core::Var> = [&mha.q, &mha.k, &mha.v, &mha.o]
             .iter()
@@ -585,7 +595,7 @@ mod tests {
         let r = Tensor::from_vec(rng.normal_vec(b * lq * dim, 0.0, 1.0), (b, lq, dim), &dev)?;
         let rng_cell = std::cell::RefCell::new(crate::rng::SeededRng::new(1));
         let ctx = Ctx::train(&rng_cell);
-        assert!(trained.folds(&t(8), &t(9), ctx));
+        assert_eq!(trained.folds(&t(8), &t(9), ctx), auto);
         let grads = |folded: bool| -> Result<Vec<Tensor>> {
             set_folded_attention_here(Some(folded));
             let y = trained.forward_cross(&t(8), &t(9), Some(&mixed), ctx);
@@ -612,7 +622,11 @@ mod tests {
         // Dropout on the attention weights in training: projected.
         let dropped = random_mha(&mut rng, dim, kv_dim, inner, heads, 0.1)?;
         assert!(!dropped.folds(&x, &kv, ctx));
-        assert!(dropped.folds(&x, &kv, Ctx::eval()));
+        assert_eq!(dropped.folds(&x, &kv, Ctx::eval()), auto);
+        set_folded_attention_here(Some(true));
+        let forced_with_dropout = dropped.folds(&x, &kv, ctx);
+        set_folded_attention_here(None);
+        assert!(!forced_with_dropout, "forced on, dropout still keeps the projected form");
         // A narrow network (the demo's widths) keeps the projected form, unless forced.
         let narrow = random_mha(&mut rng, 32, 48, 32, 4, 0.0)?;
         let (xn, kvn) = (x.narrow(2, 0, 32)?, kv.narrow(2, 0, 48)?.contiguous()?);
