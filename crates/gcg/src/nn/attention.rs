@@ -253,8 +253,7 @@ impl MultiHeadAttention {
         let wide = self.k.lowered_to(kv).unwrap_or(dt);
         let heads_of = |l: &Linear| -> Result<Tensor> { Ok(cast(&super::detach_if_no_grad(&l.weight), dt)?.reshape((heads, dh, dv))?) };
         // q_h W_{k,h} for every head: [H, B·Lq, dh] · [H, dh, Dv] → [B, 1, H·Lq, Dv].
-        let qh = q.transpose(0, 1)?.contiguous()?.reshape((heads, b * lq, dh))?;
-        let qk = qh
+        let qk = heads_major(&q)?
             .matmul(&heads_of(&self.k)?)?
             .reshape((heads, b, lq, dv))?
             .transpose(0, 1)?
@@ -276,14 +275,11 @@ impl MultiHeadAttention {
                 None => shift,
             });
         }
+        // softmax((q_h W_{k,h}) Xᵀ) X for every head: [B, 1, H·Lq, Dv].
         let xs = cast(kv, wide)?.unsqueeze(1)?; // [B, 1, Lk, Dv]
-        let px = scaled_dot_product_attention(&cast(&qk, wide)?, &xs, &xs, None, bias.as_ref(), None)?; // [B, 1, H·Lq, Dv]
-                                                                                                        // (P_h X) W_{v,h}ᵀ + b_{v,h}: [H, B·Lq, Dv] · [H, Dv, dh] → [B, Lq, H·dh].
-        let px = cast(&px, dt)?
-            .reshape((b, heads, lq, dv))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((heads, b * lq, dv))?;
+        let px = scaled_dot_product_attention(&cast(&qk, wide)?, &xs, &xs, None, bias.as_ref(), None)?;
+        // (P_h X) W_{v,h}ᵀ + b_{v,h}: [H, B·Lq, Dv] · [H, Dv, dh] → [B, Lq, H·dh].
+        let px = heads_major(&cast(&px, dt)?.reshape((b, heads, lq, dv))?)?;
         let out = px.matmul(&heads_of(&self.v)?.transpose(1, 2)?)?;
         let mut out = out
             .reshape((heads, b, lq, dh))?
@@ -295,6 +291,12 @@ impl MultiHeadAttention {
         }
         self.o.project(&out, ctx)
     }
+}
+
+/// [B, H, L, D] → [H, B·L, D] (contiguous): one batch of rows per head.
+fn heads_major(t: &Tensor) -> Result<Tensor> {
+    let (b, h, l, d) = t.dims4()?;
+    Ok(t.transpose(0, 1)?.contiguous()?.reshape((h, b * l, d))?)
 }
 
 /// Override [`MultiHeadAttention::folds`]'s choice on this thread: `Some(true)` folds wherever
