@@ -316,12 +316,21 @@ fn attention_kernels() -> String {
 /// Which kernels ran and on how many threads (for the JSON of every bench).
 pub fn kernels() -> serde_json::Value {
     json!({
-        "matmul": if gcg::nn::linear::ONEDNN {
+        "matmul": if gcg::nn::linear::ONEDNN && gcg::nn::isa::onednn_bf16() {
             "oneDNN (frozen products >= 256 wide, fused epilogues; bf16 in mixed precision) + candle (the rest)"
+        } else if gcg::nn::linear::ONEDNN {
+            "oneDNN (frozen products >= 256 wide, fused epilogues; bf16 operands widened to f32: no bf16 products below AVX-512) + candle (the rest)"
         } else {
             "candle"
         },
         "attention": attention_kernels(),
+        // The vector instructions gcg's kernels and oneDNN may use: the highest level this CPU
+        // has within GCG_MAX_CPU_ISA's cap, and the cap ("amx": none).
+        "cpu_isa": {
+            "used": gcg::nn::isa::best().as_str(),
+            "cap": gcg::nn::isa::cap().as_str(),
+            "onednn_bf16": gcg::nn::linear::ONEDNN && gcg::nn::isa::onednn_bf16(),
+        },
         "matmul_precision": gcg::nn::linear::matmul_precision().as_str(),
         "amx": if gcg::nn::linear::amx_active() {
             if gcg::nn::linear::matmul_precision() == gcg::nn::linear::MatmulPrecision::High {
@@ -330,7 +339,7 @@ pub fn kernels() -> serde_json::Value {
                 "gcg's AMX kernel for bf16 products of >= 32 rows (reduction a multiple of 32)"
             }
         } else if gcg::nn::linear::AMX_BUILT {
-            "built in, not used: no AMX-BF16 on this CPU, Linux refused its tile state, or GCG_NO_AMX is set"
+            "built in, not used: no AMX-BF16 on this CPU, Linux refused its tile state, GCG_NO_AMX is set or GCG_MAX_CPU_ISA caps it"
         } else {
             "not built (needs x86-64, oneDNN, a C compiler with AMX intrinsics, glibc >= 2.35)"
         },

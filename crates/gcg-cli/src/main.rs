@@ -255,7 +255,8 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    if let Err(e) = run(cli) {
+    // A wrong GCG_MAX_CPU_ISA stops the command here, before any kernel is chosen.
+    if let Err(e) = gcg::nn::isa::check_env().and_then(|_| run(cli)) {
         eprintln!("error: {e}");
         for cause in e.chain().skip(1) {
             eprintln!("  caused by: {cause}");

@@ -235,10 +235,8 @@ fn peak_and_the_vits_share_of_it() {
         assert!(u["gflops_one_thread"].as_f64().is_some_and(|g| g > 0.0), "{name}: {u}");
         assert!(u["instruction"].as_str().is_some_and(|s| !s.is_empty()), "{name}: {u}");
     }
-    #[cfg(target_arch = "x86_64")]
-    let fma = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    let fma = false;
+    // AVX2 + FMA on this CPU, within GCG_MAX_CPU_ISA's cap if one is set (the child sees it too).
+    let fma = gcg::nn::isa::avx2();
     if fma {
         assert!(!units["f32_fma"].is_null(), "{v}");
     }
@@ -276,4 +274,45 @@ fn peak_and_the_vits_share_of_it() {
     assert!(!err.status.success());
     let stderr = String::from_utf8_lossy(&err.stderr);
     assert!(stderr.contains("--seconds 0.001 must be in [0.05, 60]"), "{stderr}");
+}
+
+/// `GCG_MAX_CPU_ISA` reaches the kernels: capped at AVX2, `gcg bench peak` has no AVX512-BF16 or
+/// AMX unit and runs its FMA probe on 8-lane (ymm) registers, and the bench JSON names the cap
+/// and the level used; a value that is not a level stops the command with an error that names
+/// it and lists the levels.
+#[test]
+fn the_isa_cap_reaches_the_kernels() {
+    let run = |cap: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_gcg"))
+            .args(args)
+            .env("GCG_MAX_CPU_ISA", cap)
+            .output()
+            .expect("running gcg")
+    };
+    let out = run("avx2", &["bench", "peak", "--threads", "1", "--seconds", "0.1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("peak JSON");
+    let units = &v["units"];
+    assert!(units["bf16_dot"].is_null() && units["amx_bf16"].is_null(), "{v}");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        let instruction = units["f32_fma"]["instruction"].as_str().expect("the FMA unit under an AVX2 cap");
+        assert!(instruction.contains("ymm"), "{v}");
+    }
+
+    let (k, _) = bench_kernels(&[], &[("GCG_MAX_CPU_ISA", Some("AVX2"))]);
+    let isa = &k["cpu_isa"];
+    assert_eq!(isa["cap"], "avx2", "{k}");
+    assert!(isa["used"] == "avx2" || isa["used"] == "baseline", "{k}");
+    assert_eq!(isa["onednn_bf16"], false, "{k}");
+    let (k, _) = bench_kernels(&[], &[("GCG_MAX_CPU_ISA", None)]);
+    assert_eq!(k["cpu_isa"]["cap"], "amx", "no cap: {k}");
+
+    let out = run("avx3", &["bench", "peak", "--seconds", "0.1"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("GCG_MAX_CPU_ISA=\"avx3\"") && stderr.contains("baseline, avx2, avx512, avx512_bf16, amx"),
+        "{stderr}"
+    );
 }

@@ -16,7 +16,9 @@
 #include <dlfcn.h>
 #include <oneapi/dnnl/dnnl.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* The threads oneDNN's OpenMP runtime uses from now on (Debian's libdnnl runs on libgomp, which
  * reads OMP_NUM_THREADS before main; looked up at run time so that no OpenMP library is linked
@@ -28,6 +30,16 @@ int gcg_onednn_set_threads(int n) {
     return 0;
 }
 
+/* Caps the instruction sets oneDNN's kernels use at gcg's GCG_MAX_CPU_ISA (src/nn/isa.rs):
+ * level 0 plain x86-64 (oneDNN's SSE4.1 floor), 1 AVX2, 2 AVX-512 (avx512_core), 3 AVX512-BF16.
+ * Takes effect only before oneDNN's first kernel. Returns oneDNN's status. */
+int gcg_onednn_cap_isa(int level) {
+    static const dnnl_cpu_isa_t isa[] = {dnnl_cpu_isa_sse41, dnnl_cpu_isa_avx2, dnnl_cpu_isa_avx512_core,
+                                         dnnl_cpu_isa_avx512_core_bf16};
+    if (level < 0 || level > 3) return dnnl_invalid_arguments;
+    return dnnl_set_max_cpu_isa(isa[level]);
+}
+
 static dnnl_engine_t engine;
 static dnnl_status_t engine_status = dnnl_runtime_error;
 static pthread_once_t engine_once = PTHREAD_ONCE_INIT;
@@ -35,6 +47,19 @@ static pthread_once_t engine_once = PTHREAD_ONCE_INIT;
 static void make_engine(void) { engine_status = dnnl_engine_create(&engine, dnnl_cpu, 0); }
 
 #define TRY(x) do { st = (x); if (st != dnnl_success) goto done; } while (0)
+
+/* Returned instead of a dnnl_status_t when oneDNN has only its reference implementation for a
+ * problem: plain loops, ~100x slower than gcg's fallback (the product without the epilogue, then
+ * the element-wise ops). Below AVX-512, Debian's oneDNN 2.6 has no optimised matmul for an
+ * activation or a gate followed by the residual's sum (0.2 GFLOP/s measured on such a product). */
+#define GCG_REFERENCE_ONLY 100
+
+/* The status for a created pd: GCG_REFERENCE_ONLY when oneDNN picked a reference kernel. */
+static int refuse_reference(const_dnnl_primitive_desc_t pd) {
+    const char *impl = NULL;
+    if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) != dnnl_success || !impl) return 0;
+    return strncmp(impl, "ref", 3) == 0 ? GCG_REFERENCE_ONLY : 0;
+}
 
 /* One argument of a primitive: its kind (DNNL_ARG_…), memory descriptor and buffer. */
 typedef struct {
@@ -69,15 +94,16 @@ done:
 }
 
 /* Creates the primitive of `op` (a matmul or softmax descriptor) with `attr` and runs it on the n
- * arguments (see exec). Returns its status. */
-static dnnl_status_t run(const void *op, const_dnnl_primitive_attr_t attr, int n, const arg_t *args) {
+ * arguments (see exec). Returns its status, or GCG_REFERENCE_ONLY (nothing run). */
+static int run(const void *op, const_dnnl_primitive_attr_t attr, int n, const arg_t *args) {
     pthread_once(&engine_once, make_engine);
     if (engine_status != dnnl_success) return engine_status;
     dnnl_primitive_desc_t pd = NULL;
     dnnl_status_t st = dnnl_primitive_desc_create(&pd, op, attr, engine, NULL);
-    if (st == dnnl_success) st = exec(pd, n, args);
+    int refused = st == dnnl_success ? refuse_reference(pd) : 0;
+    if (st == dnnl_success && !refused) st = exec(pd, n, args);
     if (pd) dnnl_primitive_desc_destroy(pd);
-    return st;
+    return refused ? refused : (int)st;
 }
 
 /* A weight in the layout a matmul kernel reads it in (oneDNN's blocked "any" format for one
@@ -128,7 +154,8 @@ fail:
  * w) or, when `use` is set and its layout is the one this problem's kernel reads, from `use`'s
  * packed copy. With `make` set it computes nothing: it stores in *make a packed copy of w in the
  * layout this problem's kernel reads, or NULL when that layout is w's own. act: 0 none, 1 exact
- * (erf) GELU, 2 tanh GELU, 3 ReLU. Returns 0 on success, else the dnnl_status_t. */
+ * (erf) GELU, 2 tanh GELU, 3 ReLU. Returns 0 on success, else the dnnl_status_t (or
+ * GCG_REFERENCE_ONLY: nothing computed). */
 static int linear(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w, const float *bias,
                   int act, const void *gate, int gate_bf16, int residual, void *y, const packed_t *use, packed_t **make,
                   size_t max_bytes) {
@@ -166,6 +193,7 @@ static int linear(int in_bf16, int out_bf16, long m, long n, long k, const void 
         TRY(dnnl_memory_desc_init_by_tag(&anyd, 2, wdims, it, dnnl_format_tag_any));
         TRY(dnnl_matmul_desc_init(&md, &xd, &anyd, bias ? &bd : NULL, &yd));
         TRY(dnnl_primitive_desc_create(&pd, &md, attr, engine, NULL));
+        if ((st = (dnnl_status_t)refuse_reference(pd))) goto done;
         const dnnl_memory_desc_t *want = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
         if (!want) {
             st = dnnl_runtime_error;
@@ -188,6 +216,7 @@ static int linear(int in_bf16, int out_bf16, long m, long n, long k, const void 
     if (!pd) {
         TRY(dnnl_matmul_desc_init(&md, &xd, &wd, bias ? &bd : NULL, &yd));
         TRY(dnnl_primitive_desc_create(&pd, &md, attr, engine, NULL));
+        if ((st = (dnnl_status_t)refuse_reference(pd))) goto done;
     }
     {
         arg_t args[5] = {{DNNL_ARG_SRC, &xd, x}, {DNNL_ARG_WEIGHTS, wmd, wptr}, {DNNL_ARG_DST, &yd, y}};
@@ -229,8 +258,33 @@ static long rows_per_call(long m) {
 /* rows_per_call, for tests. */
 long gcg_onednn_rows_per_call(long m) { return rows_per_call(m); }
 
+/* y[i] += t[i] over count values, y f32 or bf16 (the f32 sum rounded to nearest even, a NaN kept
+ * a quiet NaN: what oneDNN's sum post-op writes). */
+static void add_into(void *y, int y_bf16, const float *t, size_t count) {
+    if (!y_bf16) {
+        float *yf = y;
+        for (size_t i = 0; i < count; i++) yf[i] += t[i];
+        return;
+    }
+    uint16_t *yb = y;
+    for (size_t i = 0; i < count; i++) {
+        union { float f; uint32_t u; } v;
+        v.u = (uint32_t)yb[i] << 16;
+        v.f += t[i];
+        uint32_t u = v.u;
+        yb[i] = (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((u >> 16) | 0x40) : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+/* Products whose residual was added by add_into (see linear_rows), for tests. */
+static long split_residuals;
+long gcg_onednn_split_residuals(void) { return __atomic_load_n(&split_residuals, __ATOMIC_RELAXED); }
+
 /* linear() over blocks of rows_per_call(m) rows: x, the gate and y advanced by whole rows (each
- * row of the result depends only on the same row of x, the gate and the residual in y). */
+ * row of the result depends only on the same row of x, the gate and the residual in y). Where
+ * oneDNN has only its reference kernel for the epilogue with the residual's sum (an activation or
+ * a gate followed by the sum, below AVX-512), the product and the rest of the epilogue go to an
+ * f32 scratch and the residual is added here, as the sum post-op would add it. */
 static int linear_rows(int in_bf16, int out_bf16, long m, long n, long k, const void *x, const void *w,
                        const float *bias, int act, const void *gate, int gate_bf16, int residual, void *y,
                        const packed_t *use) {
@@ -238,9 +292,19 @@ static int linear_rows(int in_bf16, int out_bf16, long m, long n, long k, const 
     size_t xs = in_bf16 ? 2 : 4, ys = out_bf16 ? 2 : 4, gs = gate_bf16 ? 2 : 4;
     for (long r0 = 0; r0 < m; r0 += rows) {
         long mr = m - r0 < rows ? m - r0 : rows;
-        int st = linear(in_bf16, out_bf16, mr, n, k, (const char *)x + r0 * k * xs, w, bias, act,
-                        gate ? (const char *)gate + r0 * n * gs : NULL, gate_bf16, residual, (char *)y + r0 * n * ys,
-                        use, NULL, 0);
+        const void *xr = (const char *)x + r0 * k * xs, *gr = gate ? (const char *)gate + r0 * n * gs : NULL;
+        void *yr = (char *)y + r0 * n * ys;
+        int st = linear(in_bf16, out_bf16, mr, n, k, xr, w, bias, act, gr, gate_bf16, residual, yr, use, NULL, 0);
+        if (st == GCG_REFERENCE_ONLY && residual) {
+            float *t = malloc((size_t)mr * n * sizeof(float));
+            if (!t) return dnnl_out_of_memory;
+            st = linear(in_bf16, 0, mr, n, k, xr, w, bias, act, gr, gate_bf16, 0, t, use, NULL, 0);
+            if (!st) {
+                add_into(yr, out_bf16, t, (size_t)mr * n);
+                __atomic_add_fetch(&split_residuals, 1, __ATOMIC_RELAXED);
+            }
+            free(t);
+        }
         if (st) return st;
     }
     return 0;
@@ -280,7 +344,8 @@ int gcg_onednn_pack(int in_bf16, int out_bf16, long m, long n, long k, const voi
  *
  * each operand given by its four strides (in elements), so q, kᵀ, v and the merged-head output
  * are read and written in place. a and b are both f32 or both bf16 (ab_bf16); c is f32 or bf16
- * (c_bf16); the accumulation is f32. Returns 0 on success, else the dnnl_status_t. */
+ * (c_bf16); the accumulation is f32. Returns 0 on success, else the dnnl_status_t (or
+ * GCG_REFERENCE_ONLY). */
 int gcg_onednn_bmm(int ab_bf16, int c_bf16, long b0, long b1, long m, long n, long k, const void *a, const long *sa,
                    const void *b, const long *sb, float alpha, void *c, const long *sc) {
     dnnl_status_t st = dnnl_success;
@@ -303,7 +368,7 @@ int gcg_onednn_bmm(int ab_bf16, int c_bf16, long b0, long b1, long m, long n, lo
     }
     {
         arg_t args[3] = {{DNNL_ARG_SRC, &ad, a}, {DNNL_ARG_WEIGHTS, &bd, b}, {DNNL_ARG_DST, &cd, c}};
-        st = run(&md, attr, 3, args);
+        st = (dnnl_status_t)run(&md, attr, 3, args);
     }
 done:
     if (po) dnnl_post_ops_destroy(po);
@@ -312,7 +377,7 @@ done:
 }
 
 /* y [rows, n] = softmax over each row of x [rows, n] (f32), y in f32 or bf16 (y_bf16); both
- * row-major and contiguous. Returns 0 on success, else the dnnl_status_t. */
+ * row-major and contiguous. Returns 0 on success, else the dnnl_status_t (or GCG_REFERENCE_ONLY). */
 int gcg_onednn_softmax(long rows, long n, const float *x, void *y, int y_bf16) {
     dnnl_status_t st = dnnl_success;
     dnnl_memory_desc_t xd, yd;
@@ -323,7 +388,7 @@ int gcg_onednn_softmax(long rows, long n, const float *x, void *y, int y_bf16) {
     TRY(dnnl_softmax_v2_forward_desc_init(&sd, dnnl_forward_inference, dnnl_softmax_accurate, &xd, &yd, 1));
     {
         arg_t args[2] = {{DNNL_ARG_SRC, &xd, x}, {DNNL_ARG_DST, &yd, y}};
-        st = run(&sd, NULL, 2, args);
+        st = (dnnl_status_t)run(&sd, NULL, 2, args);
     }
 done:
     return (int)st;

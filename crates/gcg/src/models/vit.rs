@@ -659,11 +659,7 @@ mod tests {
                 assert_eq!(a.qkv_packed_bytes(), 0, "packed on the first call");
             }
         }
-        #[cfg(target_arch = "x86_64")]
-        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx512 = false;
-        if crate::nn::linear::ONEDNN && avx512 && crate::nn::linear::pack_weights_enabled() {
+        if crate::nn::linear::ONEDNN && crate::nn::isa::avx512() && crate::nn::linear::pack_weights_enabled() {
             assert!(a.qkv_packed_bytes() >= 768 * 256 * 4, "no packed q/k/v copy after four calls");
         }
         assert_eq!(a.clone().qkv_packed_bytes(), a.qkv_packed_bytes(), "a clone holds the same copy");

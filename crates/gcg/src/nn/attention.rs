@@ -351,11 +351,7 @@ mod tests {
         #[cfg(target_arch = "x86_64")]
         if std::env::var("GCG_REQUIRE_ONEDNN").is_ok_and(|v| v == "1")
             && std::env::var_os("GCG_NO_AVX512_ATTENTION").is_none()
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-            && std::arch::is_x86_feature_detected!("avx512bf16")
+            && crate::nn::isa::avx512_bf16()
         {
             // Not a silent fallback where the kernel should run (built with the AMX kernels).
             assert!(

@@ -52,6 +52,22 @@ pub fn cast(t: &Tensor, dt: DType) -> candle_core::Result<Tensor> {
     Ok(out)
 }
 
+/// `src` widened to f32 (exactly), on all threads when it is long.
+pub(crate) fn widen(src: &[bf16]) -> Vec<f32> {
+    if src.len() < PAR_MIN {
+        return src.iter().map(|v| v.to_f32()).collect();
+    }
+    convert(src, to_f32)
+}
+
+/// `src` rounded to bf16 (as [`cast`]), on all threads when it is long.
+pub(crate) fn narrow(src: &[f32]) -> Vec<bf16> {
+    if src.len() < PAR_MIN {
+        return src.iter().map(|&v| bf16::from_f32(v)).collect();
+    }
+    convert(src, to_bf16)
+}
+
 /// `f` over `src` on all threads, into a new vector.
 fn convert<S: Copy + Sync, D: Send>(src: &[S], f: fn(&[S], &mut [MaybeUninit<D>])) -> Vec<D> {
     let mut out: Vec<D> = Vec::with_capacity(src.len());
@@ -125,13 +141,14 @@ type Kernel<S, D> = fn(&[S], &mut [MaybeUninit<D>]);
 #[cfg(target_arch = "x86_64")]
 type WideKernel<S, D> = unsafe fn(&[S], &mut [MaybeUninit<D>]);
 
-/// `plain`, or its copy compiled for the widest vector unit this CPU has.
+/// `plain`, or its copy compiled for the widest vector unit this CPU has (within
+/// `GCG_MAX_CPU_ISA`'s cap, [`super::isa`]).
 #[cfg(target_arch = "x86_64")]
 fn widest<S, D>(src: &[S], dst: &mut [MaybeUninit<D>], plain: Kernel<S, D>, avx512: WideKernel<S, D>, avx2: WideKernel<S, D>) {
-    if std::arch::is_x86_feature_detected!("avx512bw") {
+    if super::isa::avx512() {
         // SAFETY: the CPU has the features `avx512` is compiled for.
         unsafe { avx512(src, dst) }
-    } else if std::arch::is_x86_feature_detected!("avx2") {
+    } else if super::isa::avx2() {
         // SAFETY: as above, for `avx2`.
         unsafe { avx2(src, dst) }
     } else {

@@ -617,8 +617,8 @@ pub const AMX_MIN_ROWS: usize = 32;
 
 /// Whether bf16 products of at least [`AMX_MIN_ROWS`] rows (and a reduction that is a multiple
 /// of 32) run on gcg's AMX kernel on this thread: built in, the CPU has AMX-BF16 and Linux grants
-/// its tile state, `GCG_NO_AMX` is not set (to compare with oneDNN's kernels), and
-/// [`set_amx_here`] did not turn it off.
+/// its tile state, `GCG_NO_AMX` is not set (to compare with oneDNN's kernels), `GCG_MAX_CPU_ISA`
+/// does not cap it ([`super::isa`]), and [`set_amx_here`] did not turn it off.
 pub fn amx_active() -> bool {
     amx_usable() && !AMX_OFF_HERE.with(|c| c.get())
 }
@@ -627,7 +627,7 @@ pub fn amx_active() -> bool {
 fn amx_usable() -> bool {
     static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *USABLE.get_or_init(|| {
-        if std::env::var_os("GCG_NO_AMX").is_some_and(|v| !v.is_empty() && v != "0") {
+        if std::env::var_os("GCG_NO_AMX").is_some_and(|v| !v.is_empty() && v != "0") || !super::isa::allows(super::isa::Isa::Amx) {
             return false;
         }
         #[cfg(gcg_amx)]
@@ -647,8 +647,9 @@ fn amx_usable() -> bool {
 
 /// Whether inference attention without a bias in `dt` (f32, or bf16 where gcg's AMX attention
 /// does not run) takes gcg's AVX-512 attention: built in (as the AMX kernels), the CPU has
-/// AVX-512 F/DQ/BW/VL and AVX512-BF16 (both types), and `GCG_NO_AVX512_ATTENTION` is not set (to
-/// compare with oneDNN's batched products and softmax). Asked once per type.
+/// AVX-512 F/DQ/BW/VL and AVX512-BF16 (both types) within `GCG_MAX_CPU_ISA`'s cap, and
+/// `GCG_NO_AVX512_ATTENTION` is not set (to compare with oneDNN's batched products and softmax).
+/// Asked once per type.
 pub fn avx512_attention_active(dt: DType) -> bool {
     static USABLE: [std::sync::OnceLock<bool>; 2] = [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
     let bf16 = match dt {
@@ -657,7 +658,7 @@ pub fn avx512_attention_active(dt: DType) -> bool {
         _ => return false,
     };
     *USABLE[bf16 as usize].get_or_init(|| {
-        if std::env::var_os("GCG_NO_AVX512_ATTENTION").is_some_and(|v| !v.is_empty() && v != "0") {
+        if std::env::var_os("GCG_NO_AVX512_ATTENTION").is_some_and(|v| !v.is_empty() && v != "0") || !super::isa::avx512_bf16() {
             return false;
         }
         #[cfg(gcg_amx)]
@@ -819,6 +820,15 @@ mod onednn {
 
     /// `dnnl_unimplemented`: no kernel for the asked combination.
     const DNNL_UNIMPLEMENTED: c_int = 3;
+    /// csrc's GCG_REFERENCE_ONLY: oneDNN had only its reference kernel (plain loops, ~100× slower
+    /// than the plain ops here), so nothing was computed.
+    const REFERENCE_ONLY: c_int = 100;
+
+    /// Whether `status` says oneDNN did not compute: no kernel for the problem, or only its
+    /// reference one. The plain ops take over.
+    fn not_computed(status: c_int) -> bool {
+        status == DNNL_UNIMPLEMENTED || status == REFERENCE_ONLY
+    }
     /// `dnnl_out_of_memory`.
     const DNNL_OUT_OF_MEMORY: c_int = 1;
 
@@ -913,6 +923,70 @@ mod onednn {
         ) -> c_int;
     }
 
+    /// Hands `GCG_MAX_CPU_ISA`'s cap ([`crate::nn::isa`]) to oneDNN, once, before its first
+    /// kernel (every call into oneDNN passes here first).
+    fn cap_isa() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            extern "C" {
+                fn gcg_onednn_cap_isa(level: c_int) -> c_int;
+            }
+            if let Some(level) = crate::nn::isa::onednn_level() {
+                // SAFETY: takes a level number; oneDNN checks it.
+                let status = unsafe { gcg_onednn_cap_isa(level) };
+                if status != 0 {
+                    tracing::warn!(
+                        "oneDNN did not take {}={} (dnnl_status_t {status}): its kernels may use more than that",
+                        crate::nn::isa::ENV,
+                        crate::nn::isa::cap().as_str()
+                    );
+                }
+            }
+        });
+    }
+
+    /// [`linear`] of bf16 x and w where oneDNN has no bf16 products (a CPU without AVX-512, or
+    /// one capped below it by `GCG_MAX_CPU_ISA`): x, w and a bf16 gate or residual widened to f32
+    /// (exactly), oneDNN's f32 product (the same products of the same values, accumulated in f32
+    /// as its bf16 kernels do), the output rounded to bf16 once where asked. The weight is
+    /// widened on every call, as a frozen bf16 weight is kept in bf16 (an f32 copy would double
+    /// the backbone's memory); a layer's packed copy, when made, is of the widened weight.
+    fn widened(xb: &Buf, wb: &Buf, (m, n, k): (usize, usize, usize), post: &Post) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
+        let wide = |b: &Buf| match b {
+            Buf::F32(v) => CpuStorage::F32(v.to_vec()),
+            Buf::BF16(v) => CpuStorage::F32(crate::nn::cast::widen(v)),
+        };
+        let (x, w) = (wide(xb), wide(wb));
+        let (xl, wl) = (Layout::contiguous((m, k)), Layout::contiguous((n, k)));
+        // A bf16 gate or residual widened (Err: not contiguous, left to the plain ops); an f32
+        // one is read as it is.
+        let widen_bf16 = |o: Option<(&CpuStorage, &Layout)>| -> Result<Option<CpuStorage>, ()> {
+            match o {
+                Some((s @ CpuStorage::BF16(_), l)) => buf(s, l).map(|b| Some(wide(&b))).ok_or(()),
+                _ => Ok(None),
+            }
+        };
+        let (Ok(gate), Ok(residual)) = (widen_bf16(post.gate), widen_bf16(post.residual)) else {
+            return Ok(None);
+        };
+        let rest = Layout::contiguous((m, n));
+        let f32_post = Post {
+            act: post.act,
+            bias: post.bias,
+            gate: gate.as_ref().map(|g| (g, &rest)).or(post.gate),
+            residual: residual.as_ref().map(|r| (r, &rest)).or(post.residual),
+            out: DType::F32,
+            pack: post.pack,
+        };
+        let Some((y, shape)) = linear(&x, &xl, &w, &wl, &f32_post)? else {
+            return Ok(None);
+        };
+        Ok(Some(match (post.out, y) {
+            (DType::BF16, CpuStorage::F32(y)) => (CpuStorage::BF16(crate::nn::cast::narrow(&y)), shape),
+            (_, y) => (y, shape),
+        }))
+    }
+
     /// `x [m, k] · w [n, k]ᵀ` plus `post` by oneDNN, or `None` when it does not apply (sizes,
     /// layouts, dtypes).
     pub fn linear(
@@ -935,6 +1009,10 @@ mod onednn {
         if xb.is_bf16() != wb.is_bf16() || !matches!(post.out, DType::F32 | DType::BF16) {
             return Ok(None);
         }
+        if xb.is_bf16() && !crate::nn::isa::onednn_bf16() {
+            return widened(&xb, &wb, (m, n, k), post);
+        }
+        cap_isa();
         let gate = match post.gate {
             None => None,
             Some((g, gl)) => match buf(g, gl) {
@@ -1055,8 +1133,9 @@ mod onednn {
                     }
                 }
             };
-            if status == DNNL_UNIMPLEMENTED {
-                // A combination of types this oneDNN has no kernel for: the plain ops instead.
+            if not_computed(status) {
+                // A combination of types or epilogues this oneDNN has no (fast) kernel for: the
+                // plain ops instead.
                 return Ok(false);
             }
             if status != 0 {
@@ -1188,6 +1267,19 @@ mod onednn {
         if (kb, kh, kd) != (b, h, d) || (vb, vh, vl) != (b, h, lk) || b * h * lq * lk * d * dv == 0 {
             return Ok(None);
         }
+        if dt == DType::BF16 && !crate::nn::isa::onednn_bf16() {
+            // No bf16 products in oneDNN on this CPU or under the cap (gcg's bf16 kernels need
+            // more): the f32 attention of the widened (exact) operands, its result rounded to bf16
+            // once. The probabilities stay in f32 for the second product (oneDNN's bf16 path
+            // rounds them to bf16 first).
+            let f = |t: &Tensor| crate::nn::cast::cast(t, DType::F32);
+            return match attention(&f(q)?, &f(k)?, &f(v)?, scale, bias)? {
+                None => Ok(None),
+                // [B, Lq, H, Dv] in memory, returned as its [B, H, Lq, Dv] view as below.
+                Some(y) => Ok(Some(crate::nn::cast::cast(&y.transpose(1, 2)?, DType::BF16)?.transpose(1, 2)?)),
+            };
+        }
+        cap_isa();
         // v's storage is read only for the second product (no lock held while the bias is added).
         let (Some((qs, qo, sq)), Some((ks, ko, sk))) = (strided4(q), strided4(k)) else {
             return Ok(None);
@@ -1277,7 +1369,7 @@ mod onednn {
             }
         }
         let check = |status: c_int, what: &str| -> candle_core::Result<bool> {
-            if status == DNNL_UNIMPLEMENTED {
+            if not_computed(status) {
                 return Ok(false);
             }
             if status != 0 {
@@ -1617,6 +1709,17 @@ mod onednn_tests {
                 }
             }
         }
+        #[cfg(gcg_onednn)]
+        if !crate::nn::isa::avx512() {
+            // Below AVX-512 (here under GCG_MAX_CPU_ISA) Debian 12's oneDNN 2.6 has only its
+            // reference kernel for an activation or gate followed by the residual's sum: those
+            // products ran without the sum and csrc added the residual (checked above).
+            extern "C" {
+                fn gcg_onednn_split_residuals() -> std::os::raw::c_long;
+            }
+            // SAFETY: reads a counter.
+            assert!(unsafe { gcg_onednn_split_residuals() } > 0, "no residual added apart below AVX-512");
+        }
         Ok(())
     }
 
@@ -1674,8 +1777,7 @@ mod onednn_tests {
                     let tol = if out == DType::BF16 { 1.6e-2 } else { tol };
                     let err = max_rel(&got, &want);
                     assert!(err <= tol, "{dt:?} product {i}, {act:?}, {out:?} out: error {err} > {tol}");
-                    #[cfg(target_arch = "x86_64")]
-                    if std::arch::is_x86_feature_detected!("avx512f") {
+                    if crate::nn::isa::avx512() {
                         let packed = matches!(lin.pack.packed.get(), Some((_, Some(_))));
                         assert_eq!(packed, products >= 2, "{dt:?}: packed copy after {products} products of {m} rows");
                     }
@@ -1739,17 +1841,7 @@ mod onednn_tests {
                 check(&lin, &w, 100, &format!("product {i}"))?;
                 assert!(i >= 1 || !packed(&lin), "{dt:?}: packed on the first product");
             }
-            let avx512 = {
-                #[cfg(target_arch = "x86_64")]
-                {
-                    std::arch::is_x86_feature_detected!("avx512f")
-                }
-                #[cfg(not(target_arch = "x86_64"))]
-                {
-                    false
-                }
-            };
-            if ONEDNN && avx512 {
+            if ONEDNN && crate::nn::isa::avx512() {
                 assert!(packed(&lin), "{dt:?}: no packed copy after three products on an AVX-512 CPU");
                 assert!(packed_weight_bytes() >= n * k * dt.size_in_bytes());
             }
@@ -1802,6 +1894,16 @@ mod onednn_tests {
             onednn::linear_tensors(&xb, &wb, None, 0, None, None, DType::F32, Some(&slot))?;
         }
         set_amx_here(true);
+        if !crate::nn::isa::onednn_bf16() {
+            // No bf16 products in oneDNN here (below AVX-512, or capped): the bf16 product ran
+            // widened to f32, so a copy is of the widened weight, in f32's layout, and is what the
+            // next product of this slot reads: it gives the product of the bf16 values.
+            let got = onednn::linear_tensors(&xb, &wb, None, 0, None, None, DType::F32, Some(&slot))?.expect("a widened product");
+            let want = xb.to_dtype(DType::F32)?.matmul(&wb.to_dtype(DType::F32)?.t()?)?;
+            let err = max_rel(&got, &want);
+            assert!(err <= 1e-5, "widened bf16 product after packing: error {err}");
+            return Ok(());
+        }
         let Some((id, Some(_))) = slot.packed.get() else {
             // oneDNN reads the bf16 weight as it is on this CPU: nothing to offer.
             return Ok(());

@@ -10,6 +10,7 @@ pub mod cast;
 pub mod dropout;
 pub mod embedding;
 pub mod init;
+pub mod isa;
 pub mod linear;
 pub mod lora;
 pub mod norm;

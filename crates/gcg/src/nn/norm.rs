@@ -169,7 +169,7 @@ macro_rules! norm_row_fn {
                 unsafe fn wide(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [$out]) {
                     norm_row_plain(x, w, b, eps, y, $put)
                 }
-                if std::arch::is_x86_feature_detected!("avx512bw") {
+                if super::isa::avx512() {
                     // SAFETY: the CPU has the features `wide` is compiled for.
                     return unsafe { wide(x, w, b, eps, y) };
                 }

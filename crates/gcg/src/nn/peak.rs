@@ -40,16 +40,11 @@ impl Unit {
     pub fn instruction(self) -> Option<&'static str> {
         #[cfg(target_arch = "x86_64")]
         {
-            let f = |name| match name {
-                "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
-                "avx512bf16" => std::arch::is_x86_feature_detected!("avx512bf16") && std::arch::is_x86_feature_detected!("avx512bw"),
-                "fma" => std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2"),
-                _ => false,
-            };
+            use super::isa;
             match self {
-                Unit::F32Fma if f("avx512f") => Some("vfmadd231ps zmm (16 f32 lanes)"),
-                Unit::F32Fma if f("fma") => Some("vfmadd231ps ymm (8 f32 lanes)"),
-                Unit::Bf16Dot if f("avx512f") && f("avx512bf16") => Some("vdpbf16ps zmm (16 f32 lanes × 2 bf16 products)"),
+                Unit::F32Fma if isa::avx512() => Some("vfmadd231ps zmm (16 f32 lanes)"),
+                Unit::F32Fma if isa::avx2() => Some("vfmadd231ps ymm (8 f32 lanes)"),
+                Unit::Bf16Dot if isa::avx512_bf16() => Some("vdpbf16ps zmm (16 f32 lanes × 2 bf16 products)"),
                 Unit::AmxBf16 if amx_present() => Some("tdpbf16ps (16 × 16 f32 × 32 bf16 products)"),
                 _ => None,
             }
@@ -80,10 +75,14 @@ pub fn cpu_has_amx_bf16() -> bool {
     }
 }
 
-/// The CPU has AMX-BF16, Linux grants its tile state and gcg's AMX code is built in (whatever
-/// `GCG_NO_AMX` says: that only sends products back to oneDNN).
+/// The CPU has AMX-BF16, Linux grants its tile state, gcg's AMX code is built in and
+/// `GCG_MAX_CPU_ISA` does not cap it (whatever `GCG_NO_AMX` says: that only sends products back
+/// to oneDNN).
 #[cfg(target_arch = "x86_64")]
 fn amx_present() -> bool {
+    if !super::isa::allows(super::isa::Isa::Amx) {
+        return false;
+    }
     #[cfg(gcg_amx)]
     {
         extern "C" {
@@ -283,18 +282,21 @@ fn f32_fma_round() -> Result<f64> {
         std::mem::transmute(acc)
     }
     let one = std::hint::black_box(1.0f32);
-    if std::arch::is_x86_feature_detected!("avx512f") {
+    if super::isa::avx512() {
         // SAFETY: the CPU has AVX-512F (asked just above).
         let sums = unsafe { zmm(one) };
         check("f32_fma", &sums, STEPS as f32)?;
         Ok((2 * STEPS * sums.len()) as f64)
-    } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    } else if super::isa::avx2() {
         // SAFETY: the CPU has AVX2 and FMA (asked just above).
         let sums = unsafe { ymm(one) };
         check("f32_fma", &sums, STEPS as f32)?;
         Ok((2 * STEPS * sums.len()) as f64)
     } else {
-        bail!("f32_fma: this CPU has neither AVX-512F nor AVX2 + FMA")
+        bail!(
+            "f32_fma: this CPU has neither AVX-512F nor AVX2 + FMA (or {} caps them)",
+            super::isa::ENV
+        )
     }
 }
 
@@ -312,11 +314,8 @@ fn bf16_dot_round() -> Result<f64> {
         }
         std::mem::transmute(acc)
     }
-    if !(std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512bw")
-        && std::arch::is_x86_feature_detected!("avx512bf16"))
-    {
-        bail!("bf16_dot: this CPU has no AVX512-BF16");
+    if !super::isa::avx512_bf16() {
+        bail!("bf16_dot: this CPU has no AVX512-BF16 (or {} caps it)", super::isa::ENV);
     }
     let one = std::hint::black_box(0x3f80u16); // 1.0 in bf16
                                                // SAFETY: the CPU has AVX-512F, BW and BF16 (asked just above).
@@ -375,7 +374,7 @@ mod tests {
             }
         }
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if crate::nn::isa::avx2() {
             assert!(measured.contains(&Unit::F32Fma), "{measured:?}");
         }
         Ok(())

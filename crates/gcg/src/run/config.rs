@@ -74,13 +74,30 @@ impl Precision {
         }
     }
 
-    /// The asked precision, or the device's default: f32 on a CPU, bf16 on a GPU.
+    /// The asked precision, or the device's default: f32 on a CPU, bf16 on a GPU. bf16 asked
+    /// on a CPU whose oneDNN has no bf16 products (below AVX-512, or under `GCG_MAX_CPU_ISA`)
+    /// logs, once, that it runs widened to f32 there and is slower than f32.
     pub fn resolve(asked: Option<Precision>, dev: &Device) -> DType {
-        match asked {
+        let dt = match asked {
             Some(p) => p.dtype(),
             None if dev.is_cuda() => DType::BF16,
             None => DType::F32,
+        };
+        if dt == DType::BF16 && dev.is_cpu() && crate::nn::linear::ONEDNN && !crate::nn::isa::onednn_bf16() {
+            static NOTE: std::sync::Once = std::sync::Once::new();
+            NOTE.call_once(|| {
+                let why = if crate::nn::isa::capped() {
+                    format!("{}={} caps it below AVX-512", crate::nn::isa::ENV, crate::nn::isa::cap().as_str())
+                } else {
+                    "they need AVX-512".to_string()
+                };
+                tracing::warn!(
+                    "bf16 on this CPU: no bf16 matrix products here ({why}), so each product widens its bf16 operands to f32: \
+                     the same values as bf16 products elsewhere and half the weights' memory, but slower than --dtype f32"
+                );
+            });
         }
+        dt
     }
 }
 
