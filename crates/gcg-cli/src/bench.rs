@@ -316,7 +316,7 @@ fn attention_kernels() -> String {
 /// Which kernels ran and on how many threads (for the JSON of every bench).
 pub fn kernels() -> serde_json::Value {
     json!({
-        "matmul": if gcg::nn::linear::ONEDNN && gcg::nn::isa::onednn_bf16() {
+        "matmul": if gcg::nn::linear::onednn_bf16() {
             "oneDNN (frozen products >= 256 wide, fused epilogues; bf16 in mixed precision) + candle (the rest)"
         } else if gcg::nn::linear::ONEDNN {
             "oneDNN (frozen products >= 256 wide, fused epilogues; bf16 operands widened to f32: no bf16 products below AVX-512) + candle (the rest)"
@@ -329,7 +329,7 @@ pub fn kernels() -> serde_json::Value {
         "cpu_isa": {
             "used": gcg::nn::isa::best().as_str(),
             "cap": gcg::nn::isa::cap().as_str(),
-            "onednn_bf16": gcg::nn::linear::ONEDNN && gcg::nn::isa::onednn_bf16(),
+            "onednn_bf16": gcg::nn::linear::onednn_bf16(),
         },
         "matmul_precision": gcg::nn::linear::matmul_precision().as_str(),
         "amx": if gcg::nn::linear::amx_active() {
@@ -495,8 +495,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 /// * f32: the FMA units; at `--matmul-precision high` with gcg's AMX kernel, the tile unit at a
 ///   third of its rate (three bf16 products per f32 one; the attention's f32 products stay on
 ///   the FMA units, so this ceiling is approximate there).
-/// * bf16 with oneDNN: the tile unit on a CPU with AMX-BF16 (gcg's kernel or oneDNN's runs
-///   there, whatever `GCG_NO_AMX` says), none when this binary cannot probe it; else
+/// * bf16 with oneDNN: the tile unit on a CPU with AMX-BF16 that `GCG_MAX_CPU_ISA` does not cap
+///   (gcg's kernel or oneDNN's runs there, whatever `GCG_NO_AMX` says), none when this binary
+///   cannot probe it; else
 ///   AVX512-BF16's dot products, else the FMA units (oneDNN widens bf16 to f32).
 /// * bf16 without oneDNN (candle's products widen to f32): the FMA units. f16: none.
 fn vit_ceiling(dtype: DType) -> Option<(gcg::nn::peak::Unit, f64)> {
@@ -506,7 +507,9 @@ fn vit_ceiling(dtype: DType) -> Option<(gcg::nn::peak::Unit, f64)> {
     match dtype {
         DType::F32 if amx_active() && matmul_precision() == MatmulPrecision::High => Some((Unit::AmxBf16, 1.0 / 3.0)),
         DType::F32 => Some((Unit::F32Fma, 1.0)),
-        DType::BF16 if ONEDNN && cpu_has_amx_bf16() => has(Unit::AmxBf16).then_some((Unit::AmxBf16, 1.0)),
+        DType::BF16 if ONEDNN && cpu_has_amx_bf16() && gcg::nn::isa::allows(gcg::nn::isa::Isa::Amx) => {
+            has(Unit::AmxBf16).then_some((Unit::AmxBf16, 1.0))
+        }
         DType::BF16 if ONEDNN && has(Unit::Bf16Dot) => Some((Unit::Bf16Dot, 1.0)),
         DType::BF16 => Some((Unit::F32Fma, 1.0)),
         _ => None,

@@ -40,6 +40,13 @@ int gcg_onednn_cap_isa(int level) {
     return dnnl_set_max_cpu_isa(isa[level]);
 }
 
+/* 1 when oneDNN's instruction set (the CPU's under its cap) has its bf16 matmul kernels, AVX-512
+ * (avx512_core) or more; else 0. Fixes oneDNN's cap: ask after gcg_onednn_cap_isa. */
+int gcg_onednn_bf16(void) {
+    dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+    return (isa & dnnl_cpu_isa_avx512_core) == dnnl_cpu_isa_avx512_core;
+}
+
 static dnnl_engine_t engine;
 static dnnl_status_t engine_status = dnnl_runtime_error;
 static pthread_once_t engine_once = PTHREAD_ONCE_INIT;

@@ -149,12 +149,6 @@ pub fn best() -> Isa {
         .unwrap_or(Isa::Baseline)
 }
 
-/// Whether oneDNN (Debian's 2.x) has bf16 products under the cap: it needs AVX-512 (it emulates
-/// the bf16 dot products where the CPU has no AVX512-BF16).
-pub fn onednn_bf16() -> bool {
-    avx512()
-}
-
 /// The level `gcg_onednn_cap_isa` (csrc/onednn_matmul.c) takes for the cap: 0 baseline, 1 AVX2,
 /// 2 AVX-512, 3 AVX512-BF16; `None` with no cap (oneDNN then uses what the CPU has, or its own
 /// `ONEDNN_MAX_CPU_ISA`).

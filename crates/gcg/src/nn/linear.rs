@@ -587,6 +587,21 @@ pub fn onednn_calls() -> usize {
     ONEDNN_CALLS.with(|c| c.get())
 }
 
+/// Whether oneDNN multiplies bf16 here: built in, and its instruction set (the CPU's, under
+/// `GCG_MAX_CPU_ISA`'s cap, or else under oneDNN's own `ONEDNN_MAX_CPU_ISA`) reaches AVX-512;
+/// Debian's oneDNN 2.x has no bf16 kernels below it, and there bf16 products and attention run
+/// on operands widened to f32.
+pub fn onednn_bf16() -> bool {
+    #[cfg(gcg_onednn)]
+    {
+        onednn::bf16_products()
+    }
+    #[cfg(not(gcg_onednn))]
+    {
+        false
+    }
+}
+
 /// Products computed by gcg's AMX kernel (csrc/amx_linear.c) on this thread since it started.
 pub fn amx_calls() -> usize {
     AMX_CALLS.with(|c| c.get())
@@ -945,6 +960,20 @@ mod onednn {
         });
     }
 
+    /// Whether oneDNN multiplies bf16 here (see [`super::onednn_bf16`]). Asked once, after
+    /// [`cap_isa`] (which it fixes: oneDNN reads its cap on the first question).
+    pub fn bf16_products() -> bool {
+        static BF16: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *BF16.get_or_init(|| {
+            cap_isa();
+            extern "C" {
+                fn gcg_onednn_bf16() -> c_int;
+            }
+            // SAFETY: asks oneDNN for its instruction set; no memory is passed.
+            unsafe { gcg_onednn_bf16() == 1 }
+        })
+    }
+
     /// [`linear`] of bf16 x and w where oneDNN has no bf16 products (a CPU without AVX-512, or
     /// one capped below it by `GCG_MAX_CPU_ISA`): x, w and a bf16 gate or residual widened to f32
     /// (exactly), oneDNN's f32 product (the same products of the same values, accumulated in f32
@@ -962,10 +991,19 @@ mod onednn {
         // one is read as it is.
         let widen_bf16 = |o: Option<(&CpuStorage, &Layout)>| -> Result<Option<CpuStorage>, ()> {
             match o {
-                Some((s @ CpuStorage::BF16(_), l)) => buf(s, l).map(|b| Some(wide(&b))).ok_or(()),
+                Some((s @ CpuStorage::BF16(_), l)) => match buf(s, l) {
+                    Some(b) if b.len() == m * n => Ok(Some(wide(&b))),
+                    _ => Err(()), // as `linear` refuses it
+                },
                 _ => Ok(None),
             }
         };
+        if post
+            .residual
+            .is_some_and(|(r, _)| matches!(r, CpuStorage::BF16(_)) != (post.out == DType::BF16))
+        {
+            return Ok(None); // a residual not in the output's dtype, as `linear` refuses it
+        }
         let (Ok(gate), Ok(residual)) = (widen_bf16(post.gate), widen_bf16(post.residual)) else {
             return Ok(None);
         };
@@ -1009,7 +1047,7 @@ mod onednn {
         if xb.is_bf16() != wb.is_bf16() || !matches!(post.out, DType::F32 | DType::BF16) {
             return Ok(None);
         }
-        if xb.is_bf16() && !crate::nn::isa::onednn_bf16() {
+        if xb.is_bf16() && !bf16_products() {
             return widened(&xb, &wb, (m, n, k), post);
         }
         cap_isa();
@@ -1115,6 +1153,8 @@ mod onednn {
                         // reading the weight as it is.
                         if status == DNNL_OUT_OF_MEMORY {
                             tracing::warn!("weight [{n}, {k}]: out of memory for its packed copy; its products read it as it is");
+                        } else if status == REFERENCE_ONLY {
+                            tracing::debug!("weight [{n}, {k}]: oneDNN has only its reference kernel for this product: not packed");
                         } else if status != 0 {
                             tracing::debug!("weight [{n}, {k}]: packing failed (dnnl_status_t {status}); its products read it as it is");
                         }
@@ -1267,7 +1307,7 @@ mod onednn {
         if (kb, kh, kd) != (b, h, d) || (vb, vh, vl) != (b, h, lk) || b * h * lq * lk * d * dv == 0 {
             return Ok(None);
         }
-        if dt == DType::BF16 && !crate::nn::isa::onednn_bf16() {
+        if dt == DType::BF16 && !bf16_products() {
             // No bf16 products in oneDNN on this CPU or under the cap (gcg's bf16 kernels need
             // more): the f32 attention of the widened (exact) operands, its result rounded to bf16
             // once. The probabilities stay in f32 for the second product (oneDNN's bf16 path
@@ -1664,6 +1704,7 @@ mod onednn_tests {
     #[test]
     fn fused_epilogues_equal_the_plain_ops() -> Result<()> {
         let dev = Device::Cpu;
+        let split_before = split_residuals();
         let mut rng = crate::rng::SeededRng::new(17);
         let (m, k, n) = (37, 320, 288);
         let x = Tensor::from_vec(rng.normal_vec(2 * m * k, 0.0, 1.0), (2, m, k), &dev)?;
@@ -1709,18 +1750,29 @@ mod onednn_tests {
                 }
             }
         }
-        #[cfg(gcg_onednn)]
-        if !crate::nn::isa::avx512() {
+        if ONEDNN && !crate::nn::isa::avx512() {
             // Below AVX-512 (here under GCG_MAX_CPU_ISA) Debian 12's oneDNN 2.6 has only its
             // reference kernel for an activation or gate followed by the residual's sum: those
             // products ran without the sum and csrc added the residual (checked above).
+            assert!(split_residuals() > split_before, "no residual added apart below AVX-512");
+        }
+        Ok(())
+    }
+
+    /// Products whose residual csrc added apart (process-wide, only grows), 0 without oneDNN.
+    fn split_residuals() -> i64 {
+        #[cfg(gcg_onednn)]
+        {
             extern "C" {
                 fn gcg_onednn_split_residuals() -> std::os::raw::c_long;
             }
             // SAFETY: reads a counter.
-            assert!(unsafe { gcg_onednn_split_residuals() } > 0, "no residual added apart below AVX-512");
+            unsafe { gcg_onednn_split_residuals() as i64 }
         }
-        Ok(())
+        #[cfg(not(gcg_onednn))]
+        {
+            0
+        }
     }
 
     /// Products of more than 2048 rows run as oneDNN calls of row blocks (at most 1024 rows,
@@ -1894,7 +1946,7 @@ mod onednn_tests {
             onednn::linear_tensors(&xb, &wb, None, 0, None, None, DType::F32, Some(&slot))?;
         }
         set_amx_here(true);
-        if !crate::nn::isa::onednn_bf16() {
+        if !onednn_bf16() {
             // No bf16 products in oneDNN here (below AVX-512, or capped): the bf16 product ran
             // widened to f32, so a copy is of the widened weight, in f32's layout, and is what the
             // next product of this slot reads: it gives the product of the bf16 values.

@@ -83,7 +83,7 @@ impl Precision {
             None if dev.is_cuda() => DType::BF16,
             None => DType::F32,
         };
-        if dt == DType::BF16 && dev.is_cpu() && crate::nn::linear::ONEDNN && !crate::nn::isa::onednn_bf16() {
+        if dt == DType::BF16 && dev.is_cpu() && crate::nn::linear::ONEDNN && !crate::nn::linear::onednn_bf16() {
             static NOTE: std::sync::Once = std::sync::Once::new();
             NOTE.call_once(|| {
                 let why = if crate::nn::isa::capped() {
