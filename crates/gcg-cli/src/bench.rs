@@ -327,8 +327,8 @@ pub fn kernels() -> serde_json::Value {
         // The vector instructions gcg's kernels and oneDNN may use: the highest level this CPU
         // has within GCG_MAX_CPU_ISA's cap, and the cap ("amx": none).
         "cpu_isa": {
-            "used": gcg::nn::isa::best().as_str(),
-            "cap": gcg::nn::isa::cap().as_str(),
+            "used": gcg::nn::isa::best().name(),
+            "cap": gcg::nn::isa::cap().name(),
             "onednn_bf16": gcg::nn::linear::onednn_bf16(),
         },
         "matmul_precision": gcg::nn::linear::matmul_precision().as_str(),

@@ -297,12 +297,15 @@ static int linear_rows(int in_bf16, int out_bf16, long m, long n, long k, const 
                        const packed_t *use) {
     long rows = rows_per_call(m);
     size_t xs = in_bf16 ? 2 : 4, ys = out_bf16 ? 2 : 4, gs = gate_bf16 ? 2 : 4;
+    int split = 0; /* the sum was refused for an earlier block: go straight to the scratch */
     for (long r0 = 0; r0 < m; r0 += rows) {
         long mr = m - r0 < rows ? m - r0 : rows;
         const void *xr = (const char *)x + r0 * k * xs, *gr = gate ? (const char *)gate + r0 * n * gs : NULL;
         void *yr = (char *)y + r0 * n * ys;
-        int st = linear(in_bf16, out_bf16, mr, n, k, xr, w, bias, act, gr, gate_bf16, residual, yr, use, NULL, 0);
+        int st = split ? GCG_REFERENCE_ONLY
+                       : linear(in_bf16, out_bf16, mr, n, k, xr, w, bias, act, gr, gate_bf16, residual, yr, use, NULL, 0);
         if (st == GCG_REFERENCE_ONLY && residual) {
+            split = 1;
             float *t = malloc((size_t)mr * n * sizeof(float));
             if (!t) return dnnl_out_of_memory;
             st = linear(in_bf16, 0, mr, n, k, xr, w, bias, act, gr, gate_bf16, 0, t, use, NULL, 0);

@@ -36,29 +36,20 @@ pub enum Isa {
 impl Isa {
     pub const ALL: [Isa; 5] = [Isa::Baseline, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx];
 
-    /// The name `GCG_MAX_CPU_ISA` takes (and the bench JSON prints).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Isa::Baseline => "baseline",
-            Isa::Avx2 => "avx2",
-            Isa::Avx512 => "avx512",
-            Isa::Avx512Bf16 => "avx512_bf16",
-            Isa::Amx => "amx",
-        }
-    }
-
     /// A level from its name or oneDNN's (any case, surrounding blanks ignored).
     pub fn parse(s: &str) -> Option<Isa> {
-        Some(match s.trim().to_ascii_lowercase().as_str() {
-            "baseline" | "sse41" => Isa::Baseline,
-            "avx2" => Isa::Avx2,
-            "avx512" | "avx512_core" => Isa::Avx512,
-            "avx512_bf16" | "avx512_core_bf16" => Isa::Avx512Bf16,
-            "amx" | "avx512_core_amx" | "all" => Isa::Amx,
-            _ => return None,
-        })
+        s.trim().to_ascii_lowercase().parse().ok()
     }
 }
+
+// The names `GCG_MAX_CPU_ISA` takes (and the bench JSON prints), with oneDNN's as aliases.
+crate::choice_names!(Isa, "vector instruction level", {
+    Baseline => "baseline" | "sse41",
+    Avx2 => "avx2",
+    Avx512 => "avx512" | "avx512_core",
+    Avx512Bf16 => "avx512_bf16" | "avx512_core_bf16",
+    Amx => "amx" | "avx512_core_amx" | "all",
+});
 
 /// The cap `value` (the variable's text) asks for: `None` when unset or empty; an error naming
 /// the variable, the value and the accepted names when it is not one of them.
@@ -69,7 +60,7 @@ pub fn parse_cap(value: Option<&str>) -> Result<Option<Isa>> {
         Some(v) => match Isa::parse(v) {
             Some(isa) => Ok(Some(isa)),
             None => {
-                let names: Vec<&str> = Isa::ALL.iter().map(|i| i.as_str()).collect();
+                let names: Vec<&str> = Isa::ALL.iter().map(|i| i.name()).collect();
                 bail!("{ENV}={v:?} is not a level of vector instructions: expected one of {} (or oneDNN's avx512_core, avx512_core_bf16, avx512_core_amx)", names.join(", "))
             }
         },
@@ -166,8 +157,8 @@ mod tests {
     #[test]
     fn names_parse_and_round_trip() {
         for isa in Isa::ALL {
-            assert_eq!(Isa::parse(isa.as_str()), Some(isa));
-            assert_eq!(Isa::parse(&format!(" {} ", isa.as_str().to_uppercase())), Some(isa));
+            assert_eq!(Isa::parse(isa.name()), Some(isa));
+            assert_eq!(Isa::parse(&format!(" {} ", isa.name().to_uppercase())), Some(isa));
         }
         assert_eq!(Isa::parse("AVX512_CORE"), Some(Isa::Avx512));
         assert_eq!(Isa::parse("avx512_core_bf16"), Some(Isa::Avx512Bf16));

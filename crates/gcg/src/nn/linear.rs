@@ -953,7 +953,7 @@ mod onednn {
                     tracing::warn!(
                         "oneDNN did not take {}={} (dnnl_status_t {status}): its kernels may use more than that",
                         crate::nn::isa::ENV,
-                        crate::nn::isa::cap().as_str()
+                        crate::nn::isa::cap().name()
                     );
                 }
             }
@@ -980,19 +980,16 @@ mod onednn {
     /// as its bf16 kernels do), the output rounded to bf16 once where asked. The weight is
     /// widened on every call, as a frozen bf16 weight is kept in bf16 (an f32 copy would double
     /// the backbone's memory); a layer's packed copy, when made, is of the widened weight.
-    fn widened(xb: &Buf, wb: &Buf, (m, n, k): (usize, usize, usize), post: &Post) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
-        let wide = |b: &Buf| match b {
-            Buf::F32(v) => CpuStorage::F32(v.to_vec()),
-            Buf::BF16(v) => CpuStorage::F32(crate::nn::cast::widen(v)),
-        };
-        let (x, w) = (wide(xb), wide(wb));
+    fn widened(x: &[bf16], w: &[bf16], (m, n, k): (usize, usize, usize), post: &Post) -> candle_core::Result<Option<(CpuStorage, Shape)>> {
+        let wide = |v: &[bf16]| CpuStorage::F32(crate::nn::cast::widen(v));
+        let (x, w) = (wide(x), wide(w));
         let (xl, wl) = (Layout::contiguous((m, k)), Layout::contiguous((n, k)));
         // A bf16 gate or residual widened (Err: not contiguous, left to the plain ops); an f32
         // one is read as it is.
         let widen_bf16 = |o: Option<(&CpuStorage, &Layout)>| -> Result<Option<CpuStorage>, ()> {
             match o {
                 Some((s @ CpuStorage::BF16(_), l)) => match buf(s, l) {
-                    Some(b) if b.len() == m * n => Ok(Some(wide(&b))),
+                    Some(Buf::BF16(v)) if v.len() == m * n => Ok(Some(wide(v))),
                     _ => Err(()), // as `linear` refuses it
                 },
                 _ => Ok(None),
@@ -1047,8 +1044,10 @@ mod onednn {
         if xb.is_bf16() != wb.is_bf16() || !matches!(post.out, DType::F32 | DType::BF16) {
             return Ok(None);
         }
-        if xb.is_bf16() && !bf16_products() {
-            return widened(&xb, &wb, (m, n, k), post);
+        if let (Buf::BF16(xv), Buf::BF16(wv)) = (&xb, &wb) {
+            if !bf16_products() {
+                return widened(xv, wv, (m, n, k), post);
+            }
         }
         cap_isa();
         let gate = match post.gate {

@@ -87,7 +87,7 @@ impl Precision {
             static NOTE: std::sync::Once = std::sync::Once::new();
             NOTE.call_once(|| {
                 let why = if crate::nn::isa::capped() {
-                    format!("{}={} caps it below AVX-512", crate::nn::isa::ENV, crate::nn::isa::cap().as_str())
+                    format!("{}={} caps it below AVX-512", crate::nn::isa::ENV, crate::nn::isa::cap().name())
                 } else {
                     "they need AVX-512".to_string()
                 };
