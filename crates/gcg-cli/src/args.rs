@@ -172,9 +172,11 @@ mod tests {
     }
 }
 
-/// `--out` must not exist unless `--force` was given (checked before any work is done).
 /// An output must not be one of the command's inputs (`--json` over the annotations, `--out`
-/// over the video): `inputs` are (flag, path) pairs; paths are compared after resolving them.
+/// over the video): `inputs` are (what, path) pairs, compared after resolving them. An input
+/// that is a folder (a feature store, a run's checkpoints) also covers everything inside it, and
+/// an output folder must not hold an input (`gcg frames --out` above its `--video`: replacing
+/// the folder would delete the video).
 pub fn check_not_an_input(flag: &str, out: &std::path::Path, inputs: &[(&str, Option<&std::path::Path>)]) -> Result<()> {
     let resolve = |p: &std::path::Path| {
         p.canonicalize().unwrap_or_else(|_| {
@@ -189,18 +191,33 @@ pub fn check_not_an_input(flag: &str, out: &std::path::Path, inputs: &[(&str, Op
     };
     let o = resolve(out);
     for (name, p) in inputs {
-        if let Some(p) = p {
-            if resolve(p) == o {
-                bail!(
-                    "{flag} {} is also the {name} input; writing it would destroy that file — give another path",
-                    out.display()
-                );
-            }
+        let Some(p) = p else { continue };
+        let i = resolve(p);
+        if i == o {
+            bail!(
+                "{flag} {} is also the {name} input; writing it would destroy that file — give another path",
+                out.display()
+            );
+        }
+        if i.is_dir() && o.starts_with(&i) {
+            bail!(
+                "{flag} {} lies inside the {name} ({}); writing there could destroy what it holds — give a path outside it",
+                out.display(),
+                p.display()
+            );
+        }
+        if o.is_dir() && i.starts_with(&o) {
+            bail!(
+                "{flag} {} holds the {name} input ({}); replacing it would delete that input — give a path outside it",
+                out.display(),
+                p.display()
+            );
         }
     }
     Ok(())
 }
 
+/// `--out` must not exist unless `--force` was given (checked before any work is done).
 pub fn check_out(out: &std::path::Path, force: bool) -> Result<()> {
     if let (Ok(meta), false) = (out.symlink_metadata(), force) {
         let what = if meta.is_dir() { "folder" } else { "file" };

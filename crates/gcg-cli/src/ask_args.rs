@@ -35,14 +35,14 @@ pub struct AskModelArgs {
     /// The GCG CLIP branch files (eva_clip_*.pth; a directory or a model id). Default: --vit.
     #[arg(long)]
     pub clip: Option<PathBuf>,
-    /// The CLIP tokenizer (BPE .txt.gz or tokenizer.json). Default: the one in --clip.
+    /// The CLIP tokenizer (BPE .txt.gz or tokenizer.json). Default: the one in --clip (with
+    /// --random-weights: the official BPE this binary carries).
     #[arg(long)]
     pub clip_tokenizer: Option<PathBuf>,
     /// Sizes of the front end: tiny | instructblip-flan-t5-xl (default: the run's preset).
     #[arg(long)]
     pub preset: Option<Preset>,
-    /// Seeded random front-end weights (as `gcg features/labels --random-weights`; needs
-    /// --clip-tokenizer).
+    /// Seeded random front-end weights (as `gcg features/labels --random-weights`).
     #[arg(long)]
     pub random_weights: bool,
     /// Seed of --random-weights (the ViT and CLIP image head, as `gcg features --seed`).
@@ -127,10 +127,10 @@ impl AskModelArgs {
         }
         let preset = self.preset.unwrap_or(cfg.weights.preset);
         let spec = if self.random_weights {
-            let tok = self
-                .clip_tokenizer
-                .clone()
-                .context("--random-weights needs --clip-tokenizer (the CLIP BPE file)")?;
+            let tok = match &self.clip_tokenizer {
+                Some(p) => p.clone(),
+                None => gcg::demo::clip::embedded_clip_bpe()?,
+            };
             FrontEndSpec::Random {
                 preset,
                 seed: self.seed,

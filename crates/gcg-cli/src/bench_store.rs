@@ -110,6 +110,7 @@ fn write_synthetic(dir: &Path, a: &StoreArgs) -> Result<(f64, u64)> {
             curve: vecs(1).into_iter().take(t).chain(std::iter::repeat(0.0)).take(t).collect(),
             pseudo_labels: (0..k).collect(),
             text_encoder: None,
+            texts_hash: None,
         })?;
     }
     w.finish()?;

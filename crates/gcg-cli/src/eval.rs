@@ -55,6 +55,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             ("--split", a.split.as_deref()),
         ];
         crate::args::check_not_an_input("--json", j, &inputs)?;
+        gcg::eval::check_metrics_target(j)?;
     }
     let dataset = a.dataset;
     let opts = ReadOptions {
@@ -112,8 +113,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             o.insert("problems".into(), serde_json::to_value(&problems)?);
             o.insert("skipped_annotation_rows".into(), serde_json::to_value(&ann.bad_rows)?);
         }
-        let text = serde_json::to_string_pretty(&j)? + "\n";
-        gcg::util::write_atomic(path, text.as_bytes()).with_context(|| format!("writing metrics to {}", path.display()))?;
+        gcg::eval::write_metrics_json(path, &j).with_context(|| format!("writing metrics to {}", path.display()))?;
     }
     if a.strict && (!problems.is_empty() || metrics.missing > 0) {
         bail!(

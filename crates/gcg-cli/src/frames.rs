@@ -1,7 +1,7 @@
 //! `gcg frames`: sample T frames from a video (or a frame folder) and write them as
 //! `frame_{i}.jpg` + `frames.json`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use gcg::video::{self, Ffmpeg, Sampling};
 use serde_json::json;
@@ -49,9 +49,14 @@ fn ffmpeg_from(threads: Option<usize>, lenient: bool, exact_count: bool) -> Ffmp
 pub fn run_frames(a: FramesArgs) -> Result<()> {
     crate::args::check_not_an_input("--out", &a.out, &[("--video", Some(&a.video))])?;
     crate::args::check_out(&a.out, a.force)?;
+    gcg::util::check_replaceable_dir(&a.out, "frames.json", "a frames folder")?;
     let ff = ffmpeg_from(a.threads, a.lenient, a.exact_count);
     let t0 = Instant::now();
     let frames = video::load_frames(&a.video, a.num_frames, a.sampling, &ff)?;
+    // The times a feature store would refuse (a frame folder's own frames.json can hold any) are
+    // refused here, naming the input, not later by `gcg features`.
+    let times: Vec<f64> = frames.frames.iter().filter_map(|f| f.timestamp).collect();
+    gcg::store::check_times(&times, frames.duration, frames.fps).with_context(|| format!("{}: the frame times", a.video.display()))?;
     video::write_frames(&frames, &a.out, a.force)?;
     let summary = json!({
         "video": a.video.display().to_string(),

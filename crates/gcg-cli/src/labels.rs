@@ -42,8 +42,8 @@ pub struct LabelsArgs {
     #[arg(long, required_unless_present = "random_weights")]
     clip: Option<PathBuf>,
     /// The CLIP BPE: a tokenizer.json or the merges file (bpe_simple_vocab_16e6.txt.gz);
-    /// default: bpe_simple_vocab_16e6.txt.gz in the --clip directory. With --random-weights the
-    /// text vocabulary is sized to it.
+    /// default: bpe_simple_vocab_16e6.txt.gz in the --clip directory, or with --random-weights the
+    /// official one this binary carries. With --random-weights the text vocabulary is sized to it.
     #[arg(long)]
     clip_tokenizer: Option<PathBuf>,
     /// Network sizes: tiny | instructblip-flan-t5-xl (EVA-CLIP-g).
@@ -111,7 +111,7 @@ fn tokenizer_path(a: &LabelsArgs, clip_dir: Option<&Path>) -> Result<PathBuf> {
     Ok(match (&a.clip_tokenizer, clip_dir) {
         (Some(p), _) => p.clone(),
         (None, Some(dir)) => dir.join("bpe_simple_vocab_16e6.txt.gz"),
-        (None, None) => bail!("--clip-tokenizer is required with --random-weights"),
+        (None, None) => gcg::demo::clip::embedded_clip_bpe()?,
     })
 }
 

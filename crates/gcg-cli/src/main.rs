@@ -254,6 +254,8 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a log redirected to a file stays plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // A wrong GCG_MAX_CPU_ISA stops the command here, before any kernel is chosen.
     if let Err(e) = gcg::nn::isa::check_env().and_then(|_| run(cli)) {

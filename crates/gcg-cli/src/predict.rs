@@ -62,7 +62,11 @@ pub fn run(a: PredictArgs) -> Result<()> {
         (None, Some(p)) => RunConfig::load(Some(p), &[])?,
         (None, None) => bail!("give --run RUN_DIR or --config run.toml"),
     };
+    let stored = cfg.clone();
     cfg = cfg.with_overrides(&a.overrides)?;
+    if let Some(dir) = &a.run {
+        crate::train::check_same_model(dir, &stored, &cfg, "predict --run")?;
+    }
     if let Some(s) = &a.store {
         cfg.data.store = s.clone();
     }
@@ -80,15 +84,28 @@ pub fn run(a: PredictArgs) -> Result<()> {
         }
         (None, None) => bail!("give --split val|test or --annotations PATH"),
     };
+    // The files this command reads on its own count as inputs too: a typo must not put the
+    // predictions or the metrics over a checkpoint, the run's config or the store.
+    let run_files = a.run.as_ref().map(|r| (r.join("config.json"), r.join("checkpoints")));
+    let sidecar = gcg::eval::Provenance::path_of(&a.out);
     let inputs = [
         ("--annotations", Some(files.annotations.as_path())),
         ("--grounding", files.grounding.as_deref()),
         ("split videos", files.videos.as_deref()),
+        ("feature store", Some(cfg.data.store.as_path())),
+        ("trained weights", cfg.weights.init.as_deref()),
+        ("run's config", run_files.as_ref().map(|(c, _)| c.as_path())),
+        ("run's checkpoints", run_files.as_ref().map(|(_, k)| k.as_path())),
     ];
     crate::args::check_not_an_input("--out", &a.out, &inputs)?;
     if let Some(j) = &a.json {
         crate::args::check_not_an_input("--json", j, &inputs)?;
-        crate::args::check_not_an_input("--json", j, &[("--out", Some(a.out.as_path()))])?;
+        crate::args::check_not_an_input(
+            "--json",
+            j,
+            &[("--out", Some(a.out.as_path())), ("--out's provenance", Some(sidecar.as_path()))],
+        )?;
+        gcg::eval::check_metrics_target(j)?;
     }
     predict_to(&cfg, &files, &a.out, a.json.as_deref(), a.quiet.quiet)
 }

@@ -171,6 +171,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         return Ok(());
     }
     check_out(&a.out, a.force)?;
+    gcg::util::check_replaceable_dir(&a.out, "world.json", "a synthetic world")?;
     let t0 = Instant::now();
     let world = World::generate(&cfg)?;
     let opts = WriteOptions {

@@ -47,22 +47,42 @@ fn predict_and_score(cfg: &RunConfig, split: EvalSplit, which: Checkpoint, quiet
     Ok(())
 }
 
+/// The checkpoints of a run were trained as its `[model]` and `[weights]` say (the frozen T5 and
+/// ViT are rebuilt from `[weights]`, they are not in the checkpoint): resuming or predicting with
+/// it may change the schedule or the data, not what the weights mean. Only where the frozen
+/// weights are read from may change (`pretrained`, `t5`, `tokenizers`, `vit` moved to another
+/// path), never whether they are read.
+pub fn check_same_model(dir: &std::path::Path, stored: &RunConfig, new: &RunConfig, what: &str) -> Result<()> {
+    let mut moved = new.weights.clone();
+    for (m, s) in [
+        (&mut moved.pretrained, &stored.weights.pretrained),
+        (&mut moved.t5, &stored.weights.t5),
+        (&mut moved.tokenizers, &stored.weights.tokenizers),
+        (&mut moved.vit, &stored.weights.vit),
+    ] {
+        if m.is_some() && s.is_some() {
+            m.clone_from(s);
+        }
+    }
+    moved.init.clone_from(&stored.weights.init);
+    for (table, changed) in [("[model]", new.model != stored.model), ("[weights]", moved != stored.weights)] {
+        if changed {
+            bail!(
+                "{what} {} cannot change its {table} settings (its checkpoints were trained with them; the \
+                 predictions and metrics would describe another model); start a new run with --config instead",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run_train(a: TrainArgs) -> Result<()> {
     let (mut cfg, start) = match (&a.config, &a.resume) {
         (_, Some(dir)) => {
             let stored = RunConfig::from_run_dir(dir)?;
             let mut c = stored.with_overrides(&a.overrides)?;
-            // The checkpoints were trained as [model] and [weights] say: a resume may change the
-            // schedule or the data, not what the weights mean.
-            for (table, changed) in [("[model]", c.model != stored.model), ("[weights]", c.weights != stored.weights)] {
-                if changed {
-                    bail!(
-                        "--resume {} cannot change its {table} settings (its checkpoints were trained with them; the \
-                         predictions and metrics would describe another model); start a new run with --config instead",
-                        dir.display()
-                    );
-                }
-            }
+            check_same_model(dir, &stored, &c, "--resume")?;
             c.run_dir = Some(dir.clone());
             (c, RunStart::Resume)
         }

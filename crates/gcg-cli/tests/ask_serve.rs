@@ -417,6 +417,8 @@ fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
         (r#"{"question": "  "}"#, "empty"),
         (r#"{"question": "q", "options": ["a", "b", "c", "d", "e", "f"]}"#, "6 options"),
         (r#"{"question": "q", "options": ["only one"]}"#, "one option"),
+        // A misspelt key is named, not ignored (which would answer another, open-ended question).
+        (r#"{"question": "q", "option": ["a", "b"]}"#, "unknown field `option`"),
         (r#"{"question": "#, "must be JSON"),
         (r#"["not", "an", "object"]"#, "must be JSON"),
     ] {

@@ -236,8 +236,16 @@ fn labels_and_bench_on_a_small_store() -> Result<()> {
     // The same again: all skipped (the missing video still fails).
     let o = labels(&[]);
     assert!(stderr(&o).contains("3 already stored"), "{}", stderr(&o));
-    // Question + answer as the event.
+    // Question + answer as the event: another event text for labelled questions, so only with
+    // --overwrite (without it, refused: runs trained on the old labels would change under them).
     let o = labels(&["--event", "question-answer"]);
+    assert!(
+        stderr(&o).contains("--event answer") && stderr(&o).contains("--overwrite"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(Store::open(&store)?.snapshot().question("vid0_6")?.event, "strum the string");
+    let o = labels(&["--event", "question-answer", "--overwrite"]);
     assert_eq!(o.status.code(), Some(1));
     let snap = Store::open(&store)?.snapshot();
     assert_eq!(
@@ -500,6 +508,14 @@ fn features_and_labels_refuse_to_reuse_records_made_otherwise() -> Result<()> {
         "{}",
         stderr(&o)
     );
+    // ... and so is one made by other networks next to them (a store of one extractor).
+    let o = run(features_cmd_with(&more, &store, &[("--seed", "10")]));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("5 videos in") && stderr(&o).contains("random tiny seed 9") && stderr(&o).contains("would mix"),
+        "{}",
+        stderr(&o)
+    );
     assert_eq!(stored(&store).len(), 5);
 
     // Labels with another CLIP text tower: refused; the same one: skipped.
@@ -533,6 +549,58 @@ fn features_and_labels_refuse_to_reuse_records_made_otherwise() -> Result<()> {
         stderr(&o)
     );
     assert!(stderr(&labels("3")).contains("0 questions done, 1 already stored"));
+    // Another K or event text: refused too (the labels under finished runs would change).
+    for (flag, value, want) in [("--top-k", "3", "--top-k 2"), ("--event", "question-answer", "--event answer")] {
+        let mut c = gcg();
+        c.args(["labels", "--store"]).arg(&store).arg("--annotations").arg(&ann);
+        c.args(["--dataset", "nextqa", "--preset", "tiny", "--random-weights", "--seed", "3"]);
+        c.arg("--clip-tokenizer").arg(bpe()).args([flag, value]);
+        if flag != "--top-k" {
+            c.args(["--top-k", "2"]);
+        }
+        let o = run(c);
+        assert_eq!(o.status.code(), Some(1), "{flag}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("1 questions in") && stderr(&o).contains(want) && stderr(&o).contains("--overwrite"),
+            "{flag}: {}",
+            stderr(&o)
+        );
+    }
+    assert_eq!(
+        Store::open(&store)?.snapshot().question("vid0_6")?.pseudo_labels.len(),
+        2,
+        "a refused relabelling changed the store"
+    );
+    // Random weights without --clip-tokenizer take the official BPE the binary carries: its
+    // fingerprint is that of the file itself.
+    let cache = tmp.path().join("cache");
+    let mut c = gcg();
+    c.env("GCG_CACHE", cache.join("ask"));
+    c.args(["labels", "--store"]).arg(&store).arg("--annotations").arg(&ann);
+    c.args([
+        "--dataset",
+        "nextqa",
+        "--preset",
+        "tiny",
+        "--random-weights",
+        "--seed",
+        "3",
+        "--top-k",
+        "2",
+        "--overwrite",
+    ]);
+    let o = run(c);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let official = repo_root().join("crates/gcg/assets/bpe_simple_vocab_16e6.txt.gz");
+    assert_eq!(
+        std::fs::read(cache.join("bpe_simple_vocab_16e6.txt.gz"))?,
+        std::fs::read(&official)?
+    );
+    let want = gcg::features::provenance::text_encoder(gcg::models::Preset::Tiny, Some(3), None, &official)?;
+    assert_eq!(
+        Store::open(&store)?.snapshot().question("vid0_6")?.text_encoder.as_deref(),
+        Some(want.as_str())
+    );
 
     // verify reports a store that mixes extractors (here by hand, as an older gcg could leave it).
     let path = store.join("index.json");

@@ -232,3 +232,80 @@ fn frames_out_over_the_input_video_is_refused() {
     );
     assert_eq!(names(&video), before);
 }
+
+#[test]
+fn force_never_replaces_a_folder_that_another_writer_made_nor_one_holding_the_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Someone's folder: --force would delete what it holds, unseen. Refused, kept whole.
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir_all(mine.join("inner")).unwrap();
+    std::fs::write(mine.join("inner/important.txt"), "keep me").unwrap();
+    let o = synth(&mine, "1", true);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("is not a synthetic world") && err.contains("world.json"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(mine.join("inner/important.txt")).unwrap(), "keep me");
+
+    let world = tmp.path().join("world");
+    assert!(synth(&world, "1", false).status.success());
+    let frames = |video: &Path, out: &Path| {
+        gcg(&[
+            "frames",
+            "--video",
+            video.to_str().unwrap(),
+            "--num-frames",
+            "2",
+            "--force",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let video = world.join("frames/v00000");
+    let o = frames(&video, &mine);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("is not a frames folder"), "{err}");
+    assert_eq!(names(&mine), ["inner"]);
+
+    // An --out above the input: replacing it would delete the video (and the whole world).
+    let before = names(&world);
+    let o = frames(&video, &world);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("holds the --video input"), "{err}");
+    assert_eq!(names(&world), before);
+    assert_eq!(names(&video).len(), names(&world.join("frames/v00001")).len());
+    // A world over a world, and frames over frames, are still replaced.
+    assert!(synth(&world, "2", true).status.success());
+    let clip = tmp.path().join("clip");
+    assert!(frames(&world.join("frames/v00000"), &clip).status.success());
+    assert!(frames(&world.join("frames/v00001"), &clip).status.success());
+}
+
+#[test]
+fn frames_refuses_times_a_store_would_refuse_naming_the_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let world = tmp.path().join("world");
+    assert!(synth(&world, "1", false).status.success());
+    let video = world.join("frames/v00000");
+    let meta = video.join("frames.json");
+    let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta).unwrap()).unwrap();
+    j["timestamps"][1] = (-1.0).into();
+    std::fs::write(&meta, j.to_string()).unwrap();
+    let out = tmp.path().join("clip");
+    let o = gcg(&[
+        "frames",
+        "--video",
+        video.to_str().unwrap(),
+        "--num-frames",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("v00000") && err.contains("frame time 1 is -1"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}

@@ -259,6 +259,7 @@ fn a_bad_config_leaves_no_run_dir_behind() {
         ("warmup_fraction = 2", "warmup", "warmup_fraction"),
         ("a test split not in the store", "test", "checking [data] test before training"),
         ("the test split's spans as val_grounding", "gsub", "has spans for none of the"),
+        ("frames unlike the store's T", "frames", "[model.grounding] frames"),
     ] {
         let mut cfg = base.clone();
         cfg.run_dir = Some(run.clone());
@@ -267,6 +268,7 @@ fn a_bad_config_leaves_no_run_dir_behind() {
             "epochs" => cfg.train.epochs = 0,
             "test" => cfg.data.test = Some(unknown.clone()),
             "gsub" => cfg.data.val_grounding = Some(world.join("gsub_test.json")),
+            "frames" => cfg.model.grounding.frames += 4,
             _ => cfg.train.warmup_fraction = 2.0,
         }
         let toml = tmp.path().join("run.toml");
@@ -530,4 +532,172 @@ fn one_process_per_run_and_per_prediction_file_and_outputs_never_overwrite_input
         "eval against another split's spans",
         &["has spans in the grounding annotations", "gsub_val.json", "test.csv"],
     );
+}
+
+/// Every byte of `files`, to compare before and after a refused command.
+fn contents(files: &[&Path]) -> Vec<Vec<u8>> {
+    files
+        .iter()
+        .map(|f| std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display())))
+        .collect()
+}
+
+#[test]
+fn outputs_never_land_on_what_the_command_reads_on_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    copy_dir(&demo().join("runs/uniform"), &run);
+    let store = tmp.path().join("store");
+    copy_dir(&demo().join("store"), &store);
+    let out = tmp.path().join("p.jsonl");
+    let predict = |out: &Path, json: Option<&Path>| {
+        let mut args = vec![
+            "predict",
+            "--run",
+            s(&run),
+            "--split",
+            "test",
+            "--store",
+            s(&store),
+            "--out",
+            s(out),
+            "--quiet",
+        ];
+        if let Some(j) = json {
+            args.extend(["--json", s(j)]);
+        }
+        gcg(&args)
+    };
+    ok(&predict(&out, None), "gcg predict");
+    let weights = run.join("checkpoints/best/weights.safetensors");
+    let sidecar = tmp.path().join("p.jsonl.meta.json");
+    let (config, index) = (run.join("config.json"), store.join("index.json"));
+    let kept = [
+        weights.as_path(),
+        config.as_path(),
+        index.as_path(),
+        sidecar.as_path(),
+        out.as_path(),
+    ];
+    let before = contents(&kept);
+    for (target, needle) in [
+        (&weights, "also the trained weights input"),
+        (&config, "also the run's config input"),
+        (&index, "lies inside the feature store"),
+        (&sidecar, "also the --out's provenance input"),
+    ] {
+        fails(
+            &predict(&out, Some(target)),
+            &format!("--json {}", target.display()),
+            &["--json", needle],
+        );
+    }
+    fails(
+        &predict(&store.join("p.jsonl"), None),
+        "--out inside the store",
+        &["--out", "lies inside the feature store"],
+    );
+    assert_eq!(contents(&kept), before, "a refused command changed a file it reads");
+    // An existing file that is not a metrics file is not replaced either; a metrics file is.
+    let notes = tmp.path().join("notes.json");
+    std::fs::write(&notes, "[1, 2, 3]\n").unwrap();
+    fails(&predict(&out, Some(&notes)), "--json over a foreign file", &["not a metrics file"]);
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "[1, 2, 3]\n");
+    let metrics = tmp.path().join("m.json");
+    ok(&predict(&out, Some(&metrics)), "predict --json (new)");
+    ok(&predict(&out, Some(&metrics)), "predict --json (replacing its metrics)");
+    assert!(json(&metrics)["questions"].as_u64().is_some_and(|n| n > 0));
+
+    // `gcg eval` scores a file without the annotated answers (another tool's) the same.
+    let bare = tmp.path().join("bare.jsonl");
+    let text: String = rows(&out)
+        .into_iter()
+        .map(|mut r| {
+            r.as_object_mut().unwrap().remove("answer");
+            format!("{r}\n")
+        })
+        .collect();
+    std::fs::write(&bare, text).unwrap();
+    let ann = demo().join("world/test.csv");
+    let score = |p: &Path, j: &Path| {
+        ok(
+            &gcg(&[
+                "eval",
+                "--dataset",
+                "nextqa",
+                "--annotations",
+                s(&ann),
+                "--predictions",
+                s(p),
+                "--json",
+                s(j),
+                "--strict",
+            ]),
+            "gcg eval",
+        );
+        json(j)["overall"].clone()
+    };
+    assert_eq!(score(&bare, &tmp.path().join("e1.json")), score(&out, &tmp.path().join("e2.json")));
+}
+
+#[test]
+fn predictions_are_not_continued_over_changed_data_nor_made_from_stale_labels_or_another_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = demo().join("runs/uniform");
+    let world = demo().join("world");
+    let ann = tmp.path().join("test.csv");
+    std::fs::copy(world.join("test.csv"), &ann).unwrap();
+    let out = tmp.path().join("p.jsonl");
+    let predict = |ann: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec!["predict", "--run", s(&run), "--annotations", s(ann), "--out", s(out), "--quiet"];
+        args.extend(extra);
+        gcg(&args)
+    };
+    ok(&predict(&ann, &out, &[]), "gcg predict");
+    let full = std::fs::read_to_string(&out).unwrap();
+    // Killed after two rows; then the annotations change in place (a row's type, which the
+    // labels do not depend on): the two rows are not continued with rows of the new file.
+    std::fs::write(&out, full.lines().take(2).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let text = std::fs::read_to_string(&ann).unwrap();
+    let mut lines: Vec<String> = text.lines().map(String::from).collect();
+    let mut f: Vec<String> = lines[1].split(',').map(String::from).collect();
+    f[7] = if f[7] == "DL" { "DO".into() } else { "DL".into() };
+    lines[1] = f.join(",");
+    std::fs::write(&ann, lines.join("\n") + "\n").unwrap();
+    fails(
+        &predict(&ann, &out, &[]),
+        "resuming over changed annotations",
+        &["from other data", "test.csv"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap().lines().count(),
+        2,
+        "the refused file changed"
+    );
+
+    // A question edited since `gcg labels`: its stored labels and text embeddings are stale.
+    let mut f: Vec<String> = lines[2].split(',').map(String::from).collect();
+    let key = format!("{}_{}", f[0], f[6]);
+    f[4] = "what totally different question".into();
+    lines[2] = f.join(",");
+    std::fs::write(&ann, lines.join("\n") + "\n").unwrap();
+    fails(
+        &predict(&ann, &tmp.path().join("q.jsonl"), &[]),
+        "predicting an edited question",
+        &[&key, "other texts", "gcg labels"],
+    );
+
+    // The frozen parts come from [weights]: a run predicts with the model it trained.
+    let fresh = tmp.path().join("w.jsonl");
+    fails(
+        &predict(&world.join("test.csv"), &fresh, &["--set", "weights.seed=5"]),
+        "predict --run --set weights.seed",
+        &["cannot change its [weights]"],
+    );
+    fails(
+        &predict(&world.join("test.csv"), &fresh, &["--set", "model.alpha_con=0.5"]),
+        "predict --run --set model.*",
+        &["cannot change its [model]"],
+    );
+    assert!(!fresh.exists());
 }

@@ -11,6 +11,40 @@ fn temp_name(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// The root of `gcg ask`'s caches: `$GCG_CACHE`, else `$XDG_CACHE_HOME/gcg/ask`, else
+/// `~/.cache/gcg/ask` (its parent holds gcg's other cached files).
+pub fn ask_cache_root() -> PathBuf {
+    if let Some(p) = std::env::var_os("GCG_CACHE").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("gcg").join("ask")
+}
+
+/// Whether a writer may replace the folder `out` as a whole (`--force`, `--overwrite`): it is
+/// absent, a file (the one the user named), an empty folder, or a folder holding `marker`, the
+/// file that this kind of writer leaves there (a frames folder's `frames.json`, a world's
+/// `world.json`, a demo's `demo.json`). Any other folder is someone's, and replacing it would
+/// delete what it holds, unseen: an error names it and the marker it lacks.
+pub fn check_replaceable_dir(out: &Path, marker: &str, what: &str) -> Result<()> {
+    let Ok(meta) = out.symlink_metadata() else { return Ok(()) };
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    let empty = std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
+    if !empty && !out.join(marker).is_file() {
+        anyhow::bail!(
+            "{} exists and is not {what} (no {marker}): replacing it would delete what it holds — give a new or empty folder",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// FNV-1a, 64 bits: the fingerprints of weight files, prediction inputs and the ask caches.
 #[derive(Debug, Clone, Copy)]
 pub struct Fnv64(pub u64);

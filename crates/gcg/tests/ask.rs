@@ -177,6 +177,12 @@ fn bad_questions_are_refused_by_name() {
     }
     q("what happened?", &[]).validate().unwrap();
     q("what happened?", &["a", "b"]).validate().unwrap();
+    // A misspelt key is an error naming it: ignored, `option` would turn a multiple-choice
+    // question into an open-ended one.
+    let e = serde_json::from_str::<Question>(r#"{"question": "what?", "option": ["a", "b"]}"#).unwrap_err();
+    assert!(e.to_string().contains("unknown field `option`"), "{e}");
+    let ok: Question = serde_json::from_str(r#"{"question": "what?", "options": ["a", "b"]}"#).unwrap();
+    assert_eq!(ok, q("what?", &["a", "b"]));
 }
 
 #[test]

@@ -398,6 +398,38 @@ fn skip_mode_reports_bad_rows_and_keeps_the_rest() {
     assert!(b.reason.contains("the answer `dance wildly` equals none of the options"), "{b}");
     let got = nextgqa::read_with(&g, &ReadOptions::skip_bad_rows()).unwrap();
     assert_eq!((got.samples.len(), got.bad_rows.len()), (5552, 1));
+    // An option index where NExT-GQA has the answer's text: the error says it looks like NExT-QA.
+    let g = write(tmp.path(), "index_answer.csv", &edit_line(&gtext, 20, |f| f[5] = "2".into()));
+    let b = bad_row(nextgqa::read(&g).unwrap_err());
+    assert!(
+        b.reason.contains("looks like a NExT-QA-format file") && b.reason.contains("--dataset nextqa"),
+        "{b}"
+    );
+    // The real test split's one answer equal to two options (3842638015, qid 4: a3 = a4 = "happy")
+    // is read as the first, as Python's `options.index(answer)` would.
+    let all = nextgqa::read(&gpath).unwrap();
+    let s = all.iter().find(|s| s.video == "3842638015" && s.qid == "4").unwrap();
+    assert_eq!((s.options[3].as_str(), s.options[4].as_str()), ("happy", "happy"));
+    assert_eq!(s.answer, gcg::data::Answer::Choice(3));
+}
+
+#[test]
+fn a_grounding_head_count_that_does_not_divide_its_width_names_the_key_and_the_choices() {
+    let g = gcg::grounding::GroundingConfig {
+        dim: 24,
+        heads: 4,
+        ..gcg::grounding::GroundingConfig::tiny()
+    };
+    let e = g.validate().unwrap_err().to_string();
+    for needle in [
+        "inner width 6",
+        "CLIP width 24",
+        "[model.grounding] heads",
+        "[1, 2, 3, 6]",
+        "heads=3",
+    ] {
+        assert!(e.contains(needle), "{e} lacks {needle}");
+    }
 }
 
 #[test]

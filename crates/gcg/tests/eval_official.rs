@@ -243,7 +243,7 @@ fn prediction_problems_are_reported_with_lines() {
         r#"{"qid": 0, "video": "v2", "type": "DL", "prediction": "option 3", "answer": 3}"#.to_string(), // text for MC
         row(&samples[1], 7, None),                                           // index out of range
         r#"{"qid": "1", "video": "v2", "type": "DO", "prediction": 4, "answer": 0}"#.to_string(), // answer differs
-        r#"{"qid": "1", "video": "v1", "prediction": 2}"#.to_string(),       // no answer field
+        r#"{"qid": "1", "video": "v1", "prediction": 2}"#.to_string(),       // no answer: read, a duplicate of line 6
         String::new(),
         r#"{"qid": "1", "video": "v1", "type": "DC", "prediction": 2, "answer": 2, "span": [1.0, 1e999]}"#.to_string(),
     ];
@@ -260,7 +260,7 @@ fn prediction_problems_are_reported_with_lines() {
             (5, ProblemKind::Invalid),
             (6, ProblemKind::Invalid),
             (7, ProblemKind::AnswerMismatch),
-            (8, ProblemKind::Malformed),
+            (8, ProblemKind::Duplicate),
             (10, ProblemKind::Malformed),
         ]
     );
@@ -270,6 +270,18 @@ fn prediction_problems_are_reported_with_lines() {
         "{}",
         ev.problems[2]
     );
+    assert!(
+        ev.problems[5]
+            .message
+            .contains("the row's answer is option 0, the annotation's option 4"),
+        "{}",
+        ev.problems[5]
+    );
+    // A row without `answer` (another tool's file) is scored against the annotation's.
+    let bare = write(tmp.path(), "bare.jsonl", "{\"qid\": \"1\", \"video\": \"v1\", \"prediction\": 2}\n");
+    let alone = evaluate(Dataset::NextQa, &samples, &read_predictions(&bare).unwrap(), None).unwrap();
+    assert!(alone.problems.is_empty(), "{:?}", alone.problems);
+    assert_eq!(alone.metrics.get("DC"), Some(100.0));
     // Counted: v1_0 right (line 1), v2_1 right (line 7, the annotation's answer 4 is used);
     // v1_1 and v2_0 have no usable prediction.
     let m = ev.metrics;

@@ -29,6 +29,7 @@ fn prov(run: &str, weights_hash: &str) -> Provenance {
         annotations: "/data/test.csv".into(),
         store: "/data/store".into(),
         config_hash: "fnv1a64:0000000000000001".into(),
+        inputs_hash: Some("fnv1a64:0000000000000003".into()),
     }
 }
 
@@ -77,6 +78,11 @@ fn a_prediction_file_is_resumed_only_by_the_model_that_wrote_it() {
         },
         Provenance {
             config_hash: "fnv1a64:0000000000000002".into(),
+            ..a.clone()
+        },
+        // The same paths with other contents (a store recomputed in place, edited annotations).
+        Provenance {
+            inputs_hash: Some("fnv1a64:0000000000000004".into()),
             ..a.clone()
         },
     ] {

@@ -67,6 +67,7 @@ fn question(key: &str, video: &str, t: usize, e: usize, o: usize, k: usize) -> Q
         curve,
         pseudo_labels: labels,
         text_encoder: None,
+        texts_hash: None,
     }
 }
 
@@ -836,10 +837,14 @@ fn pseudo_labels_equal_a_direct_computation_with_the_tiny_clip() -> Result<()> {
             4,
         ),
     ] {
+        // Each setting relabels the questions of the one before: --overwrite (without it another
+        // K or event mode is refused, as `features_and_labels_refuse_to_reuse_records_made_otherwise`
+        // checks through the CLI).
         let opts = LabelOptions {
             event: mode.clone(),
             top_k: k,
             chunk: 3,
+            skip_existing: false,
             ..Default::default()
         };
         let report = label_questions(dir.path(), &samples(), &enc, &opts, &mut |_| {})?;
@@ -874,7 +879,11 @@ fn pseudo_labels_equal_a_direct_computation_with_the_tiny_clip() -> Result<()> {
             close(&texts.event, &embed(&event), "event");
         }
         // Labelled the same way again: nothing to do.
-        let again = label_questions(dir.path(), &samples(), &enc, &opts, &mut |_| {})?;
+        let keep = LabelOptions {
+            skip_existing: true,
+            ..opts.clone()
+        };
+        let again = label_questions(dir.path(), &samples(), &enc, &keep, &mut |_| {})?;
         assert_eq!((again.labelled, again.skipped), (0, 4));
     }
 
@@ -890,6 +899,7 @@ fn pseudo_labels_equal_a_direct_computation_with_the_tiny_clip() -> Result<()> {
     let opts = LabelOptions {
         event: only_two,
         top_k: 2,
+        skip_existing: false,
         ..Default::default()
     };
     let report = label_questions(dir.path(), &bad, &enc, &opts, &mut |_| {})?;
@@ -1409,22 +1419,37 @@ fn extraction_reuses_only_videos_made_the_same_way() -> Result<()> {
     w.add_question(question("v1_0", "v1", T, 24, 5, 2))?;
     w.add_question(question("v2_0", "v2", T, 24, 5, 2))?;
     w.finish()?;
-    let redo: Vec<VideoJob> = two.iter().filter(|j| j.id == "v1").cloned().collect();
     let over = ExtractOptions {
         overwrite: true,
         ..other.clone()
     };
-    let r = extract_features(dir.path(), &redo, &source, &models, &over, &mut |_| {})?;
-    assert_eq!(r.done, 1);
+    // Only v1 with the new weights: v2, kept, was made by the old ones; a store mixing the two is
+    // refused (no video recomputed).
+    let redo: Vec<VideoJob> = two.iter().filter(|j| j.id == "v1").cloned().collect();
+    let err = format!(
+        "{:#}",
+        extract_features(dir.path(), &redo, &source, &models, &over, &mut |_| {}).unwrap_err()
+    );
+    assert!(
+        err.contains("1 videos in") && err.contains("(e.g. v2)") && err.contains("would mix"),
+        "{err}"
+    );
+    assert!(Store::open(dir.path())?.snapshot().contains_question("v1_0"));
+    let r = extract_features(dir.path(), &two, &source, &models, &over, &mut |_| {})?;
+    assert_eq!(r.done, 2);
     let snap = Store::open(dir.path())?.snapshot();
     assert_eq!(snap.video("v1")?.extractor, other.extractor);
-    assert!(!snap.contains_question("v1_0") && snap.contains_question("v2_0"));
-    assert_eq!(
-        gcg::store::consistency(snap.index()).mixed.len(),
-        1,
-        "{:?}",
-        gcg::store::consistency(snap.index())
-    );
+    assert_eq!(snap.video("v2")?.extractor, other.extractor);
+    assert!(!snap.contains_question("v1_0") && !snap.contains_question("v2_0"));
+    assert!(gcg::store::consistency(snap.index()).mixed.is_empty());
+    // A store left mixed (by hand, as an older gcg could) is refused by the runs' reader.
+    edit_index(dir.path(), |i| {
+        i["videos"]["v2"]["extractor"]["models"] = "random tiny seed 77".into();
+    })?;
+    let mut cfg = gcg::run::RunConfig::default();
+    cfg.data.store = dir.path().to_path_buf();
+    let err = format!("{:#}", gcg::run::open_store(&cfg).err().expect("a mixed store was opened"));
+    assert!(err.contains("mixes records made differently") && err.contains("seed 77"), "{err}");
     Ok(())
 }
 

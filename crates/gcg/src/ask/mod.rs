@@ -42,8 +42,11 @@ pub struct UnreadableVideo(pub String);
 /// Longest question or option accepted (characters).
 pub const MAX_TEXT_CHARS: usize = 1000;
 
-/// A question about a video, with its candidate answers (none: open-ended).
+/// A question about a video, with its candidate answers (none: open-ended). Any other key is an
+/// error naming it (a misspelt `option` must not turn a multiple-choice question into an
+/// open-ended one).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Question {
     pub question: String,
     #[serde(default)]
@@ -181,15 +184,7 @@ pub struct AskOptions {
 impl AskOptions {
     /// `$GCG_CACHE`, else `$XDG_CACHE_HOME/gcg/ask`, else `~/.cache/gcg/ask`.
     pub fn default_cache_root() -> PathBuf {
-        if let Some(p) = std::env::var_os("GCG_CACHE").filter(|p| !p.is_empty()) {
-            return PathBuf::from(p);
-        }
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .filter(|p| !p.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(std::env::temp_dir);
-        base.join("gcg").join("ask")
+        crate::util::ask_cache_root()
     }
 }
 

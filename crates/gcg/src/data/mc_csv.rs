@@ -394,15 +394,35 @@ impl Row<'_> {
                 _ => Err(self.bad(col, format!("expected an option index 0-{}, found `{answer_raw}`", NUM_OPTIONS - 1))),
             },
             AnswerColumn::Text => match options.iter().position(|o| o == answer_raw) {
-                Some(i) => Ok(i),
-                None => Err(self.bad(
-                    col,
-                    format!(
-                        "the answer `{answer_raw}` equals none of the options a0-a{}: {:?}",
-                        NUM_OPTIONS - 1,
-                        options
-                    ),
-                )),
+                Some(i) => {
+                    // The first equal option, as a Python reader's `options.index(answer)`; a
+                    // prediction of another option with the same text is scored wrong, so say so.
+                    let same: Vec<usize> = (0..options.len()).filter(|&j| options[j] == answer_raw).collect();
+                    if same.len() > 1 {
+                        tracing::warn!(
+                            "{}:{}: the answer `{answer_raw}` equals options {same:?}; option {i} is taken as the answer",
+                            self.path.display(),
+                            self.line
+                        );
+                    }
+                    Ok(i)
+                }
+                None => {
+                    let hint = if answer_raw.parse::<usize>().is_ok_and(|i| i < NUM_OPTIONS) {
+                        " (an option index: this looks like a NExT-QA-format file; read it as --dataset nextqa, with \
+                         --grounding gsub_*.json for the NExT-GQA metrics)"
+                    } else {
+                        ""
+                    };
+                    Err(self.bad(
+                        col,
+                        format!(
+                            "the answer `{answer_raw}` equals none of the options a0-a{}: {:?}{hint}",
+                            NUM_OPTIONS - 1,
+                            options
+                        ),
+                    ))
+                }
             },
         }
     }

@@ -415,15 +415,13 @@ fn build_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>)) -
 
 /// Refuse an `out` that is not a demo's (a file, or a non-empty folder without `demo.json`).
 fn check_out(out: &Path) -> Result<()> {
-    let Ok(meta) = out.symlink_metadata() else { return Ok(()) };
-    let empty = meta.is_dir() && std::fs::read_dir(out).map(|mut d| d.next().is_none()).unwrap_or(false);
-    if !empty && !out.join("demo.json").is_file() {
+    if out.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
         bail!(
-            "{} exists and is not a demo output (no demo.json); give an empty or new folder",
+            "{} exists and is not a demo output (a file); give an empty or new folder",
             out.display()
         );
     }
-    Ok(())
+    crate::util::check_replaceable_dir(out, "demo.json", "a demo output")
 }
 
 /// Maps paths under one folder to the same paths under another, both as absolute paths and as

@@ -295,7 +295,11 @@ fn example_svg(
         esc(video),
         esc(question)
     );
-    let truth = rows.first().map(|(_, r)| answer_text(&r.answer, options)).unwrap_or_default();
+    let truth = rows
+        .first()
+        .and_then(|(_, r)| r.answer.as_ref())
+        .map(|a| answer_text(a, options))
+        .unwrap_or_default();
     let mut line = format!("true answer: {truth}");
     for (m, r) in rows {
         let _ = write!(line, " · {m}: {}", answer_text(&r.prediction, options));

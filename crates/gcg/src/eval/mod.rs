@@ -170,13 +170,19 @@ pub fn evaluate(dataset: Dataset, samples: &[QaSample], preds: &PredictionFile, 
             });
             continue;
         }
-        if row.answer != s.answer {
+        if let Some(a) = row.answer.as_ref().filter(|a| **a != s.answer) {
+            let show = |a: &Answer| match a {
+                Answer::Choice(i) => format!("option {i}"),
+                Answer::Text(t) => format!("{t:?}"),
+            };
             problems.push(Problem {
                 line: *line,
                 kind: ProblemKind::AnswerMismatch,
                 message: format!(
-                    "{}: the row's answer {:?} differs from the annotation's {:?}",
-                    s.key, row.answer, s.answer
+                    "{}: the row's answer is {}, the annotation's {} (the annotation's is scored)",
+                    s.key,
+                    show(a),
+                    show(&s.answer)
                 ),
             });
         }
@@ -508,4 +514,35 @@ fn open_ended(samples: &[QaSample], joined: &[Option<&PredictionRow>]) -> Result
         missing,
         excluded: 0,
     })
+}
+
+/// Whether a metrics JSON may be written at `path`: nothing is there, or a metrics file that gcg
+/// wrote (a JSON object with a `dataset` name and a `questions` count), which it replaces.
+/// Anything else — weights, a store's index, a run's config, annotations — is refused with an
+/// error naming it, so that a mistyped `--json` loses nothing.
+pub fn check_metrics_target(path: &std::path::Path) -> anyhow::Result<()> {
+    let meta = match path.symlink_metadata() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("inspecting {}", path.display()))),
+        Ok(m) => m,
+    };
+    let is_metrics = meta.is_file()
+        && meta.len() <= 16 << 20
+        && std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| v.get("dataset").is_some_and(Value::is_string) && v.get("questions").is_some_and(Value::is_u64));
+    anyhow::ensure!(
+        is_metrics,
+        "{} exists and is not a metrics file written by gcg (a JSON object with \"dataset\" and \"questions\"); \
+         refusing to replace it — give another path, or delete it first",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Write a metrics JSON atomically, where [`check_metrics_target`] allows it.
+pub fn write_metrics_json(path: &std::path::Path, metrics: &Value) -> anyhow::Result<()> {
+    check_metrics_target(path)?;
+    crate::util::write_atomic(path, (serde_json::to_string_pretty(metrics)? + "\n").as_bytes())
 }

@@ -1,5 +1,5 @@
 //! Prediction files: JSONL, one question a line —
-//! `{"qid", "video", "type", "prediction", "answer", "span"?, "moments"?, "curve"?}`.
+//! `{"qid", "video", "prediction", "type"?, "answer"?, "span"?, "moments"?, "curve"?}`.
 //!
 //! `prediction` / `answer` are an option index (multiple choice) or a text (open-ended); `span` is
 //! the predicted evidence `[start, end]` in seconds; `moments` the selected frames (indices into
@@ -38,7 +38,10 @@ pub struct PredictionRow {
     #[serde(rename = "type", default)]
     pub qtype: String,
     pub prediction: Answer,
-    pub answer: Answer,
+    /// The annotated answer, written by gcg for reading the file alone; optional on reading (the
+    /// annotations are what is scored against; a row whose answer differs is reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<Answer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub span: Option<[f64; 2]>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -55,7 +58,7 @@ impl PredictionRow {
             video: sample.video.clone(),
             qtype: sample.qtype.clone(),
             prediction,
-            answer: sample.answer.clone(),
+            answer: Some(sample.answer.clone()),
             span: None,
             moments: None,
             curve: None,
@@ -232,6 +235,12 @@ pub struct Provenance {
     /// A hash of the model-relevant part of the config (`[weights]` but `init`, `[model]`, the
     /// dataset and dtype).
     pub config_hash: String,
+    /// A hash of what the predictions were made from: the annotation file's bytes and the
+    /// store's records of its questions and videos (absent in files of an older gcg). A store
+    /// recomputed or relabelled in place, or an edited annotation file, changes it, so its rows
+    /// are not continued by rows of the new data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs_hash: Option<String>,
 }
 
 impl Provenance {
@@ -266,6 +275,7 @@ impl Provenance {
             && self.config_hash == other.config_hash
             && self.annotations == other.annotations
             && self.store == other.store
+            && self.inputs_hash == other.inputs_hash
     }
 
     /// One line saying what wrote the file.
@@ -282,6 +292,9 @@ impl Provenance {
         parts.push(format!("config {}", self.config_hash));
         parts.push(format!("annotations {}", self.annotations));
         parts.push(format!("store {}", self.store));
+        if let Some(h) = &self.inputs_hash {
+            parts.push(format!("inputs {h}"));
+        }
         parts.join(", ")
     }
 }
@@ -407,6 +420,18 @@ impl PredictionWriter {
         }
         match Provenance::read(path)? {
             Some(f) if f.same_source(prov) => Ok(true),
+            Some(f) if f.inputs_hash != prov.inputs_hash && Provenance { inputs_hash: prov.inputs_hash.clone(), ..f.clone() }.same_source(prov) => bail!(
+                "{} was made by this model from other data: the annotations {} or the store {}'s records of their \
+                 questions changed since (recomputed, relabelled or edited in place: {} now, {} then), and its rows \
+                 would mix with rows of the new data\n(give another --out, or delete {} and {})",
+                path.display(),
+                prov.annotations,
+                prov.store,
+                prov.inputs_hash.as_deref().unwrap_or("-"),
+                f.inputs_hash.as_deref().unwrap_or("not recorded"),
+                path.display(),
+                Provenance::path_of(path).display()
+            ),
             Some(f) => bail!(
                 "{} was written by another model and cannot be resumed by this one:\n  it has:     {}\n  this model: {}\n(give another --out, or delete {} and {})",
                 path.display(),
@@ -416,7 +441,7 @@ impl PredictionWriter {
                 Provenance::path_of(path).display()
             ),
             None => bail!(
-                "{} holds predictions but no {} saying what wrote them (another tool's file, or an older gcg's); refusing to add to it (give another --out, or delete it)",
+                "{} exists but has no {} saying what wrote it: it is not a prediction file of this gcg's (another tool's, an older gcg's, or not predictions at all); refusing to add to it (give another --out, or delete it)",
                 path.display(),
                 Provenance::path_of(path).display()
             ),

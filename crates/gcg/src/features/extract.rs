@@ -481,6 +481,24 @@ pub fn plan_videos<'a>(
                 store_dir.display()
             );
         }
+        // Likewise the networks and the sampling: a store whose videos were made by other
+        // weights would feed a model features of two kinds (`gcg store verify` calls it mixed).
+        if let Some(ex) = extractor {
+            let other: Vec<(&String, String)> = index
+                .videos
+                .iter()
+                .filter(|(id, _)| !redone.contains(id.as_str()))
+                .filter_map(|(id, v)| v.extractor.as_ref().and_then(|a| a.difference(ex)).map(|d| (id, d)))
+                .collect();
+            if let Some((id, d)) = other.first() {
+                anyhow::bail!(
+                    "{} videos in {} were extracted with {d} (e.g. {id}); adding videos made by this run would mix the \
+                     two in one store: use the same weights and sampling, list them too with --overwrite, or use another --store",
+                    other.len(),
+                    store_dir.display()
+                );
+            }
+        }
     }
     Ok(todo)
 }

@@ -69,6 +69,35 @@ pub fn question_text(s: &QaSample) -> String {
     format!("{}?", s.question.trim_end().trim_end_matches('?'))
 }
 
+/// A fingerprint of a question's texts as `gcg labels` embeds them (the question, its options,
+/// its answer), stored with its labels and compared by readers with their annotations.
+pub fn texts_hash(s: &QaSample) -> String {
+    let mut h = crate::util::Fnv64::default();
+    for t in std::iter::once(question_text(s).as_str())
+        .chain(s.options.iter().map(String::as_str))
+        .chain([s.answer_text()])
+    {
+        h.update(t.as_bytes());
+        h.update(&[0]);
+    }
+    h.tagged()
+}
+
+/// Whether a stored question's labels were made from the texts of `s` (as far as the record
+/// tells: its texts' fingerprint, else its event text where the event mode derives it from the
+/// annotation); the reason when not.
+pub fn stale_texts(q: &crate::store::QuestionEntry, s: &QaSample) -> Option<String> {
+    if let Some(h) = &q.texts_hash {
+        return (*h != texts_hash(s)).then(|| "its question, options or answer changed in the annotations".to_string());
+    }
+    let event = match q.event_mode.as_str() {
+        "answer" => s.answer_text().to_string(),
+        "question-answer" => question_answer_sentence(s),
+        _ => return None,
+    };
+    (q.event != event).then(|| format!("its event text was {:?}, the annotations now give {event:?}", q.event))
+}
+
 /// Question and answer as one sentence: `"{question}? {answer}"`.
 pub fn question_answer_sentence(s: &QaSample) -> String {
     format!("{} {}", question_text(s), s.answer_text().trim())
@@ -207,6 +236,7 @@ pub fn label_questions(
     let mut report = LabelReport::default();
     if opts.skip_existing {
         check_text_encoder(samples, &snap, store_dir, opts.text_encoder.as_deref())?;
+        check_label_settings(samples, &snap, store_dir, opts)?;
     }
     let (todo, failed_early) = plan_questions(samples, &snap, opts, &mut report)?;
     progress(LabelProgress::Start {
@@ -268,6 +298,53 @@ fn check_text_encoder(samples: &[QaSample], snap: &Snapshot, store_dir: &Path, a
     Ok(())
 }
 
+/// Stored questions of `samples` labelled with another K or event mode than `opts` asks are an
+/// error naming how many, both settings and the fix: relabelling them silently would change the
+/// data under runs already trained on them (a changed event *text*, an edited annotation, is
+/// relabelled: the old labels describe a question that no longer exists).
+fn check_label_settings(samples: &[QaSample], snap: &Snapshot, store_dir: &Path, opts: &LabelOptions) -> Result<()> {
+    let mut differ: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+    for s in samples {
+        let Some(q) = snap.index().questions.get(&s.key) else { continue };
+        let mut d = Vec::new();
+        if q.event_mode != opts.event.mode() {
+            d.push(format!("--event {}", q.event_mode));
+        }
+        let k = snap
+            .index()
+            .videos
+            .get(&s.video)
+            .map_or(opts.top_k, |v| opts.top_k.min(v.num_frames));
+        if q.pseudo_labels.len() != k {
+            d.push(format!("--top-k {}", q.pseudo_labels.len()));
+        }
+        if !d.is_empty() {
+            differ.entry(d.join(", ")).or_default().push(s.key.as_str());
+        }
+    }
+    if differ.is_empty() {
+        return Ok(());
+    }
+    let lines: Vec<String> = differ
+        .iter()
+        .map(|(d, keys)| {
+            format!(
+                "{} questions in {} were labelled with {d} (e.g. {})",
+                keys.len(),
+                store_dir.display(),
+                keys[..keys.len().min(3)].join(", ")
+            )
+        })
+        .collect();
+    bail!(
+        "{}\nthis run asks --event {} --top-k {}; give --overwrite to relabel them (runs trained on the old labels then \
+         no longer match the store), or use another --store",
+        lines.join("\n"),
+        opts.event.mode(),
+        opts.top_k
+    )
+}
+
 /// A question to label and its texts.
 type Todo<'a> = (&'a QaSample, QuestionTextsToEncode);
 
@@ -317,6 +394,7 @@ fn already_labelled(snap: &Snapshot, opts: &LabelOptions, s: &QaSample, t: &Ques
     let k = snap.index().videos.get(&s.video).map(|v| opts.top_k.min(v.num_frames));
     q.event_mode == opts.event.mode()
         && q.event == t.event
+        && q.texts_hash.as_deref().is_none_or(|h| h == texts_hash(s))
         && q.video == s.video
         && q.num_options == s.options.len()
         && Some(q.pseudo_labels.len()) == k
@@ -390,5 +468,6 @@ fn question_record(
         curve,
         pseudo_labels: top,
         text_encoder: opts.text_encoder.clone(),
+        texts_hash: Some(texts_hash(s)),
     })
 }

@@ -33,7 +33,7 @@ pub use topk::{hard_selection, hard_topk, one_hot_selection, perturbed_topk, Noi
 use crate::nn::Ctx;
 use crate::rng::SeededRng;
 use crate::weights::Loader;
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
@@ -126,11 +126,16 @@ impl GroundingConfig {
             "grounding: dim {} must be a multiple of 8",
             self.dim
         );
-        ensure!(
-            self.heads >= 1 && h % self.heads == 0,
-            "grounding: inner width {h} is not divisible by {} heads",
-            self.heads
-        );
+        if self.heads == 0 || h % self.heads != 0 {
+            let fits: Vec<usize> = (1..=h.min(16)).filter(|n| h % n == 0).collect();
+            bail!(
+                "grounding: inner width {h} (the CLIP width {} / 4) is not divisible by {} heads: set [model.grounding] \
+                 heads to one of {fits:?} (e.g. --set model.grounding.heads={})",
+                self.dim,
+                self.heads,
+                fits.iter().rev().find(|&&n| n <= self.heads.max(1)).unwrap_or(&1)
+            );
+        }
         ensure!(self.frames >= 2, "grounding: needs at least 2 frames, got {}", self.frames);
         ensure!(self.ffn_mult >= 1, "grounding: ffn_mult {} must be at least 1", self.ffn_mult);
         ensure!(

@@ -274,7 +274,22 @@ impl Split {
         if samples.is_empty() {
             bail!("{} holds no questions", annotations.display());
         }
-        let loader = BatchLoader::new(store.snapshot(), samples.clone(), opts)
+        // Labels made from other texts (the annotations edited since `gcg labels`) would be used
+        // silently: their pseudo-labels and text embeddings describe another question.
+        let snap = store.snapshot();
+        for s in &samples {
+            let Some(q) = snap.index().questions.get(&s.key) else { continue };
+            if let Some(why) = crate::features::labels::stale_texts(q, s) {
+                bail!(
+                    "{}: question {}: the store {} labelled it from other texts ({why}); run `gcg labels` on {} again",
+                    annotations.display(),
+                    s.key,
+                    store.dir().display(),
+                    annotations.display()
+                );
+            }
+        }
+        let loader = BatchLoader::new(snap, samples.clone(), opts)
             .with_context(|| format!("serving {} from the store {}", annotations.display(), store.dir().display()))?;
         Ok(Self { samples, loader })
     }
@@ -315,5 +330,33 @@ pub fn open_store(cfg: &RunConfig) -> Result<(Store, usize)> {
         .snapshot()
         .meta()
         .ok_or_else(|| anyhow!("the store {} holds no features yet (run gcg features)", cfg.data.store.display()))?;
+    // A store of records made differently (other networks, T, text encoder or K) would feed the
+    // model data of two kinds: refused here, where `gcg store verify` would call it mixed.
+    let c = crate::store::consistency(store.snapshot().index());
+    if !c.mixed.is_empty() {
+        bail!(
+            "the feature store {} mixes records made differently:\n  {}\nrecompute one kind (`gcg features --overwrite`, \
+             `gcg labels --overwrite`) or use another --store; `gcg store verify` lists them",
+            cfg.data.store.display(),
+            c.mixed.join("\n  ")
+        );
+    }
+    // The model takes T frames a video: a store of another T fails here, before a run
+    // directory is made, not at the first training step.
+    let t = cfg.model.frames();
+    let other = store
+        .snapshot()
+        .index()
+        .videos
+        .iter()
+        .find(|(_, v)| v.num_frames != t)
+        .map(|(id, v)| (id.clone(), v.num_frames));
+    if let Some((id, n)) = other {
+        bail!(
+            "the feature store {} holds videos of T = {n} frames (e.g. {id}), the model takes T = {t} \
+             ([model.grounding] frames): set frames = {n}, or extract the videos again with `gcg features --num-frames {t}` into another store",
+            cfg.data.store.display()
+        );
+    }
     Ok((store, meta.embed_dim))
 }

@@ -110,7 +110,9 @@ fn hash_file(path: &Path) -> Result<String> {
 /// the run, the trained weights (`[weights] init`) and their hash, the annotations, the store and
 /// a hash of the config's model-relevant part (paths made absolute first, so the same run gives
 /// the same provenance from any working directory).
-pub fn provenance(cfg: &RunConfig, annotations: &Path) -> Result<Provenance> {
+pub fn provenance(cfg: &RunConfig, files: &SplitFiles) -> Result<Provenance> {
+    let annotations = files.annotations.as_path();
+    let inputs_hash = Some(inputs_hash(cfg, files)?);
     let cfg = cfg.absolute()?;
     let abs = |p: &Path| -> Result<String> { Ok(std::path::absolute(p)?.display().to_string()) };
     let weights_hash = cfg.weights.init.as_deref().map(hash_file).transpose()?;
@@ -126,7 +128,63 @@ pub fn provenance(cfg: &RunConfig, annotations: &Path) -> Result<Provenance> {
         annotations: abs(annotations)?,
         store: abs(&cfg.data.store)?,
         config_hash: config_hash(&cfg)?,
+        inputs_hash,
     })
+}
+
+/// The `inputs_hash` of a prediction file's [`Provenance`]: the bytes of the split's files
+/// (annotations, a file or folder, and its video list) and the store's records (index entries:
+/// shards, byte ranges, extractors, labels, text encoders) of the split's questions and their
+/// videos. Records of other videos do not count, so a store that grows keeps the hash.
+pub fn inputs_hash(cfg: &RunConfig, files: &SplitFiles) -> Result<String> {
+    let mut h = crate::util::Fnv64::default();
+    for p in std::iter::once(files.annotations.as_path()).chain(files.videos.as_deref()) {
+        hash_path_into(p, &mut h)?;
+    }
+    let ann = files.read(
+        cfg.data.dataset,
+        &crate::data::ReadOptions {
+            skip_bad_rows: cfg.data.skip_bad_rows,
+        },
+    )?;
+    let store = crate::store::Store::open(&cfg.data.store).with_context(|| format!("[data] store = {}", cfg.data.store.display()))?;
+    let snap = store.snapshot();
+    let idx = snap.index();
+    let mut keys: Vec<(&str, &str)> = ann.samples.iter().map(|s| (s.key.as_str(), s.video.as_str())).collect();
+    keys.sort_unstable();
+    for (key, video) in keys {
+        // Where a video's frames came from is for information (it moves with a moved store).
+        let v = idx
+            .videos
+            .get(video)
+            .map(|v| crate::store::VideoEntry { source: None, ..v.clone() });
+        for part in [serde_json::to_vec(&idx.questions.get(key))?, serde_json::to_vec(&v)?] {
+            h.update(&part);
+            h.update(&[0]);
+        }
+    }
+    Ok(h.tagged())
+}
+
+/// Feeds a file's bytes, or a folder's files (names and bytes, sorted, recursively), into `h`.
+fn hash_path_into(path: &Path, h: &mut crate::util::Fnv64) -> Result<()> {
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("listing {}", path.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("listing {}", path.display()))?;
+        entries.sort();
+        for e in entries {
+            h.update(e.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
+            hash_path_into(&e, h)?;
+        }
+        return Ok(());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {} to hash it", path.display()))?;
+    h.update(&bytes);
+    h.update(&[0xff]);
+    Ok(())
 }
 
 /// The `config_hash` of a prediction file's [`Provenance`]: a hash of the config's model-relevant
@@ -238,8 +296,7 @@ pub fn evaluate_predictions(
         format!("scoring {} against {}{gsub}", predictions.display(), files.annotations.display())
     })?;
     if let Some(out) = metrics_out {
-        let text = serde_json::to_string_pretty(&ev.metrics.to_json())? + "\n";
-        crate::util::write_atomic(out, text.as_bytes())?;
+        crate::eval::write_metrics_json(out, &ev.metrics.to_json())?;
     }
     Ok(ev)
 }
@@ -256,7 +313,7 @@ pub fn predict_annotations(
     on_mismatch: OnMismatch,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<crate::eval::Evaluation> {
-    let prov = provenance(cfg, &files.annotations)?;
+    let prov = provenance(cfg, files)?;
     // Checked before the model is built: a refused file costs no loading.
     if on_mismatch == OnMismatch::Refuse {
         PredictionWriter::check(out, &prov)?;

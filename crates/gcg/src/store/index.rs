@@ -237,6 +237,11 @@ pub struct QuestionEntry {
     /// it was recorded ("unknown provenance").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text_encoder: Option<String>,
+    /// A fingerprint of the question, option and answer texts that were embedded
+    /// ([`crate::features::labels::texts_hash`]): a reader compares it with its annotations, so
+    /// labels of edited questions are not used silently. Absent in stores written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub texts_hash: Option<String>,
 }
 
 impl QuestionEntry {

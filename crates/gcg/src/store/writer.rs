@@ -161,6 +161,9 @@ pub struct QuestionRecord {
     pub pseudo_labels: Vec<usize>,
     /// Which CLIP text tower and tokenizer embedded the texts (None: not known).
     pub text_encoder: Option<String>,
+    /// A fingerprint of the question, option and answer texts embedded
+    /// ([`crate::features::labels::texts_hash`]; None: not known).
+    pub texts_hash: Option<String>,
 }
 
 impl QuestionRecord {
@@ -840,6 +843,7 @@ impl StoreWriter {
                         event_mode: q.event_mode.clone(),
                         event: q.event_text.clone(),
                         text_encoder: q.text_encoder.clone(),
+                        texts_hash: q.texts_hash.clone(),
                     },
                 );
             }

@@ -94,6 +94,7 @@ pub fn write_world(world: &World, out: &Path, opts: &WriteOptions, progress: &(d
     if out.exists() && !opts.overwrite {
         bail!("{} already exists (WriteOptions::overwrite replaces it)", out.display());
     }
+    crate::util::check_replaceable_dir(out, "world.json", "a synthetic world")?;
     let (mp4, mp4_skipped) = decide_mp4(cfg.width, cfg.height, opts)?;
 
     let (frames, caption_frames) = crate::util::write_dir_atomic(out, |tmp| write_all(world, tmp, mp4, opts, progress))?;

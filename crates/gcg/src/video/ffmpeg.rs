@@ -206,11 +206,26 @@ impl Ffmpeg {
         let (stdout, stderr) = self.ffprobe_run(path, &["-of", "json", "-show_streams", "-show_format", "-select_streams", "v:0"])?;
         let v: serde_json::Value =
             serde_json::from_str(&stdout).with_context(|| format!("{}: cannot parse ffprobe's JSON output", path.display()))?;
-        let stream = v
-            .get("streams")
-            .and_then(|s| s.as_array())
-            .and_then(|s| s.first())
-            .ok_or_else(|| anyhow!("{}: no video stream found (ffprobe: {})", path.display(), tail(&stderr, 4)))?;
+        let stream = v.get("streams").and_then(|s| s.as_array()).and_then(|s| s.first()).ok_or_else(|| {
+            let said = tail(&stderr, 4);
+            let said = if said.trim().is_empty() {
+                String::new()
+            } else {
+                format!(" (ffprobe: {})", said.trim())
+            };
+            let has_audio = v
+                .get("format")
+                .and_then(|f| f.get("nb_streams"))
+                .and_then(|n| n.as_u64())
+                .unwrap_or(0)
+                > 0;
+            let what = if has_audio {
+                "it has no video stream (audio only?)"
+            } else {
+                "no video stream found"
+            };
+            anyhow!("{}: {what}{said}", path.display())
+        })?;
         let codec = json_str(stream, "codec_name").unwrap_or("unknown").to_string();
         let width = stream.get("width").and_then(|x| x.as_u64()).unwrap_or(0) as u32;
         let height = stream.get("height").and_then(|x| x.as_u64()).unwrap_or(0) as u32;

@@ -583,6 +583,7 @@ pub fn write_frames(frames: &SampledFrames, out: &Path, overwrite: bool) -> Resu
             out.display()
         );
     }
+    crate::util::check_replaceable_dir(out, "frames.json", "a frames folder")?;
     crate::util::write_dir_atomic(out, |tmp| {
         for (i, f) in frames.frames.iter().enumerate() {
             let path = tmp.join(format!("frame_{i}.jpg"));
