@@ -67,7 +67,8 @@ pub struct AskModelArgs {
     /// Compute dtype: f32 | bf16 | f16 (default: the run's).
     #[arg(long)]
     pub dtype: Option<Precision>,
-    /// Override a config field (repeatable), e.g. `--set train.batch_size=8`.
+    /// Override a config field (repeatable), e.g. `--set dtype="bf16"` (a run's `[model]` and
+    /// `[weights]` are what it was trained with and cannot change).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
 }
@@ -118,7 +119,13 @@ impl AskModelArgs {
             (None, Some(p)) => (RunConfig::load(Some(p), &[])?, format!("{} (config, no run)", p.display())),
             (None, None) => unreachable!("run_dir_or_demo gives a run unless there is a config"),
         };
+        let stored = cfg.clone();
         cfg = cfg.with_overrides(&self.overrides)?;
+        if let Some(dir) = &run_dir {
+            crate::train::check_same_model(dir, &stored, &cfg, "--run")?;
+        } else if cfg.weights.pretrained.is_none() && cfg.weights.init.is_none() {
+            announce("the model has random weights ([weights] sets neither pretrained nor init): its answers mean nothing".to_string());
+        }
         if let Some(d) = self.device {
             cfg.device = d;
         }

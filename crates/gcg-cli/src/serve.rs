@@ -505,7 +505,13 @@ impl Drop for TempFile {
     }
 }
 
-async fn upload(State(s): State<Shared>, mp: Multipart) -> ApiResult<Response> {
+async fn upload(State(s): State<Shared>, mp: Result<Multipart, axum::extract::multipart::MultipartRejection>) -> ApiResult<Response> {
+    let mp = mp.map_err(|e| {
+        ApiError::bad(format!(
+            "an upload is a multipart/form-data POST with the video in the field `video` ({})",
+            e.body_text()
+        ))
+    })?;
     let Ok(_permit) = s.uploads.try_acquire() else {
         return Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,

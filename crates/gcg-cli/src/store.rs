@@ -149,7 +149,14 @@ fn print_report(a: &VerifyArgs, found: &StoreCheck, mixed: bool) {
         found.questions
     );
     if found.is_clean() && !mixed {
-        println!("ok");
+        println!(
+            "{}",
+            if a.checksums {
+                "ok"
+            } else {
+                "ok (checksums not read: --checksums reads every byte)"
+            }
+        );
     } else if found.is_clean() {
         println!("every shard reads as the index says");
     } else {

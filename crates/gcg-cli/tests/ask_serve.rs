@@ -168,6 +168,19 @@ fn ask_cli_gives_the_demo_predictions_answers_and_moments() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("oracle mode"));
+    // A run answers with the model it trained: --set of its [weights] or [model] is refused.
+    let o = gcg()
+        .args(["ask", "--run"])
+        .arg(demo.join("runs/grounding"))
+        .arg("--cache")
+        .arg(tmp.path().join("cache"))
+        .arg("--video")
+        .arg(demo.join("world/frames").join(&video))
+        .args(["--question", "what happened?", "--set", "weights.seed=6"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot change its [weights]"));
 }
 
 /// `gcg serve` for the demo's grounding run, its cache and data under `data`.
@@ -426,6 +439,10 @@ fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
         assert_eq!(st, 400, "{body}: {e}");
         assert!(e["error"].as_str().unwrap().contains(says), "{body}: {e}");
     }
+    // An upload that is not multipart: a JSON error saying what an upload is.
+    let (st, e) = post_json(&srv.url("/api/videos"), r#"{"video": "x.mp4"}"#);
+    assert_eq!(st, 400, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("multipart/form-data POST"), "{e}");
     let (st, e) = post_json(&srv.url("/api/videos/sha256-0000/ask"), r#"{"question": "q"}"#);
     assert_eq!(st, 404, "{e}");
     assert_eq!(get_json(&srv.url("/api/videos/../../etc/frames/0")).0, 404);

@@ -246,7 +246,7 @@ fn a_local_path_wins_and_a_non_id_is_the_usual_missing_directory() {
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{err}");
         assert!(
-            err.contains(&format!("{spec} is neither an HF snapshot")) && !err.contains("Hugging Face cache"),
+            err.contains(&format!("weights directory {spec} does not exist")) && !err.contains("Hugging Face cache"),
             "{err}"
         );
     }

@@ -41,6 +41,9 @@ pub fn open_any(dir: &Path, t5_dir: Option<&Path>, preset: Preset) -> Result<(So
         cfg.t5 = release_t5_config(&rel)?.with_activation(crate::nn::Activation::Gelu);
         return Ok((rel.open()?, cfg));
     }
+    if !dir.exists() {
+        return Err(anyhow!("weights directory {} does not exist", dir.display()));
+    }
     Err(anyhow!(
         "{} is neither an HF snapshot (config.json + model*.safetensors) nor a GCG release directory (qformer_t5.pth, ...)",
         dir.display()
