@@ -228,18 +228,21 @@ fn a_resumed_run_logs_each_step_once() {
             "--quiet",
         ]);
         ok(&o, &format!("gcg train --resume (max_steps {max_steps})"));
+        String::from_utf8_lossy(&o.stderr).to_string()
     };
-    train(2);
+    // Nothing to resume yet (a run killed before its first checkpoint): it says so.
+    let err = train(2);
+    assert!(err.contains("no checkpoint to resume from"), "{err}");
     let at2 = tmp.path().join("last-at-2");
     copy_dir(&run.join("checkpoints/last"), &at2);
-    train(5);
+    assert!(!train(5).contains("no checkpoint to resume from"));
     let want = steps(&run);
     assert_eq!(want.iter().map(|x| x.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
     // Killed after logging step 5 but before checkpointing after step 2: the last checkpoint is
     // the one of step 2 again.
     std::fs::remove_dir_all(run.join("checkpoints/last")).unwrap();
     copy_dir(&at2, &run.join("checkpoints/last"));
-    train(5);
+    let _ = train(5);
     assert_eq!(steps(&run), want, "steps 3..5 are logged once, with the same losses");
 }
 

@@ -127,6 +127,7 @@ fn unknown_keys_and_bad_values_are_named() {
         ("[model.grounding]\nffn_mult = 0\n", "ffn_mult 0"),
         ("[model.grounding]\nlayer_norm_eps = -1.0\n", "layer_norm_eps -1"),
         ("[data]\nmax_eval = 0\n", "data.max_eval = 0"),
+        ("[train]\nmax_steps = 0\n", "train.max_steps = 0 trains nothing"),
         ("[data]\nworkers = 0\n", "data.workers"),
         ("run_dir = \"\"\n", "run_dir is empty"),
         ("run_dir = \"/\"\n", "file-system root"),

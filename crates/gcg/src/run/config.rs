@@ -427,6 +427,10 @@ impl RunConfig {
             d.max_eval != Some(0),
             "data.max_eval = 0 leaves nothing to evaluate (leave it out to evaluate every question)"
         );
+        ensure!(
+            self.train.max_steps != Some(0),
+            "train.max_steps = 0 trains nothing (the run's results would be the untrained model's; leave it out to train every epoch)"
+        );
         ensure!(d.workers >= 1, "data.workers must be at least 1");
         ensure!(d.vit_frame_batch >= 1, "data.vit_frame_batch must be at least 1");
         if d.online_vit {

@@ -523,9 +523,22 @@ pub fn train(job: &TrainJob, resume: bool, on_event: &mut dyn FnMut(Event)) -> R
                 state.step
             );
         }
-    } else if run.metrics().exists() {
-        // A fresh run starts a fresh log.
-        std::fs::remove_file(run.metrics())?;
+    } else {
+        if resume {
+            // A run killed before its first checkpoint has nothing to resume; say so, louder
+            // when a `best` shows it had trained (its `last` was removed).
+            let best = run.root.join("checkpoints").join("best");
+            tracing::warn!(
+                "{}: no checkpoint to resume from ({} is missing{}); the run starts over at step 1",
+                run.root.display(),
+                run.last().display(),
+                if best.exists() { ", though checkpoints/best exists" } else { "" }
+            );
+        }
+        if run.metrics().exists() {
+            // A fresh run starts a fresh log.
+            std::fs::remove_file(run.metrics())?;
+        }
     }
     let plan = Plan::new(job)?;
     let rng = RefCell::new(state.rng.clone());
