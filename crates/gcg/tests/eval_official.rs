@@ -282,6 +282,21 @@ fn prediction_problems_are_reported_with_lines() {
     let alone = evaluate(Dataset::NextQa, &samples, &read_predictions(&bare).unwrap(), None).unwrap();
     assert!(alone.problems.is_empty(), "{:?}", alone.problems);
     assert_eq!(alone.metrics.get("DC"), Some(100.0));
+    // A byte-order mark does not cost the first row; an id of another type is named as such.
+    let bom = write(
+        tmp.path(),
+        "bom.jsonl",
+        "\u{feff}{\"qid\": 1, \"video\": \"v1\", \"prediction\": 2}\n",
+    );
+    let read = read_predictions(&bom).unwrap();
+    assert_eq!((read.rows.len(), read.problems.len()), (1, 0), "{:?}", read.problems);
+    let float = write(tmp.path(), "float.jsonl", "{\"qid\": 1.5, \"video\": \"v1\", \"prediction\": 2}\n");
+    let read = read_predictions(&float).unwrap();
+    assert!(
+        read.problems[0].message.contains("expected a string or an integer id"),
+        "{:?}",
+        read.problems
+    );
     // Counted: v1_0 right (line 1), v2_1 right (line 7, the annotation's answer 4 is used);
     // v1_1 and v2_0 have no usable prediction.
     let m = ev.metrics;

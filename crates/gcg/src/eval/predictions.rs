@@ -89,17 +89,27 @@ impl PredictionRow {
     }
 }
 
+/// A `qid` or `video`: a string or an integer (NExT-QA's ids are both); anything else is an
+/// error saying what was found ("invalid type: floating point `1.5`, expected a string or an
+/// integer id").
 fn string_or_int<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Id {
-        S(String),
-        I(i64),
+    struct IdVisitor;
+    impl serde::de::Visitor<'_> for IdVisitor {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string or an integer id")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<String, E> {
+            Ok(v.to_string())
+        }
     }
-    Ok(match Id::deserialize(d)? {
-        Id::S(s) => s,
-        Id::I(i) => i.to_string(),
-    })
+    d.deserialize_any(IdVisitor)
 }
 
 /// A line of a prediction file that could not be used, or that disagrees with the annotations.
@@ -163,6 +173,10 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
         path: path.to_path_buf(),
         ..Default::default()
     };
+    // A UTF-8 byte-order mark (some editors and tools write one) is not part of the first row.
+    if let Some(rest) = text.strip_prefix('\u{feff}') {
+        text = rest.to_string();
+    }
     let mut seen: HashMap<(String, String), u64> = HashMap::new();
     for (i, line) in text.split('\n').enumerate() {
         let n = i as u64 + 1;
