@@ -661,3 +661,26 @@ fn a_bad_input_video_fails_alone_and_verify_names_a_file_store() -> Result<()> {
     assert!(stderr(&o).contains("is a file, not a feature-store directory"), "{}", stderr(&o));
     Ok(())
 }
+
+#[test]
+fn a_frames_file_shorter_than_t_is_padded_as_a_short_video_is() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let vids = tmp.path().join("videos");
+    std::fs::create_dir(&vids)?;
+    videos(&vids)?;
+    std::fs::remove_file(vids.join("bad.safetensors"))?;
+    let store = tmp.path().join("store");
+    let t = FILE_FRAMES + 2;
+    let o = run(features_cmd_with(&vids, &store, &[("--num-frames", &t.to_string())]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("only {FILE_FRAMES} frames for {t} requested; padded")),
+        "{}",
+        stderr(&o)
+    );
+    let v = Store::open(&store)?.snapshot().video("vid0")?.clone();
+    assert_eq!(v.num_frames, t);
+    // The times repeat where frames do (uniformly over the 6: 0, 1, 1, 2, 3, 4, 4, 5 at 0.5 s each).
+    assert_eq!(v.timestamps, [0.0, 0.5, 0.5, 1.0, 1.5, 2.0, 2.0, 2.5]);
+    Ok(())
+}

@@ -535,7 +535,8 @@ pub fn decoded_frames(
 
 /// A [`FrameSource`] for pre-decoded frames saved as safetensors: `pixel_values` [T', 3, S, S]
 /// (CLIP-pre-processed, any float dtype), optionally `timestamps` [T'] (seconds) and scalar
-/// `duration`, `fps` tensors. When T' > T, T frames are taken uniformly.
+/// `duration`, `fps` tensors. T frames are taken uniformly (repeating frames, with a warning, when
+/// T' < T, as for a short video).
 pub fn safetensors_frames(job: &VideoJob, num_frames: usize) -> Result<VideoFrames> {
     let tensors = candle_core::safetensors::load(&job.path, &candle_core::Device::Cpu)
         .with_context(|| format!("reading frames file {}", job.path.display()))?;
@@ -544,11 +545,14 @@ pub fn safetensors_frames(job: &VideoJob, num_frames: usize) -> Result<VideoFram
         .ok_or_else(|| anyhow!("frames file {} has no pixel_values tensor", job.path.display()))?
         .to_dtype(DType::F32)?;
     let n = px.dim(0)?;
-    ensure!(
-        n >= num_frames,
-        "frames file {} has {n} frames, fewer than the {num_frames} asked for",
-        job.path.display()
-    );
+    ensure!(n >= 1, "frames file {} holds no frames (pixel_values [0, ...])", job.path.display());
+    if n < num_frames {
+        // As a short video or frame folder: the frames repeat (uniformly), with a warning.
+        tracing::warn!(
+            "{}: only {n} frames for {num_frames} requested; padded by repeating frames",
+            job.path.display()
+        );
+    }
     let idx = uniform_indices(n, num_frames, UniformRule::RoundExact);
     let sel = Tensor::new(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), &candle_core::Device::Cpu)?;
     let pixel_values = if n == num_frames { px } else { px.index_select(&sel, 0)? };
