@@ -49,9 +49,9 @@ fn predict_and_score(cfg: &RunConfig, split: EvalSplit, which: Checkpoint, quiet
 
 /// The checkpoints of a run were trained as its `[model]` and `[weights]` say (the frozen T5 and
 /// ViT are rebuilt from `[weights]`, they are not in the checkpoint): resuming or predicting with
-/// it may change the schedule or the data, not what the weights mean. Only where the frozen
-/// weights are read from may change (`pretrained`, `t5`, `tokenizers`, `vit` moved to another
-/// path), never whether they are read.
+/// it may change the schedule or the data, not what the weights mean (nor `init`, the checkpoint
+/// loaded). Only where the frozen weights are read from may change (`pretrained`, `t5`,
+/// `tokenizers`, `vit` moved to another path), never whether they are read.
 pub fn check_same_model(dir: &std::path::Path, stored: &RunConfig, new: &RunConfig, what: &str) -> Result<()> {
     let mut moved = new.weights.clone();
     for (m, s) in [
@@ -64,7 +64,6 @@ pub fn check_same_model(dir: &std::path::Path, stored: &RunConfig, new: &RunConf
             m.clone_from(s);
         }
     }
-    moved.init.clone_from(&stored.weights.init);
     for (table, changed) in [("[model]", new.model != stored.model), ("[weights]", moved != stored.weights)] {
         if changed {
             bail!(

@@ -593,7 +593,7 @@ fn features_and_labels_refuse_to_reuse_records_made_otherwise() -> Result<()> {
     assert!(o.status.success(), "{}", stderr(&o));
     let official = repo_root().join("crates/gcg/assets/bpe_simple_vocab_16e6.txt.gz");
     assert_eq!(
-        std::fs::read(cache.join("bpe_simple_vocab_16e6.txt.gz"))?,
+        std::fs::read(cache.join("ask/bpe_simple_vocab_16e6.txt.gz"))?,
         std::fs::read(&official)?
     );
     let want = gcg::features::provenance::text_encoder(gcg::models::Preset::Tiny, Some(3), None, &official)?;

@@ -607,7 +607,8 @@ fn outputs_never_land_on_what_the_command_reads_on_its_own() {
     fails(&predict(&out, Some(&notes)), "--json over a foreign file", &["not a metrics file"]);
     assert_eq!(std::fs::read_to_string(&notes).unwrap(), "[1, 2, 3]\n");
     let metrics = tmp.path().join("m.json");
-    ok(&predict(&out, Some(&metrics)), "predict --json (new)");
+    std::fs::write(&metrics, "").unwrap(); // as `mktemp` leaves it
+    ok(&predict(&out, Some(&metrics)), "predict --json (an empty file)");
     ok(&predict(&out, Some(&metrics)), "predict --json (replacing its metrics)");
     assert!(json(&metrics)["questions"].as_u64().is_some_and(|n| n > 0));
 
@@ -701,6 +702,16 @@ fn predictions_are_not_continued_over_changed_data_nor_made_from_stale_labels_or
         &predict(&world.join("test.csv"), &fresh, &["--set", "model.alpha_con=0.5"]),
         "predict --run --set model.*",
         &["cannot change its [model]"],
+    );
+    let other = demo().join("runs/grounding/checkpoints/best/weights.safetensors");
+    fails(
+        &predict(
+            &world.join("test.csv"),
+            &fresh,
+            &["--set", &format!("weights.init=\"{}\"", s(&other))],
+        ),
+        "predict --run --set weights.init",
+        &["cannot change its [weights]"],
     );
     assert!(!fresh.exists());
 }

@@ -30,13 +30,11 @@ pub const CLIP_BPE_GZ: &[u8] = include_bytes!("../../assets/bpe_simple_vocab_16e
 
 /// The CLIP BPE merges this binary carries ([`CLIP_BPE_GZ`], the official
 /// `bpe_simple_vocab_16e6.txt.gz`) as a file, for commands that take a tokenizer path and were
-/// given none with random weights: written once (atomically) under the gcg cache
-/// (`$GCG_CACHE/..`, else `$XDG_CACHE_HOME/gcg`, else `~/.cache/gcg`) and read from there; its
+/// given none with random weights: written once (atomically) into the gcg cache (`$GCG_CACHE`,
+/// else `$XDG_CACHE_HOME/gcg/ask`, else `~/.cache/gcg/ask`) and read from there; its
 /// bytes, hence the text encoder's fingerprint, are those of the official file.
 pub fn embedded_clip_bpe() -> Result<std::path::PathBuf> {
-    let root = crate::util::ask_cache_root();
-    let dir = root.parent().map(std::path::Path::to_path_buf).unwrap_or(root);
-    let path = dir.join("bpe_simple_vocab_16e6.txt.gz");
+    let path = crate::util::ask_cache_root().join("bpe_simple_vocab_16e6.txt.gz");
     if std::fs::read(&path).ok().as_deref() != Some(CLIP_BPE_GZ) {
         crate::util::write_atomic(&path, CLIP_BPE_GZ).with_context(|| format!("writing the CLIP BPE to {}", path.display()))?;
     }

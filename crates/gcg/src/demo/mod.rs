@@ -417,7 +417,7 @@ fn build_demo(cfg: &DemoConfig, out: &Path, on: &mut dyn FnMut(DemoEvent<'_>)) -
 fn check_out(out: &Path) -> Result<()> {
     if out.symlink_metadata().is_ok_and(|m| !m.is_dir()) {
         bail!(
-            "{} exists and is not a demo output (a file); give an empty or new folder",
+            "{} exists and is not a demo output (a file or a symbolic link; give the folder itself, or an empty or new one)",
             out.display()
         );
     }

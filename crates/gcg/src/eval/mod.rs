@@ -516,16 +516,20 @@ fn open_ended(samples: &[QaSample], joined: &[Option<&PredictionRow>]) -> Result
     })
 }
 
-/// Whether a metrics JSON may be written at `path`: nothing is there, or a metrics file that gcg
-/// wrote (a JSON object with a `dataset` name and a `questions` count), which it replaces.
+/// Whether a metrics JSON may be written at `path`: nothing is there, an empty file, or a
+/// metrics file that gcg wrote (a JSON object with a `dataset` name and a `questions` count), which it replaces.
 /// Anything else — weights, a store's index, a run's config, annotations — is refused with an
 /// error naming it, so that a mistyped `--json` loses nothing.
 pub fn check_metrics_target(path: &std::path::Path) -> anyhow::Result<()> {
-    let meta = match path.symlink_metadata() {
+    let meta = match path.metadata() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(anyhow::Error::new(e).context(format!("inspecting {}", path.display()))),
         Ok(m) => m,
     };
+    // An empty file (made by `mktemp` for it) holds nothing to lose.
+    if meta.is_file() && meta.len() == 0 {
+        return Ok(());
+    }
     let is_metrics = meta.is_file()
         && meta.len() <= 16 << 20
         && std::fs::read(path)

@@ -434,6 +434,14 @@ impl PredictionWriter {
         }
         match Provenance::read(path)? {
             Some(f) if f.same_source(prov) => Ok(true),
+            Some(f) if f.inputs_hash.is_none() && Provenance { inputs_hash: prov.inputs_hash.clone(), ..f.clone() }.same_source(prov) => bail!(
+                "{} was written by an older gcg that did not record a fingerprint of its inputs, so whether the \
+                 annotations or the store changed since cannot be told; it is not continued (give another --out, or \
+                 delete {} and {} to start over)",
+                path.display(),
+                path.display(),
+                Provenance::path_of(path).display()
+            ),
             Some(f) if f.inputs_hash != prov.inputs_hash && Provenance { inputs_hash: prov.inputs_hash.clone(), ..f.clone() }.same_source(prov) => bail!(
                 "{} was made by this model from other data: the annotations {} or the store {}'s records of their \
                  questions changed since (recomputed, relabelled or edited in place: {} now, {} then), and its rows \

@@ -330,7 +330,7 @@ pub fn open_store(cfg: &RunConfig) -> Result<(Store, usize)> {
         .snapshot()
         .meta()
         .ok_or_else(|| anyhow!("the store {} holds no features yet (run gcg features)", cfg.data.store.display()))?;
-    // A store of records made differently (other networks, T, text encoder or K) would feed the
+    // A store of records made differently (other networks, T or text encoder) would feed the
     // model data of two kinds: refused here, where `gcg store verify` would call it mixed.
     let c = crate::store::consistency(store.snapshot().index());
     if !c.mixed.is_empty() {

@@ -114,7 +114,8 @@ pub fn provenance(cfg: &RunConfig, files: &SplitFiles) -> Result<Provenance> {
     let annotations = files.annotations.as_path();
     let inputs_hash = Some(inputs_hash(cfg, files)?);
     let cfg = cfg.absolute()?;
-    let abs = |p: &Path| -> Result<String> { Ok(std::path::absolute(p)?.display().to_string()) };
+    // Absolute, and without a trailing `/` or `.` components (`--store s/` is the store `s`).
+    let abs = |p: &Path| -> Result<String> { Ok(std::path::absolute(p)?.components().collect::<PathBuf>().display().to_string()) };
     let weights_hash = cfg.weights.init.as_deref().map(hash_file).transpose()?;
     Ok(Provenance {
         // The run only when its checkpoint predicts (not a config's pretrained model).
@@ -132,59 +133,42 @@ pub fn provenance(cfg: &RunConfig, files: &SplitFiles) -> Result<Provenance> {
     })
 }
 
-/// The `inputs_hash` of a prediction file's [`Provenance`]: the bytes of the split's files
-/// (annotations, a file or folder, and its video list) and the store's records (index entries:
-/// shards, byte ranges, extractors, labels, text encoders) of the split's questions and their
-/// videos. Records of other videos do not count, so a store that grows keeps the hash.
+/// The `inputs_hash` of a prediction file's [`Provenance`]: the split's questions as read (key,
+/// video, question, options, answer, type: what the predictions and their scores are made of,
+/// whatever the file's bytes around them) and the store's records (index entries: shards, byte
+/// ranges, extractors, labels, text encoders) of those questions and, once each, their videos.
+/// Records of other questions and videos do not count, so a store that grows keeps the hash.
 pub fn inputs_hash(cfg: &RunConfig, files: &SplitFiles) -> Result<String> {
-    let mut h = crate::util::Fnv64::default();
-    for p in std::iter::once(files.annotations.as_path()).chain(files.videos.as_deref()) {
-        hash_path_into(p, &mut h)?;
-    }
     let ann = files.read(
         cfg.data.dataset,
         &crate::data::ReadOptions {
             skip_bad_rows: cfg.data.skip_bad_rows,
         },
     )?;
+    let mut h = crate::util::Fnv64::default();
+    let mut part = |bytes: &[u8]| {
+        h.update(bytes);
+        h.update(&[0]);
+    };
+    part(&serde_json::to_vec(&ann.samples)?);
     let store = crate::store::Store::open(&cfg.data.store).with_context(|| format!("[data] store = {}", cfg.data.store.display()))?;
     let snap = store.snapshot();
     let idx = snap.index();
-    let mut keys: Vec<(&str, &str)> = ann.samples.iter().map(|s| (s.key.as_str(), s.video.as_str())).collect();
+    let mut keys: Vec<&str> = ann.samples.iter().map(|s| s.key.as_str()).collect();
     keys.sort_unstable();
-    for (key, video) in keys {
+    for key in keys {
+        part(&serde_json::to_vec(&idx.questions.get(key))?);
+    }
+    let videos: std::collections::BTreeSet<&str> = ann.samples.iter().map(|s| s.video.as_str()).collect();
+    for video in videos {
         // Where a video's frames came from is for information (it moves with a moved store).
         let v = idx
             .videos
             .get(video)
             .map(|v| crate::store::VideoEntry { source: None, ..v.clone() });
-        for part in [serde_json::to_vec(&idx.questions.get(key))?, serde_json::to_vec(&v)?] {
-            h.update(&part);
-            h.update(&[0]);
-        }
+        part(&serde_json::to_vec(&v)?);
     }
     Ok(h.tagged())
-}
-
-/// Feeds a file's bytes, or a folder's files (names and bytes, sorted, recursively), into `h`.
-fn hash_path_into(path: &Path, h: &mut crate::util::Fnv64) -> Result<()> {
-    if path.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-            .with_context(|| format!("listing {}", path.display()))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<std::io::Result<_>>()
-            .with_context(|| format!("listing {}", path.display()))?;
-        entries.sort();
-        for e in entries {
-            h.update(e.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
-            hash_path_into(&e, h)?;
-        }
-        return Ok(());
-    }
-    let bytes = std::fs::read(path).with_context(|| format!("reading {} to hash it", path.display()))?;
-    h.update(&bytes);
-    h.update(&[0xff]);
-    Ok(())
 }
 
 /// The `config_hash` of a prediction file's [`Provenance`]: a hash of the config's model-relevant

@@ -214,15 +214,6 @@ pub fn consistency(index: &Index) -> Consistency {
         c.mixed
             .push(format!("questions embedded by different text encoders: {}", q.join("; ")));
     }
-    let k = groups(
-        index
-            .questions
-            .iter()
-            .map(|(k, q)| (k, format!("K = {} pseudo-labels", q.pseudo_labels.len()))),
-    );
-    if k.len() > 1 {
-        c.mixed.push(format!("questions labelled with different K: {}", k.join("; ")));
-    }
     c.unknown_videos = index.videos.values().filter(|v| v.extractor.is_none()).count();
     c.unknown_questions = index.questions.values().filter(|q| q.text_encoder.is_none()).count();
     c
