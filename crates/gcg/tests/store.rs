@@ -1512,3 +1512,50 @@ fn the_batch_loader_says_what_is_missing_for_each_example() -> Result<()> {
     assert!(err.contains("nowhere_1 (video nowhere has no features"), "{err}");
     Ok(())
 }
+
+/// A prediction file's inputs hash follows the split's questions and their store records, not
+/// the rest of the store: a store that grows keeps it (a partial file stays resumable), one
+/// relabelled in place, or an edited question, changes it.
+#[test]
+fn the_inputs_hash_follows_the_split_and_its_records_only() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (t, e) = (4, 8);
+    let add = |v: Option<VideoRecord>, q: QuestionRecord| -> Result<()> {
+        if let Some(v) = v {
+            let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+            w.add_video(v)?;
+            w.finish()?;
+        }
+        let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+        w.add_question(q)?;
+        w.finish()?;
+        Ok(())
+    };
+    add(Some(video("v1", t, 3, 6, e)), question("v1_0", "v1", t, e, 5, 2))?;
+    let header = "video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4\n";
+    let csv = dir.path().join("test.csv");
+    std::fs::write(&csv, format!("{header}v1,64,64,64,what happened,1,0,DO,a,b,c,d,e\n"))?;
+    let mut cfg = gcg::run::RunConfig::default();
+    cfg.data.dataset = Dataset::NextQa;
+    cfg.data.store = dir.path().to_path_buf();
+    let files = gcg::data::SplitFiles::annotations(&csv);
+    let hash = || gcg::run::predict::inputs_hash(&cfg, &files).unwrap();
+    let first = hash();
+    // Another video and question (another split's) join the store: the same hash.
+    add(Some(video("v2", t, 3, 6, e)), question("v2_0", "v2", t, e, 5, 2))?;
+    assert_eq!(hash(), first);
+    // The split's question relabelled in place (other pseudo-labels): another hash.
+    add(None, question("v1_0", "v1", t, e, 5, 3))?;
+    let relabelled = hash();
+    assert_ne!(relabelled, first);
+    // The question edited in the annotations: another hash again; the file's bytes around the
+    // questions (CRLF line ends) do not count.
+    std::fs::write(
+        &csv,
+        format!("{header}v1,64,64,64,what happened,1,0,DO,a,b,c,d,e\n").replace('\n', "\r\n"),
+    )?;
+    assert_eq!(hash(), relabelled);
+    std::fs::write(&csv, format!("{header}v1,64,64,64,what happened next,1,0,DO,a,b,c,d,e\n"))?;
+    assert_ne!(hash(), relabelled);
+    Ok(())
+}
