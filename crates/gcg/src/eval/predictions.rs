@@ -282,14 +282,19 @@ impl Provenance {
         crate::util::write_atomic(&Self::path_of(predictions), (serde_json::to_string_pretty(self)? + "\n").as_bytes())
     }
 
-    /// Whether predictions of `self` may be continued by `other`: same weights, config,
-    /// annotations and store (the run directory may have moved).
+    /// Whether predictions of `self` may be continued by `other`: the same model
+    /// ([`Self::same_model`]) on the same inputs.
     pub fn same_source(&self, other: &Provenance) -> bool {
+        self.same_model(other) && self.inputs_hash == other.inputs_hash
+    }
+
+    /// The same weights, config, annotation file and store path (the run directory may have
+    /// moved), whatever the inputs' contents.
+    pub fn same_model(&self, other: &Provenance) -> bool {
         self.weights_hash == other.weights_hash
             && self.config_hash == other.config_hash
             && self.annotations == other.annotations
             && self.store == other.store
-            && self.inputs_hash == other.inputs_hash
     }
 
     /// One line saying what wrote the file.
@@ -434,7 +439,7 @@ impl PredictionWriter {
         }
         match Provenance::read(path)? {
             Some(f) if f.same_source(prov) => Ok(true),
-            Some(f) if f.inputs_hash.is_none() && Provenance { inputs_hash: prov.inputs_hash.clone(), ..f.clone() }.same_source(prov) => bail!(
+            Some(f) if f.same_model(prov) && f.inputs_hash.is_none() => bail!(
                 "{} was written by an older gcg that did not record a fingerprint of its inputs, so whether the \
                  annotations or the store changed since cannot be told; it is not continued (give another --out, or \
                  delete {} and {} to start over)",
@@ -442,7 +447,7 @@ impl PredictionWriter {
                 path.display(),
                 Provenance::path_of(path).display()
             ),
-            Some(f) if f.inputs_hash != prov.inputs_hash && Provenance { inputs_hash: prov.inputs_hash.clone(), ..f.clone() }.same_source(prov) => bail!(
+            Some(f) if f.same_model(prov) => bail!(
                 "{} was made by this model from other data: the annotations {} or the store {}'s records of their \
                  questions changed since (recomputed, relabelled or edited in place: {} now, {} then), and its rows \
                  would mix with rows of the new data\n(give another --out, or delete {} and {})",

@@ -270,20 +270,9 @@ fn check_text_encoder(samples: &[QaSample], snap: &Snapshot, store_dir: &Path, a
         }
     }
     if !differ.is_empty() {
-        let lines: Vec<String> = differ
-            .iter()
-            .map(|(e, keys)| {
-                format!(
-                    "{} questions in {} were embedded by the text encoder {e} (e.g. {})",
-                    keys.len(),
-                    store_dir.display(),
-                    keys[..keys.len().min(3)].join(", ")
-                )
-            })
-            .collect();
         bail!(
             "{}\nthis run uses {asked}; give --overwrite to relabel them, or use another --store",
-            lines.join("\n")
+            grouped(&differ, store_dir, "embedded by the text encoder")
         );
     }
     if !unknown.is_empty() {
@@ -325,24 +314,30 @@ fn check_label_settings(samples: &[QaSample], snap: &Snapshot, store_dir: &Path,
     if differ.is_empty() {
         return Ok(());
     }
-    let lines: Vec<String> = differ
+    bail!(
+        "{}\nthis run asks --event {} --top-k {}; give --overwrite to relabel them (runs trained on the old labels then \
+         no longer match the store), or use another --store",
+        grouped(&differ, store_dir, "labelled with"),
+        opts.event.mode(),
+        opts.top_k
+    )
+}
+
+/// One line per group of stored questions made otherwise: "N questions in STORE were {how} X
+/// (e.g. up to three keys)".
+fn grouped<K: std::fmt::Display>(differ: &std::collections::BTreeMap<K, Vec<&str>>, store_dir: &Path, how: &str) -> String {
+    differ
         .iter()
         .map(|(d, keys)| {
             format!(
-                "{} questions in {} were labelled with {d} (e.g. {})",
+                "{} questions in {} were {how} {d} (e.g. {})",
                 keys.len(),
                 store_dir.display(),
                 keys[..keys.len().min(3)].join(", ")
             )
         })
-        .collect();
-    bail!(
-        "{}\nthis run asks --event {} --top-k {}; give --overwrite to relabel them (runs trained on the old labels then \
-         no longer match the store), or use another --store",
-        lines.join("\n"),
-        opts.event.mode(),
-        opts.top_k
-    )
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A question to label and its texts.
