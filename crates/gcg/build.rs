@@ -6,7 +6,9 @@
 //! Beside it, on x86-64, gcg's own AMX bf16 product (csrc/amx_linear.c, `cfg(gcg_amx)`): it
 //! runs on oneDNN's OpenMP runtime (libgomp) and takes erf and tanh from glibc's vector math
 //! (libmvec, glibc 2.35 or later), so it is built only when oneDNN is, the C compiler knows the
-//! AMX intrinsics and libmvec has them. Whether the CPU has AMX is asked at run time.
+//! AMX intrinsics and libmvec has them. Whether the CPU has AMX is asked at run time. A second
+//! build of the same kernels, with the tile unit computed in software (csrc/amx_soft.c), runs
+//! them on CPUs without AMX under `GCG_SOFT_AMX=1`, for tests.
 
 use std::path::PathBuf;
 
@@ -15,6 +17,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(gcg_amx)");
     println!("cargo::rerun-if-changed=csrc/onednn_matmul.c");
     println!("cargo::rerun-if-changed=csrc/amx_linear.c");
+    println!("cargo::rerun-if-changed=csrc/amx_soft.c");
     println!("cargo::rerun-if-env-changed=GCG_NO_ONEDNN");
     println!("cargo::rerun-if-env-changed=DNNL_ROOT");
     if std::env::var("GCG_NO_ONEDNN").is_ok_and(|v| !v.is_empty() && v != "0") {
@@ -81,11 +84,12 @@ fn build_amx(libs: &[PathBuf]) {
         println!("cargo::warning=no libmvec with erf (glibc >= 2.35) or no libgomp: gcg's AMX product is not built");
         return;
     };
-    let built = cc::Build::new()
-        .file("csrc/amx_linear.c")
-        .flag("-fopenmp")
-        .opt_level(2)
-        .try_compile("gcg_amx");
+    // The same kernels with the tile unit in software (csrc/amx_soft.c, `GCG_SOFT_AMX=1`), so
+    // that they can be tested on CPUs without AMX.
+    let built = ["csrc/amx_linear.c", "csrc/amx_soft.c"]
+        .into_iter()
+        .zip(["gcg_amx", "gcg_amx_soft"])
+        .try_for_each(|(file, lib)| cc::Build::new().file(file).flag("-fopenmp").opt_level(2).try_compile(lib));
     if let Err(e) = built {
         println!("cargo::warning=the C compiler cannot build gcg's AMX product ({e}); bf16 products stay with oneDNN");
         return;

@@ -297,7 +297,11 @@ fn attention_kernels() -> String {
     }
     let own = |dt: DType, name: &str| -> Option<String> {
         if dt == DType::BF16 && amx_active() {
-            Some(format!("{name}: gcg's AMX attention"))
+            let soft = gcg::nn::linear::amx_tiles() == Some(gcg::nn::linear::AmxTiles::Software);
+            Some(format!(
+                "{name}: gcg's AMX attention{}",
+                if soft { " on software tiles (GCG_SOFT_AMX)" } else { "" }
+            ))
         } else if avx512_attention_active(dt) {
             Some(format!("{name}: gcg's AVX-512 attention"))
         } else {
@@ -332,7 +336,9 @@ pub fn kernels() -> serde_json::Value {
             "onednn_bf16": gcg::nn::linear::onednn_bf16(),
         },
         "matmul_precision": gcg::nn::linear::matmul_precision().as_str(),
-        "amx": if gcg::nn::linear::amx_active() {
+        "amx": if gcg::nn::linear::amx_tiles() == Some(gcg::nn::linear::AmxTiles::Software) {
+            "gcg's AMX kernels with the tile unit in software (GCG_SOFT_AMX: for tests, slower than oneDNN)"
+        } else if gcg::nn::linear::amx_active() {
             if gcg::nn::linear::matmul_precision() == gcg::nn::linear::MatmulPrecision::High {
                 "gcg's AMX kernel for bf16 products and (as bf16 pairs) f32 products of >= 32 rows (reduction a multiple of 32)"
             } else {
@@ -501,11 +507,13 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
 ///   AVX512-BF16's dot products, else the FMA units (oneDNN widens bf16 to f32).
 /// * bf16 without oneDNN (candle's products widen to f32): the FMA units. f16: none.
 fn vit_ceiling(dtype: DType) -> Option<(gcg::nn::peak::Unit, f64)> {
-    use gcg::nn::linear::{amx_active, matmul_precision, MatmulPrecision, ONEDNN};
+    use gcg::nn::linear::{amx_tiles, matmul_precision, AmxTiles, MatmulPrecision, ONEDNN};
     use gcg::nn::peak::{cpu_has_amx_bf16, Unit};
     let has = |u: Unit| u.instruction().is_some();
     match dtype {
-        DType::F32 if amx_active() && matmul_precision() == MatmulPrecision::High => Some((Unit::AmxBf16, 1.0 / 3.0)),
+        DType::F32 if amx_tiles() == Some(AmxTiles::Unit) && matmul_precision() == MatmulPrecision::High => {
+            Some((Unit::AmxBf16, 1.0 / 3.0))
+        }
         DType::F32 => Some((Unit::F32Fma, 1.0)),
         DType::BF16 if ONEDNN && cpu_has_amx_bf16() && gcg::nn::isa::allows(gcg::nn::isa::Isa::Amx) => {
             has(Unit::AmxBf16).then_some((Unit::AmxBf16, 1.0))

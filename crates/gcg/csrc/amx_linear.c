@@ -30,7 +30,9 @@
  * (at the end) the ViT's attention, bf16 on the AMX unit or f32/bf16 on AVX-512 alone.
  *
  * Compiled only for x86-64 with a compiler that knows the AMX intrinsics (build.rs); used only
- * when the CPU reports AMX-BF16 and Linux grants the tile state (arch_prctl). */
+ * when the CPU reports AMX-BF16 and Linux grants the tile state (arch_prctl). amx_soft.c
+ * compiles this file once more with the tile instructions computed in software, for testing
+ * these kernels on CPUs without AMX (`GCG_SOFT_AMX=1`). */
 #define _GNU_SOURCE
 #include <immintrin.h>
 #include <math.h>
@@ -53,6 +55,7 @@ extern __m512 _ZGVeN16v_tanhf(__m512);
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
+#ifndef GCG_SOFT_TILES /* amx_soft.c, which includes this file, has its own check */
 static int amx_state = -1; /* -1 unknown, 0 unusable, 1 usable */
 
 /* 1 when this process may use AMX-BF16: the CPU has it (CPUID 7.0:EDX bits 22 and 24) and the
@@ -73,6 +76,7 @@ int gcg_amx_available(void) {
     __atomic_store_n(&amx_state, ok, __ATOMIC_RELEASE);
     return ok;
 }
+#endif
 
 /* A buffer of at least `bytes` (64-byte aligned) kept by this thread for its next calls, or
  * NULL when memory ran out. The packed operands are megabytes: allocated afresh on every call

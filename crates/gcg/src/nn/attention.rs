@@ -348,6 +348,7 @@ mod tests {
     #[test]
     fn fast_attention_equals_the_plain_ops() -> Result<()> {
         let dev = Device::Cpu;
+        crate::nn::linear::require_soft_tiles_where_asked();
         #[cfg(target_arch = "x86_64")]
         if std::env::var("GCG_REQUIRE_ONEDNN").is_ok_and(|v| v == "1")
             && std::env::var_os("GCG_NO_AVX512_ATTENTION").is_none()

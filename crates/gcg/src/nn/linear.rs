@@ -632,30 +632,69 @@ pub const AMX_MIN_ROWS: usize = 32;
 
 /// Whether bf16 products of at least [`AMX_MIN_ROWS`] rows (and a reduction that is a multiple
 /// of 32) run on gcg's AMX kernel on this thread: built in, the CPU has AMX-BF16 and Linux grants
-/// its tile state, `GCG_NO_AMX` is not set (to compare with oneDNN's kernels), `GCG_MAX_CPU_ISA`
-/// does not cap it ([`super::isa`]), and [`set_amx_here`] did not turn it off.
+/// its tile state (or `GCG_SOFT_AMX` asks for the software tiles: [`amx_tiles`]), `GCG_NO_AMX`
+/// is not set (to compare with oneDNN's kernels), `GCG_MAX_CPU_ISA` does not cap it
+/// ([`super::isa`]), and [`set_amx_here`] did not turn it off.
 pub fn amx_active() -> bool {
-    amx_usable() && !AMX_OFF_HERE.with(|c| c.get())
+    amx_tiles().is_some() && !AMX_OFF_HERE.with(|c| c.get())
 }
 
-/// The process-wide part of [`amx_active`] (asked once).
-fn amx_usable() -> bool {
-    static USABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *USABLE.get_or_init(|| {
+/// Where gcg's AMX kernels compute their tile products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AmxTiles {
+    /// The CPU's tile unit.
+    Unit,
+    /// `GCG_SOFT_AMX=1`: the same kernels built once more with the six tile instructions they
+    /// use computed with AVX512-BF16's dot products (csrc/amx_soft.c), so that the kernels can
+    /// be tested on CPUs without AMX (`.ci/run` does). Slower than the unit; on a CPU with AMX
+    /// it replaces the unit too, to compare the two.
+    Software,
+}
+
+impl AmxTiles {
+    /// Whether `GCG_SOFT_AMX` asks for the software tiles.
+    pub fn software_asked() -> bool {
+        std::env::var_os("GCG_SOFT_AMX").is_some_and(|v| !v.is_empty() && v != "0")
+    }
+}
+
+/// The process-wide part of [`amx_active`] (asked once): which tiles the AMX kernels use, `None`
+/// when they do not run (not built, `GCG_NO_AMX`, the cap, no AMX-BF16 or no tile state; with
+/// `GCG_SOFT_AMX`, no AVX-512 with AVX512-BF16, which a warning then names).
+pub fn amx_tiles() -> Option<AmxTiles> {
+    static TILES: std::sync::OnceLock<Option<AmxTiles>> = std::sync::OnceLock::new();
+    *TILES.get_or_init(|| {
         if std::env::var_os("GCG_NO_AMX").is_some_and(|v| !v.is_empty() && v != "0") || !super::isa::allows(super::isa::Isa::Amx) {
-            return false;
+            if AmxTiles::software_asked() {
+                tracing::warn!(
+                    "GCG_SOFT_AMX is set, but GCG_NO_AMX or GCG_MAX_CPU_ISA (or a CPU without AVX512-BF16) keeps gcg's AMX kernels off"
+                );
+            }
+            return None;
         }
         #[cfg(gcg_amx)]
         {
             extern "C" {
                 fn gcg_amx_available() -> std::os::raw::c_int;
+                fn gcg_soft_amx_available() -> std::os::raw::c_int;
+            }
+            if AmxTiles::software_asked() {
+                // SAFETY: reads CPUID and XCR0; no memory is passed.
+                let ok = unsafe { gcg_soft_amx_available() == 1 };
+                if !ok {
+                    tracing::warn!("GCG_SOFT_AMX is set, but this CPU or OS has no AVX-512 with AVX512-BF16 for the software tiles");
+                }
+                return ok.then_some(AmxTiles::Software);
             }
             // SAFETY: reads CPUID and asks Linux for the tile state; no memory is passed.
-            unsafe { gcg_amx_available() == 1 }
+            unsafe { gcg_amx_available() == 1 }.then_some(AmxTiles::Unit)
         }
         #[cfg(not(gcg_amx))]
         {
-            false
+            if AmxTiles::software_asked() {
+                tracing::warn!("GCG_SOFT_AMX is set, but gcg's AMX kernels are not built into this binary");
+            }
+            None
         }
     })
 }
@@ -747,6 +786,21 @@ pub fn set_amx_here(on: bool) {
     AMX_OFF_HERE.with(|c| c.set(!on));
 }
 
+/// With `GCG_SOFT_AMX=1` (`.ci/run`'s run for CPUs without AMX) the AMX kernels must run on
+/// the software tiles wherever they can: built in, AVX-512 with AVX512-BF16, no cap below
+/// AMX and no `GCG_NO_AMX`. Otherwise the AMX kernels' tests would compare oneDNN with itself.
+#[cfg(test)]
+pub(crate) fn require_soft_tiles_where_asked() {
+    let off = std::env::var_os("GCG_NO_AMX").is_some_and(|v| !v.is_empty() && v != "0");
+    if AmxTiles::software_asked() && AMX_BUILT && !off && crate::nn::isa::allows(crate::nn::isa::Isa::Amx) {
+        assert_eq!(
+            amx_tiles(),
+            Some(AmxTiles::Software),
+            "GCG_SOFT_AMX=1 here, but the software tiles do not run"
+        );
+    }
+}
+
 #[cfg(gcg_onednn)]
 mod onednn {
     use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor};
@@ -779,6 +833,11 @@ mod onednn {
         /// csrc/amx_linear.c (f32 x and w as pairs of bf16 numbers) on the AMX unit: as above.
         #[cfg(gcg_amx)]
         fn gcg_amx_linear_x3;
+        /// The same two with the tile unit in software (csrc/amx_soft.c, `GCG_SOFT_AMX`).
+        #[cfg(gcg_amx)]
+        fn gcg_soft_amx_linear;
+        #[cfg(gcg_amx)]
+        fn gcg_soft_amx_linear_x3;
     }
 
     type LinearFn = unsafe extern "C" fn(
@@ -1098,9 +1157,17 @@ mod onednn {
             let amx = if !(m >= super::AMX_MIN_ROWS && k % 32 == 0 && super::amx_active()) {
                 None
             } else if xb.is_bf16() {
-                Some(gcg_amx_linear as LinearFn)
+                Some(if super::amx_tiles() == Some(super::AmxTiles::Software) {
+                    gcg_soft_amx_linear as LinearFn
+                } else {
+                    gcg_amx_linear as LinearFn
+                })
             } else if super::matmul_precision() == super::MatmulPrecision::High {
-                Some(gcg_amx_linear_x3 as LinearFn)
+                Some(if super::amx_tiles() == Some(super::AmxTiles::Software) {
+                    gcg_soft_amx_linear_x3 as LinearFn
+                } else {
+                    gcg_amx_linear_x3 as LinearFn
+                })
             } else {
                 None
             };
@@ -1234,28 +1301,30 @@ mod onednn {
         ) -> c_int;
         /// csrc/onednn_matmul.c: y = softmax of each row of x (f32), y f32 or bf16.
         fn gcg_onednn_softmax(rows: c_long, n: c_long, x: *const f32, y: *mut c_void, y_bf16: c_int) -> c_int;
+    }
+
+    /// Declares gcg's attention kernels in C, all with one signature (see `gcg_attention`).
+    macro_rules! attention_fns {
+        ($($(#[$attr:meta])* fn $name:ident;)*) => {
+            extern "C" {
+                $($(#[$attr])* fn $name(
+                    amx: c_int, bf16: c_int, b: c_long, h: c_long, lq: c_long, lk: c_long, d: c_long, dv: c_long,
+                    q: *const c_void, sq: *const c_long, k: *const c_void, sk: *const c_long,
+                    v: *const c_void, sv: *const c_long, scale: f32, out: *mut c_void,
+                ) -> c_int;)*
+            }
+        };
+    }
+
+    attention_fns! {
         /// csrc/amx_linear.c: f32 (bf16 = 0) or bf16 attention without a bias, on the AMX unit
-        /// (amx = 1, bf16 only) or on AVX-512, out [B, Lq, H, Dv]: 0 done, -1 not applicable, -2
-        /// out of memory.
+        /// (amx = 1, bf16 only) or on AVX-512, out [B, Lq, H, Dv]: 0 done, -1 not applicable,
+        /// -2 out of memory.
         #[cfg(gcg_amx)]
-        fn gcg_attention(
-            amx: c_int,
-            bf16: c_int,
-            b: c_long,
-            h: c_long,
-            lq: c_long,
-            lk: c_long,
-            d: c_long,
-            dv: c_long,
-            q: *const c_void,
-            sq: *const c_long,
-            k: *const c_void,
-            sk: *const c_long,
-            v: *const c_void,
-            sv: *const c_long,
-            scale: f32,
-            out: *mut c_void,
-        ) -> c_int;
+        fn gcg_attention;
+        /// The same with the tile unit in software (csrc/amx_soft.c, `GCG_SOFT_AMX`).
+        #[cfg(gcg_amx)]
+        fn gcg_soft_attention;
     }
 
     /// A 4-d tensor's CPU values from its first element on, and its strides (in elements).
@@ -1346,11 +1415,16 @@ mod onednn {
                 let n = b * lq * h * dv;
                 let call = |out: *mut c_void| -> c_int {
                     let dims = [b, h, lq, lk, d, dv].map(|x| x as c_long);
+                    let f = if amx && super::amx_tiles() == Some(super::AmxTiles::Software) {
+                        gcg_soft_attention
+                    } else {
+                        gcg_attention
+                    };
                     // SAFETY: q, k and v are read through strides that stay inside their buffers
                     // (checked by `at` with each view's span); out has room for b·lq·h·dv values
                     // of q's type, which the call writes in full when it returns 0.
                     unsafe {
-                        gcg_attention(
+                        f(
                             amx as c_int,
                             bf,
                             dims[0],
@@ -2002,6 +2076,7 @@ mod onednn_tests {
                 "GCG_REQUIRE_ONEDNN=1 on x86-64 but gcg's AMX kernel was not built (see build.rs's warning)"
             );
         }
+        super::require_soft_tiles_where_asked();
         if !amx_active() {
             eprintln!("AMX-BF16 not usable here (built in: {AMX_BUILT}): the bf16 products below run on oneDNN");
         }
@@ -2070,6 +2145,7 @@ mod onednn_tests {
     fn amx_f32_products_as_bf16_pairs_equal_f64() -> Result<()> {
         let dev = Device::Cpu;
         let mut rng = crate::rng::SeededRng::new(29);
+        super::require_soft_tiles_where_asked();
         if !amx_active() {
             eprintln!("AMX-BF16 not usable here (built in: {AMX_BUILT}): precision \"high\" computes in f32");
         }
