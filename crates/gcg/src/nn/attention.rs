@@ -341,6 +341,65 @@ mod tests {
         Ok((g - w)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
     }
 
+    /// The attention without a bias (gcg's AMX attention in bf16 where it runs, on the unit or
+    /// on software tiles under `GCG_SOFT_AMX`; its AVX-512 attention otherwise) on random
+    /// shapes against the plain ops: 1-3 batches, 1-4 heads as strided views of a projection,
+    /// head widths up to the kernels' 256 (at least 256 over all heads, where the kernels
+    /// apply), 16-299 queries and keys, values of another width. f32 to 1e-5 and bf16 to 1e-2
+    /// of the largest value, as above; the kernel named must have run.
+    mod random_shapes {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn check(b: usize, heads: usize, lq: usize, lk: usize, d: usize, dv: usize, bf16: bool, seed: u64) -> Result<()> {
+            crate::nn::linear::require_soft_tiles_where_asked();
+            let dev = Device::Cpu;
+            let mut rng = crate::rng::SeededRng::new(seed);
+            let mut t = |n: usize, w: usize| Tensor::from_vec(rng.normal_vec(b * heads * n * w, 0.0, 1.0), (b, n, heads, w), &dev);
+            let (q, k, v) = (t(lq, d)?.transpose(1, 2)?, t(lk, d)?.transpose(1, 2)?, t(lk, dv)?.transpose(1, 2)?);
+            let dt = if bf16 { DType::BF16 } else { DType::F32 };
+            let (q, k, v) = ((q * 2.0)?.to_dtype(dt)?, k.to_dtype(dt)?, v.to_dtype(dt)?);
+            let scale = 1.0 / (d as f64).sqrt();
+            let (amx_before, avx_before) = (amx_calls(), avx512_attention_calls());
+            let got = scaled_dot_product_attention(&q, &k, &v, Some(scale), None, None)?;
+            let case = format!("{dt:?} b {b}, {heads} heads, [{lq}, {lk}, {d}, {dv}]");
+            let fast = ONEDNN && heads * d >= crate::nn::linear::ONEDNN_MIN_DIM;
+            let amx = fast && bf16 && amx_active();
+            let avx = fast && !amx && avx512_attention_active(dt);
+            assert_eq!(amx_calls() - amx_before, usize::from(amx), "{case}: AMX iff it applies");
+            assert_eq!(
+                avx512_attention_calls() - avx_before,
+                usize::from(avx),
+                "{case}: AVX-512 iff it applies"
+            );
+            assert_eq!(got.dims(), &[b, heads, lq, dv], "{case}");
+            let err = max_rel(&got, &plain(&q, &k, &v, scale, None)?)?;
+            let tol = if bf16 { 1e-2 } else { 1e-5 };
+            assert!(err <= tol, "{case}: error {err} of the largest value > {tol}");
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(24),
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+            #[test]
+            fn own_attention_kernels_equal_the_plain_ops_on_random_shapes(
+                b in 1usize..4,
+                (heads, d) in (1usize..5).prop_flat_map(|h| (Just(h), 256usize.div_ceil(h)..257)),
+                lq in 16usize..300,
+                lk in 16usize..300,
+                dv in 1usize..257,
+                bf16 in any::<bool>(),
+                seed in any::<u64>(),
+            ) {
+                check(b, heads, lq, lk, d, dv, bf16, seed).unwrap();
+            }
+        }
+    }
+
     /// The attention of inference (oneDNN's batched products and softmax, when gcg has oneDNN)
     /// against the plain ops: heads read in place from one packed projection, a padding bias,
     /// f32 to 1e-5 and bf16 to 1e-2 of the largest value; the result is laid out as merged

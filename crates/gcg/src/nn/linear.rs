@@ -2135,6 +2135,86 @@ mod onednn_tests {
         Ok(())
     }
 
+    /// gcg's AMX products (on the unit, or on software tiles under `GCG_SOFT_AMX`; oneDNN's
+    /// where neither runs) on random shapes against the plain ops: 32-299 rows, reductions of
+    /// 8-81 steps of 32 (one chunk of k, several, and past 2048 several spans), 256-1299 output
+    /// columns (partial tiles, one panel or several), a random epilogue (activation, gate,
+    /// residual, f32 or bf16 out); bf16 operands (the reference: the same rounded operands in
+    /// f64), or f32 operands at precision "high" (as bf16 pairs; the reference in f64). The
+    /// tolerances of the two tests above; the AMX kernel must have run where it is usable.
+    mod random_shapes {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[allow(clippy::too_many_arguments)]
+        fn check(m: usize, k: usize, n: usize, act: usize, gate: bool, res: bool, out_bf16: bool, x3: bool, seed: u64) -> Result<()> {
+            crate::nn::linear::require_soft_tiles_where_asked();
+            let dev = Device::Cpu;
+            let mut rng = crate::rng::SeededRng::new(seed);
+            let (dt, out) = (
+                if x3 { DType::F32 } else { DType::BF16 },
+                if out_bf16 { DType::BF16 } else { DType::F32 },
+            );
+            let act = [None, Some(Activation::Gelu), Some(Activation::GeluTanh), Some(Activation::Relu)][act];
+            let x = Tensor::from_vec(rng.normal_vec(m * k, 0.0, 1.0), (m, k), &dev)?.to_dtype(dt)?;
+            let w = Tensor::from_vec(rng.normal_vec(n * k, 0.0, 0.06), (n, k), &dev)?.to_dtype(dt)?;
+            let bias = Tensor::from_vec(rng.normal_vec(n, 0.0, 0.5), n, &dev)?.to_dtype(dt)?;
+            let g = Tensor::from_vec(rng.normal_vec(m * n, 0.0, 1.0), (m, n), &dev)?.to_dtype(out)?;
+            let r = Tensor::from_vec(rng.normal_vec(m * n, 0.0, 1.0), (m, n), &dev)?.to_dtype(out)?;
+            let lin = Linear::new(w.clone(), Some(bias.clone()));
+            let f64_ = |t: &Tensor| t.to_dtype(DType::F64);
+            let product = f64_(&x)?.matmul(&f64_(&w)?.t()?)?.broadcast_add(&f64_(&bias)?)?;
+            let want = plain_epilogue(product.to_dtype(DType::F32)?, act, gate.then_some(&g), res.then_some(&r))?;
+            let case = format!("[{m}, {k}] x [{n}, {k}]T {dt:?}, {act:?}, gate {gate}, residual {res}, {out:?} out");
+            set_matmul_precision_here(x3.then_some(MatmulPrecision::High));
+            let before = amx_calls();
+            let got = lin.forward_fused(
+                &x,
+                Epilogue {
+                    act,
+                    gate: gate.then_some(&g),
+                    residual: res.then_some(&r),
+                    out: Some(out),
+                },
+            );
+            let ran = amx_calls() - before;
+            set_matmul_precision_here(None);
+            let got = got?;
+            assert_eq!(ran, usize::from(amx_active()), "{case}: the AMX kernel ran iff usable");
+            assert_eq!((got.dtype(), got.dims()), (out, &[m, n][..]), "{case}");
+            let tol = match (out_bf16, x3) {
+                (true, _) => 8e-3,
+                (false, false) => 2e-5,
+                (false, true) => 1.5e-5,
+            };
+            let err = max_rel(&got, &want);
+            assert!(err <= tol, "{case}: error {err} of the largest value > {tol}");
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                cases: std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(24),
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+            #[test]
+            fn amx_products_equal_the_plain_ops_on_random_shapes(
+                m in 32usize..300,
+                steps in 8usize..82,
+                n in 256usize..1300,
+                act in 0usize..4,
+                gate in any::<bool>(),
+                res in any::<bool>(),
+                out_bf16 in any::<bool>(),
+                x3 in any::<bool>(),
+                seed in any::<u64>(),
+            ) {
+                check(m, 32 * steps, n, act, gate, res, out_bf16, x3, seed).unwrap();
+            }
+        }
+    }
+
     /// f32 products at matmul precision "high" (f32 operands as bf16 pairs on the AMX unit)
     /// against the same products in f64: within 1.5e-5 of the largest output, where products of
     /// the operands rounded to bf16 miss by ~2e-3 and so does leaving out lo (checked); also
