@@ -380,11 +380,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig {
-                cases: std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(24),
-                failure_persistence: None,
-                ..ProptestConfig::default()
-            })]
+            #![proptest_config(crate::nn::linear::kernel_proptest_config())]
             #[test]
             fn own_attention_kernels_equal_the_plain_ops_on_random_shapes(
                 b in 1usize..4,

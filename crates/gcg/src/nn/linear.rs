@@ -801,6 +801,17 @@ pub(crate) fn require_soft_tiles_where_asked() {
     }
 }
 
+/// The random-shape tests of gcg's kernels: 24 cases unless `PROPTEST_CASES` says otherwise, no
+/// failure files written into the source tree.
+#[cfg(test)]
+pub(crate) fn kernel_proptest_config() -> proptest::test_runner::Config {
+    proptest::test_runner::Config {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(24),
+        failure_persistence: None,
+        ..Default::default()
+    }
+}
+
 #[cfg(gcg_onednn)]
 mod onednn {
     use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor};
@@ -2193,11 +2204,7 @@ mod onednn_tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig {
-                cases: std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(24),
-                failure_persistence: None,
-                ..ProptestConfig::default()
-            })]
+            #![proptest_config(crate::nn::linear::kernel_proptest_config())]
             #[test]
             fn amx_products_equal_the_plain_ops_on_random_shapes(
                 m in 32usize..300,
