@@ -359,45 +359,83 @@ fn resume_gives_the_identical_loss_sequence() {
     .unwrap();
     let want = read_losses(&full.root);
     assert_eq!(want.len(), 6);
-    // Interrupted after 4 steps (mid-epoch 2), then resumed by a fresh process-like rebuild.
-    let part = RunDir::new(tmp.path().join("part")).unwrap();
-    let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
-    trainer::train(
-        &TrainJob {
-            model: &model,
-            vars: &vars,
-            cfg: &TrainConfig {
-                max_steps: Some(4),
-                ..cfg.clone()
+    // Interrupted after 3 steps (the end of epoch 1: its checkpoint is the one an epoch's end
+    // writes, which must hold every draw of the generator made before epoch 2's first group)
+    // and after 4 (mid-epoch 2), then resumed by a fresh process-like rebuild.
+    for stop in [3, 4] {
+        let part = RunDir::new(tmp.path().join(format!("part{stop}"))).unwrap();
+        let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
+        trainer::train(
+            &TrainJob {
+                model: &model,
+                vars: &vars,
+                cfg: &TrainConfig {
+                    max_steps: Some(stop),
+                    ..cfg.clone()
+                },
+                run: &part,
+                train_set: &src,
+                val_set: None,
+                run_config: &run_cfg,
             },
-            run: &part,
-            train_set: &src,
-            val_set: None,
-            run_config: &run_cfg,
-        },
-        false,
-        &mut |_| {},
-    )
-    .unwrap();
-    // A rebuilt model (same frozen weights, as from the same pretrained checkpoint); the
-    // checkpoint restores the trained weights, the optimiser and the generator.
-    let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
-    trainer::train(
-        &TrainJob {
+            false,
+            &mut |_| {},
+        )
+        .unwrap();
+        // A rebuilt model (same frozen weights, as from the same pretrained checkpoint); the
+        // checkpoint restores the trained weights, the optimiser and the generator.
+        let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
+        trainer::train(
+            &TrainJob {
+                model: &model,
+                vars: &vars,
+                cfg: &cfg,
+                run: &part,
+                train_set: &src,
+                val_set: None,
+                run_config: &run_cfg,
+            },
+            true,
+            &mut |_| {},
+        )
+        .unwrap();
+        let got = read_losses(&part.root);
+        assert_eq!(got, want, "resumed after {stop} steps: the loss sequence differs");
+    }
+    // A run of 1 epoch, its end-of-epoch checkpoint resumed for a second epoch (as a kill right
+    // after that checkpoint, or `--resume --set train.epochs=2`): the same as 2 epochs straight,
+    // with the constant learning rate that makes the two plans the same.
+    let constant = TrainConfig {
+        schedule: gcg::train::LrSchedule::Constant,
+        ..cfg.clone()
+    };
+    let train = |dir: &str, epochs: u64, resume: bool| {
+        let run = RunDir::new(tmp.path().join(dir)).unwrap();
+        let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
+        let job_cfg = TrainConfig {
+            epochs,
+            ..constant.clone()
+        };
+        let job = TrainJob {
             model: &model,
             vars: &vars,
-            cfg: &cfg,
-            run: &part,
+            cfg: &job_cfg,
+            run: &run,
             train_set: &src,
             val_set: None,
             run_config: &run_cfg,
-        },
-        true,
-        &mut |_| {},
-    )
-    .unwrap();
-    let got = read_losses(&part.root);
-    assert_eq!(got, want, "resumed loss sequence differs");
+        };
+        trainer::train(&job, resume, &mut |_| {}).unwrap();
+        read_losses(&run.root)
+    };
+    let want = train("straight", 2, false);
+    assert_eq!(want.len(), 6);
+    assert_eq!(train("epoch", 1, false).len(), 3);
+    assert_eq!(
+        train("epoch", 2, true),
+        want,
+        "resumed at an epoch's end: the loss sequence differs"
+    );
 }
 
 #[test]

@@ -579,9 +579,6 @@ fn train_epoch(
                 return Ok(false);
             }
             let in_group = state.batch_in_epoch % accum;
-            if in_group == 0 && accum > 1 {
-                group_seed = rng.borrow_mut().next_u64();
-            }
             let left = (accum - in_group).min(plan.batches_per_epoch.saturating_sub(state.batch_in_epoch).max(1));
             let mut read = Vec::new();
             for i in 0..(cfg.data_parallel as u64).min(left) {
@@ -591,6 +588,12 @@ fn train_epoch(
             }
             if read.is_empty() {
                 return Ok(true);
+            }
+            // A group's seed is drawn once its first micro-batch is read: drawn before, at the end
+            // of an epoch it was a draw that the checkpoint saved at that step does not hold, and a
+            // run resumed there went on with every later seed shifted by one.
+            if in_group == 0 && accum > 1 {
+                group_seed = rng.borrow_mut().next_u64();
             }
             let steps = if accum == 1 {
                 // One micro-batch per step draws from the run's generator itself (as always).
