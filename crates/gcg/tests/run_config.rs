@@ -313,3 +313,32 @@ fn every_benchmark_can_be_named_in_the_data_table() {
     let e = parse("[data]\ndataset = \"how2qa\"\n").unwrap_err();
     assert!(chain(&e).contains("how2qa"), "{}", chain(&e));
 }
+
+/// NExT-GQA has no training split: the shipped `configs/nextgqa.toml` (the official recipe)
+/// trains on NExT-QA's training questions, so its `train` is read in NExT-QA's format (an
+/// answer index), which the NExT-GQA reader refuses; `train_dataset` says otherwise when needed.
+#[test]
+fn the_nextgqa_config_reads_its_training_questions_as_nextqa() {
+    use gcg::data::{read_annotations, Dataset, ReadOptions};
+    use std::io::Read;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let cfg = RunConfig::load(Some(&root.join("configs/nextgqa.toml")), &[]).unwrap();
+    assert_eq!(cfg.data.dataset, Dataset::NextGqa);
+    assert_eq!(cfg.data.train_format(), Dataset::NextQa);
+    // Real NExT-QA rows (the val split's first 40, header included), as the train file holds.
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(root.join("tests/fixtures/data/nextqa/val.csv.gz")).unwrap())
+        .read_to_string(&mut text)
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let train = tmp.path().join("train.csv");
+    std::fs::write(&train, text.lines().take(41).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    let opts = ReadOptions::default();
+    let read = read_annotations(cfg.data.train_format(), &train, &opts).unwrap();
+    assert_eq!(read.samples.len(), 40);
+    assert!(read_annotations(Dataset::NextGqa, &train, &opts).is_err());
+    // Set explicitly, and for the other benchmarks the dataset's own format.
+    let own = parse("[data]\ndataset = \"nextgqa\"\ntrain_dataset = \"nextgqa\"\n").unwrap();
+    assert_eq!(own.data.train_format(), Dataset::NextGqa);
+    assert_eq!(parse("[data]\ndataset = \"star\"\n").unwrap().data.train_format(), Dataset::Star);
+}

@@ -163,6 +163,8 @@ pub struct DataConfig {
     /// The benchmark: `next-qa`, `next-gqa`, `intent-qa`, `causal-vid-qa`, `star`, `traffic-qa`,
     /// `vlep`, `open-ended` (or the `--dataset` names: `nextqa`, `trafficqa`, ...).
     pub dataset: Dataset,
+    /// The format of `train` when it is not `dataset`'s (see [`DataConfig::train_format`]).
+    pub train_dataset: Option<Dataset>,
     /// The feature store (`gcg features` + `gcg labels`).
     pub store: PathBuf,
     pub train: Option<PathBuf>,
@@ -195,10 +197,24 @@ pub struct DataConfig {
     pub vit_frame_batch: usize,
 }
 
+impl DataConfig {
+    /// The format `train` is read in: `train_dataset` when set, else `dataset`'s, except for
+    /// NExT-GQA, which has no training split: the official recipe trains on NExT-QA's
+    /// training questions (NExT-QA's format: the answer an option index) and validates and tests
+    /// on NExT-GQA's.
+    pub fn train_format(&self) -> Dataset {
+        self.train_dataset.unwrap_or(match self.dataset {
+            Dataset::NextGqa => Dataset::NextQa,
+            d => d,
+        })
+    }
+}
+
 impl Default for DataConfig {
     fn default() -> Self {
         Self {
             dataset: Dataset::NextQa,
+            train_dataset: None,
             store: PathBuf::from("store"),
             train: None,
             val: None,

@@ -224,7 +224,7 @@ pub fn train_run(cfg: &RunConfig, start: RunStart, on_event: &mut dyn FnMut(Even
     };
     let train = Split::open(
         &store,
-        cfg.data.dataset,
+        cfg.data.train_format(),
         &train_files,
         batch_options(cfg, &built, true)?,
         &cfg.data,
