@@ -86,8 +86,10 @@ pub struct FeaturesArgs {
     /// which decodes the frames again and runs the ViT in the loop.
     #[arg(long, conflicts_with = "import_h5")]
     embeddings_only: bool,
-    /// NExT-QA's map_vid_vidorID.json (video id → file path without extension): files are stored
-    /// under the video ids the annotations use.
+    /// NExT-QA's map_vid_vidorID.json (video id → file path without extension): a file whose
+    /// name is a path's last part is stored under that path's id (the ids the annotations use).
+    /// In NExT-QA's release the two are the same; a `--videos` folder is walked down into its
+    /// folders (`NExTVideo/<folder>/<id>.mp4`) either way.
     #[arg(long)]
     id_map: Option<PathBuf>,
     /// Import the official feature file (`feats_wo_norm_32.h5`, datasets `{video}_frame_{i}`)
@@ -106,19 +108,7 @@ pub struct FeaturesArgs {
 pub fn video_jobs(spec: &Path, id_map: Option<&Path>) -> Result<Vec<VideoJob>> {
     let mut jobs = Vec::new();
     if spec.is_dir() {
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(spec)
-            .with_context(|| format!("listing {}", spec.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
-            .collect();
-        paths.sort();
-        for p in paths {
-            let id = if p.is_dir() { p.file_name() } else { p.file_stem() };
-            let id = id
-                .map(|s| s.to_string_lossy().to_string())
-                .ok_or_else(|| anyhow!("{} has no file name", p.display()))?;
-            jobs.push(VideoJob { id, path: p });
-        }
+        dir_jobs(spec, &mut jobs)?;
     } else {
         let text = std::fs::read_to_string(spec).with_context(|| format!("reading the video list {}", spec.display()))?;
         let base = spec.parent().unwrap_or(Path::new("."));
@@ -157,7 +147,55 @@ pub fn video_jobs(spec: &Path, id_map: Option<&Path>) -> Result<Vec<VideoJob>> {
         }
     }
     ensure!(!jobs.is_empty(), "no videos found in {}", spec.display());
+    let mut seen: HashMap<&str, &Path> = HashMap::new();
+    for j in &jobs {
+        if let Some(first) = seen.insert(&j.id, &j.path) {
+            bail!(
+                "{}: two videos have the id {}: {} and {} (the store keeps one video per id)",
+                spec.display(),
+                j.id,
+                first.display(),
+                j.path.display()
+            );
+        }
+    }
     Ok(jobs)
+}
+
+/// The videos under a directory, in name order: its files (id: the file stem) and frame
+/// folders (a folder holding `frame_{i}.jpg` / `.png` files; id: the folder's name), and those
+/// of its other folders, walked down (NExT-QA's release keeps `NExTVideo/<folder>/<id>.mp4`).
+/// A folder holding neither files nor folders is listed as a frame folder, whose reading then
+/// says what it lacks. Hidden entries are skipped.
+fn dir_jobs(dir: &Path, jobs: &mut Vec<VideoJob>) -> Result<()> {
+    let list = |d: &Path| -> Result<Vec<PathBuf>> {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(d)
+            .with_context(|| format!("listing {}", d.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .collect();
+        paths.sort();
+        Ok(paths)
+    };
+    let is_frame = |p: &Path| {
+        let name = p.file_name().map(|n| n.to_string_lossy().to_ascii_lowercase()).unwrap_or_default();
+        name.starts_with("frame_") && [".jpg", ".jpeg", ".png"].iter().any(|e| name.ends_with(e))
+    };
+    for p in list(dir)? {
+        if p.is_dir() {
+            let inner = list(&p)?;
+            if !inner.is_empty() && !inner.iter().any(|q| is_frame(q)) {
+                dir_jobs(&p, jobs)?;
+                continue;
+            }
+        }
+        let id = if p.is_dir() { p.file_name() } else { p.file_stem() };
+        let id = id
+            .map(|s| s.to_string_lossy().to_string())
+            .ok_or_else(|| anyhow!("{} has no file name", p.display()))?;
+        jobs.push(VideoJob { id, path: p });
+    }
+    Ok(())
 }
 
 /// Pre-processed frames of one video: pre-decoded `.safetensors` frame files as they are,
@@ -353,4 +391,58 @@ fn import_h5(
     )?;
     pb.finish_and_clear();
     finish_report(report.done, report.skipped, &report.failed, "videos")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--videos DIR` in NExT-QA's release layout (`NExTVideo/<folder>/<id>.mp4`): the folders
+    /// are walked down, frame folders stay videos, hidden entries are skipped, `--id-map` renames
+    /// by the map's last path part, and two videos of one id are an error naming both.
+    #[test]
+    fn a_video_folder_is_walked_down_to_its_videos_and_frame_folders() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("NExTVideo");
+        let touch = |rel: &str| {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, b"").unwrap();
+        };
+        for rel in [
+            "0101/2909445186.mp4",
+            "0102/3006489447.mp4",
+            "extra.mkv",
+            "frames_v/frame_0.jpg",
+            "frames_v/frame_1.jpg",
+            ".hidden/x.mp4",
+        ] {
+            touch(rel);
+        }
+        std::fs::create_dir_all(root.join("empty")).unwrap();
+        let ids = |jobs: &[VideoJob]| {
+            jobs.iter()
+                .map(|j| (j.id.clone(), j.path.strip_prefix(&root).unwrap().to_path_buf()))
+                .collect::<Vec<_>>()
+        };
+        let jobs = video_jobs(&root, None).unwrap();
+        let want = [
+            ("2909445186", "0101/2909445186.mp4"),
+            ("3006489447", "0102/3006489447.mp4"),
+            ("empty", "empty"),
+            ("extra", "extra.mkv"),
+            ("frames_v", "frames_v"),
+        ]
+        .map(|(i, p)| (i.to_string(), PathBuf::from(p)));
+        assert_eq!(ids(&jobs), want);
+        // The release's map: id → "<folder>/<id>" (here one id renamed, to see the map applied).
+        let map = tmp.path().join("map.json");
+        std::fs::write(&map, r#"{"v1": "0101/2909445186", "3006489447": "0102/3006489447"}"#).unwrap();
+        let jobs = video_jobs(&root, Some(&map)).unwrap();
+        assert_eq!(jobs[0].id, "v1");
+        assert_eq!(jobs[1].id, "3006489447");
+        touch("0103/2909445186.mp4");
+        let e = format!("{:#}", video_jobs(&root, None).unwrap_err());
+        assert!(e.contains("2909445186") && e.contains("0101") && e.contains("0103"), "{e}");
+    }
 }

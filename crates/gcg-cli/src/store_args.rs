@@ -31,9 +31,9 @@ pub fn finish_report(done: usize, skipped: usize, failed: &[(String, String)], w
     for (id, err) in failed {
         eprintln!("  {id}: {err}");
     }
-    bail!(
-        "{} of {} {what} failed (listed above); the others are stored",
-        failed.len(),
-        done + skipped + failed.len()
-    )
+    let total = done + skipped + failed.len();
+    if done + skipped == 0 {
+        bail!("all {total} {what} failed (listed above); nothing was stored");
+    }
+    bail!("{} of {total} {what} failed (listed above); the others are stored", failed.len())
 }
