@@ -878,3 +878,52 @@ fn a_variable_frame_rate_video_lasts_until_its_last_frame() {
     let d = s.duration.unwrap();
     assert!(d >= last, "duration {d} ends before the frame at {last}");
 }
+
+/// MPEG-TS lists its video stream again under the program, so ffprobe's packet count comes
+/// back twice (`"50\n\n50"`): read as one count (it was refused as unreadable: every `.ts`).
+/// Matroska/WebM with a start offset: their DURATION tag and format duration are the end time,
+/// while the frames' times are from the start; the duration is the stream's own length.
+#[test]
+fn mpeg_ts_and_offset_matroska_probe_right() {
+    let v = Videos::new();
+    let src = indexed_source(64, 48, "25", "2");
+    let ts = v.path("clip.ts");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        &src,
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        ts.to_str().unwrap(),
+    ]);
+    let ff = Ffmpeg::from_env();
+    assert_eq!(ff.count_packets(&ts).unwrap(), 50);
+    let info = ff.probe(&ts).unwrap();
+    assert_eq!(info.num_frames, 50);
+    let s = ff.sample(&ts, 5, Sampling::Uniform).unwrap();
+    check_frames(&s, &[5, 15, 25, 35, 45], 25.0);
+    for (name, codec) in [("off.webm", "libvpx-vp9"), ("off.mkv", "libx264")] {
+        let p = v.path(name);
+        ffmpeg(&[
+            "-f",
+            "lavfi",
+            "-i",
+            &src,
+            "-c:v",
+            codec,
+            "-pix_fmt",
+            "yuv420p",
+            "-output_ts_offset",
+            "100",
+            p.to_str().unwrap(),
+        ]);
+        let info = ff.probe(&p).unwrap();
+        let d = info.duration.expect("a duration");
+        assert!((d - 2.0).abs() < 0.1, "{name}: duration {d} s for a 2 s video starting at 100 s");
+        let s = ff.sample(&p, 5, Sampling::Uniform).unwrap();
+        check_frames(&s, &[5, 15, 25, 35, 45], 25.0);
+    }
+}

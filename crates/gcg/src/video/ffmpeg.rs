@@ -132,6 +132,22 @@ fn parse_seconds(s: &str) -> Option<f64> {
     (v.is_finite() && v > 0.0).then_some(v)
 }
 
+/// A count from ffprobe's `csv=p=0` output. Some containers list the stream again under its
+/// program (MPEG-TS: `"100\n\n100"`): every line that holds a value must hold the same one.
+fn csv_count(out: &str) -> Result<usize> {
+    let values: Vec<&str> = out
+        .lines()
+        .map(|l| l.trim().trim_end_matches(','))
+        .filter(|l| !l.is_empty())
+        .collect();
+    let first = values.first().ok_or_else(|| anyhow!("no value"))?;
+    let n: usize = first.parse().with_context(|| format!("{first:?} is not a count"))?;
+    if values.iter().any(|v| v != first) {
+        bail!("the values {values:?} differ");
+    }
+    Ok(n)
+}
+
 fn json_str<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(|x| x.as_str())
 }
@@ -244,10 +260,23 @@ impl Ffmpeg {
                 .and_then(|(_, v)| v.as_str())
                 .and_then(parse_seconds)
         });
-        let duration = json_str(stream, "duration")
+        // Matroska / WebM give no stream duration; their DURATION tag and the format's duration
+        // are the end time, which counts a start offset (the frames' times are from the start).
+        let format = v.get("format");
+        let matroska = format
+            .and_then(|f| json_str(f, "format_name"))
+            .is_some_and(|n| n.contains("matroska"));
+        let start = json_str(stream, "start_time")
+            .or_else(|| format.and_then(|f| json_str(f, "start_time")))
             .and_then(parse_seconds)
-            .or(tag_duration)
-            .or_else(|| v.get("format").and_then(|f| json_str(f, "duration")).and_then(parse_seconds));
+            .filter(|&t| matroska && t > 0.0);
+        let duration = json_str(stream, "duration").and_then(parse_seconds).or_else(|| {
+            let end = tag_duration.or_else(|| format.and_then(|f| json_str(f, "duration")).and_then(parse_seconds))?;
+            Some(match start {
+                Some(t) if end > t => end - t,
+                _ => end,
+            })
+        });
         let container_frames = json_str(stream, "nb_frames")
             .and_then(|s| s.parse::<usize>().ok())
             .filter(|&n| n > 0);
@@ -306,10 +335,7 @@ impl Ffmpeg {
                 "csv=p=0",
             ],
         )?;
-        out.trim()
-            .trim_end_matches(',')
-            .parse()
-            .with_context(|| format!("{}: cannot read ffprobe's packet count from {:?}", path.display(), out.trim()))
+        csv_count(&out).with_context(|| format!("{}: cannot read ffprobe's packet count from {:?}", path.display(), out.trim()))
     }
 
     /// Number of frames by decoding the whole stream (exact, slower). Fails on decoder errors
@@ -327,10 +353,7 @@ impl Ffmpeg {
                 "csv=p=0",
             ],
         )?;
-        out.trim()
-            .trim_end_matches(',')
-            .parse()
-            .with_context(|| format!("{}: cannot read ffprobe's frame count from {:?}", path.display(), out.trim()))
+        csv_count(&out).with_context(|| format!("{}: cannot read ffprobe's frame count from {:?}", path.display(), out.trim()))
     }
 
     /// The option that passes frames through without rate conversion: `-fps_mode` from FFmpeg
