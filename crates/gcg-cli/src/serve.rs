@@ -68,6 +68,23 @@ pub struct ServeArgs {
 const UPLOADS_AT_ONCE: usize = 2;
 /// Longest wait for the next piece of an upload.
 const UPLOAD_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The average rate (bytes/s) an upload must keep after its first UPLOAD_READ_TIMEOUT.
+const UPLOAD_MIN_RATE: f64 = 16.0 * 1024.0;
+
+/// An upload's file name as the server keeps and lists it: the last part of what the client
+/// sent (a path's separators of either kind), at most 255 bytes (cut at a character), "video"
+/// when empty.
+fn upload_name(sent: Option<&str>) -> String {
+    let last = sent.unwrap_or("").rsplit(['/', '\\']).next().unwrap_or("").trim();
+    let mut end = last.len().min(255);
+    while !last.is_char_boundary(end) {
+        end -= 1;
+    }
+    match &last[..end] {
+        "" | "." | ".." => "video".into(),
+        name => name.into(),
+    }
+}
 
 /// One video the server knows: an upload or a gallery video of the demo.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -295,7 +312,39 @@ fn router(state: Shared) -> Router {
         .route("/api/videos/{id}/media", get(media))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such page or API route".into()) })
         .layer(axum::middleware::from_fn(same_origin_only))
+        .layer(axum::middleware::from_fn(errors_as_json))
         .with_state(state)
+}
+
+/// Every error response in the API's shape, `{"error": "..."}`: the ones axum makes itself (405
+/// with an empty body, 413 and 400 rejections of a body or a path in plain text) get their text,
+/// or the status's reason, as the message; their other headers (`Allow`, `Content-Range`,
+/// `Retry-After`) stay.
+async fn errors_as_json(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let r = next.run(req).await;
+    let json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|t| t.as_bytes().starts_with(b"application/json"));
+    if !(r.status().is_client_error() || r.status().is_server_error()) || json {
+        return r;
+    }
+    let (mut parts, body) = r.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let text = if text.is_empty() {
+        parts.status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    let body = serde_json::to_vec(&serde_json::json!({ "error": text })).unwrap_or_default();
+    parts
+        .headers
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// Only this server's own pages and local tools may use it: a request naming another host (DNS
@@ -539,7 +588,9 @@ async fn receive_upload(s: &Shared, mut mp: Multipart) -> ApiResult<Response> {
         if field.name() != Some("video") {
             continue;
         }
-        let name = field.file_name().unwrap_or("video").to_string();
+        // The client's file name as shown to clients: its last part (browsers send only that,
+        // curl may send a path), at most 255 bytes (a name is stored and listed to everyone).
+        let name = upload_name(field.file_name());
         let ext = Path::new(&name)
             .extension()
             .map(|e| e.to_string_lossy().to_ascii_lowercase())
@@ -550,7 +601,22 @@ async fn receive_upload(s: &Shared, mut mp: Multipart) -> ApiResult<Response> {
             .await
             .map_err(|e| ApiError::internal(e.into()))?;
         let mut n: u64 = 0;
+        let started = std::time::Instant::now();
         loop {
+            // A trickle (a byte now and then, each within the stall timeout) would hold one of
+            // the few upload slots as long as it likes: past the timeout an upload must keep up
+            // an average of UPLOAD_MIN_RATE.
+            let secs = started.elapsed().as_secs_f64();
+            if secs > UPLOAD_READ_TIMEOUT.as_secs_f64() && (n as f64) < secs * UPLOAD_MIN_RATE {
+                return Err(ApiError(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "the upload is too slow: {n} bytes in {secs:.0} s (at least {} KiB/s after the first {} s)",
+                        UPLOAD_MIN_RATE as u64 / 1024,
+                        UPLOAD_READ_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
             let chunk = match tokio::time::timeout(UPLOAD_READ_TIMEOUT, field.chunk()).await {
                 Err(_) => {
                     return Err(ApiError(
@@ -981,7 +1047,21 @@ fn sweep_leftovers(s: &AppState) {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_range, Range};
+    use super::{parse_range, upload_name, Range};
+
+    #[test]
+    fn an_upload_name_is_its_last_part_and_at_most_255_bytes() {
+        assert_eq!(upload_name(Some("../../../../tmp/x/pwned.mp4")), "pwned.mp4");
+        assert_eq!(upload_name(Some("C:\\videos\\cat.MOV")), "cat.MOV");
+        assert_eq!(upload_name(Some("clip.mp4")), "clip.mp4");
+        for empty in [None, Some(""), Some("dir/"), Some(".."), Some("  ")] {
+            assert_eq!(upload_name(empty), "video", "{empty:?}");
+        }
+        let long = format!("{}.mp4", "é".repeat(200));
+        let name = upload_name(Some(&long));
+        assert!(name.len() <= 255 && long.starts_with(&name), "{} bytes", name.len());
+        assert_eq!(upload_name(Some(&"a".repeat(100_000_000))).len(), 255);
+    }
 
     #[test]
     fn ranges_follow_rfc_9110() {

@@ -447,6 +447,21 @@ fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
     assert_eq!(st, 404, "{e}");
     assert_eq!(get_json(&srv.url("/api/videos/../../etc/frames/0")).0, 404);
     assert_eq!(get_json(&srv.url("/api/nothing")).0, 404);
+    // The errors axum makes itself are JSON too: a method a route lacks (405, its Allow kept),
+    // an ask body past the limit (413), a path that is not UTF-8 (400).
+    let r = agent().delete(&srv.url("/api/videos")).call().unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    assert!(r.headers().get("allow").is_some());
+    let mut r = r;
+    let e: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert!(e["error"].is_string(), "{e}");
+    let big = serde_json::json!({ "question": "x".repeat(3_000_000) }).to_string();
+    let (st, e) = post_json(&srv.url(&format!("/api/videos/{}/ask", gallery[0]["id"].as_str().unwrap())), &big);
+    assert_eq!(st, 413, "{e}");
+    assert!(e["error"].is_string(), "{e}");
+    let (st, e) = post_json(&srv.url("/api/videos/%FF/ask"), r#"{"question": "q"}"#);
+    assert_eq!(st, 400, "{e}");
+    assert!(e["error"].as_str().is_some_and(|t| t.contains("UTF-8")), "{e}");
     // Still answering.
     assert_eq!(get_json(&srv.url("/api/health")).0, 200);
 
