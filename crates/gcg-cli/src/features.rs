@@ -75,7 +75,8 @@ pub struct FeaturesArgs {
     /// Shard size in MiB (a shard is written when this much is buffered).
     #[arg(long, default_value_t = 512.0)]
     shard_mb: f64,
-    /// Write buffered videos at least this often (seconds), bounding the work a kill loses.
+    /// Write buffered videos at least this often (seconds), bounding the work a kill loses
+    /// (Ctrl-C or SIGTERM stops after the video being encoded and writes what is done).
     #[arg(long, default_value_t = 120.0)]
     flush_secs: f64,
     /// Recompute videos already in the store.
@@ -102,6 +103,29 @@ pub struct FeaturesArgs {
     /// With --import-h5: NExT-GQA's gsub_*.json ({video: {duration, fps, ...}}) for duration and fps.
     #[arg(long)]
     gsub: Option<PathBuf>,
+}
+
+/// A flag that SIGINT (Ctrl-C) or SIGTERM sets: `gcg features` then stops after the video being
+/// encoded and writes the videos done so far, which the buffering (`--flush-secs`) would
+/// otherwise lose. The handler puts the default action back, so a second signal ends the
+/// process at once.
+fn stop_on_signals() -> &'static std::sync::atomic::AtomicBool {
+    static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    extern "C" fn on_signal(sig: libc::c_int) {
+        STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: signal() is async-signal-safe; SIG_DFL is a valid handler.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
+    #[cfg(unix)]
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic and calls signal(), both async-signal-safe.
+        unsafe {
+            libc::signal(sig, on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t);
+        }
+    }
+    &STOP
 }
 
 /// Videos of a directory or a list file.
@@ -290,6 +314,7 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
         writer,
         extractor: Some(provenance::extractor(a.sampling.to_string(), models_id)),
         embeddings_only: a.embeddings_only,
+        interrupted: Some(stop_on_signals()),
     };
     let abort = abort_after()?;
     let pb = progress_bar(0, false);

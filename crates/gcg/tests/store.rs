@@ -616,6 +616,7 @@ fn extraction_matches_the_models_skips_stored_videos_and_resumes_after_a_crash()
         },
         extractor: None,
         embeddings_only: false,
+        interrupted: None,
     };
     let dir = tempfile::tempdir()?;
     let mut failed_events = Vec::new();
@@ -697,6 +698,40 @@ fn extraction_matches_the_models_skips_stored_videos_and_resumes_after_a_crash()
     for id in ["v1", "v2", "v3", "v4", "v5"] {
         assert_eq!(bits(&snap2.features(id)?.as_f16()?), bits(&snap.features(id)?.as_f16()?), "{id}");
         assert_eq!(snap2.frame_embeds(id)?.to_f32()?, snap.frame_embeds(id)?.to_f32()?);
+    }
+
+    // Interrupted (the flag a SIGINT/SIGTERM sets, here raised once two videos are done) with
+    // nothing flushed yet: the videos done are written, the call says it was interrupted, and
+    // the rerun completes the same store.
+    let dir3 = tempfile::tempdir()?;
+    let flag: &'static std::sync::atomic::AtomicBool = Box::leak(Box::new(std::sync::atomic::AtomicBool::new(false)));
+    let stopping = ExtractOptions {
+        jobs: 1,
+        writer: WriterOptions {
+            shard_bytes: 1 << 30,
+            max_pending_secs: 1e9,
+            ..Default::default()
+        },
+        interrupted: Some(flag),
+        ..opts.clone()
+    };
+    let mut done = 0;
+    let err = extract_features(dir3.path(), &jobs(), &source, &models, &stopping, &mut |ev| {
+        if let gcg::features::extract::ExtractProgress::Done { .. } = ev {
+            done += 1;
+            if done == 2 {
+                flag.store(true, Ordering::SeqCst);
+            }
+        }
+    })
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("interrupted"), "{err:#}");
+    assert_eq!(Store::open(dir3.path())?.snapshot().index().videos.len(), 2);
+    let rest = extract_features(dir3.path(), &jobs(), &source, &models, &opts, &mut |_| {})?;
+    assert_eq!((rest.done, rest.skipped, rest.failed.len()), (3, 2, 1));
+    let snap3 = Store::open(dir3.path())?.snapshot();
+    for id in ["v1", "v2", "v3", "v4", "v5"] {
+        assert_eq!(bits(&snap3.features(id)?.as_f16()?), bits(&snap.features(id)?.as_f16()?), "{id}");
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ use crate::models::clip_branch::ClipImageHead;
 use crate::models::vit::VisionModel;
 use crate::store::{Extractor, Index, StoreMeta, StoreWriter, VideoRecord, WriterOptions};
 use crate::video::{uniform_indices, UniformRule};
-use anyhow::{anyhow, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -137,6 +137,9 @@ pub struct ExtractOptions {
     /// runs the ViT on the decoded frames, `[data] online_vit`). A video stored without features
     /// is recomputed by a run that wants them.
     pub embeddings_only: bool,
+    /// Set (by a SIGINT/SIGTERM handler) to stop after the video being encoded: the videos
+    /// done so far are written to the store, and the call returns an error saying so.
+    pub interrupted: Option<&'static AtomicBool>,
 }
 
 impl Default for ExtractOptions {
@@ -148,6 +151,7 @@ impl Default for ExtractOptions {
             writer: WriterOptions::default(),
             extractor: None,
             embeddings_only: false,
+            interrupted: None,
         }
     }
 }
@@ -327,6 +331,13 @@ fn encode_videos(
     progress: &mut dyn FnMut(ExtractProgress<'_>),
 ) -> Result<()> {
     for (i, frames) in frames_rx.iter() {
+        if opts.interrupted.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+            bail!(
+                "interrupted: the {} videos encoded are written to the store, {} are not done; the same command continues",
+                report.done,
+                todo.len() - report.done - report.failed.len()
+            );
+        }
         let job = todo[i];
         let rec = frames.and_then(|f| {
             let (features, embeds, times) = models
