@@ -54,10 +54,26 @@ pub fn metrics_table(m: &Metrics, predictions: &Path) -> String {
         }
     }
     if let Some(g) = &m.grounding {
+        let elsewhere = if g.not_in_annotations > 0 {
+            format!(
+                "; {} of the grounding file's questions are not in the annotations",
+                g.not_in_annotations
+            )
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
-            "grounding ({} questions with a span, {} without, skipped):\n",
+            "grounding ({} questions with a predicted span, {} without, skipped{elsewhere}):\n",
             g.evaluated, g.missing
         ));
+        if g.missing > 0 {
+            // As the official eval_ground.py: the grounding metrics average over the predicted
+            // spans only, where the accuracy above counts a missing prediction as wrong.
+            out.push_str(&format!(
+                "  (these cover the {} questions with a predicted span only, as eval_ground.py's; Acc@GQA is not comparable with the accuracy above)\n",
+                g.evaluated
+            ));
+        }
         for (n, v) in g.named() {
             out.push_str(&format!("{n:<10} {v:>8.2}\n"));
         }

@@ -211,6 +211,17 @@ fn grounding_edge_cases_worked_by_hand() {
     assert_eq!(j["missing"], 0);
     assert_eq!(j["counts"]["TN"], 2);
 
+    assert_eq!(gm.not_in_annotations, 0);
+    assert!(j.get("grounding_not_in_annotations").is_none());
+
+    // Annotations cut to v1's questions: v3's ground truth is not a prediction missing from
+    // the file, it is counted apart (the metrics are those of v1's four spans).
+    let cut = evaluate(Dataset::NextGqa, &samples[..4], &preds, Some(&g)).unwrap().metrics;
+    let gc = cut.grounding.clone().unwrap();
+    assert_eq!((gc.evaluated, gc.missing, gc.not_in_annotations), (4, 0, 1));
+    close(gc.m_iop, gm.m_iop);
+    assert_eq!(cut.to_json()["grounding_not_in_annotations"], 1);
+
     // Without gsub every question counts: v2_0 is wrong.
     let m = evaluate(Dataset::NextGqa, &samples, &preds, None).unwrap().metrics;
     close(m.get("CW").unwrap(), 50.0);

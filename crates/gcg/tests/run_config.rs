@@ -322,23 +322,36 @@ fn the_nextgqa_config_reads_its_training_questions_as_nextqa() {
     use gcg::data::{read_annotations, Dataset, ReadOptions};
     use std::io::Read;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let cfg = RunConfig::load(Some(&root.join("configs/nextgqa.toml")), &[]).unwrap();
-    assert_eq!(cfg.data.dataset, Dataset::NextGqa);
-    assert_eq!(cfg.data.train_format(), Dataset::NextQa);
-    // Real NExT-QA rows (the val split's first 40, header included), as the train file holds.
-    let mut text = String::new();
-    flate2::read::GzDecoder::new(std::fs::File::open(root.join("tests/fixtures/data/nextqa/val.csv.gz")).unwrap())
-        .read_to_string(&mut text)
-        .unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let train = tmp.path().join("train.csv");
-    std::fs::write(&train, text.lines().take(41).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    // Real rows of each format (the val splits' first 40, header included).
+    let cut = |from: &str, to: &str| {
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(root.join(from)).unwrap())
+            .read_to_string(&mut text)
+            .unwrap();
+        let p = tmp.path().join(to);
+        std::fs::write(&p, text.lines().take(41).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+        p
+    };
+    let nextqa = cut("tests/fixtures/data/nextqa/val.csv.gz", "nextqa_train.csv");
+    let nextgqa = cut("tests/fixtures/data/nextgqa/val.csv.gz", "nextgqa_train.csv");
     let opts = ReadOptions::default();
-    let read = read_annotations(cfg.data.train_format(), &train, &opts).unwrap();
-    assert_eq!(read.samples.len(), 40);
-    assert!(read_annotations(Dataset::NextGqa, &train, &opts).is_err());
+    let mut cfg = RunConfig::load(Some(&root.join("configs/nextgqa.toml")), &[]).unwrap();
+    assert_eq!(cfg.data.dataset, Dataset::NextGqa);
+    cfg.data.train = Some(nextqa.clone());
+    assert_eq!(cfg.data.train_format(), Dataset::NextQa);
+    assert_eq!(read_annotations(cfg.data.train_format(), &nextqa, &opts).unwrap().samples.len(), 40);
+    assert!(read_annotations(Dataset::NextGqa, &nextqa, &opts).is_err());
+    // A train file in NExT-GQA's own format is read as such.
+    cfg.data.train = Some(nextgqa.clone());
+    assert_eq!(cfg.data.train_format(), Dataset::NextGqa);
+    assert_eq!(
+        read_annotations(cfg.data.train_format(), &nextgqa, &opts).unwrap().samples.len(),
+        40
+    );
     // Set explicitly, and for the other benchmarks the dataset's own format.
-    let own = parse("[data]\ndataset = \"nextgqa\"\ntrain_dataset = \"nextgqa\"\n").unwrap();
-    assert_eq!(own.data.train_format(), Dataset::NextGqa);
+    cfg.data.train = Some(nextqa);
+    cfg.data.train_dataset = Some(Dataset::NextGqa);
+    assert_eq!(cfg.data.train_format(), Dataset::NextGqa);
     assert_eq!(parse("[data]\ndataset = \"star\"\n").unwrap().data.train_format(), Dataset::Star);
 }

@@ -70,6 +70,9 @@ pub struct GroundingMetrics {
     pub evaluated: usize,
     /// Questions with a ground-truth entry but no predicted span (skipped).
     pub missing: usize,
+    /// Of the ground-truth entries, those of questions the evaluated annotations do not hold (a
+    /// cut annotation file): set by the caller that knows them, and left out of `missing`.
+    pub not_in_annotations: usize,
 }
 
 impl GroundingMetrics {
@@ -132,6 +135,7 @@ pub fn grounding_metrics(gt: &Grounding, pred: impl Fn(&str, &str) -> Option<([f
             acc_gqa: nan,
             evaluated: 0,
             missing,
+            not_in_annotations: 0,
         };
     }
     let n = cnt as f64;
@@ -147,6 +151,7 @@ pub fn grounding_metrics(gt: &Grounding, pred: impl Fn(&str, &str) -> Option<([f
         acc_gqa: rate(cqt),
         evaluated: cnt,
         missing,
+        not_in_annotations: 0,
     }
 }
 

@@ -102,6 +102,9 @@ impl Metrics {
             }
             m.insert("grounding_evaluated".into(), json!(g.evaluated));
             m.insert("grounding_missing".into(), json!(g.missing));
+            if g.not_in_annotations > 0 {
+                m.insert("grounding_not_in_annotations".into(), json!(g.not_in_annotations));
+            }
         }
         m.insert("questions".into(), json!(self.questions));
         m.insert("missing".into(), json!(self.missing));
@@ -220,12 +223,22 @@ pub fn evaluate(dataset: Dataset, samples: &[QaSample], preds: &PredictionFile, 
             m.excluded = samples.len() - keep.len();
             if let Some(g) = grounding {
                 let by_key: HashMap<(&str, &str), usize> = index.clone();
-                m.grounding = Some(grounding_metrics(g, |video, qid| {
+                let mut gm = grounding_metrics(g, |video, qid| {
                     let i = *by_key.get(&(video, qid))?;
                     let row = joined[i]?;
                     let span = row.span?;
                     Some((span, row.prediction == samples[i].answer))
-                }));
+                });
+                // The ground truth's questions that these annotations do not hold are not
+                // predictions missing from this file.
+                gm.not_in_annotations = g
+                    .videos
+                    .iter()
+                    .flat_map(|v| v.location.iter().map(move |(q, _)| (v.video.as_str(), q.as_str())))
+                    .filter(|k| !by_key.contains_key(k))
+                    .count();
+                gm.missing -= gm.not_in_annotations;
+                m.grounding = Some(gm);
             }
             m
         }

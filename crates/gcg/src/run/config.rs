@@ -199,14 +199,27 @@ pub struct DataConfig {
 
 impl DataConfig {
     /// The format `train` is read in: `train_dataset` when set, else `dataset`'s, except for
-    /// NExT-GQA, which has no training split: the official recipe trains on NExT-QA's
-    /// training questions (NExT-QA's format: the answer an option index) and validates and tests
-    /// on NExT-GQA's.
+    /// NExT-GQA, which has no training split: the official recipe trains on NExT-QA's training
+    /// questions (NExT-QA's format, its first column `video` and the answer an option index)
+    /// and validates and tests on NExT-GQA's. So with `dataset = "nextgqa"` a train file whose
+    /// header starts with `video,` is read as NExT-QA's, any other (`video_id,`) as NExT-GQA's.
     pub fn train_format(&self) -> Dataset {
-        self.train_dataset.unwrap_or(match self.dataset {
-            Dataset::NextGqa => Dataset::NextQa,
-            d => d,
-        })
+        if let Some(d) = self.train_dataset {
+            return d;
+        }
+        if self.dataset != Dataset::NextGqa {
+            return self.dataset;
+        }
+        let header = self.train.as_deref().and_then(|p| {
+            use std::io::BufRead;
+            let mut line = String::new();
+            std::io::BufReader::new(std::fs::File::open(p).ok()?).read_line(&mut line).ok()?;
+            Some(line)
+        });
+        match header {
+            Some(h) if h.trim_start_matches('\u{feff}').starts_with("video,") => Dataset::NextQa,
+            _ => Dataset::NextGqa,
+        }
     }
 }
 
