@@ -962,6 +962,18 @@ fn pseudo_labels_equal_a_direct_computation_with_the_tiny_clip() -> Result<()> {
         "{:?}",
         report.failed
     );
+    // A store of frame embeddings of another width (videos made with another preset): one error
+    // naming both widths before any question, not a failure per question.
+    let other = tempfile::tempdir()?;
+    label_store(other.path(), t, e + 8)?;
+    let err = format!(
+        "{:#}",
+        label_questions(other.path(), &samples(), &enc, &opts, &mut |_| {}).unwrap_err()
+    );
+    assert!(
+        err.contains(&format!("width {}", e + 8)) && err.contains(&format!("{e} wide")),
+        "{err}"
+    );
     Ok(())
 }
 

@@ -233,6 +233,18 @@ pub fn label_questions(
     // Opening the writer drops records whose shard is broken; see the index as it left it.
     store.refresh()?;
     let snap = store.snapshot();
+    // Frame embeddings of another CLIP width (a store made with another preset or weights)
+    // cannot meet this text encoder's: said once, before any text is encoded.
+    if let Some(m) = snap.meta() {
+        let e = encoder.model.config.embed_dim;
+        ensure!(
+            m.embed_dim == e,
+            "the store {} holds frame embeddings of width {} but this text encoder's are {e} wide: label with the \
+             CLIP weights (or --preset) the store's videos were made with",
+            store_dir.display(),
+            m.embed_dim
+        );
+    }
     let mut report = LabelReport::default();
     if opts.skip_existing {
         check_text_encoder(samples, &snap, store_dir, opts.text_encoder.as_deref())?;
