@@ -340,86 +340,16 @@ fn resume_gives_the_identical_loss_sequence() {
         ..Default::default()
     };
     let run_cfg = serde_json::json!({"test": true});
-    // Uninterrupted: 2 epochs of 6 micro-batches, 3 steps each.
-    let full = RunDir::new(tmp.path().join("full")).unwrap();
-    let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
-    trainer::train(
-        &TrainJob {
-            model: &model,
-            vars: &vars,
-            cfg: &cfg,
-            run: &full,
-            train_set: &src,
-            val_set: None,
-            run_config: &run_cfg,
-        },
-        false,
-        &mut |_| {},
-    )
-    .unwrap();
-    let want = read_losses(&full.root);
-    assert_eq!(want.len(), 6);
-    // Interrupted after 3 steps (the end of epoch 1: its checkpoint is the one an epoch's end
-    // writes, which must hold every draw of the generator made before epoch 2's first group)
-    // and after 4 (mid-epoch 2), then resumed by a fresh process-like rebuild.
-    for stop in [3, 4] {
-        let part = RunDir::new(tmp.path().join(format!("part{stop}"))).unwrap();
-        let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
-        trainer::train(
-            &TrainJob {
-                model: &model,
-                vars: &vars,
-                cfg: &TrainConfig {
-                    max_steps: Some(stop),
-                    ..cfg.clone()
-                },
-                run: &part,
-                train_set: &src,
-                val_set: None,
-                run_config: &run_cfg,
-            },
-            false,
-            &mut |_| {},
-        )
-        .unwrap();
-        // A rebuilt model (same frozen weights, as from the same pretrained checkpoint); the
-        // checkpoint restores the trained weights, the optimiser and the generator.
-        let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
-        trainer::train(
-            &TrainJob {
-                model: &model,
-                vars: &vars,
-                cfg: &cfg,
-                run: &part,
-                train_set: &src,
-                val_set: None,
-                run_config: &run_cfg,
-            },
-            true,
-            &mut |_| {},
-        )
-        .unwrap();
-        let got = read_losses(&part.root);
-        assert_eq!(got, want, "resumed after {stop} steps: the loss sequence differs");
-    }
-    // A run of 1 epoch, its end-of-epoch checkpoint resumed for a second epoch (as a kill right
-    // after that checkpoint, or `--resume --set train.epochs=2`): the same as 2 epochs straight,
-    // with the constant learning rate that makes the two plans the same.
-    let constant = TrainConfig {
-        schedule: gcg::train::LrSchedule::Constant,
-        ..cfg.clone()
-    };
-    let train = |dir: &str, epochs: u64, resume: bool| {
+    // Trains (or resumes) the run in `dir` with `cfg` on a freshly built model (same frozen
+    // weights, as from the same pretrained checkpoint: a checkpoint restores the trained
+    // weights, the optimiser and the generator); its logged losses.
+    let train = |dir: &str, cfg: &TrainConfig, resume: bool| {
         let run = RunDir::new(tmp.path().join(dir)).unwrap();
         let (model, vars) = build(Mode::Grounding, &tmp.path().join("tok"), 7);
-        let job_cfg = TrainConfig {
-            epochs,
-            ..constant.clone()
-        };
         let job = TrainJob {
             model: &model,
             vars: &vars,
-            cfg: &job_cfg,
+            cfg,
             run: &run,
             train_set: &src,
             val_set: None,
@@ -428,11 +358,35 @@ fn resume_gives_the_identical_loss_sequence() {
         trainer::train(&job, resume, &mut |_| {}).unwrap();
         read_losses(&run.root)
     };
-    let want = train("straight", 2, false);
+    // Uninterrupted: 2 epochs of 6 micro-batches, 3 steps each.
+    let want = train("full", &cfg, false);
     assert_eq!(want.len(), 6);
-    assert_eq!(train("epoch", 1, false).len(), 3);
+    // Interrupted after 3 steps (the end of epoch 1: its checkpoint is the one an epoch's end
+    // writes, which must hold every draw of the generator made before epoch 2's first group)
+    // and after 4 (mid-epoch 2), then resumed by a fresh process-like rebuild.
+    for stop in [3, 4] {
+        let part = format!("part{stop}");
+        let stopped = TrainConfig {
+            max_steps: Some(stop),
+            ..cfg.clone()
+        };
+        train(&part, &stopped, false);
+        let got = train(&part, &cfg, true);
+        assert_eq!(got, want, "resumed after {stop} steps: the loss sequence differs");
+    }
+    // A run of 1 epoch, its end-of-epoch checkpoint resumed for a second epoch (as a kill right
+    // after that checkpoint, or `--resume --set train.epochs=2`): the same as 2 epochs straight,
+    // with the constant learning rate that makes the two plans the same.
+    let epochs = |epochs: u64| TrainConfig {
+        epochs,
+        schedule: gcg::train::LrSchedule::Constant,
+        ..cfg.clone()
+    };
+    let want = train("straight", &epochs(2), false);
+    assert_eq!(want.len(), 6);
+    assert_eq!(train("epoch", &epochs(1), false).len(), 3);
     assert_eq!(
-        train("epoch", 2, true),
+        train("epoch", &epochs(2), true),
         want,
         "resumed at an epoch's end: the loss sequence differs"
     );

@@ -1164,21 +1164,20 @@ mod onednn {
             // bias n f32 values, the gate m·n values of its flagged type and y m·n values of the
             // output type (all checked above); the call reads x, w, bias and gate and writes y.
             let run = |f: LinearFn| unsafe { with_args!(f) };
+            // The AMX kernels (bf16, and f32 as bf16 pairs), on the unit or on software tiles.
+            #[cfg(gcg_amx)]
+            let (bf16_fn, x3_fn): (LinearFn, LinearFn) = if super::amx_tiles() == Some(super::AmxTiles::Software) {
+                (gcg_soft_amx_linear, gcg_soft_amx_linear_x3)
+            } else {
+                (gcg_amx_linear, gcg_amx_linear_x3)
+            };
             #[cfg(gcg_amx)]
             let amx = if !(m >= super::AMX_MIN_ROWS && k % 32 == 0 && super::amx_active()) {
                 None
             } else if xb.is_bf16() {
-                Some(if super::amx_tiles() == Some(super::AmxTiles::Software) {
-                    gcg_soft_amx_linear as LinearFn
-                } else {
-                    gcg_amx_linear as LinearFn
-                })
+                Some(bf16_fn)
             } else if super::matmul_precision() == super::MatmulPrecision::High {
-                Some(if super::amx_tiles() == Some(super::AmxTiles::Software) {
-                    gcg_soft_amx_linear_x3 as LinearFn
-                } else {
-                    gcg_amx_linear_x3 as LinearFn
-                })
+                Some(x3_fn)
             } else {
                 None
             };
