@@ -15,7 +15,9 @@
 //! `--max-upload-mb` (413); the data folder is kept under `--data-cap-mb` by evicting the least
 //! recently used uploads. Errors are JSON `{"error": "..."}` with 400 (bad input), 404 (unknown
 //! video), 413, 503 (queue full) or 500. SIGINT/SIGTERM stop accepting, finish what was accepted
-//! and exit.
+//! (for at most `--shutdown-grace`; a second signal stops at once) and exit. Connections are
+//! served by hyper with a timer: a request's head within `--header-timeout`, at most
+//! `--max-connections` open.
 
 use crate::ask_args::{demo_of_run, AskModelArgs};
 use anyhow::{anyhow, ensure, Context, Result};
@@ -62,6 +64,17 @@ pub struct ServeArgs {
     /// Gallery videos offered from the demo's test split (a demo run only).
     #[arg(long, default_value_t = 12)]
     pub gallery: usize,
+    /// Seconds a client has to send a request's line and headers, and that a kept-alive
+    /// connection may wait idle for its next request; then the connection is closed.
+    #[arg(long, default_value_t = 30)]
+    pub header_timeout: u64,
+    /// Open connections at most (more: 503 and closed at once).
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
+    /// Seconds a stop (SIGINT/SIGTERM) waits for the requests in progress; a second signal stops
+    /// at once.
+    #[arg(long, default_value_t = 120)]
+    pub shutdown_grace: u64,
 }
 
 /// Uploads received at the same time at most (more: 503).
@@ -198,6 +211,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     ensure!(a.queue >= 1, "--queue must be at least 1");
     ensure!(a.max_batch >= 1, "--max-batch must be at least 1");
     ensure!(a.max_upload_mb >= 1, "--max-upload-mb must be at least 1");
+    ensure!(a.header_timeout >= 1, "--header-timeout must be at least 1 (seconds)");
+    ensure!(a.max_connections >= 1, "--max-connections must be at least 1");
     let (cfg_run, _, _, about) = a.model.resolve(&mut |m| eprintln!("{m}"))?;
     let data = match &a.data {
         Some(d) => d.clone(),
@@ -220,9 +235,18 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let max_batch = a.max_batch;
     let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let alive_worker = alive.clone();
+    // Clients see the run by its folder's name, not where it lies on the server.
+    let public_run = run_dir
+        .as_ref()
+        .or(a.model.config.as_ref())
+        .map(|d| (d.display().to_string(), d.file_name().map(|n| n.to_string_lossy().to_string())));
     let worker = std::thread::Builder::new().name("gcg-model".into()).spawn(move || {
         let asker = match model_args.open(&mut |_| {}) {
             Ok((asker, about)) => {
+                let about = match &public_run {
+                    Some((full, Some(name))) => about.replacen(full, name, 1),
+                    _ => about,
+                };
                 let health = serde_json::json!({
                     "run": about,
                     "mode": asker.cfg.model.mode.name(),
@@ -281,15 +305,24 @@ pub fn run(a: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("listening on {}", a.addr))?;
         let local = listener.local_addr()?;
-        let shutdown = shutdown_signal()?;
+        let signals = Signals::install()?;
         eprintln!("gcg serve: {about}");
         eprintln!("data: {}", data.display());
+        if !local.ip().is_loopback() {
+            eprintln!(
+                "warning: listening on {local}, not only on this machine's loopback: anyone who can reach it can upload videos \
+                 and ask questions (there is no authentication)"
+            );
+        }
         // The line tests and scripts wait for.
         println!("listening on http://{local}/");
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("serving")
+        let limits = ConnLimits {
+            header_timeout: std::time::Duration::from_secs(a.header_timeout),
+            max_connections: a.max_connections,
+            shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
+        };
+        serve_connections(listener, router(state), limits, signals).await;
+        Ok::<_, anyhow::Error>(())
     });
     // The router (and with it the job sender) is gone: the model thread finishes its queue and ends.
     drop(rt);
@@ -377,19 +410,103 @@ async fn same_origin_only(req: axum::extract::Request, next: axum::middleware::N
     next.run(req).await
 }
 
-/// Resolves on SIGINT or SIGTERM. The handlers are installed here, before the server says it
-/// listens: a signal sent as soon as it does stops it cleanly instead of killing it.
-fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    Ok(async move {
+/// SIGINT and SIGTERM. The handlers are installed before the server says it listens: a signal
+/// sent as soon as it does stops it cleanly instead of killing it.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    /// The next SIGINT or SIGTERM.
+    async fn next(&mut self) {
         tokio::select! {
-            _ = int.recv() => {},
-            _ = term.recv() => {},
+            _ = self.int.recv() => {},
+            _ = self.term.recv() => {},
         }
-        eprintln!("gcg serve: shutting down (finishing accepted requests)");
+    }
+}
+
+/// What one client may hold: see `ServeArgs`.
+struct ConnLimits {
+    header_timeout: std::time::Duration,
+    max_connections: usize,
+    shutdown_grace: std::time::Duration,
+}
+
+/// The accept loop: each connection served by hyper's HTTP/1 with a timer, so a request's head
+/// must arrive within `header_timeout` and an idle kept-alive connection is closed after it (axum's
+/// `serve` sets no timer: a client that connected and sent nothing, or half a header, held its
+/// connection and a file descriptor forever). Past `max_connections` open ones, a new connection
+/// gets a 503 and is closed. On the first signal: stop accepting, let the requests in progress
+/// finish (idle connections close) for at most `shutdown_grace`; a second signal stops at once.
+async fn serve_connections(listener: tokio::net::TcpListener, app: Router, limits: ConnLimits, mut signals: Signals) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before it was accepted:
+                    // neither ends the server.
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = signals.next() => break,
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_connection(stream, limits.max_connections));
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            // A client that goes away mid-request is no error of the server's.
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    eprintln!("gcg serve: shutting down (finishing the requests in progress)");
+    let busy = limits.max_connections - open.available_permits();
+    tokio::select! {
+        _ = graceful.shutdown() => {},
+        _ = tokio::time::sleep(limits.shutdown_grace) => eprintln!(
+            "gcg serve: requests still in progress after {} s (--shutdown-grace); stopping",
+            limits.shutdown_grace.as_secs()
+        ),
+        _ = signals.next() => eprintln!("gcg serve: a second signal; stopping ({busy} connections were open)"),
+    }
+}
+
+/// A 503 for a connection past `--max-connections`, then closed.
+async fn refuse_connection(mut stream: tokio::net::TcpStream, max: usize) {
+    let body =
+        serde_json::json!({ "error": format!("the server has {max} connections open (--max-connections); retry shortly") }).to_string();
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
     })
+    .await;
 }
 
 /// The model's loop: prepare videos one at a time; answer the questions waiting for one video
@@ -684,8 +801,8 @@ async fn register_upload(s: &Shared, tmp: TempFile, name: &str, bytes: u64) -> A
         .map_err(ApiError::internal)?;
     let hash_s = t0.elapsed().as_secs_f64();
     let _one_at_a_time = s.register.lock().await;
-    if let Some(v) = touch(s, &id) {
-        return Ok(v); // the temporary file goes with `tmp`
+    if touch(s, &id).is_some() {
+        return reupload(s, &id, tmp, name, hash_s).await;
     }
     let dir = video_dir(&s.data, &id);
     // A folder of this id that is not registered is a failed earlier attempt: replaced.
@@ -708,7 +825,7 @@ async fn register_upload(s: &Shared, tmp: TempFile, name: &str, bytes: u64) -> A
                 }
                 other => other,
             })?;
-        let playable = matches!(ext.as_str(), "mp4" | "m4v" | "webm" | "ogv" | "ogg" | "mov");
+        let playable = playable_extension(&ext);
         let v = VideoInfo {
             id: id.clone(),
             name: name.to_string(),
@@ -750,6 +867,62 @@ async fn register_upload(s: &Shared, tmp: TempFile, name: &str, bytes: u64) -> A
         .await
         .map_err(|e| ApiError::internal(e.into()))?;
     Ok(v)
+}
+
+/// A known video uploaded again (the same bytes): its entry takes this upload's name, and a file
+/// stored unplayable (no usable extension) takes this one's when that one plays in a browser;
+/// the answer says that nothing was computed (`features` 0, this upload's hashing time).
+async fn reupload(s: &Shared, id: &str, tmp: TempFile, name: &str, hash_s: f64) -> ApiResult<VideoInfo> {
+    let ext = tmp.path().extension().map(|e| e.to_string_lossy().to_string()).unwrap_or_default();
+    let old = s.videos.lock().unwrap().get(id).cloned();
+    let Some(mut v) = old else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("video {id} was evicted while it was uploaded again"),
+        ));
+    };
+    if v.gallery {
+        return Ok(v); // a gallery video keeps its name (the temporary file goes with `tmp`)
+    }
+    v.name = name.to_string();
+    if !v.playable && playable_extension(&ext) {
+        let path = video_dir(&s.data, id).join(format!("video.{ext}"));
+        tokio::fs::rename(tmp.path(), &path)
+            .await
+            .map_err(|e| ApiError::internal(e.into()))?;
+        let _ = tmp.keep();
+        if v.path != path {
+            let _ = tokio::fs::remove_file(&v.path).await;
+        }
+        v.path = path.clone();
+        v.playable = true;
+        if let Some(p) = &mut v.prepared {
+            p.path = path;
+        }
+    }
+    let info = serde_json::to_vec_pretty(&v).map_err(|e| ApiError::internal(e.into()))?;
+    let info_path = video_dir(&s.data, id).join("info.json");
+    tokio::task::spawn_blocking(move || gcg::util::write_atomic(&info_path, &info))
+        .await
+        .map_err(|e| ApiError::internal(e.into()))?
+        .map_err(ApiError::internal)?;
+    if let Some(e) = s.videos.lock().unwrap().get_mut(id) {
+        e.name = v.name.clone();
+        e.path = v.path.clone();
+        e.playable = v.playable;
+        e.prepared = v.prepared.clone();
+    }
+    if let Some(p) = &mut v.prepared {
+        p.cached = true;
+        p.seconds.insert("hash".into(), hash_s);
+        p.seconds.insert("features".into(), 0.0);
+    }
+    Ok(v)
+}
+
+/// A file extension browsers play (`/media`).
+fn playable_extension(ext: &str) -> bool {
+    matches!(ext, "mp4" | "m4v" | "webm" | "ogv" | "ogg" | "mov")
 }
 
 /// The known video `id`, marked as just used.

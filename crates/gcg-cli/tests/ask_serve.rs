@@ -365,9 +365,12 @@ fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
     assert!(id.starts_with("sha256-") && v["playable"] == true && v["frames"] == 32, "{v}");
     assert!((v["duration"].as_f64().unwrap() - 16.0).abs() < 0.01, "{v}");
     assert!(v.get("path").is_none(), "{v}");
-    // The same bytes again: the same video.
+    // The same bytes again: the same video, under this upload's name, nothing computed.
     let again = upload(&srv.url("/api/videos"), "again.mp4", &bytes);
     assert_eq!(again.1["id"], id.as_str(), "{again:?}");
+    assert_eq!(again.1["name"], "again.mp4", "{again:?}");
+    assert_eq!(again.1["seconds"]["features"], 0.0, "{again:?}");
+    assert!(v["seconds"]["features"].as_f64().unwrap() > 0.0, "{v}");
     let (st, a) = post_json(
         &srv.url(&format!("/api/videos/{id}/ask")),
         r#"{"question": "what shape was the thing that appeared?", "options": ["cross", "star", "diamond", "heart", "square"]}"#,
@@ -533,6 +536,151 @@ fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
     assert!(err.contains("shutting down") && err.contains("stopped"), "{err}");
 }
 
+/// A file uploaded without a usable extension is not offered to the player; the same bytes
+/// uploaded again as an .mp4 are.
+#[test]
+fn a_reupload_with_a_playable_name_makes_the_video_playable() {
+    let demo = demo();
+    let tmp = tempfile::tempdir().unwrap();
+    let srv = start_server(&[], tmp.path());
+    let vid = &test_questions(demo)[1].0;
+    let mp4 = tmp.path().join("clip.mp4");
+    mp4_of(&demo.join("world/frames").join(vid), &mp4);
+    let bytes = std::fs::read(&mp4).unwrap();
+    let (st, v) = upload(&srv.url("/api/videos"), "clip", &bytes);
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["playable"], false, "{v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    let media = srv.url(&format!("/api/videos/{id}/media"));
+    assert_eq!(agent().get(&media).call().unwrap().status().as_u16(), 404);
+    let (st, again) = upload(&srv.url("/api/videos"), "clip.mp4", &bytes);
+    assert_eq!(st, 201, "{again}");
+    assert_eq!(
+        (again["id"].as_str(), &again["playable"], &again["name"]),
+        (Some(id.as_str()), &Value::Bool(true), &Value::from("clip.mp4"))
+    );
+    let mut r = agent().get(&media).call().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.body_mut().read_to_vec().unwrap(), bytes);
+    // One file is kept, and a restart finds the entry as it now is.
+    let files: Vec<String> = std::fs::read_dir(tmp.path().join("serve/videos").join(&id))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("video."))
+        .collect();
+    assert_eq!(files, ["video.mp4"]);
+    let (status, err) = srv.stop();
+    assert!(status.success(), "{err}");
+    let srv = start_server(&[], tmp.path());
+    let (_, list) = get_json(&srv.url("/api/videos"));
+    let e = list["videos"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!((&e["playable"], &e["name"]), (&Value::Bool(true), &Value::from("clip.mp4")), "{e}");
+}
+
+/// A TCP connection to the server.
+fn connect(base: &str) -> std::net::TcpStream {
+    let c = std::net::TcpStream::connect(base.trim_start_matches("http://")).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+    c
+}
+
+/// Seconds until the server closes `c` (reading and dropping whatever it sends first); panics
+/// when it is still open after the read timeout.
+fn closed_after(mut c: std::net::TcpStream, t0: std::time::Instant) -> f64 {
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return t0.elapsed().as_secs_f64(),
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return t0.elapsed().as_secs_f64(),
+            Err(e) => panic!("the connection is still open after {:.1} s: {e}", t0.elapsed().as_secs_f64()),
+        }
+    }
+}
+
+/// A multipart upload whose head and first bytes are sent, the rest never: a request in
+/// progress.
+fn upload_in_progress(base: &str) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut c = connect(base);
+    let addr = base.trim_start_matches("http://");
+    let boundary = "gcgtestboundary";
+    let part = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; filename=\"slow.mp4\"\r\n\r\n0123");
+    let head = format!(
+        "POST /api/videos HTTP/1.1\r\nHost: {addr}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 100000\r\n\r\n"
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(part.as_bytes()).unwrap();
+    c
+}
+
+#[test]
+fn idle_connections_are_closed_open_ones_capped_and_a_stop_waits_a_bounded_time() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    // A connection that sends nothing, and one that sends half a request's head, are closed after
+    // --header-timeout; so is a kept-alive connection left idle after its request.
+    let srv = start_server(&["--header-timeout", "1"], tmp.path().join("a").as_path());
+    let t0 = std::time::Instant::now();
+    let silent = connect(&srv.base);
+    let mut half = connect(&srv.base);
+    half.write_all(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n").unwrap();
+    let mut kept = connect(&srv.base);
+    kept.write_all(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    for (what, c) in [("silent", silent), ("half a head", half), ("kept alive", kept)] {
+        let s = closed_after(c, t0);
+        assert!((0.9..10.0).contains(&s), "{what}: closed after {s:.2} s, --header-timeout 1");
+    }
+    assert_eq!(get_json(&srv.url("/api/health")).0, 200);
+    // A stop waits for a request in progress; a second signal ends the wait.
+    let _slow = upload_in_progress(&srv.base);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut srv = srv;
+    let pid = srv.child.id().to_string();
+    let term = || Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(term().success());
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        srv.child.try_wait().unwrap().is_none(),
+        "the server stopped before its request in progress ended"
+    );
+    let t1 = std::time::Instant::now();
+    assert!(term().success());
+    let status = srv.child.wait().unwrap();
+    let mut err = String::new();
+    srv.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(status.success() && t1.elapsed().as_secs_f64() < 10.0, "{:?} {err}", t1.elapsed());
+    assert!(err.contains("a second signal"), "{err}");
+
+    // Past --max-connections, a connection gets a 503 in the API's shape and is closed; the
+    // server takes connections again once others close. A stop waits --shutdown-grace at most.
+    let srv = start_server(&["--max-connections", "2", "--shutdown-grace", "1"], tmp.path().join("b").as_path());
+    let held = [connect(&srv.base), connect(&srv.base)];
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (st, text) = raw_post(&srv.base, "/api/health", "application/json", b"");
+    assert_eq!(st, 503, "{text}");
+    let body: Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert!(body["error"].as_str().unwrap().contains("--max-connections"), "{body}");
+    drop(held);
+    let t0 = std::time::Instant::now();
+    while get_json(&srv.url("/api/health")).0 != 200 {
+        assert!(t0.elapsed().as_secs() < 10, "the server never took connections again");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _slow = upload_in_progress(&srv.base);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let t1 = std::time::Instant::now();
+    let (status, err) = srv.stop();
+    assert!(status.success() && t1.elapsed().as_secs_f64() < 10.0, "{:?} {err}", t1.elapsed());
+    assert!(err.contains("still in progress after 1 s"), "{err}");
+}
+
 #[test]
 fn a_full_queue_is_503_and_the_accepted_requests_are_answered() {
     let demo = demo();
@@ -660,7 +808,8 @@ fn without_a_run_serve_and_ask_use_the_demo_or_say_what_to_run_first() {
     assert!(srv.base.starts_with("http://127.0.0.1:"), "{}", srv.base);
     let (st, h) = get_json(&srv.url("/api/health"));
     assert_eq!(st, 200);
-    assert!(h["model"]["run"].as_str().unwrap().contains("gcg-demo/runs/grounding"), "{h}");
+    // Clients see the run by its folder's name, not the server's paths.
+    assert_eq!(h["model"]["run"], "grounding (best checkpoint)", "{h}");
     let (status, err) = srv.stop();
     assert!(status.success(), "{err}");
     assert!(

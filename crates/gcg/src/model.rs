@@ -493,8 +493,8 @@ impl GcgModel {
         Ok(out)
     }
 
-    /// Option scoring: each question's highest-scoring option.
-    /// The highest-scoring option of each question; empty options (a TrafficQA question with
+    /// Option scoring: the highest-scoring option of each question, the first of equal ones (as
+    /// `torch.argmax`; `max_by` alone keeps the last); empty options (a TrafficQA question with
     /// fewer than four candidates) are never chosen.
     fn best_options(scores: Vec<Vec<f32>>, samples: &[QaSample]) -> Vec<Prediction> {
         scores
@@ -505,6 +505,7 @@ impl GcgModel {
                     .iter()
                     .enumerate()
                     .filter(|(j, _)| s.options.get(*j).is_none_or(|o| !o.is_empty()))
+                    .rev()
                     .max_by(|a, b| a.1.total_cmp(b.1))
                     .map_or(0, |(i, _)| i);
                 Prediction {
@@ -617,14 +618,25 @@ mod tests {
             qtype: "U".into(),
             extra: Default::default(),
         };
-        let samples = [q(&["Yes", "No", "", ""]), q(&["a", "b", "c", "d"]), q(&["", "x", "", "y"])];
+        let samples = [
+            q(&["Yes", "No", "", ""]),
+            q(&["a", "b", "c", "d"]),
+            q(&["", "x", "", "y"]),
+            // Equal scores: the first of them, as torch.argmax([-1, -0.5, -0.5, -2]) = 1.
+            q(&["a", "b", "c", "d"]),
+            q(&["", "x", "", "y"]),
+            q(&["a", "b", "c", "d"]),
+        ];
         let scores = vec![
             vec![-3.0, -2.0, -0.5, -0.1],
             vec![-3.0, -2.0, -0.5, -0.1],
             vec![-0.1, -2.0, -0.2, -1.0],
+            vec![-1.0, -0.5, -0.5, -2.0],
+            vec![0.0, -1.0, 0.0, -1.0],
+            vec![0.25; 4],
         ];
         let picks: Vec<data::Answer> = GcgModel::best_options(scores, &samples).into_iter().map(|p| p.answer).collect();
-        assert_eq!(picks, [1, 3, 3].map(data::Answer::Choice));
+        assert_eq!(picks, [1, 3, 3, 1, 1, 0].map(data::Answer::Choice));
     }
 
     #[test]
