@@ -28,7 +28,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Args;
-use gcg::ask::{Asker, GroundedAnswer, PreparedVideo, Question};
+use gcg::ask::{Asker, FrameReader, GroundedAnswer, PreparedVideo, Question};
+use gcg::features::extract::VideoFrames;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -68,6 +69,10 @@ pub struct ServeArgs {
     /// connection may wait idle for its next request; then the connection is closed.
     #[arg(long, default_value_t = 30)]
     pub header_timeout: u64,
+    /// Largest video frame decoded, megapixels (width × height / 10⁶; larger: 400). The T
+    /// sampled frames are held while decoded: 32 frames of 9 MP take 0.9 GB.
+    #[arg(long, default_value_t = 9.0)]
+    pub max_frame_megapixels: f64,
     /// Open connections at most (more: 503 and closed at once).
     #[arg(long, default_value_t = 256)]
     pub max_connections: usize,
@@ -145,11 +150,13 @@ impl VideoInfo {
 
 /// Work for the model's thread.
 enum Job {
+    /// Encode a video's frames (decoded beside the model's thread, with the seconds that took),
+    /// or take its cached features (no frames).
     Prepare {
         path: PathBuf,
-        /// Its content id and the seconds hashing it took, when known (an upload).
-        known: Option<(String, f64)>,
-        frames_dir: PathBuf,
+        id: String,
+        hash_seconds: f64,
+        frames: Option<(VideoFrames, f64)>,
         reply: oneshot::Sender<Result<PreparedVideo>>,
     },
     Ask {
@@ -168,6 +175,10 @@ struct AppState {
     /// folder); at most `UPLOADS_AT_ONCE` are received at once.
     register: tokio::sync::Mutex<()>,
     uploads: tokio::sync::Semaphore,
+    /// Decodes videos beside the model's thread, one at a time (a long video keeps no question
+    /// waiting; its frames are held while decoded).
+    reader: FrameReader,
+    decoding: tokio::sync::Semaphore,
     /// The name of the frame folders of this model's frames (`frames-<ask cache key>`): another
     /// model (another T, sampling or demo) never shows this one's pictures.
     frames_name: String,
@@ -213,6 +224,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
     ensure!(a.max_upload_mb >= 1, "--max-upload-mb must be at least 1");
     ensure!(a.header_timeout >= 1, "--header-timeout must be at least 1 (seconds)");
     ensure!(a.max_connections >= 1, "--max-connections must be at least 1");
+    ensure!(
+        a.max_frame_megapixels.is_finite() && a.max_frame_megapixels > 0.0,
+        "--max-frame-megapixels must be a positive number"
+    );
     let (cfg_run, _, _, about) = a.model.resolve(&mut |m| eprintln!("{m}"))?;
     let data = match &a.data {
         Some(d) => d.clone(),
@@ -231,7 +246,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
 
     // The model lives on its own thread; it reports once loaded (or why it could not be).
     let (tx, rx) = mpsc::channel::<Job>(a.queue);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(serde_json::Value, PathBuf)>>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(serde_json::Value, PathBuf, FrameReader)>>();
     let max_batch = a.max_batch;
     let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let alive_worker = alive.clone();
@@ -255,7 +270,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                     "checkpoint": model_args.checkpoint.name(),
                     "device": asker.cfg.device.name(),
                 });
-                let _ = ready_tx.send(Ok((health, asker.cache.clone())));
+                let _ = ready_tx.send(Ok((health, asker.cache.clone(), asker.frame_reader())));
                 asker
             }
             Err(e) => {
@@ -266,7 +281,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         model_loop(&asker, rx, max_batch);
         alive_worker.store(false, std::sync::atomic::Ordering::Relaxed);
     })?;
-    let (health, cache) = ready_rx.recv().map_err(|_| anyhow!("the model thread stopped while loading"))??;
+    let (health, cache, mut reader) = ready_rx.recv().map_err(|_| anyhow!("the model thread stopped while loading"))??;
+    reader.max_pixels = Some((a.max_frame_megapixels * 1e6) as u64);
 
     let mut videos = restore_uploads(&data);
     if let Some(demo) = run_dir.as_deref().and_then(demo_of_run) {
@@ -284,6 +300,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         worker_alive: alive,
         register: tokio::sync::Mutex::new(()),
         uploads: tokio::sync::Semaphore::new(UPLOADS_AT_ONCE),
+        reader,
+        decoding: tokio::sync::Semaphore::new(1),
         frames_name,
         videos: Mutex::new(videos),
         data: data.clone(),
@@ -527,21 +545,15 @@ fn model_loop(asker: &Asker, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
         match job {
             Job::Prepare {
                 path,
-                known,
-                frames_dir,
+                id,
+                hash_seconds,
+                frames,
                 reply,
             } => {
-                let r = guarded(|| {
-                    let prepared = match known {
-                        Some((id, secs)) => asker.prepare_with_id(&path, id, secs),
-                        None => asker.prepare(&path),
-                    };
-                    prepared.and_then(|v| {
-                        if !frames_dir.join("frame_0.jpg").exists() {
-                            asker.write_sampled_frames(&path, &frames_dir)?;
-                        }
-                        Ok(v)
-                    })
+                let r = guarded(|| match frames {
+                    Some((frames, decode_s)) => asker.prepare_frames(&path, id, hash_seconds, frames, decode_s),
+                    // Cached (or, had it left the cache since, decoded here).
+                    None => asker.prepare_with_id(&path, id, hash_seconds),
                 });
                 let _ = reply.send(r);
             }
@@ -993,27 +1005,59 @@ async fn prepare_registered(s: &AppState, id: &str, v: &VideoInfo) -> ApiResult<
     Ok(p)
 }
 
+/// Decodes a video (here, one at a time, beside the model's thread) unless its features are
+/// cached, writing its sampled frames' pictures to `frames_dir` if they are not there, and has
+/// the model encode it. `known`: its content id and the seconds hashing it took (an upload).
 async fn prepare(s: &AppState, path: &Path, known: Option<(String, f64)>, frames_dir: &Path) -> ApiResult<PreparedVideo> {
+    let decoded = {
+        let _one_at_a_time = s.decoding.acquire().await.map_err(|e| ApiError::internal(e.into()))?;
+        let (reader, cache, path, frames_dir) = (s.reader.clone(), s.cache.clone(), path.to_path_buf(), frames_dir.to_path_buf());
+        tokio::task::spawn_blocking(move || -> Result<(String, f64, Option<(VideoFrames, f64)>)> {
+            let (id, hash_s) = match known {
+                Some(k) => k,
+                None => {
+                    let t0 = std::time::Instant::now();
+                    let id = gcg::ask::content_id(&path)?;
+                    (id, t0.elapsed().as_secs_f64())
+                }
+            };
+            let pictures = (!frames_dir.join("frame_0.jpg").exists()).then_some(frames_dir.as_path());
+            let cached = gcg::ask::in_cache(&cache, &id)?;
+            if cached && pictures.is_none() {
+                return Ok((id, hash_s, None));
+            }
+            let t0 = std::time::Instant::now();
+            let frames = reader.read(&path, pictures)?;
+            Ok((id, hash_s, (!cached).then(|| (frames, t0.elapsed().as_secs_f64()))))
+        })
+        .await
+        .map_err(|e| ApiError::internal(e.into()))?
+        .map_err(prepare_error)?
+    };
+    let (id, hash_seconds, frames) = decoded;
     let (reply, rx) = oneshot::channel();
     submit(
         s,
         Job::Prepare {
             path: path.to_path_buf(),
-            known,
-            frames_dir: frames_dir.to_path_buf(),
+            id,
+            hash_seconds,
+            frames,
             reply,
         },
     )?;
     rx.await
         .map_err(|_| ApiError::internal(anyhow!("the model thread stopped")))?
-        .map_err(|e| {
-            // A video that cannot be decoded is the request's fault; anything else the server's.
-            if e.chain().any(|c| c.downcast_ref::<gcg::ask::UnreadableVideo>().is_some()) {
-                ApiError::bad(format!("{e:#}"))
-            } else {
-                ApiError::internal(e)
-            }
-        })
+        .map_err(prepare_error)
+}
+
+/// A video that cannot be decoded is the request's fault (400); anything else the server's.
+fn prepare_error(e: anyhow::Error) -> ApiError {
+    if e.chain().any(|c| c.downcast_ref::<gcg::ask::UnreadableVideo>().is_some()) {
+        ApiError::bad(format!("{e:#}"))
+    } else {
+        ApiError::internal(e)
+    }
 }
 
 async fn ask(State(s): State<Shared>, UrlPath(id): UrlPath<String>, body: Bytes) -> ApiResult<Json<GroundedAnswer>> {

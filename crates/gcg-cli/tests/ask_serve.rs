@@ -537,12 +537,36 @@ fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
 }
 
 /// A file uploaded without a usable extension is not offered to the player; the same bytes
-/// uploaded again as an .mp4 are.
+/// uploaded again as an .mp4 are. Frames over --max-frame-megapixels are refused.
 #[test]
 fn a_reupload_with_a_playable_name_makes_the_video_playable() {
     let demo = demo();
     let tmp = tempfile::tempdir().unwrap();
-    let srv = start_server(&[], tmp.path());
+    let srv = start_server(&["--max-frame-megapixels", "0.05"], tmp.path());
+    let big = tmp.path().join("big.mp4");
+    let o = Command::new("ffmpeg")
+        .args([
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc=duration=2:size=320x240:rate=5",
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .arg(&big)
+        .output()
+        .expect("ffmpeg (apt install ffmpeg)");
+    assert!(o.status.success(), "ffmpeg: {}", String::from_utf8_lossy(&o.stderr));
+    let (st, e) = upload(&srv.url("/api/videos"), "big.mp4", &std::fs::read(&big).unwrap());
+    assert_eq!(st, 400, "{e}");
+    let msg = e["error"].as_str().unwrap();
+    assert!(
+        msg.contains("big.mp4") && msg.contains("320×240") && msg.contains("0.1 megapixels"),
+        "{msg}"
+    );
     let vid = &test_questions(demo)[1].0;
     let mp4 = tmp.path().join("clip.mp4");
     mp4_of(&demo.join("world/frames").join(vid), &mp4);

@@ -384,7 +384,11 @@ fn answers_are_visible_only_inside_their_spans_in_the_jpeg_frames() {
         }
         for (v, qs) in by_video {
             let sampled = video::read_frame_dir(&dir.join("frames").join(v), 64, Sampling::Uniform, true).unwrap();
-            let frames: Vec<(RgbImage, f64)> = sampled.frames.into_iter().map(|f| (f.image, f.timestamp.unwrap())).collect();
+            let frames: Vec<(RgbImage, f64)> = sampled
+                .frames
+                .into_iter()
+                .map(|f| (std::sync::Arc::unwrap_or_clone(f.image), f.timestamp.unwrap()))
+                .collect();
             // Events are at least 20·20·0.36 pixels large.
             check_visible_only_in_spans("jpeg", &frames, &qs, &gsub, 100);
             checked += qs.len();
@@ -419,7 +423,11 @@ fn mp4_decodes_to_every_frame_with_the_same_content() {
         let got = ff.sample(&path, 64, Sampling::Uniform).unwrap();
         assert_eq!(got.indices(), (0..64).collect::<Vec<_>>());
         assert_eq!(got.padded, 0);
-        let frames: Vec<(RgbImage, f64)> = got.frames.into_iter().map(|f| (f.image, f.timestamp.unwrap())).collect();
+        let frames: Vec<(RgbImage, f64)> = got
+            .frames
+            .into_iter()
+            .map(|f| (std::sync::Arc::unwrap_or_clone(f.image), f.timestamp.unwrap()))
+            .collect();
         for (i, (_, t)) in frames.iter().enumerate() {
             assert!((t - i as f64 / 8.0).abs() < 1e-3, "{v} frame {i} at {t}");
         }

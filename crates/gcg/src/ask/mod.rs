@@ -19,7 +19,9 @@ pub mod frontend;
 pub use frontend::{FrontEnd, FrontEndSpec};
 
 use crate::data::{self, collate_unlabelled, BatchOptions, QaSample, OPTION_LETTERS};
-use crate::features::extract::{decoded_frames, extract_features, safetensors_frames, ExtractOptions, FeatureModels, VideoJob};
+use crate::features::extract::{
+    decoded_frames, extract_features, model_frames, safetensors_frames, ExtractOptions, FeatureModels, VideoFrames, VideoJob,
+};
 use crate::features::labels::{question_text, ClipTextEncoder};
 use crate::model::{Answered, Mode};
 use crate::run::{build_model, BuiltModel, RunConfig};
@@ -312,6 +314,36 @@ impl Asker {
         self.cfg.model.moments()
     }
 
+    /// What decoding a video for this model takes, without the model: for decoding on another
+    /// thread ([`Asker::prepare_frames`] then encodes the frames).
+    pub fn frame_reader(&self) -> FrameReader {
+        FrameReader {
+            num_frames: self.num_frames(),
+            sampling: self.sampling,
+            ffmpeg: self.ffmpeg.clone(),
+            image_size: self.front.image_size,
+            max_pixels: None,
+        }
+    }
+
+    /// [`Asker::prepare_with_id`] with the frames decoded already (by [`FrameReader::read`], in
+    /// `decode_seconds`, counted in `features`); they are encoded unless the content is cached.
+    pub fn prepare_frames(
+        &self,
+        path: &Path,
+        id: String,
+        hash_seconds: f64,
+        frames: VideoFrames,
+        decode_seconds: f64,
+    ) -> Result<PreparedVideo> {
+        let mut frames = Some(frames);
+        let mut p = self.prepare_from(path, id, hash_seconds, &mut frames)?;
+        if !p.cached {
+            *p.seconds.entry("features".into()).or_default() += decode_seconds;
+        }
+        Ok(p)
+    }
+
     /// The features of the video (a file, a frame folder, or a `.safetensors` of pre-decoded
     /// frames) in the ask cache: computed unless its content is already there.
     pub fn prepare(&self, path: &Path) -> Result<PreparedVideo> {
@@ -323,6 +355,11 @@ impl Asker {
     /// [`Asker::prepare`] for a video whose content id the caller computed already
     /// ([`content_id`], in `hash_seconds`; `gcg serve` hashes an upload as it receives it).
     pub fn prepare_with_id(&self, path: &Path, id: String, hash_seconds: f64) -> Result<PreparedVideo> {
+        self.prepare_from(path, id, hash_seconds, &mut None)
+    }
+
+    /// Prepares from `frames` when given (taken), else by decoding `path`.
+    fn prepare_from(&self, path: &Path, id: String, hash_seconds: f64, frames: &mut Option<VideoFrames>) -> Result<PreparedVideo> {
         let t1 = Instant::now();
         // A record of the same content, made from any path, is this video.
         let store = self.cached_store()?;
@@ -330,7 +367,7 @@ impl Asker {
         let store = if cached {
             store
         } else {
-            self.extract(&id, path)?;
+            self.extract(&id, path, frames.take())?;
             self.cached_store()?
         };
         let features_s = if cached { 0.0 } else { t1.elapsed().as_secs_f64() };
@@ -348,39 +385,21 @@ impl Asker {
         })
     }
 
-    /// The T frames the model sees, as JPEG files `frame_{i}.jpg` (+ `frames.json`) in `out`
-    /// (replaced), for showing them (`gcg serve`). A `.safetensors` of pre-processed frames has
-    /// no pictures to show: an error.
-    pub fn write_sampled_frames(&self, video: &Path, out: &Path) -> Result<()> {
-        ensure!(
-            !video.extension().is_some_and(|e| e == "safetensors"),
-            "{} holds pre-processed frames, not pictures",
-            video.display()
-        );
-        let frames = crate::video::load_frames(video, self.num_frames(), self.sampling, &self.ffmpeg)
-            .map_err(|e| UnreadableVideo(format!("{e:#}")))?;
-        crate::video::write_frames(&frames, out, true)
-    }
-
     fn cached_store(&self) -> Result<Option<Store>> {
         open_cache(&self.cache)
     }
 
-    /// Decode, encode and store one video under `id`.
-    fn extract(&self, id: &str, path: &Path) -> Result<()> {
+    /// Decode (unless `frames` are given), encode and store one video under `id`.
+    fn extract(&self, id: &str, path: &Path, frames: Option<VideoFrames>) -> Result<()> {
         let job = VideoJob {
             id: id.to_string(),
             path: path.to_path_buf(),
         };
-        let image_size = self.front.image_size;
-        let sampling = self.sampling;
-        let ffmpeg = self.ffmpeg.clone();
-        let source = move |job: &VideoJob, t: usize| {
-            if job.path.extension().is_some_and(|e| e == "safetensors") {
-                safetensors_frames(job, t)
-            } else {
-                decoded_frames(job, t, sampling, &ffmpeg, image_size)
-            }
+        let reader = self.frame_reader();
+        let given = std::sync::Mutex::new(frames);
+        let source = move |job: &VideoJob, t: usize| match given.lock().map(|mut g| g.take()) {
+            Ok(Some(frames)) => Ok(frames),
+            _ => reader.frames(job, t),
         };
         let models = FeatureModels {
             vit: &self.front.vit,
@@ -502,6 +521,66 @@ impl Asker {
     }
 }
 
+/// How an [`Asker`] reads a video's frames (no network: cheap to clone, for any thread).
+#[derive(Debug, Clone)]
+pub struct FrameReader {
+    num_frames: usize,
+    sampling: Sampling,
+    ffmpeg: Ffmpeg,
+    image_size: usize,
+    /// Largest frame (width × height) decoded; a video of larger frames is an
+    /// [`UnreadableVideo`] (a server's limit: T frames of 4096² take 1.6 GB while decoded).
+    pub max_pixels: Option<u64>,
+}
+
+impl FrameReader {
+    /// The T frames the model reads, and, with `pictures`, the sampled frames written there as
+    /// `frame_{i}.jpg` + `frames.json` for showing (from the same decoding). A video that cannot
+    /// be read, or has frames over `max_pixels`, is an [`UnreadableVideo`].
+    pub fn read(&self, path: &Path, pictures: Option<&Path>) -> Result<VideoFrames> {
+        let unreadable = |e: anyhow::Error| anyhow::Error::from(UnreadableVideo(format!("{e:#}")));
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            ensure!(pictures.is_none(), "{} holds pre-processed frames, not pictures", path.display());
+            return self.frames(
+                &VideoJob {
+                    id: String::new(),
+                    path: path.to_path_buf(),
+                },
+                self.num_frames,
+            );
+        }
+        if let Some(max) = self.max_pixels.filter(|_| path.is_file()) {
+            let info = self.ffmpeg.probe(path).map_err(unreadable)?;
+            let pixels = info.width as u64 * info.height as u64;
+            if pixels > max {
+                return Err(unreadable(anyhow!(
+                    "{}: its frames are {}×{} ({:.1} megapixels), more than this server decodes ({:.1} megapixels a frame)",
+                    path.display(),
+                    info.width,
+                    info.height,
+                    pixels as f64 / 1e6,
+                    max as f64 / 1e6
+                )));
+            }
+        }
+        let sampled = crate::video::load_frames(path, self.num_frames, self.sampling, &self.ffmpeg).map_err(unreadable)?;
+        if let Some(out) = pictures {
+            crate::video::write_frames(&sampled, out, true)?;
+        }
+        model_frames(&sampled, self.image_size)
+    }
+
+    /// The frames of `job` as feature extraction reads them (a `.safetensors` of pre-processed
+    /// frames, or decoded).
+    fn frames(&self, job: &VideoJob, t: usize) -> Result<VideoFrames> {
+        if job.path.extension().is_some_and(|e| e == "safetensors") {
+            safetensors_frames(job, t)
+        } else {
+            decoded_frames(job, t, self.sampling, &self.ffmpeg, self.image_size)
+        }
+    }
+}
+
 fn open_cache(cache: &Path) -> Result<Option<Store>> {
     if !cache.join(crate::store::INDEX_FILE).exists() {
         return Ok(None);
@@ -509,6 +588,11 @@ fn open_cache(cache: &Path) -> Result<Option<Store>> {
     Ok(Some(
         Store::open(cache).with_context(|| format!("opening the ask cache {}", cache.display()))?,
     ))
+}
+
+/// Is video `id`'s content in the ask cache `cache`?
+pub fn in_cache(cache: &Path, id: &str) -> Result<bool> {
+    Ok(open_cache(cache)?.is_some_and(|s| s.snapshot().contains_video(id)))
 }
 
 /// Bytes the features of video `id` take in the ask cache `cache` (its shard file; 0 when it is

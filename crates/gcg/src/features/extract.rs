@@ -524,8 +524,14 @@ pub fn decoded_frames(
     ffmpeg: &crate::video::Ffmpeg,
     image_size: usize,
 ) -> Result<VideoFrames> {
-    use crate::video::preprocess::{normalize_chw, resize_and_crop, CLIP_MEAN, CLIP_SIZE, CLIP_STD};
     let sampled = crate::video::load_frames(&job.path, num_frames, sampling, ffmpeg)?;
+    model_frames(&sampled, image_size)
+}
+
+/// Sampled frames as a ViT of `image_size` reads them (resized, cropped, normalised as CLIP's
+/// pre-processing), with their times.
+pub fn model_frames(sampled: &crate::video::SampledFrames, image_size: usize) -> Result<VideoFrames> {
+    use crate::video::preprocess::{normalize_chw, resize_and_crop, CLIP_MEAN, CLIP_SIZE, CLIP_STD};
     let cpu = candle_core::Device::Cpu;
     let pixel_values = if image_size == CLIP_SIZE as usize {
         sampled.clip_pixels(1, &cpu)?

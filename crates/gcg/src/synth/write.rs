@@ -300,7 +300,7 @@ fn write_video(world: &World, v: &SynthVideo, dir: &Path, mp4: bool, opts: &Writ
             .enumerate()
             .map(|(index, image)| Frame {
                 index,
-                image,
+                image: image.into(),
                 timestamp: Some(cfg.frame_time(index)),
             })
             .collect(),

@@ -587,8 +587,12 @@ impl Ffmpeg {
                 indices = new_indices;
             }
         }
-        let by_index: std::collections::HashMap<usize, (RgbImage, Option<f64>)> =
-            decoded.frames.into_iter().map(|(i, img, ts)| (i, (img, ts))).collect();
+        // Each decoded picture once: a frame repeated (padding) shares it.
+        let by_index: std::collections::HashMap<usize, (std::sync::Arc<RgbImage>, Option<f64>)> = decoded
+            .frames
+            .into_iter()
+            .map(|(i, img, ts)| (i, (std::sync::Arc::new(img), ts)))
+            .collect();
         let mut frames = Vec::with_capacity(t);
         for &i in &indices {
             let (img, ts) = by_index.get(&i).ok_or_else(|| {

@@ -78,7 +78,9 @@ pub struct Frame {
     /// Index of the frame in the source (video frame number in presentation order, or position
     /// in the numerically sorted frame folder).
     pub index: usize,
-    pub image: RgbImage,
+    /// Shared: a frame repeated to pad a short video (or standing in for a missing file) is the
+    /// same picture, not a copy (a 4096² frame is 50 MB).
+    pub image: std::sync::Arc<RgbImage>,
     /// Presentation time in seconds from the start of the video (None for a frame folder without
     /// a `frames.json`).
     pub timestamp: Option<f64>,
@@ -105,7 +107,7 @@ pub struct SampledFrames {
 
 impl SampledFrames {
     pub fn images(&self) -> Vec<RgbImage> {
-        self.frames.iter().map(|f| f.image.clone()).collect()
+        self.frames.iter().map(|f| (*f.image).clone()).collect()
     }
     pub fn indices(&self) -> Vec<usize> {
         self.frames.iter().map(|f| f.index).collect()
@@ -113,7 +115,7 @@ impl SampledFrames {
     /// The frames CLIP-pre-processed for the ViT: `[T, 3, 224, 224]` f32 on `dev`
     /// (see [`preprocess::clip_batch`]).
     pub fn clip_pixels(&self, threads: usize, dev: &candle_core::Device) -> Result<candle_core::Tensor> {
-        preprocess::clip_batch_refs(&self.frames.iter().map(|f| &f.image).collect::<Vec<_>>(), threads, dev)
+        preprocess::clip_batch_refs(&self.frames.iter().map(|f| &*f.image).collect::<Vec<_>>(), threads, dev)
     }
     /// All timestamps, or None if any frame has none.
     pub fn timestamps(&self) -> Option<Vec<f64>> {
@@ -500,7 +502,7 @@ pub fn read_frame_dir(dir: &Path, t: usize, sampling: Sampling, strict: bool) ->
         tracing::warn!("{}: only {m} frames for {t} requested; padded by repeating frames", dir.display());
     }
     let mut frames: Vec<Frame> = Vec::with_capacity(t);
-    let mut images: std::collections::HashMap<usize, RgbImage> = std::collections::HashMap::new();
+    let mut images: std::collections::HashMap<usize, std::sync::Arc<RgbImage>> = std::collections::HashMap::new();
     let mut filled = 0;
     for &i in &indices {
         let source = folder.source_of(i);
@@ -511,7 +513,7 @@ pub fn read_frame_dir(dir: &Path, t: usize, sampling: Sampling, strict: bool) ->
             Some(img) => img.clone(),
             None => {
                 let file = folder.files[source].as_ref().expect("source_of gives a position with a file");
-                let img = read_image(file)?;
+                let img = std::sync::Arc::new(read_image(file)?);
                 images.insert(source, img.clone());
                 img
             }
