@@ -1314,8 +1314,19 @@ fn restore_uploads(data: &Path) -> BTreeMap<String, VideoInfo> {
     for e in entries.flatten() {
         let info = e.path().join("info.json");
         let Ok(text) = std::fs::read_to_string(&info) else { continue };
-        match serde_json::from_str::<VideoInfo>(&text) {
-            Ok(mut v) if v.path.exists() => {
+        // The record's id is its folder's, and its file is the folder's `video.<ext>`, found
+        // there (not the path the record names: a data folder moved, or an edited record, must
+        // not make `/media` serve another file).
+        let file = std::fs::read_dir(e.path()).ok().and_then(|d| {
+            d.flatten()
+                .map(|f| f.path())
+                .find(|p| p.is_file() && p.file_stem().is_some_and(|s| s == "video") && p.extension().is_some_and(|x| x != "json"))
+        });
+        match (serde_json::from_str::<VideoInfo>(&text), file) {
+            (Ok(mut v), Some(file)) if e.file_name().to_str() == Some(v.id.as_str()) && check_id(&v.id).is_ok() && !v.gallery => {
+                let ext = file.extension().map(|x| x.to_string_lossy().to_string()).unwrap_or_default();
+                v.playable = playable_extension(&ext);
+                v.path = file;
                 v.last_used = std::fs::metadata(&info).and_then(|m| m.modified()).ok();
                 out.insert(v.id.clone(), v);
             }

@@ -595,6 +595,11 @@ fn a_reupload_with_a_playable_name_makes_the_video_playable() {
     assert_eq!(files, ["video.mp4"]);
     let (status, err) = srv.stop();
     assert!(status.success(), "{err}");
+    // A record naming another file (edited, or a data folder moved) still serves its folder's.
+    let info = tmp.path().join("serve/videos").join(&id).join("info.json");
+    let mut record: Value = serde_json::from_str(&std::fs::read_to_string(&info).unwrap()).unwrap();
+    record["path"] = Value::from("/etc/hostname");
+    std::fs::write(&info, record.to_string()).unwrap();
     let srv = start_server(&[], tmp.path());
     let (_, list) = get_json(&srv.url("/api/videos"));
     let e = list["videos"]
@@ -605,6 +610,8 @@ fn a_reupload_with_a_playable_name_makes_the_video_playable() {
         .unwrap()
         .clone();
     assert_eq!((&e["playable"], &e["name"]), (&Value::Bool(true), &Value::from("clip.mp4")), "{e}");
+    let media = srv.url(&format!("/api/videos/{id}/media"));
+    assert_eq!(agent().get(&media).call().unwrap().body_mut().read_to_vec().unwrap(), bytes);
 }
 
 /// A TCP connection to the server.
