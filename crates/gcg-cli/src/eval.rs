@@ -91,6 +91,12 @@ pub fn run(a: EvalArgs) -> Result<()> {
     // A NExT-QA-format split with a gsub file (e.g. `gcg synth`'s) is scored as NExT-GQA, as
     // `gcg train` / `gcg predict` do.
     let scored_as = if grounding.is_some() { Dataset::NextGqa } else { dataset };
+    if grounding.is_none() && dataset == Dataset::NextGqa {
+        eprintln!(
+            "note: QA accuracy only; NExT-GQA's grounding metrics (mIoP, IoP@0.3/0.5, mIoU, IoU@0.3/0.5, Acc@GQA) need \
+             its spans: --grounding gsub_{{val,test}}.json"
+        );
+    }
     let Evaluation { metrics, problems } = evaluate(scored_as, &ann.samples, &preds, grounding.as_ref()).with_context(|| {
         let gsub = a.grounding.as_ref().map(|g| format!(" and {}", g.display())).unwrap_or_default();
         format!("scoring {} against {}{gsub}", a.predictions.display(), a.annotations.display())

@@ -362,7 +362,7 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
             e.clip_seconds
         );
     }
-    finish_report(report.done, report.skipped, &report.failed, "videos")
+    finish_report(report.done, report.skipped, &report.failed, 0, "videos")
 }
 
 #[cfg(not(feature = "hdf5"))]
@@ -415,7 +415,7 @@ fn import_h5(
         },
     )?;
     pb.finish_and_clear();
-    finish_report(report.done, report.skipped, &report.failed, "videos")
+    finish_report(report.done, report.skipped, &report.failed, 0, "videos")
 }
 
 #[cfg(test)]

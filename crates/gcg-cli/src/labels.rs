@@ -175,5 +175,27 @@ pub fn run(a: LabelsArgs) -> Result<()> {
         }
     })?;
     pb.finish_and_clear();
-    finish_report(report.labelled, report.skipped, &report.failed, "questions")
+    // Questions of videos the store does not have: one line per video.
+    let grouped: std::collections::HashSet<&str> = report.missing_videos.values().flatten().map(String::as_str).collect();
+    if !report.missing_videos.is_empty() {
+        let n = report.missing_videos.len();
+        eprintln!(
+            "{n} videos are not in the store {} ({} questions; `gcg features` stores them, or cut the annotations to the videos you have):",
+            a.store.display(),
+            grouped.len()
+        );
+        for (video, keys) in report.missing_videos.iter().take(10) {
+            eprintln!("  {video} ({} questions)", keys.len());
+        }
+        if n > 10 {
+            eprintln!("  ... and {} more videos", n - 10);
+        }
+    }
+    let listed: Vec<(String, String)> = report
+        .failed
+        .iter()
+        .filter(|(k, _)| !grouped.contains(k.as_str()))
+        .cloned()
+        .collect();
+    finish_report(report.labelled, report.skipped, &listed, grouped.len(), "questions")
 }

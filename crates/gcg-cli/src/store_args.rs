@@ -22,18 +22,20 @@ pub fn writer_options(shard_mb: f64, flush_secs: f64) -> Result<WriterOptions> {
     })
 }
 
-/// Prints a summary and the failures; an error (non-zero exit) if anything failed.
-pub fn finish_report(done: usize, skipped: usize, failed: &[(String, String)], what: &str) -> Result<()> {
-    eprintln!("{done} {what} done, {skipped} already stored, {} failed", failed.len());
-    if failed.is_empty() {
+/// Prints a summary and the failures (but for `unlisted` more, summed up already); an error
+/// (non-zero exit) if anything failed.
+pub fn finish_report(done: usize, skipped: usize, failed: &[(String, String)], unlisted: usize, what: &str) -> Result<()> {
+    let n_failed = failed.len() + unlisted;
+    eprintln!("{done} {what} done, {skipped} already stored, {n_failed} failed");
+    if n_failed == 0 {
         return Ok(());
     }
     for (id, err) in failed {
         eprintln!("  {id}: {err}");
     }
-    let total = done + skipped + failed.len();
+    let total = done + skipped + n_failed;
     if done + skipped == 0 {
         bail!("all {total} {what} failed (listed above); nothing was stored");
     }
-    bail!("{} of {total} {what} failed (listed above); the others are stored", failed.len())
+    bail!("{n_failed} of {total} {what} failed (listed above); the others are stored")
 }

@@ -109,7 +109,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
         cfg.validate()?;
         let mut resolved = cfg.absolute()?;
         resolved.run_dir = Some(cfg.run_dir()?.to_path_buf());
-        print!("{}", toml::to_string(&resolved)?);
+        print!("{}", resolved.to_toml_with_unset()?);
         return Ok(());
     }
     let pb = progress_bar(0, a.quiet.quiet);
@@ -160,7 +160,7 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
     }
     trained?;
     let run_dir = cfg.run_dir()?;
-    eprintln!("run directory: {}", run_dir.display());
+    eprintln!("trained: checkpoints and metrics.jsonl in {}", run_dir.display());
     if cfg.data.test.is_some() {
         let which = Checkpoint::best_or_last(run_dir);
         eprintln!("test split with the {which} checkpoint:");

@@ -193,6 +193,20 @@ fn eval_reports_problems_and_strict_fails() {
     assert_eq!(m["problems"].as_array().unwrap().len(), 3);
     assert_eq!(m["problems"][0]["line"], 3);
     assert_eq!(m["problems"][0]["kind"], "duplicate");
+    assert!(!stderr.contains("QA accuracy only"), "{stderr}");
+    // Without --grounding: the accuracies, and a note on what the grounding metrics need.
+    let no_spans: Vec<&str> = base
+        .iter()
+        .copied()
+        .filter(|a| *a != "--grounding" && !a.ends_with("gsub.json"))
+        .collect();
+    let (code, stdout, stderr) = gcg(&no_spans);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("QA accuracy only") && stderr.contains("--grounding gsub_"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("mIoP"), "{stdout}");
 
     let mut strict = base.to_vec();
     strict.push("--strict");

@@ -281,9 +281,20 @@ fn shipped_configs_hold_the_official_recipe() {
             path.display()
         );
         assert_eq!(cfg.model.mode, gcg::model::Mode::Grounding);
-        let printed = toml::to_string(&cfg).unwrap();
+        let printed = cfg.to_toml_with_unset().unwrap();
         let back: RunConfig = toml::from_str(&printed).unwrap();
         assert_eq!(back, cfg, "{}", path.display());
+        // Every optional key left unset is named, as a comment in its table.
+        let train = &printed[printed.find("\n[train]\n").unwrap()..];
+        let train = &train[..train[1..].find("\n[").map_or(train.len(), |e| e + 1)];
+        assert!(
+            cfg.train.max_steps.is_none() && train.contains("\n# max_steps = ...  (not set)\n"),
+            "{printed}"
+        );
+        assert!(
+            cfg.data.max_eval.is_none() && printed.contains("# max_eval = ...  (not set)"),
+            "{printed}"
+        );
         seen.push(cfg.data.dataset.name());
     }
     seen.sort();

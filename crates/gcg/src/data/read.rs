@@ -151,10 +151,11 @@ impl RowSink {
             bad: Vec::new(),
         }
     }
-    /// Err in strict mode; records the row otherwise.
+    /// Err in strict mode; records the row otherwise (the caller reports the recorded rows:
+    /// `gcg labels` and `gcg eval` print each once).
     pub(crate) fn reject(&mut self, row: BadRow) -> Result<()> {
         if self.opts.skip_bad_rows {
-            tracing::warn!("skipping bad row: {row}");
+            tracing::debug!("skipping bad row: {row}");
             self.bad.push(row);
             Ok(())
         } else {

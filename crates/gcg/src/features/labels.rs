@@ -206,6 +206,10 @@ pub struct LabelReport {
     pub skipped: usize,
     /// (sample key, error) of each question that could not be labelled.
     pub failed: Vec<(String, String)>,
+    /// The videos of questions that are not in the store, with those questions' keys (also in
+    /// `failed`; not reported one question at a time: a full-size split over part of the videos
+    /// would give thousands of lines).
+    pub missing_videos: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// The texts of one question, in the order of the store's rows.
@@ -371,6 +375,13 @@ fn plan_questions<'a>(
     for s in samples {
         if !seen.insert(s.key.as_str()) {
             bail!("question key {} appears twice in the annotations", s.key);
+        }
+        if !snap.contains_video(&s.video) {
+            report.missing_videos.entry(s.video.clone()).or_default().push(s.key.clone());
+            report
+                .failed
+                .push((s.key.clone(), format!("video {} is not in the store (no features)", s.video)));
+            continue;
         }
         let texts = opts.event.event_text(s).map(|event| QuestionTextsToEncode {
             question: question_text(s),

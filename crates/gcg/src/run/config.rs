@@ -385,6 +385,50 @@ impl RunConfig {
         }
     }
 
+    /// The config as TOML, every setting included: the optional ones that are not set (which
+    /// TOML cannot write) as comments in their tables, `# max_steps = ...  (not set)`, so that
+    /// `gcg train --print-config` shows every key there is.
+    pub fn to_toml_with_unset(&self) -> Result<String> {
+        let text = toml::to_string(self)?;
+        let mut unset: Vec<(String, String)> = Vec::new();
+        fn walk(v: &serde_json::Value, table: &str, out: &mut Vec<(String, String)>) {
+            if let serde_json::Value::Object(m) = v {
+                for (k, x) in m {
+                    match x {
+                        serde_json::Value::Null => out.push((table.to_string(), k.clone())),
+                        serde_json::Value::Object(_) => walk(x, &if table.is_empty() { k.clone() } else { format!("{table}.{k}") }, out),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        walk(&serde_json::to_value(self)?, "", &mut unset);
+        let comment = |table: &str| -> String {
+            unset
+                .iter()
+                .filter(|(t, _)| t == table)
+                .map(|(_, k)| format!("# {k} = ...  (not set)\n"))
+                .collect()
+        };
+        let mut out = comment("");
+        let mut placed = std::collections::BTreeSet::from([String::new()]);
+        for line in text.lines() {
+            out.push_str(line);
+            out.push('\n');
+            if let Some(table) = line.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                out.push_str(&comment(table));
+                placed.insert(table.to_string());
+            }
+        }
+        // Tables TOML left out (every key unset).
+        for table in unset.iter().map(|(t, _)| t.clone()).collect::<std::collections::BTreeSet<_>>() {
+            if !placed.contains(&table) {
+                out.push_str(&format!("\n[{table}]\n{}", comment(&table)));
+            }
+        }
+        Ok(out)
+    }
+
     /// This config with its relative paths resolved against the working directory.
     pub fn absolute(&self) -> Result<Self> {
         let cwd = std::env::current_dir().context("reading the working directory")?;
