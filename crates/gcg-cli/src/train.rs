@@ -136,11 +136,25 @@ pub fn run_train(a: TrainArgs) -> Result<()> {
                 );
             }
         }
-        Event::Validation { epoch, accuracy, best } => {
-            pb.println(format!(
-                "epoch {epoch}: validation accuracy {accuracy:.2}%{}",
+        Event::Validation {
+            epoch,
+            accuracy,
+            best,
+            grounding,
+        } => {
+            let g = grounding
+                .map(|g| format!(", mIoP {:.2}, IoP@0.5 {:.2}, Acc@GQA {:.2}", g.m_iop, g.iop_05, g.acc_gqa))
+                .unwrap_or_default();
+            let line = format!(
+                "epoch {epoch}: validation accuracy {accuracy:.2}%{g}{}",
                 if best { " (best)" } else { "" }
-            ));
+            );
+            // A hidden bar (stderr not a terminal: a log file) prints nothing of its own.
+            if pb.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                pb.println(line);
+            }
         }
         Event::SkippedNonFinite { step, epoch, batch } => {
             skipped += 1;

@@ -327,6 +327,104 @@ fn a_run_works_from_any_working_directory_and_after_a_move() {
     assert_eq!(answers(&other.join("p.jsonl")), answers(&moved.join("predictions-test.jsonl")));
 }
 
+/// With `val_grounding`, validation answers the val questions that have spans (those `gcg eval`
+/// scores for NExT-GQA) and logs NExT-GQA's grounding metrics: the logged numbers equal `gcg
+/// eval`'s on `gcg predict`'s file of the same checkpoint.
+#[test]
+fn validation_with_spans_scores_what_eval_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let world = demo().join("world");
+    // Spans for half of the val videos only.
+    let gsub = json(&world.join("gsub_val.json"));
+    let kept: serde_json::Map<String, Value> = gsub
+        .as_object()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 0)
+        .map(|(_, (k, v))| (k.clone(), v.clone()))
+        .collect();
+    let cut = tmp.path().join("gsub_val_half.json");
+    std::fs::write(&cut, Value::Object(kept).to_string()).unwrap();
+    let mut cfg = RunConfig::from_run_dir(&demo().join("runs/grounding")).unwrap();
+    let run = tmp.path().join("run");
+    cfg.run_dir = Some(run.clone());
+    cfg.data.val_grounding = Some(cut.clone());
+    cfg.data.test = None;
+    cfg.data.test_grounding = None;
+    cfg.train.epochs = 1;
+    cfg.train.grounding_warmup_epochs = 0;
+    let toml = tmp.path().join("run.toml");
+    write_config(&toml, &cfg);
+    let o = gcg(&["train", "--config", s(&toml)]);
+    ok(&o, "gcg train with val_grounding");
+    let val: Vec<Value> = rows(&run.join("metrics.jsonl"))
+        .into_iter()
+        .filter(|r| r["split"] == "val")
+        .collect();
+    assert_eq!(val.len(), 1, "{val:?}");
+    let row = &val[0];
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("mIoP"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let p = tmp.path().join("p.jsonl");
+    let val_csv = cfg.data.val.clone().unwrap();
+    ok(
+        &gcg(&[
+            "predict",
+            "--run",
+            s(&run),
+            "--checkpoint",
+            "last",
+            "--split",
+            "val",
+            "--out",
+            s(&p),
+            "--quiet",
+        ]),
+        "gcg predict --split val",
+    );
+    let m = tmp.path().join("m.json");
+    ok(
+        &gcg(&[
+            "eval",
+            "--dataset",
+            "nextqa",
+            "--annotations",
+            s(&val_csv),
+            "--grounding",
+            s(&cut),
+            "--predictions",
+            s(&p),
+            "--json",
+            s(&m),
+        ]),
+        "gcg eval",
+    );
+    let m = json(&m);
+    let annotated = std::fs::read_to_string(&val_csv).unwrap().lines().count() - 1;
+    let spans: usize = json(&cut)
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v["location"].as_object().unwrap().len())
+        .sum();
+    assert!(spans < annotated, "the cut file should leave questions without spans");
+    assert_eq!(row["grounding_evaluated"], spans);
+    for (logged, scored) in [
+        ("accuracy", "overall"),
+        ("mIoP", "mIoP"),
+        ("IoP@0.5", "IoP@0.5"),
+        ("mIoU", "mIoU"),
+        ("Acc@GQA", "Acc@GQA"),
+    ] {
+        let (a, b) = (row[logged].as_f64().unwrap(), m[scored].as_f64().unwrap());
+        assert!((a - b).abs() < 1e-9, "{logged} {a} against eval's {scored} {b}\n{row}\n{m}");
+    }
+}
+
 /// `gcg train --resume RUN` (4 steps over 2 epochs, a checkpoint after every step, then the test
 /// split's predictions), aborted at the N-th crossing of a write site when `fault` is given.
 fn train_with_fault(run: &Path, fault: Option<&str>) -> Output {

@@ -353,6 +353,7 @@ fn resume_gives_the_identical_loss_sequence() {
             run: &run,
             train_set: &src,
             val_set: None,
+            val_grounding: None,
             run_config: &run_cfg,
         };
         trainer::train(&job, resume, &mut |_| {}).unwrap();
@@ -442,6 +443,7 @@ fn grounding_learns_to_find_the_event() {
             run: &run,
             train_set: &src,
             val_set: None,
+            val_grounding: None,
             run_config: &serde_json::json!({}),
         },
         false,
@@ -521,6 +523,7 @@ fn grounding_warmup_trains_the_grounding_module_alone_then_the_joint_objective()
             run: &run,
             train_set: &src,
             val_set: Some(&val),
+            val_grounding: None,
             run_config: &run_cfg,
         },
         false,
@@ -570,6 +573,7 @@ fn grounding_warmup_trains_the_grounding_module_alone_then_the_joint_objective()
             run: &full,
             train_set: &src,
             val_set: Some(&val),
+            val_grounding: None,
             run_config: &run_cfg,
         },
         false,
@@ -610,6 +614,7 @@ fn grounding_warmup_trains_the_grounding_module_alone_then_the_joint_objective()
             run: &part,
             train_set: &src,
             val_set: None,
+            val_grounding: None,
             run_config: &run_cfg,
         },
         false,
@@ -625,6 +630,7 @@ fn grounding_warmup_trains_the_grounding_module_alone_then_the_joint_objective()
             run: &part,
             train_set: &src,
             val_set: Some(&val),
+            val_grounding: None,
             run_config: &run_cfg,
         },
         true,
@@ -645,6 +651,7 @@ fn grounding_warmup_trains_the_grounding_module_alone_then_the_joint_objective()
             run: &uni,
             train_set: &src,
             val_set: None,
+            val_grounding: None,
             run_config: &run_cfg,
         },
         false,
@@ -757,6 +764,7 @@ fn non_finite_losses_are_skipped_and_counted_and_diverged_weights_stop_training_
         run,
         train_set: &src,
         val_set: None,
+        val_grounding: None,
         run_config: &run_cfg,
     };
 
@@ -800,6 +808,7 @@ fn non_finite_losses_are_skipped_and_counted_and_diverged_weights_stop_training_
         run: &run,
         train_set: &last,
         val_set: None,
+        val_grounding: None,
         run_config: &run_cfg,
     };
     let state = trainer::train(&job3, false, &mut |_| {}).unwrap();
@@ -884,6 +893,7 @@ fn micro_batches_side_by_side_give_the_same_run() {
             run: &dir,
             train_set: &src,
             val_set: None,
+            val_grounding: None,
             run_config: &run_cfg,
         };
         trainer::train(&job, false, &mut |_| {}).unwrap();
@@ -953,6 +963,7 @@ fn a_short_last_accumulation_group_is_the_mean_over_its_own_questions() {
             run: &run,
             train_set: &src,
             val_set: None,
+            val_grounding: None,
             run_config: &run_cfg,
         };
         trainer::train(&job, false, &mut |_| {}).unwrap();
@@ -1018,6 +1029,7 @@ fn mid_epoch_validation_keeps_best_and_is_logged_once_across_a_resume() {
             run,
             train_set: &src,
             val_set: Some(&val),
+            val_grounding: None,
             run_config: &run_cfg,
         };
         trainer::train(&job, resume, &mut |_| {}).unwrap()
@@ -1149,6 +1161,7 @@ fn lora_trains_the_adapters_not_the_t5_and_its_checkpoints_hold_them_and_resume(
         run,
         train_set: &src,
         val_set: None,
+        val_grounding: None,
         run_config: &run_cfg,
     };
     trainer::train(&job(&model, &vars, &cfg, &full), false, &mut |_| {}).unwrap();
@@ -1273,6 +1286,7 @@ fn lora_alone_fits_the_answers_through_the_frozen_t5() {
             run: &run,
             train_set: &src,
             val_set: None,
+            val_grounding: None,
             run_config: &serde_json::json!({}),
         },
         false,

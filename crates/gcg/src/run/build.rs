@@ -257,6 +257,20 @@ impl Split {
         data: &DataConfig,
         limit: Option<usize>,
     ) -> Result<Self> {
+        Self::open_only(store, dataset, files, opts, data, limit, &|_| true)
+    }
+
+    /// [`Split::open`] with the questions `keep` keeps (before `limit`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn open_only(
+        store: &Store,
+        dataset: Dataset,
+        files: &SplitFiles,
+        opts: BatchOptions,
+        data: &DataConfig,
+        limit: Option<usize>,
+        keep: &dyn Fn(&QaSample) -> bool,
+    ) -> Result<Self> {
         let annotations = &files.annotations;
         let ann = files.read(
             dataset,
@@ -268,6 +282,7 @@ impl Split {
             tracing::warn!("{}: skipped {} malformed rows", annotations.display(), ann.bad_rows.len());
         }
         let mut samples = ann.samples;
+        samples.retain(|s| keep(s));
         if let Some(n) = limit {
             samples.truncate(n);
         }

@@ -230,18 +230,36 @@ pub fn train_run(cfg: &RunConfig, start: RunStart, on_event: &mut dyn FnMut(Even
         &cfg.data,
         None,
     )?;
-    let val = match &cfg.data.val {
-        Some(_) => Some(Split::open(
+    // With NExT-GQA's spans for it, validation answers the questions that have spans (those
+    // `gcg predict --split val` scores) and logs the grounding metrics too.
+    let val_grounding = match (&cfg.data.val_grounding, &cfg.data.val) {
+        (Some(p), Some(_)) => Some(
+            crate::data::nextgqa::Grounding::read_with(
+                p,
+                &crate::data::ReadOptions {
+                    skip_bad_rows: cfg.data.skip_bad_rows,
+                },
+            )
+            .context("data.val_grounding")?,
+        ),
+        _ => None,
+    };
+    let open_val = |keep: &dyn Fn(&crate::data::QaSample) -> bool| -> Result<Split> {
+        Split::open_only(
             &store,
             cfg.data.dataset,
             &EvalSplit::Val.files(cfg)?,
             batch_options(cfg, &built, false)?,
             &cfg.data,
             cfg.data.max_eval,
-        )?),
-        None => None,
+            keep,
+        )
     };
+    let mut val = cfg.data.val.as_ref().map(|_| open_val(&|_| true)).transpose()?;
     check_eval_files(cfg, &store, &built, val.as_ref())?;
+    if let (Some(g), Some(_)) = (&val_grounding, &val) {
+        val = Some(open_val(&|s| g.segments(&s.video, &s.qid).is_some())?);
+    }
     if cfg.data.val.is_some() && cfg.data.val == cfg.data.train && cfg.data.val_videos == cfg.data.train_videos {
         tracing::warn!("[data] val is the training split: validation accuracy (and `best`) will measure fitting, not generalisation");
     }
@@ -262,6 +280,7 @@ pub fn train_run(cfg: &RunConfig, start: RunStart, on_event: &mut dyn FnMut(Even
         run: &run,
         train_set: &train,
         val_set: val.as_ref().map(|v| v as &dyn BatchSource),
+        val_grounding: val_grounding.as_ref(),
         run_config: &cfg_json,
     };
     trainer::train(&job, start == RunStart::Resume, on_event)?;

@@ -267,9 +267,47 @@ pub struct StepMetrics {
 /// What the loop tells its caller (progress bars, logs).
 pub enum Event<'a> {
     Step(&'a StepMetrics),
-    SkippedNonFinite { step: u64, epoch: u64, batch: u64 },
-    Validation { epoch: u64, accuracy: f64, best: bool },
+    SkippedNonFinite {
+        step: u64,
+        epoch: u64,
+        batch: u64,
+    },
+    /// `grounding`: NExT-GQA's metrics of the validation questions (a run with `val_grounding`).
+    Validation {
+        epoch: u64,
+        accuracy: f64,
+        best: bool,
+        grounding: Option<&'a crate::eval::grounding::GroundingMetrics>,
+    },
     Checkpoint(&'a Path),
+}
+
+/// Is the answer right (multiple choice, or exact match of a text)?
+fn is_right(s: &crate::data::QaSample, a: &Answered) -> bool {
+    match (&s.answer, &a.prediction) {
+        (crate::data::Answer::Choice(x), crate::data::Answer::Choice(y)) => x == y,
+        (crate::data::Answer::Text(x), crate::data::Answer::Text(y)) => x.trim().eq_ignore_ascii_case(y.trim()),
+        _ => false,
+    }
+}
+
+/// NExT-GQA's grounding metrics of answered questions: each one's span is its first to last
+/// moment in seconds (as `gcg predict` writes it), scored against `gt` as `gcg eval` scores a
+/// prediction file (questions of `gt` not answered here are left out, as the official script
+/// leaves out questions without a prediction).
+pub fn grounding_of(batches: &[(Batch, Vec<Answered>)], gt: &crate::data::nextgqa::Grounding) -> crate::eval::grounding::GroundingMetrics {
+    let mut spans = std::collections::HashMap::new();
+    for (b, answers) in batches {
+        for (s, a) in b.samples.iter().zip(answers) {
+            if a.seconds.is_empty() || !a.seconds.iter().all(|x| x.is_finite()) {
+                continue;
+            }
+            let first = a.seconds.iter().cloned().fold(f64::INFINITY, f64::min);
+            let last = a.seconds.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            spans.insert((s.video.clone(), s.qid.clone()), ([first, last], is_right(s, a)));
+        }
+    }
+    crate::eval::grounding::grounding_metrics(gt, |video, qid| spans.get(&(video.to_string(), qid.to_string())).copied())
 }
 
 /// Accuracy of answers against their samples (multiple choice or exact match).
@@ -279,12 +317,7 @@ pub fn accuracy(batches: &[(Batch, Vec<Answered>)]) -> f64 {
     for (b, answers) in batches {
         for (s, a) in b.samples.iter().zip(answers) {
             n += 1;
-            let ok = match (&s.answer, &a.prediction) {
-                (crate::data::Answer::Choice(x), crate::data::Answer::Choice(y)) => x == y,
-                (crate::data::Answer::Text(x), crate::data::Answer::Text(y)) => x.trim().eq_ignore_ascii_case(y.trim()),
-                _ => false,
-            };
-            right += usize::from(ok);
+            right += usize::from(is_right(s, a));
         }
     }
     if n == 0 {
@@ -388,6 +421,9 @@ pub struct TrainJob<'a> {
     pub run: &'a RunDir,
     pub train_set: &'a dyn BatchSource,
     pub val_set: Option<&'a dyn BatchSource>,
+    /// NExT-GQA's spans of the validation questions (`[data] val_grounding`): validation logs
+    /// the grounding metrics beside the accuracy.
+    pub val_grounding: Option<&'a crate::data::nextgqa::Grounding>,
     /// The run's resolved config, saved with every checkpoint.
     pub run_config: &'a serde_json::Value,
 }
@@ -788,6 +824,7 @@ fn validate(
     let Some(val) = job.val_set else { return Ok(()) };
     let answered = answer_all(job.model, val)?;
     let acc = accuracy(&answered);
+    let grounding = job.val_grounding.map(|g| grounding_of(&answered, g));
     let best = state.best_metric.is_none_or(|b| acc > b);
     if best {
         state.best_metric = Some(acc);
@@ -798,11 +835,18 @@ fn validate(
     if mid_epoch {
         row["mid_epoch"] = true.into();
     }
+    if let Some(g) = &grounding {
+        for (name, value) in g.named() {
+            row[name] = serde_json::json!(value);
+        }
+        row["grounding_evaluated"] = g.evaluated.into();
+    }
     job.run.log(&row)?;
     on_event(Event::Validation {
         epoch,
         accuracy: acc,
         best,
+        grounding: grounding.as_ref(),
     });
     Ok(())
 }
