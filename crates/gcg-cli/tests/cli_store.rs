@@ -692,3 +692,60 @@ fn a_frames_file_shorter_than_t_is_padded_as_a_short_video_is() -> Result<()> {
     assert_eq!(v.timestamps, [0.0, 0.5, 0.5, 1.0, 1.5, 2.0, 2.0, 2.5]);
     Ok(())
 }
+
+/// `gcg labels` warns when stored videos last far from what the annotations' frame_count says
+/// (a wrong id → file mapping), and stays quiet when they agree.
+#[test]
+fn labels_warn_of_videos_that_disagree_with_the_annotated_frame_count() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let world = tmp.path().join("world");
+    let o = run({
+        let mut c = gcg();
+        c.args(["synth", "--videos", "6", "--out"]).arg(&world);
+        c
+    });
+    assert!(o.status.success(), "{}", stderr(&o));
+    let store = tmp.path().join("store");
+    let o = run({
+        let mut c = gcg();
+        c.args(["features", "--videos"])
+            .arg(world.join("videos"))
+            .arg("--store")
+            .arg(&store);
+        c.args(["--preset", "tiny", "--random-weights"]);
+        c
+    });
+    assert!(o.status.success(), "{}", stderr(&o));
+    let labels = |csv: &Path| {
+        let mut c = gcg();
+        c.args(["labels", "--store"]).arg(&store).arg("--annotations").arg(csv);
+        c.args(["--dataset", "nextqa", "--preset", "tiny", "--random-weights", "--overwrite"]);
+        run(c)
+    };
+    // The synthetic videos: 64 frames at 8 fps, as their rows say.
+    let train = world.join("train.csv");
+    let o = labels(&train);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("frame_count"), "{}", stderr(&o));
+    // One video's rows claim 571 frames.
+    let text = std::fs::read_to_string(&train)?;
+    let first = text.lines().nth(1).unwrap().split(',').next().unwrap().to_string();
+    let edited: String = text
+        .lines()
+        .map(|l| match l.split_once(',') {
+            Some((v, rest)) if v == first => format!("{v},571,{}\n", rest.split_once(',').unwrap().1),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    let wrong = tmp.path().join("wrong.csv");
+    std::fs::write(&wrong, edited)?;
+    let o = labels(&wrong);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = format!("{first}: 571 frames annotated, 64 stored (8.0 s at 8.00 fps)");
+    assert!(
+        stderr(&o).contains("videos last far from the annotations' frame_count") && stderr(&o).contains(&want),
+        "{}",
+        stderr(&o)
+    );
+    Ok(())
+}

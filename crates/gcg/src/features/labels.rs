@@ -249,6 +249,9 @@ pub fn label_questions(
             m.embed_dim
         );
     }
+    if let Some(w) = frame_count_mismatches(samples, &snap) {
+        tracing::warn!("{w}");
+    }
     let mut report = LabelReport::default();
     if opts.skip_existing {
         check_text_encoder(samples, &snap, store_dir, opts.text_encoder.as_deref())?;
@@ -363,6 +366,42 @@ type Todo<'a> = (&'a QaSample, QuestionTextsToEncode);
 /// (key, error); counts the ones already labelled alike in `report.skipped` (with `skip_existing`).
 /// A key given twice is an error.
 #[allow(clippy::type_complexity)]
+/// A warning when stored videos last far from what the annotations' `frame_count` column (the
+/// NExT family's) says: the stored duration × fps more than 20% (and 2 s) off. A wrong id → file
+/// mapping would otherwise go unnoticed: each video's questions would be labelled and trained on
+/// another video's frames. Videos without a duration or frame rate (frame folders) are not
+/// compared.
+pub fn frame_count_mismatches(samples: &[QaSample], snap: &Snapshot) -> Option<String> {
+    let mut seen = std::collections::HashSet::new();
+    let (mut compared, mut off) = (0usize, Vec::new());
+    for s in samples {
+        if !seen.insert(s.video.as_str()) {
+            continue;
+        }
+        let Some(annotated) = s.extra.get("frame_count").and_then(|c| c.parse::<f64>().ok()) else {
+            continue;
+        };
+        let Some(v) = snap.index().videos.get(&s.video) else { continue };
+        let (Some(d), Some(fps)) = (v.duration, v.fps) else { continue };
+        compared += 1;
+        let stored = d * fps;
+        if (stored - annotated).abs() > (0.2 * annotated).max(2.0 * fps) {
+            off.push(format!(
+                "{}: {annotated} frames annotated, {stored:.0} stored ({d:.1} s at {fps:.2} fps)",
+                s.video
+            ));
+        }
+    }
+    (!off.is_empty()).then(|| {
+        format!(
+            "{} of {compared} videos last far from the annotations' frame_count (a wrong id → file mapping?): {}{}",
+            off.len(),
+            off.iter().take(3).cloned().collect::<Vec<_>>().join("; "),
+            if off.len() > 3 { "; ..." } else { "" }
+        )
+    })
+}
+
 fn plan_questions<'a>(
     samples: &'a [QaSample],
     snap: &Snapshot,
