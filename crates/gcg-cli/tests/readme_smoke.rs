@@ -38,4 +38,18 @@ fn the_readmes_smoke_run_works_as_printed() {
         - 1;
     assert_eq!(predictions.lines().count(), annotated);
     assert!(out.contains("overall") && out.contains("Acc@GQA"), "{out}");
+    // No lock file is left beside the outputs (the store's index.lock is part of its format).
+    fn locks(dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                locks(&p, out);
+            } else if p.extension().is_some_and(|x| x == "lock") && !p.ends_with("store/index.lock") {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    let mut left = Vec::new();
+    locks(&tmp.path().join("smoke"), &mut left);
+    assert!(left.is_empty(), "{left:?}");
 }

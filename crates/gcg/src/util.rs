@@ -444,23 +444,56 @@ pub fn non_finite(t: &Tensor) -> Result<Option<NonFinite>> {
     Ok((count > 0).then_some(NonFinite { count, first: None }))
 }
 
+/// An exclusive advisory lock on a lock file, held while this lives; the file is removed when it
+/// is released (no `.lock` files left beside a user's outputs).
+#[derive(Debug)]
+pub struct LockFile {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        // Removed while still locked (the lock goes with `file`, after this): a process that
+        // opened the old file and locks it once this one lets go finds it gone from `path` and
+        // tries again on a new one (`lock_exclusive`), so two never hold the lock at once.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Hold an exclusive advisory lock on `path` (created when missing) for as long as the returned
-/// file lives, or fail at once naming `what` when another process holds it (two `gcg train` in
-/// one run directory, two `gcg predict` into one file).
-pub fn lock_exclusive(path: &Path, what: &str) -> Result<std::fs::File> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("opening the lock file {}", path.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(anyhow!(
-            "{what} is in use by another gcg process (it holds {}); wait for it to finish",
-            path.display()
-        )),
-        Err(std::fs::TryLockError::Error(e)) => Err(anyhow::Error::new(e).context(format!("locking {}", path.display()))),
+/// [`LockFile`] lives, or fail at once naming `what` when another process holds it (two `gcg
+/// train` in one run directory, two `gcg predict` into one file).
+pub fn lock_exclusive(path: &Path, what: &str) -> Result<LockFile> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening the lock file {}", path.display()))?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(anyhow!(
+                    "{what} is in use by another gcg process (it holds {}); wait for it to finish",
+                    path.display()
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(anyhow::Error::new(e).context(format!("locking {}", path.display()))),
+        }
+        // The file locked must still be the one at `path`: its last holder removes it on release.
+        let held = f.metadata().with_context(|| format!("reading {}", path.display()))?;
+        match std::fs::metadata(path) {
+            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
+                return Ok(LockFile {
+                    file: f,
+                    path: path.to_path_buf(),
+                })
+            }
+            _ => continue,
+        }
     }
 }
 
@@ -495,8 +528,34 @@ pub fn fault_point_then(site: &str, partial: impl FnOnce()) {
 
 #[cfg(test)]
 mod tests {
-    use super::{either_of, swap_in, write_dir_atomic};
+    use super::{either_of, lock_exclusive, swap_in, write_dir_atomic};
     use std::path::Path;
+
+    #[test]
+    fn a_lock_is_exclusive_and_its_file_goes_with_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join(".x.lock");
+        let held = lock_exclusive(&p, "x").unwrap();
+        let e = lock_exclusive(&p, "the thing x").unwrap_err().to_string();
+        assert!(e.contains("the thing x is in use by another gcg process"), "{e}");
+        drop(held);
+        assert!(!p.exists(), "the lock file was left behind");
+        // A handle on the removed file, locked (a process that opened it before its holder let
+        // go), does not stop the next lock, which takes a new file.
+        let stale = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        std::fs::remove_file(&p).unwrap();
+        stale.try_lock().unwrap();
+        let again = lock_exclusive(&p, "x").unwrap();
+        assert!(p.exists());
+        drop(again);
+        drop(stale);
+        assert!(!p.exists());
+    }
 
     fn names(dir: &Path) -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(dir)

@@ -334,7 +334,7 @@ pub struct PredictionWriter {
     file: File,
     done: HashSet<(String, String)>,
     /// `.{name}.lock` beside the file, held while writing (one writer per file).
-    _lock: File,
+    _lock: crate::util::LockFile,
 }
 
 impl PredictionWriter {
@@ -360,7 +360,7 @@ impl PredictionWriter {
         Self::resume_locked(path, Self::lock(path)?)
     }
 
-    fn resume_locked(path: &Path, lock: File) -> Result<Self> {
+    fn resume_locked(path: &Path, lock: crate::util::LockFile) -> Result<Self> {
         let mut file = OpenOptions::new()
             .create(true)
             .read(true)
@@ -405,7 +405,7 @@ impl PredictionWriter {
         path.with_file_name(format!(".{name}.lock"))
     }
 
-    fn lock(path: &Path) -> Result<File> {
+    fn lock(path: &Path) -> Result<crate::util::LockFile> {
         crate::util::lock_exclusive(&Self::lock_path(path), &format!("the prediction file {}", path.display()))
     }
 
