@@ -448,13 +448,14 @@ pub fn non_finite(t: &Tensor) -> Result<Option<NonFinite>> {
 /// is released (no `.lock` files left beside a user's outputs).
 #[derive(Debug)]
 pub struct LockFile {
-    file: std::fs::File,
+    /// Holds the lock while it is open.
+    _file: std::fs::File,
     path: PathBuf,
 }
 
 impl Drop for LockFile {
     fn drop(&mut self) {
-        // Removed while still locked (the lock goes with `file`, after this): a process that
+        // Removed while still locked (the lock goes with `_file`, after this): a process that
         // opened the old file and locks it once this one lets go finds it gone from `path` and
         // tries again on a new one (`lock_exclusive`), so two never hold the lock at once.
         let _ = std::fs::remove_file(&self.path);
@@ -488,7 +489,7 @@ pub fn lock_exclusive(path: &Path, what: &str) -> Result<LockFile> {
         match std::fs::metadata(path) {
             Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
                 return Ok(LockFile {
-                    file: f,
+                    _file: f,
                     path: path.to_path_buf(),
                 })
             }

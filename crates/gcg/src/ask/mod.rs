@@ -521,6 +521,9 @@ impl Asker {
     }
 }
 
+/// The longest side of the pictures [`FrameReader::read`] writes for showing.
+pub const PICTURE_SIDE: u32 = 640;
+
 /// How an [`Asker`] reads a video's frames (no network: cheap to clone, for any thread).
 #[derive(Debug, Clone)]
 pub struct FrameReader {
@@ -535,7 +538,8 @@ pub struct FrameReader {
 
 impl FrameReader {
     /// The T frames the model reads, and, with `pictures`, the sampled frames written there as
-    /// `frame_{i}.jpg` + `frames.json` for showing (from the same decoding). A video that cannot
+    /// `frame_{i}.jpg` + `frames.json` for showing (from the same decoding; at most
+    /// [`PICTURE_SIDE`] pixels a side: a viewer's thumbnails, not 4K JPEGs). A video that cannot
     /// be read, or has frames over `max_pixels`, is an [`UnreadableVideo`].
     pub fn read(&self, path: &Path, pictures: Option<&Path>) -> Result<VideoFrames> {
         let unreadable = |e: anyhow::Error| anyhow::Error::from(UnreadableVideo(format!("{e:#}")));
@@ -565,7 +569,7 @@ impl FrameReader {
         }
         let sampled = crate::video::load_frames(path, self.num_frames, self.sampling, &self.ffmpeg).map_err(unreadable)?;
         if let Some(out) = pictures {
-            crate::video::write_frames(&sampled, out, true)?;
+            crate::video::write_frames(&sampled.downscaled(PICTURE_SIDE), out, true)?;
         }
         model_frames(&sampled, self.image_size)
     }

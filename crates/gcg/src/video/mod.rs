@@ -109,6 +109,28 @@ impl SampledFrames {
     pub fn images(&self) -> Vec<RgbImage> {
         self.frames.iter().map(|f| (*f.image).clone()).collect()
     }
+    /// The same frames with every picture larger than `max_side` on its longest side shrunk to
+    /// it (aspect kept, a triangle filter); smaller ones shared as they are.
+    pub fn downscaled(&self, max_side: u32) -> SampledFrames {
+        let mut out = self.clone();
+        // A picture shared by several frames (padding) is shrunk once and stays shared.
+        let mut done: std::collections::HashMap<*const RgbImage, std::sync::Arc<RgbImage>> = Default::default();
+        for f in &mut out.frames {
+            let (w, h) = f.image.dimensions();
+            if w.max(h) > max_side {
+                let small = done.entry(std::sync::Arc::as_ptr(&f.image)).or_insert_with(|| {
+                    let scale = max_side as f64 / w.max(h) as f64;
+                    let (nw, nh) = (
+                        ((w as f64 * scale).round() as u32).max(1),
+                        ((h as f64 * scale).round() as u32).max(1),
+                    );
+                    std::sync::Arc::new(image::imageops::resize(&*f.image, nw, nh, image::imageops::FilterType::Triangle))
+                });
+                f.image = small.clone();
+            }
+        }
+        out
+    }
     pub fn indices(&self) -> Vec<usize> {
         self.frames.iter().map(|f| f.index).collect()
     }
@@ -640,6 +662,35 @@ mod tests {
         // N = 5, T = 8: k = 1 → 1..4, padded.
         assert_eq!(sample_indices(5, 8, Sampling::Official), vec![1, 1, 2, 2, 3, 3, 4, 4]);
         assert_eq!(sample_indices(1, 3, Sampling::Official), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn downscaled_pictures_keep_their_aspect_and_their_sharing() {
+        let big = std::sync::Arc::new(RgbImage::from_pixel(1280, 720, image::Rgb([200, 10, 10])));
+        let tall = std::sync::Arc::new(RgbImage::from_pixel(300, 1000, image::Rgb([0, 0, 0])));
+        let small = std::sync::Arc::new(RgbImage::from_pixel(100, 50, image::Rgb([1, 2, 3])));
+        let frame = |index, image: &std::sync::Arc<RgbImage>| Frame {
+            index,
+            image: image.clone(),
+            timestamp: Some(index as f64),
+        };
+        let s = SampledFrames {
+            source: PathBuf::from("v.mp4"),
+            frames: vec![frame(0, &big), frame(0, &big), frame(1, &tall), frame(2, &small)],
+            duration: Some(3.0),
+            fps: Some(1.0),
+            num_source_frames: 3,
+            padded: 1,
+            filled: 0,
+            sampling: Sampling::Uniform,
+        };
+        let d = s.downscaled(640);
+        let dims: Vec<(u32, u32)> = d.frames.iter().map(|f| f.image.dimensions()).collect();
+        assert_eq!(dims, [(640, 360), (640, 360), (192, 640), (100, 50)]);
+        assert!(std::sync::Arc::ptr_eq(&d.frames[0].image, &d.frames[1].image));
+        assert!(std::sync::Arc::ptr_eq(&d.frames[3].image, &small));
+        assert_eq!(d.frames[0].image.get_pixel(320, 180), &image::Rgb([200, 10, 10]));
+        assert_eq!(d.indices(), s.indices());
     }
 
     #[test]
