@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// Open connections at most (more: 503 and closed at once).
     #[arg(long, default_value_t = 256)]
     pub max_connections: usize,
+    /// Seconds a response may wait for a client that stopped reading it (a video streamed to a
+    /// player that went away); then the connection is closed.
+    #[arg(long, default_value_t = 60)]
+    pub write_timeout: u64,
     /// Seconds a stop (SIGINT/SIGTERM) waits for the requests in progress; a second signal stops
     /// at once.
     #[arg(long, default_value_t = 120)]
@@ -178,7 +182,12 @@ struct AppState {
     /// Decodes videos beside the model's thread, one at a time (a long video keeps no question
     /// waiting; its frames are held while decoded).
     reader: FrameReader,
-    decoding: tokio::sync::Semaphore,
+    decoding: Arc<tokio::sync::Semaphore>,
+    /// One preparation per registered video at a time (a second request for a video being
+    /// prepared waits for it, then finds it prepared).
+    preparing: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Longest wait for a question's body.
+    body_timeout: std::time::Duration,
     /// The name of the frame folders of this model's frames (`frames-<ask cache key>`): another
     /// model (another T, sampling or demo) never shows this one's pictures.
     frames_name: String,
@@ -223,6 +232,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     ensure!(a.max_batch >= 1, "--max-batch must be at least 1");
     ensure!(a.max_upload_mb >= 1, "--max-upload-mb must be at least 1");
     ensure!(a.header_timeout >= 1, "--header-timeout must be at least 1 (seconds)");
+    ensure!(a.write_timeout >= 1, "--write-timeout must be at least 1 (seconds)");
     ensure!(a.max_connections >= 1, "--max-connections must be at least 1");
     ensure!(
         a.max_frame_megapixels.is_finite() && a.max_frame_megapixels > 0.0,
@@ -250,6 +260,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let max_batch = a.max_batch;
     let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let alive_worker = alive.clone();
+    // Set when a stop is forced (its grace spent, or a second signal): the model thread ends
+    // after its current job instead of working through its queue.
+    let stop_now = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_worker = stop_now.clone();
     // Clients see the run by its folder's name, not where it lies on the server.
     let public_run = run_dir
         .as_ref()
@@ -278,7 +292,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 return;
             }
         };
-        model_loop(&asker, rx, max_batch);
+        model_loop(&asker, rx, max_batch, &stop_worker);
         alive_worker.store(false, std::sync::atomic::Ordering::Relaxed);
     })?;
     let (health, cache, mut reader) = ready_rx.recv().map_err(|_| anyhow!("the model thread stopped while loading"))??;
@@ -301,7 +315,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         register: tokio::sync::Mutex::new(()),
         uploads: tokio::sync::Semaphore::new(UPLOADS_AT_ONCE),
         reader,
-        decoding: tokio::sync::Semaphore::new(1),
+        decoding: Arc::new(tokio::sync::Semaphore::new(1)),
+        preparing: Mutex::new(BTreeMap::new()),
+        body_timeout: std::time::Duration::from_secs(a.header_timeout),
         frames_name,
         videos: Mutex::new(videos),
         data: data.clone(),
@@ -318,7 +334,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let served = rt.block_on(async {
+    let forced = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(a.addr)
             .await
             .with_context(|| format!("listening on {}", a.addr))?;
@@ -336,17 +352,25 @@ pub fn run(a: ServeArgs) -> Result<()> {
         println!("listening on http://{local}/");
         let limits = ConnLimits {
             header_timeout: std::time::Duration::from_secs(a.header_timeout),
+            write_timeout: std::time::Duration::from_secs(a.write_timeout),
             max_connections: a.max_connections,
             shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
         };
-        serve_connections(listener, router(state), limits, signals).await;
-        Ok::<_, anyhow::Error>(())
-    });
-    // The router (and with it the job sender) is gone: the model thread finishes its queue and ends.
-    drop(rt);
+        Ok::<_, anyhow::Error>(serve_connections(listener, router(state), limits, signals).await)
+    })?;
+    if forced {
+        // Nothing more is waited for: decodings and hashing in progress are dropped, the model
+        // thread ends after its current job.
+        stop_now.store(true, std::sync::atomic::Ordering::Relaxed);
+        rt.shutdown_background();
+    } else {
+        // The router (and with it the job sender) is gone: the model thread finishes its queue
+        // and ends.
+        drop(rt);
+    }
     let _ = worker.join();
     eprintln!("gcg serve: stopped");
-    served
+    Ok(())
 }
 
 fn router(state: Shared) -> Router {
@@ -456,6 +480,7 @@ impl Signals {
 /// What one client may hold: see `ServeArgs`.
 struct ConnLimits {
     header_timeout: std::time::Duration,
+    write_timeout: std::time::Duration,
     max_connections: usize,
     shutdown_grace: std::time::Duration,
 }
@@ -464,9 +489,11 @@ struct ConnLimits {
 /// must arrive within `header_timeout` and an idle kept-alive connection is closed after it (axum's
 /// `serve` sets no timer: a client that connected and sent nothing, or half a header, held its
 /// connection and a file descriptor forever). Past `max_connections` open ones, a new connection
-/// gets a 503 and is closed. On the first signal: stop accepting, let the requests in progress
-/// finish (idle connections close) for at most `shutdown_grace`; a second signal stops at once.
-async fn serve_connections(listener: tokio::net::TcpListener, app: Router, limits: ConnLimits, mut signals: Signals) {
+/// gets a 503 and is closed; a connection whose response waits `write_timeout` for a client
+/// that stopped reading is closed. On the first signal: stop accepting, let the requests in
+/// progress finish (idle connections close) for at most `shutdown_grace`; a second signal stops
+/// at once. True when the stop was forced (grace spent, second signal).
+async fn serve_connections(listener: tokio::net::TcpListener, app: Router, limits: ConnLimits, mut signals: Signals) -> bool {
     use hyper_util::rt::{TokioIo, TokioTimer};
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
@@ -491,10 +518,15 @@ async fn serve_connections(listener: tokio::net::TcpListener, app: Router, limit
             continue;
         };
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let io = WatchedIo::new(stream);
+        let stalled = io.write_stalled(limits.write_timeout);
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(io), service));
         tokio::spawn(async move {
-            // A client that goes away mid-request is no error of the server's.
-            let _ = conn.await;
+            tokio::select! {
+                // A client that goes away mid-request is no error of the server's.
+                _ = conn => {},
+                _ = stalled => tracing::info!("closed a connection whose client stopped reading its response"),
+            }
             drop(permit);
         });
     }
@@ -502,12 +534,104 @@ async fn serve_connections(listener: tokio::net::TcpListener, app: Router, limit
     eprintln!("gcg serve: shutting down (finishing the requests in progress)");
     let busy = limits.max_connections - open.available_permits();
     tokio::select! {
-        _ = graceful.shutdown() => {},
-        _ = tokio::time::sleep(limits.shutdown_grace) => eprintln!(
-            "gcg serve: requests still in progress after {} s (--shutdown-grace); stopping",
-            limits.shutdown_grace.as_secs()
-        ),
-        _ = signals.next() => eprintln!("gcg serve: a second signal; stopping ({busy} connections were open)"),
+        _ = graceful.shutdown() => false,
+        _ = tokio::time::sleep(limits.shutdown_grace) => {
+            eprintln!(
+                "gcg serve: requests still in progress after {} s (--shutdown-grace); stopping",
+                limits.shutdown_grace.as_secs()
+            );
+            true
+        }
+        _ = signals.next() => {
+            eprintln!("gcg serve: a second signal; stopping ({busy} connections were open)");
+            true
+        }
+    }
+}
+
+/// A connection's socket that notes since when a write has waited for the client to read.
+struct WatchedIo {
+    io: tokio::net::TcpStream,
+    /// Milliseconds after `t0` (+ 1) when the pending write began; 0: none pending.
+    blocked: Arc<std::sync::atomic::AtomicU64>,
+    t0: std::time::Instant,
+}
+
+impl WatchedIo {
+    fn new(io: tokio::net::TcpStream) -> Self {
+        Self {
+            io,
+            blocked: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            t0: std::time::Instant::now(),
+        }
+    }
+
+    /// Resolves once a write has waited longer than `limit`.
+    fn write_stalled(&self, limit: std::time::Duration) -> impl std::future::Future<Output = ()> {
+        let (blocked, t0) = (self.blocked.clone(), self.t0);
+        async move {
+            let tick = (limit / 4).clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(5));
+            loop {
+                tokio::time::sleep(tick).await;
+                let since = blocked.load(std::sync::atomic::Ordering::Relaxed);
+                if since != 0 && t0.elapsed().as_millis() as u64 + 1 - since > limit.as_millis() as u64 {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn note<T>(&self, r: &std::task::Poll<T>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if r.is_pending() {
+            if self.blocked.load(Relaxed) == 0 {
+                self.blocked.store(self.t0.elapsed().as_millis() as u64 + 1, Relaxed);
+            }
+        } else {
+            self.blocked.store(0, Relaxed);
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WatchedIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(&r);
+        r
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note(&r);
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.io).poll_flush(cx);
+        self.note(&r);
+        r
+    }
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -522,19 +646,27 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream, max: usize) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body.as_bytes()).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Read what the client sent until it closes (or the deadline): closing with unread
+        // input would reset the connection, and the client could lose the 503 before reading it.
+        let mut sink = [0u8; 4096];
+        while tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
     })
     .await;
 }
 
 /// The model's loop: prepare videos one at a time; answer the questions waiting for one video
 /// together (up to `max_batch`).
-fn model_loop(asker: &Asker, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
+fn model_loop(asker: &Asker, mut rx: mpsc::Receiver<Job>, max_batch: usize, stop_now: &std::sync::atomic::AtomicBool) {
     // Nothing trains in a server: one no-grad scope for its life, so a bf16 model casts its f32
     // Q-Former weights to bf16 once, not per request (gcg::nn::cast::cast_weight).
     let _casts_kept = gcg::nn::no_grad();
     let mut pending: Option<Job> = None;
     loop {
+        if stop_now.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let job = match pending.take() {
             Some(j) => j,
             None => match rx.blocking_recv() {
@@ -543,6 +675,9 @@ fn model_loop(asker: &Asker, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
             },
         };
         match job {
+            // Nobody waits for it any more (the client went away): skipped.
+            Job::Prepare { reply, .. } if reply.is_closed() => {}
+            Job::Ask { reply, .. } if reply.is_closed() => {}
             Job::Prepare {
                 path,
                 id,
@@ -558,10 +693,13 @@ fn model_loop(asker: &Asker, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
                 let _ = reply.send(r);
             }
             Job::Ask { video, question, reply } => {
-                let mut batch = vec![(question, reply)];
+                // Each request keeps what preparing its video cost it (`hash`, `features`: 0 for
+                // one that found it prepared), whichever request's video the batch reads.
+                let mut batch = vec![(question, reply, video.seconds.clone())];
                 while batch.len() < max_batch {
                     match rx.try_recv() {
-                        Ok(Job::Ask { video: v, question, reply }) if v.id == video.id => batch.push((question, reply)),
+                        Ok(Job::Ask { reply, .. }) if reply.is_closed() => {}
+                        Ok(Job::Ask { video: v, question, reply }) if v.id == video.id => batch.push((question, reply, v.seconds)),
                         Ok(other) => {
                             pending = Some(other);
                             break;
@@ -569,22 +707,26 @@ fn model_loop(asker: &Asker, mut rx: mpsc::Receiver<Job>, max_batch: usize) {
                         Err(_) => break,
                     }
                 }
-                let questions: Vec<Question> = batch.iter().map(|(q, _)| q.clone()).collect();
+                let questions: Vec<Question> = batch.iter().map(|(q, _, _)| q.clone()).collect();
+                let own = |mut a: GroundedAnswer, seconds: BTreeMap<String, f64>| {
+                    a.seconds.extend(seconds);
+                    a
+                };
                 match guarded(|| asker.ask(&video, &questions)) {
                     Ok(answers) => {
-                        for ((_, reply), a) in batch.into_iter().zip(answers) {
-                            let _ = reply.send(Ok(a));
+                        for ((_, reply, seconds), a) in batch.into_iter().zip(answers) {
+                            let _ = reply.send(Ok(own(a, seconds)));
                         }
                     }
                     // One question's failure is not the others': each alone.
                     Err(_) if batch.len() > 1 => {
-                        for (q, reply) in batch {
-                            let r = guarded(|| asker.ask(&video, std::slice::from_ref(&q))).map(|mut a| a.remove(0));
+                        for (q, reply, seconds) in batch {
+                            let r = guarded(|| asker.ask(&video, std::slice::from_ref(&q))).map(|mut a| own(a.remove(0), seconds));
                             let _ = reply.send(r);
                         }
                     }
                     Err(e) => {
-                        for (_, reply) in batch {
+                        for (_, reply, _) in batch {
                             let _ = reply.send(Err(anyhow!("{e:#}")));
                         }
                     }
@@ -995,6 +1137,15 @@ fn evict(s: &AppState, keep: &str) {
 /// Prepares a registered video not prepared in this server's life (a gallery video, a restored
 /// upload) and records what the model found — T, frame times, duration — in its entry.
 async fn prepare_registered(s: &AppState, id: &str, v: &VideoInfo) -> ApiResult<PreparedVideo> {
+    let gate = s.preparing.lock().unwrap().entry(id.to_string()).or_default().clone();
+    let _one_at_a_time = gate.lock().await;
+    if let Some(mut p) = s.videos.lock().unwrap().get(id).and_then(|e| e.prepared.clone()) {
+        // Prepared by the request this one waited for: nothing spent on it here.
+        p.cached = true;
+        p.seconds.insert("hash".into(), 0.0);
+        p.seconds.insert("features".into(), 0.0);
+        return Ok(p);
+    }
     let p = prepare(s, &v.path, None, &frames_dir(s, id)).await?;
     if let Some(e) = s.videos.lock().unwrap().get_mut(id) {
         e.frames = p.num_frames;
@@ -1010,9 +1161,12 @@ async fn prepare_registered(s: &AppState, id: &str, v: &VideoInfo) -> ApiResult<
 /// the model encode it. `known`: its content id and the seconds hashing it took (an upload).
 async fn prepare(s: &AppState, path: &Path, known: Option<(String, f64)>, frames_dir: &Path) -> ApiResult<PreparedVideo> {
     let decoded = {
-        let _one_at_a_time = s.decoding.acquire().await.map_err(|e| ApiError::internal(e.into()))?;
+        // The permit goes with the decoding (which runs on even if this request's client goes
+        // away and its handler is dropped).
+        let permit = s.decoding.clone().acquire_owned().await.map_err(|e| ApiError::internal(e.into()))?;
         let (reader, cache, path, frames_dir) = (s.reader.clone(), s.cache.clone(), path.to_path_buf(), frames_dir.to_path_buf());
         tokio::task::spawn_blocking(move || -> Result<(String, f64, Option<(VideoFrames, f64)>)> {
+            let _one_at_a_time = permit;
             let (id, hash_s) = match known {
                 Some(k) => k,
                 None => {
@@ -1060,8 +1214,29 @@ fn prepare_error(e: anyhow::Error) -> ApiError {
     }
 }
 
-async fn ask(State(s): State<Shared>, UrlPath(id): UrlPath<String>, body: Bytes) -> ApiResult<Json<GroundedAnswer>> {
+/// Largest question body (JSON).
+const ASK_BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// A request's body, read within `timeout` (408 past it) and up to `limit` bytes (413 past it).
+async fn read_body(body: axum::body::Body, limit: usize, timeout: std::time::Duration) -> ApiResult<Bytes> {
+    use http_body_util::BodyExt;
+    match tokio::time::timeout(timeout, http_body_util::Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ApiError(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request's body did not arrive within {} s", timeout.as_secs()),
+        )),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request's body is larger than {} MiB", limit / (1024 * 1024)),
+        )),
+        Ok(Err(e)) => Err(ApiError::bad(format!("reading the request's body: {e}"))),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+    }
+}
+
+async fn ask(State(s): State<Shared>, UrlPath(id): UrlPath<String>, body: axum::body::Body) -> ApiResult<Json<GroundedAnswer>> {
     check_id(&id)?;
+    let body = read_body(body, ASK_BODY_LIMIT, s.body_timeout).await?;
     let q: Question = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad(format!(
             "the body must be JSON {{\"question\": \"...\", \"options\": [\"...\", ...]}}: {e}"

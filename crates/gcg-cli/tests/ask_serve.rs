@@ -542,7 +542,24 @@ fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
 fn a_reupload_with_a_playable_name_makes_the_video_playable() {
     let demo = demo();
     let tmp = tempfile::tempdir().unwrap();
-    let srv = start_server(&["--max-frame-megapixels", "0.05"], tmp.path());
+    let srv = start_server(&["--max-frame-megapixels", "0.05", "--write-timeout", "2"], tmp.path());
+    {
+        let (vid, _, question, options) = &test_questions(demo)[2];
+        let url = srv.url(&format!("/api/videos/{vid}/ask"));
+        let body = serde_json::json!({"question": question, "options": options}).to_string();
+        // Questions at once about a video not prepared yet: it is prepared (decoded, encoded) once,
+        // the others wait for that and spend nothing on it.
+        let first: Vec<(u16, Value)> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4).map(|_| s.spawn(|| post_json(&url, &body))).collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(first.iter().all(|(st, _)| *st == 200), "{first:?}");
+        let prepared = first
+            .iter()
+            .filter(|(_, a)| a["seconds"]["features"].as_f64().unwrap() > 0.0)
+            .count();
+        assert_eq!(prepared, 1, "{first:?}");
+    }
     let big = tmp.path().join("big.mp4");
     let o = Command::new("ffmpeg")
         .args([
@@ -600,7 +617,7 @@ fn a_reupload_with_a_playable_name_makes_the_video_playable() {
     let mut record: Value = serde_json::from_str(&std::fs::read_to_string(&info).unwrap()).unwrap();
     record["path"] = Value::from("/etc/hostname");
     std::fs::write(&info, record.to_string()).unwrap();
-    let srv = start_server(&[], tmp.path());
+    let srv = start_server(&["--write-timeout", "2"], tmp.path());
     let (_, list) = get_json(&srv.url("/api/videos"));
     let e = list["videos"]
         .as_array()
@@ -612,6 +629,41 @@ fn a_reupload_with_a_playable_name_makes_the_video_playable() {
     assert_eq!((&e["playable"], &e["name"]), (&Value::Bool(true), &Value::from("clip.mp4")), "{e}");
     let media = srv.url(&format!("/api/videos/{id}/media"));
     assert_eq!(agent().get(&media).call().unwrap().body_mut().read_to_vec().unwrap(), bytes);
+
+    // A client that stops reading a response (a player gone away) has its connection closed
+    // after --write-timeout: a lossless video of noise, far more than the sockets' buffers.
+    let noise = tmp.path().join("noise.mp4");
+    let o = Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-y", "-f", "lavfi", "-i"])
+        .arg("nullsrc=s=200x150:d=30:r=10,geq=random(1)*255:random(1)*255:random(1)*255")
+        .args(["-c:v", "libx264", "-preset", "ultrafast", "-qp", "0", "-pix_fmt", "yuv444p"])
+        .arg(&noise)
+        .output()
+        .expect("ffmpeg (apt install ffmpeg)");
+    assert!(o.status.success(), "ffmpeg: {}", String::from_utf8_lossy(&o.stderr));
+    let noise = std::fs::read(&noise).unwrap();
+    assert!(noise.len() > 16 << 20, "{} bytes", noise.len());
+    let (st, v) = upload(&srv.url("/api/videos"), "noise.mp4", &noise);
+    assert_eq!(st, 201, "{v}");
+    let mut c = connect(&srv.base);
+    let head = format!(
+        "GET /api/videos/{}/media HTTP/1.1\r\nHost: {}\r\n\r\n",
+        v["id"].as_str().unwrap(),
+        srv.base.trim_start_matches("http://")
+    );
+    std::io::Write::write_all(&mut c, head.as_bytes()).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let mut got = Vec::new();
+    let _ = c.read_to_end(&mut got);
+    assert!(
+        got.len() < noise.len(),
+        "the whole response came ({} bytes of {}): the stalled connection was kept",
+        got.len(),
+        noise.len()
+    );
+    assert!(String::from_utf8_lossy(&got[..12]).starts_with("HTTP/1.1 200"));
+    // The server goes on.
+    assert_eq!(get_json(&srv.url("/api/health")).0, 200);
 }
 
 /// A TCP connection to the server.
@@ -669,6 +721,17 @@ fn idle_connections_are_closed_open_ones_capped_and_a_stop_waits_a_bounded_time(
         assert!((0.9..10.0).contains(&s), "{what}: closed after {s:.2} s, --header-timeout 1");
     }
     assert_eq!(get_json(&srv.url("/api/health")).0, 200);
+    // A question whose body never comes in full: 408 after the same time.
+    let mut slow = connect(&srv.base);
+    let head =
+        "POST /api/videos/x/ask HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"question\"";
+    slow.write_all(head.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = slow.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("did not arrive within 1 s"),
+        "{answer}"
+    );
     // A stop waits for a request in progress; a second signal ends the wait.
     let _slow = upload_in_progress(&srv.base);
     std::thread::sleep(std::time::Duration::from_millis(300));

@@ -362,10 +362,6 @@ fn grouped<K: std::fmt::Display>(differ: &std::collections::BTreeMap<K, Vec<&str
 /// A question to label and its texts.
 type Todo<'a> = (&'a QaSample, QuestionTextsToEncode);
 
-/// The questions still to label, with their texts, and those whose texts could not be made
-/// (key, error); counts the ones already labelled alike in `report.skipped` (with `skip_existing`).
-/// A key given twice is an error.
-#[allow(clippy::type_complexity)]
 /// A warning when stored videos last far from what the annotations' `frame_count` column (the
 /// NExT family's) says: the stored duration × fps more than 20% (and 2 s) off. A wrong id → file
 /// mapping would otherwise go unnoticed: each video's questions would be labelled and trained on
@@ -402,6 +398,10 @@ pub fn frame_count_mismatches(samples: &[QaSample], snap: &Snapshot) -> Option<S
     })
 }
 
+/// The questions still to label, with their texts, and those whose texts could not be made
+/// (key, error); counts the ones already labelled alike in `report.skipped` (with `skip_existing`).
+/// A key given twice is an error.
+#[allow(clippy::type_complexity)]
 fn plan_questions<'a>(
     samples: &'a [QaSample],
     snap: &Snapshot,

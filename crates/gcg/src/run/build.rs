@@ -260,7 +260,8 @@ impl Split {
         Self::open_only(store, dataset, files, opts, data, limit, &|_| true)
     }
 
-    /// [`Split::open`] with the questions `keep` keeps (before `limit`).
+    /// [`Split::open`] with the questions `keep` keeps of the first `limit` (as `gcg eval` scores
+    /// those of the first `max_eval` that `gcg predict` answers).
     #[allow(clippy::too_many_arguments)]
     pub fn open_only(
         store: &Store,
@@ -282,10 +283,10 @@ impl Split {
             tracing::warn!("{}: skipped {} malformed rows", annotations.display(), ann.bad_rows.len());
         }
         let mut samples = ann.samples;
-        samples.retain(|s| keep(s));
         if let Some(n) = limit {
             samples.truncate(n);
         }
+        samples.retain(|s| keep(s));
         if samples.is_empty() {
             bail!("{} holds no questions", annotations.display());
         }
