@@ -1028,6 +1028,9 @@ async fn register_upload(s: &Shared, tmp: TempFile, name: &str, bytes: u64) -> A
 /// the answer says that nothing was computed (`features` 0, this upload's hashing time).
 async fn reupload(s: &Shared, id: &str, tmp: TempFile, name: &str, hash_s: f64) -> ApiResult<VideoInfo> {
     let ext = tmp.path().extension().map(|e| e.to_string_lossy().to_string()).unwrap_or_default();
+    // Its file may be replaced below: not while a request prepares the video from it.
+    let gate = s.preparing.lock().unwrap().entry(id.to_string()).or_default().clone();
+    let _not_while_prepared = gate.lock().await;
     let old = s.videos.lock().unwrap().get(id).cloned();
     let Some(mut v) = old else {
         return Err(ApiError(
@@ -1136,17 +1139,24 @@ fn evict(s: &AppState, keep: &str) {
 
 /// Prepares a registered video not prepared in this server's life (a gallery video, a restored
 /// upload) and records what the model found — T, frame times, duration — in its entry.
-async fn prepare_registered(s: &AppState, id: &str, v: &VideoInfo) -> ApiResult<PreparedVideo> {
+async fn prepare_registered(s: &AppState, id: &str) -> ApiResult<PreparedVideo> {
     let gate = s.preparing.lock().unwrap().entry(id.to_string()).or_default().clone();
     let _one_at_a_time = gate.lock().await;
-    if let Some(mut p) = s.videos.lock().unwrap().get(id).and_then(|e| e.prepared.clone()) {
-        // Prepared by the request this one waited for: nothing spent on it here.
-        p.cached = true;
-        p.seconds.insert("hash".into(), 0.0);
-        p.seconds.insert("features".into(), 0.0);
-        return Ok(p);
-    }
-    let p = prepare(s, &v.path, None, &frames_dir(s, id)).await?;
+    // The entry as it is now (prepared by the request this one waited for, its file replaced by
+    // a re-upload, or evicted).
+    let now = s.videos.lock().unwrap().get(id).map(|e| (e.prepared.clone(), e.path.clone()));
+    let path = match now {
+        None => return Err(ApiError(StatusCode::NOT_FOUND, format!("video {id} was evicted (--data-cap-mb)"))),
+        Some((Some(mut p), _)) if frames_dir(s, id).join("frame_0.jpg").exists() => {
+            // Nothing spent on it here.
+            p.cached = true;
+            p.seconds.insert("hash".into(), 0.0);
+            p.seconds.insert("features".into(), 0.0);
+            return Ok(p);
+        }
+        Some((_, path)) => path,
+    };
+    let p = prepare(s, &path, None, &frames_dir(s, id)).await?;
     if let Some(e) = s.videos.lock().unwrap().get_mut(id) {
         e.frames = p.num_frames;
         e.timestamps = p.timestamps.clone();
@@ -1252,7 +1262,7 @@ async fn ask(State(s): State<Shared>, UrlPath(id): UrlPath<String>, body: axum::
             p.seconds.insert("features".into(), 0.0);
             p
         }
-        None => prepare_registered(&s, &id, &v).await?,
+        None => prepare_registered(&s, &id).await?,
     };
     let (reply, rx) = oneshot::channel();
     submit(
@@ -1294,7 +1304,7 @@ async fn frame(State(s): State<Shared>, UrlPath((id, i)): UrlPath<(String, Strin
     }
     let dir = frames_dir(&s, &id);
     if !dir.join("frame_0.jpg").exists() {
-        let p = prepare_registered(&s, &id, &v).await?;
+        let p = prepare_registered(&s, &id).await?;
         if i >= p.num_frames {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
