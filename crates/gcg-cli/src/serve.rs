@@ -972,11 +972,15 @@ async fn register_upload(s: &Shared, tmp: TempFile, name: &str, bytes: u64) -> A
         let prepared = prepare(s, &path, Some((id.clone(), hash_s)), &frames_dir(s, &id))
             .await
             .map_err(|e| match e {
+                // The client knows its file by its name, not by where the server put it.
                 ApiError(StatusCode::BAD_REQUEST, msg) => {
-                    // The client knows its file by its name, not by where the server put it.
                     let msg = msg.replace(&path.display().to_string(), name);
                     ApiError::bad(format!("{name} could not be read as a video: {msg}"))
                 }
+                ApiError(StatusCode::PAYLOAD_TOO_LARGE, msg) => ApiError(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("{} (--max-frame-megapixels)", msg.replace(&path.display().to_string(), name)),
+                ),
                 other => other,
             })?;
         let playable = playable_extension(&ext);
@@ -1217,7 +1221,9 @@ async fn prepare(s: &AppState, path: &Path, known: Option<(String, f64)>, frames
 
 /// A video that cannot be decoded is the request's fault (400); anything else the server's.
 fn prepare_error(e: anyhow::Error) -> ApiError {
-    if e.chain().any(|c| c.downcast_ref::<gcg::ask::UnreadableVideo>().is_some()) {
+    if e.chain().any(|c| c.downcast_ref::<gcg::ask::FramesTooLarge>().is_some()) {
+        ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("{e:#}"))
+    } else if e.chain().any(|c| c.downcast_ref::<gcg::ask::UnreadableVideo>().is_some()) {
         ApiError::bad(format!("{e:#}"))
     } else {
         ApiError::internal(e)
@@ -1247,6 +1253,11 @@ async fn read_body(body: axum::body::Body, limit: usize, timeout: std::time::Dur
 async fn ask(State(s): State<Shared>, UrlPath(id): UrlPath<String>, body: axum::body::Body) -> ApiResult<Json<GroundedAnswer>> {
     check_id(&id)?;
     let body = read_body(body, ASK_BODY_LIMIT, s.body_timeout).await?;
+    if body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return Err(ApiError::bad(
+            "the body must be one JSON object {\"question\": \"...\", \"options\": [...]}, not an array (one question a request)",
+        ));
+    }
     let q: Question = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad(format!(
             "the body must be JSON {{\"question\": \"...\", \"options\": [\"...\", ...]}}: {e}"
@@ -1295,7 +1306,12 @@ async fn ask(State(s): State<Shared>, UrlPath(id): UrlPath<String>, body: axum::
 async fn frame(State(s): State<Shared>, UrlPath((id, i)): UrlPath<(String, String)>) -> ApiResult<Response> {
     check_id(&id)?;
     let v = touch(&s, &id).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no video {id:?}")))?;
-    let i: usize = i.parse().map_err(|_| ApiError::bad(format!("frame index {i:?} is not a number")))?;
+    let i: usize = i.parse().map_err(|_| {
+        ApiError::bad(format!(
+            "frame index {i:?}: a whole number from 0 to {} (the video's sampled frames)",
+            v.frames.saturating_sub(1)
+        ))
+    })?;
     if i >= v.frames {
         return Err(ApiError(
             StatusCode::NOT_FOUND,

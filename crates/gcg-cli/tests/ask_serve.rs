@@ -353,6 +353,14 @@ fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
     assert_eq!(&jpeg[..2], &[0xFF, 0xD8], "not a JPEG");
     assert_eq!(get_json(&srv.url(&format!("/api/videos/{gid}/frames/32"))).0, 404);
     assert_eq!(get_json(&srv.url(&format!("/api/videos/{gid}/frames/x"))).0, 400);
+    let (st, e) = get_json(&srv.url(&format!("/api/videos/{gid}/frames/-1")));
+    assert!(
+        st == 400 && e["error"].as_str().unwrap().contains("a whole number from 0 to 31"),
+        "{e}"
+    );
+    // One question a request: an array is refused with a message that says so.
+    let (st, e) = post_json(&srv.url(&format!("/api/videos/{gid}/ask")), r#" [{"question": "what?"}]"#);
+    assert!(st == 400 && e["error"].as_str().unwrap().contains("not an array"), "{e}");
 
     // An upload: an mp4 of another test video.
     let vid = &qs.iter().find(|x| x.0 != gid).unwrap().0;
@@ -461,7 +469,7 @@ fn serve_answers_uploads_and_gallery_videos_and_refuses_bad_requests() {
         // A misspelt key is named, not ignored (which would answer another, open-ended question).
         (r#"{"question": "q", "option": ["a", "b"]}"#, "unknown field `option`"),
         (r#"{"question": "#, "must be JSON"),
-        (r#"["not", "an", "object"]"#, "must be JSON"),
+        (r#"["not", "an", "object"]"#, "must be one JSON object"),
     ] {
         let (st, e) = post_json(&srv.url(&format!("/api/videos/{id}/ask")), body);
         assert_eq!(st, 400, "{body}: {e}");
@@ -578,10 +586,10 @@ fn a_reupload_with_a_playable_name_makes_the_video_playable() {
         .expect("ffmpeg (apt install ffmpeg)");
     assert!(o.status.success(), "ffmpeg: {}", String::from_utf8_lossy(&o.stderr));
     let (st, e) = upload(&srv.url("/api/videos"), "big.mp4", &std::fs::read(&big).unwrap());
-    assert_eq!(st, 400, "{e}");
+    assert_eq!(st, 413, "{e}");
     let msg = e["error"].as_str().unwrap();
     assert!(
-        msg.contains("big.mp4") && msg.contains("320×240") && msg.contains("0.1 megapixels"),
+        msg.contains("big.mp4: its frames are 320×240 (0.0768 megapixels); this server decodes frames of at most 0.05 megapixels (--max-frame-megapixels)"),
         "{msg}"
     );
     let vid = &test_questions(demo)[1].0;

@@ -41,6 +41,12 @@ use std::time::Instant;
 #[error("{0}")]
 pub struct UnreadableVideo(pub String);
 
+/// A video whose frames are larger than a reader takes ([`FrameReader::max_pixels`]): a limit of
+/// the server's, not a fault of the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FramesTooLarge(pub String);
+
 /// Longest question or option accepted (characters).
 pub const MAX_TEXT_CHARS: usize = 1000;
 
@@ -557,14 +563,15 @@ impl FrameReader {
             let info = self.ffmpeg.probe(path).map_err(unreadable)?;
             let pixels = info.width as u64 * info.height as u64;
             if pixels > max {
-                return Err(unreadable(anyhow!(
-                    "{}: its frames are {}×{} ({:.1} megapixels), more than this server decodes ({:.1} megapixels a frame)",
+                return Err(FramesTooLarge(format!(
+                    "{}: its frames are {}×{} ({} megapixels); this server decodes frames of at most {} megapixels",
                     path.display(),
                     info.width,
                     info.height,
                     pixels as f64 / 1e6,
                     max as f64 / 1e6
-                )));
+                ))
+                .into());
             }
         }
         let sampled = crate::video::load_frames(path, self.num_frames, self.sampling, &self.ffmpeg).map_err(unreadable)?;
