@@ -69,7 +69,7 @@ pub struct ServeArgs {
     /// connection may wait idle for its next request; then the connection is closed.
     #[arg(long, default_value_t = 30)]
     pub header_timeout: u64,
-    /// Largest video frame decoded, megapixels (width × height / 10⁶; larger: 400). The T
+    /// Largest video frame decoded, megapixels (width × height / 10⁶; larger: 413). The T
     /// sampled frames are held while decoded: 32 frames of 9 MP take 0.9 GB.
     #[arg(long, default_value_t = 9.0)]
     pub max_frame_megapixels: f64,
