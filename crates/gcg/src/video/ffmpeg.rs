@@ -713,10 +713,11 @@ fn filter_log(stderr: &str) -> String {
         .join("\n")
 }
 
-/// Timestamps (seconds) of the frames that passed `showinfo`, in order: `pts × time_base`, with
-/// the time base from showinfo's `config in time_base: a/b` line.
+/// Timestamps (seconds) of the frames that passed `showinfo`, in order: `pts × a / b`, with the
+/// time base a/b from showinfo's `config in time_base: a/b` line (one rounding: pts 195584 in
+/// 1/12800 is 15.28, where pts × (1/12800) gave 15.280000000000001).
 fn parse_showinfo(stderr: &str) -> Vec<Option<f64>> {
-    let mut time_base: Option<f64> = None;
+    let mut time_base: Option<(f64, f64)> = None;
     let mut out = Vec::new();
     for line in stderr.lines() {
         if !line.contains("Parsed_showinfo") {
@@ -726,7 +727,7 @@ fn parse_showinfo(stderr: &str) -> Vec<Option<f64>> {
             let tb = rest.split(',').next().unwrap_or("").trim();
             time_base = tb
                 .split_once('/')
-                .and_then(|(a, b)| Some(a.trim().parse::<f64>().ok()? / b.trim().parse::<f64>().ok()?));
+                .and_then(|(a, b)| Some((a.trim().parse::<f64>().ok()?, b.trim().parse::<f64>().ok()?)));
             continue;
         }
         if line.contains(" n:") && line.contains(" pts:") {
@@ -741,7 +742,7 @@ fn parse_showinfo(stderr: &str) -> Vec<Option<f64>> {
                 .and_then(|r| r.split_whitespace().next())
                 .and_then(|s| s.parse::<f64>().ok());
             let ts = match (pts, time_base) {
-                (Some(p), Some(tb)) if tb.is_finite() && tb > 0.0 => Some(p as f64 * tb),
+                (Some(p), Some((a, b))) if a > 0.0 && b > 0.0 && (a / b).is_finite() => Some(p as f64 * a / b),
                 _ => pts_time,
             };
             out.push(ts);
@@ -826,6 +827,11 @@ mod tests {
         assert_eq!(ts.len(), 2);
         assert!((ts[0].unwrap() - 0.1).abs() < 1e-12);
         assert!((ts[1].unwrap() - 102400.0 / 15360.0).abs() < 1e-12);
+        // One rounding: what the time is, not a product of two rounded numbers.
+        let log25 = "[Parsed_showinfo_1 @ 0x1] [info] config in time_base: 1/12800, frame_rate: 25/1\n\
+[Parsed_showinfo_1 @ 0x1] [info] n:  10 pts: 195584 pts_time:15.28   pos:     8184 fmt:rgb24\n";
+        assert_eq!(parse_showinfo(log25), [Some(15.28)]);
+        assert_ne!(195584.0 * (1.0 / 12800.0), 15.28);
         assert_eq!(parse_total_decoded(log), Some(1799));
         let v7 = "[verbose]   Input stream #0:0 (video): 12 packets read (100 bytes); 11 frames decoded; 0 decode errors; \n";
         assert_eq!(parse_total_decoded(v7), Some(11));
