@@ -145,6 +145,19 @@ pub struct Answered {
     pub curve: Option<Vec<f32>>,
 }
 
+impl Answered {
+    /// The grounded span: the first to the last moment in seconds, as NExT-GQA's metrics score
+    /// it; none when a moment has no time (a frame folder without times).
+    pub fn span(&self) -> Option<[f64; 2]> {
+        if self.seconds.is_empty() || !self.seconds.iter().all(|x| x.is_finite()) {
+            return None;
+        }
+        let first = self.seconds.iter().cloned().fold(f64::INFINITY, f64::min);
+        let last = self.seconds.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        Some([first, last])
+    }
+}
+
 pub struct GcgModel {
     pub cfg: GcgConfig,
     pub lmm: VideoLmm,

@@ -137,13 +137,7 @@ impl GroundedAnswer {
             data::Answer::Text(t) => (t.clone(), None),
         };
         let times: Vec<Option<f64>> = a.seconds.iter().map(|s| s.is_finite().then_some(*s)).collect();
-        let span = if !times.is_empty() && times.iter().all(Option::is_some) {
-            let first = a.seconds.iter().cloned().fold(f64::INFINITY, f64::min);
-            let last = a.seconds.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            Some([first, last])
-        } else {
-            None
-        };
+        let span = a.span();
         Self {
             question: q.question.clone(),
             video: video.id.clone(),

@@ -72,10 +72,8 @@ pub fn checkpoint_weights(run_dir: &Path, which: Checkpoint) -> Result<PathBuf> 
 /// The prediction row of an answered question.
 pub fn prediction_row(s: &QaSample, a: &Answered) -> PredictionRow {
     let mut row = PredictionRow::for_sample(s, a.prediction.clone());
-    if !a.seconds.is_empty() && a.seconds.iter().all(|x| x.is_finite()) {
-        let first = a.seconds.iter().cloned().fold(f64::INFINITY, f64::min);
-        let last = a.seconds.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        row.span = Some([first, last]);
+    if let Some(span) = a.span() {
+        row.span = Some(span);
         row.moments = Some(Moments {
             frames: a.frames.clone(),
             seconds: a.seconds.clone(),

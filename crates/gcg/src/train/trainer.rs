@@ -299,12 +299,9 @@ pub fn grounding_of(batches: &[(Batch, Vec<Answered>)], gt: &crate::data::nextgq
     let mut spans = std::collections::HashMap::new();
     for (b, answers) in batches {
         for (s, a) in b.samples.iter().zip(answers) {
-            if a.seconds.is_empty() || !a.seconds.iter().all(|x| x.is_finite()) {
-                continue;
+            if let Some(span) = a.span() {
+                spans.insert((s.video.clone(), s.qid.clone()), (span, is_right(s, a)));
             }
-            let first = a.seconds.iter().cloned().fold(f64::INFINITY, f64::min);
-            let last = a.seconds.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            spans.insert((s.video.clone(), s.qid.clone()), ([first, last], is_right(s, a)));
         }
     }
     crate::eval::grounding::grounding_metrics(gt, |video, qid| spans.get(&(video.to_string(), qid.to_string())).copied())
