@@ -30,7 +30,7 @@ pub struct AskArgs {
     #[arg(long)]
     questions_file: Option<PathBuf>,
     /// Print each answer as one JSON object a line (question, answer, answer_index, options,
-    /// option_scores, moments, span, timestamps, p, seconds).
+    /// option_scores, moments, span, timestamps, p, seconds, notes).
     #[arg(long)]
     json: bool,
 }

@@ -260,8 +260,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let max_batch = a.max_batch;
     let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let alive_worker = alive.clone();
-    // Set when a stop is forced (its grace spent, or a second signal): the model thread ends
-    // after its current job instead of working through its queue.
+    // Set when a stop is forced (its grace spent, or a second signal): the model thread takes no
+    // further job from its queue while the process exits.
     let stop_now = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop_worker = stop_now.clone();
     // Clients see the run by its folder's name, not where it lies on the server.
@@ -359,16 +359,17 @@ pub fn run(a: ServeArgs) -> Result<()> {
         Ok::<_, anyhow::Error>(serve_connections(listener, router(state), limits, signals).await)
     })?;
     if forced {
-        // Nothing more is waited for: decodings and hashing in progress are dropped, the model
-        // thread ends after its current job.
+        // Nothing more is waited for: decodings and hashing in progress are dropped, and so is
+        // the model's job in progress when the process exits (every write to the cache and the
+        // data folder is atomic, so none is left half-written).
         stop_now.store(true, std::sync::atomic::Ordering::Relaxed);
         rt.shutdown_background();
     } else {
         // The router (and with it the job sender) is gone: the model thread finishes its queue
         // and ends.
         drop(rt);
+        let _ = worker.join();
     }
-    let _ = worker.join();
     eprintln!("gcg serve: stopped");
     Ok(())
 }
@@ -1405,12 +1406,26 @@ async fn media(State(s): State<Shared>, UrlPath(id): UrlPath<String>, headers: H
     Ok(r)
 }
 
-/// A `Range` header (`bytes=a-b`, `bytes=a-`, `bytes=-n`; the first range of a list) against a
-/// `len`-byte file.
+/// A `Range` header (`bytes=a-b`, `bytes=a-`, `bytes=-n`, or a list of them) against a
+/// `len`-byte file. A list is answered as the one range that covers its satisfiable ranges (RFC
+/// 9110 lets a server coalesce them; one part, no multipart body); a malformed header is ignored.
 fn parse_range(h: &str, len: u64) -> Range {
-    let Some(spec) = h.strip_prefix("bytes=").and_then(|r| r.split(',').next()) else {
+    let Some(list) = h.strip_prefix("bytes=") else {
         return Range::Whole;
     };
+    let mut covered: Option<(u64, u64)> = None;
+    for spec in list.split(',') {
+        match parse_one_range(spec, len) {
+            Range::Whole => return Range::Whole,
+            Range::Unsatisfiable => {}
+            Range::Part(a, b) => covered = Some(covered.map_or((a, b), |(a0, b0)| (a0.min(a), b0.max(b)))),
+        }
+    }
+    covered.map_or(Range::Unsatisfiable, |(a, b)| Range::Part(a, b))
+}
+
+/// One range of a `Range` header's list.
+fn parse_one_range(spec: &str, len: u64) -> Range {
     let Some((a, b)) = spec.trim().split_once('-') else {
         return Range::Whole;
     };
@@ -1489,7 +1504,13 @@ mod tests {
         assert_eq!(parse_range("bytes=990-5000", len), Range::Part(990, 999));
         assert_eq!(parse_range("bytes=-100", len), Range::Part(900, 999));
         assert_eq!(parse_range("bytes=-5000", len), Range::Part(0, 999));
-        assert_eq!(parse_range("bytes=0-0,5-9", len), Range::Part(0, 0));
+        // A list: the one range covering its satisfiable ranges.
+        assert_eq!(parse_range("bytes=0-0,5-9", len), Range::Part(0, 9));
+        assert_eq!(parse_range("bytes=500-599, 0-99", len), Range::Part(0, 599));
+        assert_eq!(parse_range("bytes=0-99,-100", len), Range::Part(0, 999));
+        assert_eq!(parse_range("bytes=2000-,10-19", len), Range::Part(10, 19));
+        assert_eq!(parse_range("bytes=2000-,3000-", len), Range::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-9,x-", len), Range::Whole);
         // Past the end: 416.
         assert_eq!(parse_range("bytes=1000-", len), Range::Unsatisfiable);
         assert_eq!(parse_range("bytes=0-", 0), Range::Unsatisfiable);

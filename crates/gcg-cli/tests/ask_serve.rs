@@ -106,6 +106,17 @@ fn agrees(ask: &Value, pred: &Value, what: &str) {
 fn ask_cli_gives_the_demo_predictions_answers_and_moments() {
     let demo = demo();
     let tmp = tempfile::tempdir().unwrap();
+    // `gcg ask` with a demo run and this test's cache.
+    let ask = |run: &str, video: &Path| {
+        let mut c = gcg();
+        c.args(["ask", "--run"])
+            .arg(demo.join("runs").join(run))
+            .arg("--cache")
+            .arg(tmp.path().join("cache"))
+            .arg("--video")
+            .arg(video);
+        c
+    };
     let preds = demo_predictions(demo, "grounding");
     let qs = test_questions(demo);
     let video = qs[0].0.clone();
@@ -117,13 +128,8 @@ fn ask_cli_gives_the_demo_predictions_answers_and_moments() {
         .map(|q| serde_json::json!({"question": format!("{}?", q.2), "options": q.3}).to_string())
         .collect();
     std::fs::write(&file, lines.join("\n")).unwrap();
-    let o = gcg()
-        .args(["ask", "--json", "--run"])
-        .arg(demo.join("runs/grounding"))
-        .arg("--cache")
-        .arg(tmp.path().join("cache"))
-        .arg("--video")
-        .arg(demo.join("world/frames").join(&video))
+    let o = ask("grounding", &demo.join("world/frames").join(&video))
+        .arg("--json")
         .arg("--questions-file")
         .arg(&file)
         .output()
@@ -136,15 +142,54 @@ fn ask_cli_gives_the_demo_predictions_answers_and_moments() {
         agrees(a, &preds[&(q.0.clone(), q.1.clone())], &format!("{} {}", q.0, q.1));
         assert_eq!(a["timestamps"].as_array().unwrap().len(), 32);
         assert_eq!(a["options"].as_array().unwrap().len(), 5);
+        assert!(a.get("notes").is_none(), "{a}");
     }
+    // A video of 2 frames: the 32 the model reads repeat them, and the answer says so; the
+    // readable form lists the moments that share a time once.
+    let two = tmp.path().join("two");
+    std::fs::create_dir(&two).unwrap();
+    for i in 0..2 {
+        std::fs::copy(
+            demo.join("world/frames").join(&video).join(format!("frame_{}.jpg", 10 * i)),
+            two.join(format!("frame_{i}.jpg")),
+        )
+        .unwrap();
+    }
+    mp4_of(&two, &tmp.path().join("two.mp4"));
+    let ask_two = |json: bool| {
+        let mut c = ask("grounding", &tmp.path().join("two.mp4"));
+        c.args(["--question", &mine[0].2])
+            .args(mine[0].3.iter().flat_map(|o| ["--option", o.as_str()]));
+        if json {
+            c.arg("--json");
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "gcg ask: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let a: Value = serde_json::from_str(ask_two(true).trim()).unwrap();
+    let times: Vec<f64> = a["moments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["time"].as_f64().unwrap())
+        .collect();
+    assert_eq!(times.len(), 4, "{a}");
+    assert!(times.iter().all(|&t| t == 0.0 || t == 0.25), "{a}");
+    let notes = a["notes"].as_array().unwrap();
+    assert!(
+        notes.len() == 1 && notes[0].as_str().unwrap().contains("2 distinct frames for the 32"),
+        "{a}"
+    );
+    let text = ask_two(false);
+    let line = text.lines().find(|l| l.starts_with("moments: ")).unwrap();
+    let mut distinct = times.clone();
+    distinct.dedup();
+    assert_eq!(line.matches(" s (").count(), distinct.len(), "{text}");
+    assert!(line.contains("frames "), "{text}");
+    assert!(text.contains("note: the video gave 2 distinct frames"), "{text}");
     // The readable form, from the cache this time.
-    let o = gcg()
-        .args(["ask", "--run"])
-        .arg(demo.join("runs/grounding"))
-        .arg("--cache")
-        .arg(tmp.path().join("cache"))
-        .arg("--video")
-        .arg(demo.join("world/frames").join(&video))
+    let o = ask("grounding", &demo.join("world/frames").join(&video))
         .args(["--question", &mine[0].2])
         .args(mine[0].3.iter().flat_map(|o| ["--option", o.as_str()]))
         .output()
@@ -156,26 +201,14 @@ fn ask_cli_gives_the_demo_predictions_answers_and_moments() {
         "{text}"
     );
     // Oracle runs cannot answer new questions (their moments come from the answer).
-    let o = gcg()
-        .args(["ask", "--run"])
-        .arg(demo.join("runs/oracle"))
-        .arg("--cache")
-        .arg(tmp.path().join("cache"))
-        .arg("--video")
-        .arg(demo.join("world/frames").join(&video))
+    let o = ask("oracle", &demo.join("world/frames").join(&video))
         .args(["--question", "what happened?"])
         .output()
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("oracle mode"));
     // A run answers with the model it trained: --set of its [weights] or [model] is refused.
-    let o = gcg()
-        .args(["ask", "--run"])
-        .arg(demo.join("runs/grounding"))
-        .arg("--cache")
-        .arg(tmp.path().join("cache"))
-        .arg("--video")
-        .arg(demo.join("world/frames").join(&video))
+    let o = ask("grounding", &demo.join("world/frames").join(&video))
         .args(["--question", "what happened?", "--set", "weights.seed=6"])
         .output()
         .unwrap();
@@ -757,7 +790,8 @@ fn idle_connections_are_closed_open_ones_capped_and_a_stop_waits_a_bounded_time(
     let status = srv.child.wait().unwrap();
     let mut err = String::new();
     srv.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    assert!(status.success() && t1.elapsed().as_secs_f64() < 10.0, "{:?} {err}", t1.elapsed());
+    // At once: nothing more is waited for (it took ~1.5 s when the model thread was joined).
+    assert!(status.success() && t1.elapsed().as_secs_f64() < 1.0, "{:?} {err}", t1.elapsed());
     assert!(err.contains("a second signal"), "{err}");
 
     // Past --max-connections, a connection gets a 503 in the API's shape and is closed; the

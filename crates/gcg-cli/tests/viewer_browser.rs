@@ -235,6 +235,19 @@ fn launch() -> Option<Browser> {
     }
 }
 
+/// A WebM (VP9, 4 fps) of a frame folder, with extra ffmpeg output options.
+fn webm_of(frames: &Path, out: &Path, extra: &[&str]) {
+    let o = Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-y", "-framerate", "4", "-i"])
+        .arg(frames.join("frame_%d.jpg"))
+        .args(extra)
+        .args(["-c:v", "libvpx-vp9", "-b:v", "200k", "-g", "4", "-pix_fmt", "yuv420p"])
+        .arg(out)
+        .output()
+        .expect("ffmpeg");
+    assert!(o.status.success(), "ffmpeg: {}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn the_viewer_uploads_asks_shows_the_moments_and_seeks() {
     let Some(mut b) = launch() else { return };
@@ -257,14 +270,7 @@ fn the_viewer_uploads_asks_shows_the_moments_and_seeks() {
     let test = std::fs::read_to_string(demo.join("world/test.csv")).unwrap();
     let video = test.lines().nth(1).unwrap().split(',').next().unwrap().to_string();
     let webm = tmp.path().join("clip.webm");
-    let o = Command::new("ffmpeg")
-        .args(["-loglevel", "error", "-y", "-framerate", "4", "-i"])
-        .arg(demo.join("world/frames").join(&video).join("frame_%d.jpg"))
-        .args(["-c:v", "libvpx-vp9", "-b:v", "200k", "-g", "4", "-pix_fmt", "yuv420p"])
-        .arg(&webm)
-        .output()
-        .expect("ffmpeg");
-    assert!(o.status.success(), "ffmpeg: {}", String::from_utf8_lossy(&o.stderr));
+    webm_of(&demo.join("world/frames").join(&video), &webm, &[]);
 
     let srv = Server::start(&demo.join("runs/grounding"), tmp.path(), &[]);
     b.call("Page.enable", json!({}));
@@ -345,6 +351,7 @@ fn the_viewer_uploads_asks_shows_the_moments_and_seeks() {
     assert_eq!(b.js("document.querySelectorAll('#timeline .span').length"), 1);
     assert_eq!(b.js("!document.getElementById('curve').hasAttribute('hidden')"), true);
     assert_eq!(b.js("document.querySelectorAll('#scores li.score').length"), 5);
+    assert_eq!(b.js("document.getElementById('answer-notes').hidden"), true);
     b.wait_for(
         "[...document.querySelectorAll('#thumbs img.thumb')].every(i => i.complete && i.naturalWidth > 0)",
         "the moment thumbnails to load",
@@ -401,4 +408,24 @@ fn the_viewer_uploads_asks_shows_the_moments_and_seeks() {
         std::fs::write(&copy, &png).unwrap();
     }
     assert!(png.len() > 10_000, "a blank screenshot? {} bytes", png.len());
+
+    // A video shorter than the model's T: the answer's note is shown under it.
+    let short = tmp.path().join("short.webm");
+    webm_of(&demo.join("world/frames").join(&video), &short, &["-frames:v", "2"]);
+    let before = b.js("document.querySelectorAll('#videos .video-item').length").as_u64().unwrap();
+    b.set_file("#upload", &short);
+    b.wait_for(
+        &format!("document.querySelectorAll('#videos .video-item').length > {before}"),
+        "the short upload in the list",
+        60,
+    );
+    b.wait_for(
+        &format!("{current} && {current}.dataset.id !== {}", id),
+        "the short upload selected",
+        30,
+    );
+    b.click("#ask", 0);
+    b.wait_for("!document.getElementById('answer-notes').hidden", "the answer's note", 60);
+    let note = b.js("document.getElementById('answer-notes').textContent");
+    assert!(note.as_str().unwrap().contains("2 distinct frames"), "{note}");
 }

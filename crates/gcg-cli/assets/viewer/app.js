@@ -443,6 +443,9 @@ function drawAnswer() {
   });
   list.hidden = !opts.length;
   $('span-text').textContent = Array.isArray(r.span) ? `Supported from ${fmt(r.span[0])} to ${fmt(r.span[1])}` : '';
+  const notes = Array.isArray(r.notes) ? r.notes : [];
+  $('answer-notes').textContent = notes.map((n) => `Note: ${n}.`).join(' ');
+  $('answer-notes').hidden = !notes.length;
   $('timings').textContent = Object.entries(r.seconds || {})
     .map(([k, s]) => `${k} ${Number(s).toFixed(2)} s`).join(' · ');
 }

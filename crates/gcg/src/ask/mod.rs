@@ -128,6 +128,10 @@ pub struct GroundedAnswer {
     pub p: Option<Vec<f32>>,
     /// Seconds per stage (`hash`, `features` (decoding + ViT; 0 when cached), `text`, `answer`).
     pub seconds: BTreeMap<String, f64>,
+    /// What the reader should know about this answer (e.g. a video shorter than the T frames
+    /// the model reads, whose frames repeat); absent when there is nothing to say.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 impl GroundedAnswer {
@@ -150,8 +154,27 @@ impl GroundedAnswer {
             timestamps: video.timestamps.clone(),
             p: a.curve,
             seconds: video.seconds.clone(),
+            notes: repeated_frames_note(&video.timestamps).into_iter().collect(),
         }
     }
+}
+
+/// A note when the sampled frames' times hold fewer distinct instants than frames: the video
+/// had fewer frames than the model reads (they were repeated), so moments may share a time.
+fn repeated_frames_note(timestamps: &[f64]) -> Option<String> {
+    let mut distinct: Vec<f64> = timestamps.iter().copied().filter(|t| t.is_finite()).collect();
+    if distinct.len() < timestamps.len() || distinct.is_empty() {
+        return None;
+    }
+    distinct.sort_by(f64::total_cmp);
+    distinct.dedup();
+    let (d, t) = (distinct.len(), timestamps.len());
+    (d < t).then(|| {
+        format!(
+            "the video gave {d} distinct frame{} for the {t} the model reads: the others repeat them, so moments can share a time",
+            if d == 1 { "" } else { "s" }
+        )
+    })
 }
 
 /// A video whose features are in the ask cache.
@@ -684,17 +707,35 @@ pub fn describe(a: &GroundedAnswer) -> String {
             ));
         }
     }
-    let moments: Vec<String> = a
-        .moments
+    // Moments at the same time (a video with fewer frames than T) are listed once.
+    let mut moments: Vec<(Option<f64>, Vec<usize>)> = Vec::new();
+    for m in &a.moments {
+        match moments.last_mut() {
+            Some((Some(t), frames)) if m.time == Some(*t) => frames.push(m.frame),
+            _ => moments.push((m.time, vec![m.frame])),
+        }
+    }
+    let moments: Vec<String> = moments
         .iter()
-        .map(|m| match m.time {
-            Some(t) => format!("{t:.2} s (frame {})", m.frame),
-            None => format!("frame {}", m.frame),
+        .map(|(time, frames)| {
+            let list = frames.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(", ");
+            let frames = if frames.len() == 1 {
+                format!("frame {list}")
+            } else {
+                format!("frames {list}")
+            };
+            match time {
+                Some(t) => format!("{t:.2} s ({frames})"),
+                None => frames,
+            }
         })
         .collect();
     s.push_str(&format!("moments: {}\n", moments.join(", ")));
     if let Some([a0, a1]) = a.span {
         s.push_str(&format!("span: {a0:.2} s – {a1:.2} s\n"));
+    }
+    for n in &a.notes {
+        s.push_str(&format!("note: {n}\n"));
     }
     s
 }
