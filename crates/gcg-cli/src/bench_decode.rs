@@ -110,7 +110,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     let seek = if a.seek {
         let ts: Vec<f64> = sampled.frames.iter().map(|f| f.timestamp.unwrap_or(0.0)).collect();
         let t = Instant::now();
-        let got = ff.decode_seek(&path, &ts)?;
+        let got = ff.decode_seek(&info, &ts)?;
         let s = t.elapsed().as_secs_f64();
         // Do both strategies return the same pictures?
         let same = got

@@ -8,17 +8,13 @@ fn gcg(args: &[&str]) -> Output {
 }
 
 fn make_video(path: &Path) {
+    make_video_of(path, "testsrc=size=96x64:rate=20:duration=2");
+}
+
+/// An H.264 mp4 of a lavfi source.
+fn make_video_of(path: &Path, source: &str) {
     let out = Command::new("ffmpeg")
-        .args([
-            "-nostdin",
-            "-v",
-            "error",
-            "-y",
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc=size=96x64:rate=20:duration=2",
-        ])
+        .args(["-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i", source])
         .args(["-c:v", "libx264", "-bf", "2", "-pix_fmt", "yuv420p"])
         .arg(path)
         .output()
@@ -451,5 +447,35 @@ fn more_than_a_hundred_frames_sample_like_a_few() {
             "T = {t}: {ts:?}"
         );
         assert_eq!(std::fs::read_dir(&o).unwrap().count(), t + 1);
+    }
+}
+
+/// A file name that ffmpeg would parse as a URL or an option is read as the file it names
+/// (relative, as a user types it): `file:y.mp4` used to decode y.mp4, another video, and so
+/// poison the ask cache under its own content's id; `a:b.mp4` and an ISO time were unknown
+/// protocols; `-dash.mp4` an option.
+#[test]
+fn file_names_that_look_like_urls_or_options_are_the_files_they_name() {
+    let dir = tempfile::tempdir().unwrap();
+    // y.mp4 has 40 frames at 96x64; the video under each odd name has 10 at 64x48.
+    make_video(&dir.path().join("y.mp4"));
+    let src = dir.path().join("src.mp4");
+    make_video_of(&src, "testsrc=size=64x48:rate=10:duration=1");
+    for (i, name) in ["file:y.mp4", "a:b.mp4", "2024-01-01T10:22:33.mp4", "concat:y.mp4", "-dash.mp4"]
+        .iter()
+        .enumerate()
+    {
+        std::fs::copy(&src, dir.path().join(name)).unwrap();
+        let out = format!("out{i}");
+        let o = Command::new(env!("CARGO_BIN_EXE_gcg"))
+            .current_dir(dir.path())
+            .args(["frames", &format!("--video={name}"), "--num-frames", "2", "--out", &out])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(summary["source_frames"], 10, "{name}: {summary}");
+        let img = image::open(dir.path().join(&out).join("frame_0.jpg")).unwrap();
+        assert_eq!((img.width(), img.height()), (64, 48), "{name}");
     }
 }

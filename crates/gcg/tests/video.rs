@@ -424,10 +424,14 @@ fn unreadable_files_are_errors_naming_the_file() {
     };
     let s = lenient.sample(&cut, 4, Sampling::Uniform).unwrap();
     assert!(s.num_source_frames < 90 && s.num_source_frames > 4, "{}", s.num_source_frames);
+    // It lasts until its last decodable frame ends: a whole number of frames, at least the ones
+    // that decode (more when some in between do not), fewer than the 90 promised.
+    let frames = s.duration.unwrap() * 30.0;
     assert!(
-        (s.duration.unwrap() - s.num_source_frames as f64 / 30.0).abs() < 1e-9,
-        "{:?}",
-        s.duration
+        (frames - frames.round()).abs() < 1e-6 && frames.round() as usize >= s.num_source_frames && frames < 90.0,
+        "{:?} for {} frames",
+        s.duration,
+        s.num_source_frames
     );
     for f in &s.frames {
         assert_eq!(frame_number(&f.image), f.index);
@@ -900,7 +904,7 @@ fn mpeg_ts_and_offset_matroska_probe_right() {
         ts.to_str().unwrap(),
     ]);
     let ff = Ffmpeg::from_env();
-    assert_eq!(ff.count_packets(&ts).unwrap(), 50);
+    assert_eq!(ff.count_packets(&ts, 0).unwrap(), 50);
     let info = ff.probe(&ts).unwrap();
     assert_eq!(info.num_frames, 50);
     let s = ff.sample(&ts, 5, Sampling::Uniform).unwrap();
@@ -926,4 +930,233 @@ fn mpeg_ts_and_offset_matroska_probe_right() {
         let s = ff.sample(&p, 5, Sampling::Uniform).unwrap();
         check_frames(&s, &[5, 15, 25, 35, 45], 25.0);
     }
+}
+
+impl Videos {
+    /// 64x48 at 25 fps for 2 s (50 frames) whose colours encode their numbers, as H.264 MP4.
+    fn indexed_mp4(&self, name: &str) -> PathBuf {
+        let p = self.path(name);
+        ffmpeg(&[
+            "-f",
+            "lavfi",
+            "-i",
+            &indexed_source(64, 48, "25", "2"),
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            p.to_str().unwrap(),
+        ]);
+        p
+    }
+
+    /// `video` starting 2 s into `out`, after a tone of `audio_seconds` (codec `audio`) from 0 s.
+    fn delayed(&self, video: &Path, out: &Path, audio: &str, audio_seconds: &str) {
+        let tone = format!("sine=duration={audio_seconds}");
+        ffmpeg(&[
+            "-itsoffset",
+            "2",
+            "-i",
+            video.to_str().unwrap(),
+            "-f",
+            "lavfi",
+            "-i",
+            &tone,
+            "-map",
+            "0:v",
+            "-map",
+            "1:a",
+            "-c:v",
+            "copy",
+            "-c:a",
+            audio,
+            out.to_str().unwrap(),
+        ]);
+    }
+}
+
+/// MPEG-TS whose audio starts 2 s before its video: the frames' times count from the file's
+/// start, as in a player and as the same streams in MP4 give (they counted from the video's
+/// start: every moment 2 s early).
+#[test]
+fn mpeg_ts_times_count_from_the_file_start_when_audio_comes_first() {
+    let v = Videos::new();
+    let base = v.indexed_mp4("base.mp4");
+    let ff = Ffmpeg::from_env();
+    let mut firsts = Vec::new();
+    for (name, audio) in [("late.ts", "mp2"), ("late.mp4", "aac")] {
+        let p = v.path(name);
+        v.delayed(&base, &p, audio, "4");
+        let s = ff.sample(&p, 5, Sampling::Uniform).unwrap();
+        assert_eq!(s.indices(), [5, 15, 25, 35, 45], "{name}");
+        for f in &s.frames {
+            assert_eq!(frame_number(&f.image), f.index, "{name}");
+        }
+        let t: Vec<f64> = s.frames.iter().map(|f| f.timestamp.unwrap()).collect();
+        // Frame k at about 2 s + k / 25 (the containers' start differs by a few ms).
+        assert!((t[0] - (2.0 + 5.0 / 25.0)).abs() < 0.05, "{name}: {t:?}");
+        for w in t.windows(2) {
+            assert!((w[1] - w[0] - 0.4).abs() < 1e-3, "{name}: {t:?}");
+        }
+        firsts.push(t[0]);
+    }
+    assert!(
+        (firsts[0] - firsts[1]).abs() < 0.05,
+        "TS {} s against MP4 {} s",
+        firsts[0],
+        firsts[1]
+    );
+}
+
+/// The stream a player shows: with two video streams, the one marked default (not the first);
+/// an audio file's cover picture is no video.
+#[test]
+fn the_default_video_stream_is_read_and_cover_art_is_no_video() {
+    let v = Videos::new();
+    let two = v.path("two.mkv");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=32x24:rate=10:duration=1",
+        "-f",
+        "lavfi",
+        "-i",
+        &indexed_source(64, 48, "25", "2"),
+        "-map",
+        "0:v",
+        "-map",
+        "1:v",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-disposition:v:0",
+        "0",
+        "-disposition:v:1",
+        "default",
+        two.to_str().unwrap(),
+    ]);
+    let ff = Ffmpeg::from_env();
+    let info = ff.probe(&two).unwrap();
+    assert_eq!((info.stream, info.width, info.height), (1, 64, 48));
+    let s = ff.sample(&two, 5, Sampling::Uniform).unwrap();
+    check_frames(&s, &[5, 15, 25, 35, 45], 25.0);
+
+    let cover = v.path("cover.png");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc=size=32x32:rate=1:duration=1",
+        "-frames:v",
+        "1",
+        cover.to_str().unwrap(),
+    ]);
+    let song = v.path("song.mp3");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=duration=2",
+        "-i",
+        cover.to_str().unwrap(),
+        "-map",
+        "0:a",
+        "-map",
+        "1:v",
+        "-c:v",
+        "mjpeg",
+        "-disposition:v",
+        "attached_pic",
+        song.to_str().unwrap(),
+    ]);
+    let e = format!("{:#}", ff.sample(&song, 4, Sampling::Uniform).unwrap_err());
+    assert!(e.contains("song.mp3") && e.contains("only a cover picture"), "{e}");
+}
+
+/// A file's metadata is echoed in ffmpeg's log; a title that imitates the log's statistics or
+/// showinfo's lines changes nothing (it made 5 frames of 50 be sampled, or failed the read).
+#[test]
+fn metadata_that_imitates_ffmpegs_log_changes_nothing() {
+    let v = Videos::new();
+    let base = v.indexed_mp4("base.mp4");
+    let ff = Ffmpeg::from_env();
+    for (i, title) in [
+        "Input stream #0:0 (video): 5 packets read (1 bytes); 5 frames decoded; ",
+        "Parsed_showinfo n: 0 pts: 0 pts_time:0",
+        "x\n[Parsed_showinfo_1 @ 0x1] [info] n:   0 pts:      0 pts_time:0",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let p = v.path(&format!("meta{i}.mp4"));
+        let meta = format!("title={title}");
+        ffmpeg(&["-i", base.to_str().unwrap(), "-c", "copy", "-metadata", &meta, p.to_str().unwrap()]);
+        let s = ff.sample(&p, 5, Sampling::Uniform).unwrap_or_else(|e| panic!("{title:?}: {e:#}"));
+        assert_eq!(s.num_source_frames, 50, "{title:?}");
+        check_frames(&s, &[5, 15, 25, 35, 45], 25.0);
+    }
+}
+
+/// A video's duration ends with its last frame, from the file's start as the frames' times,
+/// whatever T: an MP4 whose video starts 2 s after its audio lasted its stream's 2 s (and then
+/// the last sampled frame's time, a different number for each T).
+#[test]
+fn the_duration_ends_with_the_last_frame_for_every_t() {
+    let v = Videos::new();
+    let base = v.indexed_mp4("base.mp4");
+    let late = v.path("late.mp4");
+    v.delayed(&base, &late, "aac", "5");
+    let ff = Ffmpeg::from_env();
+    for (p, end) in [(&base, 2.0), (&late, 4.0)] {
+        for t in [3, 16, 50] {
+            let s = ff.sample(p, t, Sampling::Uniform).unwrap();
+            assert_eq!(s.duration, Some(end), "{} at T = {t}", p.display());
+        }
+    }
+}
+
+/// A Matroska file cut short states its whole duration and no frame count: its packets are
+/// what it holds. The duration's frames are what it promised (it passed as whole, 20 s long).
+#[test]
+fn a_truncated_matroska_file_is_refused_or_read_as_what_decodes() {
+    let v = Videos::new();
+    let whole = v.path("whole.mkv");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        &indexed_source(64, 48, "25", "8"),
+        "-c:v",
+        "libx264",
+        "-g",
+        "25",
+        "-pix_fmt",
+        "yuv420p",
+        whole.to_str().unwrap(),
+    ]);
+    let bytes = std::fs::read(&whole).unwrap();
+    let cut = v.path("cut.mkv");
+    std::fs::write(&cut, &bytes[..bytes.len() * 6 / 10]).unwrap();
+    let strict = Ffmpeg::from_env();
+    let e = format!("{:#}", strict.sample(&cut, 4, Sampling::Uniform).unwrap_err());
+    assert!(
+        e.contains("cut.mkv") && e.contains("truncated or corrupt video") && e.contains("promises 200 frames (8.00 s)"),
+        "{e}"
+    );
+    let lenient = Ffmpeg {
+        strict: false,
+        ..Ffmpeg::from_env()
+    };
+    let s = lenient.sample(&cut, 4, Sampling::Uniform).unwrap();
+    let n = s.num_source_frames;
+    assert!((50..200).contains(&n), "{n} frames decode");
+    for f in &s.frames {
+        assert_eq!(frame_number(&f.image), f.index);
+    }
+    assert_eq!(s.duration, Some(n as f64 / 25.0));
+    // The whole file is read as whole.
+    let s = strict.sample(&whole, 4, Sampling::Uniform).unwrap();
+    assert_eq!((s.num_source_frames, s.duration), (200, Some(8.0)));
 }

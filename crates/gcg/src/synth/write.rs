@@ -187,7 +187,7 @@ fn encode_mp4(ff: &Ffmpeg, frames: &[image::RgbImage], fps: f64, path: &Path) ->
             "-an", "-c:v", "libx264", "-preset", "veryfast", "-crf", "16", "-pix_fmt", "yuv420p", "-threads", "1",
         ])
         .args(["-fflags", "+bitexact", "-flags:v", "+bitexact", "-map_metadata", "-1", "-f", "mp4"])
-        .arg(path)
+        .arg(crate::video::ffmpeg::file_url(path))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -1,12 +1,13 @@
 //! Video decoding through the `ffmpeg` / `ffprobe` command-line tools (subprocesses).
 //!
-//! * [`Ffmpeg::probe`]: `ffprobe -show_streams -show_format` (JSON) → size, fps, duration and the
+//! * [`Ffmpeg::probe`]: `ffprobe -show_streams -show_format` (JSON) → the video stream a player
+//!   shows (the default one, never a cover picture), its size, fps, start and length, and the
 //!   container's frame count (`nb_frames`), or a packet count (demuxing only) when the container
 //!   has none (WebM/Matroska) or one that disagrees with duration × fps.
 //! * [`Ffmpeg::decode_indices`]: ONE ffmpeg process per video; a `select` filter keeps the wanted
 //!   frame numbers (counted in presentation order after decoding), `showinfo` reports their
 //!   timestamps, and the frames come back as PPM images over a pipe (the PPM header carries the
-//!   size, so rotated or resized streams need no guessing). ffmpeg's final statistics
+//!   size, so rotated streams need no guessing). ffmpeg's final statistics
 //!   (`-v verbose`) give the number of frames actually decoded, which checks the container's
 //!   claim in the same pass. The `select` expression sums runs of consecutive frame numbers as a
 //!   balanced tree (ffmpeg refuses a flat sum of more than 100 terms), so any T takes one pass up
@@ -16,7 +17,11 @@
 //!   (`gcg bench decode`); it is slower for typical GOP lengths.
 //!
 //! Timestamps are the frames' presentation times in seconds from the start of the file (ffmpeg's
-//! default time shift), computed from the integer pts and the filter time base.
+//! default time shift, with the file's audio mapped too so that MPEG-TS counts from the file's
+//! start as well), computed from the integer pts and the filter time base. The video's duration
+//! ends with its last frame (decoded for its time). Files are named to ffmpeg as `file:` URLs of
+//! their absolute paths ([`file_url`]), and its log is read by its lines' own prefixes, never by
+//! text a file's metadata could imitate.
 
 use super::{Frame, SampledFrames, Sampling};
 use anyhow::{anyhow, bail, Context, Result};
@@ -39,17 +44,34 @@ pub enum CountSource {
     Decoded,
 }
 
-/// What `ffprobe` says about the first video stream of a file.
+/// What `ffprobe` says about the video stream of a file that a player shows (see
+/// [`Ffmpeg::probe`]).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VideoInfo {
     pub path: PathBuf,
+    /// The stream's index in the file (`-map 0:{stream}`).
+    #[serde(default)]
+    pub stream: usize,
+    /// How many audio streams the file has (decoding maps them as well, copied to nothing: an
+    /// MPEG-TS file's times then start where the file starts, as in a player, and not where its
+    /// video starts).
+    #[serde(default)]
+    pub audio_streams: usize,
     pub codec: String,
     pub width: u32,
     pub height: u32,
     /// Average frame rate (`avg_frame_rate`, else `r_frame_rate`); None when unknown.
     pub fps: Option<f64>,
-    /// Duration in seconds (stream, else container); None when unknown.
+    /// `r_frame_rate`: the rate at which every frame's time falls on a tick (for a variable frame
+    /// rate, its highest rate); None when unknown.
+    #[serde(default)]
+    pub tick_rate: Option<f64>,
+    /// The stream's own length in seconds (stream, else container); None when unknown.
     pub duration: Option<f64>,
+    /// Seconds from the file's start (where the frames' times count from) to the stream's start:
+    /// a video that begins after its audio (0 when they begin together).
+    #[serde(default)]
+    pub start: f64,
     /// The container's frame count (`nb_frames`), when it has one.
     pub container_frames: Option<usize>,
     /// The frame count used for sampling.
@@ -90,6 +112,16 @@ impl Default for Ffmpeg {
 
 const INSTALL_HINT: &str = "install FFmpeg (Debian/Ubuntu: `apt-get install ffmpeg`; Fedora: `dnf install ffmpeg`; \
 macOS: `brew install ffmpeg`; conda: `conda install -c conda-forge ffmpeg`) or point GCG_FFMPEG / GCG_FFPROBE at the executables";
+
+/// A file's path as ffmpeg and ffprobe must read it: `file:` and the absolute path. Given as is,
+/// a name is parsed as a URL or an option first: `file:y.mp4` opens y.mp4, `a:b.mp4` and
+/// `2024-01-01T10:22:33.mp4` are unknown protocols, `-x.mp4` is an option.
+pub fn file_url(path: &Path) -> std::ffi::OsString {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut url = std::ffi::OsString::from("file:");
+    url.push(abs.as_os_str());
+    url
+}
 
 /// Keep the last `n` lines of a tool's stderr (for error messages).
 fn tail(text: &str, n: usize) -> String {
@@ -198,7 +230,7 @@ impl Ffmpeg {
         let out = Command::new(&self.ffprobe)
             .args(["-v", "error", "-hide_banner"])
             .args(args)
-            .arg(path)
+            .arg(file_url(path))
             .stdin(Stdio::null())
             .output()
             .map_err(|e| self.spawn_error(&self.ffprobe, e))?;
@@ -219,10 +251,19 @@ impl Ffmpeg {
         if !path.is_file() {
             bail!("{}: no such video file", path.display());
         }
-        let (stdout, stderr) = self.ffprobe_run(path, &["-of", "json", "-show_streams", "-show_format", "-select_streams", "v:0"])?;
+        let (stdout, stderr) = self.ffprobe_run(path, &["-of", "json", "-show_streams", "-show_format"])?;
         let v: serde_json::Value =
             serde_json::from_str(&stdout).with_context(|| format!("{}: cannot parse ffprobe's JSON output", path.display()))?;
-        let stream = v.get("streams").and_then(|s| s.as_array()).and_then(|s| s.first()).ok_or_else(|| {
+        let streams: &[serde_json::Value] = v.get("streams").and_then(|s| s.as_array()).map_or(&[], |s| s.as_slice());
+        let kind = |s: &serde_json::Value| json_str(s, "codec_type").unwrap_or_default().to_string();
+        let flag = |s: &serde_json::Value, name: &str| s.get("disposition").and_then(|d| d.get(name)).and_then(|x| x.as_i64()) == Some(1);
+        // The stream a player shows: a video stream that is not a cover picture, the one marked
+        // default if any, else the first.
+        let videos: Vec<&serde_json::Value> = streams.iter().filter(|s| kind(s) == "video" && !flag(s, "attached_pic")).collect();
+        let covers = streams.iter().filter(|s| kind(s) == "video").count() - videos.len();
+        let audio_streams = streams.iter().filter(|s| kind(s) == "audio").count();
+        let chosen = videos.iter().find(|s| flag(s, "default")).or(videos.first()).copied();
+        let stream = chosen.ok_or_else(|| {
             let said = tail(&stderr, 4);
             let said = if said.trim().is_empty() {
                 String::new()
@@ -235,13 +276,16 @@ impl Ffmpeg {
                 .and_then(|n| n.as_u64())
                 .unwrap_or(0)
                 > 0;
-            let what = if has_audio {
+            let what = if covers > 0 {
+                "it has no video stream, only a cover picture (audio only?)"
+            } else if has_audio {
                 "it has no video stream (audio only?)"
             } else {
                 "no video stream found"
             };
             anyhow!("{}: {what}{said}", path.display())
         })?;
+        let index = stream.get("index").and_then(|x| x.as_u64()).unwrap_or(0) as usize;
         let codec = json_str(stream, "codec_name").unwrap_or("unknown").to_string();
         let width = stream.get("width").and_then(|x| x.as_u64()).unwrap_or(0) as u32;
         let height = stream.get("height").and_then(|x| x.as_u64()).unwrap_or(0) as u32;
@@ -251,9 +295,8 @@ impl Ffmpeg {
                 path.display()
             );
         }
-        let fps = json_str(stream, "avg_frame_rate")
-            .and_then(parse_rate)
-            .or_else(|| json_str(stream, "r_frame_rate").and_then(parse_rate));
+        let tick_rate = json_str(stream, "r_frame_rate").and_then(parse_rate);
+        let fps = json_str(stream, "avg_frame_rate").and_then(parse_rate).or(tick_rate);
         let tag_duration = stream.get("tags").and_then(|t| t.as_object()).and_then(|t| {
             t.iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case("duration"))
@@ -266,10 +309,15 @@ impl Ffmpeg {
         let matroska = format
             .and_then(|f| json_str(f, "format_name"))
             .is_some_and(|n| n.contains("matroska"));
-        let start = json_str(stream, "start_time")
-            .or_else(|| format.and_then(|f| json_str(f, "start_time")))
-            .and_then(parse_seconds)
-            .filter(|&t| matroska && t > 0.0);
+        // Start times may be 0 or negative (parse_seconds takes lengths: > 0).
+        let start_time = |v: &serde_json::Value| {
+            json_str(v, "start_time")
+                .and_then(|t| t.trim().parse::<f64>().ok())
+                .filter(|t| t.is_finite())
+        };
+        let stream_start = start_time(stream);
+        let format_start = format.and_then(start_time);
+        let start = stream_start.or(format_start).filter(|&t| matroska && t > 0.0);
         let duration = json_str(stream, "duration").and_then(parse_seconds).or_else(|| {
             let end = tag_duration.or_else(|| format.and_then(|f| json_str(f, "duration")).and_then(parse_seconds))?;
             Some(match start {
@@ -277,6 +325,10 @@ impl Ffmpeg {
                 _ => end,
             })
         });
+        let offset = match (stream_start, format_start) {
+            (Some(s), Some(f)) if s > f => s - f,
+            _ => 0.0,
+        };
         let container_frames = json_str(stream, "nb_frames")
             .and_then(|s| s.parse::<usize>().ok())
             .filter(|&n| n > 0);
@@ -289,19 +341,21 @@ impl Ffmpeg {
             None => true,
         };
         let (num_frames, count_source) = if self.exact_count {
-            (self.count_decoded(path)?, CountSource::Decoded)
+            (self.count_decoded(path, index)?, CountSource::Decoded)
         } else {
             match container_frames {
                 Some(n) if plausible(n) => (n, CountSource::Container),
                 _ => {
                     if let Some(n) = container_frames {
-                        tracing::warn!(
+                        // Common for a variable frame rate, whose average rate is not frames
+                        // over duration; the decoding checks the count in any case.
+                        tracing::info!(
                             "{}: container says {n} frames but duration × fps = {:.1}; counting packets",
                             path.display(),
                             expected.unwrap_or(f64::NAN)
                         );
                     }
-                    (self.count_packets(path)?, CountSource::Packets)
+                    (self.count_packets(path, index)?, CountSource::Packets)
                 }
             }
         };
@@ -310,25 +364,30 @@ impl Ffmpeg {
         }
         Ok(VideoInfo {
             path: path.to_path_buf(),
+            stream: index,
+            audio_streams,
             codec,
             width,
             height,
             fps,
+            tick_rate,
             duration,
+            start: offset,
             container_frames,
             num_frames,
             count_source,
         })
     }
 
-    /// Number of video packets (demuxing only; equals the frame count for common codecs).
-    pub fn count_packets(&self, path: &Path) -> Result<usize> {
+    /// Number of packets of stream `stream` (demuxing only; equals the frame count for common
+    /// codecs).
+    pub fn count_packets(&self, path: &Path, stream: usize) -> Result<usize> {
         let (out, _) = self.ffprobe_run(
             path,
             &[
                 "-count_packets",
                 "-select_streams",
-                "v:0",
+                &stream.to_string(),
                 "-show_entries",
                 "stream=nb_read_packets",
                 "-of",
@@ -340,13 +399,13 @@ impl Ffmpeg {
 
     /// Number of frames by decoding the whole stream (exact, slower). Fails on decoder errors
     /// when `strict` is set and the count falls short of the container's claim.
-    pub fn count_decoded(&self, path: &Path) -> Result<usize> {
+    pub fn count_decoded(&self, path: &Path, stream: usize) -> Result<usize> {
         let (out, _) = self.ffprobe_run(
             path,
             &[
                 "-count_frames",
                 "-select_streams",
-                "v:0",
+                &stream.to_string(),
                 "-show_entries",
                 "stream=nb_read_frames",
                 "-of",
@@ -384,6 +443,16 @@ impl Ffmpeg {
         cmd.args(["-f", "image2pipe", "-c:v", "ppm", "-pix_fmt", "rgb24", "pipe:1"]);
     }
 
+    /// A second output that copies the file's audio to nothing. ffmpeg counts time from the
+    /// first packet it reads of the streams it maps; with the video alone, an MPEG-TS (or -PS)
+    /// file whose audio starts first would have its frames' times counted from the video's start
+    /// (2 s early for video 2 s after the audio), where a player counts from the file's start.
+    fn audio_alongside(&self, info: &VideoInfo, cmd: &mut Command) {
+        if info.audio_streams > 0 {
+            cmd.args(["-map", "0:a", "-c:a", "copy", "-vn", "-sn", "-dn", "-f", "null", "-"]);
+        }
+    }
+
     fn base_command(&self) -> Command {
         let mut cmd = Command::new(&self.ffmpeg);
         cmd.args(["-nostdin", "-hide_banner", "-nostats", "-loglevel", "level+verbose"]);
@@ -397,14 +466,14 @@ impl Ffmpeg {
     /// for up to [`MAX_SELECT_TERMS`] runs of consecutive indices (any T in practice), one more
     /// per further such batch. Indices past the end of the stream are simply absent from the
     /// result.
-    pub fn decode_indices(&self, path: &Path, indices: &[usize]) -> Result<Decoded> {
+    pub fn decode_indices(&self, info: &VideoInfo, indices: &[usize]) -> Result<Decoded> {
         let wanted = unique(indices);
         if wanted.is_empty() {
-            bail!("decode_indices: no frame indices requested for {}", path.display());
+            bail!("decode_indices: no frame indices requested for {}", info.path.display());
         }
         let mut out: Option<Decoded> = None;
         for batch in index_runs(&wanted).chunks(MAX_SELECT_TERMS) {
-            let part = self.decode_runs(path, batch)?;
+            let part = self.decode_runs(info, batch)?;
             match &mut out {
                 None => out = Some(part),
                 // Every pass decodes the whole stream: its count and errors are the first pass's.
@@ -415,13 +484,15 @@ impl Ffmpeg {
     }
 
     /// One ffmpeg process that keeps the frames of `runs` (sorted, disjoint, inclusive ranges).
-    fn decode_runs(&self, path: &Path, runs: &[(usize, usize)]) -> Result<Decoded> {
+    fn decode_runs(&self, info: &VideoInfo, runs: &[(usize, usize)]) -> Result<Decoded> {
+        let path = info.path.as_path();
         let wanted: Vec<usize> = runs.iter().flat_map(|&(a, b)| a..=b).collect();
         let filter = format!("select='{}',showinfo", select_expr(runs));
         let mut cmd = self.base_command();
-        cmd.arg("-i").arg(path);
-        cmd.args(["-map", "0:v:0", "-an", "-sn", "-dn", "-vf", &filter]);
+        cmd.arg("-i").arg(file_url(path));
+        cmd.args(["-map", &format!("0:{}", info.stream), "-an", "-sn", "-dn", "-vf", &filter]);
         self.ppm_output(&mut cmd);
+        self.audio_alongside(info, &mut cmd);
         let (images, stderr, status) = self.run_ppm(cmd)?;
         if !status.success() {
             bail!(
@@ -457,12 +528,14 @@ impl Ffmpeg {
 
     /// Decode one frame at each timestamp by seeking (one ffmpeg process per frame; the frame
     /// shown at `t`, i.e. the first with pts ≥ t). For comparison with [`Ffmpeg::decode_indices`].
-    pub fn decode_seek(&self, path: &Path, timestamps: &[f64]) -> Result<Vec<(RgbImage, Option<f64>)>> {
+    pub fn decode_seek(&self, info: &VideoInfo, timestamps: &[f64]) -> Result<Vec<(RgbImage, Option<f64>)>> {
+        let path = info.path.as_path();
         let mut out = Vec::with_capacity(timestamps.len());
         for &t in timestamps {
             let mut cmd = self.base_command();
-            cmd.args(["-ss", &format!("{:.6}", t.max(0.0))]).arg("-i").arg(path);
-            cmd.args(["-map", "0:v:0", "-an", "-sn", "-dn", "-frames:v", "1", "-vf", "showinfo"]);
+            cmd.args(["-ss", &format!("{:.6}", t.max(0.0))]).arg("-i").arg(file_url(path));
+            let map = format!("0:{}", info.stream);
+            cmd.args(["-map", &map, "-an", "-sn", "-dn", "-frames:v", "1", "-vf", "showinfo"]);
             self.ppm_output(&mut cmd);
             let (mut images, stderr, status) = self.run_ppm(cmd)?;
             if !status.success() || images.is_empty() {
@@ -523,23 +596,29 @@ impl Ffmpeg {
         let mut info = self.probe(path)?;
         // What the container promises: its frame count, or duration × fps; with a count from
         // decoding (`exact_count`) the probe's number is already the decoder's.
+        let by_duration = match (info.duration, info.fps) {
+            (Some(d), Some(f)) => Some((d * f).round() as usize),
+            _ => None,
+        };
         let promised = match info.count_source {
-            CountSource::Decoded => info.container_frames.or_else(|| match (info.duration, info.fps) {
-                (Some(d), Some(f)) => Some((d * f).round() as usize),
-                _ => None,
-            }),
+            CountSource::Decoded => info.container_frames.or(by_duration),
             _ => Some(info.num_frames),
         };
-        let promised_duration = info.duration;
         let mut indices = super::sample_indices(info.num_frames, t, sampling);
-        let mut decoded = self.decode_indices(path, &unique(&indices))?;
+        // The sampled frames and the last one, whose time gives the video's end.
+        let with_last = |indices: &[usize], n: usize| {
+            let mut all = indices.to_vec();
+            all.push(n.saturating_sub(1));
+            unique(&all)
+        };
+        let mut decoded = self.decode_indices(&info, &with_last(&indices, info.num_frames))?;
         let mut total = decoded.total_decoded;
         if total.is_none() && info.count_source == CountSource::Decoded {
             total = Some(info.num_frames);
         }
-        if total.is_none() && decoded.frames.len() < unique(&indices).len() {
+        if total.is_none() && decoded.frames.len() < with_last(&indices, info.num_frames).len() {
             // This ffmpeg does not print decode statistics: count by decoding.
-            total = Some(self.count_decoded(path)?);
+            total = Some(self.count_decoded(path, info.stream)?);
         }
         if let Some(n) = total {
             if n == 0 {
@@ -549,13 +628,17 @@ impl Ffmpeg {
                     tail(&decoded.error_lines.join("\n"), 8)
                 );
             }
-            if let Some(claimed) = promised.filter(|&c| n < c && !decoded.error_lines.is_empty()) {
-                let secs = |d: Option<f64>| d.map(|d| format!(" ({d:.2} s)")).unwrap_or_default();
+            // A count from packets (Matroska, WebM, AVI) is what the file holds, not what it was
+            // meant to hold: a file cut short still promises its duration's frames.
+            let from_packets = by_duration.filter(|&c| info.count_source == CountSource::Packets && c as f64 > 1.02 * n as f64 + 2.0);
+            let short = promised.filter(|&c| n < c).or(from_packets);
+            if let Some(claimed) = short.filter(|_| !decoded.error_lines.is_empty()) {
+                let secs = |frames: usize| info.fps.map(|f| format!(" ({:.2} s)", frames as f64 / f)).unwrap_or_default();
                 let what = format!(
                     "{}: truncated or corrupt video: the container promises {claimed} frames{} but only {n} decode{}",
                     path.display(),
-                    secs(promised_duration),
-                    secs(info.fps.map(|f| n as f64 / f))
+                    secs(claimed),
+                    secs(n)
                 );
                 if self.strict {
                     bail!(
@@ -565,7 +648,7 @@ impl Ffmpeg {
                 }
                 tracing::warn!("{what}; using the {n} decodable frames (timestamps and duration are theirs)");
             }
-            if n < promised.unwrap_or(n) {
+            if n < short.filter(|_| !decoded.error_lines.is_empty()).or(promised).unwrap_or(n) {
                 // The container's duration covers frames that do not decode.
                 if let Some(f) = info.fps {
                     info.duration = Some(info.duration.map_or(n as f64 / f, |d| d.min(n as f64 / f)));
@@ -581,9 +664,7 @@ impl Ffmpeg {
                 info.num_frames = n;
                 info.count_source = CountSource::Decoded;
                 let new_indices = super::sample_indices(n, t, sampling);
-                if unique(&new_indices) != unique(&indices) {
-                    decoded = self.decode_indices(path, &unique(&new_indices))?;
-                }
+                decoded = self.decode_indices(&info, &with_last(&new_indices, n))?;
                 indices = new_indices;
             }
         }
@@ -618,17 +699,24 @@ impl Ffmpeg {
                 unique(&indices).len()
             );
         }
-        let mut duration = info.duration.or_else(|| info.fps.map(|f| info.num_frames as f64 / f));
-        // A variable-frame-rate stream can state a duration that ends before its own frames:
-        // the video lasts at least until its last decoded frame.
-        let last = frames.iter().filter_map(|f| f.timestamp).fold(f64::NEG_INFINITY, f64::max);
-        if let Some(d) = duration.filter(|&d| last > d) {
-            tracing::warn!(
-                "{}: the stated duration {d:.2} s ends before its frame at {last:.2} s (variable frame rate?); using {last:.2} s",
-                path.display()
-            );
-            duration = Some(last);
-        }
+        // The video ends when its last frame does: its time (from the file's start, as every
+        // frame's) plus one frame at the higher of the average and the tick rate (a variable
+        // rate's average would add a long frame). Containers' durations are not used when it is
+        // known: they leave out a video's start after its audio, or keep a stale length.
+        let last_frame = by_index.get(&(info.num_frames - 1)).and_then(|(_, ts)| *ts);
+        let stated = info
+            .duration
+            .or_else(|| info.fps.map(|f| info.num_frames as f64 / f))
+            .map(|d| info.start + d);
+        let latest = frames.iter().filter_map(|f| f.timestamp).fold(f64::NEG_INFINITY, f64::max);
+        let duration = match last_frame {
+            Some(t) => {
+                let rate = info.fps.into_iter().chain(info.tick_rate).fold(0.0, f64::max);
+                Some(t + if rate > 0.0 { 1.0 / rate } else { 0.0 })
+            }
+            // Without the last frame's time: the stated length, or at least the latest frame's.
+            None => stated.map(|d| d.max(latest)).or((latest > 0.0).then_some(latest)),
+        };
         Ok(SampledFrames {
             source: path.to_path_buf(),
             frames,
@@ -720,7 +808,9 @@ fn parse_showinfo(stderr: &str) -> Vec<Option<f64>> {
     let mut time_base: Option<(f64, f64)> = None;
     let mut out = Vec::new();
     for line in stderr.lines() {
-        if !line.contains("Parsed_showinfo") {
+        // The filter's own lines start with its log context; a file's metadata (echoed in the
+        // input's description) can hold any text but never starts a line.
+        if !line.starts_with("[Parsed_showinfo_") {
             continue;
         }
         if let Some(rest) = line.split("config in time_base:").nth(1) {
@@ -751,15 +841,19 @@ fn parse_showinfo(stderr: &str) -> Vec<Option<f64>> {
     out
 }
 
-/// `N frames decoded` from ffmpeg's verbose final statistics for input stream 0.
+/// `N frames decoded` from ffmpeg's verbose final statistics for input stream 0: the last such
+/// line, whose text (after the `[level]` tag) starts with `Input stream #0:` (a file's metadata,
+/// echoed earlier, can hold the same words but is indented under `Metadata:`).
 fn parse_total_decoded(stderr: &str) -> Option<usize> {
     stderr
         .lines()
-        .filter(|l| l.contains("Input stream #0:") && l.contains("frames decoded"))
-        .find_map(|l| {
-            let before = l.split("frames decoded").next()?;
+        .filter_map(|l| {
+            let text = l.strip_prefix("[verbose]").or_else(|| l.strip_prefix("[info]")).unwrap_or(l);
+            let text = text.trim_start_matches(' ');
+            let (before, _) = text.strip_prefix("Input stream #0:")?.split_once("frames decoded")?;
             before.split(';').next_back()?.split_whitespace().last()?.parse().ok()
         })
+        .last()
 }
 
 fn read_token<R: BufRead>(r: &mut R) -> Result<Option<String>> {
