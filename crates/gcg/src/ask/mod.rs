@@ -286,15 +286,16 @@ impl Asker {
         let embed_dim = front.image.config.embed_dim;
         let built = build_model(cfg, embed_dim)?;
         // Everything that changes the cached features: the networks, the frames (sampling, T,
-        // lenient decoding) and the arithmetic (dtype, device).
+        // lenient decoding, the rules of reading a video) and the arithmetic (dtype, device).
         let mut fingerprint = crate::util::Fnv64::default();
         fingerprint.update(
             format!(
-                "{}\n{}\n{sampling}\n{t}\n{dtype:?}\n{}\nlenient {}",
+                "{}\n{}\n{sampling}\n{t}\n{dtype:?}\n{}\nlenient {}\nreading rules {}",
                 front.models,
                 front.text_encoder,
                 cfg.device.name(),
-                opts.lenient
+                opts.lenient,
+                crate::video::READING_RULES
             )
             .as_bytes(),
         );
@@ -310,6 +311,7 @@ impl Asker {
                 "dtype": format!("{dtype:?}"),
                 "device": cfg.device.name(),
                 "lenient": opts.lenient,
+                "reading_rules": crate::video::READING_RULES,
             }))?;
             crate::util::write_atomic(&about, text.as_bytes())?;
         }
