@@ -1160,3 +1160,69 @@ fn a_truncated_matroska_file_is_refused_or_read_as_what_decodes() {
     let s = strict.sample(&whole, 4, Sampling::Uniform).unwrap();
     assert_eq!((s.num_source_frames, s.duration), (200, Some(8.0)));
 }
+
+/// An MPEG-TS that announces an audio track it never fills (as broadcast captures do): ffmpeg
+/// refuses to copy a track without a sample rate, so it is left out of the audio mapped beside
+/// the video. And audio that ffmpeg cannot copy for any other reason (here: a wrapper that
+/// fails every run with a second output) costs the video nothing: it is read alone.
+#[test]
+fn audio_that_cannot_be_copied_costs_the_video_nothing() {
+    let v = Videos::new();
+    let full = v.path("av.ts");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        &indexed_source(64, 48, "25", "2"),
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=duration=2",
+        "-map",
+        "0:v",
+        "-map",
+        "1:a",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "mp2",
+        full.to_str().unwrap(),
+    ]);
+    // The audio's packets (PID 0x101, ffmpeg's second stream) dropped; its PMT entry stays.
+    let bytes = std::fs::read(&full).unwrap();
+    let kept: Vec<u8> = bytes
+        .chunks(188)
+        .filter(|p| ((p[1] as usize & 0x1f) << 8 | p[2] as usize) != 0x101)
+        .flatten()
+        .copied()
+        .collect();
+    assert!(kept.len() < bytes.len(), "no audio packets were dropped");
+    let empty = v.path("empty_audio.ts");
+    std::fs::write(&empty, kept).unwrap();
+    let ff = Ffmpeg::from_env();
+    let info = ff.probe(&empty).unwrap();
+    assert!(info.audio_streams.is_empty(), "{:?}", info.audio_streams);
+    assert_eq!(ff.probe(&full).unwrap().audio_streams, [1]);
+    let s = ff.sample(&empty, 5, Sampling::Uniform).unwrap();
+    check_frames(&s, &[5, 15, 25, 35, 45], 25.0);
+
+    let wrapper = v.path("ffmpeg_without_null.sh");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = null ] && { echo '[error] cannot copy that audio' >&2; exit 1; }; done\nexec ffmpeg \"$@\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let failing = Ffmpeg {
+        ffmpeg: wrapper,
+        ..Ffmpeg::from_env()
+    };
+    let s = failing.sample(&full, 5, Sampling::Uniform).unwrap();
+    assert_eq!(s.indices(), [5, 15, 25, 35, 45]);
+    for f in &s.frames {
+        assert_eq!(frame_number(&f.image), f.index);
+    }
+}

@@ -52,11 +52,11 @@ pub struct VideoInfo {
     /// The stream's index in the file (`-map 0:{stream}`).
     #[serde(default)]
     pub stream: usize,
-    /// How many audio streams the file has (decoding maps them as well, copied to nothing: an
-    /// MPEG-TS file's times then start where the file starts, as in a player, and not where its
-    /// video starts).
+    /// The file's audio streams that carry audio (a sample rate), by index. Decoding maps them
+    /// as well, copied to nothing: an MPEG-TS file's times then start where the file starts, as
+    /// in a player, and not where its video starts.
     #[serde(default)]
-    pub audio_streams: usize,
+    pub audio_streams: Vec<usize>,
     pub codec: String,
     pub width: u32,
     pub height: u32,
@@ -261,7 +261,13 @@ impl Ffmpeg {
         // default if any, else the first.
         let videos: Vec<&serde_json::Value> = streams.iter().filter(|s| kind(s) == "video" && !flag(s, "attached_pic")).collect();
         let covers = streams.iter().filter(|s| kind(s) == "video").count() - videos.len();
-        let audio_streams = streams.iter().filter(|s| kind(s) == "audio").count();
+        // An audio stream listed without audio (MPEG-TS announces tracks it may never fill)
+        // has no sample rate; ffmpeg refuses to copy it.
+        let audio_streams: Vec<usize> = streams
+            .iter()
+            .filter(|s| kind(s) == "audio" && json_str(s, "sample_rate").and_then(|r| r.parse::<u32>().ok()).unwrap_or(0) > 0)
+            .filter_map(|s| s.get("index").and_then(|i| i.as_u64()).map(|i| i as usize))
+            .collect();
         let chosen = videos.iter().find(|s| flag(s, "default")).or(videos.first()).copied();
         let stream = chosen.ok_or_else(|| {
             let said = tail(&stderr, 4);
@@ -448,9 +454,13 @@ impl Ffmpeg {
     /// file whose audio starts first would have its frames' times counted from the video's start
     /// (2 s early for video 2 s after the audio), where a player counts from the file's start.
     fn audio_alongside(&self, info: &VideoInfo, cmd: &mut Command) {
-        if info.audio_streams > 0 {
-            cmd.args(["-map", "0:a", "-c:a", "copy", "-vn", "-sn", "-dn", "-f", "null", "-"]);
+        if info.audio_streams.is_empty() {
+            return;
         }
+        for i in &info.audio_streams {
+            cmd.args(["-map", &format!("0:{i}")]);
+        }
+        cmd.args(["-c:a", "copy", "-vn", "-sn", "-dn", "-f", "null", "-"]);
     }
 
     fn base_command(&self) -> Command {
@@ -488,12 +498,29 @@ impl Ffmpeg {
         let path = info.path.as_path();
         let wanted: Vec<usize> = runs.iter().flat_map(|&(a, b)| a..=b).collect();
         let filter = format!("select='{}',showinfo", select_expr(runs));
-        let mut cmd = self.base_command();
-        cmd.arg("-i").arg(file_url(path));
-        cmd.args(["-map", &format!("0:{}", info.stream), "-an", "-sn", "-dn", "-vf", &filter]);
-        self.ppm_output(&mut cmd);
-        self.audio_alongside(info, &mut cmd);
-        let (images, stderr, status) = self.run_ppm(cmd)?;
+        let command = |audio: bool| {
+            let mut cmd = self.base_command();
+            cmd.arg("-i").arg(file_url(path));
+            cmd.args(["-map", &format!("0:{}", info.stream), "-an", "-sn", "-dn", "-vf", &filter]);
+            self.ppm_output(&mut cmd);
+            if audio {
+                self.audio_alongside(info, &mut cmd);
+            }
+            cmd
+        };
+        let audio = !info.audio_streams.is_empty();
+        let (mut images, mut stderr, mut status) = self.run_ppm(command(audio))?;
+        if !status.success() && audio {
+            // Audio that cannot even be copied must not cost the video: read it alone (for
+            // MPEG-TS its times may then count from the video's start).
+            let errors: Vec<&str> = stderr.lines().filter(|l| is_error_line(l)).collect();
+            tracing::warn!(
+                "{}: ffmpeg failed with the file's audio mapped beside the video; reading the video alone ({})",
+                path.display(),
+                tail(&errors.join("\n"), 3)
+            );
+            (images, stderr, status) = self.run_ppm(command(false))?;
+        }
         if !status.success() {
             bail!(
                 "{}: ffmpeg could not decode the video ({status}): {}",
