@@ -237,7 +237,7 @@ fn mp4_of_frames(frames: &Path, out: &Path) -> Result<()> {
         .args(["-nostdin", "-loglevel", "error", "-y", "-framerate", "4", "-i"])
         .arg(frames.join("frame_%d.jpg"))
         .args(["-c:v", "libx264", "-pix_fmt", "yuv420p"])
-        .arg(out)
+        .arg(gcg::video::ffmpeg::file_url(out))
         .output()
         .with_context(|| format!("running {} (install ffmpeg: apt-get install ffmpeg)", ff.ffmpeg.display()))?;
     ensure!(

@@ -1142,7 +1142,7 @@ fn a_truncated_matroska_file_is_refused_or_read_as_what_decodes() {
     let strict = Ffmpeg::from_env();
     let e = format!("{:#}", strict.sample(&cut, 4, Sampling::Uniform).unwrap_err());
     assert!(
-        e.contains("cut.mkv") && e.contains("truncated or corrupt video") && e.contains("promises 200 frames (8.00 s)"),
+        e.contains("cut.mkv") && e.contains("truncated or corrupt video") && e.contains("says it lasts 8.00 s"),
         "{e}"
     );
     let lenient = Ffmpeg {
@@ -1224,5 +1224,66 @@ fn audio_that_cannot_be_copied_costs_the_video_nothing() {
     assert_eq!(s.indices(), [5, 15, 25, 35, 45]);
     for f in &s.frames {
         assert_eq!(frame_number(&f.image), f.index);
+    }
+}
+
+/// A whole variable-frame-rate Matroska file is no truncated one, also when ffmpeg's log holds
+/// an error-looking line: its nominal rate times its duration is far more frames than it has
+/// (a count rule refused it), and an "[error]" in its title is the title, not an error.
+#[test]
+fn a_whole_variable_rate_matroska_file_with_an_error_looking_title_is_read() {
+    let v = Videos::new();
+    let vfr = v.path("vfr.mkv");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        &indexed_source(64, 48, "25", "8"),
+        "-vf",
+        "setpts='if(lt(N,100),N/25,4+(N-100)*2/25)/TB'",
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-metadata",
+        "title=[error] spoof",
+        vfr.to_str().unwrap(),
+    ]);
+    let s = Ffmpeg::from_env().sample(&vfr, 4, Sampling::Uniform).unwrap();
+    assert_eq!(s.num_source_frames, 200);
+    for f in &s.frames {
+        assert_eq!(frame_number(&f.image), f.index);
+    }
+    // Its last frame is at 4 + 99 × 0.08 = 11.92 s.
+    assert!(s.duration.unwrap() > 11.92, "{:?}", s.duration);
+}
+
+/// A GIF that holds its last picture for seconds lasts as its container says, past its last
+/// frame's time plus one frame.
+#[test]
+fn a_gif_that_holds_its_last_frame_lasts_as_stated() {
+    let v = Videos::new();
+    for (name, colour) in [("a.png", "red"), ("b.png", "blue")] {
+        let src = format!("color=c={colour}:s=32x32");
+        ffmpeg(&["-f", "lavfi", "-i", &src, "-frames:v", "1", v.path(name).to_str().unwrap()]);
+    }
+    let list = v.path("list.txt");
+    std::fs::write(&list, "file 'a.png'\nduration 0.5\nfile 'b.png'\nduration 3\nfile 'b.png'\n").unwrap();
+    let gif = v.path("hold.gif");
+    ffmpeg(&[
+        "-f",
+        "concat",
+        "-i",
+        list.to_str().unwrap(),
+        "-fps_mode",
+        "vfr",
+        gif.to_str().unwrap(),
+    ]);
+    let ff = Ffmpeg::from_env();
+    let stated = ff.probe(&gif).unwrap().duration.unwrap();
+    assert!(stated > 6.0, "{stated}");
+    for t in [2, 3, 8] {
+        let s = ff.sample(&gif, t, Sampling::Uniform).unwrap();
+        assert_eq!(s.duration, Some(stated), "T = {t}");
     }
 }

@@ -131,7 +131,29 @@ fn tail(text: &str, n: usize) -> String {
 }
 
 fn is_error_line(line: &str) -> bool {
-    line.contains("[error]") || line.contains("[fatal]") || line.contains("[panic]")
+    matches!(log_line(line).0, Some("error" | "fatal" | "panic"))
+}
+
+/// A line of ffmpeg's log (`-loglevel level+…`) as its level tag and its text: the leading
+/// `[name @ 0x…]` context tags (FFmpeg 6.1+ also `[in#0/mov,… @ 0x…]`) and the `[level]` tag
+/// come off. Text from a file (its metadata, echoed in the input's description) is never a tag.
+fn log_line(line: &str) -> (Option<&str>, &str) {
+    let mut rest = line;
+    while let Some(tag) = rest.strip_prefix('[').and_then(|r| r.split_once("] ")) {
+        if tag.0.contains(" @ ") {
+            rest = tag.1;
+            continue;
+        }
+        let level = matches!(
+            tag.0,
+            "quiet" | "panic" | "fatal" | "error" | "warning" | "info" | "verbose" | "debug" | "trace"
+        );
+        if level {
+            return (Some(tag.0), tag.1);
+        }
+        break;
+    }
+    (None, rest)
 }
 
 /// Parse `"30000/1001"` or `"25"`; None for `0/0`, zero or garbage.
@@ -454,9 +476,6 @@ impl Ffmpeg {
     /// file whose audio starts first would have its frames' times counted from the video's start
     /// (2 s early for video 2 s after the audio), where a player counts from the file's start.
     fn audio_alongside(&self, info: &VideoInfo, cmd: &mut Command) {
-        if info.audio_streams.is_empty() {
-            return;
-        }
         for i in &info.audio_streams {
             cmd.args(["-map", &format!("0:{i}")]);
         }
@@ -512,14 +531,17 @@ impl Ffmpeg {
         let (mut images, mut stderr, mut status) = self.run_ppm(command(audio))?;
         if !status.success() && audio {
             // Audio that cannot even be copied must not cost the video: read it alone (for
-            // MPEG-TS its times may then count from the video's start).
-            let errors: Vec<&str> = stderr.lines().filter(|l| is_error_line(l)).collect();
-            tracing::warn!(
-                "{}: ffmpeg failed with the file's audio mapped beside the video; reading the video alone ({})",
-                path.display(),
-                tail(&errors.join("\n"), 3)
-            );
+            // MPEG-TS its times may then count from the video's start). A video that fails
+            // alone too is reported by that run's errors.
+            let errors: Vec<String> = stderr.lines().filter(|l| is_error_line(l)).map(String::from).collect();
             (images, stderr, status) = self.run_ppm(command(false))?;
+            if status.success() {
+                tracing::warn!(
+                    "{}: ffmpeg failed with the file's audio mapped beside the video; read the video alone ({})",
+                    path.display(),
+                    tail(&errors.join("\n"), 3)
+                );
+            }
         }
         if !status.success() {
             bail!(
@@ -631,6 +653,12 @@ impl Ffmpeg {
             CountSource::Decoded => info.container_frames.or(by_duration),
             _ => Some(info.num_frames),
         };
+        // One frame's length at the higher of the average and the tick rate (a variable rate's
+        // average would make the last frame long).
+        let rate = info.fps.into_iter().chain(info.tick_rate).fold(0.0, f64::max);
+        let frame_len = if rate > 0.0 { 1.0 / rate } else { 0.0 };
+        let stated_end = info.duration.map(|d| info.start + d);
+        let mut truncated = false;
         let mut indices = super::sample_indices(info.num_frames, t, sampling);
         // The sampled frames and the last one, whose time gives the video's end.
         let with_last = |indices: &[usize], n: usize| {
@@ -655,18 +683,36 @@ impl Ffmpeg {
                     tail(&decoded.error_lines.join("\n"), 8)
                 );
             }
+            let short = promised.filter(|&c| n < c);
             // A count from packets (Matroska, WebM, AVI) is what the file holds, not what it was
-            // meant to hold: a file cut short still promises its duration's frames.
-            let from_packets = by_duration.filter(|&c| info.count_source == CountSource::Packets && c as f64 > 1.02 * n as f64 + 2.0);
-            let short = promised.filter(|&c| n < c).or(from_packets);
-            if let Some(claimed) = short.filter(|_| !decoded.error_lines.is_empty()) {
+            // meant to: a file cut short ends, by its last frame's time, well before its stated
+            // end (a count from its duration and nominal rate would be wrong at a variable rate).
+            let last_end = decoded
+                .frames
+                .iter()
+                .find(|f| f.0 == n - 1)
+                .and_then(|f| f.2)
+                .map(|t| t + frame_len);
+            let ends_early = match (info.count_source, stated_end, last_end) {
+                (CountSource::Packets, Some(s), Some(e)) if s - e > (0.05 * s).max(1.0) => Some((s, e)),
+                _ => None,
+            };
+            truncated = !decoded.error_lines.is_empty() && (short.is_some() || ends_early.is_some());
+            if truncated {
                 let secs = |frames: usize| info.fps.map(|f| format!(" ({:.2} s)", frames as f64 / f)).unwrap_or_default();
-                let what = format!(
-                    "{}: truncated or corrupt video: the container promises {claimed} frames{} but only {n} decode{}",
-                    path.display(),
-                    secs(claimed),
-                    secs(n)
-                );
+                let what = match (short, ends_early) {
+                    (Some(claimed), _) => format!(
+                        "{}: truncated or corrupt video: the container promises {claimed} frames{} but only {n} decode{}",
+                        path.display(),
+                        secs(claimed),
+                        secs(n)
+                    ),
+                    (None, Some((s, e))) => format!(
+                        "{}: truncated or corrupt video: the container says it lasts {s:.2} s but its {n} frames end at {e:.2} s",
+                        path.display()
+                    ),
+                    (None, None) => unreachable!("truncated needs a short count or an early end"),
+                };
                 if self.strict {
                     bail!(
                         "{what} (to use them anyway: non-strict decoding, `--lenient`); ffmpeg said:\n{}",
@@ -675,7 +721,7 @@ impl Ffmpeg {
                 }
                 tracing::warn!("{what}; using the {n} decodable frames (timestamps and duration are theirs)");
             }
-            if n < short.filter(|_| !decoded.error_lines.is_empty()).or(promised).unwrap_or(n) {
+            if n < promised.unwrap_or(n) {
                 // The container's duration covers frames that do not decode.
                 if let Some(f) = info.fps {
                     info.duration = Some(info.duration.map_or(n as f64 / f, |d| d.min(n as f64 / f)));
@@ -726,23 +772,20 @@ impl Ffmpeg {
                 unique(&indices).len()
             );
         }
-        // The video ends when its last frame does: its time (from the file's start, as every
-        // frame's) plus one frame at the higher of the average and the tick rate (a variable
-        // rate's average would add a long frame). Containers' durations are not used when it is
-        // known: they leave out a video's start after its audio, or keep a stale length.
+        // The video lasts (from the file's start, as every frame's time) as long as the container
+        // says (its start plus its length: a GIF may hold its last frame for seconds), unless
+        // that ends before its last frame (a variable rate's stated length, a cut file): then
+        // until the last frame's end. Without the last frame's time: at least the latest frame.
         let last_frame = by_index.get(&(info.num_frames - 1)).and_then(|(_, ts)| *ts);
         let stated = info
             .duration
             .or_else(|| info.fps.map(|f| info.num_frames as f64 / f))
             .map(|d| info.start + d);
         let latest = frames.iter().filter_map(|f| f.timestamp).fold(f64::NEG_INFINITY, f64::max);
-        let duration = match last_frame {
-            Some(t) => {
-                let rate = info.fps.into_iter().chain(info.tick_rate).fold(0.0, f64::max);
-                Some(t + if rate > 0.0 { 1.0 / rate } else { 0.0 })
-            }
-            // Without the last frame's time: the stated length, or at least the latest frame's.
-            None => stated.map(|d| d.max(latest)).or((latest > 0.0).then_some(latest)),
+        let duration = match (last_frame, stated) {
+            (Some(t), Some(s)) if !truncated && s >= t => Some(s),
+            (Some(t), _) => Some(t + frame_len),
+            (None, _) => stated.map(|d| d.max(latest)).or((latest > 0.0).then_some(latest)),
         };
         Ok(SampledFrames {
             source: path.to_path_buf(),
@@ -869,14 +912,13 @@ fn parse_showinfo(stderr: &str) -> Vec<Option<f64>> {
 }
 
 /// `N frames decoded` from ffmpeg's verbose final statistics for input stream 0: the last such
-/// line, whose text (after the `[level]` tag) starts with `Input stream #0:` (a file's metadata,
-/// echoed earlier, can hold the same words but is indented under `Metadata:`).
+/// line, whose text (after its tags) starts with `Input stream #0:` (a file's metadata, echoed
+/// before, can hold the same words but after its key).
 fn parse_total_decoded(stderr: &str) -> Option<usize> {
     stderr
         .lines()
         .filter_map(|l| {
-            let text = l.strip_prefix("[verbose]").or_else(|| l.strip_prefix("[info]")).unwrap_or(l);
-            let text = text.trim_start_matches(' ');
+            let text = log_line(l).1.trim_start_matches(' ');
             let (before, _) = text.strip_prefix("Input stream #0:")?.split_once("frames decoded")?;
             before.split(';').next_back()?.split_whitespace().last()?.parse().ok()
         })
@@ -956,6 +998,20 @@ mod tests {
         assert_eq!(parse_total_decoded(log), Some(1799));
         let v7 = "[verbose]   Input stream #0:0 (video): 12 packets read (100 bytes); 11 frames decoded; 0 decode errors; \n";
         assert_eq!(parse_total_decoded(v7), Some(11));
+        // FFmpeg 6.1 and 7 tag the line with the input's context.
+        let ff7 = "[in#0/mov,mp4,m4a,3gp,3g2,mj2 @ 0x5581] [verbose]   Input stream #0:0 (video): 90 packets read (8000 bytes); 89 frames decoded; 0 decode errors; \n";
+        assert_eq!(parse_total_decoded(ff7), Some(89));
+        // Metadata echoed before the statistics is no statistics line, and no error line.
+        let meta = "[info]     title           : Input stream #0:0 (video): 5 packets read (1 bytes); 5 frames decoded; \n";
+        assert_eq!(parse_total_decoded(meta), None);
+        assert_eq!(parse_total_decoded(&format!("{meta}{v7}")), Some(11));
+        assert!(!is_error_line("[info]     title           : [error] spoof"));
+        assert!(is_error_line("[h264 @ 0x55f0] [error] Invalid NAL unit size (684 > 537)."));
+        assert!(is_error_line("[in#0/matroska,webm @ 0x1] [error] File ended prematurely"));
+        assert!(is_error_line(
+            "[error] Error while decoding stream #0:0: Invalid data found when processing input"
+        ));
+        assert!(!is_error_line("[h264 @ 0x55f0] [warning] something"));
     }
 
     #[test]
