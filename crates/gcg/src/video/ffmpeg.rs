@@ -19,7 +19,7 @@
 //! Timestamps are the frames' presentation times in seconds from the start of the file (ffmpeg's
 //! default time shift, with the file's audio mapped too so that MPEG-TS counts from the file's
 //! start as well), computed from the integer pts and the filter time base. The video's duration
-//! ends with its last frame (decoded for its time). Files are named to ffmpeg as `file:` URLs of
+//! is the container's unless that ends before its last frame (decoded for its time). Files are named to ffmpeg as `file:` URLs of
 //! their absolute paths ([`file_url`]), and its log is read by its lines' own prefixes, never by
 //! text a file's metadata could imitate.
 
