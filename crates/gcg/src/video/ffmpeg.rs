@@ -345,10 +345,11 @@ impl Ffmpeg {
         };
         let stream_start = start_time(stream);
         let format_start = format.and_then(start_time);
-        let start = stream_start.or(format_start).filter(|&t| matroska && t > 0.0);
+        // Where a Matroska end time counts from (its length is the end less this).
+        let end_counts_from = stream_start.or(format_start).filter(|&t| matroska && t > 0.0);
         let duration = json_str(stream, "duration").and_then(parse_seconds).or_else(|| {
             let end = tag_duration.or_else(|| format.and_then(|f| json_str(f, "duration")).and_then(parse_seconds))?;
-            Some(match start {
+            Some(match end_counts_from {
                 Some(t) if end > t => end - t,
                 _ => end,
             })
@@ -666,12 +667,13 @@ impl Ffmpeg {
             all.push(n.saturating_sub(1));
             unique(&all)
         };
-        let mut decoded = self.decode_indices(&info, &with_last(&indices, info.num_frames))?;
+        let read = with_last(&indices, info.num_frames);
+        let mut decoded = self.decode_indices(&info, &read)?;
         let mut total = decoded.total_decoded;
         if total.is_none() && info.count_source == CountSource::Decoded {
             total = Some(info.num_frames);
         }
-        if total.is_none() && decoded.frames.len() < with_last(&indices, info.num_frames).len() {
+        if total.is_none() && decoded.frames.len() < read.len() {
             // This ffmpeg does not print decode statistics: count by decoding.
             total = Some(self.count_decoded(path, info.stream)?);
         }
