@@ -14,9 +14,10 @@
  * layout (a 16 × 16 transpose of 32-bit pairs per tile, done with AVX-512 shuffles) and sweeps
  * x's row blocks: four 16 × 16 f32 accumulator tiles per pair of 16-column tiles, each pair's
  * accumulators kept in their tiles over the panel's whole span of k (x's block and the pair's
- * packed weights both read from L2). The finished accumulators go through a small f32 buffer where the epilogue
- * (bias, activation, gate, residual, rounding to bf16) is applied 16 columns at a time, so any m
- * and n work (rows and columns past the end are computed as padding and never written). Past
+ * packed weights both read from L2). The finished accumulators go through a small f32 buffer
+ * where the epilogue (bias, activation, gate, residual, rounding to bf16) is applied 16 columns
+ * at a time, so any m and n work (rows and columns past the end are computed as padding and
+ * never written). Past
  * k = 2048 the panel keeps 256 columns and k is walked in spans of 64 steps, every row block's
  * accumulators kept between spans. k must be a multiple of 32 (the caller falls back to oneDNN
  * otherwise).
@@ -377,11 +378,10 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
                 const uint16_t *a = xp + (m0 / 32) * steps * 1024;
                 float *kept = part + (spans > 1 ? (m0 / 32) * (panel / 32) * 1024 : 0);
                 long mr = m - m0 < 32 ? m - m0 : 32;
-                long s0 = t0, s1 = t0 + ts;
                 for (long p = 0; p < pairs; p++) {
                     const uint32_t *b = pack + p * ts * 512;
                     float *keep = kept + p * 1024;
-                    if (s0 == 0) {
+                    if (t0 == 0) {
                         _tile_zero(0);
                         _tile_zero(1);
                         _tile_zero(2);
@@ -394,7 +394,7 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
                     }
                     /* The block's last span: its rows of y on their way into the cache
                      * for writing (and reading, with a residual) while the products run. */
-                    if (s1 == steps) {
+                    if (t0 + ts == steps) {
                         long bytes = e->out_bf16 ? 2 : 4;
                         const char *yp = (const char *)e->y + (m0 * e->n + p0 + 32 * p) * bytes;
                         for (long r = 0; r < mr; r++) {
@@ -403,8 +403,8 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
                         }
                     }
                     /* The pending epilogue's rows, spread over this span's steps. */
-                    long per = (32 + (s1 - s0) - 1) / (s1 - s0);
-                    for (long s = s0; s < s1; s++) {
+                    long per = (32 + ts - 1) / ts;
+                    for (long s = t0; s < t0 + ts; s++) {
                         /* Loads interleaved with the products that can already run. */
                         _tile_loadd(6, b + (s - t0) * 512, 64);
                         _tile_loadd(4, a + s * 1024, 64);
@@ -416,7 +416,7 @@ TARGET static int thread_part(long m, long n, long k, const uint16_t *xp, const 
                         _tile_dpbf16ps(3, 5, 7);
                         if (q.done < q.mr) run_pending(e, &q, per);
                     }
-                    if (s1 < steps) {
+                    if (t0 + ts < steps) {
                         _tile_stored(0, keep, 64);
                         _tile_stored(1, keep + 256, 64);
                         _tile_stored(2, keep + 512, 64);
