@@ -740,6 +740,16 @@ TARGET static void amx_attention_share(const attention_t *a, int t, int nt, char
     _tile_release();
 }
 
+/* The peak probes' end: the four accumulator tiles to `sums` (4 × 16 × 16 floats), then the
+ * tiles released. */
+TARGET static void store_sums(float *sums) {
+    _tile_stored(0, sums, 64);
+    _tile_stored(1, sums + 256, 64);
+    _tile_stored(2, sums + 512, 64);
+    _tile_stored(3, sums + 768, 64);
+    _tile_release();
+}
+
 /* The tile unit's bf16 rate, for `gcg bench peak` (src/nn/peak.rs): on the calling thread, four
  * accumulator tiles each take `steps` tile products of all-ones operands (16 × 32 bf16 times
  * 32 × 16), then are written to `sums` (4 × 16 × 16 floats, each 32 · steps when the unit
@@ -763,11 +773,39 @@ TARGET int gcg_amx_peak(long steps, float *sums) {
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_stored(0, sums, 64);
-    _tile_stored(1, sums + 256, 64);
-    _tile_stored(2, sums + 512, 64);
-    _tile_stored(3, sums + 768, 64);
-    _tile_release();
+    store_sums(sums);
+    return 0;
+}
+
+/* The tile unit fed from memory, for `gcg bench peak`'s amx_bf16_l1 and amx_bf16_l2: thread_part's
+ * inner loop (four accumulator tiles; each step loads two 1 KB tiles of a and two of b, with the
+ * four tile products between the loads, in the kernel's order) for `steps` steps, walking a's
+ * a_steps and b's b_steps steps of 2 KB cyclically. With both operands sized to fit L1 or L2,
+ * the rate is what a kernel whose operands come from there can reach at most. All operands 1:
+ * the four tiles' sums (written to `sums`) are each 32 · steps. Returns 0 when done, -1 without
+ * AMX. */
+TARGET int gcg_amx_stream_peak(long steps, const uint16_t *a, long a_steps, const uint16_t *b, long b_steps, float *sums) {
+    if (!gcg_amx_available() || a_steps < 1 || b_steps < 1) return -1;
+    load_tile_config();
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    long ia = 0, ib = 0;
+    for (long s = 0; s < steps; s++) {
+        const uint16_t *x = a + ia * 1024, *w = b + ib * 1024;
+        _tile_loadd(6, w, 64);
+        _tile_loadd(4, x, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_loadd(7, w + 512, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(5, x + 512, 64);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        if (++ia == a_steps) ia = 0;
+        if (++ib == b_steps) ib = 0;
+    }
+    store_sums(sums);
     return 0;
 }
 

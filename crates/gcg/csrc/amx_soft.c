@@ -130,6 +130,7 @@ int gcg_soft_amx_available(void) {
 #define gcg_amx_linear gcg_soft_amx_linear
 #define gcg_amx_linear_x3 gcg_soft_amx_linear_x3
 #define gcg_amx_peak gcg_soft_amx_peak
+#define gcg_amx_stream_peak gcg_soft_amx_stream_peak
 #define gcg_attention gcg_soft_attention
 #define gcg_avx512_attention_available gcg_soft_avx512_attention_available
 #include "amx_linear.c"

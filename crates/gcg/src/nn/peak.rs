@@ -9,7 +9,13 @@
 //! * `f32_fma`: `vfmadd231ps` on 16 (AVX-512) or 8 (AVX2 + FMA) floats;
 //! * `bf16_dot`: AVX512-BF16's `vdpbf16ps`, 16 lanes × a pair of bf16 products into f32;
 //! * `amx_bf16`: AMX's `tdpbf16ps`, 16 × 16 × 32 products a tile instruction
-//!   (`csrc/amx_linear.c`).
+//!   (`csrc/amx_linear.c`);
+//! * `amx_bf16_l1`, `amx_bf16_l2`: the same unit fed from memory, as a matrix product's kernel
+//!   feeds it: gcg's kernel's inner loop (four accumulator tiles, two tiles of each operand
+//!   loaded a step) over operands of 16 + 16 KB (in L1) or 88 KB + 1 MB (in L2: x's 32-row
+//!   block at the ViT-g's reduction of 1408 and a panel of weights). Not an arithmetic
+//!   ceiling but the loads' one: what a kernel that reads its operands from there can reach at
+//!   most (on the Xeon of 2026-12-05, ~95% of `amx_bf16` from L1 and ~70% from L2).
 //!
 //! A probe checks its own sums after every round (each must equal the exact count of products,
 //! all operands being 1), so a wrong instruction sequence gives an error, not a number.
@@ -23,16 +29,20 @@ pub enum Unit {
     F32Fma,
     Bf16Dot,
     AmxBf16,
+    AmxBf16L1,
+    AmxBf16L2,
 }
 
 impl Unit {
-    pub const ALL: [Unit; 3] = [Unit::F32Fma, Unit::Bf16Dot, Unit::AmxBf16];
+    pub const ALL: [Unit; 5] = [Unit::F32Fma, Unit::Bf16Dot, Unit::AmxBf16, Unit::AmxBf16L1, Unit::AmxBf16L2];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Unit::F32Fma => "f32_fma",
             Unit::Bf16Dot => "bf16_dot",
             Unit::AmxBf16 => "amx_bf16",
+            Unit::AmxBf16L1 => "amx_bf16_l1",
+            Unit::AmxBf16L2 => "amx_bf16_l2",
         }
     }
 
@@ -46,6 +56,8 @@ impl Unit {
                 Unit::F32Fma if isa::avx2() => Some("vfmadd231ps ymm (8 f32 lanes)"),
                 Unit::Bf16Dot if isa::avx512_bf16() => Some("vdpbf16ps zmm (16 f32 lanes × 2 bf16 products)"),
                 Unit::AmxBf16 if amx_present() => Some("tdpbf16ps (16 × 16 f32 × 32 bf16 products)"),
+                Unit::AmxBf16L1 if amx_present() => Some("tdpbf16ps, 4 tiles loaded a step from 16 + 16 KB (L1)"),
+                Unit::AmxBf16L2 if amx_present() => Some("tdpbf16ps, 4 tiles loaded a step from 88 KB + 1 MB (L2)"),
                 _ => None,
             }
         }
@@ -212,6 +224,8 @@ fn probe(unit: Unit, window: Duration, gate: &Gate) -> Result<Vec<f64>> {
         Unit::F32Fma => f32_fma_round,
         Unit::Bf16Dot => bf16_dot_round,
         Unit::AmxBf16 => amx_round,
+        Unit::AmxBf16L1 => amx_l1_round,
+        Unit::AmxBf16L2 => amx_l2_round,
     };
     let guarded = || std::panic::catch_unwind(round).unwrap_or_else(|_| Err(anyhow::anyhow!("a round panicked")));
     let mut failed = guarded().err(); // wakes the unit (AVX-512 and AMX power up on first use)
@@ -340,9 +354,81 @@ fn amx_round() -> Result<f64> {
     Ok((4 * TILE_STEPS * 16 * 16 * 32 * 2) as f64)
 }
 
+/// One round of the tile unit fed from memory: `a_steps` and `b_steps` steps of 2 KB of bf16
+/// ones (this thread's, made once), walked by `gcg_amx_stream_peak`.
+#[cfg(all(target_arch = "x86_64", gcg_amx))]
+fn amx_stream_round(what: &str, a_steps: usize, b_steps: usize) -> Result<f64> {
+    extern "C" {
+        fn gcg_amx_stream_peak(
+            steps: std::os::raw::c_long,
+            a: *const u16,
+            a_steps: std::os::raw::c_long,
+            b: *const u16,
+            b_steps: std::os::raw::c_long,
+            sums: *mut f32,
+        ) -> std::os::raw::c_int;
+    }
+    thread_local! {
+        static ONES: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    const TILE_STEPS: usize = 1 << 16;
+    let mut sums = [0f32; 4 * 256];
+    let rc = ONES.with(|ones| {
+        let mut ones = ones.borrow_mut();
+        // 32 values more, to start at a cache line: tile rows that straddle two lines load at
+        // well under half the rate (measured: 40% of the unit's peak from L1 against 95%).
+        let len = (a_steps + b_steps) * 1024 + 32;
+        if ones.len() < len {
+            ones.resize(len, 0x3f80); // 1.0 in bf16
+        }
+        let skip = ones.as_ptr().align_offset(64);
+        let (a, b) = ones[skip..].split_at(a_steps * 1024);
+        // SAFETY: a holds a_steps and b at least b_steps steps of 1024 bf16 values; `sums` the
+        // four 16 × 16 accumulator tiles the function writes.
+        unsafe {
+            gcg_amx_stream_peak(
+                TILE_STEPS as _,
+                a.as_ptr(),
+                a_steps as _,
+                b.as_ptr(),
+                b_steps as _,
+                sums.as_mut_ptr(),
+            )
+        }
+    });
+    if rc != 0 {
+        bail!("{what}: the tile unit is not usable in this process");
+    }
+    check(what, &sums, (32 * TILE_STEPS) as f32)?;
+    Ok((4 * TILE_STEPS * 16 * 16 * 32 * 2) as f64)
+}
+
+/// Operands in L1: 8 steps of each (16 + 16 KB).
+#[cfg(all(target_arch = "x86_64", gcg_amx))]
+fn amx_l1_round() -> Result<f64> {
+    amx_stream_round("amx_bf16_l1", 8, 8)
+}
+
+/// Operands in L2: x's 32-row block at a reduction of 1408 (44 steps, 88 KB) against 1 MB of
+/// weights (512 steps), as gcg's kernel walks the ViT-g's products.
+#[cfg(all(target_arch = "x86_64", gcg_amx))]
+fn amx_l2_round() -> Result<f64> {
+    amx_stream_round("amx_bf16_l2", 44, 512)
+}
+
 #[cfg(not(all(target_arch = "x86_64", gcg_amx)))]
 fn amx_round() -> Result<f64> {
     bail!("amx_bf16: gcg's AMX code is not built into this binary")
+}
+
+#[cfg(not(all(target_arch = "x86_64", gcg_amx)))]
+fn amx_l1_round() -> Result<f64> {
+    bail!("amx_bf16_l1: gcg's AMX code is not built into this binary")
+}
+
+#[cfg(not(all(target_arch = "x86_64", gcg_amx)))]
+fn amx_l2_round() -> Result<f64> {
+    bail!("amx_bf16_l2: gcg's AMX code is not built into this binary")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
