@@ -215,7 +215,8 @@ fn gcg_json(args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("bench JSON")
 }
 
-/// `gcg bench peak` reports each unit this CPU has, per thread, on the asked threads; `gcg
+/// `gcg bench peak` reports each unit this CPU has (and the tile unit fed from L1 and L2 where it
+/// has AMX), per thread, on the asked threads; `gcg
 /// bench forward` reports the ViT's GFLOP/s from its operation count (the tiny preset's, as
 /// PyTorch's counter counts it: tests/fixtures/flops/vit.json) and its share of the probed
 /// ceiling, which a real measurement cannot exceed.
@@ -224,7 +225,13 @@ fn peak_and_the_vits_share_of_it() {
     let v = gcg_json(&["bench", "peak", "--threads", "2", "--seconds", "0.2"]);
     assert_eq!(v["threads"], 2, "{v}");
     let units = v["units"].as_object().expect("units");
-    assert_eq!(units.len(), 3, "{v}");
+    let mut names: Vec<&str> = units.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["amx_bf16", "amx_bf16_l1", "amx_bf16_l2", "bf16_dot", "f32_fma"], "{v}");
+    // The tile unit fed from L1 or L2 is probed exactly where its bare rate is.
+    for fed in ["amx_bf16_l1", "amx_bf16_l2"] {
+        assert_eq!(units[fed].is_null(), units["amx_bf16"].is_null(), "{fed}: {v}");
+    }
     for (name, u) in units {
         if u.is_null() {
             continue;
