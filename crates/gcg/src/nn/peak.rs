@@ -15,7 +15,7 @@
 //!   loaded a step) over operands of 16 + 16 KB (in L1) or 88 KB + 1 MB (in L2: x's 32-row
 //!   block at the ViT-g's reduction of 1408 and a panel of weights). Not an arithmetic
 //!   ceiling but the loads' one: what a kernel that reads its operands from there can reach at
-//!   most (on the Xeon of 2026-12-05, ~95% of `amx_bf16` from L1 and ~70% from L2).
+//!   most (on the Xeon of 2026-12-05, all of `amx_bf16` from L1 and 75% of it from L2).
 //!
 //! A probe checks its own sums after every round (each must equal the exact count of products,
 //! all operands being 1), so a wrong instruction sequence gives an error, not a number.
@@ -338,12 +338,15 @@ fn bf16_dot_round() -> Result<f64> {
     Ok((2 * 2 * STEPS * sums.len()) as f64)
 }
 
+/// Tile-product steps per accumulator a round of the AMX probes (sums of 32 · steps, exact in f32).
+#[cfg(all(target_arch = "x86_64", gcg_amx))]
+const TILE_STEPS: usize = 1 << 16;
+
 #[cfg(all(target_arch = "x86_64", gcg_amx))]
 fn amx_round() -> Result<f64> {
     extern "C" {
         fn gcg_amx_peak(steps: std::os::raw::c_long, sums: *mut f32) -> std::os::raw::c_int;
     }
-    const TILE_STEPS: usize = 1 << 16;
     let mut sums = [0f32; 4 * 256];
     // SAFETY: `sums` holds the four 16 × 16 accumulator tiles the function writes.
     let rc = unsafe { gcg_amx_peak(TILE_STEPS as _, sums.as_mut_ptr()) };
@@ -371,7 +374,6 @@ fn amx_stream_round(what: &str, a_steps: usize, b_steps: usize) -> Result<f64> {
     thread_local! {
         static ONES: std::cell::RefCell<Vec<u16>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    const TILE_STEPS: usize = 1 << 16;
     let mut sums = [0f32; 4 * 256];
     let rc = ONES.with(|ones| {
         let mut ones = ones.borrow_mut();
