@@ -1162,6 +1162,44 @@ fn a_truncated_matroska_file_is_refused_or_read_as_what_decodes() {
     assert_eq!((s.num_source_frames, s.duration), (200, Some(8.0)));
 }
 
+/// A Matroska stream's DURATION tag that ends after its file (kept from a longer source by a
+/// tool that cut the file, or edited) is stale: the file's own duration is used. (It was
+/// believed: a 4 s video read as lasting 64 s, which `gcg ask` and the viewer then showed.)
+#[test]
+fn a_stale_matroska_duration_tag_is_not_believed() {
+    let v = Videos::new();
+    let whole = v.path("four.mkv");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        &indexed_source(64, 48, "10", "4"),
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        whole.to_str().unwrap(),
+    ]);
+    let bytes = std::fs::read(&whole).unwrap();
+    let (tag, stale_tag) = (b"00:00:04.000000000", b"00:01:04.000000000");
+    let at = bytes
+        .windows(tag.len())
+        .position(|w| w == tag)
+        .expect("ffmpeg writes the stream's DURATION tag");
+    let mut edited = bytes.clone();
+    edited[at..at + tag.len()].copy_from_slice(stale_tag);
+    let stale = v.path("stale.mkv");
+    std::fs::write(&stale, &edited).unwrap();
+    let ff = Ffmpeg::from_env();
+    for p in [&whole, &stale] {
+        let info = ff.probe(p).unwrap();
+        assert_eq!((info.duration, info.num_frames), (Some(4.0), 40), "{}", p.display());
+        let s = ff.sample(p, 4, Sampling::Uniform).unwrap();
+        check_frames(&s, &[5, 15, 25, 35], 10.0);
+        assert_eq!(s.duration, Some(4.0), "{}", p.display());
+    }
+}
+
 /// An MPEG-TS that announces an audio track it never fills (as broadcast captures do): ffmpeg
 /// refuses to copy a track without a sample rate, so it is left out of the audio mapped beside
 /// the video. And audio that ffmpeg cannot copy for any other reason (here: a wrapper that

@@ -19,7 +19,8 @@
 //! Timestamps are the frames' presentation times in seconds from the start of the file (ffmpeg's
 //! default time shift, with the file's audio mapped too so that MPEG-TS counts from the file's
 //! start as well), computed from the integer pts and the filter time base. The video's duration
-//! is the container's unless that ends before its last frame (decoded for its time). Files are named to ffmpeg as `file:` URLs of
+//! is the container's unless that ends before its last frame (decoded for its time); a Matroska
+//! stream's DURATION tag that ends after the file's own duration is stale and not used. Files are named to ffmpeg as `file:` URLs of
 //! their absolute paths ([`file_url`]), and its log is read by its lines' own prefixes, never by
 //! text a file's metadata could imitate.
 
@@ -347,8 +348,21 @@ impl Ffmpeg {
         let format_start = format.and_then(start_time);
         // Where a Matroska end time counts from (its length is the end less this).
         let end_counts_from = stream_start.or(format_start).filter(|&t| matroska && t > 0.0);
+        let format_end = format.and_then(|f| json_str(f, "duration")).and_then(parse_seconds);
+        // A stream ends within its segment: a DURATION tag past the segment's end is stale (kept
+        // from a longer source by a tool that cut the file, or edited) and the segment's is used.
+        let tag_duration = match (tag_duration, format_end) {
+            (Some(tag), Some(seg)) if matroska && tag > seg * 1.01 + 0.05 => {
+                tracing::warn!(
+                    "{}: the video stream's DURATION tag ({tag:.2} s) ends after its file ({seg:.2} s); using the file's",
+                    path.display()
+                );
+                Some(seg)
+            }
+            (tag, _) => tag,
+        };
         let duration = json_str(stream, "duration").and_then(parse_seconds).or_else(|| {
-            let end = tag_duration.or_else(|| format.and_then(|f| json_str(f, "duration")).and_then(parse_seconds))?;
+            let end = tag_duration.or(format_end)?;
             Some(match end_counts_from {
                 Some(t) if end > t => end - t,
                 _ => end,
