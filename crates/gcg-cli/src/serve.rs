@@ -1453,14 +1453,17 @@ fn parse_one_range(spec: &str, len: u64) -> Range {
     Range::Part(start, end.min(len - 1))
 }
 
-/// What a killed or failed server left: partial uploads in `incoming/`, and upload folders that
-/// were never registered (no `info.json`) with their features.
+/// What a killed or failed server left: partial uploads in `incoming/`, upload folders that
+/// were never registered (no `info.json`) with their features, and the temporary files of
+/// writes cut short (`.{name}.tmp-{pid}` of a process that is gone) in the data folder and in
+/// each upload's folder.
 fn sweep_leftovers(s: &AppState) {
     if let Ok(d) = std::fs::read_dir(s.data.join("incoming")) {
         for e in d.flatten() {
             let _ = std::fs::remove_file(e.path());
         }
     }
+    let mut temps = gcg::util::clear_stale_temps_in(&s.data).unwrap_or_default();
     let Ok(d) = std::fs::read_dir(s.data.join("videos")) else { return };
     let known: std::collections::HashSet<String> = s.videos.lock().unwrap().keys().cloned().collect();
     let mut orphans = Vec::new();
@@ -1469,7 +1472,12 @@ fn sweep_leftovers(s: &AppState) {
         if name.starts_with("sha256-") && !known.contains(&name) && !e.path().join("info.json").exists() {
             let _ = std::fs::remove_dir_all(e.path());
             orphans.push(name);
+        } else if e.path().is_dir() {
+            temps.extend(gcg::util::clear_stale_temps_in(&e.path()).unwrap_or_default());
         }
+    }
+    if !temps.is_empty() {
+        tracing::info!("removed {} temporary files left by writes cut short", temps.len());
     }
     if !orphans.is_empty() {
         let ids: Vec<&str> = orphans.iter().map(String::as_str).collect();

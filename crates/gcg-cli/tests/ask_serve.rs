@@ -895,8 +895,26 @@ fn uploads_past_the_data_cap_are_evicted_oldest_first_and_the_rest_survive_a_res
     assert_eq!(before.0, 200, "{}", before.1);
     let (status, _) = srv.stop();
     assert!(status.success());
+    // Writes cut short by a kill leave temporaries: a dead process's are swept at the next start,
+    // a live one's (this test's pid) are left alone.
+    let dead = 4_194_305u32; // above the kernel's pid_max of 2^22: no process has it
+    let live = std::process::id();
+    let video_dir = tmp.path().join("serve/videos").join(ids.last().unwrap());
+    let planted = [
+        video_dir.join(format!(".info.json.tmp-{dead}")),
+        tmp.path().join(format!("serve/.notes.json.tmp-{dead}")),
+        video_dir.join(format!(".info.json.tmp-{live}")),
+    ];
+    for p in &planted {
+        std::fs::write(p, "half a write").unwrap();
+    }
     // A new server on the same data folder lists the kept uploads and answers the same.
     let srv = start_server(&["--data-cap-mb", "1"], tmp.path());
+    assert!(
+        !planted[0].exists() && !planted[1].exists(),
+        "a killed writer's temporaries were kept"
+    );
+    assert!(planted[2].exists(), "a live process's temporary was removed");
     let mut again = listed(&srv);
     again.sort();
     let mut kept_sorted = kept.clone();

@@ -68,13 +68,16 @@ impl Fnv64 {
     }
 }
 
-/// Write bytes to `path` atomically: a temporary file in the same directory, fsync, rename.
+/// Write bytes to `path` atomically: a temporary file in the same directory, fsync, rename. The
+/// temporaries of `path` that killed writers left (`.{name}.tmp-{pid}`, the process gone) are
+/// removed first.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         if !dir.as_os_str().is_empty() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
         }
     }
+    clear_own_stale_temps(path);
     let tmp = temp_name(path);
     {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -86,7 +89,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Save tensors as a safetensors file, atomically.
+/// Save tensors as a safetensors file, atomically (killed writers' temporaries of `path` removed
+/// first, as [`write_atomic`]).
 pub fn save_safetensors_atomic(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
     let tmp = temp_name(path);
     if let Some(dir) = path.parent() {
@@ -94,6 +98,7 @@ pub fn save_safetensors_atomic(tensors: &BTreeMap<String, Tensor>, path: &Path) 
             std::fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
         }
     }
+    clear_own_stale_temps(path);
     let map: std::collections::HashMap<String, Tensor> = tensors.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     candle_core::safetensors::save(&map, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
     // On disk before the rename publishes it (a power cut must not leave an empty file there).
@@ -211,9 +216,58 @@ pub fn restore_interrupted_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     stale_dir_temps(dir, false)
 }
 
+/// Removes the temporaries of the file `path` that killed writers left; a failure to remove one
+/// is a warning, never a failed write.
+fn clear_own_stale_temps(path: &Path) {
+    match stale_dir_temps(path, true) {
+        Ok(cleared) => {
+            for p in cleared {
+                tracing::info!("removed {}, left by a killed writer", p.display());
+            }
+        }
+        Err(e) => tracing::warn!("{e:#}"),
+    }
+}
+
+/// The pid of a temporary `.{name}.tmp-{pid}` (any name) whose process is gone, read from `/proc`;
+/// None for other names, this process's own and live processes', and where there is no `/proc`.
+pub fn dead_writer_of(file_name: &str) -> Option<u32> {
+    let (name, pid) = file_name.rsplit_once(".tmp-")?;
+    if !name.starts_with('.') || name.len() < 2 {
+        return None;
+    }
+    let pid = pid.parse::<u32>().ok()?;
+    let proc = Path::new("/proc");
+    (pid != std::process::id() && proc.join("self").exists() && !proc.join(pid.to_string()).exists()).then_some(pid)
+}
+
+/// Remove every `.{name}.tmp-{pid}` file or folder in `dir` whose writer is gone
+/// ([`dead_writer_of`]): what processes killed mid-write left. Returns the paths removed.
+pub fn clear_stale_temps_in(dir: &Path) -> Result<Vec<PathBuf>> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut cleared = Vec::new();
+    for e in entries {
+        let e = e.with_context(|| format!("listing {}", dir.display()))?;
+        if dead_writer_of(&e.file_name().to_string_lossy()).is_none() {
+            continue;
+        }
+        let path = e.path();
+        match remove_path(&path) {
+            Ok(()) => {}
+            // Another cleaner got there first.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => return Err(err).with_context(|| format!("removing {}, left by a killed process", path.display())),
+        }
+        cleared.push(path);
+    }
+    Ok(cleared)
+}
+
 fn stale_dir_temps(dir: &Path, delete: bool) -> Result<Vec<PathBuf>> {
     let proc = Path::new("/proc");
-    let (Some(name), true) = (dir.file_name(), proc.is_dir()) else {
+    let (Some(name), true) = (dir.file_name(), proc.join("self").exists()) else {
         return Ok(Vec::new());
     };
     let name = name.to_string_lossy().to_string();
@@ -529,7 +583,11 @@ pub fn fault_point_then(site: &str, partial: impl FnOnce()) {
 
 #[cfg(test)]
 mod tests {
-    use super::{either_of, lock_exclusive, swap_in, write_dir_atomic};
+    use super::{
+        clear_stale_temps_in, dead_writer_of, either_of, lock_exclusive, save_safetensors_atomic, swap_in, write_atomic, write_dir_atomic,
+    };
+    use candle_core::Tensor;
+    use std::collections::BTreeMap;
     use std::path::Path;
 
     #[test]
@@ -612,6 +670,59 @@ mod tests {
         std::fs::create_dir(root.path().join(format!(".out.old-{dead}"))).unwrap();
         assert_eq!(super::clear_stale_dir_temps(&dir).unwrap().len(), 1);
         assert_eq!(names(&dir), ["f"]);
+    }
+
+    #[test]
+    fn atomic_writes_clear_the_temporaries_of_killed_writers() {
+        let root = tempfile::tempdir().unwrap();
+        let dead = 4_194_305u32; // above the kernel's pid_max of 2^22: no process has it
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let live = child.id();
+        let plant = |n: String| {
+            std::fs::write(root.path().join(&n), "half a write").unwrap();
+            n
+        };
+        let own_dead = plant(format!(".f.json.tmp-{dead}"));
+        let other_dead = plant(format!(".g.json.tmp-{dead}"));
+        let own_live = plant(format!(".f.json.tmp-{live}"));
+        let not_ours = plant(format!("f.json.tmp-{dead}"));
+        std::fs::create_dir(root.path().join(format!(".d.tmp-{dead}"))).unwrap();
+        std::fs::write(root.path().join(format!(".d.tmp-{dead}/x")), "x").unwrap();
+        // A write of f.json removes its own dead temporaries only.
+        write_atomic(&root.path().join("f.json"), b"{}").unwrap();
+        let mut want = vec![
+            format!(".d.tmp-{dead}"),
+            other_dead.clone(),
+            own_live.clone(),
+            "f.json".into(),
+            not_ours.clone(),
+        ];
+        want.sort();
+        assert_eq!(names(root.path()), want);
+        assert!(!names(root.path()).contains(&own_dead));
+        // The folder sweep removes every dead writer's (files and folders), nothing else.
+        let mut cleared = clear_stale_temps_in(root.path()).unwrap();
+        cleared.sort();
+        assert_eq!(cleared, [root.path().join(format!(".d.tmp-{dead}")), root.path().join(&other_dead)]);
+        let mut want = vec![own_live.clone(), "f.json".into(), not_ours];
+        want.sort();
+        assert_eq!(names(root.path()), want);
+        // Once the live writer is gone, its temporary is stale too.
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let t = Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        save_safetensors_atomic(&BTreeMap::from([("t".to_string(), t)]), &root.path().join("f.json")).unwrap();
+        assert!(!root.path().join(&own_live).exists());
+        for (name, dead_writer) in [
+            (format!(".a.tmp-{dead}"), Some(dead)),
+            (format!(".a.b.tmp-{dead}"), Some(dead)),
+            (format!("a.tmp-{dead}"), None),
+            (format!(".tmp-{dead}"), None),
+            (".a.tmp-x".to_string(), None),
+            (format!(".a.tmp-{}", std::process::id()), None),
+        ] {
+            assert_eq!(dead_writer_of(&name), dead_writer, "{name}");
+        }
     }
 
     #[test]

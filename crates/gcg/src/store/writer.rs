@@ -333,19 +333,8 @@ fn pid_alive(pid: u32) -> bool {
 
 /// Temporary files end in `.tmp-{pid}`; remove those of processes that no longer run.
 fn remove_stale_temps(dir: &Path) -> Result<()> {
-    let Ok(rd) = std::fs::read_dir(dir) else { return Ok(()) };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some((_, pid)) = name.rsplit_once(".tmp-") else { continue };
-        if !name.starts_with('.') {
-            continue;
-        }
-        if let Ok(pid) = pid.parse::<u32>() {
-            if pid != std::process::id() && !pid_alive(pid) {
-                tracing::info!("removing {} left by a stopped writer", e.path().display());
-                std::fs::remove_file(e.path()).with_context(|| format!("removing stale temporary file {}", e.path().display()))?;
-            }
-        }
+    for p in crate::util::clear_stale_temps_in(dir)? {
+        tracing::info!("removed {} left by a stopped writer", p.display());
     }
     Ok(())
 }
