@@ -462,3 +462,55 @@ fn open_ended_and_intentqa_by_hand() {
     assert_eq!(m.get("TN"), None);
     assert_eq!(m.get("overall"), Some(60.0));
 }
+
+#[test]
+fn a_nextgqa_answer_equal_to_two_options_accepts_both() {
+    // The real test split's 3842638015_4: a3 = a4 = "happy" and NExT-GQA gives the answer as the
+    // text "happy"; NExT-QA's file says option 4, a Python reader's `options.index` gives 3.
+    let tmp = tempfile::tempdir().unwrap();
+    let gqa = nextgqa::read(&unpack(tmp.path(), "data/nextgqa/test.csv")).unwrap();
+    let qa = nextqa::read(&unpack(tmp.path(), "data/nextqa/test.csv")).unwrap();
+    let pick = |all: &[QaSample]| -> Vec<QaSample> { all.iter().filter(|s| s.video == "3842638015").cloned().collect() };
+    let (gqa, qa) = (pick(&gqa), pick(&qa));
+    let happy = gqa.iter().find(|s| s.qid == "4").unwrap();
+    assert_eq!((happy.options[3].as_str(), happy.options[4].as_str()), ("happy", "happy"));
+    assert_eq!(happy.answer, Answer::Choice(3));
+    assert!(happy.accepts(&Answer::Choice(4)) && !happy.accepts(&Answer::Choice(2)));
+    let grounding = Grounding::read(&unpack(tmp.path(), "data/nextgqa/gsub_test.json")).unwrap();
+    let segs = grounding.segments("3842638015", "4").unwrap().to_vec();
+
+    for (pred, qa_right) in [(3usize, false), (4, true)] {
+        // Every other question of the video answered wrong, so the accuracy shows this one.
+        let mut lines = String::new();
+        for s in &gqa {
+            let Answer::Choice(a) = s.answer else { unreachable!() };
+            let p = if s.qid == "4" { pred } else { (a + 1) % 5 };
+            let span = (s.qid == "4").then_some(segs[0]);
+            // Rows written by a NExT-QA-format run carry NExT-QA's answer index (4 here).
+            let mut r = PredictionRow::for_sample(s, Answer::Choice(p));
+            r.answer = Some(qa.iter().find(|q| q.qid == s.qid).unwrap().answer.clone());
+            r.span = span;
+            lines += &serde_json::to_string(&r).unwrap();
+            lines.push('\n');
+        }
+        let path = write(tmp.path(), &format!("pred{pred}.jsonl"), &lines);
+        let preds = read_predictions(&path).unwrap();
+        let n = gqa.len();
+
+        let ev = evaluate(Dataset::NextGqa, &gqa, &preds, None).unwrap();
+        assert_eq!(ev.metrics.get("overall"), Some(100.0 / n as f64), "prediction {pred}");
+        assert!(ev.problems.is_empty(), "equal-text answers are no mismatch: {:?}", ev.problems);
+        let ev = evaluate(Dataset::NextGqa, &gqa, &preds, Some(&grounding)).unwrap();
+        let g = ev.metrics.grounding.as_ref().unwrap();
+        assert_eq!(
+            (g.evaluated, g.acc_gqa),
+            (1, 100.0),
+            "prediction {pred}: QA right and IoP 1 on its own segment"
+        );
+
+        // NExT-QA's own scoring (`eval_mc.py`) compares indices: only 4 is right there.
+        let ev = evaluate(Dataset::NextQa, &qa, &preds, None).unwrap();
+        let want = if qa_right { 100.0 / qa.len() as f64 } else { 0.0 };
+        assert_eq!(ev.metrics.get("overall"), Some(want), "NExT-QA, prediction {pred}");
+    }
+}

@@ -20,7 +20,8 @@ pub(crate) enum AnswerColumn {
     /// The index of the correct option (NExT-QA, IntentQA).
     Index,
     /// The text of the correct option (NExT-GQA); mapped to the first option equal to it, as
-    /// the official NExT-GQA loaders do (`choices.index(answer)`).
+    /// the official NExT-GQA loaders do (`choices.index(answer)`). In scoring, every option with
+    /// that text is right ([`crate::data::QaSample::accepts`]).
     Text,
 }
 
@@ -395,12 +396,13 @@ impl Row<'_> {
             },
             AnswerColumn::Text => match options.iter().position(|o| o == answer_raw) {
                 Some(i) => {
-                    // The first equal option, as a Python reader's `options.index(answer)`; a
-                    // prediction of another option with the same text is scored wrong, so say so.
+                    // The first equal option, as a Python reader's `options.index(answer)` (the
+                    // training target); in scoring, any option with this text is right.
                     let same: Vec<usize> = (0..options.len()).filter(|&j| options[j] == answer_raw).collect();
                     if same.len() > 1 {
-                        tracing::warn!(
-                            "{}:{}: the answer `{answer_raw}` equals options {same:?}; option {i} is taken as the answer",
+                        tracing::info!(
+                            "{}:{}: the answer `{answer_raw}` equals options {same:?}; option {i} is the training \
+                             target, and a prediction of any of them is scored right",
                             self.path.display(),
                             self.line
                         );

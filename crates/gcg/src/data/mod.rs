@@ -138,6 +138,22 @@ impl QaSample {
     pub fn is_multiple_choice(&self) -> bool {
         !self.options.is_empty()
     }
+
+    /// Whether `prediction` is scored as this question's answer. An option index must equal the
+    /// annotation's, except in NExT-GQA, whose files give the answer as a text: there every
+    /// option with that text is right (test 3842638015_4 has a3 = a4 = "happy"; the row's
+    /// answer index is only the first of them, and NExT-QA's own index for it is 4).
+    pub fn accepts(&self, prediction: &Answer) -> bool {
+        if *prediction == self.answer {
+            return true;
+        }
+        match (self.dataset, prediction, &self.answer) {
+            (Dataset::NextGqa, Answer::Choice(p), Answer::Choice(a)) => {
+                matches!((self.options.get(*p), self.options.get(*a)), (Some(x), Some(y)) if x == y)
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Dataset {

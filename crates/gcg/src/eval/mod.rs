@@ -4,7 +4,9 @@
 //!   per group C, T, D (first letter) and overall; groups without questions are left out (as
 //!   NExT-GQA's `eval_next.py` does; NExT-GQA has no D questions).
 //! * NExT-GQA: the same QA accuracies over the questions with a ground-truth entry
-//!   (`eval_next.py`'s grounded subset) and the grounding metrics of [`grounding`].
+//!   (`eval_next.py`'s grounded subset) and the grounding metrics of [`grounding`]. Its files
+//!   give the answer as a text, so every option with that text is right (test 3842638015_4 has
+//!   two; a Python loader's `options.index` picks 3, NExT-QA's file says 4).
 //! * IntentQA (`eval_intentqa.py`): CW, CH, TN&TP (TN with TP), C, T, overall.
 //! * Causal-VidQA (`eval_mc.py` of bcmi/Causal-VidQA): per video D, E, PA, PR, CA, CR; P (and C)
 //!   count when answer AND reason are right; overall = mean of D, E, P, C over videos.
@@ -173,7 +175,7 @@ pub fn evaluate(dataset: Dataset, samples: &[QaSample], preds: &PredictionFile, 
             });
             continue;
         }
-        if let Some(a) = row.answer.as_ref().filter(|a| **a != s.answer) {
+        if let Some(a) = row.answer.as_ref().filter(|a| !s.accepts(a)) {
             let show = |a: &Answer| match a {
                 Answer::Choice(i) => format!("option {i}"),
                 Answer::Text(t) => format!("{t:?}"),
@@ -227,7 +229,7 @@ pub fn evaluate(dataset: Dataset, samples: &[QaSample], preds: &PredictionFile, 
                     let i = *by_key.get(&(video, qid))?;
                     let row = joined[i]?;
                     let span = row.span?;
-                    Some((span, row.prediction == samples[i].answer))
+                    Some((span, samples[i].accepts(&row.prediction)))
                 });
                 // The ground truth's questions that these annotations do not hold are not
                 // predictions missing from this file.
@@ -271,7 +273,7 @@ fn fits(s: &QaSample, p: &Answer) -> std::result::Result<(), String> {
 }
 
 fn is_right(s: &QaSample, p: Option<&PredictionRow>) -> bool {
-    p.is_some_and(|r| r.prediction == s.answer)
+    p.is_some_and(|r| s.accepts(&r.prediction))
 }
 
 /// NExT-QA / NExT-GQA / IntentQA accuracies.
