@@ -883,6 +883,66 @@ fn a_variable_frame_rate_video_lasts_until_its_last_frame() {
     assert!(d >= last, "duration {d} ends before the frame at {last}");
 }
 
+/// AVI stores one chunk per frame tick and no presentation times: for H.264 with B-frames the
+/// decoder's times lag by its reordering delay, and ffmpeg, stream-copying such an MP4 into AVI,
+/// writes a header rate and frame count twice the stream's. gcg showed frames of this 10 fps
+/// video 0.2 s late at "20 fps"; the frames are now at their packets' times, as in the MP4.
+#[test]
+fn avi_frames_are_at_their_packet_times() {
+    let v = Videos::new();
+    let mp4 = v.path("b.mp4");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        &indexed_source(64, 48, "10", "4"),
+        "-c:v",
+        "libx264",
+        "-bf",
+        "2",
+        "-pix_fmt",
+        "yuv420p",
+        mp4.to_str().unwrap(),
+    ]);
+    assert!(ffprobe_pict_types(&mp4).contains('B'), "the test video should contain B-frames");
+    let copied = v.path("copied.avi");
+    ffmpeg(&["-i", mp4.to_str().unwrap(), "-c", "copy", copied.to_str().unwrap()]);
+    // Encoded straight into AVI (MPEG-4 part 2 with B-frames) with PCM audio beside it.
+    let native = v.path("native.avi");
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        &indexed_source(64, 48, "10", "4"),
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=duration=4",
+        "-c:v",
+        "mpeg4",
+        "-q:v",
+        "2",
+        "-bf",
+        "2",
+        "-c:a",
+        "pcm_s16le",
+        native.to_str().unwrap(),
+    ]);
+    let ff = Ffmpeg::from_env();
+    for p in [&mp4, &copied, &native] {
+        let info = ff.probe(p).unwrap();
+        assert_eq!(info.num_frames, 40, "{}: {info:?}", p.display());
+        assert!((info.fps.unwrap() - 10.0).abs() < 1e-6, "{}: {info:?}", p.display());
+        let s = ff.sample(p, 8, Sampling::Uniform).unwrap();
+        // Centres of 8 segments of 40 frames: ⌊(2i+1)·40/16⌋.
+        check_frames(&s, &[2, 7, 12, 17, 22, 27, 32, 37], 10.0);
+        assert_eq!(s.fps, Some(10.0), "{}", p.display());
+        assert!((s.duration.unwrap() - 4.0).abs() < 1e-6, "{}: {:?}", p.display(), s.duration);
+        let all = ff.sample(p, 40, Sampling::Uniform).unwrap();
+        check_frames(&all, &(0..40).collect::<Vec<_>>(), 10.0);
+    }
+}
+
 /// MPEG-TS lists its video stream again under the program, so ffprobe's packet count comes
 /// back twice (`"50\n\n50"`): read as one count (it was refused as unreadable: every `.ts`).
 /// Matroska/WebM with a start offset: their DURATION tag and format duration are the end time,

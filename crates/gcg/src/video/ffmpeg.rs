@@ -20,7 +20,10 @@
 //! default time shift, with the file's audio mapped too so that MPEG-TS counts from the file's
 //! start as well), computed from the integer pts and the filter time base. The video's duration
 //! is the container's unless that ends before its last frame (decoded for its time); a Matroska
-//! stream's DURATION tag that ends after the file's own duration is stale and not used. Files are named to ffmpeg as `file:` URLs of
+//! stream's DURATION tag that ends after the file's own duration is stale and not used. AVI keeps
+//! no presentation times: its frames are at its packets' times (one chunk per frame tick), read
+//! by `ffprobe -show_entries packet=dts_time`, which also give its frame count and rate (the
+//! decoder's times lag by its reordering delay). Files are named to ffmpeg as `file:` URLs of
 //! their absolute paths ([`file_url`]), and its log is read by its lines' own prefixes, never by
 //! text a file's metadata could imitate.
 
@@ -78,6 +81,12 @@ pub struct VideoInfo {
     /// The frame count used for sampling.
     pub num_frames: usize,
     pub count_source: CountSource,
+    /// AVI only: each video packet's time (its decoding time: AVI stores one chunk per frame
+    /// tick and no presentation times), in file order, from the file's start. The n-th frame
+    /// in presentation order is shown at the n-th of them; the decoder's own times for such a
+    /// file lag by its reordering delay (B-frames: +0.2 s for two at 10 fps). Empty otherwise.
+    #[serde(skip)]
+    pub packet_times: Vec<f64>,
 }
 
 /// Frames decoded by [`Ffmpeg::decode_indices`], in increasing frame order.
@@ -375,6 +384,32 @@ impl Ffmpeg {
         let container_frames = json_str(stream, "nb_frames")
             .and_then(|s| s.parse::<usize>().ok())
             .filter(|&n| n > 0);
+        let avi = format
+            .and_then(|f| json_str(f, "format_name"))
+            .is_some_and(|n| n.split(',').any(|n| n == "avi"));
+        let packet_times = if avi {
+            self.packet_times(path, index)?
+                .into_iter()
+                .map(|t| t - format_start.unwrap_or(0.0))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        // An AVI's header rate can count ticks that hold no frame (ffmpeg writes an H.264 stream
+        // with B-frames copied from MP4 at twice its rate, and twice the frames): its packets'
+        // times give the rate of its frames.
+        let fps = match (fps, packet_rate(&packet_times)) {
+            (Some(f), Some(p)) if (f - p).abs() > 0.01 * p => {
+                tracing::info!(
+                    "{}: the AVI header's frame rate {f:.3} disagrees with its {} packets' ({p:.3}); using the packets'",
+                    path.display(),
+                    packet_times.len()
+                );
+                Some(p)
+            }
+            (None, p) => p,
+            (f, _) => f,
+        };
         let expected = match (duration, fps) {
             (Some(d), Some(f)) => Some(d * f),
             _ => None,
@@ -385,6 +420,8 @@ impl Ffmpeg {
         };
         let (num_frames, count_source) = if self.exact_count {
             (self.count_decoded(path, index)?, CountSource::Decoded)
+        } else if !packet_times.is_empty() {
+            (packet_times.len(), CountSource::Packets)
         } else {
             match container_frames {
                 Some(n) if plausible(n) => (n, CountSource::Container),
@@ -419,7 +456,31 @@ impl Ffmpeg {
             container_frames,
             num_frames,
             count_source,
+            packet_times,
         })
+    }
+
+    /// The times of stream `stream`'s packets in seconds (file order; demuxing only). Empty when
+    /// a packet has no time.
+    pub fn packet_times(&self, path: &Path, stream: usize) -> Result<Vec<f64>> {
+        let (out, _) = self.ffprobe_run(
+            path,
+            &[
+                "-select_streams",
+                &stream.to_string(),
+                "-show_entries",
+                "packet=dts_time",
+                "-of",
+                "csv=p=0",
+            ],
+        )?;
+        let times: Option<Vec<f64>> = out
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| l.trim_end_matches(',').parse::<f64>().ok().filter(|t| t.is_finite()))
+            .collect();
+        Ok(times.unwrap_or_default())
     }
 
     /// Number of packets of stream `stream` (demuxing only; equals the frame count for common
@@ -528,7 +589,8 @@ impl Ffmpeg {
     }
 
     /// One ffmpeg process that keeps the frames of `runs` (sorted, disjoint, inclusive ranges).
-    fn decode_runs(&self, info: &VideoInfo, runs: &[(usize, usize)]) -> Result<Decoded> {
+    fn decode_runs(&self, video: &VideoInfo, runs: &[(usize, usize)]) -> Result<Decoded> {
+        let info = video;
         let path = info.path.as_path();
         let wanted: Vec<usize> = runs.iter().flat_map(|&(a, b)| a..=b).collect();
         let filter = format!("select='{}',showinfo", select_expr(runs));
@@ -582,10 +644,19 @@ impl Ffmpeg {
                 wanted.len()
             );
         }
-        let frames = wanted.iter().zip(images).zip(info).map(|((&i, img), ts)| (i, img, ts)).collect();
+        let total_decoded = parse_total_decoded(&stderr);
+        // An AVI's frames are shown at its packets' times, when every packet decoded to a frame.
+        let packet_times =
+            (!video.packet_times.is_empty() && total_decoded == Some(video.packet_times.len())).then_some(video.packet_times.as_slice());
+        let frames = wanted
+            .iter()
+            .zip(images)
+            .zip(info)
+            .map(|((&i, img), ts)| (i, img, packet_times.map_or(ts, |p| p.get(i).copied().or(ts))))
+            .collect();
         Ok(Decoded {
             frames,
-            total_decoded: parse_total_decoded(&stderr),
+            total_decoded,
             error_lines: stderr.lines().filter(|l| is_error_line(l)).map(String::from).collect(),
         })
     }
@@ -814,6 +885,14 @@ impl Ffmpeg {
             sampling,
         })
     }
+}
+
+/// The frame rate of packets at `times` (ascending): frames over the time from the first to the
+/// last, less one; None for fewer than two packets or no time between them.
+fn packet_rate(times: &[f64]) -> Option<f64> {
+    let (first, last) = (times.first()?, times.last()?);
+    let span = last - first;
+    (times.len() >= 2 && span > 0.0).then(|| (times.len() - 1) as f64 / span)
 }
 
 /// Whether an `ffmpeg -version` line names a release with `-fps_mode` (5.1+); development builds

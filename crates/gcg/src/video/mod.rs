@@ -40,8 +40,9 @@ pub use ffmpeg::{CountSource, Decoded, Ffmpeg, VideoInfo};
 /// The version of how video files are read (which stream, where time starts, where the video
 /// ends). Caches of what was read (the ask cache) are keyed by it: 2 = the default stream, times
 /// from the file's start in MPEG-TS too, the duration at the last frame's end; 3 = a Matroska
-/// stream's DURATION tag that ends after its file is stale (the file's duration is used).
-pub const READING_RULES: u32 = 3;
+/// stream's DURATION tag that ends after its file is stale (the file's duration is used); 4 = an
+/// AVI's frames are at its packets' times, its rate theirs.
+pub const READING_RULES: u32 = 4;
 
 use anyhow::{anyhow, bail, Context, Result};
 use image::RgbImage;
