@@ -89,6 +89,7 @@ fn write_synthetic(dir: &Path, a: &StoreArgs) -> Result<(f64, u64)> {
             duration: Some(t as f64 * 0.5),
             fps: Some(30.0),
             source: None,
+            source_fingerprint: None,
             extractor: None,
             embeddings_only: false,
         })?;

@@ -357,6 +357,56 @@ fn features_from_video_files_and_frame_folders() -> Result<()> {
             "{v:?}"
         );
     }
+
+    // A file replaced under the same id (another clip, one frame of the folder redrawn) is
+    // recomputed, not kept with the old file's features; the unchanged clip is kept. It was
+    // kept silently before ("2 already stored").
+    let before = Store::open(&store)?.snapshot();
+    let feats = |snap: &gcg::store::Snapshot, id: &str| -> Result<Vec<u16>> {
+        Ok(snap.features(id)?.as_f16()?.iter().map(|x| x.to_bits()).collect())
+    };
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "mandelbrot=size=64x48:rate=10",
+        "-t",
+        "3",
+        "-pix_fmt",
+        "yuv420p",
+        vids.join("clipA.mp4").to_str().unwrap(),
+    ]);
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "color=c=red:s=64x64",
+        "-frames:v",
+        "1",
+        folder.join("frame_3.jpg").to_str().unwrap(),
+    ]);
+    let o = run(features_cmd(&vids, &store));
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("2 stored videos (e.g. clipA, folder9) are not the files their features"),
+        "{err}"
+    );
+    let after = Store::open(&store)?.snapshot();
+    for (id, path) in [("clipA", vids.join("clipA.mp4")), ("folder9", folder.clone())] {
+        let job = VideoJob { id: id.into(), path };
+        let frames = decoded_frames(&job, T, Sampling::Uniform, &Ffmpeg::from_env(), vit_cfg.image_size)?;
+        let direct = vit.forward_wo_norm(&frames.pixel_values)?.to_dtype(DType::F16)?;
+        let want: Vec<u16> = direct.flatten_all()?.to_vec1::<half::f16>()?.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(feats(&after, id)?, want, "{id}: the new file's features");
+        assert_ne!(feats(&after, id)?, feats(&before, id)?, "{id}");
+    }
+    assert_eq!(feats(&after, "clipB")?, feats(&before, "clipB")?);
+    assert!((after.video("clipA")?.duration.unwrap() - 3.0).abs() < 0.05);
+    // Now all match: nothing is recomputed.
+    let o = run(features_cmd(&vids, &store));
+    let err = stderr(&o);
+    assert!(o.status.success() && !err.contains("are not the files"), "{err}");
     Ok(())
 }
 

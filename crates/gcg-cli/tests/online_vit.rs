@@ -240,4 +240,26 @@ fn the_online_vit_trains_and_predicts_exactly_as_the_stored_features() {
         "gcg train with data.video_dir",
     );
     assert_eq!(losses(&root.join("runs/z2")), a, "found again, the same training");
+    // Another file under a stored video's name: refused by name (its ViT features would have
+    // been trained beside the old file's CLIP embeddings and pseudo-labels).
+    write_video(&root.join("moved"), "vid2", 999);
+    let o = gcg(
+        &[
+            "train",
+            "--config",
+            &s(&live),
+            "--quiet",
+            "--set",
+            "run_dir=runs/z3",
+            "--set",
+            "data.video_dir=moved",
+        ],
+        root,
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("video vid2") && err.contains("is not the file its stored features were made from"),
+        "{err}"
+    );
 }

@@ -368,6 +368,7 @@ fn store_index_fixture() -> Vec<u8> {
             duration: Some(2.0),
             fps: Some(30.0),
             source: None,
+            source_fingerprint: None,
             extractor: None,
             embeddings_only: false,
         })

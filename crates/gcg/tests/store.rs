@@ -45,6 +45,7 @@ fn video(id: &str, t: usize, n: usize, d: usize, e: usize) -> VideoRecord {
         duration: Some(t as f64 * 1.5),
         fps: Some(29.97),
         source: Some(format!("/videos/{id}.mp4")),
+        source_fingerprint: None,
         extractor: None,
         embeddings_only: false,
     }

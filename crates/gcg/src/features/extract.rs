@@ -350,6 +350,8 @@ fn encode_videos(
             // Absolute: the online ViT decodes the video again from here.
             let source = std::path::absolute(&job.path).unwrap_or_else(|_| job.path.clone());
             rec.source = Some(source.display().to_string());
+            // None where the frames came from elsewhere than a file or folder at the job's path.
+            rec.source_fingerprint = crate::features::provenance::source_fingerprint(&job.path).ok();
             rec.extractor = opts.extractor.clone();
             if opts.embeddings_only {
                 rec = rec.without_features();
@@ -431,6 +433,7 @@ pub fn plan_videos<'a>(
     let mut todo = Vec::new();
     let mut differ: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
     let mut unknown = Vec::new();
+    let mut changed = Vec::new();
     for j in jobs {
         let Some(v) = index.videos.get(&j.id) else {
             todo.push(j);
@@ -439,6 +442,23 @@ pub fn plan_videos<'a>(
         if overwrite {
             todo.push(j);
             continue;
+        }
+        // A file replaced under the same id (a re-encode, another video of that name) is
+        // recomputed, not kept with the old file's features.
+        if let Some(stored) = &v.source_fingerprint {
+            match crate::features::provenance::source_fingerprint(&j.path) {
+                Ok(now) if now != *stored => {
+                    changed.push(j.id.as_str());
+                    todo.push(j);
+                    continue;
+                }
+                Ok(_) => {}
+                // Unreadable now: its decoding reports the error (as the video's failure).
+                Err(_) => {
+                    todo.push(j);
+                    continue;
+                }
+            }
         }
         let mut d = Vec::new();
         if v.num_frames != num_frames {
@@ -466,6 +486,15 @@ pub fn plan_videos<'a>(
             })
             .collect();
         anyhow::bail!("{}\ngive --overwrite to recompute them, or use another --store", lines.join("\n"));
+    }
+    if !changed.is_empty() {
+        tracing::warn!(
+            "{} stored videos (e.g. {}) are not the files their features in {} were made from (size or content \
+             differ); recomputing them",
+            changed.len(),
+            changed[..changed.len().min(3)].join(", "),
+            store_dir.display()
+        );
     }
     if !unknown.is_empty() {
         tracing::warn!(

@@ -23,22 +23,59 @@ pub fn files_fingerprint(files: &[PathBuf]) -> Result<String> {
     files.sort_by_key(|p| p.file_name().map(|n| n.to_os_string()));
     let mut h = crate::util::Fnv64::default();
     for path in &files {
-        let mut f = std::fs::File::open(path).with_context(|| format!("opening {} to fingerprint it", path.display()))?;
-        let len = f.metadata()?.len();
         h.update(
             path.file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default()
                 .as_bytes(),
         );
-        h.update(&len.to_le_bytes());
-        let mut buf = Vec::new();
-        (&mut f).take(EDGE).read_to_end(&mut buf)?;
-        if len > EDGE {
-            f.seek(SeekFrom::Start(len.saturating_sub(EDGE).max(EDGE)))?;
-            f.read_to_end(&mut buf)?;
+        hash_edges(&mut h, path)?;
+    }
+    Ok(h.tagged())
+}
+
+/// Feeds a file's size and its first and last 64 KiB to `h`.
+fn hash_edges(h: &mut crate::util::Fnv64, path: &Path) -> Result<()> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {} to fingerprint it", path.display()))?;
+    let len = f.metadata()?.len();
+    h.update(&len.to_le_bytes());
+    let mut buf = Vec::new();
+    (&mut f).take(EDGE).read_to_end(&mut buf)?;
+    if len > EDGE {
+        f.seek(SeekFrom::Start(len.saturating_sub(EDGE).max(EDGE)))?;
+        f.read_to_end(&mut buf)?;
+    }
+    h.update(&buf);
+    Ok(())
+}
+
+/// What a video's features were made from, to tell a replaced file from the one stored: for a
+/// video file its size and first and last 64 KiB (where MP4's and Matroska's indexes live; not
+/// its name, so a moved or renamed copy is the same video); for a frame folder the names,
+/// sizes and edges of its files. `fnv1a64:<hex>`.
+pub fn source_fingerprint(path: &Path) -> Result<String> {
+    let mut h = crate::util::Fnv64::default();
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("listing {}", path.display()))?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("listing {}", path.display()))?;
+        files.retain(|p| p.is_file());
+        files.sort();
+        h.update(b"folder");
+        for f in &files {
+            h.update(
+                f.file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
+            h.update(&[0]);
+            hash_edges(&mut h, f)?;
         }
-        h.update(&buf);
+    } else {
+        hash_edges(&mut h, path)?;
     }
     Ok(h.tagged())
 }
@@ -117,4 +154,46 @@ pub fn text_encoder(preset: Preset, random_seed: Option<u64>, clip_dir: Option<&
         ),
     };
     Ok(format!("{model}, tokenizer {}", files_fingerprint(&[tokenizer.to_path_buf()])?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_fingerprints_follow_content_not_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        // A "video" larger than both edges, and a copy under another name.
+        let mut bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(p("a.mp4"), &bytes).unwrap();
+        std::fs::write(p("b.mp4"), &bytes).unwrap();
+        let a = source_fingerprint(&p("a.mp4")).unwrap();
+        assert!(a.starts_with("fnv1a64:"), "{a}");
+        assert_eq!(source_fingerprint(&p("b.mp4")).unwrap(), a, "a renamed copy is the same video");
+        // A byte in the last 64 KiB, or one more byte: another video.
+        bytes[299_000] ^= 1;
+        std::fs::write(p("b.mp4"), &bytes).unwrap();
+        assert_ne!(source_fingerprint(&p("b.mp4")).unwrap(), a);
+        bytes[299_000] ^= 1;
+        bytes.push(0);
+        std::fs::write(p("b.mp4"), &bytes).unwrap();
+        assert_ne!(source_fingerprint(&p("b.mp4")).unwrap(), a);
+
+        // Frame folders: a frame's content or name changes it; the folder's own name does not.
+        for d in ["f1", "f2"] {
+            std::fs::create_dir(p(d)).unwrap();
+            std::fs::write(p(d).join("frame_0.jpg"), b"zero").unwrap();
+            std::fs::write(p(d).join("frame_1.jpg"), b"one").unwrap();
+        }
+        let f = source_fingerprint(&p("f1")).unwrap();
+        assert_eq!(source_fingerprint(&p("f2")).unwrap(), f);
+        assert_ne!(f, a);
+        std::fs::write(p("f2").join("frame_1.jpg"), b"ONE").unwrap();
+        assert_ne!(source_fingerprint(&p("f2")).unwrap(), f);
+        std::fs::write(p("f2").join("frame_1.jpg"), b"one").unwrap();
+        std::fs::rename(p("f2").join("frame_1.jpg"), p("f2").join("frame_2.jpg")).unwrap();
+        assert_ne!(source_fingerprint(&p("f2")).unwrap(), f);
+        assert!(source_fingerprint(&p("missing.mp4")).is_err());
+    }
 }

@@ -151,13 +151,30 @@ fn video_path(data: &DataConfig, id: &str, v: &crate::store::VideoEntry) -> Resu
             p.display(),
             dir.display()
         );
-        return Ok(p);
+        return same_source(id, v, p);
     }
     ensure!(
         recorded.exists(),
         "video {id}: its frames' source {source} does not exist (moved? set data.video_dir to where the videos are now)"
     );
-    Ok(recorded)
+    same_source(id, v, recorded)
+}
+
+/// `path` when it is the file the video's features were made from (where the store recorded
+/// its fingerprint): the online ViT's features must not come from another video than the
+/// stored CLIP embeddings and pseudo-labels.
+fn same_source(id: &str, v: &crate::store::VideoEntry, path: std::path::PathBuf) -> Result<std::path::PathBuf> {
+    if let Some(stored) = &v.source_fingerprint {
+        let now = crate::features::provenance::source_fingerprint(&path)
+            .with_context(|| format!("video {id}: fingerprinting {}", path.display()))?;
+        ensure!(
+            now == *stored,
+            "video {id}: {} is not the file its stored features were made from (its size or content differ: {now}, \
+             the store recorded {stored}); run gcg features on it again, or point data.video_dir at the original",
+            path.display()
+        );
+    }
+    Ok(path)
 }
 
 /// The online ViT's frames: each video decoded again from its source, sampled as the store

@@ -138,6 +138,12 @@ pub struct VideoEntry {
     /// Where the frames came from (a path), for information.
     #[serde(default)]
     pub source: Option<String>,
+    /// The source's content when its features were made
+    /// ([`crate::features::provenance::source_fingerprint`]): `gcg features` recomputes a video
+    /// whose file no longer matches it, and the online ViT refuses to decode such a file.
+    /// Absent for imported features and in stores written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_fingerprint: Option<String>,
     /// Un-normalised ViT features, F16 [T, tokens, width]; absent for a video stored without
     /// them (`gcg features --embeddings-only`: the ViT then runs on its decoded frames in the
     /// training loop, `[data] online_vit`).

@@ -32,6 +32,8 @@ pub struct VideoRecord {
     pub duration: Option<f64>,
     pub fps: Option<f64>,
     pub source: Option<String>,
+    /// The source's content fingerprint ([`crate::features::provenance::source_fingerprint`]).
+    pub source_fingerprint: Option<String>,
     /// What made the features (stored with the entry; None: not known).
     pub extractor: Option<Extractor>,
     /// Store the CLIP frame embeddings and times but not the ViT features (`features` is then
@@ -60,6 +62,7 @@ impl VideoRecord {
             duration: None,
             fps: None,
             source: None,
+            source_fingerprint: None,
             extractor: None,
             embeddings_only: false,
             id,
@@ -754,6 +757,7 @@ impl StoreWriter {
                         duration: v.duration,
                         fps: v.fps,
                         source: v.source.clone(),
+                        source_fingerprint: v.source_fingerprint.clone(),
                         features: if v.embeddings_only { None } else { Some(get("features")?) },
                         frame_embeds: get("frame_embeds")?,
                         extractor: v.extractor.clone(),
