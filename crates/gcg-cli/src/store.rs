@@ -25,8 +25,9 @@ pub struct VerifyArgs {
     /// Also check that every stored feature, embedding, curve and time is finite (reads every byte).
     #[arg(long)]
     values: bool,
-    /// Drop the broken shards and records from the index (broken files go to STORE/quarantine/);
-    /// `gcg features` and `gcg labels` then recompute them.
+    /// Drop the broken shards and records from the index (broken files, and shard files no index
+    /// lists, go to STORE/quarantine/); `gcg features` and `gcg labels` then recompute them. A
+    /// store whose index.json was lost gets it rebuilt from its shards.
     #[arg(long)]
     repair: bool,
     /// Print the report as JSON on stdout.
@@ -47,6 +48,30 @@ fn verify(a: VerifyArgs) -> Result<()> {
             a.store.display()
         );
     }
+    // A store that lost its index is rebuilt from its shards first (with --repair).
+    let lost = gcg::store::lost_index_shards(&a.store)?;
+    let rebuilt = if lost > 0 {
+        if !a.repair {
+            bail!("{}", gcg::store::lost_index_message(&a.store, lost));
+        }
+        let r = gcg::store::rebuild_index(&a.store)?;
+        if !a.json {
+            println!(
+                "rebuilt the lost index of {} from {} of its {lost} shards: {} videos, {} questions ({} superseded records left out)",
+                a.store.display(),
+                r.shards,
+                r.videos,
+                r.questions,
+                r.superseded
+            );
+            for (name, why, to) in &r.quarantined {
+                println!("could not read back shard {name} ({why}); moved to {}", to.display());
+            }
+        }
+        Some(r)
+    } else {
+        None
+    };
     let store = Store::open(&a.store)?;
     let opts = CheckOptions {
         headers: true,
@@ -81,7 +106,16 @@ fn verify(a: VerifyArgs) -> Result<()> {
                 "shards": r.shards.iter().map(|(n, to)| json!({"shard": n, "moved_to": to})).collect::<Vec<_>>(),
                 "videos": r.videos,
                 "questions": r.questions,
-                "removed_unlisted": r.removed_unlisted,
+                "moved_unlisted": r.moved_unlisted.iter().map(|(n, to)| json!({"shard": n, "moved_to": to})).collect::<Vec<_>>(),
+            });
+        }
+        if let Some(r) = &rebuilt {
+            out["rebuilt"] = json!({
+                "shards": r.shards,
+                "videos": r.videos,
+                "questions": r.questions,
+                "superseded": r.superseded,
+                "quarantined": r.quarantined.iter().map(|(n, why, to)| json!({"shard": n, "why": why, "moved_to": to})).collect::<Vec<_>>(),
             });
         }
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -106,10 +140,14 @@ fn verify(a: VerifyArgs) -> Result<()> {
             println!(
                 "dropped {} from the index; {RECOMPUTE_HINT}, with the same settings that made them{}",
                 dropped_counts(&r.videos, &r.questions),
-                if r.removed_unlisted.is_empty() {
+                if r.moved_unlisted.is_empty() {
                     String::new()
                 } else {
-                    format!("; removed {} unlisted shard files", r.removed_unlisted.len())
+                    format!(
+                        "; moved {} unlisted shard files to {}",
+                        r.moved_unlisted.len(),
+                        a.store.join(gcg::store::QUARANTINE_DIR).display()
+                    )
                 }
             );
         }
@@ -170,8 +208,10 @@ fn print_report(a: &VerifyArgs, found: &StoreCheck, mixed: bool) {
     }
     if !found.unlisted.is_empty() {
         println!(
-            "{} shard files are not in the index (left by stopped writers; harmless, --repair removes them)",
-            found.unlisted.len()
+            "{} shard files are not in the index (left by writers stopped before publishing them, or being published by a \
+             running one; their records were or will be redone: --repair moves those of stopped writers to {})",
+            found.unlisted.len(),
+            a.store.join(gcg::store::QUARANTINE_DIR).display()
         );
     }
 }

@@ -799,3 +799,113 @@ fn labels_warn_of_videos_that_disagree_with_the_annotated_frame_count() -> Resul
     );
     Ok(())
 }
+
+/// `gcg labels` of NExT-QA annotations with the tiny random CLIP text tower, K = 2.
+fn labels_cmd(store: &Path, ann: &Path) -> Command {
+    let mut c = gcg();
+    c.args(["labels", "--store"]).arg(store).arg("--annotations").arg(ann);
+    for (flag, value) in [("--dataset", "nextqa"), ("--preset", "tiny"), ("--seed", "3"), ("--top-k", "2")] {
+        c.args([flag, value]);
+    }
+    c.arg("--random-weights").arg("--clip-tokenizer").arg(bpe());
+    c
+}
+
+/// A store whose `index.json` was lost: `gcg features` and the readers refuse to start a new index
+/// over its shards (it silently started over, and `--repair` then deleted the shards as
+/// leftovers); `gcg store verify --repair` rebuilds the index from what the shards record, the
+/// latest record of a recomputed video winning and the questions labelled from its old features
+/// left out. Shards no index lists are moved to quarantine/, never deleted or overwritten there.
+#[test]
+fn a_lost_index_is_rebuilt_from_the_shards() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let vids = tmp.path().join("videos");
+    std::fs::create_dir(&vids)?;
+    videos(&vids)?;
+    std::fs::remove_file(vids.join("bad.safetensors"))?;
+    let store = tmp.path().join("store");
+    let o = run(features_cmd(&vids, &store));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let csv = "video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4\n\
+               vid0,369,640,480,how do the two man play the instrument,2,6,CH,roll the handle,tap their feet,strum the string,hit with sticks,pat with hand\n\
+               vid1,2697,640,480,why did the boy pick up one present,4,1,CW,share with the girl,approach lady,unwrap it,playing with toy train,gesture something\n\
+               vid3,100,640,480,what does the dog do,0,2,TN,run away,sleep,bark,eat,jump\n";
+    let ann = tmp.path().join("val.csv");
+    std::fs::write(&ann, csv)?;
+    let labels = || run(labels_cmd(&store, &ann));
+    let o = labels();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // vid1 recomputed into a newer shard (its question is dropped), then labelled again.
+    let one = tmp.path().join("one");
+    std::fs::create_dir(&one)?;
+    std::fs::copy(vids.join("vid1.safetensors"), one.join("vid1.safetensors"))?;
+    let mut c = features_cmd(&one, &store);
+    c.arg("--overwrite");
+    let o = run(c);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = labels();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let index_path = store.join("index.json");
+    let before: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
+    let vid1_shard = before["videos"]["vid1"]["shard"].as_str().unwrap().to_string();
+    let shards_before = std::fs::read_dir(store.join("shards"))?.count();
+
+    std::fs::remove_file(&index_path)?;
+    // Refused by every entry point, naming the fix; nothing written.
+    let o = run(features_cmd(&vids, &store));
+    let err = stderr(&o);
+    assert!(
+        !o.status.success() && err.contains("no index.json") && err.contains("--repair"),
+        "{err}"
+    );
+    let o = labels();
+    assert!(!o.status.success() && stderr(&o).contains("no index.json"), "{}", stderr(&o));
+    let o = verify(&store, &[]);
+    assert!(!o.status.success() && stderr(&o).contains("rebuilds the index"), "{}", stderr(&o));
+    assert!(!index_path.exists());
+    assert_eq!(std::fs::read_dir(store.join("shards"))?.count(), shards_before);
+
+    // A shard written before shards listed their records cannot be read back: quarantined.
+    let old = store.join("shards/videos-0000000000001-1-00001.safetensors");
+    let map: HashMap<String, Tensor> = [("vidX/frame_embeds".to_string(), Tensor::zeros((T, 8), DType::F32, &Device::Cpu)?)].into();
+    candle_core::safetensors::save(&map, &old)?;
+    let o = verify(&store, &["--repair"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.contains("rebuilt the lost index") && out.contains("5 videos, 3 questions"),
+        "{out}"
+    );
+    assert!(
+        out.contains("could not read back shard videos-0000000000001-1-00001.safetensors"),
+        "{out}"
+    );
+    assert!(store.join("quarantine/videos-0000000000001-1-00001.safetensors").exists());
+    let after: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
+    for key in ["meta", "videos", "questions"] {
+        assert_eq!(after[key], before[key], "{key}");
+    }
+    assert_eq!(after["videos"]["vid1"]["shard"], vid1_shard.as_str(), "the recomputed record wins");
+    for (name, info) in after["shards"].as_object().unwrap() {
+        assert_eq!(&before["shards"][name], info, "{name}");
+    }
+    // The rebuilt store reads, checks clean and is resumed: nothing recomputed.
+    let o = verify(&store, &["--checksums", "--values"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let o = run(features_cmd(&vids, &store));
+    assert!(o.status.success() && stderr(&o).contains("5 already stored"), "{}", stderr(&o));
+
+    // Unlisted shards of stopped writers go to quarantine/ under a free name.
+    let any = std::fs::read_dir(store.join("shards"))?.next().unwrap()?.path();
+    let dead = "videos-0000000000002-999999999-00001.safetensors";
+    for round in 0..2 {
+        std::fs::copy(&any, store.join("shards").join(dead))?;
+        let o = verify(&store, &["--repair"]);
+        let out = String::from_utf8_lossy(&o.stdout).to_string();
+        assert!(o.status.success() && out.contains("moved 1 unlisted shard files"), "{out}");
+        let kept = if round == 0 { dead.to_string() } else { format!("{dead}.1") };
+        assert!(store.join("quarantine").join(kept).exists(), "round {round}");
+    }
+    assert!(store.join("quarantine").join(dead).exists(), "the first one is not overwritten");
+    Ok(())
+}

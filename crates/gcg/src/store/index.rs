@@ -99,6 +99,24 @@ pub struct StoreMeta {
     pub embed_dim: usize,
 }
 
+/// What a video shard says of each of its videos (`__metadata__["videos"]`, a JSON list), so that
+/// a lost index can be rebuilt from the shards (see [`super::writer::rebuild_index`]): the index
+/// entry less the tensors' places, which the shard's header gives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardVideo {
+    pub id: String,
+    pub num_frames: usize,
+    pub timestamps: Vec<f64>,
+    pub duration: Option<f64>,
+    pub fps: Option<f64>,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub source_fingerprint: Option<String>,
+    #[serde(default)]
+    pub extractor: Option<Extractor>,
+}
+
 /// What a shard holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

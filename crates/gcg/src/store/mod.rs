@@ -18,7 +18,10 @@
 //! ```
 //!
 //! Shards are ordinary safetensors files (readable by `safetensors.safe_open` in Python); their
-//! `__metadata__` says `{"format": "gcg-feature-store", "kind": "videos"|"questions"}`. Tensors
+//! `__metadata__` says `{"format": "gcg-feature-store", "kind": "videos"|"questions"}` and lists
+//! the shard's records as JSON strings (`videos` + `store_meta`: [`ShardVideo`] per video and
+//! the feature sizes; `questions`: `[key, QuestionEntry]` pairs), from which
+//! [`rebuild_index`] rebuilds a lost index. Tensors
 //! are laid out by descending element size after an 8-byte-aligned header, so every tensor is
 //! aligned to its element size in the file (and in a memory map of it).
 //!
@@ -114,9 +117,12 @@ pub use check::{
 pub(crate) use format::f16_to_f32;
 pub use format::read_header;
 pub use index::{
-    check_times, time_tolerance, Extractor, Index, QuestionEntry, ShardInfo, ShardKind, StoreDType, StoreMeta, TensorLoc, VideoEntry,
-    FORMAT, INDEX_FILE, LOCK_FILE, SHARD_DIR, VERSION,
+    check_times, time_tolerance, Extractor, Index, QuestionEntry, ShardInfo, ShardKind, ShardVideo, StoreDType, StoreMeta, TensorLoc,
+    VideoEntry, FORMAT, INDEX_FILE, LOCK_FILE, SHARD_DIR, VERSION,
 };
 pub(crate) use reader::f16_to_bf16;
 pub use reader::{MappedTensor, QuestionTexts, Snapshot, Store};
-pub use writer::{Fault, FaultAction, FaultPoint, QuestionRecord, Repaired, StoreWriter, VideoRecord, WriterOptions, QUARANTINE_DIR};
+pub use writer::{
+    lost_index_message, lost_index_shards, rebuild_index, Fault, FaultAction, FaultPoint, QuestionRecord, Rebuilt, Repaired, StoreWriter,
+    VideoRecord, WriterOptions, QUARANTINE_DIR,
+};

@@ -315,11 +315,14 @@ impl Store {
             "the feature store {} does not exist (create it with `gcg features`)",
             dir.display()
         );
-        ensure!(
-            path.exists(),
-            "{} is not a feature store (no {INDEX_FILE}; create one with `gcg features`)",
-            dir.display()
-        );
+        if !path.exists() {
+            let shards = super::writer::lost_index_shards(&dir)?;
+            ensure!(shards == 0, "{}", super::writer::lost_index_message(&dir, shards));
+            anyhow::bail!(
+                "{} is not a feature store (no {INDEX_FILE}; create one with `gcg features`)",
+                dir.display()
+            );
+        }
         let maps = Arc::new(MapCache::default());
         let (index, stamp) = read_index(&dir)?;
         let snap = Snapshot {

@@ -347,13 +347,7 @@ impl StoreWriter {
     pub fn open(dir: impl AsRef<Path>, opts: WriterOptions) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(dir.join(SHARD_DIR)).with_context(|| format!("creating the store directory {}", dir.display()))?;
-        let lock_path = dir.join(LOCK_FILE);
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("opening {}", lock_path.display()))?;
+        let (lock, lock_path) = open_lock(&dir)?;
         lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
         let mut opened_repair = None;
         let index = (|| -> Result<Index> {
@@ -361,6 +355,8 @@ impl StoreWriter {
             remove_stale_temps(&dir.join(SHARD_DIR))?;
             let (mut index, stamp) = read_index(&dir)?;
             if stamp.is_none() {
+                let shards = shard_files(&dir)?.len();
+                ensure!(shards == 0, "{}", lost_index_message(&dir, shards));
                 write_index(&dir, &index, &mut |_| Ok(()))?;
             }
             // A shard gone or cut short behind the store's back: its records are dropped from
@@ -421,8 +417,9 @@ impl StoreWriter {
 
     /// Drops from the index what `found` (a [`check`] of this store) says is broken: the broken
     /// shards (moved to `quarantine/` when their file is still there), every record in them, the
-    /// records holding non-finite values and the questions of every dropped video; removes the
-    /// shard files the index does not list. The jobs that made the dropped records
+    /// records holding non-finite values and the questions of every dropped video; moves the
+    /// shard files the index does not list (of stopped writers) to `quarantine/` too. The jobs
+    /// that made the dropped records
     /// (`gcg features`, `gcg labels`) then recompute them.
     pub fn repair(&mut self, found: &StoreCheck) -> Result<Repaired> {
         let lock_path = self.dir.join(LOCK_FILE);
@@ -627,17 +624,20 @@ impl StoreWriter {
     }
 
     /// Writes the shard (temp, fsync, rename), then merges `entries` into the current index.
+    /// `records`: what the shard says of its records in its `__metadata__` (to rebuild a lost
+    /// index from).
     fn commit(
         &mut self,
         kind: ShardKind,
         tensors: &[RawTensor<'_>],
+        records: BTreeMap<String, String>,
         entries: impl FnOnce(&str, &[super::index::TensorLoc], &mut Index) -> Result<()>,
     ) -> Result<()> {
         let name = self.shard_name(kind);
         let shard_dir = self.dir.join(SHARD_DIR);
         let final_path = shard_dir.join(&name);
         let tmp = shard_dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        let mut meta = BTreeMap::new();
+        let mut meta = records;
         meta.insert("format".to_string(), super::index::FORMAT.to_string());
         meta.insert("kind".to_string(), format!("{kind:?}").to_lowercase());
         let (locs, crc32) = write_safetensors(&tmp, tensors, &meta)?;
@@ -702,7 +702,24 @@ impl StoreWriter {
             }
         }
         let meta = videos[0].meta();
-        self.commit(ShardKind::Videos, &tensors, |shard, locs, index| {
+        let described: Vec<super::index::ShardVideo> = videos
+            .iter()
+            .map(|v| super::index::ShardVideo {
+                id: v.id.clone(),
+                num_frames: v.num_frames(),
+                timestamps: v.timestamps.clone(),
+                duration: v.duration,
+                fps: v.fps,
+                source: v.source.clone(),
+                source_fingerprint: v.source_fingerprint.clone(),
+                extractor: v.extractor.clone(),
+            })
+            .collect();
+        let records = BTreeMap::from([
+            ("videos".to_string(), serde_json::to_string(&described)?),
+            ("store_meta".to_string(), serde_json::to_string(&meta)?),
+        ]);
+        self.commit(ShardKind::Videos, &tensors, records, |shard, locs, index| {
             match index.meta {
                 Some(m) if m != meta => bail!(
                     "the store holds features [T, {}, {}] with CLIP width {}, this writer has [T, {}, {}] with width {}",
@@ -806,7 +823,13 @@ impl StoreWriter {
                 data: i64_bytes(&labels),
             },
         ];
-        self.commit(ShardKind::Questions, &tensors, |shard, locs, index| {
+        let described: Vec<(String, QuestionEntry)> = questions
+            .iter()
+            .zip(&entries)
+            .map(|(q, &(text_row, curve_start))| (q.key.clone(), question_entry(q, "", text_row, curve_start)))
+            .collect();
+        let records = BTreeMap::from([("questions".to_string(), serde_json::to_string(&described)?)]);
+        self.commit(ShardKind::Questions, &tensors, records, |shard, locs, index| {
             let info = index
                 .shards
                 .get_mut(shard)
@@ -823,25 +846,29 @@ impl StoreWriter {
                     q.video,
                     q.curve.len()
                 );
-                index.questions.insert(
-                    q.key.clone(),
-                    QuestionEntry {
-                        shard: shard.to_string(),
-                        video: q.video.clone(),
-                        num_options: q.num_options,
-                        text_row,
-                        curve_start,
-                        num_frames: q.curve.len(),
-                        pseudo_labels: q.pseudo_labels.clone(),
-                        event_mode: q.event_mode.clone(),
-                        event: q.event_text.clone(),
-                        text_encoder: q.text_encoder.clone(),
-                        texts_hash: q.texts_hash.clone(),
-                    },
-                );
+                index
+                    .questions
+                    .insert(q.key.clone(), question_entry(q, shard, text_row, curve_start));
             }
             Ok(())
         })
+    }
+}
+
+/// A question's index entry in shard `shard`.
+fn question_entry(q: &QuestionRecord, shard: &str, text_row: usize, curve_start: usize) -> QuestionEntry {
+    QuestionEntry {
+        shard: shard.to_string(),
+        video: q.video.clone(),
+        num_options: q.num_options,
+        text_row,
+        curve_start,
+        num_frames: q.curve.len(),
+        pseudo_labels: q.pseudo_labels.clone(),
+        event_mode: q.event_mode.clone(),
+        event: q.event_text.clone(),
+        text_encoder: q.text_encoder.clone(),
+        texts_hash: q.texts_hash.clone(),
     }
 }
 
@@ -864,15 +891,31 @@ pub struct Repaired {
     pub shards: Vec<(String, Option<PathBuf>)>,
     pub videos: Vec<String>,
     pub questions: Vec<String>,
-    /// Unlisted shard files of stopped writers, removed.
-    pub removed_unlisted: Vec<String>,
+    /// Unlisted shard files of stopped writers, and where each went (`quarantine/`).
+    pub moved_unlisted: Vec<(String, PathBuf)>,
 }
 
 /// Sub-directory of a store where repair moves broken shard files (never deleted by gcg).
 pub const QUARANTINE_DIR: &str = "quarantine";
 
+/// Moves shard file `name` from the store's `shards/` to its `quarantine/`, under a name no
+/// earlier file there has (`NAME`, else `NAME.1`, `NAME.2`, ...). Returns where it went.
+fn quarantine(dir: &Path, name: &str) -> Result<PathBuf> {
+    let from = dir.join(SHARD_DIR).join(name);
+    let q = dir.join(QUARANTINE_DIR);
+    std::fs::create_dir_all(&q).with_context(|| format!("creating {}", q.display()))?;
+    let mut to = q.join(name);
+    let mut n = 0;
+    while to.exists() {
+        n += 1;
+        to = q.join(format!("{name}.{n}"));
+    }
+    std::fs::rename(&from, &to).with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+    Ok(to)
+}
+
 /// Under the lock: drops what `found` says is broken from `index`, publishes it, then moves the
-/// broken files aside and removes unlisted ones (after the new index names none of them).
+/// broken files and the unlisted ones aside (after the new index names none of them).
 fn publish_repair(dir: &Path, index: &mut Index, found: &StoreCheck) -> Result<Repaired> {
     let (videos, questions) = drop_broken(index, found);
     index.generation += 1;
@@ -886,32 +929,230 @@ fn publish_repair(dir: &Path, index: &mut Index, found: &StoreCheck) -> Result<R
     let shard_dir = dir.join(SHARD_DIR);
     for b in &found.broken {
         let path = shard_dir.join(&b.name);
-        let moved = if path.exists() {
-            let q = dir.join(QUARANTINE_DIR);
-            std::fs::create_dir_all(&q).with_context(|| format!("creating {}", q.display()))?;
-            let to = q.join(&b.name);
-            std::fs::rename(&path, &to).with_context(|| format!("moving {} to {}", path.display(), to.display()))?;
-            Some(to)
-        } else {
-            None
-        };
+        let moved = if path.exists() { Some(quarantine(dir, &b.name)?) } else { None };
         repaired.shards.push((b.name.clone(), moved));
     }
     for name in &found.unlisted {
         // Only a stopped writer's leftovers: a running one may be about to publish its shard.
         let writer_pid = name.split('-').nth(2).and_then(|p| p.parse::<u32>().ok());
         let stopped = writer_pid.is_some_and(|p| p != std::process::id() && !pid_alive(p));
-        if stopped && !index.shards.contains_key(name) {
-            let path = shard_dir.join(name);
-            match std::fs::remove_file(&path) {
-                Ok(()) => repaired.removed_unlisted.push(name.clone()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
-            }
+        // Moved aside, not deleted: a shard unlisted by a lost or replaced index holds records
+        // (`rebuild_index` reads them back from there too).
+        if stopped && !index.shards.contains_key(name) && shard_dir.join(name).exists() {
+            let to = quarantine(dir, name)?;
+            repaired.moved_unlisted.push((name.clone(), to));
         }
     }
     fsync_dir(&shard_dir)?;
     Ok(repaired)
+}
+
+/// What [`rebuild_index`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rebuilt {
+    /// Shards whose records the rebuilt index lists.
+    pub shards: usize,
+    pub videos: usize,
+    pub questions: usize,
+    /// Records a later shard holds again (a recomputed video, a relabelled question), and
+    /// questions labelled from a video's earlier features or another T: left out.
+    pub superseded: usize,
+    /// Shards that could not be read back (no record list: written before shards kept one; a
+    /// bad header; other sizes than the store's), with why, and where each went (`quarantine/`).
+    pub quarantined: Vec<(String, String, PathBuf)>,
+}
+
+/// The store's lock file (created when missing), not locked yet.
+fn open_lock(dir: &Path) -> Result<(std::fs::File, PathBuf)> {
+    let path = dir.join(LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    Ok((f, path))
+}
+
+/// Complete shard files in `dir/shards/`, oldest first (by the time and writer in their names).
+fn shard_files(dir: &Path) -> Result<Vec<String>> {
+    let shard_dir = dir.join(SHARD_DIR);
+    let mut names = Vec::new();
+    match std::fs::read_dir(&shard_dir) {
+        Ok(rd) => {
+            for e in rd {
+                let name = e?.file_name().to_string_lossy().to_string();
+                if name.ends_with(".safetensors") && !name.starts_with('.') {
+                    names.push(name);
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("listing {}", shard_dir.display())),
+    }
+    // `{kind}-{ms}-{pid}-{n}.safetensors`: by time, then writer, then the writer's count.
+    let key = |n: &String| {
+        let parts: Vec<u64> = n
+            .trim_end_matches(".safetensors")
+            .split('-')
+            .skip(1)
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        (parts, n.clone())
+    };
+    names.sort_by_key(key);
+    Ok(names)
+}
+
+/// The number of shard files of a store whose `index.json` is missing (0 when it has one, or no
+/// shards: a new store).
+pub fn lost_index_shards(dir: &Path) -> Result<usize> {
+    if dir.join(INDEX_FILE).exists() {
+        return Ok(0);
+    }
+    Ok(shard_files(dir)?.len())
+}
+
+/// The message for a store that lost its index.
+pub fn lost_index_message(dir: &Path, shards: usize) -> String {
+    format!(
+        "the feature store {} has {shards} shard files but no {INDEX_FILE} (deleted or lost): starting a new index would \
+         leave their records unused; `gcg store verify --store {} --repair` rebuilds the index from the shards",
+        dir.display(),
+        dir.display()
+    )
+}
+
+/// Rebuilds the `index.json` of a store that lost it from what its shards say of their records
+/// (see [`super::index::ShardVideo`]), oldest shard first so that a recomputed video or
+/// relabelled question keeps its latest record, and the questions of a video recomputed after
+/// them are left out (as a writer drops them). Shards that cannot be read back are moved to
+/// `quarantine/`. Checksums are those of the files as they are now. Refused when the store has
+/// an index.
+pub fn rebuild_index(dir: &Path) -> Result<Rebuilt> {
+    let (lock, lock_path) = open_lock(dir)?;
+    lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
+    let result = rebuild_locked(dir);
+    lock.unlock().with_context(|| format!("unlocking {}", lock_path.display()))?;
+    result
+}
+
+fn rebuild_locked(dir: &Path) -> Result<Rebuilt> {
+    use super::format::{file_crc32, read_header};
+    use super::index::ShardVideo;
+    ensure!(
+        !dir.join(INDEX_FILE).exists(),
+        "{} has an {INDEX_FILE}; only a store that lost it is rebuilt",
+        dir.display()
+    );
+    let mut index = Index::default();
+    let mut out = Rebuilt::default();
+    // Where each record came from (shard order), to drop questions of later-recomputed videos.
+    let mut video_order: HashMap<String, usize> = HashMap::new();
+    let mut question_order: HashMap<String, usize> = HashMap::new();
+    let mut shard_infos: BTreeMap<String, ShardInfo> = BTreeMap::new();
+    for (order, name) in shard_files(dir)?.into_iter().enumerate() {
+        let path = dir.join(SHARD_DIR).join(&name);
+        let read = (|| -> Result<()> {
+            let (tensors, meta) = read_header(&path)?;
+            let bytes = std::fs::metadata(&path)?.len();
+            let kind = match meta.get("kind").map(String::as_str) {
+                Some("videos") => ShardKind::Videos,
+                Some("questions") => ShardKind::Questions,
+                k => bail!("its __metadata__ names no shard kind ({k:?})"),
+            };
+            let info = ShardInfo {
+                kind,
+                bytes,
+                tensors: if kind == ShardKind::Questions {
+                    tensors.clone()
+                } else {
+                    BTreeMap::new()
+                },
+                crc32: Some(file_crc32(&path)?),
+            };
+            match kind {
+                ShardKind::Videos => {
+                    let list = meta
+                        .get("videos")
+                        .context("it lists no videos (written by a gcg before shards kept their records)")?;
+                    let videos: Vec<ShardVideo> = serde_json::from_str(list).context("its video list")?;
+                    let store_meta: StoreMeta = serde_json::from_str(meta.get("store_meta").context("it records no feature sizes")?)?;
+                    if let Some(m) = index.meta.filter(|m| *m != store_meta) {
+                        bail!("its features are {store_meta:?}, the store's earlier shards {m:?}");
+                    }
+                    let mut entries = Vec::with_capacity(videos.len());
+                    for v in videos {
+                        let loc = |suffix: &str| tensors.get(&format!("{}/{suffix}", v.id)).cloned();
+                        let frame_embeds = loc("frame_embeds").with_context(|| format!("video {} has no frame_embeds tensor", v.id))?;
+                        entries.push((
+                            v.id.clone(),
+                            VideoEntry {
+                                shard: name.clone(),
+                                num_frames: v.num_frames,
+                                timestamps: v.timestamps,
+                                duration: v.duration,
+                                fps: v.fps,
+                                source: v.source,
+                                source_fingerprint: v.source_fingerprint,
+                                features: loc("features"),
+                                frame_embeds,
+                                extractor: v.extractor,
+                            },
+                        ));
+                    }
+                    index.meta = Some(store_meta);
+                    for (id, e) in entries {
+                        if index.videos.insert(id.clone(), e).is_some() {
+                            out.superseded += 1;
+                        }
+                        video_order.insert(id, order);
+                    }
+                }
+                ShardKind::Questions => {
+                    let list = meta
+                        .get("questions")
+                        .context("it lists no questions (written by a gcg before shards kept their records)")?;
+                    let questions: Vec<(String, QuestionEntry)> = serde_json::from_str(list).context("its question list")?;
+                    for (key, mut q) in questions {
+                        q.shard = name.clone();
+                        if index.questions.insert(key.clone(), q).is_some() {
+                            out.superseded += 1;
+                        }
+                        question_order.insert(key, order);
+                    }
+                }
+            }
+            shard_infos.insert(name.clone(), info);
+            Ok(())
+        })();
+        if let Err(e) = read {
+            let to = quarantine(dir, &name)?;
+            out.quarantined.push((name, format!("{e:#}"), to));
+        }
+    }
+    // A question stands only on the video it was labelled from: stored with its T, and not
+    // recomputed after it.
+    let before = index.questions.len();
+    index.questions.retain(|key, q| {
+        index.videos.get(&q.video).is_some_and(|v| v.num_frames == q.num_frames)
+            && video_order.get(&q.video).is_some_and(|&o| o < question_order[key])
+    });
+    out.superseded += before - index.questions.len();
+    let used: std::collections::BTreeSet<&String> = index
+        .videos
+        .values()
+        .map(|v| &v.shard)
+        .chain(index.questions.values().map(|q| &q.shard))
+        .collect();
+    index.shards = shard_infos.into_iter().filter(|(n, _)| used.contains(n)).collect();
+    index.generation = 1;
+    index.validate().context("the rebuilt index")?;
+    write_index(dir, &index, &mut |_| Ok(()))?;
+    out.shards = index.shards.len();
+    out.videos = index.videos.len();
+    out.questions = index.questions.len();
+    Ok(out)
 }
 
 /// Writes `index.json` atomically: temp name, fsync, (fault point), rename, fsync the directory.
