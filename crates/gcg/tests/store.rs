@@ -1607,3 +1607,36 @@ fn the_inputs_hash_follows_the_split_and_its_records_only() -> Result<()> {
     assert_ne!(hash(), relabelled);
     Ok(())
 }
+
+/// The index's frame times and the shard's `V/timestamps` copy must agree: `--values` reports a
+/// video whose index was edited (it compared nothing), and a repair drops it for recomputing.
+#[test]
+fn frame_times_that_differ_from_the_shards_copy_are_reported() -> Result<()> {
+    use gcg::store::CheckOptions;
+    let dir = tempfile::tempdir()?;
+    let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    w.add_video(video("t0", 4, 3, 8, 6))?;
+    w.add_video(video("t1", 4, 3, 8, 6))?;
+    w.finish()?;
+    assert!(Store::open(dir.path())?.snapshot().check(CheckOptions::full())?.is_clean());
+    // Still plausible (increasing, within the duration): only the copy tells.
+    edit_index(dir.path(), |i| i["videos"]["t1"]["timestamps"][2] = 3.5.into())?;
+    let snap = Store::open(dir.path())?.snapshot();
+    assert!(snap.check(CheckOptions::quick())?.is_clean(), "the index alone looks fine");
+    let found = snap.check(CheckOptions::full())?;
+    assert_eq!(found.non_finite.len(), 1, "{found:?}");
+    let text = found.describe();
+    assert!(
+        text.contains("video t1: its frame times disagree") && text.contains("frame 2: 3.5 s in the index, 3.25 s in the shard"),
+        "{text}"
+    );
+    assert_eq!(found.drop_videos, ["t1"]);
+    // Times missing from the index while the shard has them: reported too.
+    edit_index(dir.path(), |i| i["videos"]["t0"]["timestamps"] = serde_json::json!([]))?;
+    let found = Store::open(dir.path())?.snapshot().check(CheckOptions::full())?;
+    assert_eq!(found.drop_videos, ["t0", "t1"], "{}", found.describe());
+    let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    let repaired = w.repair(&found)?;
+    assert_eq!(repaired.videos, ["t0", "t1"]);
+    Ok(())
+}

@@ -8,7 +8,7 @@
 //! (CRC-32 recorded at write time, and every value finite). [`drop_broken`] removes what a check
 //! found from an index, so `gcg features` / `gcg labels` recompute exactly those records.
 
-use super::format::{f16_from_bytes, f32_from_bytes, file_crc32, read_header};
+use super::format::{f16_from_bytes, f32_from_bytes, f64_from_bytes, file_crc32, read_header};
 use super::index::{Index, ShardKind, TensorLoc, SHARD_DIR};
 use crate::util::{non_finite_f16, non_finite_f32, non_finite_f64, NonFinite};
 use anyhow::{Context, Result};
@@ -152,6 +152,8 @@ impl StoreCheck {
         for r in self.non_finite.iter().take(20) {
             if r.tensor == "frame times" {
                 out.push(format!("{} {}: implausible frame times: {}", r.kind, r.id, r.detail));
+            } else if r.tensor == "frame time copies" {
+                out.push(format!("{} {}: its frame times disagree: {}", r.kind, r.id, r.detail));
             } else {
                 out.push(format!("{} {}: {} holds {}", r.kind, r.id, r.tensor, r.detail));
             }
@@ -245,6 +247,7 @@ pub fn check(dir: &Path, index: &Index, opts: CheckOptions) -> Result<StoreCheck
         ..Default::default()
     };
     let mut maps: BTreeMap<&str, Mmap> = BTreeMap::new();
+    let mut headers: BTreeMap<&str, BTreeMap<String, TensorLoc>> = BTreeMap::new();
     for (name, info) in &index.shards {
         let path = shard_dir.join(name);
         let fault = match shard_fault(&path, name, index, opts)? {
@@ -258,6 +261,9 @@ pub fn check(dir: &Path, index: &Index, opts: CheckOptions) -> Result<StoreCheck
                     // SAFETY: published shards are never modified in place (the store's contract).
                     let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping shard {}", path.display()))?;
                     maps.insert(name.as_str(), map);
+                    if info.kind == ShardKind::Videos {
+                        headers.insert(name.as_str(), read_header(&path)?.0);
+                    }
                 }
                 continue;
             }
@@ -283,6 +289,7 @@ pub fn check(dir: &Path, index: &Index, opts: CheckOptions) -> Result<StoreCheck
         .collect();
     if opts.values {
         report.non_finite = non_finite_records(index, &maps);
+        report.non_finite.extend(time_copies_differ(index, &maps, &headers));
     }
     // Implausible frame times are read from the index alone: checked at every depth.
     for (id, why) in index.time_faults() {
@@ -420,6 +427,47 @@ fn non_finite_records(index: &Index, maps: &BTreeMap<&str, Mmap>) -> Vec<NonFini
                 &[q.num_frames],
                 non_finite_f32(&f32_from_bytes(curve)),
             );
+        }
+    }
+    out
+}
+
+/// Videos whose frame times in the index differ from their shard's copy (`V/timestamps`): one
+/// of the two was changed behind the store's back (an edited index.json), and which is right
+/// is unknown, so the video is recomputed.
+fn time_copies_differ(
+    index: &Index,
+    maps: &BTreeMap<&str, Mmap>,
+    headers: &BTreeMap<&str, BTreeMap<String, TensorLoc>>,
+) -> Vec<NonFiniteRecord> {
+    let mut out = Vec::new();
+    for (id, v) in &index.videos {
+        let (Some(map), Some(tensors)) = (maps.get(v.shard.as_str()), headers.get(v.shard.as_str())) else {
+            continue;
+        };
+        let stored = tensors
+            .get(&format!("{id}/timestamps"))
+            .map(|t| f64_from_bytes(bytes(map, t)))
+            .unwrap_or_default();
+        let same = stored.len() == v.timestamps.len() && stored.iter().zip(&v.timestamps).all(|(a, b)| a.to_bits() == b.to_bits());
+        if !same {
+            let first = (0..stored.len().max(v.timestamps.len()))
+                .find(|&i| stored.get(i).map(|x| x.to_bits()) != v.timestamps.get(i).map(|x| x.to_bits()))
+                .unwrap_or(0);
+            let show = |t: &[f64]| t.get(first).map_or("none".to_string(), |x| format!("{x} s"));
+            out.push(NonFiniteRecord {
+                kind: "video",
+                id: id.clone(),
+                shard: v.shard.clone(),
+                tensor: "frame time copies".into(),
+                detail: format!(
+                    "the index's {} times differ from the shard's {} (frame {first}: {} in the index, {} in the shard)",
+                    v.timestamps.len(),
+                    stored.len(),
+                    show(&v.timestamps),
+                    show(&stored)
+                ),
+            });
         }
     }
     out

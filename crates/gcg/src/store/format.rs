@@ -196,6 +196,13 @@ pub(crate) fn f32_from_bytes(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
+/// The f64 values of little-endian bytes (copying).
+pub(crate) fn f64_from_bytes(b: &[u8]) -> Vec<f64> {
+    b.chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect()
+}
+
 /// The f16 values of little-endian bytes: borrowed when aligned on a little-endian machine.
 pub(crate) fn f16_from_bytes(b: &[u8]) -> Cow<'_, [half::f16]> {
     #[cfg(target_endian = "little")]
