@@ -190,8 +190,33 @@ pub fn video_jobs(spec: &Path, id_map: Option<&Path>) -> Result<Vec<VideoJob>> {
 /// folders (a folder holding `frame_{i}.jpg` / `.png` files; id: the folder's name), and those
 /// of its other folders, walked down (NExT-QA's release keeps `NExTVideo/<folder>/<id>.mp4`).
 /// A folder holding neither files nor folders is listed as a frame folder, whose reading then
-/// says what it lacks. Hidden entries are skipped.
+/// says what it lacks. Hidden entries are skipped, and so are feature stores (a folder with
+/// `index.json` or `shards/`: `--store` may lie inside the video folder) and files of kinds that
+/// are never videos (annotations, lists, archives, documents; see [`NOT_VIDEOS`]), with a note.
 fn dir_jobs(dir: &Path, jobs: &mut Vec<VideoJob>) -> Result<()> {
+    let mut skipped = Vec::new();
+    walk_videos(dir, jobs, &mut skipped)?;
+    if !skipped.is_empty() {
+        let shown: Vec<String> = skipped.iter().take(5).map(|p| p.display().to_string()).collect();
+        tracing::warn!(
+            "{}: skipped {} entries that are no videos (feature stores, {} files): {}{}",
+            dir.display(),
+            skipped.len(),
+            NOT_VIDEOS.join("/"),
+            shown.join(", "),
+            if skipped.len() > 5 { ", …" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// Extensions of files a video folder may hold beside its videos (lower case).
+const NOT_VIDEOS: [&str; 20] = [
+    "txt", "md", "json", "jsonl", "csv", "tsv", "pkl", "pickle", "h5", "hdf5", "log", "toml", "yaml", "yml", "py", "sh", "zip", "tar",
+    "gz", "pdf",
+];
+
+fn walk_videos(dir: &Path, jobs: &mut Vec<VideoJob>, skipped: &mut Vec<PathBuf>) -> Result<()> {
     let list = |d: &Path| -> Result<Vec<PathBuf>> {
         let mut paths: Vec<PathBuf> = std::fs::read_dir(d)
             .with_context(|| format!("listing {}", d.display()))?
@@ -207,11 +232,21 @@ fn dir_jobs(dir: &Path, jobs: &mut Vec<VideoJob>) -> Result<()> {
     };
     for p in list(dir)? {
         if p.is_dir() {
-            let inner = list(&p)?;
-            if !inner.is_empty() && !inner.iter().any(|q| is_frame(q)) {
-                dir_jobs(&p, jobs)?;
+            if p.join("index.json").is_file() || p.join("shards").is_dir() {
+                skipped.push(p);
                 continue;
             }
+            let inner = list(&p)?;
+            if !inner.is_empty() && !inner.iter().any(|q| is_frame(q)) {
+                walk_videos(&p, jobs, skipped)?;
+                continue;
+            }
+        } else if p
+            .extension()
+            .is_some_and(|e| NOT_VIDEOS.contains(&e.to_string_lossy().to_ascii_lowercase().as_str()))
+        {
+            skipped.push(p);
+            continue;
         }
         let id = if p.is_dir() { p.file_name() } else { p.file_stem() };
         let id = id
@@ -441,6 +476,12 @@ mod tests {
             "frames_v/frame_0.jpg",
             "frames_v/frame_1.jpg",
             ".hidden/x.mp4",
+            // Not videos: annotations beside the videos, a feature store inside the folder.
+            "val.csv",
+            "README.TXT",
+            "store/index.json",
+            "store/shards/videos-1.safetensors",
+            "store2/shards/videos-1.safetensors",
         ] {
             touch(rel);
         }
