@@ -28,7 +28,8 @@ pub struct EvalArgs {
     /// every video folder of the QA directory.
     #[arg(long)]
     split: Option<PathBuf>,
-    /// The JSONL prediction file.
+    /// The prediction file: JSONL (one row per line, as `gcg predict` writes), a JSON array of
+    /// rows, or the official scripts' result object (`{"<video>_<qid>": {"prediction": i}}`).
     #[arg(long)]
     predictions: PathBuf,
     /// Write the metrics as JSON here.
@@ -37,8 +38,9 @@ pub struct EvalArgs {
     /// Skip malformed annotation rows (listed) instead of failing.
     #[arg(long)]
     skip_bad_rows: bool,
-    /// Fail (exit 1) when the prediction file has problems (malformed rows, duplicates, unknown
-    /// questions, invalid predictions) or misses questions.
+    /// Fail (exit 1, no --json file) when the prediction file has problems (malformed rows,
+    /// duplicates, unknown questions, invalid predictions, answers or types that disagree) or
+    /// misses questions.
     #[arg(long)]
     strict: bool,
     /// How many prediction problems to list (all are counted).
@@ -111,8 +113,28 @@ pub fn run(a: EvalArgs) -> Result<()> {
             eprintln!("  ... and {} more", problems.len() - a.show_problems);
         }
     }
+    let spans = preds.rows.iter().filter(|(_, r)| r.span.is_some()).count();
+    if grounding.is_none() && spans > 0 {
+        eprintln!(
+            "note: {spans} rows carry a span, which is not scored without the ground truth's: --grounding gsub_{{val,test}}.json \
+             (NExT-GQA)"
+        );
+    }
     println!("{}", crate::report::metrics_table(&metrics, &a.predictions));
 
+    let failed = a.strict && (!problems.is_empty() || metrics.missing > 0);
+    if failed {
+        // No metrics file for a run --strict refuses: nothing downstream takes it for a result.
+        bail!(
+            "{} prediction problem(s), {} question(s) without a prediction (--strict){}",
+            problems.len(),
+            metrics.missing,
+            a.json
+                .as_ref()
+                .map(|j| format!("; {} not written", j.display()))
+                .unwrap_or_default()
+        );
+    }
     if let Some(path) = &a.json {
         let mut j = metrics.to_json();
         if let Some(o) = j.as_object_mut() {
@@ -120,13 +142,6 @@ pub fn run(a: EvalArgs) -> Result<()> {
             o.insert("skipped_annotation_rows".into(), serde_json::to_value(&ann.bad_rows)?);
         }
         gcg::eval::write_metrics_json(path, &j).with_context(|| format!("writing metrics to {}", path.display()))?;
-    }
-    if a.strict && (!problems.is_empty() || metrics.missing > 0) {
-        bail!(
-            "{} prediction problem(s), {} question(s) without a prediction (--strict)",
-            problems.len(),
-            metrics.missing
-        );
     }
     Ok(())
 }

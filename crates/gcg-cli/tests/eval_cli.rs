@@ -207,12 +207,17 @@ fn eval_reports_problems_and_strict_fails() {
         "{stderr}"
     );
     assert!(!stdout.contains("mIoP"), "{stdout}");
+    // Their spans are named as not scored (they were ignored silently).
+    assert!(stderr.contains("2 rows carry a span, which is not scored"), "{stderr}");
 
+    // --strict refuses, and writes no metrics file that could pass for a result.
+    std::fs::remove_file(&json_path).unwrap();
     let mut strict = base.to_vec();
-    strict.push("--strict");
+    strict.extend(["--strict", "--json", &json_path]);
     let (code, _, stderr) = gcg(&strict);
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("--strict"), "{stderr}");
+    assert!(stderr.contains("--strict") && stderr.contains("m.json not written"), "{stderr}");
+    assert!(!Path::new(&json_path).exists());
 
     // A malformed annotation row fails with its place, or is skipped and reported.
     let csv = std::fs::read_to_string(d.join("val.csv")).unwrap().replace("pull,0,CH", "tug,0,CH");

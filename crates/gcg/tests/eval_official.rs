@@ -100,6 +100,28 @@ fn reproduces_the_official_scripts() {
         }
         let m = &ev.metrics;
         assert_eq!(m.missing, 0, "{name}");
+        if spans.is_none() {
+            // The official scripts' own result file ({"<video>_<qid>": {"prediction", "answer"}},
+            // pretty-printed) reads to the same rows and scores.
+            let dict: serde_json::Map<String, Value> = samples
+                .iter()
+                .zip(&digits)
+                .map(|(s, &p)| {
+                    let row = serde_json::json!({"prediction": p, "answer": serde_json::to_value(&s.answer).unwrap()});
+                    (format!("{}_{}", s.video, s.qid), row)
+                })
+                .collect();
+            let file = write(
+                tmp.path(),
+                &format!("{name}.result.json"),
+                &serde_json::to_string_pretty(&dict).unwrap(),
+            );
+            let official = read_predictions(&file).unwrap();
+            assert!(official.problems.is_empty(), "{name}: {:?}", official.problems);
+            assert_eq!(official.rows.len(), samples.len(), "{name}");
+            let ev2 = evaluate(dataset, &samples, &official, grounding.as_ref()).unwrap();
+            assert_eq!(ev2.metrics.scores, m.scores, "{name}: the official result file");
+        }
 
         let want_printed = r["printed"].as_object().unwrap();
         let want_raw = r["raw"].as_object().unwrap();
@@ -254,7 +276,7 @@ fn prediction_problems_are_reported_with_lines() {
         r#"{"qid": 0, "video": "v2", "type": "DL", "prediction": "option 3", "answer": 3}"#.to_string(), // text for MC
         row(&samples[1], 7, None),                                           // index out of range
         r#"{"qid": "1", "video": "v2", "type": "DO", "prediction": 4, "answer": 0}"#.to_string(), // answer differs
-        r#"{"qid": "1", "video": "v1", "prediction": 2}"#.to_string(),       // no answer: read, a duplicate of line 6
+        r#"{"qid": "1", "video": "v1", "prediction": 2}"#.to_string(),       // no answer: read, stands in for line 6
         String::new(),
         r#"{"qid": "1", "video": "v1", "type": "DC", "prediction": 2, "answer": 2, "span": [1.0, 1e999]}"#.to_string(),
     ];
@@ -271,7 +293,6 @@ fn prediction_problems_are_reported_with_lines() {
             (5, ProblemKind::Invalid),
             (6, ProblemKind::Invalid),
             (7, ProblemKind::AnswerMismatch),
-            (8, ProblemKind::Duplicate),
             (10, ProblemKind::Malformed),
         ]
     );
@@ -308,13 +329,14 @@ fn prediction_problems_are_reported_with_lines() {
         "{:?}",
         read.problems
     );
-    // Counted: v1_0 right (line 1), v2_1 right (line 7, the annotation's answer 4 is used);
-    // v1_1 and v2_0 have no usable prediction.
+    // Counted: v1_0 right (line 1), v1_1 right (line 8: line 6 cannot answer it, and a later
+    // row of the question stands in; it was dropped as a duplicate of line 6), v2_1 right (line
+    // 7, the annotation's answer 4 is used); v2_0 has no usable prediction.
     let m = ev.metrics;
-    assert_eq!(m.missing, 2);
-    assert_eq!(m.get("overall"), Some(50.0));
+    assert_eq!(m.missing, 1);
+    assert_eq!(m.get("overall"), Some(75.0));
     assert_eq!(m.get("DO"), Some(100.0));
-    assert_eq!(m.get("DC"), Some(0.0));
+    assert_eq!(m.get("DC"), Some(100.0));
 }
 
 #[test]
@@ -513,4 +535,58 @@ fn a_nextgqa_answer_equal_to_two_options_accepts_both() {
         let want = if qa_right { 100.0 / qa.len() as f64 } else { 0.0 };
         assert_eq!(ev.metrics.get("overall"), Some(want), "NExT-QA, prediction {pred}");
     }
+}
+
+#[test]
+fn usable_predictions_are_not_lost_to_bad_neighbours() {
+    let tmp = tempfile::tempdir().unwrap();
+    let samples = [mc("v1", "0", "CW", 2), mc("v1", "1", "TN", 3), mc("v2", "0", "DC", 1)];
+    // Line 1 cannot answer v1_0 (option 7 of 5): the row after it, a "duplicate", stands in.
+    // v1_1's span does not read: its answer is still scored. Line 5 duplicates line 2.
+    let text = "{\"video\": \"v1\", \"qid\": \"0\", \"prediction\": 7}\n\
+                {\"video\": \"v1\", \"qid\": \"0\", \"prediction\": 2}\n\
+                {\"video\": \"v1\", \"qid\": \"1\", \"prediction\": 3, \"span\": [4.0]}\n\
+                {\"video\": \"v2\", \"qid\": \"0\", \"prediction\": 0, \"type\": \"CH\"}\n\
+                {\"video\": \"v1\", \"qid\": \"0\", \"prediction\": 4}\n";
+    let path = write(tmp.path(), "p.jsonl", text);
+    let preds = read_predictions(&path).unwrap();
+    let ev = evaluate(Dataset::NextQa, &samples, &preds, None).unwrap();
+    let got: Vec<(u64, ProblemKind)> = ev.problems.iter().map(|p| (p.line, p.kind)).collect();
+    assert_eq!(
+        got,
+        [
+            (1, ProblemKind::Invalid),
+            (3, ProblemKind::Malformed),
+            (4, ProblemKind::TypeMismatch),
+            (5, ProblemKind::Duplicate)
+        ],
+        "{:?}",
+        ev.problems
+    );
+    assert!(ev.problems[1].message.contains("span left out"), "{}", ev.problems[1]);
+    assert!(
+        ev.problems[2].message.contains("the row's type is \"CH\", the annotation's \"DC\""),
+        "{}",
+        ev.problems[2]
+    );
+    assert_eq!(ev.metrics.missing, 0);
+    assert_eq!(ev.metrics.get("CW"), Some(100.0), "line 2 scored for v1_0");
+    assert_eq!(ev.metrics.get("TN"), Some(100.0), "v1_1 scored without its span");
+    assert_eq!(ev.metrics.get("DC"), Some(0.0));
+
+    // One JSON document that is neither rows nor the official object: the hint says JSONL.
+    let path = write(tmp.path(), "doc.json", "{\n  \"predictions\": {\"v1_0\": 2}\n}\n");
+    let preds = read_predictions(&path).unwrap();
+    assert!(preds.problems[0].message.contains("expected JSONL"), "{:?}", preds.problems);
+    // A JSON array of rows reads as its rows.
+    let path = write(
+        tmp.path(),
+        "rows.json",
+        "[\n {\"video\": \"v1\", \"qid\": 0, \"prediction\": 2},\n {\"video\": \"v2\", \"qid\": 0, \"prediction\": 1}\n]\n",
+    );
+    let ev = evaluate(Dataset::NextQa, &samples, &read_predictions(&path).unwrap(), None).unwrap();
+    assert_eq!(
+        (ev.metrics.get("CW"), ev.metrics.get("DC"), ev.metrics.missing),
+        (Some(100.0), Some(100.0), 1)
+    );
 }

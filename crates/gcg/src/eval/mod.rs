@@ -167,14 +167,27 @@ pub fn evaluate(dataset: Dataset, samples: &[QaSample], preds: &PredictionFile, 
             continue;
         };
         let s = &samples[i];
-        if let Err(m) = fits(s, &row.prediction) {
-            problems.push(Problem {
-                line: *line,
-                kind: ProblemKind::Invalid,
-                message: format!("{}: {m}", s.key),
-            });
-            continue;
-        }
+        let (line, row) = match fits(s, &row.prediction) {
+            Ok(()) => (line, row),
+            Err(m) => {
+                problems.push(Problem {
+                    line: *line,
+                    kind: ProblemKind::Invalid,
+                    message: format!("{}: {m}", s.key),
+                });
+                // A later row of the question that can answer it stands in for this one (it
+                // was reported as a duplicate of this line; it is the question's row now).
+                let Some((l, r)) = preds
+                    .duplicates
+                    .iter()
+                    .find(|(l, r)| l > line && r.key() == row.key() && fits(s, &r.prediction).is_ok())
+                else {
+                    continue;
+                };
+                problems.retain(|p| !(p.line == *l && p.kind == ProblemKind::Duplicate));
+                (l, r)
+            }
+        };
         if let Some(a) = row.answer.as_ref().filter(|a| !s.accepts(a)) {
             let show = |a: &Answer| match a {
                 Answer::Choice(i) => format!("option {i}"),
@@ -188,6 +201,16 @@ pub fn evaluate(dataset: Dataset, samples: &[QaSample], preds: &PredictionFile, 
                     s.key,
                     show(a),
                     show(&s.answer)
+                ),
+            });
+        }
+        if !row.qtype.is_empty() && row.qtype != s.qtype {
+            problems.push(Problem {
+                line: *line,
+                kind: ProblemKind::TypeMismatch,
+                message: format!(
+                    "{}: the row's type is {:?}, the annotation's {:?} (the annotation's is used)",
+                    s.key, row.qtype, s.qtype
                 ),
             });
         }

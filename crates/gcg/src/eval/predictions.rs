@@ -4,7 +4,9 @@
 //! `prediction` / `answer` are an option index (multiple choice) or a text (open-ended); `span` is
 //! the predicted evidence `[start, end]` in seconds; `moments` the selected frames (indices into
 //! the sampled frames and their times); `curve` the grounding curve p(t) over the sampled frames.
-//! A question is identified by `(video, qid)`.
+//! A question is identified by `(video, qid)`. A file that is one JSON document instead — an
+//! array of such rows, or the official scripts' result object `{"<video>_<qid>": {"prediction",
+//! "answer"}}` — is read as its rows.
 //!
 //! A file gcg writes has a sidecar `FILE.meta.json`, its [`Provenance`]: what wrote it (run
 //! directory, weights and their hash, annotations, store, a hash of the model's config). The
@@ -135,6 +137,9 @@ pub enum ProblemKind {
     Invalid,
     /// The row's `answer` differs from the annotation; the annotation is used.
     AnswerMismatch,
+    /// The row's `type` differs from the annotation's question type (a file of another split or
+    /// dataset?); the annotation's is used.
+    TypeMismatch,
     /// The span cannot be a moment of the video (reversed, before its start, past its end); the
     /// row is scored as given, as the official scripts would, and reported (`--strict` fails).
     Implausible,
@@ -148,6 +153,7 @@ impl std::fmt::Display for Problem {
             ProblemKind::Unknown => "unknown question",
             ProblemKind::Invalid => "invalid prediction",
             ProblemKind::AnswerMismatch => "answer mismatch",
+            ProblemKind::TypeMismatch => "type mismatch",
             ProblemKind::Implausible => "implausible span",
         };
         write!(f, "line {}: {kind}: {}", self.line, self.message)
@@ -160,6 +166,10 @@ pub struct PredictionFile {
     pub path: PathBuf,
     pub rows: Vec<(u64, PredictionRow)>,
     pub problems: Vec<Problem>,
+    /// Later rows of a video and question already predicted (each reported in `problems` as a
+    /// duplicate): scoring uses the first of them that can answer the question when the first
+    /// row cannot (an option index out of range, a text for a choice).
+    pub duplicates: Vec<(u64, PredictionRow)>,
 }
 
 /// Read a JSONL prediction file. Malformed lines and duplicates are reported in `problems`
@@ -177,22 +187,51 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
     if let Some(rest) = text.strip_prefix('\u{feff}') {
         text = rest.to_string();
     }
+    // One JSON document instead of JSONL: the official scripts' result object, or an array of rows.
+    let document = whole_document_rows(&text);
+    let lines: Vec<(u64, String)> = match &document {
+        Some((rows, what)) => {
+            tracing::info!("{}: read as {what}; the line numbers below count its entries", path.display());
+            rows.iter().enumerate().map(|(i, r)| (i as u64 + 1, r.clone())).collect()
+        }
+        None => text.split('\n').enumerate().map(|(i, l)| (i as u64 + 1, l.to_string())).collect(),
+    };
+    // Another JSON document (pretty-printed rows under a key, say): JSONL is what is read.
+    let other_document =
+        document.is_none() && lines.len() > 1 && serde_json::from_str::<serde_json::Value>(text.trim()).is_ok_and(|v| !v.is_null());
     let mut seen: HashMap<(String, String), u64> = HashMap::new();
-    for (i, line) in text.split('\n').enumerate() {
-        let n = i as u64 + 1;
+    for (n, line) in &lines {
+        let (n, line) = (*n, line.as_str());
         if line.trim().is_empty() {
             continue;
         }
         let row = match serde_json::from_str::<PredictionRow>(line) {
             Ok(r) => r,
-            Err(e) => {
-                out.problems.push(Problem {
-                    line: n,
-                    kind: ProblemKind::Malformed,
-                    message: e.to_string(),
-                });
-                continue;
-            }
+            Err(e) => match without_bad_grounding(line) {
+                // The answer is scored; only the grounding fields that do not read are left out.
+                Some((r, dropped)) => {
+                    out.problems.push(Problem {
+                        line: n,
+                        kind: ProblemKind::Malformed,
+                        message: format!("{e}; its {} left out (the prediction is scored, without them)", dropped.join(", ")),
+                    });
+                    r
+                }
+                None => {
+                    let hint = if n == 1 && other_document {
+                        " (expected JSONL: one JSON object per line, {\"video\", \"qid\", \"prediction\", ...}; or \
+                         the official scripts' {\"<video>_<qid>\": {\"prediction\": ...}} object)"
+                    } else {
+                        ""
+                    };
+                    out.problems.push(Problem {
+                        line: n,
+                        kind: ProblemKind::Malformed,
+                        message: format!("{e}{hint}"),
+                    });
+                    continue;
+                }
+            },
         };
         if let Err(m) = row.check() {
             out.problems.push(Problem {
@@ -208,6 +247,7 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
                 kind: ProblemKind::Duplicate,
                 message: format!("video {} qid {} already predicted at line {first}", row.video, row.qid),
             });
+            out.duplicates.push((n, row));
             continue;
         }
         seen.insert(row.key(), n);
@@ -232,6 +272,60 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
         out.rows.push((n, row));
     }
     Ok(out)
+}
+
+/// The rows of a prediction file written as one JSON document, as JSONL lines of gcg's format:
+/// a JSON array of rows, or the official evaluation scripts' result file (`eval_next.py`,
+/// `eval_mc.py`: one object mapping `"<video>_<qid>"` to `{"prediction": i, "answer": i}`);
+/// None for any other text. The key is split at its last `_` (NExT ids hold
+/// none: video ids are digits).
+fn whole_document_rows(text: &str) -> Option<(Vec<String>, &'static str)> {
+    let trimmed = text.trim();
+    if trimmed.starts_with('[') {
+        let rows: Vec<serde_json::Value> = serde_json::from_str(trimmed).ok()?;
+        let rows = rows.iter().map(|r| r.to_string()).collect();
+        return Some((rows, "a JSON array of rows"));
+    }
+    if !trimmed.starts_with('{') {
+        return None;
+    }
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(trimmed).ok()?;
+    // A one-line JSONL file of one row is an object too: it has the row's own fields.
+    if map.contains_key("prediction") || map.is_empty() {
+        return None;
+    }
+    let mut rows = Vec::with_capacity(map.len());
+    for (key, v) in map {
+        let (video, qid) = key.rsplit_once('_')?;
+        let mut row = v.as_object()?.clone();
+        row.insert("video".into(), video.into());
+        row.insert("qid".into(), qid.into());
+        rows.push(serde_json::Value::Object(row).to_string());
+    }
+    Some((rows, "the official scripts' result object (keyed \"<video>_<qid>\")"))
+}
+
+/// A row whose grounding fields (`span`, `moments`, `curve`) do not all read: the row without
+/// those that do not, and their names; None when the row is bad otherwise.
+fn without_bad_grounding(line: &str) -> Option<(PredictionRow, Vec<&'static str>)> {
+    let mut v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line).ok()?;
+    let mut dropped = Vec::new();
+    let reads: [(&'static str, fn(&serde_json::Value) -> bool); 3] = [
+        ("span", |x| serde_json::from_value::<Option<[f64; 2]>>(x.clone()).is_ok()),
+        ("moments", |x| serde_json::from_value::<Option<Moments>>(x.clone()).is_ok()),
+        ("curve", |x| serde_json::from_value::<Option<Vec<f64>>>(x.clone()).is_ok()),
+    ];
+    for (field, ok) in reads {
+        if v.get(field).is_some_and(|x| !ok(x)) {
+            v.remove(field);
+            dropped.push(field);
+        }
+    }
+    if dropped.is_empty() {
+        return None;
+    }
+    let row: PredictionRow = serde_json::from_value(serde_json::Value::Object(v)).ok()?;
+    Some((row, dropped))
 }
 
 /// What wrote a prediction file, stored beside it as `FILE.meta.json`.
