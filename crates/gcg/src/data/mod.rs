@@ -83,8 +83,20 @@ impl<'de> Deserialize<'de> for Answer {
                     Err(_) => Err(E::custom(format!("option index {v} is negative"))),
                 }
             }
+            /// A number written as a float: a whole one is its integer (`1.0`, `1e0`, `-0`; Python's
+            /// scripts compare them equal to the index), others are named as what they are.
             fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Answer, E> {
-                Err(E::custom(format!("option index {v} is not an integer")))
+                if !v.is_finite() || v.fract() != 0.0 {
+                    return Err(E::custom(format!("option index {v} is not a whole number")));
+                }
+                if v < 0.0 {
+                    return Err(E::custom(format!("option index {v} is negative")));
+                }
+                // Exact below 2^53; anything that large is no option index anyway.
+                if v >= 9_007_199_254_740_992.0 {
+                    return Err(E::custom(format!("option index {v:e} is too large")));
+                }
+                Ok(Answer::Choice(v as usize))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Answer, E> {
                 Ok(Answer::Text(v.to_string()))
@@ -322,6 +334,26 @@ pub fn target(sample: &QaSample) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_read_whole_numbers_however_written_and_name_the_rest() {
+        let read = |json: &str| serde_json::from_str::<Answer>(json).map_err(|e| e.to_string());
+        for (json, want) in [("3", 3), ("3.0", 3), ("1e0", 1), ("-0", 0), ("-0.0", 0), ("4e1", 40)] {
+            assert_eq!(read(json), Ok(Answer::Choice(want)), "{json}");
+        }
+        assert_eq!(read("\"happy\""), Ok(Answer::Text("happy".into())));
+        for (json, says) in [
+            ("1.5", "option index 1.5 is not a whole number"),
+            ("-1", "option index -1 is negative"),
+            ("-2.0", "option index -2 is negative"),
+            ("18446744073709551616", "option index 1.8446744073709552e19 is too large"),
+            ("1e300", "is too large"),
+            ("true", "expected an option index (a non-negative integer) or an answer text"),
+        ] {
+            let e = read(json).unwrap_err();
+            assert!(e.contains(says), "{json}: {e}");
+        }
+    }
 
     #[test]
     fn prompt_matches_the_official_template() {
