@@ -632,6 +632,30 @@ fn frame_folder_gaps_are_errors_or_filled_at_their_positions() {
     }
     let e = err_text(video::read_frame_dir(&none, 6, Sampling::Uniform, false).unwrap_err());
     assert!(e.contains("none of these files") && e.contains("frame_10.jpg"), "{e}");
+
+    // Bad times in frames.json name the file and the frames by their own numbers (the store's
+    // check named positions in a sample of them, and no file).
+    let times = v.path("bad_times");
+    video::write_frames(&full, &times, false).unwrap();
+    let meta_path = times.join("frames.json");
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&meta_path).unwrap()).unwrap();
+    let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut m = meta.clone();
+        f(&mut m);
+        std::fs::write(&meta_path, m.to_string()).unwrap();
+        err_text(video::read_frame_dir(&times, 2, Sampling::Uniform, false).unwrap_err())
+    };
+    let e = edit(&|m| m["timestamps"][4] = 0.1.into());
+    assert!(
+        e.contains("bad_times/frames.json: the frame times decrease: frame_3 at") && e.contains("frame_4 at 0.1 s"),
+        "{e}"
+    );
+    let e = edit(&|m| m["timestamps"][5] = 40.0.into());
+    assert!(e.contains("frames.json: frame_5 at 40 s is past the duration 3 s"), "{e}");
+    let e = edit(&|m| m["timestamps"][0] = (-1.0).into());
+    assert!(e.contains("frames.json: the time of frame_0 is -1 s"), "{e}");
+    let e = edit(&|m| m["fps"] = 0.0.into());
+    assert!(e.contains("frames.json: fps 0 is not a finite positive number"), "{e}");
 }
 
 #[test]

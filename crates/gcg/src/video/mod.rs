@@ -44,7 +44,7 @@ pub use ffmpeg::{CountSource, Decoded, Ffmpeg, VideoInfo};
 /// AVI's frames are at its packets' times, its rate theirs.
 pub const READING_RULES: u32 = 4;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use image::RgbImage;
 use std::path::{Path, PathBuf};
 
@@ -317,6 +317,9 @@ impl FrameFolder {
         } else {
             None
         };
+        if let Some(m) = &meta {
+            check_folder_times(&meta_path, m)?;
+        }
         let len = match &meta {
             Some(m) => m.timestamps.len(),
             None => found.last().map_or(0, |(i, _)| i + 1),
@@ -496,6 +499,47 @@ pub struct FramesJson {
     pub num_source_frames: Option<usize>,
     #[serde(default)]
     pub sampling: Option<Sampling>,
+}
+
+/// The times of a frame folder's `frames.json`, checked as the store checks a video's (finite,
+/// ≥ 0, non-decreasing, within the duration), with errors naming the file and the frames
+/// (`frame_{i}`: the folder's own numbering, not the positions of a sample of them).
+fn check_folder_times(path: &Path, m: &FramesJson) -> Result<()> {
+    for (name, v) in [("duration", m.duration), ("fps", m.fps)] {
+        if let Some(v) = v {
+            ensure!(
+                v.is_finite() && v > 0.0,
+                "{}: {name} {v} is not a finite positive number",
+                path.display()
+            );
+        }
+    }
+    let tolerance = crate::store::time_tolerance(m.fps);
+    let mut last: Option<(usize, f64)> = None;
+    for (i, t) in m.timestamps.iter().enumerate() {
+        let Some(t) = *t else { continue };
+        ensure!(
+            t.is_finite() && t >= 0.0,
+            "{}: the time of frame_{i} is {t} s (times must be finite and ≥ 0)",
+            path.display()
+        );
+        if let Some((j, u)) = last {
+            ensure!(
+                t >= u,
+                "{}: the frame times decrease: frame_{j} at {u} s, frame_{i} at {t} s",
+                path.display()
+            );
+        }
+        if let Some(d) = m.duration {
+            ensure!(
+                t <= d + tolerance,
+                "{}: frame_{i} at {t} s is past the duration {d} s (+ {tolerance} s tolerance)",
+                path.display()
+            );
+        }
+        last = Some((i, t));
+    }
+    Ok(())
 }
 
 /// Read T frames from a folder of `frame_{i}` images, numbered from `frame_0`. Timestamps (and
