@@ -219,7 +219,9 @@ pub fn check_not_an_input(flag: &str, out: &std::path::Path, inputs: &[(&str, Op
 
 /// `--out` must not exist unless `--force` was given (checked before any work is done).
 pub fn check_out(out: &std::path::Path, force: bool) -> Result<()> {
-    if let (Ok(meta), false) = (out.symlink_metadata(), force) {
+    // Through links: what would be replaced is what a link points to (a dangling one: nothing).
+    let target = gcg::util::through_links(out)?;
+    if let (Ok(meta), false) = (target.symlink_metadata(), force) {
         let what = if meta.is_dir() { "folder" } else { "file" };
         bail!("{} already exists (a {what}); pass --force to replace it", out.display());
     }

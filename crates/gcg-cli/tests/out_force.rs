@@ -126,6 +126,25 @@ fn frames_out_force_replaces_a_folder_or_a_file_cleanly() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(names(&file), ["frame_0.jpg", "frame_1.jpg", "frames.json"]);
     assert_eq!(names(&parent), ["clip", "old.txt"]);
+
+    // --out through a symbolic link: the folder it points to is replaced and the link kept (the
+    // link itself was replaced by the new folder, the old frames left behind it).
+    #[cfg(unix)]
+    {
+        let link = tmp.path().join("latest");
+        std::os::unix::fs::symlink(&out, &link).unwrap();
+        let o = frames(&link, "2", true);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(link.symlink_metadata().unwrap().file_type().is_symlink(), "the link is kept");
+        assert_eq!(names(&out), ["frame_0.jpg", "frame_1.jpg", "frames.json"]);
+        assert_eq!(names(&parent), ["clip", "old.txt"], "nothing left beside the target");
+        // A dangling link: the folder it names is created.
+        let dangling = tmp.path().join("next");
+        std::os::unix::fs::symlink(parent.join("new"), &dangling).unwrap();
+        let o = frames(&dangling, "2", false);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(names(&parent.join("new")), ["frame_0.jpg", "frame_1.jpg", "frames.json"]);
+    }
 }
 
 #[test]
@@ -304,7 +323,7 @@ fn frames_refuses_times_a_store_would_refuse_naming_the_input() {
     ]);
     let err = stderr(&o);
     assert!(
-        !o.status.success() && err.contains("v00000") && err.contains("frame time 1 is -1"),
+        !o.status.success() && err.contains("v00000/frames.json: the time of frame_1 is -1 s"),
         "{err}"
     );
     assert!(!out.exists());

@@ -31,6 +31,7 @@ pub fn ask_cache_root() -> PathBuf {
 /// `world.json`, a demo's `demo.json`). Any other folder is someone's, and replacing it would
 /// delete what it holds, unseen: an error names it and the marker it lacks.
 pub fn check_replaceable_dir(out: &Path, marker: &str, what: &str) -> Result<()> {
+    let out = &through_links(out)?;
     let Ok(meta) = out.symlink_metadata() else { return Ok(()) };
     if !meta.is_dir() {
         return Ok(());
@@ -43,6 +44,25 @@ pub fn check_replaceable_dir(out: &Path, marker: &str, what: &str) -> Result<()>
         );
     }
     Ok(())
+}
+
+/// `path` with its symbolic links followed (the last component's, repeatedly; a dangling link
+/// gives the path it points to, to be created); `path` itself when it is no link.
+pub fn through_links(path: &Path) -> Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        match p.symlink_metadata() {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = std::fs::read_link(&p).with_context(|| format!("reading the link {}", p.display()))?;
+                p = match p.parent() {
+                    Some(parent) if target.is_relative() => parent.join(target),
+                    _ => target,
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    anyhow::bail!("{}: too many levels of symbolic links", path.display())
 }
 
 /// FNV-1a, 64 bits: the fingerprints of weight files, prediction inputs and the ask caches.
@@ -118,6 +138,13 @@ pub fn save_safetensors_atomic(tensors: &BTreeMap<String, Tensor>, path: &Path) 
 /// in, the old one is moved back. When `fill` fails, the temporary folder is removed and its error
 /// returned. Returns what `fill` returned.
 pub fn write_dir_atomic<T>(dir: &Path, fill: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    // Through a symbolic link: the folder it points to is what gets replaced (renaming over the
+    // link would replace the link and leave the old folder as it was).
+    let resolved = through_links(dir)?;
+    if resolved != dir {
+        tracing::info!("{} is a link to {}: writing that folder", dir.display(), resolved.display());
+    }
+    let dir = resolved.as_path();
     let name = dir
         .file_name()
         .ok_or_else(|| anyhow!("{}: not a folder name", dir.display()))?
