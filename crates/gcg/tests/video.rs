@@ -387,7 +387,15 @@ fn unreadable_files_are_errors_naming_the_file() {
     let cut = v.path("truncated.mp4");
     std::fs::write(&cut, &full[..full.len() / 2]).unwrap();
     let e = err_text(ff.sample(&cut, 4, Sampling::Uniform).unwrap_err());
-    assert!(e.contains("truncated.mp4") && e.contains("moov atom not found"), "{e}");
+    assert!(
+        e.contains("truncated.mp4") && e.contains("moov atom not found") && e.contains("cut short"),
+        "{e}"
+    );
+    // An empty file says so.
+    let empty = v.path("empty.mp4");
+    std::fs::write(&empty, b"").unwrap();
+    let e = err_text(ff.sample(&empty, 4, Sampling::Uniform).unwrap_err());
+    assert!(e.contains("empty.mp4: not a readable video: the file is empty (0 bytes)"), "{e}");
 
     // Fast-start MP4 (index first) truncated: the container promises 90 frames, fewer decode.
     let fs = v.path("faststart.mp4");

@@ -268,11 +268,22 @@ impl Ffmpeg {
             .map_err(|e| self.spawn_error(&self.ffprobe, e))?;
         let stderr = String::from_utf8_lossy(&out.stderr).to_string();
         if !out.status.success() {
+            if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+                bail!("{}: not a readable video: the file is empty (0 bytes)", path.display());
+            }
+            // MP4/MOV keep their index (the moov atom) at the end unless made for streaming: a
+            // file cut short has none.
+            let hint = if stderr.contains("moov atom not found") {
+                " — an MP4/MOV file without its index (moov atom): cut short, e.g. an unfinished download, copy or \
+                 recording"
+            } else {
+                ""
+            };
             bail!(
-                "{}: not a readable video (ffprobe {}): {}",
+                "{}: not a readable video (ffprobe {}): {}{hint}",
                 path.display(),
                 out.status,
-                tail(&stderr, 8)
+                tail(&stderr, 8).trim_end()
             );
         }
         Ok((String::from_utf8_lossy(&out.stdout).to_string(), stderr))
