@@ -76,7 +76,8 @@ fn verify(a: VerifyArgs) -> Result<()> {
     let opts = CheckOptions {
         headers: true,
         checksums: a.checksums,
-        values: a.values,
+        // A rebuilt index may hold records the lost one had dropped (non-finite values): read them.
+        values: a.values || rebuilt.is_some(),
     };
     let snap = store.snapshot();
     let found = snap.check(opts)?;

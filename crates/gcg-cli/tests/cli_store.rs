@@ -865,10 +865,22 @@ fn a_lost_index_is_rebuilt_from_the_shards() -> Result<()> {
     assert!(!index_path.exists());
     assert_eq!(std::fs::read_dir(store.join("shards"))?.count(), shards_before);
 
-    // A shard written before shards listed their records cannot be read back: quarantined.
+    // A shard written before shards listed their records: the rebuild stops, nothing moved.
     let old = store.join("shards/videos-0000000000001-1-00001.safetensors");
     let map: HashMap<String, Tensor> = [("vidX/frame_embeds".to_string(), Tensor::zeros((T, 8), DType::F32, &Device::Cpu)?)].into();
     candle_core::safetensors::save(&map, &old)?;
+    let o = verify(&store, &["--repair"]);
+    assert!(!o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let err = stderr(&o);
+    assert!(
+        err.contains("from before shards listed their records") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert!(old.exists() && !index_path.exists() && !store.join("quarantine").exists());
+    std::fs::remove_file(&old)?;
+    // A shard whose header does not read is moved to quarantine/ once the index is rebuilt.
+    let junk = store.join("shards/videos-0000000000002-1-00001.safetensors");
+    std::fs::write(&junk, b"not a safetensors file")?;
     let o = verify(&store, &["--repair"]);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     assert!(o.status.success(), "{out}{}", stderr(&o));
@@ -877,10 +889,10 @@ fn a_lost_index_is_rebuilt_from_the_shards() -> Result<()> {
         "{out}"
     );
     assert!(
-        out.contains("could not read back shard videos-0000000000001-1-00001.safetensors"),
+        out.contains("could not read back shard videos-0000000000002-1-00001.safetensors"),
         "{out}"
     );
-    assert!(store.join("quarantine/videos-0000000000001-1-00001.safetensors").exists());
+    assert!(store.join("quarantine/videos-0000000000002-1-00001.safetensors").exists());
     let after: serde_json::Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
     for key in ["meta", "videos", "questions"] {
         assert_eq!(after[key], before[key], "{key}");

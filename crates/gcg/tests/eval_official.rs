@@ -573,6 +573,21 @@ fn usable_predictions_are_not_lost_to_bad_neighbours() {
     assert_eq!(ev.metrics.get("CW"), Some(100.0), "line 2 scored for v1_0");
     assert_eq!(ev.metrics.get("TN"), Some(100.0), "v1_1 scored without its span");
     assert_eq!(ev.metrics.get("DC"), Some(0.0));
+    // Moments whose frames and times disagree are left out; the answer is scored.
+    let path = write(
+        tmp.path(),
+        "m.jsonl",
+        "{\"video\": \"v1\", \"qid\": \"0\", \"prediction\": 2, \"moments\": {\"frames\": [1, 2], \"seconds\": [0.5]}}\n",
+    );
+    let preds = read_predictions(&path).unwrap();
+    assert!(
+        preds.problems[0].message.contains("moments: 2 frames but 1 times; left out"),
+        "{:?}",
+        preds.problems
+    );
+    assert!(preds.rows[0].1.moments.is_none());
+    let ev = evaluate(Dataset::NextQa, &samples, &preds, None).unwrap();
+    assert_eq!(ev.metrics.get("CW"), Some(100.0));
 
     // One JSON document that is neither rows nor the official object: the hint says JSONL.
     let path = write(tmp.path(), "doc.json", "{\n  \"predictions\": {\"v1_0\": 2}\n}\n");

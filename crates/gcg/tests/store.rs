@@ -1640,3 +1640,25 @@ fn frame_times_that_differ_from_the_shards_copy_are_reported() -> Result<()> {
     assert_eq!(repaired.videos, ["t0", "t1"]);
     Ok(())
 }
+
+/// A writer whose store's index.json is deleted while it runs stops, naming the fix, instead of
+/// publishing a new index that lists only its next shard (which orphaned every earlier one).
+#[test]
+fn a_writer_stops_when_the_index_vanishes_under_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    w.add_video(video("a", 2, 3, 4, 4))?;
+    w.flush()?;
+    std::fs::remove_file(dir.path().join("index.json"))?;
+    w.add_video(video("b", 2, 3, 4, 4))?;
+    let e = format!("{:#}", w.flush().unwrap_err());
+    assert!(
+        e.contains("vanished while this job wrote the store") && e.contains("--repair"),
+        "{e}"
+    );
+    assert!(!dir.path().join("index.json").exists());
+    drop(w);
+    let rebuilt = gcg::store::rebuild_index(dir.path())?;
+    assert_eq!((rebuilt.videos, rebuilt.shards), (2, 2), "both shards' videos come back");
+    Ok(())
+}

@@ -191,7 +191,10 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
     let document = whole_document_rows(&text);
     let lines: Vec<(u64, String)> = match &document {
         Some((rows, what)) => {
-            tracing::info!("{}: read as {what}; the line numbers below count its entries", path.display());
+            tracing::info!(
+                "{}: read as {what}; the line numbers below count its entries (an object's in the order of its keys)",
+                path.display()
+            );
             rows.iter().enumerate().map(|(i, r)| (i as u64 + 1, r.clone())).collect()
         }
         None => text.split('\n').enumerate().map(|(i, l)| (i as u64 + 1, l.to_string())).collect(),
@@ -205,7 +208,7 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
         if line.trim().is_empty() {
             continue;
         }
-        let row = match serde_json::from_str::<PredictionRow>(line) {
+        let mut row = match serde_json::from_str::<PredictionRow>(line) {
             Ok(r) => r,
             Err(e) => match without_bad_grounding(line) {
                 // The answer is scored; only the grounding fields that do not read are left out.
@@ -233,6 +236,20 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
                 }
             },
         };
+        // Frames and times of the moments that disagree: the moments are left out, the
+        // prediction is scored.
+        if let Some(m) = row.moments.as_ref().filter(|m| m.frames.len() != m.seconds.len()) {
+            out.problems.push(Problem {
+                line: n,
+                kind: ProblemKind::Malformed,
+                message: format!(
+                    "moments: {} frames but {} times; left out (the prediction is scored, without them)",
+                    m.frames.len(),
+                    m.seconds.len()
+                ),
+            });
+            row.moments = None;
+        }
         if let Err(m) = row.check() {
             out.problems.push(Problem {
                 line: n,

@@ -452,12 +452,8 @@ pub fn plan_videos<'a>(
                     todo.push(j);
                     continue;
                 }
-                Ok(_) => {}
-                // Unreadable now: its decoding reports the error (as the video's failure).
-                Err(_) => {
-                    todo.push(j);
-                    continue;
-                }
+                // Unreadable now (deleted after its extraction, say): its stored features stand.
+                Ok(_) | Err(_) => {}
             }
         }
         let mut d = Vec::new();

@@ -61,7 +61,8 @@ pub fn source_fingerprint(path: &Path) -> Result<String> {
             .map(|e| e.map(|e| e.path()))
             .collect::<std::io::Result<_>>()
             .with_context(|| format!("listing {}", path.display()))?;
-        files.retain(|p| p.is_file());
+        // Hidden files (.DS_Store, an editor's swap file) are not the frames.
+        files.retain(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')));
         files.sort();
         h.update(b"folder");
         for f in &files {
@@ -194,6 +195,8 @@ mod tests {
         std::fs::write(p("f2").join("frame_1.jpg"), b"one").unwrap();
         std::fs::rename(p("f2").join("frame_1.jpg"), p("f2").join("frame_2.jpg")).unwrap();
         assert_ne!(source_fingerprint(&p("f2")).unwrap(), f);
+        std::fs::write(p("f1").join(".DS_Store"), b"finder").unwrap();
+        assert_eq!(source_fingerprint(&p("f1")).unwrap(), f, "hidden files are not frames");
         assert!(source_fingerprint(&p("missing.mp4")).is_err());
     }
 }

@@ -425,7 +425,7 @@ impl StoreWriter {
         let lock_path = self.dir.join(LOCK_FILE);
         self.lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
         let result = (|| -> Result<(Index, Repaired)> {
-            let (mut index, _) = read_index(&self.dir)?;
+            let mut index = read_live_index(&self.dir)?;
             let repaired = publish_repair(&self.dir, &mut index, found)?;
             Ok((index, repaired))
         })();
@@ -443,7 +443,7 @@ impl StoreWriter {
         let lock_path = self.dir.join(LOCK_FILE);
         self.lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
         let result = (|| -> Result<(Index, u64)> {
-            let (mut index, _) = read_index(&self.dir)?;
+            let mut index = read_live_index(&self.dir)?;
             let before = index.clone();
             for id in ids {
                 index.videos.remove(*id);
@@ -490,7 +490,7 @@ impl StoreWriter {
 
     /// Re-reads the index (to see other writers' commits).
     pub fn reload(&mut self) -> Result<()> {
-        self.index = read_index(&self.dir)?.0;
+        self.index = read_live_index(&self.dir)?;
         Ok(())
     }
 
@@ -650,7 +650,7 @@ impl StoreWriter {
         let lock_path = self.dir.join(LOCK_FILE);
         self.lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
         let result = (|| -> Result<Index> {
-            let (mut index, _) = read_index(&self.dir)?;
+            let mut index = read_live_index(&self.dir)?;
             index.shards.insert(
                 name.clone(),
                 ShardInfo {
@@ -936,8 +936,8 @@ fn publish_repair(dir: &Path, index: &mut Index, found: &StoreCheck) -> Result<R
         // Only a stopped writer's leftovers: a running one may be about to publish its shard.
         let writer_pid = name.split('-').nth(2).and_then(|p| p.parse::<u32>().ok());
         let stopped = writer_pid.is_some_and(|p| p != std::process::id() && !pid_alive(p));
-        // Moved aside, not deleted: a shard unlisted by a lost or replaced index holds records
-        // (`rebuild_index` reads them back from there too).
+        // Moved aside, not deleted: the records of a shard no index lists are kept (they can be
+        // moved back to shards/ by hand).
         if stopped && !index.shards.contains_key(name) && shard_dir.join(name).exists() {
             let to = quarantine(dir, name)?;
             repaired.moved_unlisted.push((name.clone(), to));
@@ -957,9 +957,22 @@ pub struct Rebuilt {
     /// Records a later shard holds again (a recomputed video, a relabelled question), and
     /// questions labelled from a video's earlier features or another T: left out.
     pub superseded: usize,
-    /// Shards that could not be read back (no record list: written before shards kept one; a
-    /// bad header; other sizes than the store's), with why, and where each went (`quarantine/`).
+    /// Shards whose header does not read, with why, and where each went (`quarantine/`).
     pub quarantined: Vec<(String, String, PathBuf)>,
+}
+
+/// The index of a store this writer opened: its `index.json` gone meanwhile (deleted while the
+/// job ran) is an error, not a new empty index that would orphan every shard but the next.
+fn read_live_index(dir: &Path) -> Result<Index> {
+    let (index, stamp) = read_index(dir)?;
+    if stamp.is_none() {
+        bail!(
+            "{} vanished while this job wrote the store; nothing more is written. {}",
+            dir.join(INDEX_FILE).display(),
+            lost_index_message(dir, shard_files(dir)?.len())
+        );
+    }
+    Ok(index)
 }
 
 /// The store's lock file (created when missing), not locked yet.
@@ -1026,9 +1039,12 @@ pub fn lost_index_message(dir: &Path, shards: usize) -> String {
 /// Rebuilds the `index.json` of a store that lost it from what its shards say of their records
 /// (see [`super::index::ShardVideo`]), oldest shard first so that a recomputed video or
 /// relabelled question keeps its latest record, and the questions of a video recomputed after
-/// them are left out (as a writer drops them). Shards that cannot be read back are moved to
-/// `quarantine/`. Checksums are those of the files as they are now. Refused when the store has
-/// an index.
+/// them are left out (as a writer drops them). Shards whose header does not read are moved to
+/// `quarantine/` once the new index is published; anything else that stops the rebuild (shards
+/// of an older gcg that list no records, shards of other feature sizes, an I/O error) leaves
+/// every file as it was. Checksums are those of the files as they are now; records dropped from
+/// the lost index after their shard was written (removed videos, non-finite values) come back,
+/// so check the rebuilt store's values. Refused when the store has an index.
 pub fn rebuild_index(dir: &Path) -> Result<Rebuilt> {
     let (lock, lock_path) = open_lock(dir)?;
     lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
@@ -1051,10 +1067,25 @@ fn rebuild_locked(dir: &Path) -> Result<Rebuilt> {
     let mut video_order: HashMap<String, usize> = HashMap::new();
     let mut question_order: HashMap<String, usize> = HashMap::new();
     let mut shard_infos: BTreeMap<String, ShardInfo> = BTreeMap::new();
+    // Shards whose header does not read (moved to quarantine/ once the rebuilt index is
+    // published), and those that list no records (which stop the rebuild: their records would
+    // be lost).
+    let mut unreadable: Vec<(String, String)> = Vec::new();
+    let mut unlisted_records: Vec<String> = Vec::new();
     for (order, name) in shard_files(dir)?.into_iter().enumerate() {
         let path = dir.join(SHARD_DIR).join(&name);
+        let (tensors, meta) = match read_header(&path) {
+            Ok(h) => h,
+            Err(e) => {
+                unreadable.push((name, format!("{e:#}")));
+                continue;
+            }
+        };
+        if !meta.contains_key("videos") && !meta.contains_key("questions") {
+            unlisted_records.push(name);
+            continue;
+        }
         let read = (|| -> Result<()> {
-            let (tensors, meta) = read_header(&path)?;
             let bytes = std::fs::metadata(&path)?.len();
             let kind = match meta.get("kind").map(String::as_str) {
                 Some("videos") => ShardKind::Videos,
@@ -1079,7 +1110,11 @@ fn rebuild_locked(dir: &Path) -> Result<Rebuilt> {
                     let videos: Vec<ShardVideo> = serde_json::from_str(list).context("its video list")?;
                     let store_meta: StoreMeta = serde_json::from_str(meta.get("store_meta").context("it records no feature sizes")?)?;
                     if let Some(m) = index.meta.filter(|m| *m != store_meta) {
-                        bail!("its features are {store_meta:?}, the store's earlier shards {m:?}");
+                        bail!(
+                            "its features are {store_meta:?}, those of the store's earlier shards {m:?}: one store holds \
+                             one kind; move the odd shards out of {} and rebuild again",
+                            dir.join(SHARD_DIR).display()
+                        );
                     }
                     let mut entries = Vec::with_capacity(videos.len());
                     for v in videos {
@@ -1126,10 +1161,20 @@ fn rebuild_locked(dir: &Path) -> Result<Rebuilt> {
             shard_infos.insert(name.clone(), info);
             Ok(())
         })();
-        if let Err(e) = read {
-            let to = quarantine(dir, &name)?;
-            out.quarantined.push((name, format!("{e:#}"), to));
-        }
+        // A shard that lists records but cannot be read back as they say stops the rebuild
+        // with nothing moved (an I/O error, other feature sizes, a damaged list).
+        read.with_context(|| format!("rebuilding the index of {} from shard {name}", dir.display()))?;
+    }
+    if !unlisted_records.is_empty() {
+        bail!(
+            "{} of the shards of {} (e.g. {}) were written by a gcg from before shards listed their records: the index \
+             cannot be rebuilt from them, and nothing was changed. Recompute the store (`gcg features`, `gcg labels` \
+             into a new --store), or move those shards out of {} to rebuild from the others",
+            unlisted_records.len(),
+            dir.display(),
+            unlisted_records[0],
+            dir.join(SHARD_DIR).display()
+        );
     }
     // A question stands only on the video it was labelled from: stored with its T, and not
     // recomputed after it.
@@ -1147,8 +1192,14 @@ fn rebuild_locked(dir: &Path) -> Result<Rebuilt> {
         .collect();
     index.shards = shard_infos.into_iter().filter(|(n, _)| used.contains(n)).collect();
     index.generation = 1;
-    index.validate().context("the rebuilt index")?;
+    index
+        .validate()
+        .context("the index rebuilt from the shards does not hold together; nothing was changed")?;
     write_index(dir, &index, &mut |_| Ok(()))?;
+    for (name, why) in unreadable {
+        let to = quarantine(dir, &name)?;
+        out.quarantined.push((name, why, to));
+    }
     out.shards = index.shards.len();
     out.videos = index.videos.len();
     out.questions = index.questions.len();
