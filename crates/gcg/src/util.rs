@@ -65,6 +65,13 @@ pub fn through_links(path: &Path) -> Result<PathBuf> {
     anyhow::bail!("{}: too many levels of symbolic links", path.display())
 }
 
+/// Seconds a frame time may lie past the video's duration (decoders' rounding): the larger of
+/// half a second and two frame periods. (Here, below both `video` and `store`, which check
+/// times with it.)
+pub fn time_tolerance(fps: Option<f64>) -> f64 {
+    fps.filter(|f| f.is_finite() && *f > 0.0).map_or(0.5, |f| (2.0 / f).max(0.5))
+}
+
 /// FNV-1a, 64 bits: the fingerprints of weight files, prediction inputs and the ask caches.
 #[derive(Debug, Clone, Copy)]
 pub struct Fnv64(pub u64);

@@ -202,11 +202,7 @@ impl Extractor {
     }
 }
 
-/// Seconds a frame time may lie past the video's duration (decoders' rounding): the larger of
-/// half a second and two frame periods.
-pub fn time_tolerance(fps: Option<f64>) -> f64 {
-    fps.filter(|f| f.is_finite() && *f > 0.0).map_or(0.5, |f| (2.0 / f).max(0.5))
-}
+pub use crate::util::time_tolerance;
 
 /// Checks a video's times: duration and fps finite and > 0 when known; frame times finite,
 /// ≥ 0, non-decreasing and (with a duration) at most duration + [`time_tolerance`].

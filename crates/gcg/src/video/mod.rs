@@ -514,7 +514,7 @@ fn check_folder_times(path: &Path, m: &FramesJson) -> Result<()> {
             );
         }
     }
-    let tolerance = crate::store::time_tolerance(m.fps);
+    let tolerance = crate::util::time_tolerance(m.fps);
     let mut last: Option<(usize, f64)> = None;
     for (i, t) in m.timestamps.iter().enumerate() {
         let Some(t) = *t else { continue };
