@@ -336,6 +336,12 @@ pub fn kernels() -> serde_json::Value {
             "onednn_bf16": gcg::nn::linear::onednn_bf16(),
         },
         "matmul_precision": gcg::nn::linear::matmul_precision().as_str(),
+        // oneDNN's kernel for large f32 products (GCG_ONEDNN_F32=gemm|brgemm).
+        "onednn_f32": match gcg::nn::linear::onednn_f32_gemm() {
+            Some((true, rows, cols)) => format!("gemm:jit for calls of >= {rows} rows and >= {cols} outputs, oneDNN's first choice (brgemm on AVX-512) for the rest"),
+            Some((false, ..)) => "oneDNN's first choice (brgemm on AVX-512)".to_string(),
+            None => "none (no oneDNN)".to_string(),
+        },
         "amx": if gcg::nn::linear::amx_tiles() == Some(gcg::nn::linear::AmxTiles::Software) {
             "gcg's AMX kernels with the tile unit in software (GCG_SOFT_AMX: for tests, slower than oneDNN)"
         } else if gcg::nn::linear::amx_active() {

@@ -13,6 +13,9 @@
  * (gcg_onednn_pack, gcg_onednn_linear_packed). Beside it: the batched products and softmax of
  * attention. */
 #define _GNU_SOURCE
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <dlfcn.h>
 #include <oneapi/dnnl/dnnl.h>
 #include <pthread.h>
@@ -66,6 +69,110 @@ static int refuse_reference(const_dnnl_primitive_desc_t pd) {
     const char *impl = NULL;
     if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) != dnnl_success || !impl) return 0;
     return strncmp(impl, "ref", 3) == 0 ? GCG_REFERENCE_ONLY : 0;
+}
+
+/* Which of oneDNN's kernels runs the f32 products of many rows. Debian's oneDNN 2.6 has two for
+ * f32 on an AVX-512 CPU, and picks its brgemm one ("brg:avx512_core") before its gemm one
+ * ("gemm:jit", its sgemm with the epilogue applied by the primitive). On an Intel Xeon with AMX
+ * (CPU family 6 model 207, 2 cores, 2026-12-05) the gemm kernel ran the ViT-g's four product
+ * shapes at 1028 rows, epilogues included, 10-35% faster (248-311 against 205-276 GFLOP/s, the
+ * same process and buffers, 16 distinct weights), at 8224 rows in one call 20-60% faster; at 512
+ * rows the two were equal, at 224 (T5's prompt) and 32 brgemm was faster (by 10-20% and 1.8x).
+ * Alternated call by call with distinct weights from memory (as a ViT pass reads them), the
+ * four shapes at 1028 rows: 4-13% faster than brgemm on the weights as given and 2-7% faster than
+ * brgemm on its packed copies, in every round; at 928 rows (a 32-frame pass's row blocks) 0-5%
+ * and within ±3%; the Q-Former's 768-wide products at 928 rows 3-5% slower. On the AMD machines
+ * this project ran on (family 25, AVX-512) brgemm already reached 85-93% of the FMA units' peak
+ * on the ViT's shapes, so it stays there: the gemm kernel is chosen on Intel CPUs for f32
+ * products of at least GEMM_MIN_ROWS rows a call and GEMM_MIN_COLS outputs. GCG_ONEDNN_F32=
+ * gemm|brgemm sets the choice for every CPU (auto: the rule above); gcg_onednn_f32_gemm_here
+ * overrides it on one thread (tests). Where the chosen kind has no kernel for a problem (an
+ * activation before the residual's sum, a gate), oneDNN's first choice runs. */
+#define GEMM_MIN_ROWS 768
+#define GEMM_MIN_COLS 1024
+
+static int intel_cpu(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d)) return 0;
+    return b == 0x756e6547u && d == 0x49656e69u && c == 0x6c65746eu; /* "Genu" "ineI" "ntel" */
+#else
+    return 0;
+#endif
+}
+
+/* 1 gemm, 0 brgemm, for f32 products of many rows (the process-wide choice, made once). */
+static int f32_gemm_choice(void) {
+    static int choice = -1;
+    int c = __atomic_load_n(&choice, __ATOMIC_RELAXED);
+    if (c < 0) {
+        const char *e = getenv("GCG_ONEDNN_F32");
+        if (e && strcmp(e, "gemm") == 0)
+            c = 1;
+        else if (e && strcmp(e, "brgemm") == 0)
+            c = 0;
+        else
+            c = intel_cpu();
+        __atomic_store_n(&choice, c, __ATOMIC_RELAXED);
+    }
+    return c;
+}
+
+static __thread int f32_gemm_here = -1; /* -1: the process-wide choice */
+
+/* On this thread: 1 the gemm kernel for f32 products of any rows, 0 brgemm (oneDNN's first
+ * choice), -1 back to the process-wide rule. For tests. */
+void gcg_onednn_f32_gemm_here(int on) { f32_gemm_here = on < 0 ? -1 : on != 0; }
+
+/* 1 when an f32 product of m rows a call and n outputs runs on the gemm kernel where it has one. */
+static int f32_gemm(long m, long n) {
+    if (f32_gemm_here >= 0) return f32_gemm_here;
+    return m >= GEMM_MIN_ROWS && n >= GEMM_MIN_COLS && f32_gemm_choice();
+}
+
+/* The process-wide choice, for gcg's bench report: 1 gemm for f32 products of at least
+ * `*min_rows` rows a call and `*min_cols` outputs, 0 brgemm. */
+int gcg_onednn_f32_gemm(long *min_rows, long *min_cols) {
+    if (min_rows) *min_rows = GEMM_MIN_ROWS;
+    if (min_cols) *min_cols = GEMM_MIN_COLS;
+    return f32_gemm_choice();
+}
+
+/* The kernel of this thread's last fully connected product ("" before the first), for tests. */
+static __thread char last_impl[64];
+const char *gcg_onednn_last_impl(void) { return last_impl; }
+
+/* Creates the primitive descriptor of `op` with `attr`: oneDNN's first choice, or with `gemm` set
+ * its first "gemm:" kernel where it has one for the problem. */
+static dnnl_status_t create_pd(dnnl_primitive_desc_t *pd, const void *op, const_dnnl_primitive_attr_t attr, int gemm) {
+    *pd = NULL;
+    if (gemm) {
+        dnnl_primitive_desc_iterator_t it = NULL;
+        if (dnnl_primitive_desc_iterator_create(&it, op, attr, engine, NULL) == dnnl_success) {
+            do {
+                dnnl_primitive_desc_t cand = dnnl_primitive_desc_iterator_fetch(it);
+                const char *impl = NULL;
+                if (!cand) break;
+                if (dnnl_primitive_desc_query(cand, dnnl_query_impl_info_str, 0, &impl) == dnnl_success && impl &&
+                    strncmp(impl, "gemm:", 5) == 0) {
+                    *pd = cand;
+                    break;
+                }
+                dnnl_primitive_desc_destroy(cand);
+            } while (dnnl_primitive_desc_iterator_next(it) == dnnl_success);
+            dnnl_primitive_desc_iterator_destroy(it);
+        }
+        if (*pd) return dnnl_success;
+    }
+    return dnnl_primitive_desc_create(pd, op, attr, engine, NULL);
+}
+
+/* Notes the kernel of pd as this thread's last (gcg_onednn_last_impl). */
+static void note_impl(const_dnnl_primitive_desc_t pd) {
+    const char *impl = NULL;
+    if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) != dnnl_success || !impl) impl = "?";
+    strncpy(last_impl, impl, sizeof last_impl - 1);
+    last_impl[sizeof last_impl - 1] = 0;
 }
 
 /* One argument of a primitive: its kind (DNNL_ARG_…), memory descriptor and buffer. */
@@ -179,6 +286,7 @@ static int linear(int in_bf16, int out_bf16, long m, long n, long k, const void 
     dnnl_dims_t bdims = {1, n}, bstr = {n, 1};
     const dnnl_memory_desc_t *wmd = &wd;
     const void *wptr = w;
+    int gemm = !in_bf16 && f32_gemm(m, n);
     pthread_once(&engine_once, make_engine);
     if (engine_status != dnnl_success) return (int)engine_status;
     TRY(dnnl_memory_desc_init_by_strides(&xd, 2, xdims, it, xstr));
@@ -195,11 +303,18 @@ static int linear(int in_bf16, int out_bf16, long m, long n, long k, const void 
     if (gate) TRY(dnnl_post_ops_append_binary(po, dnnl_binary_mul, &gd));
     if (residual) TRY(dnnl_post_ops_append_sum(po, 1.0f));
     TRY(dnnl_primitive_attr_set_post_ops(attr, po));
-    if (use || make) {
+    if (make && gemm) {
+        /* The gemm kernel packs its operands itself on every call; a copy in the layout it
+         * asks for (wᵀ row-major) made it slower (the ViT-g at 4 frames a pass: 40 s against
+         * 35 s with none), so none is made, and none is read below. */
+        *make = NULL;
+        goto done;
+    }
+    if ((use || make) && !gemm) {
         /* The layout this problem's kernel would pick for the weights. */
         TRY(dnnl_memory_desc_init_by_tag(&anyd, 2, wdims, it, dnnl_format_tag_any));
         TRY(dnnl_matmul_desc_init(&md, &xd, &anyd, bias ? &bd : NULL, &yd));
-        TRY(dnnl_primitive_desc_create(&pd, &md, attr, engine, NULL));
+        TRY(create_pd(&pd, &md, attr, gemm));
         if ((st = (dnnl_status_t)refuse_reference(pd))) goto done;
         const dnnl_memory_desc_t *want = dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
         if (!want) {
@@ -222,9 +337,10 @@ static int linear(int in_bf16, int out_bf16, long m, long n, long k, const void 
     }
     if (!pd) {
         TRY(dnnl_matmul_desc_init(&md, &xd, &wd, bias ? &bd : NULL, &yd));
-        TRY(dnnl_primitive_desc_create(&pd, &md, attr, engine, NULL));
+        TRY(create_pd(&pd, &md, attr, gemm));
         if ((st = (dnnl_status_t)refuse_reference(pd))) goto done;
     }
+    note_impl(pd);
     {
         arg_t args[5] = {{DNNL_ARG_SRC, &xd, x}, {DNNL_ARG_WEIGHTS, wmd, wptr}, {DNNL_ARG_DST, &yd, y}};
         int nargs = 3;

@@ -602,6 +602,27 @@ pub fn onednn_bf16() -> bool {
     }
 }
 
+/// Which of oneDNN's kernels runs large f32 products (csrc/onednn_matmul.c, `f32_gemm_choice`):
+/// `Some((true, rows, cols))` its gemm kernel for calls of at least `rows` rows and `cols`
+/// outputs (the default on Intel CPUs, where it measured faster), `Some((false, ..))` its brgemm
+/// kernel (elsewhere), as `GCG_ONEDNN_F32=gemm|brgemm` may set; `None` without oneDNN.
+pub fn onednn_f32_gemm() -> Option<(bool, usize, usize)> {
+    #[cfg(gcg_onednn)]
+    {
+        extern "C" {
+            fn gcg_onednn_f32_gemm(min_rows: *mut std::os::raw::c_long, min_cols: *mut std::os::raw::c_long) -> std::os::raw::c_int;
+        }
+        let (mut rows, mut cols): (std::os::raw::c_long, std::os::raw::c_long) = (0, 0);
+        // SAFETY: writes two longs through valid pointers and reads the environment once.
+        let gemm = unsafe { gcg_onednn_f32_gemm(&mut rows, &mut cols) } != 0;
+        Some((gemm, rows.max(0) as usize, cols.max(0) as usize))
+    }
+    #[cfg(not(gcg_onednn))]
+    {
+        None
+    }
+}
+
 /// Products computed by gcg's AMX kernel (csrc/amx_linear.c) on this thread since it started.
 pub fn amx_calls() -> usize {
     AMX_CALLS.with(|c| c.get())
@@ -1781,6 +1802,20 @@ mod onednn_tests {
         Ok(want)
     }
 
+    /// Every epilogue a fused product takes: (activation, gate, residual, output dtype).
+    fn epilogue_combos() -> Vec<(Option<Activation>, bool, bool, DType)> {
+        let acts = [None, Some(Activation::Gelu), Some(Activation::GeluTanh), Some(Activation::Relu)];
+        let mut v = Vec::new();
+        for act in acts {
+            for (use_gate, use_res) in [(false, false), (true, false), (false, true), (true, true)] {
+                for out in [DType::F32, DType::BF16] {
+                    v.push((act, use_gate, use_res, out));
+                }
+            }
+        }
+        v
+    }
+
     /// `forward_fused` (one oneDNN call when built in) against the plain ops written out here
     /// in f32 from the rounded inputs, for every epilogue: activation, gate, residual, output
     /// dtype; f32, bf16 and mixed (f32 input, bf16 weight). f32 to 1e-5, bf16 to its rounding.
@@ -1795,42 +1830,37 @@ mod onednn_tests {
         let b = Tensor::from_vec(rng.normal_vec(n, 0.0, 0.5), n, &dev)?;
         let gate = Tensor::from_vec(rng.normal_vec(2 * m * n, 0.0, 1.0), (2, m, n), &dev)?;
         let res = Tensor::from_vec(rng.normal_vec(2 * m * n, 0.0, 1.0), (2, m, n), &dev)?;
-        let acts = [None, Some(Activation::Gelu), Some(Activation::GeluTanh), Some(Activation::Relu)];
         // (input dtype, weight dtype)
         for (xdt, wdt) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F32, DType::BF16)] {
             let lin = Linear::new(w.to_dtype(wdt)?, Some(b.to_dtype(wdt)?));
             let xin = x.to_dtype(xdt)?;
-            for act in acts {
-                for (use_gate, use_res) in [(false, false), (true, false), (false, true), (true, true)] {
-                    for out in [DType::F32, DType::BF16] {
-                        let (g, r) = (gate.to_dtype(out)?, res.to_dtype(out)?);
-                        let e = Epilogue {
-                            act,
-                            gate: use_gate.then_some(&g),
-                            residual: use_res.then_some(&r),
-                            out: Some(out),
-                        };
-                        let before = onednn_calls();
-                        let got = lin.forward_fused(&xin, e)?;
-                        assert_eq!(got.dtype(), out);
-                        assert_eq!(got.dims(), &[2, m, n]);
-                        let combo = format!("{xdt:?} input, {wdt:?} weight, {act:?}, gate {use_gate}, residual {use_res}, {out:?} out");
-                        assert_eq!(onednn_calls() - before, usize::from(ONEDNN), "{combo}: one oneDNN call");
-                        // The reference: inputs rounded as the product sees them, then f32.
-                        let f = |t: &Tensor| t.to_dtype(DType::F32);
-                        let xr = f(&x.to_dtype(wdt)?)?;
-                        let mut want = xr
-                            .reshape((2 * m, k))?
-                            .matmul(&f(&w.to_dtype(wdt)?)?.t()?)?
-                            .broadcast_add(&f(&b.to_dtype(wdt)?)?)?
-                            .reshape((2, m, n))?;
-                        want = plain_epilogue(want, act, use_gate.then_some(&g), use_res.then_some(&r))?;
-                        let half = xdt == DType::BF16 || wdt == DType::BF16 || out == DType::BF16;
-                        let tol = if half { 1.6e-2 } else { 1e-5 };
-                        let err = max_rel(&got, &want);
-                        assert!(err <= tol, "{combo}: error {err} > {tol}");
-                    }
-                }
+            for (act, use_gate, use_res, out) in epilogue_combos() {
+                let (g, r) = (gate.to_dtype(out)?, res.to_dtype(out)?);
+                let e = Epilogue {
+                    act,
+                    gate: use_gate.then_some(&g),
+                    residual: use_res.then_some(&r),
+                    out: Some(out),
+                };
+                let before = onednn_calls();
+                let got = lin.forward_fused(&xin, e)?;
+                assert_eq!(got.dtype(), out);
+                assert_eq!(got.dims(), &[2, m, n]);
+                let combo = format!("{xdt:?} input, {wdt:?} weight, {act:?}, gate {use_gate}, residual {use_res}, {out:?} out");
+                assert_eq!(onednn_calls() - before, usize::from(ONEDNN), "{combo}: one oneDNN call");
+                // The reference: inputs rounded as the product sees them, then f32.
+                let f = |t: &Tensor| t.to_dtype(DType::F32);
+                let xr = f(&x.to_dtype(wdt)?)?;
+                let mut want = xr
+                    .reshape((2 * m, k))?
+                    .matmul(&f(&w.to_dtype(wdt)?)?.t()?)?
+                    .broadcast_add(&f(&b.to_dtype(wdt)?)?)?
+                    .reshape((2, m, n))?;
+                want = plain_epilogue(want, act, use_gate.then_some(&g), use_res.then_some(&r))?;
+                let half = xdt == DType::BF16 || wdt == DType::BF16 || out == DType::BF16;
+                let tol = if half { 1.6e-2 } else { 1e-5 };
+                let err = max_rel(&got, &want);
+                assert!(err <= tol, "{combo}: error {err} > {tol}");
             }
         }
         if ONEDNN && !crate::nn::isa::avx512() {
@@ -1839,6 +1869,71 @@ mod onednn_tests {
             // products ran without the sum and csrc added the residual (checked above).
             assert!(split_residuals() > split_before, "no residual added apart below AVX-512");
         }
+        Ok(())
+    }
+
+    /// Both of oneDNN's f32 kernels (gemm and brgemm, forced on this thread) against the plain
+    /// ops, on a product of 1028 rows (the ViT-g's 4 frames) with every epilogue and output
+    /// dtype: f32 to 1e-5, a bf16 output to its rounding. The gemm kernel must have run where
+    /// asked for the products without a gate and without an activation before the residual's
+    /// sum (oneDNN 2.6 has it for the bias with an activation or with the sum: the ViT's four
+    /// products), brgemm where asked on an AVX-512 CPU.
+    #[cfg(gcg_onednn)]
+    #[test]
+    fn f32_products_on_either_onednn_kernel_equal_the_plain_ops() -> Result<()> {
+        extern "C" {
+            fn gcg_onednn_f32_gemm_here(on: std::os::raw::c_int);
+            fn gcg_onednn_last_impl() -> *const std::os::raw::c_char;
+        }
+        // SAFETY: a thread-local string csrc keeps NUL-terminated.
+        let last = || {
+            unsafe { std::ffi::CStr::from_ptr(gcg_onednn_last_impl()) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        let dev = Device::Cpu;
+        let mut rng = crate::rng::SeededRng::new(41);
+        let (m, k, n) = (1028, 288, 320);
+        let x = Tensor::from_vec(rng.normal_vec(m * k, 0.0, 1.0), (m, k), &dev)?;
+        let w = Tensor::from_vec(rng.normal_vec(n * k, 0.0, 0.06), (n, k), &dev)?;
+        let b = Tensor::from_vec(rng.normal_vec(n, 0.0, 0.5), n, &dev)?;
+        let gate = Tensor::from_vec(rng.normal_vec(m * n, 0.0, 1.0), (m, n), &dev)?;
+        let res = Tensor::from_vec(rng.normal_vec(m * n, 0.0, 1.0), (m, n), &dev)?;
+        let lin = Linear::new(w.clone(), Some(b.clone()));
+        let plain = x.matmul(&w.t()?)?.broadcast_add(&b)?;
+        let mut kernels = std::collections::BTreeSet::new();
+        for gemm in [1, 0] {
+            // SAFETY: sets a thread-local flag.
+            unsafe { gcg_onednn_f32_gemm_here(gemm) };
+            for (act, use_gate, use_res, out) in epilogue_combos() {
+                let (g, r) = (gate.to_dtype(out)?, res.to_dtype(out)?);
+                let e = Epilogue {
+                    act,
+                    gate: use_gate.then_some(&g),
+                    residual: use_res.then_some(&r),
+                    out: Some(out),
+                };
+                let before = onednn_calls();
+                let got = lin.forward_fused(&x, e)?;
+                assert_eq!(onednn_calls() - before, 1, "one oneDNN call");
+                let impl_ = last();
+                let combo = format!("gemm {gemm}, {act:?}, gate {use_gate}, residual {use_res}, {out:?} out, kernel {impl_}");
+                if gemm == 1 && !use_gate && !(act.is_some() && use_res) {
+                    assert!(impl_.starts_with("gemm:"), "{combo}: the gemm kernel was asked for");
+                }
+                if gemm == 0 && crate::nn::isa::avx512() {
+                    assert!(!impl_.starts_with("gemm:"), "{combo}: brgemm was asked for");
+                }
+                kernels.insert(impl_);
+                let want = plain_epilogue(plain.clone(), act, use_gate.then_some(&g), use_res.then_some(&r))?;
+                let tol = if out == DType::BF16 { 1.6e-2 } else { 1e-5 };
+                let err = max_rel(&got, &want);
+                assert!(err <= tol, "{combo}: error {err} > {tol}");
+            }
+        }
+        // SAFETY: as above.
+        unsafe { gcg_onednn_f32_gemm_here(-1) };
+        assert!(kernels.len() >= 2 || !crate::nn::isa::avx512(), "kernels run: {kernels:?}");
         Ok(())
     }
 
