@@ -257,8 +257,10 @@ fn main() {
         // Colours only on a terminal: a log redirected to a file stays plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    // A wrong GCG_MAX_CPU_ISA stops the command here, before any kernel is chosen.
-    if let Err(e) = gcg::nn::isa::check_env().and_then(|_| run(cli)) {
+    // A wrong GCG_MAX_CPU_ISA or GCG_ONEDNN_F32 stops the command here, before any kernel is
+    // chosen.
+    let checked = gcg::nn::isa::check_env().and_then(|_| gcg::nn::linear::check_onednn_f32_env());
+    if let Err(e) = checked.and_then(|_| run(cli)) {
         eprintln!("error: {e}");
         for cause in e.chain().skip(1) {
             eprintln!("  caused by: {cause}");

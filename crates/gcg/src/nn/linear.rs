@@ -602,6 +602,28 @@ pub fn onednn_bf16() -> bool {
     }
 }
 
+/// The variable that sets oneDNN's kernel for large f32 products: `gemm`, `brgemm` or `auto`
+/// (or unset/empty: gemm on Intel CPUs, brgemm elsewhere; see [`onednn_f32_gemm`]).
+pub const ONEDNN_F32_ENV: &str = "GCG_ONEDNN_F32";
+
+/// What `GCG_ONEDNN_F32`'s text asks for: `Some(true)` gemm, `Some(false)` brgemm, `None` the
+/// CPU's default (unset, empty or `auto`); an error naming the variable, the value and the
+/// accepted ones otherwise (csrc reads the variable too, and would take any other text as auto).
+pub fn parse_onednn_f32(value: Option<&str>) -> Result<Option<bool>> {
+    match value {
+        None | Some("") | Some("auto") => Ok(None),
+        Some("gemm") => Ok(Some(true)),
+        Some("brgemm") => Ok(Some(false)),
+        Some(v) => anyhow::bail!("{ONEDNN_F32_ENV}={v:?} is not one of oneDNN's f32 kernels: expected gemm, brgemm or auto"),
+    }
+}
+
+/// Checks `GCG_ONEDNN_F32` in the environment: `gcg` calls it when it starts, so a wrong value
+/// stops the command with [`parse_onednn_f32`]'s message.
+pub fn check_onednn_f32_env() -> Result<()> {
+    parse_onednn_f32(std::env::var(ONEDNN_F32_ENV).ok().as_deref()).map(|_| ())
+}
+
 /// Which of oneDNN's kernels runs large f32 products (csrc/onednn_matmul.c, `f32_gemm_choice`):
 /// `Some((true, rows, cols))` its gemm kernel for calls of at least `rows` rows and `cols`
 /// outputs (the default on Intel CPUs, where it measured faster), `Some((false, ..))` its brgemm
@@ -1935,6 +1957,24 @@ mod onednn_tests {
         unsafe { gcg_onednn_f32_gemm_here(-1) };
         assert!(kernels.len() >= 2 || !crate::nn::isa::avx512(), "kernels run: {kernels:?}");
         Ok(())
+    }
+
+    /// `GCG_ONEDNN_F32`'s values as csrc reads them (exact text); anything else is an error
+    /// naming the variable and the value.
+    #[test]
+    fn the_f32_kernel_variable_takes_gemm_brgemm_or_auto() {
+        assert_eq!(parse_onednn_f32(None).unwrap(), None);
+        assert_eq!(parse_onednn_f32(Some("")).unwrap(), None);
+        assert_eq!(parse_onednn_f32(Some("auto")).unwrap(), None);
+        assert_eq!(parse_onednn_f32(Some("gemm")).unwrap(), Some(true));
+        assert_eq!(parse_onednn_f32(Some("brgemm")).unwrap(), Some(false));
+        for bad in ["sgemm", "GEMM", " gemm", "1"] {
+            let e = parse_onednn_f32(Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains("GCG_ONEDNN_F32") && e.contains(&format!("{bad:?}")) && e.contains("brgemm"),
+                "{e}"
+            );
+        }
     }
 
     /// Products whose residual csrc added apart (process-wide, only grows), 0 without oneDNN.
