@@ -87,7 +87,7 @@ static int refuse_reference(const_dnnl_primitive_desc_t pd) {
  * products of at least GEMM_MIN_ROWS rows a call and GEMM_MIN_COLS outputs. GCG_ONEDNN_F32=
  * gemm|brgemm sets the choice for every CPU (auto: the rule above); gcg_onednn_f32_gemm_here
  * overrides it on one thread (tests). Where the chosen kind has no kernel for a problem (an
- * activation before the residual's sum, a gate), oneDNN's first choice runs. */
+ * activation or a gate before the residual's sum), oneDNN's first choice runs. */
 #define GEMM_MIN_ROWS 768
 #define GEMM_MIN_COLS 1024
 
