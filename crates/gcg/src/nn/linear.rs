@@ -1838,6 +1838,26 @@ mod onednn_tests {
         v
     }
 
+    /// `lin.forward_fused(x)` with one of [`epilogue_combos`], the gate and residual cast to
+    /// its output dtype: (the result, that gate, that residual).
+    fn fused_with(
+        lin: &Linear,
+        x: &Tensor,
+        (act, use_gate, use_res, out): (Option<Activation>, bool, bool, DType),
+        gate: &Tensor,
+        res: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (g, r) = (gate.to_dtype(out)?, res.to_dtype(out)?);
+        let e = Epilogue {
+            act,
+            gate: use_gate.then_some(&g),
+            residual: use_res.then_some(&r),
+            out: Some(out),
+        };
+        let got = lin.forward_fused(x, e)?;
+        Ok((got, g, r))
+    }
+
     /// `forward_fused` (one oneDNN call when built in) against the plain ops written out here
     /// in f32 from the rounded inputs, for every epilogue: activation, gate, residual, output
     /// dtype; f32, bf16 and mixed (f32 input, bf16 weight). f32 to 1e-5, bf16 to its rounding.
@@ -1856,16 +1876,9 @@ mod onednn_tests {
         for (xdt, wdt) in [(DType::F32, DType::F32), (DType::BF16, DType::BF16), (DType::F32, DType::BF16)] {
             let lin = Linear::new(w.to_dtype(wdt)?, Some(b.to_dtype(wdt)?));
             let xin = x.to_dtype(xdt)?;
-            for (act, use_gate, use_res, out) in epilogue_combos() {
-                let (g, r) = (gate.to_dtype(out)?, res.to_dtype(out)?);
-                let e = Epilogue {
-                    act,
-                    gate: use_gate.then_some(&g),
-                    residual: use_res.then_some(&r),
-                    out: Some(out),
-                };
+            for combo @ (act, use_gate, use_res, out) in epilogue_combos() {
                 let before = onednn_calls();
-                let got = lin.forward_fused(&xin, e)?;
+                let (got, g, r) = fused_with(&lin, &xin, combo, &gate, &res)?;
                 assert_eq!(got.dtype(), out);
                 assert_eq!(got.dims(), &[2, m, n]);
                 let combo = format!("{xdt:?} input, {wdt:?} weight, {act:?}, gate {use_gate}, residual {use_res}, {out:?} out");
@@ -1927,16 +1940,9 @@ mod onednn_tests {
         for gemm in [1, 0] {
             // SAFETY: sets a thread-local flag.
             unsafe { gcg_onednn_f32_gemm_here(gemm) };
-            for (act, use_gate, use_res, out) in epilogue_combos() {
-                let (g, r) = (gate.to_dtype(out)?, res.to_dtype(out)?);
-                let e = Epilogue {
-                    act,
-                    gate: use_gate.then_some(&g),
-                    residual: use_res.then_some(&r),
-                    out: Some(out),
-                };
+            for combo @ (act, use_gate, use_res, out) in epilogue_combos() {
                 let before = onednn_calls();
-                let got = lin.forward_fused(&x, e)?;
+                let (got, g, r) = fused_with(&lin, &x, combo, &gate, &res)?;
                 assert_eq!(onednn_calls() - before, 1, "one oneDNN call");
                 let impl_ = last();
                 let combo = format!("gemm {gemm}, {act:?}, gate {use_gate}, residual {use_res}, {out:?} out, kernel {impl_}");
