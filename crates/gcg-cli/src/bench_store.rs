@@ -112,6 +112,7 @@ fn write_synthetic(dir: &Path, a: &StoreArgs) -> Result<(f64, u64)> {
             pseudo_labels: (0..k).collect(),
             text_encoder: None,
             texts_hash: None,
+            video_shard: None,
         })?;
     }
     w.finish()?;

@@ -69,6 +69,7 @@ fn question(key: &str, video: &str, t: usize, e: usize, o: usize, k: usize) -> Q
         pseudo_labels: labels,
         text_encoder: None,
         texts_hash: None,
+        video_shard: None,
     }
 }
 
@@ -200,6 +201,77 @@ fn questions_round_trip() -> Result<()> {
         assert_eq!(snap.curve(&q.key)?, q.curve);
     }
     assert_eq!(snap.index().questions.len(), 3);
+    Ok(())
+}
+
+/// Labels made from one entry of a video are not attached to the next: a labels job whose video
+/// was stored again (same T) while it ran gets its batch refused at commit, naming both shards,
+/// whether its records name the entry they were read from or leave it to the writer's view; the
+/// labels of the entry the store holds are written, name it, and survive a rebuild of the index.
+#[test]
+fn labels_made_from_a_video_stored_again_since_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    w.add_video(video("a", 4, 2, 3, 8))?;
+    w.add_video(video("b", 4, 2, 3, 8))?;
+    w.finish()?;
+    let shard_of = |id: &str| -> Result<String> { Ok(Store::open(dir.path())?.snapshot().video(id)?.shard.clone()) };
+    let first = shard_of("a")?;
+    // Labels of the first entry, committed while it is the store's: they name it.
+    let mut early = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    early.add_question(question("a_0", "a", 4, 8, 5, 2))?;
+    early.finish()?;
+    assert_eq!(
+        Store::open(dir.path())?.snapshot().question("a_0")?.video_shard.as_deref(),
+        Some(first.as_str())
+    );
+    // Two labels jobs' writers open now, seeing the first entry of a...
+    let mut named = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    let mut unnamed = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    // ...while `gcg features --overwrite` stores a again, with the same T (dropping a_0).
+    let mut again = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    again.add_video(video("a", 4, 2, 3, 8))?;
+    again.finish()?;
+    let second = shard_of("a")?;
+    assert_ne!(first, second);
+    assert!(!Store::open(dir.path())?.snapshot().contains_question("a_0"));
+
+    let mut q = question("a_1", "a", 4, 8, 5, 2);
+    q.video_shard = Some(first.clone());
+    named.add_question(q)?;
+    named.add_question(question("b_1", "b", 4, 8, 5, 2))?;
+    let err = format!("{:#}", named.flush().unwrap_err());
+    assert!(
+        err.contains("question a_1") && err.contains(&first) && err.contains(&second) && err.contains("gcg labels"),
+        "{err}"
+    );
+    unnamed.add_question(question("a_2", "a", 4, 8, 5, 2))?;
+    let err = format!("{:#}", unnamed.flush().unwrap_err());
+    assert!(
+        err.contains("question a_2") && err.contains(&first) && err.contains(&second),
+        "{err}"
+    );
+    drop((named, unnamed));
+    let snap = Store::open(dir.path())?.snapshot();
+    assert!(
+        snap.index().questions.is_empty(),
+        "{:?}",
+        snap.index().questions.keys().collect::<Vec<_>>()
+    );
+
+    // Labels of the entry the store holds are written and name it; the index rebuilt from the
+    // shards keeps them and leaves out a_0, made from the first entry.
+    let mut w = StoreWriter::open(dir.path(), WriterOptions::default())?;
+    w.add_question(question("a_1", "a", 4, 8, 5, 2))?;
+    w.finish()?;
+    let held = Store::open(dir.path())?.snapshot().question("a_1")?.video_shard.clone();
+    assert_eq!(held.as_deref(), Some(second.as_str()));
+    std::fs::remove_file(dir.path().join("index.json"))?;
+    gcg::store::rebuild_index(dir.path())?;
+    let snap = Store::open(dir.path())?.snapshot();
+    snap.verify()?;
+    assert_eq!(snap.index().questions.keys().collect::<Vec<_>>(), ["a_1"]);
+    assert_eq!(snap.question("a_1")?.video_shard, held);
     Ok(())
 }
 

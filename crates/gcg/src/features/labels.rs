@@ -456,6 +456,9 @@ fn already_labelled(snap: &Snapshot, opts: &LabelOptions, s: &QaSample, t: &Ques
         && q.num_options == s.options.len()
         && Some(q.pseudo_labels.len()) == k
         && q.num_frames == snap.index().videos.get(&s.video).map_or(0, |v| v.num_frames)
+        && q.video_shard
+            .as_deref()
+            .is_none_or(|from| snap.index().videos.get(&s.video).is_some_and(|v| v.shard == from))
 }
 
 /// Labels one chunk of questions: their unique texts are encoded once each, then every question's
@@ -506,6 +509,7 @@ fn question_record(
     opts: &LabelOptions,
     get: &dyn Fn(&str) -> Vec<f32>,
 ) -> Result<QuestionRecord> {
+    let video_shard = snap.video(&s.video)?.shard.clone();
     let frames = snap
         .frame_embeds(&s.video)
         .with_context(|| format!("question {}: no CLIP frame embeddings", s.key))?
@@ -526,5 +530,6 @@ fn question_record(
         pseudo_labels: top,
         text_encoder: opts.text_encoder.clone(),
         texts_hash: Some(texts_hash(s)),
+        video_shard: Some(video_shard),
     })
 }

@@ -262,6 +262,12 @@ pub struct QuestionEntry {
     /// labels of edited questions are not used silently. Absent in stores written before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub texts_hash: Option<String>,
+    /// The shard of the video entry whose CLIP frame embeddings gave the curve and
+    /// pseudo-labels: the labels stand only on that entry (a video stored again, with the same T
+    /// or not, is another entry in another shard). Absent in stores written before it was
+    /// recorded (only T and the order of the shards are checked for those).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video_shard: Option<String>,
 }
 
 impl QuestionEntry {
@@ -471,6 +477,15 @@ impl Index {
                 q.video,
                 video.num_frames
             );
+            if let Some(from) = q.video_shard.as_deref() {
+                ensure!(
+                    from == video.shard,
+                    "question {key}: labelled from video {} in shard {from}, but the store's {} is the one in shard {}",
+                    q.video,
+                    q.video,
+                    video.shard
+                );
+            }
             // num_options may be 0 (open-ended questions); that it matches the annotations is
             // checked by the batch reader, which has them.
             ensure!(

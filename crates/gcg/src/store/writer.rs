@@ -167,6 +167,11 @@ pub struct QuestionRecord {
     /// A fingerprint of the question, option and answer texts embedded
     /// ([`crate::features::labels::texts_hash`]; None: not known).
     pub texts_hash: Option<String>,
+    /// The shard of the video entry whose frame embeddings gave `curve` (`VideoEntry::shard`
+    /// when they were read). None: the entry the writer sees when the question is added. A
+    /// commit refuses the question when the store's entry of the video is another one by then
+    /// (the video was stored again while the labels were made).
+    pub video_shard: Option<String>,
 }
 
 impl QuestionRecord {
@@ -531,7 +536,7 @@ impl StoreWriter {
     }
 
     /// Buffers a question's embeddings and pseudo-labels. Its video must be committed.
-    pub fn add_question(&mut self, rec: QuestionRecord) -> Result<bool> {
+    pub fn add_question(&mut self, mut rec: QuestionRecord) -> Result<bool> {
         let video = self.index.videos.get(&rec.video).ok_or_else(|| {
             anyhow!(
                 "question {}: video {} has no features in the store {} (run `gcg features` first)",
@@ -545,6 +550,7 @@ impl StoreWriter {
             .meta
             .ok_or_else(|| anyhow!("the store {} has no videos", self.dir.display()))?;
         rec.validate(meta.embed_dim, video.num_frames)?;
+        rec.video_shard.get_or_insert_with(|| video.shard.clone());
         self.pending_questions.retain(|q| q.key != rec.key);
         self.pending_bytes += rec.bytes();
         self.pending_questions.push(rec);
@@ -649,6 +655,7 @@ impl StoreWriter {
 
         let lock_path = self.dir.join(LOCK_FILE);
         self.lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
+        let mut refused = false;
         let result = (|| -> Result<Index> {
             let mut index = read_live_index(&self.dir)?;
             index.shards.insert(
@@ -660,14 +667,30 @@ impl StoreWriter {
                     crc32: Some(crc32),
                 },
             );
-            entries(&name, &locs, &mut index)?;
-            index.generation += 1;
-            index.validate().context("the merged index")?;
+            let merged = entries(&name, &locs, &mut index).and_then(|()| {
+                index.generation += 1;
+                index.validate().context("the merged index")
+            });
+            if merged.is_err() {
+                refused = true;
+            }
+            merged?;
             let dir = self.dir.clone();
             let fault = &mut |p| self.fault(p);
             write_index(&dir, &index, fault)?;
             Ok(index)
         })();
+        // The merge refused the shard's records (before any index naming it was written): the
+        // file goes, under the lock, so that rebuilding a lost index from the shards never takes
+        // up records the store did not accept.
+        if refused {
+            if let Err(e) = std::fs::remove_file(&final_path)
+                .map_err(anyhow::Error::from)
+                .and_then(|()| fsync_dir(&shard_dir))
+            {
+                tracing::warn!("removing the refused shard {}: {e:#}", final_path.display());
+            }
+        }
         self.lock.unlock().with_context(|| format!("unlocking {}", lock_path.display()))?;
         self.index = result?;
         tracing::debug!("committed shard {name} ({bytes} bytes), index generation {}", self.index.generation);
@@ -838,14 +861,24 @@ impl StoreWriter {
                 info.tensors.insert(l.name.clone(), l.clone());
             }
             for (q, (text_row, curve_start)) in questions.iter().zip(entries) {
-                let frames = index.videos.get(&q.video).map(|v| v.num_frames);
+                let video = index.videos.get(&q.video);
                 ensure!(
-                    frames == Some(q.curve.len()),
+                    video.map(|v| v.num_frames) == Some(q.curve.len()),
                     "question {}: video {} is no longer in the store with {} frames",
                     q.key,
                     q.video,
                     q.curve.len()
                 );
+                if let (Some(v), Some(from)) = (video, q.video_shard.as_deref()) {
+                    ensure!(
+                        v.shard == from,
+                        "question {}: its labels were made from video {} as stored in shard {from}, but the video was stored again since \
+                         (shard {}): nothing of this batch of questions was written; rerun `gcg labels` for them",
+                        q.key,
+                        q.video,
+                        v.shard
+                    );
+                }
                 index
                     .questions
                     .insert(q.key.clone(), question_entry(q, shard, text_row, curve_start));
@@ -869,6 +902,7 @@ fn question_entry(q: &QuestionRecord, shard: &str, text_row: usize, curve_start:
         event: q.event_text.clone(),
         text_encoder: q.text_encoder.clone(),
         texts_hash: q.texts_hash.clone(),
+        video_shard: q.video_shard.clone(),
     }
 }
 
@@ -1176,12 +1210,18 @@ fn rebuild_locked(dir: &Path) -> Result<Rebuilt> {
             dir.join(SHARD_DIR).display()
         );
     }
-    // A question stands only on the video it was labelled from: stored with its T, and not
-    // recomputed after it.
+    // A question stands only on the video it was labelled from: stored with its T, and the
+    // very entry it names (or, for questions written before entries were named, not recomputed
+    // after it).
     let before = index.questions.len();
     index.questions.retain(|key, q| {
-        index.videos.get(&q.video).is_some_and(|v| v.num_frames == q.num_frames)
-            && video_order.get(&q.video).is_some_and(|&o| o < question_order[key])
+        index.videos.get(&q.video).is_some_and(|v| {
+            v.num_frames == q.num_frames
+                && match q.video_shard.as_deref() {
+                    Some(from) => from == v.shard,
+                    None => video_order.get(&q.video).is_some_and(|&o| o < question_order[key]),
+                }
+        })
     });
     out.superseded += before - index.questions.len();
     let used: std::collections::BTreeSet<&String> = index
