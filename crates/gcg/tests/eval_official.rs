@@ -339,6 +339,50 @@ fn prediction_problems_are_reported_with_lines() {
     assert_eq!(m.get("DC"), Some(100.0));
 }
 
+/// The official scripts' result object keys rows by `"<video>_<qid>"` and looks each annotated
+/// question up by that whole key: qids holding `_` (STAR's "Interaction_T1_13") are matched whole,
+/// not at the key's last `_`, and a key that names two annotated questions is reported, naming
+/// both, instead of being scored for one of them.
+#[test]
+fn official_result_keys_whose_qids_hold_underscores_are_matched_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let samples = vec![
+        mc("6H78U", "Interaction_T1_13", "CW", 1),
+        mc("6H78U", "Sequence_T2_5", "DC", 2),
+        mc("a_b", "c", "CW", 0),
+        mc("a", "b_c", "CW", 1),
+    ];
+    let object = r#"{
+        "6H78U_Interaction_T1_13": {"prediction": 1, "answer": 1},
+        "6H78U_Sequence_T2_5": {"prediction": 0, "answer": 2},
+        "a_b_c": {"prediction": 0, "answer": 0}
+    }"#;
+    let preds = read_predictions(&write(tmp.path(), "result.json", object)).unwrap();
+    assert!(preds.joined_keys && preds.problems.is_empty(), "{:?}", preds.problems);
+    let ev = evaluate(Dataset::NextQa, &samples, &preds, None).unwrap();
+    assert_eq!(ev.problems.len(), 1, "{:?}", ev.problems);
+    let p = &ev.problems[0];
+    assert_eq!((p.line, p.kind), (3, ProblemKind::Unknown));
+    assert!(
+        p.message.contains("key a_b_c is ambiguous") && p.message.contains("video a_b qid c") && p.message.contains("video a qid b_c"),
+        "{p}"
+    );
+    let m = &ev.metrics;
+    assert_eq!(m.missing, 2);
+    assert_eq!(m.get("DC"), Some(0.0));
+    // The same rows as JSONL name their video and qid: no key is re-split there.
+    let jsonl = write(
+        tmp.path(),
+        "preds.jsonl",
+        "{\"qid\": \"T1_13\", \"video\": \"6H78U_Interaction\", \"prediction\": 1}\n",
+    );
+    let rows = read_predictions(&jsonl).unwrap();
+    assert!(!rows.joined_keys);
+    let ev = evaluate(Dataset::NextQa, &samples, &rows, None).unwrap();
+    assert_eq!(ev.problems.len(), 1);
+    assert_eq!(ev.problems[0].kind, ProblemKind::Unknown);
+}
+
 #[test]
 fn writer_appends_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();

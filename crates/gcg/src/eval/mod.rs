@@ -156,15 +156,43 @@ pub fn evaluate(dataset: Dataset, samples: &[QaSample], preds: &PredictionFile, 
         .enumerate()
         .map(|(i, s)| ((s.video.as_str(), s.qid.as_str()), i))
         .collect();
+    // The official result object's keys are matched whole, as its scripts look them up (its
+    // rows were split at the key's last `_`, and a qid may hold `_`).
+    let mut whole: HashMap<String, Vec<usize>> = HashMap::new();
+    if preds.joined_keys {
+        for (i, s) in samples.iter().enumerate() {
+            whole.entry(format!("{}_{}", s.video, s.qid)).or_default().push(i);
+        }
+    }
     let mut joined: Vec<Option<&PredictionRow>> = vec![None; samples.len()];
     for (line, row) in &preds.rows {
-        let Some(&i) = index.get(&(row.video.as_str(), row.qid.as_str())) else {
-            problems.push(Problem {
-                line: *line,
-                kind: ProblemKind::Unknown,
-                message: format!("video {} qid {} is not in the annotations", row.video, row.qid),
-            });
-            continue;
+        let key = format!("{}_{}", row.video, row.qid);
+        let found = match (preds.joined_keys, index.get(&(row.video.as_str(), row.qid.as_str()))) {
+            (false, Some(&i)) => Ok(i),
+            (true, _) => match whole.get(&key).map(Vec::as_slice) {
+                Some(&[i]) => Ok(i),
+                Some(many) => Err(format!(
+                    "key {key} is ambiguous: it names {} annotated questions ({})",
+                    many.len(),
+                    many.iter()
+                        .map(|&i| format!("video {} qid {}", samples[i].video, samples[i].qid))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                None => Err(format!("key {key} is not in the annotations")),
+            },
+            (false, None) => Err(format!("video {} qid {} is not in the annotations", row.video, row.qid)),
+        };
+        let i = match found {
+            Ok(i) => i,
+            Err(message) => {
+                problems.push(Problem {
+                    line: *line,
+                    kind: ProblemKind::Unknown,
+                    message,
+                });
+                continue;
+            }
         };
         let s = &samples[i];
         let (line, row) = match fits(s, &row.prediction) {
@@ -214,7 +242,7 @@ pub fn evaluate(dataset: Dataset, samples: &[QaSample], preds: &PredictionFile, 
                 ),
             });
         }
-        if let (Some([_, end]), Some(video)) = (row.span, grounding.and_then(|g| g.video(&row.video))) {
+        if let (Some([_, end]), Some(video)) = (row.span, grounding.and_then(|g| g.video(&s.video))) {
             // Frame times may run a little past a duration rounded in the annotations: only a
             // span ending well after the video (2 s or 10% of it) is implausible.
             if end > video.duration + (0.1 * video.duration).max(2.0) {

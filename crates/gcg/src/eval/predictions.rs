@@ -170,6 +170,10 @@ pub struct PredictionFile {
     /// duplicate): scoring uses the first of them that can answer the question when the first
     /// row cannot (an option index out of range, a text for a choice).
     pub duplicates: Vec<(u64, PredictionRow)>,
+    /// The rows came from the official scripts' result object, whose keys `"<video>_<qid>"` were
+    /// split at their last `_`: evaluation matches a key the annotations do not know at that
+    /// split by the whole key (a qid may hold `_`).
+    pub joined_keys: bool,
 }
 
 /// Read a JSONL prediction file. Malformed lines and duplicates are reported in `problems`
@@ -189,6 +193,7 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
     }
     // One JSON document instead of JSONL: the official scripts' result object, or an array of rows.
     let document = whole_document_rows(&text);
+    out.joined_keys = document.as_ref().is_some_and(|(_, what)| *what == OFFICIAL_OBJECT);
     let lines: Vec<(u64, String)> = match &document {
         Some((rows, what)) => {
             tracing::info!(
@@ -291,11 +296,15 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
     Ok(out)
 }
 
+/// What [`whole_document_rows`] calls the official scripts' result object.
+const OFFICIAL_OBJECT: &str = "the official scripts' result object (keyed \"<video>_<qid>\")";
+
 /// The rows of a prediction file written as one JSON document, as JSONL lines of gcg's format:
 /// a JSON array of rows, or the official evaluation scripts' result file (`eval_next.py`,
 /// `eval_mc.py`: one object mapping `"<video>_<qid>"` to `{"prediction": i, "answer": i}`);
 /// None for any other text. The key is split at its last `_` (NExT ids hold
-/// none: video ids are digits).
+/// none: video ids are digits); evaluation matches the whole key where that split is not an
+/// annotated question (`PredictionFile::joined_keys`).
 fn whole_document_rows(text: &str) -> Option<(Vec<String>, &'static str)> {
     let trimmed = text.trim();
     if trimmed.starts_with('[') {
@@ -319,7 +328,7 @@ fn whole_document_rows(text: &str) -> Option<(Vec<String>, &'static str)> {
         row.insert("qid".into(), qid.into());
         rows.push(serde_json::Value::Object(row).to_string());
     }
-    Some((rows, "the official scripts' result object (keyed \"<video>_<qid>\")"))
+    Some((rows, OFFICIAL_OBJECT))
 }
 
 /// A row whose grounding fields (`span`, `moments`, `curve`) do not all read: the row without
