@@ -383,6 +383,40 @@ fn official_result_keys_whose_qids_hold_underscores_are_matched_whole() {
     assert_eq!(ev.problems[0].kind, ProblemKind::Unknown);
 }
 
+/// Entries of the official result object that are not `"<video>_<qid>": {"prediction": ...}`
+/// are reported by their key, without positions in text the file does not hold, and the other
+/// entries are scored (one bad entry used to send the whole file to the JSONL reader, which
+/// found no row at all); an object none of whose entries has that form is not read as one.
+#[test]
+fn bad_entries_of_an_official_result_object_are_named_by_key_and_the_rest_scored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let samples = vec![mc("v1", "0", "CW", 1), mc("v1", "1", "DC", 2), mc("v2", "0", "DL", 3)];
+    let object = r#"{"v1_0": {"prediction": 1, "answer": 1}, "bogus": {"prediction": 1},
+        "v1_1": 2, "v2_0": {"pred": 3}}"#;
+    let preds = read_predictions(&write(tmp.path(), "result.json", object)).unwrap();
+    assert!(preds.joined_keys);
+    let got: Vec<(u64, ProblemKind, String)> = preds.problems.iter().map(|p| (p.line, p.kind, p.message.clone())).collect();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got.iter().all(|(_, k, _)| *k == ProblemKind::Malformed), "{got:?}");
+    assert!(got[0].2.starts_with("key bogus: the key is not \"<video>_<qid>\""), "{got:?}");
+    assert!(
+        got[1].2.starts_with("key v1_1: expected an object") && got[1].2.contains("found 2"),
+        "{got:?}"
+    );
+    assert!(
+        got[2].2.starts_with("key v2_0: missing field `prediction`") && !got[2].2.contains(" at line "),
+        "{got:?}"
+    );
+    let ev = evaluate(Dataset::NextQa, &samples, &preds, None).unwrap();
+    assert_eq!(ev.metrics.missing, 2);
+    assert_eq!(ev.metrics.get("CW"), Some(100.0));
+    // Another JSON object (a metrics file, say) is not taken for a result object: its one
+    // problem says what was expected.
+    let other = read_predictions(&write(tmp.path(), "metrics.json", "{\"acc\": {\"CW\": 1},\n\"count\": 3}")).unwrap();
+    assert!(!other.joined_keys && other.rows.is_empty());
+    assert!(other.problems[0].message.contains("expected JSONL"), "{:?}", other.problems);
+}
+
 #[test]
 fn writer_appends_and_resumes() {
     let tmp = tempfile::tempdir().unwrap();

@@ -194,22 +194,41 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
     // One JSON document instead of JSONL: the official scripts' result object, or an array of rows.
     let document = whole_document_rows(&text);
     out.joined_keys = document.as_ref().is_some_and(|(_, what)| *what == OFFICIAL_OBJECT);
-    let lines: Vec<(u64, String)> = match &document {
+    let is_document = document.is_some();
+    let lines: Vec<(u64, DocumentEntry)> = match document {
         Some((rows, what)) => {
             tracing::info!(
-                "{}: read as {what}; the line numbers below count its entries (an object's in the order of its keys)",
+                "{}: read as {what}; the line numbers below count its entries (an object's in the sorted order of \
+                 its keys, each named)",
                 path.display()
             );
-            rows.iter().enumerate().map(|(i, r)| (i as u64 + 1, r.clone())).collect()
+            rows.into_iter().enumerate().map(|(i, r)| (i as u64 + 1, r)).collect()
         }
-        None => text.split('\n').enumerate().map(|(i, l)| (i as u64 + 1, l.to_string())).collect(),
+        None => text
+            .split('\n')
+            .enumerate()
+            .map(|(i, l)| (i as u64 + 1, (None, Ok(l.to_string()))))
+            .collect(),
     };
     // Another JSON document (pretty-printed rows under a key, say): JSONL is what is read.
     let other_document =
-        document.is_none() && lines.len() > 1 && serde_json::from_str::<serde_json::Value>(text.trim()).is_ok_and(|v| !v.is_null());
+        !is_document && lines.len() > 1 && serde_json::from_str::<serde_json::Value>(text.trim()).is_ok_and(|v| !v.is_null());
     let mut seen: HashMap<(String, String), u64> = HashMap::new();
-    for (n, line) in &lines {
-        let (n, line) = (*n, line.as_str());
+    for (n, (key, line)) in &lines {
+        // An object's entries are named by their key in every problem.
+        let at = key.as_ref().map(|k| format!("key {k}: ")).unwrap_or_default();
+        let n = *n;
+        let line = match line {
+            Ok(l) => l.as_str(),
+            Err(why) => {
+                out.problems.push(Problem {
+                    line: n,
+                    kind: ProblemKind::Malformed,
+                    message: format!("{at}{why}"),
+                });
+                continue;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -221,7 +240,11 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
                     out.problems.push(Problem {
                         line: n,
                         kind: ProblemKind::Malformed,
-                        message: format!("{e}; its {} left out (the prediction is scored, without them)", dropped.join(", ")),
+                        message: format!(
+                            "{at}{}; its {} left out (the prediction is scored, without them)",
+                            json_error(&e, key.is_some()),
+                            dropped.join(", ")
+                        ),
                     });
                     r
                 }
@@ -235,7 +258,7 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
                     out.problems.push(Problem {
                         line: n,
                         kind: ProblemKind::Malformed,
-                        message: format!("{e}{hint}"),
+                        message: format!("{at}{}{hint}", json_error(&e, key.is_some())),
                     });
                     continue;
                 }
@@ -248,7 +271,7 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
                 line: n,
                 kind: ProblemKind::Malformed,
                 message: format!(
-                    "moments: {} frames but {} times; left out (the prediction is scored, without them)",
+                    "{at}moments: {} frames but {} times; left out (the prediction is scored, without them)",
                     m.frames.len(),
                     m.seconds.len()
                 ),
@@ -259,7 +282,7 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
             out.problems.push(Problem {
                 line: n,
                 kind: ProblemKind::Malformed,
-                message: m,
+                message: format!("{at}{m}"),
             });
             continue;
         }
@@ -296,20 +319,35 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
     Ok(out)
 }
 
+/// A JSON reading error; without its position for an entry of the official object (its row was
+/// made from the entry, so the position would point into text the file does not hold).
+fn json_error(e: &serde_json::Error, keyed: bool) -> String {
+    let text = e.to_string();
+    match text.rsplit_once(" at line ") {
+        Some((message, _)) if keyed => message.to_string(),
+        _ => text,
+    }
+}
+
 /// What [`whole_document_rows`] calls the official scripts' result object.
 const OFFICIAL_OBJECT: &str = "the official scripts' result object (keyed \"<video>_<qid>\")";
 
+/// One entry of a prediction file read as one JSON document: the official object's key (None
+/// for an array's rows), and the entry as a JSONL line of gcg's format, or what makes it none.
+type DocumentEntry = (Option<String>, std::result::Result<String, String>);
+
 /// The rows of a prediction file written as one JSON document, as JSONL lines of gcg's format:
 /// a JSON array of rows, or the official evaluation scripts' result file (`eval_next.py`,
-/// `eval_mc.py`: one object mapping `"<video>_<qid>"` to `{"prediction": i, "answer": i}`);
-/// None for any other text. The key is split at its last `_` (NExT ids hold
-/// none: video ids are digits); evaluation matches the whole key where that split is not an
-/// annotated question (`PredictionFile::joined_keys`).
-fn whole_document_rows(text: &str) -> Option<(Vec<String>, &'static str)> {
+/// `eval_mc.py`: one object mapping `"<video>_<qid>"` to `{"prediction": i, "answer": i}`;
+/// an entry of another form is reported by its key, the others are read) when at least one of
+/// its entries has that form; None for any other text. The key is split at its last `_` (NExT
+/// ids hold none: video ids are digits); evaluation matches the whole key
+/// (`PredictionFile::joined_keys`).
+fn whole_document_rows(text: &str) -> Option<(Vec<DocumentEntry>, &'static str)> {
     let trimmed = text.trim();
     if trimmed.starts_with('[') {
         let rows: Vec<serde_json::Value> = serde_json::from_str(trimmed).ok()?;
-        let rows = rows.iter().map(|r| r.to_string()).collect();
+        let rows = rows.iter().map(|r| (None, Ok(r.to_string()))).collect();
         return Some((rows, "a JSON array of rows"));
     }
     if !trimmed.starts_with('{') {
@@ -321,14 +359,22 @@ fn whole_document_rows(text: &str) -> Option<(Vec<String>, &'static str)> {
         return None;
     }
     let mut rows = Vec::with_capacity(map.len());
+    let mut official = false;
     for (key, v) in map {
-        let (video, qid) = key.rsplit_once('_')?;
-        let mut row = v.as_object()?.clone();
-        row.insert("video".into(), video.into());
-        row.insert("qid".into(), qid.into());
-        rows.push(serde_json::Value::Object(row).to_string());
+        let row = match (key.rsplit_once('_'), v.as_object()) {
+            (Some((video, qid)), Some(fields)) => {
+                official |= fields.contains_key("prediction");
+                let mut row = fields.clone();
+                row.insert("video".into(), video.into());
+                row.insert("qid".into(), qid.into());
+                Ok(serde_json::Value::Object(row).to_string())
+            }
+            (None, _) => Err("the key is not \"<video>_<qid>\"".to_string()),
+            (_, None) => Err(format!("expected an object {{\"prediction\": ...}}, found {v}")),
+        };
+        rows.push((Some(key), row));
     }
-    Some((rows, OFFICIAL_OBJECT))
+    official.then_some((rows, OFFICIAL_OBJECT))
 }
 
 /// A row whose grounding fields (`span`, `moments`, `curve`) do not all read: the row without
