@@ -58,9 +58,17 @@ fn read_questions(path: &Path) -> Result<Vec<Question>> {
     Ok(qs)
 }
 
+/// The candidate answers of `--options-file`, one a line (blank lines skipped). A file with none
+/// is an error: asking it as an open-ended question would answer something not asked.
 fn read_options(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading the options {}", path.display()))?;
-    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
+    let options: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
+    ensure!(
+        !options.is_empty(),
+        "the options file {} holds no options (one a line); for an open-ended question give no --options-file",
+        path.display()
+    );
+    Ok(options)
 }
 
 pub fn run(a: AskArgs) -> Result<()> {

@@ -926,6 +926,25 @@ fn uploads_past_the_data_cap_are_evicted_oldest_first_and_the_rest_survive_a_res
     assert_eq!(after.1["option_scores"], before.1["option_scores"]);
 }
 
+/// An options file with no options (empty, or blank lines only) is an error naming it, before
+/// any model or video is read: it used to turn the question into an open-ended one, answered
+/// with generated text.
+#[test]
+fn an_options_file_without_options_is_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, text) in [("empty.txt", ""), ("blank.txt", "\n  \n\t\n")] {
+        std::fs::write(tmp.path().join(name), text).unwrap();
+        let o = gcg()
+            .current_dir(tmp.path())
+            .args(["ask", "--video", "missing.mp4", "--question", "what?", "--options-file", name])
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(&format!("the options file {name} holds no options")), "{err}");
+    }
+}
+
 #[test]
 fn without_a_run_serve_and_ask_use_the_demo_or_say_what_to_run_first() {
     let tmp = tempfile::tempdir().unwrap();
