@@ -1478,7 +1478,7 @@ fn extraction_reuses_only_videos_made_the_same_way() -> Result<()> {
         clip: &clip,
         frame_batch: T,
     };
-    let ex = |models: &str| gcg::features::provenance::extractor("uniform", models);
+    let ex = |models: &str| gcg::features::provenance::extractor("uniform", models).with_precision("f32");
     let opts = ExtractOptions {
         num_frames: T,
         extractor: Some(ex("random tiny seed 11")),
@@ -1505,6 +1505,47 @@ fn extraction_reuses_only_videos_made_the_same_way() -> Result<()> {
             && err.contains("--overwrite"),
         "{err}"
     );
+    // Another arithmetic (`--dtype bf16` beside f32 features): refused up front too (was "0
+    // done, 2 already stored", then a store mixing the two).
+    let bf16 = ExtractOptions {
+        extractor: Some(ex("random tiny seed 11").with_precision("bf16")),
+        ..opts.clone()
+    };
+    let err = format!(
+        "{:#}",
+        extract_features(dir.path(), &two, &source, &models, &bf16, &mut |_| {}).unwrap_err()
+    );
+    assert!(
+        err.contains("2 videos in") && err.contains("precision f32, this run computes in bf16"),
+        "{err}"
+    );
+    let new_one: Vec<VideoJob> = jobs().into_iter().filter(|j| j.id == "v3").collect();
+    let err = format!(
+        "{:#}",
+        extract_features(dir.path(), &new_one, &source, &models, &bf16, &mut |_| {}).unwrap_err()
+    );
+    assert!(err.contains("would mix") && err.contains("precision f32"), "{err}");
+    // A record without its arithmetic (an older gcg) matches any.
+    edit_index(dir.path(), |i| {
+        i["videos"]["v2"]["extractor"].as_object_mut().unwrap().remove("precision");
+    })?;
+    let r = extract_features(dir.path(), &two[1..], &source, &models, &bf16, &mut |_| {})?;
+    assert_eq!((r.done, r.skipped), (0, 1));
+    assert!(gcg::store::consistency(Store::open(dir.path())?.snapshot().index())
+        .mixed
+        .is_empty());
+    // `gcg store verify` names a store whose videos record two.
+    edit_index(dir.path(), |i| {
+        i["videos"]["v2"]["extractor"]["precision"] = "bf16".into();
+    })?;
+    let mixed = gcg::store::consistency(Store::open(dir.path())?.snapshot().index()).mixed;
+    assert!(
+        mixed.len() == 1 && mixed[0].contains("different precisions") && mixed[0].contains("precision bf16"),
+        "{mixed:?}"
+    );
+    edit_index(dir.path(), |i| {
+        i["videos"]["v2"]["extractor"]["precision"] = "f32".into();
+    })?;
     // Another T: refused up front too (was "0 done, 2 already stored").
     let t2 = ExtractOptions {
         num_frames: 2,

@@ -136,11 +136,24 @@ pub fn image_models(preset: Preset, random_seed: Option<u64>, vit_dir: Option<&P
     })
 }
 
-/// An [`Extractor`] from its parts.
+/// An [`Extractor`] from its parts (the arithmetic not recorded: [`Extractor::with_precision`]).
 pub fn extractor(sampling: impl Into<String>, models: impl Into<String>) -> Extractor {
     Extractor {
         sampling: sampling.into(),
         models: models.into(),
+        precision: None,
+    }
+}
+
+/// How networks run in `dtype` compute, for [`Extractor::precision`]: the dtype's name, and for
+/// f32 the matmul precision when it is not the default (`high`: products from bf16 pairs).
+pub fn precision(dtype: candle_core::DType) -> String {
+    use crate::nn::linear::{matmul_precision, MatmulPrecision};
+    match dtype {
+        candle_core::DType::F32 if matmul_precision() != MatmulPrecision::default() => {
+            format!("f32, matmul precision {}", matmul_precision().as_str())
+        }
+        other => format!("{other:?}").to_lowercase(),
     }
 }
 

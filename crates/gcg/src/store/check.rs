@@ -207,6 +207,16 @@ pub fn consistency(index: &Index) -> Consistency {
     if e.len() > 1 {
         c.mixed.push(format!("videos extracted differently: {}", e.join("; ")));
     }
+    // The arithmetic is compared among the videos that record it (older ones match any).
+    let p = groups(index.videos.iter().filter_map(|(id, v)| {
+        v.extractor
+            .as_ref()
+            .and_then(|e| e.precision.as_ref())
+            .map(|p| (id, format!("precision {p}")))
+    }));
+    if p.len() > 1 {
+        c.mixed.push(format!("videos computed in different precisions: {}", p.join("; ")));
+    }
     let known = index
         .questions
         .iter()

@@ -186,6 +186,12 @@ pub struct Extractor {
     /// random weights, otherwise fingerprints of the weight files
     /// (see `gcg::features::provenance`).
     pub models: String,
+    /// The networks' arithmetic: `f32`, `f32, matmul precision high`, `bf16` or `f16` (one video's
+    /// features computed in two of them differ by more than their f16 storage rounds). Absent
+    /// for imported features and in stores written before it was recorded: taken as matching
+    /// any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
 }
 
 impl Extractor {
@@ -198,7 +204,18 @@ impl Extractor {
         if self.models != other.models {
             d.push(format!("networks {}, this run uses {}", self.models, other.models));
         }
+        if let (Some(a), Some(b)) = (&self.precision, &other.precision) {
+            if a != b {
+                d.push(format!("precision {a}, this run computes in {b}"));
+            }
+        }
         (!d.is_empty()).then(|| d.join("; "))
+    }
+
+    /// The same, recording the networks' arithmetic (see `precision`).
+    pub fn with_precision(mut self, precision: impl Into<String>) -> Self {
+        self.precision = Some(precision.into());
+        self
     }
 }
 

@@ -46,7 +46,8 @@
 //!                                             "shape": [32, 257, 1408], "offsets": [4096, 23162880] },
 //!                               "frame_embeds": { … },
 //!                               "extractor": { "sampling": "uniform",
-//!                                              "models": "vit fnv1a64:… + clip image fnv1a64:…" } } },
+//!                                              "models": "vit fnv1a64:… + clip image fnv1a64:…",
+//!                                              "precision": "f32" } } },
 //!   "questions": { "4010069381_6": { "shard": "questions-…", "video": "4010069381",
 //!                                    "num_options": 5, "text_row": 0, "curve_start": 0, "num_frames": 32,
 //!                                    "pseudo_labels": [3, 4, 17, 30], "event_mode": "answer",
@@ -68,16 +69,18 @@
 //!
 //! # Provenance
 //!
-//! `extractor` (per video: how the frames were sampled and which ViT + CLIP image weights made
-//! the features, see [`crate::features::provenance`]) and `text_encoder` (per question: the CLIP
+//! `extractor` (per video: how the frames were sampled, which ViT + CLIP image weights made
+//! the features and in what arithmetic, see [`crate::features::provenance`]) and `text_encoder`
+//! (per question: the CLIP
 //! text weights and tokenizer) are optional: stores written before they were recorded still
 //! open, and their records are of *unknown provenance*, taken as made with a run's settings (a
 //! warning says how many). `gcg features` / `gcg labels` skip only records made the same way (T
 //! included): stored records made otherwise are an error up front naming how many and what
 //! differs (`--overwrite` recomputes them), and a run that would leave videos of different T in
 //! one store is refused. Recomputing a video drops its questions (their pseudo-labels came from
-//! its old frame embeddings). `gcg store verify` reports a store that mixes T, extractors or
-//! text encoders ([`consistency`]).
+//! its old frame embeddings), and each question names the video entry (its shard) its labels
+//! were read from, so labels of an entry stored again since are refused. `gcg store verify`
+//! reports a store that mixes T, extractors, precisions or text encoders ([`consistency`]).
 //!
 //! `offsets` are absolute byte ranges in the shard file, so a read is a map lookup and a slice
 //! of a memory map: no JSON is parsed after the index, no header is read per access.
