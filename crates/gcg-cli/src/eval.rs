@@ -6,7 +6,7 @@ use clap::Args;
 use gcg::data::nextgqa::Grounding;
 use gcg::data::{causalvidqa, read_annotations, Dataset, ReadOptions};
 use gcg::eval::{evaluate, read_predictions, Evaluation};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -59,6 +59,25 @@ pub fn run(a: EvalArgs) -> Result<()> {
         crate::args::check_not_an_input("--json", j, &inputs)?;
         gcg::eval::check_metrics_target(j)?;
     }
+    let result = score(&a);
+    // A run that fails leaves no earlier run's metrics at its --json path (a gcg metrics file,
+    // checked above), where a script would take them for this run's result.
+    if let (Err(e), Some(j)) = (&result, &a.json) {
+        if std::fs::metadata(j).is_ok_and(|m| m.len() > 0) {
+            return Err(match std::fs::remove_file(j) {
+                Ok(()) => anyhow::anyhow!("{e:#}\nthe metrics in {} were an earlier run's: removed", j.display()),
+                Err(r) => anyhow::anyhow!(
+                    "{e:#}\nthe metrics in {} are an earlier run's (removing them failed: {r})",
+                    j.display()
+                ),
+            });
+        }
+    }
+    result
+}
+
+/// Reads, scores, prints, and writes the metrics JSON (with the paths of its inputs).
+fn score(a: &EvalArgs) -> Result<()> {
     let dataset = a.dataset;
     let opts = ReadOptions {
         skip_bad_rows: a.skip_bad_rows,
@@ -138,6 +157,16 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if let Some(path) = &a.json {
         let mut j = metrics.to_json();
         if let Some(o) = j.as_object_mut() {
+            let path_of = |p: &Path| serde_json::Value::from(p.display().to_string());
+            o.insert(
+                "inputs".into(),
+                serde_json::json!({
+                    "predictions": path_of(&a.predictions),
+                    "annotations": path_of(&a.annotations),
+                    "grounding": a.grounding.as_deref().map(path_of),
+                    "split": a.split.as_deref().map(path_of),
+                }),
+            );
             o.insert("problems".into(), serde_json::to_value(&problems)?);
             o.insert("skipped_annotation_rows".into(), serde_json::to_value(&ann.bad_rows)?);
         }

@@ -97,6 +97,7 @@ fn eval_reproduces_official_numbers_on_real_files() {
         }
         let (code, stdout, stderr) = gcg(&args);
         assert_eq!(code, 0, "{name}: {stderr}");
+        let m: Value = serde_json::from_str(&std::fs::read_to_string(&json_out).unwrap()).unwrap();
         if mixed {
             let problems: Vec<&str> = stderr.lines().filter(|l| l.starts_with("  line ")).collect();
             assert!(
@@ -106,8 +107,8 @@ fn eval_reproduces_official_numbers_on_real_files() {
             let mut strict = args.clone();
             strict.push("--strict");
             assert_eq!(gcg(&strict).0, 1, "{name}: --strict refuses implausible spans");
+            assert!(!json_out.exists(), "{name}: the non-strict run's metrics stayed at --json");
         }
-        let m: Value = serde_json::from_str(&std::fs::read_to_string(&json_out).unwrap()).unwrap();
         for (metric, text) in r["printed"].as_object().unwrap() {
             let text = text.as_str().unwrap();
             let decimals = text.split('.').nth(1).map(str::len).unwrap_or(0);
@@ -193,6 +194,11 @@ fn eval_reports_problems_and_strict_fails() {
     assert_eq!(m["problems"].as_array().unwrap().len(), 3);
     assert_eq!(m["problems"][0]["line"], 3);
     assert_eq!(m["problems"][0]["kind"], "duplicate");
+    // The file names what it scored.
+    assert_eq!(m["inputs"]["predictions"], p("preds.jsonl"));
+    assert_eq!(m["inputs"]["annotations"], p("val.csv"));
+    assert_eq!(m["inputs"]["grounding"], p("gsub.json"));
+    assert_eq!(m["inputs"]["split"], Value::Null);
     assert!(!stderr.contains("QA accuracy only"), "{stderr}");
     // Without --grounding: the accuracies, and a note on what the grounding metrics need.
     let no_spans: Vec<&str> = base
@@ -210,14 +216,26 @@ fn eval_reports_problems_and_strict_fails() {
     // Their spans are named as not scored (they were ignored silently).
     assert!(stderr.contains("2 rows carry a span, which is not scored"), "{stderr}");
 
-    // --strict refuses, and writes no metrics file that could pass for a result.
-    std::fs::remove_file(&json_path).unwrap();
+    // --strict refuses, and writes no metrics file that could pass for a result; the metrics an
+    // earlier run left at that path go too (they were kept, looking like this run's).
+    assert!(Path::new(&json_path).exists());
     let mut strict = base.to_vec();
     strict.extend(["--strict", "--json", &json_path]);
     let (code, _, stderr) = gcg(&strict);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("--strict") && stderr.contains("m.json not written"), "{stderr}");
+    assert!(stderr.contains("m.json were an earlier run's: removed"), "{stderr}");
     assert!(!Path::new(&json_path).exists());
+    let (code, _, stderr) = gcg(&strict);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!stderr.contains("earlier run's"), "{stderr}");
+    // A --json path that is not a metrics file is refused up front and kept, failure or not.
+    std::fs::write(&json_path, "notes\n").unwrap();
+    let (code, _, stderr) = gcg(&strict);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("is not a metrics file"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&json_path).unwrap(), "notes\n");
+    std::fs::remove_file(&json_path).unwrap();
 
     // A malformed annotation row fails with its place, or is skipped and reported.
     let csv = std::fs::read_to_string(d.join("val.csv")).unwrap().replace("pull,0,CH", "tug,0,CH");
