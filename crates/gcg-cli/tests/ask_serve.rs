@@ -928,7 +928,7 @@ fn uploads_past_the_data_cap_are_evicted_oldest_first_and_the_rest_survive_a_res
 
 /// An options file with no options (empty, or blank lines only) is an error naming it, before
 /// any model or video is read: it used to turn the question into an open-ended one, answered
-/// with generated text.
+/// with generated text. A --run that is not a run directory is named as such.
 #[test]
 fn an_options_file_without_options_is_an_error() {
     let tmp = tempfile::tempdir().unwrap();
@@ -942,6 +942,23 @@ fn an_options_file_without_options_is_an_error() {
         assert!(!o.status.success());
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(&format!("the options file {name} holds no options")), "{err}");
+    }
+    // A --run that is no run directory is named as such (it was "reading nope/config.json: No
+    // such file or directory").
+    std::fs::write(tmp.path().join("v.mp4"), b"not looked at").unwrap();
+    std::fs::create_dir(tmp.path().join("empty")).unwrap();
+    for (run, says) in [
+        ("nope", "the run directory nope does not exist"),
+        ("empty", "empty is not a run directory: it holds no config.json"),
+    ] {
+        let o = gcg()
+            .current_dir(tmp.path())
+            .args(["ask", "--run", run, "--video", "v.mp4", "--question", "what?"])
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(says), "{err}");
     }
 }
 

@@ -528,7 +528,17 @@ impl RunConfig {
     /// The config a run directory was trained with; its `run_dir` is `dir` (where the run is
     /// now, wherever it was trained).
     pub fn from_run_dir(dir: &Path) -> Result<Self> {
+        ensure!(
+            dir.is_dir(),
+            "the run directory {} does not exist (or is not a directory)",
+            dir.display()
+        );
         let p = dir.join("config.json");
+        ensure!(
+            p.is_file(),
+            "{} is not a run directory: it holds no config.json (`gcg train` writes one into each run)",
+            dir.display()
+        );
         let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
         let mut cfg: RunConfig = serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
         cfg.run_dir = Some(dir.to_path_buf());
