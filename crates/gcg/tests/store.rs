@@ -204,10 +204,11 @@ fn questions_round_trip() -> Result<()> {
     Ok(())
 }
 
-/// Labels made from one entry of a video are not attached to the next: a labels job whose video
-/// was stored again (same T) while it ran gets its batch refused at commit, naming both shards,
-/// whether its records name the entry they were read from or leave it to the writer's view; the
-/// labels of the entry the store holds are written, name it, and survive a rebuild of the index.
+/// Labels made from one entry of a video are not attached to the next: a question whose video
+/// was stored again (same T) while its job ran is refused at commit, naming both shards, whether
+/// its record names the entry it was read from or leaves it to the writer's view, and the rest of
+/// its batch is committed without it (the refused shard removed); the labels of the entry the
+/// store holds are written, name it, and survive a rebuild of the index.
 #[test]
 fn labels_made_from_a_video_stored_again_since_are_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -240,24 +241,34 @@ fn labels_made_from_a_video_stored_again_since_are_refused() -> Result<()> {
     q.video_shard = Some(first.clone());
     named.add_question(q)?;
     named.add_question(question("b_1", "b", 4, 8, 5, 2))?;
-    let err = format!("{:#}", named.flush().unwrap_err());
+    named.flush()?;
+    let refused = named.take_refused_questions();
     assert!(
-        err.contains("question a_1") && err.contains(&first) && err.contains(&second) && err.contains("gcg labels"),
-        "{err}"
+        refused.len() == 1
+            && refused[0].0 == "a_1"
+            && refused[0].1.contains(&first)
+            && refused[0].1.contains(&second)
+            && refused[0].1.contains("gcg labels"),
+        "{refused:?}"
     );
+    assert!(named.take_refused_questions().is_empty());
     unnamed.add_question(question("a_2", "a", 4, 8, 5, 2))?;
-    let err = format!("{:#}", unnamed.flush().unwrap_err());
+    unnamed.flush()?;
+    let refused = unnamed.take_refused_questions();
     assert!(
-        err.contains("question a_2") && err.contains(&first) && err.contains(&second),
-        "{err}"
+        refused.len() == 1 && refused[0].0 == "a_2" && refused[0].1.contains(&first),
+        "{refused:?}"
     );
     drop((named, unnamed));
+    // b_1, of the refused batch, was committed without a_1; the refused shards are gone: every
+    // shard file is one the index lists.
     let snap = Store::open(dir.path())?.snapshot();
-    assert!(
-        snap.index().questions.is_empty(),
-        "{:?}",
-        snap.index().questions.keys().collect::<Vec<_>>()
-    );
+    assert_eq!(snap.index().questions.keys().collect::<Vec<_>>(), ["b_1"]);
+    let mut files: Vec<String> = std::fs::read_dir(dir.path().join(SHARD_DIR))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    files.sort();
+    assert_eq!(files, snap.index().shards.keys().cloned().collect::<Vec<_>>());
 
     // Labels of the entry the store holds are written and name it; the index rebuilt from the
     // shards keeps them and leaves out a_0, made from the first entry.
@@ -270,7 +281,7 @@ fn labels_made_from_a_video_stored_again_since_are_refused() -> Result<()> {
     gcg::store::rebuild_index(dir.path())?;
     let snap = Store::open(dir.path())?.snapshot();
     snap.verify()?;
-    assert_eq!(snap.index().questions.keys().collect::<Vec<_>>(), ["a_1"]);
+    assert_eq!(snap.index().questions.keys().collect::<Vec<_>>(), ["a_1", "b_1"]);
     assert_eq!(snap.question("a_1")?.video_shard, held);
     Ok(())
 }
@@ -899,6 +910,66 @@ fn reference_labels(frames: &[f32], event: &[f32], k: usize) -> (Vec<f64>, Vec<u
     }
     top.sort();
     (s, top)
+}
+
+/// A video stored again (same T, as `gcg features --overwrite` does) while `gcg labels` runs:
+/// its questions, labelled from the entry the job read, are reported failed with the store's
+/// reason (they were counted as labelled, and their whole batch was lost with them); the other
+/// questions are stored.
+#[test]
+fn a_video_stored_again_while_labels_run_fails_its_questions_alone() -> Result<()> {
+    let tok = tokenizer();
+    let (_, mut cfg) = frozen::preset(gcg::models::Preset::Tiny);
+    cfg.text.vocab_size = tok.vocab_size();
+    let model = frozen::random_clip_text(&cfg, &Device::Cpu, DType::F32, 5)?;
+    let (e, t) = (cfg.text.embed_dim, 7);
+    let dir = tempfile::tempdir()?;
+    label_store(dir.path(), t, e)?;
+    let enc = ClipTextEncoder {
+        model: &model,
+        tokenizer: &tok,
+        device: Device::Cpu,
+        batch_size: 3,
+    };
+    let opts = LabelOptions {
+        chunk: 1,
+        skip_existing: false,
+        ..Default::default()
+    };
+    let mut stored_again = false;
+    let mut failed_events = Vec::new();
+    let report = label_questions(dir.path(), &samples(), &enc, &opts, &mut |p| match p {
+        gcg::features::labels::LabelProgress::Done { key } if key == "v1_0" && !stored_again => {
+            let mut w = StoreWriter::open(dir.path(), WriterOptions::default()).unwrap();
+            w.add_video(video("v1", t, 2, 3, e)).unwrap();
+            w.finish().unwrap();
+            stored_again = true;
+        }
+        gcg::features::labels::LabelProgress::Failed { key, error } => failed_events.push((key.to_string(), error.to_string())),
+        _ => {}
+    })?;
+    assert!(stored_again);
+    assert_eq!((report.labelled, report.skipped), (2, 0));
+    let mut failed: Vec<&str> = report.failed.iter().map(|(k, _)| k.as_str()).collect();
+    failed.sort();
+    assert_eq!(failed, ["v1_0", "v1_1"]);
+    assert!(
+        report.failed.iter().all(|(_, why)| why.contains("stored again")),
+        "{:?}",
+        report.failed
+    );
+    assert_eq!(failed_events.len(), 2, "{failed_events:?}");
+    let snap = Store::open(dir.path())?.snapshot();
+    assert_eq!(snap.index().questions.keys().collect::<Vec<_>>(), ["v2_0", "v3_4"]);
+    // Run again, the job labels them from the entry the store holds now.
+    let report = label_questions(dir.path(), &samples(), &enc, &opts, &mut |_| {})?;
+    assert_eq!((report.labelled, report.failed.len()), (4, 0));
+    let snap = Store::open(dir.path())?.snapshot();
+    assert_eq!(
+        snap.question("v1_0")?.video_shard.as_deref(),
+        Some(snap.video("v1")?.shard.as_str())
+    );
+    Ok(())
 }
 
 #[test]

@@ -269,8 +269,20 @@ pub fn label_questions(
     for chunk in todo.chunks(opts.chunk.max(1)) {
         label_chunk(chunk, encoder, &snap, opts, &mut writer, &mut report, progress)?;
     }
+    writer.flush()?;
+    refused_by_the_store(&mut writer, &mut report, progress);
     writer.finish()?;
     Ok(report)
+}
+
+/// Questions counted as labelled that a commit refused (their video was stored again while
+/// this job ran): failed, with the store's reason.
+fn refused_by_the_store(writer: &mut StoreWriter, report: &mut LabelReport, progress: &mut dyn FnMut(LabelProgress<'_>)) {
+    for (key, why) in writer.take_refused_questions() {
+        report.labelled = report.labelled.saturating_sub(1);
+        progress(LabelProgress::Failed { key: &key, error: &why });
+        report.failed.push((key, why));
+    }
 }
 
 /// Stored questions of `samples` embedded by another text encoder than `asked` are an error
@@ -496,6 +508,7 @@ fn label_chunk(
                 report.failed.push((s.key.clone(), err));
             }
         }
+        refused_by_the_store(writer, report, progress);
     }
     Ok(())
 }

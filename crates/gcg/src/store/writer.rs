@@ -312,6 +312,9 @@ pub struct StoreWriter {
     lock: std::fs::File,
     pending_videos: Vec<VideoRecord>,
     pending_questions: Vec<QuestionRecord>,
+    /// Questions a commit refused (key, why), for the job that added them: see
+    /// [`StoreWriter::take_refused_questions`].
+    refused_questions: Vec<(String, String)>,
     pending_bytes: u64,
     pending_since: Option<Instant>,
     shards_written: u64,
@@ -388,6 +391,7 @@ impl StoreWriter {
             lock,
             pending_videos: Vec::new(),
             pending_questions: Vec::new(),
+            refused_questions: Vec::new(),
             pending_bytes: 0,
             pending_since: None,
             shards_written: 0,
@@ -491,6 +495,13 @@ impl StoreWriter {
         let (index, freed) = result?;
         self.index = index;
         Ok(freed)
+    }
+
+    /// The questions commits refused since the last call (key, why): their video was stored
+    /// again (or with another T) after the question was added. The other questions of their
+    /// batch were committed without them; these were not written, and are not in the store.
+    pub fn take_refused_questions(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.refused_questions)
     }
 
     /// Re-reads the index (to see other writers' commits).
@@ -656,8 +667,11 @@ impl StoreWriter {
         let lock_path = self.dir.join(LOCK_FILE);
         self.lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
         let mut refused = false;
+        let mut listed = false;
         let result = (|| -> Result<Index> {
             let mut index = read_live_index(&self.dir)?;
+            // An index rebuilt from the shards while this one waited for the lock may list it.
+            listed = index.shards.contains_key(&name);
             index.shards.insert(
                 name.clone(),
                 ShardInfo {
@@ -680,10 +694,10 @@ impl StoreWriter {
             write_index(&dir, &index, fault)?;
             Ok(index)
         })();
-        // The merge refused the shard's records (before any index naming it was written): the
-        // file goes, under the lock, so that rebuilding a lost index from the shards never takes
-        // up records the store did not accept.
-        if refused {
+        // The merge refused the shard's records (no index names it: none was written, and the
+        // live one did not list it): the file goes, under the lock, so that rebuilding a lost
+        // index from the shards never takes up records the store did not accept.
+        if refused && !listed {
             if let Err(e) = std::fs::remove_file(&final_path)
                 .map_err(anyhow::Error::from)
                 .and_then(|()| fsync_dir(&shard_dir))
@@ -852,7 +866,8 @@ impl StoreWriter {
             .map(|(q, &(text_row, curve_start))| (q.key.clone(), question_entry(q, "", text_row, curve_start)))
             .collect();
         let records = BTreeMap::from([("questions".to_string(), serde_json::to_string(&described)?)]);
-        self.commit(ShardKind::Questions, &tensors, records, |shard, locs, index| {
+        let mut refused: Vec<(String, String)> = Vec::new();
+        let committed = self.commit(ShardKind::Questions, &tensors, records, |shard, locs, index| {
             let info = index
                 .shards
                 .get_mut(shard)
@@ -860,31 +875,52 @@ impl StoreWriter {
             for l in locs {
                 info.tensors.insert(l.name.clone(), l.clone());
             }
-            for (q, (text_row, curve_start)) in questions.iter().zip(entries) {
+            for q in questions {
                 let video = index.videos.get(&q.video);
-                ensure!(
-                    video.map(|v| v.num_frames) == Some(q.curve.len()),
-                    "question {}: video {} is no longer in the store with {} frames",
-                    q.key,
-                    q.video,
-                    q.curve.len()
-                );
-                if let (Some(v), Some(from)) = (video, q.video_shard.as_deref()) {
-                    ensure!(
-                        v.shard == from,
-                        "question {}: its labels were made from video {} as stored in shard {from}, but the video was stored again since \
-                         (shard {}): nothing of this batch of questions was written; rerun `gcg labels` for them",
-                        q.key,
-                        q.video,
-                        v.shard
-                    );
+                if video.map(|v| v.num_frames) != Some(q.curve.len()) {
+                    refused.push((
+                        q.key.clone(),
+                        format!("video {} is no longer in the store with {} frames", q.video, q.curve.len()),
+                    ));
+                } else if let (Some(v), Some(from)) = (video, q.video_shard.as_deref()) {
+                    if v.shard != from {
+                        refused.push((
+                            q.key.clone(),
+                            format!(
+                                "its labels were made from video {} as stored in shard {from}, but the video was stored again \
+                                 since (shard {}): rerun `gcg labels` for it",
+                                q.video, v.shard
+                            ),
+                        ));
+                    }
                 }
+            }
+            // Any refusal refuses the shard (its writer removes it); the others are committed
+            // again without them, below.
+            ensure!(refused.is_empty(), "{} of the batch's questions were refused", refused.len());
+            for (q, (text_row, curve_start)) in questions.iter().zip(entries) {
                 index
                     .questions
                     .insert(q.key.clone(), question_entry(q, shard, text_row, curve_start));
             }
             Ok(())
-        })
+        });
+        if refused.is_empty() {
+            return committed;
+        }
+        for (key, why) in &refused {
+            tracing::warn!("question {key} was not stored: {why}");
+        }
+        let rest: Vec<QuestionRecord> = questions
+            .iter()
+            .filter(|q| !refused.iter().any(|(k, _)| *k == q.key))
+            .cloned()
+            .collect();
+        self.refused_questions.extend(refused);
+        if rest.is_empty() {
+            return Ok(());
+        }
+        self.commit_questions(&rest)
     }
 }
 
