@@ -59,11 +59,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
         crate::args::check_not_an_input("--json", j, &inputs)?;
         gcg::eval::check_metrics_target(j)?;
     }
+    if a.grounding.is_some() && !matches!(a.dataset, Dataset::NextGqa | Dataset::NextQa) {
+        bail!("--grounding is for --dataset nextgqa (or a NExT-QA-format split with NExT-GQA spans)");
+    }
+    if a.split.is_some() && a.dataset != Dataset::CausalVidQa {
+        bail!("--split is for --dataset causalvidqa");
+    }
     let result = score(&a);
-    // A run that fails leaves no earlier run's metrics at its --json path (a gcg metrics file,
-    // checked above), where a script would take them for this run's result.
+    // A run that fails in reading or scoring leaves no earlier run's metrics at its --json path
+    // (a gcg metrics file, checked above and again now), where a script would take them for this
+    // run's result.
     if let (Err(e), Some(j)) = (&result, &a.json) {
-        if std::fs::metadata(j).is_ok_and(|m| m.len() > 0) {
+        if std::fs::metadata(j).is_ok_and(|m| m.len() > 0) && gcg::eval::check_metrics_target(j).is_ok() {
             return Err(match std::fs::remove_file(j) {
                 Ok(()) => anyhow::anyhow!("{e:#}\nthe metrics in {} were an earlier run's: removed", j.display()),
                 Err(r) => anyhow::anyhow!(
@@ -82,12 +89,6 @@ fn score(a: &EvalArgs) -> Result<()> {
     let opts = ReadOptions {
         skip_bad_rows: a.skip_bad_rows,
     };
-    if a.grounding.is_some() && !matches!(dataset, Dataset::NextGqa | Dataset::NextQa) {
-        bail!("--grounding is for --dataset nextgqa (or a NExT-QA-format split with NExT-GQA spans)");
-    }
-    if a.split.is_some() && dataset != Dataset::CausalVidQa {
-        bail!("--split is for --dataset causalvidqa");
-    }
     let ann = match (&a.split, dataset) {
         (Some(split), Dataset::CausalVidQa) => {
             let videos = causalvidqa::read_split(split)?;

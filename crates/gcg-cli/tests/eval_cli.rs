@@ -216,6 +216,16 @@ fn eval_reports_problems_and_strict_fails() {
     // Their spans are named as not scored (they were ignored silently).
     assert!(stderr.contains("2 rows carry a span, which is not scored"), "{stderr}");
 
+    // A usage error (an option of another dataset) stops before anything is read: the earlier
+    // metrics stay.
+    let mut usage = base.to_vec();
+    usage.extend(["--split", "videos.txt", "--json", &json_path]);
+    let (code, _, stderr) = gcg(&usage);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("--split is for --dataset causalvidqa") && !stderr.contains("removed"),
+        "{stderr}"
+    );
     // --strict refuses, and writes no metrics file that could pass for a result; the metrics an
     // earlier run left at that path go too (they were kept, looking like this run's).
     assert!(Path::new(&json_path).exists());

@@ -171,8 +171,8 @@ pub struct PredictionFile {
     /// row cannot (an option index out of range, a text for a choice).
     pub duplicates: Vec<(u64, PredictionRow)>,
     /// The rows came from the official scripts' result object, whose keys `"<video>_<qid>"` were
-    /// split at their last `_`: evaluation matches a key the annotations do not know at that
-    /// split by the whole key (a qid may hold `_`).
+    /// split at their last `_` (for the rows' fields and messages): evaluation matches each by
+    /// the whole key, as those scripts look them up (a qid may hold `_`).
     pub joined_keys: bool,
 }
 
@@ -290,7 +290,7 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
             out.problems.push(Problem {
                 line: n,
                 kind: ProblemKind::Duplicate,
-                message: format!("video {} qid {} already predicted at line {first}", row.video, row.qid),
+                message: format!("{at}video {} qid {} already predicted at line {first}", row.video, row.qid),
             });
             out.duplicates.push((n, row));
             continue;
@@ -302,7 +302,7 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
                     line: n,
                     kind: ProblemKind::Implausible,
                     message: format!(
-                        "video {} qid {}: span [{a}, {b}] {}",
+                        "{at}video {} qid {}: span [{a}, {b}] {}",
                         row.video,
                         row.qid,
                         if a > b {
