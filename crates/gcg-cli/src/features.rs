@@ -347,7 +347,7 @@ pub fn run(a: FeaturesArgs) -> Result<()> {
         jobs: a.jobs,
         overwrite: a.overwrite,
         writer,
-        extractor: Some(provenance::extractor(a.sampling.to_string(), models_id).with_precision(provenance::precision(dtype))),
+        extractor: Some(provenance::extractor(a.sampling.to_string(), models_id).with_precision(provenance::precision(dtype, &dev))),
         embeddings_only: a.embeddings_only,
         interrupted: Some(stop_on_signals()),
     };

@@ -529,7 +529,8 @@ pub fn plan_videos<'a>(
             if let Some((id, d)) = other.first() {
                 anyhow::bail!(
                     "{} videos in {} were extracted with {d} (e.g. {id}); adding videos made by this run would mix the \
-                     two in one store: use the same weights and sampling, list them too with --overwrite, or use another --store",
+                     two in one store: use the same weights, sampling and precision (--dtype, --matmul-precision), list them too \
+                     with --overwrite, or use another --store",
                     other.len(),
                     store_dir.display()
                 );

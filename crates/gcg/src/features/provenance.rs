@@ -145,12 +145,13 @@ pub fn extractor(sampling: impl Into<String>, models: impl Into<String>) -> Extr
     }
 }
 
-/// How networks run in `dtype` compute, for [`Extractor::precision`]: the dtype's name, and for
-/// f32 the matmul precision when it is not the default (`high`: products from bf16 pairs).
-pub fn precision(dtype: candle_core::DType) -> String {
-    use crate::nn::linear::{matmul_precision, MatmulPrecision};
+/// How networks run in `dtype` on `dev` compute, for [`Extractor::precision`]: the dtype's
+/// name, and for f32 the matmul precision where it changes the arithmetic (`high` on a CPU where
+/// gcg's AMX kernels run: products from bf16 pairs; elsewhere `high` computes as `highest`).
+pub fn precision(dtype: candle_core::DType, dev: &candle_core::Device) -> String {
+    use crate::nn::linear::{amx_tiles, matmul_precision, MatmulPrecision};
     match dtype {
-        candle_core::DType::F32 if matmul_precision() != MatmulPrecision::default() => {
+        candle_core::DType::F32 if matmul_precision() == MatmulPrecision::High && dev.is_cpu() && amx_tiles().is_some() => {
             format!("f32, matmul precision {}", matmul_precision().as_str())
         }
         other => format!("{other:?}").to_lowercase(),
