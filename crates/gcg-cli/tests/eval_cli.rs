@@ -239,6 +239,14 @@ fn eval_reports_problems_and_strict_fails() {
     let (code, _, stderr) = gcg(&strict);
     assert_eq!(code, 1, "{stderr}");
     assert!(!stderr.contains("earlier run's"), "{stderr}");
+    // A directory is named as one.
+    let mut to_dir = base.to_vec();
+    std::fs::create_dir(d.join("out")).unwrap();
+    let dir_path = p("out");
+    to_dir.extend(["--json", &dir_path]);
+    let (code, _, stderr) = gcg(&to_dir);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("is a directory: the metrics JSON goes to a file"), "{stderr}");
     // A --json path that is not a metrics file is refused up front and kept, failure or not.
     std::fs::write(&json_path, "notes\n").unwrap();
     let (code, _, stderr) = gcg(&strict);

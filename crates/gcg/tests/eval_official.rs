@@ -641,7 +641,11 @@ fn usable_predictions_are_not_lost_to_bad_neighbours() {
         "{:?}",
         ev.problems
     );
-    assert!(ev.problems[1].message.contains("span left out"), "{}", ev.problems[1]);
+    assert!(
+        ev.problems[1].message.contains("span left out (a span is [start, end] in seconds;"),
+        "{}",
+        ev.problems[1]
+    );
     assert!(
         ev.problems[2].message.contains("the row's type is \"CH\", the annotation's \"DC\""),
         "{}",

@@ -592,6 +592,12 @@ pub fn check_metrics_target(path: &std::path::Path) -> anyhow::Result<()> {
         Err(e) => return Err(anyhow::Error::new(e).context(format!("inspecting {}", path.display()))),
         Ok(m) => m,
     };
+    anyhow::ensure!(
+        !meta.is_dir(),
+        "{} is a directory: the metrics JSON goes to a file (e.g. {})",
+        path.display(),
+        path.join("metrics.json").display()
+    );
     // An empty file (made by `mktemp` for it) holds nothing to lose.
     if meta.is_file() && meta.len() == 0 {
         return Ok(());

@@ -241,9 +241,10 @@ pub fn read_predictions(path: &Path) -> Result<PredictionFile> {
                         line: n,
                         kind: ProblemKind::Malformed,
                         message: format!(
-                            "{at}{}; its {} left out (the prediction is scored, without them)",
+                            "{at}{}; its {} left out ({}; the prediction is scored, without them)",
                             json_error(&e, key.is_some()),
-                            dropped.join(", ")
+                            dropped.join(", "),
+                            dropped.iter().map(|f| grounding_form(f)).collect::<Vec<_>>().join("; ")
                         ),
                     });
                     r
@@ -375,6 +376,15 @@ fn whole_document_rows(text: &str) -> Option<(Vec<DocumentEntry>, &'static str)>
         rows.push((Some(key), row));
     }
     official.then_some((rows, OFFICIAL_OBJECT))
+}
+
+/// What a grounding field of a row holds, for the message that leaves one out.
+fn grounding_form(field: &str) -> &'static str {
+    match field {
+        "span" => "a span is [start, end] in seconds",
+        "moments" => "moments are {\"frames\": [indices], \"seconds\": [times]}",
+        _ => "a curve is a list of numbers, one a frame",
+    }
 }
 
 /// A row whose grounding fields (`span`, `moments`, `curve`) do not all read: the row without
