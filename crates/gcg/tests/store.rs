@@ -259,11 +259,17 @@ fn labels_made_from_a_video_stored_again_since_are_refused() -> Result<()> {
         refused.len() == 1 && refused[0].0 == "a_2" && refused[0].1.contains(&first),
         "{refused:?}"
     );
+    // The refusal showed the writer the store as it is: a question added now, its entry left
+    // to the writer's view, is labelled on the entry the store holds and stored.
+    unnamed.add_question(question("a_3", "a", 4, 8, 5, 2))?;
+    unnamed.flush()?;
+    assert!(unnamed.take_refused_questions().is_empty());
     drop((named, unnamed));
-    // b_1, of the refused batch, was committed without a_1; the refused shards are gone: every
+    // b_1, of the refused batch, was committed without a_1, and a_3; the refused shards are gone: every
     // shard file is one the index lists.
     let snap = Store::open(dir.path())?.snapshot();
-    assert_eq!(snap.index().questions.keys().collect::<Vec<_>>(), ["b_1"]);
+    assert_eq!(snap.index().questions.keys().collect::<Vec<_>>(), ["a_3", "b_1"]);
+    assert_eq!(snap.question("a_3")?.video_shard.as_deref(), Some(second.as_str()));
     let mut files: Vec<String> = std::fs::read_dir(dir.path().join(SHARD_DIR))?
         .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<std::io::Result<_>>()?;
@@ -281,7 +287,7 @@ fn labels_made_from_a_video_stored_again_since_are_refused() -> Result<()> {
     gcg::store::rebuild_index(dir.path())?;
     let snap = Store::open(dir.path())?.snapshot();
     snap.verify()?;
-    assert_eq!(snap.index().questions.keys().collect::<Vec<_>>(), ["a_1", "b_1"]);
+    assert_eq!(snap.index().questions.keys().collect::<Vec<_>>(), ["a_1", "a_3", "b_1"]);
     assert_eq!(snap.question("a_1")?.video_shard, held);
     Ok(())
 }

@@ -917,6 +917,9 @@ impl StoreWriter {
             .cloned()
             .collect();
         self.refused_questions.extend(refused);
+        // The store changed under this writer: questions added from now on without their entry
+        // named take the entry it holds now.
+        self.reload()?;
         if rest.is_empty() {
             return Ok(());
         }
