@@ -851,6 +851,13 @@ fn tokenizer() -> ClipTokenizer {
     ClipTokenizer::from_bpe_file(common::fixtures_dir().join("tokenizers/clip/bpe_first3000.txt.gz")).unwrap()
 }
 
+/// The tiny preset's CLIP text tower (seed 5) over `tok`'s vocabulary, and its embedding width.
+fn tiny_clip_text(tok: &ClipTokenizer) -> Result<(gcg::models::clip_text::ClipTextModel, usize)> {
+    let (_, mut cfg) = frozen::preset(gcg::models::Preset::Tiny);
+    cfg.text.vocab_size = tok.vocab_size();
+    Ok((frozen::random_clip_text(&cfg, &Device::Cpu, DType::F32, 5)?, cfg.text.embed_dim))
+}
+
 fn sample(video: &str, qid: &str, question: &str, options: &[&str], answer: usize) -> QaSample {
     QaSample {
         dataset: Dataset::NextQa,
@@ -925,10 +932,8 @@ fn reference_labels(frames: &[f32], event: &[f32], k: usize) -> (Vec<f64>, Vec<u
 #[test]
 fn a_video_stored_again_while_labels_run_fails_its_questions_alone() -> Result<()> {
     let tok = tokenizer();
-    let (_, mut cfg) = frozen::preset(gcg::models::Preset::Tiny);
-    cfg.text.vocab_size = tok.vocab_size();
-    let model = frozen::random_clip_text(&cfg, &Device::Cpu, DType::F32, 5)?;
-    let (e, t) = (cfg.text.embed_dim, 7);
+    let (model, e) = tiny_clip_text(&tok)?;
+    let t = 7;
     let dir = tempfile::tempdir()?;
     label_store(dir.path(), t, e)?;
     let enc = ClipTextEncoder {
@@ -981,10 +986,7 @@ fn a_video_stored_again_while_labels_run_fails_its_questions_alone() -> Result<(
 #[test]
 fn pseudo_labels_equal_a_direct_computation_with_the_tiny_clip() -> Result<()> {
     let tok = tokenizer();
-    let (_, mut cfg) = frozen::preset(gcg::models::Preset::Tiny);
-    cfg.text.vocab_size = tok.vocab_size();
-    let model = frozen::random_clip_text(&cfg, &Device::Cpu, DType::F32, 5)?;
-    let e = cfg.text.embed_dim;
+    let (model, e) = tiny_clip_text(&tok)?;
     let t = 7;
     let dir = tempfile::tempdir()?;
     label_store(dir.path(), t, e)?;
